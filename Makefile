@@ -1,0 +1,63 @@
+# Entry points for cbt.  The real build is meson + ninja; this file only
+# strings the steps together.  See HACKING.md.
+
+BUILD       ?= build
+ASAN_BUILD  ?= build-asan
+FUZZ_BUILD  ?= build-fuzz
+PYTHON      ?= /usr/bin/python3
+FUZZ_SECONDS ?= 20
+FUZZ_LONG_SECONDS ?= 300
+# Warnings are errors in check and CI; `make WERROR=false` to relax locally.
+WERROR      ?= true
+
+export ASAN_OPTIONS  = detect_leaks=1:abort_on_error=0:halt_on_error=1
+export UBSAN_OPTIONS = print_stacktrace=1:halt_on_error=1
+
+.PHONY: all deps build check unit fuzz-smoke pytest demo bench fuzz clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+$(BUILD)/build.ninja:
+	meson setup $(BUILD) -Dwerror=$(WERROR)
+
+build: deps $(BUILD)/build.ninja
+	ninja -C $(BUILD)
+
+$(ASAN_BUILD)/build.ninja:
+	meson setup $(ASAN_BUILD) -Dwerror=$(WERROR) -Db_sanitize=address,undefined \
+	    -Db_lundef=false -Dc_args=-fno-sanitize-recover=undefined
+
+$(FUZZ_BUILD)/build.ninja:
+	CC=clang meson setup $(FUZZ_BUILD) -Dfuzz=true -Dwerror=$(WERROR) \
+	    -Db_sanitize=address,undefined -Db_lundef=false
+
+# The whole test suite: every tier, under ASan+UBSan.
+check: deps $(ASAN_BUILD)/build.ninja $(FUZZ_BUILD)/build.ninja
+	ninja -C $(ASAN_BUILD)
+	$(MAKE) unit fuzz-smoke pytest
+
+unit:
+	meson test -C $(ASAN_BUILD) --print-errorlogs --suite unit
+
+fuzz-smoke:
+	ninja -C $(FUZZ_BUILD)
+	fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_SECONDS)
+
+pytest:
+	CBT=$(CURDIR)/$(ASAN_BUILD)/src/cli/cbt $(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+demo: build
+	scripts/demo.sh $(BUILD)/src/cli/cbt
+
+bench: build
+	bench/run.sh $(BUILD)/src/cli/cbt
+
+fuzz: deps $(FUZZ_BUILD)/build.ninja
+	ninja -C $(FUZZ_BUILD)
+	fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_LONG_SECONDS)
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

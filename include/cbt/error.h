@@ -1,0 +1,27 @@
+/* Error objects for libcbt's control path (open, create, check, commands). */
+#ifndef CBT_ERROR_H
+#define CBT_ERROR_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * Control-path functions take a `struct cbt_error **errp`.  On failure they
+ * store a newly allocated error there (if errp is non-NULL and *errp is NULL)
+ * and return a failure value; the caller frees it with cbt_error_free().
+ * The message names the object and the reason, for example
+ * "base.qcow2: cluster_bits 30 out of range (9..21)".
+ */
+struct cbt_error;
+
+const char *cbt_error_message(const struct cbt_error *err);
+/* The errno value behind the error (EINVAL, EIO, ENOSPC, ...), never 0. */
+int cbt_error_errno(const struct cbt_error *err);
+void cbt_error_free(struct cbt_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,167 @@
+/* Public API for disk images: open, create, read, write, map, check, resize. */
+#ifndef CBT_IMAGE_H
+#define CBT_IMAGE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cbt/error.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * An open image: one node of a backing chain, with its backing nodes open
+ * beneath it (unless CBT_OPEN_NO_BACKING).  Closing the top closes the chain.
+ */
+struct cbt_image;
+
+#define CBT_OPEN_RDWR (1u << 0)       /* open the top layer read-write */
+#define CBT_OPEN_NO_BACKING (1u << 1) /* do not open backing files */
+#define CBT_OPEN_CHECK (1u << 2)      /* open damaged images for check/repair */
+
+/* format: "qcow2", "raw" or NULL to probe. */
+struct cbt_image *cbt_image_open(const char *filename, const char *format,
+                                 unsigned flags, struct cbt_error **errp);
+/* Flushes and closes the whole chain; frees img even on failure. */
+int cbt_image_close(struct cbt_image *img, struct cbt_error **errp);
+
+/*
+ * Data path.  Return 0 or a negative errno.  Offsets and lengths are in
+ * bytes, need no alignment, and must lie within the virtual size.
+ */
+int cbt_image_pread(struct cbt_image *img, void *buf, size_t len, uint64_t off);
+int cbt_image_pwrite(struct cbt_image *img, const void *buf, size_t len,
+                     uint64_t off);
+#define CBT_ZERO_MAY_UNMAP (1u << 0) /* zeroed clusters may be deallocated */
+int cbt_image_pwrite_zeroes(struct cbt_image *img, uint64_t off, uint64_t len,
+                            unsigned flags);
+/* Discard: contents of the range become unspecified (qcow2: reads fall
+ * through to the backing file, or read zero without one). */
+int cbt_image_discard(struct cbt_image *img, uint64_t off, uint64_t len);
+/* Durable: returns once everything written before it is on stable storage. */
+int cbt_image_flush(struct cbt_image *img);
+
+uint64_t cbt_image_size(const struct cbt_image *img);
+const char *cbt_image_filename(const struct cbt_image *img);
+const char *cbt_image_format(const struct cbt_image *img);
+/* The backing node, or NULL.  Borrowed: owned by img. */
+struct cbt_image *cbt_image_backing(const struct cbt_image *img);
+
+/*
+ * Block status over the chain, with qemu-img map's meaning.  Describes the
+ * longest run starting at off (at most len bytes) with uniform status.
+ */
+#define CBT_BS_PRESENT (1u << 0)      /* allocated in some layer of the chain */
+#define CBT_BS_ZERO (1u << 1)         /* reads as zeroes */
+#define CBT_BS_DATA (1u << 2)         /* data is stored (not a hole) */
+#define CBT_BS_OFFSET_VALID (1u << 3) /* host offset valid in `offset` */
+#define CBT_BS_COMPRESSED (1u << 4)   /* stored compressed */
+struct cbt_extent {
+    uint64_t start;
+    uint64_t length;
+    unsigned flags;
+    int depth;         /* 0 = top layer, 1 = its backing, ... */
+    uint64_t offset;   /* host offset in `filename` when OFFSET_VALID */
+    const char *filename; /* file holding the data when OFFSET_VALID */
+};
+int cbt_image_block_status(struct cbt_image *img, uint64_t off, uint64_t len,
+                           struct cbt_extent *ext);
+
+/* Creation options, as qemu-img create -o. Zero-initialise, then set. */
+struct cbt_create_opts {
+    const char *format;          /* "qcow2" (default) or "raw" */
+    uint64_t size;               /* virtual size in bytes */
+    bool size_given;             /* false: take it from the backing file */
+    const char *backing_file;    /* as stored in the header */
+    const char *backing_format;  /* NULL: probe */
+    uint32_t cluster_size;       /* 0: 64 KiB */
+    int compat;                  /* 2 (0.10) or 3 (1.1); 0: 3 */
+    int refcount_bits;           /* 0: 16 */
+    bool extended_l2;
+    const char *compression_type; /* NULL/"zlib" or "zstd" */
+    const char *data_file;       /* external data file, or NULL */
+    bool data_file_raw;
+    bool lazy_refcounts;
+    const char *preallocation;   /* NULL/"off", "metadata", "falloc", "full" */
+};
+int cbt_image_create(const char *filename, const struct cbt_create_opts *opts,
+                     struct cbt_error **errp);
+
+/* Internal snapshot, as listed by qemu-img info. */
+struct cbt_snapshot_info {
+    char *id;
+    char *name;
+    uint64_t vm_state_size;
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t icount;  /* UINT64_MAX when absent */
+};
+
+/* What qemu-img info reports. */
+struct cbt_image_info {
+    const char *filename;
+    const char *format;
+    uint64_t virtual_size;
+    uint64_t actual_size;        /* bytes allocated on the host */
+    uint32_t cluster_size;       /* 0 when the format has none (raw) */
+    bool dirty_flag;
+    char *backing_filename;      /* as stored, or NULL */
+    char *full_backing_filename; /* resolved, or NULL */
+    char *backing_format;        /* or NULL */
+    /* qcow2 format-specific */
+    bool is_qcow2;
+    int version;                 /* 2 -> compat "0.10", 3 -> "1.1" */
+    bool lazy_refcounts;
+    int refcount_bits;
+    bool corrupt;
+    bool extended_l2;
+    const char *compression_type; /* "zlib" or "zstd" */
+    char *data_file;             /* or NULL */
+    bool data_file_raw;
+    size_t nb_snapshots;
+    struct cbt_snapshot_info *snapshots;
+};
+int cbt_image_get_info(struct cbt_image *img, struct cbt_image_info *info,
+                       struct cbt_error **errp);
+void cbt_image_info_free(struct cbt_image_info *info);
+
+/* Consistency check, as qemu-img check. */
+#define CBT_CHECK_FIX_LEAKS (1u << 0)
+#define CBT_CHECK_FIX_ERRORS (1u << 1)
+struct cbt_check_result {
+    int64_t corruptions;
+    int64_t leaks;
+    int64_t check_errors;
+    int64_t corruptions_fixed;
+    int64_t leaks_fixed;
+    uint64_t image_end_offset;
+    uint64_t total_clusters;
+    uint64_t allocated_clusters;
+    uint64_t fragmented_clusters;
+    uint64_t compressed_clusters;
+};
+/*
+ * Check (and with fix flags, repair) one image file.  Returns 0 when the
+ * check ran (res says what it found), -1 with *errp when it could not run.
+ * Messages about individual problems go to `report` (may be NULL).
+ */
+typedef void cbt_report_fn(void *opaque, const char *msg);
+int cbt_image_check(const char *filename, const char *format, unsigned fix,
+                    struct cbt_check_result *res, cbt_report_fn *report,
+                    void *opaque, struct cbt_error **errp);
+
+/* Change the virtual size of the top layer (opened read-write). */
+int cbt_image_resize(struct cbt_image *img, uint64_t new_size, bool shrink,
+                     struct cbt_error **errp);
+
+/* Parse a size with an optional k/M/G/T/P/E suffix (powers of 1024) or b. */
+int cbt_parse_size(const char *s, uint64_t *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,2 @@
+/* In-memory dirty bitmap (placeholder). */
+#include "bitmap.h"

@@ -1,0 +1,435 @@
+/*
+ * The block layer: opens images and their backing chains, and is the one
+ * place every read, write, zero-write and discard passes through.  It checks
+ * ranges and read-only state, dirties recording bitmaps (blk_mark_dirty),
+ * takes the node lock, and then calls the format driver.
+ */
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <sys/stat.h>
+
+#include "block.h"
+
+static const struct blk_driver *const drivers[] = {
+    &blk_qcow2_driver,
+    &blk_raw_driver,
+};
+
+const struct blk_driver *blk_find_driver(const char *name)
+{
+    for (size_t i = 0; i < ARRAY_SIZE(drivers); i++)
+        if (strcmp(drivers[i]->name, name) == 0)
+            return drivers[i];
+    return NULL;
+}
+
+const struct blk_driver *blk_probe(int fd)
+{
+    uint8_t buf[512];
+    if (file_pread_full(fd, buf, sizeof(buf), 0) < 0)
+        return NULL;
+    const struct blk_driver *best = NULL;
+    int best_score = 0;
+    for (size_t i = 0; i < ARRAY_SIZE(drivers); i++) {
+        if (!drivers[i]->probe)
+            continue;
+        int score = drivers[i]->probe(buf, sizeof(buf));
+        if (score > best_score) {
+            best_score = score;
+            best = drivers[i];
+        }
+    }
+    return best;
+}
+
+/* Identity of the files already in the chain being opened, to find loops. */
+struct chain_seen {
+    dev_t dev[BLK_MAX_CHAIN_DEPTH + 1];
+    ino_t ino[BLK_MAX_CHAIN_DEPTH + 1];
+    int n;
+};
+
+static void node_free(struct blk_node *node)
+{
+    if (!node)
+        return;
+    if (node->fd >= 0)
+        close(node->fd);
+    pthread_mutex_destroy(&node->lock);
+    free(node->filename);
+    free(node->backing_name);
+    free(node->backing_fmt);
+    free(node);
+}
+
+static struct blk_node *open_chain(const char *filename, const char *format,
+                                   unsigned flags, struct chain_seen *seen,
+                                   struct cbt_error **errp)
+{
+    if (seen->n > BLK_MAX_CHAIN_DEPTH) {
+        cbt_error_set(errp, ELOOP, "%s: backing chain deeper than %d layers",
+                      filename, BLK_MAX_CHAIN_DEPTH);
+        return NULL;
+    }
+    bool rw = flags & CBT_OPEN_RDWR;
+    int fd = open(filename, (rw ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    if (fd < 0) {
+        cbt_error_set(errp, errno, "Could not open '%s': %s", filename,
+                      strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
+        close(fd);
+        cbt_error_set(errp, e, "%s: %s", filename, strerror(e));
+        return NULL;
+    }
+    for (int i = 0; i < seen->n; i++) {
+        if (seen->dev[i] == st.st_dev && seen->ino[i] == st.st_ino) {
+            close(fd);
+            cbt_error_set(errp, ELOOP,
+                          "%s: backing chain loops back to this file", filename);
+            return NULL;
+        }
+    }
+    seen->dev[seen->n] = st.st_dev;
+    seen->ino[seen->n] = st.st_ino;
+    seen->n++;
+
+    const struct blk_driver *drv;
+    if (format) {
+        drv = blk_find_driver(format);
+        if (!drv) {
+            close(fd);
+            cbt_error_set(errp, EINVAL, "Unknown file format '%s'", format);
+            return NULL;
+        }
+    } else {
+        drv = blk_probe(fd);
+        if (!drv)
+            drv = &blk_raw_driver;
+    }
+
+    struct blk_node *node = calloc(1, sizeof(*node));
+    if (!node) {
+        close(fd);
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", filename);
+        return NULL;
+    }
+    pthread_mutex_init(&node->lock, NULL);
+    node->fd = fd;
+    node->drv = drv;
+    node->flags = flags;
+    node->read_only = !rw;
+    node->filename = strdup(filename);
+    if (!node->filename) {
+        node_free(node);
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", filename);
+        return NULL;
+    }
+    if (drv->open(node, fd, flags, errp) < 0) {
+        node_free(node);
+        return NULL;
+    }
+
+    if (node->backing_name && !(flags & CBT_OPEN_NO_BACKING)) {
+        char *path = path_resolve_relative(filename, node->backing_name);
+        if (!path) {
+            cbt_error_set(errp, ENOMEM, "%s: out of memory", filename);
+            cbt_image_close(node, NULL);
+            return NULL;
+        }
+        /* Backing files are always opened read-only. */
+        unsigned bflags = flags & ~(unsigned)(CBT_OPEN_RDWR | CBT_OPEN_CHECK);
+        node->backing = open_chain(path, node->backing_fmt, bflags, seen, errp);
+        if (!node->backing) {
+            cbt_error_prefix(errp, "Could not open backing file of '%s'",
+                             filename);
+            free(path);
+            cbt_image_close(node, NULL);
+            return NULL;
+        }
+        free(path);
+    }
+    return node;
+}
+
+struct cbt_image *cbt_image_open(const char *filename, const char *format,
+                                 unsigned flags, struct cbt_error **errp)
+{
+    struct chain_seen seen = { .n = 0 };
+    return open_chain(filename, format, flags, &seen, errp);
+}
+
+int cbt_image_close(struct cbt_image *img, struct cbt_error **errp)
+{
+    int ret = 0;
+    while (img) {
+        struct blk_node *backing = img->backing;
+        if (img->drv && img->drv->close && img->opaque) {
+            if (img->drv->close(img, errp) < 0)
+                ret = -1;
+        }
+        node_free(img);
+        img = backing;
+    }
+    return ret;
+}
+
+uint64_t cbt_image_size(const struct cbt_image *img) { return img->size; }
+const char *cbt_image_filename(const struct cbt_image *img) { return img->filename; }
+const char *cbt_image_format(const struct cbt_image *img) { return img->drv->name; }
+struct cbt_image *cbt_image_backing(const struct cbt_image *img) { return img->backing; }
+
+/* ---- the data path ---- */
+
+static int check_range(const struct blk_node *node, uint64_t off, uint64_t len)
+{
+    uint64_t end;
+    if (add_overflow_u64(off, len, &end) || end > node->size)
+        return -EINVAL;
+    return 0;
+}
+
+void blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len)
+{
+    /* Recording bitmaps attach here (bitmaps milestone). */
+    (void)node;
+    (void)off;
+    (void)len;
+}
+
+int cbt_image_pread(struct cbt_image *img, void *buf, size_t len, uint64_t off)
+{
+    int r = check_range(img, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    pthread_mutex_lock(&img->lock);
+    r = img->drv->read(img, buf, off, len);
+    pthread_mutex_unlock(&img->lock);
+    return r;
+}
+
+int blk_read_backing(struct blk_node *node, void *buf, uint64_t off, size_t len)
+{
+    struct blk_node *b = node->backing;
+    size_t n = 0;
+    if (b && off < b->size) {
+        n = (size_t)MIN((uint64_t)len, b->size - off);
+        int r = cbt_image_pread(b, buf, n, off);
+        if (r < 0)
+            return r;
+    }
+    if (n < len)
+        memset((char *)buf + n, 0, len - n);
+    return 0;
+}
+
+static int write_prologue(struct cbt_image *img, uint64_t off, uint64_t len)
+{
+    if (img->read_only)
+        return -EPERM;
+    int r = check_range(img, off, len);
+    if (r < 0)
+        return r;
+    if (len)
+        blk_mark_dirty(img, off, len);
+    return 0;
+}
+
+int cbt_image_pwrite(struct cbt_image *img, const void *buf, size_t len,
+                     uint64_t off)
+{
+    int r = write_prologue(img, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    pthread_mutex_lock(&img->lock);
+    r = img->drv->write(img, buf, off, len);
+    pthread_mutex_unlock(&img->lock);
+    return r;
+}
+
+int cbt_image_pwrite_zeroes(struct cbt_image *img, uint64_t off, uint64_t len,
+                            unsigned flags)
+{
+    int r = write_prologue(img, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    pthread_mutex_lock(&img->lock);
+    r = img->drv->write_zeroes(img, off, len, flags);
+    pthread_mutex_unlock(&img->lock);
+    return r;
+}
+
+int cbt_image_discard(struct cbt_image *img, uint64_t off, uint64_t len)
+{
+    int r = write_prologue(img, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    pthread_mutex_lock(&img->lock);
+    r = img->drv->discard ? img->drv->discard(img, off, len) : 0;
+    pthread_mutex_unlock(&img->lock);
+    return r;
+}
+
+int cbt_image_flush(struct cbt_image *img)
+{
+    if (img->read_only)
+        return 0;
+    pthread_mutex_lock(&img->lock);
+    int r = img->drv->flush(img);
+    pthread_mutex_unlock(&img->lock);
+    return r;
+}
+
+int cbt_image_block_status(struct cbt_image *img, uint64_t off, uint64_t len,
+                           struct cbt_extent *ext)
+{
+    int r = check_range(img, off, len);
+    if (r < 0)
+        return r;
+    if (len == 0)
+        return -EINVAL;
+    memset(ext, 0, sizeof(*ext));
+    ext->start = off;
+    struct blk_node *node = img;
+    for (int depth = 0;; depth++) {
+        struct blk_status st = { 0 };
+        pthread_mutex_lock(&node->lock);
+        r = node->drv->block_status(node, off, len, &st);
+        pthread_mutex_unlock(&node->lock);
+        if (r < 0)
+            return r;
+        if (st.length == 0 || st.length > len)
+            return -EIO;
+        len = st.length;
+        ext->depth = depth;
+        if (st.flags & BLK_STATUS_ALLOCATED) {
+            ext->flags |= CBT_BS_PRESENT;
+            if (st.flags & BLK_STATUS_ZERO)
+                ext->flags |= CBT_BS_ZERO;
+            if (st.flags & BLK_STATUS_DATA)
+                ext->flags |= CBT_BS_DATA;
+            if (st.flags & BLK_STATUS_COMPRESSED)
+                ext->flags |= CBT_BS_COMPRESSED;
+            if (st.flags & BLK_STATUS_OFFSET) {
+                ext->flags |= CBT_BS_OFFSET_VALID;
+                ext->offset = st.host_offset;
+                ext->filename = st.host_file ? st.host_file : node->filename;
+            }
+            break;
+        }
+        struct blk_node *b = node->backing;
+        if (!b) {
+            ext->flags |= CBT_BS_ZERO;
+            break;
+        }
+        if (off >= b->size) {
+            /* Past the end of a shorter backing file: zeroes, this layer. */
+            ext->flags |= CBT_BS_ZERO;
+            break;
+        }
+        len = MIN(len, b->size - off);
+        node = b;
+    }
+    ext->length = len;
+    return 0;
+}
+
+/* ---- control path ---- */
+
+int cbt_image_create(const char *filename, const struct cbt_create_opts *opts,
+                     struct cbt_error **errp)
+{
+    const char *fmt = opts->format ? opts->format : "qcow2";
+    const struct blk_driver *drv = blk_find_driver(fmt);
+    if (!drv || !drv->create) {
+        cbt_error_set(errp, EINVAL, "Unknown file format '%s'", fmt);
+        return -1;
+    }
+    return drv->create(filename, opts, errp);
+}
+
+int cbt_image_get_info(struct cbt_image *img, struct cbt_image_info *info,
+                       struct cbt_error **errp)
+{
+    memset(info, 0, sizeof(*info));
+    info->filename = img->filename;
+    info->format = img->drv->name;
+    info->virtual_size = img->size;
+    if (file_allocated_size(img->fd, &info->actual_size) < 0)
+        info->actual_size = 0;
+    if (img->backing_name) {
+        info->backing_filename = strdup(img->backing_name);
+        info->full_backing_filename =
+            path_resolve_relative(img->filename, img->backing_name);
+        if (img->backing_fmt)
+            info->backing_format = strdup(img->backing_fmt);
+    }
+    if (img->drv->get_info) {
+        pthread_mutex_lock(&img->lock);
+        int r = img->drv->get_info(img, info, errp);
+        pthread_mutex_unlock(&img->lock);
+        if (r < 0) {
+            cbt_image_info_free(info);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+void cbt_image_info_free(struct cbt_image_info *info)
+{
+    free(info->backing_filename);
+    free(info->full_backing_filename);
+    free(info->backing_format);
+    free(info->data_file);
+    for (size_t i = 0; i < info->nb_snapshots; i++) {
+        free(info->snapshots[i].id);
+        free(info->snapshots[i].name);
+    }
+    free(info->snapshots);
+    memset(info, 0, sizeof(*info));
+}
+
+int cbt_image_check(const char *filename, const char *format, unsigned fix,
+                    struct cbt_check_result *res, cbt_report_fn *report,
+                    void *opaque, struct cbt_error **errp)
+{
+    memset(res, 0, sizeof(*res));
+    unsigned flags = CBT_OPEN_NO_BACKING | CBT_OPEN_CHECK;
+    if (fix)
+        flags |= CBT_OPEN_RDWR;
+    struct cbt_image *img = cbt_image_open(filename, format, flags, errp);
+    if (!img)
+        return -1;
+    int r = 0;
+    if (img->drv->check) {
+        pthread_mutex_lock(&img->lock);
+        r = img->drv->check(img, fix, res, report, opaque, errp);
+        pthread_mutex_unlock(&img->lock);
+    }
+    if (cbt_image_close(img, r < 0 ? NULL : errp) < 0)
+        r = -1;
+    return r;
+}
+
+int cbt_image_resize(struct cbt_image *img, uint64_t new_size, bool shrink,
+                     struct cbt_error **errp)
+{
+    if (img->read_only) {
+        cbt_error_set(errp, EPERM, "%s: image is read-only", img->filename);
+        return -1;
+    }
+    if (!img->drv->resize) {
+        cbt_error_set(errp, ENOTSUP, "%s: format '%s' cannot be resized",
+                      img->filename, img->drv->name);
+        return -1;
+    }
+    pthread_mutex_lock(&img->lock);
+    int r = img->drv->resize(img, new_size, shrink, errp);
+    pthread_mutex_unlock(&img->lock);
+    return r;
+}

@@ -1,0 +1,122 @@
+/* Error objects for the control path, debug logging and warnings. */
+#include <stdio.h>
+
+#include "util.h"
+
+const char *cbt_error_message(const struct cbt_error *err)
+{
+    return err ? err->msg : "no error";
+}
+
+int cbt_error_errno(const struct cbt_error *err)
+{
+    return err ? err->errnum : 0;
+}
+
+void cbt_error_free(struct cbt_error *err)
+{
+    if (err) {
+        free(err->msg);
+        free(err);
+    }
+}
+
+static char *vformat(const char *fmt, va_list ap)
+{
+    char *s = NULL;
+    if (vasprintf(&s, fmt, ap) < 0)
+        return NULL;
+    return s;
+}
+
+void cbt_error_set(struct cbt_error **errp, int errnum, const char *fmt, ...)
+{
+    if (!errp || *errp)
+        return;
+    struct cbt_error *e = calloc(1, sizeof(*e));
+    if (!e)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    e->msg = vformat(fmt, ap);
+    va_end(ap);
+    if (!e->msg)
+        e->msg = strdup("out of memory formatting an error");
+    e->errnum = errnum > 0 ? errnum : (errnum < 0 ? -errnum : EIO);
+    *errp = e;
+}
+
+void cbt_error_prefix(struct cbt_error **errp, const char *fmt, ...)
+{
+    if (!errp || !*errp)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    char *prefix = vformat(fmt, ap);
+    va_end(ap);
+    if (!prefix)
+        return;
+    char *msg = NULL;
+    if (asprintf(&msg, "%s: %s", prefix, (*errp)->msg) >= 0) {
+        free((*errp)->msg);
+        (*errp)->msg = msg;
+    }
+    free(prefix);
+}
+
+void cbt_debug(const char *fmt, ...)
+{
+    static int enabled = -1;
+    if (enabled < 0) {
+        const char *e = getenv("CBT_DEBUG");
+        enabled = e && *e && strcmp(e, "0") != 0;
+    }
+    if (!enabled)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("cbt debug: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static cbt_warn_fn *warn_handler;
+
+void cbt_set_warn_handler(cbt_warn_fn *fn)
+{
+    warn_handler = fn;
+}
+
+void cbt_warn(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *msg = vformat(fmt, ap);
+    va_end(ap);
+    if (!msg)
+        return;
+    if (warn_handler)
+        warn_handler(msg);
+    else
+        fprintf(stderr, "warning: %s\n", msg);
+    free(msg);
+}
+
+void *cbt_zalloc_aligned(size_t size)
+{
+    void *p = NULL;
+    if (posix_memalign(&p, 4096, size ? size : 1) != 0)
+        return NULL;
+    memset(p, 0, size);
+    return p;
+}
+
+char *cbt_strdup_printf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = vformat(fmt, ap);
+    va_end(ap);
+    return s;
+}

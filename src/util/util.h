@@ -1,0 +1,105 @@
+/* Private helpers shared by every layer: errors, endian, arithmetic, cleanup. */
+#ifndef CBT_UTIL_H
+#define CBT_UTIL_H
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cbt/error.h>
+
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+#define DIV_ROUND_UP(n, d) (((n) + (d) - 1) / (d))
+/* a must be a power of two */
+#define ALIGN_DOWN(n, a) ((n) & ~((__typeof__(n))(a) - 1))
+#define ALIGN_UP(n, a) ALIGN_DOWN((n) + (a) - 1, (a))
+#define IS_ALIGNED(n, a) (((n) & ((__typeof__(n))(a) - 1)) == 0)
+#define IS_POW2(n) ((n) != 0 && ((n) & ((n) - 1)) == 0)
+
+#define PRINTF_FMT(a, b) __attribute__((format(printf, a, b)))
+#define WARN_UNUSED __attribute__((warn_unused_result))
+
+/* ---- errors (error.c) ---- */
+struct cbt_error {
+    int errnum;
+    char *msg;
+};
+/* Store a new error in *errp unless errp is NULL or already holds one. */
+void cbt_error_set(struct cbt_error **errp, int errnum, const char *fmt, ...)
+    PRINTF_FMT(3, 4);
+/* Prepend "prefix: " to an error already in *errp. */
+void cbt_error_prefix(struct cbt_error **errp, const char *fmt, ...)
+    PRINTF_FMT(2, 3);
+/* Run-time debug log, enabled by CBT_DEBUG=1 in the environment. */
+void cbt_debug(const char *fmt, ...) PRINTF_FMT(1, 2);
+/* Warning sink; the CLI installs a printer, the default prints to stderr. */
+typedef void cbt_warn_fn(const char *msg);
+void cbt_set_warn_handler(cbt_warn_fn *fn);
+void cbt_warn(const char *fmt, ...) PRINTF_FMT(1, 2);
+
+/* ---- checked arithmetic: return true on overflow ---- */
+static inline bool add_overflow_u64(uint64_t a, uint64_t b, uint64_t *r)
+{
+    return __builtin_add_overflow(a, b, r);
+}
+static inline bool mul_overflow_u64(uint64_t a, uint64_t b, uint64_t *r)
+{
+    return __builtin_mul_overflow(a, b, r);
+}
+
+/* ---- big-endian conversion for on-disk fields ---- */
+static inline uint16_t be16_to_cpu(uint16_t v) { return __builtin_bswap16(v); }
+static inline uint32_t be32_to_cpu(uint32_t v) { return __builtin_bswap32(v); }
+static inline uint64_t be64_to_cpu(uint64_t v) { return __builtin_bswap64(v); }
+#define cpu_to_be16 be16_to_cpu
+#define cpu_to_be32 be32_to_cpu
+#define cpu_to_be64 be64_to_cpu
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+               "endian helpers assume a little-endian host");
+
+static inline uint16_t ldbe16(const void *p) { uint16_t v; memcpy(&v, p, 2); return be16_to_cpu(v); }
+static inline uint32_t ldbe32(const void *p) { uint32_t v; memcpy(&v, p, 4); return be32_to_cpu(v); }
+static inline uint64_t ldbe64(const void *p) { uint64_t v; memcpy(&v, p, 8); return be64_to_cpu(v); }
+static inline void stbe16(void *p, uint16_t v) { v = cpu_to_be16(v); memcpy(p, &v, 2); }
+static inline void stbe32(void *p, uint32_t v) { v = cpu_to_be32(v); memcpy(p, &v, 4); }
+static inline void stbe64(void *p, uint64_t v) { v = cpu_to_be64(v); memcpy(p, &v, 8); }
+static inline uint64_t ldle64(const void *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void stle64(void *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* ---- scope-based cleanup ---- */
+static inline void cleanup_free_fn(void *p) { free(*(void **)p); }
+#define CLEANUP_FREE __attribute__((cleanup(cleanup_free_fn)))
+static inline void cleanup_close_fn(int *fd) { if (*fd >= 0) close(*fd); }
+#define CLEANUP_CLOSE __attribute__((cleanup(cleanup_close_fn)))
+
+/* ---- memory ---- */
+/* Aligned, zeroed buffer suitable for O_DIRECT-free host I/O; NULL on ENOMEM. */
+void *cbt_zalloc_aligned(size_t size);
+char *cbt_strdup_printf(const char *fmt, ...) PRINTF_FMT(1, 2);
+
+/* ---- host files (file.c) ---- */
+/* Full-length positional I/O; 0 or -errno.  A short read past EOF fills zero. */
+int file_pread_full(int fd, void *buf, size_t len, uint64_t off);
+/* Like file_pread_full but a short read is -EIO (for metadata). */
+int file_pread_exact(int fd, void *buf, size_t len, uint64_t off);
+int file_pwrite_full(int fd, const void *buf, size_t len, uint64_t off);
+int file_flush(int fd);
+int file_size(int fd, uint64_t *size);
+int file_truncate(int fd, uint64_t size);
+/* Deallocate (punch a hole) or fall back to writing zeroes. */
+int file_punch_hole(int fd, uint64_t off, uint64_t len);
+int file_write_zeroes(int fd, uint64_t off, uint64_t len);
+/* Bytes actually allocated on the host (st_blocks * 512). */
+int file_allocated_size(int fd, uint64_t *size);
+/* Resolve `rel` (a backing path as stored) against the folder of `base`.
+ * Absolute rel is returned as is.  Caller frees. */
+char *path_resolve_relative(const char *base, const char *rel);
+
+#endif
