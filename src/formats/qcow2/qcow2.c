@@ -1,21 +1,383 @@
-/* qcow2 driver (placeholder until the engine lands). */
+/* qcow2 driver: open, close, info, resize, and the callback table. */
+#include <fcntl.h>
+#include <inttypes.h>
+#include <sys/stat.h>
+
 #include "qcow2.h"
+
+#define L2_CACHE_BYTES (32u << 20)
+#define RB_CACHE_BYTES (4u << 20)
 
 static int qcow2_probe(const uint8_t *buf, size_t len)
 {
-    return len >= 4 && memcmp(buf, "QFI\xfb", 4) == 0 ? 100 : 0;
+    if (len >= 8 && ldbe32(buf) == QCOW2_MAGIC) {
+        uint32_t v = ldbe32(buf + 4);
+        return v == 2 || v == 3 ? 100 : 50;
+    }
+    return 0;
+}
+
+static void free_state(struct qcow2_state *s)
+{
+    if (!s)
+        return;
+    qcow2_cache_destroy(&s->l2_cache);
+    qcow2_cache_destroy(&s->rb_cache);
+    qcow2_free_snapshots(s);
+    qcow2_free_header(s);
+    if (s->data_fd >= 0 && s->data_fd != s->node->fd)
+        close(s->data_fd);
+    free(s->data_path);
+    free(s->l1);
+    free(s->reftable);
+    free(s->pending_free);
+    free(s->pending_free_len);
+    free(s);
+}
+
+static uint32_t cache_entries(uint64_t want, uint64_t bytes, uint64_t cs)
+{
+    uint64_t max = MAX(16, bytes / cs);
+    return (uint32_t)MIN(MAX(want, 16), max);
+}
+
+static int open_data_file(struct qcow2_state *s, bool rw,
+                          struct cbt_error **errp)
+{
+    s->data_path = path_resolve_relative(s->node->filename, s->data_file);
+    if (!s->data_path) {
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        return -1;
+    }
+    s->data_fd = open(s->data_path, (rw ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    if (s->data_fd < 0) {
+        cbt_error_set(errp, errno, "%s: cannot open external data file '%s': %s",
+                      s->node->filename, s->data_path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* QEMU's heuristic: clusters in use well beyond what the host file has
+ * allocated means metadata was preallocated over holes. */
+static void detect_metadata_prealloc(struct qcow2_state *s)
+{
+    uint64_t real = 0;
+    if (file_allocated_size(s->node->fd, &real) < 0)
+        return;
+    uint64_t real_clusters = real >> s->cluster_bits;
+    uint64_t threshold = MAX(real_clusters * 10 / 9, real_clusters + 2);
+    s->metadata_prealloc = s->alloc_end >= threshold;
 }
 
 static int qcow2_open(struct blk_node *node, int fd, unsigned flags,
                       struct cbt_error **errp)
 {
-    (void)fd; (void)flags;
-    cbt_error_set(errp, ENOTSUP, "%s: qcow2 not yet supported", node->filename);
+    struct qcow2_state *s = calloc(1, sizeof(*s));
+    if (!s) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", node->filename);
+        return -1;
+    }
+    s->node = node;
+    s->data_fd = fd;
+    s->check_mode = flags & CBT_OPEN_CHECK;
+    node->opaque = s;
+    bool rw = flags & CBT_OPEN_RDWR;
+    const char *fn = node->filename;
+
+    uint64_t file_len;
+    int r = file_size(fd, &file_len);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: %s", fn, strerror(-r));
+        goto fail;
+    }
+    if (qcow2_read_header(s, fd, file_len, errp) < 0)
+        goto fail;
+    struct qcow2_header *h = &s->h;
+    s->l2_entry_size = s->ext_l2 ? 16 : 8;
+    s->l2_bits = s->cluster_bits - (s->ext_l2 ? 4 : 3);
+    s->l2_entries = 1ull << s->l2_bits;
+    s->subcluster_bits = s->ext_l2 ? s->cluster_bits - 5 : s->cluster_bits;
+    s->subcluster_size = 1ull << s->subcluster_bits;
+    s->csize_shift = 62 - (s->cluster_bits - 8);
+    s->csize_mask = (1ull << (s->cluster_bits - 8)) - 1;
+    s->cmp_offset_mask = (1ull << s->csize_shift) - 1;
+    node->size = h->size;
+
+    if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && rw &&
+        !s->check_mode) {
+        cbt_error_set(errp, EROFS,
+                      "%s: image is marked corrupt and cannot be opened "
+                      "read-write (repair it with 'cbt check -r all')", fn);
+        goto fail;
+    }
+    if (qcow2_load_reftable(s, file_len, errp) < 0 ||
+        qcow2_load_l1(s, file_len, errp) < 0 ||
+        qcow2_read_snapshots(s, file_len, errp) < 0)
+        goto fail;
+    r = qcow2_cache_init(&s->l2_cache, s->cluster_size,
+                         cache_entries(s->l1_size, L2_CACHE_BYTES, s->cluster_size),
+                         true);
+    if (r == 0)
+        r = qcow2_cache_init(&s->rb_cache, s->cluster_size,
+                             cache_entries(s->reftable_entries, RB_CACHE_BYTES,
+                                           s->cluster_size),
+                             false);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: out of memory for metadata caches", fn);
+        goto fail;
+    }
+    s->free_hint = 0;
+    r = qcow2_compute_alloc_end(s);
+    if (r < 0 && !s->check_mode) {
+        cbt_error_set(errp, -r, "%s: cannot read refcount blocks: %s", fn,
+                      strerror(-r));
+        goto fail;
+    }
+    if (s->alloc_end < 1)
+        s->alloc_end = 1;
+    if (s->data_file && open_data_file(s, rw, errp) < 0)
+        goto fail;
+    detect_metadata_prealloc(s);
+
+    if (rw) {
+        uint64_t unknown = h->autoclear_features & ~QCOW2_AUTOCLEAR_MASK;
+        if (unknown) {
+            h->autoclear_features &= QCOW2_AUTOCLEAR_MASK;
+            s->header_dirty = true;
+        }
+        if ((h->incompatible_features & QCOW2_INCOMPAT_DIRTY) && !s->check_mode) {
+            /* Lazy refcounts left stale by a crash: rebuild before writing. */
+            struct cbt_check_result res;
+            if (qcow2_check(node, CBT_CHECK_FIX_LEAKS | CBT_CHECK_FIX_ERRORS,
+                            &res, NULL, NULL, errp) < 0)
+                goto fail;
+            if (res.corruptions || res.check_errors) {
+                cbt_error_set(errp, EIO,
+                              "%s: could not repair refcounts of a dirty image",
+                              fn);
+                goto fail;
+            }
+            h->incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
+            s->header_dirty = true;
+        }
+        if (s->header_dirty && qcow2_write_header(s) < 0) {
+            cbt_error_set(errp, EIO, "%s: cannot update the header", fn);
+            goto fail;
+        }
+    }
+    return 0;
+fail:
+    free_state(s);
+    node->opaque = NULL;
     return -1;
+}
+
+static int qcow2_close(struct blk_node *node, struct cbt_error **errp)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    int ret = 0;
+    if (!node->read_only) {
+        int r = qcow2_flush_metadata(s);
+        if (r < 0) {
+            cbt_error_set(errp, -r, "%s: failed to write metadata: %s",
+                          node->filename, strerror(-r));
+            ret = -1;
+        }
+    }
+    free_state(s);
+    node->opaque = NULL;
+    return ret;
+}
+
+static int qcow2_get_info(struct blk_node *node, struct cbt_image_info *info,
+                          struct cbt_error **errp)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    struct qcow2_header *h = &s->h;
+    info->cluster_size = (uint32_t)s->cluster_size;
+    info->is_qcow2 = true;
+    info->version = (int)h->version;
+    info->dirty_flag = h->incompatible_features & QCOW2_INCOMPAT_DIRTY;
+    info->lazy_refcounts = h->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS;
+    info->refcount_bits = (int)s->refcount_bits;
+    info->corrupt = h->incompatible_features & QCOW2_INCOMPAT_CORRUPT;
+    info->extended_l2 = s->ext_l2;
+    info->compression_type =
+        h->compression_type == QCOW2_COMPRESSION_ZSTD ? "zstd" : "zlib";
+    if (s->data_file) {
+        info->data_file = strdup(s->data_file);
+        if (!info->data_file)
+            goto nomem;
+    }
+    info->data_file_raw = s->data_file_raw;
+    if (s->nb_snapshots) {
+        info->snapshots = calloc(s->nb_snapshots, sizeof(*info->snapshots));
+        if (!info->snapshots)
+            goto nomem;
+        for (uint32_t i = 0; i < s->nb_snapshots; i++) {
+            struct cbt_snapshot_info *o = &info->snapshots[i];
+            const struct qcow2_snapshot *sn = &s->snapshots[i];
+            info->nb_snapshots = i + 1;
+            o->id = strdup(sn->id);
+            o->name = strdup(sn->name);
+            if (!o->id || !o->name)
+                goto nomem;
+            o->vm_state_size = sn->vm_state_size;
+            o->date_sec = sn->date_sec;
+            o->date_nsec = sn->date_nsec;
+            o->vm_clock_nsec = sn->vm_clock_nsec;
+            o->icount = sn->icount;
+        }
+    }
+    return 0;
+nomem:
+    cbt_error_set(errp, ENOMEM, "%s: out of memory", node->filename);
+    return -1;
+}
+
+/* Move the active L1 to a larger table at a fresh place. */
+static int grow_l1(struct qcow2_state *s, uint64_t entries)
+{
+    uint64_t bytes = entries * 8;
+    if (bytes > QCOW2_MAX_L1_BYTES)
+        return -EFBIG;
+    uint64_t nclusters = qcow2_size_to_clusters(s, bytes);
+    uint64_t *l1 = calloc(entries, 8);
+    if (!l1)
+        return -ENOMEM;
+    memcpy(l1, s->l1, (size_t)s->l1_size * 8);
+    /* Everything the old L1 points at must be durable first. */
+    int r = qcow2_flush_metadata(s);
+    int64_t off = r < 0 ? r : qcow2_alloc_clusters(s, nclusters);
+    if (off < 0) {
+        free(l1);
+        return (int)off;
+    }
+    r = qcow2_prepare_l2_writeback(s); /* the new table's refcounts */
+    CLEANUP_FREE uint64_t *be = calloc(nclusters << s->cluster_bits, 1);
+    if (r == 0 && !be)
+        r = -ENOMEM;
+    if (r == 0) {
+        for (uint64_t i = 0; i < entries; i++)
+            be[i] = cpu_to_be64(l1[i]);
+        r = file_pwrite_full(s->node->fd, be, nclusters << s->cluster_bits,
+                             (uint64_t)off);
+        s->need_sync = true;
+    }
+    if (r == 0)
+        r = qcow2_sync(s);
+    if (r < 0) {
+        free(l1);
+        return r;
+    }
+    uint64_t old_off = s->h.l1_table_offset;
+    uint64_t old_bytes = (uint64_t)s->l1_size * 8;
+    s->h.l1_table_offset = (uint64_t)off;
+    s->h.l1_size = (uint32_t)entries;
+    free(s->l1);
+    s->l1 = l1;
+    s->l1_size = (uint32_t)entries;
+    r = qcow2_write_header(s);
+    if (r < 0)
+        return r;
+    return old_bytes ? qcow2_free_clusters_deferred(s, old_off, old_bytes) : 0;
+}
+
+int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
+                 struct cbt_error **errp)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    const char *fn = node->filename;
+    uint64_t old_size = node->size;
+    new_size = ALIGN_UP(new_size, 512);
+    for (size_t i = 0; i < s->nb_exts; i++) {
+        if (s->exts[i].type == QCOW2_EXT_BITMAPS &&
+            (s->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
+            cbt_error_set(errp, ENOTSUP,
+                          "%s: cannot resize an image with persistent bitmaps "
+                          "yet", fn);
+            return -1;
+        }
+    }
+    if (new_size < old_size) {
+        if (!shrink) {
+            cbt_error_set(errp, EINVAL,
+                          "%s: use the --shrink option to shrink the image "
+                          "(data past the new end is lost)", fn);
+            return -1;
+        }
+        if (s->nb_snapshots) {
+            cbt_error_set(errp, ENOTSUP,
+                          "%s: cannot shrink an image with internal snapshots", fn);
+            return -1;
+        }
+    }
+    uint64_t need = qcow2_l1_entries_for(new_size, s->cluster_bits, s->l2_bits);
+    int r = 0;
+    if (need > s->l1_size)
+        r = grow_l1(s, need);
+    if (r == 0 && new_size < old_size) {
+        /* Drop every cluster wholly past the new end. */
+        uint64_t lo = ALIGN_UP(new_size, s->cluster_size);
+        for (uint64_t i = lo >> (s->cluster_bits + s->l2_bits);
+             r == 0 && i < s->l1_size; i++) {
+            uint64_t table_start = i << (s->cluster_bits + s->l2_bits);
+            uint64_t from = MAX(lo, table_start);
+            uint8_t *l2;
+            uint64_t idx;
+            r = qcow2_get_l2(s, from, true, &l2, &idx);
+            if (r < 0 || !l2)
+                break;
+            for (uint64_t k = idx; k < s->l2_entries && r == 0; k++) {
+                uint64_t e = qcow2_l2_get(s, l2, k);
+                if (e == 0 && qcow2_l2_get_bitmap(s, l2, k) == 0)
+                    continue;
+                qcow2_l2_set(s, l2, k, 0, 0);
+                qcow2_cache_mark_dirty(&s->l2_cache, l2);
+                if (!qcow2_has_data_file(s))
+                    r = qcow2_free_l2_entry_clusters(s, e);
+            }
+            qcow2_cache_put(&s->l2_cache, l2);
+        }
+    }
+    if (r == 0) {
+        s->h.size = new_size;
+        node->size = new_size;
+        r = qcow2_flush_metadata(s);
+    }
+    if (r == 0)
+        r = qcow2_write_header(s);
+    if (r == 0 && new_size > old_size && node->backing &&
+        node->backing->size > old_size) {
+        /* The grown area must read zero, not the backing file's data. */
+        uint64_t end = MIN(new_size, node->backing->size);
+        r = qcow2_write_zeroes(node, old_size, end - old_size, 0);
+        if (r == 0)
+            r = qcow2_flush_metadata(s);
+    }
+    if (r == 0 && s->data_file_raw)
+        r = file_truncate(s->data_fd, new_size);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: resize failed: %s", fn, strerror(-r));
+        return -1;
+    }
+    return 0;
 }
 
 const struct blk_driver blk_qcow2_driver = {
     .name = "qcow2",
     .probe = qcow2_probe,
     .open = qcow2_open,
+    .close = qcow2_close,
+    .create = qcow2_create,
+    .read = qcow2_read,
+    .write = qcow2_write,
+    .write_zeroes = qcow2_write_zeroes,
+    .discard = qcow2_discard,
+    .flush = qcow2_flush,
+    .block_status = qcow2_block_status,
+    .get_info = qcow2_get_info,
+    .check = qcow2_check,
+    .resize = qcow2_resize,
 };

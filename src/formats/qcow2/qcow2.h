@@ -1,5 +1,364 @@
-/* qcow2 driver private declarations (placeholder). */
+/*
+ * qcow2 driver private declarations, grouped by the file that defines them.
+ *
+ * Design notes (the invariants every file relies on):
+ *
+ *  - On-disk structures are big-endian; they are converted at the edge by
+ *    header.c (header, extensions), cluster.c (L1/L2 entries) and refcount.c
+ *    (refcount entries).  L1 and the refcount table live in memory in native
+ *    order; L2 tables and refcount blocks live in a metadata cache (cache.c)
+ *    in on-disk order, accessed through get/set helpers.
+ *
+ *  - Crash safety comes from write ordering at flush time (qcow2_flush):
+ *      data writes (already issued) and refcount increments
+ *        -> fdatasync -> dirty L2 tables -> fdatasync -> dirty L1 entries
+ *        -> fdatasync -> deferred frees (refcount decrements) -> fdatasync.
+ *    So a refcount increment is durable before any metadata that points at
+ *    the cluster, data before the L2 entry that maps it, L2 before L1, and a
+ *    decrement only after every reference it drops is gone from disk.  An
+ *    interruption at any moment leaves at worst leaked clusters.  Evicting a
+ *    dirty L2 table from the cache follows the same order for that table.
+ *
+ *  - Freed clusters are not decremented at once: they join s->pending_free
+ *    and keep their refcount until the flush that drops their references, so
+ *    the allocator can never hand out a cluster still referenced on disk.
+ *
+ *  - All functions are called with node->lock held (the block layer takes
+ *    it); nothing here is thread-safe on its own.
+ */
 #ifndef CBT_QCOW2_H
 #define CBT_QCOW2_H
+
 #include "../../block/block.h"
+
+#define QCOW2_MAGIC 0x514649FBu
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_V2_HEADER_SIZE 72
+#define QCOW2_V3_HEADER_SIZE 104
+#define QCOW2_HEADER_SIZE 112 /* what we write, as QEMU */
+#define QCOW2_MAX_BACKING_NAME 1023
+#define QCOW2_MAX_BACKING_FMT 15
+#define QCOW2_MAX_L1_BYTES (32u * 1024 * 1024)
+#define QCOW2_MAX_REFTABLE_BYTES (8u * 1024 * 1024)
+#define QCOW2_MAX_SNAPSHOTS 65536
+#define QCOW2_MAX_SNAPSHOT_EXTRA 1024
+#define QCOW2_MAX_DATA_FILE_NAME 4096
+
+/* Feature bits */
+#define QCOW2_INCOMPAT_DIRTY (1ull << 0)
+#define QCOW2_INCOMPAT_CORRUPT (1ull << 1)
+#define QCOW2_INCOMPAT_DATA_FILE (1ull << 2)
+#define QCOW2_INCOMPAT_COMPRESSION (1ull << 3)
+#define QCOW2_INCOMPAT_EXTL2 (1ull << 4)
+#define QCOW2_INCOMPAT_MASK 0x1Full
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
+#define QCOW2_AUTOCLEAR_BITMAPS (1ull << 0)
+#define QCOW2_AUTOCLEAR_DATA_FILE_RAW (1ull << 1)
+#define QCOW2_AUTOCLEAR_MASK 0x3ull
+
+/* Header extension types */
+#define QCOW2_EXT_END 0x00000000u
+#define QCOW2_EXT_BACKING_FORMAT 0xE2792ACAu
+#define QCOW2_EXT_FEATURE_TABLE 0x6803F857u
+#define QCOW2_EXT_BITMAPS 0x23852875u
+#define QCOW2_EXT_CRYPTO 0x0537BE77u
+#define QCOW2_EXT_DATA_FILE 0x44415441u
+
+/* L1/L2 entry bits */
+#define QCOW2_OFLAG_COPIED (1ull << 63)
+#define QCOW2_OFLAG_COMPRESSED (1ull << 62)
+#define QCOW2_OFLAG_ZERO (1ull << 0)
+#define QCOW2_L1E_OFFSET_MASK 0x00FFFFFFFFFFFE00ull
+#define QCOW2_L1E_RESERVED_MASK 0x7F000000000001FFull
+#define QCOW2_L2E_OFFSET_MASK 0x00FFFFFFFFFFFE00ull
+#define QCOW2_L2E_STD_RESERVED_MASK 0x3F000000000001FEull
+#define QCOW2_REFT_OFFSET_MASK 0xFFFFFFFFFFFFFE00ull
+#define QCOW2_L2_BITMAP_ALL_ALLOC 0x00000000FFFFFFFFull
+#define QCOW2_L2_BITMAP_ALL_ZEROES 0xFFFFFFFF00000000ull
+#define QCOW2_SUBCLUSTERS 32
+
+/* Compression types */
+#define QCOW2_COMPRESSION_ZLIB 0
+#define QCOW2_COMPRESSION_ZSTD 1
+
+/* The header, native order.  Fields past header_length read as zero. */
+struct qcow2_header {
+    uint32_t magic;
+    uint32_t version;
+    uint64_t backing_file_offset;
+    uint32_t backing_file_size;
+    uint32_t cluster_bits;
+    uint64_t size;
+    uint32_t crypt_method;
+    uint32_t l1_size;
+    uint64_t l1_table_offset;
+    uint64_t refcount_table_offset;
+    uint32_t refcount_table_clusters;
+    uint32_t nb_snapshots;
+    uint64_t snapshots_offset;
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    uint32_t refcount_order;
+    uint32_t header_length;
+    uint8_t compression_type;
+};
+
+/* A header extension kept verbatim (unknown ones, and the bitmaps one). */
+struct qcow2_ext {
+    uint32_t type;
+    uint32_t len;
+    uint8_t *data;
+};
+
+/* How one subcluster (or, without extended L2, one cluster) reads. */
+enum qcow2_sc_type {
+    QCOW2_SC_UNALLOC_PLAIN, /* backing file or zeroes */
+    QCOW2_SC_UNALLOC_ALLOC, /* ext L2: cluster reserved, subcluster unallocated */
+    QCOW2_SC_ZERO_PLAIN,
+    QCOW2_SC_ZERO_ALLOC,
+    QCOW2_SC_NORMAL,
+    QCOW2_SC_COMPRESSED,
+    QCOW2_SC_INVALID,
+};
+
+/* One internal snapshot, as parsed from the table. */
+struct qcow2_snapshot {
+    uint64_t l1_table_offset;
+    uint32_t l1_size;
+    char *id;
+    char *name;
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t vm_state_size;
+    uint64_t disk_size;
+    uint64_t icount;
+};
+
+/* Metadata cache of cluster-sized tables (cache.c). */
+struct qcow2_cache_entry {
+    uint64_t offset; /* 0 = empty slot */
+    uint8_t *data;
+    uint64_t lru;
+    bool dirty;
+    int pins;
+};
+struct qcow2_cache {
+    struct qcow2_cache_entry *entries;
+    uint8_t *mem;            /* nsets * ways tables, back to back */
+    uint64_t cluster_size;
+    uint32_t ndirty;
+    uint32_t nsets, ways;
+    uint64_t lru_clock;
+    bool is_l2; /* L2 cache: flush refcounts first when writing back */
+};
+
+struct qcow2_state {
+    struct blk_node *node;
+    struct qcow2_header h;
+    uint8_t *extra_header;   /* header bytes in [112, header_length) */
+    size_t extra_header_len;
+    struct qcow2_ext *exts;  /* preserved extensions (unknown + bitmaps) */
+    size_t nb_exts;
+
+    uint32_t cluster_bits;
+    uint64_t cluster_size;
+    bool ext_l2;
+    uint32_t l2_entry_size;  /* 8 or 16 */
+    uint32_t l2_bits;        /* log2(entries per L2 table) */
+    uint64_t l2_entries;
+    uint32_t subcluster_bits;
+    uint64_t subcluster_size;
+    uint32_t csize_shift;    /* compressed descriptor layout */
+    uint64_t csize_mask;
+    uint64_t cmp_offset_mask;
+
+    uint32_t refcount_order;
+    uint32_t refcount_bits;
+    uint64_t refcount_max;
+    uint32_t rb_bits;        /* log2(refcount entries per block) */
+    uint64_t rb_entries;
+
+    uint64_t *l1;            /* native order */
+    uint32_t l1_size;
+    uint32_t l1_dirty_lo, l1_dirty_hi; /* dirty range [lo, hi) */
+
+    uint64_t *reftable;      /* native order */
+    uint64_t reftable_entries;
+    uint64_t reftable_dirty_lo, reftable_dirty_hi;
+
+    struct qcow2_cache l2_cache;
+    struct qcow2_cache rb_cache;
+
+    uint64_t free_hint;      /* no free cluster below this index */
+    uint64_t alloc_end;      /* first cluster index past every used one */
+    uint64_t *pending_free;  /* host offsets|nb clusters, see refcount.c */
+    uint64_t *pending_free_len;
+    size_t nb_pending_free, cap_pending_free;
+
+    int data_fd;             /* external data file or node->fd */
+    char *data_file;         /* name as stored, or NULL */
+    char *data_path;         /* resolved path */
+    bool data_file_raw;
+
+    struct qcow2_snapshot *snapshots;
+    uint32_t nb_snapshots;
+
+    bool metadata_prealloc;  /* file holes under allocated clusters */
+    bool need_sync;          /* writes issued since the last fdatasync */
+    bool check_mode;         /* opened for check/repair */
+    bool header_dirty;
+};
+
+static inline struct qcow2_state *qcow2_state(struct blk_node *node)
+{
+    return node->opaque;
+}
+static inline uint64_t qcow2_offset_into_cluster(const struct qcow2_state *s,
+                                                 uint64_t off)
+{
+    return off & (s->cluster_size - 1);
+}
+static inline uint64_t qcow2_size_to_clusters(const struct qcow2_state *s,
+                                              uint64_t size)
+{
+    return (size + s->cluster_size - 1) >> s->cluster_bits;
+}
+static inline bool qcow2_has_data_file(const struct qcow2_state *s)
+{
+    return s->h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE;
+}
+/* Entries of L1 needed for a virtual size. */
+static inline uint64_t qcow2_l1_entries_for(uint64_t size, uint32_t cluster_bits,
+                                            uint32_t l2_bits)
+{
+    uint64_t shift = cluster_bits + l2_bits;
+    return (size + (1ull << shift) - 1) >> shift;
+}
+
+/* header.c */
+int qcow2_read_header(struct qcow2_state *s, int fd, uint64_t file_len,
+                      struct cbt_error **errp);
+/* Serialize the first cluster (header, extensions, backing name) into buf
+ * of cluster_size bytes.  -ENOSPC when it does not fit. */
+int qcow2_build_header(const struct qcow2_state *s, uint8_t *buf);
+/* Rewrite the first cluster on disk (one write) and sync. */
+int qcow2_write_header(struct qcow2_state *s);
+void qcow2_free_header(struct qcow2_state *s);
+
+/* cache.c */
+int qcow2_cache_init(struct qcow2_cache *c, uint64_t cluster_size,
+                     uint32_t nentries, bool is_l2);
+void qcow2_cache_destroy(struct qcow2_cache *c);
+/* Pin and return the table at offset, reading it unless `fresh` (then the
+ * buffer is zeroed).  Release with qcow2_cache_put. */
+int qcow2_cache_get(struct qcow2_state *s, struct qcow2_cache *c,
+                    uint64_t offset, bool fresh, uint8_t **table);
+void qcow2_cache_put(struct qcow2_cache *c, uint8_t *table);
+void qcow2_cache_mark_dirty(struct qcow2_cache *c, uint8_t *table);
+/* Write every dirty entry (no sync). */
+int qcow2_cache_write_dirty(struct qcow2_state *s, struct qcow2_cache *c);
+/* Forget an entry (its cluster was freed). */
+void qcow2_cache_discard(struct qcow2_cache *c, uint64_t offset);
+/* Is any entry dirty? */
+bool qcow2_cache_is_dirty(const struct qcow2_cache *c);
+
+/* refcount.c */
+uint64_t qcow2_rb_get(const uint8_t *rb, uint64_t idx, uint32_t order);
+void qcow2_rb_set(uint8_t *rb, uint64_t idx, uint32_t order, uint64_t v);
+int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster_index,
+                       uint64_t *refcount);
+/* Allocate n contiguous clusters with refcount 1; returns host offset or
+ * -errno. */
+int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n);
+/* Add `delta` (may be negative) to the refcount of every cluster touched by
+ * [offset, offset+len). */
+int qcow2_update_refcount(struct qcow2_state *s, uint64_t offset, uint64_t len,
+                          int64_t delta);
+/* Defer a refcount decrement to the next flush (see design notes). */
+int qcow2_free_clusters_deferred(struct qcow2_state *s, uint64_t offset,
+                                 uint64_t len);
+/* Free what an L2 entry references (normal or compressed), deferred. */
+int qcow2_free_l2_entry_clusters(struct qcow2_state *s, uint64_t l2e);
+int qcow2_apply_pending_frees(struct qcow2_state *s);
+/* Write dirty refblocks and reftable entries (no sync). */
+int qcow2_write_refcounts(struct qcow2_state *s);
+int qcow2_load_reftable(struct qcow2_state *s, uint64_t file_len,
+                        struct cbt_error **errp);
+/* Recompute alloc_end from the refcounts (last used cluster + 1). */
+int qcow2_compute_alloc_end(struct qcow2_state *s);
+
+/* cluster.c */
+enum qcow2_sc_type qcow2_sc_type(const struct qcow2_state *s, uint64_t l2e,
+                                 uint64_t bitmap, uint32_t sc);
+uint64_t qcow2_l2_get(const struct qcow2_state *s, const uint8_t *l2,
+                      uint64_t idx);
+uint64_t qcow2_l2_get_bitmap(const struct qcow2_state *s, const uint8_t *l2,
+                             uint64_t idx);
+void qcow2_l2_set(const struct qcow2_state *s, uint8_t *l2, uint64_t idx,
+                  uint64_t entry, uint64_t bitmap);
+/* Mapping of guest [off, off+*bytes): on return *bytes is the length of the
+ * run with one type and contiguous host offsets (within one L2 table). */
+struct qcow2_map {
+    enum qcow2_sc_type type;
+    uint64_t host_offset;  /* NORMAL/ZERO_ALLOC/UNALLOC_ALLOC: of `off` */
+    uint64_t l2e;          /* the raw entry (compressed descriptor) */
+};
+int qcow2_get_mapping(struct qcow2_state *s, uint64_t off, uint64_t *bytes,
+                      struct qcow2_map *map);
+/* Pin the L2 table for guest offset `off`, allocating it (and copying a
+ * shared one) when `alloc`.  *l2 is NULL without alloc when unallocated. */
+int qcow2_get_l2(struct qcow2_state *s, uint64_t off, bool alloc,
+                 uint8_t **l2, uint64_t *l2_index);
+/* Host offset of the compressed data and its length in bytes. */
+void qcow2_compressed_span(const struct qcow2_state *s, uint64_t l2e,
+                           uint64_t *host_off, uint64_t *len);
+/* Validate an L1 entry; -EIO if it is corrupt. */
+int qcow2_check_l1_entry(const struct qcow2_state *s, uint64_t l1e);
+void qcow2_mark_l1_dirty(struct qcow2_state *s, uint32_t idx);
+int qcow2_write_l1(struct qcow2_state *s);
+int qcow2_load_l1(struct qcow2_state *s, uint64_t file_len,
+                  struct cbt_error **errp);
+
+/* io.c */
+int qcow2_read(struct blk_node *node, void *buf, uint64_t off, size_t len);
+int qcow2_write(struct blk_node *node, const void *buf, uint64_t off,
+                size_t len);
+int qcow2_write_zeroes(struct blk_node *node, uint64_t off, uint64_t len,
+                       unsigned flags);
+int qcow2_discard(struct blk_node *node, uint64_t off, uint64_t len);
+int qcow2_flush(struct blk_node *node);
+int qcow2_block_status(struct blk_node *node, uint64_t off, uint64_t len,
+                       struct blk_status *st);
+/* Write back all metadata in crash-safe order and sync (see notes). */
+int qcow2_flush_metadata(struct qcow2_state *s);
+/* Flush refcounts (and sync) before an L2 table may be written. */
+int qcow2_prepare_l2_writeback(struct qcow2_state *s);
+int qcow2_sync(struct qcow2_state *s);
+
+/* compress.c */
+int qcow2_decompress(const struct qcow2_state *s, const uint8_t *in,
+                     size_t in_len, uint8_t *out, size_t out_len);
+/* Read and inflate the cluster an L2 compressed entry points at. */
+int qcow2_read_compressed(struct qcow2_state *s, uint64_t l2e, uint8_t *out);
+
+/* snapshot.c */
+int qcow2_read_snapshots(struct qcow2_state *s, uint64_t file_len,
+                         struct cbt_error **errp);
+void qcow2_free_snapshots(struct qcow2_state *s);
+
+/* create.c */
+int qcow2_create(const char *filename, const struct cbt_create_opts *opts,
+                 struct cbt_error **errp);
+
+/* check.c */
+int qcow2_check(struct blk_node *node, unsigned fix,
+                struct cbt_check_result *res, cbt_report_fn *report,
+                void *opaque, struct cbt_error **errp);
+
+/* qcow2.c */
+int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
+                 struct cbt_error **errp);
+
 #endif
