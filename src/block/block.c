@@ -193,12 +193,11 @@ static int check_range(const struct blk_node *node, uint64_t off, uint64_t len)
     return 0;
 }
 
-void blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len)
+int blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len)
 {
-    /* Recording bitmaps attach here (bitmaps milestone). */
-    (void)node;
-    (void)off;
-    (void)len;
+    if (node->drv->mark_dirty)
+        return node->drv->mark_dirty(node, off, len);
+    return 0;
 }
 
 int cbt_image_pread(struct cbt_image *img, void *buf, size_t len, uint64_t off)
@@ -231,12 +230,7 @@ static int write_prologue(struct cbt_image *img, uint64_t off, uint64_t len)
 {
     if (img->read_only)
         return -EPERM;
-    int r = check_range(img, off, len);
-    if (r < 0)
-        return r;
-    if (len)
-        blk_mark_dirty(img, off, len);
-    return 0;
+    return check_range(img, off, len);
 }
 
 int cbt_image_pwrite(struct cbt_image *img, const void *buf, size_t len,
@@ -246,7 +240,9 @@ int cbt_image_pwrite(struct cbt_image *img, const void *buf, size_t len,
     if (r < 0 || len == 0)
         return r;
     pthread_mutex_lock(&img->lock);
-    r = img->drv->write(img, buf, off, len);
+    r = blk_mark_dirty(img, off, len);
+    if (r == 0)
+        r = img->drv->write(img, buf, off, len);
     pthread_mutex_unlock(&img->lock);
     return r;
 }
@@ -258,7 +254,9 @@ int cbt_image_pwrite_zeroes(struct cbt_image *img, uint64_t off, uint64_t len,
     if (r < 0 || len == 0)
         return r;
     pthread_mutex_lock(&img->lock);
-    r = img->drv->write_zeroes(img, off, len, flags);
+    r = blk_mark_dirty(img, off, len);
+    if (r == 0)
+        r = img->drv->write_zeroes(img, off, len, flags);
     pthread_mutex_unlock(&img->lock);
     return r;
 }
@@ -269,7 +267,9 @@ int cbt_image_discard(struct cbt_image *img, uint64_t off, uint64_t len)
     if (r < 0 || len == 0)
         return r;
     pthread_mutex_lock(&img->lock);
-    r = img->drv->discard ? img->drv->discard(img, off, len) : 0;
+    r = blk_mark_dirty(img, off, len);
+    if (r == 0)
+        r = img->drv->discard ? img->drv->discard(img, off, len) : 0;
     pthread_mutex_unlock(&img->lock);
     return r;
 }

@@ -59,6 +59,11 @@ struct blk_driver {
     int (*block_status)(struct blk_node *node, uint64_t off, uint64_t len,
                         struct blk_status *st);
 
+    /* Called by blk_mark_dirty before guest data changes in
+     * [off, off+len): the driver keeps its persistent change tracking
+     * (qcow2 bitmaps) truthful.  Optional. */
+    int (*mark_dirty)(struct blk_node *node, uint64_t off, uint64_t len);
+
     int (*get_info)(struct blk_node *node, struct cbt_image_info *info,
                     struct cbt_error **errp);
     int (*check)(struct blk_node *node, unsigned fix,
@@ -97,8 +102,8 @@ const struct blk_driver *blk_probe(int fd);
 int blk_read_backing(struct blk_node *node, void *buf, uint64_t off,
                      size_t len);
 /* Where the data path dirties recording bitmaps: every write, zero-write
- * and discard passes here first. */
-void blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len);
+ * and discard passes here first, with node->lock held. */
+int blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len);
 
 #define BLK_MAX_CHAIN_DEPTH 256
 

@@ -265,9 +265,12 @@ static int write_alloc_run(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
                          (t == QCOW2_SC_UNALLOC_PLAIN &&
                           (!s->node->backing || c >= s->node->backing->size));
         if (zero_view && hc >= flen && !qcow2_has_data_file(s)) {
-            /* Past the end of the file reads zero: write the data only. */
-            r = file_pwrite_full(s->data_fd, buf + (lo - off), hi - lo,
-                                 hc + (lo - c));
+            /* Zero the cluster as allocated extents (not holes, so the
+             * host file does not look preallocated), then add the data. */
+            r = file_write_zeroes(s->data_fd, hc, cs);
+            if (r == 0)
+                r = file_pwrite_full(s->data_fd, buf + (lo - off), hi - lo,
+                                     hc + (lo - c));
         } else {
             if (!tmp && !(tmp = malloc(cs)))
                 return -ENOMEM;
@@ -495,7 +498,12 @@ static int zero_aligned(struct qcow2_state *s, uint64_t off, uint64_t len,
         bool whole = in == 0 && (n == s->cluster_size || off + n >= s->node->size);
         uint64_t ne = e, nbm = bm;
         bool unmap = false;
-        if (!s->ext_l2 || whole) {
+        if (s->h.version < 3) {
+            /* v2 has no zero flag; without a backing file (the only case
+             * that gets here) an unallocated cluster reads zero. */
+            unmap = sc_type_allocated(qcow2_sc_type(s, e, bm, 0));
+            ne = 0;
+        } else if (!s->ext_l2 || whole) {
             enum qcow2_sc_type t = qcow2_sc_type(s, e, bm, 0);
             unmap = t == QCOW2_SC_COMPRESSED ||
                     ((flags & CBT_ZERO_MAY_UNMAP) && sc_type_allocated(t));
@@ -562,7 +570,7 @@ int qcow2_write_zeroes(struct blk_node *node, uint64_t off, uint64_t len,
                        unsigned flags)
 {
     struct qcow2_state *s = qcow2_state(node);
-    if (s->h.version < 3)
+    if (s->h.version < 3 && node->backing)
         return write_zero_data(s, off, len);
     uint64_t sc = s->subcluster_size;
     uint64_t end = off + len;

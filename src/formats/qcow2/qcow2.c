@@ -365,6 +365,24 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
     return 0;
 }
 
+/*
+ * Guest data is about to change.  Persistent bitmaps in the image must not
+ * silently go stale: until cbt tracks them itself, it does what the qcow2
+ * spec asks of a writer that does not update them and clears autoclear bit
+ * 0, so every reader treats the bitmaps extension as inconsistent (QEMU
+ * then ignores it and `check -r leaks` reclaims its clusters).
+ */
+static int qcow2_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    if (!(s->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
+        return 0;
+    cbt_warn("%s: persistent bitmaps are not updated by this version of cbt; "
+             "marking them inconsistent before the first write", node->filename);
+    s->h.autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS;
+    return qcow2_write_header(s);
+}
+
 const struct blk_driver blk_qcow2_driver = {
     .name = "qcow2",
     .probe = qcow2_probe,
@@ -377,6 +395,7 @@ const struct blk_driver blk_qcow2_driver = {
     .discard = qcow2_discard,
     .flush = qcow2_flush,
     .block_status = qcow2_block_status,
+    .mark_dirty = qcow2_mark_dirty,
     .get_info = qcow2_get_info,
     .check = qcow2_check,
     .resize = qcow2_resize,
