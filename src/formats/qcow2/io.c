@@ -601,6 +601,11 @@ int qcow2_write_zeroes(struct blk_node *node, uint64_t off, uint64_t len,
 int qcow2_discard(struct blk_node *node, uint64_t off, uint64_t len)
 {
     struct qcow2_state *s = qcow2_state(node);
+    /* v2 cannot make a range read zero over a backing file, and dropping
+     * the clusters would expose the backing data: QEMU ignores such
+     * discards, and so do we. */
+    if (s->h.version < 3 && node->backing)
+        return 0;
     uint64_t cs = s->cluster_size;
     uint64_t end = off + len;
     uint64_t lo = ALIGN_UP(off, cs);
