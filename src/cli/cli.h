@@ -1,0 +1,116 @@
+/* Shared declarations of the cbt command line: the command list and helpers. */
+#ifndef CBT_CLI_H
+#define CBT_CLI_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include <jansson.h>
+
+#include <cbt/error.h>
+#include <cbt/image.h>
+
+/*
+ * The command list: X(name, summary).  main.c turns it into its dispatch
+ * table and every command is `int cmd_NAME(int argc, char **argv)` in
+ * cmd_NAME.c.  argv[0] is "cbt NAME" (so getopt's messages name the
+ * command); the return value is the process exit status.
+ */
+#define CLI_COMMANDS(X)                                                        \
+    X(create, "Create a new qcow2 or raw image")                               \
+    X(info, "Show the format, size and settings of an image")                  \
+    X(check, "Check (and repair) the consistency of an image")                 \
+    X(map, "Show the allocation of an image as extents")                       \
+    X(compare, "Check whether two images have the same contents")              \
+    X(io, "Read, write, zero and discard ranges (qemu-io's commands)")         \
+    X(resize, "Change the virtual size of an image")
+
+#define CLI_DECLARE_COMMAND(name, summary)                                     \
+    int cmd_##name(int argc, char **argv);
+CLI_COMMANDS(CLI_DECLARE_COMMAND)
+#undef CLI_DECLARE_COMMAND
+
+/* Process exit status of a usage mistake or a failed library call. */
+#define CLI_EXIT_FAILURE 1
+
+/* util.c: errors, argument parsing, number formatting */
+
+/*
+ * Report a usage mistake of command `prog` ("cbt create"): one line naming
+ * the problem, then "Try 'PROG --help' ...".  Returns CLI_EXIT_FAILURE.
+ */
+int cli_usage_error(const char *prog, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* The "Try 'PROG --help' for more information." line alone. */
+void cli_try_help(const char *prog);
+/* Print "cbt: MESSAGE" for a library error and free it (NULL is tolerated).
+ * Returns CLI_EXIT_FAILURE. */
+int cli_lib_error(struct cbt_error *err);
+/* Print "cbt: " + printf-style message on stderr. */
+void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Print a command's help text (stdout) and return 0. */
+int cli_help(const char *text);
+
+/*
+ * Parse a byte count: decimal with an optional k/M/G/T/P/E suffix (powers
+ * of 1024, fractions allowed with a suffix: "1.5G") or 0x hex.  Returns 0 or
+ * -EINVAL / -ERANGE.
+ */
+int cli_parse_size(const char *s, uint64_t *out);
+/* Parse a size argument of `prog` named `what` ("image size"); on failure
+ * print a usage error and return -1. */
+int cli_parse_size_arg(const char *prog, const char *what, const char *s,
+                       uint64_t *out);
+
+enum cli_output { CLI_OUTPUT_HUMAN, CLI_OUTPUT_JSON };
+/* Parse --output=human|json; on failure print a usage error, return -1. */
+int cli_parse_output(const char *prog, const char *arg, enum cli_output *out);
+
+/* qemu's size_to_str: "0 B", "64 KiB", "1.5 GiB" (3 significant digits). */
+void cli_size_to_str(uint64_t val, char *buf, size_t len);
+
+/* json.c: JSON output through jansson, laid out as qemu-img lays it out */
+
+/* A JSON string; never fails on non-UTF-8 input (bytes are passed through). */
+json_t *cli_json_string(const char *s);
+json_t *cli_json_u64(uint64_t v);
+/* Print `v` with 4-space indentation and a newline, then release it. */
+void cli_json_print(json_t *v);
+
+/* kvopts.c: qemu-style "key=value,key2=value2" option lists (-o) */
+
+struct cli_kv {
+    char *key;
+    char *value; /* NULL when the item had no '=' ("help") */
+};
+struct cli_kvlist {
+    struct cli_kv *items;
+    size_t n;
+};
+/* Append the items of `s` (",," is a literal comma) to `list`.
+ * Returns 0, or -ENOMEM. */
+int cli_kv_parse(struct cli_kvlist *list, const char *s);
+/* Append key=value (copied verbatim, no escapes); it overrides earlier
+ * items of the same key.  Returns 0 or -ENOMEM. */
+int cli_kv_set(struct cli_kvlist *list, const char *key, const char *value);
+/* The value of the last item named `key`, or NULL. */
+const char *cli_kv_get(const struct cli_kvlist *list, const char *key);
+bool cli_kv_has(const struct cli_kvlist *list, const char *key);
+void cli_kv_free(struct cli_kvlist *list);
+/* Parse qemu's boolean spellings (on/off, yes/no, true/false). */
+int cli_parse_bool(const char *s, bool *out);
+
+/* progress.c: a percentage drawn on stderr while a long job runs */
+
+struct cli_progress {
+    bool enabled; /* -p given and stderr is a terminal */
+    int last;     /* last percentage drawn, in tenths of a percent */
+};
+void cli_progress_init(struct cli_progress *p, bool requested);
+void cli_progress_update(struct cli_progress *p, uint64_t done, uint64_t total);
+/* Erase the progress line (so later messages start on a clean line). */
+void cli_progress_end(struct cli_progress *p);
+
+#endif

@@ -1,0 +1,476 @@
+/* cbt create: make a new qcow2 or raw image, with qemu-img create's options. */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+static const char usage[] =
+    "Usage: cbt create [-f FMT] [-b BACKING -F BACKING_FMT] [-u] [-o OPTIONS]\n"
+    "                  [-q] FILE [SIZE]\n"
+    "\n"
+    "Create the image FILE with a virtual size of SIZE bytes (suffixes k, M,\n"
+    "G, T, P, E: powers of 1024).  Without SIZE the size of the backing file\n"
+    "is used.\n"
+    "\n"
+    "Options:\n"
+    "  -f FMT          image format: qcow2 or raw (default: raw, as qemu-img)\n"
+    "  -b BACKING      backing file name, stored as given; a relative name is\n"
+    "                  relative to the folder of FILE\n"
+    "  -F BACKING_FMT  format of the backing file (required with -b)\n"
+    "  -u              unsafe: do not open the backing file (SIZE needed)\n"
+    "  -o OPTIONS      format options key=value,key=value (',,' for a comma);\n"
+    "                  '-o help' lists them\n"
+    "  -q              quiet: do not print the 'Formatting ...' line\n"
+    "  -h, --help      show this help\n"
+    "\n"
+    "qcow2 options: cluster_size, extended_l2 (on/off), compression_type\n"
+    "  (zlib/zstd), refcount_bits, data_file, data_file_raw (on/off),\n"
+    "  lazy_refcounts (on/off), preallocation (off/metadata/falloc/full),\n"
+    "  compat (0.10/v2/1.1/v3), backing_file, backing_fmt, size\n"
+    "raw options: preallocation (off/falloc/full), size\n"
+    "\n"
+    "Examples:\n"
+    "  cbt create -f qcow2 disk.qcow2 20G\n"
+    "  cbt create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2\n"
+    "  cbt create -f qcow2 -o cluster_size=2M,extended_l2=on big.qcow2 1T\n";
+
+enum opt_type { OPT_STR, OPT_BOOL, OPT_SIZE, OPT_NUM };
+
+/* One -o key.  The order of each table is the order of qemu-img's
+ * "Formatting" line; `def` is what that line shows when the key is unset. */
+struct opt_desc {
+    const char *name;
+    enum opt_type type;
+    const char *def;
+    const char *help;
+};
+
+static const struct opt_desc qcow2_opts[] = {
+    {"cluster_size", OPT_SIZE, "65536", "qcow2 cluster size"},
+    {"extended_l2", OPT_BOOL, "off", "Extended L2 tables"},
+    {"preallocation", OPT_STR, NULL,
+     "Preallocation mode (allowed values: off, metadata, falloc, full)"},
+    {"compression_type", OPT_STR, "zlib",
+     "Compression method used for image cluster compression"},
+    {"size", OPT_SIZE, NULL, "Virtual disk size"},
+    {"compat", OPT_STR, NULL, "Compatibility level (v2 [0.10] or v3 [1.1])"},
+    {"backing_file", OPT_STR, NULL, "File name of a base image"},
+    {"backing_fmt", OPT_STR, NULL, "Image format of the base image"},
+    {"data_file", OPT_STR, NULL, "File name of an external data file"},
+    {"data_file_raw", OPT_BOOL, NULL,
+     "The external data file must stay valid as a raw image"},
+    {"lazy_refcounts", OPT_BOOL, "off", "Postpone refcount updates"},
+    {"refcount_bits", OPT_NUM, "16",
+     "Width of a reference count entry in bits"},
+    {NULL, OPT_STR, NULL, NULL},
+};
+
+static const struct opt_desc raw_opts[] = {
+    {"size", OPT_SIZE, NULL, "Virtual disk size"},
+    {"preallocation", OPT_STR, NULL,
+     "Preallocation mode (allowed values: off, falloc, full)"},
+    {NULL, OPT_STR, NULL, NULL},
+};
+
+struct create_req {
+    const char *prog;
+    const char *format;
+    const struct opt_desc *descs;
+    const char *filename;
+    const char *size_arg;
+    struct cli_kvlist kv;
+    struct cbt_create_opts opts;
+    bool quiet;
+    bool unsafe;
+};
+
+static const struct opt_desc *find_desc(const struct opt_desc *d,
+                                        const char *name)
+{
+    for (; d->name; d++)
+        if (strcmp(d->name, name) == 0)
+            return d;
+    return NULL;
+}
+
+static bool wants_opts_help(const struct create_req *req)
+{
+    return cli_kv_has(&req->kv, "help") || cli_kv_has(&req->kv, "?");
+}
+
+static int print_opts_help(const struct create_req *req)
+{
+    static const char *const type_names[] = {"str", "bool (on/off)", "size",
+                                             "num"};
+    printf("Supported %s options:\n", req->format);
+    /* Alphabetical, as qemu-img lists them. */
+    const char *last = "";
+    for (;;) {
+        const struct opt_desc *next = NULL;
+        for (const struct opt_desc *d = req->descs; d->name; d++)
+            if (strcmp(d->name, last) > 0 &&
+                (!next || strcmp(d->name, next->name) < 0))
+                next = d;
+        if (!next)
+            break;
+        char left[64];
+        snprintf(left, sizeof(left), "%s=<%s>", next->name,
+                 type_names[next->type]);
+        printf("  %-22s - %s\n", left, next->help);
+        last = next->name;
+    }
+    return 0;
+}
+
+/* Returns 1 for -h, 0 to go on, -1 after a usage error. */
+static int parse_args(int argc, char **argv, struct create_req *req)
+{
+    static const struct option longopts[] = {
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *backing = NULL, *backing_fmt = NULL;
+    int c;
+    optind = 0;
+    while ((c = getopt_long(argc, argv, "hf:b:F:o:qu", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'h':
+            return 1;
+        case 'f':
+            req->format = optarg;
+            break;
+        case 'b':
+            backing = optarg;
+            break;
+        case 'F':
+            backing_fmt = optarg;
+            break;
+        case 'o':
+            if (cli_kv_parse(&req->kv, optarg) < 0) {
+                cli_error("out of memory");
+                return -1;
+            }
+            break;
+        case 'q':
+            req->quiet = true;
+            break;
+        case 'u':
+            req->unsafe = true;
+            break;
+        default:
+            cli_try_help(req->prog);
+            return -1;
+        }
+    }
+    /* -b and -F win over backing_file= and backing_fmt= in -o. */
+    if ((backing && cli_kv_set(&req->kv, "backing_file", backing) < 0) ||
+        (backing_fmt && cli_kv_set(&req->kv, "backing_fmt", backing_fmt) < 0)) {
+        cli_error("out of memory");
+        return -1;
+    }
+    if (optind >= argc && wants_opts_help(req))
+        return 0; /* -o help needs no file */
+    if (optind >= argc) {
+        cli_usage_error(req->prog, "missing image file name");
+        return -1;
+    }
+    req->filename = argv[optind++];
+    if (optind < argc)
+        req->size_arg = argv[optind++];
+    if (optind < argc) {
+        cli_usage_error(req->prog, "unexpected argument '%s'", argv[optind]);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_compat(const char *v, int *out)
+{
+    if (strcmp(v, "0.10") == 0 || strcmp(v, "v2") == 0)
+        *out = 2;
+    else if (strcmp(v, "1.1") == 0 || strcmp(v, "v3") == 0)
+        *out = 3;
+    else
+        return -EINVAL;
+    return 0;
+}
+
+static bool valid_prealloc(const char *v)
+{
+    return strcmp(v, "off") == 0 || strcmp(v, "metadata") == 0 ||
+           strcmp(v, "falloc") == 0 || strcmp(v, "full") == 0;
+}
+
+/* Store one -o item into req->opts; the value has been checked for
+ * presence.  Returns 0, or non-zero after printing what is wrong. */
+static int apply_value(struct create_req *req, const struct opt_desc *d,
+                       const char *v)
+{
+    struct cbt_create_opts *o = &req->opts;
+    const char *n = d->name;
+    uint64_t num = 0;
+    bool b = false;
+
+    if (d->type == OPT_BOOL && cli_parse_bool(v, &b) < 0)
+        return cli_usage_error(req->prog,
+                               "parameter '%s' expects 'on' or "
+                               "'off', not '%s'",
+                               n, v);
+    if (d->type == OPT_SIZE && cli_parse_size_arg(req->prog, n, v, &num) < 0)
+        return CLI_EXIT_FAILURE;
+
+    if (strcmp(n, "size") == 0) {
+        o->size = num;
+        o->size_given = true;
+    } else if (strcmp(n, "cluster_size") == 0) {
+        if (num > UINT32_MAX)
+            return cli_usage_error(req->prog,
+                                   "cluster_size '%s' is too "
+                                   "large (at most 2M)",
+                                   v);
+        o->cluster_size = (uint32_t)num;
+    } else if (strcmp(n, "refcount_bits") == 0) {
+        char *end;
+        errno = 0;
+        unsigned long rb = strtoul(v, &end, 10);
+        if (errno || end == v || *end || rb > 64)
+            return cli_usage_error(req->prog,
+                                   "refcount_bits must be a power "
+                                   "of two up to 64, not '%s'",
+                                   v);
+        o->refcount_bits = (int)rb;
+    } else if (strcmp(n, "compat") == 0) {
+        if (parse_compat(v, &o->compat) < 0)
+            return cli_usage_error(req->prog,
+                                   "invalid compat '%s' (0.10, "
+                                   "v2, 1.1 or v3)",
+                                   v);
+    } else if (strcmp(n, "preallocation") == 0) {
+        if (!valid_prealloc(v))
+            return cli_usage_error(req->prog,
+                                   "invalid preallocation '%s' "
+                                   "(off, metadata, falloc or full)",
+                                   v);
+        o->preallocation = v;
+    } else if (strcmp(n, "extended_l2") == 0) {
+        o->extended_l2 = b;
+    } else if (strcmp(n, "lazy_refcounts") == 0) {
+        o->lazy_refcounts = b;
+    } else if (strcmp(n, "data_file_raw") == 0) {
+        o->data_file_raw = b;
+    } else if (strcmp(n, "compression_type") == 0) {
+        o->compression_type = v;
+    } else if (strcmp(n, "data_file") == 0) {
+        o->data_file = v;
+    } else if (strcmp(n, "backing_file") == 0) {
+        o->backing_file = v;
+    } else if (strcmp(n, "backing_fmt") == 0) {
+        o->backing_format = v;
+    }
+    return 0;
+}
+
+/* Check every -o key against the format and fill req->opts, then the SIZE
+ * argument.  Returns 0, or non-zero after printing what is wrong. */
+static int apply_kv(struct create_req *req)
+{
+    bool size_in_opts = false;
+    for (size_t i = 0; i < req->kv.n; i++) {
+        const struct cli_kv *kv = &req->kv.items[i];
+        const struct opt_desc *d = find_desc(req->descs, kv->key);
+        if (!d)
+            return cli_usage_error(req->prog,
+                                   "invalid parameter '%s' for "
+                                   "format %s ('-o help' lists them)",
+                                   kv->key, req->format);
+        const char *v = kv->value;
+        if (!v && d->type != OPT_BOOL)
+            return cli_usage_error(req->prog,
+                                   "parameter '%s' needs a value "
+                                   "('%s=...')",
+                                   kv->key, kv->key);
+        if (apply_value(req, d, v ? v : "on") != 0)
+            return CLI_EXIT_FAILURE;
+        size_in_opts |= strcmp(d->name, "size") == 0;
+    }
+    if (!req->size_arg)
+        return 0;
+    if (size_in_opts) {
+        cli_error("%s: The image size must be specified only once",
+                  req->filename);
+        return CLI_EXIT_FAILURE;
+    }
+    if (cli_parse_size_arg(req->prog, "image size", req->size_arg,
+                           &req->opts.size) < 0)
+        return CLI_EXIT_FAILURE;
+    req->opts.size_given = true;
+    return 0;
+}
+
+/* The backing file's path as seen from here: relative names are relative
+ * to the folder of the new image (as qemu resolves them).  Caller frees. */
+static char *backing_path(const char *filename, const char *backing)
+{
+    const char *slash = strrchr(filename, '/');
+    if (backing[0] == '/' || !slash)
+        return strdup(backing);
+    size_t dirlen = (size_t)(slash - filename) + 1;
+    char *out = malloc(dirlen + strlen(backing) + 1);
+    if (out) {
+        memcpy(out, filename, dirlen);
+        strcpy(out + dirlen, backing);
+    }
+    return out;
+}
+
+/* Open the backing file (unless -u) to check it and take its size.
+ * Returns 0 or -1 after printing the error. */
+static int check_backing(struct create_req *req)
+{
+    struct cbt_create_opts *o = &req->opts;
+    if (!o->backing_file)
+        return 0;
+    if (strcmp(o->backing_file, req->filename) == 0) {
+        cli_error("%s: Trying to create an image with the same filename as "
+                  "the backing file",
+                  req->filename);
+        return -1;
+    }
+    if (!o->backing_file[0]) {
+        cli_error("%s: Expected backing file name, got empty string",
+                  req->filename);
+        return -1;
+    }
+    if (req->unsafe) {
+        if (o->backing_format)
+            return 0;
+        cli_error("%s: Backing file specified without backing format "
+                  "(add -F FMT)",
+                  req->filename);
+        return -1;
+    }
+    char *path = backing_path(req->filename, o->backing_file);
+    if (!path) {
+        cli_error("out of memory");
+        return -1;
+    }
+    struct cbt_error *err = NULL;
+    struct cbt_image *img = cbt_image_open(path, o->backing_format, 0, &err);
+    free(path);
+    if (!img) {
+        cli_error("%s: Could not open backing image: %s", req->filename,
+                  cbt_error_message(err));
+        cbt_error_free(err);
+        return -1;
+    }
+    int ret = 0;
+    if (!o->backing_format) {
+        cli_error("%s: Backing file specified without backing format "
+                  "(detected format: %s; add -F %s)",
+                  req->filename, cbt_image_format(img), cbt_image_format(img));
+        ret = -1;
+    } else if (!o->size_given) {
+        o->size = cbt_image_size(img);
+        o->size_given = true;
+    }
+    cbt_image_close(img, NULL);
+    return ret;
+}
+
+/* qemu prints string options with commas doubled, as -o would take them. */
+static void print_escaped(const char *s)
+{
+    for (; *s; s++) {
+        if (*s == ',')
+            putchar(',');
+        putchar(*s);
+    }
+}
+
+/* "Formatting 'FILE', fmt=FMT key=value ..." exactly as qemu-img prints it. */
+static void print_formatting(const struct create_req *req)
+{
+    printf("Formatting '%s', fmt=%s ", req->filename, req->format);
+    const char *sep = "";
+    for (const struct opt_desc *d = req->descs; d->name; d++) {
+        bool given = cli_kv_has(&req->kv, d->name);
+        const char *v = cli_kv_get(&req->kv, d->name);
+        if (given && !v)
+            v = "on"; /* a bare boolean key */
+        if (strcmp(d->name, "size") == 0) {
+            printf("%ssize=%" PRIu64, sep, req->opts.size);
+        } else if (strcmp(d->name, "cluster_size") == 0 && given) {
+            printf("%s%s=%" PRIu32, sep, d->name, req->opts.cluster_size);
+        } else if (strcmp(d->name, "refcount_bits") == 0 && given) {
+            printf("%s%s=%d", sep, d->name, req->opts.refcount_bits);
+        } else if (given || d->def) {
+            printf("%s%s=", sep, d->name);
+            print_escaped(given ? v : d->def);
+        } else {
+            continue;
+        }
+        sep = " ";
+    }
+    putchar('\n');
+    fflush(stdout);
+}
+
+static int select_format(struct create_req *req)
+{
+    if (strcmp(req->format, "qcow2") == 0) {
+        req->descs = qcow2_opts;
+    } else if (strcmp(req->format, "raw") == 0) {
+        req->descs = raw_opts;
+    } else {
+        cli_usage_error(req->prog, "unknown image format '%s' (qcow2 or raw)",
+                        req->format);
+        return -1;
+    }
+    req->opts.format = req->format;
+    return 0;
+}
+
+static int create(struct create_req *req)
+{
+    if (wants_opts_help(req))
+        return print_opts_help(req);
+    if (apply_kv(req) != 0)
+        return CLI_EXIT_FAILURE;
+    if (check_backing(req) < 0)
+        return CLI_EXIT_FAILURE;
+    if (!req->opts.size_given) {
+        cli_usage_error(req->prog,
+                        "missing size for '%s' (give SIZE, or a "
+                        "backing file to take it from)",
+                        req->filename);
+        return CLI_EXIT_FAILURE;
+    }
+    if (req->opts.size > INT64_MAX) {
+        cli_error("%s: image size too large", req->filename);
+        return CLI_EXIT_FAILURE;
+    }
+    if (!req->quiet)
+        print_formatting(req);
+    struct cbt_error *err = NULL;
+    if (cbt_image_create(req->filename, &req->opts, &err) < 0)
+        return cli_lib_error(err);
+    return 0;
+}
+
+int cmd_create(int argc, char **argv)
+{
+    struct create_req req = {.prog = argv[0], .format = "raw"};
+    int r = parse_args(argc, argv, &req);
+    int ret;
+    if (r > 0)
+        ret = cli_help(usage);
+    else if (r < 0 || select_format(&req) < 0)
+        ret = CLI_EXIT_FAILURE;
+    else
+        ret = create(&req);
+    cli_kv_free(&req.kv);
+    return ret;
+}

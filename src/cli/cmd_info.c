@@ -1,0 +1,291 @@
+/* cbt info: what qemu-img info shows, as text or with its JSON field names. */
+#include <getopt.h>
+#include <inttypes.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli.h"
+
+static const char usage[] =
+    "Usage: cbt info [-f FMT] [--output=human|json] [--backing-chain] FILE\n"
+    "\n"
+    "Show the format, virtual and allocated size, backing file, snapshots\n"
+    "and format settings of an image.  JSON uses qemu-img info's field\n"
+    "names; with --backing-chain it is a list with one object per layer,\n"
+    "top first.\n"
+    "\n"
+    "Options:\n"
+    "  -f FMT           format of FILE (qcow2 or raw; default: probe)\n"
+    "  --output=FMT     human (default) or json\n"
+    "  --backing-chain  also show every backing file below FILE\n"
+    "  -U, --force-share  accepted for qemu-img compatibility (no effect)\n"
+    "  -h, --help       show this help\n"
+    "\n"
+    "Examples:\n"
+    "  cbt info disk.qcow2\n"
+    "  cbt info --output=json --backing-chain overlay.qcow2\n";
+
+#define NSEC_PER_SEC 1000000000ULL
+
+static json_t *snapshot_json(const struct cbt_snapshot_info *sn)
+{
+    json_t *o = json_object();
+    if (sn->icount != UINT64_MAX)
+        json_object_set_new(o, "icount", cli_json_u64(sn->icount));
+    json_object_set_new(o, "vm-clock-nsec",
+                        cli_json_u64(sn->vm_clock_nsec % NSEC_PER_SEC));
+    json_object_set_new(o, "name", cli_json_string(sn->name));
+    json_object_set_new(o, "date-sec", cli_json_u64(sn->date_sec));
+    json_object_set_new(o, "date-nsec", cli_json_u64(sn->date_nsec));
+    json_object_set_new(o, "vm-clock-sec",
+                        cli_json_u64(sn->vm_clock_nsec / NSEC_PER_SEC));
+    json_object_set_new(o, "id", cli_json_string(sn->id));
+    json_object_set_new(o, "vm-state-size", cli_json_u64(sn->vm_state_size));
+    return o;
+}
+
+/* The "data" of format-specific for qcow2, in qemu's field order. */
+static json_t *qcow2_specific_json(const struct cbt_image_info *info)
+{
+    json_t *d = json_object();
+    bool v3 = info->version >= 3;
+    json_object_set_new(d, "compat", json_string(v3 ? "1.1" : "0.10"));
+    json_object_set_new(
+        d, "compression-type",
+        json_string(info->compression_type ? info->compression_type : "zlib"));
+    if (v3)
+        json_object_set_new(d, "lazy-refcounts",
+                            json_boolean(info->lazy_refcounts));
+    json_object_set_new(d, "refcount-bits", json_integer(info->refcount_bits));
+    if (v3 && info->data_file) {
+        json_object_set_new(d, "data-file", cli_json_string(info->data_file));
+        json_object_set_new(d, "data-file-raw",
+                            json_boolean(info->data_file_raw));
+    }
+    if (v3) {
+        json_object_set_new(d, "corrupt", json_boolean(info->corrupt));
+        json_object_set_new(d, "extended-l2", json_boolean(info->extended_l2));
+    }
+    return d;
+}
+
+/* One image as qemu-img's ImageInfo object (field order as qemu prints). */
+static json_t *info_json(const struct cbt_image_info *info)
+{
+    json_t *o = json_object();
+    if (info->backing_filename && info->backing_format)
+        json_object_set_new(o, "backing-filename-format",
+                            cli_json_string(info->backing_format));
+    if (info->nb_snapshots) {
+        json_t *list = json_array();
+        for (size_t i = 0; i < info->nb_snapshots; i++)
+            json_array_append_new(list, snapshot_json(&info->snapshots[i]));
+        json_object_set_new(o, "snapshots", list);
+    }
+    json_object_set_new(o, "virtual-size", cli_json_u64(info->virtual_size));
+    json_object_set_new(o, "filename", cli_json_string(info->filename));
+    if (info->cluster_size)
+        json_object_set_new(o, "cluster-size",
+                            cli_json_u64(info->cluster_size));
+    json_object_set_new(o, "format", cli_json_string(info->format));
+    json_object_set_new(o, "actual-size", cli_json_u64(info->actual_size));
+    if (info->is_qcow2) {
+        json_t *fs = json_object();
+        json_object_set_new(fs, "type", json_string("qcow2"));
+        json_object_set_new(fs, "data", qcow2_specific_json(info));
+        json_object_set_new(o, "format-specific", fs);
+    }
+    if (info->backing_filename) {
+        if (info->full_backing_filename)
+            json_object_set_new(o, "full-backing-filename",
+                                cli_json_string(info->full_backing_filename));
+        json_object_set_new(o, "backing-filename",
+                            cli_json_string(info->backing_filename));
+    }
+    json_object_set_new(o, "dirty-flag", json_boolean(info->dirty_flag));
+    return o;
+}
+
+static void print_snapshot_row(const struct cbt_snapshot_info *sn)
+{
+    char size[32], date[32] = "", clock[48], icount[32] = "";
+    cli_size_to_str(sn->vm_state_size, size, sizeof(size));
+    time_t t = (time_t)sn->date_sec;
+    struct tm tm;
+    if (localtime_r(&t, &tm))
+        strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+    uint64_t secs = sn->vm_clock_nsec / NSEC_PER_SEC;
+    snprintf(clock, sizeof(clock), "%02" PRIu64 ":%02u:%02u.%03u", secs / 3600,
+             (unsigned)(secs / 60 % 60), (unsigned)(secs % 60),
+             (unsigned)(sn->vm_clock_nsec / 1000000 % 1000));
+    if (sn->icount != UINT64_MAX)
+        snprintf(icount, sizeof(icount), "%" PRIu64, sn->icount);
+    printf("%-9s %-16s %8s%20s%13s%11s\n", sn->id, sn->name, size, date, clock,
+           icount);
+}
+
+/* The "Format specific information" block: qemu prints each key of the
+ * JSON data with '-' turned into ' ', indented by four spaces. */
+static void print_specific(json_t *data)
+{
+    const char *key;
+    json_t *v;
+    printf("Format specific information:\n");
+    json_object_foreach(data, key, v)
+    {
+        printf("    ");
+        for (const char *p = key; *p; p++)
+            putchar(*p == '-' ? ' ' : *p);
+        if (json_is_string(v))
+            printf(": %s\n", json_string_value(v));
+        else if (json_is_integer(v))
+            printf(": %" JSON_INTEGER_FORMAT "\n", json_integer_value(v));
+        else
+            printf(": %s\n", json_is_true(v) ? "true" : "false");
+    }
+}
+
+static void print_backing(const struct cbt_image_info *info)
+{
+    printf("backing file: %s", info->backing_filename);
+    if (!info->full_backing_filename)
+        printf(" (cannot determine actual path)");
+    else if (strcmp(info->backing_filename, info->full_backing_filename))
+        printf(" (actual path: %s)", info->full_backing_filename);
+    putchar('\n');
+    if (info->backing_format)
+        printf("backing file format: %s\n", info->backing_format);
+}
+
+static void print_human(const struct cbt_image_info *info)
+{
+    char vsize[32], dsize[32];
+    cli_size_to_str(info->virtual_size, vsize, sizeof(vsize));
+    cli_size_to_str(info->actual_size, dsize, sizeof(dsize));
+    printf("image: %s\nfile format: %s\n", info->filename, info->format);
+    printf("virtual size: %s (%" PRIu64 " bytes)\n", vsize, info->virtual_size);
+    printf("disk size: %s\n", dsize);
+    if (info->cluster_size)
+        printf("cluster_size: %" PRIu32 "\n", info->cluster_size);
+    if (info->dirty_flag)
+        printf("cleanly shut down: no\n");
+    if (info->backing_filename)
+        print_backing(info);
+    if (info->nb_snapshots) {
+        printf("Snapshot list:\n");
+        printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE",
+               "VM CLOCK", "ICOUNT");
+        for (size_t i = 0; i < info->nb_snapshots; i++)
+            print_snapshot_row(&info->snapshots[i]);
+    }
+    if (info->is_qcow2) {
+        json_t *data = qcow2_specific_json(info);
+        print_specific(data);
+        json_decref(data);
+    }
+}
+
+struct info_args {
+    const char *prog;
+    const char *format;
+    const char *filename;
+    enum cli_output output;
+    bool chain;
+};
+
+/* Returns 1 for --help, 0 to go on, -1 after a usage error. */
+static int parse_args(int argc, char **argv, struct info_args *a)
+{
+    enum { OPT_OUTPUT = 256, OPT_CHAIN };
+    static const struct option longopts[] = {
+        {"help", no_argument, NULL, 'h'},
+        {"format", required_argument, NULL, 'f'},
+        {"output", required_argument, NULL, OPT_OUTPUT},
+        {"backing-chain", no_argument, NULL, OPT_CHAIN},
+        {"force-share", no_argument, NULL, 'U'},
+        {NULL, 0, NULL, 0},
+    };
+    int c;
+    optind = 0;
+    while ((c = getopt_long(argc, argv, "hf:U", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'h':
+            return 1;
+        case 'f':
+            a->format = optarg;
+            break;
+        case 'U':
+            break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(a->prog, optarg, &a->output) < 0)
+                return -1;
+            break;
+        case OPT_CHAIN:
+            a->chain = true;
+            break;
+        default:
+            cli_try_help(a->prog);
+            return -1;
+        }
+    }
+    if (optind >= argc) {
+        cli_usage_error(a->prog, "missing image file name");
+        return -1;
+    }
+    a->filename = argv[optind++];
+    if (optind < argc) {
+        cli_usage_error(a->prog, "unexpected argument '%s'", argv[optind]);
+        return -1;
+    }
+    return 0;
+}
+
+/* Print every layer (or only the top); JSON as one object or a list. */
+static int show(struct cbt_image *top, const struct info_args *a)
+{
+    json_t *list = json_array();
+    struct cbt_error *err = NULL;
+    int ret = 0;
+    for (struct cbt_image *img = top; img; img = cbt_image_backing(img)) {
+        struct cbt_image_info info;
+        if (cbt_image_get_info(img, &info, &err) < 0) {
+            ret = cli_lib_error(err);
+            break;
+        }
+        if (a->output == CLI_OUTPUT_JSON) {
+            json_array_append_new(list, info_json(&info));
+        } else {
+            if (img != top)
+                putchar('\n');
+            print_human(&info);
+        }
+        cbt_image_info_free(&info);
+        if (!a->chain)
+            break;
+    }
+    if (ret == 0 && a->output == CLI_OUTPUT_JSON) {
+        if (a->chain)
+            cli_json_print(json_incref(list));
+        else
+            cli_json_print(json_incref(json_array_get(list, 0)));
+    }
+    json_decref(list);
+    return ret;
+}
+
+int cmd_info(int argc, char **argv)
+{
+    struct info_args a = {.prog = argv[0], .output = CLI_OUTPUT_HUMAN};
+    int r = parse_args(argc, argv, &a);
+    if (r != 0)
+        return r > 0 ? cli_help(usage) : CLI_EXIT_FAILURE;
+
+    struct cbt_error *err = NULL;
+    unsigned flags = a.chain ? 0 : CBT_OPEN_NO_BACKING;
+    struct cbt_image *img = cbt_image_open(a.filename, a.format, flags, &err);
+    if (!img)
+        return cli_lib_error(err);
+    int ret = show(img, &a);
+    cbt_image_close(img, NULL);
+    return ret;
+}

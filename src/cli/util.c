@@ -1,0 +1,121 @@
+/* Helpers every command uses: error reporting, number parsing, formatting. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+void cli_try_help(const char *prog)
+{
+    fprintf(stderr, "Try '%s --help' for more information.\n", prog);
+}
+
+int cli_usage_error(const char *prog, const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "%s: ", prog);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    cli_try_help(prog);
+    return CLI_EXIT_FAILURE;
+}
+
+void cli_error(const char *fmt, ...)
+{
+    va_list ap;
+    fputs("cbt: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+int cli_lib_error(struct cbt_error *err)
+{
+    cli_error("%s", err ? cbt_error_message(err) : "unknown error");
+    cbt_error_free(err);
+    return CLI_EXIT_FAILURE;
+}
+
+int cli_help(const char *text)
+{
+    fputs(text, stdout);
+    return 0;
+}
+
+static int parse_hex(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s + 2, &end, 16);
+    if (end == s + 2 || *end != '\0')
+        return -EINVAL;
+    if (errno == ERANGE)
+        return -ERANGE;
+    *out = v;
+    return 0;
+}
+
+int cli_parse_size(const char *s, uint64_t *out)
+{
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X'))
+        return parse_hex(s, out);
+    return cbt_parse_size(s, out);
+}
+
+int cli_parse_size_arg(const char *prog, const char *what, const char *s,
+                       uint64_t *out)
+{
+    int r = cli_parse_size(s, out);
+    if (r == 0 && *out > INT64_MAX)
+        r = -ERANGE;
+    if (r == -ERANGE) {
+        cli_usage_error(prog, "%s '%s' is too large (at most 8 EiB - 1)", what,
+                        s);
+        return -1;
+    }
+    if (r < 0) {
+        cli_usage_error(prog,
+                        "invalid %s '%s' (a number of bytes, optionally with "
+                        "a k, M, G, T, P or E suffix)",
+                        what, s);
+        return -1;
+    }
+    return 0;
+}
+
+int cli_parse_output(const char *prog, const char *arg, enum cli_output *out)
+{
+    if (strcmp(arg, "human") == 0) {
+        *out = CLI_OUTPUT_HUMAN;
+    } else if (strcmp(arg, "json") == 0) {
+        *out = CLI_OUTPUT_JSON;
+    } else {
+        cli_usage_error(prog, "--output must be 'human' or 'json', not '%s'",
+                        arg);
+        return -1;
+    }
+    return 0;
+}
+
+void cli_size_to_str(uint64_t val, char *buf, size_t len)
+{
+    static const char *const suffixes[] = {"",   "Ki", "Mi", "Gi",
+                                           "Ti", "Pi", "Ei"};
+    /*
+     * As qemu: pick the unit so that the number shown is below 1000,
+     * i.e. the largest i with 1024^i <= val * 1024 / 1000.
+     */
+    double x = (double)val * 1.024;
+    double unit = 1;
+    int i = 0;
+    while (i < 6 && x >= unit * 1024) {
+        unit *= 1024;
+        i++;
+    }
+    snprintf(buf, len, "%0.3g %sB", (double)val / unit, suffixes[i]);
+}
