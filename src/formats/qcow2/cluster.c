@@ -95,7 +95,7 @@ int qcow2_load_l1(struct qcow2_state *s, uint64_t file_len,
     }
     uint64_t bytes = (uint64_t)h->l1_size * 8, end;
     if (h->l1_size && (add_overflow_u64(h->l1_table_offset, bytes, &end) ||
-                       end > file_len)) {
+                       (end > file_len && !s->check_mode))) {
         cbt_error_set(errp, EINVAL,
                       "%s: L1 table (offset 0x%" PRIx64 ", %" PRIu64
                       " bytes) lies past the end of the file", fn,
@@ -109,7 +109,7 @@ int qcow2_load_l1(struct qcow2_state *s, uint64_t file_len,
         return -1;
     }
     if (bytes) {
-        int r = file_pread_exact(s->node->fd, s->l1, bytes, h->l1_table_offset);
+        int r = file_pread_full(s->node->fd, s->l1, bytes, h->l1_table_offset);
         if (r < 0) {
             cbt_error_set(errp, -r, "%s: cannot read L1 table: %s", fn,
                           strerror(-r));
@@ -201,21 +201,10 @@ int qcow2_get_l2(struct qcow2_state *s, uint64_t off, bool alloc, uint8_t **l2,
         }
         memcpy(table, old, s->cluster_size);
         qcow2_cache_put(&s->l2_cache, old);
-        /* The copy references every data cluster of the old table once
-         * more; the old table loses the active L1's reference. */
-        for (uint64_t i = 0; i < s->l2_entries && r == 0; i++) {
-            uint64_t e = qcow2_l2_get(s, table, i);
-            uint64_t ho, len;
-            if (e & QCOW2_OFLAG_COMPRESSED) {
-                qcow2_compressed_span(s, e, &ho, &len);
-            } else {
-                ho = e & QCOW2_L2E_OFFSET_MASK;
-                len = s->cluster_size;
-                if (!ho || qcow2_has_data_file(s))
-                    continue;
-            }
-            r = qcow2_update_refcount(s, ho, len, 1);
-        }
+        /* Data clusters keep their refcounts: qcow2 counts one reference
+         * per L1 -> L2 path, and the snapshot that shared this table has
+         * counted its path already.  Only the old table loses the active
+         * L1's reference. */
         if (r == 0)
             r = qcow2_free_clusters_deferred(s, (uint64_t)l2_off, s->cluster_size);
         if (r < 0) {

@@ -85,8 +85,10 @@ int qcow2_load_reftable(struct qcow2_state *s, uint64_t file_len,
         return -1;
     }
     uint64_t end;
+    /* Check mode reads what there is (zeroes past the end) so that check
+     * can report and rebuild; anything else refuses the image. */
     if (add_overflow_u64(h->refcount_table_offset, bytes, &end) ||
-        end > ALIGN_UP(file_len, s->cluster_size)) {
+        (end > ALIGN_UP(file_len, s->cluster_size) && !s->check_mode)) {
         cbt_error_set(errp, EINVAL,
                       "%s: refcount table (offset 0x%" PRIx64 ", %" PRIu64
                       " bytes) lies past the end of the file", fn,
@@ -288,7 +290,13 @@ int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
             if (rb < 0)
                 return rb;
             if (rb == 0) {
-                uint64_t at = MAX(start, g << s->rb_bits);
+                /* Put the block in this group but outside the run, so the
+                 * run survives; only a run covering the whole group has to
+                 * move (and then the next try fits). */
+                uint64_t g_lo = g << s->rb_bits, g_hi = (g + 1) << s->rb_bits;
+                uint64_t at = g_lo < start ? g_lo
+                              : start + n < g_hi ? start + n
+                                                 : g_lo;
                 int r = create_refblock(s, g, at);
                 if (r < 0)
                     return r;
