@@ -322,13 +322,16 @@ int cbt_image_block_status(struct cbt_image *img, uint64_t off, uint64_t len,
             break;
         }
         struct blk_node *b = node->backing;
-        if (!b) {
+        if (!b || off >= b->size) {
+            /* No backing file, or past the end of a shorter one: zeroes,
+             * reported at this layer.  A host offset the layer still
+             * reserves (qcow2 subclusters) is reported, as QEMU does. */
             ext->flags |= CBT_BS_ZERO;
-            break;
-        }
-        if (off >= b->size) {
-            /* Past the end of a shorter backing file: zeroes, this layer. */
-            ext->flags |= CBT_BS_ZERO;
+            if (st.flags & BLK_STATUS_OFFSET) {
+                ext->flags |= CBT_BS_OFFSET_VALID;
+                ext->offset = st.host_offset;
+                ext->filename = st.host_file ? st.host_file : node->filename;
+            }
             break;
         }
         len = MIN(len, b->size - off);

@@ -21,7 +21,7 @@ void cbt_error_free(struct cbt_error *err)
     }
 }
 
-static char *vformat(const char *fmt, va_list ap)
+static char *PRINTF_FMT(1, 0) vformat(const char *fmt, va_list ap)
 {
     char *s = NULL;
     if (vasprintf(&s, fmt, ap) < 0)

@@ -1035,7 +1035,7 @@ static int rebuild_refcount_structure(struct check *c)
     }
     if (r < 0)
         goto fail;
-    CLEANUP_FREE uint64_t *be = calloc(entries, 8);
+    uint64_t *be = calloc(entries, 8);
     if (!be) {
         r = -ENOMEM;
         goto fail;
@@ -1043,6 +1043,7 @@ static int rebuild_refcount_structure(struct check *c)
     for (uint64_t i = 0; i < entries; i++)
         be[i] = cpu_to_be64(table[i]);
     r = file_pwrite_full(s->node->fd, be, entries * 8, toff);
+    free(be);
     if (r == 0)
         r = file_flush(s->node->fd);
     if (r < 0) {

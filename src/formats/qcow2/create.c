@@ -163,7 +163,10 @@ static int preallocate(struct cbt_image *img, int mode)
         for (uint64_t k = 0; k < n; k++)
             qcow2_l2_set(s, l2, idx + k, ((uint64_t)host + k * cs) |
                          QCOW2_OFLAG_COPIED,
-                         s->ext_l2 ? QCOW2_L2_BITMAP_ALL_ALLOC : 0);
+                         /* As QEMU: subclusters stay unallocated, except
+                          * over a raw data file, whose data is the image. */
+                         s->ext_l2 && s->data_file_raw
+                             ? QCOW2_L2_BITMAP_ALL_ALLOC : 0);
         qcow2_cache_mark_dirty(&s->l2_cache, l2);
         qcow2_cache_put(&s->l2_cache, l2);
         int fd = s->data_fd;

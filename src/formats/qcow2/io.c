@@ -704,6 +704,11 @@ int qcow2_block_status(struct blk_node *node, uint64_t off, uint64_t len,
     case QCOW2_SC_COMPRESSED:
         st->flags = BLK_STATUS_ALLOCATED | BLK_STATUS_DATA | BLK_STATUS_COMPRESSED;
         break;
+    case QCOW2_SC_UNALLOC_ALLOC:
+        /* Not allocated, but the cluster is reserved: QEMU reports it. */
+        st->flags = BLK_STATUS_OFFSET;
+        st->host_offset = map.host_offset;
+        break;
     default:
         break;
     }
