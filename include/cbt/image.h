@@ -38,8 +38,10 @@ int cbt_image_pwrite(struct cbt_image *img, const void *buf, size_t len,
 #define CBT_ZERO_MAY_UNMAP (1u << 0) /* zeroed clusters may be deallocated */
 int cbt_image_pwrite_zeroes(struct cbt_image *img, uint64_t off, uint64_t len,
                             unsigned flags);
-/* Discard: contents of the range become unspecified (qcow2: reads fall
- * through to the backing file, or read zero without one). */
+/* Discard: the host may drop the storage of the range.  As QEMU: qcow2 v3
+ * discards whole clusters only and they then read as zeroes (also over a
+ * backing file); v2 drops them (zeroes) only without a backing file and
+ * ignores the discard otherwise; raw punches a hole (zeroes). */
 int cbt_image_discard(struct cbt_image *img, uint64_t off, uint64_t len);
 /* Durable: returns once everything written before it is on stable storage. */
 int cbt_image_flush(struct cbt_image *img);
