@@ -43,6 +43,11 @@ CLI_COMMANDS(CLI_DECLARE_COMMAND)
  */
 int cli_usage_error(const char *prog, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+/* After option parsing: take the one remaining argument, the image file
+ * name, into *filename; a missing or extra argument is a usage error.
+ * Returns 0 or -1 (message printed). */
+int cli_take_filename(const char *prog, int argc, char **argv,
+                      const char **filename);
 /* The "Try 'PROG --help' for more information." line alone. */
 void cli_try_help(const char *prog);
 /* Print "cbt: MESSAGE" for a library error and free it (NULL is tolerated).

@@ -94,16 +94,7 @@ static int parse_args(int argc, char **argv, struct check_args *a)
             return -1;
         }
     }
-    if (optind >= argc) {
-        cli_usage_error(a->prog, "missing image file name");
-        return -1;
-    }
-    a->filename = argv[optind++];
-    if (optind < argc) {
-        cli_usage_error(a->prog, "unexpected argument '%s'", argv[optind]);
-        return -1;
-    }
-    return 0;
+    return cli_take_filename(a->prog, argc, argv, &a->filename);
 }
 
 /* Messages about single problems go to stderr, as qemu-img's do. */

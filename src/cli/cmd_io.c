@@ -691,16 +691,7 @@ static int parse_args(int argc, char **argv, struct io_args *a)
             return -1;
         }
     }
-    if (optind >= argc) {
-        cli_usage_error(argv[0], "missing image file name");
-        return -1;
-    }
-    a->filename = argv[optind++];
-    if (optind < argc) {
-        cli_usage_error(argv[0], "unexpected argument '%s'", argv[optind]);
-        return -1;
-    }
-    return 0;
+    return cli_take_filename(argv[0], argc, argv, &a->filename);
 }
 
 static int run(struct io_args *a)

@@ -202,16 +202,7 @@ static int parse_args(int argc, char **argv, struct map_args *a)
             return -1;
         }
     }
-    if (optind >= argc) {
-        cli_usage_error(a->prog, "missing image file name");
-        return -1;
-    }
-    a->filename = argv[optind++];
-    if (optind < argc) {
-        cli_usage_error(a->prog, "unexpected argument '%s'", argv[optind]);
-        return -1;
-    }
-    return 0;
+    return cli_take_filename(a->prog, argc, argv, &a->filename);
 }
 
 int cmd_map(int argc, char **argv)

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <getopt.h>
+
 #include "cli.h"
 
 void cli_try_help(const char *prog)
@@ -118,4 +120,19 @@ void cli_size_to_str(uint64_t val, char *buf, size_t len)
         i++;
     }
     snprintf(buf, len, "%0.3g %sB", (double)val / unit, suffixes[i]);
+}
+
+int cli_take_filename(const char *prog, int argc, char **argv,
+                      const char **filename)
+{
+    if (optind >= argc) {
+        cli_usage_error(prog, "missing image file name");
+        return -1;
+    }
+    *filename = argv[optind++];
+    if (optind < argc) {
+        cli_usage_error(prog, "unexpected argument '%s'", argv[optind]);
+        return -1;
+    }
+    return 0;
 }
