@@ -1,0 +1,92 @@
+/* Public API for persistent dirty bitmaps of an open image. */
+#ifndef CBT_BITMAP_H
+#define CBT_BITMAP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cbt/error.h>
+#include <cbt/image.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * Bitmaps belong to one node (one layer of a chain).  They are loaded when
+ * the image is opened; every write, zero-write and discard through the
+ * image sets the bits of its recording bitmaps.  Changes made through this
+ * API live in memory until cbt_bitmap_commit() stores every persistent
+ * bitmap of the image at once (one header update: all or nothing), or until
+ * cbt_image_close(), which commits.  cbt_bitmap_rollback() forgets the
+ * uncommitted changes.  While an image with persistent bitmaps is open
+ * read-write, its recording bitmaps are marked in_use on disk (as QEMU).
+ *
+ * Names: 1..1023 bytes, unique per image.  Granularity: a power of two from
+ * 512 B to 2 GiB; 0 picks the default (cluster size clamped to 4..64 KiB).
+ */
+
+struct cbt_bitmap_info {
+    char *name;
+    uint64_t granularity;   /* bytes per bit */
+    bool recording;         /* on disk: the 'auto' flag */
+    bool persistent;
+    bool in_use;            /* on disk flag as found at open */
+    bool inconsistent;      /* found in_use at open: contents unknown */
+    bool busy;
+    uint64_t count;         /* dirty bytes (whole granules), 0 if inconsistent */
+    uint64_t disk_bytes;    /* bytes its table and data clusters use on disk */
+};
+
+/* All bitmaps of the node, in directory order.  Caller frees with
+ * cbt_bitmap_info_free_list. */
+int cbt_bitmap_list(struct cbt_image *img, struct cbt_bitmap_info **list,
+                    size_t *count, struct cbt_error **errp);
+void cbt_bitmap_info_free_list(struct cbt_bitmap_info *list, size_t count);
+
+/* qemu-img bitmap's operations (QMP semantics and errors). */
+int cbt_bitmap_add(struct cbt_image *img, const char *name,
+                   uint64_t granularity, bool disabled,
+                   struct cbt_error **errp);
+int cbt_bitmap_remove(struct cbt_image *img, const char *name,
+                      struct cbt_error **errp);
+int cbt_bitmap_clear(struct cbt_image *img, const char *name,
+                     struct cbt_error **errp);
+int cbt_bitmap_enable(struct cbt_image *img, const char *name,
+                      struct cbt_error **errp);
+int cbt_bitmap_disable(struct cbt_image *img, const char *name,
+                       struct cbt_error **errp);
+/* OR bitmap src_name of src_img (may be img itself) into target. */
+int cbt_bitmap_merge(struct cbt_image *img, const char *target,
+                     struct cbt_image *src_img, const char *src_name,
+                     struct cbt_error **errp);
+int cbt_bitmap_rename(struct cbt_image *img, const char *name,
+                      const char *new_name, struct cbt_error **errp);
+
+/* Visit the dirty and clean extents covering [0, virtual size) in order;
+ * adjacent extents alternate.  The callback returns 0 to go on, or a
+ * negative errno to stop (returned).  Granule-rounded, as QEMU's NBD
+ * export of qemu:dirty-bitmap:NAME, clamped to the virtual size. */
+typedef int cbt_extent_fn(void *opaque, uint64_t start, uint64_t length,
+                          bool dirty);
+int cbt_bitmap_extents(struct cbt_image *img, const char *name,
+                       cbt_extent_fn *fn, void *opaque,
+                       struct cbt_error **errp);
+
+/* SHA-256 of the bitmap's qcow2 bit layout: the ceil(ceil(size/gran)/8)
+ * bytes of the LSB-first bit stream, unused tail bits zero.  hex: 65
+ * bytes. */
+int cbt_bitmap_sha256(struct cbt_image *img, const char *name, char hex[65],
+                      struct cbt_error **errp);
+
+/* Store all persistent bitmaps now (atomically), or forget the changes
+ * made since the last commit. */
+int cbt_bitmap_commit(struct cbt_image *img, struct cbt_error **errp);
+int cbt_bitmap_rollback(struct cbt_image *img, struct cbt_error **errp);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
