@@ -1,6 +1,6 @@
 /* Public API for persistent dirty bitmaps of an open image. */
-#ifndef CBT_BITMAP_H
-#define CBT_BITMAP_H
+#ifndef CBT_PUBLIC_BITMAP_H
+#define CBT_PUBLIC_BITMAP_H
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -33,6 +33,9 @@ struct cbt_bitmap_info {
     bool recording;         /* on disk: the 'auto' flag */
     bool persistent;
     bool in_use;            /* on disk flag as found at open */
+    bool auto_flag;         /* on disk 'auto' flag as found at open (what
+                             * qemu-img info shows; an inconsistent bitmap
+                             * may have it and still not be recording) */
     bool inconsistent;      /* found in_use at open: contents unknown */
     bool busy;
     uint64_t count;         /* dirty bytes (whole granules), 0 if inconsistent */

@@ -56,6 +56,7 @@ static void node_free(struct blk_node *node)
         return;
     if (node->fd >= 0)
         close(node->fd);
+    blk_bitmaps_free(node);
     pthread_mutex_destroy(&node->lock);
     free(node->filename);
     free(node->backing_name);
@@ -133,6 +134,12 @@ static struct blk_node *open_chain(const char *filename, const char *format,
         node_free(node);
         return NULL;
     }
+    /* The rollback point of the bitmaps the driver loaded. */
+    if (blk_bitmaps_snapshot(node) < 0) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", filename);
+        cbt_image_close(node, NULL);
+        return NULL;
+    }
 
     if (node->backing_name && !(flags & CBT_OPEN_NO_BACKING)) {
         char *path = path_resolve_relative(filename, node->backing_name);
@@ -168,6 +175,14 @@ int cbt_image_close(struct cbt_image *img, struct cbt_error **errp)
     int ret = 0;
     while (img) {
         struct blk_node *backing = img->backing;
+        if (img->drv && img->opaque && !img->read_only &&
+            img->drv->bitmap_store) {
+            /* Closing commits the bitmaps. */
+            pthread_mutex_lock(&img->lock);
+            if (img->drv->bitmap_store(img, errp) < 0)
+                ret = -1;
+            pthread_mutex_unlock(&img->lock);
+        }
         if (img->drv && img->drv->close && img->opaque) {
             if (img->drv->close(img, errp) < 0)
                 ret = -1;
@@ -190,13 +205,6 @@ static int check_range(const struct blk_node *node, uint64_t off, uint64_t len)
     uint64_t end;
     if (add_overflow_u64(off, len, &end) || end > node->size)
         return -EINVAL;
-    return 0;
-}
-
-int blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len)
-{
-    if (node->drv->mark_dirty)
-        return node->drv->mark_dirty(node, off, len);
     return 0;
 }
 
@@ -432,7 +440,16 @@ int cbt_image_resize(struct cbt_image *img, uint64_t new_size, bool shrink,
         return -1;
     }
     pthread_mutex_lock(&img->lock);
-    int r = img->drv->resize(img, new_size, shrink, errp);
+    uint64_t old_size = img->size;
+    int r = blk_bitmaps_resize_check(img, errp);
+    if (r == 0)
+        r = img->drv->resize(img, new_size, shrink, errp);
+    if (r == 0) {
+        blk_bitmaps_resized(img);
+    } else if (img->size == old_size && new_size < old_size) {
+        /* A failed shrink may have dropped data past the new end. */
+        (void)blk_mark_dirty(img, new_size, old_size - new_size);
+    }
     pthread_mutex_unlock(&img->lock);
     return r;
 }

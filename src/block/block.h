@@ -9,6 +9,7 @@
 
 #include <cbt/image.h>
 
+#include "../bitmap/bitmap.h"
 #include "../util/util.h"
 
 /* Inside libcbt a node is the image object: struct blk_node == struct
@@ -28,6 +29,31 @@ struct blk_status {
     unsigned flags;
     uint64_t host_offset; /* in the file named by host_file */
     const char *host_file;
+};
+
+/*
+ * One dirty bitmap of a node.  States (DESIGN.md §5): recording or
+ * disabled; persistent (stored in the image) or transient; busy (held by a
+ * job or an export); inconsistent (found in_use when the image was opened:
+ * its contents are unknown, bm is NULL, and only remove is allowed).
+ */
+struct blk_bitmap {
+    char *name;
+    struct bm_bitmap *bm;   /* the bits; NULL when inconsistent */
+    uint64_t granularity;   /* bytes per bit */
+    bool recording;         /* writes dirty it (qcow2: the 'auto' flag) */
+    bool persistent;
+    bool in_use;            /* the image had in_use set when it was opened */
+    bool disk_auto;         /* ... and 'auto' */
+    bool inconsistent;
+    bool busy;
+    uint64_t disk_bytes;    /* table and data bytes in the image (driver) */
+};
+
+/* The bitmaps of a node, in directory order. */
+struct blk_bitmap_list {
+    struct blk_bitmap *v;
+    size_t n;
 };
 
 /*
@@ -59,10 +85,23 @@ struct blk_driver {
     int (*block_status)(struct blk_node *node, uint64_t off, uint64_t len,
                         struct blk_status *st);
 
-    /* Called by blk_mark_dirty before guest data changes in
-     * [off, off+len): the driver keeps its persistent change tracking
-     * (qcow2 bitmaps) truthful.  Optional. */
+    /*
+     * Persistent bitmaps.  Optional: without them a node holds none.
+     * open loads the image's bitmaps into node->bitmaps (blk_bitmap_append).
+     * mark_dirty: called by blk_mark_dirty before guest data changes in
+     *   [off, off+len); the driver keeps its on-disk bitmaps truthful (qcow2
+     *   marks the recording ones in_use before the first write after a
+     *   store).  An error fails the write.
+     * bitmap_can_store: may a new persistent bitmap `name` be added (the
+     *   driver's limits; the block layer has checked name and granularity)?
+     * bitmap_store: store every persistent bitmap of node->bitmaps in one
+     *   atomic update of the image, not in_use (commit and close); a no-op
+     *   when nothing changed since the last store.  Read-write nodes only.
+     */
     int (*mark_dirty)(struct blk_node *node, uint64_t off, uint64_t len);
+    int (*bitmap_can_store)(struct blk_node *node, const char *name,
+                            uint64_t granularity, struct cbt_error **errp);
+    int (*bitmap_store)(struct blk_node *node, struct cbt_error **errp);
 
     int (*get_info)(struct blk_node *node, struct cbt_image_info *info,
                     struct cbt_error **errp);
@@ -85,9 +124,17 @@ struct cbt_image {
     unsigned flags;         /* CBT_OPEN_* */
     bool read_only;
     uint64_t size;          /* virtual size, set by the driver's open */
+    uint32_t cluster_size;  /* set by the driver's open; 0 if it has none */
     struct blk_node *backing;
     char *backing_name;     /* backing file name as stored (driver sets) */
     char *backing_fmt;      /* backing format as stored, or NULL */
+    /* Dirty bitmaps (guarded by lock): the live list, and a copy of it as
+     * of the last commit (or open) that cbt_bitmap_rollback() restores.
+     * Writes dirty both, so a rollback never loses a write. */
+    struct blk_bitmap_list bitmaps;
+    struct blk_bitmap_list committed;
+    bool bitmaps_changed;   /* API changes since the last commit */
+    bool bitmaps_written;   /* writes dirtied bitmaps since the last commit */
     pthread_mutex_t lock;
 };
 
@@ -101,9 +148,29 @@ const struct blk_driver *blk_probe(int fd);
  * within its size, zeroes past it or without a backing node. */
 int blk_read_backing(struct blk_node *node, void *buf, uint64_t off,
                      size_t len);
+
+/* bitmap.c */
 /* Where the data path dirties recording bitmaps: every write, zero-write
- * and discard passes here first, with node->lock held. */
+ * and discard passes here first, with node->lock held.  Sets every granule
+ * overlapping [off, off+len) in each recording bitmap of the node (and of
+ * its committed copy), then lets the driver update its on-disk state
+ * (driver->mark_dirty).  0, or -errno: the write must not go ahead. */
 int blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len);
+/* Append a bitmap to node->bitmaps, taking ownership of b->name and b->bm
+ * (on success only).  0 or -ENOMEM.  For drivers loading an image. */
+int blk_bitmap_append(struct blk_node *node, const struct blk_bitmap *b);
+struct blk_bitmap *blk_bitmap_find(struct blk_node *node, const char *name);
+/* Make the committed copy equal to the live list (after open, after a
+ * commit).  0 or -ENOMEM (the old copy is kept). */
+int blk_bitmaps_snapshot(struct blk_node *node);
+/* Free both lists. */
+void blk_bitmaps_free(struct blk_node *node);
+/* Before a resize: may the node's bitmaps be resized (none busy or
+ * inconsistent, QEMU's rule)?  0, or -1 with *errp. */
+int blk_bitmaps_resize_check(struct blk_node *node, struct cbt_error **errp);
+/* After a successful resize: bring every bitmap to node->size (growing
+ * adds clean bits, shrinking drops the bits past the end). */
+void blk_bitmaps_resized(struct blk_node *node);
 
 #define BLK_MAX_CHAIN_DEPTH 256
 

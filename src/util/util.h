@@ -84,6 +84,19 @@ static inline void cleanup_close_fn(int *fd) { if (*fd >= 0) close(*fd); }
 void *cbt_zalloc_aligned(size_t size);
 char *cbt_strdup_printf(const char *fmt, ...) PRINTF_FMT(1, 2);
 
+/* ---- SHA-256, FIPS 180-4 (sha256.c) ---- */
+struct sha256_ctx {
+    uint32_t h[8];
+    uint64_t len;     /* bytes hashed so far */
+    uint8_t buf[64];  /* a partial block */
+    size_t used;
+};
+void sha256_init(struct sha256_ctx *c);
+void sha256_update(struct sha256_ctx *c, const void *data, size_t len);
+void sha256_final(struct sha256_ctx *c, uint8_t digest[32]);
+/* Lower-case hex of a digest, NUL-terminated. */
+void sha256_hex(const uint8_t digest[32], char hex[65]);
+
 /* ---- host files (file.c) ---- */
 /* Full-length positional I/O; 0 or -errno.  A short read past EOF fills zero. */
 int file_pread_full(int fd, void *buf, size_t len, uint64_t off);

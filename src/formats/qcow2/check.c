@@ -44,22 +44,22 @@
  * the file (as QEMU does), but not by more than this or the file's size. */
 #define CHECK_MAX_GROWTH (1ull << 30)
 
-/* Bitmaps extension limits (FORMATS.md §2.1-2.4). */
-#define BM_EXT_SIZE 24
-#define BM_MAX_BITMAPS 65535
-#define BM_MAX_DIR_SIZE (1024ull * 65535)
-#define BM_DIR_ENTRY_FIXED 24
-#define BM_MAX_TABLE_SIZE 0x8000000ull
-#define BM_MAX_PHYS_SIZE 0x20000000ull
-#define BM_MIN_GRANULARITY_BITS 9
-#define BM_MAX_GRANULARITY_BITS 31
-#define BM_MAX_NAME_SIZE 1023
-#define BM_RESERVED_FLAGS 0xFFFFFFFCu
-#define BM_FLAG_IN_USE 1u
-#define BM_TYPE_DIRTY_TRACKING 1
-#define BM_TABLE_RESERVED_MASK 0xFF000000000001FEull
-#define BM_TABLE_OFFSET_MASK 0x00FFFFFFFFFFFE00ull
-#define BM_TABLE_ALL_ONES 1ull
+/* Bitmaps extension limits (FORMATS.md §2.1-2.4), shared with bitmap.c. */
+#define BM_EXT_SIZE QCOW2_BITMAPS_EXT_SIZE
+#define BM_MAX_BITMAPS QCOW2_MAX_BITMAPS
+#define BM_MAX_DIR_SIZE QCOW2_MAX_BITMAP_DIR_SIZE
+#define BM_DIR_ENTRY_FIXED QCOW2_BME_FIXED_SIZE
+#define BM_MAX_TABLE_SIZE QCOW2_BME_MAX_TABLE_SIZE
+#define BM_MAX_PHYS_SIZE QCOW2_BME_MAX_PHYS_SIZE
+#define BM_MIN_GRANULARITY_BITS QCOW2_BME_MIN_GRANULARITY_BITS
+#define BM_MAX_GRANULARITY_BITS QCOW2_BME_MAX_GRANULARITY_BITS
+#define BM_MAX_NAME_SIZE QCOW2_BME_MAX_NAME_SIZE
+#define BM_RESERVED_FLAGS QCOW2_BME_RESERVED_FLAGS
+#define BM_FLAG_IN_USE QCOW2_BME_FLAG_IN_USE
+#define BM_TYPE_DIRTY_TRACKING QCOW2_BME_TYPE_DIRTY_TRACKING
+#define BM_TABLE_RESERVED_MASK QCOW2_BME_TABLE_RESERVED_MASK
+#define BM_TABLE_OFFSET_MASK QCOW2_BME_TABLE_OFFSET_MASK
+#define BM_TABLE_ALL_ONES QCOW2_BME_TABLE_ALL_ONES
 
 #define REFT_RESERVED_MASK 0x1FFull
 
@@ -217,14 +217,12 @@ static int read_meta(struct check *c, void *buf, size_t len, uint64_t off)
 }
 
 /* The bitmaps extension, when it is in force (autoclear bit 0 set). */
-static const struct qcow2_ext *bitmaps_ext(const struct qcow2_state *s)
+static const struct qcow2_bitmaps_ext *bitmaps_ext(const struct qcow2_state *s)
 {
-    if (!(s->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
+    if (!(s->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS) ||
+        !s->bm_ext.present)
         return NULL;
-    for (size_t i = 0; i < s->nb_exts; i++)
-        if (s->exts[i].type == QCOW2_EXT_BITMAPS)
-            return &s->exts[i];
-    return NULL;
+    return &s->bm_ext;
 }
 
 static bool ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
@@ -267,10 +265,10 @@ static bool overlaps_metadata(struct check *c, uint64_t off, uint64_t len,
         if (rb && ranges_overlap(off, len, rb, s->cluster_size))
             return true;
     }
-    const struct qcow2_ext *bm = bitmaps_ext(s);
+    const struct qcow2_bitmaps_ext *bm = bitmaps_ext(s);
     if (bm && bm->len == BM_EXT_SIZE &&
-        ranges_overlap(off, len, ldbe64(bm->data + 16),
-                       MIN(ldbe64(bm->data + 8), BM_MAX_DIR_SIZE)))
+        ranges_overlap(off, len, bm->dir_offset,
+                       MIN(bm->dir_size, BM_MAX_DIR_SIZE)))
         return true;
     return false;
 }
@@ -603,7 +601,7 @@ fail:
 static int check_bitmaps(struct check *c, bool count)
 {
     struct qcow2_state *s = c->s;
-    const struct qcow2_ext *ext = bitmaps_ext(s);
+    const struct qcow2_bitmaps_ext *ext = bitmaps_ext(s);
     if (!ext)
         return 0;
     if (ext->len != BM_EXT_SIZE) {
@@ -615,10 +613,10 @@ static int check_bitmaps(struct check *c, bool count)
         c->bitmaps_broken = true;
         return 0;
     }
-    uint32_t nb = ldbe32(ext->data);
-    uint32_t reserved = ldbe32(ext->data + 4);
-    uint64_t dir_size = ldbe64(ext->data + 8);
-    uint64_t dir_off = ldbe64(ext->data + 16);
+    uint32_t nb = ext->nb_bitmaps;
+    uint32_t reserved = ext->reserved;
+    uint64_t dir_size = ext->dir_size;
+    uint64_t dir_off = ext->dir_offset;
     if (nb == 0 || nb > BM_MAX_BITMAPS || reserved != 0 ||
         dir_size > BM_MAX_DIR_SIZE || !IS_ALIGNED(dir_off, s->cluster_size)) {
         if (count) {

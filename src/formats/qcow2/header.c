@@ -1,9 +1,10 @@
 /*
  * qcow2 header and header extensions: parse with every field checked
  * against a named limit, and serialize the first cluster the way QEMU
- * lays it out (header, backing format, data file, feature table, preserved
- * extensions, end marker, backing file name), keeping unknown header fields
- * and unknown extensions verbatim.
+ * lays it out (header, backing format, data file, feature table, bitmaps,
+ * preserved extensions, end marker, backing file name), keeping unknown
+ * header fields and unknown extensions verbatim.  The bitmaps extension is
+ * decoded into s->bm_ext here and checked when the bitmaps load (bitmap.c).
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -192,13 +193,24 @@ static int read_extensions(struct qcow2_state *s, const uint8_t *buf,
                 return -1;
             }
             break;
+        case QCOW2_EXT_BITMAPS:
+            s->bm_ext = (struct qcow2_bitmaps_ext){ .present = true, .len = len };
+            if (len == QCOW2_BITMAPS_EXT_SIZE) {
+                s->bm_ext.nb_bitmaps = ldbe32(data);
+                s->bm_ext.reserved = ldbe32(data + 4);
+                s->bm_ext.dir_size = ldbe64(data + 8);
+                s->bm_ext.dir_offset = ldbe64(data + 16);
+            } else if (add_ext(s, type, data, len) < 0) {
+                /* Kept verbatim so that check can report it. */
+                goto nomem;
+            }
+            break;
         case QCOW2_EXT_CRYPTO:
             cbt_error_set(errp, ENOTSUP, "%s: encrypted images are not supported",
                           fn);
             return -1;
         default:
-            /* Unknown extensions, and bitmaps (until bitmaps land), are
-             * kept verbatim. */
+            /* Unknown extensions are kept verbatim. */
             if (add_ext(s, type, data, len) < 0)
                 goto nomem;
             break;
@@ -448,6 +460,14 @@ int qcow2_build_header(const struct qcow2_state *s, uint8_t *buf)
         }
         if ((r = put_ext(buf, &pos, limit, QCOW2_EXT_FEATURE_TABLE, table,
                          sizeof(table))) < 0)
+            return r;
+    }
+    if (s->bm_ext.present && s->bm_ext.len == QCOW2_BITMAPS_EXT_SIZE &&
+        s->bm_ext.nb_bitmaps > 0) {
+        uint8_t ext[QCOW2_BITMAPS_EXT_SIZE];
+        qcow2_bitmaps_ext_encode(&s->bm_ext, ext);
+        if ((r = put_ext(buf, &pos, limit, QCOW2_EXT_BITMAPS, ext,
+                         sizeof(ext))) < 0)
             return r;
     }
     for (size_t i = 0; i < s->nb_exts; i++) {

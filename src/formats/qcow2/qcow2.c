@@ -24,6 +24,7 @@ static void free_state(struct qcow2_state *s)
     qcow2_cache_destroy(&s->l2_cache);
     qcow2_cache_destroy(&s->rb_cache);
     qcow2_free_snapshots(s);
+    qcow2_bitmaps_free(s);
     qcow2_free_header(s);
     if (s->data_fd >= 0 && s->data_fd != s->node->fd)
         close(s->data_fd);
@@ -103,6 +104,7 @@ static int qcow2_open(struct blk_node *node, int fd, unsigned flags,
     s->csize_mask = (1ull << (s->cluster_bits - 8)) - 1;
     s->cmp_offset_mask = (1ull << s->csize_shift) - 1;
     node->size = h->size;
+    node->cluster_size = (uint32_t)s->cluster_size;
 
     if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && rw &&
         !s->check_mode) {
@@ -139,6 +141,8 @@ static int qcow2_open(struct blk_node *node, int fd, unsigned flags,
     if (s->data_file && open_data_file(s, rw, errp) < 0)
         goto fail;
     detect_metadata_prealloc(s);
+    if (qcow2_bitmaps_load(s, rw, errp) < 0)
+        goto fail;
 
     if (rw) {
         uint64_t unknown = h->autoclear_features & ~QCOW2_AUTOCLEAR_MASK;
@@ -291,13 +295,17 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
     const char *fn = node->filename;
     uint64_t old_size = node->size;
     new_size = ALIGN_UP(new_size, 512);
-    for (size_t i = 0; i < s->nb_exts; i++) {
-        if (s->exts[i].type == QCOW2_EXT_BITMAPS &&
-            (s->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
-            cbt_error_set(errp, ENOTSUP,
-                          "%s: cannot resize an image with persistent bitmaps "
-                          "yet", fn);
-            return -1;
+    if (new_size == 0) {
+        /* A qcow2 bitmap needs at least one bit (QEMU could not store
+         * it either). */
+        for (size_t i = 0; i < node->bitmaps.n; i++) {
+            if (node->bitmaps.v[i].persistent) {
+                cbt_error_set(errp, EINVAL,
+                              "%s: cannot shrink to 0 bytes: persistent "
+                              "bitmap '%s' could not be stored", fn,
+                              node->bitmaps.v[i].name);
+                return -1;
+            }
         }
     }
     if (new_size < old_size) {
@@ -313,6 +321,10 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
             return -1;
         }
     }
+    /* The bitmaps change size with the image: until they are stored
+     * again, the entries on disk must not claim to be valid. */
+    if (new_size != old_size && qcow2_bitmaps_mark_all_in_use(s, errp) < 0)
+        return -1;
     uint64_t need = qcow2_l1_entries_for(new_size, s->cluster_bits, s->l2_bits);
     int r = 0;
     if (need > s->l1_size)
@@ -365,24 +377,6 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
     return 0;
 }
 
-/*
- * Guest data is about to change.  Persistent bitmaps in the image must not
- * silently go stale: until cbt tracks them itself, it does what the qcow2
- * spec asks of a writer that does not update them and clears autoclear bit
- * 0, so every reader treats the bitmaps extension as inconsistent (QEMU
- * then ignores it and `check -r leaks` reclaims its clusters).
- */
-static int qcow2_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len)
-{
-    struct qcow2_state *s = qcow2_state(node);
-    if (!(s->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
-        return 0;
-    cbt_warn("%s: persistent bitmaps are not updated by this version of cbt; "
-             "marking them inconsistent before the first write", node->filename);
-    s->h.autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS;
-    return qcow2_write_header(s);
-}
-
 const struct blk_driver blk_qcow2_driver = {
     .name = "qcow2",
     .probe = qcow2_probe,
@@ -395,7 +389,9 @@ const struct blk_driver blk_qcow2_driver = {
     .discard = qcow2_discard,
     .flush = qcow2_flush,
     .block_status = qcow2_block_status,
-    .mark_dirty = qcow2_mark_dirty,
+    .mark_dirty = qcow2_bitmaps_mark_dirty,
+    .bitmap_can_store = qcow2_bitmap_can_store,
+    .bitmap_store = qcow2_bitmaps_store,
     .get_info = qcow2_get_info,
     .check = qcow2_check,
     .resize = qcow2_resize,

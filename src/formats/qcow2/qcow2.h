@@ -78,6 +78,25 @@
 #define QCOW2_L2_BITMAP_ALL_ZEROES 0xFFFFFFFF00000000ull
 #define QCOW2_SUBCLUSTERS 32
 
+/* Persistent bitmaps (FORMATS.md §2): the extension, directory entries
+ * and table entries, with QEMU's limits. */
+#define QCOW2_BITMAPS_EXT_SIZE 24
+#define QCOW2_MAX_BITMAPS 65535
+#define QCOW2_MAX_BITMAP_DIR_SIZE (1024ull * 65535)
+#define QCOW2_BME_FIXED_SIZE 24           /* directory entry before the name */
+#define QCOW2_BME_MAX_TABLE_SIZE 0x8000000ull
+#define QCOW2_BME_MAX_PHYS_SIZE 0x20000000ull
+#define QCOW2_BME_MIN_GRANULARITY_BITS 9
+#define QCOW2_BME_MAX_GRANULARITY_BITS 31
+#define QCOW2_BME_MAX_NAME_SIZE 1023
+#define QCOW2_BME_FLAG_IN_USE (1u << 0)
+#define QCOW2_BME_FLAG_AUTO (1u << 1)
+#define QCOW2_BME_RESERVED_FLAGS 0xFFFFFFFCu
+#define QCOW2_BME_TYPE_DIRTY_TRACKING 1
+#define QCOW2_BME_TABLE_RESERVED_MASK 0xFF000000000001FEull
+#define QCOW2_BME_TABLE_OFFSET_MASK 0x00FFFFFFFFFFFE00ull
+#define QCOW2_BME_TABLE_ALL_ONES 1ull
+
 /* Compression types */
 #define QCOW2_COMPRESSION_ZLIB 0
 #define QCOW2_COMPRESSION_ZSTD 1
@@ -110,6 +129,25 @@ struct qcow2_ext {
     uint32_t type;
     uint32_t len;
     uint8_t *data;
+};
+
+/* The bitmaps header extension, as found at open or last written. */
+struct qcow2_bitmaps_ext {
+    bool present;
+    uint32_t len;         /* as found: 24 unless the image is broken */
+    uint32_t nb_bitmaps;
+    uint32_t reserved;
+    uint64_t dir_size;
+    uint64_t dir_offset;
+};
+
+/* One entry of the bitmap directory on disk (what the header points at). */
+struct qcow2_bitmap_dirent {
+    char *name;
+    uint64_t table_offset;
+    uint32_t table_size;  /* entries */
+    uint32_t flags;
+    uint8_t granularity_bits;
 };
 
 /* How one subcluster (or, without extended L2, one cluster) reads. */
@@ -159,8 +197,13 @@ struct qcow2_state {
     struct qcow2_header h;
     uint8_t *extra_header;   /* header bytes in [112, header_length) */
     size_t extra_header_len;
-    struct qcow2_ext *exts;  /* preserved extensions (unknown + bitmaps) */
+    struct qcow2_ext *exts;  /* preserved unknown extensions */
     size_t nb_exts;
+    struct qcow2_bitmaps_ext bm_ext;
+    struct qcow2_bitmap_dirent *bm_dir; /* the directory bm_ext points at */
+    uint32_t bm_dir_n;
+    bool bm_loaded;          /* node->bitmaps came from the directory */
+    bool bm_marked;          /* in_use set on disk since the last store */
 
     uint32_t cluster_bits;
     uint64_t cluster_size;
@@ -356,6 +399,24 @@ int qcow2_create(const char *filename, const struct cbt_create_opts *opts,
 int qcow2_check(struct blk_node *node, unsigned fix,
                 struct cbt_check_result *res, cbt_report_fn *report,
                 void *opaque, struct cbt_error **errp);
+
+/* bitmap.c */
+/* Parse the bitmaps extension's directory and load every bitmap into the
+ * node (open); an extension without autoclear bit 0 is dropped with a
+ * warning.  Images opened for check load nothing.  0 or -1 with *errp. */
+int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp);
+/* Before a resize: every bitmap in_use on disk (their sizes will not
+ * match the image until the next store). */
+int qcow2_bitmaps_mark_all_in_use(struct qcow2_state *s,
+                                  struct cbt_error **errp);
+/* The driver's mark_dirty, bitmap_can_store and bitmap_store callbacks. */
+int qcow2_bitmaps_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len);
+int qcow2_bitmap_can_store(struct blk_node *node, const char *name,
+                           uint64_t granularity, struct cbt_error **errp);
+int qcow2_bitmaps_store(struct blk_node *node, struct cbt_error **errp);
+void qcow2_bitmaps_free(struct qcow2_state *s);
+/* Encode the extension's 24 bytes. */
+void qcow2_bitmaps_ext_encode(const struct qcow2_bitmaps_ext *e, uint8_t *buf);
 
 /* qcow2.c */
 int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,

@@ -1,0 +1,759 @@
+/*
+ * Dirty bitmaps of a node: the in-memory model, the write path that dirties
+ * them, and the public API of include/cbt/bitmap.h with QEMU's semantics and
+ * messages (FORMATS.md §3.1, §3.3).
+ *
+ * Model
+ * -----
+ * A node (an open image) owns a list of struct blk_bitmap, in the order of
+ * the image's bitmap directory, guarded by node->lock like the rest of the
+ * node's metadata.  The format driver fills the list when it opens the image
+ * (qcow2: src/formats/qcow2/bitmap.c); after that only this file changes it.
+ * A bitmap is in one of these states (DESIGN.md §5):
+ *
+ *   recording     writes dirty it ('auto' on disk);
+ *   disabled      writes do not;
+ *   inconsistent  found in_use at open: bm is NULL, it never records, and
+ *                 only remove is allowed;
+ *   busy          held by a job or an export (not set by anything yet):
+ *                 neither removed nor modified nor used by others.
+ *
+ * A persistent bitmap on a read-only node is "readonly" (QEMU's term): it
+ * cannot be removed, cleared, merged into or renamed.
+ *
+ * Commit and rollback
+ * -------------------
+ * API changes live in memory.  cbt_bitmap_commit() hands the whole list to
+ * the driver, which stores every persistent bitmap in one atomic update (for
+ * qcow2, one header write); close commits too.  Before the first write
+ * after a store the driver's mark_dirty hook marks the recording bitmaps
+ * in_use on disk, so that a crash leaves them inconsistent, never stale.  The node keeps a deep copy
+ * of the list as of the last commit (or open), `committed`;
+ * cbt_bitmap_rollback() makes the live list a copy of it again.  The data
+ * path dirties the recording bitmaps of both lists, so rolling back an
+ * operation never forgets a guest write: a bitmap that was recording at the
+ * last commit comes back with every write made since.
+ *
+ * Locking: every function here takes node->lock, except those named as
+ * called with it held (blk_mark_dirty, the driver helpers).  The extents
+ * callback runs without any lock on a private copy of the bitmap, so it may
+ * call back into the library.  A merge between two nodes copies the source
+ * under the source's lock, then merges under the target's: no two node
+ * locks are ever held together here.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+
+#include <cbt/bitmap.h>
+
+#include "block.h"
+
+#define BITMAP_MAX_NAME 1023           /* bytes, as QEMU */
+#define DEFAULT_GRANULARITY (64u * 1024)
+#define DEFAULT_GRANULARITY_MIN (4u * 1024)
+
+/* Checks before an operation (QEMU's bdrv_dirty_bitmap_check flags). */
+#define CHECK_BUSY (1u << 0)
+#define CHECK_RO (1u << 1)
+#define CHECK_INCONSISTENT (1u << 2)
+#define CHECK_DEFAULT (CHECK_BUSY | CHECK_RO | CHECK_INCONSISTENT)
+#define CHECK_ALLOW_RO (CHECK_BUSY | CHECK_INCONSISTENT)
+
+/* ---- lists ---- */
+
+static void entry_clear(struct blk_bitmap *b)
+{
+    free(b->name);
+    bm_free(b->bm);
+    memset(b, 0, sizeof(*b));
+}
+
+static void list_clear(struct blk_bitmap_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        entry_clear(&l->v[i]);
+    free(l->v);
+    l->v = NULL;
+    l->n = 0;
+}
+
+/* Deep copy of src into *dst (which is overwritten, not freed). */
+static int list_copy(struct blk_bitmap_list *dst,
+                     const struct blk_bitmap_list *src)
+{
+    struct blk_bitmap_list l = { NULL, 0 };
+    if (src->n) {
+        l.v = calloc(src->n, sizeof(*l.v));
+        if (!l.v)
+            return -ENOMEM;
+    }
+    for (; l.n < src->n; l.n++) {
+        const struct blk_bitmap *s = &src->v[l.n];
+        struct blk_bitmap *d = &l.v[l.n];
+        *d = *s;
+        d->name = strdup(s->name);
+        d->bm = s->bm ? bm_copy(s->bm) : NULL;
+        if (!d->name || (s->bm && !d->bm)) {
+            l.n++;
+            list_clear(&l);
+            return -ENOMEM;
+        }
+    }
+    *dst = l;
+    return 0;
+}
+
+static int list_append(struct blk_bitmap_list *l, const struct blk_bitmap *b)
+{
+    struct blk_bitmap *v = realloc(l->v, (l->n + 1) * sizeof(*v));
+    if (!v)
+        return -ENOMEM;
+    l->v = v;
+    l->v[l->n++] = *b;
+    return 0;
+}
+
+static void list_remove(struct blk_bitmap_list *l, size_t i)
+{
+    entry_clear(&l->v[i]);
+    memmove(&l->v[i], &l->v[i + 1], (l->n - i - 1) * sizeof(l->v[0]));
+    l->n--;
+}
+
+static struct blk_bitmap *list_find(const struct blk_bitmap_list *l,
+                                    const char *name)
+{
+    for (size_t i = 0; i < l->n; i++)
+        if (strcmp(l->v[i].name, name) == 0)
+            return &l->v[i];
+    return NULL;
+}
+
+static bool list_mark_dirty(const struct blk_bitmap_list *l, uint64_t off,
+                            uint64_t len)
+{
+    bool any = false;
+    for (size_t i = 0; i < l->n; i++) {
+        if (l->v[i].recording && l->v[i].bm) {
+            bm_set(l->v[i].bm, off, len);
+            any = true;
+        }
+    }
+    return any;
+}
+
+/* ---- for the data path and the drivers (node->lock held) ---- */
+
+int blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len)
+{
+    bool live = list_mark_dirty(&node->bitmaps, off, len);
+    bool committed = list_mark_dirty(&node->committed, off, len);
+    if (live || committed)
+        node->bitmaps_written = true;
+    if (node->drv->mark_dirty)
+        return node->drv->mark_dirty(node, off, len);
+    return 0;
+}
+
+int blk_bitmap_append(struct blk_node *node, const struct blk_bitmap *b)
+{
+    return list_append(&node->bitmaps, b);
+}
+
+struct blk_bitmap *blk_bitmap_find(struct blk_node *node, const char *name)
+{
+    return list_find(&node->bitmaps, name);
+}
+
+int blk_bitmaps_snapshot(struct blk_node *node)
+{
+    struct blk_bitmap_list copy;
+    int r = list_copy(&copy, &node->bitmaps);
+    if (r < 0)
+        return r;
+    list_clear(&node->committed);
+    node->committed = copy;
+    node->bitmaps_changed = false;
+    node->bitmaps_written = false;
+    return 0;
+}
+
+void blk_bitmaps_free(struct blk_node *node)
+{
+    list_clear(&node->bitmaps);
+    list_clear(&node->committed);
+}
+
+/* ---- errors ---- */
+
+static void PRINTF_FMT(4, 5) set_error(struct cbt_error **errp,
+                                       const struct cbt_image *img, int errnum,
+                                       const char *fmt, ...)
+{
+    char *msg = NULL;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vasprintf(&msg, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        msg = NULL;
+    cbt_error_set(errp, errnum, "%s: %s", img->filename,
+                  msg ? msg : "out of memory formatting an error");
+    free(msg);
+}
+
+static const char inconsistent_hint[] =
+    "; try removing it (cbt bitmap --remove) to delete this bitmap from disk";
+
+/* QEMU's bdrv_dirty_bitmap_check. */
+static int check_bitmap(struct cbt_image *img, const struct blk_bitmap *b,
+                        unsigned flags, struct cbt_error **errp)
+{
+    if ((flags & CHECK_BUSY) && b->busy) {
+        set_error(errp, img, EBUSY, "Bitmap '%s' is currently in use by "
+                  "another operation and cannot be used", b->name);
+        return -1;
+    }
+    if ((flags & CHECK_RO) && b->persistent && img->read_only) {
+        set_error(errp, img, EROFS,
+                  "Bitmap '%s' is readonly and cannot be modified", b->name);
+        return -1;
+    }
+    if ((flags & CHECK_INCONSISTENT) && b->inconsistent) {
+        set_error(errp, img, EINVAL,
+                  "Bitmap '%s' is inconsistent and cannot be used%s", b->name,
+                  inconsistent_hint);
+        return -1;
+    }
+    return 0;
+}
+
+static bool valid_image(struct cbt_image *img, struct cbt_error **errp)
+{
+    if (!img) {
+        cbt_error_set(errp, EINVAL, "no image given");
+        return false;
+    }
+    return true;
+}
+
+/* A name argument: present and not empty. */
+static bool valid_name(struct cbt_image *img, const char *name,
+                       struct cbt_error **errp)
+{
+    if (!name || !*name) {
+        set_error(errp, img, EINVAL, "Bitmap name cannot be empty");
+        return false;
+    }
+    return true;
+}
+
+/* Find a bitmap by name (lock held). */
+static struct blk_bitmap *lookup(struct cbt_image *img, const char *name,
+                                 struct cbt_error **errp)
+{
+    struct blk_bitmap *b = list_find(&img->bitmaps, name);
+    if (!b)
+        set_error(errp, img, ENOENT, "Dirty bitmap '%s' not found", name);
+    return b;
+}
+
+static size_t index_of(const struct cbt_image *img, const struct blk_bitmap *b)
+{
+    return (size_t)(b - img->bitmaps.v);
+}
+
+/* ---- resize (node->lock held) ---- */
+
+int blk_bitmaps_resize_check(struct blk_node *node, struct cbt_error **errp)
+{
+    for (size_t i = 0; i < node->bitmaps.n; i++)
+        if (check_bitmap(node, &node->bitmaps.v[i], CHECK_DEFAULT, errp) < 0)
+            return -1;
+    return 0;
+}
+
+static void resize_list(struct blk_bitmap_list *l, uint64_t size)
+{
+    for (size_t i = 0; i < l->n; i++) {
+        struct blk_bitmap *b = &l->v[i];
+        if (!b->bm || bm_size(b->bm) == size)
+            continue;
+        if (bm_resize(b->bm, size) == 0)
+            continue;
+        /* Out of memory: a wholly dirty bitmap of the new size needs no
+         * pages, and errs on the safe side.  Failing that, the bitmap can
+         * no longer be trusted. */
+        struct bm_bitmap *n = bm_new(size, b->granularity);
+        bm_free(b->bm);
+        b->bm = n;
+        if (n) {
+            bm_set(n, 0, size);
+        } else {
+            b->inconsistent = true;
+            b->recording = false;
+        }
+    }
+}
+
+void blk_bitmaps_resized(struct blk_node *node)
+{
+    resize_list(&node->bitmaps, node->size);
+    resize_list(&node->committed, node->size);
+}
+
+/* ---- the public API ---- */
+
+int cbt_bitmap_list(struct cbt_image *img, struct cbt_bitmap_info **list,
+                    size_t *count, struct cbt_error **errp)
+{
+    if (!valid_image(img, errp))
+        return -1;
+    if (!list || !count) {
+        set_error(errp, img, EINVAL, "no place given for the bitmap list");
+        return -1;
+    }
+    *list = NULL;
+    *count = 0;
+    pthread_mutex_lock(&img->lock);
+    size_t n = img->bitmaps.n;
+    struct cbt_bitmap_info *v = calloc(n ? n : 1, sizeof(*v));
+    size_t i = 0;
+    for (; v && i < n; i++) {
+        const struct blk_bitmap *b = &img->bitmaps.v[i];
+        v[i] = (struct cbt_bitmap_info){
+            .name = strdup(b->name),
+            .granularity = b->granularity,
+            .recording = b->recording,
+            .persistent = b->persistent,
+            .in_use = b->in_use,
+            .auto_flag = b->disk_auto,
+            .inconsistent = b->inconsistent,
+            .busy = b->busy,
+            .count = b->bm ? bm_count(b->bm) : 0,
+            .disk_bytes = b->disk_bytes,
+        };
+        if (!v[i].name)
+            break;
+    }
+    pthread_mutex_unlock(&img->lock);
+    if (!v || i < n) {
+        cbt_bitmap_info_free_list(v, n);
+        set_error(errp, img, ENOMEM, "out of memory listing bitmaps");
+        return -1;
+    }
+    *list = v;
+    *count = n;
+    return 0;
+}
+
+void cbt_bitmap_info_free_list(struct cbt_bitmap_info *list, size_t count)
+{
+    for (size_t i = 0; list && i < count; i++)
+        free(list[i].name);
+    free(list);
+}
+
+/* QEMU's bdrv_get_default_bitmap_granularity. */
+static uint64_t default_granularity(const struct cbt_image *img)
+{
+    if (!img->cluster_size)
+        return DEFAULT_GRANULARITY;
+    return MIN(MAX(img->cluster_size, DEFAULT_GRANULARITY_MIN),
+               DEFAULT_GRANULARITY);
+}
+
+int cbt_bitmap_add(struct cbt_image *img, const char *name,
+                   uint64_t granularity, bool disabled,
+                   struct cbt_error **errp)
+{
+    if (!valid_image(img, errp) || !valid_name(img, name, errp))
+        return -1;
+    if (granularity == 0) {
+        granularity = default_granularity(img);
+    } else if (granularity < BM_MIN_GRANULARITY || !IS_POW2(granularity)) {
+        set_error(errp, img, EINVAL,
+                  "Granularity must be power of 2 and at least 512");
+        return -1;
+    }
+    int ret = -1;
+    pthread_mutex_lock(&img->lock);
+    /* As QEMU 7.2: a duplicate first, then the driver's can-store check
+     * (whose refusals name the bitmap and the image). */
+    if (list_find(&img->bitmaps, name)) {
+        set_error(errp, img, EEXIST, "Bitmap already exists: %s", name);
+        goto out;
+    }
+    if (!img->drv->bitmap_can_store || !img->drv->bitmap_store) {
+        cbt_error_set(errp, ENOTSUP, "Can't store persistent bitmaps to '%s': "
+                      "Operation not supported (%s images cannot hold "
+                      "persistent bitmaps; use qcow2)", img->filename,
+                      img->drv->name);
+        goto out;
+    }
+    if (img->read_only) {
+        cbt_error_set(errp, EROFS, "Can't make bitmap '%s' persistent in '%s': "
+                      "the image is opened read-only", name, img->filename);
+        goto out;
+    }
+    if (img->drv->bitmap_can_store(img, name, granularity, errp) < 0)
+        goto out;
+    if (strlen(name) > BITMAP_MAX_NAME) {
+        set_error(errp, img, EINVAL, "Bitmap name too long: %s", name);
+        goto out;
+    }
+    struct blk_bitmap b = {
+        .name = strdup(name),
+        .bm = bm_new(img->size, granularity),
+        .granularity = granularity,
+        .recording = !disabled,
+        .persistent = true,
+    };
+    if (!b.name || !b.bm || list_append(&img->bitmaps, &b) < 0) {
+        int e = b.bm ? ENOMEM : errno;
+        free(b.name);
+        bm_free(b.bm);
+        set_error(errp, img, e, "cannot create bitmap '%s': %s", name,
+                  strerror(e));
+        goto out;
+    }
+    img->bitmaps_changed = true;
+    ret = 0;
+out:
+    pthread_mutex_unlock(&img->lock);
+    return ret;
+}
+
+/* Common frame of the single-bitmap operations: validate, lock, look up,
+ * check, apply, unlock. */
+enum simple_op { OP_REMOVE, OP_CLEAR, OP_ENABLE, OP_DISABLE };
+
+static int simple_op(struct cbt_image *img, const char *name, enum simple_op op,
+                     struct cbt_error **errp)
+{
+    static const unsigned checks[] = {
+        [OP_REMOVE] = CHECK_BUSY | CHECK_RO,
+        [OP_CLEAR] = CHECK_DEFAULT,
+        [OP_ENABLE] = CHECK_ALLOW_RO,
+        [OP_DISABLE] = CHECK_ALLOW_RO,
+    };
+    if (!valid_image(img, errp) || !valid_name(img, name, errp))
+        return -1;
+    int ret = -1;
+    pthread_mutex_lock(&img->lock);
+    struct blk_bitmap *b = lookup(img, name, errp);
+    if (!b || check_bitmap(img, b, checks[op], errp) < 0)
+        goto out;
+    switch (op) {
+    case OP_REMOVE:
+        list_remove(&img->bitmaps, index_of(img, b));
+        break;
+    case OP_CLEAR:
+        bm_clear(b->bm);
+        break;
+    case OP_ENABLE:
+        b->recording = true;
+        break;
+    case OP_DISABLE:
+        b->recording = false;
+        break;
+    }
+    img->bitmaps_changed = true;
+    ret = 0;
+out:
+    pthread_mutex_unlock(&img->lock);
+    return ret;
+}
+
+int cbt_bitmap_remove(struct cbt_image *img, const char *name,
+                      struct cbt_error **errp)
+{
+    return simple_op(img, name, OP_REMOVE, errp);
+}
+
+int cbt_bitmap_clear(struct cbt_image *img, const char *name,
+                     struct cbt_error **errp)
+{
+    return simple_op(img, name, OP_CLEAR, errp);
+}
+
+int cbt_bitmap_enable(struct cbt_image *img, const char *name,
+                      struct cbt_error **errp)
+{
+    return simple_op(img, name, OP_ENABLE, errp);
+}
+
+int cbt_bitmap_disable(struct cbt_image *img, const char *name,
+                       struct cbt_error **errp)
+{
+    return simple_op(img, name, OP_DISABLE, errp);
+}
+
+/*
+ * QEMU's block-dirty-bitmap-merge with one source: the target must exist,
+ * then the source must exist and be usable (not busy, not inconsistent) and
+ * cover the same number of bytes, then the target must be modifiable.  The
+ * granularities may differ.  On failure the target is unchanged.
+ */
+int cbt_bitmap_merge(struct cbt_image *img, const char *target,
+                     struct cbt_image *src_img, const char *src_name,
+                     struct cbt_error **errp)
+{
+    if (!valid_image(img, errp) || !valid_name(img, target, errp))
+        return -1;
+    if (!src_img)
+        src_img = img;
+    if (!valid_name(src_img, src_name, errp))
+        return -1;
+
+    pthread_mutex_lock(&img->lock);
+    bool found = lookup(img, target, errp) != NULL;
+    pthread_mutex_unlock(&img->lock);
+    if (!found)
+        return -1;
+
+    /* A source on another node is copied under that node's lock. */
+    struct bm_bitmap *copy = NULL;
+    uint64_t src_size = 0;
+    if (src_img != img) {
+        pthread_mutex_lock(&src_img->lock);
+        struct blk_bitmap *s = lookup(src_img, src_name, errp);
+        int r = s ? check_bitmap(src_img, s, CHECK_ALLOW_RO, errp) : -1;
+        if (r == 0) {
+            src_size = bm_size(s->bm);
+            copy = bm_copy(s->bm);
+            if (!copy) {
+                set_error(errp, src_img, ENOMEM,
+                          "out of memory copying bitmap '%s'", src_name);
+                r = -1;
+            }
+        }
+        pthread_mutex_unlock(&src_img->lock);
+        if (r < 0)
+            return -1;
+    }
+
+    int ret = -1;
+    pthread_mutex_lock(&img->lock);
+    struct blk_bitmap *dst = lookup(img, target, errp);
+    if (!dst)
+        goto out;
+    const struct bm_bitmap *src = copy;
+    if (!copy) {
+        struct blk_bitmap *s = lookup(img, src_name, errp);
+        if (!s || check_bitmap(img, s, CHECK_ALLOW_RO, errp) < 0)
+            goto out;
+        src = s->bm;
+        src_size = bm_size(s->bm);
+    }
+    if (src_size != img->size) {
+        set_error(errp, img, EINVAL, "Bitmaps are of different sizes "
+                  "(destination size is %" PRIu64 ", source size is %" PRIu64
+                  ") and can't be merged", img->size, src_size);
+        goto out;
+    }
+    if (check_bitmap(img, dst, CHECK_DEFAULT, errp) < 0)
+        goto out;
+    if (src != dst->bm) {
+        int r = bm_merge(dst->bm, src);
+        if (r < 0) {
+            set_error(errp, img, -r, "Bitmaps are of different sizes "
+                      "(destination size is %" PRIu64 ", source size is %"
+                      PRIu64 ") and can't be merged", bm_size(dst->bm),
+                      src_size);
+            goto out;
+        }
+    }
+    img->bitmaps_changed = true;
+    ret = 0;
+out:
+    pthread_mutex_unlock(&img->lock);
+    bm_free(copy);
+    return ret;
+}
+
+int cbt_bitmap_rename(struct cbt_image *img, const char *name,
+                      const char *new_name, struct cbt_error **errp)
+{
+    if (!valid_image(img, errp) || !valid_name(img, name, errp) ||
+        !valid_name(img, new_name, errp))
+        return -1;
+    if (strlen(new_name) > BITMAP_MAX_NAME) {
+        set_error(errp, img, EINVAL, "Name length exceeds maximum (%d "
+                  "characters)", BITMAP_MAX_NAME);
+        return -1;
+    }
+    int ret = -1;
+    pthread_mutex_lock(&img->lock);
+    struct blk_bitmap *b = lookup(img, name, errp);
+    if (!b || check_bitmap(img, b, CHECK_DEFAULT, errp) < 0)
+        goto out;
+    if (strcmp(name, new_name) == 0) {
+        ret = 0;
+        goto out;
+    }
+    if (list_find(&img->bitmaps, new_name)) {
+        set_error(errp, img, EEXIST, "Bitmap already exists: %s", new_name);
+        goto out;
+    }
+    char *dup = strdup(new_name);
+    if (!dup) {
+        set_error(errp, img, ENOMEM, "out of memory renaming bitmap '%s'",
+                  name);
+        goto out;
+    }
+    free(b->name);
+    b->name = dup;
+    img->bitmaps_changed = true;
+    ret = 0;
+out:
+    pthread_mutex_unlock(&img->lock);
+    return ret;
+}
+
+/*
+ * Dirty areas come from bm_next_dirty_area (whole granules, clamped to the
+ * size), clean areas are the gaps, as QEMU's NBD server builds the
+ * qemu:dirty-bitmap:NAME context; adjacent areas of one kind are merged.
+ */
+int cbt_bitmap_extents(struct cbt_image *img, const char *name,
+                       cbt_extent_fn *fn, void *opaque,
+                       struct cbt_error **errp)
+{
+    if (!valid_image(img, errp) || !valid_name(img, name, errp))
+        return -1;
+    if (!fn) {
+        set_error(errp, img, EINVAL, "no extent callback given");
+        return -1;
+    }
+    pthread_mutex_lock(&img->lock);
+    struct bm_bitmap *copy = NULL;
+    struct blk_bitmap *b = lookup(img, name, errp);
+    int r = b ? check_bitmap(img, b, CHECK_ALLOW_RO, errp) : -1;
+    if (r == 0) {
+        copy = bm_copy(b->bm);
+        if (!copy) {
+            set_error(errp, img, ENOMEM, "out of memory copying bitmap '%s'",
+                      name);
+            r = -1;
+        }
+    }
+    pthread_mutex_unlock(&img->lock);
+    if (r < 0)
+        return -1;
+
+    uint64_t size = bm_size(copy);
+    uint64_t pos = 0;
+    while (pos < size) {
+        uint64_t start = pos, len = 0;
+        bool dirty = bm_next_dirty_area(copy, &start, size, &len);
+        if (!dirty)
+            start = size;
+        if (start > pos) {
+            r = fn(opaque, pos, start - pos, false);
+            if (r)
+                break;
+        }
+        if (!dirty)
+            break;
+        r = fn(opaque, start, len, true);
+        if (r)
+            break;
+        pos = start + len;
+    }
+    bm_free(copy);
+    if (r) {
+        set_error(errp, img, r < 0 ? -r : EINVAL,
+                  "listing the extents of bitmap '%s' stopped: %s", name,
+                  strerror(r < 0 ? -r : EINVAL));
+        return r < 0 ? r : -EINVAL;
+    }
+    return 0;
+}
+
+/* The hash of the qcow2 bit stream: ceil(nbits / 8) bytes, LSB first. */
+int cbt_bitmap_sha256(struct cbt_image *img, const char *name, char hex[65],
+                      struct cbt_error **errp)
+{
+    if (!valid_image(img, errp) || !valid_name(img, name, errp))
+        return -1;
+    if (!hex) {
+        set_error(errp, img, EINVAL, "no place given for the hash");
+        return -1;
+    }
+    const uint64_t chunk = 64 * 1024;
+    CLEANUP_FREE uint8_t *buf = malloc(chunk);
+    if (!buf) {
+        set_error(errp, img, ENOMEM, "out of memory hashing bitmap '%s'", name);
+        return -1;
+    }
+    int ret = -1;
+    pthread_mutex_lock(&img->lock);
+    struct blk_bitmap *b = lookup(img, name, errp);
+    if (!b || check_bitmap(img, b, CHECK_ALLOW_RO, errp) < 0)
+        goto out;
+    struct sha256_ctx ctx;
+    sha256_init(&ctx);
+    uint64_t total = DIV_ROUND_UP(bm_nbits(b->bm), 8);
+    for (uint64_t i = 0; i * chunk < total; i++) {
+        uint64_t n = MIN(chunk, total - i * chunk);
+        bm_serialize_chunk(b->bm, i, chunk, buf);
+        sha256_update(&ctx, buf, (size_t)n);
+    }
+    uint8_t digest[32];
+    sha256_final(&ctx, digest);
+    sha256_hex(digest, hex);
+    ret = 0;
+out:
+    pthread_mutex_unlock(&img->lock);
+    return ret;
+}
+
+int cbt_bitmap_commit(struct cbt_image *img, struct cbt_error **errp)
+{
+    if (!valid_image(img, errp))
+        return -1;
+    int ret = -1;
+    pthread_mutex_lock(&img->lock);
+    if (img->read_only) {
+        if (img->bitmaps_changed) {
+            set_error(errp, img, EROFS, "cannot store bitmap changes: the "
+                      "image is opened read-only");
+            goto out;
+        }
+        ret = 0;
+        goto out;
+    }
+    if (img->drv->bitmap_store && img->drv->bitmap_store(img, errp) < 0)
+        goto out;
+    if (blk_bitmaps_snapshot(img) < 0) {
+        /* Stored, but the rollback point could not move. */
+        set_error(errp, img, ENOMEM, "bitmaps stored, but out of memory "
+                  "recording the new rollback point");
+        goto out;
+    }
+    ret = 0;
+out:
+    pthread_mutex_unlock(&img->lock);
+    return ret;
+}
+
+int cbt_bitmap_rollback(struct cbt_image *img, struct cbt_error **errp)
+{
+    if (!valid_image(img, errp))
+        return -1;
+    int ret = -1;
+    pthread_mutex_lock(&img->lock);
+    struct blk_bitmap_list copy;
+    if (list_copy(&copy, &img->committed) < 0) {
+        set_error(errp, img, ENOMEM, "out of memory restoring the bitmaps");
+        goto out;
+    }
+    list_clear(&img->bitmaps);
+    img->bitmaps = copy;
+    img->bitmaps_changed = false;
+    ret = 0;
+out:
+    pthread_mutex_unlock(&img->lock);
+    return ret;
+}

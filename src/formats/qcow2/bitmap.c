@@ -1,0 +1,981 @@
+/*
+ * qcow2 persistent dirty bitmaps: load the bitmaps extension at open with
+ * QEMU's checks, and store every persistent bitmap of the node with QEMU's
+ * crash-safe protocol (FORMATS.md §2, byte-compatible with QEMU).
+ *
+ * On disk
+ * -------
+ * The header's bitmaps extension points at the bitmap directory: one entry
+ * per bitmap (table offset and size, flags in_use/auto, granularity, name),
+ * each padded to 8 bytes.  A bitmap's table has one u64 per cluster of its
+ * serialized bits (bit n in byte n/8 at bit n%8): 0 = all clean, 1 = all
+ * dirty, else the offset of a data cluster.  Autoclear bit 0 says the
+ * extension is valid; a writer that knows nothing of bitmaps clears it, and
+ * then the extension is ignored (and its clusters leak until check -r).
+ *
+ * The store protocol
+ * ------------------
+ * Nothing referenced by the current header is ever written in place.  A
+ * store (cbt_bitmap_commit, close, marking in_use) builds the new state in
+ * fresh clusters and switches to it with one header write:
+ *
+ *   1. data clusters (one per chunk with a dirty bit; clean chunks get
+ *      table entry 0), then each table, then the directory, all newly
+ *      allocated;
+ *   2. flush: the new clusters and their refcounts are durable;
+ *   3. rewrite the header (extension + autoclear bit 0 set, or neither when
+ *      no bitmap is left), synced;
+ *   4. free the old directory, and the tables and data of every old entry
+ *      the new directory does not reuse (deferred frees, then a flush).
+ *
+ * A crash before 3 leaves the old bitmaps and leaked clusters; after 3, the
+ * new bitmaps and leaked clusters: `check -r leaks` reclaims them, and the
+ * image is never inconsistent.  Any number of changes (add, remove, clear,
+ * merge, rename...) lands in the one header write: all or nothing.
+ *
+ * in_use: an entry on disk must never claim bits that miss a write.  QEMU
+ * marks every bitmap in_use when it opens an image read-write.  We mark them
+ * lazily, in the driver's mark_dirty hook, before the first write after a
+ * store: the directory is rewritten (same protocol, only the directory is
+ * new) with in_use set on every entry that has 'auto' (a disabled bitmap
+ * on disk is not affected by writes).  A store (commit or close) writes
+ * the bits with in_use clear and re-arms the hook.  So a read-write open
+ * that writes nothing leaves the file untouched, a commit leaves a clean
+ * checkpoint on disk, and a crash after writes leaves the recording
+ * bitmaps in_use, as QEMU's do.  A resize marks every entry in_use first,
+ * as its size no longer matches the image.  A bitmap found in_use at open
+ * is inconsistent: every store carries its entry over unchanged until it
+ * is removed.  A read-only open writes nothing.
+ *
+ * All functions are called with node->lock held.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+
+#include "qcow2.h"
+
+static const char *fname(const struct qcow2_state *s)
+{
+    return s->node->filename;
+}
+
+void qcow2_bitmaps_ext_encode(const struct qcow2_bitmaps_ext *e, uint8_t *buf)
+{
+    stbe32(buf, e->nb_bitmaps);
+    stbe32(buf + 4, 0);
+    stbe64(buf + 8, e->dir_size);
+    stbe64(buf + 16, e->dir_offset);
+}
+
+static uint64_t dirent_size(size_t name_len)
+{
+    return ALIGN_UP(QCOW2_BME_FIXED_SIZE + (uint64_t)name_len, 8);
+}
+
+static void free_dir(struct qcow2_bitmap_dirent *dir, uint32_t n)
+{
+    for (uint32_t i = 0; dir && i < n; i++)
+        free(dir[i].name);
+    free(dir);
+}
+
+void qcow2_bitmaps_free(struct qcow2_state *s)
+{
+    free_dir(s->bm_dir, s->bm_dir_n);
+    s->bm_dir = NULL;
+    s->bm_dir_n = 0;
+}
+
+/* Table entries needed for a bitmap of this size and granularity:
+ * ceil(ceil(size / G) / 8) bytes of bits, one entry per cluster. */
+static uint64_t table_entries(const struct qcow2_state *s, uint64_t size,
+                              unsigned gbits)
+{
+    uint64_t nbits = (size >> gbits) + ((size & ((1ull << gbits) - 1)) != 0);
+    return qcow2_size_to_clusters(s, DIV_ROUND_UP(nbits, 8));
+}
+
+static uint64_t table_bytes_on_disk(const struct qcow2_state *s,
+                                    uint32_t table_size)
+{
+    return ALIGN_UP((uint64_t)table_size * 8, s->cluster_size);
+}
+
+/* A table entry against QEMU's check_table_entry. */
+static bool table_entry_valid(const struct qcow2_state *s, uint64_t e)
+{
+    uint64_t off = e & QCOW2_BME_TABLE_OFFSET_MASK;
+    if (e & QCOW2_BME_TABLE_RESERVED_MASK)
+        return false;
+    return off == 0 || (!(e & QCOW2_BME_TABLE_ALL_ONES) &&
+                        IS_ALIGNED(off, s->cluster_size));
+}
+
+/*
+ * Read a bitmap table into native order.  Returns the table (caller frees)
+ * or NULL: *bad is the index of the first invalid entry, or UINT64_MAX
+ * with *err set for an I/O error or no memory.
+ */
+static uint64_t *read_table(struct qcow2_state *s, uint64_t offset,
+                            uint32_t size, uint64_t *bad, int *err)
+{
+    *bad = UINT64_MAX;
+    *err = 0;
+    uint64_t *t = malloc((size_t)size * 8);
+    if (!t) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    int r = file_pread_full(s->node->fd, t, (size_t)size * 8, offset);
+    if (r < 0) {
+        *err = r;
+        free(t);
+        return NULL;
+    }
+    for (uint32_t i = 0; i < size; i++) {
+        t[i] = be64_to_cpu(t[i]);
+        if (!table_entry_valid(s, t[i])) {
+            *bad = i;
+            free(t);
+            return NULL;
+        }
+    }
+    return t;
+}
+
+/* ---- loading ---- */
+
+/*
+ * One directory entry against QEMU's check_dir_entry.  Returns NULL when
+ * it satisfies the constraints, else the field that does not.
+ */
+static const char *dirent_problem(const struct qcow2_state *s,
+                                  const struct qcow2_bitmap_dirent *d,
+                                  uint8_t type, uint16_t name_size,
+                                  char *why, size_t why_len)
+{
+    if (d->table_size == 0)
+        return "bitmap_table_size is 0";
+    if (d->table_offset == 0)
+        return "bitmap_table_offset is 0";
+    if (!IS_ALIGNED(d->table_offset, s->cluster_size)) {
+        snprintf(why, why_len, "bitmap_table_offset 0x%" PRIx64 " is not "
+                 "cluster aligned", d->table_offset);
+        return why;
+    }
+    if (d->table_size > QCOW2_BME_MAX_TABLE_SIZE) {
+        snprintf(why, why_len, "bitmap_table_size %u exceeds %llu", d->table_size,
+                 QCOW2_BME_MAX_TABLE_SIZE);
+        return why;
+    }
+    if (d->granularity_bits > QCOW2_BME_MAX_GRANULARITY_BITS ||
+        d->granularity_bits < QCOW2_BME_MIN_GRANULARITY_BITS) {
+        snprintf(why, why_len, "granularity_bits %u is outside %d..%d",
+                 d->granularity_bits, QCOW2_BME_MIN_GRANULARITY_BITS,
+                 QCOW2_BME_MAX_GRANULARITY_BITS);
+        return why;
+    }
+    if (d->flags & QCOW2_BME_RESERVED_FLAGS) {
+        snprintf(why, why_len, "flags 0x%x has reserved bits set", d->flags);
+        return why;
+    }
+    if (name_size > QCOW2_BME_MAX_NAME_SIZE) {
+        snprintf(why, why_len, "name_size %u exceeds %d", name_size,
+                 QCOW2_BME_MAX_NAME_SIZE);
+        return why;
+    }
+    if (type != QCOW2_BME_TYPE_DIRTY_TRACKING) {
+        snprintf(why, why_len, "type %u is not 1 (dirty tracking)", type);
+        return why;
+    }
+    uint64_t phys = (uint64_t)d->table_size << s->cluster_bits;
+    if (phys > QCOW2_BME_MAX_PHYS_SIZE) {
+        snprintf(why, why_len, "bitmap_table_size %u covers %" PRIu64
+                 " bytes of bits, more than %llu", d->table_size, phys,
+                 QCOW2_BME_MAX_PHYS_SIZE);
+        return why;
+    }
+    /* phys <= 2^29 and granularity_bits <= 31: no overflow. */
+    if (!(d->flags & QCOW2_BME_FLAG_IN_USE) &&
+        s->h.size > ((phys * 8) << d->granularity_bits)) {
+        snprintf(why, why_len, "bitmap_table_size %u is too small for the "
+                 "virtual size %" PRIu64, d->table_size, s->h.size);
+        return why;
+    }
+    return NULL;
+}
+
+/* The header fields of the extension (QEMU's qcow2_read_extensions). */
+static int check_ext(struct qcow2_state *s, struct cbt_error **errp)
+{
+    const struct qcow2_bitmaps_ext *e = &s->bm_ext;
+    const char *fn = fname(s);
+    if (e->reserved != 0) {
+        cbt_error_set(errp, EINVAL, "%s: bitmaps_ext: Reserved field is not "
+                      "zero (0x%x)", fn, e->reserved);
+        return -1;
+    }
+    if (e->nb_bitmaps > QCOW2_MAX_BITMAPS) {
+        cbt_error_set(errp, EINVAL, "%s: bitmaps_ext: Image has %u bitmaps, "
+                      "exceeding the QEMU supported maximum of %d", fn,
+                      e->nb_bitmaps, QCOW2_MAX_BITMAPS);
+        return -1;
+    }
+    if (e->nb_bitmaps == 0) {
+        cbt_error_set(errp, EINVAL, "%s: found bitmaps extension with zero "
+                      "bitmaps", fn);
+        return -1;
+    }
+    if (!IS_ALIGNED(e->dir_offset, s->cluster_size)) {
+        cbt_error_set(errp, EINVAL, "%s: bitmaps_ext: invalid bitmap directory "
+                      "offset 0x%" PRIx64 " (not cluster aligned)", fn,
+                      e->dir_offset);
+        return -1;
+    }
+    if (e->dir_size > QCOW2_MAX_BITMAP_DIR_SIZE) {
+        cbt_error_set(errp, EINVAL, "%s: bitmaps_ext: bitmap directory size "
+                      "(%" PRIu64 ") exceeds the maximum supported size (%llu)",
+                      fn, e->dir_size, QCOW2_MAX_BITMAP_DIR_SIZE);
+        return -1;
+    }
+    if (e->dir_size == 0) {
+        cbt_error_set(errp, EINVAL, "%s: Requested bitmap directory size is "
+                      "zero", fn);
+        return -1;
+    }
+    return 0;
+}
+
+/* Read and check the directory (QEMU's bitmap_list_load). */
+static int load_dir(struct qcow2_state *s, struct cbt_error **errp)
+{
+    const char *fn = fname(s);
+    uint64_t size = s->bm_ext.dir_size;
+    uint32_t nb = s->bm_ext.nb_bitmaps;
+    CLEANUP_FREE uint8_t *dir = malloc(size); /* <= 64 MiB, checked */
+    struct qcow2_bitmap_dirent *v = calloc(nb, sizeof(*v));
+    if (!dir || !v) {
+        free(v);
+        cbt_error_set(errp, ENOMEM, "%s: out of memory for the bitmap "
+                      "directory", fn);
+        return -1;
+    }
+    int r = file_pread_full(s->node->fd, dir, size, s->bm_ext.dir_offset);
+    if (r < 0) {
+        free(v);
+        cbt_error_set(errp, -r, "%s: Failed to read bitmap directory: %s", fn,
+                      strerror(-r));
+        return -1;
+    }
+    uint32_t n = 0;
+    uint64_t pos = 0;
+    while (pos < size) {
+        const uint8_t *e = dir + pos;
+        if (size - pos < QCOW2_BME_FIXED_SIZE)
+            goto broken;
+        if (n == nb) {
+            cbt_error_set(errp, EINVAL, "%s: More bitmaps found than specified "
+                          "in header extension (%u)", fn, nb);
+            goto fail;
+        }
+        uint16_t name_size = ldbe16(e + 18);
+        uint32_t extra = ldbe32(e + 20);
+        uint64_t esize = ALIGN_UP(QCOW2_BME_FIXED_SIZE + (uint64_t)name_size +
+                                  extra, 8);
+        if (esize > size - pos)
+            goto broken;
+        if (extra != 0) {
+            cbt_error_set(errp, EINVAL, "%s: Bitmap extra data is not supported "
+                          "(bitmap %u has extra_data_size %u)", fn, n, extra);
+            goto fail;
+        }
+        struct qcow2_bitmap_dirent *d = &v[n];
+        d->table_offset = ldbe64(e);
+        d->table_size = ldbe32(e + 8);
+        d->flags = ldbe32(e + 12);
+        d->granularity_bits = e[17];
+        const char *name = (const char *)e + QCOW2_BME_FIXED_SIZE;
+        char why[160];
+        const char *problem = dirent_problem(s, d, e[16], name_size, why,
+                                             sizeof(why));
+        if (problem) {
+            cbt_error_set(errp, EINVAL, "%s: Bitmap '%.*s' doesn't satisfy the "
+                          "constraints: %s", fn, (int)MIN(name_size, 1023),
+                          name, problem);
+            goto fail;
+        }
+        if (name_size == 0 || memchr(name, 0, name_size)) {
+            cbt_error_set(errp, EINVAL, "%s: bitmap %u of the directory has "
+                          "an empty name or a name with a NUL byte", fn, n);
+            goto fail;
+        }
+        d->name = strndup(name, name_size);
+        if (!d->name) {
+            cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
+            goto fail;
+        }
+        for (uint32_t k = 0; k < n; k++) {
+            if (strcmp(v[k].name, d->name) == 0) {
+                cbt_error_set(errp, EINVAL, "%s: Bitmap already exists: %s "
+                              "(two directory entries have this name)", fn,
+                              d->name);
+                n++;
+                goto fail;
+            }
+        }
+        n++;
+        pos += esize;
+    }
+    if (n != nb) {
+        cbt_error_set(errp, EINVAL, "%s: Less bitmaps found than specified in "
+                      "header extension (%u found, %u specified)", fn, n, nb);
+        goto fail;
+    }
+    s->bm_dir = v;
+    s->bm_dir_n = n;
+    return 0;
+broken:
+    cbt_error_set(errp, EINVAL, "%s: Broken bitmap directory (entry %u at "
+                  "byte %" PRIu64 " runs past its end)", fn, n, pos);
+fail:
+    free_dir(v, n);
+    return -1;
+}
+
+/* Read the bits of a bitmap that was not in_use (QEMU's load_bitmap). */
+static int load_data(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
+                     struct bm_bitmap *bm, uint64_t *disk_bytes,
+                     struct cbt_error **errp)
+{
+    const char *fn = fname(s);
+    uint64_t bad;
+    int err;
+    CLEANUP_FREE uint64_t *t = read_table(s, d->table_offset, d->table_size,
+                                          &bad, &err);
+    if (!t) {
+        if (bad != UINT64_MAX)
+            cbt_error_set(errp, EINVAL, "%s: Could not read bitmap_table table "
+                          "from image for bitmap '%s': entry %" PRIu64
+                          " is invalid", fn, d->name, bad);
+        else
+            cbt_error_set(errp, -err, "%s: Could not read bitmap_table table "
+                          "from image for bitmap '%s': %s", fn, d->name,
+                          strerror(-err));
+        return -1;
+    }
+    uint64_t want = table_entries(s, s->h.size, d->granularity_bits);
+    if (d->table_size != want) {
+        cbt_error_set(errp, EINVAL, "%s: Could not read bitmap '%s' from image: "
+                      "bitmap_table_size is %u, but its granularity and the "
+                      "virtual size need %" PRIu64, fn, d->name, d->table_size,
+                      want);
+        return -1;
+    }
+    CLEANUP_FREE uint8_t *buf = malloc(s->cluster_size);
+    if (!buf) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
+        return -1;
+    }
+    uint64_t used = 0;
+    for (uint32_t i = 0; i < d->table_size; i++) {
+        uint64_t off = t[i] & QCOW2_BME_TABLE_OFFSET_MASK;
+        if (off == 0) {
+            if (t[i] & QCOW2_BME_TABLE_ALL_ONES)
+                bm_deserialize_fill(bm, i, s->cluster_size, true);
+            continue;
+        }
+        int r = file_pread_full(s->node->fd, buf, s->cluster_size, off);
+        if (r < 0) {
+            cbt_error_set(errp, -r, "%s: Could not read bitmap '%s' from "
+                          "image: %s", fn, d->name, strerror(-r));
+            return -1;
+        }
+        bm_deserialize_chunk(bm, i, s->cluster_size, buf);
+        used += s->cluster_size;
+    }
+    *disk_bytes = used + table_bytes_on_disk(s, d->table_size);
+    return 0;
+}
+
+/* Bytes an in_use bitmap holds on disk, as far as its table can tell. */
+static uint64_t inconsistent_disk_bytes(struct qcow2_state *s,
+                                        const struct qcow2_bitmap_dirent *d)
+{
+    uint64_t bytes = table_bytes_on_disk(s, d->table_size), bad;
+    int err;
+    uint64_t *t = read_table(s, d->table_offset, d->table_size, &bad, &err);
+    for (uint32_t i = 0; t && i < d->table_size; i++)
+        if (t[i] & QCOW2_BME_TABLE_OFFSET_MASK)
+            bytes += s->cluster_size;
+    free(t);
+    return bytes;
+}
+
+int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp)
+{
+    struct blk_node *node = s->node;
+    const char *fn = fname(s);
+    s->bm_loaded = !s->check_mode;
+    if (!s->bm_ext.present)
+        return 0;
+    if (s->bm_ext.len != QCOW2_BITMAPS_EXT_SIZE) {
+        if (s->check_mode)
+            return 0; /* check reports it */
+        cbt_error_set(errp, EINVAL, "%s: bitmaps_ext: Invalid extension length "
+                      "(%u bytes, must be %d)", fn, s->bm_ext.len,
+                      QCOW2_BITMAPS_EXT_SIZE);
+        return -1;
+    }
+    if (!(s->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
+        if (s->h.version < 3)
+            cbt_warn("%s: This qcow2 v2 image contains bitmaps, but they may "
+                     "have been modified by a program without persistent "
+                     "bitmap support; so now they must all be considered "
+                     "inconsistent. Some clusters may be leaked, run 'cbt "
+                     "check -r leaks' on the image file to fix.", fn);
+        else
+            cbt_warn("%s: a program lacking bitmap support modified this "
+                     "file, so all bitmaps are now considered inconsistent. "
+                     "Some clusters may be leaked, run 'cbt check -r leaks' "
+                     "on the image file to fix.", fn);
+        /* Forget the extension; a read-write open rewrites the header
+         * without it, as QEMU. */
+        s->bm_ext = (struct qcow2_bitmaps_ext){ .present = false };
+        if (rw)
+            s->header_dirty = true;
+        return 0;
+    }
+    if (s->check_mode)
+        return 0; /* check validates and counts it itself */
+    if (check_ext(s, errp) < 0 || load_dir(s, errp) < 0)
+        return -1;
+
+    for (uint32_t i = 0; i < s->bm_dir_n; i++) {
+        const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
+        struct blk_bitmap b = {
+            .granularity = 1ull << d->granularity_bits,
+            .persistent = true,
+            .in_use = d->flags & QCOW2_BME_FLAG_IN_USE,
+            .disk_auto = d->flags & QCOW2_BME_FLAG_AUTO,
+        };
+        if (b.in_use) {
+            /* Its contents are unknown: keep it, unusable, until removed. */
+            b.inconsistent = true;
+            b.disk_bytes = inconsistent_disk_bytes(s, d);
+        } else {
+            b.recording = d->flags & QCOW2_BME_FLAG_AUTO;
+            b.bm = bm_new(s->h.size, b.granularity);
+            if (!b.bm) {
+                cbt_error_set(errp, errno, "%s: cannot create bitmap '%s': %s",
+                              fn, d->name, strerror(errno));
+                return -1;
+            }
+            if (load_data(s, d, b.bm, &b.disk_bytes, errp) < 0) {
+                bm_free(b.bm);
+                return -1;
+            }
+        }
+        b.name = strdup(d->name);
+        if (!b.name || blk_bitmap_append(node, &b) < 0) {
+            free(b.name);
+            bm_free(b.bm);
+            cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- storing ---- */
+
+/* One entry of the directory being built. */
+struct new_entry {
+    const char *name;
+    struct blk_bitmap *b;      /* the node's bitmap it stores, if any */
+    uint64_t table_offset;
+    uint32_t table_size;
+    uint32_t flags;
+    uint8_t granularity_bits;
+    bool fresh;                /* table and data written by this store */
+    uint64_t disk_bytes;
+};
+
+static const struct qcow2_bitmap_dirent *find_dirent(const struct qcow2_state *s,
+                                                     const char *name)
+{
+    for (uint32_t i = 0; i < s->bm_dir_n; i++)
+        if (strcmp(s->bm_dir[i].name, name) == 0)
+            return &s->bm_dir[i];
+    return NULL;
+}
+
+/* Free a table and the data clusters it points at (deferred).  A table
+ * that cannot be read or is invalid keeps its data (leaked, never a wrong
+ * cluster freed). */
+static int free_table(struct qcow2_state *s, uint64_t table_offset,
+                      uint32_t table_size)
+{
+    uint64_t bad;
+    int err;
+    uint64_t *t = read_table(s, table_offset, table_size, &bad, &err);
+    int r = 0;
+    for (uint32_t i = 0; t && i < table_size && r == 0; i++) {
+        uint64_t off = t[i] & QCOW2_BME_TABLE_OFFSET_MASK;
+        if (off)
+            r = qcow2_free_clusters_deferred(s, off, s->cluster_size);
+    }
+    free(t);
+    if (r == 0)
+        r = qcow2_free_clusters_deferred(s, table_offset,
+                                         (uint64_t)table_size * 8);
+    return r;
+}
+
+/* Undo the allocations of a store that did not reach the header. */
+static void drop_fresh(struct qcow2_state *s, const uint64_t *tab,
+                       uint64_t tab_n, const struct new_entry *v, size_t n)
+{
+    for (uint64_t i = 0; tab && i < tab_n; i++)
+        if (tab[i] & QCOW2_BME_TABLE_OFFSET_MASK)
+            (void)qcow2_free_clusters_deferred(
+                s, tab[i] & QCOW2_BME_TABLE_OFFSET_MASK, s->cluster_size);
+    for (size_t i = 0; i < n; i++)
+        if (v[i].fresh)
+            (void)free_table(s, v[i].table_offset, v[i].table_size);
+}
+
+/*
+ * Write the bits of b to fresh data clusters and a fresh table (QEMU's
+ * store_bitmap): chunk i of the bit stream goes to its own cluster unless
+ * it is all clean (entry 0).
+ */
+static int write_bitmap(struct qcow2_state *s, struct new_entry *ne,
+                        uint8_t *buf, struct cbt_error **errp)
+{
+    const char *fn = fname(s);
+    const struct blk_bitmap *b = ne->b;
+    uint64_t cs = s->cluster_size;
+    uint64_t tb_size = table_entries(s, bm_size(b->bm),
+                                     bm_granularity_bits(b->bm));
+    if (tb_size > QCOW2_BME_MAX_TABLE_SIZE ||
+        tb_size * cs > QCOW2_BME_MAX_PHYS_SIZE) {
+        cbt_error_set(errp, EFBIG, "%s: Bitmap '%s' is too big", fn, b->name);
+        return -1;
+    }
+    if (tb_size == 0) {
+        cbt_error_set(errp, EINVAL, "%s: Bitmap '%s' cannot be stored: the "
+                      "image is empty", fn, b->name);
+        return -1;
+    }
+    uint64_t *tab = calloc(tb_size, 8);
+    if (!tab) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
+        return -1;
+    }
+    uint64_t used = 0;
+    int r = 0;
+    for (uint64_t i = 0; i < tb_size; i++) {
+        if (bm_chunk_is_clean(b->bm, i, cs))
+            continue;
+        int64_t off = qcow2_alloc_clusters(s, 1);
+        if (off < 0) {
+            r = (int)off;
+            cbt_error_set(errp, -r, "%s: Failed to allocate clusters for "
+                          "bitmap '%s': %s", fn, b->name, strerror(-r));
+            goto fail;
+        }
+        tab[i] = (uint64_t)off;
+        bm_serialize_chunk(b->bm, i, cs, buf);
+        r = file_pwrite_full(s->node->fd, buf, cs, (uint64_t)off);
+        if (r < 0) {
+            cbt_error_set(errp, -r, "%s: Failed to write bitmap '%s' to file: "
+                          "%s", fn, b->name, strerror(-r));
+            goto fail;
+        }
+        used += cs;
+    }
+    uint64_t tbytes = tb_size * 8;
+    uint64_t cbytes = table_bytes_on_disk(s, (uint32_t)tb_size);
+    int64_t toff = qcow2_alloc_clusters(s, cbytes >> s->cluster_bits);
+    if (toff < 0) {
+        r = (int)toff;
+        cbt_error_set(errp, -r, "%s: Failed to allocate clusters for bitmap "
+                      "'%s': %s", fn, b->name, strerror(-r));
+        goto fail;
+    }
+    uint8_t *be = calloc(1, cbytes);
+    if (!be) {
+        r = -ENOMEM;
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
+    } else {
+        for (uint64_t i = 0; i < tb_size; i++)
+            stbe64(be + 8 * i, tab[i]);
+        r = file_pwrite_full(s->node->fd, be, cbytes, (uint64_t)toff);
+        free(be);
+        if (r < 0)
+            cbt_error_set(errp, -r, "%s: Failed to write bitmap '%s' to file: "
+                          "%s", fn, b->name, strerror(-r));
+    }
+    if (r < 0) {
+        (void)qcow2_free_clusters_deferred(s, (uint64_t)toff, tbytes);
+        goto fail;
+    }
+    s->need_sync = true;
+    ne->table_offset = (uint64_t)toff;
+    ne->table_size = (uint32_t)tb_size;
+    ne->fresh = true;
+    ne->disk_bytes = used + cbytes;
+    free(tab);
+    return 0;
+fail:
+    s->need_sync = true;
+    drop_fresh(s, tab, tb_size, NULL, 0);
+    free(tab);
+    return -1;
+}
+
+/* Does the directory on disk already hold exactly these entries? */
+static bool same_as_disk(const struct qcow2_state *s, const struct new_entry *v,
+                         size_t n)
+{
+    if (n != s->bm_dir_n)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
+        if (v[i].fresh || strcmp(v[i].name, d->name) != 0 ||
+            v[i].table_offset != d->table_offset ||
+            v[i].table_size != d->table_size || v[i].flags != d->flags ||
+            v[i].granularity_bits != d->granularity_bits)
+            return false;
+    }
+    return true;
+}
+
+enum store_mode {
+    STORE_ALL,       /* the node's persistent bitmaps, bits written afresh */
+    MARK_RECORDING,  /* the directory on disk, its 'auto' entries in_use */
+    MARK_ALL,        /* the directory on disk, every entry in_use */
+};
+
+/* The entries of the new directory (step 1 of the protocol). */
+static int build_entries(struct qcow2_state *s, enum store_mode mode,
+                         struct new_entry *v, size_t *nv, uint8_t *buf,
+                         struct cbt_error **errp)
+{
+    struct blk_node *node = s->node;
+    size_t k = 0;
+    if (mode != STORE_ALL) {
+        /* Only flags change; every table stays where it is. */
+        for (uint32_t i = 0; i < s->bm_dir_n; i++) {
+            const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
+            v[k] = (struct new_entry){
+                .name = d->name,
+                .table_offset = d->table_offset,
+                .table_size = d->table_size,
+                .flags = d->flags,
+                .granularity_bits = d->granularity_bits,
+            };
+            if (mode == MARK_ALL || (d->flags & QCOW2_BME_FLAG_AUTO))
+                v[k].flags |= QCOW2_BME_FLAG_IN_USE;
+            k++;
+        }
+        *nv = k;
+        return 0;
+    }
+    for (size_t i = 0; i < node->bitmaps.n; i++) {
+        struct blk_bitmap *b = &node->bitmaps.v[i];
+        if (!b->persistent)
+            continue;
+        struct new_entry *ne = &v[k];
+        *ne = (struct new_entry){ .name = b->name, .b = b,
+                                  .disk_bytes = b->disk_bytes };
+        if (b->inconsistent) {
+            /* Kept on disk as it is until removed. */
+            const struct qcow2_bitmap_dirent *d = find_dirent(s, b->name);
+            if (!d)
+                continue; /* never stored: nothing to keep */
+            ne->table_offset = d->table_offset;
+            ne->table_size = d->table_size;
+            ne->granularity_bits = d->granularity_bits;
+            ne->flags = d->flags;
+        } else {
+            ne->granularity_bits = (uint8_t)bm_granularity_bits(b->bm);
+            ne->flags = b->recording ? QCOW2_BME_FLAG_AUTO : 0;
+            if (write_bitmap(s, ne, buf, errp) < 0) {
+                *nv = k;
+                return -1;
+            }
+        }
+        k++;
+    }
+    *nv = k;
+    return 0;
+}
+
+static int store(struct qcow2_state *s, enum store_mode mode,
+                 struct cbt_error **errp)
+{
+    struct blk_node *node = s->node;
+    const char *fn = fname(s);
+    size_t n = s->bm_dir_n;
+    if (mode == STORE_ALL) {
+        n = 0;
+        for (size_t i = 0; i < node->bitmaps.n; i++)
+            n += node->bitmaps.v[i].persistent;
+    }
+    if (n == 0 && s->bm_dir_n == 0)
+        return 0;
+    if (n && s->h.version < 3) {
+        cbt_error_set(errp, ENOTSUP, "%s: Cannot store dirty bitmaps in qcow2 "
+                      "v2 files", fn);
+        return -1;
+    }
+    if (n > QCOW2_MAX_BITMAPS) {
+        cbt_error_set(errp, EINVAL, "%s: Too many persistent bitmaps (%zu, at "
+                      "most %d)", fn, n, QCOW2_MAX_BITMAPS);
+        return -1;
+    }
+    struct new_entry *v = calloc(n ? n : 1, sizeof(*v));
+    CLEANUP_FREE uint8_t *buf = malloc(s->cluster_size);
+    if (!v || !buf) {
+        free(v);
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
+        return -1;
+    }
+
+    /* 1. The entries and the bits, then the directory. */
+    size_t k = 0;
+    if (build_entries(s, mode, v, &k, buf, errp) < 0)
+        goto fail;
+    uint64_t dir_size = 0;
+    for (size_t i = 0; i < k; i++)
+        dir_size += dirent_size(strlen(v[i].name));
+    if (dir_size > QCOW2_MAX_BITMAP_DIR_SIZE) {
+        cbt_error_set(errp, EINVAL, "%s: Bitmap directory is too large (%"
+                      PRIu64 " bytes, at most %llu)", fn, dir_size,
+                      QCOW2_MAX_BITMAP_DIR_SIZE);
+        goto fail;
+    }
+    if (same_as_disk(s, v, k)) {
+        free(v);
+        return 0;
+    }
+    uint64_t dir_off = 0;
+    if (k) {
+        uint64_t dbytes = ALIGN_UP(dir_size, s->cluster_size);
+        CLEANUP_FREE uint8_t *dir = calloc(1, dbytes);
+        if (!dir) {
+            cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
+            goto fail;
+        }
+        uint64_t pos = 0;
+        for (size_t i = 0; i < k; i++) {
+            uint8_t *e = dir + pos;
+            size_t len = strlen(v[i].name);
+            stbe64(e, v[i].table_offset);
+            stbe32(e + 8, v[i].table_size);
+            stbe32(e + 12, v[i].flags);
+            e[16] = QCOW2_BME_TYPE_DIRTY_TRACKING;
+            e[17] = v[i].granularity_bits;
+            stbe16(e + 18, (uint16_t)len);
+            stbe32(e + 20, 0);
+            memcpy(e + QCOW2_BME_FIXED_SIZE, v[i].name, len);
+            pos += dirent_size(len);
+        }
+        int64_t off = qcow2_alloc_clusters(s, dbytes >> s->cluster_bits);
+        int r = off < 0 ? (int)off
+                        : file_pwrite_full(node->fd, dir, dbytes, (uint64_t)off);
+        s->need_sync = true;
+        if (r < 0) {
+            if (off >= 0)
+                (void)qcow2_free_clusters_deferred(s, (uint64_t)off, dbytes);
+            cbt_error_set(errp, -r, "%s: Failed to write the bitmap directory: "
+                          "%s", fn, strerror(-r));
+            goto fail;
+        }
+        dir_off = (uint64_t)off;
+    }
+
+    /* 2. Everything new, and its refcounts, durable before the header. */
+    int r = qcow2_flush_metadata(s);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: Failed to update bitmap extension: %s",
+                      fn, strerror(-r));
+        if (dir_off)
+            (void)qcow2_free_clusters_deferred(s, dir_off, dir_size);
+        goto fail;
+    }
+
+    /* 3. The switch. */
+    struct qcow2_bitmaps_ext old_ext = s->bm_ext;
+    uint64_t old_autoclear = s->h.autoclear_features;
+    if (k) {
+        s->bm_ext = (struct qcow2_bitmaps_ext){
+            .present = true, .len = QCOW2_BITMAPS_EXT_SIZE,
+            .nb_bitmaps = (uint32_t)k, .dir_size = dir_size,
+            .dir_offset = dir_off,
+        };
+        s->h.autoclear_features |= QCOW2_AUTOCLEAR_BITMAPS;
+    } else {
+        s->bm_ext = (struct qcow2_bitmaps_ext){ .present = false };
+        s->h.autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS;
+    }
+    r = qcow2_write_header(s);
+    if (r < 0) {
+        /* The new clusters may be referenced now, or not: keep them (a
+         * leak at worst). */
+        s->bm_ext = old_ext;
+        s->h.autoclear_features = old_autoclear;
+        free(v);
+        cbt_error_set(errp, -r, "%s: Failed to update bitmap extension: %s",
+                      fn, strerror(-r));
+        return -1;
+    }
+
+    /* The new directory is in force: remember it. */
+    struct qcow2_bitmap_dirent *nd = calloc(k ? k : 1, sizeof(*nd));
+    for (size_t i = 0; nd && i < k; i++) {
+        nd[i] = (struct qcow2_bitmap_dirent){
+            .name = strdup(v[i].name),
+            .table_offset = v[i].table_offset,
+            .table_size = v[i].table_size,
+            .flags = v[i].flags,
+            .granularity_bits = v[i].granularity_bits,
+        };
+        if (!nd[i].name) {
+            free_dir(nd, (uint32_t)i);
+            nd = NULL;
+        }
+    }
+    for (size_t i = 0; i < k; i++)
+        if (v[i].b)
+            v[i].b->disk_bytes = v[i].disk_bytes;
+
+    /* 4. Free what only the old directory referenced. */
+    int fr = 0;
+    if (old_ext.present && old_ext.len == QCOW2_BITMAPS_EXT_SIZE &&
+        old_ext.dir_size)
+        fr = qcow2_free_clusters_deferred(s, old_ext.dir_offset,
+                                          old_ext.dir_size);
+    for (uint32_t i = 0; fr == 0 && i < s->bm_dir_n; i++) {
+        const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
+        bool kept = false;
+        for (size_t j = 0; j < k && !kept; j++)
+            kept = !v[j].fresh && v[j].table_offset == d->table_offset;
+        if (!kept)
+            fr = free_table(s, d->table_offset, d->table_size);
+    }
+    if (fr == 0)
+        fr = qcow2_flush_metadata(s);
+    free(v);
+    qcow2_bitmaps_free(s);
+    s->bm_marked = mode != STORE_ALL;
+    if (!nd) {
+        /* Out of memory: the image is right, but we cannot track it. */
+        s->bm_loaded = false;
+        cbt_error_set(errp, ENOMEM, "%s: bitmaps stored, but out of memory "
+                      "recording the new directory", fn);
+        return -1;
+    }
+    s->bm_dir = nd;
+    s->bm_dir_n = (uint32_t)k;
+    if (fr < 0) {
+        cbt_error_set(errp, -fr, "%s: bitmaps stored, but freeing the old "
+                      "bitmap clusters failed (they are leaked): %s", fn,
+                      strerror(-fr));
+        return -1;
+    }
+    return 0;
+
+fail:
+    drop_fresh(s, NULL, 0, v, k);
+    free(v);
+    return -1;
+}
+
+int qcow2_bitmaps_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    if (!s->bm_loaded || s->bm_marked)
+        return 0;
+    struct cbt_error *err = NULL;
+    if (store(s, MARK_RECORDING, &err) < 0) {
+        cbt_debug("%s", cbt_error_message(err));
+        int e = cbt_error_errno(err);
+        cbt_error_free(err);
+        return -e;
+    }
+    s->bm_marked = true;
+    return 0;
+}
+
+int qcow2_bitmaps_mark_all_in_use(struct qcow2_state *s,
+                                  struct cbt_error **errp)
+{
+    if (!s->bm_loaded)
+        return 0;
+    if (store(s, MARK_ALL, errp) < 0)
+        return -1;
+    s->bm_marked = true;
+    return 0;
+}
+
+int qcow2_bitmaps_store(struct blk_node *node, struct cbt_error **errp)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    if (!s->bm_loaded)
+        return 0;
+    /* Unchanged since the last store, and not in_use: the disk is right. */
+    if (!node->bitmaps_changed && !node->bitmaps_written && !s->bm_marked)
+        return 0;
+    return store(s, STORE_ALL, errp);
+}
+
+/* QEMU's qcow2_co_can_store_new_dirty_bitmap (and check_constraints). */
+int qcow2_bitmap_can_store(struct blk_node *node, const char *name,
+                           uint64_t granularity, struct cbt_error **errp)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    char why[128];
+    const char *msg = why;
+    unsigned gbits = (unsigned)__builtin_ctzll(granularity);
+    uint64_t nbits = DIV_ROUND_UP(node->size, granularity);
+    uint64_t bytes = DIV_ROUND_UP(nbits, 8);
+    size_t count = 0;
+    uint64_t dir_size = dirent_size(strlen(name));
+    for (size_t i = 0; i < node->bitmaps.n; i++) {
+        if (node->bitmaps.v[i].persistent) {
+            count++;
+            dir_size += dirent_size(strlen(node->bitmaps.v[i].name));
+        }
+    }
+    if (!s->bm_loaded) {
+        msg = "the image is opened for a check";
+    } else if (s->h.version < 3) {
+        msg = "Cannot store dirty bitmaps in qcow2 v2 files";
+    } else if (gbits > QCOW2_BME_MAX_GRANULARITY_BITS) {
+        snprintf(why, sizeof(why), "Granularity exceeds maximum (%llu bytes)",
+                 1ull << QCOW2_BME_MAX_GRANULARITY_BITS);
+    } else if (gbits < QCOW2_BME_MIN_GRANULARITY_BITS) {
+        snprintf(why, sizeof(why), "Granularity is under minimum (%llu bytes)",
+                 1ull << QCOW2_BME_MIN_GRANULARITY_BITS);
+    } else if (bytes > QCOW2_BME_MAX_PHYS_SIZE ||
+               bytes > QCOW2_BME_MAX_TABLE_SIZE * s->cluster_size) {
+        msg = "Too much space will be occupied by the bitmap. Use larger "
+              "granularity";
+    } else if (strlen(name) > QCOW2_BME_MAX_NAME_SIZE) {
+        snprintf(why, sizeof(why), "Name length exceeds maximum (%d "
+                 "characters)", QCOW2_BME_MAX_NAME_SIZE);
+    } else if (count + 1 > QCOW2_MAX_BITMAPS) {
+        msg = "Maximum number of persistent bitmaps is already reached";
+    } else if (dir_size > QCOW2_MAX_BITMAP_DIR_SIZE) {
+        msg = "Not enough space in the bitmap directory";
+    } else if (node->size == 0) {
+        msg = "the image is empty (a qcow2 bitmap needs at least one bit)";
+    } else {
+        return 0;
+    }
+    cbt_error_set(errp, EINVAL, "Can't make bitmap '%s' persistent in '%s': %s",
+                  name, node->filename, msg);
+    return -1;
+}
