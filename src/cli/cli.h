@@ -25,7 +25,8 @@
     X(map, "Show the allocation of an image as extents")                       \
     X(compare, "Check whether two images have the same contents")              \
     X(io, "Read, write, zero and discard ranges (qemu-io's commands)")         \
-    X(resize, "Change the virtual size of an image")
+    X(resize, "Change the virtual size of an image")                           \
+    X(bitmap, "Add, change, list and dump persistent dirty bitmaps")
 
 #define CLI_DECLARE_COMMAND(name, summary)                                     \
     int cmd_##name(int argc, char **argv);

@@ -1,8 +1,12 @@
 /* cbt info: what qemu-img info shows, as text or with its JSON field names. */
+#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <cbt/bitmap.h>
 
 #include "cli.h"
 
@@ -27,6 +31,13 @@ static const char usage[] =
 
 #define NSEC_PER_SEC 1000000000ULL
 
+/* One layer: what cbt_image_get_info reports plus its bitmaps. */
+struct layer_info {
+    struct cbt_image_info info;
+    struct cbt_bitmap_info *bitmaps;
+    size_t nb_bitmaps;
+};
+
 static json_t *snapshot_json(const struct cbt_snapshot_info *sn)
 {
     json_t *o = json_object();
@@ -44,9 +55,25 @@ static json_t *snapshot_json(const struct cbt_snapshot_info *sn)
     return o;
 }
 
-/* The "data" of format-specific for qcow2, in qemu's field order. */
-static json_t *qcow2_specific_json(const struct cbt_image_info *info)
+/* qemu's Qcow2BitmapInfo: flags as found on disk, in qemu's key order. */
+static json_t *bitmap_json(const struct cbt_bitmap_info *b)
 {
+    json_t *o = json_object();
+    json_t *flags = json_array();
+    if (b->in_use)
+        json_array_append_new(flags, json_string("in-use"));
+    if (b->auto_flag)
+        json_array_append_new(flags, json_string("auto"));
+    json_object_set_new(o, "flags", flags);
+    json_object_set_new(o, "name", cli_json_string(b->name));
+    json_object_set_new(o, "granularity", cli_json_u64(b->granularity));
+    return o;
+}
+
+/* The "data" of format-specific for qcow2, in qemu's field order. */
+static json_t *qcow2_specific_json(const struct layer_info *l)
+{
+    const struct cbt_image_info *info = &l->info;
     json_t *d = json_object();
     bool v3 = info->version >= 3;
     json_object_set_new(d, "compat", json_string(v3 ? "1.1" : "0.10"));
@@ -56,6 +83,12 @@ static json_t *qcow2_specific_json(const struct cbt_image_info *info)
     if (v3)
         json_object_set_new(d, "lazy-refcounts",
                             json_boolean(info->lazy_refcounts));
+    if (v3 && l->nb_bitmaps) {
+        json_t *list = json_array();
+        for (size_t i = 0; i < l->nb_bitmaps; i++)
+            json_array_append_new(list, bitmap_json(&l->bitmaps[i]));
+        json_object_set_new(d, "bitmaps", list);
+    }
     json_object_set_new(d, "refcount-bits", json_integer(info->refcount_bits));
     if (v3 && info->data_file) {
         json_object_set_new(d, "data-file", cli_json_string(info->data_file));
@@ -70,8 +103,9 @@ static json_t *qcow2_specific_json(const struct cbt_image_info *info)
 }
 
 /* One image as qemu-img's ImageInfo object (field order as qemu prints). */
-static json_t *info_json(const struct cbt_image_info *info)
+static json_t *info_json(const struct layer_info *l)
 {
+    const struct cbt_image_info *info = &l->info;
     json_t *o = json_object();
     if (info->backing_filename && info->backing_format)
         json_object_set_new(o, "backing-filename-format",
@@ -92,7 +126,7 @@ static json_t *info_json(const struct cbt_image_info *info)
     if (info->is_qcow2) {
         json_t *fs = json_object();
         json_object_set_new(fs, "type", json_string("qcow2"));
-        json_object_set_new(fs, "data", qcow2_specific_json(info));
+        json_object_set_new(fs, "data", qcow2_specific_json(l));
         json_object_set_new(o, "format-specific", fs);
     }
     if (info->backing_filename) {
@@ -124,25 +158,57 @@ static void print_snapshot_row(const struct cbt_snapshot_info *sn)
            icount);
 }
 
-/* The "Format specific information" block: qemu prints each key of the
- * JSON data with '-' turned into ' ', indented by four spaces. */
-static void print_specific(json_t *data)
+static void dump_value(int indent, json_t *v);
+
+/* qemu's dump_qdict: "key: value", '-' in keys turned into ' ', four
+ * spaces per level; a list or object value starts on the next line. */
+static void dump_object(int indent, json_t *o)
 {
     const char *key;
     json_t *v;
-    printf("Format specific information:\n");
-    json_object_foreach(data, key, v)
+    json_object_foreach(o, key, v)
     {
-        printf("    ");
+        printf("%*s", indent * 4, "");
         for (const char *p = key; *p; p++)
             putchar(*p == '-' ? ' ' : *p);
-        if (json_is_string(v))
-            printf(": %s\n", json_string_value(v));
-        else if (json_is_integer(v))
-            printf(": %" JSON_INTEGER_FORMAT "\n", json_integer_value(v));
-        else
-            printf(": %s\n", json_is_true(v) ? "true" : "false");
+        putchar(':');
+        putchar(json_is_object(v) || json_is_array(v) ? '\n' : ' ');
+        dump_value(indent + 1, v);
     }
+}
+
+/* qemu's dump_qlist: the elements as "[0]: value". */
+static void dump_array(int indent, json_t *a)
+{
+    size_t i;
+    json_t *v;
+    json_array_foreach(a, i, v)
+    {
+        printf("%*s[%zu]:%c", indent * 4, "", i,
+               json_is_object(v) || json_is_array(v) ? '\n' : ' ');
+        dump_value(indent + 1, v);
+    }
+}
+
+static void dump_value(int indent, json_t *v)
+{
+    if (json_is_object(v))
+        dump_object(indent, v);
+    else if (json_is_array(v))
+        dump_array(indent, v);
+    else if (json_is_string(v))
+        printf("%s\n", json_string_value(v));
+    else if (json_is_integer(v))
+        printf("%" JSON_INTEGER_FORMAT "\n", json_integer_value(v));
+    else
+        printf("%s\n", json_is_true(v) ? "true" : "false");
+}
+
+/* The "Format specific information" block: qemu dumps the JSON data. */
+static void print_specific(json_t *data)
+{
+    printf("Format specific information:\n");
+    dump_object(1, data);
 }
 
 static void print_backing(const struct cbt_image_info *info)
@@ -157,8 +223,9 @@ static void print_backing(const struct cbt_image_info *info)
         printf("backing file format: %s\n", info->backing_format);
 }
 
-static void print_human(const struct cbt_image_info *info)
+static void print_human(const struct layer_info *l)
 {
+    const struct cbt_image_info *info = &l->info;
     char vsize[32], dsize[32];
     cli_size_to_str(info->virtual_size, vsize, sizeof(vsize));
     cli_size_to_str(info->actual_size, dsize, sizeof(dsize));
@@ -179,7 +246,7 @@ static void print_human(const struct cbt_image_info *info)
             print_snapshot_row(&info->snapshots[i]);
     }
     if (info->is_qcow2) {
-        json_t *data = qcow2_specific_json(info);
+        json_t *data = qcow2_specific_json(l);
         print_specific(data);
         json_decref(data);
     }
@@ -231,34 +298,107 @@ static int parse_args(int argc, char **argv, struct info_args *a)
     return cli_take_filename(a->prog, argc, argv, &a->filename);
 }
 
+/*
+ * Print `v` as qemu does, then release it: jansson's 4-space layout, except
+ * that qemu writes an empty list or object across two lines ("[" newline,
+ * indentation, "]"), which jansson prints as "[]".
+ */
+static void print_json_qemu(json_t *v)
+{
+    char *s = json_dumps(v, JSON_INDENT(4) | JSON_PRESERVE_ORDER);
+    json_decref(v);
+    if (!s) {
+        cli_error("out of memory");
+        return;
+    }
+    bool in_string = false, escaped = false;
+    int indent = 0;      /* leading spaces of the current line */
+    bool leading = true; /* still in those spaces */
+    for (const char *p = s; *p; p++) {
+        char c = *p;
+        putchar(c);
+        if (in_string) {
+            if (escaped)
+                escaped = false;
+            else if (c == '\\')
+                escaped = true;
+            else if (c == '"')
+                in_string = false;
+        } else if (c == '"') {
+            in_string = true;
+        } else if ((c == '[' && p[1] == ']') || (c == '{' && p[1] == '}')) {
+            printf("\n%*s", indent, "");
+        }
+        if (c == '\n') {
+            indent = 0;
+            leading = true;
+        } else if (leading && c == ' ') {
+            indent++;
+        } else {
+            leading = false;
+        }
+    }
+    putchar('\n');
+    free(s);
+}
+
+/* Fill l for one layer; the bitmaps only of qcow2 images.  0 or -1. */
+static int get_layer(struct cbt_image *img, struct layer_info *l)
+{
+    struct cbt_error *err = NULL;
+    *l = (struct layer_info){0};
+    if (cbt_image_get_info(img, &l->info, &err) < 0) {
+        cli_lib_error(err);
+        return -1;
+    }
+    if (!l->info.is_qcow2)
+        return 0;
+    if (cbt_bitmap_list(img, &l->bitmaps, &l->nb_bitmaps, &err) < 0) {
+        /* A library without bitmap support lists none. */
+        if (cbt_error_errno(err) == ENOTSUP) {
+            cbt_error_free(err);
+            return 0;
+        }
+        cli_lib_error(err);
+        cbt_image_info_free(&l->info);
+        return -1;
+    }
+    return 0;
+}
+
+static void free_layer(struct layer_info *l)
+{
+    cbt_bitmap_info_free_list(l->bitmaps, l->nb_bitmaps);
+    cbt_image_info_free(&l->info);
+}
+
 /* Print every layer (or only the top); JSON as one object or a list. */
 static int show(struct cbt_image *top, const struct info_args *a)
 {
     json_t *list = json_array();
-    struct cbt_error *err = NULL;
     int ret = 0;
     for (struct cbt_image *img = top; img; img = cbt_image_backing(img)) {
-        struct cbt_image_info info;
-        if (cbt_image_get_info(img, &info, &err) < 0) {
-            ret = cli_lib_error(err);
+        struct layer_info l;
+        if (get_layer(img, &l) < 0) {
+            ret = CLI_EXIT_FAILURE;
             break;
         }
         if (a->output == CLI_OUTPUT_JSON) {
-            json_array_append_new(list, info_json(&info));
+            json_array_append_new(list, info_json(&l));
         } else {
             if (img != top)
                 putchar('\n');
-            print_human(&info);
+            print_human(&l);
         }
-        cbt_image_info_free(&info);
+        free_layer(&l);
         if (!a->chain)
             break;
     }
     if (ret == 0 && a->output == CLI_OUTPUT_JSON) {
         if (a->chain)
-            cli_json_print(json_incref(list));
+            print_json_qemu(json_incref(list));
         else
-            cli_json_print(json_incref(json_array_get(list, 0)));
+            print_json_qemu(json_incref(json_array_get(list, 0)));
     }
     json_decref(list);
     return ret;
