@@ -14,8 +14,9 @@
 /* Most block-status calls per walk (an image may have 2^40 extents). */
 #define FUZZ_MAX_EXTENTS 2048
 
-/* Create the scratch folder and silence library warnings (set
- * CBT_FUZZ_VERBOSE=1 to see them).  Called once, from LLVMFuzzerInitialize. */
+/* Create the scratch folder (in $CBT_FUZZ_TMPDIR, else /dev/shm, else
+ * $TMPDIR, else /tmp) and silence library warnings (set CBT_FUZZ_VERBOSE=1
+ * to see them).  Called once, from LLVMFuzzerInitialize. */
 void fuzz_init(void);
 
 /*
