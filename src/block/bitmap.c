@@ -74,14 +74,14 @@ static void list_clear(struct blk_bitmap_list *l)
         entry_clear(&l->v[i]);
     free(l->v);
     l->v = NULL;
-    l->n = 0;
+    l->n = l->cap = 0;
 }
 
 /* Deep copy of src into *dst (which is overwritten, not freed). */
 static int list_copy(struct blk_bitmap_list *dst,
                      const struct blk_bitmap_list *src)
 {
-    struct blk_bitmap_list l = { NULL, 0 };
+    struct blk_bitmap_list l = { NULL, 0, src->n };
     if (src->n) {
         l.v = calloc(src->n, sizeof(*l.v));
         if (!l.v)
@@ -105,10 +105,14 @@ static int list_copy(struct blk_bitmap_list *dst,
 
 static int list_append(struct blk_bitmap_list *l, const struct blk_bitmap *b)
 {
-    struct blk_bitmap *v = realloc(l->v, (l->n + 1) * sizeof(*v));
-    if (!v)
-        return -ENOMEM;
-    l->v = v;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? 2 * l->cap : 8;
+        struct blk_bitmap *v = realloc(l->v, cap * sizeof(*v));
+        if (!v)
+            return -ENOMEM;
+        l->v = v;
+        l->cap = cap;
+    }
     l->v[l->n++] = *b;
     return 0;
 }

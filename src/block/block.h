@@ -53,7 +53,7 @@ struct blk_bitmap {
 /* The bitmaps of a node, in directory order. */
 struct blk_bitmap_list {
     struct blk_bitmap *v;
-    size_t n;
+    size_t n, cap;
 };
 
 /*

@@ -69,11 +69,12 @@ static uint64_t rnd(uint64_t n)
     return n ? rnd64() % n : 0;
 }
 
+/* A path in the test's folder; the last 16 results stay valid. */
 static char *path_of(const char *name)
 {
-    static char buf[4][512];
+    static char buf[16][512];
     static int k;
-    char *p = buf[k++ & 3];
+    char *p = buf[k++ & 15];
     snprintf(p, 512, "%s/%s", tmpdir, name);
     return p;
 }
@@ -1010,6 +1011,36 @@ static uint64_t add_entry(uint8_t *dir, uint64_t pos, uint64_t table_off,
     return pos + ALIGN_UP(24ull + name_size + extra, 8);
 }
 
+/* check -r all salvages what loads: afterwards the image is clean, opens,
+ * and holds exactly the bitmaps named in `names` (comma-separated). */
+static void repair_keeps(const char *p, const char *names, const char *what)
+{
+    char f[512];
+    snprintf(f, sizeof(f), "%s/fixed.qcow2", tmpdir);
+    copy_file(p, f);
+    struct cbt_check_result res;
+    struct cbt_error *err = NULL;
+    ok(cbt_image_check(f, "qcow2", CBT_CHECK_FIX_LEAKS | CBT_CHECK_FIX_ERRORS,
+                       &res, NULL, NULL, &err), err, what);
+    if (res.corruptions || res.check_errors || res.corruptions_fixed < 1)
+        fail_msg("%s: check -r all left %" PRId64 " corruptions, fixed %"
+                 PRId64, what, res.corruptions, res.corruptions_fixed);
+    check_clean(f);
+    struct cbt_image *img = open_img(f, 0);
+    struct cbt_bitmap_info *list;
+    size_t n;
+    ok(cbt_bitmap_list(img, &list, &n, &err), err, "list");
+    char got[256] = "";
+    for (size_t i = 0; i < n; i++)
+        snprintf(got + strlen(got), sizeof(got) - strlen(got), "%s%s",
+                 i ? "," : "", list[i].name);
+    cbt_bitmap_info_free_list(list, n);
+    close_img(img);
+    if (strcmp(got, names) != 0)
+        fail_msg("%s: after check -r all the bitmaps are \"%s\", want \"%s\"",
+                 what, got, names);
+}
+
 struct dir_case {
     const char *name;
     const char *want;
@@ -1089,14 +1120,13 @@ static void test_bad_directories(void **state)
         if (!strstr(m, c->want))
             fail_msg("%s: \"%s\" lacks \"%s\"", c->name, m, c->want);
         free(m);
-        /* check still runs and reports the damage */
+        /* check still runs and reports the damage; -r all keeps b2 */
         struct cbt_check_result res;
         struct cbt_error *err = NULL;
         ok(cbt_image_check(p, "qcow2", 0, &res, NULL, NULL, &err), err,
            "check");
-        if (strcmp(c->name, "duplicate name") && strcmp(c->name, "empty name") &&
-            strcmp(c->name, "table size mismatch"))
-            assert_true(res.corruptions > 0);
+        assert_true(res.corruptions > 0);
+        repair_keeps(p, "b2", c->name);
     }
 
     /* The extension and the directory as a whole. */
@@ -1108,21 +1138,24 @@ static void test_bad_directories(void **state)
         uint32_t nb, reserved;
         int64_t size_delta;
         uint64_t off_delta;
+        const char *kept; /* after check -r all */
     } ext_cases[] = {
-        { "reserved", "Reserved field is not zero", 2, 1, 0, 0 },
+        { "reserved", "Reserved field is not zero", 2, 1, 0, 0, "b1,b2" },
         { "too many", "exceeding the QEMU supported maximum of 65535", 65536, 0,
-          0, 0 },
+          0, 0, "b1,b2" },
         { "zero bitmaps", "found bitmaps extension with zero bitmaps", 0, 0, 0,
-          0 },
-        { "unaligned dir", "invalid bitmap directory offset", 2, 0, 0, 8 },
+          0, "b1,b2" },
+        { "unaligned dir", "invalid bitmap directory offset", 2, 0, 0, 8, "" },
         { "dir too big", "exceeds the maximum supported size", 2, 0,
-          67107841, 0 },
+          67107841, 0, "" },
         { "dir size 0", "Requested bitmap directory size is zero", 2, 0,
-          INT64_MIN, 0 },
-        { "more bitmaps", "More bitmaps found than specified", 1, 0, 0, 0 },
-        { "less bitmaps", "Less bitmaps found than specified", 3, 0, 0, 0 },
-        { "broken dir", "Broken bitmap directory", 2, 0, -8, 0 },
-        { "leftover", "Broken bitmap directory", 3, 0, 16, 0 },
+          INT64_MIN, 0, "" },
+        { "more bitmaps", "More bitmaps found than specified", 1, 0, 0, 0,
+          "b1,b2" },
+        { "less bitmaps", "Less bitmaps found than specified", 3, 0, 0, 0,
+          "b1,b2" },
+        { "broken dir", "Broken bitmap directory", 2, 0, -8, 0, "b1" },
+        { "leftover", "Broken bitmap directory", 3, 0, 16, 0, "b1,b2" },
     };
     for (size_t i = 0; i < ARRAY_SIZE(ext_cases); i++) {
         copy_file(base, p);
@@ -1142,6 +1175,7 @@ static void test_bad_directories(void **state)
         ok(cbt_image_check(p, "qcow2", 0, &res, NULL, NULL, &err), err,
            "check");
         assert_true(res.corruptions > 0);
+        repair_keeps(p, ext_cases[i].kept, ext_cases[i].name);
     }
     free(dir);
 
@@ -1153,6 +1187,7 @@ static void test_bad_directories(void **state)
     char *m = open_fails(p, 0, "length 32");
     assert_non_null(strstr(m, "bitmaps_ext: Invalid extension length"));
     free(m);
+    repair_keeps(p, "", "length 32");
 
     /* A table entry with reserved bits, and one with offset and bit 0. */
     for (int k = 0; k < 2; k++) {
@@ -1169,6 +1204,7 @@ static void test_bad_directories(void **state)
         ok(cbt_image_check(p, "qcow2", 0, &res, NULL, NULL, &err), err,
            "check");
         assert_true(res.corruptions > 0);
+        repair_keeps(p, "b1", "table entry");
     }
 
     /* An in_use entry may have a table too small for the size. */

@@ -26,7 +26,9 @@
  *   3. rewrite the header (extension + autoclear bit 0 set, or neither when
  *      no bitmap is left), synced;
  *   4. free the old directory, and the tables and data of every old entry
- *      the new directory does not reuse (deferred frees, then a flush).
+ *      the new directory does not reuse, then flush.  Nothing on disk
+ *      refers to them any more, so they are freed at once (a corrupt
+ *      image whose refcounts cannot drop only leaks them).
  *
  * A crash before 3 leaves the old bitmaps and leaked clusters; after 3, the
  * new bitmaps and leaked clusters: `check -r leaks` reclaims them, and the
@@ -53,6 +55,12 @@
 #include <stdio.h>
 
 #include "qcow2.h"
+
+/* The bits all the bitmaps of one image may hold in memory (32 GiB when
+ * dirty): far beyond real use (256 bitmaps of a 64 TiB disk at 64 KiB),
+ * but a hostile directory of 65535 entries sharing one table could ask for
+ * 2^48 (QEMU would abort). */
+#define MAX_LOADED_BITS (1ull << 38)
 
 static const char *fname(const struct qcow2_state *s)
 {
@@ -246,27 +254,103 @@ static int check_ext(struct qcow2_state *s, struct cbt_error **errp)
     return 0;
 }
 
-/* Read and check the directory (QEMU's bitmap_list_load). */
-static int load_dir(struct qcow2_state *s, struct cbt_error **errp)
+/* A set of names, to find duplicates in O(n) (a directory may hold 65535
+ * entries from a hostile file). */
+struct name_set {
+    const char **slot;
+    size_t cap; /* a power of two, at least twice the names */
+};
+
+static uint64_t name_hash(const char *p, size_t n)
 {
-    const char *fn = fname(s);
-    uint64_t size = s->bm_ext.dir_size;
-    uint32_t nb = s->bm_ext.nb_bitmaps;
-    CLEANUP_FREE uint8_t *dir = malloc(size); /* <= 64 MiB, checked */
-    struct qcow2_bitmap_dirent *v = calloc(nb, sizeof(*v));
-    if (!dir || !v) {
-        free(v);
-        cbt_error_set(errp, ENOMEM, "%s: out of memory for the bitmap "
-                      "directory", fn);
-        return -1;
+    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (uint8_t)p[i]) * 0x100000001b3ull;
+    return h;
+}
+
+static int name_set_init(struct name_set *ns, size_t max)
+{
+    ns->cap = 16;
+    while (ns->cap < 2 * max)
+        ns->cap *= 2;
+    ns->slot = calloc(ns->cap, sizeof(*ns->slot));
+    return ns->slot ? 0 : -ENOMEM;
+}
+
+/* Add a NUL-terminated name; false if it is there already. */
+static bool name_set_add(struct name_set *ns, const char *name)
+{
+    size_t i = name_hash(name, strlen(name)) & (ns->cap - 1);
+    for (; ns->slot[i]; i = (i + 1) & (ns->cap - 1))
+        if (strcmp(ns->slot[i], name) == 0)
+            return false;
+    ns->slot[i] = name;
+    return true;
+}
+
+/* Why a directory entry cannot be loaded (its fixed part and name are
+ * inside the directory), or NULL: extra data, QEMU's check_dir_entry, and
+ * a name that is empty or holds a NUL byte. */
+static const char *entry_problem(const struct qcow2_state *s, const uint8_t *e,
+                                 uint32_t index, char *why, size_t why_len)
+{
+    uint16_t name_size = ldbe16(e + 18);
+    uint32_t extra = ldbe32(e + 20);
+    const char *name = (const char *)e + QCOW2_BME_FIXED_SIZE + extra;
+    if (extra != 0) {
+        snprintf(why, why_len, "Bitmap extra data is not supported (bitmap "
+                 "%u has extra_data_size %u)", index, extra);
+        return why;
     }
-    int r = file_pread_full(s->node->fd, dir, size, s->bm_ext.dir_offset);
-    if (r < 0) {
-        free(v);
-        cbt_error_set(errp, -r, "%s: Failed to read bitmap directory: %s", fn,
-                      strerror(-r));
-        return -1;
+    struct qcow2_bitmap_dirent d = {
+        .table_offset = ldbe64(e), .table_size = ldbe32(e + 8),
+        .flags = ldbe32(e + 12), .granularity_bits = e[17],
+    };
+    char field[160];
+    const char *problem = dirent_problem(s, &d, e[16], name_size, field,
+                                         sizeof(field));
+    if (problem) {
+        snprintf(why, why_len, "Bitmap '%.*s' doesn't satisfy the "
+                 "constraints: %s", (int)MIN(name_size, 1023), name, problem);
+        return why;
     }
+    if (name_size == 0 || memchr(name, 0, name_size)) {
+        snprintf(why, why_len, "bitmap %u of the directory has an empty name "
+                 "or a name with a NUL byte", index);
+        return why;
+    }
+    return NULL;
+}
+
+int qcow2_bitmap_dir_parse(const struct qcow2_state *s, const uint8_t *dir,
+                           uint64_t size, uint32_t nb,
+                           struct qcow2_bitmap_dirent **out, uint32_t *nout,
+                           char *why, size_t why_len)
+{
+    *out = NULL;
+    *nout = 0;
+    if (size == 0) {
+        snprintf(why, why_len, "Requested bitmap directory size is zero");
+        return -EINVAL;
+    }
+    if (size > QCOW2_MAX_BITMAP_DIR_SIZE) {
+        snprintf(why, why_len, "Requested bitmap directory size is too big");
+        return -EINVAL;
+    }
+    if (nb > QCOW2_MAX_BITMAPS) {
+        snprintf(why, why_len, "Image has %u bitmaps, exceeding the QEMU "
+                 "supported maximum of %d", nb, QCOW2_MAX_BITMAPS);
+        return -EINVAL;
+    }
+    struct qcow2_bitmap_dirent *v = calloc(MAX(nb, 1), sizeof(*v));
+    struct name_set names = { NULL, 0 };
+    if (!v || name_set_init(&names, nb) < 0) {
+        free(v);
+        snprintf(why, why_len, "out of memory for the bitmap directory");
+        return -ENOMEM;
+    }
+    int r = -EINVAL;
     uint32_t n = 0;
     uint64_t pos = 0;
     while (pos < size) {
@@ -274,72 +358,90 @@ static int load_dir(struct qcow2_state *s, struct cbt_error **errp)
         if (size - pos < QCOW2_BME_FIXED_SIZE)
             goto broken;
         if (n == nb) {
-            cbt_error_set(errp, EINVAL, "%s: More bitmaps found than specified "
-                          "in header extension (%u)", fn, nb);
+            snprintf(why, why_len, "More bitmaps found than specified in "
+                     "header extension (%u)", nb);
             goto fail;
         }
-        uint16_t name_size = ldbe16(e + 18);
-        uint32_t extra = ldbe32(e + 20);
-        uint64_t esize = ALIGN_UP(QCOW2_BME_FIXED_SIZE + (uint64_t)name_size +
-                                  extra, 8);
+        uint64_t esize = ALIGN_UP(QCOW2_BME_FIXED_SIZE +
+                                  (uint64_t)ldbe16(e + 18) + ldbe32(e + 20), 8);
         if (esize > size - pos)
             goto broken;
-        if (extra != 0) {
-            cbt_error_set(errp, EINVAL, "%s: Bitmap extra data is not supported "
-                          "(bitmap %u has extra_data_size %u)", fn, n, extra);
+        if (entry_problem(s, e, n, why, why_len))
             goto fail;
-        }
         struct qcow2_bitmap_dirent *d = &v[n];
         d->table_offset = ldbe64(e);
         d->table_size = ldbe32(e + 8);
         d->flags = ldbe32(e + 12);
         d->granularity_bits = e[17];
-        const char *name = (const char *)e + QCOW2_BME_FIXED_SIZE;
-        char why[160];
-        const char *problem = dirent_problem(s, d, e[16], name_size, why,
-                                             sizeof(why));
-        if (problem) {
-            cbt_error_set(errp, EINVAL, "%s: Bitmap '%.*s' doesn't satisfy the "
-                          "constraints: %s", fn, (int)MIN(name_size, 1023),
-                          name, problem);
-            goto fail;
-        }
-        if (name_size == 0 || memchr(name, 0, name_size)) {
-            cbt_error_set(errp, EINVAL, "%s: bitmap %u of the directory has "
-                          "an empty name or a name with a NUL byte", fn, n);
-            goto fail;
-        }
-        d->name = strndup(name, name_size);
+        d->name = strndup((const char *)e + QCOW2_BME_FIXED_SIZE,
+                          ldbe16(e + 18));
         if (!d->name) {
-            cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
+            snprintf(why, why_len, "out of memory");
+            r = -ENOMEM;
             goto fail;
-        }
-        for (uint32_t k = 0; k < n; k++) {
-            if (strcmp(v[k].name, d->name) == 0) {
-                cbt_error_set(errp, EINVAL, "%s: Bitmap already exists: %s "
-                              "(two directory entries have this name)", fn,
-                              d->name);
-                n++;
-                goto fail;
-            }
         }
         n++;
+        if (!name_set_add(&names, d->name)) {
+            snprintf(why, why_len, "Bitmap already exists: %s (two directory "
+                     "entries have this name)", d->name);
+            goto fail;
+        }
         pos += esize;
     }
     if (n != nb) {
-        cbt_error_set(errp, EINVAL, "%s: Less bitmaps found than specified in "
-                      "header extension (%u found, %u specified)", fn, n, nb);
+        snprintf(why, why_len, "Less bitmaps found than specified in header "
+                 "extension (%u found, %u specified)", n, nb);
         goto fail;
     }
-    s->bm_dir = v;
-    s->bm_dir_n = n;
+    free(names.slot);
+    *out = v;
+    *nout = n;
     return 0;
 broken:
-    cbt_error_set(errp, EINVAL, "%s: Broken bitmap directory (entry %u at "
-                  "byte %" PRIu64 " runs past its end)", fn, n, pos);
+    snprintf(why, why_len, "Broken bitmap directory (entry %u at byte %" PRIu64
+             " runs past its end)", n, pos);
 fail:
+    free(names.slot);
     free_dir(v, n);
-    return -1;
+    return r;
+}
+
+void qcow2_bitmap_dir_free(struct qcow2_bitmap_dirent *dir, uint32_t n)
+{
+    free_dir(dir, n);
+}
+
+uint64_t qcow2_bitmap_table_entries(const struct qcow2_state *s, uint64_t size,
+                                    unsigned granularity_bits)
+{
+    return table_entries(s, size, granularity_bits);
+}
+
+/* Read and check the directory (QEMU's bitmap_list_load). */
+static int load_dir(struct qcow2_state *s, struct cbt_error **errp)
+{
+    const char *fn = fname(s);
+    uint64_t size = s->bm_ext.dir_size; /* checked: <= 64 MiB */
+    CLEANUP_FREE uint8_t *dir = malloc(size ? size : 1);
+    if (!dir) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory for the bitmap "
+                      "directory", fn);
+        return -1;
+    }
+    int r = file_pread_full(s->node->fd, dir, size, s->bm_ext.dir_offset);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: Failed to read bitmap directory: %s", fn,
+                      strerror(-r));
+        return -1;
+    }
+    char why[1200];
+    r = qcow2_bitmap_dir_parse(s, dir, size, s->bm_ext.nb_bitmaps, &s->bm_dir,
+                               &s->bm_dir_n, why, sizeof(why));
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: %s", fn, why);
+        return -1;
+    }
+    return 0;
 }
 
 /* Read the bits of a bitmap that was not in_use (QEMU's load_bitmap). */
@@ -397,11 +499,18 @@ static int load_data(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
     return 0;
 }
 
-/* Bytes an in_use bitmap holds on disk, as far as its table can tell. */
+/* Bytes an in_use bitmap holds on disk, as far as its table can tell.
+ * Only for the report: once *budget bytes of tables were read, the tables
+ * alone are counted (a hostile directory may hold 65535 such entries). */
 static uint64_t inconsistent_disk_bytes(struct qcow2_state *s,
-                                        const struct qcow2_bitmap_dirent *d)
+                                        const struct qcow2_bitmap_dirent *d,
+                                        uint64_t *budget)
 {
     uint64_t bytes = table_bytes_on_disk(s, d->table_size), bad;
+    uint64_t tbytes = (uint64_t)d->table_size * 8;
+    if (tbytes > *budget)
+        return bytes;
+    *budget -= tbytes;
     int err;
     uint64_t *t = read_table(s, d->table_offset, d->table_size, &bad, &err);
     for (uint32_t i = 0; t && i < d->table_size; i++)
@@ -450,6 +559,8 @@ int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp)
     if (check_ext(s, errp) < 0 || load_dir(s, errp) < 0)
         return -1;
 
+    uint64_t total_bits = 0;
+    uint64_t budget = 64ull << 20; /* bytes of in_use tables to read */
     for (uint32_t i = 0; i < s->bm_dir_n; i++) {
         const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
         struct blk_bitmap b = {
@@ -461,9 +572,16 @@ int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp)
         if (b.in_use) {
             /* Its contents are unknown: keep it, unusable, until removed. */
             b.inconsistent = true;
-            b.disk_bytes = inconsistent_disk_bytes(s, d);
+            b.disk_bytes = inconsistent_disk_bytes(s, d, &budget);
         } else {
             b.recording = d->flags & QCOW2_BME_FLAG_AUTO;
+            total_bits += DIV_ROUND_UP(s->h.size, b.granularity);
+            if (total_bits > MAX_LOADED_BITS) {
+                cbt_error_set(errp, EFBIG, "%s: the bitmaps need more than "
+                              "%llu bits of memory in all (at bitmap '%s')",
+                              fn, MAX_LOADED_BITS, d->name);
+                return -1;
+            }
             b.bm = bm_new(s->h.size, b.granularity);
             if (!b.bm) {
                 cbt_error_set(errp, errno, "%s: cannot create bitmap '%s': %s",
@@ -509,9 +627,31 @@ static const struct qcow2_bitmap_dirent *find_dirent(const struct qcow2_state *s
     return NULL;
 }
 
-/* Free a table and the data clusters it points at (deferred).  A table
- * that cannot be read or is invalid keeps its data (leaked, never a wrong
- * cluster freed). */
+/*
+ * Give clusters back at once.  The caller knows nothing on disk refers to
+ * them (the synced header no longer points at them, or never did), so the
+ * deferral of qcow2_free_clusters_deferred is not needed, and an error
+ * here (a refcount that would drop below zero: a corrupt image) only
+ * leaks what is left instead of failing every later flush.  Whole freed
+ * clusters are punched out of the file, as QEMU discards bitmap clusters.
+ */
+static int release(struct qcow2_state *s, uint64_t off, uint64_t len)
+{
+    int r = qcow2_update_refcount(s, off, len, -1);
+    if (r < 0)
+        return r;
+    for (uint64_t c = ALIGN_DOWN(off, s->cluster_size); c < off + len;
+         c += s->cluster_size) {
+        uint64_t rc;
+        if (qcow2_get_refcount(s, c >> s->cluster_bits, &rc) == 0 && rc == 0)
+            (void)file_punch_hole(s->node->fd, c, s->cluster_size);
+    }
+    return 0;
+}
+
+/* Free a table and the data clusters it points at.  A table that cannot
+ * be read or is invalid keeps its data (leaked, never a wrong cluster
+ * freed). */
 static int free_table(struct qcow2_state *s, uint64_t table_offset,
                       uint32_t table_size)
 {
@@ -522,12 +662,11 @@ static int free_table(struct qcow2_state *s, uint64_t table_offset,
     for (uint32_t i = 0; t && i < table_size && r == 0; i++) {
         uint64_t off = t[i] & QCOW2_BME_TABLE_OFFSET_MASK;
         if (off)
-            r = qcow2_free_clusters_deferred(s, off, s->cluster_size);
+            r = release(s, off, s->cluster_size);
     }
     free(t);
     if (r == 0)
-        r = qcow2_free_clusters_deferred(s, table_offset,
-                                         (uint64_t)table_size * 8);
+        r = release(s, table_offset, (uint64_t)table_size * 8);
     return r;
 }
 
@@ -537,11 +676,57 @@ static void drop_fresh(struct qcow2_state *s, const uint64_t *tab,
 {
     for (uint64_t i = 0; tab && i < tab_n; i++)
         if (tab[i] & QCOW2_BME_TABLE_OFFSET_MASK)
-            (void)qcow2_free_clusters_deferred(
-                s, tab[i] & QCOW2_BME_TABLE_OFFSET_MASK, s->cluster_size);
+            (void)release(s, tab[i] & QCOW2_BME_TABLE_OFFSET_MASK,
+                          s->cluster_size);
     for (size_t i = 0; i < n; i++)
         if (v[i].fresh)
             (void)free_table(s, v[i].table_offset, v[i].table_size);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/*
+ * Step 4: free the old directory and every old table (with its data) the
+ * new directory does not keep.  A table shared by several entries (a
+ * corrupt image) is freed once.
+ */
+static int free_old(struct qcow2_state *s, const struct qcow2_bitmaps_ext *old,
+                    const struct new_entry *v, size_t k)
+{
+    int r = 0;
+    if (old->present && old->len == QCOW2_BITMAPS_EXT_SIZE && old->dir_size)
+        r = release(s, old->dir_offset, old->dir_size);
+    uint64_t *keep = calloc(k + 1, sizeof(*keep));
+    /* pairs (table offset, table size), sorted by offset */
+    uint64_t (*drop)[2] = calloc(s->bm_dir_n + 1, sizeof(*drop));
+    if (!keep || !drop) {
+        free(keep);
+        free(drop);
+        return -ENOMEM;
+    }
+    size_t nk = 0, nd = 0;
+    for (size_t j = 0; j < k; j++)
+        if (!v[j].fresh)
+            keep[nk++] = v[j].table_offset;
+    qsort(keep, nk, sizeof(*keep), cmp_u64);
+    for (uint32_t i = 0; i < s->bm_dir_n; i++) {
+        const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
+        if (!bsearch(&d->table_offset, keep, nk, sizeof(*keep), cmp_u64)) {
+            drop[nd][0] = d->table_offset;
+            drop[nd++][1] = d->table_size;
+        }
+    }
+    qsort(drop, nd, sizeof(*drop), cmp_u64); /* by the first member */
+    for (size_t i = 0; i < nd && r == 0; i++)
+        if (i == 0 || drop[i][0] != drop[i - 1][0])
+            r = free_table(s, drop[i][0], (uint32_t)drop[i][1]);
+    free(keep);
+    free(drop);
+    return r;
 }
 
 /*
@@ -617,7 +802,7 @@ static int write_bitmap(struct qcow2_state *s, struct new_entry *ne,
                           "%s", fn, b->name, strerror(-r));
     }
     if (r < 0) {
-        (void)qcow2_free_clusters_deferred(s, (uint64_t)toff, tbytes);
+        (void)release(s, (uint64_t)toff, tbytes);
         goto fail;
     }
     s->need_sync = true;
@@ -788,7 +973,7 @@ static int store(struct qcow2_state *s, enum store_mode mode,
         s->need_sync = true;
         if (r < 0) {
             if (off >= 0)
-                (void)qcow2_free_clusters_deferred(s, (uint64_t)off, dbytes);
+                (void)release(s, (uint64_t)off, dbytes);
             cbt_error_set(errp, -r, "%s: Failed to write the bitmap directory: "
                           "%s", fn, strerror(-r));
             goto fail;
@@ -802,7 +987,7 @@ static int store(struct qcow2_state *s, enum store_mode mode,
         cbt_error_set(errp, -r, "%s: Failed to update bitmap extension: %s",
                       fn, strerror(-r));
         if (dir_off)
-            (void)qcow2_free_clusters_deferred(s, dir_off, dir_size);
+            (void)release(s, dir_off, dir_size);
         goto fail;
     }
 
@@ -852,19 +1037,7 @@ static int store(struct qcow2_state *s, enum store_mode mode,
             v[i].b->disk_bytes = v[i].disk_bytes;
 
     /* 4. Free what only the old directory referenced. */
-    int fr = 0;
-    if (old_ext.present && old_ext.len == QCOW2_BITMAPS_EXT_SIZE &&
-        old_ext.dir_size)
-        fr = qcow2_free_clusters_deferred(s, old_ext.dir_offset,
-                                          old_ext.dir_size);
-    for (uint32_t i = 0; fr == 0 && i < s->bm_dir_n; i++) {
-        const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
-        bool kept = false;
-        for (size_t j = 0; j < k && !kept; j++)
-            kept = !v[j].fresh && v[j].table_offset == d->table_offset;
-        if (!kept)
-            fr = free_table(s, d->table_offset, d->table_size);
-    }
+    int fr = free_old(s, &old_ext, v, k);
     if (fr == 0)
         fr = qcow2_flush_metadata(s);
     free(v);
@@ -929,6 +1102,119 @@ int qcow2_bitmaps_store(struct blk_node *node, struct cbt_error **errp)
     if (!node->bitmaps_changed && !node->bitmaps_written && !s->bm_marked)
         return 0;
     return store(s, STORE_ALL, errp);
+}
+
+/* ---- salvage (check -r all) ---- */
+
+/* Would this entry load (and pass check's table check)?  Its name is
+ * added to `names` when it does and is new. */
+static bool salvageable(struct qcow2_state *s, const uint8_t *e,
+                        struct name_set *names, char *name)
+{
+    char why[1200];
+    if (entry_problem(s, e, 0, why, sizeof(why)))
+        return false;
+    uint32_t table_size = ldbe32(e + 8);
+    if (!(ldbe32(e + 12) & QCOW2_BME_FLAG_IN_USE) &&
+        table_size != table_entries(s, s->h.size, e[17]))
+        return false;
+    uint64_t bad;
+    int err;
+    uint64_t *t = read_table(s, ldbe64(e), table_size, &bad, &err);
+    free(t);
+    return t != NULL && name_set_add(names, name);
+}
+
+int qcow2_bitmaps_salvage(struct qcow2_state *s, bool dir_ok, uint32_t *kept,
+                          uint32_t *dropped)
+{
+    const struct qcow2_bitmaps_ext *x = &s->bm_ext;
+    *kept = *dropped = 0;
+    CLEANUP_FREE uint8_t *dir = NULL, *out = NULL;
+    char **kept_names = NULL;
+    struct name_set names = { NULL, 0 };
+    uint64_t out_size = 0;
+    uint32_t seen = 0;
+    int r = 0;
+    if (dir_ok) {
+        uint64_t max = x->dir_size / QCOW2_BME_FIXED_SIZE + 1;
+        dir = malloc(x->dir_size);
+        out = calloc(1, x->dir_size);
+        kept_names = calloc(max, sizeof(*kept_names));
+        if (!dir || !out || !kept_names || name_set_init(&names, max) < 0) {
+            r = -ENOMEM;
+            goto out;
+        }
+        r = file_pread_full(s->node->fd, dir, x->dir_size, x->dir_offset);
+        for (uint64_t pos = 0;
+             r == 0 && pos + QCOW2_BME_FIXED_SIZE <= x->dir_size;) {
+            const uint8_t *e = dir + pos;
+            uint16_t ns = ldbe16(e + 18);
+            uint64_t esize = ALIGN_UP(QCOW2_BME_FIXED_SIZE + (uint64_t)ns +
+                                      ldbe32(e + 20), 8);
+            if (esize > x->dir_size - pos)
+                break; /* nothing past a broken entry can be trusted */
+            seen++;
+            char *name = strndup((const char *)e + QCOW2_BME_FIXED_SIZE, ns);
+            if (!name) {
+                r = -ENOMEM;
+                break;
+            }
+            if (*kept < QCOW2_MAX_BITMAPS && salvageable(s, e, &names, name)) {
+                kept_names[(*kept)++] = name;
+                memcpy(out + out_size, e, QCOW2_BME_FIXED_SIZE + ns);
+                out_size += esize;
+            } else {
+                free(name);
+            }
+            pos += esize;
+        }
+        if (r < 0)
+            goto out;
+    }
+    *dropped = MAX(x->nb_bitmaps, seen) - *kept;
+    if (x->len != QCOW2_BITMAPS_EXT_SIZE) {
+        /* Kept verbatim among the unknown extensions: forget it. */
+        *dropped = 1;
+        size_t k = 0;
+        for (size_t i = 0; i < s->nb_exts; i++) {
+            if (s->exts[i].type == QCOW2_EXT_BITMAPS)
+                free(s->exts[i].data);
+            else
+                s->exts[k++] = s->exts[i];
+        }
+        s->nb_exts = k;
+    }
+
+    /* Turn the extension off while the directory changes in place (QEMU's
+     * in-place protocol): a crash in between leaves it ignored, never
+     * inconsistent. */
+    s->h.autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS;
+    r = qcow2_write_header(s);
+    if (r < 0 || *kept == 0) {
+        if (r == 0) {
+            s->bm_ext = (struct qcow2_bitmaps_ext){ .present = false };
+            r = qcow2_write_header(s);
+        }
+        goto out;
+    }
+    r = file_pwrite_full(s->node->fd, out, out_size, x->dir_offset);
+    if (r == 0)
+        r = file_flush(s->node->fd);
+    if (r == 0) {
+        s->bm_ext.len = QCOW2_BITMAPS_EXT_SIZE;
+        s->bm_ext.nb_bitmaps = *kept;
+        s->bm_ext.reserved = 0;
+        s->bm_ext.dir_size = out_size;
+        s->h.autoclear_features |= QCOW2_AUTOCLEAR_BITMAPS;
+        r = qcow2_write_header(s);
+    }
+out:
+    for (uint32_t i = 0; kept_names && i < *kept; i++)
+        free(kept_names[i]);
+    free(kept_names);
+    free(names.slot);
+    return r;
 }
 
 /* QEMU's qcow2_co_can_store_new_dirty_bitmap (and check_constraints). */

@@ -21,6 +21,10 @@
  * the references are counted again, which turns the old structure into
  * leaks that are then dropped.  The clusters the rebuild takes are marked
  * in the IMRT before the blocks are written, so they count themselves.
+ * Bitmap metadata that cannot be loaded (QEMU cannot open such an image)
+ * blocks -r leaks, whose frees would trust it; -r all first salvages it:
+ * the directory keeps the entries that load and shrinks in place, or the
+ * extension goes, and what the dropped bitmaps used becomes leaks.
  *
  * The IMRT is bounded: a reference reaching a cluster or more past the end
  * of the file is a corruption and never grows it, so it holds at most the
@@ -48,15 +52,7 @@
 #define BM_EXT_SIZE QCOW2_BITMAPS_EXT_SIZE
 #define BM_MAX_BITMAPS QCOW2_MAX_BITMAPS
 #define BM_MAX_DIR_SIZE QCOW2_MAX_BITMAP_DIR_SIZE
-#define BM_DIR_ENTRY_FIXED QCOW2_BME_FIXED_SIZE
-#define BM_MAX_TABLE_SIZE QCOW2_BME_MAX_TABLE_SIZE
-#define BM_MAX_PHYS_SIZE QCOW2_BME_MAX_PHYS_SIZE
-#define BM_MIN_GRANULARITY_BITS QCOW2_BME_MIN_GRANULARITY_BITS
-#define BM_MAX_GRANULARITY_BITS QCOW2_BME_MAX_GRANULARITY_BITS
-#define BM_MAX_NAME_SIZE QCOW2_BME_MAX_NAME_SIZE
-#define BM_RESERVED_FLAGS QCOW2_BME_RESERVED_FLAGS
 #define BM_FLAG_IN_USE QCOW2_BME_FLAG_IN_USE
-#define BM_TYPE_DIRTY_TRACKING QCOW2_BME_TYPE_DIRTY_TRACKING
 #define BM_TABLE_RESERVED_MASK QCOW2_BME_TABLE_RESERVED_MASK
 #define BM_TABLE_OFFSET_MASK QCOW2_BME_TABLE_OFFSET_MASK
 #define BM_TABLE_ALL_ONES QCOW2_BME_TABLE_ALL_ONES
@@ -507,88 +503,34 @@ static int snapshot_table_size(struct check *c, uint64_t *size)
 
 /* ---- persistent bitmaps ---- */
 
-/* One directory entry against QEMU's constraints (check_dir_entry). */
-static bool bitmap_entry_valid(const struct qcow2_state *s, const uint8_t *e)
-{
-    uint64_t table_off = ldbe64(e);
-    uint32_t table_size = ldbe32(e + 8);
-    uint32_t flags = ldbe32(e + 12);
-    uint8_t type = e[16], gran = e[17];
-    uint16_t name_size = ldbe16(e + 18);
-    if (table_size == 0 || table_off == 0 ||
-        !IS_ALIGNED(table_off, s->cluster_size) ||
-        table_size > BM_MAX_TABLE_SIZE || gran > BM_MAX_GRANULARITY_BITS ||
-        gran < BM_MIN_GRANULARITY_BITS || (flags & BM_RESERVED_FLAGS) ||
-        name_size > BM_MAX_NAME_SIZE || type != BM_TYPE_DIRTY_TRACKING)
-        return false;
-    uint64_t phys = (uint64_t)table_size << s->cluster_bits;
-    if (phys > BM_MAX_PHYS_SIZE)
-        return false;
-    /* phys <= 2^29 and gran <= 31: no overflow */
-    if (!(flags & BM_FLAG_IN_USE) && s->h.size > ((phys * 8) << gran))
-        return false;
-    return true;
-}
-
 /*
- * Parse the bitmap directory as QEMU's bitmap_list_load does.  Returns
- * NULL (with *why set) when it is broken; caller frees the directory.
+ * Read and parse the bitmap directory as loading it does (bitmap.c, after
+ * QEMU's bitmap_list_load).  Returns the entries (free with
+ * qcow2_bitmap_dir_free) or NULL with the reason in why.
  */
-static uint8_t *load_bitmap_dir(struct check *c, uint64_t dir_off,
-                                uint64_t dir_size, uint32_t nb_bitmaps,
-                                const char **why)
+static struct qcow2_bitmap_dirent *load_bitmap_dir(struct check *c,
+                                                   uint64_t dir_off,
+                                                   uint64_t dir_size,
+                                                   uint32_t nb_bitmaps,
+                                                   uint32_t *n, char *why,
+                                                   size_t why_len)
 {
-    struct qcow2_state *s = c->s;
-    *why = NULL;
-    if (dir_size == 0) {
-        *why = "Requested bitmap directory size is zero";
-        return NULL;
-    }
-    uint8_t *dir = malloc(dir_size); /* <= BM_MAX_DIR_SIZE, checked */
+    struct qcow2_bitmap_dirent *v = NULL;
+    *n = 0;
+    /* dir_size <= BM_MAX_DIR_SIZE, checked */
+    CLEANUP_FREE uint8_t *dir = malloc(dir_size ? dir_size : 1);
     if (!dir) {
-        *why = "out of memory";
+        snprintf(why, why_len, "out of memory");
         return NULL;
     }
     if (read_meta(c, dir, dir_size, dir_off) < 0) {
-        *why = "cannot read the bitmap directory";
-        goto fail;
+        snprintf(why, why_len, "cannot read the bitmap directory");
+        return NULL;
     }
-    uint64_t pos = 0;
-    uint32_t n = 0;
-    while (pos < dir_size) {
-        if (dir_size - pos < BM_DIR_ENTRY_FIXED) {
-            *why = "Broken bitmap directory";
-            goto fail;
-        }
-        if (++n > nb_bitmaps) {
-            *why = "More bitmaps found than specified in header extension";
-            goto fail;
-        }
-        const uint8_t *e = dir + pos;
-        uint64_t esize = ALIGN_UP(BM_DIR_ENTRY_FIXED + (uint64_t)ldbe16(e + 18) +
-                                  ldbe32(e + 20), 8);
-        if (esize > dir_size - pos) {
-            *why = "Broken bitmap directory";
-            goto fail;
-        }
-        if (ldbe32(e + 20) != 0) {
-            *why = "Bitmap extra data is not supported";
-            goto fail;
-        }
-        if (!bitmap_entry_valid(s, e)) {
-            *why = "a bitmap doesn't satisfy the constraints";
-            goto fail;
-        }
-        pos += esize;
-    }
-    if (n != nb_bitmaps) {
-        *why = "Less bitmaps found than specified in header extension";
-        goto fail;
-    }
-    return dir;
-fail:
-    free(dir);
-    return NULL;
+    if (qcow2_bitmap_dir_parse(c->s, dir, dir_size, nb_bitmaps, &v, n, why,
+                               why_len) < 0)
+        return NULL;
+    return v;
 }
 
 /*
@@ -630,8 +572,10 @@ static int check_bitmaps(struct check *c, bool count)
     int r = count ? inc_refs(c, dir_off, dir_size) : 0;
     if (r < 0)
         return r;
-    const char *why;
-    CLEANUP_FREE uint8_t *dir = load_bitmap_dir(c, dir_off, dir_size, nb, &why);
+    char why[1200];
+    uint32_t n;
+    struct qcow2_bitmap_dirent *dir = load_bitmap_dir(c, dir_off, dir_size, nb,
+                                                      &n, why, sizeof(why));
     if (!dir) {
         if (count) {
             msg(c, "ERROR bitmap directory at 0x%" PRIx64 " is corrupted: %s",
@@ -641,24 +585,22 @@ static int check_bitmaps(struct check *c, bool count)
         c->bitmaps_broken = true;
         return 0;
     }
-    for (uint64_t pos = 0; pos < dir_size;) {
-        const uint8_t *e = dir + pos;
-        uint64_t table_off = ldbe64(e);
-        uint32_t table_size = ldbe32(e + 8);
-        uint16_t name_size = ldbe16(e + 18);
-        pos += ALIGN_UP(BM_DIR_ENTRY_FIXED + (uint64_t)name_size, 8);
-        uint64_t bytes = (uint64_t)table_size * 8; /* <= 8 MiB, checked */
-        r = count ? inc_refs(c, table_off, bytes) : 0;
+    r = 0;
+    for (uint32_t k = 0; k < n && r == 0; k++) {
+        const struct qcow2_bitmap_dirent *d = &dir[k];
+        uint64_t bytes = (uint64_t)d->table_size * 8; /* <= 8 MiB, checked */
+        r = count ? inc_refs(c, d->table_offset, bytes) : 0;
         if (r < 0)
-            return r;
-        CLEANUP_FREE uint8_t *table = malloc(bytes);
+            break;
+        uint8_t *table = malloc(bytes);
         if (!table) {
             if (count)
                 c->res->check_errors++;
-            return -ENOMEM;
+            r = -ENOMEM;
+            break;
         }
-        bool ok = read_meta(c, table, bytes, table_off) == 0;
-        for (uint32_t i = 0; ok && i < table_size; i++) {
+        bool ok = read_meta(c, table, bytes, d->table_offset) == 0;
+        for (uint32_t i = 0; ok && i < d->table_size; i++) {
             uint64_t te = ldbe64(table + 8 * (uint64_t)i);
             uint64_t off = te & BM_TABLE_OFFSET_MASK;
             if ((te & BM_TABLE_RESERVED_MASK) ||
@@ -666,26 +608,79 @@ static int check_bitmaps(struct check *c, bool count)
                          !IS_ALIGNED(off, s->cluster_size))))
                 ok = false;
         }
-        if (!ok) {
+        /* A bitmap that is not in_use must cover the virtual size exactly
+         * (QEMU cannot load it otherwise). */
+        uint64_t want = qcow2_bitmap_table_entries(s, s->h.size,
+                                                   d->granularity_bits);
+        bool sized = (d->flags & BM_FLAG_IN_USE) || d->table_size == want;
+        if (!ok || !sized) {
             /* QEMU stops at the first broken table. */
-            if (count) {
-                msg(c, "ERROR bitmap '%.*s': bitmap table at 0x%" PRIx64
-                    " is corrupted", (int)name_size,
-                    (const char *)e + BM_DIR_ENTRY_FIXED, table_off);
+            if (count && !ok)
+                msg(c, "ERROR bitmap '%s': bitmap table at 0x%" PRIx64
+                    " is corrupted", d->name, d->table_offset);
+            else if (count)
+                msg(c, "ERROR bitmap '%s': bitmap table has %u entries, the "
+                    "virtual size needs %" PRIu64, d->name, d->table_size,
+                    want);
+            if (count)
                 c->res->corruptions++;
-            }
             c->bitmaps_broken = true;
-            return 0;
+            free(table);
+            break;
         }
-        for (uint32_t i = 0; count && i < table_size; i++) {
+        for (uint32_t i = 0; count && i < d->table_size && r == 0; i++) {
             uint64_t off = ldbe64(table + 8 * (uint64_t)i) & BM_TABLE_OFFSET_MASK;
-            if (off) {
+            if (off)
                 r = inc_refs(c, off, s->cluster_size);
-                if (r < 0)
-                    return r;
-            }
         }
+        free(table);
     }
+    qcow2_bitmap_dir_free(dir, n);
+    return r;
+}
+
+/*
+ * -r all with bitmap metadata that cannot be loaded: keep the directory
+ * entries that pass every load-time check, drop the others (the whole
+ * extension if its own fields are bad).  The directory shrinks in place,
+ * so nothing is allocated from refcounts not yet checked; it is rewritten
+ * only where it does not overlap other metadata.  What the dropped entries
+ * used turns into leaks, which the repair pass that follows reclaims.
+ * QEMU cannot open such an image at all.
+ */
+static int repair_bitmaps(struct check *c)
+{
+    struct qcow2_state *s = c->s;
+    const struct qcow2_bitmaps_ext *x = &s->bm_ext;
+    int r = snapshot_table_size(c, &c->snapshots_size);
+    if (r < 0)
+        return r;
+    /* The count and the reserved field are rewritten from what is kept. */
+    bool dir_ok = x->len == BM_EXT_SIZE &&
+                  x->dir_size > 0 && x->dir_size <= BM_MAX_DIR_SIZE &&
+                  IS_ALIGNED(x->dir_offset, s->cluster_size) &&
+                  x->dir_offset < c->file_len &&
+                  x->dir_size <= c->file_len - x->dir_offset;
+    if (dir_ok) {
+        /* overlaps_metadata counts the directory itself: hide it. */
+        struct qcow2_bitmaps_ext saved = s->bm_ext;
+        s->bm_ext.present = false;
+        dir_ok = !overlaps_metadata(c, saved.dir_offset, saved.dir_size,
+                                    false);
+        s->bm_ext = saved;
+    }
+    uint32_t kept, dropped;
+    r = qcow2_bitmaps_salvage(s, dir_ok, &kept, &dropped);
+    if (r < 0) {
+        msg(c, "ERROR could not repair the bitmap metadata: %s", strerror(-r));
+        return r;
+    }
+    if (kept)
+        msg(c, "Repairing bitmap directory: kept %u bitmap(s), removed %u that "
+            "could not be loaded", kept, dropped);
+    else
+        msg(c, "Repairing bitmap metadata: removed the bitmaps extension (%u "
+            "bitmap(s) could not be loaded)", dropped);
     return 0;
 }
 
@@ -1336,21 +1331,36 @@ int qcow2_check(struct blk_node *node, unsigned fix,
     }
 
     struct cbt_check_result first;
+    int64_t bitmaps_fixed = 0;
     if (fix) {
         /* Repairs trust the references found to be all there are.  With
          * bitmap metadata that cannot be parsed (QEMU cannot even open
          * such an image), the clusters it uses would be freed as leaks or
-         * overwritten by a rebuild: check, but do not repair. */
+         * overwritten by a rebuild: -r all first salvages it (dropping
+         * what cannot be loaded); -r leaks alone checks but does not
+         * repair. */
         r = file_size(node->fd, &c.file_len);
         if (r == 0)
             r = check_bitmaps(&c, false);
         if (r < 0)
             goto out;
+        if (c.bitmaps_broken && (fix & CBT_CHECK_FIX_ERRORS)) {
+            r = repair_bitmaps(&c);
+            if (r < 0)
+                goto out;
+            bitmaps_fixed = 1;
+            c.bitmaps_broken = false;
+            r = check_bitmaps(&c, false);
+            if (r < 0)
+                goto out;
+        }
         if (c.bitmaps_broken) {
             r = check_pass(&c, &first, 0);
             *res = first;
             if (r == 0) {
-                msg(&c, "ERROR cannot repair: the bitmap metadata is corrupted");
+                msg(&c, "ERROR cannot repair leaks: the bitmap metadata is "
+                    "corrupted (-r all repairs it, dropping the bitmaps that "
+                    "cannot be loaded)");
                 res->check_errors++;
                 refused = true;
                 r = -EINVAL;
@@ -1359,6 +1369,8 @@ int qcow2_check(struct blk_node *node, unsigned fix,
         }
     }
     r = check_pass(&c, &first, fix);
+    first.corruptions += bitmaps_fixed;
+    first.corruptions_fixed += bitmaps_fixed;
     *res = first;
     if (r < 0)
         goto out;
@@ -1396,8 +1408,8 @@ out:
     if (r < 0) {
         if (refused)
             cbt_error_set(errp, EINVAL, "%s: the bitmap metadata is corrupted; "
-                          "not repairing, as the clusters it uses would be "
-                          "freed", fn);
+                          "not repairing leaks, as the clusters it uses would "
+                          "be freed (-r all drops the broken bitmaps)", fn);
         else if (r == -EFBIG && res->check_errors)
             cbt_error_set(errp, EFBIG, "%s: image too large to check (more "
                           "than %" PRIu64 " clusters)", fn, CHECK_MAX_CLUSTERS);

@@ -23,6 +23,13 @@
  *    and keep their refcount until the flush that drops their references, so
  *    the allocator can never hand out a cluster still referenced on disk.
  *
+ *  - Persistent bitmaps (bitmap.c) follow the same rule: a store writes
+ *    the new tables, data and directory to fresh clusters, flushes, then
+ *    switches with one header write and only then frees the old clusters.
+ *    Before the first write after a store the recording bitmaps are marked
+ *    in_use on disk (the mark_dirty hook), so a crash can leave them
+ *    inconsistent, never stale.
+ *
  *  - All functions are called with node->lock held (the block layer takes
  *    it); nothing here is thread-safe on its own.
  */
@@ -415,6 +422,25 @@ int qcow2_bitmap_can_store(struct blk_node *node, const char *name,
                            uint64_t granularity, struct cbt_error **errp);
 int qcow2_bitmaps_store(struct blk_node *node, struct cbt_error **errp);
 void qcow2_bitmaps_free(struct qcow2_state *s);
+/* check -r all: rewrite the directory in place keeping only the entries
+ * that pass every load-time check (dir_ok: the extension's fields are
+ * sane and its directory may be rewritten where it is), or drop the
+ * extension when none is left.  What the dropped entries used becomes
+ * leaks.  0 or -errno. */
+int qcow2_bitmaps_salvage(struct qcow2_state *s, bool dir_ok, uint32_t *kept,
+                          uint32_t *dropped);
+/* Parse and check a directory image of `size` bytes holding `nb` entries
+ * (QEMU's bitmap_list_load and check_dir_entry, plus unique names without
+ * NUL bytes).  0 with the entries (free with qcow2_bitmap_dir_free), or
+ * -errno with the reason in why. */
+int qcow2_bitmap_dir_parse(const struct qcow2_state *s, const uint8_t *dir,
+                           uint64_t size, uint32_t nb,
+                           struct qcow2_bitmap_dirent **out, uint32_t *nout,
+                           char *why, size_t why_len);
+void qcow2_bitmap_dir_free(struct qcow2_bitmap_dirent *dir, uint32_t n);
+/* Table entries a bitmap of this granularity needs for `size` bytes. */
+uint64_t qcow2_bitmap_table_entries(const struct qcow2_state *s, uint64_t size,
+                                    unsigned granularity_bits);
 /* Encode the extension's 24 bytes. */
 void qcow2_bitmaps_ext_encode(const struct qcow2_bitmaps_ext *e, uint8_t *buf);
 
