@@ -140,8 +140,53 @@ static void read_some(struct cbt_image *img, uint8_t *buf, size_t bufsize,
         fuzz_fail("pread returned %d, not 0 or -errno", r);
 }
 
+/* Extents of one bitmap must tile the disk from 0, dirty and clean
+ * alternating; the walk stops after FUZZ_MAX_EXTENTS of them. */
+struct extent_walk {
+    uint64_t next;
+    int n;
+    int last_dirty;
+};
+
+static int check_extent(void *opaque, uint64_t start, uint64_t length,
+                        bool dirty)
+{
+    struct extent_walk *w = opaque;
+    if (start != w->next || length == 0)
+        fuzz_fail("bitmap extent [%" PRIu64 ", +%" PRIu64 ") after %" PRIu64,
+                  start, length, w->next);
+    if (w->last_dirty == (int)dirty)
+        fuzz_fail("two bitmap extents in a row with dirty=%d", (int)dirty);
+    w->next = start + length;
+    w->last_dirty = dirty;
+    return ++w->n >= FUZZ_MAX_EXTENTS ? -ECANCELED : 0;
+}
+
+/* The persistent bitmaps the image loaded: list, extents, digest. */
+static void walk_bitmaps(struct cbt_image *img)
+{
+    struct cbt_bitmap_info *list = NULL;
+    size_t n = 0;
+    if (cbt_bitmap_list(img, &list, &n, NULL) < 0)
+        return;
+    for (size_t i = 0; i < n && i < 8; i++) {
+        if (list[i].inconsistent)
+            continue;
+        struct extent_walk w = { .last_dirty = -1 };
+        int r = cbt_bitmap_extents(img, list[i].name, check_extent, &w, NULL);
+        if (r == 0 && w.next != cbt_image_size(img))
+            fuzz_fail("bitmap extents end at %" PRIu64 ", disk size %" PRIu64,
+                      w.next, cbt_image_size(img));
+        char hex[65];
+        (void)cbt_bitmap_sha256(img, list[i].name, hex, NULL);
+    }
+    cbt_bitmap_info_free_list(list, n);
+}
+
 void fuzz_walk(struct cbt_image *img, size_t budget)
 {
+    walk_bitmaps(img);
+
     static uint8_t buf[65536];
     uint64_t size = cbt_image_size(img);
 

@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <cbt/bitmap.h>
 #include <cbt/image.h>
 
 /* Most bytes a target reads back from one image in total. */

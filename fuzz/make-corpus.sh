@@ -88,6 +88,36 @@ qemu-img bitmap --add -g 65536 v3-c4k-bitmap.qcow2 b0
 qemu-io -f qcow2 v3-c4k-bitmap.qcow2 -c "write -q -P 0xaa 0 8k" \
     -c "write -q -P 0xbb 1M 4k" >/dev/null
 
+# Several bitmaps: fine granularity with many dirty runs, a disabled one,
+# a merge, and one left in_use by a writer that never closed cleanly.
+qemu-img create -q -f qcow2 -o cluster_size=4096 v3-c4k-bitmaps.qcow2 2M
+qemu-img bitmap --add -g 512 v3-c4k-bitmaps.qcow2 fine
+qemu-img bitmap --add -g 1M v3-c4k-bitmaps.qcow2 coarse
+qemu-io -f qcow2 v3-c4k-bitmaps.qcow2 -c "write -q -P 1 0 1k" \
+    -c "write -q -P 2 5k 3k" -c "write -q -z 100k 20k" >/dev/null
+qemu-img bitmap --add --merge fine --disable v3-c4k-bitmaps.qcow2 frozen
+cp v3-c4k-bitmaps.qcow2 v3-c4k-bitmap-inuse.qcow2
+python3 - v3-c4k-bitmap-inuse.qcow2 <<'PY'
+import struct, sys
+# Set in_use on the first directory entry, as a crash would leave it.
+f = open(sys.argv[1], "r+b")
+hdr = f.read(4096)
+hlen = struct.unpack(">I", hdr[100:104])[0]
+off = hlen
+while off + 8 <= len(hdr):
+    typ, ln = struct.unpack(">II", hdr[off:off + 8])
+    if typ == 0:
+        break
+    if typ == 0x23852875:
+        dir_off = struct.unpack(">Q", hdr[off + 24:off + 32])[0]
+        f.seek(dir_off + 12)
+        flags = struct.unpack(">I", f.read(4))[0]
+        f.seek(dir_off + 12)
+        f.write(struct.pack(">I", flags | 1))
+        break
+    off += 8 + (ln + 7) // 8 * 8
+PY
+
 # Cut trailing zero bytes (keeping 512-byte alignment) when the shorter
 # image still checks clean; otherwise keep it whole.
 trim() {
