@@ -26,7 +26,8 @@
     X(compare, "Check whether two images have the same contents")              \
     X(io, "Read, write, zero and discard ranges (qemu-io's commands)")         \
     X(resize, "Change the virtual size of an image")                           \
-    X(bitmap, "Add, change, list and dump persistent dirty bitmaps")
+    X(bitmap, "Add, change, list and dump persistent dirty bitmaps")          \
+    X(snapshot, "Create an overlay and move bitmap recording onto it")
 
 #define CLI_DECLARE_COMMAND(name, summary)                                     \
     int cmd_##name(int argc, char **argv);

@@ -1,0 +1,230 @@
+/*
+ * cbt_snapshot(): an external snapshot that moves change tracking from the
+ * top of a chain to a new overlay (include/cbt/ops.h).
+ *
+ * Steps, and what a failure at each leaves behind:
+ *   1. refuse an existing overlay (nothing touched);
+ *   2. open top read-write (without its backing chain) and list its
+ *      bitmaps: nothing changed yet;
+ *   3. reserve the overlay name with O_CREAT|O_EXCL, create the qcow2
+ *      overlay, add its bitmaps and commit them: on failure the overlay file
+ *      is removed, top was not changed;
+ *   4. disable top's copied bitmaps and commit them (one header update),
+ *      then flush: on failure top's in-memory bitmaps are rolled back (or,
+ *      if the commit landed but the flush failed, re-enabled and committed
+ *      again) and the overlay file is removed.
+ */
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <sys/stat.h>
+
+#include <cbt/bitmap.h>
+#include <cbt/image.h>
+#include <cbt/ops.h>
+
+#include "../util/util.h"
+
+/* The directory part of path ("." when it has none), malloc'd. */
+static char *dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        return strdup(".");
+    if (slash == path)
+        return strdup("/");
+    size_t n = (size_t)(slash - path);
+    char *d = malloc(n + 1);
+    if (d) {
+        memcpy(d, path, n);
+        d[n] = '\0';
+    }
+    return d;
+}
+
+/* True when the directories holding a and b are the same directory. */
+static bool same_dir(const char *a, const char *b)
+{
+    char *da = dir_of(a), *db = dir_of(b);
+    bool same = false;
+    if (da && db) {
+        struct stat sa, sb;
+        same = stat(da, &sa) == 0 && stat(db, &sb) == 0 &&
+               sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+    }
+    free(da);
+    free(db);
+    return same;
+}
+
+/* The backing name to store in the overlay's header, malloc'd. */
+static char *backing_name(const char *top, const char *overlay)
+{
+    if (same_dir(top, overlay)) {
+        const char *slash = strrchr(top, '/');
+        return strdup(slash ? slash + 1 : top);
+    }
+    if (top[0] == '/')
+        return strdup(top);
+    char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof(cwd)))
+        return NULL;
+    return cbt_strdup_printf("%s/%s", cwd, top);
+}
+
+/* Names of the bitmaps of top to copy (recording, persistent, consistent);
+ * warns about the inconsistent ones. */
+static int pick_bitmaps(struct cbt_image *img, const char *top,
+                        struct cbt_bitmap_info **list, size_t *count,
+                        size_t **pick, size_t *npick, struct cbt_error **errp)
+{
+    if (cbt_bitmap_list(img, list, count, errp) < 0)
+        return -1;
+    *pick = calloc(*count ? *count : 1, sizeof(**pick));
+    if (!*pick) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", top);
+        return -1;
+    }
+    *npick = 0;
+    for (size_t i = 0; i < *count; i++) {
+        const struct cbt_bitmap_info *b = &(*list)[i];
+        if (b->inconsistent) {
+            cbt_warn("%s: bitmap '%s' is inconsistent; it is not copied to "
+                     "the overlay and is left as it is",
+                     top, b->name);
+            continue;
+        }
+        if (b->recording && b->persistent)
+            (*pick)[(*npick)++] = i;
+    }
+    return 0;
+}
+
+/* Create the overlay file (already reserved) and its bitmaps. */
+static int make_overlay(struct cbt_image *top_img, const char *top,
+                        const char *overlay, const struct cbt_bitmap_info *list,
+                        const size_t *pick, size_t npick,
+                        struct cbt_error **errp)
+{
+    char *bname = backing_name(top, overlay);
+    if (!bname) {
+        cbt_error_set(errp, errno ? errno : ENOMEM,
+                      "%s: cannot make the backing file name absolute: %s",
+                      top, strerror(errno ? errno : ENOMEM));
+        return -1;
+    }
+    struct cbt_create_opts o = {
+        .format = "qcow2",
+        .size = cbt_image_size(top_img),
+        .size_given = true,
+        .backing_file = bname,
+        .backing_format = cbt_image_format(top_img),
+    };
+    int ret = cbt_image_create(overlay, &o, errp);
+    free(bname);
+    if (ret < 0 || npick == 0)
+        return ret;
+
+    struct cbt_image *ov =
+        cbt_image_open(overlay, "qcow2", CBT_OPEN_RDWR | CBT_OPEN_NO_BACKING,
+                       errp);
+    if (!ov)
+        return -1;
+    ret = 0;
+    for (size_t i = 0; i < npick && ret == 0; i++) {
+        const struct cbt_bitmap_info *b = &list[pick[i]];
+        ret = cbt_bitmap_add(ov, b->name, b->granularity, false, errp);
+    }
+    if (ret == 0)
+        ret = cbt_bitmap_commit(ov, errp);
+    if (ret < 0)
+        cbt_bitmap_rollback(ov, NULL);
+    if (cbt_image_close(ov, ret == 0 ? errp : NULL) < 0)
+        ret = -1;
+    return ret;
+}
+
+/* Stop top's copied bitmaps recording, stored and flushed. */
+static int disable_top(struct cbt_image *img, const char *top,
+                       const struct cbt_bitmap_info *list, const size_t *pick,
+                       size_t npick, struct cbt_error **errp)
+{
+    int ret = 0;
+    for (size_t i = 0; i < npick && ret == 0; i++)
+        ret = cbt_bitmap_disable(img, list[pick[i]].name, errp);
+    if (ret == 0)
+        ret = cbt_bitmap_commit(img, errp);
+    if (ret < 0) {
+        cbt_bitmap_rollback(img, NULL);
+        return -1;
+    }
+    int r = cbt_image_flush(img);
+    if (r < 0) {
+        cbt_error_set(errp, r, "%s: cannot flush the bitmap changes: %s", top,
+                      strerror(-r));
+        /* Best effort: make them record again. */
+        for (size_t i = 0; i < npick; i++)
+            cbt_bitmap_enable(img, list[pick[i]].name, NULL);
+        cbt_bitmap_commit(img, NULL);
+        return -1;
+    }
+    return 0;
+}
+
+int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
+                 struct cbt_error **errp)
+{
+    if (!top || !*top || !overlay || !*overlay) {
+        cbt_error_set(errp, EINVAL, "snapshot: empty file name");
+        return -1;
+    }
+    struct stat st;
+    if (lstat(overlay, &st) == 0) {
+        cbt_error_set(errp, EEXIST, "%s: file exists; refusing to overwrite "
+                      "it with the overlay", overlay);
+        return -1;
+    }
+    if (errno != ENOENT) {
+        cbt_error_set(errp, errno, "%s: %s", overlay, strerror(errno));
+        return -1;
+    }
+
+    unsigned flags = CBT_OPEN_NO_BACKING | (copy_bitmaps ? CBT_OPEN_RDWR : 0);
+    struct cbt_image *img = cbt_image_open(top, NULL, flags, errp);
+    if (!img)
+        return -1;
+
+    struct cbt_bitmap_info *list = NULL;
+    size_t count = 0, npick = 0, *pick = NULL;
+    bool created = false;
+    int ret = -1;
+    if (copy_bitmaps &&
+        pick_bitmaps(img, top, &list, &count, &pick, &npick, errp) < 0)
+        goto out;
+
+    /* Reserve the name: never truncate a file that appeared meanwhile. */
+    int fd = open(overlay, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        int e = errno;
+        cbt_error_set(errp, e, "%s: %s", overlay,
+                      e == EEXIST ? "file exists; refusing to overwrite it "
+                                    "with the overlay" : strerror(e));
+        goto out;
+    }
+    close(fd);
+    created = true;
+
+    if (make_overlay(img, top, overlay, list, pick, npick, errp) < 0)
+        goto out;
+    if (npick && disable_top(img, top, list, pick, npick, errp) < 0)
+        goto out;
+    ret = 0;
+out:
+    if (cbt_image_close(img, ret == 0 ? errp : NULL) < 0)
+        ret = -1;
+    if (ret < 0 && created)
+        unlink(overlay);
+    cbt_bitmap_info_free_list(list, count);
+    free(pick);
+    return ret;
+}
