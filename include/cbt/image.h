@@ -134,6 +134,8 @@ void cbt_image_info_free(struct cbt_image_info *info);
 #define CBT_CHECK_FIX_LEAKS (1u << 0)
 #define CBT_CHECK_FIX_ERRORS (1u << 1)
 struct cbt_check_result {
+    const char *format;          /* the checked image's format (static) */
+    bool unsupported;            /* the format has nothing to check (raw) */
     int64_t corruptions;
     int64_t leaks;
     int64_t check_errors;
@@ -147,7 +149,8 @@ struct cbt_check_result {
 };
 /*
  * Check (and with fix flags, repair) one image file.  Returns 0 when the
- * check ran (res says what it found), -1 with *errp when it could not run.
+ * check ran (res says what it found), -1 with *errp when it could not run
+ * (res->unsupported set: the format has no metadata to check, e.g. raw).
  * Messages about individual problems go to `report` (may be NULL).
  */
 typedef void cbt_report_fn(void *opaque, const char *msg);

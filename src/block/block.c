@@ -416,11 +416,17 @@ int cbt_image_check(const char *filename, const char *format, unsigned fix,
     struct cbt_image *img = cbt_image_open(filename, format, flags, errp);
     if (!img)
         return -1;
-    int r = 0;
+    res->format = img->drv->name;
+    int r = -1;
     if (img->drv->check) {
         pthread_mutex_lock(&img->lock);
         r = img->drv->check(img, fix, res, report, opaque, errp);
         pthread_mutex_unlock(&img->lock);
+        res->format = img->drv->name;
+    } else {
+        res->unsupported = true;
+        cbt_error_set(errp, ENOTSUP, "%s: format '%s' does not support checks",
+                      filename, img->drv->name);
     }
     if (cbt_image_close(img, r < 0 ? NULL : errp) < 0)
         r = -1;

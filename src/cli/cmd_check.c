@@ -176,32 +176,15 @@ static void print_json(const struct cbt_check_result *r, const char *filename,
     cli_json_print(o);
 }
 
-/* The format name of FILE, or NULL after printing why it cannot be opened.
- * The library's check result does not name the format; open to learn it. */
-static char *probe_format(const struct check_args *a)
-{
-    struct cbt_error *err = NULL;
-    struct cbt_image *img = cbt_image_open(
-        a->filename, a->format, CBT_OPEN_NO_BACKING | CBT_OPEN_CHECK, &err);
-    if (!img) {
-        cli_lib_error(err);
-        return NULL;
-    }
-    char *fmt = strdup(cbt_image_format(img));
-    cbt_image_close(img, NULL);
-    if (!fmt)
-        cli_error("out of memory");
-    return fmt;
-}
-
 /* Run one check pass; returns 0, or an exit status after printing. */
-static int run_check(const struct check_args *a, const char *fmt, unsigned fix,
+static int run_check(const struct check_args *a, unsigned fix,
                      struct cbt_check_result *res)
 {
     struct cbt_error *err = NULL;
-    if (cbt_image_check(a->filename, fmt, fix, res, report, NULL, &err) == 0)
+    if (cbt_image_check(a->filename, a->format, fix, res, report, NULL,
+                        &err) == 0)
         return 0;
-    if (cbt_error_errno(err) == ENOTSUP) {
+    if (res->unsupported) {
         cbt_error_free(err);
         cli_error("This image format does not support checks");
         return EXIT_UNSUPPORTED;
@@ -213,10 +196,10 @@ static int run_check(const struct check_args *a, const char *fmt, unsigned fix,
 
 /* Check (and repair); after a repair check again, as qemu-img does, and
  * report the second result with the first pass's repair counts. */
-static int check_and_repair(const struct check_args *a, const char *fmt,
+static int check_and_repair(const struct check_args *a,
                             struct cbt_check_result *res)
 {
-    int ret = run_check(a, fmt, a->fix, res);
+    int ret = run_check(a, a->fix, res);
     if (ret || (!res->corruptions_fixed && !res->leaks_fixed))
         return ret;
     int64_t leaks_fixed = res->leaks_fixed;
@@ -228,7 +211,7 @@ static int check_and_repair(const struct check_args *a, const char *fmt,
                "Double checking the fixed image now...\n",
                leaks_fixed, corruptions_fixed);
     fflush(stdout);
-    ret = run_check(a, fmt, 0, res);
+    ret = run_check(a, 0, res);
     res->leaks_fixed = leaks_fixed;
     res->corruptions_fixed = corruptions_fixed;
     return ret;
@@ -236,26 +219,14 @@ static int check_and_repair(const struct check_args *a, const char *fmt,
 
 static int check(const struct check_args *a)
 {
-    char *fmt = probe_format(a);
-    if (!fmt)
-        return EXIT_CHECK_FAILED;
-    int ret;
     struct cbt_check_result res;
-    if (strcmp(fmt, "qcow2") != 0) {
-        /* Only qcow2 has metadata to check (the library has no way yet to
-         * say "unsupported", see docs/cli.md). */
-        cli_error("This image format does not support checks");
-        ret = EXIT_UNSUPPORTED;
-    } else {
-        ret = check_and_repair(a, fmt, &res);
-    }
+    int ret = check_and_repair(a, &res);
     if (ret == 0 && !a->quiet) {
         if (a->output == CLI_OUTPUT_JSON)
-            print_json(&res, a->filename, fmt);
+            print_json(&res, a->filename, res.format);
         else
             print_human(&res);
     }
-    free(fmt);
     if (ret)
         return ret;
     if (res.check_errors) {

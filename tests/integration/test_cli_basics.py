@@ -308,3 +308,29 @@ def test_resize_bad_size(tmp):
     res = cbt("resize", "--shrink", img, "-2M", check=False)
     assert res.rc != 0, "shrinking below zero was accepted: %r" % res
     assert virtual_size(img) == MiB
+
+
+def test_check_raw_unsupported_like_qemu_img(tmp):
+    """raw has nothing to check: exit 63 and qemu-img's message, while a
+    qcow2 whose open fails for an unsupported reason is a failed check
+    (exit 1, naming the reason), not 'unsupported'."""
+    raw = str(tmp / "r.raw")
+    cbt("create", "-q", "-f", "raw", raw, "1M")
+    ours = cbt("check", raw, check=False)
+    theirs = qemu_img("check", "-f", "raw", raw, check=False)
+    assert ours.rc == theirs.rc == 63, (ours, theirs)
+    assert "does not support checks" in ours.err
+    bad = str(tmp / "v4.qcow2")
+    cbt("create", "-q", "-f", "qcow2", bad, "1M")
+    with open(bad, "r+b") as f:
+        f.seek(4)
+        f.write((4).to_bytes(4, "big"))  # version 4: unsupported
+    res = cbt("check", bad, check=False)
+    assert res.rc == 1, res
+    assert "version" in res.err and "does not support checks" not in res.err
+
+
+def test_check_json_names_format(tmp):
+    img = str(tmp / "a.qcow2")
+    cbt("create", "-q", "-f", "qcow2", img, "1M")
+    assert cbt("check", "--output=json", img).json()["format"] == "qcow2"
