@@ -43,6 +43,12 @@ int cbt_image_pwrite_zeroes(struct cbt_image *img, uint64_t off, uint64_t len,
  * backing file); v2 drops them (zeroes) only without a backing file and
  * ignores the discard otherwise; raw punches a hole (zeroes). */
 int cbt_image_discard(struct cbt_image *img, uint64_t off, uint64_t len);
+/* Write one cluster compressed (qemu-io's write -c): off cluster-aligned,
+ * len one cluster, or the image's tail when its size is not cluster
+ * aligned.  Data that does not shrink is stored uncompressed.  -ENOTSUP for
+ * formats without compression (raw). */
+int cbt_image_pwrite_compressed(struct cbt_image *img, const void *buf,
+                                size_t len, uint64_t off);
 /* Durable: returns once everything written before it is on stable storage. */
 int cbt_image_flush(struct cbt_image *img);
 
@@ -71,6 +77,12 @@ struct cbt_extent {
 };
 int cbt_image_block_status(struct cbt_image *img, uint64_t off, uint64_t len,
                            struct cbt_extent *ext);
+/* The same, looking only at the layers above `base` (a node of img's chain,
+ * or NULL for the whole chain): a range no layer above base allocates has
+ * neither CBT_BS_PRESENT nor CBT_BS_ZERO (it reads from base). */
+int cbt_image_block_status_above(struct cbt_image *img,
+                                 const struct cbt_image *base, uint64_t off,
+                                 uint64_t len, struct cbt_extent *ext);
 
 /* Creation options, as qemu-img create -o. Zero-initialise, then set. */
 struct cbt_create_opts {

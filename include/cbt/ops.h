@@ -3,8 +3,10 @@
 #define CBT_OPS_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include <cbt/error.h>
+#include <cbt/image.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -28,6 +30,103 @@ extern "C" {
  */
 int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
                  struct cbt_error **errp);
+
+/* Progress of a long operation: `done` of `total` units (bytes) so far.
+ * Called from the operation's thread; may be NULL. */
+typedef void cbt_progress_fn(void *opaque, uint64_t done, uint64_t total);
+
+/*
+ * Commit (qemu-img commit, and libvirt's intermediate block commit).
+ *
+ * The chain is opened from `active` (NULL: `top`).  `top` and `base` name
+ * layers of that chain (matched by file identity, not by spelling); base
+ * NULL means top's immediate backing file.  The data of every layer from
+ * top down to just above base is written into base (grown to top's size
+ * first if smaller).  For each bitmap name held by a layer in top..base,
+ * base's bitmap of that name becomes the union over top..base (created in
+ * base when absent, with the granularity and recording state of the
+ * topmost copy); the copying itself adds no bits to base's bitmaps.
+ * Then:
+ *   - the image directly above top (when active != top) is relinked onto
+ *     base (relative name when in the same directory);
+ *   - when top is the active layer and !drop, top is emptied (qemu-img's
+ *     default; qemu-img -b implies -d, the CLI does that).
+ * Refused before anything is written: base not below top, an inconsistent
+ * copy or a gap (a layer lacking a name between two layers holding it) in
+ * top..base unless skip_broken_bitmaps (then that name is left alone in
+ * base, with a warning), a name in base with a different granularity than
+ * the topmost copy, no space for the bitmaps.
+ * A failure part way leaves every image openable, base's bitmaps as
+ * before, and top's data intact (base may hold some of the copied data,
+ * which is invisible through top).
+ */
+struct cbt_commit_opts {
+    const char *top;
+    const char *base;              /* NULL: top's backing file */
+    const char *active;            /* NULL: top is the active layer */
+    bool drop;                     /* do not empty top afterwards */
+    bool skip_broken_bitmaps;
+    cbt_progress_fn *progress;
+    void *progress_opaque;
+};
+int cbt_commit(const struct cbt_commit_opts *opts, struct cbt_error **errp);
+
+/*
+ * Stream (block-stream offline): copy into `file` the data it reads from
+ * the layers between it and `base` (NULL: all of its backing chain), then
+ * relink it onto base (NULL: no backing file).  The guest view and file's
+ * bitmaps are unchanged.
+ */
+int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
+               void *progress_opaque, struct cbt_error **errp);
+
+/*
+ * Rebase (qemu-img rebase).  backing NULL or "": no backing file.  The name
+ * is stored as given and, when relative, resolved against file's directory.
+ * Safe mode (unsafe false) first copies into file every range it does not
+ * allocate whose contents differ between the old and the new backing
+ * view, so the guest view is unchanged; unsafe only rewrites the link.
+ * Bitmaps are unchanged in both modes.
+ */
+struct cbt_rebase_opts {
+    const char *file;
+    const char *file_format;       /* NULL: probe */
+    const char *backing;
+    const char *backing_format;    /* NULL: probe the new backing file */
+    bool unsafe;
+    cbt_progress_fn *progress;
+    void *progress_opaque;
+};
+int cbt_rebase(const struct cbt_rebase_opts *opts, struct cbt_error **errp);
+
+/*
+ * Convert (qemu-img convert) of one source chain to a new image.
+ * The target is created from `create` (format, cluster size, compat, ...;
+ * size is taken from the source) unless no_create (-n: it must exist and be
+ * at least as large).  Sparse: ranges the source chain does not allocate or
+ * that read as zeroes are not written as data.  With backing (-B), the
+ * target is created with that backing file and only the source's top layer
+ * is copied (qemu-img's meaning).  compress (-c) writes whole clusters
+ * compressed (qcow2 targets).  With bitmaps, the target gets, for each
+ * bitmap name of the source chain, the union over the layers holding it
+ * (qemu-img copies the top layer's only); an inconsistent copy fails the
+ * call before anything is written unless skip_broken_bitmaps (then that
+ * name is not copied, with a warning).  On failure a created target is
+ * removed.
+ */
+struct cbt_convert_opts {
+    const char *src;
+    const char *src_format;        /* NULL: probe */
+    const char *dst;
+    struct cbt_create_opts create; /* format NULL: qcow2; size ignored */
+    bool compress;
+    bool no_create;
+    bool bitmaps;
+    bool skip_broken_bitmaps;
+    cbt_progress_fn *progress;
+    void *progress_opaque;
+};
+int cbt_convert(const struct cbt_convert_opts *opts, struct cbt_error **errp);
 
 #ifdef __cplusplus
 }

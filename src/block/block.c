@@ -241,43 +241,95 @@ static int write_prologue(struct cbt_image *img, uint64_t off, uint64_t len)
     return check_range(img, off, len);
 }
 
+int blk_pwrite(struct blk_node *node, const void *buf, size_t len,
+               uint64_t off, unsigned bflags)
+{
+    int r = write_prologue(node, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    pthread_mutex_lock(&node->lock);
+    if (!(bflags & BLK_WRITE_NO_DIRTY))
+        r = blk_mark_dirty(node, off, len);
+    if (r == 0)
+        r = node->drv->write(node, buf, off, len);
+    pthread_mutex_unlock(&node->lock);
+    return r;
+}
+
+int blk_pwrite_zeroes(struct blk_node *node, uint64_t off, uint64_t len,
+                      unsigned zflags, unsigned bflags)
+{
+    int r = write_prologue(node, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    pthread_mutex_lock(&node->lock);
+    if (!(bflags & BLK_WRITE_NO_DIRTY))
+        r = blk_mark_dirty(node, off, len);
+    if (r == 0)
+        r = node->drv->write_zeroes(node, off, len, zflags);
+    pthread_mutex_unlock(&node->lock);
+    return r;
+}
+
+int blk_discard(struct blk_node *node, uint64_t off, uint64_t len,
+                unsigned bflags)
+{
+    int r = write_prologue(node, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    pthread_mutex_lock(&node->lock);
+    if (!(bflags & BLK_WRITE_NO_DIRTY))
+        r = blk_mark_dirty(node, off, len);
+    if (r == 0)
+        r = node->drv->discard ? node->drv->discard(node, off, len) : 0;
+    pthread_mutex_unlock(&node->lock);
+    return r;
+}
+
+int blk_make_empty(struct blk_node *node)
+{
+    if (node->read_only)
+        return -EPERM;
+    if (!node->drv->make_empty)
+        return -ENOTSUP;
+    pthread_mutex_lock(&node->lock);
+    int r = node->drv->make_empty(node);
+    pthread_mutex_unlock(&node->lock);
+    return r;
+}
+
 int cbt_image_pwrite(struct cbt_image *img, const void *buf, size_t len,
                      uint64_t off)
 {
-    int r = write_prologue(img, off, len);
-    if (r < 0 || len == 0)
-        return r;
-    pthread_mutex_lock(&img->lock);
-    r = blk_mark_dirty(img, off, len);
-    if (r == 0)
-        r = img->drv->write(img, buf, off, len);
-    pthread_mutex_unlock(&img->lock);
-    return r;
+    return blk_pwrite(img, buf, len, off, 0);
 }
 
 int cbt_image_pwrite_zeroes(struct cbt_image *img, uint64_t off, uint64_t len,
                             unsigned flags)
 {
-    int r = write_prologue(img, off, len);
-    if (r < 0 || len == 0)
-        return r;
-    pthread_mutex_lock(&img->lock);
-    r = blk_mark_dirty(img, off, len);
-    if (r == 0)
-        r = img->drv->write_zeroes(img, off, len, flags);
-    pthread_mutex_unlock(&img->lock);
-    return r;
+    return blk_pwrite_zeroes(img, off, len, flags, 0);
 }
 
 int cbt_image_discard(struct cbt_image *img, uint64_t off, uint64_t len)
 {
+    return blk_discard(img, off, len, 0);
+}
+
+int cbt_image_pwrite_compressed(struct cbt_image *img, const void *buf,
+                                size_t len, uint64_t off)
+{
     int r = write_prologue(img, off, len);
     if (r < 0 || len == 0)
         return r;
+    if (!img->drv->write_compressed || img->cluster_size == 0)
+        return -ENOTSUP;
+    uint64_t cs = img->cluster_size;
+    if (off % cs || (len != cs && off + len != img->size) || len > cs)
+        return -EINVAL;
     pthread_mutex_lock(&img->lock);
     r = blk_mark_dirty(img, off, len);
     if (r == 0)
-        r = img->drv->discard ? img->drv->discard(img, off, len) : 0;
+        r = img->drv->write_compressed(img, buf, off, len);
     pthread_mutex_unlock(&img->lock);
     return r;
 }
@@ -294,6 +346,13 @@ int cbt_image_flush(struct cbt_image *img)
 
 int cbt_image_block_status(struct cbt_image *img, uint64_t off, uint64_t len,
                            struct cbt_extent *ext)
+{
+    return cbt_image_block_status_above(img, NULL, off, len, ext);
+}
+
+int cbt_image_block_status_above(struct cbt_image *img,
+                                 const struct cbt_image *base, uint64_t off,
+                                 uint64_t len, struct cbt_extent *ext)
 {
     int r = check_range(img, off, len);
     if (r < 0)
@@ -330,6 +389,10 @@ int cbt_image_block_status(struct cbt_image *img, uint64_t off, uint64_t len,
             break;
         }
         struct blk_node *b = node->backing;
+        if (b && b == base) {
+            /* Not allocated above base: neither present nor zero here. */
+            break;
+        }
         if (!b || off >= b->size) {
             /* No backing file, or past the end of a shorter one: zeroes,
              * reported at this layer.  A host offset the layer still
@@ -350,6 +413,87 @@ int cbt_image_block_status(struct cbt_image *img, uint64_t off, uint64_t len,
 }
 
 /* ---- control path ---- */
+
+int blk_reopen_rw(struct blk_node *node, struct cbt_error **errp)
+{
+    if (!node->read_only)
+        return 0;
+    int fd = open(node->filename, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        cbt_error_set(errp, errno, "Could not open '%s' read-write: %s",
+                      node->filename, strerror(errno));
+        return -1;
+    }
+    struct stat a, b;
+    if (fstat(fd, &a) < 0 || fstat(node->fd, &b) < 0 || a.st_dev != b.st_dev ||
+        a.st_ino != b.st_ino) {
+        close(fd);
+        cbt_error_set(errp, ESTALE, "%s: the file changed while it was open",
+                      node->filename);
+        return -1;
+    }
+    pthread_mutex_lock(&node->lock);
+    /* Drop the read-only driver state (nothing to write back), then load
+     * it again through the writable descriptor. */
+    if (node->drv->close && node->opaque)
+        node->drv->close(node, NULL);
+    node->opaque = NULL;
+    blk_bitmaps_free(node);
+    free(node->backing_name);
+    free(node->backing_fmt);
+    node->backing_name = node->backing_fmt = NULL;
+    int oldfd = node->fd;
+    unsigned flags = (node->flags & ~(unsigned)CBT_OPEN_CHECK) | CBT_OPEN_RDWR;
+    node->fd = fd;
+    node->read_only = false;
+    node->flags = flags;
+    int r = node->drv->open(node, fd, flags, errp);
+    if (r == 0 && blk_bitmaps_snapshot(node) < 0) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", node->filename);
+        if (node->drv->close)
+            node->drv->close(node, NULL);
+        node->opaque = NULL;
+        blk_bitmaps_free(node);
+        r = -1;
+    }
+    if (r < 0) {
+        /* Back to the read-only descriptor and state. */
+        close(fd);
+        node->fd = oldfd;
+        node->read_only = true;
+        node->flags = flags & ~(unsigned)CBT_OPEN_RDWR;
+        free(node->backing_name);
+        free(node->backing_fmt);
+        node->backing_name = node->backing_fmt = NULL;
+        if (node->drv->open(node, oldfd, node->flags, NULL) < 0 ||
+            blk_bitmaps_snapshot(node) < 0)
+            node->opaque = NULL; /* unusable; close copes */
+        pthread_mutex_unlock(&node->lock);
+        return -1;
+    }
+    close(oldfd);
+    pthread_mutex_unlock(&node->lock);
+    return 0;
+}
+
+int blk_set_backing(struct blk_node *node, const char *name, const char *fmt,
+                    struct cbt_error **errp)
+{
+    if (node->read_only) {
+        cbt_error_set(errp, EPERM, "%s: image is read-only", node->filename);
+        return -1;
+    }
+    if (!node->drv->change_backing) {
+        cbt_error_set(errp, ENOTSUP,
+                      "%s: format '%s' cannot store a backing file",
+                      node->filename, node->drv->name);
+        return -1;
+    }
+    pthread_mutex_lock(&node->lock);
+    int r = node->drv->change_backing(node, name, fmt, errp);
+    pthread_mutex_unlock(&node->lock);
+    return r;
+}
 
 int cbt_image_create(const char *filename, const struct cbt_create_opts *opts,
                      struct cbt_error **errp)

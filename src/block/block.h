@@ -110,6 +110,23 @@ struct blk_driver {
                  void *opaque, struct cbt_error **errp);
     int (*resize)(struct blk_node *node, uint64_t new_size, bool shrink,
                   struct cbt_error **errp);
+
+    /*
+     * Optional.  write_compressed: store [off, off+len) compressed; off is
+     * cluster-aligned and len is one cluster (or the tail of the image
+     * when its size is not a multiple of the cluster size).  A cluster
+     * that does not shrink is stored uncompressed.
+     * change_backing: rewrite the backing link stored in the image (name
+     * NULL: no backing file; fmt may be NULL) and make it durable; on
+     * failure node->backing_name/backing_fmt and the file are unchanged.
+     */
+    int (*write_compressed)(struct blk_node *node, const void *buf,
+                            uint64_t off, size_t len);
+    int (*change_backing)(struct blk_node *node, const char *name,
+                          const char *fmt, struct cbt_error **errp);
+    /* Deallocate every range of this layer (reads fall through to the
+     * backing file again), as QEMU's bdrv_make_empty. */
+    int (*make_empty)(struct blk_node *node);
 };
 
 /*
@@ -148,6 +165,37 @@ const struct blk_driver *blk_probe(int fd);
  * within its size, zeroes past it or without a backing node. */
 int blk_read_backing(struct blk_node *node, void *buf, uint64_t off,
                      size_t len);
+
+/*
+ * Writes for chain operations (commit, stream, rebase).  bflags:
+ * BLK_WRITE_NO_DIRTY leaves the node's bitmaps alone: the write moves data
+ * between layers without changing the guest view, so it is not a change
+ * to track (DESIGN.md §5).  Otherwise as cbt_image_pwrite & co.
+ */
+#define BLK_WRITE_NO_DIRTY (1u << 0)
+int blk_pwrite(struct blk_node *node, const void *buf, size_t len,
+               uint64_t off, unsigned bflags);
+int blk_pwrite_zeroes(struct blk_node *node, uint64_t off, uint64_t len,
+                      unsigned zflags, unsigned bflags);
+int blk_discard(struct blk_node *node, uint64_t off, uint64_t len,
+                unsigned bflags);
+/* Make every allocated range of the node's own layer unallocated again
+ * (qemu-img commit's "empty the image"), without dirtying bitmaps.  For
+ * formats without allocation (raw) this fails with -ENOTSUP. */
+int blk_make_empty(struct blk_node *node);
+
+/*
+ * Switch an open node (any layer of a chain) to read-write in place: the
+ * file is reopened O_RDWR and the driver state reloaded; node->backing and
+ * the layers below stay as they are.  A no-op for read-write nodes.  On
+ * failure the node stays usable read-only.
+ */
+int blk_reopen_rw(struct blk_node *node, struct cbt_error **errp);
+/* Rewrite the backing link stored in a read-write node
+ * (drv->change_backing), durably.  node->backing (the open graph) is not
+ * touched: a caller relinking a chain in memory moves the nodes itself. */
+int blk_set_backing(struct blk_node *node, const char *name, const char *fmt,
+                    struct cbt_error **errp);
 
 /* bitmap.c */
 /* Where the data path dirties recording bitmaps: every write, zero-write

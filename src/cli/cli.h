@@ -27,7 +27,11 @@
     X(io, "Read, write, zero and discard ranges (qemu-io's commands)")         \
     X(resize, "Change the virtual size of an image")                           \
     X(bitmap, "Add, change, list and dump persistent dirty bitmaps")          \
-    X(snapshot, "Create an overlay and move bitmap recording onto it")
+    X(snapshot, "Create an overlay and move bitmap recording onto it")       \
+    X(commit, "Commit the data of upper layers into a backing file")         \
+    X(stream, "Copy backing data into an image and shorten its chain")       \
+    X(rebase, "Change the backing file of an image")                          \
+    X(convert, "Copy an image or chain to a new image (qcow2 or raw)")
 
 #define CLI_DECLARE_COMMAND(name, summary)                                     \
     int cmd_##name(int argc, char **argv);

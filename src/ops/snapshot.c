@@ -24,53 +24,7 @@
 #include <cbt/ops.h>
 
 #include "../util/util.h"
-
-/* The directory part of path ("." when it has none), malloc'd. */
-static char *dir_of(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    if (!slash)
-        return strdup(".");
-    if (slash == path)
-        return strdup("/");
-    size_t n = (size_t)(slash - path);
-    char *d = malloc(n + 1);
-    if (d) {
-        memcpy(d, path, n);
-        d[n] = '\0';
-    }
-    return d;
-}
-
-/* True when the directories holding a and b are the same directory. */
-static bool same_dir(const char *a, const char *b)
-{
-    char *da = dir_of(a), *db = dir_of(b);
-    bool same = false;
-    if (da && db) {
-        struct stat sa, sb;
-        same = stat(da, &sa) == 0 && stat(db, &sb) == 0 &&
-               sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
-    }
-    free(da);
-    free(db);
-    return same;
-}
-
-/* The backing name to store in the overlay's header, malloc'd. */
-static char *backing_name(const char *top, const char *overlay)
-{
-    if (same_dir(top, overlay)) {
-        const char *slash = strrchr(top, '/');
-        return strdup(slash ? slash + 1 : top);
-    }
-    if (top[0] == '/')
-        return strdup(top);
-    char cwd[PATH_MAX];
-    if (!getcwd(cwd, sizeof(cwd)))
-        return NULL;
-    return cbt_strdup_printf("%s/%s", cwd, top);
-}
+#include "ops_util.h"
 
 /* Names of the bitmaps of top to copy (recording, persistent, consistent);
  * warns about the inconsistent ones. */
@@ -106,7 +60,7 @@ static int make_overlay(struct cbt_image *top_img, const char *top,
                         const size_t *pick, size_t npick,
                         struct cbt_error **errp)
 {
-    char *bname = backing_name(top, overlay);
+    char *bname = ops_backing_name(top, overlay);
     if (!bname) {
         cbt_error_set(errp, errno ? errno : ENOMEM,
                       "%s: cannot make the backing file name absolute: %s",

@@ -377,6 +377,60 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
     return 0;
 }
 
+static int qcow2_change_backing(struct blk_node *node, const char *name,
+                                const char *fmt, struct cbt_error **errp)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    char *new_name = NULL, *new_fmt = NULL;
+    if ((name && !(new_name = strdup(name))) ||
+        (name && fmt && !(new_fmt = strdup(fmt)))) {
+        free(new_name);
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", node->filename);
+        return -1;
+    }
+    if (s->data_file_raw && name) {
+        free(new_name);
+        free(new_fmt);
+        cbt_error_set(errp, ENOTSUP, "%s: an image with data-file-raw "
+                      "cannot have a backing file", node->filename);
+        return -1;
+    }
+    /* Data and metadata first: the new link must never point at a base
+     * whose contents are not yet durable below this image. */
+    int r = qcow2_flush(node);
+    if (r < 0) {
+        free(new_name);
+        free(new_fmt);
+        cbt_error_set(errp, -r, "%s: cannot flush before changing the "
+                      "backing file: %s", node->filename, strerror(-r));
+        return -1;
+    }
+    char *old_name = node->backing_name, *old_fmt = node->backing_fmt;
+    node->backing_name = new_name;
+    node->backing_fmt = new_fmt;
+    r = qcow2_write_header(s);
+    if (r < 0) {
+        node->backing_name = old_name;
+        node->backing_fmt = old_fmt;
+        free(new_name);
+        free(new_fmt);
+        if (r == -ENOSPC || r == -ENAMETOOLONG)
+            cbt_error_set(errp, -r, "%s: the backing file name '%s' does not "
+                          "fit in the image header", node->filename, name);
+        else
+            cbt_error_set(errp, -r, "%s: cannot write the header: %s",
+                          node->filename, strerror(-r));
+        /* A short header write may have left a torn header: put the old
+         * one back (best effort; the first sector is written at once). */
+        if (r != -ENOSPC && r != -ENAMETOOLONG)
+            (void)qcow2_write_header(s);
+        return -1;
+    }
+    free(old_name);
+    free(old_fmt);
+    return 0;
+}
+
 const struct blk_driver blk_qcow2_driver = {
     .name = "qcow2",
     .probe = qcow2_probe,
@@ -395,4 +449,5 @@ const struct blk_driver blk_qcow2_driver = {
     .get_info = qcow2_get_info,
     .check = qcow2_check,
     .resize = qcow2_resize,
+    .change_backing = qcow2_change_backing,
 };

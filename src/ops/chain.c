@@ -1,0 +1,4 @@
+/* Chain-wide bitmap views (include/cbt/chain.h).  STUB: being written. */
+#include <cbt/chain.h>
+
+#include "../util/util.h"
