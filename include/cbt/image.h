@@ -43,9 +43,10 @@ int cbt_image_pwrite_zeroes(struct cbt_image *img, uint64_t off, uint64_t len,
  * backing file); v2 drops them (zeroes) only without a backing file and
  * ignores the discard otherwise; raw punches a hole (zeroes). */
 int cbt_image_discard(struct cbt_image *img, uint64_t off, uint64_t len);
-/* Write one cluster compressed (qemu-io's write -c): off cluster-aligned,
- * len one cluster, or the image's tail when its size is not cluster
- * aligned.  Data that does not shrink is stored uncompressed.  -ENOTSUP for
+/* Write whole clusters compressed (qemu-io's write -c): off cluster-aligned,
+ * len a multiple of the cluster size or reaching the end of the image.
+ * Each cluster is compressed on its own; one that does not shrink is
+ * stored uncompressed.  -ENOTSUP for
  * formats without compression (raw). */
 int cbt_image_pwrite_compressed(struct cbt_image *img, const void *buf,
                                 size_t len, uint64_t off);

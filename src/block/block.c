@@ -324,12 +324,16 @@ int cbt_image_pwrite_compressed(struct cbt_image *img, const void *buf,
     if (!img->drv->write_compressed || img->cluster_size == 0)
         return -ENOTSUP;
     uint64_t cs = img->cluster_size;
-    if (off % cs || (len != cs && off + len != img->size) || len > cs)
+    /* Whole clusters, the last one possibly cut by the end of the image. */
+    if (off % cs || (len % cs && off + len != img->size))
         return -EINVAL;
     pthread_mutex_lock(&img->lock);
     r = blk_mark_dirty(img, off, len);
-    if (r == 0)
-        r = img->drv->write_compressed(img, buf, off, len);
+    for (size_t done = 0; r == 0 && done < len; done += cs) {
+        size_t n = (size_t)MIN((uint64_t)(len - done), cs);
+        r = img->drv->write_compressed(img, (const char *)buf + done,
+                                       off + done, n);
+    }
     pthread_mutex_unlock(&img->lock);
     return r;
 }
