@@ -503,6 +503,13 @@ int cbt_bitmap_merge(struct cbt_image *img, const char *target,
                      struct cbt_image *src_img, const char *src_name,
                      struct cbt_error **errp)
 {
+    return cbt_bitmap_merge_flags(img, target, src_img, src_name, 0, errp);
+}
+
+int cbt_bitmap_merge_flags(struct cbt_image *img, const char *target,
+                           struct cbt_image *src_img, const char *src_name,
+                           unsigned flags, struct cbt_error **errp)
+{
     if (!valid_image(img, errp) || !valid_name(img, target, errp))
         return -1;
     if (!src_img)
@@ -530,6 +537,14 @@ int cbt_bitmap_merge(struct cbt_image *img, const char *target,
                 set_error(errp, src_img, ENOMEM,
                           "out of memory copying bitmap '%s'", src_name);
                 r = -1;
+            } else if ((flags & CBT_MERGE_RESIZE) && src_size != img->size) {
+                /* Another layer of a chain: cut it, or extend it clean. */
+                if (bm_resize(copy, img->size) < 0) {
+                    set_error(errp, src_img, ENOMEM,
+                              "out of memory resizing bitmap '%s'", src_name);
+                    r = -1;
+                }
+                src_size = img->size;
             }
         }
         pthread_mutex_unlock(&src_img->lock);
