@@ -8,7 +8,9 @@
  * when any fails, none (cbt_bitmap_rollback() and the file is left as it
  * was).  qemu-img stores each action as it goes, so a failing second action
  * leaves the first one in the image; that is the one intended difference.
- * The views open the image read-only and never change it.
+ * The views open the image read-only and never change it.  With --chain
+ * they look at a bitmap name over the whole backing chain (cbt/chain.h):
+ * the verdict on each name, and the union of a valid name's copies.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -17,6 +19,7 @@
 #include <string.h>
 
 #include <cbt/bitmap.h>
+#include <cbt/chain.h>
 
 #include "cli.h"
 
@@ -26,9 +29,10 @@ static const char usage[] =
     "                  [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY]\n"
     "                  [-f FMT] FILE BITMAP\n"
     "       cbt bitmap --remove-all [-f FMT] FILE\n"
-    "       cbt bitmap --list [--output=human|json] [-f FMT] FILE\n"
-    "       cbt bitmap (--dump | --count | --sha256) [--output=human|json]\n"
-    "                  [-f FMT] FILE BITMAP\n"
+    "       cbt bitmap --list [--chain [--strict]] [--output=human|json]\n"
+    "                  [-f FMT] FILE\n"
+    "       cbt bitmap (--dump | --count | --sha256) [--chain [--strict]]\n"
+    "                  [--output=human|json] [-f FMT] FILE BITMAP\n"
     "       cbt bitmap --diff OTHER [-b SOURCE_FILE [-F SOURCE_FMT]]\n"
     "                  [--output=human|json] [-f FMT] FILE BITMAP\n"
     "\n"
@@ -62,6 +66,18 @@ static const char usage[] =
     "                    both (0); OTHER is a bitmap of FILE or of -b\n"
     "                    SOURCE_FILE (same disk size)\n"
     "\n"
+    "Over the backing chain of FILE (FILE is its top layer, depth 0):\n"
+    "  --chain           with --list: every bitmap name of any layer, whether\n"
+    "                    it is valid over the chain (held by the top and the\n"
+    "                    layers right below it, no gap, every copy\n"
+    "                    consistent, the top copy recording) or why not, and\n"
+    "                    each layer's copy; with --dump, --count, --sha256:\n"
+    "                    the union of BITMAP's copies, or an error when\n"
+    "                    BITMAP is not valid over the chain\n"
+    "  --strict          with --chain: every copy must be recording (by\n"
+    "                    default a disabled copy below the top is accepted as\n"
+    "                    sealed, as cbt snapshot leaves it)\n"
+    "\n"
     "Options:\n"
     "  -g, --granularity SIZE  bytes per bit for --add: a power of two from\n"
     "                      512 to 2G, suffixes k, M, G (default: the cluster\n"
@@ -81,7 +97,9 @@ static const char usage[] =
     "  cbt bitmap --rename weekly disk.qcow2 b2\n"
     "  cbt bitmap --list --output=json disk.qcow2\n"
     "  cbt bitmap --dump disk.qcow2 b1\n"
-    "  cbt bitmap --diff b2 disk.qcow2 b1\n";
+    "  cbt bitmap --diff b2 disk.qcow2 b1\n"
+    "  cbt bitmap --list --chain top.qcow2\n"
+    "  cbt bitmap --dump --chain --output=json top.qcow2 b1\n";
 
 enum action_kind {
     ACT_ADD,
@@ -138,6 +156,8 @@ struct bitmap_args {
     uint64_t granularity; /* 0: default, as qemu-img treats -g 0 */
     enum cli_output output;
     bool output_given;
+    bool chain;  /* --chain */
+    bool strict; /* --strict */
     const char *filename;
     const char *bitmap;
 };
@@ -204,6 +224,16 @@ static int check_args(struct bitmap_args *a, int argc, char **argv)
                                  "--dump, --count, --sha256 or --diff");
         return -1;
     }
+    if (a->chain && a->view != VIEW_LIST && a->view != VIEW_DUMP &&
+        a->view != VIEW_COUNT && a->view != VIEW_SHA256) {
+        cli_usage_error(a->prog, "--chain only supported with --list, --dump, "
+                                 "--count or --sha256");
+        return -1;
+    }
+    if (a->strict && !a->chain) {
+        cli_usage_error(a->prog, "--strict only supported with --chain");
+        return -1;
+    }
     if (a->view == VIEW_LIST || a->view == VIEW_REMOVE_ALL) {
         if (optind != argc - 1) {
             cli_usage_error(a->prog, "Expecting filename");
@@ -239,6 +269,8 @@ static int parse_args(int argc, char **argv, struct bitmap_args *a)
         OPT_SHA256,
         OPT_DIFF,
         OPT_OUTPUT,
+        OPT_CHAIN,
+        OPT_STRICT,
     };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
@@ -256,6 +288,8 @@ static int parse_args(int argc, char **argv, struct bitmap_args *a)
         {"sha256", no_argument, NULL, OPT_SHA256},
         {"diff", required_argument, NULL, OPT_DIFF},
         {"output", required_argument, NULL, OPT_OUTPUT},
+        {"chain", no_argument, NULL, OPT_CHAIN},
+        {"strict", no_argument, NULL, OPT_STRICT},
         {"granularity", required_argument, NULL, 'g'},
         {"source-file", required_argument, NULL, 'b'},
         {"source-format", required_argument, NULL, 'F'},
@@ -312,6 +346,12 @@ static int parse_args(int argc, char **argv, struct bitmap_args *a)
             if (cli_parse_output(a->prog, optarg, &a->output) < 0)
                 return -1;
             a->output_given = true;
+            break;
+        case OPT_CHAIN:
+            a->chain = true;
+            break;
+        case OPT_STRICT:
+            a->strict = true;
             break;
         case 'g':
             /* qemu-img's cvtnum message, on one line. */
@@ -798,8 +838,218 @@ out:
     return ret;
 }
 
+/* ---- views over the backing chain (--chain) ---- */
+
+static unsigned chain_flags(const struct bitmap_args *a)
+{
+    return a->strict ? CBT_CHAIN_STRICT : 0;
+}
+
+static json_t *u64_or_null(bool have, uint64_t v)
+{
+    return have ? cli_json_u64(v) : json_null();
+}
+
+static json_t *chain_json(const struct cbt_chain_bitmap *b)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "name", cli_json_string(b->name));
+    json_object_set_new(o, "valid", json_boolean(b->valid));
+    const char *code = cbt_chain_reason_code(b->reason);
+    json_object_set_new(o, "reason", code ? json_string(code) : json_null());
+    json_object_set_new(o, "reason-depth", b->valid ? json_null()
+                                           : json_integer(b->reason_depth));
+    json_object_set_new(o, "message", cli_json_string(b->message));
+    json_object_set_new(o, "granularity",
+                        u64_or_null(b->granularity != 0, b->granularity));
+    json_object_set_new(o, "count", u64_or_null(b->valid, b->count));
+    json_t *layers = json_array();
+    for (size_t i = 0; i < b->nlayers; i++) {
+        const struct cbt_chain_layer *l = &b->layers[i];
+        json_t *e = json_object();
+        json_object_set_new(e, "depth", json_integer(l->depth));
+        json_object_set_new(e, "filename", cli_json_string(l->filename));
+        json_object_set_new(e, "present", json_boolean(l->present));
+        if (l->present) {
+            json_object_set_new(e, "state",
+                                json_string(cbt_chain_copy_name(l->state)));
+            json_object_set_new(e, "granularity",
+                                cli_json_u64(l->granularity));
+            json_object_set_new(e, "recording", json_boolean(l->recording));
+            json_object_set_new(e, "persistent", json_boolean(l->persistent));
+            json_object_set_new(e, "inconsistent",
+                                json_boolean(l->inconsistent));
+            json_object_set_new(e, "count", cli_json_u64(l->count));
+        }
+        json_array_append_new(layers, e);
+    }
+    json_object_set_new(o, "layers", layers);
+    return o;
+}
+
+/* The STATE column of a bitmap's line: "valid" or "invalid (REASON)". */
+static void verdict_str(const struct cbt_chain_bitmap *b, char *buf,
+                        size_t len)
+{
+    if (b->valid)
+        snprintf(buf, len, "valid");
+    else
+        snprintf(buf, len, "invalid (%s)", cbt_chain_reason_code(b->reason));
+}
+
+/*
+ * Human: one table.  Each bitmap has a line (name, verdict, the top copy's
+ * granularity, the union's dirty bytes), then one line per layer (depth,
+ * what the layer holds, its granularity and dirty bytes, its file), then,
+ * when invalid, the reason in words.
+ */
+static void print_chain_list(const struct cbt_chain_bitmap *list, size_t n)
+{
+    if (n == 0)
+        return;
+    int w = (int)strlen("NAME/DEPTH"), ws = (int)strlen("inconsistent");
+    int wd = 5;
+    for (size_t i = 0; i < n; i++) {
+        char v[64];
+        verdict_str(&list[i], v, sizeof(v));
+        size_t len = strlen(list[i].name);
+        if (len > (size_t)w)
+            w = len > 64 ? 64 : (int)len;
+        ws = (int)strlen(v) > ws ? (int)strlen(v) : ws;
+        int d = snprintf(NULL, 0, "%" PRIu64, list[i].count);
+        wd = d > wd ? d : wd;
+        for (size_t k = 0; k < list[i].nlayers; k++) {
+            d = snprintf(NULL, 0, "%" PRIu64, list[i].layers[k].count);
+            wd = d > wd ? d : wd;
+        }
+    }
+    printf("%-*s  %-*s  %11s  %*s  %s\n", w, "NAME/DEPTH", ws, "STATE",
+           "GRANULARITY", wd, "DIRTY", "FILE");
+    for (size_t i = 0; i < n; i++) {
+        const struct cbt_chain_bitmap *b = &list[i];
+        char v[64], g[24] = "-", d[24] = "-";
+        verdict_str(b, v, sizeof(v));
+        if (b->granularity)
+            snprintf(g, sizeof(g), "%" PRIu64, b->granularity);
+        if (b->valid)
+            snprintf(d, sizeof(d), "%" PRIu64, b->count);
+        printf("%-*s  %-*s  %11s  %*s\n", w, b->name, ws, v, g, wd, d);
+        for (size_t k = 0; k < b->nlayers; k++) {
+            const struct cbt_chain_layer *l = &b->layers[k];
+            g[0] = d[0] = '-';
+            g[1] = d[1] = '\0';
+            if (l->present) {
+                snprintf(g, sizeof(g), "%" PRIu64, l->granularity);
+                snprintf(d, sizeof(d), "%" PRIu64, l->count);
+            }
+            printf("  %-*d  %-*s  %11s  %*s  %s\n", w - 2, l->depth, ws,
+                   cbt_chain_copy_name(l->state), g, wd, d, l->filename);
+        }
+        if (!b->valid)
+            printf("  %s\n", b->message);
+    }
+}
+
+static int view_chain_list(struct cbt_image *img, const struct bitmap_args *a)
+{
+    struct cbt_chain_bitmap *list = NULL;
+    size_t n = 0;
+    struct cbt_error *err = NULL;
+    if (cbt_chain_bitmap_list(img, chain_flags(a), &list, &n, &err) < 0)
+        return cli_lib_error(err);
+    if (a->output == CLI_OUTPUT_JSON) {
+        json_t *arr = json_array();
+        for (size_t i = 0; i < n; i++)
+            json_array_append_new(arr, chain_json(&list[i]));
+        cli_json_print(arr);
+    } else {
+        print_chain_list(list, n);
+    }
+    cbt_chain_bitmap_free_list(list, n);
+    return 0;
+}
+
+static int view_chain_dump(struct cbt_image *img, const struct bitmap_args *a)
+{
+    struct dump_state s = {.output = a->output, .first = true};
+    struct cbt_error *err = NULL;
+    int r = cbt_chain_bitmap_extents(img, a->bitmap, chain_flags(a),
+                                     dump_extent, &s, &err);
+    if (a->output == CLI_OUTPUT_JSON && (r == 0 || !s.first))
+        printf("%s]\n", s.first ? "[" : "");
+    return r < 0 ? cli_lib_error(err) : 0;
+}
+
+static int view_chain_count(struct cbt_image *img,
+                            const struct bitmap_args *a)
+{
+    struct cbt_chain_bitmap b;
+    struct cbt_error *err = NULL;
+    if (cbt_chain_bitmap_get(img, a->bitmap, chain_flags(a), &b, &err) < 0)
+        return cli_lib_error(err);
+    int ret = 0;
+    if (!b.valid) {
+        cli_error("%s: %s", cbt_image_filename(img), b.message);
+        ret = CLI_EXIT_FAILURE;
+    } else if (a->output == CLI_OUTPUT_JSON) {
+        json_t *o = json_object();
+        json_object_set_new(o, "count", cli_json_u64(b.count));
+        cli_json_print(o);
+    } else {
+        printf("%" PRIu64 "\n", b.count);
+    }
+    cbt_chain_bitmap_clear(&b);
+    return ret;
+}
+
+static int view_chain_sha256(struct cbt_image *img,
+                             const struct bitmap_args *a)
+{
+    char hex[65];
+    struct cbt_error *err = NULL;
+    if (cbt_chain_bitmap_sha256(img, a->bitmap, chain_flags(a), hex, &err) < 0)
+        return cli_lib_error(err);
+    if (a->output == CLI_OUTPUT_JSON) {
+        json_t *o = json_object();
+        json_object_set_new(o, "sha256", json_string(hex));
+        cli_json_print(o);
+    } else {
+        printf("%s\n", hex);
+    }
+    return 0;
+}
+
+static int do_chain_view(const struct bitmap_args *a)
+{
+    struct cbt_error *err = NULL;
+    struct cbt_image *img = cbt_image_open(a->filename, a->format, 0, &err);
+    if (!img)
+        return cli_lib_error(err);
+    int ret = CLI_EXIT_FAILURE;
+    switch (a->view) {
+    case VIEW_LIST:
+        ret = view_chain_list(img, a);
+        break;
+    case VIEW_DUMP:
+        ret = view_chain_dump(img, a);
+        break;
+    case VIEW_COUNT:
+        ret = view_chain_count(img, a);
+        break;
+    case VIEW_SHA256:
+        ret = view_chain_sha256(img, a);
+        break;
+    default:
+        break;
+    }
+    cbt_image_close(img, NULL);
+    return ret;
+}
+
 static int do_view(const struct bitmap_args *a)
 {
+    if (a->chain)
+        return do_chain_view(a);
     struct cbt_error *err = NULL;
     struct cbt_image *img =
         cbt_image_open(a->filename, a->format, CBT_OPEN_NO_BACKING, &err);
