@@ -1494,6 +1494,29 @@ static void test_merge(void **state)
                  "41944576, source size is 41945088) and can't be merged",
                  "sizes");
     expect_model(img, "g1", &m[1]);
+    /* With CBT_MERGE_RESIZE a larger source is cut to the target's size
+     * (its dirty last byte lies past the end and is dropped) ... */
+    write_pattern(third, size - 4096, 4096 + 512);
+    ok(cbt_bitmap_merge_flags(img, "g1", third, "t", CBT_MERGE_RESIZE, &err),
+       err, "merge resize larger");
+    /* t's 64 KiB granules, cut at the target's end. */
+    model_set(&m[1], 0, 65536);
+    uint64_t last = (size - 4096) / 65536 * 65536;
+    model_set(&m[1], last, size - last);
+    expect_model(img, "g1", &m[1]);
+    /* ... and a smaller one is extended clean. */
+    const char *sm = path_of("m4.qcow2");
+    create(sm, size / 2 + 512, 4096, 3);
+    struct cbt_image *small = open_img(sm, CBT_OPEN_RDWR);
+    ok(cbt_bitmap_add(small, "s", 512, false, &err), err, "add");
+    write_pattern(small, size / 2, 512);
+    write_pattern(small, 1000, 3000);
+    ok(cbt_bitmap_merge_flags(img, "g0", small, "s", CBT_MERGE_RESIZE, &err),
+       err, "merge resize smaller");
+    model_set(&m[0], size / 2, 512);
+    model_set(&m[0], 1000, 3000);
+    expect_model(img, "g0", &m[0]);
+    close_img(small);
     close_img(third);
     close_img(other);
     close_img(img);
