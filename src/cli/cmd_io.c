@@ -39,9 +39,10 @@ static const char usage[] =
     "  read [-qv] [-P PATTERN [-s OFF] [-l LEN]] OFF LEN\n"
     "        read; with -P every byte must equal PATTERN (decimal or 0x hex);\n"
     "        -s/-l restrict the check to a part of the range; -v hex dump\n"
-    "  write [-q] [-P PATTERN | -z [-u]] OFF LEN\n"
+    "  write [-cq] [-P PATTERN | -z [-u]] OFF LEN\n"
     "        write PATTERN (default 0xcd); -z writes zeroes, -u lets zeroed\n"
-    "        clusters be deallocated\n"
+    "        clusters be deallocated; -c stores whole clusters compressed\n"
+    "        (OFF and LEN cluster-aligned, or LEN reaching the end)\n"
     "  discard [-q] OFF LEN    discard (unmap) a range\n"
     "  flush                   write everything to stable storage\n"
     "  help, quit\n"
@@ -66,6 +67,7 @@ struct io_ctx {
     uint8_t *buf;
     size_t buf_size;
     int buf_pattern; /* byte the whole buffer holds, or -1 */
+    uint32_t cluster_size; /* for write -c: 0 until first needed */
 };
 
 struct io_cmd {
@@ -372,9 +374,43 @@ static int read_f(struct io_ctx *ctx, int argc, char **argv)
     return r;
 }
 
-/* Write `pattern` over [off, off+len) in chunks of the shared buffer. */
-static int do_write(struct io_ctx *ctx, int pattern, uint64_t off, uint64_t len)
+/* A compressed write longer than one chunk is checked as a whole first,
+ * so a bad end fails it before any chunk is written (as qemu-io). */
+static int check_compressed_range(struct io_ctx *ctx, uint64_t off,
+                                  uint64_t len)
 {
+    if (len <= IO_CHUNK)
+        return 0; /* one library call checks it */
+    if (!ctx->cluster_size) {
+        struct cbt_image_info info;
+        struct cbt_error *err = NULL;
+        if (cbt_image_get_info(ctx->img, &info, &err) < 0) {
+            int r = -cbt_error_errno(err);
+            cbt_error_free(err);
+            return r < 0 ? r : -EIO;
+        }
+        ctx->cluster_size = info.cluster_size;
+        cbt_image_info_free(&info);
+    }
+    uint64_t cs = ctx->cluster_size;
+    if (cs == 0)
+        return -ENOTSUP;
+    if (off % cs || (len % cs && off + len != ctx->size))
+        return -EINVAL;
+    return 0;
+}
+
+/* Write `pattern` over [off, off+len) in chunks of the shared buffer;
+ * compressed: whole clusters (IO_CHUNK is a multiple of every cluster
+ * size). */
+static int do_write(struct io_ctx *ctx, int pattern, uint64_t off, uint64_t len,
+                    bool compressed)
+{
+    if (compressed) {
+        int r = check_compressed_range(ctx, off, len);
+        if (r < 0)
+            return r;
+    }
     uint8_t *buf = get_buf(ctx, len);
     if (!buf)
         return -ENOMEM;
@@ -384,7 +420,9 @@ static int do_write(struct io_ctx *ctx, int pattern, uint64_t off, uint64_t len)
     }
     for (uint64_t done = 0; done < len;) {
         size_t n = len - done < IO_CHUNK ? (size_t)(len - done) : IO_CHUNK;
-        int r = cbt_image_pwrite(ctx->img, buf, n, off + done);
+        int r = compressed
+                    ? cbt_image_pwrite_compressed(ctx->img, buf, n, off + done)
+                    : cbt_image_pwrite(ctx->img, buf, n, off + done);
         if (r < 0)
             return r;
         done += n;
@@ -395,10 +433,14 @@ static int do_write(struct io_ctx *ctx, int pattern, uint64_t off, uint64_t len)
 static int write_f(struct io_ctx *ctx, int argc, char **argv)
 {
     bool quiet = false, zero = false, unmap = false, pflag = false;
+    bool compressed = false;
     int pattern = DEFAULT_PATTERN, c;
     optind = 0;
-    while ((c = getopt(argc, argv, "P:quz")) != -1) {
+    while ((c = getopt(argc, argv, "cP:quz")) != -1) {
         switch (c) {
+        case 'c':
+            compressed = true;
+            break;
         case 'P':
             pflag = true;
             if ((pattern = parse_pattern(optarg)) < 0)
@@ -432,12 +474,21 @@ static int write_f(struct io_ctx *ctx, int argc, char **argv)
     int r = parse_range(ctx, argv, &off, &len);
     if (r == -EINVAL)
         return r;
+    if (compressed && off % 512) {
+        printf("%" PRIu64 " is not a sector-aligned value for 'offset'\n", off);
+        return -EINVAL;
+    }
+    if (compressed && len % 512) {
+        printf("%" PRIu64 " is not a sector-aligned value for 'count'\n", len);
+        return -EINVAL;
+    }
     struct timespec t1 = now();
+    /* -z wins over -c, as in qemu-io. */
     if (r == 0 && zero)
         r = cbt_image_pwrite_zeroes(ctx->img, off, len,
                                     unmap ? CBT_ZERO_MAY_UNMAP : 0);
     else if (r == 0)
-        r = do_write(ctx, pattern, off, len);
+        r = do_write(ctx, pattern, off, len, compressed && len > 0);
     if (r < 0) {
         printf("write failed: %s\n", strerror(-r));
         return r;
@@ -499,7 +550,7 @@ static const struct io_cmd io_cmds[] = {
     {"read", "r", read_f, 2, -1, false,
      "[-qv] [-P pattern [-s off] [-l len]] off len",
      "reads a number of bytes at a specified offset"},
-    {"write", "w", write_f, 2, -1, true, "[-quz] [-P pattern] off len",
+    {"write", "w", write_f, 2, -1, true, "[-cquz] [-P pattern] off len",
      "writes a number of bytes at a specified offset"},
     {"discard", "d", discard_f, 2, -1, true, "[-q] off len",
      "discards a number of bytes at a specified offset"},

@@ -1,7 +1,24 @@
-/* qcow2 compressed clusters: read the stored bytes and inflate them (zlib
- * raw deflate, or zstd), refusing output that does not fill the cluster. */
+/*
+ * qcow2 compressed clusters: read the stored bytes and inflate them (zlib
+ * raw deflate, or zstd), refusing output that does not fill the cluster;
+ * and write a cluster compressed.
+ *
+ * Writing: the cluster (a short tail cluster zero-padded) is deflated into
+ * at most cluster_size - 1 bytes, QEMU's rule; what does not fit is written
+ * as a normal cluster.  The bytes go to a byte-granular place from
+ * qcow2_alloc_bytes (several compressed clusters share host clusters; each
+ * host cluster the bytes touch holds one reference for this cluster), are
+ * written at once, and only then does the L2 entry change in the cache, so
+ * the flush order (refcounts, then L2) keeps it from ever pointing at
+ * unwritten bytes.  Unlike QEMU, which refuses with EIO, a guest cluster
+ * already allocated in this layer is overwritten: its old allocation is
+ * released with the usual deferred free (a normal cluster loses one
+ * reference, so one shared with an internal snapshot survives; a
+ * compressed one drops one reference on each host cluster it touches).
+ */
 #include <zlib.h>
 #include <zstd.h>
+#include <zstd_errors.h>
 
 #include "qcow2.h"
 
@@ -76,4 +93,116 @@ int qcow2_read_compressed(struct qcow2_state *s, uint64_t l2e, uint8_t *out)
     if (r < 0)
         return r;
     return qcow2_decompress(s, in, len, out, s->cluster_size);
+}
+
+/* Deflate with QEMU's parameters (raw stream, 4 KiB window).  Returns the
+ * compressed length, -ENOSPC when it does not fit in out_cap bytes. */
+static int64_t deflate_zlib(const uint8_t *in, size_t in_len, uint8_t *out,
+                            size_t out_cap)
+{
+    z_stream z;
+    memset(&z, 0, sizeof(z));
+    if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                     Z_DEFAULT_STRATEGY) != Z_OK)
+        return -ENOMEM;
+    z.next_in = (Bytef *)in;
+    z.avail_in = (uInt)in_len;
+    z.next_out = out;
+    z.avail_out = (uInt)out_cap;
+    int r = deflate(&z, Z_FINISH);
+    int64_t ret = r == Z_STREAM_END ? (int64_t)(out_cap - z.avail_out)
+                  : r == Z_OK || r == Z_BUF_ERROR ? -ENOSPC
+                                                  : -EIO;
+    deflateEnd(&z);
+    return ret;
+}
+
+static int64_t deflate_zstd(const uint8_t *in, size_t in_len, uint8_t *out,
+                            size_t out_cap)
+{
+    ZSTD_CCtx *cctx = ZSTD_createCCtx();
+    if (!cctx)
+        return -ENOMEM;
+    size_t r = ZSTD_compressCCtx(cctx, out, out_cap, in, in_len,
+                                 ZSTD_CLEVEL_DEFAULT);
+    ZSTD_freeCCtx(cctx);
+    if (!ZSTD_isError(r))
+        return (int64_t)r;
+    return ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall ? -ENOSPC
+                                                               : -EIO;
+}
+
+int64_t qcow2_compress(const struct qcow2_state *s, const uint8_t *in,
+                       size_t in_len, uint8_t *out, size_t out_cap)
+{
+    if (s->h.compression_type == QCOW2_COMPRESSION_ZSTD)
+        return deflate_zstd(in, in_len, out, out_cap);
+    return deflate_zlib(in, in_len, out, out_cap);
+}
+
+/* The compressed descriptor for `len` bytes at host offset `host`. */
+static uint64_t compressed_descriptor(const struct qcow2_state *s,
+                                      uint64_t host, uint64_t len)
+{
+    uint64_t extra = ((host + len - 1) >> 9) - (host >> 9);
+    return QCOW2_OFLAG_COMPRESSED | (extra << s->csize_shift) | host;
+}
+
+int qcow2_write_compressed(struct blk_node *node, const void *buf,
+                           uint64_t off, size_t len)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    uint64_t cs = s->cluster_size;
+    if (qcow2_has_data_file(s))
+        return -ENOTSUP; /* no compressed clusters in a data file (spec) */
+    if (!IS_ALIGNED(off, cs) || len > cs ||
+        (len < cs && off + len != node->size))
+        return -EINVAL;
+    const uint8_t *src = buf;
+    CLEANUP_FREE uint8_t *padded = NULL;
+    if (len < cs) {
+        if (!(padded = calloc(1, cs)))
+            return -ENOMEM;
+        memcpy(padded, buf, len);
+        src = padded;
+    }
+    /* Room for the zero padding to the end of the last sector. */
+    CLEANUP_FREE uint8_t *out = calloc(1, cs + 512);
+    if (!out)
+        return -ENOMEM;
+    int64_t clen = qcow2_compress(s, src, cs, out, cs - 1);
+    if (clen == -ENOSPC || clen == 0)
+        return qcow2_write(node, buf, off, len); /* does not shrink */
+    if (clen < 0)
+        return (int)clen;
+
+    uint8_t *l2;
+    uint64_t idx;
+    int r = qcow2_get_l2(s, off, true, &l2, &idx);
+    if (r < 0)
+        return r;
+    int64_t host = qcow2_alloc_bytes(s, (uint64_t)clen);
+    if (host < 0) {
+        qcow2_cache_put(&s->l2_cache, l2);
+        return (int)host;
+    }
+    /* Up to the end of the sector: the bytes after ours there belong to
+     * no one yet, and the file then always holds the descriptor's span. */
+    uint64_t wlen = ALIGN_UP((uint64_t)host + (uint64_t)clen, 512) - (uint64_t)host;
+    r = file_pwrite_full(node->fd, out, (size_t)wlen, (uint64_t)host);
+    if (r < 0) {
+        /* Nothing points at the bytes: give their references back. */
+        (void)qcow2_update_refcount(s, (uint64_t)host, (uint64_t)clen, -1);
+        qcow2_cache_put(&s->l2_cache, l2);
+        return r;
+    }
+    s->need_sync = true;
+    uint64_t old = qcow2_l2_get(s, l2, idx);
+    qcow2_l2_set(s, l2, idx,
+                 compressed_descriptor(s, (uint64_t)host, (uint64_t)clen), 0);
+    qcow2_cache_mark_dirty(&s->l2_cache, l2);
+    qcow2_cache_put(&s->l2_cache, l2);
+    /* The old entry's clusters (if any) lose their reference once the new
+     * entry is durable. */
+    return qcow2_free_l2_entry_clusters(s, old);
 }

@@ -663,6 +663,60 @@ int qcow2_discard(struct blk_node *node, uint64_t off, uint64_t len)
     return 0;
 }
 
+/* Does the L2 table hold any entry that is not plainly unallocated? */
+static bool l2_has_entries(const struct qcow2_state *s, const uint8_t *l2)
+{
+    for (uint64_t k = 0; k < s->l2_entries; k++)
+        if (qcow2_l2_get(s, l2, k) || qcow2_l2_get_bitmap(s, l2, k))
+            return true;
+    return false;
+}
+
+int qcow2_make_empty(struct blk_node *node)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    /* A raw data file is the guest view itself: it cannot fall through. */
+    if (s->data_file_raw)
+        return -ENOTSUP;
+    uint64_t table_bytes = s->l2_entries << s->cluster_bits;
+    int r = 0;
+    for (uint32_t i = 0; i < s->l1_size && r == 0; i++) {
+        if (!(s->l1[i] & QCOW2_L1E_OFFSET_MASK))
+            continue;
+        uint64_t guest = (uint64_t)i * table_bytes;
+        uint8_t *l2;
+        uint64_t idx;
+        r = qcow2_get_l2(s, guest, false, &l2, &idx);
+        if (r < 0 || !l2)
+            break;
+        if (!l2_has_entries(s, l2)) {
+            qcow2_cache_put(&s->l2_cache, l2);
+            continue;
+        }
+        if (!(s->l1[i] & QCOW2_OFLAG_COPIED)) {
+            /* Shared with a snapshot: edit a copy of our own. */
+            qcow2_cache_put(&s->l2_cache, l2);
+            r = qcow2_get_l2(s, guest, true, &l2, &idx);
+            if (r < 0)
+                break;
+        }
+        for (uint64_t k = 0; k < s->l2_entries && r == 0; k++) {
+            uint64_t e = qcow2_l2_get(s, l2, k);
+            if (e == 0 && qcow2_l2_get_bitmap(s, l2, k) == 0)
+                continue;
+            qcow2_l2_set(s, l2, k, 0, 0);
+            qcow2_cache_mark_dirty(&s->l2_cache, l2);
+            if (!qcow2_has_data_file(s))
+                r = qcow2_free_l2_entry_clusters(s, e);
+        }
+        qcow2_cache_put(&s->l2_cache, l2);
+    }
+    /* Tables first, then the frees (qcow2_flush_metadata's order). */
+    if (r == 0)
+        r = qcow2_flush_metadata(s);
+    return r;
+}
+
 int qcow2_block_status(struct blk_node *node, uint64_t off, uint64_t len,
                        struct blk_status *st)
 {

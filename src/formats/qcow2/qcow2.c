@@ -450,4 +450,6 @@ const struct blk_driver blk_qcow2_driver = {
     .check = qcow2_check,
     .resize = qcow2_resize,
     .change_backing = qcow2_change_backing,
+    .write_compressed = qcow2_write_compressed,
+    .make_empty = qcow2_make_empty,
 };

@@ -23,6 +23,12 @@
  *    and keep their refcount until the flush that drops their references, so
  *    the allocator can never hand out a cluster still referenced on disk.
  *
+ *  - Compressed clusters are packed byte by byte after the previous one
+ *    (free_byte_offset, refcount.c): each host cluster their bytes touch
+ *    holds one reference per compressed cluster.  The packing position is
+ *    forgotten when its host cluster's refcount drops to 0, so a cluster
+ *    reused for other data never receives compressed bytes.
+ *
  *  - Persistent bitmaps (bitmap.c) follow the same rule: a store writes
  *    the new tables, data and directory to fresh clusters, flushes, then
  *    switches with one header write and only then frees the old clusters.
@@ -243,6 +249,7 @@ struct qcow2_state {
 
     uint64_t free_hint;      /* no free cluster below this index */
     uint64_t alloc_end;      /* first cluster index past every used one */
+    uint64_t free_byte_offset; /* next byte for compressed data, 0: none */
     uint64_t *pending_free;  /* host offsets|nb clusters, see refcount.c */
     uint64_t *pending_free_len;
     size_t nb_pending_free, cap_pending_free;
@@ -322,6 +329,11 @@ int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster_index,
 /* Allocate n contiguous clusters with refcount 1; returns host offset or
  * -errno. */
 int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n);
+/* Allocate `size` bytes (1..cluster_size) for compressed data, packed
+ * after the previous compressed cluster when they fit (QEMU's
+ * free_byte_offset): every host cluster the bytes touch gains one
+ * reference.  Returns the host byte offset or -errno. */
+int64_t qcow2_alloc_bytes(struct qcow2_state *s, uint64_t size);
 /* Add `delta` (may be negative) to the refcount of every cluster touched by
  * [offset, offset+len). */
 int qcow2_update_refcount(struct qcow2_state *s, uint64_t offset, uint64_t len,
@@ -378,6 +390,9 @@ int qcow2_write(struct blk_node *node, const void *buf, uint64_t off,
 int qcow2_write_zeroes(struct blk_node *node, uint64_t off, uint64_t len,
                        unsigned flags);
 int qcow2_discard(struct blk_node *node, uint64_t off, uint64_t len);
+/* The driver's make_empty: every entry of the active L2 tables becomes 0
+ * (reads fall through to the backing file), what they held is freed. */
+int qcow2_make_empty(struct blk_node *node);
 int qcow2_flush(struct blk_node *node);
 int qcow2_block_status(struct blk_node *node, uint64_t off, uint64_t len,
                        struct blk_status *st);
@@ -392,6 +407,14 @@ int qcow2_decompress(const struct qcow2_state *s, const uint8_t *in,
                      size_t in_len, uint8_t *out, size_t out_len);
 /* Read and inflate the cluster an L2 compressed entry points at. */
 int qcow2_read_compressed(struct qcow2_state *s, uint64_t l2e, uint8_t *out);
+/* Compress in_len bytes with the image's compression type into at most
+ * out_cap bytes: the length, -ENOSPC when it does not fit, or -errno. */
+int64_t qcow2_compress(const struct qcow2_state *s, const uint8_t *in,
+                       size_t in_len, uint8_t *out, size_t out_cap);
+/* The driver's write_compressed (see block.h): one cluster, stored
+ * compressed, or normally when it does not shrink below cluster_size. */
+int qcow2_write_compressed(struct blk_node *node, const void *buf,
+                           uint64_t off, size_t len);
 
 /* snapshot.c */
 int qcow2_read_snapshots(struct qcow2_state *s, uint64_t file_len,

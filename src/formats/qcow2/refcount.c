@@ -210,6 +210,10 @@ static int update_one(struct qcow2_state *s, uint64_t ci, int64_t delta)
     qcow2_cache_put(&s->rb_cache, rb);
     if (val == 0) {
         s->free_hint = MIN(s->free_hint, ci);
+        /* The partly used cluster of compressed data is gone: the next
+         * compressed cluster must not share it with a new owner. */
+        if (s->free_byte_offset && (s->free_byte_offset >> s->cluster_bits) == ci)
+            s->free_byte_offset = 0;
         /* A freed cluster may have been a cached table. */
         qcow2_cache_discard(&s->l2_cache, ci << s->cluster_bits);
         qcow2_cache_discard(&s->rb_cache, ci << s->cluster_bits);
@@ -317,6 +321,55 @@ int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
         return (int64_t)(start << s->cluster_bits);
     }
     return -EIO;
+}
+
+int64_t qcow2_alloc_bytes(struct qcow2_state *s, uint64_t size)
+{
+    uint64_t cs = s->cluster_size;
+    if (size == 0 || size > cs)
+        return -EINVAL;
+    uint64_t off = s->free_byte_offset;
+    if (off) {
+        /* A cluster whose refcount cannot grow takes no more sharers. */
+        uint64_t rc;
+        int r = qcow2_get_refcount(s, off >> s->cluster_bits, &rc);
+        if (r < 0)
+            return r;
+        if (rc == 0 || rc >= s->refcount_max)
+            off = 0;
+    }
+    int64_t start;
+    if (off && cs - qcow2_offset_into_cluster(s, off) >= size) {
+        int r = qcow2_update_refcount(s, off, 1, 1);
+        if (r < 0)
+            return r;
+        start = (int64_t)off;
+    } else {
+        int64_t c = qcow2_alloc_clusters(s, 1);
+        if (c < 0)
+            return c;
+        if (off && (uint64_t)c == ALIGN_UP(off, cs)) {
+            /* Contiguous: the bytes run on from the partly used cluster,
+             * which gains a reference too. */
+            int r = qcow2_update_refcount(s, off, 1, 1);
+            if (r < 0) {
+                (void)qcow2_update_refcount(s, (uint64_t)c, cs, -1);
+                return r;
+            }
+            start = (int64_t)off;
+        } else {
+            start = c;
+        }
+    }
+    uint64_t end = (uint64_t)start + size;
+    if (end - 1 > s->cmp_offset_mask) {
+        /* Beyond what a compressed descriptor can address. */
+        (void)qcow2_update_refcount(s, (uint64_t)start, size, -1);
+        s->free_byte_offset = 0;
+        return -ENOSPC;
+    }
+    s->free_byte_offset = qcow2_offset_into_cluster(s, end) ? end : 0;
+    return start;
 }
 
 /*
