@@ -1,9 +1,172 @@
-/* cbt commit.  STUB: being written. */
+/* cbt commit: commit the data of upper layers of a chain into a lower one,
+ * carrying the dirty bitmaps along (cbt_commit()), as qemu-img commit and
+ * libvirt's offline block commit. */
+#include <getopt.h>
+#include <string.h>
+
+#include <cbt/ops.h>
+
 #include "cli.h"
+
+static const char usage[] =
+    "Usage: cbt commit [-f FMT] [-b BASE] [-d] [-p] [-q] [--skip-broken-bitmaps]\n"
+    "                  FILE\n"
+    "       cbt commit --top TOP [--base BASE] [--active ACTIVE] [-p] [-q]\n"
+    "                  [--skip-broken-bitmaps]\n"
+    "\n"
+    "Write the data of FILE (or TOP) and of every layer below it down to just\n"
+    "above BASE into BASE (default: the backing file of FILE or TOP), growing\n"
+    "BASE to FILE's size if it is smaller.  The guest view of the chain does\n"
+    "not change.\n"
+    "\n"
+    "Bitmaps: for each bitmap name held by a layer from FILE down to BASE,\n"
+    "BASE's bitmap of that name becomes the union of those layers' bitmaps\n"
+    "(created in BASE when missing, with the granularity and recording state\n"
+    "of the topmost copy); the commit's own writes add no bits.  The bitmaps\n"
+    "of the other layers are not changed.  Refused before anything is\n"
+    "written: a layer lacking a name between two layers holding it, an\n"
+    "inconsistent copy (unless --skip-broken-bitmaps: that name is then left\n"
+    "alone, with a warning), a name in BASE with another granularity than the\n"
+    "topmost copy, a BASE that cannot hold the bitmaps (raw).\n"
+    "\n"
+    "First form (qemu-img commit): FILE is the active layer.  Afterwards FILE\n"
+    "is emptied (its data now lives in its backing file) unless -d or -b is\n"
+    "given; -b implies -d, as in qemu-img, because the layers between FILE\n"
+    "and BASE would show through an emptied FILE.\n"
+    "\n"
+    "Second form (intermediate commit, as libvirt's block commit): TOP is a\n"
+    "layer of ACTIVE's chain (default ACTIVE: TOP itself).  The image directly\n"
+    "above TOP is relinked onto BASE (by its file name when both are in the\n"
+    "same directory, otherwise its absolute path; backing format BASE's),\n"
+    "so TOP and the layers between leave the chain; no image is emptied.\n"
+    "\n"
+    "Layers are matched by file identity, so any spelling of a path works.\n"
+    "A failure leaves every image usable and the guest view unchanged.\n"
+    "\n"
+    "Options:\n"
+    "  -f FMT                 format of FILE (default: probe; must match)\n"
+    "  -b, --base BASE        commit into BASE, a layer below FILE or TOP\n"
+    "  -d                     do not empty FILE afterwards\n"
+    "  --top TOP              the topmost layer to commit (second form)\n"
+    "  --active ACTIVE        the active layer of the chain holding TOP\n"
+    "  --skip-broken-bitmaps  leave alone bitmap names with an inconsistent\n"
+    "                         copy or a gap, instead of refusing\n"
+    "  -p                     show progress (on a terminal)\n"
+    "  -q                     quiet: do not print 'Image committed.'\n"
+    "  -h, --help             show this help\n"
+    "\n"
+    "Examples:\n"
+    "  cbt commit disk.2.qcow2\n"
+    "  cbt commit -b disk.0.qcow2 -p disk.2.qcow2\n"
+    "  cbt commit --top disk.1.qcow2 --base disk.0.qcow2 --active disk.3.qcow2\n";
+
+static void show_progress(void *opaque, uint64_t done, uint64_t total)
+{
+    cli_progress_update(opaque, done, total);
+}
+
+/* -f FMT: the library probes, so check that FMT is what it will find. */
+static int check_format(const char *file, const char *fmt)
+{
+    struct cbt_error *err = NULL;
+    struct cbt_image *img = cbt_image_open(file, fmt, CBT_OPEN_NO_BACKING, &err);
+    if (!img)
+        return cli_lib_error(err);
+    cbt_image_close(img, NULL);
+    img = cbt_image_open(file, NULL, CBT_OPEN_NO_BACKING, &err);
+    if (!img)
+        return cli_lib_error(err);
+    int ret = 0;
+    if (strcmp(cbt_image_format(img), fmt) != 0) {
+        cli_error("%s: the image is in format '%s', not '%s'", file,
+                  cbt_image_format(img), fmt);
+        ret = CLI_EXIT_FAILURE;
+    }
+    cbt_image_close(img, NULL);
+    return ret;
+}
 
 int cmd_commit(int argc, char **argv)
 {
-    (void)argc;
-    cli_error("%s: not implemented yet", argv[0]);
-    return CLI_EXIT_FAILURE;
+    enum { OPT_TOP = 256, OPT_ACTIVE, OPT_SKIP_BROKEN };
+    static const struct option longopts[] = {
+        {"help", no_argument, NULL, 'h'},
+        {"format", required_argument, NULL, 'f'},
+        {"base", required_argument, NULL, 'b'},
+        {"top", required_argument, NULL, OPT_TOP},
+        {"active", required_argument, NULL, OPT_ACTIVE},
+        {"skip-broken-bitmaps", no_argument, NULL, OPT_SKIP_BROKEN},
+        {NULL, 0, NULL, 0},
+    };
+    const char *prog = argv[0];
+    const char *fmt = NULL;
+    struct cbt_commit_opts o = { .top = NULL };
+    bool quiet = false, progress = false;
+    int c;
+    optind = 0;
+    while ((c = getopt_long(argc, argv, "hf:b:dpq", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'h':
+            return cli_help(usage);
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'b':
+            o.base = optarg;
+            break;
+        case 'd':
+            o.drop = true;
+            break;
+        case 'p':
+            progress = true;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case OPT_TOP:
+            o.top = optarg;
+            break;
+        case OPT_ACTIVE:
+            o.active = optarg;
+            break;
+        case OPT_SKIP_BROKEN:
+            o.skip_broken_bitmaps = true;
+            break;
+        default:
+            cli_try_help(prog);
+            return CLI_EXIT_FAILURE;
+        }
+    }
+    bool top_form = o.top != NULL;
+    if (top_form) {
+        if (optind < argc)
+            return cli_usage_error(prog, "unexpected argument '%s' (--top "
+                                   "names the image)", argv[optind]);
+        if (fmt)
+            return cli_usage_error(prog, "-f goes with the FILE form, not "
+                                   "with --top");
+    } else {
+        if (o.active)
+            return cli_usage_error(prog, "--active needs --top");
+        if (cli_take_filename(prog, argc, argv, &o.top) < 0)
+            return CLI_EXIT_FAILURE;
+    }
+    /* Only `cbt commit FILE` empties FILE (qemu-img: -b implies -d). */
+    if (o.base || top_form)
+        o.drop = true;
+    if (fmt && check_format(o.top, fmt) != 0)
+        return CLI_EXIT_FAILURE;
+
+    struct cli_progress pr;
+    cli_progress_init(&pr, progress);
+    o.progress = show_progress;
+    o.progress_opaque = &pr;
+    struct cbt_error *err = NULL;
+    int r = cbt_commit(&o, &err);
+    cli_progress_end(&pr);
+    if (r < 0)
+        return cli_lib_error(err);
+    if (!quiet)
+        printf("Image committed.\n");
+    return 0;
 }

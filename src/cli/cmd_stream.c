@@ -1,9 +1,72 @@
-/* cbt stream.  STUB: being written. */
+/* cbt stream: copy into an image the data of the layers between it and a
+ * base, and link it directly onto the base (cbt_stream()). */
+#include <getopt.h>
+
+#include <cbt/ops.h>
+
 #include "cli.h"
+
+static const char usage[] =
+    "Usage: cbt stream [-b BASE] [-p] FILE\n"
+    "\n"
+    "Copy into FILE the data it reads from the layers of its backing chain\n"
+    "above BASE, then make BASE its backing file (by its file name when both\n"
+    "are in the same directory, otherwise its absolute path; backing format\n"
+    "BASE's).  Without -b, FILE gets all the data of its chain and no backing\n"
+    "file.  The guest view of FILE does not change, its bitmaps are not\n"
+    "changed, and the layers between are left as they are (they are no\n"
+    "longer part of FILE's chain).  This is block-stream (a 'pull'), offline.\n"
+    "\n"
+    "Options:\n"
+    "  -b, --base BASE  the layer of FILE's chain to keep as its backing file\n"
+    "  -p               show progress (on a terminal)\n"
+    "  -h, --help       show this help\n"
+    "\n"
+    "Examples:\n"
+    "  cbt stream disk.2.qcow2\n"
+    "  cbt stream -b disk.0.qcow2 -p disk.2.qcow2\n";
+
+static void show_progress(void *opaque, uint64_t done, uint64_t total)
+{
+    cli_progress_update(opaque, done, total);
+}
 
 int cmd_stream(int argc, char **argv)
 {
-    (void)argc;
-    cli_error("%s: not implemented yet", argv[0]);
-    return CLI_EXIT_FAILURE;
+    static const struct option longopts[] = {
+        {"help", no_argument, NULL, 'h'},
+        {"base", required_argument, NULL, 'b'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *prog = argv[0];
+    const char *base = NULL, *file;
+    bool progress = false;
+    int c;
+    optind = 0;
+    while ((c = getopt_long(argc, argv, "hb:p", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'h':
+            return cli_help(usage);
+        case 'b':
+            base = optarg;
+            break;
+        case 'p':
+            progress = true;
+            break;
+        default:
+            cli_try_help(prog);
+            return CLI_EXIT_FAILURE;
+        }
+    }
+    if (cli_take_filename(prog, argc, argv, &file) < 0)
+        return CLI_EXIT_FAILURE;
+
+    struct cli_progress pr;
+    cli_progress_init(&pr, progress);
+    struct cbt_error *err = NULL;
+    int r = cbt_stream(file, base, show_progress, &pr, &err);
+    cli_progress_end(&pr);
+    if (r < 0)
+        return cli_lib_error(err);
+    return 0;
 }

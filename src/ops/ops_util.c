@@ -74,3 +74,33 @@ struct cbt_image *ops_find_layer(struct cbt_image *top, const char *path,
                   path, top->filename);
     return NULL;
 }
+
+
+int ops_copy_range(struct cbt_image *from, struct cbt_image *to, uint64_t off,
+                   uint64_t len, void *buf, size_t bufsize)
+{
+    while (len > 0) {
+        size_t n = (size_t)MIN(len, (uint64_t)bufsize);
+        int r = cbt_image_pread(from, buf, n, off);
+        if (r == 0)
+            r = blk_pwrite(to, buf, n, off, BLK_WRITE_NO_DIRTY);
+        if (r < 0)
+            return r;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+bool ops_is_zero(const void *buf, size_t len)
+{
+    const unsigned char *p = buf;
+    /* Check the head, then compare the buffer with itself shifted: it is
+     * all zero when the first 16 bytes are and every byte equals the one
+     * 16 before it. */
+    size_t head = MIN(len, (size_t)16);
+    for (size_t i = 0; i < head; i++)
+        if (p[i])
+            return false;
+    return len <= 16 || memcmp(p, p + 16, len - 16) == 0;
+}

@@ -20,4 +20,15 @@ char *ops_backing_name(const char *backing, const char *image);
 struct cbt_image *ops_find_layer(struct cbt_image *top, const char *path,
                                  int *depth, struct cbt_error **errp);
 
+/*
+ * Copy [off, off+len) of from's guest view into `to` with
+ * BLK_WRITE_NO_DIRTY (the data moves between layers, the guest view does
+ * not change), through buf of bufsize bytes.  0 or -errno.
+ */
+int ops_copy_range(struct cbt_image *from, struct cbt_image *to, uint64_t off,
+                   uint64_t len, void *buf, size_t bufsize);
+
+/* True when len bytes of buf are all zero. */
+bool ops_is_zero(const void *buf, size_t len);
+
 #endif

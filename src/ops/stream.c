@@ -1,12 +1,138 @@
-/* cbt_stream() (include/cbt/ops.h).  STUB: being written. */
+/*
+ * cbt_stream(): pull into an image the data it reads from the layers
+ * between it and a base, then link it directly onto the base (offline
+ * block-stream; include/cbt/ops.h).
+ *
+ * Steps, and what a failure or a kill at each leaves behind:
+ *   1. open the chain read-only and find base below file: refusals here
+ *      change nothing;
+ *   2. reopen file read-write and copy, for every range file does not
+ *      allocate whose contents come from a layer above base, file's own
+ *      view into file, without dirtying its bitmaps (the guest view does
+ *      not change, so it is no change to track).  Zeroes from those layers
+ *      are written as zeroes when base exists (its data would show
+ *      otherwise); without base they may stay unallocated.  A kill leaves
+ *      file with some of the data it already showed: the same guest view.
+ *   3. flush file, then rewrite its backing link to base (the driver
+ *      flushes and rewrites the header in one step): before it the old
+ *      chain is valid, after it the new one is, and both read the same.
+ * file's bitmaps are never changed.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+
+#include <cbt/image.h>
 #include <cbt/ops.h>
 
-#include "../util/util.h"
+#include "../block/block.h"
+#include "ops_util.h"
+
+#define STREAM_CHUNK (2u * 1024 * 1024)
+
+static int stream_data(struct cbt_image *f, struct cbt_image *base,
+                       cbt_progress_fn *progress, void *opaque,
+                       struct cbt_error **errp)
+{
+    void *buf = malloc(STREAM_CHUNK);
+    if (!buf) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", f->filename);
+        return -1;
+    }
+    const uint64_t size = f->size;
+    uint64_t off = 0;
+    int r = 0;
+    if (progress)
+        progress(opaque, 0, size);
+    while (off < size) {
+        struct cbt_extent e;
+        r = cbt_image_block_status_above(f, base, off,
+                                         MIN(size - off, STREAM_CHUNK), &e);
+        if (r < 0)
+            break;
+        bool own = (e.flags & CBT_BS_PRESENT) && e.depth == 0;
+        if (own) {
+            /* file decides these bytes already */
+        } else if (e.flags & CBT_BS_ZERO) {
+            if (base)
+                r = blk_pwrite_zeroes(f, off, e.length, 0,
+                                      BLK_WRITE_NO_DIRTY);
+        } else if (e.flags & CBT_BS_PRESENT) {
+            r = ops_copy_range(f, f, off, e.length, buf, STREAM_CHUNK);
+        }
+        if (r < 0)
+            break;
+        off += e.length;
+        if (progress)
+            progress(opaque, off, size);
+    }
+    free(buf);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: streaming failed at offset %" PRIu64
+                      ": %s", f->filename, off, strerror(-r));
+        return -1;
+    }
+    return 0;
+}
 
 int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
                void *progress_opaque, struct cbt_error **errp)
 {
-    (void)file; (void)base; (void)progress; (void)progress_opaque;
-    cbt_error_set(errp, ENOTSUP, "stream: not implemented yet");
-    return -1;
+    if (!file || !*file || (base && !*base)) {
+        cbt_error_set(errp, EINVAL, "stream: empty file name");
+        return -1;
+    }
+    struct cbt_image *f = cbt_image_open(file, NULL, 0, errp);
+    if (!f)
+        return -1;
+    int ret = -1;
+    char *name = NULL;
+    struct cbt_image *b = NULL;
+    if (base) {
+        int depth = 0;
+        struct cbt_error *ignored = NULL;
+        b = ops_find_layer(f, base, &depth, &ignored);
+        cbt_error_free(ignored);
+        if (!b || depth == 0) {
+            if (!b && access(base, F_OK) < 0)
+                cbt_error_set(errp, errno, "%s: %s", base, strerror(errno));
+            else
+                cbt_error_set(errp, EINVAL, "Did not find '%s' in the "
+                              "backing chain of '%s'", base, file);
+            goto out;
+        }
+    }
+    if (f->backing == b) {
+        ret = 0; /* already linked to base (or to nothing): no-op */
+        goto out;
+    }
+    if (!f->drv->change_backing) {
+        cbt_error_set(errp, ENOTSUP, "%s: format '%s' cannot store a backing "
+                      "file", file, f->drv->name);
+        goto out;
+    }
+    if (b) {
+        name = ops_backing_name(b->filename, file);
+        if (!name) {
+            int e = errno ? errno : ENOMEM;
+            cbt_error_set(errp, e, "%s: cannot name the base in '%s': %s",
+                          b->filename, file, strerror(e));
+            goto out;
+        }
+    }
+    if (blk_reopen_rw(f, errp) < 0 ||
+        stream_data(f, b, progress, progress_opaque, errp) < 0)
+        goto out;
+    int r = cbt_image_flush(f);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: flush failed: %s", file, strerror(-r));
+        goto out;
+    }
+    if (blk_set_backing(f, name, b ? b->drv->name : NULL, errp) < 0)
+        goto out;
+    ret = 0;
+out:
+    if (cbt_image_close(f, ret == 0 ? errp : NULL) < 0)
+        ret = -1;
+    free(name);
+    return ret;
 }
