@@ -65,9 +65,9 @@ int cbt_bitmap_merge(struct cbt_image *img, const char *target,
                      struct cbt_image *src_img, const char *src_name,
                      struct cbt_error **errp);
 /* The same with flags.  CBT_MERGE_RESIZE: a source on another image whose
- * virtual size differs is first cut to the target's size or extended with
- * clean bits (chain operations over layers of different sizes); without
- * it, different sizes are an error, as QEMU's merge.  Granularities may
+ * virtual size differs contributes its dirty bytes within its own size,
+ * cut at the target's end (chain operations over layers of different
+ * sizes); without it, different sizes are an error, as QEMU's merge.  Granularities may
  * differ in every case (a source granule sets every target granule it
  * overlaps). */
 #define CBT_MERGE_RESIZE (1u << 0)

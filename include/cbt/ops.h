@@ -48,17 +48,27 @@ typedef void cbt_progress_fn(void *opaque, uint64_t done, uint64_t total);
  * topmost copy); the copying itself adds no bits to base's bitmaps.
  * Then:
  *   - the image directly above top (when active != top) is relinked onto
- *     base (relative name when in the same directory);
+ *     base (relative name when in the same directory); when base is larger
+ *     than top, base's bytes past top's end are zeroed first (the relinked
+ *     image read zeroes there);
  *   - when top is the active layer and !drop, top is emptied (qemu-img's
- *     default; qemu-img -b implies -d, the CLI does that).
+ *     default; qemu-img -b implies -d, the CLI does that).  Only allowed
+ *     when base is top's backing file: otherwise the layers between would
+ *     show through the emptied top.
  * Refused before anything is written: base not below top, an inconsistent
  * copy or a gap (a layer lacking a name between two layers holding it) in
  * top..base unless skip_broken_bitmaps (then that name is left alone in
  * base, with a warning), a name in base with a different granularity than
- * the topmost copy, no space for the bitmaps.
- * A failure part way leaves every image openable, base's bitmaps as
- * before, and top's data intact (base may hold some of the copied data,
- * which is invisible through top).
+ * the topmost copy, no room for the bitmaps (including a raw base, which
+ * cannot hold any), emptying when base is not top's backing file or top's
+ * format cannot be emptied.
+ * A failure part way leaves every image openable, the guest view
+ * unchanged, top's data intact (base may hold some of the copied data,
+ * which is invisible through top), and base's bitmaps as before -- or as
+ * after when only the relink or the emptying failed (they are stored
+ * before either).  The one window where a bitmap is neither: a kill
+ * between growing a smaller base and storing its resized bitmaps right
+ * after leaves base's recording bitmaps in_use (inconsistent).
  */
 struct cbt_commit_opts {
     const char *top;
@@ -101,24 +111,36 @@ int cbt_rebase(const struct cbt_rebase_opts *opts, struct cbt_error **errp);
 
 /*
  * Convert (qemu-img convert) of one source chain to a new image.
- * The target is created from `create` (format, cluster size, compat, ...;
- * size is taken from the source) unless no_create (-n: it must exist and be
- * at least as large).  Sparse: ranges the source chain does not allocate or
- * that read as zeroes are not written as data.  With backing (-B), the
- * target is created with that backing file and only the source's top layer
- * is copied (qemu-img's meaning).  compress (-c) writes whole clusters
- * compressed (qcow2 targets).  With bitmaps, the target gets, for each
- * bitmap name of the source chain, the union over the layers holding it
- * (qemu-img copies the top layer's only); an inconsistent copy fails the
- * call before anything is written unless skip_broken_bitmaps (then that
- * name is not copied, with a warning).  On failure a created target is
- * removed.
+ * The target is created from `create` (format NULL: qcow2; cluster size,
+ * compat, ...; size is always the source's) unless no_create (-n: it must
+ * exist and be at least as large, and is opened with format create.format,
+ * NULL: probe; nothing past the source's size is touched).  An existing
+ * file is overwritten, as qemu-img does; a target that is a layer of the
+ * source chain is refused.  Sparse, as qemu-img's default (-S 4k): ranges
+ * the source chain does not allocate or that read as zeroes, and 4 KiB
+ * blocks of zeroes inside data, are not written as data; a new target
+ * without backing file is left unallocated there, otherwise they are
+ * written as zeroes (which may unmap).  With create.backing_file (-B; also
+ * with no_create) only what the source's top layer allocates is copied
+ * (qemu-img's meaning: the target's backing file stands for the source's
+ * backing chain); the rest is left to the target's backing file.
+ * compress (-c) writes whole clusters compressed (qcow2 targets).  With
+ * bitmaps, the target gets, for each bitmap name of the source chain (with
+ * a backing file: of the top layer only), the union over the layers
+ * holding it, as one persistent bitmap with the granularity and recording
+ * state of the topmost copy (qemu-img copies the top layer's only); an
+ * inconsistent copy fails the call before anything is created or written
+ * unless skip_broken_bitmaps (then that name is not copied, with a
+ * warning); so does a no_create target already holding one of the names.
+ * On failure a target this call created is removed; a no_create target is
+ * left as the copy left it.
  */
 struct cbt_convert_opts {
     const char *src;
     const char *src_format;        /* NULL: probe */
     const char *dst;
-    struct cbt_create_opts create; /* format NULL: qcow2; size ignored */
+    struct cbt_create_opts create; /* format NULL: qcow2 (no_create:
+                                    * probe); size ignored */
     bool compress;
     bool no_create;
     bool bitmaps;

@@ -537,14 +537,6 @@ int cbt_bitmap_merge_flags(struct cbt_image *img, const char *target,
                 set_error(errp, src_img, ENOMEM,
                           "out of memory copying bitmap '%s'", src_name);
                 r = -1;
-            } else if ((flags & CBT_MERGE_RESIZE) && src_size != img->size) {
-                /* Another layer of a chain: cut it, or extend it clean. */
-                if (bm_resize(copy, img->size) < 0) {
-                    set_error(errp, src_img, ENOMEM,
-                              "out of memory resizing bitmap '%s'", src_name);
-                    r = -1;
-                }
-                src_size = img->size;
             }
         }
         pthread_mutex_unlock(&src_img->lock);
@@ -564,6 +556,20 @@ int cbt_bitmap_merge_flags(struct cbt_image *img, const char *target,
             goto out;
         src = s->bm;
         src_size = bm_size(s->bm);
+    }
+    if (src_size != img->size && (flags & CBT_MERGE_RESIZE) &&
+        check_bitmap(img, dst, CHECK_DEFAULT, errp) == 0) {
+        /* Another layer of a chain: its dirty bytes (clamped to its own
+         * size), cut at the target's end; the target's bits past the
+         * source's end are left alone. */
+        uint64_t o = 0, n;
+        while (bm_next_dirty_area(src, &o, src_size, &n) && o < img->size) {
+            bm_set(dst->bm, o, MIN(n, img->size - o));
+            o += n;
+        }
+        img->bitmaps_changed = true;
+        ret = 0;
+        goto out;
     }
     if (src_size != img->size) {
         set_error(errp, img, EINVAL, "Bitmaps are of different sizes "

@@ -113,6 +113,33 @@ void cli_kv_free(struct cli_kvlist *list);
 /* Parse qemu's boolean spellings (on/off, yes/no, true/false). */
 int cli_parse_bool(const char *s, bool *out);
 
+/* createopts.c: qemu-img create's -o keys (cbt create, cbt convert) */
+
+enum cli_opt_type { CLI_OPT_STR, CLI_OPT_BOOL, CLI_OPT_SIZE, CLI_OPT_NUM };
+/* One -o key; tables end with a NULL name.  The order of a table is the
+ * order of qemu-img's "Formatting" line; `def` is what that line shows when
+ * the key is unset. */
+struct cli_opt_desc {
+    const char *name;
+    enum cli_opt_type type;
+    const char *def;
+    const char *help;
+};
+/* The keys of "qcow2" or "raw"; NULL for any other format. */
+const struct cli_opt_desc *cli_create_opt_table(const char *format);
+const struct cli_opt_desc *cli_create_opt_find(const struct cli_opt_desc *d,
+                                               const char *name);
+/* Does the list ask for '-o help' (or '?')? */
+bool cli_create_opts_want_help(const struct cli_kvlist *kv);
+/* Print qemu-img's "Supported FORMAT options:" list; returns 0. */
+int cli_create_opts_help(const char *format);
+/* Check every key of kv against format (one of the table's) and store the
+ * values in o (strings are borrowed from kv); *size_in_opts tells whether
+ * size= was given.  Returns 0, or non-zero after printing a usage error. */
+int cli_create_opts_apply(const char *prog, const char *format,
+                          const struct cli_kvlist *kv,
+                          struct cbt_create_opts *o, bool *size_in_opts);
+
 /* progress.c: a percentage drawn on stderr while a long job runs */
 
 struct cli_progress {

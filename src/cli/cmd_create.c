@@ -37,48 +37,10 @@ static const char usage[] =
     "  cbt create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2\n"
     "  cbt create -f qcow2 -o cluster_size=2M,extended_l2=on big.qcow2 1T\n";
 
-enum opt_type { OPT_STR, OPT_BOOL, OPT_SIZE, OPT_NUM };
-
-/* One -o key.  The order of each table is the order of qemu-img's
- * "Formatting" line; `def` is what that line shows when the key is unset. */
-struct opt_desc {
-    const char *name;
-    enum opt_type type;
-    const char *def;
-    const char *help;
-};
-
-static const struct opt_desc qcow2_opts[] = {
-    {"cluster_size", OPT_SIZE, "65536", "qcow2 cluster size"},
-    {"extended_l2", OPT_BOOL, "off", "Extended L2 tables"},
-    {"preallocation", OPT_STR, NULL,
-     "Preallocation mode (allowed values: off, metadata, falloc, full)"},
-    {"compression_type", OPT_STR, "zlib",
-     "Compression method used for image cluster compression"},
-    {"size", OPT_SIZE, NULL, "Virtual disk size"},
-    {"compat", OPT_STR, NULL, "Compatibility level (v2 [0.10] or v3 [1.1])"},
-    {"backing_file", OPT_STR, NULL, "File name of a base image"},
-    {"backing_fmt", OPT_STR, NULL, "Image format of the base image"},
-    {"data_file", OPT_STR, NULL, "File name of an external data file"},
-    {"data_file_raw", OPT_BOOL, NULL,
-     "The external data file must stay valid as a raw image"},
-    {"lazy_refcounts", OPT_BOOL, "off", "Postpone refcount updates"},
-    {"refcount_bits", OPT_NUM, "16",
-     "Width of a reference count entry in bits"},
-    {NULL, OPT_STR, NULL, NULL},
-};
-
-static const struct opt_desc raw_opts[] = {
-    {"size", OPT_SIZE, NULL, "Virtual disk size"},
-    {"preallocation", OPT_STR, NULL,
-     "Preallocation mode (allowed values: off, falloc, full)"},
-    {NULL, OPT_STR, NULL, NULL},
-};
-
 struct create_req {
     const char *prog;
     const char *format;
-    const struct opt_desc *descs;
+    const struct cli_opt_desc *descs;
     const char *filename;
     const char *size_arg;
     struct cli_kvlist kv;
@@ -87,42 +49,9 @@ struct create_req {
     bool unsafe;
 };
 
-static const struct opt_desc *find_desc(const struct opt_desc *d,
-                                        const char *name)
-{
-    for (; d->name; d++)
-        if (strcmp(d->name, name) == 0)
-            return d;
-    return NULL;
-}
-
 static bool wants_opts_help(const struct create_req *req)
 {
-    return cli_kv_has(&req->kv, "help") || cli_kv_has(&req->kv, "?");
-}
-
-static int print_opts_help(const struct create_req *req)
-{
-    static const char *const type_names[] = {"str", "bool (on/off)", "size",
-                                             "num"};
-    printf("Supported %s options:\n", req->format);
-    /* Alphabetical, as qemu-img lists them. */
-    const char *last = "";
-    for (;;) {
-        const struct opt_desc *next = NULL;
-        for (const struct opt_desc *d = req->descs; d->name; d++)
-            if (strcmp(d->name, last) > 0 &&
-                (!next || strcmp(d->name, next->name) < 0))
-                next = d;
-        if (!next)
-            break;
-        char left[64];
-        snprintf(left, sizeof(left), "%s=<%s>", next->name,
-                 type_names[next->type]);
-        printf("  %-22s - %s\n", left, next->help);
-        last = next->name;
-    }
-    return 0;
+    return cli_create_opts_want_help(&req->kv);
 }
 
 /* Returns 1 for -h, 0 to go on, -1 after a usage error. */
@@ -187,115 +116,14 @@ static int parse_args(int argc, char **argv, struct create_req *req)
     return 0;
 }
 
-static int parse_compat(const char *v, int *out)
-{
-    if (strcmp(v, "0.10") == 0 || strcmp(v, "v2") == 0)
-        *out = 2;
-    else if (strcmp(v, "1.1") == 0 || strcmp(v, "v3") == 0)
-        *out = 3;
-    else
-        return -EINVAL;
-    return 0;
-}
-
-static bool valid_prealloc(const char *v)
-{
-    return strcmp(v, "off") == 0 || strcmp(v, "metadata") == 0 ||
-           strcmp(v, "falloc") == 0 || strcmp(v, "full") == 0;
-}
-
-/* Store one -o item into req->opts; the value has been checked for
- * presence.  Returns 0, or non-zero after printing what is wrong. */
-static int apply_value(struct create_req *req, const struct opt_desc *d,
-                       const char *v)
-{
-    struct cbt_create_opts *o = &req->opts;
-    const char *n = d->name;
-    uint64_t num = 0;
-    bool b = false;
-
-    if (d->type == OPT_BOOL && cli_parse_bool(v, &b) < 0)
-        return cli_usage_error(req->prog,
-                               "parameter '%s' expects 'on' or "
-                               "'off', not '%s'",
-                               n, v);
-    if (d->type == OPT_SIZE && cli_parse_size_arg(req->prog, n, v, &num) < 0)
-        return CLI_EXIT_FAILURE;
-
-    if (strcmp(n, "size") == 0) {
-        o->size = num;
-        o->size_given = true;
-    } else if (strcmp(n, "cluster_size") == 0) {
-        if (num > UINT32_MAX)
-            return cli_usage_error(req->prog,
-                                   "cluster_size '%s' is too "
-                                   "large (at most 2M)",
-                                   v);
-        o->cluster_size = (uint32_t)num;
-    } else if (strcmp(n, "refcount_bits") == 0) {
-        char *end;
-        errno = 0;
-        unsigned long rb = strtoul(v, &end, 10);
-        if (errno || end == v || *end || rb > 64)
-            return cli_usage_error(req->prog,
-                                   "refcount_bits must be a power "
-                                   "of two up to 64, not '%s'",
-                                   v);
-        o->refcount_bits = (int)rb;
-    } else if (strcmp(n, "compat") == 0) {
-        if (parse_compat(v, &o->compat) < 0)
-            return cli_usage_error(req->prog,
-                                   "invalid compat '%s' (0.10, "
-                                   "v2, 1.1 or v3)",
-                                   v);
-    } else if (strcmp(n, "preallocation") == 0) {
-        if (!valid_prealloc(v))
-            return cli_usage_error(req->prog,
-                                   "invalid preallocation '%s' "
-                                   "(off, metadata, falloc or full)",
-                                   v);
-        o->preallocation = v;
-    } else if (strcmp(n, "extended_l2") == 0) {
-        o->extended_l2 = b;
-    } else if (strcmp(n, "lazy_refcounts") == 0) {
-        o->lazy_refcounts = b;
-    } else if (strcmp(n, "data_file_raw") == 0) {
-        o->data_file_raw = b;
-    } else if (strcmp(n, "compression_type") == 0) {
-        o->compression_type = v;
-    } else if (strcmp(n, "data_file") == 0) {
-        o->data_file = v;
-    } else if (strcmp(n, "backing_file") == 0) {
-        o->backing_file = v;
-    } else if (strcmp(n, "backing_fmt") == 0) {
-        o->backing_format = v;
-    }
-    return 0;
-}
-
 /* Check every -o key against the format and fill req->opts, then the SIZE
  * argument.  Returns 0, or non-zero after printing what is wrong. */
 static int apply_kv(struct create_req *req)
 {
-    bool size_in_opts = false;
-    for (size_t i = 0; i < req->kv.n; i++) {
-        const struct cli_kv *kv = &req->kv.items[i];
-        const struct opt_desc *d = find_desc(req->descs, kv->key);
-        if (!d)
-            return cli_usage_error(req->prog,
-                                   "invalid parameter '%s' for "
-                                   "format %s ('-o help' lists them)",
-                                   kv->key, req->format);
-        const char *v = kv->value;
-        if (!v && d->type != OPT_BOOL)
-            return cli_usage_error(req->prog,
-                                   "parameter '%s' needs a value "
-                                   "('%s=...')",
-                                   kv->key, kv->key);
-        if (apply_value(req, d, v ? v : "on") != 0)
-            return CLI_EXIT_FAILURE;
-        size_in_opts |= strcmp(d->name, "size") == 0;
-    }
+    bool size_in_opts;
+    if (cli_create_opts_apply(req->prog, req->format, &req->kv, &req->opts,
+                              &size_in_opts) != 0)
+        return CLI_EXIT_FAILURE;
     if (!req->size_arg)
         return 0;
     if (size_in_opts) {
@@ -395,7 +223,7 @@ static void print_formatting(const struct create_req *req)
 {
     printf("Formatting '%s', fmt=%s ", req->filename, req->format);
     const char *sep = "";
-    for (const struct opt_desc *d = req->descs; d->name; d++) {
+    for (const struct cli_opt_desc *d = req->descs; d->name; d++) {
         bool given = cli_kv_has(&req->kv, d->name);
         const char *v = cli_kv_get(&req->kv, d->name);
         if (given && !v)
@@ -420,11 +248,8 @@ static void print_formatting(const struct create_req *req)
 
 static int select_format(struct create_req *req)
 {
-    if (strcmp(req->format, "qcow2") == 0) {
-        req->descs = qcow2_opts;
-    } else if (strcmp(req->format, "raw") == 0) {
-        req->descs = raw_opts;
-    } else {
+    req->descs = cli_create_opt_table(req->format);
+    if (!req->descs) {
         cli_usage_error(req->prog, "unknown image format '%s' (qcow2 or raw)",
                         req->format);
         return -1;
@@ -436,7 +261,7 @@ static int select_format(struct create_req *req)
 static int create(struct create_req *req)
 {
     if (wants_opts_help(req))
-        return print_opts_help(req);
+        return cli_create_opts_help(req->format);
     if (apply_kv(req) != 0)
         return CLI_EXIT_FAILURE;
     if (check_backing(req) < 0)
