@@ -480,6 +480,35 @@ int blk_reopen_rw(struct blk_node *node, struct cbt_error **errp)
     return 0;
 }
 
+int blk_ext_get(struct blk_node *node, uint32_t type, uint8_t **data,
+                size_t *len)
+{
+    if (!node->drv->ext_get)
+        return -ENOTSUP;
+    pthread_mutex_lock(&node->lock);
+    int r = node->drv->ext_get(node, type, data, len);
+    pthread_mutex_unlock(&node->lock);
+    return r;
+}
+
+int blk_ext_set(struct blk_node *node, uint32_t type, const void *data,
+                size_t len, struct cbt_error **errp)
+{
+    if (node->read_only) {
+        cbt_error_set(errp, EPERM, "%s: image is read-only", node->filename);
+        return -1;
+    }
+    if (!node->drv->ext_set) {
+        cbt_error_set(errp, ENOTSUP, "%s: format '%s' cannot store cbt "
+                      "metadata", node->filename, node->drv->name);
+        return -1;
+    }
+    pthread_mutex_lock(&node->lock);
+    int r = node->drv->ext_set(node, type, data, len, errp);
+    pthread_mutex_unlock(&node->lock);
+    return r;
+}
+
 int blk_set_backing(struct blk_node *node, const char *name, const char *fmt,
                     struct cbt_error **errp)
 {

@@ -127,6 +127,19 @@ struct blk_driver {
     /* Deallocate every range of this layer (reads fall through to the
      * backing file again), as QEMU's bdrv_make_empty. */
     int (*make_empty)(struct blk_node *node);
+    /*
+     * Optional: opaque header extensions cbt keeps in the image for its own
+     * metadata (checkpoints), preserved by QEMU as unknown extensions.
+     * ext_get: a malloc'd copy of the extension of `type`, -ENOENT when
+     * absent.  ext_set: replace it (data NULL: remove) in memory; it
+     * becomes durable with the next bitmap store or flush, in the same
+     * header write as the bitmaps.  Fails, changing nothing, when the
+     * header would not fit.
+     */
+    int (*ext_get)(struct blk_node *node, uint32_t type, uint8_t **data,
+                   size_t *len);
+    int (*ext_set)(struct blk_node *node, uint32_t type, const void *data,
+                   size_t len, struct cbt_error **errp);
 };
 
 /*
@@ -196,6 +209,14 @@ int blk_reopen_rw(struct blk_node *node, struct cbt_error **errp);
  * touched: a caller relinking a chain in memory moves the nodes itself. */
 int blk_set_backing(struct blk_node *node, const char *name, const char *fmt,
                     struct cbt_error **errp);
+
+/* Header extensions of a node (drv->ext_get / ext_set, under the node
+ * lock).  blk_ext_get: 0, -ENOENT, -ENOTSUP (format without extensions) or
+ * -ENOMEM.  blk_ext_set: 0 or -1 with *errp; the node must be writable. */
+int blk_ext_get(struct blk_node *node, uint32_t type, uint8_t **data,
+                size_t *len);
+int blk_ext_set(struct blk_node *node, uint32_t type, const void *data,
+                size_t len, struct cbt_error **errp);
 
 /* bitmap.c */
 /* Where the data path dirties recording bitmaps: every write, zero-write

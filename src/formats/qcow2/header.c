@@ -504,6 +504,77 @@ int qcow2_write_header(struct qcow2_state *s)
     return file_flush(s->node->fd);
 }
 
+const struct qcow2_ext *qcow2_find_ext(const struct qcow2_state *s,
+                                      uint32_t type)
+{
+    for (size_t i = 0; i < s->nb_exts; i++)
+        if (s->exts[i].type == type)
+            return &s->exts[i];
+    return NULL;
+}
+
+int qcow2_set_ext(struct qcow2_state *s, uint32_t type, const void *data,
+                  uint32_t len)
+{
+    struct qcow2_ext *old = NULL;
+    for (size_t i = 0; i < s->nb_exts; i++)
+        if (s->exts[i].type == type)
+            old = &s->exts[i];
+    struct qcow2_ext saved = old ? *old : (struct qcow2_ext){ 0 };
+    uint8_t *copy = NULL;
+    if (data) {
+        copy = malloc(len ? len : 1);
+        if (!copy)
+            return -ENOMEM;
+        memcpy(copy, data, len);
+    }
+    if (data && !old) {
+        struct qcow2_ext *n = realloc(s->exts, (s->nb_exts + 1) * sizeof(*n));
+        if (!n) {
+            free(copy);
+            return -ENOMEM;
+        }
+        s->exts = n;
+        s->exts[s->nb_exts++] = (struct qcow2_ext){ type, len, copy };
+    } else if (data) {
+        *old = (struct qcow2_ext){ type, len, copy };
+    } else if (old) {
+        size_t i = (size_t)(old - s->exts);
+        memmove(&s->exts[i], &s->exts[i + 1],
+                (s->nb_exts - i - 1) * sizeof(*s->exts));
+        s->nb_exts--;
+    } else {
+        return 0; /* nothing to drop */
+    }
+    /* The header must still fit in its cluster. */
+    uint8_t *buf = cbt_zalloc_aligned(s->cluster_size);
+    int r = buf ? qcow2_build_header(s, buf) : -ENOMEM;
+    free(buf);
+    if (r < 0) {
+        /* Undo: put the previous state back. */
+        if (data && !old) {
+            s->nb_exts--;
+            free(copy);
+        } else if (data) {
+            free(copy);
+            *old = saved;
+        } else {
+            size_t i = (size_t)(old - s->exts);
+            memmove(&s->exts[i + 1], &s->exts[i],
+                    (s->nb_exts - i) * sizeof(*s->exts));
+            s->exts[i] = saved;
+            s->nb_exts++;
+        }
+        return r;
+    }
+    if (data && old)
+        free(saved.data);
+    if (!data)
+        free(saved.data);
+    s->header_dirty = true;
+    return 0;
+}
+
 void qcow2_free_header(struct qcow2_state *s)
 {
     for (size_t i = 0; i < s->nb_exts; i++)

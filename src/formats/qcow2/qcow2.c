@@ -431,6 +431,46 @@ static int qcow2_change_backing(struct blk_node *node, const char *name,
     return 0;
 }
 
+static int qcow2_ext_get(struct blk_node *node, uint32_t type,
+                         uint8_t **data, size_t *len)
+{
+    const struct qcow2_ext *e = qcow2_find_ext(qcow2_state(node), type);
+    if (!e)
+        return -ENOENT;
+    *data = malloc(e->len ? e->len : 1);
+    if (!*data)
+        return -ENOMEM;
+    memcpy(*data, e->data, e->len);
+    *len = e->len;
+    return 0;
+}
+
+static int qcow2_ext_set(struct blk_node *node, uint32_t type,
+                         const void *data, size_t len,
+                         struct cbt_error **errp)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    if (len > UINT32_MAX / 2) {
+        cbt_error_set(errp, EFBIG, "%s: header extension too large",
+                      node->filename);
+        return -1;
+    }
+    int r = qcow2_set_ext(s, type, data, (uint32_t)len);
+    if (r == -ENOSPC) {
+        cbt_error_set(errp, ENOSPC, "%s: the header extension (%zu bytes) "
+                      "does not fit in the image header (one cluster of %"
+                      PRIu64 " bytes)", node->filename, len,
+                      (uint64_t)s->cluster_size);
+        return -1;
+    }
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: cannot set a header extension: %s",
+                      node->filename, strerror(-r));
+        return -1;
+    }
+    return 0;
+}
+
 const struct blk_driver blk_qcow2_driver = {
     .name = "qcow2",
     .probe = qcow2_probe,
@@ -450,6 +490,8 @@ const struct blk_driver blk_qcow2_driver = {
     .check = qcow2_check,
     .resize = qcow2_resize,
     .change_backing = qcow2_change_backing,
+    .ext_get = qcow2_ext_get,
+    .ext_set = qcow2_ext_set,
     .write_compressed = qcow2_write_compressed,
     .make_empty = qcow2_make_empty,
 };

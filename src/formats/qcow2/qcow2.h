@@ -302,6 +302,15 @@ int qcow2_read_header(struct qcow2_state *s, int fd, uint64_t file_len,
 int qcow2_build_header(const struct qcow2_state *s, uint8_t *buf);
 /* Rewrite the first cluster on disk (one write) and sync. */
 int qcow2_write_header(struct qcow2_state *s);
+/* The preserved (unknown to cbt's qcow2 code) extension of `type`, or NULL. */
+const struct qcow2_ext *qcow2_find_ext(const struct qcow2_state *s,
+                                      uint32_t type);
+/* Replace the preserved extension of `type` (data NULL: drop it), in
+ * memory; the header is marked dirty and written by the next flush or
+ * bitmap store (one header write with the bitmaps).  -ENOSPC (nothing
+ * changed) when the header would no longer fit in its cluster. */
+int qcow2_set_ext(struct qcow2_state *s, uint32_t type, const void *data,
+                  uint32_t len);
 void qcow2_free_header(struct qcow2_state *s);
 
 /* cache.c */
