@@ -31,7 +31,11 @@
     X(commit, "Commit the data of upper layers into a backing file")         \
     X(stream, "Copy backing data into an image and shorten its chain")       \
     X(rebase, "Change the backing file of an image")                          \
-    X(convert, "Copy an image or chain to a new image (qcow2 or raw)")
+    X(convert, "Copy an image or chain to a new image (qcow2 or raw)")       \
+    X(checkpoint, "Create, list, delete and reconcile checkpoints of a disk") \
+    X(backup, "Back up a disk: full, incremental or differential")           \
+    X(restore, "Restore a backup (and its chain) to a new image")            \
+    X(verify, "Verify a backup chain without restoring it")
 
 #define CLI_DECLARE_COMMAND(name, summary)                                     \
     int cmd_##name(int argc, char **argv);

@@ -1,0 +1,125 @@
+/* Public API for backups: full, incremental, differential; restore; verify
+ * (issue 5).  The on-disk layout of a backup (image + manifest + block
+ * hashes) is specified in docs/backups.md. */
+#ifndef CBT_BACKUP_H
+#define CBT_BACKUP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cbt/error.h>
+#include <cbt/image.h>
+#include <cbt/ops.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum cbt_backup_mode {
+    CBT_BACKUP_FULL,
+    CBT_BACKUP_INCREMENTAL,  /* since the newest checkpoint */
+    CBT_BACKUP_DIFFERENTIAL, /* since an older named checkpoint */
+};
+
+/*
+ * cbt backup.  A backup is TARGET (a qcow2 or raw image) with the manifest
+ * TARGET.json and the block hashes TARGET.hashes beside it.  The backups of
+ * one disk live in one folder: an incremental finds its parent there (the
+ * backup whose manifest names the disk's id and the checkpoint it starts
+ * from).
+ *   full: the whole guest view of DISK;
+ *   incremental: what changed since the newest checkpoint (its bitmap over
+ *     the chain), on top of the backup that created that checkpoint;
+ *   differential: what changed since checkpoint `since`, on top of the
+ *     backup that created it.
+ * Each creates checkpoint `checkpoint` (NULL: a generated name) on DISK at
+ * the point in time of the data it read.  qcow2 targets of incrementals
+ * and differentials have the parent backup as backing file (relative
+ * name), so a backup chain is a qcow2 chain qemu-img reads; unchanged
+ * clusters stay unallocated, zeroed or discarded ranges are zero clusters;
+ * raw targets are sparse and the manifest lists the extents they carry.
+ * Order: target written and flushed, hashes and manifest written (renamed
+ * into place), then the checkpoint created on DISK.  A failure before the
+ * checkpoint lands removes the target and its files and leaves DISK's
+ * checkpoints exactly as before.
+ * An incremental that is impossible (no checkpoint, its bitmap unusable,
+ * no backup of it in the folder, a backup of another disk) is refused with
+ * the reason, unless auto_full: then a full backup is taken and
+ * result->fallback says why.
+ */
+struct cbt_backup_opts {
+    const char *disk;
+    const char *disk_format;      /* NULL: probe */
+    const char *target;
+    enum cbt_backup_mode mode;
+    const char *since;            /* differential: the checkpoint */
+    const char *checkpoint;       /* new checkpoint's name; NULL: generated */
+    const char *format;           /* "qcow2" (default) or "raw" */
+    uint64_t granularity;         /* new checkpoint's bitmap; 0: default */
+    bool auto_full;
+    cbt_progress_fn *progress;
+    void *progress_opaque;
+};
+struct cbt_backup_result {
+    enum cbt_backup_mode mode;    /* what was done (auto_full may change it) */
+    char *checkpoint;             /* the checkpoint created */
+    char *since;                  /* the checkpoint it started from, or NULL */
+    char *parent;                 /* the parent backup's image file, or NULL */
+    char *fallback;               /* why a full backup was taken instead */
+    uint64_t virtual_size;
+    uint64_t dirty_bytes;         /* what the bitmap said changed */
+    uint64_t bytes_copied;        /* data written to the target */
+    uint64_t bytes_zeroed;        /* ranges recorded as zeroes */
+    char root_hash[65];           /* of the point-in-time guest view */
+};
+int cbt_backup(const struct cbt_backup_opts *opts,
+               struct cbt_backup_result *res, struct cbt_error **errp);
+void cbt_backup_result_free(struct cbt_backup_result *res);
+
+/*
+ * cbt restore: flatten the backup chain up to `backup` (a backup image
+ * path; its manifest is beside it) into a new image `out` of the backed-up
+ * virtual size; holes stay holes; every block's hash is checked against
+ * the manifest while writing (a mismatch fails the restore and removes
+ * out).  seed_checkpoint: give out an empty checkpoint of that name (qcow2
+ * only) so backups of it can go on incrementally.
+ */
+struct cbt_restore_opts {
+    const char *backup;
+    const char *out;
+    const char *format;           /* "qcow2" (default) or "raw" */
+    const char *seed_checkpoint;  /* or NULL */
+    cbt_progress_fn *progress;
+    void *progress_opaque;
+};
+int cbt_restore(const struct cbt_restore_opts *opts,
+                struct cbt_error **errp);
+
+/*
+ * cbt verify: check the chain up to `backup` without writing anything:
+ * every parent present, manifests consistent (disk id, order, parent
+ * links and their digests, sizes), the block hashes file intact, and the
+ * guest view recomputed from the chain equal to the manifest's hashes.
+ * Returns 0 when the check ran (res says whether it passed; on the first
+ * bad block, its range and the file it lies in), -1 with *errp when it
+ * could not run.
+ */
+struct cbt_verify_result {
+    bool ok;
+    size_t backups;               /* backups in the chain checked */
+    uint64_t bytes_checked;
+    char *problem;                /* NULL when ok: one line */
+    char *bad_file;               /* the backup file at fault, or NULL */
+    uint64_t bad_offset, bad_length; /* guest range, when a block is bad */
+};
+int cbt_verify(const char *backup, cbt_progress_fn *progress,
+               void *progress_opaque, struct cbt_verify_result *res,
+               struct cbt_error **errp);
+void cbt_verify_result_free(struct cbt_verify_result *res);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,2 @@
+/* STUB: being written (issue 5). */
+#include "../util/util.h"

@@ -1,0 +1,104 @@
+/* Backup manifests (TARGET.json) and block hashes (TARGET.hashes):
+ * reading, writing and finding them.  Layout: docs/backups.md. */
+#ifndef CBT_OPS_MANIFEST_H
+#define CBT_OPS_MANIFEST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cbt/backup.h>
+#include <cbt/error.h>
+
+#define MANIFEST_VERSION 1
+#define BLOCKHASH_ALGORITHM "sha256-blocks-v1"
+#define BLOCKHASH_BLOCK 65536u
+
+struct manifest_extent {
+    uint64_t start, length;
+    bool zero;                    /* "zero", else "data" */
+};
+
+/* A parsed manifest.  Strings are malloc'd; manifest_free releases them. */
+struct manifest {
+    bool complete;
+    char *tool;
+    char *created;                /* ISO 8601 UTC */
+    char *disk_path;
+    char *disk_id;                /* UUID text, 36 chars */
+    enum cbt_backup_mode kind;
+    char *checkpoint;
+    uint64_t checkpoint_order;
+    char *checkpoint_created;
+    char *since;                  /* or NULL */
+    char *parent_file;            /* relative to the manifest's folder, or NULL */
+    char parent_manifest_sha256[65];
+    char *image_file;             /* relative to the manifest's folder */
+    char *image_format;           /* "qcow2" or "raw" */
+    uint64_t virtual_size;
+    uint64_t dirty, copied, zeroed;
+    bool has_extents;             /* raw targets */
+    struct manifest_extent *extents;
+    size_t nextents;
+    uint64_t block_size;
+    uint64_t blocks;
+    char *hash_file;              /* relative to the manifest's folder */
+    char hash_file_sha256[65];
+    char root[65];
+};
+
+/* Parse and validate a manifest held in memory (untrusted bytes: every
+ * field type, range and cross-field rule is checked; `what` names the file
+ * in errors).  0, or -1 with *errp. */
+int manifest_parse(const char *buf, size_t len, const char *what,
+                   struct manifest *m, struct cbt_error **errp);
+int manifest_read(const char *path, struct manifest *m,
+                  struct cbt_error **errp);
+/* Write path atomically (path.tmp, fsync, rename, fsync the folder). */
+int manifest_write(const char *path, const struct manifest *m,
+                   struct cbt_error **errp);
+void manifest_free(struct manifest *m);
+
+/* SHA-256 (hex) of a whole file. */
+int file_sha256(const char *path, char hex[65], struct cbt_error **errp);
+
+/* TARGET -> TARGET.json / TARGET.hashes (malloc'd). */
+char *manifest_path_for(const char *image_path);
+char *hashes_path_for(const char *image_path);
+/* dir/name for a name relative to the folder of `beside` (malloc'd). */
+char *manifest_sibling(const char *beside, const char *name);
+
+/*
+ * Find, in the folder `dir`, the complete backup whose manifest names disk
+ * `disk_id` and created checkpoint `checkpoint`.  On success *image_path is
+ * the backup image's path (malloc'd) and *m its manifest.  -1 with *errp
+ * (ENOENT) when there is none; a folder with two such backups is an error
+ * naming both.
+ */
+int manifest_find_by_checkpoint(const char *dir, const char *disk_id,
+                                const char *checkpoint, char **image_path,
+                                struct manifest *m, struct cbt_error **errp);
+
+/* Block hashes of a guest view of `size` bytes in BLOCKHASH_BLOCK blocks. */
+struct blockhash {
+    uint64_t size;
+    uint64_t block;               /* BLOCKHASH_BLOCK */
+    uint64_t n;                   /* ceil(size / block) */
+    uint8_t (*leaf)[32];
+};
+int blockhash_init(struct blockhash *h, uint64_t size);
+void blockhash_free(struct blockhash *h);
+/* SHA-256 of len bytes (one block). */
+void blockhash_digest(const void *buf, size_t len, uint8_t out[32]);
+/* Digest of `len` zero bytes (cached for full blocks). */
+void blockhash_zero_digest(size_t len, uint8_t out[32]);
+/* The root: SHA-256 of the concatenated leaves, hex. */
+void blockhash_root(const struct blockhash *h, char hex[65]);
+/* Write the leaves to path (atomically) and give the file's SHA-256. */
+int blockhash_write(const struct blockhash *h, const char *path,
+                    char file_sha256[65], struct cbt_error **errp);
+/* Read leaves for a view of `size` bytes; the file length must match. */
+int blockhash_read(const char *path, uint64_t size, struct blockhash *h,
+                   struct cbt_error **errp);
+
+#endif
