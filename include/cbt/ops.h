@@ -75,6 +75,12 @@ struct cbt_commit_opts {
     const char *base;              /* NULL: top's backing file */
     const char *active;            /* NULL: top is the active layer */
     bool drop;                     /* do not empty top afterwards */
+    /* Active commit with a pivot (libvirt's, offline): top is the active
+     * layer (no image above it) and base takes its place afterwards, so
+     * base's merged bitmaps take the recording state of the topmost copy
+     * (a copy sealed by cbt snapshot records again).  Without it, base stays
+     * a backing file and its copies keep their state. */
+    bool pivot;
     bool skip_broken_bitmaps;
     cbt_progress_fn *progress;
     void *progress_opaque;
@@ -84,8 +90,13 @@ int cbt_commit(const struct cbt_commit_opts *opts, struct cbt_error **errp);
 /*
  * Stream (block-stream offline): copy into `file` the data it reads from
  * the layers between it and `base` (NULL: all of its backing chain), then
- * relink it onto base (NULL: no backing file).  The guest view and file's
- * bitmaps are unchanged.
+ * relink it onto base (NULL: no backing file).  The guest view is
+ * unchanged, and so is "what changed since X, seen from the top" for every
+ * bitmap X: the copying dirties nothing, and the copies of X in the layers
+ * that leave the chain (the part of X's valid run below file) are merged
+ * into file's X before the relink, as libvirt does for block-pull.  A
+ * bitmap that is invalid because of a gap or an inconsistent copy in a
+ * leaving layer refuses the stream (dropping the layer would hide it).
  */
 int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
                void *progress_opaque, struct cbt_error **errp);
@@ -96,7 +107,9 @@ int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
  * Safe mode (unsafe false) first copies into file every range it does not
  * allocate whose contents differ between the old and the new backing
  * view, so the guest view is unchanged; unsafe only rewrites the link.
- * Bitmaps are unchanged in both modes.
+ * Safe mode keeps every bitmap's view from the top as stream does
+ * (copies in the old layers that leave the chain are merged into file's);
+ * -u changes no bitmap.
  */
 struct cbt_rebase_opts {
     const char *file;

@@ -154,6 +154,8 @@ int cmd_commit(int argc, char **argv)
     /* Only `cbt commit FILE` empties FILE (qemu-img: -b implies -d). */
     if (o.base || top_form)
         o.drop = true;
+    /* --top without an image above it: base takes top's place. */
+    o.pivot = top_form;
     if (fmt && check_format(o.top, fmt) != 0)
         return CLI_EXIT_FAILURE;
 

@@ -272,6 +272,12 @@ static int build_bitmaps(struct commit *c, struct cbt_error **errp)
                                        CBT_MERGE_RESIZE, errp) < 0)
                 return -1;
         }
+        /* A pivot makes base the active layer: its copy records as the
+         * topmost copy did (a copy sealed by cbt snapshot records again). */
+        if (p->in_base && c->o->pivot && !c->above &&
+            (p->recording ? cbt_bitmap_enable(c->base, p->name, errp)
+                          : cbt_bitmap_disable(c->base, p->name, errp)) < 0)
+            return -1;
     }
     return 0;
 }

@@ -3,6 +3,8 @@
 #include <stdio.h>
 #include <sys/stat.h>
 
+#include <cbt/bitmap.h>
+
 #include "../block/block.h"
 #include "ops_util.h"
 
@@ -103,4 +105,73 @@ bool ops_is_zero(const void *buf, size_t len)
         if (p[i])
             return false;
     return len <= 16 || memcmp(p, p + 16, len - 16) == 0;
+}
+
+/* What layer n holds of bitmap `name`: 0 none, 1 a consistent copy, 2 an
+ * inconsistent one. */
+static int copy_state(struct cbt_image *n, const char *name)
+{
+    pthread_mutex_lock(&n->lock);
+    struct blk_bitmap *b = blk_bitmap_find(n, name);
+    int st = !b ? 0 : b->inconsistent ? 2 : 1;
+    pthread_mutex_unlock(&n->lock);
+    return st;
+}
+
+int ops_pull_bitmaps(struct cbt_image *file, struct cbt_image *stay,
+                     bool apply, struct cbt_error **errp)
+{
+    struct cbt_bitmap_info *list = NULL;
+    size_t count = 0;
+    if (cbt_bitmap_list(file, &list, &count, errp) < 0)
+        return -1;
+    int ret = 0;
+    for (size_t i = 0; i < count && ret == 0; i++) {
+        const char *name = list[i].name;
+        if (list[i].inconsistent)
+            continue; /* file's own copy: stays what it is */
+        /* Walk X's run below file through the layers that leave. */
+        struct cbt_image *n = file->backing;
+        for (; n && n != stay; n = n->backing) {
+            int st = copy_state(n, name);
+            if (st == 0)
+                break;
+            if (st == 2) {
+                cbt_error_set(errp, EINVAL, "%s: bitmap '%s' is inconsistent "
+                              "in '%s', which would leave the chain: its "
+                              "changes since '%s' would be lost unseen; "
+                              "nothing was changed (remove or repair the "
+                              "bitmap first)", file->filename, name,
+                              n->filename, name);
+                ret = -1;
+                break;
+            }
+            if (apply && cbt_bitmap_merge_flags(file, name, n, name,
+                                                CBT_MERGE_RESIZE, errp) < 0) {
+                cbt_error_prefix(errp, "%s: cannot keep the changes of "
+                                 "bitmap '%s' from '%s'", file->filename,
+                                 name, n->filename);
+                ret = -1;
+                break;
+            }
+        }
+        if (ret < 0 || !n || n == stay)
+            continue;
+        /* The run stops at a leaving layer without X: a gap when X shows up
+         * again below; dropping that layer would close the gap unseen. */
+        for (struct cbt_image *m = n->backing; m; m = m->backing) {
+            if (copy_state(m, name)) {
+                cbt_error_set(errp, EINVAL, "%s: bitmap '%s' has a gap: "
+                              "'%s' lacks it but '%s' below holds it; "
+                              "dropping '%s' from the chain would hide the "
+                              "changes it misses, so nothing was changed "
+                              "(remove the bitmap first)", file->filename,
+                              name, n->filename, m->filename, n->filename);
+                ret = -1;
+                break;
+            }
+        }
+    }
+    cbt_bitmap_info_free_list(list, count);
+    return ret;
 }

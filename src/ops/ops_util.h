@@ -31,4 +31,23 @@ int ops_copy_range(struct cbt_image *from, struct cbt_image *to, uint64_t off,
 /* True when len bytes of buf are all zero. */
 bool ops_is_zero(const void *buf, size_t len);
 
+/*
+ * Before a relink that drops layers from file's chain (stream, safe
+ * rebase): keep "what changed since X, seen from the top" for every bitmap
+ * X of file.  `stay` is the first layer of file's current chain that stays
+ * below file (the new base when it is in the old chain), NULL when every
+ * layer leaves.  For each consistent bitmap X of file, the copies of X in
+ * the leaving layers directly below file (X's run) are merged into file's
+ * X, in memory (the caller commits them after the data is durable and
+ * before the relink).  Refused, naming the layer, when the run reaches an
+ * inconsistent copy in a leaving layer, or stops at a leaving layer
+ * without X while a layer further down holds X (a gap): dropping that
+ * layer would make X look whole while it misses changes.  Disabled (sealed)
+ * copies are merged like recording ones; file may itself be a sealed
+ * layer below the active one.  With apply false, only the refusals are
+ * checked (file may be read-only).
+ */
+int ops_pull_bitmaps(struct cbt_image *file, struct cbt_image *stay,
+                     bool apply, struct cbt_error **errp);
+
 #endif

@@ -18,13 +18,16 @@
  *      changed;
  *   2. reopen the image read-write and copy: a kill leaves the image with
  *      some data it already showed, linked to the old chain: the same view;
- *   3. flush, then rewrite the link (the driver flushes and rewrites the
- *      header in one step).
- * Unsafe mode (-u) only does step 3.
+ *   3. flush; merge into each valid bitmap of the image the copies in the
+ *      layers of the old chain that leave it (ops_pull_bitmaps), and commit;
+ *   4. rewrite the link (the driver flushes and rewrites the header in one
+ *      step).
+ * Unsafe mode (-u) only does step 4: the user vouches for the new chain.
  */
 #include <inttypes.h>
 #include <stdio.h>
 
+#include <cbt/bitmap.h>
 #include <cbt/image.h>
 #include <cbt/ops.h>
 
@@ -240,7 +243,8 @@ int cbt_rebase(const struct cbt_rebase_opts *o, struct cbt_error **errp)
         if (open_new_backing(&rb, path, errp) < 0)
             goto out;
     }
-    if (blk_reopen_rw(rb.f, errp) < 0)
+    if ((!o->unsafe && ops_pull_bitmaps(rb.f, rb.prefix, false, errp) < 0) ||
+        blk_reopen_rw(rb.f, errp) < 0)
         goto out;
     if (!o->unsafe) {
         rb.old_buf = malloc(REBASE_CHUNK);
@@ -255,6 +259,12 @@ int cbt_rebase(const struct cbt_rebase_opts *o, struct cbt_error **errp)
         if (r < 0) {
             cbt_error_set(errp, -r, "%s: flush failed: %s", o->file,
                           strerror(-r));
+            goto out;
+        }
+        /* Keep the bits of the layers that leave the chain. */
+        if (ops_pull_bitmaps(rb.f, rb.prefix, true, errp) < 0 ||
+            cbt_bitmap_commit(rb.f, errp) < 0) {
+            cbt_bitmap_rollback(rb.f, NULL);
             goto out;
         }
     }

@@ -13,14 +13,22 @@
  *      are written as zeroes when base exists (its data would show
  *      otherwise); without base they may stay unallocated.  A kill leaves
  *      file with some of the data it already showed: the same guest view.
- *   3. flush file, then rewrite its backing link to base (the driver
- *      flushes and rewrites the header in one step): before it the old
- *      chain is valid, after it the new one is, and both read the same.
- * file's bitmaps are never changed.
+ *   3. flush file; merge into each valid bitmap X of file the copies of X
+ *      in the layers that leave the chain (ops_pull_bitmaps: "what changed
+ *      since X, seen from the top" must not lose their bits) and commit
+ *      them (one header update; the merged bits are already in the view
+ *      through those layers, so a kill here changes no view);
+ *   4. rewrite its backing link to base (the driver flushes and rewrites
+ *      the header in one step): before it the old chain is valid, after it
+ *      the new one is, and both read the same.
+ * The copying never dirties file's bitmaps.  A bitmap invalid because of a
+ * gap or an inconsistent copy in a leaving layer is refused in step 1
+ * (dropping the layer would make it look valid).
  */
 #include <inttypes.h>
 #include <stdio.h>
 
+#include <cbt/bitmap.h>
 #include <cbt/image.h>
 #include <cbt/ops.h>
 
@@ -119,12 +127,18 @@ int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
             goto out;
         }
     }
-    if (blk_reopen_rw(f, errp) < 0 ||
+    if (ops_pull_bitmaps(f, b, false, errp) < 0 || blk_reopen_rw(f, errp) < 0 ||
         stream_data(f, b, progress, progress_opaque, errp) < 0)
         goto out;
     int r = cbt_image_flush(f);
     if (r < 0) {
         cbt_error_set(errp, -r, "%s: flush failed: %s", file, strerror(-r));
+        goto out;
+    }
+    /* The leaving layers' bits of each bitmap, before the link drops them. */
+    if (ops_pull_bitmaps(f, b, true, errp) < 0 ||
+        cbt_bitmap_commit(f, errp) < 0) {
+        cbt_bitmap_rollback(f, NULL);
         goto out;
     }
     if (blk_set_backing(f, name, b ? b->drv->name : NULL, errp) < 0)

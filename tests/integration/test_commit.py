@@ -370,3 +370,37 @@ def test_usage_errors(tmp_path):
     c = small_chain(tmp_path, {})
     refuse(c.d, ["-f", "raw", "L2.qcow2"], "L2.qcow2: the image is in format 'qcow2', not 'raw'")
     L.cbt_ok("commit", "-f", "qcow2", "L2.qcow2", cwd=c.d)
+
+
+def test_pivot_makes_base_record_again(tmp_path):
+    """--top on the active layer (no --active above it): base takes top's
+    place, so a copy that cbt snapshot sealed in base records again, and
+    the view from base is the union; the qemu-img form keeps base sealed."""
+    for form in ("pivot", "qemu-img"):
+        d = tmp_path / form
+        d.mkdir()
+        base, top = str(d / "base.qcow2"), str(d / "top.qcow2")
+        qemu_img("create", "-f", "qcow2", base, "4M")
+        qemu_img("bitmap", "--add", "-g", "64k", base, "x")
+        qemu_io("-c", "write -P 1 0 64k", base)
+        L.cbt_ok("snapshot", base, top)
+        qemu_io("-c", "write -P 2 1M 64k", top)
+        before = L.cbt_json("bitmap", "--dump", "--chain", "--output=json",
+                            top, "x")
+        if form == "pivot":
+            L.cbt_ok("commit", "--top", top, "--base", base)
+        else:
+            L.cbt_ok("commit", "-d", top)
+        info = {b["name"]: b for b in
+                L.cbt_json("bitmap", "--list", "--output=json", base)}
+        assert info["x"]["recording"] is (form == "pivot"), info
+        if form == "pivot":
+            # base alone now shows what the chain showed.
+            after = L.cbt_json("bitmap", "--dump", "--chain", "--output=json",
+                               base, "x")
+            assert after == before
+        else:
+            after = L.cbt_json("bitmap", "--dump", "--chain", "--output=json",
+                               top, "x")
+            assert after == before
+        qemu_img("check", base)
