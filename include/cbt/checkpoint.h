@@ -34,7 +34,10 @@ extern "C" {
  * `disk` below is the top of an open chain (struct cbt_image opened with
  * its backing files).  Functions that change anything need the top opened
  * read-write (CBT_OPEN_RDWR); they reopen lower layers themselves when they
- * must change them (delete, reconcile --fix).
+ * must change them (delete, reconcile --fix).  They store the top's bitmaps
+ * with cbt_bitmap_commit() (so bitmap changes the caller left uncommitted
+ * are stored with them) and, when they fail, roll the top's uncommitted
+ * bitmap changes back (cbt_bitmap_rollback()): commit your own first.
  */
 
 #define CBT_CHECKPOINT_NAME_MAX 1023  /* bytes; QEMU's bitmap name limit */
@@ -45,13 +48,16 @@ struct cbt_checkpoint {
     int64_t created_sec;     /* creation time, Unix seconds (UTC) */
     uint32_t created_nsec;
     char *parent;            /* the newest checkpoint when this one was
-                              * created (NULL for the first); kept as a
-                              * name even after that one is deleted */
+                              * created (NULL for the first); when that
+                              * one is deleted, its own parent */
     uint64_t virtual_size;   /* the disk's size at creation */
     uint64_t granularity;    /* of its bitmap, bytes */
     /* Health, as seen over the chain when listed: */
     bool usable;             /* the bitmap is valid over the chain */
     char *problem;           /* NULL when usable, else one line: why not */
+    uint64_t dirty_bytes;    /* usable: bytes changed since it, the union
+                              * of its bitmap over the chain in whole
+                              * granules (cbt_chain_bitmap's count); else 0 */
 };
 
 /* The disk's id (a random UUID made with the first checkpoint, kept in the
@@ -98,7 +104,14 @@ enum cbt_drift {
     CBT_DRIFT_BITMAP_UNUSABLE,         /* bitmap invalid over the chain:
                                         * inconsistent, gap, disabled */
     CBT_DRIFT_MISMATCH,                /* granularity differs from metadata */
+    CBT_DRIFT_METADATA_CORRUPT,        /* the metadata cannot be parsed (name
+                                        * ""); fix: replaced by empty
+                                        * metadata with a new disk id, then
+                                        * the bitmaps are adopted */
 };
+/* "bitmap-without-metadata", "metadata-without-bitmap", "bitmap-unusable",
+ * "mismatch", "metadata-corrupt": the codes the CLI prints. */
+const char *cbt_drift_code(enum cbt_drift kind);
 struct cbt_drift_item {
     enum cbt_drift kind;
     char *name;
@@ -109,8 +122,10 @@ struct cbt_drift_item {
 /*
  * Compare the metadata with the bitmaps of the chain and explain every
  * difference; with fix, repair them in one atomic update per layer:
- * metadata without a bitmap or with an unusable one is dropped (with the
- * broken bitmap: the next backup since it must be a full one); a consistent
+ * metadata without a bitmap or with an unusable one (or one whose
+ * granularity differs: it was replaced) is dropped (with the broken
+ * bitmap, in every layer: the next backup since it must be a full one);
+ * corrupt metadata is replaced by empty metadata; a consistent
  * recording bitmap of the top layer without metadata is adopted as a
  * checkpoint (time: now, marked adopted in the explanation); other bitmaps
  * without metadata (disabled, or only in lower layers) are reported, not

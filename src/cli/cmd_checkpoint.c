@@ -1,9 +1,501 @@
-/* cbt checkpoint.  STUB: being written. */
+/*
+ * cbt checkpoint: create, list, show, delete and reconcile the checkpoints
+ * of a disk (include/cbt/checkpoint.h).  DISK is the top of a chain; it is
+ * opened with its backing files, read-write for create, delete and
+ * reconcile --fix (lower layers are reopened read-write by the library only
+ * when they must change), read-only otherwise.
+ */
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cbt/checkpoint.h>
+
 #include "cli.h"
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+
+static const char usage[] =
+    "Usage: cbt checkpoint create [-g GRANULARITY] DISK NAME\n"
+    "       cbt checkpoint list [--output=human|json] DISK\n"
+    "       cbt checkpoint show [--output=human|json] DISK NAME\n"
+    "       cbt checkpoint delete DISK NAME\n"
+    "       cbt checkpoint reconcile [--fix] [--output=human|json] DISK\n"
+    "\n"
+    "A checkpoint is a named point in time of a disk: a recording persistent\n"
+    "dirty bitmap of the same name (everything written since) and metadata\n"
+    "stored in the disk's top layer (creation order and time, parent, size\n"
+    "and granularity at creation, the disk's id), in a qcow2 header\n"
+    "extension QEMU keeps.  Copying the file carries its checkpoints.  DISK\n"
+    "is the top of a chain; its backing files are opened too.\n"
+    "\n"
+    "Subcommands:\n"
+    "  create      make checkpoint NAME now: its bitmap and its metadata land\n"
+    "              in one header update, or nothing changes.  NAME (1 to 1023\n"
+    "              bytes) must differ from every checkpoint and from every\n"
+    "              bitmap of any layer\n"
+    "  list        every checkpoint, oldest first: order, name, creation\n"
+    "              time, parent, disk size and granularity at creation, bytes\n"
+    "              changed since (the bitmap's union over the chain) and\n"
+    "              health (ok, or why its bitmap cannot be used)\n"
+    "  show        one checkpoint, with the same fields\n"
+    "  delete      remove NAME's metadata and its bitmap in every layer\n"
+    "              holding it (its children get its parent); a checkpoint\n"
+    "              that does not exist is a warning, not an error; broken\n"
+    "              bitmaps of that name are removed as well\n"
+    "  reconcile   compare metadata and bitmaps and explain every\n"
+    "              difference: checkpoints whose bitmap is missing, broken\n"
+    "              (e.g. in use after a crash) or replaced, and bitmaps\n"
+    "              without a checkpoint.  With --fix: drop the broken\n"
+    "              checkpoints (a backup since them must be a full one) and\n"
+    "              adopt valid recording bitmaps of the top layer as\n"
+    "              checkpoints; other bitmaps are reported only\n"
+    "\n"
+    "Options:\n"
+    "  -g, --granularity SIZE  bytes per bit of the new bitmap: a power of\n"
+    "                      two from 512 to 2G, suffixes k, M, G (default: the\n"
+    "                      cluster size, clamped to 4k..64k)\n"
+    "  --fix               reconcile: repair what it finds\n"
+    "  --output=FMT        human (default) or json (list, show, reconcile)\n"
+    "  -h, --help          show this help\n"
+    "\n"
+    "Examples:\n"
+    "  cbt checkpoint create disk.qcow2 monday\n"
+    "  cbt checkpoint create -g 1M disk.qcow2 weekly-42\n"
+    "  cbt checkpoint list disk.qcow2\n"
+    "  cbt checkpoint list --output=json overlay.qcow2\n"
+    "  cbt checkpoint show disk.qcow2 monday\n"
+    "  cbt checkpoint delete disk.qcow2 monday\n"
+    "  cbt checkpoint reconcile disk.qcow2\n"
+    "  cbt checkpoint reconcile --fix disk.qcow2\n";
+
+enum sub { SUB_CREATE, SUB_LIST, SUB_SHOW, SUB_DELETE, SUB_RECONCILE };
+
+static const struct {
+    const char *name;
+    int nargs; /* DISK [NAME] */
+} subs[] = {
+    [SUB_CREATE] = {"create", 2},   [SUB_LIST] = {"list", 1},
+    [SUB_SHOW] = {"show", 2},       [SUB_DELETE] = {"delete", 2},
+    [SUB_RECONCILE] = {"reconcile", 1},
+};
+
+struct args {
+    const char *prog;
+    enum sub sub;
+    uint64_t granularity;
+    bool granularity_given;
+    bool fix;
+    enum cli_output output;
+    bool output_given;
+    const char *disk;
+    const char *name;
+};
+
+/* ---- output helpers ---- */
+
+/* Local time, ISO 8601 with the offset: 2026-11-22T01:19:39+01:00. */
+static void local_iso(int64_t sec, char *buf, size_t len)
+{
+    time_t t = (time_t)sec;
+    struct tm tm;
+    char z[8] = "";
+    if (!localtime_r(&t, &tm) ||
+        strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm) == 0) {
+        snprintf(buf, len, "@%" PRId64, sec);
+        return;
+    }
+    if (strftime(z, sizeof(z), "%z", &tm) == 5) {
+        size_t n = strlen(buf);
+        snprintf(buf + n, len - n, "%.3s:%.2s", z, z + 3);
+    }
+}
+
+/* UTC, ISO 8601 with nanoseconds: 2026-11-22T00:19:39.123456789Z. */
+static json_t *utc_iso(int64_t sec, uint32_t nsec)
+{
+    time_t t = (time_t)sec;
+    struct tm tm;
+    char buf[64];
+    if (!gmtime_r(&t, &tm) ||
+        strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm) == 0)
+        return json_null();
+    size_t n = strlen(buf);
+    snprintf(buf + n, sizeof(buf) - n, ".%09" PRIu32 "Z", nsec);
+    return json_string(buf);
+}
+
+static json_t *checkpoint_json(const struct cbt_checkpoint *c)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "order", cli_json_u64(c->order));
+    json_object_set_new(o, "name", cli_json_string(c->name));
+    json_object_set_new(o, "created", utc_iso(c->created_sec, c->created_nsec));
+    json_object_set_new(o, "created-sec", json_integer(c->created_sec));
+    json_object_set_new(o, "created-nsec", json_integer(c->created_nsec));
+    json_object_set_new(o, "parent",
+                        c->parent ? cli_json_string(c->parent) : json_null());
+    json_object_set_new(o, "virtual-size", cli_json_u64(c->virtual_size));
+    json_object_set_new(o, "granularity", cli_json_u64(c->granularity));
+    json_object_set_new(o, "usable", json_boolean(c->usable));
+    json_object_set_new(o, "problem", c->problem ? cli_json_string(c->problem)
+                                                 : json_null());
+    json_object_set_new(o, "dirty-bytes", c->usable
+                                              ? cli_json_u64(c->dirty_bytes)
+                                              : json_null());
+    return o;
+}
+
+static json_t *disk_id_json(const char *id)
+{
+    return *id ? json_string(id) : json_null();
+}
+
+static void print_table(const struct cbt_checkpoint *v, size_t n)
+{
+    int wo = 5, wn = 4, wp = 6, ws = 4, wg = 11, wd = 5;
+    char (*created)[48] = calloc(n ? n : 1, sizeof(*created));
+    char (*size)[32] = calloc(n ? n : 1, sizeof(*size));
+    char (*gran)[32] = calloc(n ? n : 1, sizeof(*gran));
+    char (*dirty)[32] = calloc(n ? n : 1, sizeof(*dirty));
+    if (!created || !size || !gran || !dirty)
+        goto out;
+    for (size_t i = 0; i < n; i++) {
+        const struct cbt_checkpoint *c = &v[i];
+        local_iso(c->created_sec, created[i], sizeof(created[i]));
+        cli_size_to_str(c->virtual_size, size[i], sizeof(size[i]));
+        cli_size_to_str(c->granularity, gran[i], sizeof(gran[i]));
+        if (c->usable)
+            cli_size_to_str(c->dirty_bytes, dirty[i], sizeof(dirty[i]));
+        else
+            snprintf(dirty[i], sizeof(dirty[i]), "-");
+        int o = snprintf(NULL, 0, "%" PRIu64, c->order);
+        int nl = (int)MIN(strlen(c->name), (size_t)40);
+        int pl = c->parent ? (int)MIN(strlen(c->parent), (size_t)40) : 1;
+        wo = MAX(wo, o);
+        wn = MAX(wn, nl);
+        wp = MAX(wp, pl);
+        ws = MAX(ws, (int)strlen(size[i]));
+        wg = MAX(wg, (int)strlen(gran[i]));
+        wd = MAX(wd, (int)strlen(dirty[i]));
+    }
+    int wc = n ? (int)strlen(created[0]) : 7;
+    for (size_t i = 0; i < n; i++)
+        wc = MAX(wc, (int)strlen(created[i]));
+    printf("%*s  %-*s  %-*s  %-*s  %*s  %*s  %*s  %s\n", wo, "ORDER", wn,
+           "NAME", wc, "CREATED", wp, "PARENT", ws, "SIZE", wg, "GRANULARITY",
+           wd, "DIRTY", "HEALTH");
+    for (size_t i = 0; i < n; i++) {
+        const struct cbt_checkpoint *c = &v[i];
+        printf("%*" PRIu64 "  %-*s  %-*s  %-*s  %*s  %*s  %*s  %s\n", wo,
+               c->order, wn, c->name, wc, created[i], wp,
+               c->parent ? c->parent : "-", ws, size[i], wg, gran[i], wd,
+               dirty[i], c->usable ? "ok" : "BROKEN");
+    }
+    bool header = false;
+    for (size_t i = 0; i < n; i++) {
+        if (v[i].usable)
+            continue;
+        if (!header)
+            printf("\nBroken (a backup since them must be a full one; "
+                   "'cbt checkpoint reconcile' explains, --fix repairs):\n");
+        header = true;
+        printf("  %s: %s\n", v[i].name, v[i].problem ? v[i].problem : "?");
+    }
+out:
+    free(created);
+    free(size);
+    free(gran);
+    free(dirty);
+}
+
+static void print_one(const struct cbt_checkpoint *c, const char *id)
+{
+    char created[48], size[32], gran[32], dirty[32];
+    local_iso(c->created_sec, created, sizeof(created));
+    cli_size_to_str(c->virtual_size, size, sizeof(size));
+    cli_size_to_str(c->granularity, gran, sizeof(gran));
+    cli_size_to_str(c->dirty_bytes, dirty, sizeof(dirty));
+    printf("name:          %s\n", c->name);
+    printf("order:         %" PRIu64 "\n", c->order);
+    printf("created:       %s\n", created);
+    printf("parent:        %s\n", c->parent ? c->parent : "-");
+    printf("virtual size:  %s (%" PRIu64 " bytes)\n", size, c->virtual_size);
+    printf("granularity:   %s\n", gran);
+    if (c->usable)
+        printf("dirty since:   %s (%" PRIu64 " bytes)\n", dirty,
+               c->dirty_bytes);
+    else
+        printf("dirty since:   unknown\n");
+    printf("health:        %s\n", c->usable ? "ok" : c->problem);
+    printf("disk id:       %s\n", id);
+}
+
+/* ---- subcommands ---- */
+
+static struct cbt_image *open_disk(const struct args *a, bool rw)
+{
+    struct cbt_error *err = NULL;
+    struct cbt_image *img =
+        cbt_image_open(a->disk, NULL, rw ? CBT_OPEN_RDWR : 0, &err);
+    if (!img)
+        cli_lib_error(err);
+    return img;
+}
+
+/* Close; an error is reported and turns ret into a failure. */
+static int close_disk(struct cbt_image *img, int ret)
+{
+    struct cbt_error *err = NULL;
+    if (cbt_image_close(img, &err) < 0) {
+        cli_lib_error(err);
+        return CLI_EXIT_FAILURE;
+    }
+    return ret;
+}
+
+static int do_create(const struct args *a)
+{
+    struct cbt_image *img = open_disk(a, true);
+    if (!img)
+        return CLI_EXIT_FAILURE;
+    struct cbt_error *err = NULL;
+    int ret = 0;
+    if (cbt_checkpoint_create(img, a->name, a->granularity, &err) < 0)
+        ret = cli_lib_error(err);
+    return close_disk(img, ret);
+}
+
+static int do_list(const struct args *a)
+{
+    struct cbt_image *img = open_disk(a, false);
+    if (!img)
+        return CLI_EXIT_FAILURE;
+    struct cbt_error *err = NULL;
+    struct cbt_checkpoint *v = NULL;
+    size_t n = 0;
+    char id[37];
+    int ret = 0;
+    if (cbt_checkpoint_disk_id(img, id, &err) < 0 ||
+        cbt_checkpoint_list(img, &v, &n, &err) < 0) {
+        ret = cli_lib_error(err);
+    } else if (a->output == CLI_OUTPUT_JSON) {
+        json_t *o = json_object();
+        json_t *arr = json_array();
+        for (size_t i = 0; i < n; i++)
+            json_array_append_new(arr, checkpoint_json(&v[i]));
+        json_object_set_new(o, "disk-id", disk_id_json(id));
+        json_object_set_new(o, "checkpoints", arr);
+        cli_json_print(o);
+    } else if (n) {
+        print_table(v, n);
+    }
+    cbt_checkpoint_free_list(v, n);
+    return close_disk(img, ret);
+}
+
+static int do_show(const struct args *a)
+{
+    struct cbt_image *img = open_disk(a, false);
+    if (!img)
+        return CLI_EXIT_FAILURE;
+    struct cbt_error *err = NULL;
+    struct cbt_checkpoint c;
+    char id[37];
+    int ret = 0;
+    if (cbt_checkpoint_disk_id(img, id, &err) < 0 ||
+        cbt_checkpoint_get(img, a->name, &c, &err) < 0) {
+        ret = cli_lib_error(err);
+    } else {
+        if (a->output == CLI_OUTPUT_JSON) {
+            json_t *o = checkpoint_json(&c);
+            json_object_set_new(o, "disk-id", disk_id_json(id));
+            cli_json_print(o);
+        } else {
+            print_one(&c, id);
+        }
+        cbt_checkpoint_clear(&c);
+    }
+    return close_disk(img, ret);
+}
+
+static int do_delete(const struct args *a)
+{
+    struct cbt_image *img = open_disk(a, true);
+    if (!img)
+        return CLI_EXIT_FAILURE;
+    struct cbt_error *err = NULL;
+    bool existed = false;
+    int ret = 0;
+    if (cbt_checkpoint_delete(img, a->name, &existed, &err) < 0)
+        ret = cli_lib_error(err);
+    else if (!existed)
+        cli_error("warning: %s: no checkpoint named '%s' (already deleted?); "
+                  "nothing to delete", a->disk, a->name);
+    return close_disk(img, ret);
+}
+
+static int do_reconcile(const struct args *a)
+{
+    struct cbt_image *img = open_disk(a, a->fix);
+    if (!img)
+        return CLI_EXIT_FAILURE;
+    struct cbt_error *err = NULL;
+    struct cbt_drift_item *v = NULL;
+    size_t n = 0;
+    int ret = 0;
+    if (cbt_checkpoint_reconcile(img, a->fix, &v, &n, &err) < 0) {
+        ret = cli_lib_error(err);
+    } else if (a->output == CLI_OUTPUT_JSON) {
+        json_t *o = json_object();
+        json_t *arr = json_array();
+        for (size_t i = 0; i < n; i++) {
+            json_t *e = json_object();
+            json_object_set_new(e, "kind",
+                                json_string(cbt_drift_code(v[i].kind)));
+            json_object_set_new(e, "name", cli_json_string(v[i].name));
+            json_object_set_new(e, "explanation",
+                                cli_json_string(v[i].explanation));
+            json_object_set_new(e, "fix", cli_json_string(v[i].fix));
+            json_object_set_new(e, "fixed", json_boolean(v[i].fixed));
+            json_array_append_new(arr, e);
+        }
+        json_object_set_new(o, "fix", json_boolean(a->fix));
+        json_object_set_new(o, "drift", arr);
+        cli_json_print(o);
+    } else if (n == 0) {
+        printf("No drift: every checkpoint has a usable bitmap and every "
+               "bitmap a checkpoint.\n");
+    } else {
+        size_t fixed = 0;
+        for (size_t i = 0; i < n; i++) {
+            printf("%s: %s\n", cbt_drift_code(v[i].kind), v[i].explanation);
+            printf("    %s %s\n", v[i].fixed ? "fixed:" : "fix:  ", v[i].fix);
+            fixed += v[i].fixed;
+        }
+        printf("%zu item%s of drift, %zu fixed%s\n", n, n == 1 ? "" : "s",
+               fixed, a->fix ? "" : " (run with --fix to repair)");
+    }
+    cbt_drift_free_list(v, n);
+    return close_disk(img, ret);
+}
+
+/* ---- parsing ---- */
+
+/* Returns 1 for --help, 0 to go on, -1 after a usage error. */
+static int parse_args(int argc, char **argv, struct args *a)
+{
+    enum { OPT_FIX = 256, OPT_OUTPUT };
+    static const struct option longopts[] = {
+        {"help", no_argument, NULL, 'h'},
+        {"granularity", required_argument, NULL, 'g'},
+        {"fix", no_argument, NULL, OPT_FIX},
+        {"output", required_argument, NULL, OPT_OUTPUT},
+        {NULL, 0, NULL, 0},
+    };
+    if (argc < 2) {
+        cli_usage_error(a->prog, "Expecting a subcommand: create, list, show, "
+                                 "delete or reconcile");
+        return -1;
+    }
+    if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0)
+        return 1;
+    bool found = false;
+    for (size_t i = 0; i < sizeof(subs) / sizeof(subs[0]); i++) {
+        if (strcmp(argv[1], subs[i].name) == 0) {
+            a->sub = (enum sub)i;
+            found = true;
+        }
+    }
+    if (!found) {
+        cli_usage_error(a->prog, "unknown subcommand '%s' (create, list, "
+                                 "show, delete or reconcile)", argv[1]);
+        return -1;
+    }
+    /* getopt sees the subcommand as argv[0]. */
+    argc--;
+    argv++;
+    int c;
+    optind = 0;
+    while ((c = getopt_long(argc, argv, "hg:", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'h':
+            return 1;
+        case 'g':
+            if (cli_parse_size(optarg, &a->granularity) < 0) {
+                cli_usage_error(a->prog, "invalid granularity '%s' (a power "
+                                "of two from 512 to 2G; suffixes k, M, G)",
+                                optarg);
+                return -1;
+            }
+            a->granularity_given = true;
+            break;
+        case OPT_FIX:
+            a->fix = true;
+            break;
+        case OPT_OUTPUT:
+            if (cli_parse_output(a->prog, optarg, &a->output) < 0)
+                return -1;
+            a->output_given = true;
+            break;
+        default:
+            cli_try_help(a->prog);
+            return -1;
+        }
+    }
+    const char *sub = subs[a->sub].name;
+    if (a->granularity_given && a->sub != SUB_CREATE) {
+        cli_usage_error(a->prog, "-g is only supported with create");
+        return -1;
+    }
+    if (a->fix && a->sub != SUB_RECONCILE) {
+        cli_usage_error(a->prog, "--fix is only supported with reconcile");
+        return -1;
+    }
+    if (a->output_given && a->sub != SUB_LIST && a->sub != SUB_SHOW &&
+        a->sub != SUB_RECONCILE) {
+        cli_usage_error(a->prog, "--output is only supported with list, show "
+                                 "and reconcile");
+        return -1;
+    }
+    int left = argc - optind;
+    if (left < subs[a->sub].nargs) {
+        cli_usage_error(a->prog, "%s: expecting %s", sub,
+                        subs[a->sub].nargs == 2 ? "DISK and NAME" : "DISK");
+        return -1;
+    }
+    if (left > subs[a->sub].nargs) {
+        cli_usage_error(a->prog, "%s: unexpected argument '%s'", sub,
+                        argv[optind + subs[a->sub].nargs]);
+        return -1;
+    }
+    a->disk = argv[optind];
+    a->name = subs[a->sub].nargs == 2 ? argv[optind + 1] : NULL;
+    return 0;
+}
 
 int cmd_checkpoint(int argc, char **argv)
 {
-    (void)argc;
-    cli_error("%s: not implemented yet", argv[0]);
+    struct args a = {.prog = argv[0]};
+    int r = parse_args(argc, argv, &a);
+    if (r > 0)
+        return cli_help(usage);
+    if (r < 0)
+        return CLI_EXIT_FAILURE;
+    switch (a.sub) {
+    case SUB_CREATE:
+        return do_create(&a);
+    case SUB_LIST:
+        return do_list(&a);
+    case SUB_SHOW:
+        return do_show(&a);
+    case SUB_DELETE:
+        return do_delete(&a);
+    case SUB_RECONCILE:
+        return do_reconcile(&a);
+    }
     return CLI_EXIT_FAILURE;
 }

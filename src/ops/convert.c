@@ -68,6 +68,7 @@
 #include <sys/stat.h>
 
 #include <cbt/bitmap.h>
+#include <cbt/checkpoint.h>
 #include <cbt/image.h>
 #include <cbt/ops.h>
 
@@ -507,6 +508,10 @@ static int copy_bitmaps(struct conv *c, struct cbt_error **errp)
             }
         }
     }
+    /* Checkpoints travel with their bitmaps: the metadata of the source's
+     * top lands in the same header update as the target's bitmaps. */
+    if (cbt_checkpoint_copy_metadata(c->src, c->dst, errp) < 0)
+        goto fail;
     if (cbt_bitmap_commit(c->dst, errp) < 0)
         goto fail;
     return 0;

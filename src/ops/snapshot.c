@@ -7,8 +7,10 @@
  *   2. open top read-write (without its backing chain) and list its
  *      bitmaps: nothing changed yet;
  *   3. reserve the overlay name with O_CREAT|O_EXCL, create the qcow2
- *      overlay, add its bitmaps and commit them: on failure the overlay file
- *      is removed, top was not changed;
+ *      overlay, add its bitmaps, copy top's checkpoint metadata
+ *      (cbt/checkpoint.h: it lives in the top layer of a disk) and commit
+ *      them in one header update: on failure the overlay file is removed,
+ *      top was not changed;
  *   4. disable top's copied bitmaps and commit them (one header update),
  *      then flush: on failure top's in-memory bitmaps are rolled back (or,
  *      if the commit landed but the flush failed, re-enabled and committed
@@ -20,6 +22,7 @@
 #include <sys/stat.h>
 
 #include <cbt/bitmap.h>
+#include <cbt/checkpoint.h>
 #include <cbt/image.h>
 #include <cbt/ops.h>
 
@@ -56,7 +59,8 @@ static int pick_bitmaps(struct cbt_image *img, const char *top,
 
 /* Create the overlay file (already reserved) and its bitmaps. */
 static int make_overlay(struct cbt_image *top_img, const char *top,
-                        const char *overlay, const struct cbt_bitmap_info *list,
+                        const char *overlay, bool copy_bitmaps,
+                        const struct cbt_bitmap_info *list,
                         const size_t *pick, size_t npick,
                         struct cbt_error **errp)
 {
@@ -76,7 +80,7 @@ static int make_overlay(struct cbt_image *top_img, const char *top,
     };
     int ret = cbt_image_create(overlay, &o, errp);
     free(bname);
-    if (ret < 0 || npick == 0)
+    if (ret < 0 || !copy_bitmaps)
         return ret;
 
     struct cbt_image *ov =
@@ -89,6 +93,10 @@ static int make_overlay(struct cbt_image *top_img, const char *top,
         const struct cbt_bitmap_info *b = &list[pick[i]];
         ret = cbt_bitmap_add(ov, b->name, b->granularity, false, errp);
     }
+    /* The checkpoints follow the top: their metadata lands in the same
+     * header update as the overlay's bitmaps. */
+    if (ret == 0)
+        ret = cbt_checkpoint_copy_metadata(top_img, ov, errp);
     if (ret == 0)
         ret = cbt_bitmap_commit(ov, errp);
     if (ret < 0)
@@ -168,7 +176,8 @@ int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
     close(fd);
     created = true;
 
-    if (make_overlay(img, top, overlay, list, pick, npick, errp) < 0)
+    if (make_overlay(img, top, overlay, copy_bitmaps, list, pick, npick,
+                     errp) < 0)
         goto out;
     if (npick && disable_top(img, top, list, pick, npick, errp) < 0)
         goto out;

@@ -1,0 +1,50 @@
+/*
+ * The checkpoint metadata of a disk as stored in its top layer: a qcow2
+ * header extension of cbt's own (type CKPT_EXT_TYPE), layout in
+ * docs/checkpoints.md.  Private to libcbt (src/ops/checkpoint.c) and to the
+ * fuzz target of its parser (fuzz/fuzz_checkpoints.c).
+ */
+#ifndef CBT_CHECKPOINT_META_H
+#define CBT_CHECKPOINT_META_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* "cbtc": not one of QEMU's header extension types. */
+#define CKPT_EXT_TYPE 0x63627463u
+#define CKPT_VERSION 1
+#define CKPT_HEADER_SIZE 40   /* fixed part before the records */
+#define CKPT_RECORD_FIXED 50  /* fixed part of a record, before its name */
+#define CKPT_NAME_MAX 1023
+
+struct ckpt_rec {
+    uint64_t order;        /* >= 1, strictly increasing over the records */
+    int64_t created_sec;
+    uint32_t created_nsec; /* < 10^9 */
+    uint64_t parent;       /* order of an earlier record, or 0 */
+    uint64_t virtual_size;
+    uint64_t granularity;  /* power of two, 512 .. 2 GiB */
+    char *name;            /* 1..CKPT_NAME_MAX bytes, no NUL, unique */
+};
+
+struct ckpt_meta {
+    uint8_t uuid[16];
+    uint64_t next_order;   /* greater than every record's order */
+    size_t n;
+    struct ckpt_rec *v;    /* oldest first (by order) */
+};
+
+/*
+ * Parse an extension's bytes into *m (zeroed first; free with
+ * ckpt_meta_free, also after a failure).  Returns 0, -EINVAL with a one-line
+ * reason in why[0..whylen) (without a file name) when the bytes are not
+ * valid metadata, or -ENOMEM.  Never reads outside buf[0..len).
+ */
+int ckpt_meta_parse(const uint8_t *buf, size_t len, struct ckpt_meta *m,
+                    char *why, size_t whylen);
+/* Serialize a valid *m (as ckpt_meta_parse accepts it) into a malloc'd
+ * buffer.  0 or -ENOMEM (-EINVAL for a name that is too long). */
+int ckpt_meta_build(const struct ckpt_meta *m, uint8_t **buf, size_t *len);
+void ckpt_meta_free(struct ckpt_meta *m);
+
+#endif
