@@ -927,6 +927,23 @@ static int store(struct qcow2_state *s, enum store_mode mode,
         cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
         return -1;
     }
+    /* The header must have room for the bitmaps extension (and whatever
+     * else it carries now) before any cluster is written. */
+    if (n) {
+        struct qcow2_bitmaps_ext saved = s->bm_ext;
+        s->bm_ext.present = true;
+        s->bm_ext.len = QCOW2_BITMAPS_EXT_SIZE;
+        s->bm_ext.nb_bitmaps = (uint32_t)n;
+        int hr = qcow2_build_header(s, buf);
+        s->bm_ext = saved;
+        if (hr < 0) {
+            free(v);
+            cbt_error_set(errp, -hr, "%s: the image header (one cluster of "
+                          "%" PRIu64 " bytes) has no room for the bitmaps "
+                          "extension", fn, (uint64_t)s->cluster_size);
+            return -1;
+        }
+    }
 
     /* 1. The entries and the bits, then the directory. */
     size_t k = 0;
