@@ -749,8 +749,14 @@ int cbt_bitmap_commit(struct cbt_image *img, struct cbt_error **errp)
         ret = 0;
         goto out;
     }
-    if (img->drv->bitmap_store && img->drv->bitmap_store(img, errp) < 0)
+    img->bitmaps_switched = false;
+    if (img->drv->bitmap_store && img->drv->bitmap_store(img, errp) < 0) {
+        /* Failed after the file took the new state: that state is the
+         * rollback point now, so a rollback cannot pretend otherwise. */
+        if (img->bitmaps_switched)
+            (void)blk_bitmaps_snapshot(img);
         goto out;
+    }
     if (blk_bitmaps_snapshot(img) < 0) {
         /* Stored, but the rollback point could not move. */
         set_error(errp, img, ENOMEM, "bitmaps stored, but out of memory "

@@ -97,6 +97,8 @@ struct blk_driver {
      * bitmap_store: store every persistent bitmap of node->bitmaps in one
      *   atomic update of the image, not in_use (commit and close); a no-op
      *   when nothing changed since the last store.  Read-write nodes only.
+ *   A store that fails after the new state reached the file (e.g. the
+ *   header sync failed) sets node->bitmaps_switched before returning -1.
      */
     int (*mark_dirty)(struct blk_node *node, uint64_t off, uint64_t len);
     int (*bitmap_can_store)(struct blk_node *node, const char *name,
@@ -165,6 +167,9 @@ struct cbt_image {
     struct blk_bitmap_list committed;
     bool bitmaps_changed;   /* API changes since the last commit */
     bool bitmaps_written;   /* writes dirtied bitmaps since the last commit */
+    bool bitmaps_switched;  /* set by a driver's bitmap_store that failed
+                             * after the new state reached the file: the
+                             * live list is what the disk holds */
     pthread_mutex_t lock;
 };
 

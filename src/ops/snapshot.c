@@ -12,9 +12,12 @@
  *      them in one header update: on failure the overlay file is removed,
  *      top was not changed;
  *   4. disable top's copied bitmaps and commit them (one header update),
- *      then flush: on failure top's in-memory bitmaps are rolled back (or,
- *      if the commit landed but the flush failed, re-enabled and committed
- *      again) and the overlay file is removed.
+ *      then flush.  On failure they are made to record again (rolled back
+ *      in memory, re-enabled and committed again in case the change
+ *      reached the file) and the overlay is removed; if that undo fails
+ *      too, top's copies have stopped recording for good, so the overlay
+ *      (whose copies record) is kept and the call succeeds with a warning:
+ *      changes stay tracked either way.
  */
 #include <fcntl.h>
 #include <limits.h>
@@ -106,7 +109,31 @@ static int make_overlay(struct cbt_image *top_img, const char *top,
     return ret;
 }
 
-/* Stop top's copied bitmaps recording, stored and flushed. */
+/* True when every picked bitmap of img records (as its committed state). */
+static bool all_recording(struct cbt_image *img,
+                          const struct cbt_bitmap_info *list,
+                          const size_t *pick, size_t npick)
+{
+    struct cbt_bitmap_info *now = NULL;
+    size_t n = 0;
+    if (cbt_bitmap_list(img, &now, &n, NULL) < 0)
+        return false;
+    size_t found = 0;
+    for (size_t i = 0; i < npick; i++)
+        for (size_t j = 0; j < n; j++)
+            if (strcmp(now[j].name, list[pick[i]].name) == 0 &&
+                now[j].recording)
+                found++;
+    cbt_bitmap_info_free_list(now, n);
+    return found == npick;
+}
+
+/*
+ * Stop top's copied bitmaps recording, stored and flushed.  Returns 0, or
+ * -1 when top is back as before (its bitmaps record: the caller removes
+ * the overlay), or 1 when the change reached top and could not be undone
+ * (the overlay must stay: it is the only layer that records).
+ */
 static int disable_top(struct cbt_image *img, const char *top,
                        const struct cbt_bitmap_info *list, const size_t *pick,
                        size_t npick, struct cbt_error **errp)
@@ -116,21 +143,26 @@ static int disable_top(struct cbt_image *img, const char *top,
         ret = cbt_bitmap_disable(img, list[pick[i]].name, errp);
     if (ret == 0)
         ret = cbt_bitmap_commit(img, errp);
-    if (ret < 0) {
+    if (ret == 0) {
+        int r = cbt_image_flush(img);
+        if (r < 0) {
+            cbt_error_set(errp, -r, "%s: cannot flush the bitmap changes: %s",
+                          top, strerror(-r));
+            ret = -1;
+        }
+    }
+    if (ret == 0)
+        return 0;
+    /* Undo: forget what did not land, and make them record again in case
+     * the change reached the file (a failed sync after the header write). */
+    cbt_bitmap_rollback(img, NULL);
+    for (size_t i = 0; i < npick; i++)
+        cbt_bitmap_enable(img, list[pick[i]].name, NULL);
+    if (cbt_bitmap_commit(img, NULL) < 0)
         cbt_bitmap_rollback(img, NULL);
-        return -1;
-    }
-    int r = cbt_image_flush(img);
-    if (r < 0) {
-        cbt_error_set(errp, r, "%s: cannot flush the bitmap changes: %s", top,
-                      strerror(-r));
-        /* Best effort: make them record again. */
-        for (size_t i = 0; i < npick; i++)
-            cbt_bitmap_enable(img, list[pick[i]].name, NULL);
-        cbt_bitmap_commit(img, NULL);
-        return -1;
-    }
-    return 0;
+    else
+        (void)cbt_image_flush(img);
+    return all_recording(img, list, pick, npick) ? -1 : 1;
 }
 
 int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
@@ -158,7 +190,7 @@ int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
 
     struct cbt_bitmap_info *list = NULL;
     size_t count = 0, npick = 0, *pick = NULL;
-    bool created = false;
+    bool created = false, switched = false;
     int ret = -1;
     if (copy_bitmaps &&
         pick_bitmaps(img, top, &list, &count, &pick, &npick, errp) < 0)
@@ -179,13 +211,33 @@ int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
     if (make_overlay(img, top, overlay, copy_bitmaps, list, pick, npick,
                      errp) < 0)
         goto out;
-    if (npick && disable_top(img, top, list, pick, npick, errp) < 0)
-        goto out;
+    if (npick) {
+        struct cbt_error *derr = NULL;
+        int d = disable_top(img, top, list, pick, npick, &derr);
+        if (d < 0) {
+            if (errp)
+                *errp = derr;
+            else
+                cbt_error_free(derr);
+            goto out;
+        }
+        if (d > 0) {
+            /* Top's copies stopped recording and could not be restarted:
+             * keeping the overlay keeps the changes tracked. */
+            cbt_warn("%s: %s; the snapshot is kept, since the overlay's "
+                     "bitmaps now track the changes", top,
+                     cbt_error_message(derr));
+            cbt_error_free(derr);
+        }
+    }
+    /* From here on top's copies may have stopped recording: the overlay
+     * must stay whatever happens (a failed close is reported, not undone). */
+    switched = true;
     ret = 0;
 out:
     if (cbt_image_close(img, ret == 0 ? errp : NULL) < 0)
         ret = -1;
-    if (ret < 0 && created)
+    if (ret < 0 && created && !switched)
         unlink(overlay);
     cbt_bitmap_info_free_list(list, count);
     free(pick);

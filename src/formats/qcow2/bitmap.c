@@ -1022,17 +1022,22 @@ static int store(struct qcow2_state *s, enum store_mode mode,
         s->bm_ext = (struct qcow2_bitmaps_ext){ .present = false };
         s->h.autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS;
     }
-    r = qcow2_write_header(s);
-    if (r < 0) {
-        /* The new clusters may be referenced now, or not: keep them (a
-         * leak at worst). */
+    bool written = false;
+    r = qcow2_write_header_ex(s, &written);
+    if (r < 0 && !written) {
+        /* The header is unchanged: nothing references the new clusters. */
         s->bm_ext = old_ext;
         s->h.autoclear_features = old_autoclear;
-        free(v);
         cbt_error_set(errp, -r, "%s: Failed to update bitmap extension: %s",
                       fn, strerror(-r));
-        return -1;
+        if (dir_off)
+            (void)release(s, dir_off, dir_size);
+        goto fail;
     }
+    /* Written, but maybe not durable when the sync failed: the new state
+     * is what the file says now, and the old clusters must stay (the old
+     * header may come back after a power loss). */
+    bool synced = r == 0;
 
     /* The new directory is in force: remember it. */
     struct qcow2_bitmap_dirent *nd = calloc(k ? k : 1, sizeof(*nd));
@@ -1054,8 +1059,8 @@ static int store(struct qcow2_state *s, enum store_mode mode,
             v[i].b->disk_bytes = v[i].disk_bytes;
 
     /* 4. Free what only the old directory referenced. */
-    int fr = free_old(s, &old_ext, v, k);
-    if (fr == 0)
+    int fr = synced ? free_old(s, &old_ext, v, k) : 0;
+    if (fr == 0 && synced)
         fr = qcow2_flush_metadata(s);
     free(v);
     qcow2_bitmaps_free(s);
@@ -1069,11 +1074,18 @@ static int store(struct qcow2_state *s, enum store_mode mode,
     }
     s->bm_dir = nd;
     s->bm_dir_n = (uint32_t)k;
-    if (fr < 0) {
-        cbt_error_set(errp, -fr, "%s: bitmaps stored, but freeing the old "
-                      "bitmap clusters failed (they are leaked): %s", fn,
-                      strerror(-fr));
+    if (!synced) {
+        /* The caller must know the disk has the new state. */
+        node->bitmaps_switched = true;
+        cbt_error_set(errp, -r, "%s: bitmaps written, but the header could "
+                      "not be synced: %s", fn, strerror(-r));
         return -1;
+    }
+    if (fr < 0) {
+        /* The new state is in force; a leak is harmless (check -r leaks). */
+        cbt_warn("%s: bitmaps stored, but freeing the old bitmap clusters "
+                 "failed (they are leaked until 'cbt check -r leaks'): %s",
+                 fn, strerror(-fr));
     }
     return 0;
 

@@ -489,8 +489,10 @@ int qcow2_build_header(const struct qcow2_state *s, uint8_t *buf)
     return 0;
 }
 
-int qcow2_write_header(struct qcow2_state *s)
+int qcow2_write_header_ex(struct qcow2_state *s, bool *written)
 {
+    if (written)
+        *written = false;
     CLEANUP_FREE uint8_t *buf = cbt_zalloc_aligned(s->cluster_size);
     if (!buf)
         return -ENOMEM;
@@ -500,8 +502,15 @@ int qcow2_write_header(struct qcow2_state *s)
     r = file_pwrite_full(s->node->fd, buf, s->cluster_size, 0);
     if (r < 0)
         return r;
+    if (written)
+        *written = true;
     s->header_dirty = false;
     return file_flush(s->node->fd);
+}
+
+int qcow2_write_header(struct qcow2_state *s)
+{
+    return qcow2_write_header_ex(s, NULL);
 }
 
 const struct qcow2_ext *qcow2_find_ext(const struct qcow2_state *s,

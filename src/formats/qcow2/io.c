@@ -247,7 +247,7 @@ static int write_alloc_run(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
         r = file_pwrite_full(s->data_fd, buf + (full_lo - off), full_hi - full_lo,
                              (uint64_t)host + (full_lo - guest0));
         if (r < 0)
-            return r;
+            goto fail;
     }
     /* Partial head and tail clusters get the old view around the data. */
     for (int edge = 0; edge < 2; edge++) {
@@ -272,8 +272,10 @@ static int write_alloc_run(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
                 r = file_pwrite_full(s->data_fd, buf + (lo - off), hi - lo,
                                      hc + (lo - c));
         } else {
-            if (!tmp && !(tmp = malloc(cs)))
-                return -ENOMEM;
+            if (!tmp && !(tmp = malloc(cs))) {
+                r = -ENOMEM;
+                goto fail;
+            }
             r = read_cluster_view(s, c, old, 0, tmp, 0, cs);
             if (r == 0) {
                 memcpy(tmp + (lo - c), buf + (lo - off), hi - lo);
@@ -281,7 +283,7 @@ static int write_alloc_run(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
             }
         }
         if (r < 0)
-            return r;
+            goto fail;
     }
     s->need_sync = true;
     /* Map the new clusters; release what the old entries held. */
@@ -295,6 +297,12 @@ static int write_alloc_run(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
     }
     qcow2_cache_mark_dirty(&s->l2_cache, l2);
     return 0;
+
+fail:
+    /* Nothing maps the new clusters yet: give them back now. */
+    if (!qcow2_has_data_file(s))
+        (void)qcow2_update_refcount(s, (uint64_t)host, n * cs, -1);
+    return r;
 }
 
 static bool std_in_place(const struct qcow2_state *s, uint64_t e)

@@ -408,21 +408,28 @@ static int qcow2_change_backing(struct blk_node *node, const char *name,
     char *old_name = node->backing_name, *old_fmt = node->backing_fmt;
     node->backing_name = new_name;
     node->backing_fmt = new_fmt;
-    r = qcow2_write_header(s);
+    /* Does the new header fit?  Checked before anything is written. */
+    uint8_t *hdr = cbt_zalloc_aligned(s->cluster_size);
+    r = hdr ? qcow2_build_header(s, hdr) : -ENOMEM;
+    free(hdr);
+    bool fits = r == 0, written = false;
+    if (fits)
+        r = qcow2_write_header_ex(s, &written);
     if (r < 0) {
         node->backing_name = old_name;
         node->backing_fmt = old_fmt;
         free(new_name);
         free(new_fmt);
-        if (r == -ENOSPC || r == -ENAMETOOLONG)
+        if (!fits && (r == -ENOSPC || r == -ENAMETOOLONG))
             cbt_error_set(errp, -r, "%s: the backing file name '%s' does not "
-                          "fit in the image header", node->filename, name);
+                          "fit in the image header", node->filename,
+                          name ? name : "");
         else
             cbt_error_set(errp, -r, "%s: cannot write the header: %s",
                           node->filename, strerror(-r));
-        /* A short header write may have left a torn header: put the old
-         * one back (best effort; the first sector is written at once). */
-        if (r != -ENOSPC && r != -ENAMETOOLONG)
+        /* A header write that landed (the sync failed) holds the new link:
+         * put the old one back (best effort). */
+        if (written)
             (void)qcow2_write_header(s);
         return -1;
     }

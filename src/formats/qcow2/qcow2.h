@@ -302,6 +302,9 @@ int qcow2_read_header(struct qcow2_state *s, int fd, uint64_t file_len,
 int qcow2_build_header(const struct qcow2_state *s, uint8_t *buf);
 /* Rewrite the first cluster on disk (one write) and sync. */
 int qcow2_write_header(struct qcow2_state *s);
+/* The same, saying whether the header write itself landed (*written: a
+ * later sync may still have failed) or not (the header is unchanged). */
+int qcow2_write_header_ex(struct qcow2_state *s, bool *written);
 /* The preserved (unknown to cbt's qcow2 code) extension of `type`, or NULL. */
 const struct qcow2_ext *qcow2_find_ext(const struct qcow2_state *s,
                                       uint32_t type);
