@@ -1,9 +1,248 @@
-/* cbt backup.  STUB: being written. */
+/* cbt backup: full, incremental and differential backups of a disk into a
+ * folder of backups, each creating a checkpoint (cbt_backup()). */
+#include <getopt.h>
+#include <inttypes.h>
+#include <string.h>
+#include <time.h>
+
+#include <cbt/backup.h>
+
 #include "cli.h"
+
+static const char usage[] =
+    "Usage: cbt backup (--full | --incremental | --since CHECKPOINT | --auto)\n"
+    "                  [--checkpoint NAME] [-O qcow2|raw] [-g GRANULARITY]\n"
+    "                  [-f FMT] [-p] [--output=human|json] DISK TARGET\n"
+    "\n"
+    "Back up DISK (the top of a qcow2 chain) to TARGET, a new file, and\n"
+    "create a checkpoint on DISK at the point in time of the backup.  Beside\n"
+    "TARGET go TARGET.json (the manifest: disk, checkpoint, parent backup,\n"
+    "sizes, the content hash) and TARGET.hashes (a SHA-256 for every 64 KiB\n"
+    "of the disk); see docs/backups.md.  The backups of one disk share a\n"
+    "folder: an incremental finds its parent there.\n"
+    "\n"
+    "  --full          copy the whole disk (its guest view)\n"
+    "  --incremental   copy what changed since DISK's newest checkpoint, on\n"
+    "                  top of the backup that created that checkpoint\n"
+    "  --since CHECKPOINT\n"
+    "                  differential: copy what changed since CHECKPOINT, on\n"
+    "                  top of the backup that created it\n"
+    "  --auto          --incremental, or a full backup when an incremental is\n"
+    "                  impossible (no checkpoint, its bitmap broken, no\n"
+    "                  backup of it in TARGET's folder); says why.  With\n"
+    "                  --since: that differential, or a full backup\n"
+    "One of them is required: a full backup is never taken by surprise.\n"
+    "\n"
+    "A qcow2 incremental or differential has its parent backup as backing\n"
+    "file (relative name), so qemu-img reads the backup chain; unchanged\n"
+    "clusters are unallocated, zeroed or discarded ranges are zero clusters.\n"
+    "Raw targets are sparse.  TARGET is never overwritten.  If the backup\n"
+    "fails, its files are removed and DISK's checkpoints are as before.\n"
+    "\n"
+    "Options:\n"
+    "  --checkpoint NAME  name of the new checkpoint (default:\n"
+    "                  cbt-YYYYMMDDTHHMMSSZ, the time in UTC)\n"
+    "  -O FMT          format of TARGET: qcow2 or raw (default: qcow2 for a\n"
+    "                  full backup, the parent's format otherwise)\n"
+    "  -g, --granularity SIZE\n"
+    "                  bytes per bit of the new checkpoint's bitmap (a power\n"
+    "                  of two from 512 to 2G; default: as cbt checkpoint)\n"
+    "  -f FMT          format of DISK (default: probe)\n"
+    "  -p              show progress on stderr (when it is a terminal)\n"
+    "  --output=FMT    human (default) or json\n"
+    "  -h, --help      show this help\n"
+    "\n"
+    "Examples:\n"
+    "  cbt backup --full disk.qcow2 /backups/vm1/full.qcow2\n"
+    "  cbt backup --incremental disk.qcow2 /backups/vm1/inc-1.qcow2\n"
+    "  cbt backup --since monday --checkpoint tuesday disk.qcow2 \\\n"
+    "      /backups/vm1/diff-tue.qcow2\n"
+    "  cbt backup --auto -p disk.qcow2 /backups/vm1/$(date +%F).qcow2\n"
+    "  cbt backup --full -O raw disk.qcow2 /backups/vm1/full.raw\n";
+
+static const char *mode_name(enum cbt_backup_mode m)
+{
+    switch (m) {
+    case CBT_BACKUP_FULL:
+        return "full";
+    case CBT_BACKUP_INCREMENTAL:
+        return "incremental";
+    case CBT_BACKUP_DIFFERENTIAL:
+        return "differential";
+    }
+    return "full";
+}
+
+static void show_progress(void *opaque, uint64_t done, uint64_t total)
+{
+    cli_progress_update(opaque, done, total);
+}
+
+static double pct(uint64_t part, uint64_t whole)
+{
+    return whole ? 100.0 * (double)part / (double)whole : 0.0;
+}
+
+static void print_human(const struct cbt_backup_opts *o,
+                        const struct cbt_backup_result *r, double secs)
+{
+    char vs[32], dirty[32], copied[32], zeroed[32];
+    cli_size_to_str(r->virtual_size, vs, sizeof(vs));
+    cli_size_to_str(r->dirty_bytes, dirty, sizeof(dirty));
+    cli_size_to_str(r->bytes_copied, copied, sizeof(copied));
+    cli_size_to_str(r->bytes_zeroed, zeroed, sizeof(zeroed));
+    if (r->fallback)
+        printf("Note: full backup instead of %s: %s\n",
+               o->mode == CBT_BACKUP_DIFFERENTIAL ? "differential"
+                                                  : "incremental",
+               r->fallback);
+    printf("%s backup of %s -> %s\n", mode_name(r->mode), o->disk, o->target);
+    if (r->parent)
+        printf("  parent      %s\n", r->parent);
+    printf("  checkpoint  %s -> %s\n", r->since ? r->since : "(none)",
+           r->checkpoint);
+    if (r->mode == CBT_BACKUP_FULL)
+        printf("  disk        %s\n", vs);
+    else
+        printf("  dirty       %s of %s (%.1f%%)\n", dirty, vs,
+               pct(r->dirty_bytes, r->virtual_size));
+    printf("  copied      %s data (%.1f%% of the disk), %s zeroes\n", copied,
+           pct(r->bytes_copied, r->virtual_size), zeroed);
+    printf("  time        %.2f s\n", secs);
+    printf("  root hash   %s\n", r->root_hash);
+}
+
+static void print_json(const struct cbt_backup_opts *o,
+                       const struct cbt_backup_result *r, double secs)
+{
+    json_t *j = json_object();
+    json_object_set_new(j, "kind", json_string(mode_name(r->mode)));
+    json_object_set_new(j, "disk", cli_json_string(o->disk));
+    json_object_set_new(j, "target", cli_json_string(o->target));
+    json_object_set_new(j, "checkpoint", cli_json_string(r->checkpoint));
+    json_object_set_new(j, "since",
+                        r->since ? cli_json_string(r->since) : json_null());
+    json_object_set_new(j, "parent",
+                        r->parent ? cli_json_string(r->parent) : json_null());
+    json_object_set_new(j, "fallback", r->fallback
+                                           ? cli_json_string(r->fallback)
+                                           : json_null());
+    json_object_set_new(j, "virtual-size", cli_json_u64(r->virtual_size));
+    json_object_set_new(j, "dirty-bytes", cli_json_u64(r->dirty_bytes));
+    json_object_set_new(j, "bytes-copied", cli_json_u64(r->bytes_copied));
+    json_object_set_new(j, "bytes-zeroed", cli_json_u64(r->bytes_zeroed));
+    json_object_set_new(j, "milliseconds",
+                        cli_json_u64((uint64_t)(secs * 1000.0 + 0.5)));
+    json_object_set_new(j, "root", json_string(r->root_hash));
+    cli_json_print(j);
+}
 
 int cmd_backup(int argc, char **argv)
 {
-    (void)argc;
-    cli_error("%s: not implemented yet", argv[0]);
-    return CLI_EXIT_FAILURE;
+    enum { OPT_FULL = 256, OPT_INC, OPT_SINCE, OPT_AUTO, OPT_CKPT, OPT_OUT };
+    static const struct option longopts[] = {
+        {"help", no_argument, NULL, 'h'},
+        {"full", no_argument, NULL, OPT_FULL},
+        {"incremental", no_argument, NULL, OPT_INC},
+        {"since", required_argument, NULL, OPT_SINCE},
+        {"auto", no_argument, NULL, OPT_AUTO},
+        {"checkpoint", required_argument, NULL, OPT_CKPT},
+        {"granularity", required_argument, NULL, 'g'},
+        {"output", required_argument, NULL, OPT_OUT},
+        {NULL, 0, NULL, 0},
+    };
+    const char *prog = argv[0];
+    struct cbt_backup_opts o = {0};
+    bool full = false, inc = false, progress = false;
+    enum cli_output output = CLI_OUTPUT_HUMAN;
+    int c;
+    optind = 0;
+    while ((c = getopt_long(argc, argv, "hO:g:f:p", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'h':
+            return cli_help(usage);
+        case OPT_FULL:
+            full = true;
+            break;
+        case OPT_INC:
+            inc = true;
+            break;
+        case OPT_SINCE:
+            o.since = optarg;
+            break;
+        case OPT_AUTO:
+            o.auto_full = true;
+            break;
+        case OPT_CKPT:
+            o.checkpoint = optarg;
+            break;
+        case 'O':
+            o.format = optarg;
+            break;
+        case 'g':
+            if (cli_parse_size_arg(prog, "granularity", optarg,
+                                   &o.granularity) < 0)
+                return CLI_EXIT_FAILURE;
+            break;
+        case 'f':
+            o.disk_format = optarg;
+            break;
+        case 'p':
+            progress = true;
+            break;
+        case OPT_OUT:
+            if (cli_parse_output(prog, optarg, &output) < 0)
+                return CLI_EXIT_FAILURE;
+            break;
+        default:
+            cli_try_help(prog);
+            return CLI_EXIT_FAILURE;
+        }
+    }
+    if (full + inc + (o.since != NULL) > 1)
+        return cli_usage_error(prog, "--full, --incremental and --since "
+                               "exclude each other");
+    if (!full && !inc && !o.since && !o.auto_full)
+        return cli_usage_error(prog, "say which backup: --full, "
+                               "--incremental, --since CHECKPOINT or --auto");
+    if (o.since && !*o.since)
+        return cli_usage_error(prog, "--since needs a checkpoint name");
+    if (o.format && strcmp(o.format, "qcow2") != 0 &&
+        strcmp(o.format, "raw") != 0)
+        return cli_usage_error(prog, "unknown backup format '%s' (qcow2 or "
+                               "raw)", o.format);
+    o.mode = full ? CBT_BACKUP_FULL
+             : o.since ? CBT_BACKUP_DIFFERENTIAL
+                       : CBT_BACKUP_INCREMENTAL;
+    if (argc - optind < 2)
+        return cli_usage_error(prog, "expecting DISK and TARGET");
+    if (argc - optind > 2)
+        return cli_usage_error(prog, "unexpected argument '%s'",
+                               argv[optind + 2]);
+    o.disk = argv[optind];
+    o.target = argv[optind + 1];
+
+    struct cli_progress pr;
+    cli_progress_init(&pr, progress);
+    o.progress = show_progress;
+    o.progress_opaque = &pr;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    struct cbt_backup_result res;
+    struct cbt_error *err = NULL;
+    int r = cbt_backup(&o, &res, &err);
+    cli_progress_end(&pr);
+    if (r < 0) {
+        cbt_backup_result_free(&res);
+        return cli_lib_error(err);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (double)(t1.tv_sec - t0.tv_sec) +
+                  (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+    if (output == CLI_OUTPUT_JSON)
+        print_json(&o, &res, secs);
+    else
+        print_human(&o, &res, secs);
+    cbt_backup_result_free(&res);
+    return 0;
 }

@@ -1,2 +1,1157 @@
-/* STUB: being written (issue 5). */
+/*
+ * cbt_backup(): full, incremental and differential backups of a disk into
+ * a folder of backups (include/cbt/backup.h; layout in docs/backups.md).
+ *
+ * What is copied
+ * --------------
+ * Everything moves in 64 KiB blocks, the block of the block hashes
+ * (BLOCKHASH_BLOCK), which is also the cluster size of qcow2 targets, so a
+ * block is a cluster.  The blocks to copy are
+ *   full:         all of them;
+ *   incremental / differential: the blocks the checkpoint's bitmap (its
+ *                 union over the disk's chain) touches, plus, when the disk
+ *                 was resized since the parent backup, every block from the
+ *                 one holding the smallest end onwards: of the parent's
+ *                 size, the disk's, and the sizes the checkpoints since
+ *                 saw (a shrink and a grow change the tail without a bit
+ *                 in any bitmap, as in QEMU).
+ * Each block to copy is classified by the disk's block status and, when
+ * that says data, by its contents:
+ *   ZERO  block status says the whole block reads as zeroes (nothing is
+ *         read), or it was read and is all zeroes;
+ *   DATA  anything else.
+ * Its digest is SHA-256 of its bytes (ZERO blocks use the known digest of
+ * zeroes without reading).  The other blocks' digests come from the
+ * parent's .hashes file, which is checked against the parent's manifest
+ * first, so a damaged parent is never built upon.
+ *
+ * How it is written
+ * -----------------
+ *   full, qcow2 or raw:  the target starts empty (reads as zeroes), so ZERO
+ *       blocks are not written at all and DATA blocks are written leaving
+ *       out 4 KiB pieces of zeroes, as cbt convert / qemu-img convert do:
+ *       the target is no thicker than the disk.
+ *   incremental qcow2:   the target's backing file is the parent backup:
+ *       unchanged blocks stay unallocated (they read from the parent); a
+ *       DATA block is written whole; a ZERO block becomes a zero cluster
+ *       (never data, never unallocated, which would show the parent), except
+ *       past the parent's end, where a qcow2 chain reads zeroes anyway.
+ *   incremental raw:     a sparse file of the full size: DATA blocks are
+ *       written (their zero pieces left as holes), ZERO blocks are holes;
+ *       the manifest's extents list both, which is how restore and verify
+ *       know what this file carries.
+ *
+ * Order and failure
+ * -----------------
+ * Everything that can be refused is refused before any file is created: a
+ * TARGET (or its .json / .hashes) that exists, a TARGET in the disk's
+ * chain, a checkpoint name in use, a raw disk (no checkpoints), and an
+ * incremental that is impossible (with auto_full: a full backup instead,
+ * saying why).  Then: the target written and flushed, the .hashes written
+ * (atomically), the manifest written (atomically, complete), and only then
+ * the checkpoint created on the disk.  The checkpoint's order and time are
+ * known only once it exists, so the manifest is rewritten with them (the
+ * predicted order is nearly always right; a crash between the two leaves a
+ * manifest whose order the next incremental will not accept, so it asks
+ * for a full: safe).  A disk with no checkpoint metadata yet has no id
+ * until its first checkpoint is created; then the checkpoint comes before
+ * the manifest, and a failure to write the manifest deletes it again.  Any
+ * failure before the checkpoint exists removes every file this call
+ * created, and the disk is untouched (it is opened read-write only so the
+ * checkpoint can be created; the data path never writes it).
+ */
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include <cbt/backup.h>
+#include <cbt/bitmap.h>
+#include <cbt/chain.h>
+#include <cbt/checkpoint.h>
+
 #include "../util/util.h"
+#include "manifest.h"
+#include "ops_util.h"
+
+#ifdef CBT_VERSION
+#define BACKUP_TOOL "cbt " CBT_VERSION
+#else
+#define BACKUP_TOOL "cbt"
+#endif
+
+#define B ((uint64_t)BLOCKHASH_BLOCK)
+#define CHUNK_BLOCKS 64u  /* 4 MiB of reading at a time */
+#define HASH_THREADS 4
+#define SPARSE 4096u      /* zero pieces left out of new targets */
+#define GRAN_MIN 512ull
+#define GRAN_MAX (2ull << 30)
+
+struct range {
+    uint64_t start, end;
+};
+
+enum blk_kind { K_NONE, K_DATA, K_ZERO };
+
+struct bk {
+    const struct cbt_backup_opts *o;
+    struct cbt_backup_result *res;
+    struct cbt_image *disk;
+    struct cbt_image *dst;
+    const char *fmt;          /* target format */
+    bool raw;
+    bool full;
+    uint64_t size;            /* the disk's virtual size */
+    char disk_id[37];
+    char *dir;                /* the target's folder */
+    char *ckname;             /* the new checkpoint */
+    char *created;            /* ISO time the backup started */
+    uint64_t predicted_order;
+
+    /* incremental / differential */
+    struct cbt_checkpoint since;
+    bool have_since;
+    char *parent_path;
+    struct manifest pm;
+    char parent_manifest_sha[65];
+    struct blockhash ph;      /* the parent's leaves */
+    uint64_t psize;           /* the parent's virtual size */
+    uint64_t min_size;        /* the smallest size since the checkpoint */
+    struct range *dirty;      /* block-aligned, sorted, disjoint */
+    size_t ndirty, capdirty;
+
+    struct blockhash h;
+    struct manifest_extent *ext; /* raw targets: what the file carries */
+    size_t next, capext;
+    uint8_t *buf;
+    bool *zero_status;        /* per block of a chunk */
+    enum blk_kind *kind;      /* per block of a chunk */
+    long nthreads;            /* hashing threads, this one included */
+    uint64_t done, total;
+
+    /* pending write of consecutive like blocks */
+    enum blk_kind pend;
+    uint64_t pend_off, pend_len;
+    const uint8_t *pend_buf;
+
+    /* files this call created (removed on failure) */
+    char *target_json, *target_hashes;
+    bool target_free;         /* none of the three existed: ours to remove */
+    bool made_target;
+};
+
+static void oom(struct cbt_error **errp)
+{
+    cbt_error_set(errp, ENOMEM, "backup: out of memory");
+}
+
+static char *iso_time(int64_t sec, uint32_t nsec)
+{
+    time_t t = (time_t)sec;
+    struct tm tm;
+    char buf[64];
+    if (!gmtime_r(&t, &tm) ||
+        strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm) == 0)
+        return strdup("1970-01-01T00:00:00.000000000Z");
+    return cbt_strdup_printf("%s.%09" PRIu32 "Z", buf, nsec);
+}
+
+static char *dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        return strdup(".");
+    if (slash == path)
+        return strdup("/");
+    return strndup(path, (size_t)(slash - path));
+}
+
+static const char *base_name(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
+
+static void progress(struct bk *b)
+{
+    if (b->o->progress)
+        b->o->progress(b->o->progress_opaque, b->done, b->total);
+}
+
+/* ---- refusals before anything is written ---- */
+
+static int check_opts(const struct cbt_backup_opts *o, struct cbt_error **errp)
+{
+    if (!o->disk || !*o->disk || !o->target || !*o->target) {
+        cbt_error_set(errp, EINVAL, "backup: empty file name");
+        return -1;
+    }
+    if (o->format && strcmp(o->format, "qcow2") != 0 &&
+        strcmp(o->format, "raw") != 0) {
+        cbt_error_set(errp, EINVAL, "%s: unknown backup format '%s' (qcow2 "
+                      "or raw)", o->target, o->format);
+        return -1;
+    }
+    if (o->mode == CBT_BACKUP_DIFFERENTIAL && (!o->since || !*o->since)) {
+        cbt_error_set(errp, EINVAL, "%s: a differential backup needs the "
+                      "checkpoint it starts from", o->target);
+        return -1;
+    }
+    if (o->checkpoint && (!*o->checkpoint ||
+                          strlen(o->checkpoint) > CBT_CHECKPOINT_NAME_MAX)) {
+        cbt_error_set(errp, EINVAL, "%s: checkpoint name must be 1 to %d "
+                      "bytes", o->disk, CBT_CHECKPOINT_NAME_MAX);
+        return -1;
+    }
+    uint64_t g = o->granularity;
+    if (g && (!IS_POW2(g) || g < GRAN_MIN || g > GRAN_MAX)) {
+        cbt_error_set(errp, EINVAL, "%s: granularity %" PRIu64 " must be a "
+                      "power of two between 512 B and 2 GiB", o->disk, g);
+        return -1;
+    }
+    return 0;
+}
+
+/* TARGET and its two companions must not exist; TARGET must not be a
+ * layer of the disk. */
+static int check_target(struct bk *b, struct cbt_error **errp)
+{
+    const char *t = b->o->target;
+    struct cbt_error *e = NULL;
+    int depth;
+    if (ops_find_layer(b->disk, t, &depth, &e)) {
+        cbt_error_set(errp, EINVAL, "%s: the target is layer %d of the "
+                      "disk's chain; refusing to overwrite it", t, depth);
+        return -1;
+    }
+    cbt_error_free(e);
+    struct stat st;
+    bool has_json = lstat(b->target_json, &st) == 0;
+    if (lstat(t, &st) == 0) {
+        if (!has_json)
+            cbt_error_set(errp, EEXIST, "%s: already exists, without a "
+                          "manifest (an interrupted backup?); remove it or "
+                          "choose another name", t);
+        else
+            cbt_error_set(errp, EEXIST, "%s: already exists; a backup is "
+                          "never overwritten: choose another name", t);
+        return -1;
+    }
+    const char *others[] = {b->target_json, b->target_hashes};
+    for (size_t i = 0; i < 2; i++) {
+        if (lstat(others[i], &st) == 0) {
+            cbt_error_set(errp, EEXIST, "%s: already exists; a backup is "
+                          "never overwritten: choose another name", others[i]);
+            return -1;
+        }
+    }
+    b->target_free = true;
+    return 0;
+}
+
+static bool bitmap_in_chain(struct cbt_image *disk, const char *name,
+                            struct cbt_error **errp, int *err)
+{
+    *err = 0;
+    for (struct cbt_image *l = disk; l; l = cbt_image_backing(l)) {
+        struct cbt_bitmap_info *list = NULL;
+        size_t n = 0;
+        if (cbt_bitmap_list(l, &list, &n, errp) < 0) {
+            *err = -1;
+            return false;
+        }
+        bool found = false;
+        for (size_t i = 0; i < n; i++)
+            found = found || strcmp(list[i].name, name) == 0;
+        cbt_bitmap_info_free_list(list, n);
+        if (found)
+            return true;
+    }
+    return false;
+}
+
+/* 0 when `name` is free for a new checkpoint, 1 when taken, -1 on error. */
+static int name_taken(struct bk *b, const char *name, struct cbt_error **errp)
+{
+    struct cbt_checkpoint c;
+    struct cbt_error *e = NULL;
+    if (cbt_checkpoint_get(b->disk, name, &c, &e) == 0) {
+        cbt_checkpoint_clear(&c);
+        return 1;
+    }
+    if (cbt_error_errno(e) != ENOENT) {
+        if (errp && !*errp)
+            *errp = e;
+        else
+            cbt_error_free(e);
+        return -1;
+    }
+    cbt_error_free(e);
+    int err;
+    bool bm = bitmap_in_chain(b->disk, name, errp, &err);
+    if (err < 0)
+        return -1;
+    return bm ? 1 : 0;
+}
+
+/* The new checkpoint's name: as given (refused when in use), or
+ * "cbt-YYYYMMDDTHHMMSSZ" with "-2", "-3"... when that is taken. */
+static int choose_name(struct bk *b, struct cbt_error **errp)
+{
+    if (b->o->checkpoint) {
+        int t = name_taken(b, b->o->checkpoint, errp);
+        if (t < 0)
+            return -1;
+        if (t) {
+            cbt_error_set(errp, EEXIST, "%s: checkpoint (or bitmap) '%s' "
+                          "already exists; choose another name with "
+                          "--checkpoint", b->o->disk, b->o->checkpoint);
+            return -1;
+        }
+        b->ckname = strdup(b->o->checkpoint);
+        if (!b->ckname) {
+            oom(errp);
+            return -1;
+        }
+        return 0;
+    }
+    time_t now = time(NULL);
+    struct tm tm;
+    char stamp[32];
+    gmtime_r(&now, &tm);
+    strftime(stamp, sizeof(stamp), "cbt-%Y%m%dT%H%M%SZ", &tm);
+    for (unsigned k = 1; k < 1000; k++) {
+        char *name = k == 1 ? strdup(stamp)
+                            : cbt_strdup_printf("%s-%u", stamp, k);
+        if (!name) {
+            oom(errp);
+            return -1;
+        }
+        int t = name_taken(b, name, errp);
+        if (t == 0) {
+            b->ckname = name;
+            return 0;
+        }
+        free(name);
+        if (t < 0)
+            return -1;
+    }
+    cbt_error_set(errp, EEXIST, "%s: cannot find a free checkpoint name; "
+                  "give one with --checkpoint", b->o->disk);
+    return -1;
+}
+
+/* ---- is an incremental possible? ---- */
+
+/* Set *why to a malloc'd reason and return 1 when the incremental or
+ * differential cannot be taken; 0 when it can (parent found and loaded);
+ * -1 on a hard error. */
+static int PRINTF_FMT(2, 3) impossible(char **why, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    if (vasprintf(why, fmt, ap) < 0)
+        *why = NULL;
+    va_end(ap);
+    return *why ? 1 : -1;
+}
+
+static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
+{
+    const struct cbt_backup_opts *o = b->o;
+    const char *disk = o->disk;
+    struct cbt_checkpoint *list = NULL;
+    size_t n = 0;
+    if (cbt_checkpoint_list(b->disk, &list, &n, errp) < 0)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        b->predicted_order = MAX(b->predicted_order, list[i].order);
+    int ret = 0;
+    const struct cbt_checkpoint *c = NULL;
+    if (o->mode == CBT_BACKUP_INCREMENTAL) {
+        if (n == 0)
+            ret = impossible(why, "%s has no checkpoint to start an "
+                             "incremental backup from", disk);
+        else
+            c = &list[n - 1];
+    } else {
+        for (size_t i = 0; i < n && !c; i++)
+            if (strcmp(list[i].name, o->since) == 0)
+                c = &list[i];
+        if (!c)
+            ret = impossible(why, "%s has no checkpoint '%s'", disk, o->since);
+    }
+    if (c && !c->usable)
+        ret = impossible(why, "%s: checkpoint '%s' cannot be used: %s", disk,
+                         c->name, c->problem ? c->problem : "its bitmap is "
+                         "not valid over the chain");
+    if (c && ret == 0) {
+        /* The smallest size the disk had since c, as far as the
+         * checkpoints saw it: a shrink and a grow since then changed the
+         * tail without a bit in any bitmap (QEMU's resize semantics). */
+        b->min_size = b->size;
+        for (size_t i = 0; i < n; i++)
+            if (list[i].order >= c->order)
+                b->min_size = MIN(b->min_size, list[i].virtual_size);
+        b->since = *c;
+        /* Take the strings over; the list's copy is cleared below. */
+        list[c - list] = (struct cbt_checkpoint){0};
+        b->have_since = true;
+    }
+    cbt_checkpoint_free_list(list, n);
+    if (ret != 0)
+        return ret;
+
+    if (!b->disk_id[0])
+        return impossible(why, "%s has no disk id (no checkpoint metadata)",
+                          disk);
+    struct cbt_error *e = NULL;
+    if (manifest_find_by_checkpoint(b->dir, b->disk_id, b->since.name,
+                                    &b->parent_path, &b->pm, &e) < 0) {
+        ret = impossible(why, "%s", cbt_error_message(e));
+        cbt_error_free(e);
+        return ret;
+    }
+    const struct manifest *pm = &b->pm;
+    if (pm->checkpoint_order != b->since.order)
+        return impossible(why, "%s: backup %s is of an older checkpoint named "
+                          "'%s' (order %" PRIu64 ", the disk's is %" PRIu64 ")",
+                          disk, b->parent_path, b->since.name,
+                          pm->checkpoint_order, b->since.order);
+    bool parent_raw = strcmp(pm->image_format, "raw") == 0;
+    if (o->format && strcmp(o->format, pm->image_format) != 0)
+        return impossible(why, "%s: the parent backup %s is %s; the backups "
+                          "of one chain share one format", o->target,
+                          b->parent_path, pm->image_format);
+    b->fmt = parent_raw ? "raw" : "qcow2";
+
+    /* The parent's files, checked before building on them. */
+    struct stat st;
+    if (stat(b->parent_path, &st) < 0)
+        return impossible(why, "%s: parent backup: %s", b->parent_path,
+                          strerror(errno));
+    CLEANUP_FREE char *pman = manifest_path_for(b->parent_path);
+    CLEANUP_FREE char *phash = manifest_sibling(b->parent_path, pm->hash_file);
+    if (!pman || !phash) {
+        oom(errp);
+        return -1;
+    }
+    if (file_sha256(pman, b->parent_manifest_sha, &e) < 0 ||
+        blockhash_read(phash, pm->virtual_size, &b->ph, &e) < 0) {
+        ret = impossible(why, "parent backup: %s", cbt_error_message(e));
+        cbt_error_free(e);
+        return ret;
+    }
+    char root[65];
+    blockhash_root(&b->ph, root);
+    if (strcmp(root, pm->hash_file_sha256) != 0 || strcmp(root, pm->root) != 0)
+        return impossible(why, "%s: the block hashes do not match the "
+                          "manifest %s (damaged? run cbt verify)", phash, pman);
+    b->psize = pm->virtual_size;
+    return 0;
+}
+
+/* ---- the dirty set ---- */
+
+static int push_range(struct bk *b, uint64_t start, uint64_t end)
+{
+    if (start >= end)
+        return 0;
+    /* Merge with the last range when in order (bitmap extents come in
+     * order; the resize range may not, collect_dirty sorts then). */
+    if (b->ndirty && start >= b->dirty[b->ndirty - 1].start &&
+        start <= b->dirty[b->ndirty - 1].end) {
+        struct range *last = &b->dirty[b->ndirty - 1];
+        last->end = MAX(last->end, end);
+        return 0;
+    }
+    if (b->ndirty == b->capdirty) {
+        size_t cap = b->capdirty ? b->capdirty * 2 : 64;
+        struct range *v = realloc(b->dirty, cap * sizeof(*v));
+        if (!v)
+            return -ENOMEM;
+        b->dirty = v;
+        b->capdirty = cap;
+    }
+    b->dirty[b->ndirty++] = (struct range){start, end};
+    return 0;
+}
+
+static int on_extent(void *opaque, uint64_t start, uint64_t length,
+                     bool dirty)
+{
+    struct bk *b = opaque;
+    if (!dirty || start >= b->size)
+        return 0;
+    uint64_t end = MIN(start + length, b->size);
+    b->res->dirty_bytes += end - start;
+    return push_range(b, ALIGN_DOWN(start, B), MIN(ALIGN_UP(end, B), b->size));
+}
+
+static int cmp_range(const void *x, const void *y)
+{
+    const struct range *a = x, *c = y;
+    return a->start < c->start ? -1 : a->start > c->start;
+}
+
+static void sort_merge(struct bk *b)
+{
+    if (b->ndirty < 2)
+        return;
+    qsort(b->dirty, b->ndirty, sizeof(*b->dirty), cmp_range);
+    size_t k = 0;
+    for (size_t i = 0; i < b->ndirty; i++) {
+        if (k && b->dirty[i].start <= b->dirty[k - 1].end)
+            b->dirty[k - 1].end = MAX(b->dirty[k - 1].end, b->dirty[i].end);
+        else
+            b->dirty[k++] = b->dirty[i];
+    }
+    b->ndirty = k;
+}
+
+/*
+ * Blocks below `upto` that read as zeroes now (block status, metadata only)
+ * while the parent's digest says they held something else changed, whether
+ * or not the bitmap saw it: a shrink and a grow between two checkpoints cut
+ * the tail off without a bit in any bitmap (QEMU's resize semantics).  They
+ * are copied too (as zeroes), with a warning.  Cheap: no data is read.
+ */
+static int add_stale_zeroes(struct bk *b, uint64_t upto,
+                            struct cbt_error **errp)
+{
+    uint8_t zd[32];
+    blockhash_zero_digest((size_t)B, zd);
+    size_t nd = b->ndirty, j = 0; /* the sorted ranges from the bitmap */
+    uint64_t found = 0;
+    for (uint64_t pos = 0; pos < upto;) {
+        struct cbt_extent e;
+        int r = cbt_image_block_status(b->disk, pos, upto - pos, &e);
+        if (r < 0) {
+            cbt_error_set(errp, -r, "%s: cannot read block status at offset "
+                          "%" PRIu64 ": %s", b->o->disk, pos, strerror(-r));
+            return -1;
+        }
+        if (e.flags & CBT_BS_ZERO) {
+            uint64_t end = pos + e.length;
+            for (uint64_t i = ALIGN_UP(pos, B) / B; (i + 1) * B <= end; i++) {
+                while (j < nd && b->dirty[j].end <= i * B)
+                    j++;
+                bool dirty = j < nd && b->dirty[j].start <= i * B;
+                if (dirty || memcmp(b->ph.leaf[i], zd, 32) == 0)
+                    continue;
+                if (push_range(b, i * B, (i + 1) * B) < 0) {
+                    oom(errp);
+                    return -1;
+                }
+                found++;
+            }
+        }
+        pos += e.length;
+    }
+    if (found)
+        cbt_warn("%s: %" PRIu64 " blocks of 64 KiB read as zeroes but were "
+                 "not marked in checkpoint '%s' (a shrink and a grow since "
+                 "it?); they are backed up too",
+                 b->o->disk, found, b->since.name);
+    return 0;
+}
+
+static int collect_dirty(struct bk *b, struct cbt_error **errp)
+{
+    int r = cbt_chain_bitmap_extents(b->disk, b->since.name, 0, on_extent, b,
+                                     errp);
+    if (r == -ENOMEM)
+        oom(errp);
+    if (r != 0)
+        return -1;
+    /* A resize since the parent: the blocks from the one holding the
+     * smallest end onwards changed length, appeared, or were cut off and
+     * grown again (reading zeroes now). */
+    uint64_t lo = MIN(MIN(b->psize, b->size), b->min_size);
+    uint64_t from = ALIGN_DOWN(lo, B);
+    if ((b->psize != b->size || lo < b->size) &&
+        push_range(b, from, b->size) < 0) {
+        oom(errp);
+        return -1;
+    }
+    sort_merge(b);
+    if (add_stale_zeroes(b, from, errp) < 0)
+        return -1;
+    sort_merge(b);
+    for (size_t i = 0; i < b->ndirty; i++)
+        b->total += b->dirty[i].end - b->dirty[i].start;
+    return 0;
+}
+
+/* ---- writing ---- */
+
+static int push_extent(struct bk *b, uint64_t start, uint64_t len, bool zero)
+{
+    if (!b->raw || len == 0)
+        return 0;
+    if (b->next) {
+        struct manifest_extent *l = &b->ext[b->next - 1];
+        if (l->zero == zero && l->start + l->length == start) {
+            l->length += len;
+            return 0;
+        }
+    }
+    if (b->next == b->capext) {
+        size_t cap = b->capext ? b->capext * 2 : 64;
+        struct manifest_extent *v = realloc(b->ext, cap * sizeof(*v));
+        if (!v)
+            return -ENOMEM;
+        b->ext = v;
+        b->capext = cap;
+    }
+    b->ext[b->next++] = (struct manifest_extent){start, len, zero};
+    return 0;
+}
+
+/* Write len bytes of buf at off leaving out 4 KiB pieces of zeroes (the
+ * target reads zeroes there already).  Counts what it writes. */
+static int write_sparse(struct bk *b, const uint8_t *buf, uint64_t off,
+                        uint64_t len)
+{
+    uint64_t pos = 0;
+    while (pos < len) {
+        uint64_t n = MIN((uint64_t)SPARSE, len - pos);
+        if (ops_is_zero(buf + pos, (size_t)n)) {
+            b->res->bytes_zeroed += n;
+            pos += n;
+            continue;
+        }
+        uint64_t run = n;
+        while (pos + run < len) {
+            uint64_t m = MIN((uint64_t)SPARSE, len - pos - run);
+            if (ops_is_zero(buf + pos + run, (size_t)m))
+                break;
+            run += m;
+        }
+        int r = cbt_image_pwrite(b->dst, buf + pos, (size_t)run, off + pos);
+        if (r < 0)
+            return r;
+        b->res->bytes_copied += run;
+        pos += run;
+    }
+    return 0;
+}
+
+/* Write the pending run of like blocks. */
+static int flush_pending(struct bk *b)
+{
+    enum blk_kind k = b->pend;
+    uint64_t off = b->pend_off, len = b->pend_len;
+    b->pend = K_NONE;
+    b->pend_len = 0;
+    if (k == K_NONE || len == 0)
+        return 0;
+    int r = push_extent(b, off, len, k == K_ZERO);
+    if (r < 0)
+        return r;
+    if (k == K_ZERO) {
+        /* Only an incremental qcow2 target needs zero clusters: a new
+         * target reads zeroes already, a raw target keeps a hole, and past
+         * the parent's end a qcow2 chain reads zeroes. */
+        if (!b->full && !b->raw && off < b->psize) {
+            uint64_t n = MIN(len, b->psize - off);
+            r = cbt_image_pwrite_zeroes(b->dst, off, n, 0);
+            if (r < 0)
+                return r;
+        }
+        b->res->bytes_zeroed += len;
+        return 0;
+    }
+    if (b->full || b->raw)
+        return write_sparse(b, b->pend_buf, off, len);
+    r = cbt_image_pwrite(b->dst, b->pend_buf, (size_t)len, off);
+    if (r == 0)
+        b->res->bytes_copied += len;
+    return r;
+}
+
+static int add_block(struct bk *b, enum blk_kind k, const uint8_t *buf,
+                     uint64_t off, uint64_t len)
+{
+    if (b->pend == k && b->pend_off + b->pend_len == off) {
+        b->pend_len += len;
+        return 0;
+    }
+    int r = flush_pending(b);
+    if (r < 0)
+        return r;
+    b->pend = k;
+    b->pend_off = off;
+    b->pend_len = len;
+    b->pend_buf = buf;
+    return 0;
+}
+
+struct io_fail {
+    const char *what;  /* "reading", "writing", "block status" */
+    const char *file;
+    uint64_t off;
+    int err;
+};
+
+/* Blocks [k0, k1) of the chunk at off (clen bytes) in b->buf: their kind
+ * and digest.  Touches only their own entries: runs in several threads. */
+static void classify_blocks(struct bk *b, uint64_t off, uint64_t clen,
+                            size_t k0, size_t k1)
+{
+    for (size_t k = k0; k < k1; k++) {
+        uint64_t s = off + k * B, l = MIN(B, off + clen - s);
+        const uint8_t *p = b->buf + k * B;
+        if (b->zero_status[k] || ops_is_zero(p, (size_t)l)) {
+            blockhash_zero_digest((size_t)l, b->h.leaf[s / B]);
+            b->kind[k] = K_ZERO;
+        } else {
+            blockhash_digest(p, (size_t)l, b->h.leaf[s / B]);
+            b->kind[k] = K_DATA;
+        }
+    }
+}
+
+struct hash_job {
+    struct bk *b;
+    uint64_t off, clen;
+    size_t k0, k1;
+};
+
+static void *hash_worker(void *arg)
+{
+    struct hash_job *j = arg;
+    classify_blocks(j->b, j->off, j->clen, j->k0, j->k1);
+    return NULL;
+}
+
+/* Hashing is most of the CPU a backup needs: a chunk's blocks are split
+ * between up to HASH_THREADS threads (this one included). */
+static void classify(struct bk *b, uint64_t off, uint64_t clen, size_t nblk)
+{
+    size_t t = MIN((size_t)b->nthreads, nblk / 4);
+    if (t <= 1) {
+        classify_blocks(b, off, clen, 0, nblk);
+        return;
+    }
+    pthread_t tid[HASH_THREADS];
+    struct hash_job job[HASH_THREADS];
+    bool started[HASH_THREADS] = {false};
+    for (size_t i = 1; i < t; i++) {
+        job[i] = (struct hash_job){b, off, clen, nblk * i / t,
+                                   nblk * (i + 1) / t};
+        started[i] = pthread_create(&tid[i], NULL, hash_worker, &job[i]) == 0;
+        if (!started[i])
+            hash_worker(&job[i]);
+    }
+    classify_blocks(b, off, clen, 0, nblk / t);
+    for (size_t i = 1; i < t; i++)
+        if (started[i])
+            pthread_join(tid[i], NULL);
+}
+
+/* Copy the blocks of [off, end) (off block-aligned; end block-aligned or
+ * the disk's end), at most CHUNK_BLOCKS at a time. */
+static int copy_range(struct bk *b, uint64_t off, uint64_t end,
+                      struct io_fail *f)
+{
+    while (off < end) {
+        uint64_t clen = MIN(end - off, CHUNK_BLOCKS * B);
+        size_t nblk = (size_t)DIV_ROUND_UP(clen, B);
+        /* Which blocks block status calls zero as a whole. */
+        for (size_t k = 0; k < nblk; k++)
+            b->zero_status[k] = true;
+        for (uint64_t pos = off; pos < off + clen;) {
+            struct cbt_extent e;
+            int r = cbt_image_block_status(b->disk, pos, off + clen - pos, &e);
+            if (r < 0) {
+                *f = (struct io_fail){"reading block status of",
+                                      b->o->disk, pos, r};
+                return -1;
+            }
+            if (!(e.flags & CBT_BS_ZERO)) {
+                size_t k0 = (size_t)((pos - off) / B);
+                size_t k1 = (size_t)DIV_ROUND_UP(pos + e.length - off, B);
+                for (size_t k = k0; k < k1; k++)
+                    b->zero_status[k] = false;
+            }
+            pos += e.length;
+        }
+        /* Read the runs of blocks that may hold data. */
+        for (size_t k = 0; k < nblk;) {
+            if (b->zero_status[k]) {
+                k++;
+                continue;
+            }
+            size_t k1 = k;
+            while (k1 < nblk && !b->zero_status[k1])
+                k1++;
+            uint64_t s = off + k * B, l = MIN(k1 * B, clen) - k * B;
+            int r = cbt_image_pread(b->disk, b->buf + k * B, (size_t)l, s);
+            if (r < 0) {
+                *f = (struct io_fail){"reading", b->o->disk, s, r};
+                return -1;
+            }
+            k = k1;
+        }
+        classify(b, off, clen, nblk);
+        for (size_t k = 0; k < nblk; k++) {
+            uint64_t s = off + k * B, l = MIN(B, off + clen - s);
+            int r = add_block(b, b->kind[k], b->buf + k * B, s, l);
+            if (r < 0) {
+                *f = (struct io_fail){"writing", b->o->target, s, r};
+                return -1;
+            }
+        }
+        int r = flush_pending(b);
+        if (r < 0) {
+            *f = (struct io_fail){"writing", b->o->target, off, r};
+            return -1;
+        }
+        off += clen;
+        b->done += clen;
+        progress(b);
+    }
+    return 0;
+}
+
+static int copy_all(struct bk *b, struct cbt_error **errp)
+{
+    struct io_fail f = {0};
+    int r = 0;
+    b->done = 0;
+    progress(b);
+    if (b->full) {
+        r = copy_range(b, 0, b->size, &f);
+    } else {
+        /* Digests of the blocks not copied come from the parent. */
+        uint64_t next = 0; /* first block not yet given a digest */
+        for (size_t i = 0; i < b->ndirty && r == 0; i++) {
+            for (; next < b->dirty[i].start / B; next++)
+                memcpy(b->h.leaf[next], b->ph.leaf[next], 32);
+            r = copy_range(b, b->dirty[i].start, b->dirty[i].end, &f);
+            next = DIV_ROUND_UP(b->dirty[i].end, B);
+        }
+        for (; r == 0 && next < b->h.n; next++)
+            memcpy(b->h.leaf[next], b->ph.leaf[next], 32);
+    }
+    if (r < 0) {
+        cbt_error_set(errp, -f.err, "%s: error %s at byte %" PRIu64 ": %s",
+                      f.file, f.what, f.off, strerror(-f.err));
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the target ---- */
+
+static int create_target(struct bk *b, struct cbt_error **errp)
+{
+    struct cbt_create_opts co = {
+        .format = b->fmt,
+        .size = b->size,
+        .size_given = true,
+    };
+    CLEANUP_FREE char *backing = NULL;
+    if (!b->raw) {
+        co.cluster_size = (uint32_t)B;
+        if (!b->full) {
+            backing = ops_backing_name(b->parent_path, b->o->target);
+            if (!backing) {
+                oom(errp);
+                return -1;
+            }
+            co.backing_file = backing;
+            co.backing_format = "qcow2";
+        }
+    }
+    struct stat st;
+    if (cbt_image_create(b->o->target, &co, errp) < 0) {
+        b->made_target = lstat(b->o->target, &st) == 0;
+        return -1;
+    }
+    b->made_target = true;
+    b->dst = cbt_image_open(b->o->target, b->fmt, CBT_OPEN_RDWR, errp);
+    return b->dst ? 0 : -1;
+}
+
+static int finish_target(struct bk *b, struct cbt_error **errp)
+{
+    int r = cbt_image_flush(b->dst);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: cannot flush: %s", b->o->target,
+                      strerror(-r));
+        return -1;
+    }
+    struct cbt_image *dst = b->dst;
+    b->dst = NULL;
+    return cbt_image_close(dst, errp);
+}
+
+/* ---- the manifest ---- */
+
+static void fill_manifest(struct bk *b, struct manifest *m)
+{
+    memset(m, 0, sizeof(*m));
+    m->complete = true;
+    m->tool = (char *)BACKUP_TOOL;
+    m->created = b->created;
+    m->disk_path = (char *)b->o->disk;
+    m->disk_id = b->disk_id;
+    m->kind = b->res->mode;
+    m->checkpoint = b->ckname;
+    m->checkpoint_order = b->predicted_order + 1;
+    m->checkpoint_created = b->created;
+    if (!b->full) {
+        m->since = b->since.name;
+        m->parent_file = (char *)base_name(b->parent_path);
+        memcpy(m->parent_manifest_sha256, b->parent_manifest_sha, 65);
+    }
+    m->image_file = (char *)base_name(b->o->target);
+    m->image_format = (char *)b->fmt;
+    m->virtual_size = b->size;
+    m->dirty = b->res->dirty_bytes;
+    m->copied = b->res->bytes_copied;
+    m->zeroed = b->res->bytes_zeroed;
+    m->has_extents = b->raw;
+    m->extents = b->ext;
+    m->nextents = b->next;
+    m->block_size = B;
+    m->blocks = b->h.n;
+    m->hash_file = (char *)base_name(b->target_hashes);
+    memcpy(m->root, b->res->root_hash, 65);
+    memcpy(m->hash_file_sha256, b->res->root_hash, 65);
+}
+
+/* After the checkpoint exists: its real order and time into *m. */
+static int checkpoint_facts(struct bk *b, struct manifest *m, char **created,
+                            struct cbt_error **errp)
+{
+    struct cbt_checkpoint c;
+    if (cbt_checkpoint_get(b->disk, b->ckname, &c, errp) < 0)
+        return -1;
+    m->checkpoint_order = c.order;
+    *created = iso_time(c.created_sec, c.created_nsec);
+    cbt_checkpoint_clear(&c);
+    if (!*created) {
+        oom(errp);
+        return -1;
+    }
+    m->checkpoint_created = *created;
+    return 0;
+}
+
+/* Write hashes and manifest, create the checkpoint (see the top). */
+static int commit(struct bk *b, struct cbt_error **errp)
+{
+    char sha[65];
+    if (blockhash_write(&b->h, b->target_hashes, sha, errp) < 0)
+        return -1;
+    memcpy(b->res->root_hash, sha, 65);
+    struct manifest m;
+    fill_manifest(b, &m);
+    CLEANUP_FREE char *created = NULL;
+    bool had_id = b->disk_id[0] != '\0';
+    if (had_id && manifest_write(b->target_json, &m, errp) < 0)
+        return -1;
+    if (cbt_checkpoint_create(b->disk, b->ckname, b->o->granularity, errp) < 0)
+        return -1;
+    /* From here the checkpoint exists: the backup must stay. */
+    struct cbt_error *e = NULL;
+    if (!had_id && cbt_checkpoint_disk_id(b->disk, b->disk_id, &e) < 0)
+        goto undo;
+    if (checkpoint_facts(b, &m, &created, &e) < 0 ||
+        manifest_write(b->target_json, &m, &e) < 0) {
+        if (!had_id)
+            goto undo;
+        /* The manifest of the predicted order stays: complete and right
+         * but for the order and time. */
+        cbt_warn("%s: the manifest could not be updated with the "
+                 "checkpoint's order and time: %s", b->target_json,
+                 cbt_error_message(e));
+        cbt_error_free(e);
+    }
+    return 0;
+undo:;
+    /* The first checkpoint of the disk: without a manifest there is no
+     * backup, so the checkpoint goes again. */
+    bool existed;
+    struct cbt_error *e2 = NULL;
+    if (cbt_checkpoint_delete(b->disk, b->ckname, &existed, &e2) < 0) {
+        cbt_error_set(errp, cbt_error_errno(e), "%s (and checkpoint '%s' "
+                      "could not be removed again: %s)", cbt_error_message(e),
+                      b->ckname, cbt_error_message(e2));
+        cbt_error_free(e2);
+    } else if (errp && !*errp) {
+        *errp = e;
+        e = NULL;
+    }
+    cbt_error_free(e);
+    return -1;
+}
+
+/* ---- the whole operation ---- */
+
+static void remove_files(struct bk *b)
+{
+    if (!b->target_free)
+        return;
+    const char *files[] = {b->target_json, b->target_hashes};
+    for (size_t i = 0; i < 2; i++) {
+        if (!files[i])
+            continue;
+        unlink(files[i]);
+        CLEANUP_FREE char *tmp = cbt_strdup_printf("%s.tmp", files[i]);
+        if (tmp)
+            unlink(tmp);
+    }
+    if (b->made_target)
+        unlink(b->o->target);
+}
+
+static void free_bk(struct bk *b)
+{
+    free(b->dir);
+    free(b->ckname);
+    free(b->created);
+    cbt_checkpoint_clear(&b->since);
+    free(b->parent_path);
+    manifest_free(&b->pm);
+    blockhash_free(&b->ph);
+    blockhash_free(&b->h);
+    free(b->dirty);
+    free(b->ext);
+    free(b->buf);
+    free(b->zero_status);
+    free(b->kind);
+    free(b->target_json);
+    free(b->target_hashes);
+}
+
+static int result_strings(struct bk *b, struct cbt_error **errp)
+{
+    struct cbt_backup_result *res = b->res;
+    res->checkpoint = strdup(b->ckname);
+    if (!b->full) {
+        res->since = strdup(b->since.name);
+        res->parent = strdup(b->parent_path);
+    }
+    if (!res->checkpoint || (!b->full && (!res->since || !res->parent))) {
+        oom(errp);
+        return -1;
+    }
+    return 0;
+}
+
+int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
+               struct cbt_error **errp)
+{
+    memset(res, 0, sizeof(*res));
+    if (check_opts(o, errp) < 0)
+        return -1;
+    struct bk b = {.o = o, .res = res};
+    int ret = -1;
+    bool ckpt_made = false;
+    struct timespec t0;
+    clock_gettime(CLOCK_REALTIME, &t0);
+    b.created = iso_time(t0.tv_sec, (uint32_t)t0.tv_nsec);
+    b.dir = dir_of(o->target);
+    b.target_json = manifest_path_for(o->target);
+    b.target_hashes = hashes_path_for(o->target);
+    if (!b.created || !b.dir || !b.target_json || !b.target_hashes) {
+        oom(errp);
+        goto out;
+    }
+
+    b.disk = cbt_image_open(o->disk, o->disk_format, CBT_OPEN_RDWR, errp);
+    if (!b.disk)
+        goto out;
+    if (strcmp(cbt_image_format(b.disk), "qcow2") != 0) {
+        cbt_error_set(errp, ENOTSUP, "%s: a %s disk cannot hold checkpoints; "
+                      "back up a qcow2 disk (cbt convert -O qcow2)", o->disk,
+                      cbt_image_format(b.disk));
+        goto out;
+    }
+    b.size = cbt_image_size(b.disk);
+    if (check_target(&b, errp) < 0 || choose_name(&b, errp) < 0 ||
+        cbt_checkpoint_disk_id(b.disk, b.disk_id, errp) < 0)
+        goto out;
+
+    res->mode = o->mode;
+    if (o->mode != CBT_BACKUP_FULL) {
+        char *why = NULL;
+        int r = plan_incremental(&b, &why, errp);
+        if (r < 0)
+            goto out;
+        if (r > 0 && !o->auto_full) {
+            cbt_error_set(errp, EINVAL, "%s", why);
+            free(why);
+            goto out;
+        }
+        if (r > 0) {
+            res->fallback = why;
+            res->mode = CBT_BACKUP_FULL;
+        }
+    }
+    b.full = res->mode == CBT_BACKUP_FULL;
+    if (b.full) {
+        /* A fallback starts a new chain: the checkpoints' orders. */
+        struct cbt_checkpoint *list = NULL;
+        size_t n = 0;
+        if (cbt_checkpoint_list(b.disk, &list, &n, errp) < 0)
+            goto out;
+        for (size_t i = 0; i < n; i++)
+            b.predicted_order = MAX(b.predicted_order, list[i].order);
+        cbt_checkpoint_free_list(list, n);
+        b.fmt = o->format ? o->format : "qcow2";
+        b.total = b.size;
+        res->dirty_bytes = b.size;
+    } else if (collect_dirty(&b, errp) < 0) {
+        goto out;
+    }
+    b.raw = strcmp(b.fmt, "raw") == 0;
+    res->virtual_size = b.size;
+
+    int r = blockhash_init(&b.h, b.size);
+    b.buf = malloc(CHUNK_BLOCKS * B);
+    b.zero_status = calloc(CHUNK_BLOCKS, sizeof(bool));
+    b.kind = calloc(CHUNK_BLOCKS, sizeof(*b.kind));
+    b.nthreads = sysconf(_SC_NPROCESSORS_ONLN);
+    b.nthreads = MAX(1, MIN(b.nthreads, (long)HASH_THREADS));
+    if (r < 0 || !b.buf || !b.zero_status || !b.kind) {
+        oom(errp);
+        goto out;
+    }
+    if (create_target(&b, errp) < 0 || copy_all(&b, errp) < 0 ||
+        finish_target(&b, errp) < 0)
+        goto out;
+    if (commit(&b, errp) < 0)
+        goto out;
+    ckpt_made = true;
+    if (result_strings(&b, errp) < 0)
+        goto out;
+    ret = 0;
+out:
+    if (b.dst)
+        cbt_image_close(b.dst, NULL);
+    if (b.disk && cbt_image_close(b.disk, ret == 0 ? errp : NULL) < 0)
+        ret = -1;
+    if (ret < 0 && !ckpt_made)
+        remove_files(&b);
+    free_bk(&b);
+    if (ret < 0 && !ckpt_made)
+        cbt_backup_result_free(res);
+    return ret;
+}
+
+void cbt_backup_result_free(struct cbt_backup_result *res)
+{
+    if (!res)
+        return;
+    free(res->checkpoint);
+    free(res->since);
+    free(res->parent);
+    free(res->fallback);
+    memset(res, 0, sizeof(*res));
+}

@@ -1,0 +1,578 @@
+/*
+ * Backup manifests and block hashes (src/ops/manifest.c, blockhash.c):
+ *
+ *  - digests against known SHA-256 values, the cached zero-block digest
+ *    against a computed one, short zero blocks, the root;
+ *  - manifests written and read back field by field (full qcow2,
+ *    incremental raw with extents), the key order of docs/backups.md;
+ *  - the parser refusing each kind of bad input (syntax, duplicate keys,
+ *    types, ranges, cross-field rules, names leading out of the folder);
+ *  - .hashes round trips and a file of the wrong length;
+ *  - manifest_find_by_checkpoint over a folder with other disks' backups,
+ *    incomplete and foreign files, and two claimants.
+ */
+#include <errno.h>
+#include <ftw.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "ops/manifest.h"
+#include "util/util.h"
+
+static char tmpdir[256];
+
+static char *tpath(const char *name)
+{
+    return cbt_strdup_printf("%s/%s", tmpdir, name);
+}
+
+static void put_file(const char *name, const char *text)
+{
+    char *p = tpath(name);
+    FILE *f = fopen(p, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+    free(p);
+}
+
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    static char buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    return strdup(buf);
+}
+
+static void hex_of(const uint8_t d[32], char hex[65])
+{
+    sha256_hex(d, hex);
+}
+
+/* ---- hashes ---- */
+
+static void test_digests(void **state)
+{
+    (void)state;
+    uint8_t d[32], z[32];
+    char hex[65];
+    blockhash_digest("abc", 3, d);
+    hex_of(d, hex);
+    assert_string_equal(hex, "ba7816bf8f01cfea414140de5dae2223"
+                             "b00361a396177a9cb410ff61f20015ad");
+    blockhash_digest("", 0, d);
+    hex_of(d, hex);
+    assert_string_equal(hex, "e3b0c44298fc1c149afbf4c8996fb924"
+                             "27ae41e4649b934ca495991b7852b855");
+
+    static uint8_t zeroes[BLOCKHASH_BLOCK];
+    size_t lens[] = {BLOCKHASH_BLOCK, 1, 511, 4096, 4097, 65535, 0};
+    for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++) {
+        blockhash_digest(zeroes, lens[i], d);
+        blockhash_zero_digest(lens[i], z);
+        assert_memory_equal(d, z, 32);
+    }
+    blockhash_zero_digest(BLOCKHASH_BLOCK, z);
+    hex_of(z, hex);
+    assert_string_equal(hex, "de2f256064a0af797747c2b97505dc0b"
+                             "9f3df0de4f489eac731c23ae9ca9cc31");
+}
+
+static void test_root(void **state)
+{
+    (void)state;
+    struct blockhash h;
+    assert_int_equal(blockhash_init(&h, 0), 0);
+    assert_int_equal(h.n, 0);
+    char hex[65];
+    blockhash_root(&h, hex); /* SHA-256 of nothing */
+    assert_string_equal(hex, "e3b0c44298fc1c149afbf4c8996fb924"
+                             "27ae41e4649b934ca495991b7852b855");
+    blockhash_free(&h);
+
+    assert_int_equal(blockhash_init(&h, 2 * BLOCKHASH_BLOCK + 1), 0);
+    assert_int_equal(h.n, 3);
+    assert_int_equal(h.block, BLOCKHASH_BLOCK);
+    uint8_t cat[96];
+    for (int i = 0; i < 3; i++) {
+        blockhash_zero_digest(i == 2 ? 1 : BLOCKHASH_BLOCK, h.leaf[i]);
+        memcpy(cat + 32 * i, h.leaf[i], 32);
+    }
+    uint8_t d[32];
+    char want[65];
+    blockhash_digest(cat, sizeof(cat), d);
+    hex_of(d, want);
+    blockhash_root(&h, hex);
+    assert_string_equal(hex, want);
+
+    /* Round trip through a .hashes file; its SHA-256 is the root. */
+    char *p = tpath("h.hashes"), fsha[65], fsha2[65];
+    assert_int_equal(blockhash_write(&h, p, fsha, NULL), 0);
+    assert_string_equal(fsha, want);
+    assert_int_equal(file_sha256(p, fsha2, NULL), 0);
+    assert_string_equal(fsha2, want);
+    struct blockhash r;
+    assert_int_equal(blockhash_read(p, h.size, &r, NULL), 0);
+    assert_int_equal(r.n, 3);
+    assert_memory_equal(r.leaf, h.leaf, 96);
+    blockhash_free(&r);
+    /* Wrong length for the size. */
+    struct cbt_error *err = NULL;
+    assert_int_equal(blockhash_read(p, 4 * BLOCKHASH_BLOCK, &r, &err), -1);
+    assert_non_null(strstr(cbt_error_message(err), "expected 128"));
+    cbt_error_free(err);
+    err = NULL;
+    assert_int_equal(blockhash_read(p, 2 * BLOCKHASH_BLOCK, &r, &err), -1);
+    cbt_error_free(err);
+    err = NULL;
+    char *missing = tpath("none.hashes");
+    assert_int_equal(blockhash_read(missing, 1, &r, &err), -1);
+    assert_int_equal(cbt_error_errno(err), ENOENT);
+    cbt_error_free(err);
+    free(missing);
+    free(p);
+    blockhash_free(&h);
+}
+
+/* ---- manifests ---- */
+
+static const char *ID = "0f0e0d0c-0b0a-4908-8706-050403020100";
+static const char *SHA_A =
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+static const char *SHA_B =
+    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+static void fill_full(struct manifest *m, const char *image, const char *ck,
+                      const char *id)
+{
+    memset(m, 0, sizeof(*m));
+    m->complete = true;
+    m->tool = strdup("cbt 0.1.0");
+    m->created = strdup("2026-01-02T03:04:05.000000006Z");
+    m->disk_path = strdup("/vm/disk.qcow2");
+    m->disk_id = strdup(id);
+    m->kind = CBT_BACKUP_FULL;
+    m->checkpoint = strdup(ck);
+    m->checkpoint_order = 1;
+    m->checkpoint_created = strdup("2026-01-02T03:04:06.000000000Z");
+    m->image_file = strdup(image);
+    m->image_format = strdup("qcow2");
+    m->virtual_size = 3 * BLOCKHASH_BLOCK + 512;
+    m->dirty = m->virtual_size;
+    m->copied = 65536;
+    m->zeroed = 512;
+    m->block_size = BLOCKHASH_BLOCK;
+    m->blocks = 4;
+    m->hash_file = cbt_strdup_printf("%s.hashes", image);
+    memcpy(m->hash_file_sha256, SHA_B, 65);
+    memcpy(m->root, SHA_B, 65);
+}
+
+static void write_manifest(const char *name, const struct manifest *m)
+{
+    char *p = tpath(name);
+    assert_int_equal(manifest_write(p, m, NULL), 0);
+    free(p);
+}
+
+static void test_roundtrip(void **state)
+{
+    (void)state;
+    struct manifest m, r;
+    fill_full(&m, "full.qcow2", "c1", ID);
+    write_manifest("full.qcow2.json", &m);
+    char *p = tpath("full.qcow2.json");
+    assert_int_equal(manifest_read(p, &r, NULL), 0);
+    assert_true(r.complete);
+    assert_string_equal(r.tool, m.tool);
+    assert_string_equal(r.created, m.created);
+    assert_string_equal(r.disk_path, m.disk_path);
+    assert_string_equal(r.disk_id, ID);
+    assert_int_equal(r.kind, CBT_BACKUP_FULL);
+    assert_string_equal(r.checkpoint, "c1");
+    assert_int_equal(r.checkpoint_order, 1);
+    assert_null(r.since);
+    assert_null(r.parent_file);
+    assert_string_equal(r.image_file, "full.qcow2");
+    assert_string_equal(r.image_format, "qcow2");
+    assert_int_equal(r.virtual_size, m.virtual_size);
+    assert_int_equal(r.dirty, m.dirty);
+    assert_int_equal(r.copied, 65536);
+    assert_int_equal(r.zeroed, 512);
+    assert_false(r.has_extents);
+    assert_int_equal(r.blocks, 4);
+    assert_string_equal(r.hash_file, "full.qcow2.hashes");
+    assert_string_equal(r.root, SHA_B);
+
+    /* Keys in the documented order, and no temporary file left. */
+    char *text = slurp(p);
+    const char *keys[] = {"\"format\"", "\"version\"", "\"complete\"",
+                          "\"tool\"", "\"created\"", "\"disk\"", "\"kind\"",
+                          "\"checkpoint\"", "\"since\"", "\"parent\"",
+                          "\"image\"", "\"bytes\"", "\"extents\"", "\"hash\""};
+    const char *prev = text;
+    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+        const char *at = strstr(text, keys[i]);
+        assert_non_null(at);
+        assert_true(at >= prev);
+        prev = at;
+    }
+    free(text);
+    char *tmp = tpath("full.qcow2.json.tmp");
+    assert_int_not_equal(access(tmp, F_OK), 0);
+    free(tmp);
+    manifest_free(&r);
+    free(p);
+
+    /* An incremental raw backup with extents. */
+    free(m.image_file);
+    free(m.image_format);
+    free(m.hash_file);
+    m.image_file = strdup("inc.raw");
+    m.image_format = strdup("raw");
+    m.hash_file = strdup("inc.raw.hashes");
+    m.kind = CBT_BACKUP_INCREMENTAL;
+    m.since = strdup("c1");
+    m.parent_file = strdup("full.qcow2");
+    memcpy(m.parent_manifest_sha256, SHA_A, 65);
+    free(m.checkpoint);
+    m.checkpoint = strdup("c2");
+    m.checkpoint_order = 2;
+    m.has_extents = true;
+    struct manifest_extent ext[] = {{0, 65536, false},
+                                    {65536, 4096, true},
+                                    {3 * 65536, 512, false}};
+    m.extents = malloc(sizeof(ext));
+    memcpy(m.extents, ext, sizeof(ext));
+    m.nextents = 3;
+    write_manifest("inc.raw.json", &m);
+    p = tpath("inc.raw.json");
+    assert_int_equal(manifest_read(p, &r, NULL), 0);
+    assert_int_equal(r.kind, CBT_BACKUP_INCREMENTAL);
+    assert_string_equal(r.since, "c1");
+    assert_string_equal(r.parent_file, "full.qcow2");
+    assert_string_equal(r.parent_manifest_sha256, SHA_A);
+    assert_true(r.has_extents);
+    assert_int_equal(r.nextents, 3);
+    for (size_t i = 0; i < 3; i++) {
+        assert_int_equal(r.extents[i].start, ext[i].start);
+        assert_int_equal(r.extents[i].length, ext[i].length);
+        assert_int_equal(r.extents[i].zero, ext[i].zero);
+    }
+    manifest_free(&r);
+    free(p);
+
+    /* Raw with no extents at all is an empty list. */
+    free(m.extents);
+    m.extents = NULL;
+    m.nextents = 0;
+    write_manifest("inc.raw.json", &m);
+    p = tpath("inc.raw.json");
+    assert_int_equal(manifest_read(p, &r, NULL), 0);
+    assert_true(r.has_extents);
+    assert_int_equal(r.nextents, 0);
+    manifest_free(&r);
+    free(p);
+    manifest_free(&m);
+    manifest_free(&m); /* idempotent */
+}
+
+/* A valid full manifest as text, with `from` replaced by `to`. */
+static char *variant(const char *from, const char *to)
+{
+    static const char *base =
+        "{\"format\": \"cbt-backup\", \"version\": 1, \"complete\": true,"
+        " \"tool\": \"cbt 0.1.0\", \"created\": \"2026-01-01T00:00:00Z\","
+        " \"disk\": {\"path\": \"d.qcow2\","
+        " \"id\": \"0f0e0d0c-0b0a-4908-8706-050403020100\"},"
+        " \"kind\": \"full\","
+        " \"checkpoint\": {\"name\": \"c1\", \"order\": 1,"
+        " \"created\": \"2026-01-01T00:00:01Z\"},"
+        " \"since\": null, \"parent\": null,"
+        " \"image\": {\"file\": \"f.qcow2\", \"format\": \"qcow2\","
+        " \"virtual-size\": 131073},"
+        " \"bytes\": {\"dirty\": 131073, \"copied\": 65536, \"zeroed\": 0},"
+        " \"extents\": null,"
+        " \"hash\": {\"algorithm\": \"sha256-blocks-v1\", \"block-size\": 65536,"
+        " \"blocks\": 3, \"file\": \"f.qcow2.hashes\","
+        " \"file-sha256\": \"0123456789abcdef0123456789abcdef0123456789abcdef"
+        "0123456789abcdef\","
+        " \"root\": \"0123456789abcdef0123456789abcdef0123456789abcdef"
+        "0123456789abcdef\"}}";
+    if (!from)
+        return strdup(base);
+    const char *at = strstr(base, from);
+    assert_non_null(at);
+    return cbt_strdup_printf("%.*s%s%s", (int)(at - base), base, to,
+                             at + strlen(from));
+}
+
+static void expect_bad(const char *from, const char *to, const char *msg)
+{
+    char *text = variant(from, to);
+    struct manifest m;
+    struct cbt_error *err = NULL;
+    int r = manifest_parse(text, strlen(text), "x.json", &m, &err);
+    if (r == 0)
+        fail_msg("accepted: %s -> %s", from, to);
+    assert_non_null(err);
+    if (!strstr(cbt_error_message(err), msg))
+        fail_msg("%s -> %s: message '%s' lacks '%s'", from, to,
+                 cbt_error_message(err), msg);
+    assert_non_null(strstr(cbt_error_message(err), "x.json"));
+    cbt_error_free(err);
+    free(text);
+}
+
+static void test_parse_refusals(void **state)
+{
+    (void)state;
+    struct manifest m;
+    char *ok = variant(NULL, NULL);
+    assert_int_equal(manifest_parse(ok, strlen(ok), "x", &m, NULL), 0);
+    assert_int_equal(m.blocks, 3);
+    manifest_free(&m);
+    /* Unknown keys are ignored. */
+    char *more = variant("\"kind\"", "\"later\": [1, 2], \"kind\"");
+    assert_int_equal(manifest_parse(more, strlen(more), "x", &m, NULL), 0);
+    manifest_free(&m);
+    free(more);
+    /* Truncated anywhere: never accepted. */
+    for (size_t len = 0; len < strlen(ok); len += 7) {
+        struct cbt_error *err = NULL;
+        assert_int_equal(manifest_parse(ok, len, "x", &m, &err), -1);
+        cbt_error_free(err);
+    }
+    free(ok);
+
+    expect_bad("{", "[", "not a valid manifest");
+    expect_bad("\"kind\"", "\"kind\": \"full\", \"kind\"", "duplicate");
+    expect_bad("\"cbt-backup\"", "\"other\"", "'format'");
+    expect_bad("\"version\": 1", "\"version\": 2", "version 2");
+    expect_bad("\"version\": 1", "\"version\": \"1\"", "'version'");
+    expect_bad("\"complete\": true", "\"complete\": 1", "'complete'");
+    expect_bad("\"tool\": \"cbt 0.1.0\"", "\"tool\": \"\"", "'tool' is empty");
+    expect_bad("\"tool\": \"cbt 0.1.0\"", "\"tool\": \"a\\u0000b\"", "NUL");
+    expect_bad("\"tool\": \"cbt 0.1.0\", ", "", "'tool' is missing");
+    expect_bad("0f0e0d0c-0b0a", "0f0e0d0c+0b0a", "'id' is not a UUID");
+    expect_bad("\"kind\": \"full\"", "\"kind\": \"fuller\"", "'kind'");
+    expect_bad("\"order\": 1", "\"order\": 0", "'order' is 0");
+    expect_bad("\"order\": 1", "\"order\": -1", "negative");
+    expect_bad("\"order\": 1", "\"order\": 1.5", "not an integer");
+    expect_bad("\"since\": null", "\"since\": \"c0\"", "since or parent");
+    expect_bad("\"parent\": null", "\"parent\": 7", "'parent'");
+    expect_bad("\"parent\": null",
+               "\"parent\": {\"file\": \"../etc/x\", \"manifest-sha256\": "
+               "\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
+               "abcdef\"}",
+               "plain file name");
+    expect_bad("\"kind\": \"full\"", "\"kind\": \"incremental\"",
+               "since or parent is null");
+    expect_bad("\"file\": \"f.qcow2\"", "\"file\": \"/abs/f.qcow2\"",
+               "plain file name");
+    expect_bad("\"file\": \"f.qcow2\"", "\"file\": \"..\"", "plain file name");
+    expect_bad("\"format\": \"qcow2\"", "\"format\": \"vmdk\"", "'format'");
+    expect_bad("\"virtual-size\": 131073", "\"virtual-size\": -5", "negative");
+    expect_bad("\"copied\": 65536", "\"copied\": 999999999", "too large");
+    expect_bad("\"extents\": null", "\"extents\": []", "not null for a qcow2");
+    expect_bad("\"sha256-blocks-v1\"", "\"sha512\"", "'algorithm'");
+    expect_bad("\"block-size\": 65536", "\"block-size\": 4096", "'block-size'");
+    expect_bad("\"blocks\": 3", "\"blocks\": 2", "does not match");
+    expect_bad("\"root\": \"0123", "\"root\": \"0A23", "SHA-256");
+    expect_bad("\"root\": \"0123", "\"root\": \"123", "SHA-256");
+    expect_bad("\"hash\": {", "\"hash\": 5, \"x\": {", "'hash' is not an object");
+
+    /* Raw: extents must be a sorted list inside the disk. */
+    const char *rawfmt = "\"format\": \"raw\"";
+    char *raw;
+    struct {
+        const char *ext, *msg;
+    } cases[] = {
+        {"null", "is not an array"},
+        {"[[0, 10]]", "[start, length, type]"},
+        {"[[0, 0, \"data\"]]", "length > 0"},
+        {"[[-1, 10, \"data\"]]", "non-negative"},
+        {"[[0, 10, \"hole\"]]", "\"data\" or \"zero\""},
+        {"[[131000, 100, \"data\"]]", "past the virtual size"},
+        {"[[100, 10, \"data\"], [0, 10, \"zero\"]]", "not sorted"},
+        {"[[0, 10, \"data\"], [5, 10, \"zero\"]]", "overlapping"},
+        {"[[9223372036854775807, 9223372036854775807, \"data\"]]", "past"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char *a = variant("\"format\": \"qcow2\"", rawfmt);
+        const char *at = strstr(a, "\"extents\": null");
+        raw = cbt_strdup_printf("%.*s\"extents\": %s%s", (int)(at - a), a,
+                                cases[i].ext, at + strlen("\"extents\": null"));
+        struct cbt_error *err = NULL;
+        assert_int_equal(manifest_parse(raw, strlen(raw), "r", &m, &err), -1);
+        if (!strstr(cbt_error_message(err), cases[i].msg))
+            fail_msg("%s: %s", cases[i].ext, cbt_error_message(err));
+        cbt_error_free(err);
+        free(raw);
+        free(a);
+    }
+}
+
+static void test_paths(void **state)
+{
+    (void)state;
+    char *s = manifest_path_for("/b/x.qcow2");
+    assert_string_equal(s, "/b/x.qcow2.json");
+    free(s);
+    s = hashes_path_for("x.qcow2");
+    assert_string_equal(s, "x.qcow2.hashes");
+    free(s);
+    s = manifest_sibling("/b/x.qcow2", "y.qcow2");
+    assert_string_equal(s, "/b/y.qcow2");
+    free(s);
+    s = manifest_sibling("x.qcow2", "y.qcow2");
+    assert_string_equal(s, "y.qcow2");
+    free(s);
+}
+
+static void test_find(void **state)
+{
+    (void)state;
+    /* A folder of its own: the other tests leave manifests behind. */
+    strcat(tmpdir, "/find");
+    assert_int_equal(mkdir(tmpdir, 0755), 0);
+    const char *other = "11111111-2222-3333-4444-555555555555";
+    struct manifest m;
+    fill_full(&m, "a.qcow2", "c1", ID);
+    write_manifest("a.qcow2.json", &m);
+    manifest_free(&m);
+    fill_full(&m, "b.qcow2", "c2", ID);
+    write_manifest("b.qcow2.json", &m);
+    manifest_free(&m);
+    fill_full(&m, "o.qcow2", "c1", other); /* another disk, same name */
+    write_manifest("o.qcow2.json", &m);
+    manifest_free(&m);
+    fill_full(&m, "i.qcow2", "c3", ID); /* incomplete */
+    m.complete = false;
+    write_manifest("i.qcow2.json", &m);
+    manifest_free(&m);
+    fill_full(&m, "real.qcow2", "c4", ID); /* copied under another name */
+    write_manifest("copy.qcow2.json", &m);
+    manifest_free(&m);
+    put_file("notes.json", "{\"hello\": 1}\n");
+    put_file("junk.json", "not json");
+
+    char *path;
+    struct cbt_error *err = NULL;
+    if (manifest_find_by_checkpoint(tmpdir, ID, "c1", &path, &m, &err) < 0)
+        fail_msg("%s", cbt_error_message(err));
+    char *want = tpath("a.qcow2");
+    assert_string_equal(path, want);
+    assert_string_equal(m.checkpoint, "c1");
+    free(want);
+    free(path);
+    manifest_free(&m);
+    /* The id compares without regard to case. */
+    assert_int_equal(manifest_find_by_checkpoint(
+                         tmpdir, "11111111-2222-3333-4444-555555555555", "c1",
+                         &path, &m, NULL),
+                     0);
+    assert_non_null(strstr(path, "o.qcow2"));
+    free(path);
+    manifest_free(&m);
+
+    const char *absent[] = {"c3", "c4", "c9"};
+    for (size_t i = 0; i < 3; i++) {
+        assert_int_equal(manifest_find_by_checkpoint(tmpdir, ID, absent[i],
+                                                     &path, &m, &err),
+                         -1);
+        assert_int_equal(cbt_error_errno(err), ENOENT);
+        assert_null(path);
+        cbt_error_free(err);
+        err = NULL;
+    }
+
+    fill_full(&m, "a2.qcow2", "c1", ID);
+    write_manifest("a2.qcow2.json", &m);
+    manifest_free(&m);
+    assert_int_equal(
+        manifest_find_by_checkpoint(tmpdir, ID, "c1", &path, &m, &err), -1);
+    assert_int_equal(cbt_error_errno(err), EEXIST);
+    assert_non_null(strstr(cbt_error_message(err), "a.qcow2.json"));
+    assert_non_null(strstr(cbt_error_message(err), "a2.qcow2.json"));
+    cbt_error_free(err);
+    err = NULL;
+
+    char *nodir = tpath("nodir");
+    assert_int_equal(
+        manifest_find_by_checkpoint(nodir, ID, "c1", &path, &m, &err), -1);
+    assert_int_equal(cbt_error_errno(err), ENOENT);
+    cbt_error_free(err);
+    free(nodir);
+    *strrchr(tmpdir, '/') = '\0';
+}
+
+static void test_write_failure(void **state)
+{
+    (void)state;
+    struct manifest m;
+    fill_full(&m, "a.qcow2", "c1", ID);
+    struct cbt_error *err = NULL;
+    char *p = tpath("nodir/a.qcow2.json");
+    assert_int_equal(manifest_write(p, &m, &err), -1);
+    assert_non_null(strstr(cbt_error_message(err), "nodir"));
+    cbt_error_free(err);
+    free(p);
+    manifest_free(&m);
+}
+
+static int rm_cb(const char *p, const struct stat *sb, int flag,
+                 struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(p);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    const char *t = getenv("TMPDIR");
+    snprintf(tmpdir, sizeof(tmpdir), "%s/cbt-manifest-XXXXXX", t ? t : "/tmp");
+    return mkdtemp(tmpdir) ? 0 : -1;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    return nftw(tmpdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static void quiet(const char *msg)
+{
+    (void)msg;
+}
+
+int main(void)
+{
+    cbt_set_warn_handler(quiet);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_digests),
+        cmocka_unit_test(test_root),
+        cmocka_unit_test(test_roundtrip),
+        cmocka_unit_test(test_parse_refusals),
+        cmocka_unit_test(test_paths),
+        cmocka_unit_test(test_find),
+        cmocka_unit_test(test_write_failure),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
