@@ -42,10 +42,7 @@ void blockhash_free(struct blockhash *h)
 
 void blockhash_digest(const void *buf, size_t len, uint8_t out[32])
 {
-    struct sha256_ctx c;
-    sha256_init(&c);
-    sha256_update(&c, buf, len);
-    sha256_final(&c, out);
+    sha256_digest(buf, len, out);
 }
 
 void blockhash_zero_digest(size_t len, uint8_t out[32])

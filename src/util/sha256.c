@@ -3,7 +3,10 @@
  * 6.2): 512-bit blocks, eight 32-bit working variables, 64 rounds, the
  * message padded with a 1 bit, zeroes and its length in bits (big-endian).
  */
+#include <pthread.h>
 #include <stdio.h>
+
+#include <openssl/evp.h>
 
 #include "util.h"
 
@@ -121,4 +124,28 @@ void sha256_hex(const uint8_t digest[32], char hex[65])
         hex[2 * i + 1] = digits[digest[i] & 15];
     }
     hex[64] = '\0';
+}
+
+/* libcrypto's SHA-256, fetched once (a fetch per call costs more than
+ * hashing a small block). */
+static EVP_MD *evp_sha256;
+static pthread_once_t evp_once = PTHREAD_ONCE_INIT;
+
+static void evp_fetch(void)
+{
+    evp_sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
+
+void sha256_digest(const void *data, size_t len, uint8_t digest[32])
+{
+    pthread_once(&evp_once, evp_fetch);
+    unsigned int n = 0;
+    if (evp_sha256 && EVP_Digest(data, len, digest, &n, evp_sha256, NULL) &&
+        n == 32)
+        return;
+    /* No usable libcrypto provider: the portable implementation. */
+    struct sha256_ctx c;
+    sha256_init(&c);
+    sha256_update(&c, data, len);
+    sha256_final(&c, digest);
 }

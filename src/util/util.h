@@ -96,6 +96,10 @@ void sha256_update(struct sha256_ctx *c, const void *data, size_t len);
 void sha256_final(struct sha256_ctx *c, uint8_t digest[32]);
 /* Lower-case hex of a digest, NUL-terminated. */
 void sha256_hex(const uint8_t digest[32], char hex[65]);
+/* One-shot SHA-256 of a buffer, for bulk hashing (backup block hashes):
+ * through libcrypto, which uses the CPU's SHA instructions when present;
+ * the same digest as sha256_init/update/final. */
+void sha256_digest(const void *data, size_t len, uint8_t digest[32]);
 
 /* ---- host files (file.c) ---- */
 /* Full-length positional I/O; 0 or -errno.  A short read past EOF fills zero. */
