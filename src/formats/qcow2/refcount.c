@@ -516,22 +516,40 @@ int qcow2_free_l2_entry_clusters(struct qcow2_state *s, uint64_t l2e)
 
 int qcow2_apply_pending_frees(struct qcow2_state *s)
 {
-    for (size_t i = 0; i < s->nb_pending_free; i++) {
+    /* Whole freed clusters go back to the host file system, one hole per
+     * run of adjacent ones (emptying a layer frees thousands at once). */
+    uint64_t hole = 0, hole_end = 0;
+    int r = 0;
+    size_t i;
+    for (i = 0; i < s->nb_pending_free; i++) {
         uint64_t off = s->pending_free[i], len = s->pending_free_len[i];
-        int r = qcow2_update_refcount(s, off, len, -1);
+        r = qcow2_update_refcount(s, off, len, -1);
         if (r < 0)
-            return r;
-        /* Give whole freed clusters back to the host file system. */
+            break;
         uint64_t first = ALIGN_UP(off, s->cluster_size);
         uint64_t end = ALIGN_DOWN(off + len, s->cluster_size);
         for (uint64_t c = first; c < end; c += s->cluster_size) {
             uint64_t rc;
-            if (qcow2_get_refcount(s, c >> s->cluster_bits, &rc) == 0 && rc == 0)
-                (void)file_punch_hole(s->node->fd, c, s->cluster_size);
+            if (qcow2_get_refcount(s, c >> s->cluster_bits, &rc) < 0 || rc)
+                continue;
+            if (c != hole_end) {
+                if (hole_end > hole)
+                    (void)file_punch_hole(s->node->fd, hole, hole_end - hole);
+                hole = c;
+            }
+            hole_end = c + s->cluster_size;
         }
     }
-    s->nb_pending_free = 0;
-    return 0;
+    if (hole_end > hole)
+        (void)file_punch_hole(s->node->fd, hole, hole_end - hole);
+    /* Keep only what was not applied: a retry must not free twice. */
+    size_t left = s->nb_pending_free - i;
+    memmove(s->pending_free, s->pending_free + i,
+            left * sizeof(*s->pending_free));
+    memmove(s->pending_free_len, s->pending_free_len + i,
+            left * sizeof(*s->pending_free_len));
+    s->nb_pending_free = left;
+    return r;
 }
 
 int qcow2_write_refcounts(struct qcow2_state *s)
