@@ -230,16 +230,23 @@ class Chain:
 
     # ---- operations, as specified ----
 
-    def commit_plan(self, t, b):
+    def commit_plan(self, t, b, chain_stays=False):
         """What committing layers t..b+1 into b must do.  Returns
         (refusal, names) where refusal is None or (reason, {file names an
         error may name}); names maps each bitmap name of t..b to the
-        expected Bmp in base afterwards."""
+        expected Bmp in base afterwards.  chain_stays: qemu-img's form (t is
+        the active layer and the layers between stay in its chain): a name
+        base lacks is created there only when every layer from its topmost
+        holder down to b+1 holds it (else base's copy would be a gap)."""
         base = self.layers[b]
         result = {}
         for name in self.names():
             holders = [j for j in range(b, t + 1) if name in self.layers[j].bitmaps]
             if not holders:
+                continue
+            if chain_stays and name not in base.bitmaps and \
+                    any(name not in self.layers[j].bitmaps
+                        for j in range(b + 1, holders[-1] + 1)):
                 continue
             lacking = [j for j in range(holders[0], holders[-1] + 1) if j not in holders]
             if lacking:
@@ -261,13 +268,13 @@ class Chain:
             result[name] = dst
         return None, result
 
-    def after_commit(self, t, b, drop):
+    def after_commit(self, t, b, drop, chain_stays=False):
         """The model after a successful commit of t into b.  Returns (model,
         active layers list of the new chain).  Intermediate commit: the
         layers t..b+1 leave the chain.  Active commit with drop: base is the
         new active (the files above it keep their links).  Active commit
         without drop: top is emptied, the chain stays."""
-        refusal, plan = self.commit_plan(t, b)
+        refusal, plan = self.commit_plan(t, b, chain_stays)
         assert refusal is None
         m = self.clone()
         base = m.layers[b]

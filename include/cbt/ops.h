@@ -45,7 +45,10 @@ typedef void cbt_progress_fn(void *opaque, uint64_t done, uint64_t total);
  * first if smaller).  For each bitmap name held by a layer in top..base,
  * base's bitmap of that name becomes the union over top..base (created in
  * base when absent, with the granularity and recording state of the
- * topmost copy); the copying itself adds no bits to base's bitmaps.
+ * topmost copy; but in qemu-img's form, where the layers between stay in
+ * the chain, only when all of them hold it too, since a copy in base below
+ * a layer without it would be a gap); the copying itself adds no bits to
+ * base's bitmaps.
  * Then:
  *   - the image directly above top (when active != top) is relinked onto
  *     base (relative name when in the same directory); when base is larger

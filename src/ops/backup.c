@@ -955,8 +955,26 @@ static int commit(struct bk *b, struct cbt_error **errp)
     bool had_id = b->disk_id[0] != '\0';
     if (had_id && manifest_write(b->target_json, &m, errp) < 0)
         return -1;
-    if (cbt_checkpoint_create(b->disk, b->ckname, b->o->granularity, errp) < 0)
-        return -1;
+    struct cbt_error *ce = NULL;
+    if (cbt_checkpoint_create(b->disk, b->ckname, b->o->granularity, &ce) < 0) {
+        /* A create can fail after its header update reached the disk (a
+         * failed sync): when the checkpoint is there, so must the backup
+         * be, or the next incremental would find no parent. */
+        struct cbt_checkpoint probe;
+        struct cbt_error *pe = NULL;
+        if (cbt_checkpoint_get(b->disk, b->ckname, &probe, &pe) < 0) {
+            cbt_error_free(pe);
+            if (errp)
+                *errp = ce;
+            else
+                cbt_error_free(ce);
+            return -1;
+        }
+        cbt_checkpoint_clear(&probe);
+        cbt_warn("%s: %s; the checkpoint is in place, so the backup is kept",
+                 b->o->disk, cbt_error_message(ce));
+        cbt_error_free(ce);
+    }
     /* From here the checkpoint exists: the backup must stay. */
     struct cbt_error *e = NULL;
     if (!had_id && cbt_checkpoint_disk_id(b->disk, b->disk_id, &e) < 0)

@@ -447,7 +447,11 @@ static int commit_top(struct cbt_image *top, struct saved_ext *s,
                       struct cbt_error **errp)
 {
     if (cbt_bitmap_commit(top, errp) < 0) {
-        undo(top, s);
+        /* A store that failed after its header write landed (the sync
+         * failed) put bitmaps and metadata in place together: keep them
+         * so, in memory as on disk. */
+        if (!top->bitmaps_switched)
+            undo(top, s);
         return -1;
     }
     int r = cbt_image_flush(top);

@@ -191,6 +191,21 @@ static int plan_bitmaps(struct commit *c, struct cbt_error **errp)
             p->skip = true; /* only base holds it: unchanged */
             continue;
         }
+        /* When the chain stays as it is (qemu-img's form: top keeps its
+         * place and the layers between stay under it), a name base lacks
+         * is created there only if every layer from its topmost holder
+         * down holds it: otherwise the new copy in base would sit below a
+         * layer without it, a gap that makes the name unusable from the
+         * top.  Top's own copies still say what changed above base. */
+        if (!p->in_base && !c->above && !c->o->pivot) {
+            bool whole = true;
+            for (int i = p->first; i < c->nlayers - 1 && whole; i++)
+                whole = layer_find(&c->layers[i], p->name) != NULL;
+            if (!whole) {
+                p->skip = true;
+                continue;
+            }
+        }
         /* Broken: an inconsistent copy, or a layer without the name
          * between two layers with it (the union would miss that layer's
          * changes). */

@@ -377,7 +377,8 @@ def run_commit(c, t, b, mode, qemu):
     argv = commit_argv(m0, t, b, mode)
     what = "cbt " + " ".join(argv)
     label = c.label(what)
-    refusal, _ = m0.commit_plan(t, b)
+    stays = mode != "intermediate"
+    refusal, _ = m0.commit_plan(t, b, stays)
     before_files = digests(d)
     before = {n: m0.view_or_reason(n) for n in m0.names()}
     res = L.cbt_rc(*argv, cwd=d)
@@ -390,7 +391,7 @@ def run_commit(c, t, b, mode, qemu):
         return False
     assert res.rc == 0, "%r\n%s" % (res, label)
     drop = mode in ("-b", "-d")
-    m, chain = m0.after_commit(t, b, drop)
+    m, chain = m0.after_commit(t, b, drop, stays)
     a = len(m0.layers) - 1
     check_clean(d, label)
     if mode == "intermediate":

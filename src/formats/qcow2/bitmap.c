@@ -998,8 +998,14 @@ static int store(struct qcow2_state *s, enum store_mode mode,
         dir_off = (uint64_t)off;
     }
 
-    /* 2. Everything new, and its refcounts, durable before the header. */
+    /* 2. Everything new, and its refcounts, durable before the header.
+     * A header change waiting for the next write (cbt's own extensions:
+     * checkpoint metadata) must land in the switch below, with the
+     * bitmaps, not one write earlier. */
+    bool header_was_dirty = s->header_dirty;
+    s->header_dirty = false;
     int r = qcow2_flush_metadata(s);
+    s->header_dirty = s->header_dirty || header_was_dirty;
     if (r < 0) {
         cbt_error_set(errp, -r, "%s: Failed to update bitmap extension: %s",
                       fn, strerror(-r));
