@@ -1,10 +1,15 @@
-#!/bin/sh
-# A short tour of what cbt does today, on built-in sample data: create a
-# qcow2 overlay on a base image, write patterns with `cbt io`, look at the
-# result with `cbt info`, `cbt map`, `cbt check` and `cbt compare`, and
-# cross-check every result with QEMU's own tools.
+#!/bin/bash
+# A tour of cbt's main job on a generated sample disk: a full backup, random
+# writes, an incremental backup, more writes, a differential backup; then
+# every backup point is verified, restored and compared with a reference
+# copy that qemu-img took of the disk at that point.  Prints a summary
+# table; exits non-zero if any step or check fails.  Everything happens in
+# a scratch folder that is removed at the end.
 # Usage: scripts/demo.sh CBT_BINARY   (run by `make demo`)
-set -eu
+# Environment: DEMO_SIZE (virtual disk size in MiB, default 256),
+#              DEMO_SEED (seed of the content and the writes, default 1),
+#              DEMO_KEEP=1 keeps the scratch folder (its path is printed).
+set -eu -o pipefail
 
 if [ $# -ne 1 ]; then
     echo "usage: $0 CBT_BINARY" >&2
@@ -15,23 +20,45 @@ case $1 in
 *) CBT=$(pwd)/$1 ;;
 esac
 [ -x "$CBT" ] || { echo "demo: $CBT is not executable (run make build)" >&2; exit 1; }
-for tool in qemu-img qemu-io python3; do
+# /usr/bin/python3 when there is one: it starts fastest (a python3 on PATH
+# may be a version-manager shim).
+PY=python3
+[ -x /usr/bin/python3 ] && PY=/usr/bin/python3
+for tool in qemu-img qemu-io "$PY"; do
     command -v "$tool" >/dev/null || {
         echo "demo: $tool not found (run scripts/install-deps.sh)" >&2
         exit 1
     }
 done
+for cmd in backup restore verify checkpoint; do
+    if "$CBT" "$cmd" --help 2>&1 | grep -q "not implemented yet"; then
+        echo "demo: cbt $cmd is not implemented yet in $CBT" >&2
+        exit 1
+    fi
+done
+SIZE_MIB=${DEMO_SIZE:-256}
+SEED=${DEMO_SEED:-1}
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/cbt-demo.XXXXXX")
-trap 'rm -rf "$dir"' EXIT
+if [ "${DEMO_KEEP:-0}" = 1 ]; then
+    trap 'echo "demo: scratch folder kept: $dir"' EXIT
+else
+    trap 'rm -rf "$dir"' EXIT
+fi
 cd "$dir"
+mkdir backups
+
+# Progress bars: cbt draws them with -p, and only when stderr is a terminal.
+P=()
+[ -t 2 ] && P=(-p)
 
 section() { printf '\n== %s ==\n' "$*"; }
 # show CMD...: print the command as one would type it.
 show() {
-    line="\$"
+    local line="\$" a
     for a in "$@"; do
         [ "$a" = "$CBT" ] && a=cbt
+        [ "$a" = "-p" ] && continue
         case $a in
         *" "*) line="$line '$a'" ;;
         *) line="$line $a" ;;
@@ -39,74 +66,227 @@ show() {
     done
     echo "$line"
 }
-# run CMD...: show the command, run it, stop the demo if it fails.
+# run CMD...: show it, run it with stdout to out.txt (stderr stays on the
+# terminal, for progress bars and errors); stop the demo if it fails.
+# Sets SECS to its wall time.
 run() {
     show "$@"
-    if ! "$@"; then
-        echo "demo: FAILED: $*" >&2
+    local t0=$EPOCHREALTIME
+    if ! "$@" >out.txt; then
+        cat out.txt
+        echo "demo: FAILED: $(show "$@" | cut -c3-)" >&2
         exit 1
     fi
+    SECS=$(elapsed "$t0")
 }
-# quiet CMD...: as run, but show the output only on failure.
+# quiet CMD...: run without showing; output only on failure.
 quiet() {
-    show "$@"
     if ! "$@" >out.txt 2>&1; then
         cat out.txt
-        echo "demo: FAILED: $*" >&2
+        echo "demo: FAILED: $(show "$@" | cut -c3-)" >&2
+        exit 1
+    fi
+}
+# elapsed T0: seconds since $EPOCHREALTIME was T0, two decimals.
+elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }'; }
+mib() { awk -v n="$1" 'BEGIN { printf "%.1f MiB", n / 1048576 }'; }
+pct() { awk -v n="$1" -v d="$2" 'BEGIN { printf "%.1f%%", n * 100 / d }'; }
+# data_bytes IMG: bytes qemu-img map reports as data in the whole chain.
+data_bytes() {
+    qemu-img map --output=json "$1" | "$PY" -c '
+import json, sys
+print(sum(e["length"] for e in json.load(sys.stdin) if e["data"]))'
+}
+
+FAILED=0
+# check NAME CMD...: a verification; record it, keep going on failure.
+check() {
+    local name=$1
+    shift
+    if "$@" >check.txt 2>&1; then
+        echo "   $name: ok"
+        return 0
+    fi
+    echo "   $name: FAILED"
+    sed 's/^/     /' check.txt
+    FAILED=1
+    return 1
+}
+
+SUMMARY=()   # one line per backup point, tab separated
+
+# reference NAME: the point-in-time reference, taken by another route.
+reference() { quiet qemu-img convert -f qcow2 -O qcow2 disk.qcow2 "ref-$1.qcow2"; }
+
+# backup NAME ARGS...: cbt backup ARGS disk.qcow2 backups/NAME.qcow2,
+# then one line: dirty, copied vs disk size, zeroed, file size, time.
+backup() {
+    local name=$1
+    shift
+    run "$CBT" backup "${P[@]}" "$@" --checkpoint "$name" disk.qcow2 "backups/$name.qcow2"
+    local secs=$SECS m="backups/$name.qcow2.json"
+    local kind since dirty copied zeroed fsize size
+    read -r kind since dirty copied zeroed size < <("$PY" -c '
+import json, sys
+j = json.load(open(sys.argv[1]))
+b = j["bytes"]
+print(j["kind"], j["since"], b["dirty"], b["copied"], b["zeroed"],
+      j["image"]["virtual-size"])' "$m")
+    fsize=$(stat -c %s "backups/$name.qcow2")
+    local dpct cpct
+    dpct=$(pct "$dirty" "$size")
+    cpct=$(pct "$copied" "$size")
+    if [ "$kind" = full ]; then
+        dpct="-"
+        echo "   $kind: copied $(mib "$copied") of the $(mib "$size") disk ($cpct)," \
+            "zeroes recorded: $(mib "$zeroed"); file $(mib "$fsize"); $secs s"
+    else
+        echo "   $kind since $since: $dpct of the disk dirty" \
+            "($(mib "$dirty")); copied $(mib "$copied") ($cpct), zeroes" \
+            "recorded: $(mib "$zeroed"); file $(mib "$fsize"); $secs s"
+    fi
+    reference "$name"
+    SUMMARY+=("$name	$kind	$dpct	$(mib "$copied") ($cpct)	$(mib "$fsize")	$secs")
+}
+
+# writes SEED COUNT: random writes to the disk with qemu-io: COUNT data
+# writes of 4-64 KiB, plus some zero writes and discards (seeded).
+writes() {
+    "$PY" - "$1" "$2" "$SIZE_MIB" >writes.cmds <<'PY'
+import random, sys
+rng = random.Random(int(sys.argv[1]))
+count, size = int(sys.argv[2]), int(sys.argv[3]) << 20
+for i in range(count):
+    length = rng.choice((4, 8, 16, 64)) << 10
+    off = rng.randrange(size // length) * length
+    print("write -q -P 0x%02x %d %d" % (rng.randrange(1, 256), off, length))
+for i in range(count // 20):
+    print("write -q -z %d 64k" % (rng.randrange(size >> 16) << 16))
+    print("discard -q %d 64k" % (rng.randrange(size >> 16) << 16))
+PY
+    echo "\$ qemu-io -f qcow2 disk.qcow2 < writes.cmds   ($2 random writes of 4-64 KiB, $(($2 / 20)) zero writes, $(($2 / 20)) discards)"
+    quiet qemu-io -f qcow2 disk.qcow2 <writes.cmds
+    if grep -v -E '^(qemu-io> )*$' out.txt >/dev/null; then
+        cat out.txt
+        echo "demo: FAILED: qemu-io writes" >&2
         exit 1
     fi
 }
 
-section "1. A base image and a qcow2 overlay on top of it"
-run "$CBT" create -f qcow2 base.qcow2 64M
-quiet "$CBT" io -c "write -P 0xaa 0 1M" -c "write -P 0xcc 8M 64k" base.qcow2
-run "$CBT" create -f qcow2 -b base.qcow2 -F qcow2 top.qcow2
+T0=$EPOCHREALTIME
+echo "cbt demo: backups of a ${SIZE_MIB} MiB sample disk, in $dir"
 
-section "2. Writes to the overlay; reads see through to the base"
-quiet "$CBT" io -c "write -P 0xbb 512k 256k" -c "write -z 8M 64k" \
-    -c "discard 16M 1M" top.qcow2
-quiet "$CBT" io -c "read -P 0xaa 0 512k" -c "read -P 0xbb 512k 256k" \
-    -c "read -P 0xaa 768k 256k" -c "read -P 0 8M 64k" top.qcow2
-echo "(read-back verified: base pattern 0xaa, overlay pattern 0xbb, zeroes)"
-
-section "3. What the images look like"
-run "$CBT" info top.qcow2
-echo
-run "$CBT" map top.qcow2
-echo
-run "$CBT" check top.qcow2
-
-section "4. Cross-check with QEMU's tools"
-# The same guest view built independently, as a raw file.
-quiet qemu-img create -f raw expected.raw 64M
-quiet qemu-io -f raw -c "write -P 0xaa 0 1M" -c "write -P 0xbb 512k 256k" \
-    expected.raw
-run qemu-img check -f qcow2 base.qcow2
-run qemu-img check -f qcow2 top.qcow2
-run qemu-img compare -f qcow2 -F raw top.qcow2 expected.raw
-run "$CBT" compare -f qcow2 -F raw top.qcow2 expected.raw
-quiet qemu-io -f qcow2 -r -c "read -P 0xaa 0 512k" -c "read -P 0xbb 512k 256k" \
-    -c "read -P 0 8M 64k" top.qcow2
-echo "(qemu-io reads cbt's chain back with the expected patterns)"
-# `cbt map --output=json` must mean what qemu-img map means (host offsets
-# may differ: each tool allocates its own clusters).
-"$CBT" map --output=json top.qcow2 >cbt-map.json
-qemu-img map --output=json -f qcow2 top.qcow2 >qemu-map.json
-echo "\$ cbt map --output=json top.qcow2  vs  qemu-img map --output=json top.qcow2"
-if ! python3 - cbt-map.json qemu-map.json <<'PY'
-import json, sys
-keys = ("start", "length", "depth", "present", "zero", "data")
-a, b = ([tuple(e.get(k) for k in keys) for e in json.load(open(f))]
-        for f in sys.argv[1:3])
-if a != b:
-    print("maps differ:\n  cbt:     %s\n  qemu-img: %s" % (a, b))
-    sys.exit(1)
-print("same %d extents (start, length, depth, present, zero, data)" % len(a))
+section "A sample disk: random data, text, zeroes and holes"
+"$PY" - "$SIZE_MIB" "$SEED" <<'PY'
+import random, sys
+size_mib, seed = int(sys.argv[1]), int(sys.argv[2])
+rng = random.Random(seed)
+words = ("backup checkpoint cluster bitmap qcow2 disk restore verify the a of "
+         "to and data block guest chain image zero snapshot").split()
+kinds = {"random data": 0, "text": 0, "zeroes (written)": 0, "never written": 0}
+lines, n = [], 0
+while n < 2 << 20:
+    lines.append((" ".join(rng.choice(words) for _ in range(10)) + ".\n").encode())
+    n += len(lines[-1])
+text = b"".join(lines)
+zero_cmds = []
+with open("content.raw", "wb") as f:
+    f.truncate(size_mib << 20)
+    for mib in range(size_mib):
+        r = rng.random()
+        f.seek(mib << 20)
+        if r < 0.40:
+            kinds["random data"] += 1
+            f.write(rng.randbytes(1 << 20))
+        elif r < 0.60:
+            kinds["text"] += 1
+            start = rng.randrange(1 << 20)
+            f.write(text[start:start + (1 << 20)])
+        elif r < 0.70:
+            kinds["zeroes (written)"] += 1
+            zero_cmds.append("write -q -P 0 %d 1M\n" % (mib << 20))
+        else:
+            kinds["never written"] += 1
+with open("zeroes.cmds", "w") as f:
+    f.writelines(zero_cmds)
+print("   " + ", ".join("%s %d MiB" % (k, v) for k, v in kinds.items()))
 PY
-then
-    echo "demo: FAILED: cbt map and qemu-img map disagree" >&2
+quiet qemu-img convert -f raw -O qcow2 content.raw disk.qcow2
+rm -f content.raw
+quiet qemu-io -f qcow2 disk.qcow2 <zeroes.cmds
+echo "   disk.qcow2: $SIZE_MIB MiB virtual, file $(mib "$(stat -c %s disk.qcow2)")"
+
+section "1. Full backup (creates checkpoint mon)"
+backup mon --full
+
+section "2. Random writes"
+writes "$((SEED + 1))" 400
+
+section "3. Incremental backup: what changed since mon (creates tue)"
+backup tue --incremental
+
+section "4. More random writes"
+writes "$((SEED + 2))" 600
+
+section "5. Differential backup: everything since mon (creates wed)"
+backup wed --since mon
+
+section "Checkpoints of the disk"
+run "$CBT" checkpoint list disk.qcow2
+sed 's/^/   /' out.txt
+
+section "6. Verify, restore and compare every point"
+RESULTS=()
+for name in mon tue wed; do
+    ok=ok
+    echo "-- $name"
+    show "$CBT" verify "backups/$name.qcow2"
+    if "$CBT" verify "${P[@]}" "backups/$name.qcow2" >out.txt; then
+        tail -n 1 out.txt | sed 's/^/   /'
+    else
+        sed 's/^/   /' out.txt
+        echo "   cbt verify: FAILED"
+        FAILED=1
+        ok=FAILED
+    fi
+    run "$CBT" restore "${P[@]}" "backups/$name.qcow2" "restored-$name.qcow2"
+    rsecs=$SECS
+    echo "   restored in $rsecs s, file $(mib "$(stat -c %s "restored-$name.qcow2")")"
+    check "restore equals the reference (qemu-img compare)" \
+        qemu-img compare -f qcow2 -F qcow2 "restored-$name.qcow2" "ref-$name.qcow2" || ok=FAILED
+    check "qemu-img reads the backup chain as the same disk" \
+        qemu-img compare -f qcow2 -F qcow2 "backups/$name.qcow2" "ref-$name.qcow2" || ok=FAILED
+    check "qemu-img check of the restore and of the backup" \
+        sh -c "qemu-img check -q restored-$name.qcow2 && qemu-img check -q backups/$name.qcow2" || ok=FAILED
+    rdata=$(data_bytes "restored-$name.qcow2")
+    fdata=$(data_bytes "ref-$name.qcow2")
+    check "restore no thicker than the reference ($(mib "$rdata") vs $(mib "$fdata") data)" \
+        test "$rdata" -le "$fdata" || ok=FAILED
+    RESULTS+=("$rsecs	$ok")
+done
+
+section "Summary"
+"$PY" - "${SUMMARY[@]}" "${RESULTS[@]}" <<'PY'
+import sys
+rows = sys.argv[1:]
+n = len(rows) // 2
+head = ("point", "kind", "dirty", "copied (of disk)", "backup file",
+        "backup s", "restore s", "verify + compare")
+table = [head]
+for b, r in zip(rows[:n], rows[n:]):
+    table.append(tuple(b.split("\t")) + tuple(r.split("\t")))
+w = [max(len(t[i]) for t in table) for i in range(len(head))]
+for k, t in enumerate(table):
+    print("  " + "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i])
+                           for i, c in enumerate(t)).rstrip())
+    if k == 0:
+        print("  " + "  ".join("-" * x for x in w))
+PY
+total=$(elapsed "$T0")
+echo
+if [ "$FAILED" -ne 0 ]; then
+    echo "demo: some checks FAILED (see above); $total s" >&2
     exit 1
 fi
-
-section "Done"
-echo "Every step passed; the scratch folder $dir is removed now."
+echo "Every backup verified, restored and equal to its reference; $total s."
+echo "(The full is mon; tue's parent is mon; wed is a differential on mon.)"
