@@ -237,7 +237,7 @@ static int write_alloc_run(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
         return (int)host;
     uint64_t guest0 = ALIGN_DOWN(off, cs);
     uint64_t end = off + len;
-    uint64_t flen = data_file_len(s);
+    uint64_t flen = UINT64_MAX; /* the host file's length, when needed */
     CLEANUP_FREE uint8_t *tmp = NULL;
     int r = 0;
 
@@ -264,6 +264,8 @@ static int write_alloc_run(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
         bool zero_view = t == QCOW2_SC_ZERO_PLAIN || t == QCOW2_SC_ZERO_ALLOC ||
                          (t == QCOW2_SC_UNALLOC_PLAIN &&
                           (!s->node->backing || c >= s->node->backing->size));
+        if (zero_view && !qcow2_has_data_file(s) && flen == UINT64_MAX)
+            flen = data_file_len(s);
         if (zero_view && hc >= flen && !qcow2_has_data_file(s)) {
             /* Zero the cluster as allocated extents (not holes, so the
              * host file does not look preallocated), then add the data. */
