@@ -124,9 +124,15 @@ struct bk {
     struct blockhash h;
     struct manifest_extent *ext; /* raw targets: what the file carries */
     size_t next, capext;
+    /* The chunk being read and hashed; the other one of the two buffers
+     * is being written meanwhile (copy_range). */
     uint8_t *buf;
     bool *zero_status;        /* per block of a chunk */
     enum blk_kind *kind;      /* per block of a chunk */
+    uint8_t *bufs[2];
+    bool *zss[2];
+    enum blk_kind *kinds[2];
+    int cur;
     long nthreads;            /* hashing threads, this one included */
     uint64_t done, total;
 
@@ -751,69 +757,140 @@ static void classify(struct bk *b, uint64_t off, uint64_t clen, size_t nblk)
             pthread_join(tid[i], NULL);
 }
 
+/* The writing half of a chunk: runs in its own thread while the next
+ * chunk is read and hashed.  Only it touches the pending-write state, the
+ * byte counters and the extents list while it runs. */
+struct wjob {
+    struct bk *b;
+    const uint8_t *buf;
+    const enum blk_kind *kind;
+    uint64_t off, clen;
+    size_t nblk;
+    struct io_fail f;
+    int r;
+};
+
+static void *write_chunk(void *arg)
+{
+    struct wjob *j = arg;
+    struct bk *b = j->b;
+    j->r = 0;
+    for (size_t k = 0; k < j->nblk; k++) {
+        uint64_t s = j->off + k * B, l = MIN(B, j->off + j->clen - s);
+        int r = add_block(b, j->kind[k], j->buf + k * B, s, l);
+        if (r < 0) {
+            j->f = (struct io_fail){"writing", b->o->target, s, r};
+            j->r = -1;
+            return NULL;
+        }
+    }
+    int r = flush_pending(b);
+    if (r < 0) {
+        j->f = (struct io_fail){"writing", b->o->target, j->off, r};
+        j->r = -1;
+    }
+    return NULL;
+}
+
+/* Read the chunk [off, off+clen) into the current buffer and classify its
+ * blocks (kind and digest). */
+static int fill_chunk(struct bk *b, uint64_t off, uint64_t clen, size_t nblk,
+                      struct io_fail *f)
+{
+    /* Which blocks block status calls zero as a whole. */
+    for (size_t k = 0; k < nblk; k++)
+        b->zero_status[k] = true;
+    for (uint64_t pos = off; pos < off + clen;) {
+        struct cbt_extent e;
+        int r = cbt_image_block_status(b->disk, pos, off + clen - pos, &e);
+        if (r < 0) {
+            *f = (struct io_fail){"reading block status of", b->o->disk, pos,
+                                  r};
+            return -1;
+        }
+        if (!(e.flags & CBT_BS_ZERO)) {
+            size_t k0 = (size_t)((pos - off) / B);
+            size_t k1 = (size_t)DIV_ROUND_UP(pos + e.length - off, B);
+            for (size_t k = k0; k < k1; k++)
+                b->zero_status[k] = false;
+        }
+        pos += e.length;
+    }
+    /* Read the runs of blocks that may hold data. */
+    for (size_t k = 0; k < nblk;) {
+        if (b->zero_status[k]) {
+            k++;
+            continue;
+        }
+        size_t k1 = k;
+        while (k1 < nblk && !b->zero_status[k1])
+            k1++;
+        uint64_t s = off + k * B, l = MIN(k1 * B, clen) - k * B;
+        int r = cbt_image_pread(b->disk, b->buf + k * B, (size_t)l, s);
+        if (r < 0) {
+            *f = (struct io_fail){"reading", b->o->disk, s, r};
+            return -1;
+        }
+        k = k1;
+    }
+    classify(b, off, clen, nblk);
+    return 0;
+}
+
 /* Copy the blocks of [off, end) (off block-aligned; end block-aligned or
- * the disk's end), at most CHUNK_BLOCKS at a time. */
+ * the disk's end), at most CHUNK_BLOCKS at a time: chunk k is written by a
+ * thread of its own while chunk k+1 is read and hashed into the other
+ * buffer. */
 static int copy_range(struct bk *b, uint64_t off, uint64_t end,
                       struct io_fail *f)
 {
+    struct wjob job;
+    pthread_t wt;
+    bool writing = false;
+    int ret = 0;
     while (off < end) {
+        b->buf = b->bufs[b->cur];
+        b->zero_status = b->zss[b->cur];
+        b->kind = b->kinds[b->cur];
         uint64_t clen = MIN(end - off, CHUNK_BLOCKS * B);
         size_t nblk = (size_t)DIV_ROUND_UP(clen, B);
-        /* Which blocks block status calls zero as a whole. */
-        for (size_t k = 0; k < nblk; k++)
-            b->zero_status[k] = true;
-        for (uint64_t pos = off; pos < off + clen;) {
-            struct cbt_extent e;
-            int r = cbt_image_block_status(b->disk, pos, off + clen - pos, &e);
-            if (r < 0) {
-                *f = (struct io_fail){"reading block status of",
-                                      b->o->disk, pos, r};
-                return -1;
-            }
-            if (!(e.flags & CBT_BS_ZERO)) {
-                size_t k0 = (size_t)((pos - off) / B);
-                size_t k1 = (size_t)DIV_ROUND_UP(pos + e.length - off, B);
-                for (size_t k = k0; k < k1; k++)
-                    b->zero_status[k] = false;
-            }
-            pos += e.length;
+        if (fill_chunk(b, off, clen, nblk, f) < 0) {
+            ret = -1;
+            break;
         }
-        /* Read the runs of blocks that may hold data. */
-        for (size_t k = 0; k < nblk;) {
-            if (b->zero_status[k]) {
-                k++;
-                continue;
-            }
-            size_t k1 = k;
-            while (k1 < nblk && !b->zero_status[k1])
-                k1++;
-            uint64_t s = off + k * B, l = MIN(k1 * B, clen) - k * B;
-            int r = cbt_image_pread(b->disk, b->buf + k * B, (size_t)l, s);
-            if (r < 0) {
-                *f = (struct io_fail){"reading", b->o->disk, s, r};
-                return -1;
-            }
-            k = k1;
-        }
-        classify(b, off, clen, nblk);
-        for (size_t k = 0; k < nblk; k++) {
-            uint64_t s = off + k * B, l = MIN(B, off + clen - s);
-            int r = add_block(b, b->kind[k], b->buf + k * B, s, l);
-            if (r < 0) {
-                *f = (struct io_fail){"writing", b->o->target, s, r};
-                return -1;
+        if (writing) {
+            pthread_join(wt, NULL);
+            writing = false;
+            if (job.r < 0) {
+                *f = job.f;
+                ret = -1;
+                break;
             }
         }
-        int r = flush_pending(b);
-        if (r < 0) {
-            *f = (struct io_fail){"writing", b->o->target, off, r};
-            return -1;
+        job = (struct wjob){b, b->buf, b->kind, off, clen, nblk, {0}, 0};
+        if (pthread_create(&wt, NULL, write_chunk, &job) == 0) {
+            writing = true;
+        } else {
+            write_chunk(&job);
+            if (job.r < 0) {
+                *f = job.f;
+                ret = -1;
+                break;
+            }
         }
+        b->cur ^= 1;
         off += clen;
         b->done += clen;
         progress(b);
     }
-    return 0;
+    if (writing) {
+        pthread_join(wt, NULL);
+        if (job.r < 0 && ret == 0) {
+            *f = job.f;
+            ret = -1;
+        }
+    }
+    return ret;
 }
 
 static int copy_all(struct bk *b, struct cbt_error **errp)
@@ -1040,9 +1117,11 @@ static void free_bk(struct bk *b)
     blockhash_free(&b->h);
     free(b->dirty);
     free(b->ext);
-    free(b->buf);
-    free(b->zero_status);
-    free(b->kind);
+    for (int i = 0; i < 2; i++) {
+        free(b->bufs[i]);
+        free(b->zss[i]);
+        free(b->kinds[i]);
+    }
     free(b->target_json);
     free(b->target_hashes);
 }
@@ -1132,12 +1211,19 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
     res->virtual_size = b.size;
 
     int r = blockhash_init(&b.h, b.size);
-    b.buf = malloc(CHUNK_BLOCKS * B);
-    b.zero_status = calloc(CHUNK_BLOCKS, sizeof(bool));
-    b.kind = calloc(CHUNK_BLOCKS, sizeof(*b.kind));
+    bool bufs_ok = true;
+    for (int i = 0; i < 2; i++) {
+        b.bufs[i] = malloc(CHUNK_BLOCKS * B);
+        b.zss[i] = calloc(CHUNK_BLOCKS, sizeof(bool));
+        b.kinds[i] = calloc(CHUNK_BLOCKS, sizeof(*b.kinds[i]));
+        bufs_ok = bufs_ok && b.bufs[i] && b.zss[i] && b.kinds[i];
+    }
+    b.buf = b.bufs[0];
+    b.zero_status = b.zss[0];
+    b.kind = b.kinds[0];
     b.nthreads = sysconf(_SC_NPROCESSORS_ONLN);
     b.nthreads = MAX(1, MIN(b.nthreads, (long)HASH_THREADS));
-    if (r < 0 || !b.buf || !b.zero_status || !b.kind) {
+    if (r < 0 || !bufs_ok) {
         oom(errp);
         goto out;
     }
