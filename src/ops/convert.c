@@ -64,6 +64,7 @@
  * left as the copy left it.
  */
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <sys/stat.h>
 
@@ -100,6 +101,7 @@ struct conv {
     uint64_t tgt_backing_size;
     uint64_t cluster;       /* the target's cluster size (compress) */
     uint8_t *buf;
+    uint8_t *buf2;          /* copy_plain: the chunk being written */
     size_t buflen;
     uint64_t done;
 
@@ -202,21 +204,27 @@ static int write_zero_range(struct conv *c, uint64_t off, uint64_t len)
 }
 
 /* Write the chunk in c->buf (len bytes at off) leaving out its zeroes. */
-static int write_sparse(struct conv *c, uint64_t off, size_t len)
+static int write_sparse_buf(struct conv *c, const uint8_t *buf, uint64_t off,
+                            size_t len)
 {
     size_t pos = 0;
     while (pos < len) {
         bool data;
-        size_t n = sparse_run(c->buf + pos, len - pos, (off + pos) / SECTOR,
+        size_t n = sparse_run(buf + pos, len - pos, (off + pos) / SECTOR,
                               &data);
         size_t bytes = MIN(n * SECTOR, len - pos);
-        int r = data ? cbt_image_pwrite(c->dst, c->buf + pos, bytes, off + pos)
+        int r = data ? cbt_image_pwrite(c->dst, buf + pos, bytes, off + pos)
                      : write_zero_range(c, off + pos, bytes);
         if (r < 0)
             return r;
         pos += bytes;
     }
     return 0;
+}
+
+static int write_sparse(struct conv *c, uint64_t off, size_t len)
+{
+    return write_sparse_buf(c, c->buf, off, len);
 }
 
 /* ---- the walk ---- */
@@ -289,36 +297,99 @@ static int write_error(struct conv *c, uint64_t off, int r,
     return -1;
 }
 
+/* A chunk being written by a thread of its own while the next one is read
+ * (copy_plain). */
+struct wjob {
+    struct conv *c;
+    const uint8_t *buf;
+    uint64_t off;
+    size_t len;
+    int r;
+};
+
+static void *write_job(void *arg)
+{
+    struct wjob *j = arg;
+    j->r = write_sparse_buf(j->c, j->buf, j->off, j->len);
+    return NULL;
+}
+
+/* Wait for the chunk being written; its result (0 or -errno). */
+static int write_wait(pthread_t *wt, bool *writing, const struct wjob *j)
+{
+    if (!*writing)
+        return 0;
+    pthread_join(*wt, NULL);
+    *writing = false;
+    return j->r;
+}
+
+/* Data runs are read in chunks into one buffer while the chunk before is
+ * written from the other, by a thread of its own. */
 static int copy_plain(struct conv *c, struct cbt_error **errp)
 {
     uint64_t off = 0;
-    while (off < c->size) {
+    struct wjob job = {0};
+    pthread_t wt;
+    bool writing = false;
+    int ret = 0;
+    while (off < c->size && ret == 0) {
         enum run_kind kind;
         uint64_t n;
         int r = next_run(c, off, &kind, &n);
-        if (r < 0)
-            return status_error(c, off, r, errp);
+        if (r < 0) {
+            ret = status_error(c, off, r, errp);
+            break;
+        }
         if (kind == RUN_ZERO) {
+            if ((r = write_wait(&wt, &writing, &job)) < 0) {
+                ret = write_error(c, job.off, r, errp);
+                break;
+            }
             r = write_zero_range(c, off, n);
-            if (r < 0)
-                return write_error(c, off, r, errp);
+            if (r < 0) {
+                ret = write_error(c, off, r, errp);
+                break;
+            }
         } else if (kind == RUN_DATA) {
             for (uint64_t p = off; p < off + n;) {
                 size_t chunk = (size_t)MIN((uint64_t)c->buflen, off + n - p);
                 r = cbt_image_pread(c->src, c->buf, chunk, p);
-                if (r < 0)
-                    return read_error(c, p, r, errp);
-                r = write_sparse(c, p, chunk);
-                if (r < 0)
-                    return write_error(c, p, r, errp);
+                if (r < 0) {
+                    ret = read_error(c, p, r, errp);
+                    break;
+                }
+                if ((r = write_wait(&wt, &writing, &job)) < 0) {
+                    ret = write_error(c, job.off, r, errp);
+                    break;
+                }
+                /* Swap: the chunk just read is written, the other buffer
+                 * takes the next read. */
+                uint8_t *t = c->buf;
+                c->buf = c->buf2;
+                c->buf2 = t;
+                job = (struct wjob){c, c->buf2, p, chunk, 0};
+                if (pthread_create(&wt, NULL, write_job, &job) == 0) {
+                    writing = true;
+                } else {
+                    write_job(&job);
+                    if (job.r < 0) {
+                        ret = write_error(c, p, job.r, errp);
+                        break;
+                    }
+                }
                 p += chunk;
                 progress(c, p);
             }
         }
         off += n;
-        progress(c, off);
+        if (ret == 0)
+            progress(c, off);
     }
-    return 0;
+    int r = write_wait(&wt, &writing, &job);
+    if (r < 0 && ret == 0)
+        ret = write_error(c, job.off, r, errp);
+    return ret;
 }
 
 /*
@@ -658,7 +729,8 @@ static int target_geometry(struct conv *c, struct cbt_error **errp)
     if (c->o->compress)
         c->buflen = (size_t)MAX((uint64_t)c->buflen, c->cluster);
     c->buf = malloc(c->buflen);
-    if (!c->buf) {
+    c->buf2 = malloc(c->buflen);
+    if (!c->buf || !c->buf2) {
         cbt_error_set(errp, ENOMEM, "%s: out of memory", c->o->dst);
         return -1;
     }
@@ -734,5 +806,6 @@ out:
         unlink(o->dst);
     free_bitmap_plan(&c);
     free(c.buf);
+    free(c.buf2);
     return ret;
 }
