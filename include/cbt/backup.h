@@ -21,6 +21,8 @@ enum cbt_backup_mode {
     CBT_BACKUP_INCREMENTAL,  /* since the newest checkpoint */
     CBT_BACKUP_DIFFERENTIAL, /* since an older named checkpoint */
 };
+/* "full", "incremental" or "differential" (the manifest's "kind"). */
+const char *cbt_backup_mode_name(enum cbt_backup_mode mode);
 
 /*
  * cbt backup.  A backup is TARGET (a qcow2 or raw image) with the manifest

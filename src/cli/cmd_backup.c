@@ -60,18 +60,6 @@ static const char usage[] =
     "  cbt backup --auto -p disk.qcow2 /backups/vm1/$(date +%F).qcow2\n"
     "  cbt backup --full -O raw disk.qcow2 /backups/vm1/full.raw\n";
 
-static const char *mode_name(enum cbt_backup_mode m)
-{
-    switch (m) {
-    case CBT_BACKUP_FULL:
-        return "full";
-    case CBT_BACKUP_INCREMENTAL:
-        return "incremental";
-    case CBT_BACKUP_DIFFERENTIAL:
-        return "differential";
-    }
-    return "full";
-}
 
 static void show_progress(void *opaque, uint64_t done, uint64_t total)
 {
@@ -96,7 +84,7 @@ static void print_human(const struct cbt_backup_opts *o,
                o->mode == CBT_BACKUP_DIFFERENTIAL ? "differential"
                                                   : "incremental",
                r->fallback);
-    printf("%s backup of %s -> %s\n", mode_name(r->mode), o->disk, o->target);
+    printf("%s backup of %s -> %s\n", cbt_backup_mode_name(r->mode), o->disk, o->target);
     if (r->parent)
         printf("  parent      %s\n", r->parent);
     printf("  checkpoint  %s -> %s\n", r->since ? r->since : "(none)",
@@ -116,7 +104,7 @@ static void print_json(const struct cbt_backup_opts *o,
                        const struct cbt_backup_result *r, double secs)
 {
     json_t *j = json_object();
-    json_object_set_new(j, "kind", json_string(mode_name(r->mode)));
+    json_object_set_new(j, "kind", json_string(cbt_backup_mode_name(r->mode)));
     json_object_set_new(j, "disk", cli_json_string(o->disk));
     json_object_set_new(j, "target", cli_json_string(o->target));
     json_object_set_new(j, "checkpoint", cli_json_string(r->checkpoint));

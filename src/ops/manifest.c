@@ -415,7 +415,7 @@ int manifest_read(const char *path, struct manifest *m,
 
 /* ---- writing ---- */
 
-static const char *kind_name(enum cbt_backup_mode k)
+const char *cbt_backup_mode_name(enum cbt_backup_mode k)
 {
     switch (k) {
     case CBT_BACKUP_FULL:
@@ -488,7 +488,7 @@ static json_t *build(const struct manifest *m)
          put(root, "tool", json_string(m->tool)) &&
          put(root, "created", json_string(m->created)) &&
          put(root, "disk", json_incref(disk)) &&
-         put(root, "kind", json_string(kind_name(m->kind))) &&
+         put(root, "kind", json_string(cbt_backup_mode_name(m->kind))) &&
          put(root, "checkpoint", json_incref(ck)) &&
          put(root, "since", jstr_or_null(m->since)) &&
          put(root, "parent", json_incref(parent)) &&

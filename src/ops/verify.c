@@ -136,18 +136,6 @@ static const char *base_name(const char *path)
     return s ? s + 1 : path;
 }
 
-static const char *kind_name(enum cbt_backup_mode k)
-{
-    switch (k) {
-    case CBT_BACKUP_FULL:
-        return "full";
-    case CBT_BACKUP_INCREMENTAL:
-        return "incremental";
-    case CBT_BACKUP_DIFFERENTIAL:
-        return "differential";
-    }
-    return "?";
-}
 
 /* ---- opening the chain ---- */
 
@@ -197,7 +185,7 @@ static int check_against_child(struct bchain *c, size_t i,
         return problem(c, errp, cmp, "a full backup with a parent");
     if (!cm->since || strcmp(cm->since, m->checkpoint) != 0)
         return problem(c, errp, cmp, "an %s backup since checkpoint '%s', "
-                       "but its parent %s created '%s'", kind_name(cm->kind),
+                       "but its parent %s created '%s'", cbt_backup_mode_name(cm->kind),
                        cm->since ? cm->since : "(none)", mp, m->checkpoint);
     return 0;
 }
@@ -415,7 +403,7 @@ int bchain_open(const char *backup, struct bchain *c, struct cbt_error **errp)
             if (l->m.kind != CBT_BACKUP_FULL)
                 r = problem(c, errp, l->manifest_path, "an %s backup without "
                             "a parent: the chain does not reach a full "
-                            "backup", kind_name(l->m.kind));
+                            "backup", cbt_backup_mode_name(l->m.kind));
             break;
         }
         if (c->n >= BLK_MAX_CHAIN_DEPTH) {
