@@ -63,7 +63,6 @@ SIZE = 16 * MiB
 SEED = 7300 + R.SEED_BASE
 LAYERS = ["disk0.qcow2", "disk1.qcow2"]
 TOP = LAYERS[-1]
-require = R.require
 
 
 def qio(path, *cmds):
@@ -87,7 +86,6 @@ def pristine(tmp_path_factory):
     plus the reference root."""
     if "d" in _PRISTINE:
         return _PRISTINE["d"]
-    require("backup", "checkpoint", "restore", "verify")
     root = str(tmp_path_factory.mktemp("bkfaults") / "pristine")
     disk, repo = os.path.join(root, "disk"), os.path.join(root, "repo")
     os.makedirs(disk)

@@ -69,15 +69,6 @@ MIN_SIZE, MAX_SIZE = 8 * MiB, 32 * MiB
 MAX_DEPTH = 4           # layers in the disk's chain
 
 
-def require(*cmds):
-    """Skip while a command is still a stub (the backup commands are being
-    written while these tests are)."""
-    for cmd in cmds:
-        res = L.cbt(cmd, "--help", check=False)
-        if "not implemented yet" in res.out + res.err:
-            pytest.skip("cbt %s not implemented yet" % cmd)
-
-
 # --------------------------------------------------------------------------
 # Small helpers (shared with test_backup_faults.py, which imports this module)
 
@@ -518,7 +509,6 @@ def work(tmp_path_factory):
 
 
 def story(work, rid):
-    require("backup", "checkpoint", "restore", "verify")
     if rid not in _BUILT:
         s = Story(work, rid)
         _BUILT[rid] = s
@@ -771,7 +761,6 @@ def test_shrink_then_grow(tmp_path, tool):
     grows back to its old size.  No bitmap bit records the dropped tail
     (QEMU's bitmaps are cut and regrown clean), yet the guest now reads
     zeroes there: the incremental must carry them."""
-    require("backup", "checkpoint", "restore", "verify")
     d = str(tmp_path)
     disk = os.path.join(d, "disk.qcow2")
     repo = os.path.join(d, "repo")
@@ -810,7 +799,6 @@ def test_commit_b_keeps_checkpoints(tmp_path):
     """qemu-img's `commit -b` (implies -d): TOP keeps its data and its
     chain, so the disk is still TOP; its checkpoints must stay usable and
     the next incremental be correct."""
-    require("backup", "checkpoint", "restore", "verify")
     d = str(tmp_path)
     repo = os.path.join(d, "repo")
     os.makedirs(repo)

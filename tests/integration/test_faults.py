@@ -24,7 +24,6 @@ After each faulty run:
                    the other layers untouched;
       rebase     - the same, and the link old or new;
       convert    - the target removed, the source untouched.
-Commands still printing "not implemented yet" are skipped.
 """
 import os
 import shutil
@@ -85,13 +84,6 @@ def leaks_tolerated(n, op, sticky):
     and on a full disk (freeing needs refcount writes); one failed write
     must leave no leak."""
     return n is not None and (op == "flush" or sticky)
-
-
-def require(cmd):
-    """Skip while `cbt CMD` is still a stub."""
-    res = L.cbt(cmd, "--help", check=False)
-    if "not implemented yet" in res.out + res.err:
-        pytest.skip("cbt %s not implemented" % cmd)
 
 
 def qimg(*args):
@@ -463,7 +455,6 @@ COMMITS = {
 @pytest.mark.parametrize("name,op,sticky,err", cases(
     sorted(COMMITS)))
 def test_commit(tmp_path, images, name, op, sticky, err):
-    require("commit")
     args, target = COMMITS[name]
     chain_sweep(tmp_path, images, args, target, op, sticky, err)
 
@@ -485,7 +476,6 @@ def others_untouched(res, n, work, pristine, layers, what):
 @pytest.mark.parametrize("name,op,sticky,err", cases(
     sorted(STREAMS)))
 def test_stream(tmp_path, images, name, op, sticky, err):
-    require("stream")
     chain_sweep(tmp_path, images, STREAMS[name], "top.qcow2", op, sticky, err,
                 check_extra=others_untouched)
 
@@ -493,7 +483,6 @@ def test_stream(tmp_path, images, name, op, sticky, err):
 @pytest.mark.parametrize("name,op,sticky,err", cases(
     ["safe"]))
 def test_rebase(tmp_path, images, name, op, sticky, err):
-    require("rebase")
 
     def link(res, n, work, pristine, layers, what):
         info = L.qemu_json("info", "--output=json", os.path.join(work, "top.qcow2"))
@@ -514,7 +503,6 @@ CONVERTS = {
 
 @pytest.mark.parametrize("name,op,sticky,err", cases(sorted(CONVERTS)))
 def test_convert(tmp_path, images, name, op, sticky, err):
-    require("convert")
     pristine = str(tmp_path / "pristine")
     work = str(tmp_path / "work")
     after = str(tmp_path / "after")
