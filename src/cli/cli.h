@@ -152,6 +152,9 @@ struct cli_progress {
 };
 void cli_progress_init(struct cli_progress *p, bool requested);
 void cli_progress_update(struct cli_progress *p, uint64_t done, uint64_t total);
+/* A library progress callback (cbt_progress_fn) drawing on the struct
+ * cli_progress passed as its opaque pointer. */
+void cli_progress_cb(void *opaque, uint64_t done, uint64_t total);
 /* Erase the progress line (so later messages start on a clean line). */
 void cli_progress_end(struct cli_progress *p);
 

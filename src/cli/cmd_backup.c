@@ -61,11 +61,6 @@ static const char usage[] =
     "  cbt backup --full -O raw disk.qcow2 /backups/vm1/full.raw\n";
 
 
-static void show_progress(void *opaque, uint64_t done, uint64_t total)
-{
-    cli_progress_update(opaque, done, total);
-}
-
 static double pct(uint64_t part, uint64_t whole)
 {
     return whole ? 100.0 * (double)part / (double)whole : 0.0;
@@ -212,7 +207,7 @@ int cmd_backup(int argc, char **argv)
 
     struct cli_progress pr;
     cli_progress_init(&pr, progress);
-    o.progress = show_progress;
+    o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);

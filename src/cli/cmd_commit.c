@@ -60,11 +60,6 @@ static const char usage[] =
     "  cbt commit -b disk.0.qcow2 -p disk.2.qcow2\n"
     "  cbt commit --top disk.1.qcow2 --base disk.0.qcow2 --active disk.3.qcow2\n";
 
-static void show_progress(void *opaque, uint64_t done, uint64_t total)
-{
-    cli_progress_update(opaque, done, total);
-}
-
 /* -f FMT: the library probes, so check that FMT is what it will find. */
 static int check_format(const char *file, const char *fmt)
 {
@@ -161,7 +156,7 @@ int cmd_commit(int argc, char **argv)
 
     struct cli_progress pr;
     cli_progress_init(&pr, progress);
-    o.progress = show_progress;
+    o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
     struct cbt_error *err = NULL;
     int r = cbt_commit(&o, &err);

@@ -200,11 +200,6 @@ static int creation_opts(struct convert_req *req)
     return 0;
 }
 
-static void show_progress(void *opaque, uint64_t done, uint64_t total)
-{
-    cli_progress_update(opaque, done, total);
-}
-
 int cmd_convert(int argc, char **argv)
 {
     struct convert_req req = {.prog = argv[0]};
@@ -219,7 +214,7 @@ int cmd_convert(int argc, char **argv)
     } else {
         struct cli_progress progress;
         cli_progress_init(&progress, req.progress && !req.quiet);
-        req.opts.progress = show_progress;
+        req.opts.progress = cli_progress_cb;
         req.opts.progress_opaque = &progress;
         struct cbt_error *err = NULL;
         r = cbt_convert(&req.opts, &err);

@@ -35,11 +35,6 @@ static const char usage[] =
     "  cbt rebase -b \"\" disk.qcow2\n"
     "  cbt rebase -u -b /new/place/base.qcow2 -F qcow2 disk.qcow2\n";
 
-static void show_progress(void *opaque, uint64_t done, uint64_t total)
-{
-    cli_progress_update(opaque, done, total);
-}
-
 int cmd_rebase(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -87,7 +82,7 @@ int cmd_rebase(int argc, char **argv)
 
     struct cli_progress pr;
     cli_progress_init(&pr, progress);
-    o.progress = show_progress;
+    o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
     struct cbt_error *err = NULL;
     int r = cbt_rebase(&o, &err);

@@ -40,11 +40,6 @@ static const char usage[] =
     "  cbt restore -O raw backups/disk.full.qcow2 /var/tmp/disk.raw\n"
     "  cbt restore --seed-checkpoint cp3 backups/disk.inc3.qcow2 disk.qcow2\n";
 
-static void show_progress(void *opaque, uint64_t done, uint64_t total)
-{
-    cli_progress_update(opaque, done, total);
-}
-
 int cmd_restore(int argc, char **argv)
 {
     enum { OPT_SEED = 256 };
@@ -95,7 +90,7 @@ int cmd_restore(int argc, char **argv)
 
     struct cli_progress progress;
     cli_progress_init(&progress, progress_wanted);
-    o.progress = show_progress;
+    o.progress = cli_progress_cb;
     o.progress_opaque = &progress;
     struct cbt_error *err = NULL;
     int r = cbt_restore(&o, &err);

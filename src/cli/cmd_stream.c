@@ -26,11 +26,6 @@ static const char usage[] =
     "  cbt stream disk.2.qcow2\n"
     "  cbt stream -b disk.0.qcow2 -p disk.2.qcow2\n";
 
-static void show_progress(void *opaque, uint64_t done, uint64_t total)
-{
-    cli_progress_update(opaque, done, total);
-}
-
 int cmd_stream(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -64,7 +59,7 @@ int cmd_stream(int argc, char **argv)
     struct cli_progress pr;
     cli_progress_init(&pr, progress);
     struct cbt_error *err = NULL;
-    int r = cbt_stream(file, base, show_progress, &pr, &err);
+    int r = cbt_stream(file, base, cli_progress_cb, &pr, &err);
     cli_progress_end(&pr);
     if (r < 0)
         return cli_lib_error(err);

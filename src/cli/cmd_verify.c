@@ -200,11 +200,6 @@ static void print_json(const char *backup, const struct shown *v, size_t n,
     cli_json_print(o);
 }
 
-static void show_progress(void *opaque, uint64_t done, uint64_t total)
-{
-    cli_progress_update(opaque, done, total);
-}
-
 int cmd_verify(int argc, char **argv)
 {
     enum { OPT_OUTPUT = 256 };
@@ -242,7 +237,7 @@ int cmd_verify(int argc, char **argv)
     cli_progress_init(&progress, progress_wanted);
     struct cbt_verify_result res;
     struct cbt_error *err = NULL;
-    int r = cbt_verify(backup, show_progress, &progress, &res, &err);
+    int r = cbt_verify(backup, cli_progress_cb, &progress, &res, &err);
     cli_progress_end(&progress);
     if (r < 0)
         return cli_lib_error(err);

@@ -24,6 +24,11 @@ void cli_progress_update(struct cli_progress *p, uint64_t done, uint64_t total)
     fflush(stderr);
 }
 
+void cli_progress_cb(void *opaque, uint64_t done, uint64_t total)
+{
+    cli_progress_update(opaque, done, total);
+}
+
 void cli_progress_end(struct cli_progress *p)
 {
     if (!p->enabled || p->last < 0)
