@@ -82,6 +82,9 @@ struct blk_driver {
                         unsigned flags);
     int (*discard)(struct blk_node *node, uint64_t off, uint64_t len);
     int (*flush)(struct blk_node *node);
+    /* Optional: start writing back the data written so far, without
+     * waiting (blk_note_written); without it node->fd's pages are. */
+    void (*start_writeback)(struct blk_node *node);
     int (*block_status)(struct blk_node *node, uint64_t off, uint64_t len,
                         struct blk_status *st);
 
@@ -170,6 +173,7 @@ struct cbt_image {
     bool bitmaps_switched;  /* set by a driver's bitmap_store that failed
                              * after the new state reached the file: the
                              * live list is what the disk holds */
+    uint64_t unkicked;      /* bytes written since writeback was started */
     pthread_mutex_t lock;
 };
 
@@ -181,6 +185,8 @@ const struct blk_driver *blk_find_driver(const char *name);
 const struct blk_driver *blk_probe(int fd);
 /* Read [off, off+len) of the node's backing view: the backing node's data
  * within its size, zeroes past it or without a backing node. */
+/* Start writing back fd's dirty pages, not waiting (sync_file_range). */
+void blk_start_writeback_fd(int fd);
 int blk_read_backing(struct blk_node *node, void *buf, uint64_t off,
                      size_t len);
 

@@ -72,6 +72,7 @@
 #include <cbt/checkpoint.h>
 
 #include "../util/util.h"
+#include "blockpipe.h"
 #include "manifest.h"
 #include "ops_util.h"
 
@@ -82,8 +83,6 @@
 #endif
 
 #define B ((uint64_t)BLOCKHASH_BLOCK)
-#define CHUNK_BLOCKS 64u  /* 4 MiB of reading at a time */
-#define HASH_THREADS 4
 #define SPARSE 4096u      /* zero pieces left out of new targets */
 #define GRAN_MIN 512ull
 #define GRAN_MAX (2ull << 30)
@@ -124,17 +123,17 @@ struct bk {
     struct blockhash h;
     struct manifest_extent *ext; /* raw targets: what the file carries */
     size_t next, capext;
-    /* The chunk being read and hashed; the other one of the two buffers
-     * is being written meanwhile (copy_range). */
-    uint8_t *buf;
-    bool *zero_status;        /* per block of a chunk */
-    enum blk_kind *kind;      /* per block of a chunk */
-    uint8_t *bufs[2];
-    bool *zss[2];
-    enum blk_kind *kinds[2];
-    int cur;
-    long nthreads;            /* hashing threads, this one included */
-    uint64_t done, total;
+    /* the copy (copy_all): the next block to read is fpos, in the range
+     * [fpos, fend), then range number frange */
+    uint64_t fpos, fend;
+    size_t frange;
+    struct io_fail {
+        const char *what;     /* "reading", "writing", "block status" */
+        const char *file;
+        uint64_t off;
+        int err;
+    } fill_fail, drain_fail;
+    uint64_t done, total;     /* progress, counted by the drain thread */
 
     /* pending write of consecutive like blocks */
     enum blk_kind pend;
@@ -694,231 +693,172 @@ static int add_block(struct bk *b, enum blk_kind k, const uint8_t *buf,
     return 0;
 }
 
-struct io_fail {
-    const char *what;  /* "reading", "writing", "block status" */
-    const char *file;
-    uint64_t off;
-    int err;
-};
+/*
+ * The copy runs on the block pipeline (blockpipe.h): this thread gathers
+ * up to BP_SEGS blocks to copy into a chunk (scattered dirty blocks of an
+ * incremental share a chunk) and reads them; worker threads classify and
+ * hash them; the drain thread writes each chunk, in order.
+ */
 
-/* Blocks [k0, k1) of the chunk at off (clen bytes) in b->buf: their kind
- * and digest.  Touches only their own entries: runs in several threads. */
-static void classify_blocks(struct bk *b, uint64_t off, uint64_t clen,
-                            size_t k0, size_t k1)
+/* The next block to copy into *off / *len; false when there is none.
+ * Full backups walk [0, size), incrementals the dirty ranges. */
+static bool next_block(struct bk *b, uint64_t *off, uint64_t *len)
 {
-    for (size_t k = k0; k < k1; k++) {
-        uint64_t s = off + k * B, l = MIN(B, off + clen - s);
-        const uint8_t *p = b->buf + k * B;
-        if (b->zero_status[k] || ops_is_zero(p, (size_t)l)) {
-            blockhash_zero_digest((size_t)l, b->h.leaf[s / B]);
-            b->kind[k] = K_ZERO;
+    for (;;) {
+        if (b->fpos < b->fend) {
+            *off = b->fpos;
+            *len = MIN(B, b->fend - b->fpos);
+            b->fpos += *len;
+            return true;
+        }
+        if (b->full) {
+            if (b->frange++ > 0)
+                return false;
+            b->fpos = 0;
+            b->fend = b->size;
         } else {
-            blockhash_digest(p, (size_t)l, b->h.leaf[s / B]);
-            b->kind[k] = K_DATA;
+            if (b->frange >= b->ndirty)
+                return false;
+            b->fpos = b->dirty[b->frange].start;
+            b->fend = b->dirty[b->frange].end;
+            b->frange++;
         }
     }
 }
 
-struct hash_job {
-    struct bk *b;
-    uint64_t off, clen;
-    size_t k0, k1;
-};
-
-static void *hash_worker(void *arg)
+/* Segments [i, j) are adjacent blocks: which of them block status calls
+ * zero as a whole (kind K_ZERO, not read); the others are K_NONE. */
+static int mark_zero_status(struct bk *b, struct bp_chunk *c, size_t i,
+                            size_t j)
 {
-    struct hash_job *j = arg;
-    classify_blocks(j->b, j->off, j->clen, j->k0, j->k1);
-    return NULL;
-}
-
-/* Hashing is most of the CPU a backup needs: a chunk's blocks are split
- * between up to HASH_THREADS threads (this one included). */
-static void classify(struct bk *b, uint64_t off, uint64_t clen, size_t nblk)
-{
-    size_t t = MIN((size_t)b->nthreads, nblk / 4);
-    if (t <= 1) {
-        classify_blocks(b, off, clen, 0, nblk);
-        return;
-    }
-    pthread_t tid[HASH_THREADS];
-    struct hash_job job[HASH_THREADS];
-    bool started[HASH_THREADS] = {false};
-    for (size_t i = 1; i < t; i++) {
-        job[i] = (struct hash_job){b, off, clen, nblk * i / t,
-                                   nblk * (i + 1) / t};
-        started[i] = pthread_create(&tid[i], NULL, hash_worker, &job[i]) == 0;
-        if (!started[i])
-            hash_worker(&job[i]);
-    }
-    classify_blocks(b, off, clen, 0, nblk / t);
-    for (size_t i = 1; i < t; i++)
-        if (started[i])
-            pthread_join(tid[i], NULL);
-}
-
-/* The writing half of a chunk: runs in its own thread while the next
- * chunk is read and hashed.  Only it touches the pending-write state, the
- * byte counters and the extents list while it runs. */
-struct wjob {
-    struct bk *b;
-    const uint8_t *buf;
-    const enum blk_kind *kind;
-    uint64_t off, clen;
-    size_t nblk;
-    struct io_fail f;
-    int r;
-};
-
-static void *write_chunk(void *arg)
-{
-    struct wjob *j = arg;
-    struct bk *b = j->b;
-    j->r = 0;
-    for (size_t k = 0; k < j->nblk; k++) {
-        uint64_t s = j->off + k * B, l = MIN(B, j->off + j->clen - s);
-        int r = add_block(b, j->kind[k], j->buf + k * B, s, l);
-        if (r < 0) {
-            j->f = (struct io_fail){"writing", b->o->target, s, r};
-            j->r = -1;
-            return NULL;
-        }
-    }
-    int r = flush_pending(b);
-    if (r < 0) {
-        j->f = (struct io_fail){"writing", b->o->target, j->off, r};
-        j->r = -1;
-    }
-    return NULL;
-}
-
-/* Read the chunk [off, off+clen) into the current buffer and classify its
- * blocks (kind and digest). */
-static int fill_chunk(struct bk *b, uint64_t off, uint64_t clen, size_t nblk,
-                      struct io_fail *f)
-{
-    /* Which blocks block status calls zero as a whole. */
-    for (size_t k = 0; k < nblk; k++)
-        b->zero_status[k] = true;
-    for (uint64_t pos = off; pos < off + clen;) {
+    uint64_t off = c->seg[i].off, end = c->seg[j - 1].off + c->seg[j - 1].len;
+    for (size_t k = i; k < j; k++)
+        c->seg[k].kind = K_ZERO;
+    for (uint64_t pos = off; pos < end;) {
         struct cbt_extent e;
-        int r = cbt_image_block_status(b->disk, pos, off + clen - pos, &e);
+        int r = cbt_image_block_status(b->disk, pos, end - pos, &e);
         if (r < 0) {
-            *f = (struct io_fail){"reading block status of", b->o->disk, pos,
-                                  r};
+            b->fill_fail = (struct io_fail){"reading block status of",
+                                            b->o->disk, pos, r};
             return -1;
         }
         if (!(e.flags & CBT_BS_ZERO)) {
-            size_t k0 = (size_t)((pos - off) / B);
-            size_t k1 = (size_t)DIV_ROUND_UP(pos + e.length - off, B);
-            for (size_t k = k0; k < k1; k++)
-                b->zero_status[k] = false;
+            size_t k0 = i + (size_t)((pos - off) / B);
+            size_t k1 = i + (size_t)DIV_ROUND_UP(pos + e.length - off, B);
+            for (size_t k = k0; k < MIN(k1, j); k++)
+                c->seg[k].kind = K_NONE;
         }
         pos += e.length;
     }
-    /* Read the runs of blocks that may hold data. */
-    for (size_t k = 0; k < nblk;) {
-        if (b->zero_status[k]) {
-            k++;
-            continue;
-        }
-        size_t k1 = k;
-        while (k1 < nblk && !b->zero_status[k1])
-            k1++;
-        uint64_t s = off + k * B, l = MIN(k1 * B, clen) - k * B;
-        int r = cbt_image_pread(b->disk, b->buf + k * B, (size_t)l, s);
-        if (r < 0) {
-            *f = (struct io_fail){"reading", b->o->disk, s, r};
-            return -1;
-        }
-        k = k1;
-    }
-    classify(b, off, clen, nblk);
     return 0;
 }
 
-/* Copy the blocks of [off, end) (off block-aligned; end block-aligned or
- * the disk's end), at most CHUNK_BLOCKS at a time: chunk k is written by a
- * thread of its own while chunk k+1 is read and hashed into the other
- * buffer. */
-static int copy_range(struct bk *b, uint64_t off, uint64_t end,
-                      struct io_fail *f)
+static int bk_fill(void *opaque, struct bp_chunk *c)
 {
-    struct wjob job;
-    pthread_t wt;
-    bool writing = false;
-    int ret = 0;
-    while (off < end) {
-        b->buf = b->bufs[b->cur];
-        b->zero_status = b->zss[b->cur];
-        b->kind = b->kinds[b->cur];
-        uint64_t clen = MIN(end - off, CHUNK_BLOCKS * B);
-        size_t nblk = (size_t)DIV_ROUND_UP(clen, B);
-        if (fill_chunk(b, off, clen, nblk, f) < 0) {
-            ret = -1;
-            break;
+    struct bk *b = opaque;
+    uint64_t off, len;
+    while (c->n < BP_SEGS && next_block(b, &off, &len))
+        c->seg[c->n++] = (struct bp_seg){.off = off, .len = len};
+    if (c->n == 0)
+        return 0;
+    /* Block status per run of adjacent blocks, then one read per run of
+     * adjacent blocks that may hold data. */
+    for (size_t i = 0, j; i < c->n; i = j) {
+        for (j = i + 1; j < c->n && c->seg[j].off ==
+                                    c->seg[j - 1].off + c->seg[j - 1].len;
+             j++)
+            ;
+        if (mark_zero_status(b, c, i, j) < 0)
+            return -1;
+    }
+    for (size_t i = 0, j; i < c->n; i = j) {
+        j = i + 1;
+        if (c->seg[i].kind == K_ZERO)
+            continue;
+        uint64_t rlen = c->seg[i].len;
+        c->seg[i].data = bp_take(c, (size_t)B);
+        for (; j < c->n && c->seg[j].kind != K_ZERO &&
+               c->seg[j].off == c->seg[j - 1].off + c->seg[j - 1].len;
+             j++) {
+            c->seg[j].data = bp_take(c, (size_t)B);
+            rlen += c->seg[j].len;
         }
-        if (writing) {
-            pthread_join(wt, NULL);
-            writing = false;
-            if (job.r < 0) {
-                *f = job.f;
-                ret = -1;
-                break;
-            }
+        int r = cbt_image_pread(b->disk, c->seg[i].data, (size_t)rlen,
+                                c->seg[i].off);
+        if (r < 0) {
+            b->fill_fail = (struct io_fail){"reading", b->o->disk,
+                                            c->seg[i].off, r};
+            return -1;
         }
-        job = (struct wjob){b, b->buf, b->kind, off, clen, nblk, {0}, 0};
-        if (pthread_create(&wt, NULL, write_chunk, &job) == 0) {
-            writing = true;
+    }
+    return 1;
+}
+
+/* Kind and digest of each block; only its own leaf is touched. */
+static int bk_hash(void *opaque, struct bp_chunk *c, size_t i, size_t j)
+{
+    struct bk *b = opaque;
+    for (size_t k = i; k < j; k++) {
+        struct bp_seg *g = &c->seg[k];
+        uint8_t *leaf = b->h.leaf[g->off / B];
+        if (!g->data || ops_is_zero(g->data, (size_t)g->len)) {
+            blockhash_zero_digest((size_t)g->len, leaf);
+            g->kind = K_ZERO;
         } else {
-            write_chunk(&job);
-            if (job.r < 0) {
-                *f = job.f;
-                ret = -1;
-                break;
-            }
-        }
-        b->cur ^= 1;
-        off += clen;
-        b->done += clen;
-        progress(b);
-    }
-    if (writing) {
-        pthread_join(wt, NULL);
-        if (job.r < 0 && ret == 0) {
-            *f = job.f;
-            ret = -1;
+            blockhash_digest(g->data, (size_t)g->len, leaf);
+            g->kind = K_DATA;
         }
     }
-    return ret;
+    return 0;
+}
+
+/* Write a chunk.  Only the drain thread touches the pending-write state,
+ * the byte counters and the extents list. */
+static int bk_drain(void *opaque, struct bp_chunk *c)
+{
+    struct bk *b = opaque;
+    for (size_t k = 0; k < c->n; k++) {
+        struct bp_seg *g = &c->seg[k];
+        int r = add_block(b, g->kind, g->data, g->off, g->len);
+        if (r < 0) {
+            b->drain_fail = (struct io_fail){"writing", b->o->target,
+                                             g->off, r};
+            return -1;
+        }
+        b->done += g->len;
+    }
+    /* The chunk's buffer is reused after this: nothing may stay pending. */
+    int r = flush_pending(b);
+    if (r < 0) {
+        b->drain_fail = (struct io_fail){"writing", b->o->target,
+                                         c->seg[0].off, r};
+        return -1;
+    }
+    progress(b);
+    return 0;
 }
 
 static int copy_all(struct bk *b, struct cbt_error **errp)
 {
-    struct io_fail f = {0};
-    int r = 0;
+    static const struct bp_ops ops = {bk_fill, bk_hash, bk_drain};
     b->done = 0;
     progress(b);
-    if (b->full) {
-        r = copy_range(b, 0, b->size, &f);
-    } else {
-        /* Digests of the blocks not copied come from the parent. */
-        uint64_t next = 0; /* first block not yet given a digest */
-        for (size_t i = 0; i < b->ndirty && r == 0; i++) {
-            for (; next < b->dirty[i].start / B; next++)
-                memcpy(b->h.leaf[next], b->ph.leaf[next], 32);
-            r = copy_range(b, b->dirty[i].start, b->dirty[i].end, &f);
-            next = DIV_ROUND_UP(b->dirty[i].end, B);
-        }
-        for (; r == 0 && next < b->h.n; next++)
-            memcpy(b->h.leaf[next], b->ph.leaf[next], 32);
-    }
-    if (r < 0) {
-        cbt_error_set(errp, -f.err, "%s: error %s at byte %" PRIu64 ": %s",
-                      f.file, f.what, f.off, strerror(-f.err));
+    /* Digests of the blocks not copied come from the parent; the copied
+     * ones are overwritten by the hash stage. */
+    if (!b->full && b->h.n)
+        memcpy(b->h.leaf, b->ph.leaf, (size_t)MIN(b->h.n, b->ph.n) * 32);
+    int r = bp_run(&ops, b, 0);
+    if (r == 0)
+        return 0;
+    struct io_fail *f = b->drain_fail.err ? &b->drain_fail : &b->fill_fail;
+    if (r == -1 && f->err) {
+        cbt_error_set(errp, -f->err, "%s: error %s at byte %" PRIu64 ": %s",
+                      f->file, f->what, f->off, strerror(-f->err));
         return -1;
     }
-    return 0;
+    cbt_error_set(errp, r == -1 ? EIO : -r, "backup: cannot run the copy: "
+                  "%s", strerror(r == -1 ? EIO : -r));
+    return -1;
 }
 
 /* ---- the target ---- */
@@ -1117,11 +1057,6 @@ static void free_bk(struct bk *b)
     blockhash_free(&b->h);
     free(b->dirty);
     free(b->ext);
-    for (int i = 0; i < 2; i++) {
-        free(b->bufs[i]);
-        free(b->zss[i]);
-        free(b->kinds[i]);
-    }
     free(b->target_json);
     free(b->target_hashes);
 }
@@ -1211,19 +1146,7 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
     res->virtual_size = b.size;
 
     int r = blockhash_init(&b.h, b.size);
-    bool bufs_ok = true;
-    for (int i = 0; i < 2; i++) {
-        b.bufs[i] = malloc(CHUNK_BLOCKS * B);
-        b.zss[i] = calloc(CHUNK_BLOCKS, sizeof(bool));
-        b.kinds[i] = calloc(CHUNK_BLOCKS, sizeof(*b.kinds[i]));
-        bufs_ok = bufs_ok && b.bufs[i] && b.zss[i] && b.kinds[i];
-    }
-    b.buf = b.bufs[0];
-    b.zero_status = b.zss[0];
-    b.kind = b.kinds[0];
-    b.nthreads = sysconf(_SC_NPROCESSORS_ONLN);
-    b.nthreads = MAX(1, MIN(b.nthreads, (long)HASH_THREADS));
-    if (r < 0 || !bufs_ok) {
+    if (r < 0) {
         oom(errp);
         goto out;
     }

@@ -33,7 +33,6 @@ struct bchain {
     uint64_t size;         /* the guest view's size: v[0]'s virtual size */
     struct cbt_image *top; /* qcow2: v[0]'s image with its backing chain */
     struct blockhash leaves; /* v[0]'s block hashes */
-    uint8_t *buf;          /* scratch for the walk */
     /* The first problem found (then the walk stops), or NULL. */
     char *problem;         /* one line, starting with the file at fault */
     char *bad_file;        /* that file */

@@ -63,15 +63,14 @@
 
 #include "../block/block.h"
 #include "bchain.h"
+#include "blockpipe.h"
 #include "manifest.h"
 
-/* Bytes read at once: a multiple of the block size. */
-#define WALK_CHUNK ((size_t)2 << 20)
 /* Zero ranges are passed on in pieces of at most this (progress). */
 #define ZERO_PIECE ((uint64_t)1 << 30)
 #define BLOCK ((uint64_t)BLOCKHASH_BLOCK)
 
-_Static_assert(WALK_CHUNK % BLOCKHASH_BLOCK == 0, "whole blocks per chunk");
+_Static_assert(BP_BUF / BLOCKHASH_BLOCK >= BP_SEGS, "a block per segment");
 
 /* ---- problems ---- */
 
@@ -428,11 +427,6 @@ int bchain_open(const char *backup, struct bchain *c, struct cbt_error **errp)
         return problem_from(c, errp, c->v[0].hashes_path, err);
     if (c->qcow2 && (r = open_qcow2_view(c, errp)) != 0)
         return r;
-    c->buf = malloc(WALK_CHUNK);
-    if (!c->buf) {
-        cbt_error_set(errp, ENOMEM, "%s: out of memory", backup);
-        return -1;
-    }
     return 0;
 }
 
@@ -451,7 +445,6 @@ void bchain_close(struct bchain *c)
     if (c->top)
         cbt_image_close(c->top, NULL);
     blockhash_free(&c->leaves);
-    free(c->buf);
     free(c->problem);
     free(c->bad_file);
     memset(c, 0, sizeof(*c));
@@ -607,63 +600,167 @@ static int bad_block(struct bchain *c, uint64_t idx, struct cbt_error **errp)
                    "its hash in %s", off, len, idx, hashes);
 }
 
-int bchain_walk(struct bchain *c, bchain_piece_fn *piece, void *opaque,
-                cbt_progress_fn *progress, void *progress_opaque,
-                uint64_t *checked, struct cbt_error **errp)
+/*
+ * The walk runs on the block pipeline (blockpipe.h): this thread cuts the
+ * view into segments (a 64 KiB block that is read, or a stretch of blocks
+ * the chain holds as zeroes, not read) and reads them; worker threads
+ * compare each block's digest with its leaf; the drain thread passes the
+ * checked segments to `piece`, in order, and stops at the first segment
+ * with a bad block, so nothing after it is passed on.
+ */
+struct walk {
+    struct bchain *c;
+    bchain_piece_fn *piece;
+    void *opaque;
+    cbt_progress_fn *progress;
+    void *progress_opaque;
+    uint64_t *checked;
+    struct cbt_error **errp;
+    uint64_t off;        /* fill: the next guest offset */
+    struct run cur;      /* fill: the run cache */
+    int fill_err;        /* fill: -errno */
+    const char *fill_what;
+    uint64_t fill_off;
+    uint64_t bad;        /* drain: the first bad block */
+};
+
+#define WALK_STOP_BAD 1
+#define WALK_STOP_PIECE (-1)
+#define WALK_STOP_IO (-2)
+
+static int walk_fill(void *opaque, struct bp_chunk *ch)
 {
-    struct run cur = {0};
-    uint64_t off = 0;
-    if (checked)
-        *checked = 0;
-    if (progress)
-        progress(progress_opaque, 0, c->size);
-    while (off < c->size) {
-        /* A stretch of whole blocks of one kind: zero (not read) or read. */
+    struct walk *w = opaque;
+    struct bchain *c = w->c;
+    while (ch->n < BP_SEGS && w->off < c->size) {
         bool zero, next;
-        int r = block_zero(c, off, &cur, &zero);
-        uint64_t end = MIN(off + BLOCK, c->size);
-        uint64_t limit = zero ? ZERO_PIECE : WALK_CHUNK;
-        while (r == 0 && end < c->size && end - off < limit) {
-            r = block_zero(c, end, &cur, &next);
-            if (r == 0 && next != zero)
+        uint64_t off = w->off, end = MIN(off + BLOCK, c->size);
+        int r = block_zero(c, off, &w->cur, &zero);
+        while (r == 0 && zero && end < c->size && end - off < ZERO_PIECE) {
+            r = block_zero(c, end, &w->cur, &next);
+            if (r == 0 && !next)
                 break;
             end = MIN(end + BLOCK, c->size);
         }
         if (r < 0) {
-            cbt_error_set(errp, -r, "%s: cannot read block status at offset "
-                          "%" PRIu64 ": %s", c->v[0].image, end,
-                          strerror(-r));
-            return -1;
+            w->fill_err = r;
+            w->fill_what = "cannot read block status";
+            w->fill_off = end;
+            return WALK_STOP_IO;
         }
-        if (!zero) {
-            r = read_view(c, c->buf, (size_t)(end - off), off, &cur);
-            if (r < 0) {
-                cbt_error_set(errp, -r, "%s: error while reading the guest "
-                              "view at offset %" PRIu64 ": %s",
-                              c->v[0].image, off, strerror(-r));
-                return -1;
+        uint8_t *data = NULL;
+        if (!zero && !(data = bp_take(ch, (size_t)BLOCK)))
+            break;
+        ch->seg[ch->n++] = (struct bp_seg){.off = off, .len = end - off,
+                                           .data = data};
+        w->off = end;
+    }
+    if (ch->n == 0)
+        return 0;
+    /* One read per run of adjacent blocks (adjacent in the buffer too). */
+    for (size_t i = 0, j; i < ch->n; i = j) {
+        j = i + 1;
+        if (!ch->seg[i].data)
+            continue;
+        uint64_t len = ch->seg[i].len;
+        for (; j < ch->n && ch->seg[j].data &&
+               ch->seg[j].off == ch->seg[j - 1].off + ch->seg[j - 1].len; j++)
+            len += ch->seg[j].len;
+        int r = read_view(c, ch->seg[i].data, (size_t)len, ch->seg[i].off,
+                          &w->cur);
+        if (r < 0) {
+            w->fill_err = r;
+            w->fill_what = "error while reading the guest view";
+            w->fill_off = ch->seg[i].off;
+            return WALK_STOP_IO;
+        }
+    }
+    return 1;
+}
+
+/* Compare each block with its leaf; seg->bad = first bad block + 1. */
+static int walk_hash(void *opaque, struct bp_chunk *ch, size_t i, size_t j)
+{
+    struct walk *w = opaque;
+    for (size_t k = i; k < j; k++) {
+        struct bp_seg *g = &ch->seg[k];
+        for (uint64_t b = g->off; b < g->off + g->len; b += BLOCK) {
+            size_t n = (size_t)MIN(BLOCK, g->off + g->len - b);
+            uint8_t d[32];
+            if (g->data)
+                blockhash_digest(g->data + (b - g->off), n, d);
+            else
+                blockhash_zero_digest(n, d);
+            if (memcmp(d, w->c->leaves.leaf[b / BLOCK], 32) != 0) {
+                g->bad = b / BLOCK + 1;
+                break;
             }
         }
-        for (uint64_t b = off; b < end; b += BLOCK) {
-            size_t n = (size_t)MIN(BLOCK, end - b);
-            uint8_t d[32];
-            if (zero)
-                blockhash_zero_digest(n, d);
-            else
-                blockhash_digest(c->buf + (b - off), n, d);
-            if (memcmp(d, c->leaves.leaf[b / BLOCK], 32) != 0)
-                return bad_block(c, b / BLOCK, errp) < 0 ? -1 : 1;
-            if (checked)
-                *checked = b + n;
-        }
-        if (piece && piece(opaque, zero ? NULL : c->buf, off,
-                           (size_t)(end - off), errp) < 0)
-            return -1;
-        off = end;
-        if (progress)
-            progress(progress_opaque, off, c->size);
     }
     return 0;
+}
+
+static int walk_drain(void *opaque, struct bp_chunk *ch)
+{
+    struct walk *w = opaque;
+    for (size_t i = 0, j; i < ch->n; i = j) {
+        struct bp_seg *g = &ch->seg[i];
+        if (g->bad) {
+            w->bad = g->bad - 1;
+            if (w->checked)
+                *w->checked = w->bad * BLOCK;
+            return WALK_STOP_BAD;
+        }
+        /* Adjacent data segments are one piece (one write). */
+        uint64_t len = g->len;
+        for (j = i + 1; g->data && j < ch->n && ch->seg[j].data &&
+                        !ch->seg[j].bad &&
+                        ch->seg[j].off == g->off + len;
+             j++)
+            len += ch->seg[j].len;
+        if (w->piece &&
+            w->piece(w->opaque, g->data, g->off, (size_t)len, w->errp) < 0)
+            return WALK_STOP_PIECE;
+        if (w->checked)
+            *w->checked = g->off + len;
+        if (w->progress)
+            w->progress(w->progress_opaque, g->off + len, w->c->size);
+    }
+    return 0;
+}
+
+int bchain_walk(struct bchain *c, bchain_piece_fn *piece, void *opaque,
+                cbt_progress_fn *progress, void *progress_opaque,
+                uint64_t *checked, struct cbt_error **errp)
+{
+    static const struct bp_ops ops = {walk_fill, walk_hash, walk_drain};
+    struct walk w = {c, piece, opaque, progress, progress_opaque, checked,
+                     errp, 0, {0}, 0, NULL, 0, 0};
+    if (checked)
+        *checked = 0;
+    if (progress)
+        progress(progress_opaque, 0, c->size);
+    int r = bp_run(&ops, &w, 0);
+    switch (r) {
+    case 0:
+        return 0;
+    case WALK_STOP_BAD:
+        return bad_block(c, w.bad, errp) < 0 ? -1 : 1;
+    case WALK_STOP_PIECE:
+        return -1;
+    case WALK_STOP_IO:
+        if (errp && *errp)
+            return -1;
+        cbt_error_set(errp, -w.fill_err, "%s: %s at offset %" PRIu64 ": %s",
+                      c->v[0].image, w.fill_what, w.fill_off,
+                      strerror(-w.fill_err));
+        return -1;
+    default:
+        if (!(errp && *errp))
+            cbt_error_set(errp, -r, "%s: cannot run the walk: %s",
+                          c->v[0].image, strerror(-r));
+        return -1;
+    }
 }
 
 /* ---- cbt verify ---- */

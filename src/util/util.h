@@ -84,21 +84,18 @@ static inline void cleanup_close_fn(int *fd) { if (*fd >= 0) close(*fd); }
 void *cbt_zalloc_aligned(size_t size);
 char *cbt_strdup_printf(const char *fmt, ...) PRINTF_FMT(1, 2);
 
-/* ---- SHA-256, FIPS 180-4 (sha256.c) ---- */
+/* ---- SHA-256, FIPS 180-4 (sha256.c, through libcrypto) ---- */
 struct sha256_ctx {
-    uint32_t h[8];
-    uint64_t len;     /* bytes hashed so far */
-    uint8_t buf[64];  /* a partial block */
-    size_t used;
+    /* libcrypto's SHA256_CTX (112 bytes), kept opaque here; no allocation,
+     * nothing to free. */
+    _Alignas(16) unsigned char opaque[128];
 };
 void sha256_init(struct sha256_ctx *c);
 void sha256_update(struct sha256_ctx *c, const void *data, size_t len);
 void sha256_final(struct sha256_ctx *c, uint8_t digest[32]);
 /* Lower-case hex of a digest, NUL-terminated. */
 void sha256_hex(const uint8_t digest[32], char hex[65]);
-/* One-shot SHA-256 of a buffer, for bulk hashing (backup block hashes):
- * through libcrypto, which uses the CPU's SHA instructions when present;
- * the same digest as sha256_init/update/final. */
+/* One-shot SHA-256 of a buffer (backup block hashes). */
 void sha256_digest(const void *data, size_t len, uint8_t digest[32]);
 
 /* ---- host files (file.c) ---- */

@@ -91,6 +91,38 @@ static void test_digests(void **state)
                              "9f3df0de4f489eac731c23ae9ca9cc31");
 }
 
+/* The streaming interface: FIPS 180-4's two-block example, and a message
+ * fed in pieces of awkward sizes equal to the one-shot digest. */
+static void test_streaming(void **state)
+{
+    (void)state;
+    struct sha256_ctx c;
+    uint8_t d[32], one[32];
+    char hex[65];
+    const char *m = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+    sha256_init(&c);
+    sha256_update(&c, m, 10);
+    sha256_update(&c, m + 10, strlen(m) - 10);
+    sha256_final(&c, d);
+    hex_of(d, hex);
+    assert_string_equal(hex, "248d6a61d20638b8e5c026930c3e6039"
+                             "a33ce45964ff2167f6ecedd419db06c1");
+
+    static uint8_t buf[200003];
+    for (size_t i = 0; i < sizeof(buf); i++)
+        buf[i] = (uint8_t)(i * 131 + (i >> 9));
+    sha256_digest(buf, sizeof(buf), one);
+    size_t steps[] = {1, 63, 64, 65, 4095, 65536, 7};
+    sha256_init(&c);
+    for (size_t pos = 0, k = 0; pos < sizeof(buf); k++) {
+        size_t n = MIN(steps[k % 7], sizeof(buf) - pos);
+        sha256_update(&c, buf + pos, n);
+        pos += n;
+    }
+    sha256_final(&c, d);
+    assert_memory_equal(d, one, 32);
+}
+
 static void test_root(void **state)
 {
     (void)state;
@@ -567,6 +599,7 @@ int main(void)
     cbt_set_warn_handler(quiet);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_digests),
+        cmocka_unit_test(test_streaming),
         cmocka_unit_test(test_root),
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_parse_refusals),

@@ -197,7 +197,8 @@ struct qcow2_cache_entry {
 };
 struct qcow2_cache {
     struct qcow2_cache_entry *entries;
-    uint8_t *mem;            /* nsets * ways tables, back to back */
+    uint8_t *mem;            /* nsets * ways tables, back to back (mmap) */
+    size_t mem_len;
     uint64_t cluster_size;
     uint32_t ndirty;
     uint32_t nsets, ways;
