@@ -140,9 +140,13 @@ void cbt_drift_free_list(struct cbt_drift_item *items, size_t count);
  * For chain operations: copy the checkpoint metadata of `from` (a layer)
  * into `to` (opened read-write), in memory; it is stored with to's next
  * bitmap commit.  cbt snapshot and cbt convert --bitmaps call this so the
- * checkpoints follow the disk's top.  0 when `from` has none.
+ * checkpoints follow the disk's top.  The checkpoints named in skip[0..
+ * nskip) are left out (their children get their parents), for bitmaps the
+ * operation does not carry over (convert --skip-broken-bitmaps).  0 when
+ * `from` has none.
  */
 int cbt_checkpoint_copy_metadata(struct cbt_image *from, struct cbt_image *to,
+                                 const char *const *skip, size_t nskip,
                                  struct cbt_error **errp);
 
 #ifdef __cplusplus

@@ -1084,6 +1084,7 @@ out:
 }
 
 int cbt_checkpoint_copy_metadata(struct cbt_image *from, struct cbt_image *to,
+                                 const char *const *skip, size_t nskip,
                                  struct cbt_error **errp)
 {
     uint8_t *buf;
@@ -1093,8 +1094,24 @@ int cbt_checkpoint_copy_metadata(struct cbt_image *from, struct cbt_image *to,
         return -1;
     if (!present)
         return 0;
-    int r = blk_ext_set(to, CKPT_EXT_TYPE, buf, len, errp);
-    free(buf);
+    int r;
+    if (nskip == 0) {
+        /* Byte for byte, even when it is corrupt (reconcile repairs it). */
+        r = blk_ext_set(to, CKPT_EXT_TYPE, buf, len, errp);
+        free(buf);
+    } else {
+        free(buf);
+        struct ckpt_meta m;
+        if (meta_load(from, &m, NULL, errp) < 0)
+            return -1;
+        for (size_t i = 0; i < nskip; i++) {
+            ssize_t k = find_name(&m, skip[i]);
+            if (k >= 0)
+                meta_remove(&m, (size_t)k);
+        }
+        r = meta_set(to, &m, 0, errp);
+        ckpt_meta_free(&m);
+    }
     if (r < 0)
         cbt_error_prefix(errp, "cannot copy the checkpoint metadata of '%s'",
                          fname(from));

@@ -580,8 +580,20 @@ static int copy_bitmaps(struct conv *c, struct cbt_error **errp)
         }
     }
     /* Checkpoints travel with their bitmaps: the metadata of the source's
-     * top lands in the same header update as the target's bitmaps. */
-    if (cbt_checkpoint_copy_metadata(c->src, c->dst, errp) < 0)
+     * top lands in the same header update as the target's bitmaps; a
+     * skipped bitmap's checkpoint stays behind with it. */
+    const char **skip = calloc(c->nplan + 1, sizeof(*skip));
+    size_t nskip = 0;
+    if (!skip) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", c->o->dst);
+        goto fail;
+    }
+    for (size_t k = 0; k < c->nplan; k++)
+        if (c->plan[k].skip)
+            skip[nskip++] = c->plan[k].name;
+    int r = cbt_checkpoint_copy_metadata(c->src, c->dst, skip, nskip, errp);
+    free(skip);
+    if (r < 0)
         goto fail;
     if (cbt_bitmap_commit(c->dst, errp) < 0)
         goto fail;

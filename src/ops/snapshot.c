@@ -99,7 +99,7 @@ static int make_overlay(struct cbt_image *top_img, const char *top,
     /* The checkpoints follow the top: their metadata lands in the same
      * header update as the overlay's bitmaps. */
     if (ret == 0)
-        ret = cbt_checkpoint_copy_metadata(top_img, ov, errp);
+        ret = cbt_checkpoint_copy_metadata(top_img, ov, NULL, 0, errp);
     if (ret == 0)
         ret = cbt_bitmap_commit(ov, errp);
     if (ret < 0)

@@ -12,7 +12,8 @@ Checked here, with QEMU's tools as oracles where they apply:
     missing checkpoint is a warning with exit 0, a vanished or inconsistent
     bitmap never blocks it;
   * copies carry checkpoints (cp), cbt snapshot moves them to the overlay,
-    cbt convert --bitmaps copies them;
+    cbt convert --bitmaps copies them (not those whose bitmap
+    --skip-broken-bitmaps left behind);
   * drift: a bitmap removed behind cbt's back, metadata whose bitmap is only
     below the top, an inconsistent bitmap after SIGKILL, a replaced bitmap
     (other granularity), bitmaps without metadata, corrupt metadata:
@@ -392,6 +393,26 @@ def test_copy_snapshot_convert_carry_checkpoints(tmp):
     assert names(scratch) == []
     for f in (d, cp, ov, out, plain):
         qemu_check_clean(f)
+
+
+def test_convert_skip_broken_leaves_its_checkpoint(tmp):
+    """convert --bitmaps --skip-broken-bitmaps: the skipped bitmap's
+    checkpoint does not travel without it; its child gets its parent."""
+    d = make_disk(tmp)
+    for i, name in enumerate(("c1", "c2", "c3")):
+        cbt("checkpoint", "create", d, name)
+        qemu_io("-c", "write -P %d %dM 64k" % (i + 1, i), d)
+    set_bitmap_in_use(d, "c2")
+    out = str(tmp / "out.qcow2")
+    res = cbt("convert", "--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2",
+              d, out)
+    assert "c2" in res.err
+    assert names(out) == ["c1", "c3"]
+    got = by_name(out)
+    assert got["c3"]["parent"] == "c1" and got["c1"]["parent"] is None
+    assert reconcile(out)["drift"] == []
+    assert sorted(qemu_bitmaps(out)) == ["c1", "c3"]
+    qemu_check_clean(out)
 
 
 # ---- drift ----
