@@ -17,12 +17,12 @@
  *      is relinked; top when it is emptied) and check that base can hold
  *      the bitmaps it will gain (added in memory, then rolled back):
  *      still nothing written.
- *   3. when base is smaller than top, grow it and store its bitmaps at once
- *      (a resize marks them in_use on disk; storing makes them valid again,
- *      with the new area clean).  A kill between the two leaves base's
- *      recording bitmaps in_use, the only window where a bitmap is neither
- *      as before nor as after; the chain's guest view is unchanged either
- *      way (the grown area reads zeroes, as it did through the chain).
+ *   3. when base is smaller than top, grow it: its bitmaps are valid on
+ *      disk at every moment (the qcow2 driver switches to longer tables in
+ *      the header update that changes the size), the new area clean; then
+ *      store them (a no-op unless something else changed).  The chain's
+ *      guest view is unchanged either way (the grown area reads zeroes, as
+ *      it did through the chain).
  *   4. build base's new bitmaps in memory (add the missing names, merge
  *      every copy into base's), then copy the data: every range allocated
  *      above base is read through top and written into base without
@@ -308,7 +308,7 @@ static int flush_node(struct cbt_image *n, struct cbt_error **errp)
     return 0;
 }
 
-/* Step 3: grow base to top's size, storing its resized bitmaps at once. */
+/* Step 3: grow base to top's size (its bitmaps stay valid throughout). */
 static int grow_base(struct commit *c, struct cbt_error **errp)
 {
     if (c->base->size >= c->top->size)

@@ -23,7 +23,9 @@ After each faulty run:
       stream     - FILE's bitmaps as before or after, guest view unchanged,
                    the other layers untouched;
       rebase     - the same, and the link old or new;
-      convert    - the target removed, the source untouched.
+      convert    - the target removed, the source untouched;
+      resize     - (growing) the bitmaps as before or as after and never
+                   in_use on disk.
 """
 import os
 import shutil
@@ -298,6 +300,52 @@ def test_bitmap(tmp_path, images, name, op, sticky, err):
         assert F.same_guest_data(bm, os.path.join(pristine, "bm.qcow2")), what
 
     F.sweep(pristine, work, args, "bm.qcow2", op, check, sticky, err, cwd=work)
+
+
+# --------------------------------------------------------------------------
+# cbt resize: growing keeps the bitmaps valid at every moment
+
+
+RESIZES = {
+    # 3 GiB: the 4 KiB-granularity bitmap needs a second table entry (one
+    # cluster of bits covers 2 GiB), and the L1 table grows.
+    "grow-tables": ["resize", "bm.qcow2", "3G"],
+    "grow-small": ["resize", "bm.qcow2", "+1M"],
+}
+
+
+def bitmap_flags(path):
+    info = L.qemu_json("info", "--output=json", "-U", path)
+    bms = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    return {b["name"]: sorted(b["flags"]) for b in bms}
+
+
+@pytest.mark.parametrize("name,op,sticky,err", cases(sorted(RESIZES)))
+def test_resize_grow(tmp_path, images, name, op, sticky, err):
+    pristine = str(tmp_path / "pristine")
+    work = str(tmp_path / "work")
+    after = str(tmp_path / "after")
+    images(make_bitmap_images, pristine)
+    layers = Layers(pristine, after, work)
+    bm = os.path.join(work, "bm.qcow2")
+    flags0 = bitmap_flags(os.path.join(pristine, "bm.qcow2"))
+
+    def check(res, n, counts):
+        what = "resize %s, %s #%s %s%s" % (name, op, n, err, " sticky" if sticky else "")
+        F.assert_check_clean(bm, what=what, leaks_ok=leaks_tolerated(n, op, sticky))
+        # Never in_use on disk: valid for the old size or for the new one.
+        assert bitmap_flags(bm) == flags0, "%s: %r" % (what, bitmap_flags(bm))
+        if n is None:
+            snapshot_after(work, after)
+            return
+        state = layers.tags("bm.qcow2", what)
+        if res.rc == 0:
+            assert "after" in state, "%s: exit 0 but bitmaps as before" % what
+        else:
+            F.assert_clear_error(res, err, ["bm.qcow2"], what)
+        assert F.same_guest_data(bm, os.path.join(pristine, "bm.qcow2")), what
+
+    F.sweep(pristine, work, RESIZES[name], "bm.qcow2", op, check, sticky, err, cwd=work)
 
 
 # --------------------------------------------------------------------------

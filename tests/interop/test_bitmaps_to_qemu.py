@@ -149,3 +149,40 @@ def test_qemu_reads_cbt_bitmaps(tmp, case):
     s.models.append(L.BitmapModel("again", 65536))
     s.bitmap("--add", "-g", 65536, "again")
     s.io()
+
+
+@pytest.mark.parametrize("new_size", ["3G", "+1M", "2049M"])
+def test_grow_keeps_bitmaps_valid_for_qemu(tmp, new_size):
+    """cbt resize growing an image whose 4 KiB-granularity bitmap needs a
+    longer table (3G: one cluster of bits covers 2 GiB) or not (+1M):
+    QEMU loads every bitmap (no in-use flag), sees the same dirty extents
+    as before in the old area and a clean grown area, and qemu-img check
+    finds neither corruption nor leaks."""
+    img = str(tmp / "g.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, str(4 * MiB))
+    L.cbt_ok("bitmap", "--add", "-g", "4k", img, "b")
+    L.cbt_ok("bitmap", "--add", "-g", "1M", img, "big")
+    L.cbt_ok("bitmap", "--add", img, "off")
+    L.cbt_ok("bitmap", "--disable", img, "off")
+    L.cbt_ok("io", "-c", "write -P 1 100k 300k", "-c", "write -P 2 4092k 4k",
+             img)
+    before = L.qemu_bitmap_extents(img, ["b", "big", "off"])
+    L.cbt_ok("resize", img, new_size)
+    size = json_size(img)
+    assert size > 4 * MiB
+    info = L.qemu_json("info", "--output=json", img)
+    flags = {b["name"]: b["flags"]
+             for b in info["format-specific"]["data"]["bitmaps"]}
+    assert flags == {"b": ["auto"], "big": ["auto"], "off": []}, flags
+    after = L.qemu_bitmap_extents(img, ["b", "big", "off"])
+    for name in ("b", "big", "off"):
+        dirty0 = [(e["start"], e["length"]) for e in before[name] if e["dirty"]]
+        dirty1 = [(e["start"], e["length"]) for e in after[name] if e["dirty"]]
+        assert dirty1 == dirty0, (name, before[name], after[name])
+        assert sum(e["length"] for e in after[name]) == size
+        assert L.cbt_dump(img, name) == after[name]
+    L.qemu_check_clean(img)
+
+
+def json_size(img):
+    return L.qemu_json("info", "--output=json", img)["virtual-size"]

@@ -615,6 +615,11 @@ struct new_entry {
     uint32_t flags;
     uint8_t granularity_bits;
     bool fresh;                /* table and data written by this store */
+    bool grown;                /* GROW_TABLES: a longer copy of the table
+                                * at old_table_offset; the data clusters
+                                * stay shared with it */
+    uint64_t old_table_offset;
+    uint32_t old_table_size;
     uint64_t disk_bytes;
 };
 
@@ -678,9 +683,13 @@ static void drop_fresh(struct qcow2_state *s, const uint64_t *tab,
         if (tab[i] & QCOW2_BME_TABLE_OFFSET_MASK)
             (void)release(s, tab[i] & QCOW2_BME_TABLE_OFFSET_MASK,
                           s->cluster_size);
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         if (v[i].fresh)
             (void)free_table(s, v[i].table_offset, v[i].table_size);
+        else if (v[i].grown) /* its data belongs to the old table */
+            (void)release(s, v[i].table_offset,
+                          (uint64_t)v[i].table_size * 8);
+    }
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -700,7 +709,7 @@ static int free_old(struct qcow2_state *s, const struct qcow2_bitmaps_ext *old,
     int r = 0;
     if (old->present && old->len == QCOW2_BITMAPS_EXT_SIZE && old->dir_size)
         r = release(s, old->dir_offset, old->dir_size);
-    uint64_t *keep = calloc(k + 1, sizeof(*keep));
+    uint64_t *keep = calloc(2 * k + 1, sizeof(*keep));
     /* pairs (table offset, table size), sorted by offset */
     uint64_t (*drop)[2] = calloc(s->bm_dir_n + 1, sizeof(*drop));
     if (!keep || !drop) {
@@ -709,9 +718,16 @@ static int free_old(struct qcow2_state *s, const struct qcow2_bitmaps_ext *old,
         return -ENOMEM;
     }
     size_t nk = 0, nd = 0;
-    for (size_t j = 0; j < k; j++)
+    for (size_t j = 0; j < k; j++) {
         if (!v[j].fresh)
             keep[nk++] = v[j].table_offset;
+        if (v[j].grown && r == 0) {
+            /* The longer copy took over the data clusters. */
+            r = release(s, v[j].old_table_offset,
+                        (uint64_t)v[j].old_table_size * 8);
+            keep[nk++] = v[j].old_table_offset;
+        }
+    }
     qsort(keep, nk, sizeof(*keep), cmp_u64);
     for (uint32_t i = 0; i < s->bm_dir_n; i++) {
         const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
@@ -840,12 +856,75 @@ enum store_mode {
     STORE_ALL,       /* the node's persistent bitmaps, bits written afresh */
     MARK_RECORDING,  /* the directory on disk, its 'auto' entries in_use */
     MARK_ALL,        /* the directory on disk, every entry in_use */
+    GROW_TABLES,     /* the directory on disk, tables too short for the
+                      * size being grown to replaced by longer copies;
+                      * the header switch carries the new size */
 };
+
+/*
+ * GROW_TABLES: a copy of d's table long enough for `size`, the new
+ * entries zero (clean), written to fresh clusters; the data clusters stay
+ * where they are, shared until the switch frees the old table.  QEMU loads
+ * a table only when its length is exact for the image's size, so the
+ * switch to these must be the header update that changes the size
+ * (qcow2_resize sets h.size first).
+ */
+static int grow_table(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
+                      uint64_t need, struct new_entry *ne,
+                      struct cbt_error **errp)
+{
+    const char *fn = fname(s);
+    if (need > QCOW2_BME_MAX_TABLE_SIZE ||
+        need * s->cluster_size > QCOW2_BME_MAX_PHYS_SIZE) {
+        cbt_error_set(errp, EFBIG, "%s: bitmap '%s' would be too big for the "
+                      "new size", fn, d->name);
+        return -1;
+    }
+    uint64_t bad;
+    int err;
+    uint64_t *t = read_table(s, d->table_offset, d->table_size, &bad, &err);
+    if (!t) {
+        if (err == 0)
+            err = -EINVAL;
+        cbt_error_set(errp, -err, "%s: cannot read the table of bitmap '%s': "
+                      "%s", fn, d->name, bad == UINT64_MAX ? strerror(-err)
+                      : "invalid entry");
+        return -1;
+    }
+    uint64_t cbytes = table_bytes_on_disk(s, (uint32_t)need);
+    uint8_t *be = calloc(1, cbytes);
+    int r = be ? 0 : -ENOMEM;
+    for (uint32_t i = 0; be && i < d->table_size; i++)
+        stbe64(be + 8 * i, t[i]);
+    free(t);
+    int64_t toff = r < 0 ? r : qcow2_alloc_clusters(s, cbytes >> s->cluster_bits);
+    if (toff < 0) {
+        free(be);
+        cbt_error_set(errp, (int)-toff, "%s: cannot allocate a table for "
+                      "bitmap '%s': %s", fn, d->name, strerror((int)-toff));
+        return -1;
+    }
+    r = file_pwrite_full(s->node->fd, be, cbytes, (uint64_t)toff);
+    free(be);
+    s->need_sync = true;
+    if (r < 0) {
+        (void)release(s, (uint64_t)toff, need * 8);
+        cbt_error_set(errp, -r, "%s: cannot write the table of bitmap '%s': "
+                      "%s", fn, d->name, strerror(-r));
+        return -1;
+    }
+    ne->old_table_offset = d->table_offset;
+    ne->old_table_size = d->table_size;
+    ne->table_offset = (uint64_t)toff;
+    ne->table_size = (uint32_t)need;
+    ne->grown = true;
+    return 0;
+}
 
 /* The entries of the new directory (step 1 of the protocol). */
 static int build_entries(struct qcow2_state *s, enum store_mode mode,
-                         struct new_entry *v, size_t *nv, uint8_t *buf,
-                         struct cbt_error **errp)
+                         uint64_t grow_size, struct new_entry *v, size_t *nv,
+                         uint8_t *buf, struct cbt_error **errp)
 {
     struct blk_node *node = s->node;
     size_t k = 0;
@@ -860,8 +939,18 @@ static int build_entries(struct qcow2_state *s, enum store_mode mode,
                 .flags = d->flags,
                 .granularity_bits = d->granularity_bits,
             };
-            if (mode == MARK_ALL || (d->flags & QCOW2_BME_FLAG_AUTO))
+            if (mode == MARK_ALL ||
+                (mode == MARK_RECORDING && (d->flags & QCOW2_BME_FLAG_AUTO)))
                 v[k].flags |= QCOW2_BME_FLAG_IN_USE;
+            /* An in_use entry has no size to satisfy (QEMU's rule). */
+            if (mode == GROW_TABLES && !(d->flags & QCOW2_BME_FLAG_IN_USE)) {
+                uint64_t need = table_entries(s, grow_size, d->granularity_bits);
+                if (need > d->table_size &&
+                    grow_table(s, d, need, &v[k], errp) < 0) {
+                    *nv = k;
+                    return -1;
+                }
+            }
             k++;
         }
         *nv = k;
@@ -898,7 +987,7 @@ static int build_entries(struct qcow2_state *s, enum store_mode mode,
 }
 
 static int store(struct qcow2_state *s, enum store_mode mode,
-                 struct cbt_error **errp)
+                 uint64_t grow_size, struct cbt_error **errp)
 {
     struct blk_node *node = s->node;
     const char *fn = fname(s);
@@ -947,7 +1036,7 @@ static int store(struct qcow2_state *s, enum store_mode mode,
 
     /* 1. The entries and the bits, then the directory. */
     size_t k = 0;
-    if (build_entries(s, mode, v, &k, buf, errp) < 0)
+    if (build_entries(s, mode, grow_size, v, &k, buf, errp) < 0)
         goto fail;
     uint64_t dir_size = 0;
     for (size_t i = 0; i < k; i++)
@@ -1060,9 +1149,16 @@ static int store(struct qcow2_state *s, enum store_mode mode,
             nd = NULL;
         }
     }
-    for (size_t i = 0; i < k; i++)
+    for (size_t i = 0; i < k; i++) {
         if (v[i].b)
             v[i].b->disk_bytes = v[i].disk_bytes;
+        for (size_t j = 0; v[i].grown && j < node->bitmaps.n; j++) {
+            struct blk_bitmap *b = &node->bitmaps.v[j];
+            if (b->persistent && strcmp(b->name, v[i].name) == 0)
+                b->disk_bytes += table_bytes_on_disk(s, v[i].table_size) -
+                                 table_bytes_on_disk(s, v[i].old_table_size);
+        }
+    }
 
     /* 4. Free what only the old directory referenced. */
     int fr = synced ? free_old(s, &old_ext, v, k) : 0;
@@ -1070,7 +1166,8 @@ static int store(struct qcow2_state *s, enum store_mode mode,
         fr = qcow2_flush_metadata(s);
     free(v);
     qcow2_bitmaps_free(s);
-    s->bm_marked = mode != STORE_ALL;
+    if (mode != GROW_TABLES)
+        s->bm_marked = mode != STORE_ALL;
     if (!nd) {
         /* Out of memory: the image is right, but we cannot track it. */
         s->bm_loaded = false;
@@ -1107,7 +1204,7 @@ int qcow2_bitmaps_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len)
     if (!s->bm_loaded || s->bm_marked)
         return 0;
     struct cbt_error *err = NULL;
-    if (store(s, MARK_RECORDING, &err) < 0) {
+    if (store(s, MARK_RECORDING, 0, &err) < 0) {
         cbt_debug("%s", cbt_error_message(err));
         int e = cbt_error_errno(err);
         cbt_error_free(err);
@@ -1122,10 +1219,18 @@ int qcow2_bitmaps_mark_all_in_use(struct qcow2_state *s,
 {
     if (!s->bm_loaded)
         return 0;
-    if (store(s, MARK_ALL, errp) < 0)
+    if (store(s, MARK_ALL, 0, errp) < 0)
         return -1;
     s->bm_marked = true;
     return 0;
+}
+
+int qcow2_bitmaps_grow_tables(struct qcow2_state *s, uint64_t new_size,
+                              struct cbt_error **errp)
+{
+    if (!s->bm_loaded)
+        return 0;
+    return store(s, GROW_TABLES, new_size, errp);
 }
 
 int qcow2_bitmaps_store(struct blk_node *node, struct cbt_error **errp)
@@ -1136,7 +1241,7 @@ int qcow2_bitmaps_store(struct blk_node *node, struct cbt_error **errp)
     /* Unchanged since the last store, and not in_use: the disk is right. */
     if (!node->bitmaps_changed && !node->bitmaps_written && !s->bm_marked)
         return 0;
-    return store(s, STORE_ALL, errp);
+    return store(s, STORE_ALL, 0, errp);
 }
 
 /* ---- salvage (check -r all) ---- */

@@ -272,19 +272,36 @@ static int grow_l1(struct qcow2_state *s, uint64_t entries)
     if (r == 0)
         r = qcow2_sync(s);
     if (r < 0) {
+        /* Nothing points at the new table: give its clusters back. */
+        (void)qcow2_update_refcount(s, (uint64_t)off,
+                                    nclusters << s->cluster_bits, -1);
         free(l1);
         return r;
     }
     uint64_t old_off = s->h.l1_table_offset;
-    uint64_t old_bytes = (uint64_t)s->l1_size * 8;
+    uint32_t old_size = s->l1_size;
+    uint64_t old_bytes = (uint64_t)old_size * 8;
+    uint64_t *old_l1 = s->l1;
     s->h.l1_table_offset = (uint64_t)off;
     s->h.l1_size = (uint32_t)entries;
-    free(s->l1);
     s->l1 = l1;
     s->l1_size = (uint32_t)entries;
-    r = qcow2_write_header(s);
-    if (r < 0)
+    bool written = false;
+    r = qcow2_write_header_ex(s, &written);
+    if (r < 0 && !written) {
+        /* The header still points at the old table: keep it. */
+        s->h.l1_table_offset = old_off;
+        s->h.l1_size = old_size;
+        s->l1 = old_l1;
+        s->l1_size = old_size;
+        free(l1);
+        (void)qcow2_update_refcount(s, (uint64_t)off,
+                                    nclusters << s->cluster_bits, -1);
         return r;
+    }
+    free(old_l1);
+    if (r < 0)
+        return r; /* written, not synced: the new table is in force */
     return old_bytes ? qcow2_free_clusters_deferred(s, old_off, old_bytes) : 0;
 }
 
@@ -321,14 +338,25 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
             return -1;
         }
     }
-    /* The bitmaps change size with the image: until they are stored
-     * again, the entries on disk must not claim to be valid. */
-    if (new_size != old_size && qcow2_bitmaps_mark_all_in_use(s, errp) < 0)
+    /* The bitmaps change size with the image.  Shrinking: until they are
+     * stored again, the entries on disk must not claim to be valid. */
+    if (new_size < old_size && qcow2_bitmaps_mark_all_in_use(s, errp) < 0)
         return -1;
     uint64_t need = qcow2_l1_entries_for(new_size, s->cluster_bits, s->l2_bits);
     int r = 0;
     if (need > s->l1_size)
         r = grow_l1(s, need);
+    if (r == 0 && new_size > old_size) {
+        /* Growing: a bitmap whose table is long enough stays valid as it
+         * is (the grown area clean, as in memory); longer tables (QEMU
+         * wants them exact) land in the same header update as the new
+         * size, so no moment has bitmaps valid for neither size. */
+        s->h.size = new_size;
+        if (qcow2_bitmaps_grow_tables(s, new_size, errp) < 0) {
+            s->h.size = old_size;
+            return -1;
+        }
+    }
     if (r == 0 && new_size < old_size) {
         /* Drop every cluster wholly past the new end. */
         uint64_t lo = ALIGN_UP(new_size, s->cluster_size);

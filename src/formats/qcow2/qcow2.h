@@ -450,6 +450,12 @@ int qcow2_check(struct blk_node *node, unsigned fix,
 int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp);
 /* Before a resize: every bitmap in_use on disk (their sizes will not
  * match the image until the next store). */
+/* Growing the image to new_size (already in s->h.size, the L1 table
+ * already large enough): give every valid bitmap whose table is too short
+ * a longer one, in one header update that also carries the new size.
+ * Nothing is written when no table needs to grow. */
+int qcow2_bitmaps_grow_tables(struct qcow2_state *s, uint64_t new_size,
+                              struct cbt_error **errp);
 int qcow2_bitmaps_mark_all_in_use(struct qcow2_state *s,
                                   struct cbt_error **errp);
 /* The driver's mark_dirty, bitmap_can_store and bitmap_store callbacks. */
