@@ -1542,12 +1542,17 @@ static void test_resize(void **state)
     write_pattern(img, 10 * MiB - 1, 1);
     ok(cbt_bitmap_commit(img, &err), err, "commit");
     ok(cbt_image_resize(img, 100 * MiB + 512, false, &err), err, "grow");
-    /* Until the next store the entry is in_use (its size is stale). */
-    assert_int_equal(disk_flags(p, "a"), FLAG_AUTO | FLAG_IN_USE);
+    /* Growing keeps the entry valid on disk (its table covers the new
+     * size, or a longer one lands with the size in one header update):
+     * another reader sees the grown bitmap at once. */
+    assert_int_equal(disk_flags(p, "a"), FLAG_AUTO);
     struct model m;
     model_init(&m, 100 * MiB + 512, 4096);
     model_set(&m, 10 * MiB - 1, 1);
     expect_model(img, "a", &m);
+    struct cbt_image *reader = open_img(p, 0);
+    expect_model(reader, "a", &m);
+    close_img(reader);
     write_pattern(img, 100 * MiB, 512);
     model_set(&m, 100 * MiB, 512);
     close_img(img);
@@ -1566,6 +1571,26 @@ static void test_resize(void **state)
     expect_model(img, "a", &m);
     close_img(img);
     free(m.bit);
+
+    /* 512-byte clusters: growing 1 MiB -> 64 MiB needs a 4-entry table
+     * instead of 1; it is valid on disk at once, QEMU-exact. */
+    const char *q = path_of("rs512.qcow2");
+    create(q, 1 * MiB, 512, 3);
+    struct cbt_image *small = open_img(q, CBT_OPEN_RDWR);
+    ok(cbt_bitmap_add(small, "t", 4096, false, &err), err, "add");
+    write_pattern(small, 700 * KiB, 5000);
+    ok(cbt_bitmap_commit(small, &err), err, "commit");
+    ok(cbt_image_resize(small, 64 * MiB, false, &err), err, "grow 512");
+    assert_int_equal(disk_flags(q, "t"), FLAG_AUTO);
+    struct model m2;
+    model_init(&m2, 64 * MiB, 4096);
+    model_set(&m2, 700 * KiB, 5000);
+    reader = open_img(q, 0);
+    expect_model(reader, "t", &m2);
+    close_img(reader);
+    close_img(small);
+    check_clean(q);
+    free(m2.bit);
 
     /* An inconsistent bitmap blocks a resize. */
     struct dirent v[1];
