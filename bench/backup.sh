@@ -20,6 +20,10 @@
 #   BENCH_CHAIN_DIRTY  percent of clusters each incremental of line 3's
 #                      chain changes (default 5)
 #   BENCH_SEED         seed of the content and of the dirty offsets (1)
+#   BENCH_WARMUP       untimed rounds of every job before the timed ones
+#                      (default 1: the first job to write gigabytes after
+#                      the script made its files paid for the guest's
+#                      fresh memory, 2-3x slower, whichever tool it was)
 #   BENCH_DROP_CACHES  1: sync and drop the page cache before every timed
 #                      run (needs root); 0 (default): warm cache
 #   PYTHON             an interpreter with the libnbd bindings
@@ -445,9 +449,12 @@ def main():
     dirty_levels = [int(x) for x in env.get("BENCH_DIRTY", "1 10").split()]
     chain_dirty = int(env.get("BENCH_CHAIN_DIRTY", "5"))
     seed = int(env.get("BENCH_SEED", "1"))
+    warmup = int(env.get("BENCH_WARMUP", "1"))
     drop = env.get("BENCH_DROP_CACHES", "0") == "1"
     if runs < 1:
         die("BENCH_RUNS must be at least 1")
+    if warmup < 0:
+        die("BENCH_WARMUP must be 0 or more")
 
     for tool in ("qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon",
                  "dd"):
@@ -469,7 +476,7 @@ def main():
     os.makedirs(work)
     try:
         bench(cbt, work, size, size_s, runs, dirty_levels, chain_dirty,
-              seed, drop, quick)
+              seed, drop, quick, warmup)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -516,6 +523,17 @@ def rel(argv, work):
     return shlex.join(out)
 
 
+def round_label(i, runs):
+    return "warm-up" if i < 0 else "run %d/%d" % (i + 1, runs)
+
+
+def record(times, last, name, t, i):
+    """Keep a timed result, except from the warm-up round (i < 0)."""
+    last[name] = t
+    if i >= 0:
+        times[name].append(t)
+
+
 def dd_median(d, nbytes, runs, seed):
     """The machine's durable copy time for nbytes: dd of a file of random
     bytes, warm in the page cache, to a new file with conv=fdatasync (as
@@ -546,7 +564,7 @@ def dd_median(d, nbytes, runs, seed):
 
 
 def bench(cbt, work, size, size_s, runs, dirty_levels, chain_dirty, seed,
-          drop, quick):
+          drop, quick, warmup):
     os.environ.setdefault("LC_ALL", "C")
     log("bench: size %s, %d runs per job, dirty %s%%, chain %d%%, seed %d, "
         "%s cache" % (size_s, runs, "/".join(map(str, dirty_levels)),
@@ -588,19 +606,20 @@ def bench(cbt, work, size, size_s, runs, dirty_levels, chain_dirty, seed,
             "qcow2", disk, out],
     }
     times = {k: [] for k in jobs}
-    for i in range(runs):
+    last = {}
+    for i in range(-warmup, runs):
         for name in rotate(list(jobs), i):
             for p in (out, out + ".json", out + ".hashes"):
                 if os.path.exists(p):
                     os.unlink(p)
             os.sync()
-            times[name].append(timed(jobs[name], drop))
+            record(times, last, name, timed(jobs[name], drop), i)
             same(out, disk)
             if name == "cbt":
                 check(out)
                 run([cbt, "checkpoint", "delete", disk, "bench"])
-        log("  full backup run %d/%d: %s" % (i + 1, runs, ", ".join(
-            "%s %.3f s" % (k, v[-1]) for k, v in times.items())))
+        log("  full backup %s: %s" % (round_label(i, runs), ", ".join(
+            "%s %.3f s" % (k, v) for k, v in last.items())))
     label = "full backup of the %s disk" % size_s
     rows.append((label, median(times["cbt"]),
                  [(k, median(v)) for k, v in times.items() if k != "cbt"]))
@@ -643,9 +662,10 @@ def bench(cbt, work, size, size_s, runs, dirty_levels, chain_dirty, seed,
                 os.path.join(r, "inc.qcow2")],
         }
         times = {k: [] for k in jobs}
+        last = {}
         alloc = {}
         manifest = None
-        for i in range(runs):
+        for i in range(-warmup, runs):
             for name in rotate(list(jobs), i):
                 shutil.rmtree(r, ignore_errors=True)
                 os.makedirs(r)
@@ -654,7 +674,7 @@ def bench(cbt, work, size, size_s, runs, dirty_levels, chain_dirty, seed,
                           "full.qcow2.hashes"):
                     os.link(os.path.join(repo, f), os.path.join(r, f))
                 os.sync()
-                times[name].append(timed(jobs[name], drop, cwd=r))
+                record(times, last, name, timed(jobs[name], drop, cwd=r), i)
                 inc = os.path.join(r, "inc.qcow2")
                 check(inc)
                 same(inc, os.path.join(r, "disk.qcow2"))
@@ -662,9 +682,9 @@ def bench(cbt, work, size, size_s, runs, dirty_levels, chain_dirty, seed,
                 if name == "cbt":
                     with open(inc + ".json") as f:
                         manifest = json.load(f)
-            log("  incremental %d%% run %d/%d: %s" % (
-                pct, i + 1, runs, ", ".join(
-                    "%s %.3f s" % (k, v[-1]) for k, v in times.items())))
+            log("  incremental %d%% %s: %s" % (
+                pct, round_label(i, runs), ", ".join(
+                    "%s %.3f s" % (k, v) for k, v in last.items())))
         dd_t = dd_median(d, dirty_bytes, runs, seed)
         label = "incremental, %d%% of clusters dirty (%s)" % (
             pct, human(dirty_bytes))
@@ -735,16 +755,17 @@ def bench(cbt, work, size, size_s, runs, dirty_levels, chain_dirty, seed,
             "qcow2", top, out],
     }
     times = {k: [] for k in jobs}
-    for i in range(runs):
+    last = {}
+    for i in range(-warmup, runs):
         for name in rotate(list(jobs), i):
             if os.path.exists(out):
                 os.unlink(out)
             os.sync()
-            times[name].append(timed(jobs[name], drop))
+            record(times, last, name, timed(jobs[name], drop), i)
             check(out)
             same(out, disk)
-        log("  restore run %d/%d: %s" % (i + 1, runs, ", ".join(
-            "%s %.3f s" % (k, v[-1]) for k, v in times.items())))
+        log("  restore %s: %s" % (round_label(i, runs), ", ".join(
+            "%s %.3f s" % (k, v) for k, v in last.items())))
     label = "restore of a full + 5 incrementals (%d%% each)" % chain_dirty
     rows.append((label, median(times["cbt"]),
                  [(k, median(v)) for k, v in times.items() if k != "cbt"]))
@@ -767,10 +788,11 @@ def bench(cbt, work, size, size_s, runs, dirty_levels, chain_dirty, seed,
                 label if k == 0 else "", "%.3f" % c if k == 0 else "",
                 route, q, c / q if q > 0 else float("nan")))
     print()
-    print("Median wall time of %d runs, %s cache.  Every result was "
-          "checked: qemu-img check clean, qemu-img compare identical to the "
-          "disk it backs up." % (runs, "cold (dropped before each run)"
-                                 if drop else "warm"))
+    print("Median wall time of %d runs (after %d untimed warm-up round%s), "
+          "%s cache.  Every result was checked: qemu-img check clean, "
+          "qemu-img compare identical to the disk it backs up." % (
+              runs, warmup, "" if warmup == 1 else "s",
+              "cold (dropped before each run)" if drop else "warm"))
     print("Load average (1/5/15 min) at the start: %s; at the end: %s; "
           "%d CPUs." % (load0, "/".join("%.2f" % x for x in os.getloadavg()),
                         os.cpu_count()))
