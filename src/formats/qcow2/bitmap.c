@@ -721,11 +721,13 @@ static int free_old(struct qcow2_state *s, const struct qcow2_bitmaps_ext *old,
     for (size_t j = 0; j < k; j++) {
         if (!v[j].fresh)
             keep[nk++] = v[j].table_offset;
-        if (v[j].grown && r == 0) {
-            /* The longer copy took over the data clusters. */
-            r = release(s, v[j].old_table_offset,
-                        (uint64_t)v[j].old_table_size * 8);
+        if (v[j].grown) {
+            /* The longer copy took over the data clusters: only the old
+             * table goes (and never with its data, below). */
             keep[nk++] = v[j].old_table_offset;
+            if (r == 0)
+                r = release(s, v[j].old_table_offset,
+                            (uint64_t)v[j].old_table_size * 8);
         }
     }
     qsort(keep, nk, sizeof(*keep), cmp_u64);
