@@ -661,9 +661,11 @@ int cbt_image_resize(struct cbt_image *img, uint64_t new_size, bool shrink,
     int r = blk_bitmaps_resize_check(img, errp);
     if (r == 0)
         r = img->drv->resize(img, new_size, shrink, errp);
-    if (r == 0) {
+    /* The bitmaps follow the size the node has now, also after a failure
+     * that left the file at the new size (a header written, not synced). */
+    if (r == 0 || img->size != old_size) {
         blk_bitmaps_resized(img);
-    } else if (img->size == old_size && new_size < old_size) {
+    } else if (new_size < old_size) {
         /* A failed shrink may have dropped data past the new end. */
         (void)blk_mark_dirty(img, new_size, old_size - new_size);
     }

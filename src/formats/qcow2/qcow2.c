@@ -352,7 +352,18 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
          * wants them exact) land in the same header update as the new
          * size, so no moment has bitmaps valid for neither size. */
         s->h.size = new_size;
-        if (qcow2_bitmaps_grow_tables(s, new_size, errp) < 0) {
+        bool was_switched = node->bitmaps_switched;
+        node->bitmaps_switched = false;
+        r = qcow2_bitmaps_grow_tables(s, new_size, errp);
+        bool landed = node->bitmaps_switched;
+        node->bitmaps_switched = was_switched;
+        if (r < 0 && landed) {
+            /* The header with the new size and tables was written, only
+             * its sync failed: the file says new size, so must we. */
+            node->size = new_size;
+            return -1;
+        }
+        if (r < 0) {
             s->h.size = old_size;
             return -1;
         }
