@@ -117,14 +117,15 @@ struct bk {
     struct blockhash ph;      /* the parent's leaves */
     uint64_t psize;           /* the parent's virtual size */
     uint64_t min_size;        /* the smallest size since the checkpoint */
-    struct range *dirty;      /* block-aligned, sorted, disjoint */
+    struct range *dirty;      /* what to copy (a full: [0, size)); block-
+                               * aligned, sorted, disjoint */
     size_t ndirty, capdirty;
 
     struct blockhash h;
     struct manifest_extent *ext; /* raw targets: what the file carries */
     size_t next, capext;
     /* the copy (copy_all): the next block to read is fpos, in the range
-     * [fpos, fend), then range number frange */
+     * [fpos, fend), then dirty range number frange */
     uint64_t fpos, fend;
     size_t frange;
     struct io_fail {
@@ -700,30 +701,21 @@ static int add_block(struct bk *b, enum blk_kind k, const uint8_t *buf,
  * hash them; the drain thread writes each chunk, in order.
  */
 
-/* The next block to copy into *off / *len; false when there is none.
- * Full backups walk [0, size), incrementals the dirty ranges. */
+/* The next block to copy into *off / *len (the ranges of b->dirty in
+ * order); false when there is none. */
 static bool next_block(struct bk *b, uint64_t *off, uint64_t *len)
 {
-    for (;;) {
-        if (b->fpos < b->fend) {
-            *off = b->fpos;
-            *len = MIN(B, b->fend - b->fpos);
-            b->fpos += *len;
-            return true;
-        }
-        if (b->full) {
-            if (b->frange++ > 0)
-                return false;
-            b->fpos = 0;
-            b->fend = b->size;
-        } else {
-            if (b->frange >= b->ndirty)
-                return false;
-            b->fpos = b->dirty[b->frange].start;
-            b->fend = b->dirty[b->frange].end;
-            b->frange++;
-        }
+    while (b->fpos >= b->fend) {
+        if (b->frange >= b->ndirty)
+            return false;
+        b->fpos = b->dirty[b->frange].start;
+        b->fend = b->dirty[b->frange].end;
+        b->frange++;
     }
+    *off = b->fpos;
+    *len = MIN(B, b->fend - b->fpos);
+    b->fpos += *len;
+    return true;
 }
 
 /* Segments [i, j) are adjacent blocks: which of them block status calls
@@ -843,8 +835,13 @@ static int copy_all(struct bk *b, struct cbt_error **errp)
     static const struct bp_ops ops = {bk_fill, bk_hash, bk_drain};
     b->done = 0;
     progress(b);
-    /* Digests of the blocks not copied come from the parent; the copied
+    /* A full backup copies the one range [0, size).  Otherwise the
+     * digests of the blocks not copied come from the parent; the copied
      * ones are overwritten by the hash stage. */
+    if (b->full && push_range(b, 0, b->size) < 0) {
+        oom(errp);
+        return -1;
+    }
     if (!b->full && b->h.n)
         memcpy(b->h.leaf, b->ph.leaf, (size_t)MIN(b->h.n, b->ph.n) * 32);
     int r = bp_run(&ops, b, 0);

@@ -734,8 +734,9 @@ int bchain_walk(struct bchain *c, bchain_piece_fn *piece, void *opaque,
                 uint64_t *checked, struct cbt_error **errp)
 {
     static const struct bp_ops ops = {walk_fill, walk_hash, walk_drain};
-    struct walk w = {c, piece, opaque, progress, progress_opaque, checked,
-                     errp, 0, {0}, 0, NULL, 0, 0};
+    struct walk w = {.c = c, .piece = piece, .opaque = opaque,
+                     .progress = progress, .progress_opaque = progress_opaque,
+                     .checked = checked, .errp = errp};
     if (checked)
         *checked = 0;
     if (progress)
