@@ -18,6 +18,22 @@ struct cbt_error;
 const char *cbt_error_message(const struct cbt_error *err);
 /* The errno value behind the error (EINVAL, EIO, ENOSPC, ...), never 0. */
 int cbt_error_errno(const struct cbt_error *err);
+
+/*
+ * What kind of failure an error is, for callers that act on it (the cbt
+ * command turns each kind into its own exit status, docs/cli.md).  Set by
+ * the code that knows (a lock conflict, a verification failure); otherwise
+ * derived from the errno: EIO, ENOSPC, EDQUOT, EFBIG, EROFS are CBT_ERR_IO.
+ */
+enum cbt_error_kind {
+    CBT_ERR_OTHER = 0,
+    CBT_ERR_USAGE,     /* wrong arguments or options */
+    CBT_ERR_IN_USE,    /* a file is held by another process (its lock) */
+    CBT_ERR_NEED_FULL, /* an incremental or differential is impossible */
+    CBT_ERR_CORRUPT,   /* verification failed: corrupt or altered data */
+    CBT_ERR_IO,        /* an I/O or space error of the host */
+};
+enum cbt_error_kind cbt_error_kind(const struct cbt_error *err);
 void cbt_error_free(struct cbt_error *err);
 
 #ifdef __cplusplus

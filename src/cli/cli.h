@@ -42,8 +42,22 @@
 CLI_COMMANDS(CLI_DECLARE_COMMAND)
 #undef CLI_DECLARE_COMMAND
 
-/* Process exit status of a usage mistake or a failed library call. */
-#define CLI_EXIT_FAILURE 1
+/*
+ * Process exit statuses, the same for every command (docs/cli.md, "Exit
+ * status").  check and compare keep qemu-img's result codes besides these
+ * (check: 2 corruptions, 3 leaks, 63 unsupported; compare: 1 different).
+ * A command stopped by SIGINT, SIGTERM or SIGHUP dies of that signal after
+ * cleaning up, so its parent sees it as the shell does (128 + n).
+ */
+#define CLI_EXIT_FAILURE 1    /* any other failure */
+#define CLI_EXIT_USAGE 64     /* wrong arguments or options */
+#define CLI_EXIT_CORRUPT 65   /* verification failed: corruption found */
+#define CLI_EXIT_IO 74        /* an I/O or space error of the host */
+#define CLI_EXIT_IN_USE 75    /* an image is in use by another process */
+#define CLI_EXIT_NEED_FULL 79 /* an incremental is impossible: take a full */
+
+/* The exit status for a library error (by cbt_error_kind). */
+int cli_exit_status(const struct cbt_error *err);
 
 /* util.c: errors, argument parsing, number formatting */
 
@@ -61,7 +75,7 @@ int cli_take_filename(const char *prog, int argc, char **argv,
 /* The "Try 'PROG --help' for more information." line alone. */
 void cli_try_help(const char *prog);
 /* Print "cbt: MESSAGE" for a library error and free it (NULL is tolerated).
- * Returns CLI_EXIT_FAILURE. */
+ * Returns the error's exit status (cli_exit_status). */
 int cli_lib_error(struct cbt_error *err);
 /* Print "cbt: " + printf-style message on stderr. */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -36,11 +36,31 @@ void cli_error(const char *fmt, ...)
     fputc('\n', stderr);
 }
 
+int cli_exit_status(const struct cbt_error *err)
+{
+    switch (cbt_error_kind(err)) {
+    case CBT_ERR_USAGE:
+        return CLI_EXIT_USAGE;
+    case CBT_ERR_IN_USE:
+        return CLI_EXIT_IN_USE;
+    case CBT_ERR_NEED_FULL:
+        return CLI_EXIT_NEED_FULL;
+    case CBT_ERR_CORRUPT:
+        return CLI_EXIT_CORRUPT;
+    case CBT_ERR_IO:
+        return CLI_EXIT_IO;
+    case CBT_ERR_OTHER:
+        break;
+    }
+    return CLI_EXIT_FAILURE;
+}
+
 int cli_lib_error(struct cbt_error *err)
 {
     cli_error("%s", err ? cbt_error_message(err) : "unknown error");
+    int status = cli_exit_status(err);
     cbt_error_free(err);
-    return CLI_EXIT_FAILURE;
+    return status;
 }
 
 int cli_help(const char *text)

@@ -13,6 +13,30 @@ int cbt_error_errno(const struct cbt_error *err)
     return err ? err->errnum : 0;
 }
 
+enum cbt_error_kind cbt_error_kind(const struct cbt_error *err)
+{
+    if (!err)
+        return CBT_ERR_OTHER;
+    if (err->kind != CBT_ERR_OTHER)
+        return err->kind;
+    switch (err->errnum) {
+    case EIO:
+    case ENOSPC:
+    case EDQUOT:
+    case EFBIG:
+    case EROFS:
+        return CBT_ERR_IO;
+    default:
+        return CBT_ERR_OTHER;
+    }
+}
+
+void cbt_error_set_kind(struct cbt_error **errp, enum cbt_error_kind kind)
+{
+    if (errp && *errp)
+        (*errp)->kind = kind;
+}
+
 void cbt_error_free(struct cbt_error *err)
 {
     if (err) {

@@ -29,11 +29,14 @@
 /* ---- errors (error.c) ---- */
 struct cbt_error {
     int errnum;
+    enum cbt_error_kind kind; /* CBT_ERR_OTHER: derive from errnum */
     char *msg;
 };
 /* Store a new error in *errp unless errp is NULL or already holds one. */
 void cbt_error_set(struct cbt_error **errp, int errnum, const char *fmt, ...)
     PRINTF_FMT(3, 4);
+/* Set the kind of the error already in *errp (no-op without one). */
+void cbt_error_set_kind(struct cbt_error **errp, enum cbt_error_kind kind);
 /* Prepend "prefix: " to an error already in *errp. */
 void cbt_error_prefix(struct cbt_error **errp, const char *fmt, ...)
     PRINTF_FMT(2, 3);
