@@ -23,7 +23,7 @@ int cbt_error_errno(const struct cbt_error *err);
  * What kind of failure an error is, for callers that act on it (the cbt
  * command turns each kind into its own exit status, docs/cli.md).  Set by
  * the code that knows (a lock conflict, a verification failure); otherwise
- * derived from the errno: EIO, ENOSPC, EDQUOT, EFBIG, EROFS are CBT_ERR_IO.
+ * derived from the errno: ENOSPC, EDQUOT, EFBIG, EROFS are CBT_ERR_IO.
  */
 enum cbt_error_kind {
     CBT_ERR_OTHER = 0,

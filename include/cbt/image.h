@@ -21,8 +21,24 @@ struct cbt_image;
 #define CBT_OPEN_RDWR (1u << 0)       /* open the top layer read-write */
 #define CBT_OPEN_NO_BACKING (1u << 1) /* do not open backing files */
 #define CBT_OPEN_CHECK (1u << 2)      /* open damaged images for check/repair */
+/*
+ * Read an image other processes may be writing (qemu-img's -U,
+ * --force-share): no write lock is refused.  What is read is the image as
+ * the writer last wrote it, which may be inconsistent; read-only opens only.
+ */
+#define CBT_OPEN_FORCE_SHARE (1u << 3)
 
-/* format: "qcow2", "raw" or NULL to probe. */
+/*
+ * format: "qcow2", "raw" or NULL to probe.
+ *
+ * Every file of the chain (and a qcow2 external data file) is locked as
+ * QEMU locks it, before anything is read: a read-only open shares reading
+ * only, a read-write open takes write and resize and shares neither, so
+ * cbt and QEMU's programs (and two cbt) exclude each other as two QEMU
+ * processes do.  A conflict fails the open with cbt_error_kind()
+ * CBT_ERR_IN_USE and QEMU's message.  Only regular files and block
+ * devices are opened.
+ */
 struct cbt_image *cbt_image_open(const char *filename, const char *format,
                                  unsigned flags, struct cbt_error **errp);
 /* Flushes and closes the whole chain; frees img even on failure. */
@@ -56,6 +72,10 @@ int cbt_image_flush(struct cbt_image *img);
 uint64_t cbt_image_size(const struct cbt_image *img);
 const char *cbt_image_filename(const struct cbt_image *img);
 const char *cbt_image_format(const struct cbt_image *img);
+/* Opened with CBT_OPEN_FORCE_SHARE while another process (a running VM)
+ * held this layer for writing: its contents may change underneath and its
+ * bitmaps show as inconsistent (in use by that process). */
+bool cbt_image_shared_with_writer(const struct cbt_image *img);
 /* The backing node, or NULL.  Borrowed: owned by img. */
 struct cbt_image *cbt_image_backing(const struct cbt_image *img);
 
@@ -146,6 +166,8 @@ void cbt_image_info_free(struct cbt_image_info *info);
 /* Consistency check, as qemu-img check. */
 #define CBT_CHECK_FIX_LEAKS (1u << 0)
 #define CBT_CHECK_FIX_ERRORS (1u << 1)
+/* Not a fix: open with CBT_OPEN_FORCE_SHARE (only without fixes). */
+#define CBT_CHECK_FORCE_SHARE (1u << 8)
 struct cbt_check_result {
     const char *format;          /* the checked image's format (static) */
     bool unsupported;            /* the format has nothing to check (raw) */

@@ -223,6 +223,14 @@ static int check_bitmap(struct cbt_image *img, const struct blk_bitmap *b,
                   "Bitmap '%s' is readonly and cannot be modified", b->name);
         return -1;
     }
+    if ((flags & CHECK_INCONSISTENT) && b->inconsistent &&
+        img->shared_with_writer) {
+        set_error(errp, img, EBUSY, "Bitmap '%s' is in use by the process "
+                  "holding the image open for writing (-U): its contents are "
+                  "in that process, not in the file", b->name);
+        cbt_error_set_kind(errp, CBT_ERR_IN_USE);
+        return -1;
+    }
     if ((flags & CHECK_INCONSISTENT) && b->inconsistent) {
         set_error(errp, img, EINVAL,
                   "Bitmap '%s' is inconsistent and cannot be used%s", b->name,

@@ -56,12 +56,113 @@ static void node_free(struct blk_node *node)
         return;
     if (node->fd >= 0)
         close(node->fd);
+    blk_lock_release(node->file_lock, node->lock_role);
     blk_bitmaps_free(node);
     pthread_mutex_destroy(&node->lock);
     free(node->filename);
     free(node->backing_name);
     free(node->backing_fmt);
     free(node);
+}
+
+int blk_open_file(const char *filename, unsigned flags,
+                  struct blk_lock **lockp, struct cbt_error **errp)
+{
+    if ((flags & CBT_OPEN_FORCE_SHARE) && (flags & CBT_OPEN_RDWR)) {
+        cbt_error_set(errp, EINVAL, "%s: force-share (-U) can only be used "
+                      "with read-only images", filename);
+        cbt_error_set_kind(errp, CBT_ERR_USAGE);
+        return -1;
+    }
+    bool rw = flags & CBT_OPEN_RDWR;
+    /* O_NONBLOCK: opening a FIFO must not wait for a writer. */
+    int fd = open(filename, (rw ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        cbt_error_set(errp, errno, "Could not open '%s': %s", filename,
+                      strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
+        close(fd);
+        cbt_error_set(errp, e, "Could not open '%s': %s", filename,
+                      strerror(e));
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+        close(fd);
+        cbt_error_set(errp, EINVAL, "Could not open '%s': not a regular file "
+                      "or block device (%s)", filename,
+                      S_ISDIR(st.st_mode)    ? "a directory"
+                      : S_ISFIFO(st.st_mode) ? "a FIFO"
+                      : S_ISCHR(st.st_mode)  ? "a character device"
+                      : S_ISSOCK(st.st_mode) ? "a socket"
+                                             : "another kind of file");
+        return -1;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0) {
+        int e = errno;
+        close(fd);
+        cbt_error_set(errp, e, "Could not open '%s': %s", filename,
+                      strerror(e));
+        return -1;
+    }
+    *lockp = blk_lock_acquire(fd, filename, blk_lock_role_of(flags), errp);
+    if (!*lockp) {
+        close(fd);
+        cbt_error_prefix(errp, "Could not open '%s'", filename);
+        return -1;
+    }
+    return fd;
+}
+
+int blk_create_file(const char *filename, struct blk_lock **lockp,
+                    struct cbt_error **errp)
+{
+    /* No O_TRUNC: a file somebody holds must not lose a byte before its
+     * lock has been tested. */
+    int fd = open(filename, O_RDWR | O_CREAT | O_CLOEXEC | O_NONBLOCK, 0644);
+    if (fd < 0) {
+        cbt_error_set(errp, errno, "%s: cannot create: %s", filename,
+                      strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        int e = errno;
+        close(fd);
+        if (e == 0 || S_ISDIR(st.st_mode) || !S_ISREG(st.st_mode))
+            cbt_error_set(errp, EINVAL, "%s: cannot create: not a regular "
+                          "file", filename);
+        else
+            cbt_error_set(errp, e, "%s: cannot create: %s", filename,
+                          strerror(e));
+        return -1;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0) {
+        cbt_error_set(errp, errno, "%s: cannot create: %s", filename,
+                      strerror(errno));
+        close(fd);
+        return -1;
+    }
+    *lockp = blk_lock_acquire(fd, filename, BLK_LOCK_CREATE, errp);
+    if (!*lockp) {
+        cbt_error_prefix(errp, "Could not create '%s'", filename);
+        close(fd);
+        return -1;
+    }
+    int r = file_truncate(fd, 0);
+    if (r < 0) {
+        close(fd);
+        blk_lock_release(*lockp, BLK_LOCK_CREATE);
+        cbt_error_set(errp, -r, "%s: cannot create: %s", filename,
+                      strerror(-r));
+        return -1;
+    }
+    return fd;
 }
 
 static struct blk_node *open_chain(const char *filename, const char *format,
@@ -73,23 +174,37 @@ static struct blk_node *open_chain(const char *filename, const char *format,
                       filename, BLK_MAX_CHAIN_DEPTH);
         return NULL;
     }
-    bool rw = flags & CBT_OPEN_RDWR;
-    int fd = open(filename, (rw ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-    if (fd < 0) {
-        cbt_error_set(errp, errno, "Could not open '%s': %s", filename,
-                      strerror(errno));
+    struct blk_lock *lock = NULL;
+    int fd = blk_open_file(filename, flags, &lock, errp);
+    if (fd < 0)
+        return NULL;
+    struct blk_node *node = calloc(1, sizeof(*node));
+    if (!node) {
+        close(fd);
+        blk_lock_release(lock, blk_lock_role_of(flags));
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", filename);
+        return NULL;
+    }
+    pthread_mutex_init(&node->lock, NULL);
+    node->fd = fd;
+    node->file_lock = lock;
+    node->lock_role = blk_lock_role_of(flags);
+    node->filename = strdup(filename);
+    if (!node->filename) {
+        node_free(node);
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", filename);
         return NULL;
     }
     struct stat st;
     if (fstat(fd, &st) < 0) {
         int e = errno;
-        close(fd);
+        node_free(node);
         cbt_error_set(errp, e, "%s: %s", filename, strerror(e));
         return NULL;
     }
     for (int i = 0; i < seen->n; i++) {
         if (seen->dev[i] == st.st_dev && seen->ino[i] == st.st_ino) {
-            close(fd);
+            node_free(node);
             cbt_error_set(errp, ELOOP,
                           "%s: backing chain loops back to this file", filename);
             return NULL;
@@ -103,7 +218,7 @@ static struct blk_node *open_chain(const char *filename, const char *format,
     if (format) {
         drv = blk_find_driver(format);
         if (!drv) {
-            close(fd);
+            node_free(node);
             cbt_error_set(errp, EINVAL, "Unknown file format '%s'", format);
             return NULL;
         }
@@ -112,23 +227,14 @@ static struct blk_node *open_chain(const char *filename, const char *format,
         if (!drv)
             drv = &blk_raw_driver;
     }
-
-    struct blk_node *node = calloc(1, sizeof(*node));
-    if (!node) {
-        close(fd);
-        cbt_error_set(errp, ENOMEM, "%s: out of memory", filename);
-        return NULL;
-    }
-    pthread_mutex_init(&node->lock, NULL);
-    node->fd = fd;
     node->drv = drv;
     node->flags = flags;
-    node->read_only = !rw;
-    node->filename = strdup(filename);
-    if (!node->filename) {
-        node_free(node);
-        cbt_error_set(errp, ENOMEM, "%s: out of memory", filename);
-        return NULL;
+    node->read_only = !(flags & CBT_OPEN_RDWR);
+    if ((flags & CBT_OPEN_FORCE_SHARE) && blk_lock_writer_present(fd)) {
+        node->shared_with_writer = true;
+        cbt_warn("%s is open for writing in another process (-U): what cbt "
+                 "reads is the image as that process last wrote it, which "
+                 "may be inconsistent, and its bitmaps are in use", filename);
     }
     if (drv->open(node, fd, flags, errp) < 0) {
         node_free(node);
@@ -194,6 +300,10 @@ int cbt_image_close(struct cbt_image *img, struct cbt_error **errp)
 }
 
 uint64_t cbt_image_size(const struct cbt_image *img) { return img->size; }
+bool cbt_image_shared_with_writer(const struct cbt_image *img)
+{
+    return img->shared_with_writer;
+}
 const char *cbt_image_filename(const struct cbt_image *img) { return img->filename; }
 const char *cbt_image_format(const struct cbt_image *img) { return img->drv->name; }
 struct cbt_image *cbt_image_backing(const struct cbt_image *img) { return img->backing; }
@@ -456,16 +566,33 @@ int blk_reopen_rw(struct blk_node *node, struct cbt_error **errp)
 {
     if (!node->read_only)
         return 0;
+    if (node->flags & CBT_OPEN_FORCE_SHARE) {
+        cbt_error_set(errp, EINVAL, "%s: opened with force-share (-U), "
+                      "which cannot write", node->filename);
+        return -1;
+    }
+    /* Take the write lock first: a conflict is found before anything
+     * changes. */
+    if (blk_lock_change(node->file_lock, node->filename, node->lock_role,
+                        BLK_LOCK_WRITE, errp) < 0) {
+        cbt_error_prefix(errp, "Could not open '%s' read-write",
+                         node->filename);
+        return -1;
+    }
     int fd = open(node->filename, O_RDWR | O_CLOEXEC);
     if (fd < 0) {
         cbt_error_set(errp, errno, "Could not open '%s' read-write: %s",
                       node->filename, strerror(errno));
+        (void)blk_lock_change(node->file_lock, node->filename, BLK_LOCK_WRITE,
+                              node->lock_role, NULL);
         return -1;
     }
     struct stat a, b;
     if (fstat(fd, &a) < 0 || fstat(node->fd, &b) < 0 || a.st_dev != b.st_dev ||
         a.st_ino != b.st_ino) {
         close(fd);
+        (void)blk_lock_change(node->file_lock, node->filename, BLK_LOCK_WRITE,
+                              node->lock_role, NULL);
         cbt_error_set(errp, ESTALE, "%s: the file changed while it was open",
                       node->filename);
         return -1;
@@ -506,10 +633,13 @@ int blk_reopen_rw(struct blk_node *node, struct cbt_error **errp)
         if (node->drv->open(node, oldfd, node->flags, NULL) < 0 ||
             blk_bitmaps_snapshot(node) < 0)
             node->opaque = NULL; /* unusable; close copes */
+        (void)blk_lock_change(node->file_lock, node->filename, BLK_LOCK_WRITE,
+                              node->lock_role, NULL);
         pthread_mutex_unlock(&node->lock);
         return -1;
     }
     close(oldfd);
+    node->lock_role = BLK_LOCK_WRITE;
     pthread_mutex_unlock(&node->lock);
     return 0;
 }
@@ -622,6 +752,9 @@ int cbt_image_check(const char *filename, const char *format, unsigned fix,
 {
     memset(res, 0, sizeof(*res));
     unsigned flags = CBT_OPEN_NO_BACKING | CBT_OPEN_CHECK;
+    if (fix & CBT_CHECK_FORCE_SHARE)
+        flags |= CBT_OPEN_FORCE_SHARE;
+    fix &= ~CBT_CHECK_FORCE_SHARE;
     if (fix)
         flags |= CBT_OPEN_RDWR;
     struct cbt_image *img = cbt_image_open(filename, format, flags, errp);

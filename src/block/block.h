@@ -17,6 +17,52 @@
 #define blk_node cbt_image
 struct blk_node;
 
+/* lock.c: QEMU's image locks (see its header comment). */
+#define BLK_PERM_CONSISTENT_READ (1u << 0)
+#define BLK_PERM_WRITE (1u << 1)
+#define BLK_PERM_WRITE_UNCHANGED (1u << 2)
+#define BLK_PERM_RESIZE (1u << 3)
+#define BLK_PERM_BITS 4
+#define BLK_PERM_ALL ((1u << BLK_PERM_BITS) - 1)
+/* What an open file is used for; each role is a pair of permission sets. */
+enum blk_lock_role {
+    BLK_LOCK_NONE,        /* no locks */
+    BLK_LOCK_READ,        /* read; nobody may write or resize */
+    BLK_LOCK_SHARED_READ, /* read; others may do anything (-U) */
+    BLK_LOCK_WRITE,       /* read, write, resize; nobody else writes */
+    BLK_LOCK_CREATE,      /* write, resize: before truncating a new file */
+    BLK_LOCK_ROLES
+};
+/*
+ * The locks of one file of this process (lock.c keeps one per file, shared
+ * by every open of it in the process).  blk_lock_acquire: lock the file
+ * open in fd for `role` as QEMU does (take the bytes, then test for
+ * conflicting holders in other processes).  The handle, or NULL with *errp
+ * (kind CBT_ERR_IN_USE for a conflict: QEMU's message, who holds the file
+ * and what to do).  On a file system without OFD locks, warns and goes on.
+ * blk_lock_change: one open of the file moves from role `from` to `to`
+ * (0, or -1 with *errp and nothing changed).  blk_lock_release: one open
+ * of `role` ends (NULL is tolerated); the last one drops the locks.
+ */
+struct blk_lock;
+struct blk_lock *blk_lock_acquire(int fd, const char *filename,
+                                  enum blk_lock_role role,
+                                  struct cbt_error **errp);
+int blk_lock_change(struct blk_lock *l, const char *filename,
+                    enum blk_lock_role from, enum blk_lock_role to,
+                    struct cbt_error **errp);
+void blk_lock_release(struct blk_lock *l, enum blk_lock_role role);
+/* Does another open file hold the write permission on fd's file? */
+bool blk_lock_writer_present(int fd);
+/* The role of an open with these CBT_OPEN_* flags. */
+static inline enum blk_lock_role blk_lock_role_of(unsigned flags)
+{
+    if (flags & CBT_OPEN_RDWR)
+        return BLK_LOCK_WRITE;
+    return (flags & CBT_OPEN_FORCE_SHARE) ? BLK_LOCK_SHARED_READ
+                                          : BLK_LOCK_READ;
+}
+
 /* Block-status answers of a driver about its own layer. */
 #define BLK_STATUS_ALLOCATED (1u << 0) /* this layer decides the contents */
 #define BLK_STATUS_DATA (1u << 1)      /* data stored at host_offset */
@@ -174,10 +220,33 @@ struct cbt_image {
                              * after the new state reached the file: the
                              * live list is what the disk holds */
     uint64_t unkicked;      /* bytes written since writeback was started */
+    /* The image lock (lock.c), held for lock_role; it does not depend on
+     * fd, which a reopen replaces. */
+    struct blk_lock *file_lock;
+    enum blk_lock_role lock_role;
+    bool shared_with_writer; /* -U, and another process holds write */
     pthread_mutex_t lock;
 };
 
 /* block.c */
+/*
+ * Open one file of an image (the image, a backing file, an external data
+ * file) for CBT_OPEN_* flags: read-write with CBT_OPEN_RDWR, locked for
+ * the role those flags give (blk_lock_acquire, handle in *lockp, to be
+ * released with that role) before anything is read.
+ * Refuses what is neither a regular file nor a block device (a FIFO would
+ * block, /dev/zero never ends).  The descriptor, or -1 with *errp.
+ */
+int blk_open_file(const char *filename, unsigned flags,
+                  struct blk_lock **lockp, struct cbt_error **errp);
+/*
+ * Create (or empty) a regular file for a new image, locked for creation
+ * (BLK_LOCK_CREATE) before it is truncated: a file another process holds
+ * is refused untouched.  The read-write descriptor, or -1 with *errp; the
+ * caller releases *lockp (role BLK_LOCK_CREATE) after closing it.
+ */
+int blk_create_file(const char *filename, struct blk_lock **lockp,
+                    struct cbt_error **errp);
 extern const struct blk_driver blk_raw_driver;
 extern const struct blk_driver blk_qcow2_driver;
 const struct blk_driver *blk_find_driver(const char *name);

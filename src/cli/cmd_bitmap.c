@@ -87,6 +87,10 @@ static const char usage[] =
     "  -F, --source-format SOURCE_FMT  format of SOURCE_FILE (default: probe)\n"
     "  -f, --format FMT    format of FILE (default: probe)\n"
     "  --output=FMT        human (default) or json, for the views\n"
+    "  -U, --force-share   views only: read FILE although another process\n"
+    "                      (a running VM) holds it for writing; what is shown\n"
+    "                      is FILE as that process last wrote it, and its\n"
+    "                      bitmaps are in use (inconsistent) while it runs\n"
     "  -h, --help          show this help\n"
     "\n"
     "Examples:\n"
@@ -158,6 +162,7 @@ struct bitmap_args {
     bool output_given;
     bool chain;  /* --chain */
     bool strict; /* --strict */
+    bool force_share; /* -U */
     const char *filename;
     const char *bitmap;
 };
@@ -230,6 +235,14 @@ static int check_args(struct bitmap_args *a, int argc, char **argv)
                                  "--count or --sha256");
         return -1;
     }
+    if (a->force_share &&
+        (a->view == VIEW_NONE || a->view == VIEW_REMOVE_ALL)) {
+        cli_usage_error(a->prog, "-U (--force-share) only supported with "
+                                 "--list, --dump, --count, --sha256 or "
+                                 "--diff: cbt never changes an image another "
+                                 "process holds");
+        return -1;
+    }
     if (a->strict && !a->chain) {
         cli_usage_error(a->prog, "--strict only supported with --chain");
         return -1;
@@ -294,11 +307,12 @@ static int parse_args(int argc, char **argv, struct bitmap_args *a)
         {"source-file", required_argument, NULL, 'b'},
         {"source-format", required_argument, NULL, 'F'},
         {"format", required_argument, NULL, 'f'},
+        {"force-share", no_argument, NULL, 'U'},
         {NULL, 0, NULL, 0},
     };
     int c;
     optind = 0;
-    while ((c = getopt_long(argc, argv, "hb:F:g:f:", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hb:F:g:f:U", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             return 1;
@@ -373,12 +387,21 @@ static int parse_args(int argc, char **argv, struct bitmap_args *a)
         case 'f':
             a->format = optarg;
             break;
+        case 'U':
+            a->force_share = true;
+            break;
         default:
             cli_try_help(a->prog);
             return -1;
         }
     }
     return check_args(a, argc, argv);
+}
+
+/* The open flags of the read-only views. */
+static unsigned view_flags(const struct bitmap_args *a)
+{
+    return a->force_share ? CBT_OPEN_FORCE_SHARE : 0;
 }
 
 /* ---- actions: in memory, then one commit ---- */
@@ -504,9 +527,8 @@ static int do_modify(const struct bitmap_args *a)
     struct cbt_image *img = cbt_image_open(
         a->filename, a->format, CBT_OPEN_RDWR | CBT_OPEN_NO_BACKING, &err);
     if (!img) {
-        cli_lib_error(err);
         cbt_image_close(src, NULL);
-        return CLI_EXIT_FAILURE;
+        return cli_lib_error(err);
     }
     int ret =
         a->view == VIEW_REMOVE_ALL ? remove_all(img) : run_actions(img, src, a);
@@ -665,6 +687,11 @@ static int view_count(struct cbt_image *img, const struct bitmap_args *a)
     if (!b) {
         cli_error("Dirty bitmap '%s' not found", a->bitmap);
         ret = CLI_EXIT_FAILURE;
+    } else if (b->inconsistent && cbt_image_shared_with_writer(img)) {
+        cli_error("Bitmap '%s' is in use by the process holding %s open for "
+                  "writing (-U): its contents are in that process, not in "
+                  "the file", a->bitmap, a->filename);
+        ret = CLI_EXIT_IN_USE;
     } else if (b->inconsistent) {
         cli_error("Bitmap '%s' is inconsistent and cannot be used", a->bitmap);
         ret = CLI_EXIT_FAILURE;
@@ -811,7 +838,7 @@ static int view_diff(struct cbt_image *img, const struct bitmap_args *a)
     int ret = CLI_EXIT_FAILURE;
     if (a->src_file) {
         other_img = cbt_image_open(a->src_file, a->src_format,
-                                   CBT_OPEN_NO_BACKING, &err);
+                                   view_flags(a) | CBT_OPEN_NO_BACKING, &err);
         if (!other_img)
             return cli_lib_error(err);
     }
@@ -1022,7 +1049,8 @@ static int view_chain_sha256(struct cbt_image *img,
 static int do_chain_view(const struct bitmap_args *a)
 {
     struct cbt_error *err = NULL;
-    struct cbt_image *img = cbt_image_open(a->filename, a->format, 0, &err);
+    struct cbt_image *img =
+        cbt_image_open(a->filename, a->format, view_flags(a), &err);
     if (!img)
         return cli_lib_error(err);
     int ret = CLI_EXIT_FAILURE;
@@ -1051,8 +1079,8 @@ static int do_view(const struct bitmap_args *a)
     if (a->chain)
         return do_chain_view(a);
     struct cbt_error *err = NULL;
-    struct cbt_image *img =
-        cbt_image_open(a->filename, a->format, CBT_OPEN_NO_BACKING, &err);
+    struct cbt_image *img = cbt_image_open(
+        a->filename, a->format, view_flags(a) | CBT_OPEN_NO_BACKING, &err);
     if (!img)
         return cli_lib_error(err);
     int ret = CLI_EXIT_FAILURE;

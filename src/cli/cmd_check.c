@@ -21,7 +21,8 @@ static const char usage[] =
     "  -r all          repair leaks and corruptions\n"
     "  --output=FMT    human (default) or json (qemu-img check's fields)\n"
     "  -q              quiet: print nothing on stdout\n"
-    "  -U, --force-share  accepted for qemu-img compatibility (no effect)\n"
+    "  -U, --force-share  check an image another process holds for writing\n"
+    "                     (not with -r; its state as last written)\n"
     "  -h, --help      show this help\n"
     "\n"
     "Exit status: 0 no problems, 1 the check could not run (or had internal\n"
@@ -44,6 +45,7 @@ struct check_args {
     enum cli_output output;
     unsigned fix;
     bool quiet;
+    bool force_share;
 };
 
 /* Returns 1 for --help, 0 to go on, -1 after a usage error. */
@@ -84,6 +86,7 @@ static int parse_args(int argc, char **argv, struct check_args *a)
             a->quiet = true;
             break;
         case 'U':
+            a->force_share = true;
             break;
         case OPT_OUTPUT:
             if (cli_parse_output(a->prog, optarg, &a->output) < 0)
@@ -181,6 +184,8 @@ static int run_check(const struct check_args *a, unsigned fix,
                      struct cbt_check_result *res)
 {
     struct cbt_error *err = NULL;
+    if (a->force_share)
+        fix |= CBT_CHECK_FORCE_SHARE;
     if (cbt_image_check(a->filename, a->format, fix, res, report, NULL,
                         &err) == 0)
         return 0;
@@ -190,8 +195,9 @@ static int run_check(const struct check_args *a, unsigned fix,
         return EXIT_UNSUPPORTED;
     }
     cli_error("Check failed: %s", cbt_error_message(err));
+    int status = cli_exit_status(err);
     cbt_error_free(err);
-    return EXIT_CHECK_FAILED;
+    return status == CLI_EXIT_FAILURE ? EXIT_CHECK_FAILED : status;
 }
 
 /* Check (and repair); after a repair check again, as qemu-img does, and

@@ -20,8 +20,8 @@
 
 static const char usage[] =
     "Usage: cbt checkpoint create [-g GRANULARITY] DISK NAME\n"
-    "       cbt checkpoint list [--output=human|json] DISK\n"
-    "       cbt checkpoint show [--output=human|json] DISK NAME\n"
+    "       cbt checkpoint list [-U] [--output=human|json] DISK\n"
+    "       cbt checkpoint show [-U] [--output=human|json] DISK NAME\n"
     "       cbt checkpoint delete DISK NAME\n"
     "       cbt checkpoint reconcile [--fix] [--output=human|json] DISK\n"
     "\n"
@@ -60,6 +60,10 @@ static const char usage[] =
     "                      cluster size, clamped to 4k..64k)\n"
     "  --fix               reconcile: repair what it finds\n"
     "  --output=FMT        human (default) or json (list, show, reconcile)\n"
+    "  -U, --force-share   list, show, reconcile without --fix: read DISK\n"
+    "                      although another process (a running VM) holds it\n"
+    "                      for writing; its bitmaps are then in use and what\n"
+    "                      is shown is DISK as that process last wrote it\n"
     "  -h, --help          show this help\n"
     "\n"
     "Examples:\n"
@@ -89,6 +93,7 @@ struct args {
     uint64_t granularity;
     bool granularity_given;
     bool fix;
+    bool force_share;
     enum cli_output output;
     bool output_given;
     const char *disk;
@@ -236,13 +241,16 @@ static void print_one(const struct cbt_checkpoint *c, const char *id)
 
 /* ---- subcommands ---- */
 
-static struct cbt_image *open_disk(const struct args *a, bool rw)
+/* Open DISK; on failure report it and store the exit status in *status. */
+static struct cbt_image *open_disk(const struct args *a, bool rw, int *status)
 {
     struct cbt_error *err = NULL;
-    struct cbt_image *img =
-        cbt_image_open(a->disk, NULL, rw ? CBT_OPEN_RDWR : 0, &err);
+    unsigned flags = rw ? CBT_OPEN_RDWR : 0;
+    if (a->force_share)
+        flags |= CBT_OPEN_FORCE_SHARE;
+    struct cbt_image *img = cbt_image_open(a->disk, NULL, flags, &err);
     if (!img)
-        cli_lib_error(err);
+        *status = cli_lib_error(err);
     return img;
 }
 
@@ -250,18 +258,17 @@ static struct cbt_image *open_disk(const struct args *a, bool rw)
 static int close_disk(struct cbt_image *img, int ret)
 {
     struct cbt_error *err = NULL;
-    if (cbt_image_close(img, &err) < 0) {
-        cli_lib_error(err);
-        return CLI_EXIT_FAILURE;
-    }
+    if (cbt_image_close(img, &err) < 0)
+        return cli_lib_error(err);
     return ret;
 }
 
 static int do_create(const struct args *a)
 {
-    struct cbt_image *img = open_disk(a, true);
+    int status;
+    struct cbt_image *img = open_disk(a, true, &status);
     if (!img)
-        return CLI_EXIT_FAILURE;
+        return status;
     struct cbt_error *err = NULL;
     int ret = 0;
     if (cbt_checkpoint_create(img, a->name, a->granularity, &err) < 0)
@@ -271,9 +278,10 @@ static int do_create(const struct args *a)
 
 static int do_list(const struct args *a)
 {
-    struct cbt_image *img = open_disk(a, false);
+    int status;
+    struct cbt_image *img = open_disk(a, false, &status);
     if (!img)
-        return CLI_EXIT_FAILURE;
+        return status;
     struct cbt_error *err = NULL;
     struct cbt_checkpoint *v = NULL;
     size_t n = 0;
@@ -299,9 +307,10 @@ static int do_list(const struct args *a)
 
 static int do_show(const struct args *a)
 {
-    struct cbt_image *img = open_disk(a, false);
+    int status;
+    struct cbt_image *img = open_disk(a, false, &status);
     if (!img)
-        return CLI_EXIT_FAILURE;
+        return status;
     struct cbt_error *err = NULL;
     struct cbt_checkpoint c;
     char id[37];
@@ -324,9 +333,10 @@ static int do_show(const struct args *a)
 
 static int do_delete(const struct args *a)
 {
-    struct cbt_image *img = open_disk(a, true);
+    int status;
+    struct cbt_image *img = open_disk(a, true, &status);
     if (!img)
-        return CLI_EXIT_FAILURE;
+        return status;
     struct cbt_error *err = NULL;
     bool existed = false;
     int ret = 0;
@@ -340,9 +350,10 @@ static int do_delete(const struct args *a)
 
 static int do_reconcile(const struct args *a)
 {
-    struct cbt_image *img = open_disk(a, a->fix);
+    int status;
+    struct cbt_image *img = open_disk(a, a->fix, &status);
     if (!img)
-        return CLI_EXIT_FAILURE;
+        return status;
     struct cbt_error *err = NULL;
     struct cbt_drift_item *v = NULL;
     size_t n = 0;
@@ -394,6 +405,7 @@ static int parse_args(int argc, char **argv, struct args *a)
         {"granularity", required_argument, NULL, 'g'},
         {"fix", no_argument, NULL, OPT_FIX},
         {"output", required_argument, NULL, OPT_OUTPUT},
+        {"force-share", no_argument, NULL, 'U'},
         {NULL, 0, NULL, 0},
     };
     if (argc < 2) {
@@ -420,7 +432,7 @@ static int parse_args(int argc, char **argv, struct args *a)
     argv++;
     int c;
     optind = 0;
-    while ((c = getopt_long(argc, argv, "hg:", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hg:U", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             return 1;
@@ -436,6 +448,9 @@ static int parse_args(int argc, char **argv, struct args *a)
         case OPT_FIX:
             a->fix = true;
             break;
+        case 'U':
+            a->force_share = true;
+            break;
         case OPT_OUTPUT:
             if (cli_parse_output(a->prog, optarg, &a->output) < 0)
                 return -1;
@@ -449,6 +464,14 @@ static int parse_args(int argc, char **argv, struct args *a)
     const char *sub = subs[a->sub].name;
     if (a->granularity_given && a->sub != SUB_CREATE) {
         cli_usage_error(a->prog, "-g is only supported with create");
+        return -1;
+    }
+    if (a->force_share && (a->fix || (a->sub != SUB_LIST &&
+                                      a->sub != SUB_SHOW &&
+                                      a->sub != SUB_RECONCILE))) {
+        cli_usage_error(a->prog, "-U (--force-share) is only supported with "
+                                 "list, show and reconcile without --fix: cbt "
+                                 "never changes a disk another process holds");
         return -1;
     }
     if (a->fix && a->sub != SUB_RECONCILE) {

@@ -27,7 +27,8 @@ static const char usage[] =
     "  -s            strict: a size or allocation difference is a mismatch\n"
     "  -q            quiet: print nothing on stdout\n"
     "  -p            show progress on stderr (when it is a terminal)\n"
-    "  -U, --force-share  accepted for qemu-img compatibility (no effect)\n"
+    "  -U, --force-share  compare images another process holds for writing\n"
+    "                     (their state as that process last wrote them)\n"
     "  -h, --help    show this help\n"
     "\n"
     "Exit status: 0 identical, 1 different (or a usage mistake), 2 an image\n"
@@ -59,7 +60,7 @@ struct cmp_image {
 struct cmp_job {
     struct cmp_image a, b;
     uint8_t *buf1, *buf2;
-    bool strict, quiet;
+    bool strict, quiet, force_share;
     struct cli_progress progress;
     uint64_t progress_base;
     uint64_t done;
@@ -239,13 +240,15 @@ static int compare(struct cmp_job *j, bool progress)
     return r;
 }
 
-static int open_side(struct cmp_image *im)
+static int open_side(struct cmp_image *im, bool force_share)
 {
     struct cbt_error *err = NULL;
-    im->img = cbt_image_open(im->name, im->format, 0, &err);
+    im->img = cbt_image_open(im->name, im->format,
+                             force_share ? CBT_OPEN_FORCE_SHARE : 0, &err);
     if (!im->img) {
-        cli_lib_error(err);
-        return CMP_OPEN_ERROR;
+        /* qemu-img's "error" status, unless the kind has its own. */
+        int status = cli_lib_error(err);
+        return status == CLI_EXIT_FAILURE ? CMP_OPEN_ERROR : status;
     }
     im->size = cbt_image_size(im->img);
     return 0;
@@ -281,6 +284,7 @@ static int parse_args(int argc, char **argv, struct cmp_job *j, bool *progress)
             j->quiet = true;
             break;
         case 'U':
+            j->force_share = true;
             break;
         default:
             cli_try_help(argv[0]);
@@ -307,9 +311,9 @@ int cmd_compare(int argc, char **argv)
     int r = parse_args(argc, argv, &j, &progress);
     if (r != 0)
         return r > 0 ? cli_help(usage) : CLI_EXIT_FAILURE;
-    int ret = open_side(&j.a);
+    int ret = open_side(&j.a, j.force_share);
     if (!ret)
-        ret = open_side(&j.b);
+        ret = open_side(&j.b, j.force_share);
     if (!ret)
         ret = compare(&j, progress);
     free(j.buf1);

@@ -22,7 +22,8 @@ static const char usage[] =
     "  -f FMT           format of FILE (qcow2 or raw; default: probe)\n"
     "  --output=FMT     human (default) or json\n"
     "  --backing-chain  also show every backing file below FILE\n"
-    "  -U, --force-share  accepted for qemu-img compatibility (no effect)\n"
+    "  -U, --force-share  read an image another process holds for writing\n"
+    "                     (its state as that process last wrote it)\n"
     "  -h, --help       show this help\n"
     "\n"
     "Examples:\n"
@@ -258,6 +259,7 @@ struct info_args {
     const char *filename;
     enum cli_output output;
     bool chain;
+    bool force_share;
 };
 
 /* Returns 1 for --help, 0 to go on, -1 after a usage error. */
@@ -282,6 +284,7 @@ static int parse_args(int argc, char **argv, struct info_args *a)
             a->format = optarg;
             break;
         case 'U':
+            a->force_share = true;
             break;
         case OPT_OUTPUT:
             if (cli_parse_output(a->prog, optarg, &a->output) < 0)
@@ -413,6 +416,8 @@ int cmd_info(int argc, char **argv)
 
     struct cbt_error *err = NULL;
     unsigned flags = a.chain ? 0 : CBT_OPEN_NO_BACKING;
+    if (a.force_share)
+        flags |= CBT_OPEN_FORCE_SHARE;
     struct cbt_image *img = cbt_image_open(a.filename, a.format, flags, &err);
     if (!img)
         return cli_lib_error(err);

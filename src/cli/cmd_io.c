@@ -31,7 +31,9 @@ static const char usage[] =
     "  -f FMT        format of FILE (default: probe)\n"
     "  -r            open read-only\n"
     "  -c COMMAND    run COMMAND (repeatable; run in order)\n"
-    "  -U, -n, -k, -t CACHE, -d DISCARD, -i AIO\n"
+    "  -U            read FILE although another process holds it for\n"
+    "                writing (with -r only; its state as last written)\n"
+    "  -n, -k, -t CACHE, -d DISCARD, -i AIO\n"
     "                accepted for qemu-io compatibility (no effect)\n"
     "  -h, --help    show this help\n"
     "\n"
@@ -694,6 +696,7 @@ struct io_args {
     const char *format;
     const char *filename;
     bool read_only;
+    bool force_share;
     char **cmds;
     int ncmds;
 };
@@ -730,8 +733,10 @@ static int parse_args(int argc, char **argv, struct io_args *a)
         case 'c':
             a->cmds[a->ncmds++] = optarg;
             break;
-        case 'U': /* qemu-io's cache, AIO and locking options: no effect */
-        case 'n':
+        case 'U':
+            a->force_share = true;
+            break;
+        case 'n': /* qemu-io's cache and AIO options: no effect */
         case 't':
         case 'd':
         case 'i':
@@ -749,8 +754,10 @@ static int run(struct io_args *a)
 {
     struct cbt_error *err = NULL;
     struct io_ctx ctx = {.read_only = a->read_only, .buf_pattern = -1};
-    ctx.img = cbt_image_open(a->filename, a->format,
-                             a->read_only ? 0 : CBT_OPEN_RDWR, &err);
+    unsigned flags = a->read_only ? 0 : CBT_OPEN_RDWR;
+    if (a->force_share)
+        flags |= CBT_OPEN_FORCE_SHARE;
+    ctx.img = cbt_image_open(a->filename, a->format, flags, &err);
     if (!ctx.img)
         return cli_lib_error(err);
     ctx.size = cbt_image_size(ctx.img);

@@ -21,7 +21,8 @@ static const char usage[] =
     "  --output=FMT        human (default) or json\n"
     "  -s, --start-offset OFF  first byte to map (default 0)\n"
     "  -l, --max-length LEN    map at most LEN bytes\n"
-    "  -U, --force-share   accepted for qemu-img compatibility (no effect)\n"
+    "  -U, --force-share   map an image another process holds for writing\n"
+    "                      (its state as that process last wrote it)\n"
     "  -h, --help          show this help\n"
     "\n"
     "Examples:\n"
@@ -48,6 +49,7 @@ struct map_args {
     uint64_t start;
     uint64_t max_length;
     bool has_max_length;
+    bool force_share;
 };
 
 static void entry_from_extent(const struct cbt_extent *e, struct map_entry *m)
@@ -181,6 +183,7 @@ static int parse_args(int argc, char **argv, struct map_args *a)
             a->format = optarg;
             break;
         case 'U':
+            a->force_share = true;
             break;
         case 's':
             if (cli_parse_size_arg(a->prog, "start offset", optarg, &a->start) <
@@ -213,7 +216,8 @@ int cmd_map(int argc, char **argv)
         return r > 0 ? cli_help(usage) : CLI_EXIT_FAILURE;
 
     struct cbt_error *err = NULL;
-    struct cbt_image *img = cbt_image_open(a.filename, a.format, 0, &err);
+    struct cbt_image *img = cbt_image_open(
+        a.filename, a.format, a.force_share ? CBT_OPEN_FORCE_SHARE : 0, &err);
     if (!img)
         return cli_lib_error(err);
     int ret = map_image(img, &a);

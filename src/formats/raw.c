@@ -109,12 +109,10 @@ static int raw_create(const char *filename, const struct cbt_create_opts *opts,
                       filename, prealloc);
         return -1;
     }
-    int fd = open(filename, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        cbt_error_set(errp, errno, "%s: cannot create: %s", filename,
-                      strerror(errno));
+    struct blk_lock *lock = NULL;
+    int fd = blk_create_file(filename, &lock, errp);
+    if (fd < 0)
         return -1;
-    }
     int r = file_truncate(fd, opts->size);
     if (r == 0 && strcmp(prealloc, "falloc") == 0 && opts->size)
         r = posix_fallocate(fd, 0, (off_t)opts->size) ? -EIO : 0;
@@ -127,6 +125,7 @@ static int raw_create(const char *filename, const struct cbt_create_opts *opts,
     if (r == 0)
         r = file_flush(fd);
     close(fd);
+    blk_lock_release(lock, BLK_LOCK_CREATE);
     if (r < 0) {
         cbt_error_set(errp, -r, "%s: %s", filename, strerror(-r));
         return -1;

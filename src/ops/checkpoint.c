@@ -416,6 +416,7 @@ static int meta_set(struct cbt_image *top, const struct ckpt_meta *m,
                       "(one cluster of %" PRIu32 " bytes); delete old "
                       "checkpoints or use shorter names", fname(top), len,
                       m->n, m->n == 1 ? "" : "s", top->cluster_size);
+        cbt_error_set_kind(errp, CBT_ERR_OTHER); /* not the host's space */
     } else {
         pass_error(errp, err);
     }

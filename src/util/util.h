@@ -29,7 +29,8 @@
 /* ---- errors (error.c) ---- */
 struct cbt_error {
     int errnum;
-    enum cbt_error_kind kind; /* CBT_ERR_OTHER: derive from errnum */
+    enum cbt_error_kind kind;
+    bool kind_set; /* kind was set; otherwise derived from errnum */
     char *msg;
 };
 /* Store a new error in *errp unless errp is NULL or already holds one. */

@@ -277,31 +277,34 @@ int qcow2_create(const char *filename, const struct cbt_create_opts *opts,
 
     if (opts->data_file) {
         char *dpath = path_resolve_relative(filename, opts->data_file);
-        int dfd = dpath ? open(dpath, O_RDWR | O_CREAT | O_CLOEXEC, 0644) : -1;
-        int e = errno;
-        if (dfd < 0 || file_truncate(dfd, opts->data_file_raw ? size : 0) < 0) {
-            cbt_error_set(errp, e, "%s: cannot create data file '%s': %s",
-                          filename, dpath ? dpath : opts->data_file, strerror(e));
-            free(dpath);
-            if (dfd >= 0)
-                close(dfd);
+        if (!dpath) {
+            cbt_error_set(errp, ENOMEM, "%s: out of memory", filename);
             return -1;
         }
-        close(dfd);
+        struct blk_lock *dlock = NULL;
+        int dfd = blk_create_file(dpath, &dlock, errp);
+        r = dfd < 0 ? -1 : file_truncate(dfd, opts->data_file_raw ? size : 0);
+        if (r < 0 && dfd >= 0)
+            cbt_error_set(errp, -r, "%s: cannot create data file '%s': %s",
+                          filename, dpath, strerror(-r));
         free(dpath);
+        if (dfd >= 0)
+            close(dfd);
+        blk_lock_release(dlock, BLK_LOCK_CREATE);
+        if (r < 0)
+            return -1;
     }
-    int fd = open(filename, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        cbt_error_set(errp, errno, "%s: cannot create: %s", filename,
-                      strerror(errno));
+    struct blk_lock *lock = NULL;
+    int fd = blk_create_file(filename, &lock, errp);
+    if (fd < 0)
         return -1;
-    }
     /* As QEMU, the file ends right after the L1 entries. */
     uint64_t len = (1 + t + b) * cs + MAX(l1_entries, 1) * 8;
     r = file_pwrite_full(fd, buf, len, 0);
     if (r == 0)
         r = file_flush(fd);
     close(fd);
+    blk_lock_release(lock, BLK_LOCK_CREATE);
     if (r < 0) {
         cbt_error_set(errp, -r, "%s: write failed: %s", filename, strerror(-r));
         return -1;

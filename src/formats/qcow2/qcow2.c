@@ -28,6 +28,7 @@ static void free_state(struct qcow2_state *s)
     qcow2_free_header(s);
     if (s->data_fd >= 0 && s->data_fd != s->node->fd)
         close(s->data_fd);
+    blk_lock_release(s->data_lock, s->data_lock_role);
     free(s->data_path);
     free(s->l1);
     free(s->reftable);
@@ -42,7 +43,7 @@ static uint32_t cache_entries(uint64_t want, uint64_t bytes, uint64_t cs)
     return (uint32_t)MIN(MAX(want, 16), max);
 }
 
-static int open_data_file(struct qcow2_state *s, bool rw,
+static int open_data_file(struct qcow2_state *s, unsigned flags,
                           struct cbt_error **errp)
 {
     s->data_path = path_resolve_relative(s->node->filename, s->data_file);
@@ -50,10 +51,13 @@ static int open_data_file(struct qcow2_state *s, bool rw,
         cbt_error_set(errp, ENOMEM, "out of memory");
         return -1;
     }
-    s->data_fd = open(s->data_path, (rw ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    /* Locked as the image itself is (blk_open_file). */
+    flags &= CBT_OPEN_RDWR | CBT_OPEN_FORCE_SHARE;
+    s->data_fd = blk_open_file(s->data_path, flags, &s->data_lock, errp);
+    s->data_lock_role = blk_lock_role_of(flags);
     if (s->data_fd < 0) {
-        cbt_error_set(errp, errno, "%s: cannot open external data file '%s': %s",
-                      s->node->filename, s->data_path, strerror(errno));
+        cbt_error_prefix(errp, "%s: cannot open external data file '%s'",
+                         s->node->filename, s->data_path);
         return -1;
     }
     return 0;
@@ -138,7 +142,7 @@ static int qcow2_open(struct blk_node *node, int fd, unsigned flags,
     }
     if (s->alloc_end < 1)
         s->alloc_end = 1;
-    if (s->data_file && open_data_file(s, rw, errp) < 0)
+    if (s->data_file && open_data_file(s, flags, errp) < 0)
         goto fail;
     detect_metadata_prealloc(s);
     if (qcow2_bitmaps_load(s, rw, errp) < 0)
@@ -507,6 +511,7 @@ static int qcow2_ext_set(struct blk_node *node, uint32_t type,
                       "does not fit in the image header (one cluster of %"
                       PRIu64 " bytes)", node->filename, len,
                       (uint64_t)s->cluster_size);
+        cbt_error_set_kind(errp, CBT_ERR_OTHER); /* not the host's space */
         return -1;
     }
     if (r < 0) {

@@ -256,6 +256,8 @@ struct qcow2_state {
     size_t nb_pending_free, cap_pending_free;
 
     int data_fd;             /* external data file or node->fd */
+    struct blk_lock *data_lock; /* its lock (blk_open_file), or NULL */
+    enum blk_lock_role data_lock_role;
     char *data_file;         /* name as stored, or NULL */
     char *data_path;         /* resolved path */
     bool data_file_raw;
