@@ -48,6 +48,7 @@ struct chain_seen {
     dev_t dev[BLK_MAX_CHAIN_DEPTH + 1];
     ino_t ino[BLK_MAX_CHAIN_DEPTH + 1];
     int n;
+    int failed; /* depth of the layer that failed to open, or 0 */
 };
 
 static void node_free(struct blk_node *node)
@@ -256,10 +257,19 @@ static struct blk_node *open_chain(const char *filename, const char *format,
         }
         /* Backing files are always opened read-only. */
         unsigned bflags = flags & ~(unsigned)(CBT_OPEN_RDWR | CBT_OPEN_CHECK);
+        int depth = seen->n; /* of the backing file */
         node->backing = open_chain(path, node->backing_fmt, bflags, seen, errp);
         if (!node->backing) {
-            cbt_error_prefix(errp, "Could not open backing file of '%s'",
-                             filename);
+            /* Name the layer that failed and its overlay, and, when that
+             * lies deeper, the top: one line, however long the chain. */
+            if (!seen->failed) {
+                seen->failed = depth;
+                cbt_error_prefix(errp, "Could not open backing file of '%s'",
+                                 filename);
+            } else if (depth == 1) {
+                cbt_error_prefix(errp, "'%s', layer %d of its backing chain",
+                                 filename, seen->failed);
+            }
             free(path);
             cbt_image_close(node, NULL);
             return NULL;
@@ -272,7 +282,7 @@ static struct blk_node *open_chain(const char *filename, const char *format,
 struct cbt_image *cbt_image_open(const char *filename, const char *format,
                                  unsigned flags, struct cbt_error **errp)
 {
-    struct chain_seen seen = { .n = 0 };
+    struct chain_seen seen = { .n = 0, .failed = 0 };
     return open_chain(filename, format, flags, &seen, errp);
 }
 
