@@ -119,7 +119,7 @@ int blk_open_file(const char *filename, unsigned flags,
     return fd;
 }
 
-int blk_create_file(const char *filename, struct blk_lock **lockp,
+int blk_create_file(const char *filename, bool keep, struct blk_lock **lockp,
                     struct cbt_error **errp)
 {
     /* No O_TRUNC: a file somebody holds must not lose a byte before its
@@ -155,7 +155,7 @@ int blk_create_file(const char *filename, struct blk_lock **lockp,
         close(fd);
         return -1;
     }
-    int r = file_truncate(fd, 0);
+    int r = keep ? 0 : file_truncate(fd, 0);
     if (r < 0) {
         close(fd);
         blk_lock_release(*lockp, BLK_LOCK_CREATE);

@@ -242,10 +242,12 @@ int blk_open_file(const char *filename, unsigned flags,
 /*
  * Create (or empty) a regular file for a new image, locked for creation
  * (BLK_LOCK_CREATE) before it is truncated: a file another process holds
- * is refused untouched.  The read-write descriptor, or -1 with *errp; the
- * caller releases *lockp (role BLK_LOCK_CREATE) after closing it.
+ * is refused untouched.  keep: do not empty an existing file (a raw data
+ * file adopted with its contents).  The read-write descriptor, or -1 with
+ * *errp; the caller releases *lockp (role BLK_LOCK_CREATE) after closing
+ * it.
  */
-int blk_create_file(const char *filename, struct blk_lock **lockp,
+int blk_create_file(const char *filename, bool keep, struct blk_lock **lockp,
                     struct cbt_error **errp);
 extern const struct blk_driver blk_raw_driver;
 extern const struct blk_driver blk_qcow2_driver;

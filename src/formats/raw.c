@@ -110,7 +110,7 @@ static int raw_create(const char *filename, const struct cbt_create_opts *opts,
         return -1;
     }
     struct blk_lock *lock = NULL;
-    int fd = blk_create_file(filename, &lock, errp);
+    int fd = blk_create_file(filename, false, &lock, errp);
     if (fd < 0)
         return -1;
     int r = file_truncate(fd, opts->size);

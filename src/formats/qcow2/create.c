@@ -6,6 +6,7 @@
  */
 #include <fcntl.h>
 #include <inttypes.h>
+#include <sys/stat.h>
 
 #include "qcow2.h"
 
@@ -282,20 +283,41 @@ int qcow2_create(const char *filename, const struct cbt_create_opts *opts,
             return -1;
         }
         struct blk_lock *dlock = NULL;
-        int dfd = blk_create_file(dpath, &dlock, errp);
-        r = dfd < 0 ? -1 : file_truncate(dfd, opts->data_file_raw ? size : 0);
-        if (r < 0 && dfd >= 0)
-            cbt_error_set(errp, -r, "%s: cannot create data file '%s': %s",
-                          filename, dpath, strerror(-r));
+        /* A raw data file keeps what it holds: that is how an existing
+         * raw disk gets a qcow2 metadata image for its bitmaps (qemu-img
+         * would empty it). */
+        int dfd = blk_create_file(dpath, opts->data_file_raw, &dlock, errp);
+        bool ok = dfd >= 0;
+        struct stat dst;
+        if (ok && fstat(dfd, &dst) < 0) {
+            cbt_error_set(errp, errno, "%s: cannot create data file '%s': "
+                          "%s", filename, dpath, strerror(errno));
+            ok = false;
+        }
+        if (ok && opts->data_file_raw && (uint64_t)dst.st_size > size) {
+            cbt_error_set(errp, EINVAL, "%s: data file '%s' holds %" PRIu64
+                          " bytes, more than the virtual size %" PRIu64
+                          "; give its size (or more)", filename, dpath,
+                          (uint64_t)dst.st_size, size);
+            ok = false;
+        }
+        if (ok) {
+            r = file_truncate(dfd, opts->data_file_raw ? size : 0);
+            if (r < 0) {
+                cbt_error_set(errp, -r, "%s: cannot create data file '%s': "
+                              "%s", filename, dpath, strerror(-r));
+                ok = false;
+            }
+        }
         free(dpath);
         if (dfd >= 0)
             close(dfd);
         blk_lock_release(dlock, BLK_LOCK_CREATE);
-        if (r < 0)
+        if (!ok)
             return -1;
     }
     struct blk_lock *lock = NULL;
-    int fd = blk_create_file(filename, &lock, errp);
+    int fd = blk_create_file(filename, false, &lock, errp);
     if (fd < 0)
         return -1;
     /* As QEMU, the file ends right after the L1 entries. */
