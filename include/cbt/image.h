@@ -41,6 +41,13 @@ struct cbt_image;
  */
 struct cbt_image *cbt_image_open(const char *filename, const char *format,
                                  unsigned flags, struct cbt_error **errp);
+/*
+ * How long an open (or a reopen for writing) waits for a file another
+ * process holds before it fails with CBT_ERR_IN_USE: 0 (the default) not at
+ * all, a negative value without end, else that many seconds.  For the
+ * whole process, as the locks are; set it before opening images.
+ */
+void cbt_set_lock_wait(int seconds);
 /* Flushes and closes the whole chain; frees img even on failure. */
 int cbt_image_close(struct cbt_image *img, struct cbt_error **errp);
 

@@ -39,6 +39,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include <pthread.h>
 
@@ -277,6 +278,42 @@ struct blk_lock {
 
 static pthread_mutex_t table_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct blk_lock *table;
+/* cbt_set_lock_wait(): seconds, < 0 forever; read under table_lock. */
+static int lock_wait;
+
+void cbt_set_lock_wait(int seconds)
+{
+    pthread_mutex_lock(&table_lock);
+    lock_wait = seconds;
+    pthread_mutex_unlock(&table_lock);
+}
+
+/*
+ * After a conflict: wait a little and say to try again (true), or give up
+ * (false, the error stays in *errp).  *waited counts the milliseconds
+ * spent; the first wait tells the user what it waits for.  Called with
+ * table_lock held; drops it while sleeping.
+ */
+static bool wait_again(const char *filename, unsigned *waited,
+                       struct cbt_error **errp)
+{
+    if (!errp || !*errp || cbt_error_kind(*errp) != CBT_ERR_IN_USE ||
+        lock_wait == 0 ||
+        (lock_wait > 0 && *waited >= (unsigned)lock_wait * 1000u))
+        return false;
+    if (*waited == 0)
+        cbt_warn("%s is in use; waiting for it%s", filename,
+                 lock_wait > 0 ? " (--wait)" : "");
+    cbt_error_free(*errp);
+    *errp = NULL;
+    unsigned step = *waited < 1000 ? 50 : 250;
+    pthread_mutex_unlock(&table_lock);
+    struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)step * 1000000L};
+    nanosleep(&ts, NULL);
+    pthread_mutex_lock(&table_lock);
+    *waited += step;
+    return true;
+}
 
 static unsigned wanted_bytes(const struct blk_lock *l)
 {
@@ -333,45 +370,81 @@ static int update(struct blk_lock *l, const char *filename,
     return 0;
 }
 
-struct blk_lock *blk_lock_acquire(int fd, const char *filename,
-                                  enum blk_lock_role role,
-                                  struct cbt_error **errp)
+/* Hand a local error to the caller's errp (or drop it). */
+static void pass_error(struct cbt_error **errp, struct cbt_error *err)
+{
+    if (errp && !*errp)
+        *errp = err;
+    else
+        cbt_error_free(err);
+}
+
+/* The entry of fd's file, or a new one (not yet in the table); NULL with
+ * *errp.  Called with table_lock held. */
+static struct blk_lock *find_entry(int fd, const char *filename,
+                                   struct cbt_error **errp)
 {
     struct stat st;
     if (fstat(fd, &st) < 0) {
         cbt_error_set(errp, errno, "%s: %s", filename, strerror(errno));
         return NULL;
     }
-    pthread_mutex_lock(&table_lock);
-    struct blk_lock *l = table;
-    while (l && (l->dev != st.st_dev || l->ino != st.st_ino))
-        l = l->next;
-    bool fresh = !l;
-    if (fresh) {
-        l = calloc(1, sizeof(*l));
-        int dfd = l ? fcntl(fd, F_DUPFD_CLOEXEC, 3) : -1;
-        if (dfd < 0) {
-            int e = l ? errno : ENOMEM;
-            free(l);
-            pthread_mutex_unlock(&table_lock);
-            cbt_error_set(errp, e, "%s: %s", filename, strerror(e));
-            return NULL;
-        }
-        l->dev = st.st_dev;
-        l->ino = st.st_ino;
-        l->fd = dfd;
+    for (struct blk_lock *l = table; l; l = l->next)
+        if (l->dev == st.st_dev && l->ino == st.st_ino)
+            return l;
+    struct blk_lock *l = calloc(1, sizeof(*l));
+    int dfd = l ? fcntl(fd, F_DUPFD_CLOEXEC, 3) : -1;
+    if (dfd < 0) {
+        int e = l ? errno : ENOMEM;
+        free(l);
+        cbt_error_set(errp, e, "%s: %s", filename, strerror(e));
+        return NULL;
     }
-    if (update(l, filename, role, +1, errp) < 0) {
+    l->dev = st.st_dev;
+    l->ino = st.st_ino;
+    l->fd = dfd;
+    return l;
+}
+
+static bool in_table(const struct blk_lock *l)
+{
+    for (const struct blk_lock *t = table; t; t = t->next)
+        if (t == l)
+            return true;
+    return false;
+}
+
+struct blk_lock *blk_lock_acquire(int fd, const char *filename,
+                                  enum blk_lock_role role,
+                                  struct cbt_error **errp)
+{
+    struct cbt_error *err = NULL;
+    unsigned waited = 0;
+    struct blk_lock *l;
+    pthread_mutex_lock(&table_lock);
+    for (;;) {
+        l = find_entry(fd, filename, &err);
+        if (!l)
+            break;
+        bool fresh = !in_table(l);
+        if (update(l, filename, role, +1, &err) == 0) {
+            if (fresh) {
+                l->next = table;
+                table = l;
+            }
+            break;
+        }
         if (fresh) {
             close(l->fd);
             free(l);
         }
         l = NULL;
-    } else if (fresh) {
-        l->next = table;
-        table = l;
+        if (!wait_again(filename, &waited, &err))
+            break;
     }
     pthread_mutex_unlock(&table_lock);
+    if (err)
+        pass_error(errp, err);
     return l;
 }
 
@@ -379,11 +452,18 @@ int blk_lock_change(struct blk_lock *l, const char *filename,
                     enum blk_lock_role from, enum blk_lock_role to,
                     struct cbt_error **errp)
 {
+    struct cbt_error *err = NULL;
+    unsigned waited = 0;
+    int r;
     pthread_mutex_lock(&table_lock);
-    int r = update(l, filename, to, +1, errp);
+    do {
+        r = update(l, filename, to, +1, &err);
+    } while (r < 0 && wait_again(filename, &waited, &err));
     if (r == 0)
         (void)update(l, filename, from, -1, NULL);
     pthread_mutex_unlock(&table_lock);
+    if (err)
+        pass_error(errp, err);
     return r;
 }
 

@@ -10,6 +10,7 @@
  * up from there.  Only main() exits; commands return.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cli.h"
@@ -41,12 +42,17 @@ static const struct cli_command *find_command(const char *name)
 static void print_usage(FILE *f)
 {
     fprintf(f,
-            "Usage: cbt COMMAND [OPTIONS] ARGS...\n"
+            "Usage: cbt [--wait[=SECONDS]] COMMAND [OPTIONS] ARGS...\n"
             "       cbt help COMMAND | cbt COMMAND --help\n"
             "       cbt --version\n"
             "\n"
             "Changed-block tracking and backup for qcow2 images.  The image\n"
             "commands take qemu-img's (and, for io, qemu-io's) options.\n"
+            "\n"
+            "Every image is locked as QEMU locks it: one that a running VM,\n"
+            "qemu-nbd, qemu-storage-daemon or another cbt holds is refused\n"
+            "(exit status 75).  --wait waits for it instead, SECONDS at most\n"
+            "(without a number: until it is free).\n"
             "\n"
             "Commands:\n");
     for (size_t i = 0; i < N_COMMANDS; i++)
@@ -91,6 +97,28 @@ int main(int argc, char **argv)
     if (argc < 2) {
         print_usage(stderr);
         return CLI_EXIT_FAILURE;
+    }
+    /* cbt --wait[=SECONDS] COMMAND ...: wait for images others hold. */
+    while (argc >= 2 && strncmp(argv[1], "--wait", 6) == 0 &&
+           (argv[1][6] == '\0' || argv[1][6] == '=')) {
+        int secs = -1;
+        if (argv[1][6] == '=') {
+            char *end;
+            long v = strtol(argv[1] + 7, &end, 10);
+            if (end == argv[1] + 7 || *end || v < 0 || v > 86400 * 365) {
+                fprintf(stderr, "cbt: --wait expects a number of seconds, "
+                        "not '%s'\n", argv[1] + 7);
+                return CLI_EXIT_USAGE;
+            }
+            secs = (int)v;
+        }
+        cbt_set_lock_wait(secs);
+        argc--;
+        argv++;
+    }
+    if (argc < 2) {
+        print_usage(stderr);
+        return CLI_EXIT_USAGE;
     }
     const char *name = argv[1];
     if (strcmp(name, "--help") == 0 || strcmp(name, "-h") == 0)

@@ -477,3 +477,57 @@ def test_backup_beside_cbt_writer_is_refused(tmp):
     res = qemu_img("compare", "-f", "qcow2", "-F", "qcow2", d, out,
                    check=False)
     assert res.rc == 0, res
+
+
+# ---- --wait ----
+
+
+def test_wait_for_a_holder_to_leave(tmp):
+    """cbt --wait waits while qemu-io holds the disk and runs once it has
+    closed it; --wait=SECONDS gives up with exit 75."""
+    d, bk, other = make_disk(tmp)
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", d],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_locked(d, holder)
+        wait_ready(holder, "prompt")
+        res = cbt("--wait=1", "bitmap", "--add", d, "w1", check=False)
+        assert res.rc == IN_USE and "waiting for it" in res.err, res
+        waiter = subprocess.Popen([CBT, "--wait", "bitmap", "--add", d, "w2"],
+                                  stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        assert waiter.poll() is None, "did not wait: %s" % waiter.stderr.read()
+        holder.stdin.write("write -P 0x66 12M 64k\n")
+        holder.stdin.close()
+        holder.wait(timeout=20)
+        out, err = waiter.communicate(timeout=60)
+        assert waiter.returncode == 0, err
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait()
+    res = cbt("bitmap", "--list", "--output=json", d)
+    names = {b["name"] for b in res.json()}
+    assert "w2" in names and "w1" not in names, names
+    # The write qemu-io made before leaving is in the recording bitmaps.
+    res = cbt("bitmap", "--dump", "--output=json", d, "b1")
+    assert any(e["dirty"] and e["start"] <= 12 << 20 < e["start"] +
+               e["length"] for e in res.json()), res.out
+
+
+def test_two_backups_with_wait_both_succeed_in_turn(tmp):
+    d, bk, other = make_disk(tmp)
+    procs = [subprocess.Popen([CBT, "--wait=120", "backup", "--incremental",
+                               d, os.path.join(bk, "w%d.qcow2" % i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    for i in range(2):
+        cbt("verify", os.path.join(bk, "w%d.qcow2" % i))
+    cbt("checkpoint", "reconcile", d)
+    res = qemu_img("check", d, check=False)
+    assert res.rc == 0, res
