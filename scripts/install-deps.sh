@@ -7,7 +7,7 @@ set -eu
 
 PACKAGES="
 gcc make meson ninja-build pkg-config
-libjansson-dev zlib1g-dev libzstd-dev libcmocka-dev libssl-dev
+libjansson-dev zlib1g-dev libzstd-dev libcmocka-dev libssl-dev libnbd-dev
 clang libclang-rt-dev
 qemu-utils libnbd-bin python3 python3-libnbd python3-pytest
 qemu-system-common

@@ -1,0 +1,252 @@
+/*
+ * The NBD reader (nbd.h), on libnbd.
+ *
+ * A backup needs, for every range of the disk, whether it changed (the
+ * export's qemu:dirty-bitmap:NAME context, bit 0) and whether it reads as
+ * zeroes (base:allocation, NBD_STATE_ZERO), and then the data of the
+ * changed ranges that are not zero.  One NBD_CMD_BLOCK_STATUS request
+ * answers for both contexts, each as its own list of (length, flags)
+ * pairs starting at the request's offset; each list may stop short of
+ * the requested length and need not break where the other does.  The
+ * merge walks both lists at once and cuts a range wherever either
+ * changes, up to where the shorter list ends.  Whatever the server says
+ * is checked: an empty extent, a reply that covers nothing, or extents
+ * past the request (clamped) never reach the backup.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+
+#include <libnbd.h>
+
+#include "nbd.h"
+
+struct live_nbd {
+    struct nbd_handle *h;
+    char *uri;
+    char *ctx_dirty;   /* "qemu:dirty-bitmap:NAME", or NULL */
+    uint64_t size;
+};
+
+/* A failed libnbd call: its message, naming the export. */
+static void nbd_failed(struct cbt_error **errp, const char *uri,
+                       const char *what)
+{
+    int e = nbd_get_errno();
+    const char *msg = nbd_get_error();
+    cbt_error_set(errp, e > 0 ? e : EIO, "%s: %s: %s", uri, what,
+                  msg ? msg : "unknown NBD error");
+}
+
+struct live_nbd *live_nbd_open(const char *uri, const char *bitmap,
+                               struct cbt_error **errp)
+{
+    struct live_nbd *n = calloc(1, sizeof(*n));
+    if (!n || !(n->uri = strdup(uri))) {
+        free(n);
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    n->h = nbd_create();
+    if (!n->h) {
+        nbd_failed(errp, uri, "cannot create an NBD handle");
+        live_nbd_close(n);
+        return NULL;
+    }
+    if (bitmap && asprintf(&n->ctx_dirty, "qemu:dirty-bitmap:%s", bitmap) < 0) {
+        n->ctx_dirty = NULL;
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        live_nbd_close(n);
+        return NULL;
+    }
+    if (nbd_add_meta_context(n->h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0 ||
+        (n->ctx_dirty && nbd_add_meta_context(n->h, n->ctx_dirty) < 0)) {
+        nbd_failed(errp, uri, "cannot ask for the meta contexts");
+        live_nbd_close(n);
+        return NULL;
+    }
+    if (nbd_connect_uri(n->h, uri) < 0) {
+        nbd_failed(errp, uri, "cannot connect");
+        live_nbd_close(n);
+        return NULL;
+    }
+    int64_t size = nbd_get_size(n->h);
+    if (size < 0) {
+        nbd_failed(errp, uri, "cannot get the export's size");
+        live_nbd_close(n);
+        return NULL;
+    }
+    n->size = (uint64_t)size;
+    if (nbd_can_meta_context(n->h, LIBNBD_CONTEXT_BASE_ALLOCATION) != 1) {
+        cbt_error_set(errp, ENOTSUP, "%s: the export does not report "
+                      "allocation (meta context base:allocation)", uri);
+        live_nbd_close(n);
+        return NULL;
+    }
+    if (n->ctx_dirty && nbd_can_meta_context(n->h, n->ctx_dirty) != 1) {
+        cbt_error_set(errp, ENOENT, "%s: the export has no dirty bitmap "
+                      "'%s' (meta context %s): export it with the bitmap "
+                      "(qemu-nbd -B %s, block-export-add bitmaps)", uri,
+                      bitmap, n->ctx_dirty, bitmap);
+        live_nbd_close(n);
+        return NULL;
+    }
+    return n;
+}
+
+void live_nbd_close(struct live_nbd *n)
+{
+    if (!n)
+        return;
+    if (n->h) {
+        (void)nbd_shutdown(n->h, 0);
+        nbd_close(n->h);
+    }
+    free(n->ctx_dirty);
+    free(n->uri);
+    free(n);
+}
+
+uint64_t live_nbd_size(const struct live_nbd *n) { return n->size; }
+const char *live_nbd_uri(const struct live_nbd *n) { return n->uri; }
+
+/* ---- extents ---- */
+
+/* One context's reply, walked pair by pair. */
+struct walk {
+    const uint32_t *e; /* (length, flags) pairs */
+    size_t n, i;
+    uint64_t pos;      /* start of pair i */
+};
+
+int live_nbd_merge(uint64_t off, uint64_t len, const uint32_t *alloc,
+                   size_t nalloc, const uint32_t *dirty, size_t ndirty,
+                   struct live_nbd_extent *v, size_t max, const char *what,
+                   struct cbt_error **errp)
+{
+    struct walk a = {alloc, nalloc, 0, off}, d = {dirty, ndirty, 0, off};
+    uint64_t end = off + len; /* caller keeps it inside the export */
+    uint64_t pos = off;
+    size_t out = 0;
+    while (pos < end && out < max && a.i < a.n && (!dirty || d.i < d.n)) {
+        uint32_t alen = a.e[2 * a.i], dlen = dirty ? d.e[2 * d.i] : 0;
+        if (alen == 0 || (dirty && dlen == 0)) {
+            cbt_error_set(errp, EPROTO, "%s: the server sent an empty extent "
+                          "at %" PRIu64, what, pos);
+            return -1;
+        }
+        uint64_t aend = a.pos + alen;
+        uint64_t dend = dirty ? d.pos + dlen : UINT64_MAX;
+        uint64_t stop = MIN(MIN(aend, dend), end);
+        unsigned af = a.e[2 * a.i + 1], df = dirty ? d.e[2 * d.i + 1] : 1;
+        unsigned flags = ((df & 1) ? LIVE_NBD_DIRTY : 0) |
+                         ((af & LIBNBD_STATE_ZERO) ? LIVE_NBD_ZERO : 0) |
+                         ((af & LIBNBD_STATE_HOLE) ? LIVE_NBD_HOLE : 0);
+        if (out > 0 && v[out - 1].flags == flags &&
+            v[out - 1].start + v[out - 1].length == pos) {
+            v[out - 1].length += stop - pos;
+        } else {
+            v[out++] = (struct live_nbd_extent){pos, stop - pos, flags};
+        }
+        pos = stop;
+        if (aend == stop) {
+            a.pos = aend;
+            a.i++;
+        }
+        if (dirty && dend == stop) {
+            d.pos = dend;
+            d.i++;
+        }
+    }
+    if (out == 0) {
+        cbt_error_set(errp, EPROTO, "%s: the server's block status covers "
+                      "nothing at %" PRIu64, what, off);
+        return -1;
+    }
+    return (int)out;
+}
+
+/* What the extent callback keeps of one reply. */
+struct reply {
+    const char *ctx_dirty;
+    uint32_t *alloc, *dirty;
+    size_t nalloc, ndirty;
+    bool too_many;
+    bool oom;
+};
+
+static int on_extents(void *opaque, const char *ctx, uint64_t offset,
+                      uint32_t *entries, size_t nr_entries, int *error)
+{
+    struct reply *r = opaque;
+    (void)offset;
+    (void)error;
+    uint32_t **dst;
+    size_t *n;
+    if (strcmp(ctx, LIBNBD_CONTEXT_BASE_ALLOCATION) == 0) {
+        dst = &r->alloc;
+        n = &r->nalloc;
+    } else if (r->ctx_dirty && strcmp(ctx, r->ctx_dirty) == 0) {
+        dst = &r->dirty;
+        n = &r->ndirty;
+    } else {
+        return 0; /* a context we did not ask for: ignored */
+    }
+    size_t pairs = nr_entries / 2;
+    if (*dst || pairs == 0)
+        return 0; /* a second reply for one context: the first counts */
+    if (pairs > LIVE_NBD_MAX_EXTENTS) {
+        r->too_many = true;
+        pairs = LIVE_NBD_MAX_EXTENTS;
+    }
+    *dst = malloc(pairs * 2 * sizeof(uint32_t));
+    if (!*dst) {
+        r->oom = true;
+        return 0;
+    }
+    memcpy(*dst, entries, pairs * 2 * sizeof(uint32_t));
+    *n = pairs;
+    return 0;
+}
+
+int live_nbd_extents(struct live_nbd *n, uint64_t off, uint64_t len,
+                     struct live_nbd_extent *v, size_t max,
+                     struct cbt_error **errp)
+{
+    if (off >= n->size || len == 0) {
+        cbt_error_set(errp, EINVAL, "%s: block status past the end",
+                      n->uri);
+        return -1;
+    }
+    len = MIN(MIN(len, n->size - off), LIVE_NBD_STATUS_MAX);
+    struct reply r = {.ctx_dirty = n->ctx_dirty};
+    nbd_extent_callback cb = {.callback = on_extents, .user_data = &r};
+    int ret;
+    if (nbd_block_status(n->h, len, off, cb, 0) < 0) {
+        nbd_failed(errp, n->uri, "block status");
+        ret = -1;
+    } else if (r.oom) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory for extents", n->uri);
+        ret = -1;
+    } else if (!r.alloc || (n->ctx_dirty && !r.dirty)) {
+        cbt_error_set(errp, EPROTO, "%s: the server answered block status "
+                      "without %s", n->uri,
+                      !r.alloc ? LIBNBD_CONTEXT_BASE_ALLOCATION
+                               : n->ctx_dirty);
+        ret = -1;
+    } else {
+        ret = live_nbd_merge(off, len, r.alloc, r.nalloc, r.dirty, r.ndirty,
+                             v, max, n->uri, errp);
+    }
+    free(r.alloc);
+    free(r.dirty);
+    return ret;
+}
+
+int live_nbd_pread(struct live_nbd *n, void *buf, size_t len, uint64_t off)
+{
+    if (nbd_pread(n->h, buf, len, off, 0) < 0) {
+        int e = nbd_get_errno();
+        return -(e > 0 ? e : EIO);
+    }
+    return 0;
+}

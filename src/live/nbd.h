@@ -1,0 +1,72 @@
+/* The NBD reader: a backup's source when the disk is read over NBD (a live
+ * pull backup, libvirt's pull-mode export, qemu-nbd -B). */
+#ifndef CBT_LIVE_NBD_H
+#define CBT_LIVE_NBD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../util/util.h"
+
+/*
+ * One connection to an NBD export through libnbd, with the meta contexts
+ * base:allocation and, when a bitmap is named, qemu:dirty-bitmap:NAME.
+ * The server is untrusted: extents are checked (non-empty, inside the
+ * request, bounded in number) before cbt uses them.  Thread-safe: libnbd
+ * serializes the requests of one handle.
+ */
+struct live_nbd;
+
+/* Flags of a range (live_nbd_extent). */
+#define LIVE_NBD_DIRTY (1u << 0) /* dirty in the bitmap (always, without one) */
+#define LIVE_NBD_ZERO (1u << 1)  /* reads as zeroes */
+#define LIVE_NBD_HOLE (1u << 2)  /* not allocated */
+
+struct live_nbd_extent {
+    uint64_t start, length;
+    unsigned flags;
+};
+
+/* Most extents kept from one block-status reply of one context. */
+#define LIVE_NBD_MAX_EXTENTS (1u << 20)
+/* Longest range asked for in one block-status request. */
+#define LIVE_NBD_STATUS_MAX ((uint64_t)1 << 30)
+
+/*
+ * Connect to `uri` (nbd+unix:///EXPORT?socket=PATH, nbd://HOST/EXPORT, ...)
+ * asking for base:allocation and, with `bitmap`, qemu:dirty-bitmap:bitmap.
+ * NULL with *errp when the export cannot be reached or lacks the bitmap.
+ */
+struct live_nbd *live_nbd_open(const char *uri, const char *bitmap,
+                               struct cbt_error **errp);
+void live_nbd_close(struct live_nbd *n);
+uint64_t live_nbd_size(const struct live_nbd *n);
+const char *live_nbd_uri(const struct live_nbd *n);
+
+/*
+ * The ranges of [off, off+len) with their flags, from the first: fills up
+ * to `max` extents into v, contiguous from off, and returns how many (at
+ * least 1), or -1 with *errp.  Ask again from the end of the last one for
+ * more.
+ */
+int live_nbd_extents(struct live_nbd *n, uint64_t off, uint64_t len,
+                     struct live_nbd_extent *v, size_t max,
+                     struct cbt_error **errp);
+
+/* Read [off, off+len) (len <= 32 MiB).  0 or -errno. */
+int live_nbd_pread(struct live_nbd *n, void *buf, size_t len, uint64_t off);
+
+/*
+ * The merge of two contexts' replies (exposed for the fuzz target):
+ * alloc and dirty are arrays of (length, flags) pairs as the server sent
+ * them for a request of [off, off+len); dirty may be NULL (all dirty).
+ * Writes up to max merged extents and returns their number (>= 1), or -1
+ * with *errp when a reply is malformed (an empty extent, no extent).
+ */
+int live_nbd_merge(uint64_t off, uint64_t len, const uint32_t *alloc,
+                   size_t nalloc, const uint32_t *dirty, size_t ndirty,
+                   struct live_nbd_extent *v, size_t max, const char *what,
+                   struct cbt_error **errp);
+
+#endif
