@@ -27,6 +27,9 @@ struct cbt_image;
  * the writer last wrote it, which may be inconsistent; read-only opens only.
  */
 #define CBT_OPEN_FORCE_SHARE (1u << 3)
+/* With CBT_OPEN_FORCE_SHARE: no warning when a writer holds the image
+ * (the caller knows: the live mode reads what QEMU does not change). */
+#define CBT_OPEN_SHARE_QUIET (1u << 4)
 
 /*
  * format: "qcow2", "raw" or NULL to probe.

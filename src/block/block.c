@@ -233,9 +233,11 @@ static struct blk_node *open_chain(const char *filename, const char *format,
     node->read_only = !(flags & CBT_OPEN_RDWR);
     if ((flags & CBT_OPEN_FORCE_SHARE) && blk_lock_writer_present(fd)) {
         node->shared_with_writer = true;
-        cbt_warn("%s is open for writing in another process (-U): what cbt "
-                 "reads is the image as that process last wrote it, which "
-                 "may be inconsistent, and its bitmaps are in use", filename);
+        if (!(flags & CBT_OPEN_SHARE_QUIET))
+            cbt_warn("%s is open for writing in another process (-U): what "
+                     "cbt reads is the image as that process last wrote it, "
+                     "which may be inconsistent, and its bitmaps are in use",
+                     filename);
     }
     if (drv->open(node, fd, flags, errp) < 0) {
         node_free(node);

@@ -13,6 +13,7 @@
 
 #include <cbt/checkpoint.h>
 
+#include "../live/livecp.h"
 #include "cli.h"
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
@@ -24,6 +25,7 @@ static const char usage[] =
     "       cbt checkpoint show [-U] [--output=human|json] DISK NAME\n"
     "       cbt checkpoint delete DISK NAME\n"
     "       cbt checkpoint reconcile [--fix] [--output=human|json] DISK\n"
+    "       cbt checkpoint create|list|show|delete --qmp SOCKET ... DISK ...\n"
     "\n"
     "A checkpoint is a named point in time of a disk: a recording persistent\n"
     "dirty bitmap of the same name (everything written since) and metadata\n"
@@ -60,6 +62,12 @@ static const char usage[] =
     "                      cluster size, clamped to 4k..64k)\n"
     "  --fix               reconcile: repair what it finds\n"
     "  --output=FMT        human (default) or json (list, show, reconcile)\n"
+    "  --qmp SOCKET        DISK is a disk of the running QEMU (qemu-system or\n"
+    "                      qemu-storage-daemon) whose QMP socket this is: a\n"
+    "                      device id (vda), export id, node name or image\n"
+    "                      file.  cbt acts through QEMU and never writes the\n"
+    "                      image: new checkpoints' metadata waits in cbt's\n"
+    "                      state folder until cbt next has the image closed\n"
     "  -U, --force-share   list, show, reconcile without --fix: read DISK\n"
     "                      although another process (a running VM) holds it\n"
     "                      for writing; its bitmaps are then in use and what\n"
@@ -94,6 +102,7 @@ struct args {
     bool granularity_given;
     bool fix;
     bool force_share;
+    const char *qmp;
     enum cli_output output;
     bool output_given;
     const char *disk;
@@ -399,13 +408,14 @@ static int do_reconcile(const struct args *a)
 /* Returns 1 for --help, 0 to go on, -1 after a usage error. */
 static int parse_args(int argc, char **argv, struct args *a)
 {
-    enum { OPT_FIX = 256, OPT_OUTPUT };
+    enum { OPT_FIX = 256, OPT_OUTPUT, OPT_QMP };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"granularity", required_argument, NULL, 'g'},
         {"fix", no_argument, NULL, OPT_FIX},
         {"output", required_argument, NULL, OPT_OUTPUT},
         {"force-share", no_argument, NULL, 'U'},
+        {"qmp", required_argument, NULL, OPT_QMP},
         {NULL, 0, NULL, 0},
     };
     if (argc < 2) {
@@ -451,6 +461,9 @@ static int parse_args(int argc, char **argv, struct args *a)
         case 'U':
             a->force_share = true;
             break;
+        case OPT_QMP:
+            a->qmp = optarg;
+            break;
         case OPT_OUTPUT:
             if (cli_parse_output(a->prog, optarg, &a->output) < 0)
                 return -1;
@@ -472,6 +485,13 @@ static int parse_args(int argc, char **argv, struct args *a)
         cli_usage_error(a->prog, "-U (--force-share) is only supported with "
                                  "list, show and reconcile without --fix: cbt "
                                  "never changes a disk another process holds");
+        return -1;
+    }
+    if (a->qmp && (a->sub == SUB_RECONCILE || a->force_share)) {
+        cli_usage_error(a->prog, "--qmp is supported with create, list, show "
+                                 "and delete%s", a->force_share
+                                                     ? " (and needs no -U)"
+                                                     : "");
         return -1;
     }
     if (a->fix && a->sub != SUB_RECONCILE) {
@@ -500,6 +520,70 @@ static int parse_args(int argc, char **argv, struct args *a)
     return 0;
 }
 
+/* ---- the same subcommands on a running VM (--qmp) ---- */
+
+static int do_live(const struct args *a)
+{
+    struct cbt_error *err = NULL;
+    struct qmp *q = qmp_connect(a->qmp, &err);
+    if (!q)
+        return cli_lib_error(err);
+    struct live_cp c;
+    int ret = 0;
+    if (live_cp_open(q, a->disk, &c, &err) < 0) {
+        qmp_close(q);
+        return cli_lib_error(err);
+    }
+    switch (a->sub) {
+    case SUB_CREATE:
+        if (live_cp_create(&c, a->name, a->granularity, &err) < 0)
+            ret = cli_lib_error(err);
+        break;
+    case SUB_LIST:
+        if (a->output == CLI_OUTPUT_JSON) {
+            json_t *o = json_object();
+            json_t *arr = json_array();
+            for (size_t i = 0; i < c.n; i++)
+                json_array_append_new(arr, checkpoint_json(&c.v[i]));
+            json_object_set_new(o, "disk-id", disk_id_json(c.disk_id));
+            json_object_set_new(o, "checkpoints", arr);
+            cli_json_print(o);
+        } else if (c.n) {
+            print_table(c.v, c.n);
+        }
+        break;
+    case SUB_SHOW: {
+        const struct cbt_checkpoint *k = live_cp_find(&c, a->name);
+        if (!k) {
+            cli_error("%s: disk '%s' has no checkpoint named '%s'", a->qmp,
+                      a->disk, a->name);
+            ret = CLI_EXIT_FAILURE;
+        } else if (a->output == CLI_OUTPUT_JSON) {
+            json_t *o = checkpoint_json(k);
+            json_object_set_new(o, "disk-id", disk_id_json(c.disk_id));
+            cli_json_print(o);
+        } else {
+            print_one(k, c.disk_id);
+        }
+        break;
+    }
+    case SUB_DELETE: {
+        bool existed = false;
+        if (live_cp_delete(&c, a->name, &existed, &err) < 0)
+            ret = cli_lib_error(err);
+        else if (!existed)
+            cli_error("warning: %s: no checkpoint named '%s' (already "
+                      "deleted?); nothing to delete", a->disk, a->name);
+        break;
+    }
+    case SUB_RECONCILE:
+        break;
+    }
+    live_cp_close(&c);
+    qmp_close(q);
+    return ret;
+}
+
 int cmd_checkpoint(int argc, char **argv)
 {
     struct args a = {.prog = argv[0]};
@@ -508,6 +592,8 @@ int cmd_checkpoint(int argc, char **argv)
         return cli_help(usage);
     if (r < 0)
         return CLI_EXIT_FAILURE;
+    if (a.qmp)
+        return do_live(&a);
     switch (a.sub) {
     case SUB_CREATE:
         return do_create(&a);

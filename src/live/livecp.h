@@ -1,0 +1,69 @@
+/* Checkpoints of a running VM's disk, through QMP (livecp.c). */
+#ifndef CBT_LIVE_LIVECP_H
+#define CBT_LIVE_LIVECP_H
+
+#include <cbt/checkpoint.h>
+
+#include "disk.h"
+#include "journal.h"
+#include "qmp.h"
+
+/*
+ * A disk of a running QEMU with its checkpoints as cbt sees them: the
+ * records of the image's own metadata (read with a shared lock: the
+ * header QEMU found at open, which it keeps unchanged), the live journal's
+ * records on top, and each checkpoint's health from QEMU's bitmaps over
+ * the disk's chain (not from the file, where QEMU's bitmaps are in use).
+ */
+struct live_cp {
+    struct qmp *q;               /* borrowed */
+    struct live_disk disk;
+    struct journal j;
+    char disk_id[37];            /* "" when the disk has none yet */
+    uint64_t next_order;         /* the order the next checkpoint gets */
+    struct cbt_checkpoint *v;    /* oldest first, with health */
+    size_t n;
+};
+
+/* Resolve `disk` and load its checkpoints.  0, or -1 with *errp. */
+int live_cp_open(struct qmp *q, const char *disk, struct live_cp *c,
+                 struct cbt_error **errp);
+void live_cp_close(struct live_cp *c);
+/* The checkpoint `name`, or NULL. */
+const struct cbt_checkpoint *live_cp_find(const struct live_cp *c,
+                                          const char *name);
+
+/*
+ * The health of checkpoint bitmap `name` over the disk's chain, by cbt's
+ * rule (the top layer holds it, recording; lower copies contiguous,
+ * consistent, persistent; a disabled copy below the top is sealed
+ * history and accepted): NULL when usable, else a static reason.
+ * *dirty: the bytes changed since it (the union over the layers, counted
+ * by QEMU).
+ */
+const char *live_cp_health(struct live_cp *c, const char *name,
+                           uint64_t granularity, uint64_t *dirty,
+                           struct cbt_error **errp);
+
+/*
+ * The new checkpoint's record (order, parent, time, size, granularity):
+ * after a transaction that added its bitmap to the disk's format node
+ * (live_cp_bitmap_add_action), note it in the journal.  0 or -1.
+ */
+int live_cp_note_created(struct live_cp *c, const char *name,
+                         int64_t sec, uint32_t nsec, struct cbt_error **errp);
+/* The transaction action that creates checkpoint `name`'s bitmap. */
+json_t *live_cp_bitmap_add_action(const struct live_cp *c, const char *name,
+                                  uint64_t granularity);
+/* Is `name` free for a new checkpoint (no checkpoint, no bitmap in any
+ * layer)?  0, or -1 with *errp. */
+int live_cp_name_free(const struct live_cp *c, const char *name,
+                      struct cbt_error **errp);
+
+/* cbt checkpoint create|delete --qmp. */
+int live_cp_create(struct live_cp *c, const char *name, uint64_t granularity,
+                   struct cbt_error **errp);
+int live_cp_delete(struct live_cp *c, const char *name, bool *existed,
+                   struct cbt_error **errp);
+
+#endif
