@@ -16,6 +16,8 @@ on sys.path); `from livelib import live` brings the fixture.  HACKING.md
   QemuVM    qemu-system-x86_64 -accel tcg -M q35 -S without a guest OS:
             virtio-blk-pci devices vda, vdb... on -blockdev nodes (or
             -drive), guest writes through HMP qemu-io.
+  RealVM    a tiny real Linux guest (the vendored kit in tests/realvm/)
+            writing realvm's workload to its virtio disk while the test acts.
   Writer    64 KiB blocks whose content encodes (block, generation), written
             at a steady rate from a seeded random choice of blocks, each write
             logged with its submit and completion times.
@@ -36,9 +38,11 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import types
 from collections import namedtuple
 
 import nbd
@@ -46,6 +50,9 @@ import pytest
 
 from conftest import qemu_img, run
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+REALVM_KIT = os.path.join(os.path.dirname(HERE), "realvm")
+KERNEL_DIR = os.environ.get("CBT_REALVM_KERNEL", "/var/cache/cbt/realvm/kernel")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -53,7 +60,7 @@ BLOCK = 64 * KiB
 SECTOR = 512
 TIMEOUT = 120          # seconds for anything to happen before a test fails
 TOOLS = ("qemu-storage-daemon", "qemu-system-x86_64", "qemu-img", "qemu-io", "qemu-nbd",
-         "nbdinfo")
+         "nbdinfo", "busybox")
 
 now = time.monotonic_ns
 
@@ -343,6 +350,32 @@ def wait_nbd(uri, proc):
             del h       # libnbd 1.14's Python handles close when freed
 
 
+def qemu_nbd_dirty(image, bitmap):
+    """[[offset, length]] dirty in IMAGE's persistent BITMAP as QEMU serves
+    it (qemu-nbd -r -B, read by nbdinfo --map), neighbours merged."""
+    sockdir = tempfile.mkdtemp(prefix="cbt-nbd-", dir="/tmp")
+    uri = "nbd+unix:///?socket=%s/nbd.sock" % sockdir
+    p = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-t", "-k", sockdir + "/nbd.sock",
+                          "-B", bitmap, image], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_nbd(uri, p)
+        out = run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:" + bitmap, uri]).out
+    finally:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGTERM)
+        p.wait()
+        shutil.rmtree(sockdir, ignore_errors=True)
+    ext = []
+    for e in json.loads(out):
+        if e["type"] & 1:
+            if ext and ext[-1][0] + ext[-1][1] == e["offset"]:
+                ext[-1][1] += e["length"]
+            else:
+                ext.append([e["offset"], e["length"]])
+    return ext
+
+
 class QemuVM(QemuProcess):
     """qemu-system-x86_64 -accel tcg -M q35 -S -nodefaults -display none,
     no guest OS: one virtio-blk-pci device per image, ids vda, vdb...  With
@@ -408,6 +441,85 @@ class QemuVM(QemuProcess):
 
 
 # --------------------------------------------------------------------------
+# The tiny real guest (tests/realvm, the company's kit, vendored)
+
+
+def realvm_kit(work):
+    """The vendored realvm module, with its work folder set to WORK (kernel
+    from install-deps' unpacked Debian cloud kernel, initramfs built there)."""
+    if not os.path.isdir(os.path.join(KERNEL_DIR, "boot")):
+        pytest.fail("no guest kernel in %s: run scripts/install-deps.sh" % KERNEL_DIR)
+    if REALVM_KIT not in sys.path:
+        sys.path.insert(0, REALVM_KIT)
+    import realvm
+    realvm.WORK = work
+    if not os.path.exists(os.path.join(work, "initramfs.cpio.gz")):
+        os.makedirs(work, exist_ok=True)
+        os.symlink(KERNEL_DIR, os.path.join(work, "kernel"))
+        realvm.build_initramfs()
+    return realvm
+
+
+class RealVM(QemuProcess):
+    """A real Linux guest under TCG whose /init writes realvm's workload
+    (seed, count chunks of 4 KiB..maxlen) to its virtio disk (-drive
+    if=virtio: device virtio0's drive) and then hangs (end="hang": the test
+    ends it with quit() or kill()) or powers off.  Its console shows each
+    chunk once written (REALVM-W); realvm's model predicts every byte and
+    dirty extent (expect_extents)."""
+
+    what = "realvm guest"
+
+    def __init__(self, live, disk, seed, count, maxlen=256 * KiB, end="hang", pause=0):
+        super().__init__(live)
+        self.kit = realvm_kit(os.path.join(live.tmp, "realvm"))
+        self.disk, self.seed, self.count, self.maxlen = disk, seed, count, maxlen
+        self.size = image_size(disk)
+        append = "wl=%d:%d:%d wlend=%s wlio=direct wlpause=%s" % (
+            seed, count, maxlen, end, pause)
+        self.vm = self.kit.Run(disk, append, "live%d" % seed)
+        self.proc, self.log = self.vm.proc, self.vm.console
+        self._connect(self.vm.qmp_sock)
+
+    def written(self):
+        """[[offset, length]] of the chunks the guest reported written."""
+        return self.kit.writes_of(self.vm.lines())
+
+    def wait_written(self, n, timeout=TIMEOUT):
+        """Wait until the guest reported N chunks written."""
+        ok = self.vm.wait_for(lambda ls: len(self.kit.writes_of(ls)) >= n or
+                              any("REALVM-ERROR" in line for line in ls), timeout)
+        if not ok or len(self.written()) < n:
+            raise AssertionError("guest wrote %d of %d chunks\n%s" % (
+                len(self.written()), n, self.log_tail()))
+
+    def wait_synced(self, timeout=TIMEOUT):
+        """Wait until the guest wrote and synced all its chunks."""
+        if not self.vm.wait_for(lambda ls: any("REALVM-SYNCED" in line for line in ls),
+                                timeout):
+            raise AssertionError("guest never synced\n%s" % self.log_tail())
+
+    def chunks(self):
+        """[(offset, length, header)] the guest writes, in order (the model)."""
+        return self.kit.workload(self.size // SECTOR, self.seed, self.count, self.maxlen)[1]
+
+    def expect_extents(self, first=0, last=None, granularity=BLOCK):
+        """[[offset, length]] dirtied by chunks first..last-1, at GRANULARITY."""
+        return self.kit.dirty_extents(self.chunks()[first:last], self.size, granularity)
+
+    def model(self, raw):
+        """Apply the whole workload to the raw file RAW (the expected disk)."""
+        self.kit.cmd_apply(types.SimpleNamespace(
+            raw=raw, seed=self.seed, count=self.count, maxlen=self.maxlen, first_n=None,
+            discards=0, no_write=False))
+
+    def _close_monitor(self):
+        super()._close_monitor()
+        if not self.vm.out.closed:
+            self.vm.out.close()
+
+
+# --------------------------------------------------------------------------
 # The registry and the fixture
 
 
@@ -438,6 +550,9 @@ class Live:
 
     def vm(self, images, **kw):
         return QemuVM(self, images, **kw)
+
+    def realvm(self, disk, seed, count, **kw):
+        return RealVM(self, disk, seed, count, **kw)
 
     def writer(self, peer, nblocks=None, device="vda", **kw):
         """A Writer on PEER: a Qsd (through its NBD export) or a QemuVM (HMP
@@ -897,3 +1012,8 @@ def push_backup(q, target, size, node="disk", checkpoint=None, since=None,
         q.qmp("block-dirty-bitmap-remove", node=node, name=tmp)
     q.qmp("blockdev-del", node_name=tgt)
     return t0, t1
+
+
+def extents_blocks(ext, granularity=BLOCK):
+    """The set of GRANULARITY-sized blocks [[offset, length]] extents cover."""
+    return {b for o, n in ext for b in range(o // granularity, (o + n - 1) // granularity + 1)}

@@ -11,9 +11,9 @@ import nbd
 import pytest
 
 from conftest import qemu_img
-from livelib import (BLOCK, Live, MiB, View, assert_cut, assert_incremental, bitmaps,
-                     cut_of, live, make_image, missing_writes, now,  # noqa: F401
-                     push_backup, top_blocks)
+from livelib import (BLOCK, Live, MiB, View, action, assert_cut, assert_incremental,
+                     bitmaps, cut_of, extents_blocks, live, make_image,  # noqa: F401
+                     missing_writes, now, push_backup, qemu_nbd_dirty, top_blocks)
 
 SIZE = 32 * MiB
 NBLOCKS = SIZE // BLOCK
@@ -182,3 +182,35 @@ def test_quit_stores_bitmaps_kill_loses_them_cleanup_ends_all(live, tmp_path):
         assert w.thread is None and not os.path.exists(other.sockdir)
     finally:
         other.close()
+
+
+def test_real_guest_workload_and_bitmaps(live, tmp_path):
+    """A real guest writes realvm's workload over a bitmap made offline; the
+    test pauses it mid-way to add a checkpoint.  QEMU's bitmaps, live and
+    stored, match realvm's model of the writes, and so does the disk."""
+    disk = live.path("guest.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", disk, 64 * MiB)
+    qemu_img("bitmap", "--add", disk, "b0")
+    g = live.realvm(disk, seed=11, count=10, pause=0.2)
+    g.wait_written(3)
+    g.qmp("stop")
+    n = len(g.written())        # chunk n may be half written; n+1.. follow
+    node = g.qmp("query-block")[0]["inserted"]["node-name"]
+    g.qmp("transaction", actions=[action("block-dirty-bitmap-add", node=node, name="c1",
+                                         persistent=True)])
+    g.qmp("cont")
+    assert n + 1 < g.count, "the guest finished before the checkpoint"
+    g.wait_synced()
+    live_counts = {b["name"]: b["count"] for b in
+                   g.qmp("query-block")[0]["inserted"]["dirty-bitmaps"]}
+    assert live_counts["b0"] == sum(n for _, n in g.expect_extents()), live_counts
+    g.quit()
+    assert qemu_nbd_dirty(disk, "b0") == g.expect_extents()
+    c1 = extents_blocks(qemu_nbd_dirty(disk, "c1"))
+    assert extents_blocks(g.expect_extents(n + 1)) <= c1 <= extents_blocks(g.expect_extents(n))
+    assert live_counts["c1"] == len(c1) * BLOCK
+    model = live.path("model.raw")
+    with open(model, "wb") as f:
+        f.truncate(64 * MiB)
+    g.model(model)
+    qemu_img("compare", "-f", "raw", "-F", "qcow2", model, disk)
