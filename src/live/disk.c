@@ -195,8 +195,8 @@ static int fill_bitmaps(json_t *node, struct live_layer *l,
     return 0;
 }
 
-static int fill_layer(json_t *node, struct live_layer *l,
-                      struct cbt_error **errp)
+static int fill_layer(const struct graph *g, json_t *node,
+                      struct live_layer *l, struct cbt_error **errp)
 {
     long long size = 0;
     json_t *img = json_object_get(node, "image");
@@ -204,9 +204,18 @@ static int fill_layer(json_t *node, struct live_layer *l,
         size = 0;
     l->size = (uint64_t)size;
     l->read_only = qmp_bool(node, "ro", false);
-    if (dupstr(&l->node, qmp_str(node, "node-name"), errp) < 0 ||
+    /* The file's name is the protocol node's: a format node opened with
+     * explicit options (a backing node given by name) shows a "json:"
+     * pseudo-filename instead. */
+    const char *fnode = child_of(g, qmp_str(node, "node-name"), "file");
+    json_t *fjson = fnode ? node_by_name(g, fnode) : NULL;
+    const char *fname = fjson ? qmp_str(fjson, "file") : NULL;
+    if (!fname)
+        fname = qmp_str(node, "file");
+    if (dupstr(&l->file_node, fnode, errp) < 0 ||
+        dupstr(&l->node, qmp_str(node, "node-name"), errp) < 0 ||
         dupstr(&l->drv, qmp_str(node, "drv"), errp) < 0 ||
-        dupstr(&l->filename, qmp_str(node, "file"), errp) < 0)
+        dupstr(&l->filename, fname, errp) < 0)
         return -1;
     return fill_bitmaps(node, l, errp);
 }
@@ -249,7 +258,7 @@ static int resolve(struct qmp *q, const struct graph *g, const char *start,
         return -1;
     }
     while (node && d->nlayers < MAX_CHAIN) {
-        if (fill_layer(node, &d->layers[d->nlayers++], errp) < 0)
+        if (fill_layer(g, node, &d->layers[d->nlayers++], errp) < 0)
             return -1;
         const char *b = child_of(g, qmp_str(node, "node-name"), "backing");
         node = b ? node_by_name(g, b) : NULL;
@@ -267,6 +276,7 @@ void live_disk_clear(struct live_disk *d)
         free(l->node);
         free(l->drv);
         free(l->filename);
+        free(l->file_node);
     }
     free(d->layers);
     free(d->id);
@@ -425,8 +435,9 @@ static bool same_file(const char *a, const char *b)
 
 static bool matches(const struct live_disk *d, const char *name)
 {
-    const char *ids[] = {d->id, d->qdev, d->device, d->export_id, d->attached,
-                         d->layers[0].node};
+    const char *ids[] = {d->id,       d->qdev,           d->device,
+                         d->export_id, d->attached,      d->layers[0].node,
+                         d->layers[0].file_node};
     for (size_t i = 0; i < ARRAY_SIZE(ids); i++)
         if (ids[i] && strcmp(ids[i], name) == 0)
             return true;

@@ -25,6 +25,7 @@ struct live_layer {
     char *node;            /* node name (QEMU's "#blockNNN" for -drive) */
     char *drv;             /* "qcow2", "raw", ... */
     char *filename;        /* the image file */
+    char *file_node;       /* the node of that file (its "file" child) */
     uint64_t size;         /* virtual size */
     bool read_only;
     struct live_bitmap *bitmaps;

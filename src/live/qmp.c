@@ -414,10 +414,22 @@ void qmp_clear_events(struct qmp *q)
 
 static int greet(struct qmp *q, struct cbt_error **errp)
 {
-    long long deadline = now_ms() + q->timeout_ms;
+    long long deadline = now_ms() + QMP_GREETING_TIMEOUT_MS;
     json_t *g = next_message(q, deadline, "reading QEMU's greeting", errp);
-    if (!g)
+    if (!g) {
+        if (cbt_error_errno(errp ? *errp : NULL) == ETIMEDOUT) {
+            cbt_error_free(*errp);
+            *errp = NULL;
+            cbt_error_set(errp, ETIMEDOUT, "%s: QEMU did not greet within "
+                          "%d s: another client is probably connected to this "
+                          "QMP socket (a QMP monitor serves one client at a "
+                          "time); give cbt a monitor of its own (-qmp "
+                          "unix:PATH,server=on,wait=off, or --chardev + "
+                          "--monitor for qemu-storage-daemon)", q->name,
+                          QMP_GREETING_TIMEOUT_MS / 1000);
+        }
         return -1;
+    }
     json_t *qmp = json_object_get(g, "QMP");
     json_t *ver = json_object_get(json_object_get(qmp, "version"), "qemu");
     long long ma, mi, mc;

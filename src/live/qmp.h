@@ -29,6 +29,9 @@ struct qmp;
 #define QMP_MAX_QUEUED_EVENTS 4096
 /* Default time to wait for a reply or an event, in milliseconds. */
 #define QMP_TIMEOUT_MS 60000
+/* Time to wait for the greeting: a monitor busy with another client
+ * accepts the connection but stays silent. */
+#define QMP_GREETING_TIMEOUT_MS 10000
 
 /*
  * Connect to the QMP socket `path` (a Unix socket), read the greeting and

@@ -306,6 +306,9 @@ class Qsd(QemuProcess):
         super().__init__(live)
         n = len(live.processes)
         self.qmp_path = live.sock("qsd%d.qmp" % n)
+        # A second monitor for the cbt under test: a QMP monitor serves one
+        # client at a time, and the harness keeps its own connection.
+        self.cbt_qmp = live.sock("qsd%d-cbt.qmp" % n)
         self.nbd_path = live.sock("qsd%d.nbd" % n)
         self.uri = "nbd+unix:///disk?socket=" + self.nbd_path
         self.image = image
@@ -321,6 +324,8 @@ class Qsd(QemuProcess):
             below = node
         argv += ["--chardev", "socket,id=qmp0,path=%s,server=on,wait=off" % self.qmp_path,
                  "--monitor", "chardev=qmp0",
+                 "--chardev", "socket,id=qmp1,path=%s,server=on,wait=off" % self.cbt_qmp,
+                 "--monitor", "chardev=qmp1",
                  "--nbd-server", "addr.type=unix,addr.path=%s" % self.nbd_path,
                  "--export", "type=nbd,id=vm,node-name=disk,name=disk,writable=on"]
         self._spawn(argv)
@@ -388,10 +393,13 @@ class QemuVM(QemuProcess):
     def __init__(self, live, images, drive=False, fmt="qcow2", extra=()):
         super().__init__(live)
         self.qmp_path = live.sock("vm%d.qmp" % len(live.processes))
+        self.cbt_qmp = live.sock("vm%d-cbt.qmp" % len(live.processes))
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-S", "-nodefaults",
                 "-display", "none", "-m", "64",
                 "-chardev", "socket,id=qmp0,path=%s,server=on,wait=off" % self.qmp_path,
-                "-mon", "chardev=qmp0,mode=control"]
+                "-mon", "chardev=qmp0,mode=control",
+                "-chardev", "socket,id=qmp1,path=%s,server=on,wait=off" % self.cbt_qmp,
+                "-mon", "chardev=qmp1,mode=control"]
         self.devices = []
         for i, path in enumerate(images):
             dev = "vd" + chr(ord("a") + i)

@@ -1,0 +1,154 @@
+"""cbt checkpoint create|list|show|delete --qmp on running QEMUs.
+
+The disk is named every way the live mode accepts; checkpoints made live
+appear in QEMU (a persistent recording bitmap) and in cbt's journal, never
+in the image while QEMU holds it; their health and dirty counts come from
+QEMU; a QEMU killed after a live checkpoint leaves it (and the image's own
+checkpoints) broken, and cbt says so.
+"""
+import hashlib
+import json
+import os
+
+import pytest
+
+from conftest import CBT, cbt, qemu_img
+from livelib import BLOCK, MiB, bitmaps, live, make_image  # noqa: F401
+
+SIZE = 32 * MiB
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    d = str(tmp_path / "state")
+    monkeypatch.setenv("CBT_STATE_DIR", d)
+    return d
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def listing(sock, disk):
+    res = cbt("checkpoint", "list", "--qmp", sock, "--output=json", disk)
+    return {c["name"]: c for c in res.json()["checkpoints"]}
+
+
+def qsd_with_checkpoint(live):
+    disk = make_image(live.path("d.qcow2"), SIZE)
+    cbt("checkpoint", "create", disk, "off1")
+    return disk, live.qsd(disk)
+
+
+def test_create_list_show_delete_on_qsd(live, state_dir):
+    disk, q = qsd_with_checkpoint(live)
+    before = sha(disk)
+    cps = listing(q.cbt_qmp, "vm")
+    assert set(cps) == {"off1"} and cps["off1"]["usable"], cps
+
+    cbt("checkpoint", "create", "--qmp", q.cbt_qmp, "vm", "live1")
+    # QEMU has the bitmap, persistent and recording; the image is untouched.
+    bms = {b["name"]: b for n in q.qmp("query-named-block-nodes", flat=True)
+           if n["node-name"] == "disk" for b in n.get("dirty-bitmaps", [])}
+    assert bms["live1"]["persistent"] and bms["live1"]["recording"], bms
+    assert sha(disk) == before
+    journals = os.listdir(os.path.join(state_dir, "live"))
+    assert len(journals) == 1, journals
+
+    w = live.writer(q, seed=3)
+    w.step(5)
+    cps = listing(q.cbt_qmp, "vm")
+    assert cps["live1"]["order"] == cps["off1"]["order"] + 1, cps
+    assert cps["live1"]["parent"] == "off1", cps
+    assert bms["live1"]["count"] == 0, bms
+    assert cps["live1"]["usable"] and \
+        cps["live1"]["dirty-bytes"] == len(w.history()) * BLOCK, cps
+    # Every way of naming the disk gives the same view.
+    for name in ("disk", "disk-file", disk, os.path.relpath(disk)):
+        assert listing(q.cbt_qmp, name) == cps, name
+    res = cbt("checkpoint", "show", "--qmp", q.cbt_qmp, "disk", "live1")
+    assert "health:        ok" in res.out and "parent:        off1" in res.out, res
+
+    cbt("checkpoint", "delete", "--qmp", q.cbt_qmp, "vm", "live1")
+    assert set(listing(q.cbt_qmp, "vm")) == {"off1"}
+    assert "live1" not in {b["name"] for n in q.qmp(
+        "query-named-block-nodes", flat=True) for b in n.get("dirty-bitmaps", [])}
+    res = cbt("checkpoint", "delete", "--qmp", q.cbt_qmp, "vm", "live1")
+    assert "nothing to delete" in res.err, res
+
+
+def test_refusals(live):
+    disk, q = qsd_with_checkpoint(live)
+    res = cbt("checkpoint", "create", "--qmp", q.cbt_qmp, "vm", "off1",
+              check=False)
+    assert res.rc != 0 and "already has a checkpoint" in res.err, res
+    res = cbt("checkpoint", "create", "--qmp", q.cbt_qmp, "nosuch", "x",
+              check=False)
+    assert res.rc == 64 and "no disk 'nosuch'" in res.err and "vm" in res.err, res
+    # Offline on the held image: refused, pointing at the running QEMU.
+    res = cbt("checkpoint", "create", disk, "x", check=False)
+    assert res.rc == 75 and "lock" in res.err, res
+    # A socket that is not QMP (the NBD server).
+    res = cbt("checkpoint", "list", "--qmp", q.nbd_path, "vm", check=False,
+              timeout=120)
+    assert res.rc != 0 and q.nbd_path in res.err, res
+    res = cbt("checkpoint", "reconcile", "--qmp", q.cbt_qmp, "vm", check=False)
+    assert res.rc != 0 and "--qmp is supported with" in res.err, res
+
+
+def test_devices_of_qemu_system(live):
+    a = make_image(live.path("a.qcow2"), SIZE)
+    b = make_image(live.path("b.qcow2"), SIZE)
+    vm = live.vm([a, b])
+    cbt("checkpoint", "create", "--qmp", vm.cbt_qmp, "vdb", "cb")
+    cbt("checkpoint", "create", "--qmp", vm.cbt_qmp,
+        "/machine/peripheral/vda/virtio-backend", "ca")
+    assert set(listing(vm.cbt_qmp, "vda")) == {"ca"}
+    assert set(listing(vm.cbt_qmp, b)) == {"cb"}
+    w = live.writer(vm, device="vdb", seed=4)
+    w.step(3)
+    cps = listing(vm.cbt_qmp, "vdb")
+    assert cps["cb"]["dirty-bytes"] == len(w.history()) * BLOCK
+    assert listing(vm.cbt_qmp, "vda")["ca"]["dirty-bytes"] == 0
+    vm.quit()
+    assert "ca" in bitmaps(a) and "cb" in bitmaps(b)
+
+
+def test_drive_node_names(live):
+    a = make_image(live.path("a.qcow2"), SIZE)
+    vm = live.vm([a], drive=True)
+    node = vm.node("vda")
+    assert node.startswith("#block"), node
+    for i, name in enumerate(("vda", "drive-vda", node, a)):
+        cbt("checkpoint", "create", "--qmp", vm.cbt_qmp, name, "c%d" % i)
+    assert len(listing(vm.cbt_qmp, "vda")) == 4
+
+
+def test_chain_union_counted_by_qemu(live):
+    """A checkpoint whose bitmap has copies in two layers: its dirty bytes
+    are the union, counted by QEMU (a temporary bitmap, removed)."""
+    base = make_image(live.path("base.qcow2"), SIZE)
+    run_io = ["qemu-io", "-f", "qcow2", "-c"]
+    cbt("checkpoint", "create", base, "c1")
+    os.system(" ".join(run_io + ["'write 0 192k'", base]) + " >/dev/null")
+    top = live.path("top.qcow2")
+    cbt("snapshot", base, top)
+    os.system(" ".join(run_io + ["'write 128k 128k'", top]) + " >/dev/null")
+    q = live.qsd(top, chain=[base])
+    cps = listing(q.cbt_qmp, "vm")
+    # 0..192k in the base, 128k..256k in the top: 256 KiB in all.
+    assert cps["c1"]["dirty-bytes"] == 256 * 1024, cps
+    names = {b["name"] for n in q.qmp("query-named-block-nodes", flat=True)
+             for b in n.get("dirty-bitmaps", [])}
+    assert not any(x.startswith("cbt-") for x in names), names
+
+
+def test_qemu_killed_voids_live_checkpoints(live):
+    disk, q = qsd_with_checkpoint(live)
+    cbt("checkpoint", "create", "--qmp", q.cbt_qmp, "vm", "live1")
+    q.kill()
+    q2 = live.qsd(disk)
+    cps = listing(q2.cbt_qmp, "vm")
+    assert not cps["live1"]["usable"] and "missing" in cps["live1"]["problem"]
+    assert not cps["off1"]["usable"] and "inconsistent" in cps["off1"]["problem"]
