@@ -58,15 +58,21 @@ CLI_COMMANDS(CLI_DECLARE_COMMAND)
 
 /* The exit status for a library error (by cbt_error_kind). */
 int cli_exit_status(const struct cbt_error *err);
+/* The exit status for a data-path failure, -errno or errno (cbt_errno_kind:
+ * I/O and space errors are CLI_EXIT_IO). */
+int cli_errno_status(int errnum);
 
 /* util.c: errors, argument parsing, number formatting */
 
 /*
  * Report a usage mistake of command `prog` ("cbt create"): one line naming
- * the problem, then "Try 'PROG --help' ...".  Returns CLI_EXIT_FAILURE.
+ * the problem, then "Try 'PROG --help' ...".  Returns CLI_EXIT_USAGE.
  */
 int cli_usage_error(const char *prog, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+/* getopt has already printed what is wrong with an option: add the "Try"
+ * line and return CLI_EXIT_USAGE. */
+int cli_bad_option(const char *prog);
 /* After option parsing: take the one remaining argument, the image file
  * name, into *filename; a missing or extra argument is a usage error.
  * Returns 0 or -1 (message printed). */

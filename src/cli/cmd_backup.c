@@ -52,6 +52,11 @@ static const char usage[] =
     "  --output=FMT    human (default) or json\n"
     "  -h, --help      show this help\n"
     "\n"
+    "Exit status: 0 done; 79 the incremental or differential is impossible\n"
+    "(a full backup is needed; --auto takes one instead); 74 an I/O or space\n"
+    "error; 75 DISK is in use; 64 a usage mistake; 1 any other failure\n"
+    "(docs/cli.md, Exit status).\n"
+    "\n"
     "Examples:\n"
     "  cbt backup --full disk.qcow2 /backups/vm1/full.qcow2\n"
     "  cbt backup --incremental disk.qcow2 /backups/vm1/inc-1.qcow2\n"
@@ -165,7 +170,7 @@ int cmd_backup(int argc, char **argv)
         case 'g':
             if (cli_parse_size_arg(prog, "granularity", optarg,
                                    &o.granularity) < 0)
-                return CLI_EXIT_FAILURE;
+                return CLI_EXIT_USAGE;
             break;
         case 'f':
             o.disk_format = optarg;
@@ -175,11 +180,10 @@ int cmd_backup(int argc, char **argv)
             break;
         case OPT_OUT:
             if (cli_parse_output(prog, optarg, &output) < 0)
-                return CLI_EXIT_FAILURE;
+                return CLI_EXIT_USAGE;
             break;
         default:
-            cli_try_help(prog);
-            return CLI_EXIT_FAILURE;
+            return cli_bad_option(prog);
         }
     }
     if (full + inc + (o.since != NULL) > 1)

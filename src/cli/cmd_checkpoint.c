@@ -236,13 +236,14 @@ static void print_one(const struct cbt_checkpoint *c, const char *id)
 
 /* ---- subcommands ---- */
 
-static struct cbt_image *open_disk(const struct args *a, bool rw)
+/* Open DISK; on failure report it and set *status to its exit status. */
+static struct cbt_image *open_disk(const struct args *a, bool rw, int *status)
 {
     struct cbt_error *err = NULL;
     struct cbt_image *img =
         cbt_image_open(a->disk, NULL, rw ? CBT_OPEN_RDWR : 0, &err);
     if (!img)
-        cli_lib_error(err);
+        *status = cli_lib_error(err);
     return img;
 }
 
@@ -251,19 +252,19 @@ static int close_disk(struct cbt_image *img, int ret)
 {
     struct cbt_error *err = NULL;
     if (cbt_image_close(img, &err) < 0) {
-        cli_lib_error(err);
-        return CLI_EXIT_FAILURE;
+        int status = cli_lib_error(err);
+        return ret ? ret : status;
     }
     return ret;
 }
 
 static int do_create(const struct args *a)
 {
-    struct cbt_image *img = open_disk(a, true);
-    if (!img)
-        return CLI_EXIT_FAILURE;
-    struct cbt_error *err = NULL;
     int ret = 0;
+    struct cbt_image *img = open_disk(a, true, &ret);
+    if (!img)
+        return ret;
+    struct cbt_error *err = NULL;
     if (cbt_checkpoint_create(img, a->name, a->granularity, &err) < 0)
         ret = cli_lib_error(err);
     return close_disk(img, ret);
@@ -271,14 +272,14 @@ static int do_create(const struct args *a)
 
 static int do_list(const struct args *a)
 {
-    struct cbt_image *img = open_disk(a, false);
+    int ret = 0;
+    struct cbt_image *img = open_disk(a, false, &ret);
     if (!img)
-        return CLI_EXIT_FAILURE;
+        return ret;
     struct cbt_error *err = NULL;
     struct cbt_checkpoint *v = NULL;
     size_t n = 0;
     char id[37];
-    int ret = 0;
     if (cbt_checkpoint_disk_id(img, id, &err) < 0 ||
         cbt_checkpoint_list(img, &v, &n, &err) < 0) {
         ret = cli_lib_error(err);
@@ -299,13 +300,13 @@ static int do_list(const struct args *a)
 
 static int do_show(const struct args *a)
 {
-    struct cbt_image *img = open_disk(a, false);
+    int ret = 0;
+    struct cbt_image *img = open_disk(a, false, &ret);
     if (!img)
-        return CLI_EXIT_FAILURE;
+        return ret;
     struct cbt_error *err = NULL;
     struct cbt_checkpoint c;
     char id[37];
-    int ret = 0;
     if (cbt_checkpoint_disk_id(img, id, &err) < 0 ||
         cbt_checkpoint_get(img, a->name, &c, &err) < 0) {
         ret = cli_lib_error(err);
@@ -324,12 +325,12 @@ static int do_show(const struct args *a)
 
 static int do_delete(const struct args *a)
 {
-    struct cbt_image *img = open_disk(a, true);
+    int ret = 0;
+    struct cbt_image *img = open_disk(a, true, &ret);
     if (!img)
-        return CLI_EXIT_FAILURE;
+        return ret;
     struct cbt_error *err = NULL;
     bool existed = false;
-    int ret = 0;
     if (cbt_checkpoint_delete(img, a->name, &existed, &err) < 0)
         ret = cli_lib_error(err);
     else if (!existed)
@@ -340,13 +341,13 @@ static int do_delete(const struct args *a)
 
 static int do_reconcile(const struct args *a)
 {
-    struct cbt_image *img = open_disk(a, a->fix);
+    int ret = 0;
+    struct cbt_image *img = open_disk(a, a->fix, &ret);
     if (!img)
-        return CLI_EXIT_FAILURE;
+        return ret;
     struct cbt_error *err = NULL;
     struct cbt_drift_item *v = NULL;
     size_t n = 0;
-    int ret = 0;
     if (cbt_checkpoint_reconcile(img, a->fix, &v, &n, &err) < 0) {
         ret = cli_lib_error(err);
     } else if (a->output == CLI_OUTPUT_JSON) {
@@ -442,7 +443,7 @@ static int parse_args(int argc, char **argv, struct args *a)
             a->output_given = true;
             break;
         default:
-            cli_try_help(a->prog);
+            cli_bad_option(a->prog);
             return -1;
         }
     }
@@ -484,7 +485,7 @@ int cmd_checkpoint(int argc, char **argv)
     if (r > 0)
         return cli_help(usage);
     if (r < 0)
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     switch (a.sub) {
     case SUB_CREATE:
         return do_create(&a);

@@ -23,14 +23,17 @@ static const char usage[] =
     "  - the guest view at BACKUP's point in time, read from the chain, has\n"
     "    the recorded SHA-256 in every 64 KiB block.\n"
     "The first problem is reported with the file it lies in (and for a bad\n"
-    "block, the guest range); the exit status is 0 when the chain is\n"
-    "sound, 1 when it is not (the problem on stderr).\n"
+    "block, the guest range).\n"
     "\n"
     "Options:\n"
     "  --output=FMT    human (default: one line per backup, oldest first,\n"
     "                  and a verdict) or json\n"
     "  -p              show progress on stderr (when it is a terminal)\n"
     "  -h, --help      show this help\n"
+    "\n"
+    "Exit status: 0 the chain is sound; 65 it is not (the problem is on\n"
+    "stderr); 74 an I/O error; 64 a usage mistake; 1 the check could not run\n"
+    "(BACKUP missing, no manifest).\n"
     "\n"
     "Examples:\n"
     "  cbt verify backups/disk.inc3.qcow2\n"
@@ -219,19 +222,18 @@ int cmd_verify(int argc, char **argv)
             return cli_help(usage);
         case OPT_OUTPUT:
             if (cli_parse_output(prog, optarg, &output) < 0)
-                return CLI_EXIT_FAILURE;
+                return CLI_EXIT_USAGE;
             break;
         case 'p':
             progress_wanted = true;
             break;
         default:
-            cli_try_help(prog);
-            return CLI_EXIT_FAILURE;
+            return cli_bad_option(prog);
         }
     }
     const char *backup;
     if (cli_take_filename(prog, argc, argv, &backup) < 0)
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
 
     struct cli_progress progress;
     cli_progress_init(&progress, progress_wanted);
@@ -253,7 +255,7 @@ int cmd_verify(int argc, char **argv)
     int ret = 0;
     if (!res.ok) {
         cli_error("%s", res.problem ? res.problem : "verification failed");
-        ret = CLI_EXIT_FAILURE;
+        ret = CLI_EXIT_CORRUPT;
     }
     cbt_verify_result_free(&res);
     return ret;

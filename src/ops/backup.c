@@ -187,7 +187,8 @@ static void progress(struct bk *b)
 
 /* ---- refusals before anything is written ---- */
 
-static int check_opts(const struct cbt_backup_opts *o, struct cbt_error **errp)
+static int check_opt_values(const struct cbt_backup_opts *o,
+                            struct cbt_error **errp)
 {
     if (!o->disk || !*o->disk || !o->target || !*o->target) {
         cbt_error_set(errp, EINVAL, "backup: empty file name");
@@ -214,6 +215,16 @@ static int check_opts(const struct cbt_backup_opts *o, struct cbt_error **errp)
     if (g && (!IS_POW2(g) || g < GRAN_MIN || g > GRAN_MAX)) {
         cbt_error_set(errp, EINVAL, "%s: granularity %" PRIu64 " must be a "
                       "power of two between 512 B and 2 GiB", o->disk, g);
+        return -1;
+    }
+    return 0;
+}
+
+/* Mistakes in the options (kind CBT_ERR_USAGE). */
+static int check_opts(const struct cbt_backup_opts *o, struct cbt_error **errp)
+{
+    if (check_opt_values(o, errp) < 0) {
+        cbt_error_set_kind(errp, CBT_ERR_USAGE);
         return -1;
     }
     return 0;
@@ -1114,7 +1125,10 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
         if (r < 0)
             goto out;
         if (r > 0 && !o->auto_full) {
-            cbt_error_set(errp, EINVAL, "%s", why);
+            cbt_error_set(errp, EINVAL, "%s; an %s backup is impossible: take "
+                          "a full one (--full, or --auto to fall back to one)",
+                          why, cbt_backup_mode_name(o->mode));
+            cbt_error_set_kind(errp, CBT_ERR_NEED_FULL);
             free(why);
             goto out;
         }

@@ -246,8 +246,8 @@ static int rename_noreplace(const char *tmp, const char *out,
     return -1;
 }
 
-static int check_opts(const struct cbt_restore_opts *o, const char *fmt,
-                      struct cbt_error **errp)
+static int check_opt_values(const struct cbt_restore_opts *o,
+                            const char *fmt, struct cbt_error **errp)
 {
     if (!o->backup || !*o->backup || !o->out || !*o->out) {
         cbt_error_set(errp, EINVAL, "restore: empty file name");
@@ -265,6 +265,17 @@ static int check_opts(const struct cbt_restore_opts *o, const char *fmt,
     }
     if (o->seed_checkpoint && !*o->seed_checkpoint) {
         cbt_error_set(errp, EINVAL, "%s: empty checkpoint name", o->out);
+        return -1;
+    }
+    return 0;
+}
+
+/* Mistakes in the options (kind CBT_ERR_USAGE), then an existing OUT. */
+static int check_opts(const struct cbt_restore_opts *o, const char *fmt,
+                      struct cbt_error **errp)
+{
+    if (check_opt_values(o, fmt, errp) < 0) {
+        cbt_error_set_kind(errp, CBT_ERR_USAGE);
         return -1;
     }
     struct stat st;
@@ -298,8 +309,10 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
     bool created = false;
     int ret = -1;
     int r = bchain_open(o->backup, &c, errp);
-    if (r == 1)
-        cbt_error_set(errp, EIO, "%s", c.problem);
+    if (r == 1) {
+        cbt_error_set(errp, EINVAL, "%s", c.problem);
+        cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
+    }
     if (r != 0)
         goto out;
     const struct manifest *m = &c.v[0].m;
@@ -308,6 +321,7 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
                       "checkpoint this backup created, '%s' (backups of the "
                       "restored image find their parent by it), not '%s'",
                       o->backup, m->checkpoint, o->seed_checkpoint);
+        cbt_error_set_kind(errp, CBT_ERR_USAGE);
         goto out;
     }
 
@@ -326,8 +340,10 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
         goto out;
     r = bchain_walk(&c, write_piece, &rs, o->progress, o->progress_opaque,
                     NULL, errp);
-    if (r == 1)
-        cbt_error_set(errp, EIO, "%s", c.problem);
+    if (r == 1) {
+        cbt_error_set(errp, EINVAL, "%s", c.problem);
+        cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
+    }
     if (r != 0)
         goto out;
     r = cbt_image_flush(rs.out);

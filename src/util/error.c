@@ -17,9 +17,14 @@ enum cbt_error_kind cbt_error_kind(const struct cbt_error *err)
 {
     if (!err)
         return CBT_ERR_OTHER;
-    if (err->kind != CBT_ERR_OTHER)
+    if (err->kind_set)
         return err->kind;
-    switch (err->errnum) {
+    return cbt_errno_kind(err->errnum);
+}
+
+enum cbt_error_kind cbt_errno_kind(int errnum)
+{
+    switch (errnum < 0 ? -errnum : errnum) {
     case EIO:
     case ENOSPC:
     case EDQUOT:
@@ -33,8 +38,10 @@ enum cbt_error_kind cbt_error_kind(const struct cbt_error *err)
 
 void cbt_error_set_kind(struct cbt_error **errp, enum cbt_error_kind kind)
 {
-    if (errp && *errp)
+    if (errp && *errp) {
         (*errp)->kind = kind;
+        (*errp)->kind_set = true;
+    }
 }
 
 void cbt_error_free(struct cbt_error *err)

@@ -85,9 +85,13 @@ def backup(*args):
     return res.json()
 
 
-def backup_fails(*args):
+# exit statuses (docs/cli.md, "Exit status")
+FAILED, USAGE, NEED_FULL = 1, 64, 79
+
+
+def backup_fails(*args, rc=FAILED):
     res = no_crash(cbt("backup", *args, check=False))
-    assert res.rc == 1, res
+    assert res.rc == rc, res
     assert res.out == "", res
     assert res.err.count("\n") <= 2, res
     return res.err
@@ -438,7 +442,7 @@ def test_auto_and_impossible_incrementals(tmp):
     s.io(6)
     target = os.path.join(s.repo, "x.qcow2")
     state = disk_state(s.disk)
-    err = backup_fails("--incremental", s.disk, target)
+    err = backup_fails("--incremental", s.disk, target, rc=NEED_FULL)
     assert "has no checkpoint" in err
     assert disk_state(s.disk) == state
     assert_no_files(s.repo)
@@ -455,7 +459,7 @@ def test_auto_and_impossible_incrementals(tmp):
     qemu_img("bitmap", "--disable", s.disk, first)
     t2 = os.path.join(s.repo, "y.qcow2")
     state = disk_state(s.disk)
-    err = backup_fails("--incremental", s.disk, t2)
+    err = backup_fails("--incremental", s.disk, t2, rc=NEED_FULL)
     assert first in err and "cannot be used" in err
     assert disk_state(s.disk) == state
     assert not os.path.exists(t2)
@@ -469,18 +473,20 @@ def test_auto_and_impossible_incrementals(tmp):
     for suffix in ("", ".json", ".hashes"):
         os.unlink(t2 + suffix)
     t3 = os.path.join(s.repo, "z.qcow2")
-    err = backup_fails("--incremental", s.disk, t3)
+    err = backup_fails("--incremental", s.disk, t3, rc=NEED_FULL)
     assert "no backup of checkpoint '%s'" % newest in err
     r = backup("--auto", s.disk, t3)
     assert r["kind"] == "full" and "no backup" in r["fallback"]
 
     # a differential since the first checkpoint still works (its bitmap is
     # disabled: refused), with --auto a full one
-    err = backup_fails("--since", first, s.disk, os.path.join(s.repo, "d.qcow2"))
+    err = backup_fails("--since", first, s.disk, os.path.join(s.repo, "d.qcow2"),
+                       rc=NEED_FULL)
     assert "cannot be used" in err
     r = backup("--since", first, "--auto", s.disk, os.path.join(s.repo, "d.qcow2"))
     assert r["kind"] == "full"
-    err = backup_fails("--since", "nope", s.disk, os.path.join(s.repo, "e.qcow2"))
+    err = backup_fails("--since", "nope", s.disk, os.path.join(s.repo, "e.qcow2"),
+                       rc=NEED_FULL)
     assert "no checkpoint 'nope'" in err
 
 
@@ -497,21 +503,21 @@ def test_refusals_touch_nothing(tmp):
     state = disk_state(s.disk)
     t = os.path.join(s.repo, "t.qcow2")
 
-    def refused(args, msg, target=t):
-        err = backup_fails(*(args + [s.disk, target]))
+    def refused(args, msg, target=t, rc=FAILED):
+        err = backup_fails(*(args + [s.disk, target]), rc=rc)
         assert msg in err, err
         assert disk_state(s.disk) == state
         assert sorted(os.listdir(s.repo)) == before
 
-    refused([], "say which backup")
-    refused(["--full", "--incremental"], "exclude each other")
-    refused(["--full", "-O", "vmdk"], "unknown backup format")
-    refused(["--full", "-g", "1000"], "power of two")
+    refused([], "say which backup", rc=USAGE)
+    refused(["--full", "--incremental"], "exclude each other", rc=USAGE)
+    refused(["--full", "-O", "vmdk"], "unknown backup format", rc=USAGE)
+    refused(["--full", "-g", "1000"], "power of two", rc=USAGE)
     refused(["--full"], "already exists", target=full)
     refused(["--full", "--checkpoint", "mon"], "already exists")
     refused(["--full", "--checkpoint", "plain"], "already exists")
-    refused(["--full", "--checkpoint", "x" * 1024], "1 to 1023 bytes")
-    refused(["--incremental", "-O", "raw"], "share one format")
+    refused(["--full", "--checkpoint", "x" * 1024], "1 to 1023 bytes", rc=USAGE)
+    refused(["--incremental", "-O", "raw"], "share one format", rc=NEED_FULL)
     refused(["--full"], "layer 0 of the disk's chain", target=s.disk)
     # a TARGET left by an interrupted backup (no manifest)
     with open(t, "wb") as f:
@@ -533,7 +539,7 @@ def test_refusals_touch_nothing(tmp):
         b = f.read(1)
         f.seek(100)
         f.write(bytes([b[0] ^ 1]))
-    refused(["--incremental"], "do not match the manifest")
+    refused(["--incremental"], "do not match the manifest", rc=NEED_FULL)
 
     # a raw disk cannot hold checkpoints
     rawdisk = os.path.join(s.tmp, "d.raw")

@@ -429,6 +429,8 @@ def test_backup_fails_cleanly(pristine_dir, tmp_path, where, op, sticky, err):
             assert check_after_failure(c, what, injected=False) == "after", \
                 "%s: exit 0 but no checkpoint c3: %r" % (what, res)
             continue
+        # an I/O or space error of the host: exit status 74 (docs/cli.md)
+        assert res.rc == 74, "%s: exit %d, expected 74: %r" % (what, res.rc, res)
         text = F.ERRTEXT[err]
         if not any(ln.startswith("cbt: ") and text in ln for ln in res.err.splitlines()):
             unclear.append("%s: %r" % (what, res.err))
