@@ -107,9 +107,22 @@ int cbt_restore(const struct cbt_restore_opts *opts,
  * bad block, its range and the file it lies in), -1 with *errp when it
  * could not run.
  */
+/* One backup of the chain as its manifest describes it (for listing). */
+struct cbt_verify_backup {
+    char *file;                   /* the backup image's path */
+    enum cbt_backup_mode kind;
+    char *checkpoint;             /* the checkpoint it created */
+    uint64_t virtual_size;
+    uint64_t copied;              /* data bytes it carries */
+};
 struct cbt_verify_result {
     bool ok;
     size_t backups;               /* backups in the chain checked */
+    /* The chain from the full backup up to `backup` (oldest first), as far
+     * as its manifests could be read and parsed, whatever the verdict:
+     * for showing the chain, nothing is checked beyond the parse. */
+    struct cbt_verify_backup *chain;
+    size_t nchain;
     uint64_t bytes_checked;
     char *problem;                /* NULL when ok: one line */
     char *bad_file;               /* the backup file at fault, or NULL */
@@ -118,6 +131,7 @@ struct cbt_verify_result {
 int cbt_verify(const char *backup, cbt_progress_fn *progress,
                void *progress_opaque, struct cbt_verify_result *res,
                struct cbt_error **errp);
+/* Frees the strings and the chain of res. */
 void cbt_verify_result_free(struct cbt_verify_result *res);
 
 #ifdef __cplusplus

@@ -425,7 +425,8 @@ static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
                           disk);
     struct cbt_error *e = NULL;
     if (manifest_find_by_checkpoint(b->dir, b->disk_id, b->since.name,
-                                    &b->parent_path, &b->pm, &e) < 0) {
+                                    &b->parent_path, &b->pm,
+                                    b->parent_manifest_sha, &e) < 0) {
         ret = impossible(why, "%s", cbt_error_message(e));
         cbt_error_free(e);
         return ret;
@@ -443,19 +444,22 @@ static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
                           b->parent_path, pm->image_format);
     b->fmt = parent_raw ? "raw" : "qcow2";
 
-    /* The parent's files, checked before building on them. */
+    /* The parent's files, checked before building on them (a FIFO or a
+     * device would block or never end). */
     struct stat st;
     if (stat(b->parent_path, &st) < 0)
         return impossible(why, "%s: parent backup: %s", b->parent_path,
                           strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        return impossible(why, "%s: the parent backup is not a regular file",
+                          b->parent_path);
     CLEANUP_FREE char *pman = manifest_path_for(b->parent_path);
     CLEANUP_FREE char *phash = manifest_sibling(b->parent_path, pm->hash_file);
     if (!pman || !phash) {
         oom(errp);
         return -1;
     }
-    if (file_sha256(pman, b->parent_manifest_sha, &e) < 0 ||
-        blockhash_read(phash, pm->virtual_size, &b->ph, &e) < 0) {
+    if (blockhash_read(phash, pm->virtual_size, &b->ph, &e) < 0) {
         ret = impossible(why, "parent backup: %s", cbt_error_message(e));
         cbt_error_free(e);
         return ret;

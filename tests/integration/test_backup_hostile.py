@@ -1,0 +1,123 @@
+"""Hostile and damaged backup folders (issue 10, sections 4 and 5): cbt
+never hangs on them, never builds on them, never writes outside them.
+
+  * hangs: a manifest, a block hashes file or a backup image replaced by
+    a symlink to a FIFO or to /dev/zero; verify and restore refuse it
+    naming the file (exit 65, nothing left behind), backup --incremental
+    refuses it or falls back to a full backup with --auto; every command
+    runs under a timeout, and a run that does not finish fails the test.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(_TESTS, "interop"))
+import interop_lib as L  # noqa: E402
+from interop_lib import MiB, qemu_img, qemu_io  # noqa: E402
+
+CORRUPT, NEED_FULL = 65, 79
+# A command that has not finished by then hangs (a FIFO waiting for a
+# writer, /dev/zero read to its end); ASan runs take a second or two.
+HANG = 120
+
+
+def run(*args, cwd=None):
+    """cbt ARGS; a hang fails the test."""
+    try:
+        proc = subprocess.run([L.CBT] + [str(a) for a in args], cwd=cwd,
+                              capture_output=True, text=True, timeout=HANG)
+    except subprocess.TimeoutExpired:
+        pytest.fail("cbt %s did not finish in %d s (it hangs)"
+                    % (" ".join(str(a) for a in args), HANG))
+    return L.no_crash(L._ct.Result(proc), "cbt " + " ".join(map(str, args)))
+
+
+class Chain:
+    """disk.qcow2 with checkpoints c1..c3 and their backups in bk/:
+    f.qcow2 (full), i1.qcow2, i2.qcow2 (incrementals)."""
+
+    def __init__(self, tmp, fmt="qcow2"):
+        self.tmp = str(tmp)
+        self.disk = os.path.join(self.tmp, "disk.qcow2")
+        self.bk = os.path.join(self.tmp, "bk")
+        self.ext = "qcow2" if fmt == "qcow2" else "raw"
+        os.mkdir(self.bk)
+        qemu_img("create", "-q", "-f", "qcow2", self.disk, 4 * MiB)
+        extra = [] if fmt == "qcow2" else ["-O", "raw"]
+        for i, (mode, name) in enumerate([("--full", "f"), ("--incremental", "i1"),
+                                          ("--incremental", "i2")]):
+            qemu_io("-f", "qcow2", "-c", "write -P %d %dk 128k" % (i + 1, 512 * i),
+                    self.disk)
+            run_ok("backup", mode, *extra, "--checkpoint", "c%d" % (i + 1),
+                   self.disk, self.path(name))
+
+    def path(self, name, suffix=""):
+        return os.path.join(self.bk, "%s.%s%s" % (name, self.ext, suffix))
+
+    def files(self):
+        return sorted(os.listdir(self.bk))
+
+
+def run_ok(*args):
+    res = run(*args)
+    assert res.rc == 0, res
+    return res
+
+
+def plant(path, kind, tmp):
+    """Replace path by a symlink to a FIFO or to /dev/zero."""
+    os.unlink(path)
+    if kind == "fifo":
+        target = os.path.join(str(tmp), "fifo-%s" % os.path.basename(path))
+        os.mkfifo(target)
+    else:
+        target = "/dev/zero"
+    os.symlink(target, path)
+
+
+# ---- hangs ----
+
+SUFFIXES = {"manifest": ".json", "hashes": ".hashes", "image": ""}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+@pytest.mark.parametrize("what", sorted(SUFFIXES))
+@pytest.mark.parametrize("name", ["f", "i1", "i2"])
+def test_verify_and_restore_refuse_special_files(tmp, name, what, kind):
+    c = Chain(tmp)
+    victim = c.path(name, SUFFIXES[what])
+    plant(victim, kind, tmp)
+    top = c.path("i2")
+    res = run("verify", top)
+    assert res.rc == CORRUPT, res
+    assert victim in res.err and "not a regular file" in res.err, res
+    out = os.path.join(c.tmp, "out.qcow2")
+    res = run("restore", top, out)
+    assert res.rc == CORRUPT, res
+    assert victim in res.err, res
+    assert not os.path.exists(out) and not os.path.exists(out + ".part")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+@pytest.mark.parametrize("what", sorted(SUFFIXES))
+def test_backup_refuses_special_parent_files(tmp, what, kind):
+    """The parent backup's own files: the incremental is refused (or, with
+    --auto, a full backup is taken instead), never built on them."""
+    c = Chain(tmp)
+    victim = c.path("i2", SUFFIXES[what])
+    plant(victim, kind, tmp)
+    before = c.files()
+    res = run("backup", "--incremental", c.disk, c.path("i3"))
+    assert res.rc in (CORRUPT, NEED_FULL), res
+    assert c.files() == before
+    res = run("backup", "--incremental", "--auto", "--output=json", c.disk,
+              c.path("i3"))
+    assert res.rc == 0, res
+    assert res.json()["kind"] == "full" and res.json()["fallback"], res
+    run_ok("verify", c.path("i3"))
+    cmp = qemu_img("compare", "-q", c.disk, c.path("i3"), check=False)
+    assert cmp.rc == 0, cmp
