@@ -119,7 +119,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* Round trip through a file. */
     const char *path = fuzz_put_file("manifest.json", NULL, 0);
-    if (manifest_write(path, &m, &err) < 0)
+    if (manifest_write(path, &m, true, &err) < 0)
         fuzz_fail("writing an accepted manifest failed: %s",
                   cbt_error_message(err));
     struct manifest back;

@@ -44,12 +44,16 @@
  * Order and failure
  * -----------------
  * Everything that can be refused is refused before any file is created: a
- * TARGET (or its .json / .hashes) that exists, a TARGET in the disk's
- * chain, a checkpoint name in use, a raw disk (no checkpoints), and an
- * incremental that is impossible (with auto_full: a full backup instead,
- * saying why).  Then: the target written and flushed, the .hashes written
- * (atomically), the manifest written (atomically, complete), and only then
- * the checkpoint created on the disk.  The checkpoint's order and time are
+ * TARGET (or its .part / .json / .hashes) that exists, also as a link, a
+ * TARGET in the disk's chain, a checkpoint name in use, a raw disk (no
+ * checkpoints), and an incremental that is impossible (with auto_full: a
+ * full backup instead, saying why).  Then: the target written as
+ * TARGET.part (created exclusively, bfile_create_excl) and flushed, the
+ * .hashes written (a new file, bfile_write_new), TARGET.part renamed to
+ * TARGET (only while it is the file created), the manifest written (a new
+ * file, complete), and only then the checkpoint created on the disk.  No
+ * file is ever written through a name that existed before: nothing outside
+ * the folder can be reached by a link planted in it.  The checkpoint's order and time are
  * known only once it exists, so the manifest is rewritten with them (the
  * predicted order is nearly always right; a crash between the two leaves a
  * manifest whose order the next incremental will not accept, so it asks
@@ -141,10 +145,11 @@ struct bk {
     uint64_t pend_off, pend_len;
     const uint8_t *pend_buf;
 
-    /* files this call created (removed on failure) */
-    char *target_json, *target_hashes;
-    bool target_free;         /* none of the three existed: ours to remove */
-    bool made_target;
+    /* the files of the new backup: only those this call created are
+     * removed on failure */
+    char *target_json, *target_hashes, *target_part;
+    int part_fd;              /* TARGET.part (later TARGET), open: ours */
+    bool made_hashes, renamed, made_json;
 };
 
 static void oom(struct cbt_error **errp)
@@ -161,16 +166,6 @@ static char *iso_time(int64_t sec, uint32_t nsec)
         strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm) == 0)
         return strdup("1970-01-01T00:00:00.000000000Z");
     return cbt_strdup_printf("%s.%09" PRIu32 "Z", buf, nsec);
-}
-
-static char *dir_of(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    if (!slash)
-        return strdup(".");
-    if (slash == path)
-        return strdup("/");
-    return strndup(path, (size_t)(slash - path));
 }
 
 static const char *base_name(const char *path)
@@ -263,7 +258,12 @@ static int check_target(struct bk *b, struct cbt_error **errp)
             return -1;
         }
     }
-    b->target_free = true;
+    if (lstat(b->target_part, &st) == 0) {
+        cbt_error_set(errp, EEXIST, "%s: already exists (the work file of an "
+                      "interrupted backup?); remove it first",
+                      b->target_part);
+        return -1;
+    }
     return 0;
 }
 
@@ -895,13 +895,14 @@ static int create_target(struct bk *b, struct cbt_error **errp)
             co.backing_format = "qcow2";
         }
     }
-    struct stat st;
-    if (cbt_image_create(b->o->target, &co, errp) < 0) {
-        b->made_target = lstat(b->o->target, &st) == 0;
+    /* TARGET.part is created here, exclusively: never through a file or a
+     * link already at that name; then the image layer formats it. */
+    b->part_fd = bfile_create_excl(b->target_part, errp);
+    if (b->part_fd < 0)
         return -1;
-    }
-    b->made_target = true;
-    b->dst = cbt_image_open(b->o->target, b->fmt, CBT_OPEN_RDWR, errp);
+    if (cbt_image_create(b->target_part, &co, errp) < 0)
+        return -1;
+    b->dst = cbt_image_open(b->target_part, b->fmt, CBT_OPEN_RDWR, errp);
     return b->dst ? 0 : -1;
 }
 
@@ -977,13 +978,18 @@ static int commit(struct bk *b, struct cbt_error **errp)
     char sha[65];
     if (blockhash_write(&b->h, b->target_hashes, sha, errp) < 0)
         return -1;
+    b->made_hashes = true;
     memcpy(b->res->root_hash, sha, 65);
+    if (bfile_rename_ours(b->part_fd, b->target_part, b->o->target, errp) < 0)
+        return -1;
+    b->renamed = true;
     struct manifest m;
     fill_manifest(b, &m);
     CLEANUP_FREE char *created = NULL;
     bool had_id = b->disk_id[0] != '\0';
-    if (had_id && manifest_write(b->target_json, &m, errp) < 0)
+    if (had_id && manifest_write(b->target_json, &m, false, errp) < 0)
         return -1;
+    b->made_json = had_id;
     struct cbt_error *ce = NULL;
     if (cbt_checkpoint_create(b->disk, b->ckname, b->o->granularity, &ce) < 0) {
         /* A create can fail after its header update reached the disk (a
@@ -1009,7 +1015,7 @@ static int commit(struct bk *b, struct cbt_error **errp)
     if (!had_id && cbt_checkpoint_disk_id(b->disk, b->disk_id, &e) < 0)
         goto undo;
     if (checkpoint_facts(b, &m, &created, &e) < 0 ||
-        manifest_write(b->target_json, &m, &e) < 0) {
+        manifest_write(b->target_json, &m, had_id, &e) < 0) {
         if (!had_id)
             goto undo;
         /* The manifest of the predicted order stays: complete and right
@@ -1042,19 +1048,12 @@ undo:;
 
 static void remove_files(struct bk *b)
 {
-    if (!b->target_free)
-        return;
-    const char *files[] = {b->target_json, b->target_hashes};
-    for (size_t i = 0; i < 2; i++) {
-        if (!files[i])
-            continue;
-        unlink(files[i]);
-        CLEANUP_FREE char *tmp = cbt_strdup_printf("%s.tmp", files[i]);
-        if (tmp)
-            unlink(tmp);
-    }
-    if (b->made_target)
-        unlink(b->o->target);
+    if (b->made_json)
+        unlink(b->target_json);
+    if (b->made_hashes)
+        unlink(b->target_hashes);
+    bfile_unlink_ours(b->part_fd, b->renamed ? b->o->target
+                                             : b->target_part);
 }
 
 static void free_bk(struct bk *b)
@@ -1071,6 +1070,9 @@ static void free_bk(struct bk *b)
     free(b->ext);
     free(b->target_json);
     free(b->target_hashes);
+    free(b->target_part);
+    if (b->part_fd >= 0)
+        close(b->part_fd);
 }
 
 static int result_strings(struct bk *b, struct cbt_error **errp)
@@ -1094,16 +1096,18 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
     memset(res, 0, sizeof(*res));
     if (check_opts(o, errp) < 0)
         return -1;
-    struct bk b = {.o = o, .res = res};
+    struct bk b = {.o = o, .res = res, .part_fd = -1};
     int ret = -1;
     bool ckpt_made = false;
     struct timespec t0;
     clock_gettime(CLOCK_REALTIME, &t0);
     b.created = iso_time(t0.tv_sec, (uint32_t)t0.tv_nsec);
-    b.dir = dir_of(o->target);
+    b.dir = bfile_folder_of(o->target);
     b.target_json = manifest_path_for(o->target);
     b.target_hashes = hashes_path_for(o->target);
-    if (!b.created || !b.dir || !b.target_json || !b.target_hashes) {
+    b.target_part = cbt_strdup_printf("%s.part", o->target);
+    if (!b.created || !b.dir || !b.target_json || !b.target_hashes ||
+        !b.target_part) {
         oom(errp);
         goto out;
     }

@@ -603,59 +603,7 @@ static json_t *build(const struct manifest *m)
     return root;
 }
 
-/* fsync the folder holding path, so a rename in it is durable. */
-static int sync_parent_dir(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    CLEANUP_FREE char *dir = slash ? strndup(path, (size_t)(slash - path) + 1)
-                                   : strdup(".");
-    if (!dir)
-        return -ENOMEM;
-    CLEANUP_CLOSE int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    if (fsync(fd) < 0)
-        return -errno;
-    return 0;
-}
-
-/* Write buf to path.tmp, fsync, rename over path, fsync the folder.  The
- * temporary file is removed on failure. */
-static int write_atomic(const char *path, const void *buf, size_t len,
-                                struct cbt_error **errp)
-{
-    CLEANUP_FREE char *tmp = cbt_strdup_printf("%s.tmp", path);
-    if (!tmp) {
-        cbt_error_set(errp, ENOMEM, "%s: out of memory", path);
-        return -1;
-    }
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        cbt_error_set(errp, errno, "%s: %s", tmp, strerror(errno));
-        return -1;
-    }
-    int r = file_pwrite_full(fd, buf, len, 0);
-    if (r == 0)
-        r = file_flush(fd);
-    if (close(fd) < 0 && r == 0)
-        r = -errno;
-    if (r == 0 && rename(tmp, path) < 0)
-        r = -errno;
-    if (r < 0) {
-        unlink(tmp);
-        cbt_error_set(errp, -r, "%s: write failed: %s", path, strerror(-r));
-        return -1;
-    }
-    r = sync_parent_dir(path);
-    if (r < 0) {
-        cbt_error_set(errp, -r, "%s: syncing its folder failed: %s", path,
-                      strerror(-r));
-        return -1;
-    }
-    return 0;
-}
-
-int manifest_write(const char *path, const struct manifest *m,
+int manifest_write(const char *path, const struct manifest *m, bool replace,
                    struct cbt_error **errp)
 {
     json_t *root = build(m);
@@ -677,7 +625,7 @@ int manifest_write(const char *path, const struct manifest *m,
         cbt_error_set(errp, ENOMEM, "%s: out of memory", path);
         return -1;
     }
-    int ret = write_atomic(path, withnl, len + 1, errp);
+    int ret = bfile_write_new(path, withnl, len + 1, replace, errp);
     free(withnl);
     return ret;
 }
@@ -824,14 +772,4 @@ out:
     free(found);
     manifest_free(&best);
     return ret;
-}
-
-/* ---- the block hashes file (TARGET.hashes) ---- */
-
-int blockhash_write(const struct blockhash *h, const char *path,
-                    char file_sha256_hex[65], struct cbt_error **errp)
-{
-    /* The file is the leaves, so its SHA-256 is the root. */
-    blockhash_root(h, file_sha256_hex);
-    return write_atomic(path, h->leaf, (size_t)h->n * 32, errp);
 }

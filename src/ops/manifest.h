@@ -60,8 +60,10 @@ int manifest_parse(const char *buf, size_t len, const char *what,
  * do not parse ("" when nothing could be read). */
 int manifest_read(const char *path, struct manifest *m, char sha256[65],
                   struct cbt_error **errp);
-/* Write path atomically (path.tmp, fsync, rename, fsync the folder). */
-int manifest_write(const char *path, const struct manifest *m,
+/* Write path as a new file (bfile_write_new): refused when path exists,
+ * unless replace (then path, a manifest this backup wrote, is replaced
+ * atomically). */
+int manifest_write(const char *path, const struct manifest *m, bool replace,
                    struct cbt_error **errp);
 void manifest_free(struct manifest *m);
 
@@ -100,12 +102,7 @@ void blockhash_digest(const void *buf, size_t len, uint8_t out[32]);
 void blockhash_zero_digest(size_t len, uint8_t out[32]);
 /* The root: SHA-256 of the concatenated leaves, hex. */
 void blockhash_root(const struct blockhash *h, char hex[65]);
-/* (manifest.c) Write the leaves to path (atomically) and give the file's
- * SHA-256. */
-int blockhash_write(const struct blockhash *h, const char *path,
-                    char file_sha256[65], struct cbt_error **errp);
-
-/* ---- bfile.c: the files of a backup folder, read safely ---- */
+/* ---- bfile.c: the files of a backup folder, read and written safely ---- */
 
 /* Open path for reading when it is a regular file (never blocking on a
  * FIFO, never a device: see bfile.c); `what` names it in errors ("manifest").
@@ -126,5 +123,29 @@ int hashes_sha256(const char *path, uint64_t blocks, char hex[65],
 /* Read leaves for a view of `size` bytes (hashes_open). */
 int blockhash_read(const char *path, uint64_t size, struct blockhash *h,
                    struct cbt_error **errp);
+/* Write the leaves to the new file path (bfile_write_new, never replacing)
+ * and give the file's SHA-256. */
+int blockhash_write(const struct blockhash *h, const char *path,
+                    char file_sha256[65], struct cbt_error **errp);
+/* Write buf as the new file path, complete and durable before its name
+ * appears; refused (EEXIST) when path exists unless replace.  Never writes
+ * through an existing name or a planted link; leaves no temporary file on
+ * failure. */
+int bfile_write_new(const char *path, const void *buf, size_t len,
+                    bool replace, struct cbt_error **errp);
+/* Create path exclusively (O_CREAT|O_EXCL|O_NOFOLLOW, mode 0644): an
+ * existing file or a link at path is refused, never followed.  The
+ * descriptor (keep it to prove the file is ours), or -1 with *errp. */
+int bfile_create_excl(const char *path, struct cbt_error **errp);
+/* Rename `from`, which must still be the file open as fd, to `to`, which
+ * must not exist.  0 or -1 with *errp. */
+int bfile_rename_ours(int fd, const char *from, const char *to,
+                      struct cbt_error **errp);
+/* Remove path if it is still the file open as fd (bfile_create_excl's). */
+void bfile_unlink_ours(int fd, const char *path);
+/* The folder of path (malloc'd), "." for a bare name. */
+char *bfile_folder_of(const char *path);
+/* fsync the folder holding path.  0 or -errno. */
+int bfile_sync_folder_of(const char *path);
 
 #endif

@@ -9,8 +9,9 @@
  *   2. The chain is opened and its integrity checked (src/ops/verify.c,
  *      bchain_open): a missing or altered backup, manifest or hashes file
  *      refuses the restore before anything is created.
- *   3. OUT.part is created (qcow2 or raw, the backup's virtual size) and
- *      filled by one pass over the guest view (bchain_walk): every 64 KiB
+ *   3. OUT.part is created exclusively (an existing file or a symlink
+ *      planted there is refused, never written through), formatted (qcow2
+ *      or raw, the backup's virtual size) and filled by one pass over the guest view (bchain_walk): every 64 KiB
  *      block is hashed and compared with the manifest's leaf *before* it is
  *      written; ranges the chain holds as zeroes are neither read nor
  *      written, nor are 4 KiB pieces of zeroes inside data, so OUT is never
@@ -20,7 +21,8 @@
  *   4. OUT.part is flushed; with a seed checkpoint, it is created then
  *      (see below) and flushed with the image's header.
  *   5. OUT.part is renamed to OUT (never over a file that appeared
- *      meanwhile) and the folder synced.
+ *      meanwhile, and only while OUT.part is still the file created in 3)
+ *      and the folder synced.
  * A failure in 2..5 removes OUT.part; a kill leaves at most OUT.part,
  * never an OUT that looks complete.
  *
@@ -213,39 +215,6 @@ out:
     return ret;
 }
 
-static int sync_folder_of(const char *path)
-{
-    CLEANUP_FREE char *dir = strdup(path);
-    if (!dir)
-        return -ENOMEM;
-    char *slash = strrchr(dir, '/');
-    if (slash)
-        *(slash == dir ? slash + 1 : slash) = '\0';
-    CLEANUP_CLOSE int fd = open(slash ? dir : ".",
-                                O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    return fsync(fd) < 0 ? -errno : 0;
-}
-
-/* Rename tmp to out unless out exists (renameat2 RENAME_NOREPLACE; a file
- * system without it gets link + unlink, which refuses the same way). */
-static int rename_noreplace(const char *tmp, const char *out,
-                            struct cbt_error **errp)
-{
-    if (renameat2(AT_FDCWD, tmp, AT_FDCWD, out, RENAME_NOREPLACE) == 0)
-        return 0;
-    if (errno == EINVAL || errno == ENOSYS) {
-        if (link(tmp, out) == 0) {
-            unlink(tmp);
-            return 0;
-        }
-    }
-    cbt_error_set(errp, errno, "%s: cannot rename %s to it: %s", out, tmp,
-                  strerror(errno));
-    return -1;
-}
-
 static int check_opt_values(const struct cbt_restore_opts *o,
                             const char *fmt, struct cbt_error **errp)
 {
@@ -308,6 +277,7 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
     struct bchain c;
     bool created = false;
     int ret = -1;
+    int tmpfd = -1;
     int r = bchain_open(o->backup, &c, errp);
     if (r == 1) {
         cbt_error_set(errp, EINVAL, "%s", c.problem);
@@ -330,11 +300,15 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
         .size = c.size,
         .size_given = true,
     };
-    if (cbt_image_create(tmp, &co, errp) < 0) {
-        created = lstat(tmp, &st) == 0;
+    /* OUT.part is ours alone: created exclusively (never through a file
+     * or a link already there), then formatted; renamed, and on failure
+     * removed, only while it is still that file. */
+    tmpfd = bfile_create_excl(tmp, errp);
+    if (tmpfd < 0)
         goto out;
-    }
     created = true;
+    if (cbt_image_create(tmp, &co, errp) < 0)
+        goto out;
     rs.out = cbt_image_open(tmp, fmt, CBT_OPEN_RDWR, errp);
     if (!rs.out)
         goto out;
@@ -357,10 +331,10 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
     rs.out = NULL;
     if (r < 0)
         goto out;
-    if (rename_noreplace(tmp, o->out, errp) < 0)
+    if (bfile_rename_ours(tmpfd, tmp, o->out, errp) < 0)
         goto out;
     created = false;
-    r = sync_folder_of(o->out);
+    r = bfile_sync_folder_of(o->out);
     if (r < 0) {
         cbt_error_set(errp, -r, "%s: cannot sync its folder: %s", o->out,
                       strerror(-r));
@@ -371,7 +345,9 @@ out:
     if (rs.out)
         cbt_image_close(rs.out, NULL);
     if (created)
-        unlink(tmp);
+        bfile_unlink_ours(tmpfd, tmp);
+    if (tmpfd >= 0)
+        close(tmpfd);
     bchain_close(&c);
     return ret;
 }

@@ -52,6 +52,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "interop"))
 import interop_lib as L  # noqa: E402
 from interop_lib import KiB, MiB, cbt, qemu_img, qemu_io, no_crash  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import faultlib as F  # noqa: E402
 
 B = 64 * KiB
 SIZE = 8 * MiB
@@ -219,7 +221,8 @@ def check_manifest(m, target, kind, since, parent, size, view, ckpt):
     assert read(target + ".hashes") == leaves
     assert h["file-sha256"] == sha_file(target + ".hashes")
     assert h["root"] == root, "manifest root differs from the reference's"
-    assert not any(n.endswith(".tmp") for n in os.listdir(os.path.dirname(target)))
+    assert not any(".tmp" in n or n.endswith(".part")
+                   for n in os.listdir(os.path.dirname(target)))
 
 
 def check_qcow2_incremental(target, expect_blocks, view, size):
@@ -549,30 +552,36 @@ def test_refusals_touch_nothing(tmp):
     assert sorted(os.listdir(s.repo)) == before
 
 
+def manifest_write_fails(*args):
+    """cbt backup ARGS with the manifest's write failing (ENOSPC): the
+    hashes and the manifest are written to unnamed files in the folder
+    (O_TMPFILE, opened on the folder 'repo'), hashes first."""
+    res, cnt = F.run_faulty(["backup"] + list(args), "repo", "write", 2,
+                            False, "ENOSPC")
+    assert cnt["injected"] == 1, (cnt, res)
+    assert res.rc == 74 and res.out == "", res
+    return res.err
+
+
 def test_failure_after_writing_removes_everything(tmp):
     s = Story(tmp)
     s.io(6)
     # the disk's first checkpoint: the manifest cannot be written
     t = os.path.join(s.repo, "full.qcow2")
-    os.mkdir(t + ".json.tmp")
     state = disk_state(s.disk)
-    err = backup_fails("--full", s.disk, t)
+    err = manifest_write_fails("--full", s.disk, t)
     assert "full.qcow2.json" in err
     assert checkpoints(s.disk)["checkpoints"] == state[1]["checkpoints"] == []
-    assert_no_files(s.repo, keep=["full.qcow2.json.tmp"])
-    os.rmdir(t + ".json.tmp")
+    assert_no_files(s.repo)
 
     backup("--full", s.disk, t)
     s.io(4)
     t2 = os.path.join(s.repo, "inc.qcow2")
-    os.mkdir(t2 + ".json.tmp")
     state = disk_state(s.disk)
-    err = backup_fails("--incremental", s.disk, t2)
+    err = manifest_write_fails("--incremental", s.disk, t2)
     assert "inc.qcow2.json" in err
     assert disk_state(s.disk) == state
-    assert_no_files(s.repo, keep=["full.qcow2", "full.qcow2.json", "full.qcow2.hashes",
-                                  "inc.qcow2.json.tmp"])
-    os.rmdir(t2 + ".json.tmp")
+    assert_no_files(s.repo, keep=["full.qcow2", "full.qcow2.json", "full.qcow2.hashes"])
     # then it works, and is complete
     ref = reference(s.disk, os.path.join(s.tmp, "r.raw"))
     r = backup("--incremental", s.disk, t2)

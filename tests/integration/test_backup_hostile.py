@@ -5,7 +5,12 @@ never hangs on them, never builds on them, never writes outside them.
     a symlink to a FIFO or to /dev/zero; verify and restore refuse it
     naming the file (exit 65, nothing left behind), backup --incremental
     refuses it or falls back to a full backup with --auto; every command
-    runs under a timeout, and a run that does not finish fails the test.
+    runs under a timeout, and a run that does not finish fails the test;
+  * writes outside the folder: symlinks planted at the names cbt used to
+    write through (NAME.json.tmp, NAME.hashes.tmp) change nothing, links
+    at the names a backup or restore creates (TARGET, TARGET.part, .json,
+    .hashes, OUT.part) are refused, and the files they point to stay
+    untouched.
 """
 import os
 import shutil
@@ -120,4 +125,83 @@ def test_backup_refuses_special_parent_files(tmp, what, kind):
     assert res.json()["kind"] == "full" and res.json()["fallback"], res
     run_ok("verify", c.path("i3"))
     cmp = qemu_img("compare", "-q", c.disk, c.path("i3"), check=False)
+    assert cmp.rc == 0, cmp
+
+
+# ---- writes outside the folder ----
+
+def victims(tmp):
+    """Files outside the backup folder that planted links point to."""
+    out = {}
+    for name in ("victim-json", "victim-hashes", "victim-part", "victim-out"):
+        p = os.path.join(str(tmp), name)
+        with open(p, "w") as f:
+            f.write("keep " + name)
+        out[name] = p
+    return out
+
+
+def assert_kept(v):
+    for name, p in v.items():
+        with open(p) as f:
+            assert f.read() == "keep " + name, "%s was written through a link" % p
+
+
+def test_planted_links_are_never_followed(tmp):
+    """Symlinks planted at the names cbt used to write through (NAME.tmp)
+    change nothing: the backup's files are new regular files, no file
+    outside the folder is written."""
+    c = Chain(tmp)
+    v = victims(tmp)
+    nxt = c.path("next")
+    os.symlink(v["victim-json"], nxt + ".json.tmp")
+    os.symlink(v["victim-hashes"], nxt + ".hashes.tmp")
+    qemu_io("-f", "qcow2", "-c", "write -P 9 1M 64k", c.disk)
+    run_ok("backup", "--incremental", c.disk, nxt)
+    assert_kept(v)
+    for suffix in ("", ".json", ".hashes"):
+        st = os.lstat(nxt + suffix)
+        assert not os.path.islink(nxt + suffix) and st.st_mode & 0o170000 == 0o100000
+    run_ok("verify", nxt)
+    # nothing else appeared: no temporary, no work file
+    assert sorted(f for f in c.files() if f.startswith("next")) == \
+        ["next.qcow2", "next.qcow2.hashes", "next.qcow2.hashes.tmp", "next.qcow2.json",
+         "next.qcow2.json.tmp"], c.files()
+
+
+@pytest.mark.parametrize("where", ["target", "part", "hashes", "json"])
+def test_links_at_new_names_are_refused(tmp, where):
+    """A link (also a dangling one) at a name the backup would create is
+    refused before anything is written; what it points to is untouched."""
+    c = Chain(tmp)
+    v = victims(tmp)
+    nxt = c.path("next")
+    link = nxt + {"target": "", "part": ".part", "hashes": ".hashes", "json": ".json"}[where]
+    os.symlink(v["victim-part"], link)
+    dangling = c.path("other") + {"target": "", "part": ".part", "hashes": ".hashes",
+                                  "json": ".json"}[where]
+    os.symlink(os.path.join(str(tmp), "nowhere"), dangling)
+    before = c.files()
+    qemu_io("-f", "qcow2", "-c", "write -P 9 1M 64k", c.disk)
+    for target in (nxt, c.path("other")):
+        res = run("backup", "--incremental", c.disk, target)
+        assert res.rc != 0 and "exists" in res.err, res
+    assert c.files() == before
+    assert not os.path.exists(os.path.join(str(tmp), "nowhere"))
+    assert_kept(v)
+
+
+def test_restore_work_file_is_exclusive(tmp):
+    c = Chain(tmp)
+    v = victims(tmp)
+    out = os.path.join(c.tmp, "out.qcow2")
+    os.symlink(v["victim-out"], out + ".part")
+    res = run("restore", c.path("i2"), out)
+    assert res.rc != 0 and "out.qcow2.part" in res.err, res
+    assert not os.path.exists(out)
+    assert_kept(v)
+    os.unlink(out + ".part")
+    run_ok("restore", c.path("i2"), out)
+    assert sorted(f for f in os.listdir(c.tmp) if f.startswith("out")) == ["out.qcow2"]
+    cmp = qemu_img("compare", "-q", c.disk, out, check=False)
     assert cmp.rc == 0, cmp

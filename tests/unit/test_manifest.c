@@ -11,6 +11,7 @@
  *  - manifest_find_by_checkpoint over a folder with other disks' backups,
  *    incomplete and foreign files, and two claimants.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <ftw.h>
 #include <setjmp.h>
@@ -222,7 +223,7 @@ static void fill_full(struct manifest *m, const char *image, const char *ck,
 static void write_manifest(const char *name, const struct manifest *m)
 {
     char *p = tpath(name);
-    assert_int_equal(manifest_write(p, m, NULL), 0);
+    assert_int_equal(manifest_write(p, m, true, NULL), 0);
     free(p);
 }
 
@@ -680,11 +681,113 @@ static void test_write_failure(void **state)
     fill_full(&m, "a.qcow2", "c1", ID);
     struct cbt_error *err = NULL;
     char *p = tpath("nodir/a.qcow2.json");
-    assert_int_equal(manifest_write(p, &m, &err), -1);
+    assert_int_equal(manifest_write(p, &m, false, &err), -1);
     assert_non_null(strstr(cbt_error_message(err), "nodir"));
     cbt_error_free(err);
     free(p);
     manifest_free(&m);
+}
+
+/* The files in tmpdir, sorted, as one string "a b c". */
+static char *listing(void)
+{
+    struct dirent **v;
+    int n = scandir(tmpdir, &v, NULL, alphasort);
+    assert_true(n >= 0);
+    char *out = strdup("");
+    for (int i = 0; i < n; i++) {
+        if (v[i]->d_name[0] != '.') {
+            char *t = cbt_strdup_printf("%s%s%s", out, *out ? " " : "",
+                                        v[i]->d_name);
+            free(out);
+            out = t;
+        }
+        free(v[i]);
+    }
+    free(v);
+    return out;
+}
+
+/* Issue 10: new files never go through a name that exists (a planted
+ * symlink included), leave no temporary file, and only files this process
+ * created are renamed or removed. */
+static void test_new_files_are_exclusive(void **state)
+{
+    (void)state;
+    strcat(tmpdir, "/excl");
+    assert_int_equal(mkdir(tmpdir, 0755), 0);
+    char *victim = tpath("victim"), *link = tpath("n.hashes");
+    put_file("victim", "keep");
+    assert_int_equal(symlink(victim, link), 0);
+    struct cbt_error *err = NULL;
+    /* a link at the name: refused, the file it points to untouched */
+    assert_int_equal(bfile_write_new(link, "new", 3, false, &err), -1);
+    assert_int_equal(cbt_error_errno(err), EEXIST);
+    cbt_error_free(err);
+    err = NULL;
+    assert_int_equal(bfile_create_excl(link, &err), -1);
+    assert_int_equal(cbt_error_errno(err), EEXIST);
+    cbt_error_free(err);
+    err = NULL;
+    char *text = slurp(victim);
+    assert_string_equal(text, "keep");
+    free(text);
+    /* the links cbt used to write through (NAME.tmp) change nothing */
+    char *tmplink = tpath("m.json.tmp"), *m = tpath("m.json");
+    assert_int_equal(symlink(victim, tmplink), 0);
+    assert_int_equal(bfile_write_new(m, "first", 5, false, NULL), 0);
+    text = slurp(victim);
+    assert_string_equal(text, "keep");
+    free(text);
+    char *names = listing();
+    assert_string_equal(names, "m.json m.json.tmp n.hashes victim");
+    free(names);
+    /* replace: a new file renamed over the old one, no temporary left */
+    assert_int_equal(bfile_write_new(m, "second", 6, true, NULL), 0);
+    text = slurp(m);
+    assert_string_equal(text, "second");
+    free(text);
+    names = listing();
+    assert_string_equal(names, "m.json m.json.tmp n.hashes victim");
+    free(names);
+    struct stat st;
+    assert_int_equal(lstat(m, &st), 0);
+    assert_true(S_ISREG(st.st_mode));
+    /* rename and unlink only the file created */
+    char *part = tpath("t.part"), *done = tpath("t");
+    int fd = bfile_create_excl(part, NULL);
+    assert_true(fd >= 0);
+    assert_int_equal(unlink(part), 0);
+    put_file("t.part", "someone else's");
+    assert_int_equal(bfile_rename_ours(fd, part, done, &err), -1);
+    assert_non_null(strstr(cbt_error_message(err), "no longer the file"));
+    cbt_error_free(err);
+    err = NULL;
+    bfile_unlink_ours(fd, part);
+    assert_int_equal(lstat(part, &st), 0);
+    close(fd);
+    assert_int_equal(unlink(part), 0);
+    fd = bfile_create_excl(part, NULL);
+    assert_true(fd >= 0);
+    assert_int_equal(bfile_rename_ours(fd, part, done, NULL), 0);
+    assert_int_equal(lstat(done, &st), 0);
+    /* a name that appeared meanwhile is never replaced */
+    int fd2 = bfile_create_excl(part, NULL);
+    assert_true(fd2 >= 0);
+    assert_int_equal(bfile_rename_ours(fd2, part, done, &err), -1);
+    assert_int_equal(cbt_error_errno(err), EEXIST);
+    cbt_error_free(err);
+    bfile_unlink_ours(fd2, part);
+    assert_int_equal(lstat(part, &st), -1);
+    close(fd);
+    close(fd2);
+    free(part);
+    free(done);
+    free(tmplink);
+    free(m);
+    free(victim);
+    free(link);
+    *strrchr(tmpdir, '/') = '\0';
 }
 
 static int rm_cb(const char *p, const struct stat *sb, int flag,
@@ -728,6 +831,7 @@ int main(void)
         cmocka_unit_test(test_paths),
         cmocka_unit_test(test_find),
         cmocka_unit_test(test_write_failure),
+        cmocka_unit_test(test_new_files_are_exclusive),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
