@@ -225,8 +225,115 @@ static int check_opts(const struct cbt_backup_opts *o, struct cbt_error **errp)
     return 0;
 }
 
-/* TARGET and its two companions must not exist; TARGET must not be a
- * layer of the disk. */
+/*
+ * Whose files are these?  cbt recognises what it leaves behind by name and
+ * order (see "Order and failure" above): a backup is written as
+ * TARGET.part, then TARGET.hashes appears, then TARGET.part is renamed to
+ * TARGET, then TARGET.json appears.  So an interrupted backup leaves
+ * TARGET.part (with or without TARGET.hashes), or TARGET with TARGET.hashes
+ * and no manifest; a restore leaves OUT.part.  Those, and only those, are
+ * named as leftovers that may be removed.  Any other file at TARGET is not
+ * cbt's: it is refused without advice to remove it, and when it is an
+ * image holding checkpoints or bitmaps (a disk) the arguments are taken to
+ * be swapped.
+ */
+
+/* Does path exist (as anything, a dangling link too)? */
+static bool exists(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
+/* Is path itself (not a link) a regular file whose size is a multiple of
+ * `unit`? */
+static bool regular_file(const char *path, uint64_t unit)
+{
+    struct stat st;
+    return lstat(path, &st) == 0 && S_ISREG(st.st_mode) &&
+           (uint64_t)st.st_size % unit == 0;
+}
+
+/* Is the image at path a disk: one holding checkpoints or bitmaps? */
+static bool looks_like_disk(const char *path)
+{
+    /* Only what can be an image is opened (a FIFO would block). */
+    struct stat st;
+    if (stat(path, &st) < 0 || !(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)))
+        return false;
+    struct cbt_error *e = NULL;
+    struct cbt_image *img = cbt_image_open(path, NULL, CBT_OPEN_NO_BACKING,
+                                           &e);
+    cbt_error_free(e);
+    if (!img)
+        return false;
+    struct cbt_bitmap_info *list = NULL;
+    size_t n = 0;
+    e = NULL;
+    bool disk = cbt_bitmap_list(img, &list, &n, &e) == 0 && n > 0;
+    cbt_bitmap_info_free_list(list, n);
+    cbt_error_free(e);
+    if (!disk) {
+        char id[37];
+        e = NULL;
+        disk = cbt_checkpoint_disk_id(img, id, &e) == 0 && id[0];
+        cbt_error_free(e);
+    }
+    cbt_image_close(img, NULL);
+    return disk;
+}
+
+/* Is path a backup made by cbt: path.json beside it, a manifest that
+ * describes it? */
+static bool is_backup(const char *path)
+{
+    CLEANUP_FREE char *mp = manifest_path_for(path);
+    struct manifest m;
+    struct cbt_error *e = NULL;
+    if (!mp || manifest_read(mp, &m, NULL, &e) < 0) {
+        cbt_error_free(e);
+        return false;
+    }
+    bool ok = strcmp(m.image_file, base_name(path)) == 0;
+    manifest_free(&m);
+    return ok;
+}
+
+/* The error just set is a mistake in the arguments: -1. */
+static int usage_mistake(struct cbt_error **errp)
+{
+    cbt_error_set_kind(errp, CBT_ERR_USAGE);
+    return -1;
+}
+
+/* Before DISK is opened: a folder as TARGET, a backup as DISK. */
+static int check_roles(struct bk *b, struct cbt_error **errp)
+{
+    const char *disk = b->o->disk, *t = b->o->target;
+    struct stat st;
+    if (stat(t, &st) == 0 && S_ISDIR(st.st_mode)) {
+        cbt_error_set(errp, EISDIR, "%s: is a folder; TARGET names the new "
+                      "backup file in the backup folder, e.g. %s%sNAME.qcow2",
+                      t, t, t[strlen(t) - 1] == '/' ? "" : "/");
+        return usage_mistake(errp);
+    }
+    if (!is_backup(disk))
+        return 0;
+    if (exists(t))
+        cbt_error_set(errp, EINVAL, "%s: is a backup made by cbt (%s.json is "
+                      "its manifest) and %s exists: the arguments look "
+                      "swapped; the disk comes first: cbt backup ... DISK "
+                      "TARGET", disk, disk, t);
+    else
+        cbt_error_set(errp, EINVAL, "%s: is a backup made by cbt (%s.json is "
+                      "its manifest), not a disk; backing it up would change "
+                      "it (restore it with cbt restore first)", disk, disk);
+    return usage_mistake(errp);
+}
+
+/* TARGET, its work file and its two companions must not exist; TARGET must
+ * not be a layer of the disk.  Only what cbt leaves behind (see above) is
+ * named as a leftover to remove. */
 static int check_target(struct bk *b, struct cbt_error **errp)
 {
     const char *t = b->o->target;
@@ -235,34 +342,59 @@ static int check_target(struct bk *b, struct cbt_error **errp)
     if (ops_find_layer(b->disk, t, &depth, &e)) {
         cbt_error_set(errp, EINVAL, "%s: the target is layer %d of the "
                       "disk's chain; refusing to overwrite it", t, depth);
-        return -1;
+        return usage_mistake(errp);
     }
     cbt_error_free(e);
-    struct stat st;
-    bool has_json = lstat(b->target_json, &st) == 0;
-    if (lstat(t, &st) == 0) {
-        if (!has_json)
-            cbt_error_set(errp, EEXIST, "%s: already exists, without a "
-                          "manifest (an interrupted backup?); remove it or "
-                          "choose another name", t);
+    bool has_json = exists(b->target_json);
+    bool our_hashes = !has_json && regular_file(b->target_hashes, 32);
+    if (exists(b->target_part)) {
+        if (!regular_file(b->target_part, 1))
+            cbt_error_set(errp, EEXIST, "%s: exists and is not a regular "
+                          "file, so not a work file of cbt; refusing to "
+                          "write there: choose another name", b->target_part);
         else
+            cbt_error_set(errp, EEXIST, "%s: exists: the work file of an "
+                          "interrupted cbt backup or restore (cbt writes %s "
+                          "and renames it to %s when it is complete); if no "
+                          "cbt is running on it, remove it%s%s",
+                          b->target_part, b->target_part, t,
+                          our_hashes ? " and " : "",
+                          our_hashes ? b->target_hashes : "");
+        return -1;
+    }
+    if (exists(t)) {
+        if (has_json) {
             cbt_error_set(errp, EEXIST, "%s: already exists; a backup is "
                           "never overwritten: choose another name", t);
+        } else if (our_hashes && regular_file(t, 1)) {
+            cbt_error_set(errp, EEXIST, "%s: exists with %s but without its "
+                          "manifest %s: left by an interrupted cbt backup "
+                          "(which writes the block hashes, then renames the "
+                          "image into place, then writes the manifest); if "
+                          "no cbt is running on it, remove %s and %s", t,
+                          b->target_hashes, b->target_json, t,
+                          b->target_hashes);
+        } else if (looks_like_disk(t)) {
+            cbt_error_set(errp, EEXIST, "%s: exists and is a disk image with "
+                          "checkpoints or bitmaps, not a backup: the "
+                          "arguments look swapped; the disk comes first: cbt "
+                          "backup ... DISK TARGET", t);
+            return usage_mistake(errp);
+        } else {
+            cbt_error_set(errp, EEXIST, "%s: already exists and is not a "
+                          "backup made by cbt (no manifest %s beside it); a "
+                          "backup never overwrites a file: choose another "
+                          "name", t, b->target_json);
+        }
         return -1;
     }
     const char *others[] = {b->target_json, b->target_hashes};
     for (size_t i = 0; i < 2; i++) {
-        if (lstat(others[i], &st) == 0) {
+        if (exists(others[i])) {
             cbt_error_set(errp, EEXIST, "%s: already exists; a backup is "
                           "never overwritten: choose another name", others[i]);
             return -1;
         }
-    }
-    if (lstat(b->target_part, &st) == 0) {
-        cbt_error_set(errp, EEXIST, "%s: already exists (the work file of an "
-                      "interrupted backup?); remove it first",
-                      b->target_part);
-        return -1;
     }
     return 0;
 }
@@ -1111,6 +1243,8 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
         oom(errp);
         goto out;
     }
+    if (check_roles(&b, errp) < 0)
+        goto out;
 
     b.disk = cbt_image_open(o->disk, o->disk_format, CBT_OPEN_RDWR, errp);
     if (!b.disk)
