@@ -46,8 +46,10 @@ const char *cbt_backup_mode_name(enum cbt_backup_mode mode);
  * checkpoint lands removes the target and its files and leaves DISK's
  * checkpoints exactly as before.
  * An incremental that is impossible (no checkpoint, its bitmap unusable,
- * no backup of it in the folder, a backup of another disk) is refused with
- * the reason, unless auto_full: then a full backup is taken and
+ * no backup of it in the folder, a backup of another disk, the parent's
+ * chain incomplete or damaged as far as is cheap to check) is refused with
+ * the reason (kind CBT_ERR_NEED_FULL, or CBT_ERR_CORRUPT for a damaged
+ * parent), unless auto_full: then a full backup is taken and
  * result->fallback says why.
  */
 struct cbt_backup_opts {

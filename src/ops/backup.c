@@ -76,6 +76,7 @@
 #include <cbt/checkpoint.h>
 
 #include "../util/util.h"
+#include "bchain.h"
 #include "blockpipe.h"
 #include "manifest.h"
 #include "ops_util.h"
@@ -111,6 +112,9 @@ struct bk {
     char *ckname;             /* the new checkpoint */
     char *created;            /* ISO time the backup started */
     uint64_t predicted_order;
+    /* why an incremental is impossible: CBT_ERR_NEED_FULL, or
+     * CBT_ERR_CORRUPT when the parent is damaged */
+    enum cbt_error_kind why_kind;
 
     /* incremental / differential */
     struct cbt_checkpoint since;
@@ -506,6 +510,50 @@ static int PRINTF_FMT(2, 3) impossible(char **why, const char *fmt, ...)
     return *why ? 1 : -1;
 }
 
+/*
+ * Before building on the parent: what is cheap to check of its chain
+ * (bchain_open's BCHAIN_CHEAP: every manifest down to the full, vouched for
+ * by its child's digest, their links and orders, which rules out loops;
+ * each hashes file's length; each image a regular file, qcow2 ones linked
+ * to their parent).  The hashes files' digests are not read here (for a
+ * large disk they are gigabytes per backup); the parent's own leaves are,
+ * below.  A file gone (old backups rotated away) means a full backup is
+ * needed; anything else is damage (run cbt verify).
+ */
+static int check_parent_chain(struct bk *b, char **why,
+                              struct cbt_error **errp)
+{
+    struct bchain c;
+    struct cbt_error *e = NULL;
+    int r = bchain_open(b->parent_path, BCHAIN_CHEAP, &c, &e);
+    int ret = 0;
+    if (r < 0 && cbt_error_errno(e) == ENOMEM) {
+        if (errp && !*errp)
+            *errp = e;
+        else
+            cbt_error_free(e);
+        ret = -1;
+    } else if (r < 0) {
+        b->why_kind = cbt_error_errno(e) == ENOENT ? CBT_ERR_NEED_FULL
+                                                   : CBT_ERR_CORRUPT;
+        ret = impossible(why, "the parent backup cannot be used: %s",
+                         cbt_error_message(e));
+        cbt_error_free(e);
+    } else if (r > 0 && c.missing) {
+        b->why_kind = CBT_ERR_NEED_FULL;
+        ret = impossible(why, "the chain of the parent backup %s is "
+                         "incomplete: %s; a backup on top of it could not be "
+                         "restored", b->parent_path, c.problem);
+    } else if (r > 0) {
+        b->why_kind = CBT_ERR_CORRUPT;
+        ret = impossible(why, "the chain of the parent backup %s is damaged: "
+                         "%s (run cbt verify %s)", b->parent_path, c.problem,
+                         b->parent_path);
+    }
+    bchain_close(&c);
+    return ret;
+}
+
 static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
 {
     const struct cbt_backup_opts *o = b->o;
@@ -575,32 +623,31 @@ static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
                           "of one chain share one format", o->target,
                           b->parent_path, pm->image_format);
     b->fmt = parent_raw ? "raw" : "qcow2";
+    if ((ret = check_parent_chain(b, why, errp)) != 0)
+        return ret;
 
-    /* The parent's files, checked before building on them (a FIFO or a
-     * device would block or never end). */
-    struct stat st;
-    if (stat(b->parent_path, &st) < 0)
-        return impossible(why, "%s: parent backup: %s", b->parent_path,
-                          strerror(errno));
-    if (!S_ISREG(st.st_mode))
-        return impossible(why, "%s: the parent backup is not a regular file",
-                          b->parent_path);
-    CLEANUP_FREE char *pman = manifest_path_for(b->parent_path);
+    /* The parent's leaves, checked against its manifest before the new
+     * backup takes the digests of its unchanged blocks from them. */
     CLEANUP_FREE char *phash = manifest_sibling(b->parent_path, pm->hash_file);
-    if (!pman || !phash) {
+    if (!phash) {
         oom(errp);
         return -1;
     }
     if (blockhash_read(phash, pm->virtual_size, &b->ph, &e) < 0) {
+        b->why_kind = CBT_ERR_CORRUPT;
         ret = impossible(why, "parent backup: %s", cbt_error_message(e));
         cbt_error_free(e);
         return ret;
     }
     char root[65];
     blockhash_root(&b->ph, root);
-    if (strcmp(root, pm->hash_file_sha256) != 0 || strcmp(root, pm->root) != 0)
+    if (strcmp(root, pm->hash_file_sha256) != 0 ||
+        strcmp(root, pm->root) != 0) {
+        b->why_kind = CBT_ERR_CORRUPT;
         return impossible(why, "%s: the block hashes do not match the "
-                          "manifest %s (damaged? run cbt verify)", phash, pman);
+                          "manifest %s.json (damaged? run cbt verify)", phash,
+                          b->parent_path);
+    }
     b->psize = pm->virtual_size;
     return 0;
 }
@@ -1228,7 +1275,8 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
     memset(res, 0, sizeof(*res));
     if (check_opts(o, errp) < 0)
         return -1;
-    struct bk b = {.o = o, .res = res, .part_fd = -1};
+    struct bk b = {.o = o, .res = res, .part_fd = -1,
+                   .why_kind = CBT_ERR_NEED_FULL};
     int ret = -1;
     bool ckpt_made = false;
     struct timespec t0;
@@ -1270,7 +1318,7 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
             cbt_error_set(errp, EINVAL, "%s; an %s backup is impossible: take "
                           "a full one (--full, or --auto to fall back to one)",
                           why, cbt_backup_mode_name(o->mode));
-            cbt_error_set_kind(errp, CBT_ERR_NEED_FULL);
+            cbt_error_set_kind(errp, b.why_kind);
             free(why);
             goto out;
         }

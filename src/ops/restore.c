@@ -278,7 +278,7 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
     bool created = false;
     int ret = -1;
     int tmpfd = -1;
-    int r = bchain_open(o->backup, &c, errp);
+    int r = bchain_open(o->backup, 0, &c, errp);
     if (r == 1) {
         cbt_error_set(errp, EINVAL, "%s", c.problem);
         cbt_error_set_kind(errp, CBT_ERR_CORRUPT);

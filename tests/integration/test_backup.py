@@ -88,7 +88,7 @@ def backup(*args):
 
 
 # exit statuses (docs/cli.md, "Exit status")
-FAILED, USAGE, NEED_FULL = 1, 64, 79
+FAILED, USAGE, CORRUPT, NEED_FULL = 1, 64, 65, 79
 
 
 def backup_fails(*args, rc=FAILED):
@@ -543,7 +543,7 @@ def test_refusals_touch_nothing(tmp):
         b = f.read(1)
         f.seek(100)
         f.write(bytes([b[0] ^ 1]))
-    refused(["--incremental"], "do not match the manifest", rc=NEED_FULL)
+    refused(["--incremental"], "do not match the manifest", rc=CORRUPT)
 
     # a raw disk cannot hold checkpoints
     rawdisk = os.path.join(s.tmp, "d.raw")

@@ -12,6 +12,8 @@ never hangs on them, never builds on them, never writes outside them.
     .hashes, OUT.part) are refused, and the files they point to stay
     untouched.
 """
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -107,25 +109,171 @@ def test_verify_and_restore_refuse_special_files(tmp, name, what, kind):
     assert not os.path.exists(out) and not os.path.exists(out + ".part")
 
 
-@pytest.mark.parametrize("kind", ["fifo", "zero"])
-@pytest.mark.parametrize("what", sorted(SUFFIXES))
-def test_backup_refuses_special_parent_files(tmp, what, kind):
-    """The parent backup's own files: the incremental is refused (or, with
-    --auto, a full backup is taken instead), never built on them."""
-    c = Chain(tmp)
-    victim = c.path("i2", SUFFIXES[what])
-    plant(victim, kind, tmp)
+def refused_then_auto_full(c, rc, words):
+    """backup --incremental is refused with exit rc, the message naming
+    `words`, nothing created; --auto takes a full backup saying why, which
+    verifies and equals the disk."""
     before = c.files()
     res = run("backup", "--incremental", c.disk, c.path("i3"))
-    assert res.rc in (CORRUPT, NEED_FULL), res
+    assert res.rc == rc, res
+    for w in words:
+        assert w in res.err, "%r not in %r" % (w, res.err)
+    assert "--full" in res.err and "--auto" in res.err, res
     assert c.files() == before
     res = run("backup", "--incremental", "--auto", "--output=json", c.disk,
               c.path("i3"))
     assert res.rc == 0, res
-    assert res.json()["kind"] == "full" and res.json()["fallback"], res
+    j = res.json()
+    assert j["kind"] == "full" and j["fallback"], res
+    for w in words:
+        assert w in j["fallback"], (w, j)
     run_ok("verify", c.path("i3"))
     cmp = qemu_img("compare", "-q", c.disk, c.path("i3"), check=False)
     assert cmp.rc == 0, cmp
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+@pytest.mark.parametrize("what", sorted(SUFFIXES))
+@pytest.mark.parametrize("name", ["f", "i1", "i2"])
+def test_backup_refuses_special_parent_files(tmp, name, what, kind):
+    """The files of the parent backup's chain: the incremental is refused
+    (or, with --auto, a full backup is taken instead), never built on
+    them."""
+    c = Chain(tmp)
+    victim = c.path(name, SUFFIXES[what])
+    plant(victim, kind, tmp)
+    if name == "i2" and what == "manifest":
+        # the parent's own manifest does not read: no backup of c3 here
+        refused_then_auto_full(c, NEED_FULL, ["no backup of checkpoint 'c3'"])
+    else:
+        refused_then_auto_full(c, CORRUPT, [victim, "not a regular file"])
+
+
+# ---- rotation: old backups deleted ----
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("gone", ["full", "full-image", "full-manifest",
+                                  "full-hashes", "middle"])
+def test_rotation(tmp, fmt, gone):
+    """Deleting old backups makes the next incremental impossible: it is
+    refused naming the missing file and the way out (exit 79), and --auto
+    takes a full backup saying why."""
+    c = Chain(tmp, fmt)
+    name = "i1" if gone == "middle" else "f"
+    suffixes = {"full-image": [""], "full-manifest": [".json"],
+                "full-hashes": [".hashes"]}.get(gone, ["", ".json", ".hashes"])
+    for sfx in suffixes:
+        os.unlink(c.path(name, sfx))
+    missing = c.path(name, suffixes[0]) if len(suffixes) == 1 else c.path(name)
+    refused_then_auto_full(c, NEED_FULL, [missing, "incomplete"])
+
+
+# ---- a parent chain that cbt verify rejects ----
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save(path, m):
+    with open(path, "w") as f:
+        json.dump(m, f, indent=2)
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def reseal(c, upto="i2"):
+    """Record every manifest's new digest in its child, so that the damage
+    crafted is the only problem (and not caught as a changed digest)."""
+    for parent, child in (("f", "i1"), ("i1", "i2")):
+        m = load(c.path(child, ".json"))
+        m["parent"]["manifest-sha256"] = sha(c.path(parent, ".json"))
+        save(c.path(child, ".json"), m)
+        if child == upto:
+            break
+
+
+def edit(c, name, change, seal=True):
+    m = load(c.path(name, ".json"))
+    change(m)
+    save(c.path(name, ".json"), m)
+    if seal:
+        reseal(c)
+
+
+def truncate(path, delta):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        if delta < 0:
+            f.truncate(size + delta)
+        else:
+            f.seek(size)
+            f.write(bytes(delta))
+
+
+HOSTILE = {
+    # manifests with wrong types or sizes (each digest re-recorded)
+    "size-type": (lambda c: edit(c, "f", lambda m: m["image"].__setitem__(
+        "virtual-size", "big")), "f", "'image.virtual-size' is a string"),
+    "blocks": (lambda c: edit(c, "i1", lambda m: m["hash"].__setitem__(
+        "blocks", m["hash"]["blocks"] + 1)), "i1", "'hash.blocks'"),
+    "virtual-size": (lambda c: edit(c, "i1", lambda m: (
+        m["image"].__setitem__("virtual-size", 2 * MiB),
+        m["hash"].__setitem__("blocks", 32))), "i1", "32 for each of the 32"),
+    "incomplete": (lambda c: edit(c, "f", lambda m: m.__setitem__(
+        "complete", False)), "f", "incomplete"),
+    "other-disk": (lambda c: edit(c, "f", lambda m: m["disk"].__setitem__(
+        "id", "00000000-0000-4000-8000-000000000000")), "f", "of disk"),
+    "order": (lambda c: edit(c, "f", lambda m: m["checkpoint"].__setitem__(
+        "order", 9)), "i1", "not newer"),
+    "since": (lambda c: edit(c, "i1", lambda m: m.__setitem__(
+        "since", "c0")), "i1", "since checkpoint 'c0'"),
+    "no-full": (lambda c: edit(c, "f", lambda m: (
+        m.__setitem__("kind", "incremental"), m.__setitem__("since", "c0"),
+        m.__setitem__("parent", {"file": "nothere.qcow2",
+                                 "manifest-sha256": "0" * 64}))),
+        "f.qcow2", "nothere.qcow2"),
+    # the digest a child recorded: a manifest changed behind its back
+    "changed-manifest": (lambda c: edit(c, "f", lambda m: m.__setitem__(
+        "tool", "someone else"), seal=False), "f", "changed or replaced"),
+    # loops: a parent named below its child (digests cannot all agree)
+    "loop": (lambda c: edit(c, "f", lambda m: (
+        m.__setitem__("kind", "incremental"), m.__setitem__("since", "c3"),
+        m.__setitem__("parent", {"file": "i2.qcow2",
+                                 "manifest-sha256": sha(c.path("i2", ".json"))}))),
+        "f.qcow2", "i2.qcow2"),
+    "self-loop": (lambda c: edit(c, "i1", lambda m: m["parent"].__setitem__(
+        "file", "i1.qcow2")), "i1", "names the backup itself"),
+    # hashes files truncated or too long
+    "hashes-short": (lambda c: truncate(c.path("f", ".hashes"), -32),
+                     "f.qcow2.hashes", "expected"),
+    "hashes-long": (lambda c: truncate(c.path("i1", ".hashes"), 32),
+                    "i1.qcow2.hashes", "expected"),
+    "hashes-empty": (lambda c: truncate(c.path("f", ".hashes"),
+                                        -os.path.getsize(c.path("f", ".hashes"))),
+                     "f.qcow2.hashes", "expected"),
+    # images: a backing link to another file, a truncated raw image
+    "backing-link": (lambda c: qemu_img("rebase", "-u", "-b", "other.qcow2", "-F",
+                                        "qcow2", c.path("i1")), "i1", "backing file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_parent_chain(tmp, case):
+    """cbt verify rejects the parent's chain, so backup --incremental must
+    not build on it: refused with the reason (exit 65), --auto takes a full
+    backup instead.  Each case exits 0 on 5c6f132."""
+    c = Chain(tmp)
+    craft, where, words = HOSTILE[case]
+    if case == "backing-link":
+        shutil.copy(c.path("f"), os.path.join(c.bk, "other.qcow2"))
+    craft(c)
+    res = run("verify", c.path("i2"))
+    assert res.rc == CORRUPT, "cbt verify accepts the crafted chain: %r" % res
+    refused_then_auto_full(c, CORRUPT, [where, words, "damaged"])
 
 
 # ---- writes outside the folder ----
