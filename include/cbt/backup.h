@@ -64,6 +64,8 @@ struct cbt_backup_opts {
     bool auto_full;
     cbt_progress_fn *progress;
     void *progress_opaque;
+    cbt_cancel_fn *cancel;        /* stops it before the checkpoint exists */
+    void *cancel_opaque;
 };
 struct cbt_backup_result {
     enum cbt_backup_mode mode;    /* what was done (auto_full may change it) */
@@ -96,6 +98,8 @@ struct cbt_restore_opts {
     const char *seed_checkpoint;  /* or NULL */
     cbt_progress_fn *progress;
     void *progress_opaque;
+    cbt_cancel_fn *cancel;        /* stops it before OUT is in place */
+    void *cancel_opaque;
 };
 int cbt_restore(const struct cbt_restore_opts *opts,
                 struct cbt_error **errp);

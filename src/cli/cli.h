@@ -178,4 +178,17 @@ void cli_progress_cb(void *opaque, uint64_t done, uint64_t total);
 /* Erase the progress line (so later messages start on a clean line). */
 void cli_progress_end(struct cli_progress *p);
 
+/* signals.c: SIGINT, SIGTERM, SIGHUP during the long-running commands */
+
+/* From now on those signals are noted instead of killing (those ignored
+ * stay ignored); pass cli_cancel_cb as the library's cbt_cancel_fn so that
+ * the operation stops and cleans up.  Called by backup, restore, convert
+ * and commit just before the operation. */
+void cli_signals_catch(void);
+/* A cbt_cancel_fn: has one of those signals arrived? */
+bool cli_cancel_cb(void *opaque);
+/* main(), at the end: when a signal was caught, die of it (its default
+ * action); returns otherwise. */
+void cli_signals_reraise(void);
+
 #endif

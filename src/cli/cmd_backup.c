@@ -56,6 +56,9 @@ static const char usage[] =
     "  --output=FMT    human (default) or json\n"
     "  -h, --help      show this help\n"
     "\n"
+    "SIGINT (Ctrl-C), SIGTERM, SIGHUP: the backup stops, its files are\n"
+    "removed, then cbt dies of the signal (a second one kills at once).\n"
+    "\n"
     "Exit status: 0 done; 79 the incremental or differential is impossible\n"
     "(a full backup is needed; --auto takes one instead), e.g. old backups\n"
     "of the chain were deleted; 65 the parent's chain is damaged (run cbt\n"
@@ -218,6 +221,8 @@ int cmd_backup(int argc, char **argv)
     cli_progress_init(&pr, progress);
     o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
+    cli_signals_catch();
+    o.cancel = cli_cancel_cb;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     struct cbt_backup_result res;

@@ -55,6 +55,9 @@ static const char usage[] =
     "  -q                     quiet: do not print 'Image committed.'\n"
     "  -h, --help             show this help\n"
     "\n"
+    "SIGINT (Ctrl-C), SIGTERM, SIGHUP: the copy stops (the chain reads as\n"
+    "before, BASE's bitmaps unchanged), then cbt dies of the signal.\n"
+    "\n"
     "Exit status: 0 done; 74 an I/O or space error; 75 an image is in use;\n"
     "64 a usage mistake; 1 any other failure (docs/cli.md, Exit status).\n"
     "\n"
@@ -161,6 +164,8 @@ int cmd_commit(int argc, char **argv)
     cli_progress_init(&pr, progress);
     o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
+    cli_signals_catch();
+    o.cancel = cli_cancel_cb;
     struct cbt_error *err = NULL;
     int r = cbt_commit(&o, &err);
     cli_progress_end(&pr);

@@ -45,6 +45,9 @@ static const char usage[] =
     "  -q              quiet: no progress\n"
     "  -h, --help      show this help\n"
     "\n"
+    "SIGINT (Ctrl-C), SIGTERM, SIGHUP: the copy stops, a DST it created is\n"
+    "removed, then cbt dies of the signal (a second one kills at once).\n"
+    "\n"
     "Exit status: 0 done; 74 an I/O or space error; 75 an image is in use;\n"
     "64 a usage mistake; 1 any other failure (docs/cli.md, Exit status).\n"
     "\n"
@@ -223,6 +226,8 @@ int cmd_convert(int argc, char **argv)
         cli_progress_init(&progress, req.progress && !req.quiet);
         req.opts.progress = cli_progress_cb;
         req.opts.progress_opaque = &progress;
+        cli_signals_catch();
+        req.opts.cancel = cli_cancel_cb;
         struct cbt_error *err = NULL;
         r = cbt_convert(&req.opts, &err);
         cli_progress_end(&progress);

@@ -35,6 +35,9 @@ static const char usage[] =
     "  -p              show progress on stderr (when it is a terminal)\n"
     "  -h, --help      show this help\n"
     "\n"
+    "SIGINT (Ctrl-C), SIGTERM, SIGHUP: the restore stops, OUT.part is\n"
+    "removed, then cbt dies of the signal (a second one kills at once).\n"
+    "\n"
     "Exit status: 0 done; 65 the chain is damaged or a block does not match\n"
     "its hash (nothing is left behind); 74 an I/O or space error; 64 a usage\n"
     "mistake; 1 any other failure (docs/cli.md, Exit status).\n"
@@ -95,6 +98,8 @@ int cmd_restore(int argc, char **argv)
     cli_progress_init(&progress, progress_wanted);
     o.progress = cli_progress_cb;
     o.progress_opaque = &progress;
+    cli_signals_catch();
+    o.cancel = cli_cancel_cb;
     struct cbt_error *err = NULL;
     int r = cbt_restore(&o, &err);
     cli_progress_end(&progress);

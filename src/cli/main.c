@@ -60,6 +60,8 @@ static void print_usage(FILE *f)
                "  74  I/O or space error of the host\n"
                "  75  an image is in use by another process\n"
                "  79  an incremental backup is impossible: take a full one\n"
+               "  128+N  killed by signal N (backup, restore, convert and\n"
+               "      commit clean up first, as on a failure)\n"
                "\nExamples:\n"
                "  cbt create -f qcow2 disk.qcow2 10G\n"
                "  cbt info --output=json disk.qcow2\n"
@@ -124,5 +126,8 @@ int main(int argc, char **argv)
         perror("cbt: error writing output");
         ret = CLI_EXIT_FAILURE;
     }
+    /* A command stopped by SIGINT, SIGTERM or SIGHUP has cleaned up: it
+     * dies of that signal now (the exit status says the signal). */
+    cli_signals_reraise();
     return ret;
 }

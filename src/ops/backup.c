@@ -1024,9 +1024,28 @@ static int bk_drain(void *opaque, struct bp_chunk *c)
     return 0;
 }
 
+static bool bk_cancelled(void *opaque)
+{
+    struct bk *b = opaque;
+    return ops_cancelled(b->o->cancel, b->o->cancel_opaque);
+}
+
+/* Stopped by the caller (cbt_cancel_fn) before the checkpoint exists. */
+static int cancel_error(struct bk *b, struct cbt_error **errp)
+{
+    ops_cancel_error(errp, b->o->target, "the backup's files are removed and "
+                     "the disk's checkpoints are as before");
+    return -1;
+}
+
 static int copy_all(struct bk *b, struct cbt_error **errp)
 {
-    static const struct bp_ops ops = {bk_fill, bk_hash, bk_drain};
+    static const struct bp_ops ops = {
+        .fill = bk_fill,
+        .hash = bk_hash,
+        .drain = bk_drain,
+        .cancelled = bk_cancelled,
+    };
     b->done = 0;
     progress(b);
     /* A full backup copies the one range [0, size).  Otherwise the
@@ -1041,6 +1060,8 @@ static int copy_all(struct bk *b, struct cbt_error **errp)
     int r = bp_run(&ops, b, 0);
     if (r == 0)
         return 0;
+    if (r == -ECANCELED)
+        return cancel_error(b, errp);
     struct io_fail *f = b->drain_fail.err ? &b->drain_fail : &b->fill_fail;
     if (r == -1 && f->err) {
         cbt_error_set(errp, -f->err, "%s: error %s at byte %" PRIu64 ": %s",
@@ -1154,6 +1175,10 @@ static int checkpoint_facts(struct bk *b, struct manifest *m, char **created,
 /* Write hashes and manifest, create the checkpoint (see the top). */
 static int commit(struct bk *b, struct cbt_error **errp)
 {
+    /* The last moment to stop: a few fsyncs away from a complete backup,
+     * and from here on it runs to its end. */
+    if (bk_cancelled(b))
+        return cancel_error(b, errp);
     char sha[65];
     if (blockhash_write(&b->h, b->target_hashes, sha, errp) < 0)
         return -1;
@@ -1349,6 +1374,10 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
     int r = blockhash_init(&b.h, b.size);
     if (r < 0) {
         oom(errp);
+        goto out;
+    }
+    if (bk_cancelled(&b)) {
+        cancel_error(&b, errp);
         goto out;
     }
     if (create_target(&b, errp) < 0 || copy_all(&b, errp) < 0 ||

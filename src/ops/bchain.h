@@ -44,6 +44,10 @@ struct bchain {
     unsigned flags;
     bool qcow2;            /* every backup is qcow2 (else every one raw) */
     uint64_t size;         /* the guest view's size: v[0]'s virtual size */
+    /* Set by the caller before bchain_walk: asked between chunks, true
+     * stops the walk (bchain_walk returns 2). */
+    cbt_cancel_fn *cancel;
+    void *cancel_opaque;
     struct cbt_image *top; /* qcow2: v[0]'s image with its backing chain */
     struct blockhash leaves; /* v[0]'s block hashes */
     /* The first problem found (then the walk stops), or NULL. */
@@ -87,7 +91,8 @@ typedef int bchain_piece_fn(void *opaque, const uint8_t *buf, uint64_t off,
  * with the manifest's leaf.  Returns 0 when every block matched, 1 at the
  * first block that does not (c->problem names the guest range and the
  * backup file holding that block; nothing of that block is passed to
- * piece), -1 with *errp on an I/O error or when piece fails.
+ * piece), 2 when c->cancel stopped it (no error set), -1 with *errp on an
+ * I/O error or when piece fails.
  * *checked: bytes of the view checked so far (may be NULL).
  */
 int bchain_walk(struct bchain *c, bchain_piece_fn *piece, void *opaque,

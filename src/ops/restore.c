@@ -295,6 +295,11 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
         goto out;
     }
 
+    if (ops_cancelled(o->cancel, o->cancel_opaque)) {
+        ops_cancel_error(errp, o->out, "nothing was written");
+        goto out;
+    }
+
     struct cbt_create_opts co = {
         .format = fmt,
         .size = c.size,
@@ -312,12 +317,16 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
     rs.out = cbt_image_open(tmp, fmt, CBT_OPEN_RDWR, errp);
     if (!rs.out)
         goto out;
+    c.cancel = o->cancel;
+    c.cancel_opaque = o->cancel_opaque;
     r = bchain_walk(&c, write_piece, &rs, o->progress, o->progress_opaque,
                     NULL, errp);
     if (r == 1) {
         cbt_error_set(errp, EINVAL, "%s", c.problem);
         cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
     }
+    if (r == 2)
+        ops_cancel_error(errp, o->out, "its work file is removed");
     if (r != 0)
         goto out;
     r = cbt_image_flush(rs.out);
@@ -331,6 +340,11 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
     rs.out = NULL;
     if (r < 0)
         goto out;
+    /* The last moment to stop: after the rename OUT is complete. */
+    if (ops_cancelled(o->cancel, o->cancel_opaque)) {
+        ops_cancel_error(errp, o->out, "its work file is removed");
+        goto out;
+    }
     if (bfile_rename_ours(tmpfd, tmp, o->out, errp) < 0)
         goto out;
     created = false;

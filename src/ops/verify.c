@@ -65,6 +65,7 @@
 #include "bchain.h"
 #include "blockpipe.h"
 #include "manifest.h"
+#include "ops_util.h"
 
 /* Zero ranges are passed on in pieces of at most this (progress). */
 #define ZERO_PIECE ((uint64_t)1 << 30)
@@ -757,11 +758,22 @@ static int walk_drain(void *opaque, struct bp_chunk *ch)
     return 0;
 }
 
+static bool walk_cancelled(void *opaque)
+{
+    struct walk *w = opaque;
+    return ops_cancelled(w->c->cancel, w->c->cancel_opaque);
+}
+
 int bchain_walk(struct bchain *c, bchain_piece_fn *piece, void *opaque,
                 cbt_progress_fn *progress, void *progress_opaque,
                 uint64_t *checked, struct cbt_error **errp)
 {
-    static const struct bp_ops ops = {walk_fill, walk_hash, walk_drain};
+    static const struct bp_ops ops = {
+        .fill = walk_fill,
+        .hash = walk_hash,
+        .drain = walk_drain,
+        .cancelled = walk_cancelled,
+    };
     struct walk w = {.c = c, .piece = piece, .opaque = opaque,
                      .progress = progress, .progress_opaque = progress_opaque,
                      .checked = checked, .errp = errp};
@@ -777,6 +789,8 @@ int bchain_walk(struct bchain *c, bchain_piece_fn *piece, void *opaque,
         return bad_block(c, w.bad, errp) < 0 ? -1 : 1;
     case WALK_STOP_PIECE:
         return -1;
+    case -ECANCELED:
+        return 2;
     case WALK_STOP_IO:
         if (errp && *errp)
             return -1;
