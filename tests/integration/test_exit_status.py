@@ -156,14 +156,6 @@ def test_need_full(tmp):
 
 # ---- 65: verification failed ----
 
-def flip(path, off):
-    with open(path, "r+b") as f:
-        f.seek(off)
-        b = f.read(1)
-        f.seek(off)
-        f.write(bytes([b[0] ^ 0x20]))
-
-
 @pytest.mark.parametrize("what", ["image", "hashes", "parent-manifest"])
 def test_corrupt(tmp, what):
     disk, bk = make_disk(tmp)
@@ -176,11 +168,11 @@ def test_corrupt(tmp, what):
     if what == "image":
         # a guest data byte of the full backup (its first data cluster)
         m = [e for e in qemu_img("map", "--output=json", full).json() if e["data"]]
-        flip(full, m[0]["offset"] + 100)
+        L.flip_byte(full, m[0]["offset"] + 100, 0x20)
     elif what == "hashes":
-        flip(inc + ".hashes", 40)
+        L.flip_byte(inc + ".hashes", 40, 0x20)
     else:
-        flip(full + ".json", 20)
+        L.flip_byte(full + ".json", 20, 0x20)
     res = rc_of("verify", inc)
     assert res.rc == CORRUPT, res
     out = tmp / "out.qcow2"

@@ -16,11 +16,16 @@ import json
 import os
 import random
 import shutil
+import sys
 import uuid
 
 import pytest
 
 from conftest import cbt, qemu_img, qemu_io, qemu_check_clean
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "interop"))
+import interop_lib as L  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -335,11 +340,7 @@ def verify_json(backup, check_rc=None):
 
 
 def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x40]))
+    L.flip_byte(path, offset, 0x40)
 
 
 # ---- the fixtures are what docs/backups.md says (qemu reads them) ----

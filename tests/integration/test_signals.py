@@ -23,10 +23,7 @@ No timing is asserted: the moment only decides which outcome is seen.
 """
 import json
 import os
-import re
-import shutil
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -38,7 +35,6 @@ from faultlib import L  # noqa: E402
 from interop_lib import MiB, cbt, qemu_img, qemu_io  # noqa: E402
 
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
-CALL_RE = re.compile(rb"libfault: call (\d+):")
 MOMENTS = 7
 
 
@@ -52,32 +48,11 @@ def trace_run(argv, path, cwd=None):
 def signalled_run(argv, path, n, sig, cwd=None):
     """cbt ARGV with PATH's write calls traced; SIG once call N is seen.
     Returns (returncode, stderr without the trace)."""
-    env = F.fault_env(path, op="write", nth=0)
-    env["CBT_FAULT_VERBOSE"] = "2"
-    p = subprocess.Popen([L.CBT] + [str(a) for a in argv], cwd=cwd,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         env=env)
-    sent, buf, tail = False, b"", b""
-    while True:
-        chunk = p.stderr.read1(65536)
-        if not chunk:
-            break
-        buf += chunk
-        lines = buf.split(b"\n")
-        buf = lines.pop()
-        for ln in lines:
-            m = CALL_RE.match(ln)
-            if not m:
-                tail = (tail + ln + b"\n")[-8000:]
-            elif not sent and int(m.group(1)) >= n:
-                p.send_signal(sig)
-                sent = True
-    p.wait()
-    if not sent:
-        p.returncode = None
-    err = (tail + buf).decode(errors="replace")
+    sent, rc, _, err = F.run_traced(argv, path, n, lambda p: p.send_signal(sig),
+                                    op="write", cwd=cwd)
+    assert sent, "call %d never came: %s" % (n, err)
     assert "Sanitizer" not in err and "runtime error" not in err, err
-    return p.returncode, err
+    return rc, err
 
 
 def moments(total):
@@ -268,22 +243,12 @@ def test_ignored_signal_stays_ignored(tmp):
     bk = os.path.join(d, "bk")
     os.mkdir(bk)
     argv = ["backup", "--full", disk, os.path.join(bk, "b.qcow2")]
-    env = F.fault_env("/bk", op="write", nth=0)
-    env["CBT_FAULT_VERBOSE"] = "2"
-
-    def ignore_hup():
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-    p = subprocess.Popen([L.CBT] + argv, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, env=env, preexec_fn=ignore_hup)
-    sent = False
-    while True:
-        chunk = p.stderr.read1(65536)
-        if not chunk:
-            break
-        if not sent and CALL_RE.search(chunk):
-            p.send_signal(signal.SIGHUP)
-            sent = True
-    p.wait()
-    assert sent and p.returncode == 0, p.returncode
+    hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)   # inherited by cbt
+    try:
+        sent, rc, _, err = F.run_traced(argv, "/bk", 1,
+                                        lambda p: p.send_signal(signal.SIGHUP),
+                                        op="write")
+    finally:
+        signal.signal(signal.SIGHUP, hup)
+    assert sent and rc == 0, (rc, err)
     cbt("verify", os.path.join(bk, "b.qcow2"))
