@@ -197,6 +197,10 @@ class UnclearError(AssertionError):
     """The error message lacks the file name or the cause."""
 
 
+class WrongStatus(AssertionError):
+    """An injected I/O or space error did not exit 74 (docs/cli.md)."""
+
+
 _soft = []
 # The soft kinds a test expects (its xfail's raises=, set by the test's
 # fixture): only these may end a sweep as that kind.
@@ -208,9 +212,13 @@ def soft(exc):
 
 
 def assert_clear_error(res, err, names, what):
-    """Non-zero exit (hard), and a 'cbt: FILE: ...' line naming one of
-    NAMES (basenames) with the injected error's text (soft)."""
+    """Non-zero exit (hard), exit status 74 (soft: every injected error is
+    an I/O or space error), and a 'cbt: FILE: ...' line naming one of NAMES
+    (basenames) with the injected error's text (soft)."""
     assert res.rc != 0, "%s: succeeded despite the fault\n%r" % (what, res)
+    if res.rc != 74:
+        soft(WrongStatus("%s: exit %d, expected 74 (an I/O or space error)\n%r"
+                         % (what, res.rc, res)))
     lines = [ln for ln in res.err.splitlines() if ln.startswith("cbt: ")]
     text = ERRTEXT[err]
     if not any(text in ln and any(n in ln for n in names) for ln in lines):
