@@ -47,22 +47,22 @@
  * TARGET (or its .part / .json / .hashes) that exists, also as a link, a
  * TARGET in the disk's chain, a checkpoint name in use, a raw disk (no
  * checkpoints), and an incremental that is impossible (with auto_full: a
- * full backup instead, saying why).  Then: the target written as
- * TARGET.part (created exclusively, bfile_create_excl) and flushed, the
- * .hashes written (a new file, bfile_write_new), TARGET.part renamed to
- * TARGET (only while it is the file created), the manifest written (a new
- * file, complete), and only then the checkpoint created on the disk.  No
- * file is ever written through a name that existed before: nothing outside
- * the folder can be reached by a link planted in it.  The checkpoint's order and time are
+ * full backup instead, saying why).  Then: the target written as TARGET.part
+ * (created exclusively, bfile_create_excl) and flushed, the .hashes written
+ * (a new file, bfile_write_new), TARGET.part renamed to TARGET (only while
+ * it is the file created), the manifest written (a new file, complete), and
+ * only then the checkpoint created on the disk.  No file is ever written
+ * through a name that existed before: nothing outside the folder can be
+ * reached by a link planted in it.  The checkpoint's order and time are
  * known only once it exists, so the manifest is rewritten with them (the
  * predicted order is nearly always right; a crash between the two leaves a
- * manifest whose order the next incremental will not accept, so it asks
- * for a full: safe).  A disk with no checkpoint metadata yet has no id
- * until its first checkpoint is created; then the checkpoint comes before
- * the manifest, and a failure to write the manifest deletes it again.  Any
- * failure before the checkpoint exists removes every file this call
- * created, and the disk is untouched (it is opened read-write only so the
- * checkpoint can be created; the data path never writes it).
+ * manifest whose order the next incremental will not accept, so it asks for
+ * a full: safe).  A disk with no checkpoint metadata yet has no id until its
+ * first checkpoint is created; then the checkpoint comes before the
+ * manifest, and a failure to write the manifest deletes it again.  Any
+ * failure before the checkpoint exists removes every file this call created,
+ * and the disk is untouched (it is opened read-write only so the checkpoint
+ * can be created; the data path never writes it).
  */
 #include <inttypes.h>
 #include <pthread.h>

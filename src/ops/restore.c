@@ -10,14 +10,15 @@
  *      bchain_open): a missing or altered backup, manifest or hashes file
  *      refuses the restore before anything is created.
  *   3. OUT.part is created exclusively (an existing file or a symlink
- *      planted there is refused, never written through), formatted (qcow2
- *      or raw, the backup's virtual size) and filled by one pass over the guest view (bchain_walk): every 64 KiB
- *      block is hashed and compared with the manifest's leaf *before* it is
- *      written; ranges the chain holds as zeroes are neither read nor
- *      written, nor are 4 KiB pieces of zeroes inside data, so OUT is never
- *      thicker than `qemu-img convert` of the same chain (its -S 4k) makes
- *      it: holes stay holes, a raw OUT is sparse.  The first mismatch stops
- *      the restore and names the guest range and the backup file.
+ *      planted there is refused, never written through), formatted (qcow2 or
+ *      raw, the backup's virtual size) and filled by one pass over the guest
+ *      view (bchain_walk): every 64 KiB block is hashed and compared with
+ *      the manifest's leaf *before* it is written; ranges the chain holds as
+ *      zeroes are neither read nor written, nor are 4 KiB pieces of zeroes
+ *      inside data, so OUT is never thicker than `qemu-img convert` of the
+ *      same chain (its -S 4k) makes it: holes stay holes, a raw OUT is
+ *      sparse.  The first mismatch stops the restore and names the guest
+ *      range and the backup file.
  *   4. OUT.part is flushed; with a seed checkpoint, it is created then
  *      (see below) and flushed with the image's header.
  *   5. OUT.part is renamed to OUT (never over a file that appeared
@@ -266,10 +267,19 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
         cbt_error_set(errp, ENOMEM, "%s: out of memory", o->out);
         return -1;
     }
+    /* Only a regular file there can be what a killed restore left. */
     struct stat st;
+    if (lstat(tmp, &st) == 0 && S_ISREG(st.st_mode)) {
+        cbt_error_set(errp, EEXIST, "%s: exists: the work file of an "
+                      "interrupted cbt restore or backup (cbt writes it and "
+                      "renames it to %s when it is complete); if no cbt is "
+                      "running on it, remove it", tmp, o->out);
+        return -1;
+    }
     if (lstat(tmp, &st) == 0) {
-        cbt_error_set(errp, EEXIST, "%s: exists (left by an interrupted "
-                      "restore?); remove it first", tmp);
+        cbt_error_set(errp, EEXIST, "%s: exists and is not a regular file, "
+                      "so not a work file of cbt; refusing to write there: "
+                      "choose another name for OUT", tmp);
         return -1;
     }
 

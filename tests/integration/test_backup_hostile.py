@@ -346,8 +346,16 @@ def test_restore_work_file_is_exclusive(tmp):
     os.symlink(v["victim-out"], out + ".part")
     res = run("restore", c.path("i2"), out)
     assert res.rc != 0 and "out.qcow2.part" in res.err, res
+    assert "not a regular file" in res.err and "remove" not in res.err, res
     assert not os.path.exists(out)
     assert_kept(v)
+    os.unlink(out + ".part")
+    # a regular OUT.part is what a killed restore leaves: named as such
+    with open(out + ".part", "wb") as f:
+        f.write(b"partial")
+    res = run("restore", c.path("i2"), out)
+    assert res.rc != 0 and "interrupted cbt restore" in res.err, res
+    assert "remove it" in res.err and not os.path.exists(out), res
     os.unlink(out + ".part")
     run_ok("restore", c.path("i2"), out)
     assert sorted(f for f in os.listdir(c.tmp) if f.startswith("out")) == ["out.qcow2"]

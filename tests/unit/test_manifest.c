@@ -171,7 +171,8 @@ static void test_root(void **state)
     err = NULL;
     /* The digest of a file of another length is refused before reading. */
     assert_int_equal(hashes_sha256(p, 4, fsha2, &err), -1);
-    assert_non_null(strstr(cbt_error_message(err), "is 96 bytes; expected 128"));
+    assert_non_null(
+        strstr(cbt_error_message(err), "is 96 bytes; expected 128"));
     cbt_error_free(err);
     err = NULL;
     assert_int_equal(blockhash_read(p, 2 * BLOCKHASH_BLOCK, &r, &err), -1);
@@ -406,9 +407,11 @@ static void test_parse_refusals(void **state)
     expect_bad("\"tool\": \"cbt 0.1.0\"", "\"tool\": \"\"", "'tool' is empty");
     expect_bad("\"tool\": \"cbt 0.1.0\"", "\"tool\": \"a\\u0000b\"", "NUL");
     expect_bad("\"tool\": \"cbt 0.1.0\", ", "", "'tool' is missing");
-    expect_bad("0f0e0d0c-0b0a", "0f0e0d0c+0b0a", "'disk.id' is not a UUID; expected a UUID");
+    expect_bad("0f0e0d0c-0b0a", "0f0e0d0c+0b0a",
+               "'disk.id' is not a UUID; expected a UUID");
     expect_bad("\"kind\": \"full\"", "\"kind\": \"fuller\"", "'kind'");
-    expect_bad("\"order\": 1", "\"order\": 0", "'checkpoint.order' is 0; expected an integer from 1");
+    expect_bad("\"order\": 1", "\"order\": 0",
+               "'checkpoint.order' is 0; expected an integer from 1");
     expect_bad("\"order\": 1", "\"order\": -1", "negative");
     expect_bad("\"order\": 1", "\"order\": 1.5",
                "'checkpoint.order' is a real number; expected an integer");
@@ -425,18 +428,22 @@ static void test_parse_refusals(void **state)
                "'image.file' is a path; expected a plain file name");
     expect_bad("\"file\": \"f.qcow2\"", "\"file\": \"..\"", "plain file name");
     expect_bad("\"format\": \"qcow2\"", "\"format\": \"vmdk\"",
-               "'image.format' is another string; expected \"qcow2\" or \"raw\"");
+               "'image.format' is another string; expected \"qcow2\" or "
+               "\"raw\"");
     expect_bad("\"virtual-size\": 131073", "\"virtual-size\": -5", "negative");
     expect_bad("\"copied\": 65536", "\"copied\": 999999999", "too large");
-    expect_bad("\"extents\": null", "\"extents\": []", "expected null for a qcow2");
+    expect_bad("\"extents\": null", "\"extents\": []",
+               "expected null for a qcow2");
     expect_bad("\"sha256-blocks-v1\"", "\"sha512\"", "'hash.algorithm'");
-    expect_bad("\"block-size\": 65536", "\"block-size\": 4096", "'hash.block-size' is 4096; expected 65536");
+    expect_bad("\"block-size\": 65536", "\"block-size\": 4096",
+               "'hash.block-size' is 4096; expected 65536");
     expect_bad("\"blocks\": 3", "\"blocks\": 2",
                "'hash.blocks' is 2; expected 3 (the virtual size divided by "
                "65536");
     expect_bad("\"root\": \"0123", "\"root\": \"0A23", "SHA-256");
     expect_bad("\"root\": \"0123", "\"root\": \"123", "SHA-256");
-    expect_bad("\"hash\": {", "\"hash\": 5, \"x\": {", "'hash' is an integer; expected an object");
+    expect_bad("\"hash\": {", "\"hash\": 5, \"x\": {",
+               "'hash' is an integer; expected an object");
 
     /* Raw: extents must be a sorted list inside the disk. */
     const char *rawfmt = "\"format\": \"raw\"";
@@ -451,7 +458,8 @@ static void test_parse_refusals(void **state)
         {"[[0, 10, \"hole\"]]", "\"data\" or \"zero\""},
         {"[[131000, 100, \"data\"]]", "past the virtual size"},
         {"[[100, 10, \"data\"], [0, 10, \"zero\"]]", "not sorted"},
-        {"[[0, 10, \"data\"], [5, 10, \"zero\"]]", "'extents[1]' is not sorted or overlaps"},
+        {"[[0, 10, \"data\"], [5, 10, \"zero\"]]",
+         "'extents[1]' is not sorted or overlaps"},
         {"[[9223372036854775807, 9223372036854775807, \"data\"]]", "past"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
