@@ -35,7 +35,8 @@ $(FUZZ_BUILD)/build.ninja:
 	    -Db_sanitize=address,undefined -Db_lundef=false
 
 # The whole test suite: every tier, under ASan+UBSan.
-check: deps $(ASAN_BUILD)/build.ninja $(FUZZ_BUILD)/build.ninja
+check: deps $(BUILD)/build.ninja $(ASAN_BUILD)/build.ninja $(FUZZ_BUILD)/build.ninja
+	ninja -C $(BUILD)
 	ninja -C $(ASAN_BUILD)
 	$(MAKE) unit fuzz-smoke pytest
 

@@ -2,7 +2,9 @@
  * Fuzz target: parse a hostile backup manifest (TARGET.json,
  * docs/backups.md).  An accepted manifest must satisfy the documented
  * rules (checked again here, independently of the parser), and writing it
- * back and parsing the result must give the same manifest.
+ * back and parsing the result must give the same manifest.  A refused one
+ * must be refused with a message naming the file (and, for a field, the
+ * field and what was expected).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -99,6 +101,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (manifest_parse((const char *)data, size, "fuzz.json", &m, &err) < 0) {
         if (!err || !cbt_error_message(err))
             fuzz_fail("parse failed without an error message");
+        /* Every error names the file; a field error also the field and
+         * what was expected. */
+        const char *msg = cbt_error_message(err);
+        if (strncmp(msg, "fuzz.json: ", 11) != 0)
+            fuzz_fail("error without the file name: %s", msg);
+        if (strncmp(msg + 11, "manifest field '", 16) == 0 &&
+            !strstr(msg, "; expected "))
+            fuzz_fail("field error without what was expected: %s", msg);
+        for (const char *c = msg; *c; c++)
+            if ((unsigned char)*c < 0x20 || *c == 0x7f)
+                fuzz_fail("a control character in an error: %s", msg);
         cbt_error_free(err);
         return 0;
     }
@@ -106,11 +119,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* Round trip through a file. */
     const char *path = fuzz_put_file("manifest.json", NULL, 0);
-    if (manifest_write(path, &m, &err) < 0)
+    if (manifest_write(path, &m, true, &err) < 0)
         fuzz_fail("writing an accepted manifest failed: %s",
                   cbt_error_message(err));
     struct manifest back;
-    if (manifest_read(path, &back, &err) < 0)
+    if (manifest_read(path, &back, NULL, &err) < 0)
         fuzz_fail("a manifest written back does not parse: %s",
                   cbt_error_message(err));
     check_same(&m, &back);

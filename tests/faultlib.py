@@ -15,11 +15,13 @@ tests/fault/libfault.c for the environment variables).  This module:
 Import it as a plain module (the test adds tests/ to sys.path).
 """
 import atexit
+import fcntl
 import filecmp
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -119,6 +121,49 @@ def run_faulty(args, path, op="any", nth=0, sticky=False, err="EIO", cwd=None,
             os.unlink(cfile)
 
 
+CALL_RE = re.compile(rb"libfault: call (\d+):")
+
+
+def run_traced(args, path, n, act, op="any", cwd=None, new_session=False):
+    """Run cbt ARGS with libfault tracing every OP call on files matching
+    PATH (CBT_FAULT_VERBOSE=2) and call act(proc) once, as soon as the
+    trace shows call N.  The trace goes through a small pipe read to its
+    end, so cbt cannot run far past call N unseen, nor block on stderr.
+    Returns (acted, returncode, last call seen, stderr without the trace:
+    its last 8000 bytes)."""
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    except (AttributeError, OSError):
+        pass
+    env = fault_env(path, op=op, nth=0)
+    env["CBT_FAULT_VERBOSE"] = "2"
+    p = subprocess.Popen([CBT] + [str(a) for a in args], cwd=cwd,
+                         stdout=subprocess.DEVNULL, stderr=w, env=env,
+                         start_new_session=new_session)
+    os.close(w)
+    seen, acted, buf, tail = 0, False, b"", b""
+    with os.fdopen(r, "rb", buffering=0) as f:
+        while True:
+            chunk = f.read(65536)
+            if not chunk:
+                break
+            buf += chunk
+            lines = buf.split(b"\n")
+            buf = lines.pop()
+            for ln in lines:
+                m = CALL_RE.match(ln)
+                if m:
+                    seen = max(seen, int(m.group(1)))
+                else:
+                    tail = (tail + ln + b"\n")[-8000:]
+            if not acted and seen >= n:
+                act(p)
+                acted = True
+    p.wait()
+    return acted, p.returncode, seen, (tail + buf).decode(errors="replace")
+
+
 def sample_ns(count, first=FIRST_NS, extra=EXTRA_NS, seed=1):
     """1..min(count, first), then `extra` more drawn from the rest (fixed
     seed), always including count itself."""
@@ -152,6 +197,10 @@ class UnclearError(AssertionError):
     """The error message lacks the file name or the cause."""
 
 
+class WrongStatus(AssertionError):
+    """An injected I/O or space error did not exit 74 (docs/cli.md)."""
+
+
 _soft = []
 # The soft kinds a test expects (its xfail's raises=, set by the test's
 # fixture): only these may end a sweep as that kind.
@@ -163,9 +212,13 @@ def soft(exc):
 
 
 def assert_clear_error(res, err, names, what):
-    """Non-zero exit (hard), and a 'cbt: FILE: ...' line naming one of
-    NAMES (basenames) with the injected error's text (soft)."""
+    """Non-zero exit (hard), exit status 74 (soft: every injected error is
+    an I/O or space error), and a 'cbt: FILE: ...' line naming one of NAMES
+    (basenames) with the injected error's text (soft)."""
     assert res.rc != 0, "%s: succeeded despite the fault\n%r" % (what, res)
+    if res.rc != 74:
+        soft(WrongStatus("%s: exit %d, expected 74 (an I/O or space error)\n%r"
+                         % (what, res.rc, res)))
     lines = [ln for ln in res.err.splitlines() if ln.startswith("cbt: ")]
     text = ERRTEXT[err]
     if not any(text in ln and any(n in ln for n in names) for ln in lines):

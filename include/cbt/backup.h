@@ -46,8 +46,10 @@ const char *cbt_backup_mode_name(enum cbt_backup_mode mode);
  * checkpoint lands removes the target and its files and leaves DISK's
  * checkpoints exactly as before.
  * An incremental that is impossible (no checkpoint, its bitmap unusable,
- * no backup of it in the folder, a backup of another disk) is refused with
- * the reason, unless auto_full: then a full backup is taken and
+ * no backup of it in the folder, a backup of another disk, the parent's
+ * chain incomplete or damaged as far as is cheap to check) is refused with
+ * the reason (kind CBT_ERR_NEED_FULL, or CBT_ERR_CORRUPT for a damaged
+ * parent), unless auto_full: then a full backup is taken and
  * result->fallback says why.
  */
 struct cbt_backup_opts {
@@ -62,6 +64,8 @@ struct cbt_backup_opts {
     bool auto_full;
     cbt_progress_fn *progress;
     void *progress_opaque;
+    cbt_cancel_fn *cancel;        /* stops it before the checkpoint exists */
+    void *cancel_opaque;
 };
 struct cbt_backup_result {
     enum cbt_backup_mode mode;    /* what was done (auto_full may change it) */
@@ -94,6 +98,8 @@ struct cbt_restore_opts {
     const char *seed_checkpoint;  /* or NULL */
     cbt_progress_fn *progress;
     void *progress_opaque;
+    cbt_cancel_fn *cancel;        /* stops it before OUT is in place */
+    void *cancel_opaque;
 };
 int cbt_restore(const struct cbt_restore_opts *opts,
                 struct cbt_error **errp);
@@ -107,9 +113,22 @@ int cbt_restore(const struct cbt_restore_opts *opts,
  * bad block, its range and the file it lies in), -1 with *errp when it
  * could not run.
  */
+/* One backup of the chain as its manifest describes it (for listing). */
+struct cbt_verify_backup {
+    char *file;                   /* the backup image's path */
+    enum cbt_backup_mode kind;
+    char *checkpoint;             /* the checkpoint it created */
+    uint64_t virtual_size;
+    uint64_t copied;              /* data bytes it carries */
+};
 struct cbt_verify_result {
     bool ok;
     size_t backups;               /* backups in the chain checked */
+    /* The chain from the full backup up to `backup` (oldest first), as far
+     * as its manifests could be read and parsed, whatever the verdict:
+     * for showing the chain, nothing is checked beyond the parse. */
+    struct cbt_verify_backup *chain;
+    size_t nchain;
     uint64_t bytes_checked;
     char *problem;                /* NULL when ok: one line */
     char *bad_file;               /* the backup file at fault, or NULL */
@@ -118,6 +137,7 @@ struct cbt_verify_result {
 int cbt_verify(const char *backup, cbt_progress_fn *progress,
                void *progress_opaque, struct cbt_verify_result *res,
                struct cbt_error **errp);
+/* Frees the strings and the chain of res. */
 void cbt_verify_result_free(struct cbt_verify_result *res);
 
 #ifdef __cplusplus

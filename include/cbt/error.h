@@ -34,6 +34,9 @@ enum cbt_error_kind {
     CBT_ERR_IO,        /* an I/O or space error of the host */
 };
 enum cbt_error_kind cbt_error_kind(const struct cbt_error *err);
+/* The kind an errno value stands for on its own (-errno results of the
+ * data path): CBT_ERR_IO for the values above, else CBT_ERR_OTHER. */
+enum cbt_error_kind cbt_errno_kind(int errnum);
 void cbt_error_free(struct cbt_error *err);
 
 #ifdef __cplusplus

@@ -36,6 +36,18 @@ int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
 typedef void cbt_progress_fn(void *opaque, uint64_t done, uint64_t total);
 
 /*
+ * Cancellation of a long operation (backup, restore, convert, commit):
+ * asked between units of work (a chunk of a few MiB), from any of the
+ * operation's threads; true stops it.  The operation then fails with
+ * ECANCELED through its normal failure path, so it leaves exactly what a
+ * failure leaves (documented with each operation); past its point of no
+ * return (backup: the checkpoint exists; restore: OUT is in place; commit:
+ * base's bitmaps are stored) it completes instead.  May be NULL.  The cbt
+ * command answers it from a flag its SIGINT/SIGTERM/SIGHUP handler sets.
+ */
+typedef bool cbt_cancel_fn(void *opaque);
+
+/*
  * Commit (qemu-img commit, and libvirt's intermediate block commit).
  *
  * The chain is opened from `active` (NULL: `top`).  `top` and `base` name
@@ -87,6 +99,8 @@ struct cbt_commit_opts {
     bool skip_broken_bitmaps;
     cbt_progress_fn *progress;
     void *progress_opaque;
+    cbt_cancel_fn *cancel;         /* stops the data copy; NULL: never */
+    void *cancel_opaque;
 };
 int cbt_commit(const struct cbt_commit_opts *opts, struct cbt_error **errp);
 
@@ -163,6 +177,8 @@ struct cbt_convert_opts {
     bool skip_broken_bitmaps;
     cbt_progress_fn *progress;
     void *progress_opaque;
+    cbt_cancel_fn *cancel;         /* stops the copy; NULL: never */
+    void *cancel_opaque;
 };
 int cbt_convert(const struct cbt_convert_opts *opts, struct cbt_error **errp);
 

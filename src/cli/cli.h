@@ -58,15 +58,21 @@ CLI_COMMANDS(CLI_DECLARE_COMMAND)
 
 /* The exit status for a library error (by cbt_error_kind). */
 int cli_exit_status(const struct cbt_error *err);
+/* The exit status for a data-path failure, -errno or errno (cbt_errno_kind:
+ * I/O and space errors are CLI_EXIT_IO). */
+int cli_errno_status(int errnum);
 
 /* util.c: errors, argument parsing, number formatting */
 
 /*
  * Report a usage mistake of command `prog` ("cbt create"): one line naming
- * the problem, then "Try 'PROG --help' ...".  Returns CLI_EXIT_FAILURE.
+ * the problem, then "Try 'PROG --help' ...".  Returns CLI_EXIT_USAGE.
  */
 int cli_usage_error(const char *prog, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+/* getopt has already printed what is wrong with an option: add the "Try"
+ * line and return CLI_EXIT_USAGE. */
+int cli_bad_option(const char *prog);
 /* After option parsing: take the one remaining argument, the image file
  * name, into *filename; a missing or extra argument is a usage error.
  * Returns 0 or -1 (message printed). */
@@ -171,5 +177,18 @@ void cli_progress_update(struct cli_progress *p, uint64_t done, uint64_t total);
 void cli_progress_cb(void *opaque, uint64_t done, uint64_t total);
 /* Erase the progress line (so later messages start on a clean line). */
 void cli_progress_end(struct cli_progress *p);
+
+/* signals.c: SIGINT, SIGTERM, SIGHUP during the long-running commands */
+
+/* From now on those signals are noted instead of killing (those ignored
+ * stay ignored); pass cli_cancel_cb as the library's cbt_cancel_fn so that
+ * the operation stops and cleans up.  Called by backup, restore, convert
+ * and commit just before the operation. */
+void cli_signals_catch(void);
+/* A cbt_cancel_fn: has one of those signals arrived? */
+bool cli_cancel_cb(void *opaque);
+/* main(), at the end: when a signal was caught, die of it (its default
+ * action); returns otherwise. */
+void cli_signals_reraise(void);
 
 #endif

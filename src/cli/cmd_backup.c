@@ -29,15 +29,19 @@ static const char usage[] =
     "                  top of the backup that created it\n"
     "  --auto          --incremental, or a full backup when an incremental is\n"
     "                  impossible (no checkpoint, its bitmap broken, no\n"
-    "                  backup of it in TARGET's folder); says why.  With\n"
-    "                  --since: that differential, or a full backup\n"
+    "                  backup of it in TARGET's folder, its chain incomplete\n"
+    "                  or damaged); says why.  With --since: that\n"
+    "                  differential, or a full backup\n"
     "One of them is required: a full backup is never taken by surprise.\n"
     "\n"
     "A qcow2 incremental or differential has its parent backup as backing\n"
     "file (relative name), so qemu-img reads the backup chain; unchanged\n"
     "clusters are unallocated, zeroed or discarded ranges are zero clusters.\n"
-    "Raw targets are sparse.  TARGET is never overwritten.  If the backup\n"
-    "fails, its files are removed and DISK's checkpoints are as before.\n"
+    "Raw targets are sparse.  TARGET names the new file in the backup\n"
+    "folder (not the folder); an existing file is never overwritten, and\n"
+    "swapped arguments (a backup as DISK, a disk as TARGET) are refused.  If\n"
+    "the backup fails, its files are removed and DISK's checkpoints are as\n"
+    "before.\n"
     "\n"
     "Options:\n"
     "  --checkpoint NAME  name of the new checkpoint (default:\n"
@@ -51,6 +55,15 @@ static const char usage[] =
     "  -p              show progress on stderr (when it is a terminal)\n"
     "  --output=FMT    human (default) or json\n"
     "  -h, --help      show this help\n"
+    "\n"
+    "SIGINT (Ctrl-C), SIGTERM, SIGHUP: the backup stops, its files are\n"
+    "removed, then cbt dies of the signal (a second one kills at once).\n"
+    "\n"
+    "Exit status: 0 done; 79 the incremental or differential is impossible\n"
+    "(a full backup is needed; --auto takes one instead), e.g. old backups\n"
+    "of the chain were deleted; 65 the parent's chain is damaged (run cbt\n"
+    "verify; --auto takes a full backup); 74 an I/O or space error; 75 DISK\n"
+    "is in use; 64 a usage mistake; 1 any other failure (docs/cli.md).\n"
     "\n"
     "Examples:\n"
     "  cbt backup --full disk.qcow2 /backups/vm1/full.qcow2\n"
@@ -165,7 +178,7 @@ int cmd_backup(int argc, char **argv)
         case 'g':
             if (cli_parse_size_arg(prog, "granularity", optarg,
                                    &o.granularity) < 0)
-                return CLI_EXIT_FAILURE;
+                return CLI_EXIT_USAGE;
             break;
         case 'f':
             o.disk_format = optarg;
@@ -175,11 +188,10 @@ int cmd_backup(int argc, char **argv)
             break;
         case OPT_OUT:
             if (cli_parse_output(prog, optarg, &output) < 0)
-                return CLI_EXIT_FAILURE;
+                return CLI_EXIT_USAGE;
             break;
         default:
-            cli_try_help(prog);
-            return CLI_EXIT_FAILURE;
+            return cli_bad_option(prog);
         }
     }
     if (full + inc + (o.since != NULL) > 1)
@@ -209,6 +221,8 @@ int cmd_backup(int argc, char **argv)
     cli_progress_init(&pr, progress);
     o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
+    cli_signals_catch();
+    o.cancel = cli_cancel_cb;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     struct cbt_backup_result res;

@@ -391,7 +391,7 @@ static int parse_args(int argc, char **argv, struct bitmap_args *a)
             a->force_share = true;
             break;
         default:
-            cli_try_help(a->prog);
+            cli_bad_option(a->prog);
             return -1;
         }
     }
@@ -458,16 +458,30 @@ static void rollback(struct cbt_image *img)
         cli_lib_error(err);
 }
 
-/* Store everything changed since open; on failure roll back.  0 or -1. */
+/* Store everything changed since open; on failure roll back.  0 or the
+ * exit status. */
 static int commit(struct cbt_image *img)
 {
     struct cbt_error *err = NULL;
     if (cbt_bitmap_commit(img, &err) < 0) {
-        cli_lib_error(err);
+        int status = cli_lib_error(err);
         rollback(img);
-        return -1;
+        return status;
     }
     return 0;
+}
+
+/* Report a failed action in qemu-img's words, roll back; the exit status. */
+static int action_failed(struct cbt_image *img, struct cbt_image *src,
+                         enum action_kind kind, const char *name,
+                         struct cbt_error *err)
+{
+    cli_error("Operation %s on bitmap %s failed: %s", action_names[kind], name,
+              reason(err, img, src));
+    int status = cli_exit_status(err);
+    cbt_error_free(err);
+    rollback(img);
+    return status;
 }
 
 static int run_actions(struct cbt_image *img, struct cbt_image *src,
@@ -477,13 +491,8 @@ static int run_actions(struct cbt_image *img, struct cbt_image *src,
     for (size_t i = 0; i < a->n_actions; i++) {
         const struct action *act = &a->actions[i];
         struct cbt_error *err = NULL;
-        if (run_action(img, src, a, act, name, &err) < 0) {
-            cli_error("Operation %s on bitmap %s failed: %s",
-                      action_names[act->kind], name, reason(err, img, src));
-            cbt_error_free(err);
-            rollback(img);
-            return -1;
-        }
+        if (run_action(img, src, a, act, name, &err) < 0)
+            return action_failed(img, src, act->kind, name, err);
         if (act->kind == ACT_RENAME)
             name = act->arg;
     }
@@ -495,19 +504,12 @@ static int remove_all(struct cbt_image *img)
     struct cbt_bitmap_info *list = NULL;
     size_t n = 0;
     struct cbt_error *err = NULL;
-    if (cbt_bitmap_list(img, &list, &n, &err) < 0) {
-        cli_lib_error(err);
-        return -1;
-    }
+    if (cbt_bitmap_list(img, &list, &n, &err) < 0)
+        return cli_lib_error(err);
     int ret = 0;
     for (size_t i = 0; i < n && ret == 0; i++) {
-        if (cbt_bitmap_remove(img, list[i].name, &err) < 0) {
-            cli_error("Operation remove on bitmap %s failed: %s", list[i].name,
-                      reason(err, img, NULL));
-            cbt_error_free(err);
-            rollback(img);
-            ret = -1;
-        }
+        if (cbt_bitmap_remove(img, list[i].name, &err) < 0)
+            ret = action_failed(img, NULL, ACT_REMOVE, list[i].name, err);
     }
     cbt_bitmap_info_free_list(list, n);
     return ret == 0 ? commit(img) : ret;
@@ -527,18 +529,19 @@ static int do_modify(const struct bitmap_args *a)
     struct cbt_image *img = cbt_image_open(
         a->filename, a->format, CBT_OPEN_RDWR | CBT_OPEN_NO_BACKING, &err);
     if (!img) {
+        int status = cli_lib_error(err);
         cbt_image_close(src, NULL);
-        return cli_lib_error(err);
+        return status;
     }
     int ret =
         a->view == VIEW_REMOVE_ALL ? remove_all(img) : run_actions(img, src, a);
     if (cbt_image_close(img, &err) < 0) {
-        cli_lib_error(err);
-        ret = -1;
+        int status = cli_lib_error(err);
+        ret = ret ? ret : status;
     }
     if (src)
         cbt_image_close(src, NULL);
-    return ret < 0 ? CLI_EXIT_FAILURE : 0;
+    return ret;
 }
 
 /* ---- views ---- */
@@ -852,7 +855,7 @@ static int view_diff(struct cbt_image *img, const struct bitmap_args *a)
     if (cbt_bitmap_extents(img, a->bitmap, collect_dirty, &da, &err) < 0 ||
         cbt_bitmap_extents(other_img, a->diff_other, collect_dirty, &db, &err) <
             0) {
-        cli_lib_error(err);
+        ret = cli_lib_error(err);
         goto out;
     }
     print_diff(&da, &db, size, a);
@@ -1119,7 +1122,7 @@ int cmd_bitmap(int argc, char **argv)
     int r = parse_args(argc, argv, &a);
     int ret;
     if (r != 0)
-        ret = r > 0 ? cli_help(usage) : CLI_EXIT_FAILURE;
+        ret = r > 0 ? cli_help(usage) : CLI_EXIT_USAGE;
     else if (a.view == VIEW_NONE || a.view == VIEW_REMOVE_ALL)
         ret = do_modify(&a);
     else

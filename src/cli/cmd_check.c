@@ -1,6 +1,6 @@
 /* cbt check: consistency check and repair, with qemu-img check's output and
- * exit codes (0 clean, 1 check failed, 2 corruptions, 3 leaks, 63 unsupported).
- */
+ * exit codes (0 clean, 1 check failed, 2 corruptions, 3 leaks, 63
+ * unsupported), besides cbt's common ones (usage, I/O, in use). */
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -27,7 +27,8 @@ static const char usage[] =
     "\n"
     "Exit status: 0 no problems, 1 the check could not run (or had internal\n"
     "errors), 2 corruptions remain, 3 only leaks remain, 63 the format has no\n"
-    "consistency checks (raw).\n"
+    "consistency checks (raw); as every command: 64 a usage mistake, 74 an\n"
+    "I/O error, 75 FILE is in use.\n"
     "\n"
     "Examples:\n"
     "  cbt check disk.qcow2\n"
@@ -93,7 +94,7 @@ static int parse_args(int argc, char **argv, struct check_args *a)
                 return -1;
             break;
         default:
-            cli_try_help(a->prog);
+            cli_bad_option(a->prog);
             return -1;
         }
     }
@@ -197,7 +198,7 @@ static int run_check(const struct check_args *a, unsigned fix,
     cli_error("Check failed: %s", cbt_error_message(err));
     int status = cli_exit_status(err);
     cbt_error_free(err);
-    return status == CLI_EXIT_FAILURE ? EXIT_CHECK_FAILED : status;
+    return status;
 }
 
 /* Check (and repair); after a repair check again, as qemu-img does, and
@@ -248,6 +249,6 @@ int cmd_check(int argc, char **argv)
     struct check_args a = {.prog = argv[0], .output = CLI_OUTPUT_HUMAN};
     int r = parse_args(argc, argv, &a);
     if (r != 0)
-        return r > 0 ? cli_help(usage) : CLI_EXIT_FAILURE;
+        return r > 0 ? cli_help(usage) : CLI_EXIT_USAGE;
     return check(&a);
 }

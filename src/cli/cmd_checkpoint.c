@@ -250,7 +250,7 @@ static void print_one(const struct cbt_checkpoint *c, const char *id)
 
 /* ---- subcommands ---- */
 
-/* Open DISK; on failure report it and store the exit status in *status. */
+/* Open DISK; on failure report it and set *status to its exit status. */
 static struct cbt_image *open_disk(const struct args *a, bool rw, int *status)
 {
     struct cbt_error *err = NULL;
@@ -267,19 +267,20 @@ static struct cbt_image *open_disk(const struct args *a, bool rw, int *status)
 static int close_disk(struct cbt_image *img, int ret)
 {
     struct cbt_error *err = NULL;
-    if (cbt_image_close(img, &err) < 0)
-        return cli_lib_error(err);
+    if (cbt_image_close(img, &err) < 0) {
+        int status = cli_lib_error(err);
+        return ret ? ret : status;
+    }
     return ret;
 }
 
 static int do_create(const struct args *a)
 {
-    int status;
-    struct cbt_image *img = open_disk(a, true, &status);
-    if (!img)
-        return status;
-    struct cbt_error *err = NULL;
     int ret = 0;
+    struct cbt_image *img = open_disk(a, true, &ret);
+    if (!img)
+        return ret;
+    struct cbt_error *err = NULL;
     if (cbt_checkpoint_create(img, a->name, a->granularity, &err) < 0)
         ret = cli_lib_error(err);
     return close_disk(img, ret);
@@ -287,15 +288,14 @@ static int do_create(const struct args *a)
 
 static int do_list(const struct args *a)
 {
-    int status;
-    struct cbt_image *img = open_disk(a, false, &status);
+    int ret = 0;
+    struct cbt_image *img = open_disk(a, false, &ret);
     if (!img)
-        return status;
+        return ret;
     struct cbt_error *err = NULL;
     struct cbt_checkpoint *v = NULL;
     size_t n = 0;
     char id[37];
-    int ret = 0;
     if (cbt_checkpoint_disk_id(img, id, &err) < 0 ||
         cbt_checkpoint_list(img, &v, &n, &err) < 0) {
         ret = cli_lib_error(err);
@@ -316,14 +316,13 @@ static int do_list(const struct args *a)
 
 static int do_show(const struct args *a)
 {
-    int status;
-    struct cbt_image *img = open_disk(a, false, &status);
+    int ret = 0;
+    struct cbt_image *img = open_disk(a, false, &ret);
     if (!img)
-        return status;
+        return ret;
     struct cbt_error *err = NULL;
     struct cbt_checkpoint c;
     char id[37];
-    int ret = 0;
     if (cbt_checkpoint_disk_id(img, id, &err) < 0 ||
         cbt_checkpoint_get(img, a->name, &c, &err) < 0) {
         ret = cli_lib_error(err);
@@ -342,13 +341,12 @@ static int do_show(const struct args *a)
 
 static int do_delete(const struct args *a)
 {
-    int status;
-    struct cbt_image *img = open_disk(a, true, &status);
+    int ret = 0;
+    struct cbt_image *img = open_disk(a, true, &ret);
     if (!img)
-        return status;
+        return ret;
     struct cbt_error *err = NULL;
     bool existed = false;
-    int ret = 0;
     if (cbt_checkpoint_delete(img, a->name, &existed, &err) < 0)
         ret = cli_lib_error(err);
     else if (!existed)
@@ -359,14 +357,13 @@ static int do_delete(const struct args *a)
 
 static int do_reconcile(const struct args *a)
 {
-    int status;
-    struct cbt_image *img = open_disk(a, a->fix, &status);
+    int ret = 0;
+    struct cbt_image *img = open_disk(a, a->fix, &ret);
     if (!img)
-        return status;
+        return ret;
     struct cbt_error *err = NULL;
     struct cbt_drift_item *v = NULL;
     size_t n = 0;
-    int ret = 0;
     if (cbt_checkpoint_reconcile(img, a->fix, &v, &n, &err) < 0) {
         ret = cli_lib_error(err);
     } else if (a->output == CLI_OUTPUT_JSON) {
@@ -470,7 +467,7 @@ static int parse_args(int argc, char **argv, struct args *a)
             a->output_given = true;
             break;
         default:
-            cli_try_help(a->prog);
+            cli_bad_option(a->prog);
             return -1;
         }
     }
@@ -591,7 +588,7 @@ int cmd_checkpoint(int argc, char **argv)
     if (r > 0)
         return cli_help(usage);
     if (r < 0)
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     if (a.qmp)
         return do_live(&a);
     switch (a.sub) {

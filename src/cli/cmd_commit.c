@@ -55,6 +55,12 @@ static const char usage[] =
     "  -q                     quiet: do not print 'Image committed.'\n"
     "  -h, --help             show this help\n"
     "\n"
+    "SIGINT (Ctrl-C), SIGTERM, SIGHUP: the copy stops (the chain reads as\n"
+    "before, BASE's bitmaps unchanged), then cbt dies of the signal.\n"
+    "\n"
+    "Exit status: 0 done; 74 an I/O or space error; 75 an image is in use;\n"
+    "64 a usage mistake; 1 any other failure (docs/cli.md, Exit status).\n"
+    "\n"
     "Examples:\n"
     "  cbt commit disk.2.qcow2\n"
     "  cbt commit -b disk.0.qcow2 -p disk.2.qcow2\n"
@@ -128,8 +134,7 @@ int cmd_commit(int argc, char **argv)
             o.skip_broken_bitmaps = true;
             break;
         default:
-            cli_try_help(prog);
-            return CLI_EXIT_FAILURE;
+            return cli_bad_option(prog);
         }
     }
     bool top_form = o.top != NULL;
@@ -144,20 +149,23 @@ int cmd_commit(int argc, char **argv)
         if (o.active)
             return cli_usage_error(prog, "--active needs --top");
         if (cli_take_filename(prog, argc, argv, &o.top) < 0)
-            return CLI_EXIT_FAILURE;
+            return CLI_EXIT_USAGE;
     }
     /* Only `cbt commit FILE` empties FILE (qemu-img: -b implies -d). */
     if (o.base || top_form)
         o.drop = true;
     /* --top without an image above it: base takes top's place. */
     o.pivot = top_form;
-    if (fmt && check_format(o.top, fmt) != 0)
-        return CLI_EXIT_FAILURE;
+    int ret;
+    if (fmt && (ret = check_format(o.top, fmt)) != 0)
+        return ret;
 
     struct cli_progress pr;
     cli_progress_init(&pr, progress);
     o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
+    cli_signals_catch();
+    o.cancel = cli_cancel_cb;
     struct cbt_error *err = NULL;
     int r = cbt_commit(&o, &err);
     cli_progress_end(&pr);

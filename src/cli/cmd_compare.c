@@ -31,8 +31,9 @@ static const char usage[] =
     "                     (their state as that process last wrote them)\n"
     "  -h, --help    show this help\n"
     "\n"
-    "Exit status: 0 identical, 1 different (or a usage mistake), 2 an image\n"
-    "could not be opened, 3 allocation could not be queried, 4 read error.\n"
+    "Exit status: 0 identical, 1 different, 2 an image could not be opened\n"
+    "(75: it is in use), 3 allocation could not be queried, 4 read error,\n"
+    "64 a usage mistake.\n"
     "\n"
     "Examples:\n"
     "  cbt compare disk.qcow2 restored.raw\n"
@@ -246,9 +247,10 @@ static int open_side(struct cmp_image *im, bool force_share)
     im->img = cbt_image_open(im->name, im->format,
                              force_share ? CBT_OPEN_FORCE_SHARE : 0, &err);
     if (!im->img) {
-        /* qemu-img's "error" status, unless the kind has its own. */
+        /* qemu-img's 2, unless the image is held by another process: that
+         * status is the same for every command. */
         int status = cli_lib_error(err);
-        return status == CLI_EXIT_FAILURE ? CMP_OPEN_ERROR : status;
+        return status == CLI_EXIT_IN_USE ? status : CMP_OPEN_ERROR;
     }
     im->size = cbt_image_size(im->img);
     return 0;
@@ -287,7 +289,7 @@ static int parse_args(int argc, char **argv, struct cmp_job *j, bool *progress)
             j->force_share = true;
             break;
         default:
-            cli_try_help(argv[0]);
+            cli_bad_option(argv[0]);
             return -1;
         }
     }
@@ -310,7 +312,7 @@ int cmd_compare(int argc, char **argv)
     bool progress = false;
     int r = parse_args(argc, argv, &j, &progress);
     if (r != 0)
-        return r > 0 ? cli_help(usage) : CLI_EXIT_FAILURE;
+        return r > 0 ? cli_help(usage) : CLI_EXIT_USAGE;
     int ret = open_side(&j.a, j.force_share);
     if (!ret)
         ret = open_side(&j.b, j.force_share);

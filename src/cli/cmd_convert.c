@@ -45,6 +45,12 @@ static const char usage[] =
     "  -q              quiet: no progress\n"
     "  -h, --help      show this help\n"
     "\n"
+    "SIGINT (Ctrl-C), SIGTERM, SIGHUP: the copy stops, a DST it created is\n"
+    "removed, then cbt dies of the signal (a second one kills at once).\n"
+    "\n"
+    "Exit status: 0 done; 74 an I/O or space error; 75 an image is in use;\n"
+    "64 a usage mistake; 1 any other failure (docs/cli.md, Exit status).\n"
+    "\n"
     "Examples:\n"
     "  cbt convert -O qcow2 disk.qcow2 flat.qcow2\n"
     "  cbt convert -O qcow2 -c -o compression_type=zstd disk.qcow2 c.qcow2\n"
@@ -63,7 +69,8 @@ struct convert_req {
     struct cbt_convert_opts opts;
 };
 
-/* Returns 1 for -h, 0 to go on, -1 after a usage error. */
+/* Returns 1 for -h, 2 after -o help, 0 to go on, -1 after a usage error,
+ * -2 out of memory. */
 static int parse_args(int argc, char **argv, struct convert_req *req)
 {
     enum { OPT_BITMAPS = 256, OPT_SKIP_BROKEN };
@@ -90,7 +97,7 @@ static int parse_args(int argc, char **argv, struct convert_req *req)
         case 'o':
             if (cli_kv_parse(&req->kv, optarg) < 0) {
                 cli_error("out of memory");
-                return -1;
+                return -2;
             }
             break;
         case 'c':
@@ -118,7 +125,7 @@ static int parse_args(int argc, char **argv, struct convert_req *req)
             o->skip_broken_bitmaps = true;
             break;
         default:
-            cli_try_help(req->prog);
+            cli_bad_option(req->prog);
             return -1;
         }
     }
@@ -181,21 +188,22 @@ static int creation_opts(struct convert_req *req)
         return CLI_EXIT_FAILURE;
     }
     bool size_in_opts;
-    if (cli_create_opts_apply(req->prog, fmt, &req->kv, &o->create,
-                              &size_in_opts) != 0)
-        return CLI_EXIT_FAILURE;
+    int r = cli_create_opts_apply(req->prog, fmt, &req->kv, &o->create,
+                                  &size_in_opts);
+    if (r != 0)
+        return r;
     /* As qemu-img: the size is always the source's (size= is overridden). */
     o->create.size = 0;
     o->create.size_given = false;
     o->create.format = fmt;
     if (o->create.backing_file && !o->create.backing_file[0]) {
         cli_error("%s: Expected backing file name, got empty string", o->dst);
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     }
     if (o->create.backing_file && !o->create.backing_format) {
         cli_error("%s: Use of backing file requires explicit backing format "
                   "(add -F FMT)", o->dst);
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     }
     return 0;
 }
@@ -209,13 +217,17 @@ int cmd_convert(int argc, char **argv)
         ret = cli_help(usage);
     } else if (r == 2) {
         ret = 0;
-    } else if (r < 0 || creation_opts(&req) != 0) {
-        ret = CLI_EXIT_FAILURE;
+    } else if (r < 0) {
+        ret = r == -2 ? CLI_EXIT_FAILURE : CLI_EXIT_USAGE;
+    } else if ((ret = creation_opts(&req)) != 0) {
+        /* reported */
     } else {
         struct cli_progress progress;
         cli_progress_init(&progress, req.progress && !req.quiet);
         req.opts.progress = cli_progress_cb;
         req.opts.progress_opaque = &progress;
+        cli_signals_catch();
+        req.opts.cancel = cli_cancel_cb;
         struct cbt_error *err = NULL;
         r = cbt_convert(&req.opts, &err);
         cli_progress_end(&progress);

@@ -54,7 +54,7 @@ static bool wants_opts_help(const struct create_req *req)
     return cli_create_opts_want_help(&req->kv);
 }
 
-/* Returns 1 for -h, 0 to go on, -1 after a usage error. */
+/* Returns 1 for -h, 0 to go on, -1 after a usage error, -2 out of memory. */
 static int parse_args(int argc, char **argv, struct create_req *req)
 {
     static const struct option longopts[] = {
@@ -80,7 +80,7 @@ static int parse_args(int argc, char **argv, struct create_req *req)
         case 'o':
             if (cli_kv_parse(&req->kv, optarg) < 0) {
                 cli_error("out of memory");
-                return -1;
+                return -2;
             }
             break;
         case 'q':
@@ -90,7 +90,7 @@ static int parse_args(int argc, char **argv, struct create_req *req)
             req->unsafe = true;
             break;
         default:
-            cli_try_help(req->prog);
+            cli_bad_option(req->prog);
             return -1;
         }
     }
@@ -98,7 +98,7 @@ static int parse_args(int argc, char **argv, struct create_req *req)
     if ((backing && cli_kv_set(&req->kv, "backing_file", backing) < 0) ||
         (backing_fmt && cli_kv_set(&req->kv, "backing_fmt", backing_fmt) < 0)) {
         cli_error("out of memory");
-        return -1;
+        return -2;
     }
     if (optind >= argc && wants_opts_help(req))
         return 0; /* -o help needs no file */
@@ -121,19 +121,20 @@ static int parse_args(int argc, char **argv, struct create_req *req)
 static int apply_kv(struct create_req *req)
 {
     bool size_in_opts;
-    if (cli_create_opts_apply(req->prog, req->format, &req->kv, &req->opts,
-                              &size_in_opts) != 0)
-        return CLI_EXIT_FAILURE;
+    int r = cli_create_opts_apply(req->prog, req->format, &req->kv,
+                                  &req->opts, &size_in_opts);
+    if (r != 0)
+        return r;
     if (!req->size_arg)
         return 0;
     if (size_in_opts) {
         cli_error("%s: The image size must be specified only once",
                   req->filename);
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     }
     if (cli_parse_size_arg(req->prog, "image size", req->size_arg,
                            &req->opts.size) < 0)
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     req->opts.size_given = true;
     return 0;
 }
@@ -155,7 +156,7 @@ static char *backing_path(const char *filename, const char *backing)
 }
 
 /* Open the backing file (unless -u) to check it and take its size.
- * Returns 0 or -1 after printing the error. */
+ * Returns 0, or the exit status after printing the error. */
 static int check_backing(struct create_req *req)
 {
     struct cbt_create_opts *o = &req->opts;
@@ -165,12 +166,12 @@ static int check_backing(struct create_req *req)
         cli_error("%s: Trying to create an image with the same filename as "
                   "the backing file",
                   req->filename);
-        return -1;
+        return CLI_EXIT_USAGE;
     }
     if (!o->backing_file[0]) {
         cli_error("%s: Expected backing file name, got empty string",
                   req->filename);
-        return -1;
+        return CLI_EXIT_USAGE;
     }
     if (req->unsafe) {
         if (o->backing_format)
@@ -178,12 +179,12 @@ static int check_backing(struct create_req *req)
         cli_error("%s: Backing file specified without backing format "
                   "(add -F FMT)",
                   req->filename);
-        return -1;
+        return CLI_EXIT_USAGE;
     }
     char *path = backing_path(req->filename, o->backing_file);
     if (!path) {
         cli_error("out of memory");
-        return -1;
+        return CLI_EXIT_FAILURE;
     }
     struct cbt_error *err = NULL;
     struct cbt_image *img = cbt_image_open(path, o->backing_format, 0, &err);
@@ -191,15 +192,16 @@ static int check_backing(struct create_req *req)
     if (!img) {
         cli_error("%s: Could not open backing image: %s", req->filename,
                   cbt_error_message(err));
+        int status = cli_exit_status(err);
         cbt_error_free(err);
-        return -1;
+        return status;
     }
     int ret = 0;
     if (!o->backing_format) {
         cli_error("%s: Backing file specified without backing format "
                   "(detected format: %s; add -F %s)",
                   req->filename, cbt_image_format(img), cbt_image_format(img));
-        ret = -1;
+        ret = CLI_EXIT_USAGE;
     } else if (!o->size_given) {
         o->size = cbt_image_size(img);
         o->size_given = true;
@@ -262,20 +264,19 @@ static int create(struct create_req *req)
 {
     if (wants_opts_help(req))
         return cli_create_opts_help(req->format);
-    if (apply_kv(req) != 0)
-        return CLI_EXIT_FAILURE;
-    if (check_backing(req) < 0)
-        return CLI_EXIT_FAILURE;
-    if (!req->opts.size_given) {
-        cli_usage_error(req->prog,
-                        "missing size for '%s' (give SIZE, or a "
-                        "backing file to take it from)",
-                        req->filename);
-        return CLI_EXIT_FAILURE;
-    }
+    int r = apply_kv(req);
+    if (r == 0)
+        r = check_backing(req);
+    if (r != 0)
+        return r;
+    if (!req->opts.size_given)
+        return cli_usage_error(req->prog,
+                               "missing size for '%s' (give SIZE, or a "
+                               "backing file to take it from)",
+                               req->filename);
     if (req->opts.size > INT64_MAX) {
         cli_error("%s: image size too large", req->filename);
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     }
     if (!req->quiet)
         print_formatting(req);
@@ -292,8 +293,10 @@ int cmd_create(int argc, char **argv)
     int ret;
     if (r > 0)
         ret = cli_help(usage);
-    else if (r < 0 || select_format(&req) < 0)
-        ret = CLI_EXIT_FAILURE;
+    else if (r < 0)
+        ret = r == -2 ? CLI_EXIT_FAILURE : CLI_EXIT_USAGE;
+    else if (select_format(&req) < 0)
+        ret = CLI_EXIT_USAGE;
     else
         ret = create(&req);
     cli_kv_free(&req.kv);

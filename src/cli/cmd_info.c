@@ -294,7 +294,7 @@ static int parse_args(int argc, char **argv, struct info_args *a)
             a->chain = true;
             break;
         default:
-            cli_try_help(a->prog);
+            cli_bad_option(a->prog);
             return -1;
         }
     }
@@ -345,15 +345,14 @@ static void print_json_qemu(json_t *v)
     free(s);
 }
 
-/* Fill l for one layer; the bitmaps only of qcow2 images.  0 or -1. */
+/* Fill l for one layer; the bitmaps only of qcow2 images.  0, or the exit
+ * status after printing the error. */
 static int get_layer(struct cbt_image *img, struct layer_info *l)
 {
     struct cbt_error *err = NULL;
     *l = (struct layer_info){0};
-    if (cbt_image_get_info(img, &l->info, &err) < 0) {
-        cli_lib_error(err);
-        return -1;
-    }
+    if (cbt_image_get_info(img, &l->info, &err) < 0)
+        return cli_lib_error(err);
     if (!l->info.is_qcow2)
         return 0;
     if (cbt_bitmap_list(img, &l->bitmaps, &l->nb_bitmaps, &err) < 0) {
@@ -362,9 +361,8 @@ static int get_layer(struct cbt_image *img, struct layer_info *l)
             cbt_error_free(err);
             return 0;
         }
-        cli_lib_error(err);
         cbt_image_info_free(&l->info);
-        return -1;
+        return cli_lib_error(err);
     }
     return 0;
 }
@@ -382,10 +380,8 @@ static int show(struct cbt_image *top, const struct info_args *a)
     int ret = 0;
     for (struct cbt_image *img = top; img; img = cbt_image_backing(img)) {
         struct layer_info l;
-        if (get_layer(img, &l) < 0) {
-            ret = CLI_EXIT_FAILURE;
+        if ((ret = get_layer(img, &l)) != 0)
             break;
-        }
         if (a->output == CLI_OUTPUT_JSON) {
             json_array_append_new(list, info_json(&l));
         } else {
@@ -412,7 +408,7 @@ int cmd_info(int argc, char **argv)
     struct info_args a = {.prog = argv[0], .output = CLI_OUTPUT_HUMAN};
     int r = parse_args(argc, argv, &a);
     if (r != 0)
-        return r > 0 ? cli_help(usage) : CLI_EXIT_FAILURE;
+        return r > 0 ? cli_help(usage) : CLI_EXIT_USAGE;
 
     struct cbt_error *err = NULL;
     unsigned flags = a.chain ? 0 : CBT_OPEN_NO_BACKING;

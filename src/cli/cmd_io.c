@@ -743,7 +743,7 @@ static int parse_args(int argc, char **argv, struct io_args *a)
         case 'k':
             break;
         default:
-            cli_try_help(argv[0]);
+            cli_bad_option(argv[0]);
             return -1;
         }
     }
@@ -782,7 +782,7 @@ int cmd_io(int argc, char **argv)
     if (r > 0)
         ret = cli_help(usage);
     else if (r < 0)
-        ret = CLI_EXIT_FAILURE;
+        ret = CLI_EXIT_USAGE;
     else
         ret = run(&a);
     free(a.cmds);

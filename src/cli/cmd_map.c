@@ -142,7 +142,7 @@ static int map_image(struct cbt_image *img, const struct map_args *a)
         if (r < 0) {
             fflush(stdout);
             cli_error("Could not read file metadata: %s", strerror(-r));
-            return CLI_EXIT_FAILURE;
+            return cli_errno_status(r);
         }
         entry_from_extent(&ext, &next);
         if (mergeable(&cur, &next)) {
@@ -201,7 +201,7 @@ static int parse_args(int argc, char **argv, struct map_args *a)
                 return -1;
             break;
         default:
-            cli_try_help(a->prog);
+            cli_bad_option(a->prog);
             return -1;
         }
     }
@@ -213,7 +213,7 @@ int cmd_map(int argc, char **argv)
     struct map_args a = {.prog = argv[0], .output = CLI_OUTPUT_HUMAN};
     int r = parse_args(argc, argv, &a);
     if (r != 0)
-        return r > 0 ? cli_help(usage) : CLI_EXIT_FAILURE;
+        return r > 0 ? cli_help(usage) : CLI_EXIT_USAGE;
 
     struct cbt_error *err = NULL;
     struct cbt_image *img = cbt_image_open(

@@ -30,6 +30,9 @@ static const char usage[] =
     "  -q              quiet (rebase prints nothing anyway)\n"
     "  -h, --help      show this help\n"
     "\n"
+    "Exit status: 0 done; 74 an I/O or space error; 75 an image is in use;\n"
+    "64 a usage mistake; 1 any other failure (docs/cli.md, Exit status).\n"
+    "\n"
     "Examples:\n"
     "  cbt rebase -b base.qcow2 -F qcow2 disk.qcow2\n"
     "  cbt rebase -b \"\" disk.qcow2\n"
@@ -69,8 +72,7 @@ int cmd_rebase(int argc, char **argv)
         case 'q':
             break;
         default:
-            cli_try_help(prog);
-            return CLI_EXIT_FAILURE;
+            return cli_bad_option(prog);
         }
     }
     if (argc - optind != 1)

@@ -67,7 +67,7 @@ static int parse_args(int argc, char **argv, struct resize_args *a)
             a->shrink = true;
             break;
         default:
-            cli_try_help(a->prog);
+            cli_bad_option(a->prog);
             return -1;
         }
     }
@@ -116,7 +116,7 @@ static int resize(struct cbt_image *img, const struct resize_args *a)
 {
     uint64_t cur = cbt_image_size(img), size;
     if (new_size(a, cur, &size) < 0)
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     if (size < cur && !a->shrink) {
         cli_error("%s: Use the --shrink option to perform a shrink "
                   "operation.",
@@ -124,7 +124,7 @@ static int resize(struct cbt_image *img, const struct resize_args *a)
         cli_error("warning: Shrinking an image will delete all data beyond "
                   "the shrunken image's end. Before performing such an "
                   "operation, make sure there is no important data there.");
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     }
     struct cbt_error *err = NULL;
     if (cbt_image_resize(img, size, a->shrink, &err) < 0)
@@ -137,7 +137,7 @@ int cmd_resize(int argc, char **argv)
     struct resize_args a = {.prog = argv[0]};
     int r = parse_args(argc, argv, &a);
     if (r != 0)
-        return r > 0 ? cli_help(usage) : CLI_EXIT_FAILURE;
+        return r > 0 ? cli_help(usage) : CLI_EXIT_USAGE;
 
     struct cbt_error *err = NULL;
     struct cbt_image *img =

@@ -35,6 +35,13 @@ static const char usage[] =
     "  -p              show progress on stderr (when it is a terminal)\n"
     "  -h, --help      show this help\n"
     "\n"
+    "SIGINT (Ctrl-C), SIGTERM, SIGHUP: the restore stops, OUT.part is\n"
+    "removed, then cbt dies of the signal (a second one kills at once).\n"
+    "\n"
+    "Exit status: 0 done; 65 the chain is damaged or a block does not match\n"
+    "its hash (nothing is left behind); 74 an I/O or space error; 64 a usage\n"
+    "mistake; 1 any other failure (docs/cli.md, Exit status).\n"
+    "\n"
     "Examples:\n"
     "  cbt restore backups/disk.inc3.qcow2 restored.qcow2\n"
     "  cbt restore -O raw backups/disk.full.qcow2 /var/tmp/disk.raw\n"
@@ -67,8 +74,7 @@ int cmd_restore(int argc, char **argv)
             progress_wanted = true;
             break;
         default:
-            cli_try_help(prog);
-            return CLI_EXIT_FAILURE;
+            return cli_bad_option(prog);
         }
     }
     if (o.format && strcmp(o.format, "qcow2") != 0 &&
@@ -92,6 +98,8 @@ int cmd_restore(int argc, char **argv)
     cli_progress_init(&progress, progress_wanted);
     o.progress = cli_progress_cb;
     o.progress_opaque = &progress;
+    cli_signals_catch();
+    o.cancel = cli_cancel_cb;
     struct cbt_error *err = NULL;
     int r = cbt_restore(&o, &err);
     cli_progress_end(&progress);

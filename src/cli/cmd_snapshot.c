@@ -49,8 +49,7 @@ int cmd_snapshot(int argc, char **argv)
             copy_bitmaps = false;
             break;
         default:
-            cli_try_help(prog);
-            return CLI_EXIT_FAILURE;
+            return cli_bad_option(prog);
         }
     }
     if (argc - optind < 2)

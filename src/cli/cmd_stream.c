@@ -22,6 +22,9 @@ static const char usage[] =
     "  -p               show progress (on a terminal)\n"
     "  -h, --help       show this help\n"
     "\n"
+    "Exit status: 0 done; 74 an I/O or space error; 75 an image is in use;\n"
+    "64 a usage mistake; 1 any other failure (docs/cli.md, Exit status).\n"
+    "\n"
     "Examples:\n"
     "  cbt stream disk.2.qcow2\n"
     "  cbt stream -b disk.0.qcow2 -p disk.2.qcow2\n";
@@ -49,12 +52,11 @@ int cmd_stream(int argc, char **argv)
             progress = true;
             break;
         default:
-            cli_try_help(prog);
-            return CLI_EXIT_FAILURE;
+            return cli_bad_option(prog);
         }
     }
     if (cli_take_filename(prog, argc, argv, &file) < 0)
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
 
     struct cli_progress pr;
     cli_progress_init(&pr, progress);

@@ -23,8 +23,7 @@ static const char usage[] =
     "  - the guest view at BACKUP's point in time, read from the chain, has\n"
     "    the recorded SHA-256 in every 64 KiB block.\n"
     "The first problem is reported with the file it lies in (and for a bad\n"
-    "block, the guest range); the exit status is 0 when the chain is\n"
-    "sound, 1 when it is not (the problem on stderr).\n"
+    "block, the guest range).\n"
     "\n"
     "Options:\n"
     "  --output=FMT    human (default: one line per backup, oldest first,\n"
@@ -32,110 +31,25 @@ static const char usage[] =
     "  -p              show progress on stderr (when it is a terminal)\n"
     "  -h, --help      show this help\n"
     "\n"
+    "Exit status: 0 the chain is sound; 65 it is not (the problem is on\n"
+    "stderr); 74 an I/O error; 64 a usage mistake; 1 the check could not run\n"
+    "(BACKUP missing, no manifest).\n"
+    "\n"
     "Examples:\n"
     "  cbt verify backups/disk.inc3.qcow2\n"
     "  cbt verify --output=json backups/disk.full.qcow2\n";
 
-/* ---- the chain as its manifests describe it (display only) ---- */
+/* ---- output: the chain as its manifests describe it, and the verdict ---- */
 
-/* What a line shows of one backup.  Read here with jansson rather than
- * through the library: the output only shows what the manifests say, as
- * far as they can be read; cbt_verify is what judges them. */
-struct shown {
-    char *file;          /* path of the image */
-    const char *kind;
-    const char *checkpoint;
-    json_t *vsize, *copied;
-    json_t *doc;         /* owns the strings above */
-};
-
-static const char *jstr(json_t *o, const char *k1, const char *k2)
-{
-    json_t *v = json_object_get(o, k1);
-    if (k2)
-        v = json_object_get(v, k2);
-    return json_is_string(v) ? json_string_value(v) : NULL;
-}
-
-static json_t *jnum(json_t *o, const char *k1, const char *k2)
-{
-    json_t *v = json_object_get(json_object_get(o, k1), k2);
-    return json_is_integer(v) ? v : NULL;
-}
-
-/* The parent's image path: name relative to image's folder. */
-static char *sibling(const char *image, const char *name)
-{
-    const char *slash = strrchr(image, '/');
-    size_t dl = slash ? (size_t)(slash - image) + 1 : 0;
-    char *p = malloc(dl + strlen(name) + 1);
-    if (p) {
-        memcpy(p, image, dl);
-        strcpy(p + dl, name);
-    }
-    return p;
-}
-
-/* Newest first; *n backups as far as their manifests can be read. */
-static struct shown *read_chain(const char *backup, size_t *n)
-{
-    struct shown *v = NULL;
-    *n = 0;
-    char *image = strdup(backup);
-    while (image && *n < 256) {
-        size_t ml = strlen(image) + 6;
-        char *mpath = malloc(ml);
-        if (!mpath)
-            break;
-        snprintf(mpath, ml, "%s.json", image);
-        json_t *doc = json_load_file(mpath, JSON_REJECT_DUPLICATES, NULL);
-        free(mpath);
-        struct shown *nv = doc ? realloc(v, (*n + 1) * sizeof(*v)) : NULL;
-        if (!nv) {
-            json_decref(doc);
-            break;
-        }
-        v = nv;
-        v[*n] = (struct shown){
-            .file = image,
-            .kind = jstr(doc, "kind", NULL),
-            .checkpoint = jstr(doc, "checkpoint", "name"),
-            .vsize = jnum(doc, "image", "virtual-size"),
-            .copied = jnum(doc, "bytes", "copied"),
-            .doc = doc,
-        };
-        (*n)++;
-        const char *parent = jstr(doc, "parent", "file");
-        image = parent ? sibling(image, parent) : NULL;
-    }
-    free(image);
-    return v;
-}
-
-static void free_chain(struct shown *v, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        free(v[i].file);
-        json_decref(v[i].doc);
-    }
-    free(v);
-}
-
-static void size_or_dash(json_t *v, char *buf, size_t len)
-{
-    if (v && json_integer_value(v) >= 0)
-        cli_size_to_str((uint64_t)json_integer_value(v), buf, len);
-    else
-        snprintf(buf, len, "-");
-}
-
-static void print_human(const char *backup, const struct shown *v, size_t n,
+static void print_human(const char *backup,
                         const struct cbt_verify_result *res)
 {
+    const struct cbt_verify_backup *v = res->chain;
+    size_t n = res->nchain;
     int wk = 4, wc = 10, wf = 4;
     for (size_t i = 0; i < n; i++) {
-        int k = v[i].kind ? (int)strlen(v[i].kind) : 1;
-        int c = v[i].checkpoint ? (int)strlen(v[i].checkpoint) : 1;
+        int k = (int)strlen(cbt_backup_mode_name(v[i].kind));
+        int c = (int)strlen(v[i].checkpoint);
         int f = (int)strlen(v[i].file);
         wk = k > wk ? k : wk;
         wc = c > wc ? c : wc;
@@ -143,13 +57,13 @@ static void print_human(const char *backup, const struct shown *v, size_t n,
     }
     printf("%-*s  %-*s  %-*s  %12s  %12s\n", wk, "KIND", wc, "CHECKPOINT", wf,
            "FILE", "VIRTUAL SIZE", "COPIED");
-    for (size_t i = n; i-- > 0;) {
+    for (size_t i = 0; i < n; i++) {
         char vs[32], cp[32];
-        size_or_dash(v[i].vsize, vs, sizeof(vs));
-        size_or_dash(v[i].copied, cp, sizeof(cp));
+        cli_size_to_str(v[i].virtual_size, vs, sizeof(vs));
+        cli_size_to_str(v[i].copied, cp, sizeof(cp));
         printf("%-*s  %-*s  %-*s  %12s  %12s\n", wk,
-               v[i].kind ? v[i].kind : "-", wc,
-               v[i].checkpoint ? v[i].checkpoint : "-", wf, v[i].file, vs, cp);
+               cbt_backup_mode_name(v[i].kind), wc, v[i].checkpoint, wf,
+               v[i].file, vs, cp);
     }
     char checked[32];
     cli_size_to_str(res->bytes_checked, checked, sizeof(checked));
@@ -162,8 +76,7 @@ static void print_human(const char *backup, const struct shown *v, size_t n,
                res->bad_file ? res->bad_file : backup);
 }
 
-static void print_json(const char *backup, const struct shown *v, size_t n,
-                       const struct cbt_verify_result *res)
+static void print_json(const char *backup, const struct cbt_verify_result *res)
 {
     json_t *o = json_object();
     json_object_set_new(o, "backup", cli_json_string(backup));
@@ -171,18 +84,15 @@ static void print_json(const char *backup, const struct shown *v, size_t n,
     json_object_set_new(o, "backups", cli_json_u64(res->backups));
     json_object_set_new(o, "bytes-checked", cli_json_u64(res->bytes_checked));
     json_t *chain = json_array();
-    for (size_t i = n; i-- > 0;) {
+    for (size_t i = 0; i < res->nchain; i++) {
+        const struct cbt_verify_backup *b = &res->chain[i];
         json_t *e = json_object();
-        json_object_set_new(e, "file", cli_json_string(v[i].file));
-        json_object_set_new(e, "kind", v[i].kind ? cli_json_string(v[i].kind)
-                                                 : json_null());
-        json_object_set_new(e, "checkpoint",
-                            v[i].checkpoint ? cli_json_string(v[i].checkpoint)
-                                            : json_null());
-        json_object_set_new(e, "virtual-size",
-                            v[i].vsize ? json_incref(v[i].vsize) : json_null());
-        json_object_set_new(e, "copied", v[i].copied ? json_incref(v[i].copied)
-                                                     : json_null());
+        json_object_set_new(e, "file", cli_json_string(b->file));
+        json_object_set_new(e, "kind",
+                            json_string(cbt_backup_mode_name(b->kind)));
+        json_object_set_new(e, "checkpoint", cli_json_string(b->checkpoint));
+        json_object_set_new(e, "virtual-size", cli_json_u64(b->virtual_size));
+        json_object_set_new(e, "copied", cli_json_u64(b->copied));
         json_array_append_new(chain, e);
     }
     json_object_set_new(o, "chain", chain);
@@ -219,19 +129,18 @@ int cmd_verify(int argc, char **argv)
             return cli_help(usage);
         case OPT_OUTPUT:
             if (cli_parse_output(prog, optarg, &output) < 0)
-                return CLI_EXIT_FAILURE;
+                return CLI_EXIT_USAGE;
             break;
         case 'p':
             progress_wanted = true;
             break;
         default:
-            cli_try_help(prog);
-            return CLI_EXIT_FAILURE;
+            return cli_bad_option(prog);
         }
     }
     const char *backup;
     if (cli_take_filename(prog, argc, argv, &backup) < 0)
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
 
     struct cli_progress progress;
     cli_progress_init(&progress, progress_wanted);
@@ -242,18 +151,15 @@ int cmd_verify(int argc, char **argv)
     if (r < 0)
         return cli_lib_error(err);
 
-    size_t n;
-    struct shown *chain = read_chain(backup, &n);
     if (output == CLI_OUTPUT_JSON)
-        print_json(backup, chain, n, &res);
+        print_json(backup, &res);
     else
-        print_human(backup, chain, n, &res);
+        print_human(backup, &res);
     fflush(stdout);
-    free_chain(chain, n);
     int ret = 0;
     if (!res.ok) {
         cli_error("%s", res.problem ? res.problem : "verification failed");
-        ret = CLI_EXIT_FAILURE;
+        ret = CLI_EXIT_CORRUPT;
     }
     cbt_verify_result_free(&res);
     return ret;

@@ -116,7 +116,7 @@ static int apply_value(const char *prog, const struct cli_opt_desc *d,
                                "'off', not '%s'",
                                n, v);
     if (d->type == CLI_OPT_SIZE && cli_parse_size_arg(prog, n, v, &num) < 0)
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
 
     if (strcmp(n, "size") == 0) {
         o->size = num;
@@ -189,8 +189,9 @@ int cli_create_opts_apply(const char *prog, const char *format,
                                    "parameter '%s' needs a value "
                                    "('%s=...')",
                                    item->key, item->key);
-        if (apply_value(prog, d, v ? v : "on", o) != 0)
-            return CLI_EXIT_FAILURE;
+        int r = apply_value(prog, d, v ? v : "on", o);
+        if (r != 0)
+            return r;
         *size_in_opts |= strcmp(d->name, "size") == 0;
     }
     return 0;

@@ -57,7 +57,18 @@ static void print_usage(FILE *f)
             "Commands:\n");
     for (size_t i = 0; i < N_COMMANDS; i++)
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
-    fprintf(f, "\nExamples:\n"
+    fprintf(f, "\nExit status (every command; check and compare also keep "
+               "qemu-img's):\n"
+               "  0   success\n"
+               "  1   any other failure\n"
+               "  64  usage mistake (wrong options or arguments)\n"
+               "  65  verification failed: corrupt or altered data\n"
+               "  74  I/O or space error of the host\n"
+               "  75  an image is in use by another process\n"
+               "  79  an incremental backup is impossible: take a full one\n"
+               "  128+N  killed by signal N (backup, restore, convert and\n"
+               "      commit clean up first, as on a failure)\n"
+               "\nExamples:\n"
                "  cbt create -f qcow2 disk.qcow2 10G\n"
                "  cbt info --output=json disk.qcow2\n"
                "  cbt io -c 'write -P 0xab 0 64k' disk.qcow2\n");
@@ -85,7 +96,7 @@ static int help_command(int argc, char **argv)
     if (!cmd) {
         fprintf(stderr, "cbt: unknown command '%s'\n", argv[1]);
         fprintf(stderr, "Try 'cbt --help' for the list of commands.\n");
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     }
     char help_opt[] = "--help";
     char *hargv[] = {argv[1], help_opt, NULL};
@@ -96,7 +107,7 @@ int main(int argc, char **argv)
 {
     if (argc < 2) {
         print_usage(stderr);
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     }
     /* cbt --wait[=SECONDS] COMMAND ...: wait for images others hold. */
     while (argc >= 2 && strncmp(argv[1], "--wait", 6) == 0 &&
@@ -136,12 +147,15 @@ int main(int argc, char **argv)
         else
             fprintf(stderr, "cbt: unknown command '%s'\n", name);
         fprintf(stderr, "Try 'cbt --help' for the list of commands.\n");
-        return CLI_EXIT_FAILURE;
+        return CLI_EXIT_USAGE;
     }
     int ret = run_command(cmd, argc - 1, argv + 1);
     if (fflush(stdout) != 0 && ret == 0) {
         perror("cbt: error writing output");
         ret = CLI_EXIT_FAILURE;
     }
+    /* A command stopped by SIGINT, SIGTERM or SIGHUP has cleaned up: it
+     * dies of that signal now (the exit status says the signal). */
+    cli_signals_reraise();
     return ret;
 }

@@ -23,7 +23,13 @@ int cli_usage_error(const char *prog, const char *fmt, ...)
     va_end(ap);
     fputc('\n', stderr);
     cli_try_help(prog);
-    return CLI_EXIT_FAILURE;
+    return CLI_EXIT_USAGE;
+}
+
+int cli_bad_option(const char *prog)
+{
+    cli_try_help(prog);
+    return CLI_EXIT_USAGE;
 }
 
 void cli_error(const char *fmt, ...)
@@ -36,9 +42,9 @@ void cli_error(const char *fmt, ...)
     fputc('\n', stderr);
 }
 
-int cli_exit_status(const struct cbt_error *err)
+static int kind_status(enum cbt_error_kind kind)
 {
-    switch (cbt_error_kind(err)) {
+    switch (kind) {
     case CBT_ERR_USAGE:
         return CLI_EXIT_USAGE;
     case CBT_ERR_IN_USE:
@@ -53,6 +59,16 @@ int cli_exit_status(const struct cbt_error *err)
         break;
     }
     return CLI_EXIT_FAILURE;
+}
+
+int cli_exit_status(const struct cbt_error *err)
+{
+    return kind_status(cbt_error_kind(err));
+}
+
+int cli_errno_status(int errnum)
+{
+    return kind_status(cbt_errno_kind(errnum));
 }
 
 int cli_lib_error(struct cbt_error *err)

@@ -44,21 +44,25 @@
  * Order and failure
  * -----------------
  * Everything that can be refused is refused before any file is created: a
- * TARGET (or its .json / .hashes) that exists, a TARGET in the disk's
- * chain, a checkpoint name in use, a raw disk (no checkpoints), and an
- * incremental that is impossible (with auto_full: a full backup instead,
- * saying why).  Then: the target written and flushed, the .hashes written
- * (atomically), the manifest written (atomically, complete), and only then
- * the checkpoint created on the disk.  The checkpoint's order and time are
+ * TARGET (or its .part / .json / .hashes) that exists, also as a link, a
+ * TARGET in the disk's chain, a checkpoint name in use, a raw disk (no
+ * checkpoints), and an incremental that is impossible (with auto_full: a
+ * full backup instead, saying why).  Then: the target written as TARGET.part
+ * (created exclusively, bfile_create_excl) and flushed, the .hashes written
+ * (a new file, bfile_write_new), TARGET.part renamed to TARGET (only while
+ * it is the file created), the manifest written (a new file, complete), and
+ * only then the checkpoint created on the disk.  No file is ever written
+ * through a name that existed before: nothing outside the folder can be
+ * reached by a link planted in it.  The checkpoint's order and time are
  * known only once it exists, so the manifest is rewritten with them (the
  * predicted order is nearly always right; a crash between the two leaves a
- * manifest whose order the next incremental will not accept, so it asks
- * for a full: safe).  A disk with no checkpoint metadata yet has no id
- * until its first checkpoint is created; then the checkpoint comes before
- * the manifest, and a failure to write the manifest deletes it again.  Any
- * failure before the checkpoint exists removes every file this call
- * created, and the disk is untouched (it is opened read-write only so the
- * checkpoint can be created; the data path never writes it).
+ * manifest whose order the next incremental will not accept, so it asks for
+ * a full: safe).  A disk with no checkpoint metadata yet has no id until its
+ * first checkpoint is created; then the checkpoint comes before the
+ * manifest, and a failure to write the manifest deletes it again.  Any
+ * failure before the checkpoint exists removes every file this call created,
+ * and the disk is untouched (it is opened read-write only so the checkpoint
+ * can be created; the data path never writes it).
  */
 #include <inttypes.h>
 #include <pthread.h>
@@ -72,6 +76,7 @@
 #include <cbt/checkpoint.h>
 
 #include "../util/util.h"
+#include "bchain.h"
 #include "blockpipe.h"
 #include "manifest.h"
 #include "ops_util.h"
@@ -107,6 +112,9 @@ struct bk {
     char *ckname;             /* the new checkpoint */
     char *created;            /* ISO time the backup started */
     uint64_t predicted_order;
+    /* why an incremental is impossible: CBT_ERR_NEED_FULL, or
+     * CBT_ERR_CORRUPT when the parent is damaged */
+    enum cbt_error_kind why_kind;
 
     /* incremental / differential */
     struct cbt_checkpoint since;
@@ -141,10 +149,11 @@ struct bk {
     uint64_t pend_off, pend_len;
     const uint8_t *pend_buf;
 
-    /* files this call created (removed on failure) */
-    char *target_json, *target_hashes;
-    bool target_free;         /* none of the three existed: ours to remove */
-    bool made_target;
+    /* the files of the new backup: only those this call created are
+     * removed on failure */
+    char *target_json, *target_hashes, *target_part;
+    int part_fd;              /* TARGET.part (later TARGET), open: ours */
+    bool made_hashes, renamed, made_json;
 };
 
 static void oom(struct cbt_error **errp)
@@ -163,16 +172,6 @@ static char *iso_time(int64_t sec, uint32_t nsec)
     return cbt_strdup_printf("%s.%09" PRIu32 "Z", buf, nsec);
 }
 
-static char *dir_of(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    if (!slash)
-        return strdup(".");
-    if (slash == path)
-        return strdup("/");
-    return strndup(path, (size_t)(slash - path));
-}
-
 static const char *base_name(const char *path)
 {
     const char *slash = strrchr(path, '/');
@@ -187,7 +186,8 @@ static void progress(struct bk *b)
 
 /* ---- refusals before anything is written ---- */
 
-static int check_opts(const struct cbt_backup_opts *o, struct cbt_error **errp)
+static int check_opt_values(const struct cbt_backup_opts *o,
+                            struct cbt_error **errp)
 {
     if (!o->disk || !*o->disk || !o->target || !*o->target) {
         cbt_error_set(errp, EINVAL, "backup: empty file name");
@@ -219,8 +219,125 @@ static int check_opts(const struct cbt_backup_opts *o, struct cbt_error **errp)
     return 0;
 }
 
-/* TARGET and its two companions must not exist; TARGET must not be a
- * layer of the disk. */
+/* Mistakes in the options (kind CBT_ERR_USAGE). */
+static int check_opts(const struct cbt_backup_opts *o, struct cbt_error **errp)
+{
+    if (check_opt_values(o, errp) < 0) {
+        cbt_error_set_kind(errp, CBT_ERR_USAGE);
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * Whose files are these?  cbt recognises what it leaves behind by name and
+ * order (see "Order and failure" above): a backup is written as
+ * TARGET.part, then TARGET.hashes appears, then TARGET.part is renamed to
+ * TARGET, then TARGET.json appears.  So an interrupted backup leaves
+ * TARGET.part (with or without TARGET.hashes), or TARGET with TARGET.hashes
+ * and no manifest; a restore leaves OUT.part.  Those, and only those, are
+ * named as leftovers that may be removed.  Any other file at TARGET is not
+ * cbt's: it is refused without advice to remove it, and when it is an
+ * image holding checkpoints or bitmaps (a disk) the arguments are taken to
+ * be swapped.
+ */
+
+/* Does path exist (as anything, a dangling link too)? */
+static bool exists(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
+/* Is path itself (not a link) a regular file whose size is a multiple of
+ * `unit`? */
+static bool regular_file(const char *path, uint64_t unit)
+{
+    struct stat st;
+    return lstat(path, &st) == 0 && S_ISREG(st.st_mode) &&
+           (uint64_t)st.st_size % unit == 0;
+}
+
+/* Is the image at path a disk: one holding checkpoints or bitmaps? */
+static bool looks_like_disk(const char *path)
+{
+    /* Only what can be an image is opened (a FIFO would block). */
+    struct stat st;
+    if (stat(path, &st) < 0 || !(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)))
+        return false;
+    struct cbt_error *e = NULL;
+    struct cbt_image *img = cbt_image_open(path, NULL, CBT_OPEN_NO_BACKING,
+                                           &e);
+    cbt_error_free(e);
+    if (!img)
+        return false;
+    struct cbt_bitmap_info *list = NULL;
+    size_t n = 0;
+    e = NULL;
+    bool disk = cbt_bitmap_list(img, &list, &n, &e) == 0 && n > 0;
+    cbt_bitmap_info_free_list(list, n);
+    cbt_error_free(e);
+    if (!disk) {
+        char id[37];
+        e = NULL;
+        disk = cbt_checkpoint_disk_id(img, id, &e) == 0 && id[0];
+        cbt_error_free(e);
+    }
+    cbt_image_close(img, NULL);
+    return disk;
+}
+
+/* Is path a backup made by cbt: path.json beside it, a manifest that
+ * describes it? */
+static bool is_backup(const char *path)
+{
+    CLEANUP_FREE char *mp = manifest_path_for(path);
+    struct manifest m;
+    struct cbt_error *e = NULL;
+    if (!mp || manifest_read(mp, &m, NULL, &e) < 0) {
+        cbt_error_free(e);
+        return false;
+    }
+    bool ok = strcmp(m.image_file, base_name(path)) == 0;
+    manifest_free(&m);
+    return ok;
+}
+
+/* The error just set is a mistake in the arguments: -1. */
+static int usage_mistake(struct cbt_error **errp)
+{
+    cbt_error_set_kind(errp, CBT_ERR_USAGE);
+    return -1;
+}
+
+/* Before DISK is opened: a folder as TARGET, a backup as DISK. */
+static int check_roles(struct bk *b, struct cbt_error **errp)
+{
+    const char *disk = b->o->disk, *t = b->o->target;
+    struct stat st;
+    if (stat(t, &st) == 0 && S_ISDIR(st.st_mode)) {
+        cbt_error_set(errp, EISDIR, "%s: is a folder; TARGET names the new "
+                      "backup file in the backup folder, e.g. %s%sNAME.qcow2",
+                      t, t, t[strlen(t) - 1] == '/' ? "" : "/");
+        return usage_mistake(errp);
+    }
+    if (!is_backup(disk))
+        return 0;
+    if (exists(t))
+        cbt_error_set(errp, EINVAL, "%s: is a backup made by cbt (%s.json is "
+                      "its manifest) and %s exists: the arguments look "
+                      "swapped; the disk comes first: cbt backup ... DISK "
+                      "TARGET", disk, disk, t);
+    else
+        cbt_error_set(errp, EINVAL, "%s: is a backup made by cbt (%s.json is "
+                      "its manifest), not a disk; backing it up would change "
+                      "it (restore it with cbt restore first)", disk, disk);
+    return usage_mistake(errp);
+}
+
+/* TARGET, its work file and its two companions must not exist; TARGET must
+ * not be a layer of the disk.  Only what cbt leaves behind (see above) is
+ * named as a leftover to remove. */
 static int check_target(struct bk *b, struct cbt_error **errp)
 {
     const char *t = b->o->target;
@@ -229,30 +346,60 @@ static int check_target(struct bk *b, struct cbt_error **errp)
     if (ops_find_layer(b->disk, t, &depth, &e)) {
         cbt_error_set(errp, EINVAL, "%s: the target is layer %d of the "
                       "disk's chain; refusing to overwrite it", t, depth);
-        return -1;
+        return usage_mistake(errp);
     }
     cbt_error_free(e);
-    struct stat st;
-    bool has_json = lstat(b->target_json, &st) == 0;
-    if (lstat(t, &st) == 0) {
-        if (!has_json)
-            cbt_error_set(errp, EEXIST, "%s: already exists, without a "
-                          "manifest (an interrupted backup?); remove it or "
-                          "choose another name", t);
+    bool has_json = exists(b->target_json);
+    bool our_hashes = !has_json && regular_file(b->target_hashes, 32);
+    if (exists(b->target_part)) {
+        if (!regular_file(b->target_part, 1))
+            cbt_error_set(errp, EEXIST, "%s: exists and is not a regular "
+                          "file, so not a work file of cbt; refusing to "
+                          "write there: choose another name", b->target_part);
         else
+            cbt_error_set(errp, EEXIST, "%s: exists: the work file of an "
+                          "interrupted cbt backup or restore (cbt writes %s "
+                          "and renames it to %s when it is complete); if no "
+                          "cbt is running on it, remove it%s%s",
+                          b->target_part, b->target_part, t,
+                          our_hashes ? " and " : "",
+                          our_hashes ? b->target_hashes : "");
+        return -1;
+    }
+    if (exists(t)) {
+        if (has_json) {
             cbt_error_set(errp, EEXIST, "%s: already exists; a backup is "
                           "never overwritten: choose another name", t);
+        } else if (our_hashes && regular_file(t, 1)) {
+            cbt_error_set(errp, EEXIST, "%s: exists with %s but without its "
+                          "manifest %s: left by an interrupted cbt backup "
+                          "(which writes the block hashes, then renames the "
+                          "image into place, then writes the manifest); if "
+                          "no cbt is running on it, remove %s and %s", t,
+                          b->target_hashes, b->target_json, t,
+                          b->target_hashes);
+        } else if (looks_like_disk(t)) {
+            cbt_error_set(errp, EEXIST, "%s: exists and is a disk image with "
+                          "checkpoints or bitmaps, not a backup: the "
+                          "arguments look swapped; the disk comes first: cbt "
+                          "backup ... DISK TARGET", t);
+            return usage_mistake(errp);
+        } else {
+            cbt_error_set(errp, EEXIST, "%s: already exists and is not a "
+                          "backup made by cbt (no manifest %s beside it); a "
+                          "backup never overwrites a file: choose another "
+                          "name", t, b->target_json);
+        }
         return -1;
     }
     const char *others[] = {b->target_json, b->target_hashes};
     for (size_t i = 0; i < 2; i++) {
-        if (lstat(others[i], &st) == 0) {
+        if (exists(others[i])) {
             cbt_error_set(errp, EEXIST, "%s: already exists; a backup is "
                           "never overwritten: choose another name", others[i]);
             return -1;
         }
     }
-    b->target_free = true;
     return 0;
 }
 
@@ -363,6 +510,50 @@ static int PRINTF_FMT(2, 3) impossible(char **why, const char *fmt, ...)
     return *why ? 1 : -1;
 }
 
+/*
+ * Before building on the parent: what is cheap to check of its chain
+ * (bchain_open's BCHAIN_CHEAP: every manifest down to the full, vouched for
+ * by its child's digest, their links and orders, which rules out loops;
+ * each hashes file's length; each image a regular file, qcow2 ones linked
+ * to their parent).  The hashes files' digests are not read here (for a
+ * large disk they are gigabytes per backup); the parent's own leaves are,
+ * below.  A file gone (old backups rotated away) means a full backup is
+ * needed; anything else is damage (run cbt verify).
+ */
+static int check_parent_chain(struct bk *b, char **why,
+                              struct cbt_error **errp)
+{
+    struct bchain c;
+    struct cbt_error *e = NULL;
+    int r = bchain_open(b->parent_path, BCHAIN_CHEAP, &c, &e);
+    int ret = 0;
+    if (r < 0 && cbt_error_errno(e) == ENOMEM) {
+        if (errp && !*errp)
+            *errp = e;
+        else
+            cbt_error_free(e);
+        ret = -1;
+    } else if (r < 0) {
+        b->why_kind = cbt_error_errno(e) == ENOENT ? CBT_ERR_NEED_FULL
+                                                   : CBT_ERR_CORRUPT;
+        ret = impossible(why, "the parent backup cannot be used: %s",
+                         cbt_error_message(e));
+        cbt_error_free(e);
+    } else if (r > 0 && c.missing) {
+        b->why_kind = CBT_ERR_NEED_FULL;
+        ret = impossible(why, "the chain of the parent backup %s is "
+                         "incomplete: %s; a backup on top of it could not be "
+                         "restored", b->parent_path, c.problem);
+    } else if (r > 0) {
+        b->why_kind = CBT_ERR_CORRUPT;
+        ret = impossible(why, "the chain of the parent backup %s is damaged: "
+                         "%s (run cbt verify %s)", b->parent_path, c.problem,
+                         b->parent_path);
+    }
+    bchain_close(&c);
+    return ret;
+}
+
 static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
 {
     const struct cbt_backup_opts *o = b->o;
@@ -414,7 +605,8 @@ static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
                           disk);
     struct cbt_error *e = NULL;
     if (manifest_find_by_checkpoint(b->dir, b->disk_id, b->since.name,
-                                    &b->parent_path, &b->pm, &e) < 0) {
+                                    &b->parent_path, &b->pm,
+                                    b->parent_manifest_sha, &e) < 0) {
         ret = impossible(why, "%s", cbt_error_message(e));
         cbt_error_free(e);
         return ret;
@@ -431,29 +623,31 @@ static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
                           "of one chain share one format", o->target,
                           b->parent_path, pm->image_format);
     b->fmt = parent_raw ? "raw" : "qcow2";
+    if ((ret = check_parent_chain(b, why, errp)) != 0)
+        return ret;
 
-    /* The parent's files, checked before building on them. */
-    struct stat st;
-    if (stat(b->parent_path, &st) < 0)
-        return impossible(why, "%s: parent backup: %s", b->parent_path,
-                          strerror(errno));
-    CLEANUP_FREE char *pman = manifest_path_for(b->parent_path);
+    /* The parent's leaves, checked against its manifest before the new
+     * backup takes the digests of its unchanged blocks from them. */
     CLEANUP_FREE char *phash = manifest_sibling(b->parent_path, pm->hash_file);
-    if (!pman || !phash) {
+    if (!phash) {
         oom(errp);
         return -1;
     }
-    if (file_sha256(pman, b->parent_manifest_sha, &e) < 0 ||
-        blockhash_read(phash, pm->virtual_size, &b->ph, &e) < 0) {
+    if (blockhash_read(phash, pm->virtual_size, &b->ph, &e) < 0) {
+        b->why_kind = CBT_ERR_CORRUPT;
         ret = impossible(why, "parent backup: %s", cbt_error_message(e));
         cbt_error_free(e);
         return ret;
     }
     char root[65];
     blockhash_root(&b->ph, root);
-    if (strcmp(root, pm->hash_file_sha256) != 0 || strcmp(root, pm->root) != 0)
+    if (strcmp(root, pm->hash_file_sha256) != 0 ||
+        strcmp(root, pm->root) != 0) {
+        b->why_kind = CBT_ERR_CORRUPT;
         return impossible(why, "%s: the block hashes do not match the "
-                          "manifest %s (damaged? run cbt verify)", phash, pman);
+                          "manifest %s.json (damaged? run cbt verify)", phash,
+                          b->parent_path);
+    }
     b->psize = pm->virtual_size;
     return 0;
 }
@@ -830,9 +1024,28 @@ static int bk_drain(void *opaque, struct bp_chunk *c)
     return 0;
 }
 
+static bool bk_cancelled(void *opaque)
+{
+    struct bk *b = opaque;
+    return ops_cancelled(b->o->cancel, b->o->cancel_opaque);
+}
+
+/* Stopped by the caller (cbt_cancel_fn) before the checkpoint exists. */
+static int cancel_error(struct bk *b, struct cbt_error **errp)
+{
+    ops_cancel_error(errp, b->o->target, "the backup's files are removed and "
+                     "the disk's checkpoints are as before");
+    return -1;
+}
+
 static int copy_all(struct bk *b, struct cbt_error **errp)
 {
-    static const struct bp_ops ops = {bk_fill, bk_hash, bk_drain};
+    static const struct bp_ops ops = {
+        .fill = bk_fill,
+        .hash = bk_hash,
+        .drain = bk_drain,
+        .cancelled = bk_cancelled,
+    };
     b->done = 0;
     progress(b);
     /* A full backup copies the one range [0, size).  Otherwise the
@@ -847,6 +1060,8 @@ static int copy_all(struct bk *b, struct cbt_error **errp)
     int r = bp_run(&ops, b, 0);
     if (r == 0)
         return 0;
+    if (r == -ECANCELED)
+        return cancel_error(b, errp);
     struct io_fail *f = b->drain_fail.err ? &b->drain_fail : &b->fill_fail;
     if (r == -1 && f->err) {
         cbt_error_set(errp, -f->err, "%s: error %s at byte %" PRIu64 ": %s",
@@ -880,13 +1095,14 @@ static int create_target(struct bk *b, struct cbt_error **errp)
             co.backing_format = "qcow2";
         }
     }
-    struct stat st;
-    if (cbt_image_create(b->o->target, &co, errp) < 0) {
-        b->made_target = lstat(b->o->target, &st) == 0;
+    /* TARGET.part is created here, exclusively: never through a file or a
+     * link already at that name; then the image layer formats it. */
+    b->part_fd = bfile_create_excl(b->target_part, errp);
+    if (b->part_fd < 0)
         return -1;
-    }
-    b->made_target = true;
-    b->dst = cbt_image_open(b->o->target, b->fmt, CBT_OPEN_RDWR, errp);
+    if (cbt_image_create(b->target_part, &co, errp) < 0)
+        return -1;
+    b->dst = cbt_image_open(b->target_part, b->fmt, CBT_OPEN_RDWR, errp);
     return b->dst ? 0 : -1;
 }
 
@@ -959,16 +1175,25 @@ static int checkpoint_facts(struct bk *b, struct manifest *m, char **created,
 /* Write hashes and manifest, create the checkpoint (see the top). */
 static int commit(struct bk *b, struct cbt_error **errp)
 {
+    /* The last moment to stop: a few fsyncs away from a complete backup,
+     * and from here on it runs to its end. */
+    if (bk_cancelled(b))
+        return cancel_error(b, errp);
     char sha[65];
     if (blockhash_write(&b->h, b->target_hashes, sha, errp) < 0)
         return -1;
+    b->made_hashes = true;
     memcpy(b->res->root_hash, sha, 65);
+    if (bfile_rename_ours(b->part_fd, b->target_part, b->o->target, errp) < 0)
+        return -1;
+    b->renamed = true;
     struct manifest m;
     fill_manifest(b, &m);
     CLEANUP_FREE char *created = NULL;
     bool had_id = b->disk_id[0] != '\0';
-    if (had_id && manifest_write(b->target_json, &m, errp) < 0)
+    if (had_id && manifest_write(b->target_json, &m, false, errp) < 0)
         return -1;
+    b->made_json = had_id;
     struct cbt_error *ce = NULL;
     if (cbt_checkpoint_create(b->disk, b->ckname, b->o->granularity, &ce) < 0) {
         /* A create can fail after its header update reached the disk (a
@@ -994,7 +1219,7 @@ static int commit(struct bk *b, struct cbt_error **errp)
     if (!had_id && cbt_checkpoint_disk_id(b->disk, b->disk_id, &e) < 0)
         goto undo;
     if (checkpoint_facts(b, &m, &created, &e) < 0 ||
-        manifest_write(b->target_json, &m, &e) < 0) {
+        manifest_write(b->target_json, &m, had_id, &e) < 0) {
         if (!had_id)
             goto undo;
         /* The manifest of the predicted order stays: complete and right
@@ -1027,19 +1252,12 @@ undo:;
 
 static void remove_files(struct bk *b)
 {
-    if (!b->target_free)
-        return;
-    const char *files[] = {b->target_json, b->target_hashes};
-    for (size_t i = 0; i < 2; i++) {
-        if (!files[i])
-            continue;
-        unlink(files[i]);
-        CLEANUP_FREE char *tmp = cbt_strdup_printf("%s.tmp", files[i]);
-        if (tmp)
-            unlink(tmp);
-    }
-    if (b->made_target)
-        unlink(b->o->target);
+    if (b->made_json)
+        unlink(b->target_json);
+    if (b->made_hashes)
+        unlink(b->target_hashes);
+    bfile_unlink_ours(b->part_fd, b->renamed ? b->o->target
+                                             : b->target_part);
 }
 
 static void free_bk(struct bk *b)
@@ -1056,6 +1274,9 @@ static void free_bk(struct bk *b)
     free(b->ext);
     free(b->target_json);
     free(b->target_hashes);
+    free(b->target_part);
+    if (b->part_fd >= 0)
+        close(b->part_fd);
 }
 
 static int result_strings(struct bk *b, struct cbt_error **errp)
@@ -1079,19 +1300,24 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
     memset(res, 0, sizeof(*res));
     if (check_opts(o, errp) < 0)
         return -1;
-    struct bk b = {.o = o, .res = res};
+    struct bk b = {.o = o, .res = res, .part_fd = -1,
+                   .why_kind = CBT_ERR_NEED_FULL};
     int ret = -1;
     bool ckpt_made = false;
     struct timespec t0;
     clock_gettime(CLOCK_REALTIME, &t0);
     b.created = iso_time(t0.tv_sec, (uint32_t)t0.tv_nsec);
-    b.dir = dir_of(o->target);
+    b.dir = bfile_folder_of(o->target);
     b.target_json = manifest_path_for(o->target);
     b.target_hashes = hashes_path_for(o->target);
-    if (!b.created || !b.dir || !b.target_json || !b.target_hashes) {
+    b.target_part = cbt_strdup_printf("%s.part", o->target);
+    if (!b.created || !b.dir || !b.target_json || !b.target_hashes ||
+        !b.target_part) {
         oom(errp);
         goto out;
     }
+    if (check_roles(&b, errp) < 0)
+        goto out;
 
     b.disk = cbt_image_open(o->disk, o->disk_format, CBT_OPEN_RDWR, errp);
     if (!b.disk)
@@ -1114,7 +1340,10 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
         if (r < 0)
             goto out;
         if (r > 0 && !o->auto_full) {
-            cbt_error_set(errp, EINVAL, "%s", why);
+            cbt_error_set(errp, EINVAL, "%s; an %s backup is impossible: take "
+                          "a full one (--full, or --auto to fall back to one)",
+                          why, cbt_backup_mode_name(o->mode));
+            cbt_error_set_kind(errp, b.why_kind);
             free(why);
             goto out;
         }
@@ -1145,6 +1374,10 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
     int r = blockhash_init(&b.h, b.size);
     if (r < 0) {
         oom(errp);
+        goto out;
+    }
+    if (bk_cancelled(&b)) {
+        cancel_error(&b, errp);
         goto out;
     }
     if (create_target(&b, errp) < 0 || copy_all(&b, errp) < 0 ||

@@ -26,16 +26,34 @@ struct bchain_link {
     struct cbt_image *raw; /* raw chains: this backup's image, open */
 };
 
+/* bchain_open's flags. */
+enum {
+    /* Only what is cheap, for building a new backup on this chain: every
+     * manifest (read, parsed, vouched for by its child's digest, the
+     * links between them, which rule out loops), every hashes file's
+     * length, every image a regular file of the recorded virtual size,
+     * qcow2 ones linked to their parent; no hashes file is read, no image
+     * checked for consistency, and no view is opened (top and leaves stay
+     * empty, bchain_walk is not for such a chain). */
+    BCHAIN_CHEAP = 1,
+};
+
 struct bchain {
     struct bchain_link *v; /* v[0]: the backup asked for; v[n-1]: its full */
     size_t n;
+    unsigned flags;
     bool qcow2;            /* every backup is qcow2 (else every one raw) */
     uint64_t size;         /* the guest view's size: v[0]'s virtual size */
+    /* Set by the caller before bchain_walk: asked between chunks, true
+     * stops the walk (bchain_walk returns 2). */
+    cbt_cancel_fn *cancel;
+    void *cancel_opaque;
     struct cbt_image *top; /* qcow2: v[0]'s image with its backing chain */
     struct blockhash leaves; /* v[0]'s block hashes */
     /* The first problem found (then the walk stops), or NULL. */
     char *problem;         /* one line, starting with the file at fault */
     char *bad_file;        /* that file */
+    bool missing;          /* the problem is a file that does not exist */
     bool bad_range;        /* the problem is a block of the guest view */
     uint64_t bad_offset, bad_length;
 };
@@ -54,7 +72,8 @@ struct bchain {
  * with *errp when the check could not run (backup missing or not a
  * backup, out of memory).  Release with bchain_close in every case.
  */
-int bchain_open(const char *backup, struct bchain *c, struct cbt_error **errp);
+int bchain_open(const char *backup, unsigned flags, struct bchain *c,
+                struct cbt_error **errp);
 void bchain_close(struct bchain *c);
 
 /*
@@ -72,7 +91,8 @@ typedef int bchain_piece_fn(void *opaque, const uint8_t *buf, uint64_t off,
  * with the manifest's leaf.  Returns 0 when every block matched, 1 at the
  * first block that does not (c->problem names the guest range and the
  * backup file holding that block; nothing of that block is passed to
- * piece), -1 with *errp on an I/O error or when piece fails.
+ * piece), 2 when c->cancel stopped it (no error set), -1 with *errp on an
+ * I/O error or when piece fails.
  * *checked: bytes of the view checked so far (may be NULL).
  */
 int bchain_walk(struct bchain *c, bchain_piece_fn *piece, void *opaque,

@@ -130,6 +130,12 @@ static void filler(struct pipe *p)
         pthread_mutex_unlock(&p->m);
         if (stop)
             break;
+        if (p->ops->cancelled && p->ops->cancelled(p->opaque)) {
+            pthread_mutex_lock(&p->m);
+            set_stop(p, -ECANCELED);
+            pthread_mutex_unlock(&p->m);
+            break;
+        }
         uint8_t *buf = s->c.buf;
         memset(&s->c, 0, sizeof(s->c));
         s->c.buf = buf;

@@ -55,6 +55,9 @@ struct bp_ops {
     int (*hash)(void *opaque, struct bp_chunk *c, size_t i, size_t j);
     /* Drain thread, chunks in seq order.  0, or non-zero to stop. */
     int (*drain)(void *opaque, struct bp_chunk *c);
+    /* Calling thread, before each fill (may be NULL): true stops the run
+     * with -ECANCELED, as any stop (above). */
+    bool (*cancelled)(void *opaque);
 };
 
 /* Room for len more bytes in c's buffer, right after the bytes handed out

@@ -416,7 +416,8 @@ static int meta_set(struct cbt_image *top, const struct ckpt_meta *m,
                       "(one cluster of %" PRIu32 " bytes); delete old "
                       "checkpoints or use shorter names", fname(top), len,
                       m->n, m->n == 1 ? "" : "s", top->cluster_size);
-        cbt_error_set_kind(errp, CBT_ERR_OTHER); /* not the host's space */
+        /* a full header, not a full host disk (exit status 1, not 74) */
+        cbt_error_set_kind(errp, CBT_ERR_OTHER);
     } else {
         pass_error(errp, err);
     }

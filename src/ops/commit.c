@@ -359,6 +359,15 @@ static int copy_data(struct commit *c, struct cbt_error **errp)
         c->o->progress(c->o->progress_opaque, 0, size);
     while (off < size) {
         struct cbt_extent e;
+        /* Asked to stop: the failure path of step 4 (base's bitmaps as
+         * they were, the copied data invisible through top). */
+        if (ops_cancelled(c->o->cancel, c->o->cancel_opaque)) {
+            free(buf);
+            ops_cancel_error(errp, c->top->filename, "the chain reads as "
+                             "before; some data may be copied into the base "
+                             "already, invisible through the top");
+            return -1;
+        }
         r = cbt_image_block_status_above(c->top, c->base, off,
                                          MIN(size - off, COMMIT_CHUNK), &e);
         if (r < 0)

@@ -297,6 +297,16 @@ static int write_error(struct conv *c, uint64_t off, int r,
     return -1;
 }
 
+/* The caller asked to stop (cbt_cancel_fn): the error, -1. */
+static int cancel_error(struct conv *c, struct cbt_error **errp)
+{
+    ops_cancel_error(errp, c->o->dst,
+                     c->o->no_create ? "the target is left as the copy left "
+                                       "it (-n)"
+                                     : "the new image is removed");
+    return -1;
+}
+
 /* A chunk being written by a thread of its own while the next one is read
  * (copy_plain). */
 struct wjob {
@@ -336,6 +346,10 @@ static int copy_plain(struct conv *c, struct cbt_error **errp)
     while (off < c->size && ret == 0) {
         enum run_kind kind;
         uint64_t n;
+        if (ops_cancelled(c->o->cancel, c->o->cancel_opaque)) {
+            ret = cancel_error(c, errp);
+            break;
+        }
         int r = next_run(c, off, &kind, &n);
         if (r < 0) {
             ret = status_error(c, off, r, errp);
@@ -354,6 +368,10 @@ static int copy_plain(struct conv *c, struct cbt_error **errp)
         } else if (kind == RUN_DATA) {
             for (uint64_t p = off; p < off + n;) {
                 size_t chunk = (size_t)MIN((uint64_t)c->buflen, off + n - p);
+                if (ops_cancelled(c->o->cancel, c->o->cancel_opaque)) {
+                    ret = cancel_error(c, errp);
+                    break;
+                }
                 r = cbt_image_pread(c->src, c->buf, chunk, p);
                 if (r < 0) {
                     ret = read_error(c, p, r, errp);
@@ -420,6 +438,8 @@ static int copy_compressed(struct conv *c, struct cbt_error **errp)
     uint64_t off = 0, run_end = 0;
     enum run_kind run_kind = RUN_DATA;
     while (off < c->size) {
+        if (ops_cancelled(c->o->cancel, c->o->cancel_opaque))
+            return cancel_error(c, errp);
         if (off >= run_end) {
             uint64_t n;
             int r = next_run(c, off, &run_kind, &n);

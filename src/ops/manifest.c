@@ -13,6 +13,7 @@
  */
 #include <dirent.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
 #include <strings.h>
@@ -33,35 +34,78 @@
 #define MANIFEST_NAME_MAX 1023
 #define MANIFEST_TEXT_MAX 4096 /* tool, created, disk path */
 
-/* ---- parsing helpers: each sets *errp naming the key ---- */
+/* ---- parsing helpers ----
+ * Every error names the file, the field (its full path, "parent.file"), what
+ * was found and what was expected:
+ *   "bk/b2.qcow2.json: manifest field 'hash.blocks' is 7; expected 3 (the
+ *    virtual size divided by 65536, rounded up)".
+ * String values from the file are never echoed (they could carry terminal
+ * control characters); numbers are. */
 
 struct pctx {
     const char *what;
     struct cbt_error **errp;
 };
 
-static int bad(struct pctx *p, const char *key, const char *why)
+static int bad(struct pctx *p, const char *key, const char *is,
+               const char *expected)
 {
-    cbt_error_set(p->errp, EINVAL, "%s: manifest field '%s' %s", p->what,
-                  key, why);
+    cbt_error_set(p->errp, EINVAL, "%s: manifest field '%s' %s; expected %s",
+                  p->what, key, is, expected);
     return -1;
 }
 
-static json_t *get(struct pctx *p, json_t *obj, const char *key)
+/* What a JSON value is, for "is ..." in errors. */
+static const char *jtype(json_t *v)
 {
-    json_t *v = json_object_get(obj, key);
+    switch (json_typeof(v)) {
+    case JSON_OBJECT:
+        return "an object";
+    case JSON_ARRAY:
+        return "an array";
+    case JSON_STRING:
+        return "a string";
+    case JSON_INTEGER:
+        return "an integer";
+    case JSON_REAL:
+        return "a real number";
+    case JSON_TRUE:
+        return "true";
+    case JSON_FALSE:
+        return "false";
+    case JSON_NULL:
+        return "null";
+    }
+    return "of an unknown type";
+}
+
+static int bad_type(struct pctx *p, const char *key, json_t *v,
+                    const char *expected)
+{
+    char is[48];
+    snprintf(is, sizeof(is), "is %s", jtype(v));
+    return bad(p, key, is, expected);
+}
+
+/* The member of obj named by the last component of key ("image.file":
+ * "file"); missing is an error. */
+static json_t *get(struct pctx *p, json_t *obj, const char *key,
+                   const char *expected)
+{
+    const char *dot = strrchr(key, '.');
+    json_t *v = json_object_get(obj, dot ? dot + 1 : key);
     if (!v)
-        bad(p, key, "is missing");
+        bad(p, key, "is missing", expected);
     return v;
 }
 
 static int get_obj(struct pctx *p, json_t *obj, const char *key, json_t **out)
 {
-    json_t *v = get(p, obj, key);
+    json_t *v = get(p, obj, key, "an object");
     if (!v)
         return -1;
     if (!json_is_object(v))
-        return bad(p, key, "is not an object");
+        return bad_type(p, key, v, "an object");
     *out = v;
     return 0;
 }
@@ -70,19 +114,24 @@ static int get_obj(struct pctx *p, json_t *obj, const char *key, json_t **out)
 static int get_str(struct pctx *p, json_t *obj, const char *key, size_t max,
                    char **out)
 {
-    json_t *v = get(p, obj, key);
+    char expected[64];
+    snprintf(expected, sizeof(expected), "a string of 1 to %zu bytes", max);
+    json_t *v = get(p, obj, key, expected);
     if (!v)
         return -1;
     if (!json_is_string(v))
-        return bad(p, key, "is not a string");
+        return bad_type(p, key, v, expected);
     size_t len = json_string_length(v);
     const char *s = json_string_value(v);
+    char is[64];
     if (len == 0)
-        return bad(p, key, "is empty");
-    if (len > max)
-        return bad(p, key, "is too long");
+        return bad(p, key, "is empty", expected);
+    if (len > max) {
+        snprintf(is, sizeof(is), "is too long (%zu bytes)", len);
+        return bad(p, key, is, expected);
+    }
     if (memchr(s, '\0', len))
-        return bad(p, key, "contains a NUL character");
+        return bad(p, key, "contains a NUL character", expected);
     *out = strdup(s);
     if (!*out) {
         cbt_error_set(p->errp, ENOMEM, "%s: out of memory", p->what);
@@ -91,19 +140,23 @@ static int get_str(struct pctx *p, json_t *obj, const char *key, size_t max,
     return 0;
 }
 
-static int get_u64(struct pctx *p, json_t *obj, const char *key, uint64_t max,
-                   uint64_t *out)
+/* An integer in [min, max]; `expected` describes the range in words. */
+static int get_u64(struct pctx *p, json_t *obj, const char *key, uint64_t min,
+                   uint64_t max, const char *expected, uint64_t *out)
 {
-    json_t *v = get(p, obj, key);
+    json_t *v = get(p, obj, key, expected);
     if (!v)
         return -1;
     if (!json_is_integer(v))
-        return bad(p, key, "is not an integer");
+        return bad_type(p, key, v, expected);
     json_int_t i = json_integer_value(v);
-    if (i < 0)
-        return bad(p, key, "is negative");
-    if ((uint64_t)i > max)
-        return bad(p, key, "is too large");
+    if (i < 0 || (uint64_t)i < min || (uint64_t)i > max) {
+        char is[48];
+        snprintf(is, sizeof(is), "is %lld%s", (long long)i,
+                 i < 0 ? " (negative)" : (uint64_t)i > max ? " (too large)"
+                                                           : "");
+        return bad(p, key, is, expected);
+    }
     *out = (uint64_t)i;
     return 0;
 }
@@ -118,15 +171,18 @@ static bool is_hex64(const char *s, size_t len)
     return true;
 }
 
+#define SHA_EXPECTED "a SHA-256 digest (64 lower-case hex digits)"
+
 static int get_hex64(struct pctx *p, json_t *obj, const char *key,
                      char out[65])
 {
-    json_t *v = get(p, obj, key);
+    json_t *v = get(p, obj, key, SHA_EXPECTED);
     if (!v)
         return -1;
-    if (!json_is_string(v) ||
-        !is_hex64(json_string_value(v), json_string_length(v)))
-        return bad(p, key, "is not a SHA-256 digest (64 lower-case hex digits)");
+    if (!json_is_string(v))
+        return bad_type(p, key, v, SHA_EXPECTED);
+    if (!is_hex64(json_string_value(v), json_string_length(v)))
+        return bad(p, key, "is not a SHA-256 digest", SHA_EXPECTED);
     memcpy(out, json_string_value(v), 65);
     return 0;
 }
@@ -153,13 +209,35 @@ static bool is_plain_name(const char *s)
            strcmp(s, "..") != 0;
 }
 
+#define NAME_EXPECTED                                                          \
+    "a plain file name in the backup's folder (no '/', not '.' or '..')"
+
 static int get_name(struct pctx *p, json_t *obj, const char *key, char **out)
 {
     if (get_str(p, obj, key, NAME_MAX, out) < 0)
         return -1;
     if (!is_plain_name(*out))
-        return bad(p, key, "is not a plain file name in the backup's folder");
+        return bad(p, key, "is a path", NAME_EXPECTED);
     return 0;
+}
+
+/* A string that must be one of the NULL-terminated `words`; the index in
+ * *out. */
+static int get_word(struct pctx *p, json_t *obj, const char *key,
+                    const char *const *words, const char *expected, int *out)
+{
+    json_t *v = get(p, obj, key, expected);
+    if (!v)
+        return -1;
+    if (!json_is_string(v))
+        return bad_type(p, key, v, expected);
+    for (int i = 0; words[i]; i++) {
+        if (strcmp(json_string_value(v), words[i]) == 0) {
+            *out = i;
+            return 0;
+        }
+    }
+    return bad(p, key, "is another string", expected);
 }
 
 static int parse_extents(struct pctx *p, json_t *arr, struct manifest *m)
@@ -172,25 +250,34 @@ static int parse_extents(struct pctx *p, json_t *arr, struct manifest *m)
         cbt_error_set(p->errp, ENOMEM, "%s: out of memory", p->what);
         return -1;
     }
+    char key[48], expected[128];
     uint64_t prev_end = 0;
     for (size_t i = 0; i < n; i++) {
+        snprintf(key, sizeof(key), "extents[%zu]", i);
         json_t *e = json_array_get(arr, i);
         if (!json_is_array(e) || json_array_size(e) != 3)
-            return bad(p, "extents",
-                       "has an entry that is not [start, length, type]");
+            return bad(p, key, "is not a list of three",
+                       "[start, length, \"data\" or \"zero\"]");
         json_t *js = json_array_get(e, 0), *jl = json_array_get(e, 1);
         json_t *jt = json_array_get(e, 2);
         if (!json_is_integer(js) || !json_is_integer(jl) ||
             json_integer_value(js) < 0 || json_integer_value(jl) <= 0)
-            return bad(p, "extents",
-                       "has an entry whose start or length is not a "
-                       "non-negative integer (length > 0)");
+            return bad(p, key, "has a bad start or length",
+                       "a start >= 0 and a length > 0, both integers");
         uint64_t start = (uint64_t)json_integer_value(js);
         uint64_t len = (uint64_t)json_integer_value(jl), end;
-        if (add_overflow_u64(start, len, &end) || end > m->virtual_size)
-            return bad(p, "extents", "has an entry past the virtual size");
-        if (start < prev_end)
-            return bad(p, "extents", "is not sorted or has overlapping entries");
+        if (add_overflow_u64(start, len, &end) || end > m->virtual_size) {
+            snprintf(expected, sizeof(expected), "a range inside the virtual "
+                     "size (%" PRIu64 " bytes)", m->virtual_size);
+            return bad(p, key, "ends past the virtual size", expected);
+        }
+        if (start < prev_end) {
+            snprintf(expected, sizeof(expected), "a start at or after %" PRIu64
+                     " (the end of the entry before; entries sorted, not "
+                     "overlapping)", prev_end);
+            return bad(p, key, "is not sorted or overlaps the one before",
+                       expected);
+        }
         const char *t = json_string_value(jt);
         bool zero;
         if (t && strcmp(t, "zero") == 0)
@@ -198,8 +285,8 @@ static int parse_extents(struct pctx *p, json_t *arr, struct manifest *m)
         else if (t && strcmp(t, "data") == 0)
             zero = false;
         else
-            return bad(p, "extents", "has an entry whose type is not "
-                                     "\"data\" or \"zero\"");
+            return bad(p, key, "has an unknown type",
+                       "\"data\" or \"zero\" as its third item");
         m->extents[i] = (struct manifest_extent){start, len, zero};
         m->nextents = i + 1;
         prev_end = end;
@@ -207,21 +294,19 @@ static int parse_extents(struct pctx *p, json_t *arr, struct manifest *m)
     return 0;
 }
 
-static int parse_root(struct pctx *p, json_t *root, struct manifest *m)
+#define SIZE_EXPECTED "an integer from 0 to 2^63-1"
+
+static int parse_header(struct pctx *p, json_t *root, struct manifest *m)
 {
-    json_t *v, *o;
-
-    if (!json_is_object(root))
-        return bad(p, "(top level)", "is not a JSON object");
-
-    if (!(v = get(p, root, "format")))
+    static const char *const format_words[] = {"cbt-backup", NULL};
+    json_t *v, *o = NULL;
+    int w;
+    if (get_word(p, root, "format", format_words, "\"cbt-backup\"", &w) < 0)
         return -1;
-    if (!json_is_string(v) || strcmp(json_string_value(v), "cbt-backup") != 0)
-        return bad(p, "format", "is not \"cbt-backup\"");
-    if (!(v = get(p, root, "version")))
+    if (!(v = get(p, root, "version", "the integer 1")))
         return -1;
     if (!json_is_integer(v))
-        return bad(p, "version", "is not an integer");
+        return bad_type(p, "version", v, "the integer 1");
     if (json_integer_value(v) != MANIFEST_VERSION) {
         cbt_error_set(p->errp, ENOTSUP,
                       "%s: manifest version %lld is not supported (this cbt "
@@ -230,112 +315,146 @@ static int parse_root(struct pctx *p, json_t *root, struct manifest *m)
                       MANIFEST_VERSION);
         return -1;
     }
-    if (!(v = get(p, root, "complete")))
+    if (!(v = get(p, root, "complete", "true or false")))
         return -1;
     if (!json_is_boolean(v))
-        return bad(p, "complete", "is not true or false");
+        return bad_type(p, "complete", v, "true or false");
     m->complete = json_is_true(v);
     if (get_str(p, root, "tool", MANIFEST_TEXT_MAX, &m->tool) < 0 ||
         get_str(p, root, "created", MANIFEST_TEXT_MAX, &m->created) < 0)
         return -1;
-
     if (get_obj(p, root, "disk", &o) < 0 ||
-        get_str(p, o, "path", MANIFEST_TEXT_MAX, &m->disk_path) < 0 ||
-        get_str(p, o, "id", 36, &m->disk_id) < 0)
+        get_str(p, o, "disk.path", MANIFEST_TEXT_MAX, &m->disk_path) < 0 ||
+        get_str(p, o, "disk.id", 36, &m->disk_id) < 0)
         return -1;
     if (!is_uuid(m->disk_id, strlen(m->disk_id)))
-        return bad(p, "id", "is not a UUID");
+        return bad(p, "disk.id", "is not a UUID",
+                   "a UUID (36 characters, 8-4-4-4-12 hex digits)");
+    return 0;
+}
 
-    if (!(v = get(p, root, "kind")))
+/* kind, checkpoint, since, parent and the rules between them. */
+static int parse_lineage(struct pctx *p, json_t *root, struct manifest *m)
+{
+    static const char *const kinds[] = {"full", "incremental",
+                                        "differential", NULL};
+    static const enum cbt_backup_mode modes[] = {
+        CBT_BACKUP_FULL, CBT_BACKUP_INCREMENTAL, CBT_BACKUP_DIFFERENTIAL};
+    json_t *v, *o = NULL;
+    int w;
+    if (get_word(p, root, "kind", kinds,
+                 "\"full\", \"incremental\" or \"differential\"", &w) < 0)
         return -1;
-    const char *kind = json_string_value(v);
-    if (kind && strcmp(kind, "full") == 0)
-        m->kind = CBT_BACKUP_FULL;
-    else if (kind && strcmp(kind, "incremental") == 0)
-        m->kind = CBT_BACKUP_INCREMENTAL;
-    else if (kind && strcmp(kind, "differential") == 0)
-        m->kind = CBT_BACKUP_DIFFERENTIAL;
-    else
-        return bad(p, "kind",
-                   "is not \"full\", \"incremental\" or \"differential\"");
-
+    m->kind = modes[w];
     if (get_obj(p, root, "checkpoint", &o) < 0 ||
-        get_str(p, o, "name", MANIFEST_NAME_MAX, &m->checkpoint) < 0 ||
-        get_u64(p, o, "order", (uint64_t)INT64_MAX, &m->checkpoint_order) < 0 ||
-        get_str(p, o, "created", MANIFEST_TEXT_MAX, &m->checkpoint_created) < 0)
+        get_str(p, o, "checkpoint.name", MANIFEST_NAME_MAX,
+                &m->checkpoint) < 0 ||
+        get_u64(p, o, "checkpoint.order", 1, (uint64_t)INT64_MAX,
+                "an integer from 1 to 2^63-1 (orders start at 1)",
+                &m->checkpoint_order) < 0 ||
+        get_str(p, o, "checkpoint.created", MANIFEST_TEXT_MAX,
+                &m->checkpoint_created) < 0)
         return -1;
-    if (m->checkpoint_order == 0)
-        return bad(p, "order", "is 0 (checkpoint orders start at 1)");
-
-    if (!(v = get(p, root, "since")))
+    if (!(v = get(p, root, "since", "null or a checkpoint name")))
         return -1;
     if (!json_is_null(v) &&
         get_str(p, root, "since", MANIFEST_NAME_MAX, &m->since) < 0)
         return -1;
-
-    if (!(v = get(p, root, "parent")))
+    if (!(v = get(p, root, "parent", "null or an object")))
         return -1;
     if (!json_is_null(v)) {
         if (!json_is_object(v))
-            return bad(p, "parent", "is neither null nor an object");
-        if (get_name(p, v, "file", &m->parent_file) < 0 ||
-            get_hex64(p, v, "manifest-sha256", m->parent_manifest_sha256) < 0)
+            return bad_type(p, "parent", v, "null or an object");
+        if (get_name(p, v, "parent.file", &m->parent_file) < 0 ||
+            get_hex64(p, v, "parent.manifest-sha256",
+                      m->parent_manifest_sha256) < 0)
             return -1;
     }
     if (m->kind == CBT_BACKUP_FULL && (m->since || m->parent_file))
-        return bad(p, "kind", "is \"full\" but since or parent is set");
+        return bad(p, "kind", "is \"full\" but since or parent is set",
+                   "since and parent null for a full backup");
     if (m->kind != CBT_BACKUP_FULL && (!m->since || !m->parent_file))
         return bad(p, "kind", "is an incremental or differential but since "
-                              "or parent is null");
+                   "or parent is null",
+                   "since and parent set for a backup with a parent");
+    return 0;
+}
 
+static int parse_image(struct pctx *p, json_t *root, struct manifest *m)
+{
+    static const char *const formats[] = {"qcow2", "raw", NULL};
+    json_t *o = NULL;
+    int w;
     if (get_obj(p, root, "image", &o) < 0 ||
-        get_name(p, o, "file", &m->image_file) < 0 ||
-        get_str(p, o, "format", 8, &m->image_format) < 0 ||
-        get_u64(p, o, "virtual-size", MANIFEST_MAX_SIZE, &m->virtual_size) < 0)
+        get_name(p, o, "image.file", &m->image_file) < 0 ||
+        get_word(p, o, "image.format", formats, "\"qcow2\" or \"raw\"",
+                 &w) < 0 ||
+        get_u64(p, o, "image.virtual-size", 0, MANIFEST_MAX_SIZE,
+                SIZE_EXPECTED, &m->virtual_size) < 0)
         return -1;
-    bool raw = strcmp(m->image_format, "raw") == 0;
-    if (!raw && strcmp(m->image_format, "qcow2") != 0)
-        return bad(p, "format", "is not \"qcow2\" or \"raw\"");
-    if (m->parent_file && strcmp(m->parent_file, m->image_file) == 0)
-        return bad(p, "parent", "names the backup itself");
-
-    if (get_obj(p, root, "bytes", &o) < 0 ||
-        get_u64(p, o, "dirty", MANIFEST_MAX_SIZE, &m->dirty) < 0 ||
-        get_u64(p, o, "copied", m->virtual_size, &m->copied) < 0 ||
-        get_u64(p, o, "zeroed", m->virtual_size, &m->zeroed) < 0)
+    m->image_format = strdup(formats[w]);
+    if (!m->image_format) {
+        cbt_error_set(p->errp, ENOMEM, "%s: out of memory", p->what);
         return -1;
-
-    if (!(v = get(p, root, "extents")))
-        return -1;
-    if (raw) {
-        if (!json_is_array(v))
-            return bad(p, "extents", "is not an array (a raw backup must "
-                                     "list the ranges it carries)");
-        m->has_extents = true;
-        if (parse_extents(p, v, m) < 0)
-            return -1;
-    } else if (!json_is_null(v)) {
-        return bad(p, "extents", "is not null for a qcow2 backup");
     }
+    if (m->parent_file && strcmp(m->parent_file, m->image_file) == 0)
+        return bad(p, "parent.file", "names the backup itself",
+                   "another backup's file name");
+    char expected[96];
+    snprintf(expected, sizeof(expected), "an integer from 0 to the virtual "
+             "size (%" PRIu64 ")", m->virtual_size);
+    if (get_obj(p, root, "bytes", &o) < 0 ||
+        get_u64(p, o, "bytes.dirty", 0, MANIFEST_MAX_SIZE, SIZE_EXPECTED,
+                &m->dirty) < 0 ||
+        get_u64(p, o, "bytes.copied", 0, m->virtual_size, expected,
+                &m->copied) < 0 ||
+        get_u64(p, o, "bytes.zeroed", 0, m->virtual_size, expected,
+                &m->zeroed) < 0)
+        return -1;
+    json_t *v = get(p, root, "extents", "an array (raw) or null (qcow2)");
+    if (!v)
+        return -1;
+    if (strcmp(m->image_format, "raw") == 0) {
+        if (!json_is_array(v))
+            return bad_type(p, "extents", v, "an array: a raw backup lists "
+                            "the ranges it carries");
+        m->has_extents = true;
+        return parse_extents(p, v, m);
+    }
+    if (!json_is_null(v))
+        return bad_type(p, "extents", v, "null for a qcow2 backup");
+    return 0;
+}
 
-    if (get_obj(p, root, "hash", &o) < 0)
+static int parse_hash(struct pctx *p, json_t *root, struct manifest *m)
+{
+    static const char *const algorithms[] = {BLOCKHASH_ALGORITHM, NULL};
+    json_t *o = NULL;
+    int w;
+    if (get_obj(p, root, "hash", &o) < 0 ||
+        get_word(p, o, "hash.algorithm", algorithms,
+                 "\"" BLOCKHASH_ALGORITHM "\"", &w) < 0 ||
+        get_u64(p, o, "hash.block-size", BLOCKHASH_BLOCK, BLOCKHASH_BLOCK,
+                "65536", &m->block_size) < 0)
         return -1;
-    if (!(v = get(p, o, "algorithm")))
+    uint64_t want = DIV_ROUND_UP(m->virtual_size, (uint64_t)BLOCKHASH_BLOCK);
+    char expected[96];
+    snprintf(expected, sizeof(expected), "%" PRIu64 " (the virtual size "
+             "divided by 65536, rounded up)", want);
+    if (get_u64(p, o, "hash.blocks", want, want, expected, &m->blocks) < 0 ||
+        get_name(p, o, "hash.file", &m->hash_file) < 0 ||
+        get_hex64(p, o, "hash.file-sha256", m->hash_file_sha256) < 0 ||
+        get_hex64(p, o, "hash.root", m->root) < 0)
         return -1;
-    if (!json_is_string(v) ||
-        strcmp(json_string_value(v), BLOCKHASH_ALGORITHM) != 0)
-        return bad(p, "algorithm", "is not \"" BLOCKHASH_ALGORITHM "\"");
-    if (get_u64(p, o, "block-size", UINT32_MAX, &m->block_size) < 0)
-        return -1;
-    if (m->block_size != BLOCKHASH_BLOCK)
-        return bad(p, "block-size", "is not 65536");
-    if (get_u64(p, o, "blocks", MANIFEST_MAX_SIZE, &m->blocks) < 0)
-        return -1;
-    if (m->blocks != DIV_ROUND_UP(m->virtual_size, (uint64_t)BLOCKHASH_BLOCK))
-        return bad(p, "blocks", "does not match the virtual size");
-    if (get_name(p, o, "file", &m->hash_file) < 0 ||
-        get_hex64(p, o, "file-sha256", m->hash_file_sha256) < 0 ||
-        get_hex64(p, o, "root", m->root) < 0)
+    return 0;
+}
+
+static int parse_root(struct pctx *p, json_t *root, struct manifest *m)
+{
+    if (!json_is_object(root))
+        return bad_type(p, "(top level)", root, "a JSON object");
+    if (parse_header(p, root, m) < 0 || parse_lineage(p, root, m) < 0 ||
+        parse_image(p, root, m) < 0 || parse_hash(p, root, m) < 0)
         return -1;
     return 0;
 }
@@ -347,6 +466,11 @@ int manifest_parse(const char *buf, size_t len, const char *what,
     json_error_t jerr;
     json_t *root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root) {
+        /* jansson quotes the text near the error: no control characters
+         * of the file reach the terminal. */
+        for (char *c = jerr.text; *c; c++)
+            if ((unsigned char)*c < 0x20 || *c == 0x7f)
+                *c = '?';
         cbt_error_set(errp, EINVAL, "%s: not a valid manifest: %s (line %d)",
                       what, jerr.text, jerr.line);
         return -1;
@@ -359,55 +483,24 @@ int manifest_parse(const char *buf, size_t len, const char *what,
     return ret;
 }
 
-/* Read a whole small file (at most max bytes) into a malloc'd buffer. */
-static int read_file(const char *path, size_t max, char **out, size_t *outlen,
-                     struct cbt_error **errp)
-{
-    CLEANUP_CLOSE int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        cbt_error_set(errp, errno, "%s: %s", path, strerror(errno));
-        return -1;
-    }
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        cbt_error_set(errp, errno, "%s: %s", path, strerror(errno));
-        return -1;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        cbt_error_set(errp, EINVAL, "%s: not a regular file", path);
-        return -1;
-    }
-    if ((uint64_t)st.st_size > max) {
-        cbt_error_set(errp, EFBIG, "%s: too large for a manifest (%lld bytes)",
-                      path, (long long)st.st_size);
-        return -1;
-    }
-    size_t len = (size_t)st.st_size;
-    char *buf = malloc(len + 1);
-    if (!buf) {
-        cbt_error_set(errp, ENOMEM, "%s: out of memory", path);
-        return -1;
-    }
-    int r = file_pread_exact(fd, buf, len, 0);
-    if (r < 0) {
-        free(buf);
-        cbt_error_set(errp, -r, "%s: read failed: %s", path, strerror(-r));
-        return -1;
-    }
-    buf[len] = '\0';
-    *out = buf;
-    *outlen = len;
-    return 0;
-}
-
-int manifest_read(const char *path, struct manifest *m,
+int manifest_read(const char *path, struct manifest *m, char sha256[65],
                   struct cbt_error **errp)
 {
     memset(m, 0, sizeof(*m));
+    if (sha256)
+        sha256[0] = '\0';
     char *buf;
     size_t len;
-    if (read_file(path, MANIFEST_MAX_BYTES, &buf, &len, errp) < 0)
+    if (bfile_read_all(path, "manifest", MANIFEST_MAX_BYTES, &buf, &len,
+                       errp) < 0)
         return -1;
+    if (sha256) {
+        /* The digest of the very bytes parsed: what a child recorded
+         * vouches for what is read here. */
+        uint8_t d[32];
+        sha256_digest(buf, len, d);
+        sha256_hex(d, sha256);
+    }
     int ret = manifest_parse(buf, len, path, m, errp);
     free(buf);
     return ret;
@@ -510,59 +603,7 @@ static json_t *build(const struct manifest *m)
     return root;
 }
 
-/* fsync the folder holding path, so a rename in it is durable. */
-static int sync_parent_dir(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    CLEANUP_FREE char *dir = slash ? strndup(path, (size_t)(slash - path) + 1)
-                                   : strdup(".");
-    if (!dir)
-        return -ENOMEM;
-    CLEANUP_CLOSE int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    if (fsync(fd) < 0)
-        return -errno;
-    return 0;
-}
-
-/* Write buf to path.tmp, fsync, rename over path, fsync the folder.  The
- * temporary file is removed on failure. */
-static int write_atomic(const char *path, const void *buf, size_t len,
-                                struct cbt_error **errp)
-{
-    CLEANUP_FREE char *tmp = cbt_strdup_printf("%s.tmp", path);
-    if (!tmp) {
-        cbt_error_set(errp, ENOMEM, "%s: out of memory", path);
-        return -1;
-    }
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        cbt_error_set(errp, errno, "%s: %s", tmp, strerror(errno));
-        return -1;
-    }
-    int r = file_pwrite_full(fd, buf, len, 0);
-    if (r == 0)
-        r = file_flush(fd);
-    if (close(fd) < 0 && r == 0)
-        r = -errno;
-    if (r == 0 && rename(tmp, path) < 0)
-        r = -errno;
-    if (r < 0) {
-        unlink(tmp);
-        cbt_error_set(errp, -r, "%s: write failed: %s", path, strerror(-r));
-        return -1;
-    }
-    r = sync_parent_dir(path);
-    if (r < 0) {
-        cbt_error_set(errp, -r, "%s: syncing its folder failed: %s", path,
-                      strerror(-r));
-        return -1;
-    }
-    return 0;
-}
-
-int manifest_write(const char *path, const struct manifest *m,
+int manifest_write(const char *path, const struct manifest *m, bool replace,
                    struct cbt_error **errp)
 {
     json_t *root = build(m);
@@ -584,7 +625,7 @@ int manifest_write(const char *path, const struct manifest *m,
         cbt_error_set(errp, ENOMEM, "%s: out of memory", path);
         return -1;
     }
-    int ret = write_atomic(path, withnl, len + 1, errp);
+    int ret = bfile_write_new(path, withnl, len + 1, replace, errp);
     free(withnl);
     return ret;
 }
@@ -609,40 +650,6 @@ void manifest_free(struct manifest *m)
 }
 
 /* ---- files and paths ---- */
-
-int file_sha256(const char *path, char hex[65], struct cbt_error **errp)
-{
-    CLEANUP_CLOSE int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        cbt_error_set(errp, errno, "%s: %s", path, strerror(errno));
-        return -1;
-    }
-    enum { CHUNK = 1 << 20 };
-    CLEANUP_FREE uint8_t *buf = malloc(CHUNK);
-    if (!buf) {
-        cbt_error_set(errp, ENOMEM, "%s: out of memory", path);
-        return -1;
-    }
-    struct sha256_ctx c;
-    sha256_init(&c);
-    for (;;) {
-        ssize_t n = read(fd, buf, CHUNK);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            cbt_error_set(errp, errno, "%s: read failed: %s", path,
-                          strerror(errno));
-            return -1;
-        }
-        if (n == 0)
-            break;
-        sha256_update(&c, buf, (size_t)n);
-    }
-    uint8_t d[32];
-    sha256_final(&c, d);
-    sha256_hex(d, hex);
-    return 0;
-}
 
 char *manifest_path_for(const char *image_path)
 {
@@ -669,7 +676,8 @@ static bool ends_with(const char *s, const char *suffix)
 
 int manifest_find_by_checkpoint(const char *dir, const char *disk_id,
                                 const char *checkpoint, char **image_path,
-                                struct manifest *m, struct cbt_error **errp)
+                                struct manifest *m, char sha256[65],
+                                struct cbt_error **errp)
 {
     *image_path = NULL;
     memset(m, 0, sizeof(*m));
@@ -680,6 +688,7 @@ int manifest_find_by_checkpoint(const char *dir, const char *disk_id,
     }
     char *found = NULL;      /* the manifest's file name */
     struct manifest best = {0};
+    char best_sha[65] = "";
     int ret = -1;
     for (;;) {
         errno = 0;
@@ -695,8 +704,9 @@ int manifest_find_by_checkpoint(const char *dir, const char *disk_id,
             goto out;
         }
         struct manifest cand;
+        char sha[65];
         struct cbt_error *perr = NULL;
-        if (manifest_read(path, &cand, &perr) < 0) {
+        if (manifest_read(path, &cand, sha, &perr) < 0) {
             /* Files that are not cbt manifests are none of our business;
              * a damaged manifest of ours is worth a warning. */
             const char *msg = cbt_error_message(perr);
@@ -734,6 +744,7 @@ int manifest_find_by_checkpoint(const char *dir, const char *disk_id,
             goto out;
         }
         best = cand;
+        memcpy(best_sha, sha, 65);
     }
     if (errno) {
         cbt_error_set(errp, errno, "%s: %s", dir, strerror(errno));
@@ -753,57 +764,12 @@ int manifest_find_by_checkpoint(const char *dir, const char *disk_id,
     }
     *m = best;
     memset(&best, 0, sizeof(best));
+    if (sha256)
+        memcpy(sha256, best_sha, 65);
     ret = 0;
 out:
     closedir(d);
     free(found);
     manifest_free(&best);
     return ret;
-}
-
-/* ---- the block hashes file (TARGET.hashes) ---- */
-
-int blockhash_write(const struct blockhash *h, const char *path,
-                    char file_sha256_hex[65], struct cbt_error **errp)
-{
-    /* The file is the leaves, so its SHA-256 is the root. */
-    blockhash_root(h, file_sha256_hex);
-    return write_atomic(path, h->leaf, (size_t)h->n * 32, errp);
-}
-
-int blockhash_read(const char *path, uint64_t size, struct blockhash *h,
-                   struct cbt_error **errp)
-{
-    memset(h, 0, sizeof(*h));
-    CLEANUP_CLOSE int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        cbt_error_set(errp, errno, "%s: %s", path, strerror(errno));
-        return -1;
-    }
-    uint64_t n = DIV_ROUND_UP(size, (uint64_t)BLOCKHASH_BLOCK), want, have;
-    int r = file_size(fd, &have);
-    if (r < 0) {
-        cbt_error_set(errp, -r, "%s: %s", path, strerror(-r));
-        return -1;
-    }
-    if (mul_overflow_u64(n, 32, &want) || have != want) {
-        cbt_error_set(errp, EINVAL,
-                      "%s: block hashes file is %llu bytes, expected %llu "
-                      "(32 for each of %llu blocks)",
-                      path, (unsigned long long)have,
-                      (unsigned long long)want, (unsigned long long)n);
-        return -1;
-    }
-    r = blockhash_init(h, size);
-    if (r < 0) {
-        cbt_error_set(errp, -r, "%s: %s", path, strerror(-r));
-        return -1;
-    }
-    r = file_pread_exact(fd, h->leaf, (size_t)want, 0);
-    if (r < 0) {
-        blockhash_free(h);
-        cbt_error_set(errp, -r, "%s: read failed: %s", path, strerror(-r));
-        return -1;
-    }
-    return 0;
 }

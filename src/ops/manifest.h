@@ -47,20 +47,25 @@ struct manifest {
     char root[65];
 };
 
+/* ---- manifest.c ---- */
+
 /* Parse and validate a manifest held in memory (untrusted bytes: every
  * field type, range and cross-field rule is checked; `what` names the file
- * in errors).  0, or -1 with *errp. */
+ * in errors, which name the field and what was expected).  0, or -1 with
+ * *errp. */
 int manifest_parse(const char *buf, size_t len, const char *what,
                    struct manifest *m, struct cbt_error **errp);
-int manifest_read(const char *path, struct manifest *m,
+/* Read (bfile_read_all: a regular file, bounded) and parse path; sha256,
+ * when not NULL, gets the SHA-256 (hex) of the bytes read, also when they
+ * do not parse ("" when nothing could be read). */
+int manifest_read(const char *path, struct manifest *m, char sha256[65],
                   struct cbt_error **errp);
-/* Write path atomically (path.tmp, fsync, rename, fsync the folder). */
-int manifest_write(const char *path, const struct manifest *m,
+/* Write path as a new file (bfile_write_new): refused when path exists,
+ * unless replace (then path, a manifest this backup wrote, is replaced
+ * atomically). */
+int manifest_write(const char *path, const struct manifest *m, bool replace,
                    struct cbt_error **errp);
 void manifest_free(struct manifest *m);
-
-/* SHA-256 (hex) of a whole file. */
-int file_sha256(const char *path, char hex[65], struct cbt_error **errp);
 
 /* TARGET -> TARGET.json / TARGET.hashes (malloc'd). */
 char *manifest_path_for(const char *image_path);
@@ -71,13 +76,15 @@ char *manifest_sibling(const char *beside, const char *name);
 /*
  * Find, in the folder `dir`, the complete backup whose manifest names disk
  * `disk_id` and created checkpoint `checkpoint`.  On success *image_path is
- * the backup image's path (malloc'd) and *m its manifest.  -1 with *errp
+ * the backup image's path (malloc'd), *m its manifest and sha256 (when not
+ * NULL) the SHA-256 of the manifest's bytes as parsed.  -1 with *errp
  * (ENOENT) when there is none; a folder with two such backups is an error
  * naming both.
  */
 int manifest_find_by_checkpoint(const char *dir, const char *disk_id,
                                 const char *checkpoint, char **image_path,
-                                struct manifest *m, struct cbt_error **errp);
+                                struct manifest *m, char sha256[65],
+                                struct cbt_error **errp);
 
 /* Block hashes of a guest view of `size` bytes in BLOCKHASH_BLOCK blocks. */
 struct blockhash {
@@ -86,6 +93,7 @@ struct blockhash {
     uint64_t n;                   /* ceil(size / block) */
     uint8_t (*leaf)[32];
 };
+/* ---- blockhash.c ---- */
 int blockhash_init(struct blockhash *h, uint64_t size);
 void blockhash_free(struct blockhash *h);
 /* SHA-256 of len bytes (one block). */
@@ -94,11 +102,50 @@ void blockhash_digest(const void *buf, size_t len, uint8_t out[32]);
 void blockhash_zero_digest(size_t len, uint8_t out[32]);
 /* The root: SHA-256 of the concatenated leaves, hex. */
 void blockhash_root(const struct blockhash *h, char hex[65]);
-/* Write the leaves to path (atomically) and give the file's SHA-256. */
-int blockhash_write(const struct blockhash *h, const char *path,
-                    char file_sha256[65], struct cbt_error **errp);
-/* Read leaves for a view of `size` bytes; the file length must match. */
+/* ---- bfile.c: the files of a backup folder, read and written safely ---- */
+
+/* Open path for reading when it is a regular file (never blocking on a
+ * FIFO, never a device: see bfile.c); `what` names it in errors ("manifest").
+ * Returns the descriptor and its size, or -1 with *errp (kind CBT_ERR_CORRUPT
+ * for a file that is not a regular one). */
+int bfile_open_read(const char *path, const char *what, uint64_t *size,
+                    struct cbt_error **errp);
+/* The whole file, at most max bytes (more is refused before reading), in a
+ * malloc'd NUL-terminated buffer. */
+int bfile_read_all(const char *path, const char *what, uint64_t max,
+                   char **out, size_t *outlen, struct cbt_error **errp);
+/* Open a block hashes file that must hold `blocks` digests (its size is
+ * checked first); the descriptor, or -1 with *errp. */
+int hashes_open(const char *path, uint64_t blocks, struct cbt_error **errp);
+/* SHA-256 (hex) of such a file, streamed. */
+int hashes_sha256(const char *path, uint64_t blocks, char hex[65],
+                  struct cbt_error **errp);
+/* Read leaves for a view of `size` bytes (hashes_open). */
 int blockhash_read(const char *path, uint64_t size, struct blockhash *h,
                    struct cbt_error **errp);
+/* Write the leaves to the new file path (bfile_write_new, never replacing)
+ * and give the file's SHA-256. */
+int blockhash_write(const struct blockhash *h, const char *path,
+                    char file_sha256[65], struct cbt_error **errp);
+/* Write buf as the new file path, complete and durable before its name
+ * appears; refused (EEXIST) when path exists unless replace.  Never writes
+ * through an existing name or a planted link; leaves no temporary file on
+ * failure. */
+int bfile_write_new(const char *path, const void *buf, size_t len,
+                    bool replace, struct cbt_error **errp);
+/* Create path exclusively (O_CREAT|O_EXCL|O_NOFOLLOW, mode 0644): an
+ * existing file or a link at path is refused, never followed.  The
+ * descriptor (keep it to prove the file is ours), or -1 with *errp. */
+int bfile_create_excl(const char *path, struct cbt_error **errp);
+/* Rename `from`, which must still be the file open as fd, to `to`, which
+ * must not exist.  0 or -1 with *errp. */
+int bfile_rename_ours(int fd, const char *from, const char *to,
+                      struct cbt_error **errp);
+/* Remove path if it is still the file open as fd (bfile_create_excl's). */
+void bfile_unlink_ours(int fd, const char *path);
+/* The folder of path (malloc'd), "." for a bare name. */
+char *bfile_folder_of(const char *path);
+/* fsync the folder holding path.  0 or -errno. */
+int bfile_sync_folder_of(const char *path);
 
 #endif

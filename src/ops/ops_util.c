@@ -175,3 +175,9 @@ int ops_pull_bitmaps(struct cbt_image *file, struct cbt_image *stay,
     cbt_bitmap_info_free_list(list, count);
     return ret;
 }
+
+void ops_cancel_error(struct cbt_error **errp, const char *what,
+                      const char *left)
+{
+    cbt_error_set(errp, ECANCELED, "%s: interrupted; %s", what, left);
+}

@@ -2,7 +2,10 @@
 #ifndef CBT_OPS_UTIL_H
 #define CBT_OPS_UTIL_H
 
+#include <stdbool.h>
+
 #include <cbt/image.h>
+#include <cbt/ops.h>
 
 /*
  * The backing name to store in `image` for `backing`: backing's basename
@@ -30,6 +33,15 @@ int ops_copy_range(struct cbt_image *from, struct cbt_image *to, uint64_t off,
 
 /* True when len bytes of buf are all zero. */
 bool ops_is_zero(const void *buf, size_t len);
+
+/* Has the caller of a long operation asked it to stop (cbt_cancel_fn)? */
+static inline bool ops_cancelled(cbt_cancel_fn *fn, void *opaque)
+{
+    return fn && fn(opaque);
+}
+/* The error of a cancelled operation: "WHAT: interrupted; WHAT_LEFT". */
+void ops_cancel_error(struct cbt_error **errp, const char *what,
+                      const char *left);
 
 /*
  * Before a relink that drops layers from file's chain (stream, safe

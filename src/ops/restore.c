@@ -9,18 +9,21 @@
  *   2. The chain is opened and its integrity checked (src/ops/verify.c,
  *      bchain_open): a missing or altered backup, manifest or hashes file
  *      refuses the restore before anything is created.
- *   3. OUT.part is created (qcow2 or raw, the backup's virtual size) and
- *      filled by one pass over the guest view (bchain_walk): every 64 KiB
- *      block is hashed and compared with the manifest's leaf *before* it is
- *      written; ranges the chain holds as zeroes are neither read nor
- *      written, nor are 4 KiB pieces of zeroes inside data, so OUT is never
- *      thicker than `qemu-img convert` of the same chain (its -S 4k) makes
- *      it: holes stay holes, a raw OUT is sparse.  The first mismatch stops
- *      the restore and names the guest range and the backup file.
+ *   3. OUT.part is created exclusively (an existing file or a symlink
+ *      planted there is refused, never written through), formatted (qcow2 or
+ *      raw, the backup's virtual size) and filled by one pass over the guest
+ *      view (bchain_walk): every 64 KiB block is hashed and compared with
+ *      the manifest's leaf *before* it is written; ranges the chain holds as
+ *      zeroes are neither read nor written, nor are 4 KiB pieces of zeroes
+ *      inside data, so OUT is never thicker than `qemu-img convert` of the
+ *      same chain (its -S 4k) makes it: holes stay holes, a raw OUT is
+ *      sparse.  The first mismatch stops the restore and names the guest
+ *      range and the backup file.
  *   4. OUT.part is flushed; with a seed checkpoint, it is created then
  *      (see below) and flushed with the image's header.
  *   5. OUT.part is renamed to OUT (never over a file that appeared
- *      meanwhile) and the folder synced.
+ *      meanwhile, and only while OUT.part is still the file created in 3)
+ *      and the folder synced.
  * A failure in 2..5 removes OUT.part; a kill leaves at most OUT.part,
  * never an OUT that looks complete.
  *
@@ -213,41 +216,8 @@ out:
     return ret;
 }
 
-static int sync_folder_of(const char *path)
-{
-    CLEANUP_FREE char *dir = strdup(path);
-    if (!dir)
-        return -ENOMEM;
-    char *slash = strrchr(dir, '/');
-    if (slash)
-        *(slash == dir ? slash + 1 : slash) = '\0';
-    CLEANUP_CLOSE int fd = open(slash ? dir : ".",
-                                O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    return fsync(fd) < 0 ? -errno : 0;
-}
-
-/* Rename tmp to out unless out exists (renameat2 RENAME_NOREPLACE; a file
- * system without it gets link + unlink, which refuses the same way). */
-static int rename_noreplace(const char *tmp, const char *out,
-                            struct cbt_error **errp)
-{
-    if (renameat2(AT_FDCWD, tmp, AT_FDCWD, out, RENAME_NOREPLACE) == 0)
-        return 0;
-    if (errno == EINVAL || errno == ENOSYS) {
-        if (link(tmp, out) == 0) {
-            unlink(tmp);
-            return 0;
-        }
-    }
-    cbt_error_set(errp, errno, "%s: cannot rename %s to it: %s", out, tmp,
-                  strerror(errno));
-    return -1;
-}
-
-static int check_opts(const struct cbt_restore_opts *o, const char *fmt,
-                      struct cbt_error **errp)
+static int check_opt_values(const struct cbt_restore_opts *o,
+                            const char *fmt, struct cbt_error **errp)
 {
     if (!o->backup || !*o->backup || !o->out || !*o->out) {
         cbt_error_set(errp, EINVAL, "restore: empty file name");
@@ -265,6 +235,17 @@ static int check_opts(const struct cbt_restore_opts *o, const char *fmt,
     }
     if (o->seed_checkpoint && !*o->seed_checkpoint) {
         cbt_error_set(errp, EINVAL, "%s: empty checkpoint name", o->out);
+        return -1;
+    }
+    return 0;
+}
+
+/* Mistakes in the options (kind CBT_ERR_USAGE), then an existing OUT. */
+static int check_opts(const struct cbt_restore_opts *o, const char *fmt,
+                      struct cbt_error **errp)
+{
+    if (check_opt_values(o, fmt, errp) < 0) {
+        cbt_error_set_kind(errp, CBT_ERR_USAGE);
         return -1;
     }
     struct stat st;
@@ -286,10 +267,19 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
         cbt_error_set(errp, ENOMEM, "%s: out of memory", o->out);
         return -1;
     }
+    /* Only a regular file there can be what a killed restore left. */
     struct stat st;
+    if (lstat(tmp, &st) == 0 && S_ISREG(st.st_mode)) {
+        cbt_error_set(errp, EEXIST, "%s: exists: the work file of an "
+                      "interrupted cbt restore or backup (cbt writes it and "
+                      "renames it to %s when it is complete); if no cbt is "
+                      "running on it, remove it", tmp, o->out);
+        return -1;
+    }
     if (lstat(tmp, &st) == 0) {
-        cbt_error_set(errp, EEXIST, "%s: exists (left by an interrupted "
-                      "restore?); remove it first", tmp);
+        cbt_error_set(errp, EEXIST, "%s: exists and is not a regular file, "
+                      "so not a work file of cbt; refusing to write there: "
+                      "choose another name for OUT", tmp);
         return -1;
     }
 
@@ -297,9 +287,12 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
     struct bchain c;
     bool created = false;
     int ret = -1;
-    int r = bchain_open(o->backup, &c, errp);
-    if (r == 1)
-        cbt_error_set(errp, EIO, "%s", c.problem);
+    int tmpfd = -1;
+    int r = bchain_open(o->backup, 0, &c, errp);
+    if (r == 1) {
+        cbt_error_set(errp, EINVAL, "%s", c.problem);
+        cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
+    }
     if (r != 0)
         goto out;
     const struct manifest *m = &c.v[0].m;
@@ -308,6 +301,12 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
                       "checkpoint this backup created, '%s' (backups of the "
                       "restored image find their parent by it), not '%s'",
                       o->backup, m->checkpoint, o->seed_checkpoint);
+        cbt_error_set_kind(errp, CBT_ERR_USAGE);
+        goto out;
+    }
+
+    if (ops_cancelled(o->cancel, o->cancel_opaque)) {
+        ops_cancel_error(errp, o->out, "nothing was written");
         goto out;
     }
 
@@ -316,18 +315,28 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
         .size = c.size,
         .size_given = true,
     };
-    if (cbt_image_create(tmp, &co, errp) < 0) {
-        created = lstat(tmp, &st) == 0;
+    /* OUT.part is ours alone: created exclusively (never through a file
+     * or a link already there), then formatted; renamed, and on failure
+     * removed, only while it is still that file. */
+    tmpfd = bfile_create_excl(tmp, errp);
+    if (tmpfd < 0)
         goto out;
-    }
     created = true;
+    if (cbt_image_create(tmp, &co, errp) < 0)
+        goto out;
     rs.out = cbt_image_open(tmp, fmt, CBT_OPEN_RDWR, errp);
     if (!rs.out)
         goto out;
+    c.cancel = o->cancel;
+    c.cancel_opaque = o->cancel_opaque;
     r = bchain_walk(&c, write_piece, &rs, o->progress, o->progress_opaque,
                     NULL, errp);
-    if (r == 1)
-        cbt_error_set(errp, EIO, "%s", c.problem);
+    if (r == 1) {
+        cbt_error_set(errp, EINVAL, "%s", c.problem);
+        cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
+    }
+    if (r == 2)
+        ops_cancel_error(errp, o->out, "its work file is removed");
     if (r != 0)
         goto out;
     r = cbt_image_flush(rs.out);
@@ -341,10 +350,15 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
     rs.out = NULL;
     if (r < 0)
         goto out;
-    if (rename_noreplace(tmp, o->out, errp) < 0)
+    /* The last moment to stop: after the rename OUT is complete. */
+    if (ops_cancelled(o->cancel, o->cancel_opaque)) {
+        ops_cancel_error(errp, o->out, "its work file is removed");
+        goto out;
+    }
+    if (bfile_rename_ours(tmpfd, tmp, o->out, errp) < 0)
         goto out;
     created = false;
-    r = sync_folder_of(o->out);
+    r = bfile_sync_folder_of(o->out);
     if (r < 0) {
         cbt_error_set(errp, -r, "%s: cannot sync its folder: %s", o->out,
                       strerror(-r));
@@ -355,7 +369,9 @@ out:
     if (rs.out)
         cbt_image_close(rs.out, NULL);
     if (created)
-        unlink(tmp);
+        bfile_unlink_ours(tmpfd, tmp);
+    if (tmpfd >= 0)
+        close(tmpfd);
     bchain_close(&c);
     return ret;
 }

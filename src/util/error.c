@@ -19,7 +19,13 @@ enum cbt_error_kind cbt_error_kind(const struct cbt_error *err)
         return CBT_ERR_OTHER;
     if (err->kind_set)
         return err->kind;
-    switch (err->errnum) {
+    return cbt_errno_kind(err->errnum);
+}
+
+enum cbt_error_kind cbt_errno_kind(int errnum)
+{
+    switch (errnum < 0 ? -errnum : errnum) {
+    case EIO:
     case ENOSPC:
     case EDQUOT:
     case EFBIG:

@@ -29,14 +29,16 @@
 /* ---- errors (error.c) ---- */
 struct cbt_error {
     int errnum;
-    enum cbt_error_kind kind;
-    bool kind_set; /* kind was set; otherwise derived from errnum */
+    enum cbt_error_kind kind; /* when !kind_set: derived from errnum */
+    bool kind_set;
     char *msg;
 };
 /* Store a new error in *errp unless errp is NULL or already holds one. */
 void cbt_error_set(struct cbt_error **errp, int errnum, const char *fmt, ...)
     PRINTF_FMT(3, 4);
-/* Set the kind of the error already in *errp (no-op without one). */
+/* Set the kind of the error already in *errp (no-op without one); also
+ * CBT_ERR_OTHER, for an errno that would otherwise say CBT_ERR_IO (ENOSPC
+ * for a full image header is no host's space error). */
 void cbt_error_set_kind(struct cbt_error **errp, enum cbt_error_kind kind);
 /* Prepend "prefix: " to an error already in *errp. */
 void cbt_error_prefix(struct cbt_error **errp, const char *fmt, ...)

@@ -36,11 +36,9 @@ with the reason and changes nothing, `--auto` takes a full backup and says
 why (the JSON result's "fallback"), `reconcile --fix` repairs, and the
 chain of backups goes on correctly afterwards.
 """
-import fcntl
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -258,43 +256,12 @@ def run_killed_after(argv, cwd, delay):
     return killed, p.returncode, err
 
 
-CALL_RE = re.compile(rb"libfault: call (\d+):")
-
-
 def run_killed_at_call(argv, cwd, path, n, op="any"):
     """Run cbt with libfault tracing every write/flush call on files whose
     path contains PATH; SIGKILL the process group once call N is seen.
     Returns (killed, rc, last call seen, stderr tail)."""
-    r, w = os.pipe()
-    try:
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
-    except (AttributeError, OSError):
-        pass
-    env = F.fault_env(path, op=op, nth=0)
-    env["CBT_FAULT_VERBOSE"] = "2"
-    p = subprocess.Popen([L.CBT] + argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=w,
-                         env=env, start_new_session=True)
-    os.close(w)
-    seen, killed, buf, tail = 0, False, b"", b""
-    with os.fdopen(r, "rb", buffering=0) as f:
-        while True:
-            chunk = f.read(65536)
-            if not chunk:
-                break
-            buf += chunk
-            lines = buf.split(b"\n")
-            buf = lines.pop()
-            for ln in lines:
-                m = CALL_RE.match(ln)
-                if m:
-                    seen = max(seen, int(m.group(1)))
-                else:
-                    tail = (tail + ln + b"\n")[-4000:]
-            if not killed and seen >= n:
-                os.killpg(p.pid, signal.SIGKILL)
-                killed = True
-    p.wait()
-    return killed, p.returncode, seen, tail.decode(errors="replace")
+    return F.run_traced(argv, path, n, lambda p: os.killpg(p.pid, signal.SIGKILL),
+                        op=op, cwd=cwd, new_session=True)
 
 
 def clean_run(pristine_dir, tmp_path, mode):
@@ -429,6 +396,8 @@ def test_backup_fails_cleanly(pristine_dir, tmp_path, where, op, sticky, err):
             assert check_after_failure(c, what, injected=False) == "after", \
                 "%s: exit 0 but no checkpoint c3: %r" % (what, res)
             continue
+        # an I/O or space error of the host: exit status 74 (docs/cli.md)
+        assert res.rc == 74, "%s: exit %d, expected 74: %r" % (what, res.rc, res)
         text = F.ERRTEXT[err]
         if not any(ln.startswith("cbt: ") and text in ln for ln in res.err.splitlines()):
             unclear.append("%s: %r" % (what, res.err))

@@ -158,14 +158,6 @@ def outside(ranges, allowed):
     return out
 
 
-def flip_byte(path, off):
-    with open(path, "r+b") as f:
-        f.seek(off)
-        b = f.read(1)
-        f.seek(off)
-        f.write(bytes([b[0] ^ 0xFF]))
-
-
 def verify_json(backup, cwd=None):
     res = L.cbt_rc("verify", "--output=json", backup, cwd=cwd)
     data = result_json(res, "cbt verify --output=json %s" % backup)
@@ -679,7 +671,7 @@ def test_verify_catches_a_flipped_byte(work, rid):
         goff = e["start"] + rng.randrange(e["length"])
         d = copy_repo(s, "flip%d" % rnd)
         fpath = os.path.join(d, b["target"])
-        flip_byte(fpath, e["offset"] + goff - e["start"])
+        L.flip_byte(fpath, e["offset"] + goff - e["start"])
         what = "flip guest byte %d of %s (file offset %d)" % (
             goff, b["target"], e["offset"] + goff - e["start"])
         label = s.label(what)

@@ -513,7 +513,7 @@ def test_usage(tmp):
             (["--list", "--chain", img, "a"], "Expecting filename"),
             (["--dump", "--chain", img], "Expecting filename and bitmap name")):
         res = L.cbt_rc("bitmap", *args)
-        assert res.rc == 1 and msg in res.err, (args, res)
+        assert res.rc == 64 and msg in res.err, (args, res)
         assert "cbt bitmap --help" in res.err, res
     help_text = L.cbt_ok("bitmap", "--help").out
     assert "--chain" in help_text and "--strict" in help_text

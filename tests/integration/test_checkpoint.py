@@ -575,7 +575,7 @@ def test_corrupt_metadata(tmp):
 ])
 def test_usage_errors(tmp, args, pattern):
     res = cbt("checkpoint", *args, check=False)
-    assert res.rc == 1, res
+    assert res.rc == 64, res
     assert re.search(pattern, res.err), res
     assert "cbt checkpoint --help" in res.err
 

@@ -373,7 +373,7 @@ def test_usage_errors(tmp_path):
                       (["--top", "x", "y"], "unexpected argument 'y'"),
                       ([], "missing image file name")):
         res = L.cbt_rc("commit", *args)
-        assert res.rc == 1 and msg in res.err, res
+        assert res.rc == 64 and msg in res.err, res
     c = small_chain(tmp_path, {})
     refuse(c.d, ["-f", "raw", "L2.qcow2"], "L2.qcow2: the image is in format 'qcow2', not 'raw'")
     L.cbt_ok("commit", "-f", "qcow2", "L2.qcow2", cwd=c.d)

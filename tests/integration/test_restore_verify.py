@@ -16,16 +16,23 @@ import json
 import os
 import random
 import shutil
+import sys
 import uuid
 
 import pytest
 
 from conftest import cbt, qemu_img, qemu_io, qemu_check_clean
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "interop"))
+import interop_lib as L  # noqa: E402
+
 KiB = 1024
 MiB = 1024 * KiB
 BLOCK = 64 * KiB
 SECTOR = 512
+# exit statuses (docs/cli.md, "Exit status")
+USAGE, CORRUPT = 64, 65
 
 
 # ---- building backup chains by hand (docs/backups.md) ----
@@ -324,7 +331,7 @@ def data_bytes(path, fmt):
 
 def verify_json(backup, check_rc=None):
     res = cbt("verify", "--output=json", backup, check=False)
-    assert res.rc in (0, 1), res
+    assert res.rc in (0, CORRUPT), res
     data = json.loads(res.out)
     assert (res.rc == 0) == data["ok"], res
     if check_rc is not None:
@@ -333,11 +340,7 @@ def verify_json(backup, check_rc=None):
 
 
 def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x40]))
+    L.flip_byte(path, offset, 0x40)
 
 
 # ---- the fixtures are what docs/backups.md says (qemu reads them) ----
@@ -485,7 +488,7 @@ def test_verify_names_flipped_byte_in_every_file(tmp, fmt, maker):
 
     for path, off, guest in cases:
         flip(path, off)
-        data, res = verify_json(top, check_rc=1)
+        data, res = verify_json(top, check_rc=CORRUPT)
         assert data["bad-file"] == path, (path, data)
         assert path in res.err and res.err.count("\n") == 1, res
         assert res.err.startswith("cbt: " + path), res
@@ -496,7 +499,7 @@ def test_verify_names_flipped_byte_in_every_file(tmp, fmt, maker):
         # restore refuses and leaves nothing behind
         out = os.path.join(r.tmp, "out.qcow2")
         res = cbt("restore", top, out, check=False)
-        assert res.rc == 1 and path in res.err, res
+        assert res.rc == CORRUPT and path in res.err, res
         assert not os.path.exists(out) and not os.path.exists(out + ".part")
         shutil.rmtree(r.dir)
         shutil.copytree(pristine, r.dir)
@@ -511,12 +514,12 @@ def test_verify_truncated_image(tmp, fmt, maker):
     size = os.path.getsize(mid)
     with open(mid, "r+b") as f:
         f.truncate(size // 2 if fmt == "raw" else size - 64 * KiB)
-    data, res = verify_json(r.path(r.points[2]["file"]), check_rc=1)
+    data, res = verify_json(r.path(r.points[2]["file"]), check_rc=CORRUPT)
     assert data["bad-file"] == mid, data
     assert mid in res.err
     res = cbt("restore", r.path(r.points[2]["file"]),
               os.path.join(r.tmp, "o"), check=False)
-    assert res.rc == 1 and mid in res.err
+    assert res.rc == CORRUPT and mid in res.err
     assert os.listdir(r.tmp).count("o") == 0
 
 
@@ -528,16 +531,16 @@ def test_verify_missing_middle_backup(tmp, what):
               "hashes": mid + ".hashes"}[what]
     os.unlink(victim)
     top = r.path("b3.qcow2")
-    data, res = verify_json(top, check_rc=1)
+    data, res = verify_json(top, check_rc=CORRUPT)
     assert data["bad-file"] == victim, data
     assert victim in res.err
     # the human output still lists what it could read, and says FAILED
     res = cbt("verify", top, check=False)
-    assert res.rc == 1
+    assert res.rc == CORRUPT
     assert res.out.splitlines()[-1].startswith("FAILED: %s" % top)
     out = os.path.join(r.tmp, "o.qcow2")
     res = cbt("restore", top, out, check=False)
-    assert res.rc == 1 and victim in res.err
+    assert res.rc == CORRUPT and victim in res.err
     assert not os.path.exists(out)
 
 
@@ -572,7 +575,7 @@ def test_verify_chain_rules(tmp):
     # another disk's backup as parent
     rewrite("b2.qcow2", lambda m: m["disk"].update(id=str(uuid.uuid4())))
     relink("b3.qcow2", "b2.qcow2")
-    data, res = verify_json(top, check_rc=1)
+    data, res = verify_json(top, check_rc=CORRUPT)
     assert data["bad-file"] == r.path("b2.qcow2.json")
     assert "disk" in data["problem"]
     reset()
@@ -580,14 +583,14 @@ def test_verify_chain_rules(tmp):
     # checkpoint order not increasing
     rewrite("b2.qcow2", lambda m: m["checkpoint"].update(order=9))
     relink("b3.qcow2", "b2.qcow2")
-    data, res = verify_json(top, check_rc=1)
+    data, res = verify_json(top, check_rc=CORRUPT)
     assert data["bad-file"] == r.path("b3.qcow2.json")
     assert "order" in data["problem"]
     reset()
 
     # the child starts from a checkpoint its parent did not create
     rewrite("b3.qcow2", lambda m: m.update(since="cp1"))
-    data, res = verify_json(top, check_rc=1)
+    data, res = verify_json(top, check_rc=CORRUPT)
     assert data["bad-file"] == r.path("b3.qcow2.json")
     assert "cp1" in data["problem"]
     reset()
@@ -595,7 +598,7 @@ def test_verify_chain_rules(tmp):
     # the qcow2 backing link names another file than the manifest's parent
     qemu_img("rebase", "-u", "-f", "qcow2", "-b", "b1.qcow2", "-F", "qcow2",
              top)
-    data, res = verify_json(top, check_rc=1)
+    data, res = verify_json(top, check_rc=CORRUPT)
     assert data["bad-file"] == top
     assert "backing" in data["problem"]
     reset()
@@ -607,7 +610,7 @@ def test_verify_chain_rules(tmp):
     rewrite("b1.qcow2", orphan)
     relink("b2.qcow2", "b1.qcow2")
     relink("b3.qcow2", "b2.qcow2")
-    data, res = verify_json(top, check_rc=1)
+    data, res = verify_json(top, check_rc=CORRUPT)
     assert data["bad-file"] is not None and "b1.qcow2" in data["bad-file"]
     reset()
     verify_json(top, check_rc=0)
@@ -628,13 +631,13 @@ def test_restore_refusals(tmp):
 
     res = cbt("restore", "-O", "vmdk", top, os.path.join(r.tmp, "x"),
               check=False)
-    assert res.rc == 1 and "vmdk" in res.err
+    assert res.rc == USAGE and "vmdk" in res.err
     res = cbt("restore", "-O", "raw", "--seed-checkpoint", "cp3", top,
               os.path.join(r.tmp, "x"), check=False)
-    assert res.rc == 1 and "qcow2" in res.err
+    assert res.rc == USAGE and "qcow2" in res.err
     res = cbt("restore", "--seed-checkpoint", "other", top,
               os.path.join(r.tmp, "x"), check=False)
-    assert res.rc == 1 and "cp3" in res.err
+    assert res.rc == USAGE and "cp3" in res.err
     assert not os.path.exists(os.path.join(r.tmp, "x"))
     res = cbt("restore", os.path.join(r.tmp, "nope.qcow2"),
               os.path.join(r.tmp, "x"), check=False)
@@ -653,7 +656,7 @@ def test_restore_stops_at_bad_block(tmp):
     flip(r.path("b2.qcow2"), host + 100)
     out = os.path.join(r.tmp, "o.qcow2")
     res = cbt("restore", top, out, check=False)
-    assert res.rc == 1, res
+    assert res.rc == CORRUPT, res
     assert r.path("b2.qcow2") in res.err
     assert "offset %d" % (start - start % BLOCK) in res.err
     assert not os.path.exists(out) and not os.path.exists(out + ".part")
@@ -814,6 +817,6 @@ def test_verify_names_damaged_qcow2_metadata(tmp):
         b = f.read(1)
         f.seek(l2_off + 8 * i + 6)
         f.write(bytes([b[0] ^ 1]))
-    data, res = verify_json(r.path("b3.qcow2"), check_rc=1)
+    data, res = verify_json(r.path("b3.qcow2"), check_rc=CORRUPT)
     assert data["bad-file"] == mid, data
     assert res.err.startswith("cbt: " + mid), res

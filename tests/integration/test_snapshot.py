@@ -185,5 +185,5 @@ def test_usage(tmp_path):
     assert res.out.startswith("Usage: cbt snapshot")
     for args in ([], ["one"], ["a", "b", "c"], ["--bogus", "a", "b"]):
         res = L.cbt_rc("snapshot", *args)
-        assert res.rc == 1, args
+        assert res.rc == 64, args
         assert "cbt snapshot --help" in res.err

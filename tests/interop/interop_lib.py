@@ -401,6 +401,15 @@ def copy(src, dst):
     return dst
 
 
+def flip_byte(path, off, mask=0xFF):
+    """XOR the byte at off of the file with mask (damage for tests)."""
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ mask]))
+
+
 def qemu_check(path, *extra, fmt="qcow2"):
     """qemu-img check --output=json: (rc, dict-or-None)."""
     res = qemu_img("check", "--output=json", "-f", fmt, *extra, path, check=False)

@@ -94,7 +94,7 @@ def test_refusals(live):
               timeout=120)
     assert res.rc != 0 and q.nbd_path in res.err, res
     res = cbt("checkpoint", "reconcile", "--qmp", q.cbt_qmp, "vm", check=False)
-    assert res.rc != 0 and "--qmp is supported with" in res.err, res
+    assert res.rc == 64 and "--qmp is supported with" in res.err, res
 
 
 def test_devices_of_qemu_system(live):

@@ -38,6 +38,8 @@ struct t {
     uint64_t bad_chunk_slow; /* its hash is slow and marks a segment bad */
     uint64_t bad_chunk_fast; /* its hash marks a segment bad at once */
     uint64_t stopped_at;     /* drain: the chunk where it met a bad seg */
+    uint64_t cancel_at;      /* cancelled asked before this fill says yes */
+    uint64_t cancel_asked;   /* times cancelled was asked */
     unsigned seed;
     pthread_mutex_t m;       /* guards seed for rand_r across workers */
     bool ok;                 /* every invariant held */
@@ -50,6 +52,7 @@ static void init_t(struct t *t, uint64_t nchunks)
     t->fail_fill_at = t->fail_drain_at = t->fail_hash_at = UINT64_MAX;
     t->bad_chunk_slow = t->bad_chunk_fast = UINT64_MAX;
     t->stopped_at = UINT64_MAX;
+    t->cancel_at = UINT64_MAX;
     t->seed = 12345;
     t->ok = true;
     pthread_mutex_init(&t->m, NULL);
@@ -141,7 +144,20 @@ static int t_drain(void *opaque, struct bp_chunk *c)
     return 0;
 }
 
-static const struct bp_ops OPS = {t_fill, t_hash, t_drain};
+/* Asked in the filling thread before each fill. */
+static bool t_cancelled(void *opaque)
+{
+    struct t *t = opaque;
+    t->cancel_asked++;
+    return t->filled >= t->cancel_at;
+}
+
+static const struct bp_ops OPS = {
+    .fill = t_fill,
+    .hash = t_hash,
+    .drain = t_drain,
+    .cancelled = t_cancelled,
+};
 
 static void test_order(void **state)
 {
@@ -197,6 +213,30 @@ static void test_stops(void **state)
     assert_true(t.filled <= 5 + BP_SLOTS + 1);
 }
 
+/* A cancel stops the filling at once and the run, as any stop does (the
+ * chunks in flight may be left undrained, never drained out of order);
+ * bp_run returns -ECANCELED. */
+static void test_cancel(void **state)
+{
+    (void)state;
+    uint64_t at[] = {0, 1, 5, 40};
+    for (size_t i = 0; i < 4; i++) {
+        struct t t;
+        init_t(&t, 1000);
+        t.cancel_at = at[i];
+        assert_int_equal(bp_run(&OPS, &t, 3), -ECANCELED);
+        assert_true(t.ok);
+        assert_int_equal(t.filled, at[i]);
+        assert_true(t.drained <= at[i]);
+        assert_int_equal(t.cancel_asked, at[i] + 1);
+    }
+    /* never cancelled: asked before every fill, also the last (empty) one */
+    struct t t;
+    init_t(&t, 20);
+    assert_int_equal(bp_run(&OPS, &t, 2), 0);
+    assert_int_equal(t.cancel_asked, 21);
+}
+
 static void test_empty(void **state)
 {
     (void)state;
@@ -225,6 +265,7 @@ int main(void)
         cmocka_unit_test(test_order),
         cmocka_unit_test(test_first_bad_in_order),
         cmocka_unit_test(test_stops),
+        cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_empty),
         cmocka_unit_test(test_take),
     };

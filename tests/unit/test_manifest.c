@@ -11,6 +11,7 @@
  *  - manifest_find_by_checkpoint over a folder with other disks' backups,
  *    incomplete and foreign files, and two claimants.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <ftw.h>
 #include <setjmp.h>
@@ -154,7 +155,7 @@ static void test_root(void **state)
     char *p = tpath("h.hashes"), fsha[65], fsha2[65];
     assert_int_equal(blockhash_write(&h, p, fsha, NULL), 0);
     assert_string_equal(fsha, want);
-    assert_int_equal(file_sha256(p, fsha2, NULL), 0);
+    assert_int_equal(hashes_sha256(p, 3, fsha2, NULL), 0);
     assert_string_equal(fsha2, want);
     struct blockhash r;
     assert_int_equal(blockhash_read(p, h.size, &r, NULL), 0);
@@ -165,6 +166,13 @@ static void test_root(void **state)
     struct cbt_error *err = NULL;
     assert_int_equal(blockhash_read(p, 4 * BLOCKHASH_BLOCK, &r, &err), -1);
     assert_non_null(strstr(cbt_error_message(err), "expected 128"));
+    assert_non_null(strstr(cbt_error_message(err), p));
+    cbt_error_free(err);
+    err = NULL;
+    /* The digest of a file of another length is refused before reading. */
+    assert_int_equal(hashes_sha256(p, 4, fsha2, &err), -1);
+    assert_non_null(
+        strstr(cbt_error_message(err), "is 96 bytes; expected 128"));
     cbt_error_free(err);
     err = NULL;
     assert_int_equal(blockhash_read(p, 2 * BLOCKHASH_BLOCK, &r, &err), -1);
@@ -216,7 +224,7 @@ static void fill_full(struct manifest *m, const char *image, const char *ck,
 static void write_manifest(const char *name, const struct manifest *m)
 {
     char *p = tpath(name);
-    assert_int_equal(manifest_write(p, m, NULL), 0);
+    assert_int_equal(manifest_write(p, m, true, NULL), 0);
     free(p);
 }
 
@@ -227,7 +235,7 @@ static void test_roundtrip(void **state)
     fill_full(&m, "full.qcow2", "c1", ID);
     write_manifest("full.qcow2.json", &m);
     char *p = tpath("full.qcow2.json");
-    assert_int_equal(manifest_read(p, &r, NULL), 0);
+    assert_int_equal(manifest_read(p, &r, NULL, NULL), 0);
     assert_true(r.complete);
     assert_string_equal(r.tool, m.tool);
     assert_string_equal(r.created, m.created);
@@ -292,7 +300,7 @@ static void test_roundtrip(void **state)
     m.nextents = 3;
     write_manifest("inc.raw.json", &m);
     p = tpath("inc.raw.json");
-    assert_int_equal(manifest_read(p, &r, NULL), 0);
+    assert_int_equal(manifest_read(p, &r, NULL, NULL), 0);
     assert_int_equal(r.kind, CBT_BACKUP_INCREMENTAL);
     assert_string_equal(r.since, "c1");
     assert_string_equal(r.parent_file, "full.qcow2");
@@ -313,7 +321,7 @@ static void test_roundtrip(void **state)
     m.nextents = 0;
     write_manifest("inc.raw.json", &m);
     p = tpath("inc.raw.json");
-    assert_int_equal(manifest_read(p, &r, NULL), 0);
+    assert_int_equal(manifest_read(p, &r, NULL, NULL), 0);
     assert_true(r.has_extents);
     assert_int_equal(r.nextents, 0);
     manifest_free(&r);
@@ -399,33 +407,43 @@ static void test_parse_refusals(void **state)
     expect_bad("\"tool\": \"cbt 0.1.0\"", "\"tool\": \"\"", "'tool' is empty");
     expect_bad("\"tool\": \"cbt 0.1.0\"", "\"tool\": \"a\\u0000b\"", "NUL");
     expect_bad("\"tool\": \"cbt 0.1.0\", ", "", "'tool' is missing");
-    expect_bad("0f0e0d0c-0b0a", "0f0e0d0c+0b0a", "'id' is not a UUID");
+    expect_bad("0f0e0d0c-0b0a", "0f0e0d0c+0b0a",
+               "'disk.id' is not a UUID; expected a UUID");
     expect_bad("\"kind\": \"full\"", "\"kind\": \"fuller\"", "'kind'");
-    expect_bad("\"order\": 1", "\"order\": 0", "'order' is 0");
+    expect_bad("\"order\": 1", "\"order\": 0",
+               "'checkpoint.order' is 0; expected an integer from 1");
     expect_bad("\"order\": 1", "\"order\": -1", "negative");
-    expect_bad("\"order\": 1", "\"order\": 1.5", "not an integer");
+    expect_bad("\"order\": 1", "\"order\": 1.5",
+               "'checkpoint.order' is a real number; expected an integer");
     expect_bad("\"since\": null", "\"since\": \"c0\"", "since or parent");
     expect_bad("\"parent\": null", "\"parent\": 7", "'parent'");
     expect_bad("\"parent\": null",
                "\"parent\": {\"file\": \"../etc/x\", \"manifest-sha256\": "
                "\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
                "abcdef\"}",
-               "plain file name");
+               "'parent.file' is a path; expected a plain file name");
     expect_bad("\"kind\": \"full\"", "\"kind\": \"incremental\"",
                "since or parent is null");
     expect_bad("\"file\": \"f.qcow2\"", "\"file\": \"/abs/f.qcow2\"",
-               "plain file name");
+               "'image.file' is a path; expected a plain file name");
     expect_bad("\"file\": \"f.qcow2\"", "\"file\": \"..\"", "plain file name");
-    expect_bad("\"format\": \"qcow2\"", "\"format\": \"vmdk\"", "'format'");
+    expect_bad("\"format\": \"qcow2\"", "\"format\": \"vmdk\"",
+               "'image.format' is another string; expected \"qcow2\" or "
+               "\"raw\"");
     expect_bad("\"virtual-size\": 131073", "\"virtual-size\": -5", "negative");
     expect_bad("\"copied\": 65536", "\"copied\": 999999999", "too large");
-    expect_bad("\"extents\": null", "\"extents\": []", "not null for a qcow2");
-    expect_bad("\"sha256-blocks-v1\"", "\"sha512\"", "'algorithm'");
-    expect_bad("\"block-size\": 65536", "\"block-size\": 4096", "'block-size'");
-    expect_bad("\"blocks\": 3", "\"blocks\": 2", "does not match");
+    expect_bad("\"extents\": null", "\"extents\": []",
+               "expected null for a qcow2");
+    expect_bad("\"sha256-blocks-v1\"", "\"sha512\"", "'hash.algorithm'");
+    expect_bad("\"block-size\": 65536", "\"block-size\": 4096",
+               "'hash.block-size' is 4096; expected 65536");
+    expect_bad("\"blocks\": 3", "\"blocks\": 2",
+               "'hash.blocks' is 2; expected 3 (the virtual size divided by "
+               "65536");
     expect_bad("\"root\": \"0123", "\"root\": \"0A23", "SHA-256");
     expect_bad("\"root\": \"0123", "\"root\": \"123", "SHA-256");
-    expect_bad("\"hash\": {", "\"hash\": 5, \"x\": {", "'hash' is not an object");
+    expect_bad("\"hash\": {", "\"hash\": 5, \"x\": {",
+               "'hash' is an integer; expected an object");
 
     /* Raw: extents must be a sorted list inside the disk. */
     const char *rawfmt = "\"format\": \"raw\"";
@@ -433,14 +451,15 @@ static void test_parse_refusals(void **state)
     struct {
         const char *ext, *msg;
     } cases[] = {
-        {"null", "is not an array"},
-        {"[[0, 10]]", "[start, length, type]"},
+        {"null", "'extents' is null; expected an array"},
+        {"[[0, 10]]", "'extents[0]' is not a list of three; expected [start"},
         {"[[0, 0, \"data\"]]", "length > 0"},
-        {"[[-1, 10, \"data\"]]", "non-negative"},
+        {"[[-1, 10, \"data\"]]", "a start >= 0"},
         {"[[0, 10, \"hole\"]]", "\"data\" or \"zero\""},
         {"[[131000, 100, \"data\"]]", "past the virtual size"},
         {"[[100, 10, \"data\"], [0, 10, \"zero\"]]", "not sorted"},
-        {"[[0, 10, \"data\"], [5, 10, \"zero\"]]", "overlapping"},
+        {"[[0, 10, \"data\"], [5, 10, \"zero\"]]",
+         "'extents[1]' is not sorted or overlaps"},
         {"[[9223372036854775807, 9223372036854775807, \"data\"]]", "past"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -456,6 +475,103 @@ static void test_parse_refusals(void **state)
         free(raw);
         free(a);
     }
+}
+
+/* Issue 10: errors about the three file fields say which one, and what was
+ * expected; non-regular files are refused without blocking or reading. */
+static void test_messages_and_file_types(void **state)
+{
+    (void)state;
+    const char *sha = "\"0123456789abcdef0123456789abcdef0123456789abcdef"
+                      "0123456789abcdef\"";
+    char *parent = cbt_strdup_printf("\"parent\": {\"file\": 7, "
+                                     "\"manifest-sha256\": %s}", sha);
+    struct {
+        const char *from, *to, *msg;
+    } cases[] = {
+        {"\"parent\": null", parent,
+         "x.json: manifest field 'parent.file' is an integer; expected a "
+         "string of 1 to 255 bytes"},
+        {"\"file\": \"f.qcow2\"", "\"file\": \"\"",
+         "x.json: manifest field 'image.file' is empty; expected"},
+        {"\"file\": \"f.qcow2.hashes\"", "\"file\": \"../h\"",
+         "x.json: manifest field 'hash.file' is a path; expected a plain file "
+         "name in the backup's folder"},
+        {"\"file-sha256\": \"0123", "\"file-sha256\": \"X123",
+         "x.json: manifest field 'hash.file-sha256' is not a SHA-256 digest; "
+         "expected a SHA-256 digest (64 lower-case hex digits)"},
+        {"\"virtual-size\": 131073", "\"virtual-size\": \"big\"",
+         "x.json: manifest field 'image.virtual-size' is a string; expected "
+         "an integer from 0 to 2^63-1"},
+        {"\"copied\": 65536", "\"copied\": 131074",
+         "'bytes.copied' is 131074 (too large); expected an integer from 0 "
+         "to the virtual size (131073)"},
+        {"\"created\": \"2026-01-01T00:00:01Z\"", "\"x\": 1",
+         "'checkpoint.created' is missing; expected a string"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        expect_bad(cases[i].from, cases[i].to, cases[i].msg);
+    free(parent);
+
+    /* A FIFO, /dev/zero and a folder are refused as the manifest: no open
+     * that waits for a writer, no read that never ends. */
+    strcat(tmpdir, "/kinds");
+    assert_int_equal(mkdir(tmpdir, 0755), 0);
+    char *fifo = tpath("fifo.json");
+    assert_int_equal(mkfifo(fifo, 0644), 0);
+    char *zero = tpath("zero.json");
+    assert_int_equal(symlink("/dev/zero", zero), 0);
+    char *dir = tpath("dir.json");
+    assert_int_equal(mkdir(dir, 0755), 0);
+    const char *paths[] = {fifo, zero, dir};
+    const char *types[] = {"a FIFO", "a character device", "a folder"};
+    for (size_t i = 0; i < 3; i++) {
+        struct manifest m;
+        struct cbt_error *err = NULL;
+        assert_int_equal(manifest_read(paths[i], &m, NULL, &err), -1);
+        char *want = cbt_strdup_printf("%s: the manifest is %s, not a regular "
+                                       "file", paths[i], types[i]);
+        if (!strstr(cbt_error_message(err), want))
+            fail_msg("'%s' lacks '%s'", cbt_error_message(err), want);
+        assert_int_equal(cbt_error_kind(err), CBT_ERR_CORRUPT);
+        free(want);
+        cbt_error_free(err);
+        err = NULL;
+        struct blockhash h;
+        assert_int_equal(blockhash_read(paths[i], 1, &h, &err), -1);
+        assert_non_null(strstr(cbt_error_message(err), "not a regular file"));
+        cbt_error_free(err);
+        err = NULL;
+        char hex[65];
+        assert_int_equal(hashes_sha256(paths[i], 1, hex, &err), -1);
+        assert_non_null(strstr(cbt_error_message(err), "not a regular file"));
+        cbt_error_free(err);
+    }
+    /* A manifest larger than the bound is refused before it is read. */
+    struct cbt_error *err = NULL;
+    char *buf;
+    size_t len;
+    char *big = tpath("big.json");
+    FILE *f = fopen(big, "w");
+    assert_non_null(f);
+    assert_int_equal(fseek(f, 4096, SEEK_SET), 0);
+    fputc('x', f);
+    fclose(f);
+    assert_int_equal(bfile_read_all(big, "manifest", 4096, &buf, &len, &err),
+                     -1);
+    assert_non_null(strstr(cbt_error_message(err), "is 4097 bytes; expected "
+                                                   "at most 4096"));
+    cbt_error_free(err);
+    unlink(fifo);
+    unlink(zero);
+    rmdir(dir);
+    unlink(big);
+    free(fifo);
+    free(zero);
+    free(dir);
+    free(big);
+    rmdir(tmpdir);
+    *strrchr(tmpdir, '/') = '\0';
 }
 
 static void test_paths(void **state)
@@ -502,20 +618,32 @@ static void test_find(void **state)
     put_file("notes.json", "{\"hello\": 1}\n");
     put_file("junk.json", "not json");
 
-    char *path;
+    char *path, sha[65];
     struct cbt_error *err = NULL;
-    if (manifest_find_by_checkpoint(tmpdir, ID, "c1", &path, &m, &err) < 0)
+    if (manifest_find_by_checkpoint(tmpdir, ID, "c1", &path, &m, sha, &err) < 0)
         fail_msg("%s", cbt_error_message(err));
     char *want = tpath("a.qcow2");
     assert_string_equal(path, want);
     assert_string_equal(m.checkpoint, "c1");
+    /* sha: the digest of the manifest's bytes. */
+    char *apath = tpath("a.qcow2.json"), *text;
+    size_t tlen;
+    assert_int_equal(bfile_read_all(apath, "manifest", 1 << 20, &text, &tlen,
+                                    NULL), 0);
+    uint8_t d[32];
+    char hex[65];
+    sha256_digest(text, tlen, d);
+    sha256_hex(d, hex);
+    assert_string_equal(sha, hex);
+    free(text);
+    free(apath);
     free(want);
     free(path);
     manifest_free(&m);
     /* The id compares without regard to case. */
     assert_int_equal(manifest_find_by_checkpoint(
                          tmpdir, "11111111-2222-3333-4444-555555555555", "c1",
-                         &path, &m, NULL),
+                         &path, &m, NULL, NULL),
                      0);
     assert_non_null(strstr(path, "o.qcow2"));
     free(path);
@@ -524,7 +652,7 @@ static void test_find(void **state)
     const char *absent[] = {"c3", "c4", "c9"};
     for (size_t i = 0; i < 3; i++) {
         assert_int_equal(manifest_find_by_checkpoint(tmpdir, ID, absent[i],
-                                                     &path, &m, &err),
+                                                     &path, &m, NULL, &err),
                          -1);
         assert_int_equal(cbt_error_errno(err), ENOENT);
         assert_null(path);
@@ -536,7 +664,8 @@ static void test_find(void **state)
     write_manifest("a2.qcow2.json", &m);
     manifest_free(&m);
     assert_int_equal(
-        manifest_find_by_checkpoint(tmpdir, ID, "c1", &path, &m, &err), -1);
+        manifest_find_by_checkpoint(tmpdir, ID, "c1", &path, &m, NULL, &err),
+        -1);
     assert_int_equal(cbt_error_errno(err), EEXIST);
     assert_non_null(strstr(cbt_error_message(err), "a.qcow2.json"));
     assert_non_null(strstr(cbt_error_message(err), "a2.qcow2.json"));
@@ -545,7 +674,8 @@ static void test_find(void **state)
 
     char *nodir = tpath("nodir");
     assert_int_equal(
-        manifest_find_by_checkpoint(nodir, ID, "c1", &path, &m, &err), -1);
+        manifest_find_by_checkpoint(nodir, ID, "c1", &path, &m, NULL, &err),
+        -1);
     assert_int_equal(cbt_error_errno(err), ENOENT);
     cbt_error_free(err);
     free(nodir);
@@ -559,11 +689,113 @@ static void test_write_failure(void **state)
     fill_full(&m, "a.qcow2", "c1", ID);
     struct cbt_error *err = NULL;
     char *p = tpath("nodir/a.qcow2.json");
-    assert_int_equal(manifest_write(p, &m, &err), -1);
+    assert_int_equal(manifest_write(p, &m, false, &err), -1);
     assert_non_null(strstr(cbt_error_message(err), "nodir"));
     cbt_error_free(err);
     free(p);
     manifest_free(&m);
+}
+
+/* The files in tmpdir, sorted, as one string "a b c". */
+static char *listing(void)
+{
+    struct dirent **v;
+    int n = scandir(tmpdir, &v, NULL, alphasort);
+    assert_true(n >= 0);
+    char *out = strdup("");
+    for (int i = 0; i < n; i++) {
+        if (v[i]->d_name[0] != '.') {
+            char *t = cbt_strdup_printf("%s%s%s", out, *out ? " " : "",
+                                        v[i]->d_name);
+            free(out);
+            out = t;
+        }
+        free(v[i]);
+    }
+    free(v);
+    return out;
+}
+
+/* Issue 10: new files never go through a name that exists (a planted
+ * symlink included), leave no temporary file, and only files this process
+ * created are renamed or removed. */
+static void test_new_files_are_exclusive(void **state)
+{
+    (void)state;
+    strcat(tmpdir, "/excl");
+    assert_int_equal(mkdir(tmpdir, 0755), 0);
+    char *victim = tpath("victim"), *link = tpath("n.hashes");
+    put_file("victim", "keep");
+    assert_int_equal(symlink(victim, link), 0);
+    struct cbt_error *err = NULL;
+    /* a link at the name: refused, the file it points to untouched */
+    assert_int_equal(bfile_write_new(link, "new", 3, false, &err), -1);
+    assert_int_equal(cbt_error_errno(err), EEXIST);
+    cbt_error_free(err);
+    err = NULL;
+    assert_int_equal(bfile_create_excl(link, &err), -1);
+    assert_int_equal(cbt_error_errno(err), EEXIST);
+    cbt_error_free(err);
+    err = NULL;
+    char *text = slurp(victim);
+    assert_string_equal(text, "keep");
+    free(text);
+    /* the links cbt used to write through (NAME.tmp) change nothing */
+    char *tmplink = tpath("m.json.tmp"), *m = tpath("m.json");
+    assert_int_equal(symlink(victim, tmplink), 0);
+    assert_int_equal(bfile_write_new(m, "first", 5, false, NULL), 0);
+    text = slurp(victim);
+    assert_string_equal(text, "keep");
+    free(text);
+    char *names = listing();
+    assert_string_equal(names, "m.json m.json.tmp n.hashes victim");
+    free(names);
+    /* replace: a new file renamed over the old one, no temporary left */
+    assert_int_equal(bfile_write_new(m, "second", 6, true, NULL), 0);
+    text = slurp(m);
+    assert_string_equal(text, "second");
+    free(text);
+    names = listing();
+    assert_string_equal(names, "m.json m.json.tmp n.hashes victim");
+    free(names);
+    struct stat st;
+    assert_int_equal(lstat(m, &st), 0);
+    assert_true(S_ISREG(st.st_mode));
+    /* rename and unlink only the file created */
+    char *part = tpath("t.part"), *done = tpath("t");
+    int fd = bfile_create_excl(part, NULL);
+    assert_true(fd >= 0);
+    assert_int_equal(unlink(part), 0);
+    put_file("t.part", "someone else's");
+    assert_int_equal(bfile_rename_ours(fd, part, done, &err), -1);
+    assert_non_null(strstr(cbt_error_message(err), "no longer the file"));
+    cbt_error_free(err);
+    err = NULL;
+    bfile_unlink_ours(fd, part);
+    assert_int_equal(lstat(part, &st), 0);
+    close(fd);
+    assert_int_equal(unlink(part), 0);
+    fd = bfile_create_excl(part, NULL);
+    assert_true(fd >= 0);
+    assert_int_equal(bfile_rename_ours(fd, part, done, NULL), 0);
+    assert_int_equal(lstat(done, &st), 0);
+    /* a name that appeared meanwhile is never replaced */
+    int fd2 = bfile_create_excl(part, NULL);
+    assert_true(fd2 >= 0);
+    assert_int_equal(bfile_rename_ours(fd2, part, done, &err), -1);
+    assert_int_equal(cbt_error_errno(err), EEXIST);
+    cbt_error_free(err);
+    bfile_unlink_ours(fd2, part);
+    assert_int_equal(lstat(part, &st), -1);
+    close(fd);
+    close(fd2);
+    free(part);
+    free(done);
+    free(tmplink);
+    free(m);
+    free(victim);
+    free(link);
+    *strrchr(tmpdir, '/') = '\0';
 }
 
 static int rm_cb(const char *p, const struct stat *sb, int flag,
@@ -603,9 +835,11 @@ int main(void)
         cmocka_unit_test(test_root),
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_parse_refusals),
+        cmocka_unit_test(test_messages_and_file_types),
         cmocka_unit_test(test_paths),
         cmocka_unit_test(test_find),
         cmocka_unit_test(test_write_failure),
+        cmocka_unit_test(test_new_files_are_exclusive),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
