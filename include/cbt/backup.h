@@ -137,6 +137,12 @@ struct cbt_verify_result {
 int cbt_verify(const char *backup, cbt_progress_fn *progress,
                void *progress_opaque, struct cbt_verify_result *res,
                struct cbt_error **errp);
+/* The same with flags: CBT_VERIFY_FORCE_SHARE reads backup images other
+ * processes hold for writing (CBT_OPEN_FORCE_SHARE). */
+#define CBT_VERIFY_FORCE_SHARE (1u << 0)
+int cbt_verify_flags(const char *backup, unsigned flags,
+                     cbt_progress_fn *progress, void *progress_opaque,
+                     struct cbt_verify_result *res, struct cbt_error **errp);
 /* Frees the strings and the chain of res. */
 void cbt_verify_result_free(struct cbt_verify_result *res);
 

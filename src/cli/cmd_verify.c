@@ -10,7 +10,7 @@
 #include "cli.h"
 
 static const char usage[] =
-    "Usage: cbt verify [--output=human|json] [-p] BACKUP\n"
+    "Usage: cbt verify [--output=human|json] [-p] [-U] BACKUP\n"
     "\n"
     "Check the backup BACKUP (a backup image made by cbt backup) and its\n"
     "chain down to the full backup, without restoring it:\n"
@@ -29,11 +29,14 @@ static const char usage[] =
     "  --output=FMT    human (default: one line per backup, oldest first,\n"
     "                  and a verdict) or json\n"
     "  -p              show progress on stderr (when it is a terminal)\n"
+    "  -U, --force-share  read backup images another process holds for\n"
+    "                  writing (as they are now: a verdict on a moving file)\n"
     "  -h, --help      show this help\n"
     "\n"
     "Exit status: 0 the chain is sound; 65 it is not (the problem is on\n"
-    "stderr); 74 an I/O error; 64 a usage mistake; 1 the check could not run\n"
-    "(BACKUP missing, no manifest).\n"
+    "stderr); 74 an I/O error; 64 a usage mistake; 75 a backup image is in\n"
+    "use by another process; 1 the check could not run (BACKUP missing, no\n"
+    "manifest).\n"
     "\n"
     "Examples:\n"
     "  cbt verify backups/disk.inc3.qcow2\n"
@@ -116,14 +119,16 @@ int cmd_verify(int argc, char **argv)
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"output", required_argument, NULL, OPT_OUTPUT},
+        {"force-share", no_argument, NULL, 'U'},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
     enum cli_output output = CLI_OUTPUT_HUMAN;
     bool progress_wanted = false;
+    unsigned flags = 0;
     int c;
     optind = 0;
-    while ((c = getopt_long(argc, argv, "hp", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hpU", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             return cli_help(usage);
@@ -133,6 +138,9 @@ int cmd_verify(int argc, char **argv)
             break;
         case 'p':
             progress_wanted = true;
+            break;
+        case 'U':
+            flags |= CBT_VERIFY_FORCE_SHARE;
             break;
         default:
             return cli_bad_option(prog);
@@ -146,7 +154,8 @@ int cmd_verify(int argc, char **argv)
     cli_progress_init(&progress, progress_wanted);
     struct cbt_verify_result res;
     struct cbt_error *err = NULL;
-    int r = cbt_verify(backup, cli_progress_cb, &progress, &res, &err);
+    int r = cbt_verify_flags(backup, flags, cli_progress_cb, &progress, &res,
+                             &err);
     cli_progress_end(&progress);
     if (r < 0)
         return cli_lib_error(err);

@@ -36,6 +36,8 @@ enum {
      * checked for consistency, and no view is opened (top and leaves stay
      * empty, bchain_walk is not for such a chain). */
     BCHAIN_CHEAP = 1,
+    /* Open the images with CBT_OPEN_FORCE_SHARE (verify -U). */
+    BCHAIN_FORCE_SHARE = 2,
 };
 
 struct bchain {

@@ -115,7 +115,10 @@ static int problem(struct bchain *c, struct cbt_error **errp, const char *file,
 static int problem_from(struct bchain *c, struct cbt_error **errp,
                         const char *file, struct cbt_error *err)
 {
-    if (cbt_error_errno(err) == ENOMEM) {
+    /* Not a verdict on the backup: out of memory, or a file another
+     * process holds (the lock conflict keeps its kind and exit status). */
+    if (cbt_error_errno(err) == ENOMEM ||
+        cbt_error_kind(err) == CBT_ERR_IN_USE) {
         if (errp && !*errp)
             *errp = err;
         else
@@ -134,6 +137,12 @@ static const char *base_name(const char *path)
 {
     const char *s = strrchr(path, '/');
     return s ? s + 1 : path;
+}
+
+/* The open flag of BCHAIN_FORCE_SHARE. */
+static unsigned share(const struct bchain *c)
+{
+    return (c->flags & BCHAIN_FORCE_SHARE) ? CBT_OPEN_FORCE_SHARE : 0;
 }
 
 
@@ -245,7 +254,8 @@ static int check_qcow2_image(struct bchain *c, struct bchain_link *l,
     struct cbt_check_result res;
     memset(&res, 0, sizeof(res));
     struct cbt_error *err = NULL;
-    if (cbt_image_check(l->image, "qcow2", 0, &res, NULL, NULL, &err) < 0)
+    unsigned fix = (c->flags & BCHAIN_FORCE_SHARE) ? CBT_CHECK_FORCE_SHARE : 0;
+    if (cbt_image_check(l->image, "qcow2", fix, &res, NULL, NULL, &err) < 0)
         return problem_from(c, errp, l->image, err);
     struct stat st;
     if (stat(l->image, &st) < 0)
@@ -281,7 +291,7 @@ static int check_image(struct bchain *c, struct bchain_link *l,
         return problem(c, errp, l->image, "the backup image is not a regular "
                        "file");
     struct cbt_image *img = cbt_image_open(l->image, l->m.image_format,
-                                           CBT_OPEN_NO_BACKING, &err);
+                                           CBT_OPEN_NO_BACKING | share(c), &err);
     if (!img)
         return problem_from(c, errp, l->image, err);
     uint64_t vs = l->m.virtual_size, size = cbt_image_size(img);
@@ -371,7 +381,7 @@ static int add_link(struct bchain *c, const char *image,
 static int open_qcow2_view(struct bchain *c, struct cbt_error **errp)
 {
     struct cbt_error *err = NULL;
-    c->top = cbt_image_open(c->v[0].image, "qcow2", 0, &err);
+    c->top = cbt_image_open(c->v[0].image, "qcow2", share(c), &err);
     if (!c->top)
         return problem_from(c, errp, c->v[0].image, err);
     size_t depth = 0;
@@ -866,13 +876,23 @@ int cbt_verify(const char *backup, cbt_progress_fn *progress,
                void *progress_opaque, struct cbt_verify_result *res,
                struct cbt_error **errp)
 {
+    return cbt_verify_flags(backup, 0, progress, progress_opaque, res, errp);
+}
+
+int cbt_verify_flags(const char *backup, unsigned flags,
+                     cbt_progress_fn *progress, void *progress_opaque,
+                     struct cbt_verify_result *res, struct cbt_error **errp)
+{
     memset(res, 0, sizeof(*res));
     if (!backup || !*backup) {
         cbt_error_set(errp, EINVAL, "verify: empty file name");
         return -1;
     }
     struct bchain c;
-    int r = bchain_open(backup, 0, &c, errp);
+    int r = bchain_open(backup,
+                        (flags & CBT_VERIFY_FORCE_SHARE) ? BCHAIN_FORCE_SHARE
+                                                         : 0,
+                        &c, errp);
     if (r == 0)
         r = bchain_walk(&c, NULL, NULL, progress, progress_opaque,
                         &res->bytes_checked, errp);

@@ -531,3 +531,19 @@ def test_two_backups_with_wait_both_succeed_in_turn(tmp):
     cbt("checkpoint", "reconcile", d)
     res = qemu_img("check", d, check=False)
     assert res.rc == 0, res
+
+
+def test_verify_of_a_held_backup(tmp):
+    """A backup image another process writes: verify says it is in use
+    (75, never 'corrupt'); with -U it reads it and warns."""
+    d, bk, other = make_disk(tmp)
+    full = os.path.join(bk, "full.qcow2")
+    with holding(["qemu-io", "-f", "qcow2", full], full, stdin_pipe=True,
+                 ready="prompt"):
+        res = cbt("verify", full, check=False)
+        assert res.rc == IN_USE and CONFLICT in res.err, res
+        res = cbt("verify", "-U", full, check=False)
+        assert res.rc == 0 and "open for writing in another process" in \
+            res.err, res
+    with hold("qemu-io-r", full, tmp):
+        cbt("verify", full)
