@@ -1,8 +1,8 @@
 /*
  * The checkpoint metadata of a disk as stored in its top layer: a qcow2
  * header extension of cbt's own (type CKPT_EXT_TYPE), layout in
- * docs/checkpoints.md.  Private to libcbt (src/ops/checkpoint.c) and to the
- * fuzz target of its parser (fuzz/fuzz_checkpoints.c).
+ * docs/checkpoints.md.  Private to libcbt (src/ops/checkpoint*.c) and to
+ * the fuzz target of its parser (fuzz/fuzz_checkpoints.c).
  */
 #ifndef CBT_CHECKPOINT_META_H
 #define CBT_CHECKPOINT_META_H
@@ -34,6 +34,8 @@ struct ckpt_meta {
     struct ckpt_rec *v;    /* oldest first (by order) */
 };
 
+/* checkpoint_meta.c */
+
 /*
  * Parse an extension's bytes into *m (zeroed first; free with
  * ckpt_meta_free, also after a failure).  Returns 0, -EINVAL with a one-line
@@ -46,5 +48,9 @@ int ckpt_meta_parse(const uint8_t *buf, size_t len, struct ckpt_meta *m,
  * buffer.  0 or -ENOMEM (-EINVAL for a name that is too long). */
 int ckpt_meta_build(const struct ckpt_meta *m, uint8_t **buf, size_t *len);
 void ckpt_meta_free(struct ckpt_meta *m);
+/* The record of `order` among the first n records of v (sorted by order),
+ * or NULL. */
+const struct ckpt_rec *ckpt_find_order(const struct ckpt_rec *v, size_t n,
+                                       uint64_t order);
 
 #endif
