@@ -145,10 +145,21 @@ static ssize_t find_name(const struct ckpt_meta *m, const char *name)
     return -1;
 }
 
-/* Drop record i; its children get its parent. */
+/* Drop the seals of checkpoint `order`. */
+static void seals_remove(struct ckpt_meta *m, uint64_t order)
+{
+    size_t k = 0;
+    for (size_t j = 0; j < m->nseals; j++)
+        if (m->seals[j].order != order)
+            m->seals[k++] = m->seals[j];
+    m->nseals = k;
+}
+
+/* Drop record i and its seals; its children get its parent. */
 static void meta_remove(struct ckpt_meta *m, size_t i)
 {
     uint64_t order = m->v[i].order, parent = m->v[i].parent;
+    seals_remove(m, order);
     for (size_t j = 0; j < m->n; j++)
         if (m->v[j].parent == order)
             m->v[j].parent = parent;

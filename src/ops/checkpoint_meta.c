@@ -23,8 +23,11 @@ void ckpt_meta_free(struct ckpt_meta *m)
     for (size_t i = 0; i < m->n; i++)
         free(m->v[i].name);
     free(m->v);
+    free(m->seals);
     m->v = NULL;
     m->n = 0;
+    m->seals = NULL;
+    m->nseals = 0;
 }
 
 static int cmp_name_ptr(const void *a, const void *b)
@@ -50,6 +53,51 @@ const struct ckpt_rec *ckpt_find_order(const struct ckpt_rec *v, size_t n,
 
 #define BAD(...) (snprintf(why, whylen, __VA_ARGS__), -EINVAL)
 
+/* The history section at *pos (after the records): its seals into m. */
+static int parse_history(const uint8_t *buf, size_t len, size_t *pos,
+                         struct ckpt_meta *m, char *why, size_t whylen)
+{
+    if (len - *pos < CKPT_HISTORY_HEADER)
+        return BAD("the history section is truncated");
+    uint32_t count = ldbe32(buf + *pos), reserved = ldbe32(buf + *pos + 4);
+    *pos += CKPT_HISTORY_HEADER;
+    if (reserved)
+        return BAD("history: reserved field 0x%" PRIx32, reserved);
+    if (count == 0)
+        return BAD("history flag set, but no seal");
+    if ((len - *pos) / CKPT_SEAL_SIZE < count)
+        return BAD("%" PRIu32 " seals cannot fit in %zu bytes", count,
+                   len - *pos);
+    m->seals = calloc(count, sizeof(*m->seals));
+    if (!m->seals)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < count; i++) {
+        const uint8_t *p = buf + *pos;
+        struct ckpt_seal *sl = &m->seals[m->nseals++];
+        sl->order = ldbe64(p);
+        sl->depth = ldbe32(p + 8);
+        uint32_t sflags = ldbe32(p + 12);
+        sl->count = ldbe64(p + 16);
+        memcpy(sl->sha256, p + 24, 32);
+        *pos += CKPT_SEAL_SIZE;
+        if (sflags)
+            return BAD("seal %" PRIu32 ": unknown flags 0x%" PRIx32, i + 1,
+                       sflags);
+        if (!ckpt_find_order(m->v, m->n, sl->order))
+            return BAD("seal %" PRIu32 ": order %" PRIu64 " is no "
+                       "checkpoint's", i + 1, sl->order);
+        if (sl->depth > CKPT_MAX_DEPTH)
+            return BAD("seal %" PRIu32 ": depth %" PRIu32 " out of range "
+                       "(0..%d)", i + 1, sl->depth, CKPT_MAX_DEPTH);
+        const struct ckpt_seal *pr = i ? &m->seals[i - 1] : NULL;
+        if (pr && (sl->order < pr->order ||
+                   (sl->order == pr->order && sl->depth <= pr->depth)))
+            return BAD("seal %" PRIu32 ": not sorted by order and depth",
+                       i + 1);
+    }
+    return 0;
+}
+
 int ckpt_meta_parse(const uint8_t *buf, size_t len, struct ckpt_meta *m,
                     char *why, size_t whylen)
 {
@@ -70,8 +118,8 @@ int ckpt_meta_parse(const uint8_t *buf, size_t len, struct ckpt_meta *m,
         return BAD("checksum mismatch (stored 0x%08" PRIx32 ", computed 0x%08"
                    PRIx32 ")", stored, crc);
     uint32_t count = ldbe32(buf + 8), flags = ldbe32(buf + 12);
-    if (flags)
-        return BAD("unknown flags 0x%" PRIx32, flags);
+    if (flags & ~CKPT_F_HISTORY)
+        return BAD("unknown flags 0x%" PRIx32, flags & ~CKPT_F_HISTORY);
     memcpy(m->uuid, buf + 16, 16);
     m->next_order = ldbe64(buf + 32);
     if (m->next_order == 0)
@@ -132,8 +180,14 @@ int ckpt_meta_parse(const uint8_t *buf, size_t len, struct ckpt_meta *m,
             return BAD("checkpoint '%s': parent order %" PRIu64 " is not an "
                        "older checkpoint", nm, r.parent);
     }
+    if (flags & CKPT_F_HISTORY) {
+        int r = parse_history(buf, len, &pos, m, why, whylen);
+        if (r < 0)
+            return r;
+    }
     if (pos != len)
-        return BAD("%zu bytes after the last checkpoint", len - pos);
+        return BAD("%zu bytes after the last %s", len - pos,
+                   (flags & CKPT_F_HISTORY) ? "seal" : "checkpoint");
     if (m->n > 1) {
         char **names = malloc(m->n * sizeof(*names));
         if (!names)
@@ -162,15 +216,17 @@ int ckpt_meta_build(const struct ckpt_meta *m, uint8_t **out, size_t *outlen)
             return -EINVAL;
         len += CKPT_RECORD_FIXED + nlen;
     }
-    if (m->n > UINT32_MAX)
+    if (m->n > UINT32_MAX || m->nseals > UINT32_MAX)
         return -EINVAL;
+    if (m->nseals)
+        len += CKPT_HISTORY_HEADER + m->nseals * CKPT_SEAL_SIZE;
     uint8_t *buf = calloc(1, len);
     if (!buf)
         return -ENOMEM;
     stbe16(buf, CKPT_VERSION);
     stbe16(buf + 2, CKPT_HEADER_SIZE);
     stbe32(buf + 8, (uint32_t)m->n);
-    stbe32(buf + 12, 0);
+    stbe32(buf + 12, m->nseals ? CKPT_F_HISTORY : 0);
     memcpy(buf + 16, m->uuid, 16);
     stbe64(buf + 32, m->next_order);
     size_t pos = CKPT_HEADER_SIZE;
@@ -189,9 +245,21 @@ int ckpt_meta_build(const struct ckpt_meta *m, uint8_t **out, size_t *outlen)
         memcpy(p + CKPT_RECORD_FIXED, r->name, nlen);
         pos += CKPT_RECORD_FIXED + nlen;
     }
+    if (m->nseals) {
+        stbe32(buf + pos, (uint32_t)m->nseals);
+        pos += CKPT_HISTORY_HEADER;
+        for (size_t i = 0; i < m->nseals; i++) {
+            const struct ckpt_seal *sl = &m->seals[i];
+            uint8_t *p = buf + pos;
+            stbe64(p, sl->order);
+            stbe32(p + 8, sl->depth);
+            stbe64(p + 16, sl->count);
+            memcpy(p + 24, sl->sha256, 32);
+            pos += CKPT_SEAL_SIZE;
+        }
+    }
     stbe32(buf + 4, meta_crc(buf, len));
     *out = buf;
     *outlen = len;
     return 0;
 }
-

@@ -16,6 +16,13 @@
 #define CKPT_HEADER_SIZE 40   /* fixed part before the records */
 #define CKPT_RECORD_FIXED 50  /* fixed part of a record, before its name */
 #define CKPT_NAME_MAX 1023
+/* Header flag: a history section follows the records.  Readers that do
+ * not know it must refuse the metadata (they would trust chains whose
+ * history they cannot check), as they refuse every unknown flag. */
+#define CKPT_F_HISTORY 1u
+#define CKPT_HISTORY_HEADER 8 /* count and reserved, before the seals */
+#define CKPT_SEAL_SIZE 56     /* one seal */
+#define CKPT_MAX_DEPTH 255    /* a chain has at most 256 layers */
 
 struct ckpt_rec {
     uint64_t order;        /* >= 1, strictly increasing over the records */
@@ -27,11 +34,29 @@ struct ckpt_rec {
     char *name;            /* 1..CKPT_NAME_MAX bytes, no NUL, unique */
 };
 
+/*
+ * A seal: what one bitmap copy of a checkpoint held when it stopped being
+ * the top's (docs/checkpoints.md, "History across snapshots").  depth 0:
+ * the copy in the layer holding this metadata, which is history an overlay
+ * continues; depth d >= 1: the copy d layers below, which the union of
+ * this layer's checkpoint needs as it was.
+ */
+struct ckpt_seal {
+    uint64_t order;        /* the checkpoint's record */
+    uint32_t depth;        /* 0..CKPT_MAX_DEPTH */
+    uint64_t count;        /* dirty bytes of the copy (whole granules) */
+    uint8_t sha256[32];    /* of the copy, as cbt_bitmap_sha256 */
+};
+
 struct ckpt_meta {
     uint8_t uuid[16];
     uint64_t next_order;   /* greater than every record's order */
     size_t n;
     struct ckpt_rec *v;    /* oldest first (by order) */
+    size_t nseals;
+    struct ckpt_seal *seals; /* sorted by (order, depth), each order a
+                              * record's; with none the history section
+                              * and its flag are left out */
 };
 
 /* checkpoint_meta.c */
