@@ -47,66 +47,6 @@ static void oom(struct cbt_error **errp, struct cbt_image *img)
     cbt_error_set(errp, ENOMEM, "%s: out of memory", fname(img));
 }
 
-/* Hand a library error on to *errp (or drop it). */
-static void pass_error(struct cbt_error **errp, struct cbt_error *err)
-{
-    if (errp && !*errp)
-        *errp = err;
-    else
-        cbt_error_free(err);
-}
-
-/* The raw extension of top: 0 (*present says whether there is one), or -1
- * with *errp. */
-static int raw_load(struct cbt_image *top, uint8_t **buf, size_t *len,
-                    bool *present, struct cbt_error **errp)
-{
-    *buf = NULL;
-    *len = 0;
-    int r = blk_ext_get(top, CKPT_EXT_TYPE, buf, len);
-    *present = r == 0;
-    if (r == -ENOENT || r == -ENOTSUP)
-        return 0;
-    if (r < 0) {
-        cbt_error_set(errp, -r, "%s: cannot read the checkpoint metadata: %s",
-                      fname(top), strerror(-r));
-        return -1;
-    }
-    return 0;
-}
-
-/* Parse top's metadata into *m (empty when there is none).  A corrupt
- * extension is an error naming the file (*corrupt set when given). */
-static int meta_load(struct cbt_image *top, struct ckpt_meta *m,
-                     bool *present, struct cbt_error **errp)
-{
-    memset(m, 0, sizeof(*m));
-    uint8_t *buf;
-    size_t len;
-    bool have;
-    if (raw_load(top, &buf, &len, &have, errp) < 0)
-        return -1;
-    if (present)
-        *present = have;
-    if (!have)
-        return 0;
-    char why[256] = "";
-    int r = ckpt_meta_parse(buf, len, m, why, sizeof(why));
-    free(buf);
-    if (r == 0)
-        return 0;
-    ckpt_meta_free(m);
-    if (r == -ENOMEM) {
-        oom(errp, top);
-        return -1;
-    }
-    cbt_error_set(errp, EINVAL, "%s: the checkpoint metadata (qcow2 header "
-                  "extension 0x%08x) is corrupt: %s; 'cbt checkpoint "
-                  "reconcile --fix' rebuilds it from the bitmaps",
-                  fname(top), CKPT_EXT_TYPE, why);
-    return -1;
-}
-
 static int new_uuid(struct cbt_image *top, uint8_t uuid[16],
                     struct cbt_error **errp)
 {
@@ -128,144 +68,16 @@ static int new_uuid(struct cbt_image *top, uint8_t uuid[16],
     return 0;
 }
 
-static void uuid_str(const uint8_t u[16], char out[37])
-{
-    snprintf(out, 37,
-             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-"
-             "%02x%02x%02x%02x%02x%02x",
-             u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9],
-             u[10], u[11], u[12], u[13], u[14], u[15]);
-}
-
-static ssize_t find_name(const struct ckpt_meta *m, const char *name)
-{
-    for (size_t i = 0; i < m->n; i++)
-        if (strcmp(m->v[i].name, name) == 0)
-            return (ssize_t)i;
-    return -1;
-}
-
-/* Drop the seals of checkpoint `order`. */
-static void seals_remove(struct ckpt_meta *m, uint64_t order)
-{
-    size_t k = 0;
-    for (size_t j = 0; j < m->nseals; j++)
-        if (m->seals[j].order != order)
-            m->seals[k++] = m->seals[j];
-    m->nseals = k;
-}
-
-/* Drop record i and its seals; its children get its parent. */
-static void meta_remove(struct ckpt_meta *m, size_t i)
-{
-    uint64_t order = m->v[i].order, parent = m->v[i].parent;
-    seals_remove(m, order);
-    for (size_t j = 0; j < m->n; j++)
-        if (m->v[j].parent == order)
-            m->v[j].parent = parent;
-    free(m->v[i].name);
-    memmove(&m->v[i], &m->v[i + 1], (m->n - i - 1) * sizeof(*m->v));
-    m->n--;
-}
-
-/* Append a record made now (the newest checkpoint becomes its parent).
- * Takes a copy of name.  0 or -ENOMEM. */
-static int meta_append(struct ckpt_meta *m, const char *name,
-                       uint64_t virtual_size, uint64_t granularity)
-{
-    struct ckpt_rec *v = realloc(m->v, (m->n + 1) * sizeof(*v));
-    if (!v)
-        return -ENOMEM;
-    m->v = v;
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    struct ckpt_rec r = {
-        .order = m->next_order,
-        .created_sec = ts.tv_sec,
-        .created_nsec = (uint32_t)ts.tv_nsec,
-        .parent = m->n ? m->v[m->n - 1].order : 0,
-        .virtual_size = virtual_size,
-        .granularity = granularity,
-        .name = strdup(name),
-    };
-    if (!r.name)
-        return -ENOMEM;
-    m->v[m->n++] = r;
-    m->next_order++;
-    return 0;
-}
-
-/*
- * Set top's extension to *m in memory.  extra: bytes the header will grow
- * by with the coming bitmap store (the bitmaps extension when top has none
- * yet), checked first so that a header that would overflow is refused
- * before any bitmap cluster is written.
- */
-static int meta_set(struct cbt_image *top, const struct ckpt_meta *m,
-                    size_t extra, struct cbt_error **errp)
-{
-    uint8_t *buf;
-    size_t len;
-    int r = ckpt_meta_build(m, &buf, &len);
-    if (r < 0) {
-        cbt_error_set(errp, -r, "%s: cannot encode the checkpoint metadata: "
-                      "%s", fname(top), strerror(-r));
-        return -1;
-    }
-    struct cbt_error *err = NULL;
-    r = 0;
-    if (extra) {
-        uint8_t *big = calloc(1, len + extra);
-        if (!big) {
-            free(buf);
-            oom(errp, top);
-            return -1;
-        }
-        memcpy(big, buf, len);
-        /* In memory only: replaced below, never written. */
-        r = blk_ext_set(top, CKPT_EXT_TYPE, big, len + extra, &err);
-        free(big);
-    }
-    if (r == 0)
-        r = blk_ext_set(top, CKPT_EXT_TYPE, buf, len, &err);
-    free(buf);
-    if (r == 0)
-        return 0;
-    if (cbt_error_errno(err) == ENOSPC) {
-        cbt_error_free(err);
-        cbt_error_set(errp, ENOSPC, "%s: the checkpoint metadata (%zu bytes "
-                      "for %zu checkpoint%s) does not fit in the image header "
-                      "(one cluster of %" PRIu32 " bytes); delete old "
-                      "checkpoints or use shorter names", fname(top), len,
-                      m->n, m->n == 1 ? "" : "s", top->cluster_size);
-    } else {
-        pass_error(errp, err);
-    }
-    return -1;
-}
-
-/* The saved extension of top, to put back after a failure. */
-struct saved_ext {
-    uint8_t *buf;
-    size_t len;
-    bool present;
-};
-
-static int save_ext(struct cbt_image *top, struct saved_ext *s,
-                    struct cbt_error **errp)
-{
-    return raw_load(top, &s->buf, &s->len, &s->present, errp);
-}
-
-static void undo(struct cbt_image *top, struct saved_ext *s)
+/* Forget top's uncommitted bitmap and metadata changes. */
+static void undo(struct cbt_image *top, struct ckpt_saved *s)
 {
     cbt_bitmap_rollback(top, NULL);
-    blk_ext_set(top, CKPT_EXT_TYPE, s->present ? s->buf : NULL, s->len, NULL);
+    ckpt_restore(top, s);
 }
 
 /* Store top's bitmaps and extension in one header update and flush; on
  * failure undo everything in memory. */
-static int commit_top(struct cbt_image *top, struct saved_ext *s,
+static int commit_top(struct cbt_image *top, struct ckpt_saved *s,
                       struct cbt_error **errp)
 {
     if (cbt_bitmap_commit(top, errp) < 0) {
@@ -329,61 +141,41 @@ static int need_rw(struct cbt_image *top, const char *what,
     return 0;
 }
 
-/* ---- health ---- */
-
-struct verdict {
-    int kind;            /* -1: usable, else an enum cbt_drift */
-    char *problem;       /* NULL when usable */
-    uint64_t count;      /* usable: the union's dirty bytes */
-    uint64_t granularity;/* of the top copy, 0 when absent */
-};
-
-static int judge(struct cbt_image *disk, const struct ckpt_rec *r,
-                 struct verdict *out, struct cbt_error **errp)
+/*
+ * The metadata a change of disk's checkpoints starts from: disk's own, or,
+ * when disk has none but a layer below has (an overlay QEMU made), that
+ * view adopted: its records whose history is intact, sealed along disk's
+ * chain as it is now (the others are left out, with a warning).  *present:
+ * there was metadata anywhere.
+ */
+static int disk_meta(struct cbt_image *disk, struct ckpt_meta *m,
+                     bool *present, struct cbt_error **errp)
 {
-    *out = (struct verdict){ .kind = -1 };
-    struct cbt_chain_bitmap v;
-    struct cbt_error *err = NULL;
-    if (cbt_chain_bitmap_get(disk, r->name, 0, &v, &err) < 0) {
-        if (cbt_error_errno(err) != ENOENT) {
-            pass_error(errp, err);
-            return -1;
-        }
-        cbt_error_free(err);
-        out->kind = CBT_DRIFT_METADATA_WITHOUT_BITMAP;
-        out->problem = cbt_strdup_printf(
-            "no layer holds its bitmap (removed behind cbt's back?): the "
-            "changes since the checkpoint are unknown");
-    } else {
-        if (!v.valid) {
-            out->kind = v.reason == CBT_CHAIN_NOT_IN_TOP
-                            ? CBT_DRIFT_METADATA_WITHOUT_BITMAP
-                            : CBT_DRIFT_BITMAP_UNUSABLE;
-            out->problem = strdup(v.message);
-        } else if (v.granularity != r->granularity) {
-            out->kind = CBT_DRIFT_MISMATCH;
-            out->problem = cbt_strdup_printf(
-                "its bitmap has granularity %" PRIu64 " but the checkpoint "
-                "was created with %" PRIu64 ": the bitmap was replaced since, "
-                "the changes since the checkpoint are unknown",
-                v.granularity, r->granularity);
-        } else {
-            out->count = v.count;
-        }
-        out->granularity = v.granularity;
-        cbt_chain_bitmap_clear(&v);
-    }
-    if (out->kind >= 0 && !out->problem) {
-        oom(errp, disk);
+    memset(m, 0, sizeof(*m));
+    bool own;
+    if (ckpt_layer_load(disk, m, &own, errp) < 0)
         return -1;
+    *present = own;
+    if (own)
+        return 0;
+    struct ckpt_carry c;
+    if (ckpt_carry_prepare(disk, 0, &c, errp) < 0)
+        return -1;
+    int r = 0;
+    if (c.present) {
+        ckpt_carry_warn(&c, fname(disk));
+        r = ckpt_carry_build(&c, disk, NULL, 0, m, errp);
+        *present = r == 0;
     }
-    return 0;
+    ckpt_carry_free(&c);
+    return r;
 }
 
-static int fill(struct cbt_image *disk, const struct ckpt_meta *m,
+static int fill(struct cbt_image *disk, const struct ckpt_view *view,
                 const struct ckpt_rec *r, struct cbt_checkpoint *c,
                 struct cbt_error **errp)
 {
+    const struct ckpt_meta *m = &view->m;
     memset(c, 0, sizeof(*c));
     c->order = r->order;
     c->created_sec = r->created_sec;
@@ -391,8 +183,8 @@ static int fill(struct cbt_image *disk, const struct ckpt_meta *m,
     c->virtual_size = r->virtual_size;
     c->granularity = r->granularity;
     c->name = strdup(r->name);
-    const struct ckpt_rec *p = r->parent ? ckpt_find_order(m->v, m->n, r->parent)
-                                         : NULL;
+    const struct ckpt_rec *p =
+        r->parent ? ckpt_find_order(m->v, m->n, r->parent) : NULL;
     if (p)
         c->parent = strdup(p->name);
     if (!c->name || (p && !c->parent)) {
@@ -400,12 +192,13 @@ static int fill(struct cbt_image *disk, const struct ckpt_meta *m,
         oom(errp, disk);
         return -1;
     }
-    struct verdict v;
-    if (judge(disk, r, &v, errp) < 0) {
+    struct ckpt_verdict v;
+    if (ckpt_judge(disk, view, r, &v, errp) < 0) {
         cbt_checkpoint_clear(c);
         return -1;
     }
-    c->usable = v.kind < 0;
+    c->usable = v.kind < 0 && !v.sealed;
+    c->sealed = v.sealed;
     c->problem = v.problem;
     c->dirty_bytes = v.count;
     return 0;
@@ -417,13 +210,12 @@ int cbt_checkpoint_disk_id(struct cbt_image *disk, char id[37],
                            struct cbt_error **errp)
 {
     id[0] = 0;
-    struct ckpt_meta m;
-    bool present;
-    if (meta_load(disk, &m, &present, errp) < 0)
+    struct ckpt_view v;
+    if (ckpt_view_load(disk, &v, errp) < 0)
         return -1;
-    if (present)
-        uuid_str(m.uuid, id);
-    ckpt_meta_free(&m);
+    if (v.present)
+        ckpt_uuid_str(v.m.uuid, id);
+    ckpt_view_free(&v);
     return 0;
 }
 
@@ -439,15 +231,15 @@ int cbt_checkpoint_create(struct cbt_image *disk, const char *name,
         return -1;
     struct ckpt_meta m;
     bool present;
-    if (meta_load(disk, &m, &present, errp) < 0)
+    if (disk_meta(disk, &m, &present, errp) < 0)
         return -1;
-    struct saved_ext saved = { 0 };
+    struct ckpt_saved saved = { 0 };
     struct cbt_bitmap_info *list = NULL;
     size_t n = 0, top_persistent = 0;
     int ret = -1;
     bool added = false;
 
-    if (find_name(&m, name) >= 0) {
+    if (ckpt_meta_find_name(&m, name) >= 0) {
         cbt_error_set(errp, EEXIST, "%s: checkpoint '%s' already exists",
                       fname(disk), name);
         goto out;
@@ -476,7 +268,7 @@ int cbt_checkpoint_create(struct cbt_image *disk, const char *name,
             goto out;
         m.next_order = 1;
     }
-    if (save_ext(disk, &saved, errp) < 0)
+    if (ckpt_save(disk, &saved, errp) < 0)
         goto out;
     if (cbt_bitmap_add(disk, name, granularity, false, errp) < 0)
         goto out;
@@ -487,13 +279,13 @@ int cbt_checkpoint_create(struct cbt_image *disk, const char *name,
     for (size_t i = 0; i < n; i++)
         if (strcmp(list[i].name, name) == 0)
             gran = list[i].granularity;
-    if (meta_append(&m, name, cbt_image_size(disk), gran) < 0) {
+    if (ckpt_meta_append(&m, name, cbt_image_size(disk), gran) < 0) {
         oom(errp, disk);
         goto out;
     }
     /* A top without stored bitmaps gains the bitmaps extension (8-byte
      * header + 24 bytes) with this store. */
-    if (meta_set(disk, &m, top_persistent ? 0 : 32, errp) < 0)
+    if (ckpt_layer_set(disk, &m, top_persistent ? 0 : 32, errp) < 0)
         goto out;
     ret = commit_top(disk, &saved, errp);
     added = false;
@@ -501,7 +293,7 @@ out:
     if (ret < 0 && added)
         undo(disk, &saved);
     cbt_bitmap_info_free_list(list, n);
-    free(saved.buf);
+    ckpt_saved_free(&saved);
     ckpt_meta_free(&m);
     return ret;
 }
@@ -511,27 +303,28 @@ int cbt_checkpoint_list(struct cbt_image *disk, struct cbt_checkpoint **list,
 {
     *list = NULL;
     *count = 0;
-    struct ckpt_meta m;
-    if (meta_load(disk, &m, NULL, errp) < 0)
+    struct ckpt_view view;
+    if (ckpt_view_load(disk, &view, errp) < 0)
         return -1;
-    struct cbt_checkpoint *v = calloc(m.n ? m.n : 1, sizeof(*v));
+    const struct ckpt_meta *m = &view.m;
+    struct cbt_checkpoint *v = calloc(m->n ? m->n : 1, sizeof(*v));
     if (!v) {
-        ckpt_meta_free(&m);
+        ckpt_view_free(&view);
         oom(errp, disk);
         return -1;
     }
     size_t k = 0;
-    for (; k < m.n; k++)
-        if (fill(disk, &m, &m.v[k], &v[k], errp) < 0)
+    for (; k < m->n; k++)
+        if (fill(disk, &view, &m->v[k], &v[k], errp) < 0)
             break;
-    int ret = k == m.n ? 0 : -1;
+    int ret = k == m->n ? 0 : -1;
     if (ret < 0)
         cbt_checkpoint_free_list(v, k);
     else {
         *list = v;
         *count = k;
     }
-    ckpt_meta_free(&m);
+    ckpt_view_free(&view);
     return ret;
 }
 
@@ -558,24 +351,60 @@ int cbt_checkpoint_get(struct cbt_image *disk, const char *name,
     memset(out, 0, sizeof(*out));
     if (check_name(disk, name, errp) < 0)
         return -1;
-    struct ckpt_meta m;
-    if (meta_load(disk, &m, NULL, errp) < 0)
+    struct ckpt_view view;
+    if (ckpt_view_load(disk, &view, errp) < 0)
         return -1;
-    ssize_t i = find_name(&m, name);
+    ssize_t i = ckpt_meta_find_name(&view.m, name);
     int ret;
     if (i < 0) {
         cbt_error_set(errp, ENOENT, "%s: no checkpoint named '%s'", fname(disk),
                       name);
         ret = -1;
     } else {
-        ret = fill(disk, &m, &m.v[i], out, errp);
+        ret = fill(disk, &view, &view.m.v[i], out, errp);
     }
-    ckpt_meta_free(&m);
+    ckpt_view_free(&view);
     return ret;
 }
 
+/* Does layer l's own metadata hold a record of one of names[0..n)? */
+static bool has_record(struct cbt_image *l, char *const *names, size_t n)
+{
+    struct ckpt_meta m;
+    bool present;
+    struct cbt_error *err = NULL;
+    if (ckpt_layer_load(l, &m, &present, &err) < 0) {
+        cbt_error_free(err);
+        return false;
+    }
+    bool any = false;
+    for (size_t i = 0; i < n && !any; i++)
+        any = ckpt_meta_find_name(&m, names[i]) >= 0;
+    ckpt_meta_free(&m);
+    return any;
+}
+
+/* Drop the records of names[0..n) from layer l's own metadata, in memory
+ * (stored with its next bitmap commit). */
+static int drop_records(struct cbt_image *l, char *const *names, size_t n,
+                        struct cbt_error **errp)
+{
+    struct ckpt_meta m;
+    if (ckpt_layer_load(l, &m, NULL, errp) < 0)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        ssize_t k = ckpt_meta_find_name(&m, names[i]);
+        if (k >= 0)
+            ckpt_meta_remove(&m, (size_t)k);
+    }
+    int r = ckpt_layer_set(l, &m, 0, errp);
+    ckpt_meta_free(&m);
+    return r;
+}
+
 /* Remove bitmap `names[0..n)` from every layer below the top that holds
- * them, each layer in one commit (reopened read-write). */
+ * them, and their records from the metadata those layers hold (history
+ * sealed by snapshots), each layer in one commit (reopened read-write). */
 static int remove_below(struct cbt_image *disk, char *const *names, size_t n,
                         struct cbt_error **errp)
 {
@@ -589,22 +418,27 @@ static int remove_below(struct cbt_image *disk, char *const *names, size_t n,
         bool any = false;
         for (size_t i = 0; i < n && !any; i++)
             any = has_bitmap(l, names[i], list, ln);
-        if (!any) {
+        bool records = has_record(l, names, n);
+        if (!any && !records) {
             cbt_bitmap_info_free_list(list, ln);
             continue;
         }
+        struct ckpt_saved saved = { 0 };
         int r = blk_reopen_rw(l, errp);
+        if (r == 0)
+            r = ckpt_save(l, &saved, errp);
         for (size_t i = 0; i < n && r == 0; i++)
             if (has_bitmap(l, names[i], list, ln))
                 r = cbt_bitmap_remove(l, names[i], errp);
         cbt_bitmap_info_free_list(list, ln);
+        if (r == 0 && records)
+            r = drop_records(l, names, n, errp);
         if (r == 0)
-            r = cbt_bitmap_commit(l, errp);
-        if (r == 0 && (r = cbt_image_flush(l)) < 0)
-            cbt_error_set(errp, -r, "%s: cannot flush: %s", fname(l),
-                          strerror(-r));
+            r = commit_top(l, &saved, errp);
+        else
+            undo(l, &saved);
+        ckpt_saved_free(&saved);
         if (r < 0) {
-            cbt_bitmap_rollback(l, NULL);
             cbt_error_prefix(errp, "%s: the top layer is updated, but the "
                              "bitmap copies in layer '%s' (depth %d) could "
                              "not be removed (run the command again)",
@@ -638,24 +472,31 @@ int cbt_checkpoint_delete(struct cbt_image *disk, const char *name,
     if (check_name(disk, name, errp) < 0 ||
         need_rw(disk, "delete a checkpoint", errp) < 0)
         return -1;
+    struct ckpt_saved saved = { 0 };
     struct ckpt_meta m;
     bool present;
-    if (meta_load(disk, &m, &present, errp) < 0)
+    if (ckpt_save(disk, &saved, errp) < 0 ||
+        disk_meta(disk, &m, &present, errp) < 0) {
+        ckpt_saved_free(&saved);
         return -1;
-    struct saved_ext saved = { 0 };
+    }
     int ret = -1;
     char *names[1] = { (char *)name };
-    if (save_ext(disk, &saved, errp) < 0)
-        goto out;
-    ssize_t i = find_name(&m, name);
+    ssize_t i = ckpt_meta_find_name(&m, name);
     *existed = i >= 0;
+    if (i >= 0 && ckpt_find_seal(&m, m.v[i].order, 0))
+        cbt_warn("%s: checkpoint '%s' is sealed history that an overlay "
+                 "continues: the overlay's checkpoint '%s' cannot be used "
+                 "any more (a backup of it since '%s' must be a full one)",
+                 fname(disk), name, name, name);
     if (remove_in_top(disk, names, 1, errp) < 0) {
         undo(disk, &saved);
         goto out;
     }
-    if (i >= 0) {
-        meta_remove(&m, (size_t)i);
-        if (meta_set(disk, &m, 0, errp) < 0) {
+    if (present) {
+        if (i >= 0)
+            ckpt_meta_remove(&m, (size_t)i);
+        if (ckpt_layer_set(disk, &m, 0, errp) < 0) {
             undo(disk, &saved);
             goto out;
         }
@@ -664,7 +505,7 @@ int cbt_checkpoint_delete(struct cbt_image *disk, const char *name,
         goto out;
     ret = remove_below(disk, names, 1, errp);
 out:
-    free(saved.buf);
+    ckpt_saved_free(&saved);
     ckpt_meta_free(&m);
     return ret;
 }
@@ -766,25 +607,26 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
         return -1;
     struct items it = { 0 };
     struct names drop = { 0 }, known = { 0 };
+    struct ckpt_view view = { 0 };
     struct ckpt_meta m = { 0 };
-    struct saved_ext saved = { 0 };
+    struct ckpt_saved saved = { 0 };
     struct cbt_chain_bitmap *chain = NULL;
     size_t nchain = 0;
-    bool changed = false, present = false;
+    bool changed = false;
     int ret = -1;
 
-    if (raw_load(disk, &saved.buf, &saved.len, &saved.present, errp) < 0)
+    if (ckpt_save(disk, &saved, errp) < 0)
         goto out;
-    present = saved.present;
-    if (present) {
+    if (saved.present) {
         char why[256] = "";
-        int r = ckpt_meta_parse(saved.buf, saved.len, &m, why, sizeof(why));
+        int r = ckpt_meta_parse(saved.buf, saved.len, &view.m, why,
+                                sizeof(why));
         if (r == -ENOMEM)
             goto nomem;
+        view.present = r == 0;
+        view.holder = disk;
         if (r < 0) {
-            ckpt_meta_free(&m);
-            memset(&m, 0, sizeof(m));
-            present = false;
+            ckpt_meta_free(&view.m);
             changed = fix;
             if (push_item(&it, CBT_DRIFT_METADATA_CORRUPT, "",
                           cbt_strdup_printf("the checkpoint metadata is "
@@ -796,23 +638,23 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
                           fix) < 0)
                 goto nomem;
         }
+    } else if (ckpt_view_load(disk, &view, errp) < 0) {
+        /* An overlay without metadata of its own: its chain's. */
+        goto out;
     }
-    if (!present) {
-        if (fix && new_uuid(disk, m.uuid, errp) < 0)
-            goto out;
-        m.next_order = 1;
-    }
-    for (size_t i = 0; i < m.n; i++)
-        if (names_push(&known, m.v[i].name) < 0)
+    for (size_t i = 0; i < view.m.n; i++)
+        if (names_push(&known, view.m.v[i].name) < 0)
             goto nomem;
 
-    /* Checkpoints whose bitmap is missing or broken. */
-    for (size_t i = 0; i < m.n;) {
-        struct verdict v;
-        if (judge(disk, &m.v[i], &v, errp) < 0)
+    /* Checkpoints whose bitmap is missing or broken.  Sealed ones are
+     * history an overlay continues: never drift, never dropped here. */
+    for (size_t i = 0; i < view.m.n; i++) {
+        const struct ckpt_rec *rec = &view.m.v[i];
+        struct ckpt_verdict v;
+        if (ckpt_judge(disk, &view, rec, &v, errp) < 0)
             goto out;
-        if (v.kind < 0) {
-            i++;
+        if (v.kind < 0 || v.sealed) {
+            ckpt_verdict_clear(&v);
             continue;
         }
         const char *what =
@@ -820,25 +662,41 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
                 ? "drop the checkpoint (and any copies of its bitmap below "
                   "the top)"
                 : "drop the checkpoint and its bitmap in every layer";
-        int r = push_item(&it, (enum cbt_drift)v.kind, m.v[i].name,
-                          cbt_strdup_printf("checkpoint '%s': %s", m.v[i].name,
+        int r = push_item(&it, (enum cbt_drift)v.kind, rec->name,
+                          cbt_strdup_printf("checkpoint '%s': %s", rec->name,
                                             v.problem),
                           cbt_strdup_printf("%s; a backup since it must be a "
                                             "full one", what),
                           fix);
-        free(v.problem);
+        ckpt_verdict_clear(&v);
         if (r < 0)
             goto nomem;
         if (fix) {
-            if (names_push(&drop, m.v[i].name) < 0)
+            if (names_push(&drop, rec->name) < 0)
                 goto nomem;
-            meta_remove(&m, i);
             changed = true;
-        } else {
-            i++;
         }
     }
-
+    /* The metadata --fix writes: the disk's own, or its chain's adopted
+     * (which leaves out the broken ones by itself), or new. */
+    if (fix && view.present && view.depth == 0) {
+        m = view.m;
+        memset(&view.m, 0, sizeof(view.m));
+        for (size_t i = 0; i < drop.n; i++)
+            ckpt_meta_remove(&m, (size_t)ckpt_meta_find_name(&m, drop.v[i]));
+    } else if (fix && view.present) {
+        struct ckpt_carry c;
+        int r = ckpt_carry_prepare(disk, 0, &c, errp);
+        if (r == 0)
+            r = ckpt_carry_build(&c, disk, NULL, CKPT_QUIET, &m, errp);
+        ckpt_carry_free(&c);
+        if (r < 0)
+            goto out;
+    } else if (fix) {
+        if (new_uuid(disk, m.uuid, errp) < 0)
+            goto out;
+        m.next_order = 1;
+    }
     /* Bitmaps no checkpoint describes. */
     if (cbt_chain_bitmap_list(disk, 0, &chain, &nchain, errp) < 0)
         goto out;
@@ -858,8 +716,8 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
                           expl, how, fix) < 0)
                 goto nomem;
             if (fix) {
-                if (meta_append(&m, b->name, cbt_image_size(disk),
-                                b->granularity) < 0)
+                if (ckpt_meta_append(&m, b->name, cbt_image_size(disk),
+                                     b->granularity) < 0)
                     goto nomem;
                 changed = true;
             }
@@ -878,7 +736,7 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
 
     if (fix && changed) {
         if (remove_in_top(disk, drop.v, drop.n, errp) < 0 ||
-            meta_set(disk, &m, 0, errp) < 0) {
+            ckpt_layer_set(disk, &m, 0, errp) < 0) {
             undo(disk, &saved);
             goto out;
         }
@@ -900,42 +758,8 @@ out:
     cbt_chain_bitmap_free_list(chain, nchain);
     names_free(&drop);
     names_free(&known);
+    ckpt_view_free(&view);
     ckpt_meta_free(&m);
-    free(saved.buf);
+    ckpt_saved_free(&saved);
     return ret;
-}
-
-int cbt_checkpoint_copy_metadata(struct cbt_image *from, struct cbt_image *to,
-                                 const char *const *skip, size_t nskip,
-                                 struct cbt_error **errp)
-{
-    uint8_t *buf;
-    size_t len;
-    bool present;
-    if (raw_load(from, &buf, &len, &present, errp) < 0)
-        return -1;
-    if (!present)
-        return 0;
-    int r;
-    if (nskip == 0) {
-        /* Byte for byte, even when it is corrupt (reconcile repairs it). */
-        r = blk_ext_set(to, CKPT_EXT_TYPE, buf, len, errp);
-        free(buf);
-    } else {
-        free(buf);
-        struct ckpt_meta m;
-        if (meta_load(from, &m, NULL, errp) < 0)
-            return -1;
-        for (size_t i = 0; i < nskip; i++) {
-            ssize_t k = find_name(&m, skip[i]);
-            if (k >= 0)
-                meta_remove(&m, (size_t)k);
-        }
-        r = meta_set(to, &m, 0, errp);
-        ckpt_meta_free(&m);
-    }
-    if (r < 0)
-        cbt_error_prefix(errp, "cannot copy the checkpoint metadata of '%s'",
-                         fname(from));
-    return r;
 }

@@ -1,10 +1,12 @@
 /*
  * The binary layout of cbt's checkpoint metadata (docs/checkpoints.md): its
  * parser and serializer (checkpoint_meta.h), shared by the checkpoint code
- * and the fuzz target of the parser.
+ * and the fuzz target of the parser, and the edits of the parsed form that
+ * keep its rules (orders sorted, parents existing, seals sorted).
  */
 #include <inttypes.h>
 #include <stdio.h>
+#include <time.h>
 #include <zlib.h>
 
 #include "../util/util.h"
@@ -261,5 +263,91 @@ int ckpt_meta_build(const struct ckpt_meta *m, uint8_t **out, size_t *outlen)
     stbe32(buf + 4, meta_crc(buf, len));
     *out = buf;
     *outlen = len;
+    return 0;
+}
+
+/* ---- editing metadata in memory ---- */
+
+ssize_t ckpt_meta_find_name(const struct ckpt_meta *m, const char *name)
+{
+    for (size_t i = 0; i < m->n; i++)
+        if (strcmp(m->v[i].name, name) == 0)
+            return (ssize_t)i;
+    return -1;
+}
+
+void ckpt_seals_drop(struct ckpt_meta *m, uint64_t order)
+{
+    size_t k = 0;
+    for (size_t j = 0; j < m->nseals; j++)
+        if (m->seals[j].order != order)
+            m->seals[k++] = m->seals[j];
+    m->nseals = k;
+}
+
+void ckpt_meta_remove(struct ckpt_meta *m, size_t i)
+{
+    uint64_t order = m->v[i].order, parent = m->v[i].parent;
+    ckpt_seals_drop(m, order);
+    for (size_t j = 0; j < m->n; j++)
+        if (m->v[j].parent == order)
+            m->v[j].parent = parent;
+    free(m->v[i].name);
+    memmove(&m->v[i], &m->v[i + 1], (m->n - i - 1) * sizeof(*m->v));
+    m->n--;
+}
+
+int ckpt_meta_insert(struct ckpt_meta *m, const struct ckpt_rec *r)
+{
+    struct ckpt_rec *v = realloc(m->v, (m->n + 1) * sizeof(*v));
+    if (!v)
+        return -ENOMEM;
+    m->v = v;
+    struct ckpt_rec copy = *r;
+    if (!(copy.name = strdup(r->name)))
+        return -ENOMEM;
+    size_t at = m->n;
+    while (at > 0 && v[at - 1].order > r->order)
+        at--;
+    memmove(&v[at + 1], &v[at], (m->n - at) * sizeof(*v));
+    v[at] = copy;
+    m->n++;
+    return 0;
+}
+
+int ckpt_meta_append(struct ckpt_meta *m, const char *name,
+                     uint64_t virtual_size, uint64_t granularity)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct ckpt_rec r = {
+        .order = m->next_order,
+        .created_sec = ts.tv_sec,
+        .created_nsec = (uint32_t)ts.tv_nsec,
+        .parent = m->n ? m->v[m->n - 1].order : 0,
+        .virtual_size = virtual_size,
+        .granularity = granularity,
+        .name = (char *)name,
+    };
+    int e = ckpt_meta_insert(m, &r);
+    if (e == 0)
+        m->next_order++;
+    return e;
+}
+
+int ckpt_seal_add(struct ckpt_meta *m, const struct ckpt_seal *s)
+{
+    struct ckpt_seal *v = realloc(m->seals, (m->nseals + 1) * sizeof(*v));
+    if (!v)
+        return -ENOMEM;
+    m->seals = v;
+    size_t at = m->nseals;
+    while (at > 0 && (v[at - 1].order > s->order ||
+                      (v[at - 1].order == s->order &&
+                       v[at - 1].depth > s->depth)))
+        at--;
+    memmove(&v[at + 1], &v[at], (m->nseals - at) * sizeof(*v));
+    v[at] = *s;
+    m->nseals++;
     return 0;
 }

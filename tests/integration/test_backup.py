@@ -85,9 +85,12 @@ def backup(*args):
     return res.json()
 
 
-def backup_fails(*args):
+NEED_FULL = 79  # exit status: an incremental is impossible, take a full
+
+
+def backup_fails(*args, rc=1):
     res = no_crash(cbt("backup", *args, check=False))
-    assert res.rc == 1, res
+    assert res.rc == rc, res
     assert res.out == "", res
     assert res.err.count("\n") <= 2, res
     return res.err
@@ -438,7 +441,7 @@ def test_auto_and_impossible_incrementals(tmp):
     s.io(6)
     target = os.path.join(s.repo, "x.qcow2")
     state = disk_state(s.disk)
-    err = backup_fails("--incremental", s.disk, target)
+    err = backup_fails("--incremental", s.disk, target, rc=NEED_FULL)
     assert "has no checkpoint" in err
     assert disk_state(s.disk) == state
     assert_no_files(s.repo)
@@ -455,7 +458,7 @@ def test_auto_and_impossible_incrementals(tmp):
     qemu_img("bitmap", "--disable", s.disk, first)
     t2 = os.path.join(s.repo, "y.qcow2")
     state = disk_state(s.disk)
-    err = backup_fails("--incremental", s.disk, t2)
+    err = backup_fails("--incremental", s.disk, t2, rc=NEED_FULL)
     assert first in err and "cannot be used" in err
     assert disk_state(s.disk) == state
     assert not os.path.exists(t2)
@@ -476,11 +479,13 @@ def test_auto_and_impossible_incrementals(tmp):
 
     # a differential since the first checkpoint still works (its bitmap is
     # disabled: refused), with --auto a full one
-    err = backup_fails("--since", first, s.disk, os.path.join(s.repo, "d.qcow2"))
+    err = backup_fails("--since", first, s.disk, os.path.join(s.repo, "d.qcow2"),
+                       rc=NEED_FULL)
     assert "cannot be used" in err
     r = backup("--since", first, "--auto", s.disk, os.path.join(s.repo, "d.qcow2"))
     assert r["kind"] == "full"
-    err = backup_fails("--since", "nope", s.disk, os.path.join(s.repo, "e.qcow2"))
+    err = backup_fails("--since", "nope", s.disk, os.path.join(s.repo, "e.qcow2"),
+                       rc=NEED_FULL)
     assert "no checkpoint 'nope'" in err
 
 
@@ -497,8 +502,8 @@ def test_refusals_touch_nothing(tmp):
     state = disk_state(s.disk)
     t = os.path.join(s.repo, "t.qcow2")
 
-    def refused(args, msg, target=t):
-        err = backup_fails(*(args + [s.disk, target]))
+    def refused(args, msg, target=t, rc=1):
+        err = backup_fails(*(args + [s.disk, target]), rc=rc)
         assert msg in err, err
         assert disk_state(s.disk) == state
         assert sorted(os.listdir(s.repo)) == before
