@@ -367,86 +367,111 @@ int cbt_checkpoint_get(struct cbt_image *disk, const char *name,
     return ret;
 }
 
-/* Does layer l's own metadata hold a record of one of names[0..n)? */
-static bool has_record(struct cbt_image *l, char *const *names, size_t n)
-{
-    struct ckpt_meta m;
-    bool present;
-    struct cbt_error *err = NULL;
-    if (ckpt_layer_load(l, &m, &present, &err) < 0) {
-        cbt_error_free(err);
-        return false;
-    }
-    bool any = false;
-    for (size_t i = 0; i < n && !any; i++)
-        any = ckpt_meta_find_name(&m, names[i]) >= 0;
-    ckpt_meta_free(&m);
-    return any;
-}
-
-/* Drop the records of names[0..n) from layer l's own metadata, in memory
- * (stored with its next bitmap commit). */
-static int drop_records(struct cbt_image *l, char *const *names, size_t n,
+/* Drop the records of names[0..n) from *own, layer l's metadata, and set
+ * it in memory (stored with l's next bitmap commit). */
+static int drop_records(struct cbt_image *l, struct ckpt_meta *own,
+                        char *const *names, size_t n,
                         struct cbt_error **errp)
 {
-    struct ckpt_meta m;
-    if (ckpt_layer_load(l, &m, NULL, errp) < 0)
-        return -1;
     for (size_t i = 0; i < n; i++) {
-        ssize_t k = ckpt_meta_find_name(&m, names[i]);
+        ssize_t k = ckpt_meta_find_name(own, names[i]);
         if (k >= 0)
-            ckpt_meta_remove(&m, (size_t)k);
+            ckpt_meta_remove(own, (size_t)k);
     }
-    int r = ckpt_layer_set(l, &m, 0, errp);
-    ckpt_meta_free(&m);
-    return r;
+    return ckpt_layer_set(l, own, 0, errp);
 }
 
-/* Remove bitmap `names[0..n)` from every layer below the top that holds
- * them, and their records from the metadata those layers hold (history
- * sealed by snapshots), each layer in one commit (reopened read-write). */
+/*
+ * Remove bitmap `names[0..n)` from every layer below the top that holds
+ * them, and their records from the metadata those layers hold, each layer
+ * in one commit (reopened read-write).  With an owner (reconcile: the
+ * disk's view), a name's walk stops at a layer where it is sealed history
+ * (a depth-0 seal) that the owner did not seal itself: that copy, and the
+ * history below it, belong to the overlay that continues it (a snapshot of
+ * that layer by cbt), not to the repair of another overlay on it.
+ */
+static bool owns_copy(const struct ckpt_view *owner, const char *name,
+                      int depth)
+{
+    ssize_t k = ckpt_meta_find_name(&owner->m, name);
+    return k >= 0 && depth > owner->depth &&
+           ckpt_find_seal(&owner->m, owner->m.v[k].order, (uint32_t)depth);
+}
+
 static int remove_below(struct cbt_image *disk, char *const *names, size_t n,
+                        const struct ckpt_view *owner,
                         struct cbt_error **errp)
 {
-    int depth = 1;
-    for (struct cbt_image *l = cbt_image_backing(disk); l;
-         l = cbt_image_backing(l), depth++) {
-        struct cbt_bitmap_info *list = NULL;
-        size_t ln = 0;
-        if (cbt_bitmap_list(l, &list, &ln, errp) < 0)
-            return -1;
-        bool any = false;
-        for (size_t i = 0; i < n && !any; i++)
-            any = has_bitmap(l, names[i], list, ln);
-        bool records = has_record(l, names, n);
-        if (!any && !records) {
-            cbt_bitmap_info_free_list(list, ln);
-            continue;
-        }
-        struct ckpt_saved saved = { 0 };
-        int r = blk_reopen_rw(l, errp);
-        if (r == 0)
-            r = ckpt_save(l, &saved, errp);
-        for (size_t i = 0; i < n && r == 0; i++)
-            if (has_bitmap(l, names[i], list, ln))
-                r = cbt_bitmap_remove(l, names[i], errp);
-        cbt_bitmap_info_free_list(list, ln);
-        if (r == 0 && records)
-            r = drop_records(l, names, n, errp);
-        if (r == 0)
-            r = commit_top(l, &saved, errp);
-        else
-            undo(l, &saved);
-        ckpt_saved_free(&saved);
-        if (r < 0) {
-            cbt_error_prefix(errp, "%s: the top layer is updated, but the "
-                             "bitmap copies in layer '%s' (depth %d) could "
-                             "not be removed (run the command again)",
-                             fname(disk), fname(l), depth);
-            return -1;
-        }
+    if (n == 0)
+        return 0;
+    char **live = calloc(n ? n : 1, sizeof(*live));
+    char **here = calloc(n ? n : 1, sizeof(*here));
+    if (!live || !here) {
+        free(live);
+        free(here);
+        oom(errp, disk);
+        return -1;
     }
-    return 0;
+    memcpy(live, names, n * sizeof(*live));
+    size_t nlive = n;
+    int depth = 1, ret = 0;
+    for (struct cbt_image *l = cbt_image_backing(disk); l && nlive && !ret;
+         l = cbt_image_backing(l), depth++) {
+        struct ckpt_meta own;
+        struct cbt_error *err = NULL;
+        if (ckpt_layer_load(l, &own, NULL, &err) < 0) {
+            cbt_error_free(err); /* corrupt: its records are not touched */
+            memset(&own, 0, sizeof(own));
+        }
+        struct cbt_bitmap_info *list = NULL;
+        size_t ln = 0, nhere = 0;
+        bool records = false;
+        if (cbt_bitmap_list(l, &list, &ln, errp) < 0) {
+            ckpt_meta_free(&own);
+            ret = -1;
+            break;
+        }
+        for (size_t i = 0; i < nlive;) {
+            ssize_t k = ckpt_meta_find_name(&own, live[i]);
+            if (owner && k >= 0 && ckpt_find_seal(&own, own.v[k].order, 0) &&
+                !owns_copy(owner, live[i], depth)) {
+                live[i] = live[--nlive]; /* history: this walk stops */
+                continue;
+            }
+            records |= k >= 0;
+            if (k >= 0 || has_bitmap(l, live[i], list, ln))
+                here[nhere++] = live[i];
+            i++;
+        }
+        if (nhere) {
+            struct ckpt_saved saved = { 0 };
+            int r = blk_reopen_rw(l, errp);
+            if (r == 0)
+                r = ckpt_save(l, &saved, errp);
+            for (size_t i = 0; i < nhere && r == 0; i++)
+                if (has_bitmap(l, here[i], list, ln))
+                    r = cbt_bitmap_remove(l, here[i], errp);
+            if (r == 0 && records)
+                r = drop_records(l, &own, here, nhere, errp);
+            if (r == 0)
+                r = commit_top(l, &saved, errp);
+            else
+                undo(l, &saved);
+            ckpt_saved_free(&saved);
+            if (r < 0) {
+                cbt_error_prefix(errp, "%s: the top layer is updated, but "
+                                 "the bitmap copies in layer '%s' (depth %d) "
+                                 "could not be removed (run the command "
+                                 "again)", fname(disk), fname(l), depth);
+                ret = -1;
+            }
+        }
+        cbt_bitmap_info_free_list(list, ln);
+        ckpt_meta_free(&own);
+    }
+    free(live);
+    free(here);
+    return ret;
 }
 
 /* Remove names[0..n) from the top's bitmaps in memory (those it holds). */
@@ -503,7 +528,7 @@ int cbt_checkpoint_delete(struct cbt_image *disk, const char *name,
     }
     if (commit_top(disk, &saved, errp) < 0)
         goto out;
-    ret = remove_below(disk, names, 1, errp);
+    ret = remove_below(disk, names, 1, NULL, errp);
 out:
     ckpt_saved_free(&saved);
     ckpt_meta_free(&m);
@@ -680,8 +705,16 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
     /* The metadata --fix writes: the disk's own, or its chain's adopted
      * (which leaves out the broken ones by itself), or new. */
     if (fix && view.present && view.depth == 0) {
-        m = view.m;
-        memset(&view.m, 0, sizeof(view.m));
+        /* A copy: the view stays as it was, to say which sealed copies
+         * below are this disk's (remove_below). */
+        memcpy(m.uuid, view.m.uuid, 16);
+        m.next_order = view.m.next_order;
+        for (size_t i = 0; i < view.m.n; i++)
+            if (ckpt_meta_insert(&m, &view.m.v[i]) < 0)
+                goto nomem;
+        for (size_t i = 0; i < view.m.nseals; i++)
+            if (ckpt_seal_add(&m, &view.m.seals[i]) < 0)
+                goto nomem;
         for (size_t i = 0; i < drop.n; i++)
             ckpt_meta_remove(&m, (size_t)ckpt_meta_find_name(&m, drop.v[i]));
     } else if (fix && view.present) {
@@ -742,7 +775,7 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
         }
         if (commit_top(disk, &saved, errp) < 0)
             goto out;
-        if (remove_below(disk, drop.v, drop.n, errp) < 0)
+        if (remove_below(disk, drop.v, drop.n, &view, errp) < 0)
             goto out;
     }
     *items = it.v;

@@ -143,12 +143,15 @@ int ckpt_layer_set(struct cbt_image *l, const struct ckpt_meta *m,
         return 0;
     if (cbt_error_errno(err) == ENOSPC) {
         cbt_error_free(err);
+        char seals[48] = "";
+        if (m->nseals)
+            snprintf(seals, sizeof(seals), " and %zu seal%s", m->nseals,
+                     m->nseals == 1 ? "" : "s");
         cbt_error_set(errp, ENOSPC, "%s: the checkpoint metadata (%zu bytes "
-                      "for %zu checkpoint%s and %zu seal%s) does not fit in "
-                      "the image header (one cluster of %" PRIu32 " bytes); "
-                      "delete old checkpoints or use shorter names", fname(l),
-                      len, m->n, m->n == 1 ? "" : "s", m->nseals,
-                      m->nseals == 1 ? "" : "s", l->cluster_size);
+                      "for %zu checkpoint%s%s) does not fit in the image "
+                      "header (one cluster of %" PRIu32 " bytes); delete old "
+                      "checkpoints or use shorter names", fname(l), len, m->n,
+                      m->n == 1 ? "" : "s", seals, l->cluster_size);
     } else if (errp && !*errp) {
         *errp = err;
     } else {
@@ -355,6 +358,43 @@ static int check_seal(struct cbt_image *disk, const struct ckpt_view *v,
     return out->problem ? 0 : (oom(errp, disk), -1);
 }
 
+/*
+ * The view of an overlay without metadata (made by QEMU) trusts only
+ * recording copies down to the holder: a disabled copy there (one a
+ * snapshot by cbt sealed, or one disabled by hand) may have missed writes
+ * to its layer made after it stopped recording, such as a qemu-img commit
+ * into it; only an overlay made by cbt snapshot, whose seals go with it,
+ * continues a sealed history.  Sets out->kind and problem (-1 on ENOMEM).
+ */
+static int chain_view_problem(const struct cbt_chain_bitmap *b,
+                              const struct ckpt_view *v,
+                              const struct ckpt_rec *r,
+                              struct ckpt_verdict *out)
+{
+    int held = v->depth;
+    if (ckpt_find_seal(&v->m, r->order, (uint32_t)held)) {
+        out->kind = CBT_DRIFT_BITMAP_UNUSABLE;
+        out->problem = cbt_strdup_printf(
+            "its copy in '%s' (depth %d) is sealed: that history continues "
+            "in an overlay made by 'cbt snapshot', not in this one",
+            b->layers[held].filename, held);
+        return out->problem ? 0 : -1;
+    }
+    for (int d = 0; d <= held; d++) {
+        if (b->layers[d].recording)
+            continue;
+        out->kind = CBT_DRIFT_BITMAP_UNUSABLE;
+        out->problem = cbt_strdup_printf(
+            "its copy in '%s' (depth %d) does not record: writes to that "
+            "layer after it stopped may be missing (this overlay has no "
+            "checkpoint metadata of its own: copies down to '%s', which "
+            "holds it, must all record)", b->layers[d].filename, d,
+            b->layers[held].filename);
+        return out->problem ? 0 : -1;
+    }
+    return 0;
+}
+
 /* The verdict's other rules, once a disabled top copy is accepted (the
  * chain rules report only the first violation): every copy of the run
  * consistent and persistent, no copy below it (a gap). */
@@ -392,11 +432,9 @@ int ckpt_judge(struct cbt_image *disk, const struct ckpt_view *v,
         goto done;
     }
     out->granularity = b.granularity;
-    /* A sealed copy in the disk's own layer is history, not recording
-     * (as is any copy of a holder below the disk an operation serves). */
-    bool sealed_top = (out->sealed || v->below) &&
-                      b.reason == CBT_CHAIN_DISABLED && b.reason_depth == 0 &&
-                      run_whole(&b);
+    /* A sealed copy in the disk's own layer is history, not recording. */
+    bool sealed_top = out->sealed && b.reason == CBT_CHAIN_DISABLED &&
+                      b.reason_depth == 0 && run_whole(&b);
     int held = v->depth; /* the copy in the layer holding the metadata */
     if (!b.valid && !sealed_top) {
         out->kind = b.reason == CBT_CHAIN_NOT_IN_TOP
@@ -409,6 +447,12 @@ int ckpt_judge(struct cbt_image *disk, const struct ckpt_view *v,
             "its bitmap does not reach down to '%s' (depth %d), which holds "
             "the checkpoint's metadata: the changes since the checkpoint are "
             "unknown", fname(v->holder), held);
+    } else if (held > 0 && chain_view_problem(&b, v, r, out) < 0) {
+        cbt_chain_bitmap_clear(&b);
+        oom(errp, disk);
+        return -1;
+    } else if (out->kind >= 0) {
+        /* chain_view_problem said why */
     } else if (b.layers[held].granularity != r->granularity) {
         out->kind = CBT_DRIFT_MISMATCH;
         out->problem = cbt_strdup_printf(
@@ -454,6 +498,7 @@ void ckpt_verdict_clear(struct ckpt_verdict *v)
 void ckpt_carry_free(struct ckpt_carry *c)
 {
     ckpt_meta_free(&c->m);
+    free(c->sealed);
     for (size_t i = 0; i < c->ndropped; i++) {
         free(c->dropped[i].name);
         free(c->dropped[i].why);
@@ -499,7 +544,6 @@ int ckpt_carry_prepare(struct cbt_image *from, unsigned flags,
         for (size_t i = 0; i < own.m.nseals; i++)
             own.m.seals[i].depth -= (uint32_t)v.depth;
         own.depth = 0;
-        own.below = v.depth > 0;
         at = v.holder;
     }
     c->present = true;
@@ -515,6 +559,14 @@ int ckpt_carry_prepare(struct cbt_image *from, unsigned flags,
             goto out;
         drop[i] = vd.kind >= 0 || (vd.sealed && !(flags & CKPT_AT_HOLDER));
         int e = drop[i] ? push_dropped(c, v.m.v[i].name, vd.problem) : 0;
+        if (!drop[i] && vd.sealed) {
+            uint64_t *s2 = realloc(c->sealed, (c->nsealed + 1) * sizeof(*s2));
+            if (s2) {
+                c->sealed = s2;
+                c->sealed[c->nsealed++] = v.m.v[i].order;
+            }
+            e = s2 ? e : -1;
+        }
         ckpt_verdict_clear(&vd);
         if (e < 0)
             goto nomem;
@@ -643,13 +695,21 @@ int ckpt_carry_build(const struct ckpt_carry *c, struct cbt_image *target,
     for (size_t i = 0; i < c->m.n; i++) {
         const struct ckpt_rec *r = &c->m.v[i];
         const char *why = NULL;
-        int s = seal_record(target, rl, r, flags & CKPT_SEALED, out, &why,
+        bool history = false;
+        for (size_t k = 0; k < c->nsealed; k++)
+            history |= c->sealed[k] == r->order;
+        int s = 1;
+        if (history && !(flags & CKPT_SEALED))
+            why = "it is history that an overlay made by 'cbt snapshot' "
+                  "continues, and the layer is to be a disk of its own";
+        else
+            s = seal_record(target, rl, r, flags & CKPT_SEALED, out, &why,
                             errp);
         if (s < 0)
             goto fail;
         if (s == 0)
             continue;
-        if (!(flags & CKPT_QUIET))
+        if (!(flags & CKPT_QUIET) || history)
             cbt_warn("checkpoint '%s' is not carried over to '%s': %s; a "
                      "backup since it must be a full one", r->name,
                      fname(target), why);

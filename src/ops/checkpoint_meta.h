@@ -136,8 +136,6 @@ struct ckpt_view {
     bool present;              /* some layer has metadata */
     int depth;                 /* the holder's depth */
     struct cbt_image *holder;
-    bool below;                /* judged from the holder for a disk above
-                                * it: the holder's copies may be sealed */
 };
 int ckpt_view_load(struct cbt_image *disk, struct ckpt_view *v,
                    struct cbt_error **errp);
@@ -186,6 +184,10 @@ struct ckpt_carry {
     int depth;
     bool holder_sealed;        /* the holder's metadata has depth-0 seals:
                                 * it is history an overlay continues */
+    uint64_t *sealed;          /* orders of the carried records sealed at
+                                * the holder (CKPT_AT_HOLDER): they stay
+                                * history, never become a disk's */
+    size_t nsealed;
     struct ckpt_dropped *dropped;
     size_t ndropped;
 };

@@ -274,8 +274,9 @@ def test_qemu_overlay_without_bitmaps_lists_the_chain(tmp_path):
 
 
 def test_qemu_overlay_with_bitmaps_is_usable(tmp_path):
-    """libvirt's external snapshot offline: an overlay made by qemu-img with
-    the checkpoints' bitmaps added in it, the base's left as they are."""
+    """libvirt's external snapshot offline (docs/kbase/internals/
+    incremental-backup.rst): an overlay made by qemu-img with the
+    checkpoints' bitmaps added in it, the base's left recording."""
     d = str(tmp_path / "vm1.qcow2")
     bk = tmp_path / "bk"
     bk.mkdir()
@@ -289,7 +290,6 @@ def test_qemu_overlay_with_bitmaps_is_usable(tmp_path):
     qemu_img("create", "-q", "-f", "qcow2", "-b", "vm1.qcow2", "-F", "qcow2", q)
     for name in ("mon", "wed"):
         qemu_img("bitmap", "--add", q, name)
-        qemu_img("bitmap", "--disable", d, name)
     io(q, "write -P 4 0 3M")
     got = ck(q)
     assert got["wed"]["usable"] and got["wed"]["dirty-bytes"] == 9 * MiB, got
@@ -303,6 +303,46 @@ def test_qemu_overlay_with_bitmaps_is_usable(tmp_path):
     assert not got["wed"]["usable"] and "gone" in got["wed"]["problem"], got
     refused(q, "wed", str(bk / "x2.qcow2"))
     check_clean(d, q)
+
+
+def test_qemu_overlay_trusts_recording_copies_only(tmp_path):
+    """Under an overlay made without cbt, a copy that does not record may
+    have missed writes to its layer: disabled by hand, or sealed by a cbt
+    snapshot whose base was then written (qemu-img commit into it, the
+    base kept as the disk).  Such checkpoints are refused; a reconcile
+    --fix of the overlay leaves the sealed copies to the overlay that
+    continues them."""
+    d, ov, bk = story(tmp_path)
+    qemu_img("commit", "-q", ov)               # QEMU's commit into vm1
+    io(d, "write -P 8 50M 1M")                 # vm1 kept as the disk
+    backup("--full", "--checkpoint", "fri", d, bk / "fri.qcow2")
+    io(d, "write -P 9 52M 1M")
+    q = str(tmp_path / "q.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "vm1.qcow2", "-F", "qcow2", q)
+    for name in ("mon", "wed", "fri"):
+        qemu_img("bitmap", "--add", q, name)
+    io(q, "write -P 10 54M 1M")
+    got = ck(q)
+    for name in ("mon", "wed"):
+        assert not got[name]["usable"] and "sealed" in got[name]["problem"], got
+    assert got["fri"]["usable"] and got["fri"]["dirty-bytes"] == 2 * MiB, got
+    refused(q, "wed", str(bk / "x.qcow2"))
+    r = backup("--since", "fri", q, bk / "y.qcow2")
+    assert_restores(str(bk / "y.qcow2"), q)
+    no_crash(cbt("checkpoint", "reconcile", "--fix", q))
+    assert sorted(bitmaps(d)) == ["fri", "mon", "wed"], bitmaps(d)
+    # A copy disabled by hand under such an overlay.
+    d2 = str(tmp_path / "d2.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", d2, SIZE)
+    backup("--full", "--checkpoint", "sat", d2, bk / "sat.qcow2")
+    q2 = str(tmp_path / "q2.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "d2.qcow2", "-F", "qcow2", q2)
+    qemu_img("bitmap", "--add", q2, "sat")
+    qemu_img("bitmap", "--disable", d2, "sat")
+    got = ck(q2)
+    assert not got["sat"]["usable"] and "does not record" in got["sat"]["problem"], got
+    check_clean(d, ov, q, d2, q2)
+    del r
 
 
 def test_unusable_checkpoint_is_not_carried(tmp_path):
@@ -391,8 +431,6 @@ def test_live_blockdev_snapshot_in_qemu_storage_daemon(tmp_path):
             actions.append({"type": "block-dirty-bitmap-add",
                             "data": {"node": "d1", "name": name,
                                      "persistent": True}})
-            actions.append({"type": "block-dirty-bitmap-disable",
-                            "data": {"node": "d0", "name": name}})
         m.cmd("transaction", actions=actions)
         qemu_io("-f", "raw", "-c", "write -P 4 0 3M", uri)
         m.cmd("quit")
@@ -564,7 +602,6 @@ def qemu_overlay_with_bitmaps(tmp):
     io(d, "write -P 2 40M 8M")
     qemu_img("create", "-q", "-f", "qcow2", "-b", "vm1.qcow2", "-F", "qcow2", q)
     qemu_img("bitmap", "--add", q, "mon")
-    qemu_img("bitmap", "--disable", d, "mon")
     io(q, "write -P 3 10M 2M")
     assert ck(q)["mon"]["usable"]
     return d, q, bk

@@ -20,12 +20,14 @@ the checkpoints' bitmaps added (libvirt's way); cbt commit FILE (then the
 disk is FILE or its base), cbt commit --top, cbt stream (with or without a
 base); qemu-img commit (then FILE or its base); qemu-img bitmap --remove of
 a copy in any layer, --clear of a copy below the top; cbt checkpoint delete
-on a layer below the top.  Not included: writing into a backing file or
+on a layer below the top; growing the disk (cbt resize).  Not included: writing into a backing file or
 qemu-img rebase -u onto other data, which change the disk's view with no
 write any bitmap could see (docs/checkpoints.md, "History across
 snapshots").
 
-`qemu-img check` is clean on every layer at the end and on every restore.
+`qemu-img check` is clean on every layer at the end and on every restore;
+at least half of the incrementals and differentials tried are taken (a
+cbt that refused them all would pass the property).
 Failure messages carry the seed and the story; CBT_TEST_SEED shifts the
 seeds.
 """
@@ -50,7 +52,8 @@ NEED_FULL = 79
 
 STEPS = [("write", 6), ("snapshot", 3), ("qemu_overlay", 2),
          ("commit", 2), ("commit_top", 2), ("stream", 2), ("qemu_commit", 1),
-         ("remove_copy", 1), ("clear_copy", 1), ("delete_below", 1)]
+         ("remove_copy", 1), ("clear_copy", 1), ("delete_below", 1),
+         ("resize", 1)]
 
 
 class Story:
@@ -62,6 +65,7 @@ class Story:
         self.n = 0
         self.nb = 0
         self.nck = 0
+        self.tried = self.took = 0  # incrementals/differentials: tried, taken
         self.bk = os.path.join(self.dir, "bk")
         os.makedirs(self.bk)
         self.disk = self.new_name()
@@ -116,9 +120,11 @@ class Story:
     def write(self):
         cmds = []
         for _ in range(self.rng.randint(1, 4)):
-            off = self.rng.randrange(0, SIZE // (64 * KiB)) * 64 * KiB
+            size = json.loads(qemu_img("info", "-U", "--output=json",
+                                       self.path(self.disk)).out)["virtual-size"]
+            off = self.rng.randrange(0, size // (64 * KiB)) * 64 * KiB
             off += self.rng.choice([0, 0, 512, 4096])
-            n = min(self.rng.choice([4 * KiB, 64 * KiB, 200 * KiB, 1 * MiB]), SIZE - off)
+            n = min(self.rng.choice([4 * KiB, 64 * KiB, 200 * KiB, 1 * MiB]), size - off)
             kind = self.rng.random()
             if kind < 0.7:
                 cmds.append("write -P %d %d %d" % (self.rng.randint(1, 255), off, n))
@@ -140,17 +146,20 @@ class Story:
         qemu_img("create", "-q", "-f", "qcow2", "-b", self.disk, "-F", "qcow2",
                  self.path(new))
         added = []
+        disabled = []
         if self.rng.random() < 0.6:
-            # libvirt's way: the checkpoints' bitmaps in the new overlay,
-            # (sometimes) disabled in the old top.
+            # libvirt's way: the checkpoints' bitmaps in the new overlay;
+            # sometimes one disabled in the old top by hand.
             for c in self.checkpoints():
                 if c["name"] in self.bitmaps(self.disk):
                     qemu_img("bitmap", "--add", "-g", str(c["granularity"]),
                              self.path(new), c["name"])
                     added.append(c["name"])
-                    if self.rng.random() < 0.5:
+                    if self.rng.random() < 0.15:
                         qemu_img("bitmap", "--disable", self.path(self.disk), c["name"])
-        self.note("qemu-img create -b %s %s (bitmaps added: %s)" % (self.disk, new, added))
+                        disabled.append(c["name"])
+        self.note("qemu-img create -b %s %s (bitmaps added: %s, disabled below: %s)"
+                  % (self.disk, new, added, disabled))
         self.disk = new
 
     def fold(self, argv, new_disk):
@@ -226,6 +235,12 @@ class Story:
         if names:
             self.cbt("checkpoint", "delete", layer, self.rng.choice(names))
 
+    def resize(self):
+        size = json.loads(qemu_img("info", "-U", "--output=json",
+                                   self.path(self.disk)).out)["virtual-size"]
+        new = size + self.rng.choice([64 * KiB, 1 * MiB, 3 * MiB + 512])
+        self.cbt("resize", "-q", self.disk, new)
+
     # -- the property --
 
     def backup(self):
@@ -243,6 +258,9 @@ class Story:
         ck = ["--checkpoint", "c%02d" % self.nck]
         res = self.cbt("backup", "--output=json", *(mode + ck), self.disk, target,
                        rc=(0, NEED_FULL))
+        if mode != ["--full"]:
+            self.tried += 1
+            self.took += res.rc == 0
         if res.rc == NEED_FULL:
             assert not os.path.exists(self.path(target)), self.label()
             res = self.cbt("backup", "--output=json", "--auto", *(mode + ck),
@@ -277,6 +295,9 @@ class Story:
         for f in sorted(os.listdir(self.dir)):
             if f.endswith(".qcow2"):
                 qemu_check_clean(self.path(f))
+        # Refusing everything would pass the property: most must be taken.
+        assert self.took * 2 >= self.tried, "only %d of %d incrementals taken\n%s" % (
+            self.took, self.tried, self.label())
 
 
 @pytest.mark.parametrize("seed", SEEDS)
