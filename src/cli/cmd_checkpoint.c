@@ -160,6 +160,22 @@ static json_t *disk_id_json(const char *id)
     return *id ? json_string(id) : json_null();
 }
 
+/* Under the table: the reasons of the broken checkpoints, or of the
+ * sealed ones, after a heading when there are any. */
+static void print_reasons(const struct cbt_checkpoint *v, size_t n,
+                          bool sealed, const char *heading)
+{
+    bool header = false;
+    for (size_t i = 0; i < n; i++) {
+        if (v[i].usable || v[i].sealed != sealed)
+            continue;
+        if (!header)
+            printf("\n%s:\n", heading);
+        header = true;
+        printf("  %s: %s\n", v[i].name, v[i].problem ? v[i].problem : "?");
+    }
+}
+
 static void print_table(const struct cbt_checkpoint *v, size_t n)
 {
     int wo = 5, wn = 4, wp = 6, ws = 4, wg = 11, wd = 5;
@@ -201,26 +217,10 @@ static void print_table(const struct cbt_checkpoint *v, size_t n)
                c->parent ? c->parent : "-", ws, size[i], wg, gran[i], wd,
                dirty[i], c->usable ? "ok" : c->sealed ? "sealed" : "BROKEN");
     }
-    bool header = false;
-    for (size_t i = 0; i < n; i++) {
-        if (v[i].usable || v[i].sealed)
-            continue;
-        if (!header)
-            printf("\nBroken (a backup since them must be a full one; "
-                   "'cbt checkpoint reconcile' explains, --fix repairs):\n");
-        header = true;
-        printf("  %s: %s\n", v[i].name, v[i].problem ? v[i].problem : "?");
-    }
-    header = false;
-    for (size_t i = 0; i < n; i++) {
-        if (!v[i].sealed)
-            continue;
-        if (!header)
-            printf("\nSealed (history that an overlay continues; nothing "
-                   "to repair):\n");
-        header = true;
-        printf("  %s: %s\n", v[i].name, v[i].problem ? v[i].problem : "?");
-    }
+    print_reasons(v, n, false, "Broken (a backup since them must be a full "
+                  "one; 'cbt checkpoint reconcile' explains, --fix repairs)");
+    print_reasons(v, n, true, "Sealed (history that an overlay continues; "
+                  "nothing to repair)");
 out:
     free(created);
     free(size);

@@ -172,13 +172,22 @@ static int find_layers(struct commit *c, struct cbt_error **errp)
     return 0;
 }
 
+/* The plan of bitmap `name`, or NULL. */
+static const struct name_plan *plan_find(const struct commit *c,
+                                         const char *name)
+{
+    for (size_t k = 0; k < c->nnames; k++)
+        if (strcmp(c->names[k].name, name) == 0)
+            return &c->names[k];
+    return NULL;
+}
+
 /* Add `name` (first seen in layer `first`) to the plan unless present. */
 static int plan_add_name(struct commit *c, const struct cbt_bitmap_info *b,
                          int first)
 {
-    for (size_t i = 0; i < c->nnames; i++)
-        if (strcmp(c->names[i].name, b->name) == 0)
-            return 0;
+    if (plan_find(c, b->name))
+        return 0;
     struct name_plan *v =
         realloc(c->names, (c->nnames + 1) * sizeof(*c->names));
     if (!v)
@@ -355,15 +364,6 @@ static int flush_node(struct cbt_image *n, struct cbt_error **errp)
 }
 
 /* ---- checkpoints ---- */
-
-static const struct name_plan *plan_find(const struct commit *c,
-                                         const char *name)
-{
-    for (size_t k = 0; k < c->nnames; k++)
-        if (strcmp(c->names[k].name, name) == 0)
-            return &c->names[k];
-    return NULL;
-}
 
 /* Committed layers above the holder (their writes came after every
  * checkpoint it holds), as indexes into c->layers: [0, n). */

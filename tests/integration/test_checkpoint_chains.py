@@ -119,17 +119,37 @@ def assert_restores(target, disk):
     os.unlink(out)
 
 
-def story(tmp, early=None):
-    """vm1.qcow2 with checkpoints mon and wed (each with a backup in bk/),
-    writes after wed, a cbt snapshot, writes in the overlay.  early: where
-    to copy the base right after wed's backup."""
-    d, ov, bk = str(tmp / "vm1.qcow2"), str(tmp / "vm1.snap1.qcow2"), tmp / "bk"
-    bk.mkdir()
+def start(tmp, wed=True, name="vm1.qcow2"):
+    """A disk NAME with checkpoint mon (a full backup into bk/ after 4 MiB
+    of data) and, with wed, checkpoint wed (an incremental after 8 MiB
+    more at 40 MiB).  Returns (disk, bk)."""
+    d, bk = str(tmp / name), tmp / "bk"
+    bk.mkdir(exist_ok=True)
     qemu_img("create", "-q", "-f", "qcow2", d, SIZE)
     io(d, "write -P 1 0 4M")
     backup("--full", "--checkpoint", "mon", d, bk / "full.qcow2")
     io(d, "write -P 2 40M 8M")
-    backup("--incremental", "--checkpoint", "wed", d, bk / "i1.qcow2")
+    if wed:
+        backup("--incremental", "--checkpoint", "wed", d, bk / "i1.qcow2")
+    return d, bk
+
+
+def qemu_overlay(tmp, disk, name, bitmaps=()):
+    """An overlay made by qemu-img on disk, with these bitmaps added
+    (libvirt's way: the copies below keep recording)."""
+    q = str(tmp / name)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", os.path.basename(disk),
+             "-F", "qcow2", q)
+    for b in bitmaps:
+        qemu_img("bitmap", "--add", q, b)
+    return q
+
+
+def story(tmp, early=None):
+    """start(), writes after wed, a cbt snapshot, writes in the overlay.
+    early: where to copy the base right after wed's backup."""
+    d, bk = start(tmp)
+    ov = str(tmp / "vm1.snap1.qcow2")
     if early:
         shutil.copyfile(d, early)
     io(d, "write -P 3 40M 6M")        # since wed, in the base
@@ -251,8 +271,7 @@ def test_backing_file_dropped_or_swapped(tmp_path):
 
 def test_qemu_overlay_without_bitmaps_lists_the_chain(tmp_path):
     d, ov, bk = story(tmp_path)
-    q = str(tmp_path / "q.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "vm1.snap1.qcow2", "-F", "qcow2", q)
+    q = qemu_overlay(tmp_path, ov, "q.qcow2")
     io(q, "write -P 7 20M 2M")
     got = ck(q)
     assert sorted(got) == sorted(ck(ov)), got
@@ -277,19 +296,9 @@ def test_qemu_overlay_with_bitmaps_is_usable(tmp_path):
     """libvirt's external snapshot offline (docs/kbase/internals/
     incremental-backup.rst): an overlay made by qemu-img with the
     checkpoints' bitmaps added in it, the base's left recording."""
-    d = str(tmp_path / "vm1.qcow2")
-    bk = tmp_path / "bk"
-    bk.mkdir()
-    qemu_img("create", "-q", "-f", "qcow2", d, SIZE)
-    io(d, "write -P 1 0 4M")
-    backup("--full", "--checkpoint", "mon", d, bk / "full.qcow2")
-    io(d, "write -P 2 40M 8M")
-    backup("--incremental", "--checkpoint", "wed", d, bk / "i1.qcow2")
+    d, bk = start(tmp_path)
     io(d, "write -P 3 40M 6M")
-    q = str(tmp_path / "q.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "vm1.qcow2", "-F", "qcow2", q)
-    for name in ("mon", "wed"):
-        qemu_img("bitmap", "--add", q, name)
+    q = qemu_overlay(tmp_path, d, "q.qcow2", ("mon", "wed"))
     io(q, "write -P 4 0 3M")
     got = ck(q)
     assert got["wed"]["usable"] and got["wed"]["dirty-bytes"] == 9 * MiB, got
@@ -317,10 +326,7 @@ def test_qemu_overlay_trusts_recording_copies_only(tmp_path):
     io(d, "write -P 8 50M 1M")                 # vm1 kept as the disk
     backup("--full", "--checkpoint", "fri", d, bk / "fri.qcow2")
     io(d, "write -P 9 52M 1M")
-    q = str(tmp_path / "q.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "vm1.qcow2", "-F", "qcow2", q)
-    for name in ("mon", "wed", "fri"):
-        qemu_img("bitmap", "--add", q, name)
+    q = qemu_overlay(tmp_path, d, "q.qcow2", ("mon", "wed", "fri"))
     io(q, "write -P 10 54M 1M")
     got = ck(q)
     for name in ("mon", "wed"):
@@ -332,15 +338,12 @@ def test_qemu_overlay_trusts_recording_copies_only(tmp_path):
     no_crash(cbt("checkpoint", "reconcile", "--fix", q))
     assert sorted(bitmaps(d)) == ["fri", "mon", "wed"], bitmaps(d)
     # A copy disabled by hand under such an overlay.
-    d2 = str(tmp_path / "d2.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", d2, SIZE)
-    backup("--full", "--checkpoint", "sat", d2, bk / "sat.qcow2")
-    q2 = str(tmp_path / "q2.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "d2.qcow2", "-F", "qcow2", q2)
-    qemu_img("bitmap", "--add", q2, "sat")
-    qemu_img("bitmap", "--disable", d2, "sat")
+    (tmp_path / "other").mkdir()
+    d2, _ = start(tmp_path / "other", wed=False)
+    q2 = qemu_overlay(tmp_path / "other", d2, "q2.qcow2", ("mon",))
+    qemu_img("bitmap", "--disable", d2, "mon")
     got = ck(q2)
-    assert not got["sat"]["usable"] and "does not record" in got["sat"]["problem"], got
+    assert not got["mon"]["usable"] and "does not record" in got["mon"]["problem"], got
     check_clean(d, ov, q, d2, q2)
     del r
 
@@ -349,12 +352,8 @@ def test_unusable_checkpoint_is_not_carried(tmp_path):
     """A checkpoint whose bitmap stopped recording (writes went untracked)
     is not carried into the overlay: a bitmap of its name added there
     later cannot bring it back to life."""
-    d, ov, bk = str(tmp_path / "vm1.qcow2"), str(tmp_path / "ov.qcow2"), tmp_path / "bk"
-    bk.mkdir()
-    qemu_img("create", "-q", "-f", "qcow2", d, SIZE)
-    io(d, "write -P 1 0 4M")
-    backup("--full", "--checkpoint", "mon", d, bk / "full.qcow2")
-    io(d, "write -P 2 8M 1M")
+    d, bk = start(tmp_path, wed=False)
+    ov = str(tmp_path / "ov.qcow2")
     qemu_img("bitmap", "--disable", d, "mon")
     io(d, "write -P 3 16M 1M")                  # tracked by nothing
     res = no_crash(cbt("snapshot", d, ov))
@@ -396,16 +395,8 @@ def test_live_blockdev_snapshot_in_qemu_storage_daemon(tmp_path):
     """A live external snapshot the way libvirt takes one: blockdev-snapshot
     and the checkpoints' bitmaps added on the overlay in one transaction,
     writes through an NBD export before and after."""
-    d = str(tmp_path / "vm1.qcow2")
-    bk = tmp_path / "bk"
-    bk.mkdir()
-    qemu_img("create", "-q", "-f", "qcow2", d, SIZE)
-    io(d, "write -P 1 0 4M")
-    backup("--full", "--checkpoint", "mon", d, bk / "full.qcow2")
-    io(d, "write -P 2 40M 8M")
-    backup("--incremental", "--checkpoint", "wed", d, bk / "i1.qcow2")
-    q = str(tmp_path / "q.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "vm1.qcow2", "-F", "qcow2", q)
+    d, bk = start(tmp_path)
+    q = qemu_overlay(tmp_path, d, "q.qcow2")
     qmp_sock, nbd_sock = str(tmp_path / "qmp.sock"), str(tmp_path / "nbd.sock")
     qsd = subprocess.Popen(
         ["qemu-storage-daemon",
@@ -456,12 +447,8 @@ def test_live_blockdev_snapshot_in_qemu_storage_daemon(tmp_path):
 def week(tmp):
     """vm1.qcow2 with mon (full backup), writes, cbt snapshot to s1, writes,
     checkpoint tue on s1 (incremental backup), writes on s1."""
-    d, s1, bk = str(tmp / "vm1.qcow2"), str(tmp / "s1.qcow2"), tmp / "bk"
-    bk.mkdir()
-    qemu_img("create", "-q", "-f", "qcow2", d, SIZE)
-    io(d, "write -P 1 0 4M")
-    backup("--full", "--checkpoint", "mon", d, bk / "full.qcow2")
-    io(d, "write -P 2 40M 8M")
+    d, bk = start(tmp, wed=False)
+    s1 = str(tmp / "s1.qcow2")
     no_crash(cbt("snapshot", d, s1))
     io(s1, "write -P 3 10M 2M")
     backup("--incremental", "--checkpoint", "tue", s1, bk / "tue.qcow2")
@@ -531,18 +518,14 @@ def test_commit_overlay_without_bitmaps_marks_the_base(tmp_path):
     """An overlay made by qemu-img create -b has no bitmaps: what cbt commit
     carries into the base are changes since the base's checkpoints (as
     qemu-img commit's writes dirty the base's recording bitmaps)."""
-    d = str(tmp_path / "vm1.qcow2")
-    bk = tmp_path / "bk"
-    bk.mkdir()
-    qemu_img("create", "-q", "-f", "qcow2", d, SIZE)
-    io(d, "write -P 1 0 4M")
-    backup("--full", "--checkpoint", "mon", d, bk / "full.qcow2")
-    ov = str(tmp_path / "ov.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "vm1.qcow2", "-F", "qcow2", ov)
+    d, bk = start(tmp_path, wed=False)
+    backup("--incremental", "--checkpoint", "tue", d, bk / "i0.qcow2")
+    ov = qemu_overlay(tmp_path, d, "ov.qcow2")
     io(ov, "write -P 3 10M 2M", "write -z 1M 64k")
     no_crash(cbt("commit", ov))
     got = ck(d)
-    assert got["mon"]["usable"] and got["mon"]["dirty-bytes"] == 2 * MiB + 64 * KiB, got
+    assert got["tue"]["usable"] and got["tue"]["dirty-bytes"] == 2 * MiB + 64 * KiB, got
+    assert got["mon"]["dirty-bytes"] == 10 * MiB + 64 * KiB, got
     r = backup("--incremental", d, bk / "i.qcow2")
     assert r["dirty-bytes"] == 2 * MiB + 64 * KiB, r
     assert_restores(str(bk / "i.qcow2"), d)
@@ -594,49 +577,36 @@ def test_commit_b_says_which_form_keeps_them(tmp_path):
 def qemu_overlay_with_bitmaps(tmp):
     """vm1.qcow2 with mon (full backup) and writes; q.qcow2 made by qemu-img
     on it with mon's bitmap added (no cbt metadata), written."""
-    d, q, bk = str(tmp / "vm1.qcow2"), str(tmp / "q.qcow2"), tmp / "bk"
-    bk.mkdir()
-    qemu_img("create", "-q", "-f", "qcow2", d, SIZE)
-    io(d, "write -P 1 0 4M")
-    backup("--full", "--checkpoint", "mon", d, bk / "full.qcow2")
-    io(d, "write -P 2 40M 8M")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "vm1.qcow2", "-F", "qcow2", q)
-    qemu_img("bitmap", "--add", q, "mon")
+    d, bk = start(tmp, wed=False)
+    q = qemu_overlay(tmp, d, "q.qcow2", ("mon",))
     io(q, "write -P 3 10M 2M")
     assert ck(q)["mon"]["usable"]
     return d, q, bk
 
 
 @pytest.mark.parametrize("how", ["stream", "rebase"])
-def test_pull_keeps_the_history_of_the_layer_it_drops(tmp_path, how):
-    """cbt stream / safe cbt rebase onto nothing drop the layer that holds
-    the checkpoints' metadata: the overlay takes it over."""
-    d, q, bk = qemu_overlay_with_bitmaps(tmp_path)
-    if how == "stream":
-        no_crash(cbt("stream", q))
+@pytest.mark.parametrize("made_by", ["qemu", "cbt"])
+def test_pull_keeps_checkpoints(tmp_path, how, made_by):
+    """cbt stream / safe cbt rebase onto nothing drop every layer below the
+    disk.  An overlay QEMU made takes over the checkpoints of the layer
+    holding their metadata; a cbt overlay's are sealed again for its new
+    chain.  Either way the next backup is exact."""
+    if made_by == "qemu":
+        d, disk, bk = qemu_overlay_with_bitmaps(tmp_path)
+        since, dirty = "mon", 10 * MiB
     else:
-        no_crash(cbt("rebase", "-b", "", q))
-    got = ck(q)
-    assert got["mon"]["usable"] and got["mon"]["dirty-bytes"] == 10 * MiB, got
-    r = backup("--incremental", q, bk / "i.qcow2")
-    assert r["since"] == "mon", r
-    assert_restores(str(bk / "i.qcow2"), q)
-    check_clean(d, q)
-
-
-@pytest.mark.parametrize("how", ["stream", "rebase"])
-def test_pull_of_a_cbt_overlay_stays_exact(tmp_path, how):
-    d, ov, bk = story(tmp_path)
+        d, disk, bk = story(tmp_path)
+        since, dirty = "wed", 9 * MiB
     if how == "stream":
-        no_crash(cbt("stream", ov))
+        no_crash(cbt("stream", disk))
     else:
-        no_crash(cbt("rebase", "-b", "", ov))
-    got = ck(ov)
-    assert got["wed"]["usable"] and got["wed"]["dirty-bytes"] == 9 * MiB, got
-    r = backup("--since", "wed", ov, bk / "x.qcow2")
-    assert_restores(str(bk / "x.qcow2"), ov)
-    check_clean(d, ov)
-    del r
+        no_crash(cbt("rebase", "-b", "", disk))
+    got = ck(disk)
+    assert got[since]["usable"] and got[since]["dirty-bytes"] == dirty, got
+    r = backup("--since", since, disk, bk / "x.qcow2")
+    assert r["kind"] != "full", r
+    assert_restores(str(bk / "x.qcow2"), disk)
+    check_clean(d, disk)
 
 
 def test_unsafe_rebase_that_drops_history_is_refused(tmp_path):
