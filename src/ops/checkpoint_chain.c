@@ -470,16 +470,22 @@ int ckpt_judge(struct cbt_image *disk, const struct ckpt_view *v,
                 return -1;
             }
         }
-        if (out->kind < 0 && out->sealed)
-            out->problem = cbt_strdup_printf(
-                "sealed: this layer is history that an overlay made by 'cbt "
-                "snapshot' continues; back up the overlay (this layer alone "
-                "needs a full backup)");
     }
     if (out->kind >= 0 || out->sealed)
         out->count = 0;
     cbt_chain_bitmap_clear(&b);
 done:
+    if (out->sealed) {
+        /* History is reported as such, broken or not: repairing it here
+         * is the overlay's business (its list says what it lost). */
+        char *why = out->problem;
+        out->problem = cbt_strdup_printf(
+            "sealed: this layer is history that an overlay made by 'cbt "
+            "snapshot' continues; back up the overlay (this layer alone "
+            "needs a full backup)%s%s", why ? "; that history is broken: " : "",
+            why ? why : "");
+        free(why);
+    }
     if ((out->kind >= 0 || out->sealed) && !out->problem) {
         oom(errp, disk);
         return -1;
