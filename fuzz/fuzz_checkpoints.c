@@ -9,6 +9,7 @@
  * so that mutations reach the checks behind the checksum.
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <inttypes.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -48,6 +49,20 @@ static void check_invariants(const struct ckpt_meta *m)
         if (r->created_nsec >= 1000000000u)
             fuzz_fail("accepted nanoseconds %" PRIu32, r->created_nsec);
     }
+    for (size_t i = 0; i < m->nseals; i++) {
+        const struct ckpt_seal *s = &m->seals[i];
+        bool found = false;
+        for (size_t j = 0; j < m->n && !found; j++)
+            found = m->v[j].order == s->order;
+        if (!found)
+            fuzz_fail("accepted a seal of no checkpoint");
+        if (s->depth > CKPT_MAX_DEPTH)
+            fuzz_fail("accepted seal depth %" PRIu32, s->depth);
+        if (i && (s->order < m->seals[i - 1].order ||
+                  (s->order == m->seals[i - 1].order &&
+                   s->depth <= m->seals[i - 1].depth)))
+            fuzz_fail("accepted seals out of order");
+    }
 }
 
 static void check_same(const struct ckpt_meta *a, const struct ckpt_meta *b)
@@ -62,6 +77,14 @@ static void check_same(const struct ckpt_meta *a, const struct ckpt_meta *b)
             x->virtual_size != y->virtual_size ||
             x->granularity != y->granularity || strcmp(x->name, y->name))
             fuzz_fail("round trip changed checkpoint %zu", i);
+    }
+    if (a->nseals != b->nseals)
+        fuzz_fail("round trip changed the number of seals");
+    for (size_t i = 0; i < a->nseals; i++) {
+        const struct ckpt_seal *x = &a->seals[i], *y = &b->seals[i];
+        if (x->order != y->order || x->depth != y->depth ||
+            x->count != y->count || memcmp(x->sha256, y->sha256, 32))
+            fuzz_fail("round trip changed seal %zu", i);
     }
 }
 

@@ -53,7 +53,11 @@ struct cbt_checkpoint {
     uint64_t virtual_size;   /* the disk's size at creation */
     uint64_t granularity;    /* of its bitmap, bytes */
     /* Health, as seen over the chain when listed: */
-    bool usable;             /* the bitmap is valid over the chain */
+    bool usable;             /* the bitmap is valid over the chain and the
+                              * copies below the top are as sealed */
+    bool sealed;             /* not usable: this layer's copy is history
+                              * that an overlay made by cbt snapshot
+                              * continues (back up the overlay) */
     char *problem;           /* NULL when usable, else one line: why not */
     uint64_t dirty_bytes;    /* usable: bytes changed since it, the union
                               * of its bitmap over the chain in whole
@@ -135,19 +139,6 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
                              struct cbt_drift_item **items, size_t *count,
                              struct cbt_error **errp);
 void cbt_drift_free_list(struct cbt_drift_item *items, size_t count);
-
-/*
- * For chain operations: copy the checkpoint metadata of `from` (a layer)
- * into `to` (opened read-write), in memory; it is stored with to's next
- * bitmap commit.  cbt snapshot and cbt convert --bitmaps call this so the
- * checkpoints follow the disk's top.  The checkpoints named in skip[0..
- * nskip) are left out (their children get their parents), for bitmaps the
- * operation does not carry over (convert --skip-broken-bitmaps).  0 when
- * `from` has none.
- */
-int cbt_checkpoint_copy_metadata(struct cbt_image *from, struct cbt_image *to,
-                                 const char *const *skip, size_t nskip,
-                                 struct cbt_error **errp);
 
 #ifdef __cplusplus
 }

@@ -22,7 +22,11 @@ extern "C" {
  * persistent bitmap of top gets an empty, recording, persistent twin of the
  * same name and granularity in the overlay, and then stops recording in top
  * (one commit of top's bitmaps).  Disabled bitmaps are not copied;
- * inconsistent ones are left alone and reported with a warning.
+ * inconsistent ones are left alone and reported with a warning.  The
+ * checkpoints of top's chain whose history is intact go with them: the
+ * overlay gets their metadata, sealing top's copies and those below
+ * (cbt/checkpoint.h), and top's metadata marks them sealed, in the same
+ * header updates as the bitmaps; unusable ones are not carried (warned).
  *
  * All or nothing: an existing overlay is refused before anything is touched;
  * when a later step fails the overlay file is removed and top's bitmaps are
@@ -70,6 +74,15 @@ typedef bool cbt_cancel_fn(void *opaque);
  *     default; qemu-img -b implies -d, the CLI does that).  Only allowed
  *     when base is top's backing file: otherwise the layers between would
  *     show through the emptied top.
+ * The disk's checkpoints (the view from active, cbt/checkpoint.h) go with
+ * the data: when the layer holding their metadata is committed or is
+ * base, base takes over those whose history is intact (a disk of its own
+ * when nothing is above top: their bitmaps record; else history the
+ * relinked image continues); what a committed layer above that holder
+ * allocates where it lacks a checkpoint's bitmap is set in base's copy;
+ * a holder that stays in the chain is sealed again.  A checkpoint base
+ * cannot hold in qemu-img's form is warned about before anything is
+ * written.
  * Refused before anything is written: base not below top, an inconsistent
  * copy or a gap (a layer lacking a name between two layers holding it) in
  * top..base unless skip_broken_bitmaps (then that name is left alone in
@@ -114,6 +127,9 @@ int cbt_commit(const struct cbt_commit_opts *opts, struct cbt_error **errp);
  * into file's X before the relink, as libvirt does for block-pull.  A
  * bitmap that is invalid because of a gap or an inconsistent copy in a
  * leaving layer refuses the stream (dropping the layer would hide it).
+ * file's checkpoint metadata is sealed again for the new chain, or taken
+ * over from a leaving layer holding the disk's, in the relink's header
+ * write.
  */
 int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
                void *progress_opaque, struct cbt_error **errp);
@@ -125,8 +141,9 @@ int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
  * allocate whose contents differ between the old and the new backing
  * view, so the guest view is unchanged; unsafe only rewrites the link.
  * Safe mode keeps every bitmap's view from the top as stream does
- * (copies in the old layers that leave the chain are merged into file's);
- * -u changes no bitmap.
+ * (copies in the old layers that leave the chain are merged into file's),
+ * and its checkpoints as stream does; -u changes no bitmap and no
+ * checkpoint (their seals tell whether the new chain holds their history).
  */
 struct cbt_rebase_opts {
     const char *file;

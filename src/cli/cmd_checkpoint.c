@@ -42,7 +42,11 @@ static const char usage[] =
     "  list        every checkpoint, oldest first: order, name, creation\n"
     "              time, parent, disk size and granularity at creation, bytes\n"
     "              changed since (the bitmap's union over the chain) and\n"
-    "              health (ok, or why its bitmap cannot be used)\n"
+    "              health: ok; sealed (this layer is history an overlay made\n"
+    "              by cbt snapshot continues: back up the overlay); BROKEN\n"
+    "              (why its bitmap, or the copies below sealed by a snapshot,\n"
+    "              cannot be used).  An overlay without metadata of its own\n"
+    "              lists those of the layer below that has some\n"
     "  show        one checkpoint, with the same fields\n"
     "  delete      remove NAME's metadata and its bitmap in every layer\n"
     "              holding it (its children get its parent); a checkpoint\n"
@@ -54,7 +58,8 @@ static const char usage[] =
     "              without a checkpoint.  With --fix: drop the broken\n"
     "              checkpoints (a backup since them must be a full one) and\n"
     "              adopt valid recording bitmaps of the top layer as\n"
-    "              checkpoints; other bitmaps are reported only\n"
+    "              checkpoints; other bitmaps are reported only.  Sealed\n"
+    "              checkpoints are never drift\n"
     "\n"
     "Options:\n"
     "  -g, --granularity SIZE  bytes per bit of the new bitmap: a power of\n"
@@ -155,6 +160,7 @@ static json_t *checkpoint_json(const struct cbt_checkpoint *c)
     json_object_set_new(o, "virtual-size", cli_json_u64(c->virtual_size));
     json_object_set_new(o, "granularity", cli_json_u64(c->granularity));
     json_object_set_new(o, "usable", json_boolean(c->usable));
+    json_object_set_new(o, "sealed", json_boolean(c->sealed));
     json_object_set_new(o, "problem", c->problem ? cli_json_string(c->problem)
                                                  : json_null());
     json_object_set_new(o, "dirty-bytes", c->usable
@@ -166,6 +172,22 @@ static json_t *checkpoint_json(const struct cbt_checkpoint *c)
 static json_t *disk_id_json(const char *id)
 {
     return *id ? json_string(id) : json_null();
+}
+
+/* Under the table: the reasons of the broken checkpoints, or of the
+ * sealed ones, after a heading when there are any. */
+static void print_reasons(const struct cbt_checkpoint *v, size_t n,
+                          bool sealed, const char *heading)
+{
+    bool header = false;
+    for (size_t i = 0; i < n; i++) {
+        if (v[i].usable || v[i].sealed != sealed)
+            continue;
+        if (!header)
+            printf("\n%s:\n", heading);
+        header = true;
+        printf("  %s: %s\n", v[i].name, v[i].problem ? v[i].problem : "?");
+    }
 }
 
 static void print_table(const struct cbt_checkpoint *v, size_t n)
@@ -207,18 +229,12 @@ static void print_table(const struct cbt_checkpoint *v, size_t n)
         printf("%*" PRIu64 "  %-*s  %-*s  %-*s  %*s  %*s  %*s  %s\n", wo,
                c->order, wn, c->name, wc, created[i], wp,
                c->parent ? c->parent : "-", ws, size[i], wg, gran[i], wd,
-               dirty[i], c->usable ? "ok" : "BROKEN");
+               dirty[i], c->usable ? "ok" : c->sealed ? "sealed" : "BROKEN");
     }
-    bool header = false;
-    for (size_t i = 0; i < n; i++) {
-        if (v[i].usable)
-            continue;
-        if (!header)
-            printf("\nBroken (a backup since them must be a full one; "
-                   "'cbt checkpoint reconcile' explains, --fix repairs):\n");
-        header = true;
-        printf("  %s: %s\n", v[i].name, v[i].problem ? v[i].problem : "?");
-    }
+    print_reasons(v, n, false, "Broken (a backup since them must be a full "
+                  "one; 'cbt checkpoint reconcile' explains, --fix repairs)");
+    print_reasons(v, n, true, "Sealed (history that an overlay continues; "
+                  "nothing to repair)");
 out:
     free(created);
     free(size);

@@ -499,7 +499,8 @@ static int choose_name(struct bk *b, struct cbt_error **errp)
 
 /* Set *why to a malloc'd reason and return 1 when the incremental or
  * differential cannot be taken; 0 when it can (parent found and loaded);
- * -1 on a hard error. */
+ * -1 on a hard error.  plan_incremental returns 2 instead of 1 when the
+ * reason is the checkpoint: none, or one that cannot be trusted. */
 static int PRINTF_FMT(2, 3) impossible(char **why, const char *fmt, ...)
 {
     va_list ap;
@@ -583,6 +584,9 @@ static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
         ret = impossible(why, "%s: checkpoint '%s' cannot be used: %s", disk,
                          c->name, c->problem ? c->problem : "its bitmap is "
                          "not valid over the chain");
+    /* No checkpoint to trust: a full backup is what is needed. */
+    if (ret > 0)
+        ret = 2;
     if (c && ret == 0) {
         /* The smallest size the disk had since c, as far as the
          * checkpoints saw it: a shrink and a grow since then changed the

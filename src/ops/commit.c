@@ -1,6 +1,7 @@
 /*
  * cbt_commit(): commit the layers top..above-base of a chain into base,
- * carrying their dirty bitmaps along (include/cbt/ops.h).
+ * carrying their dirty bitmaps and the disk's checkpoints along
+ * (include/cbt/ops.h, docs/checkpoints.md "Chain operations").
  *
  * Terms: the chain is opened from `active` (the image a guest would use),
  * top and base are layers of it, base below top.  "The layers" are
@@ -12,7 +13,10 @@
  *      bitmaps: for each name held in the layers, the copies to merge into
  *      base.  Every refusal (base not below top, a gap, an inconsistent
  *      copy, a granularity collision with base, emptying a top whose
- *      backing file is not base) happens here: nothing is written.
+ *      backing file is not base) happens here: nothing is written.  The
+ *      disk's checkpoints are judged too (which base takes over, which
+ *      of base's bitmaps get what a layer without them allocated), and a
+ *      checkpoint base cannot hold is warned about.
  *   2. reopen read-write only the nodes written later (base; above when it
  *      is relinked; top when it is emptied) and check that base can hold
  *      the bitmaps it will gain (added in memory, then rolled back):
@@ -28,13 +32,20 @@
  *      above base is read through top and written into base without
  *      dirtying any bitmap; ranges reading as zeroes become zeroes, and so
  *      does base past top's end when above is relinked (above read zeroes
- *      there, past top's end, and would read base's old data).  A
+ *      there, past top's end, and would read base's old data); then what
+ *      each committed layer above the checkpoints' holder allocates is
+ *      set in base's copies of the checkpoints that layer lacks.  A
  *      failure rolls the in-memory bitmaps back; a kill leaves base's
  *      bitmaps as before on disk (the copy writes do not mark them in_use)
  *      and some copied data in base, invisible through top.
- *   5. flush base, then commit its bitmaps (one atomic header update) and
- *      flush again.  Data first: a bitmap must never be stored for data
- *      that could still be lost; bitmaps before the relink: once above no
+ *   5. flush base, then commit its bitmaps with the checkpoint metadata
+ *      it takes over (one atomic header update) and flush again; then the
+ *      holder of the checkpoints, when it stays above base, gets its seals
+ *      for the new chain (its own header update, or the relink's when it
+ *      is the relinked image).  A kill between those two updates leaves
+ *      the holder's checkpoints unusable (a full backup), never wrongly
+ *      usable.  Data first: a bitmap must never be stored for data that
+ *      could still be lost; bitmaps before the relink: once above no
  *      longer reads through top, top's bits must already be in base.
  *   6. relink above onto base (the driver flushes first).  A kill before
  *      leaves the old, still valid chain: base holds top's data, which top
@@ -50,7 +61,9 @@
 #include <cbt/image.h>
 #include <cbt/ops.h>
 
+#include "../bitmap/bitmap.h"
 #include "../block/block.h"
+#include "checkpoint_meta.h"
 #include "ops_util.h"
 
 /* Bytes read and written per step of the data copy. */
@@ -72,6 +85,7 @@ struct name_plan {
     bool in_base;
     bool skip;             /* nothing to do (only base holds it, or broken
                             * and skipped) */
+    bool broken;           /* skipped because a copy is broken */
 };
 
 struct commit {
@@ -83,6 +97,21 @@ struct commit {
     int nlayers;
     struct name_plan *names;
     size_t nnames;
+    int top_depth, base_depth;
+    /* The disk's checkpoints (checkpoint_chain.c): the records of root's
+     * view whose history is intact at their holder.  base takes them over
+     * when the holder is one of the committed layers or base itself; the
+     * holder is sealed again along the new chain when it stays above
+     * base.  mark: names of base's bitmaps that get every committed range,
+     * because a committed layer lacks them (its writes are changes since
+     * the checkpoint that no copy recorded). */
+    struct ckpt_carry carry;
+    bool base_inherits, reseal_holder;
+    const char **mark;
+    size_t nmark;
+    const char **unheld;      /* carried names base cannot hold */
+    size_t nunheld;
+    struct ckpt_saved holder_saved; /* its metadata before the reseal */
 };
 
 static const struct cbt_bitmap_info *layer_find(const struct layer *l,
@@ -98,7 +127,7 @@ static const struct cbt_bitmap_info *layer_find(const struct layer *l,
 static int find_layers(struct commit *c, struct cbt_error **errp)
 {
     const struct cbt_commit_opts *o = c->o;
-    int top_depth, base_depth;
+    int top_depth, base_depth = 0;
     c->top = ops_find_layer(c->root, o->top, &top_depth, errp);
     if (!c->top)
         return -1;
@@ -129,6 +158,8 @@ static int find_layers(struct commit *c, struct cbt_error **errp)
     for (struct cbt_image *n = c->root; n != c->top; n = n->backing)
         c->above = n;
 
+    c->top_depth = top_depth;
+    c->base_depth = base_depth;
     c->nlayers = base_depth - top_depth + 1;
     c->layers = calloc((size_t)c->nlayers, sizeof(*c->layers));
     if (!c->layers) {
@@ -141,13 +172,22 @@ static int find_layers(struct commit *c, struct cbt_error **errp)
     return 0;
 }
 
+/* The plan of bitmap `name`, or NULL. */
+static const struct name_plan *plan_find(const struct commit *c,
+                                         const char *name)
+{
+    for (size_t k = 0; k < c->nnames; k++)
+        if (strcmp(c->names[k].name, name) == 0)
+            return &c->names[k];
+    return NULL;
+}
+
 /* Add `name` (first seen in layer `first`) to the plan unless present. */
 static int plan_add_name(struct commit *c, const struct cbt_bitmap_info *b,
                          int first)
 {
-    for (size_t i = 0; i < c->nnames; i++)
-        if (strcmp(c->names[i].name, b->name) == 0)
-            return 0;
+    if (plan_find(c, b->name))
+        return 0;
     struct name_plan *v =
         realloc(c->names, (c->nnames + 1) * sizeof(*c->names));
     if (!v)
@@ -249,7 +289,7 @@ static int plan_bitmaps(struct commit *c, struct cbt_error **errp)
             cbt_warn("%s; it is left alone in '%s'", msg,
                      base_l->node->filename);
             free(msg);
-            p->skip = true;
+            p->skip = p->broken = true;
             continue;
         }
         if (in_base && in_base->granularity != p->granularity) {
@@ -294,6 +334,21 @@ static int build_bitmaps(struct commit *c, struct cbt_error **errp)
                           : cbt_bitmap_disable(c->base, p->name, errp)) < 0)
             return -1;
     }
+    /* A base that takes the disk's checkpoints over as a disk of its own
+     * (no image above top) records them: their unions are whole there. */
+    for (size_t i = 0; c->base_inherits && !c->above && i < c->carry.m.n;
+         i++) {
+        struct cbt_error *err = NULL;
+        if (cbt_bitmap_enable(c->base, c->carry.m.v[i].name, &err) < 0 &&
+            cbt_error_errno(err) != ENOENT) {
+            if (errp && !*errp)
+                *errp = err;
+            else
+                cbt_error_free(err);
+            return -1;
+        }
+        cbt_error_free(err);
+    }
     return 0;
 }
 
@@ -306,6 +361,161 @@ static int flush_node(struct cbt_image *n, struct cbt_error **errp)
         return -1;
     }
     return 0;
+}
+
+/* ---- checkpoints ---- */
+
+/* Committed layers above the holder (their writes came after every
+ * checkpoint it holds), as indexes into c->layers: [0, n). */
+static int above_holder(const struct commit *c)
+{
+    return MIN(c->carry.depth, c->base_depth) - c->top_depth;
+}
+
+/* Does a committed layer above the holder lack bitmap `name`? */
+static bool lacking_above_holder(const struct commit *c, const char *name)
+{
+    for (int i = 0; i < above_holder(c); i++)
+        if (!layer_find(&c->layers[i], name))
+            return true;
+    return false;
+}
+
+/*
+ * Step 1 for checkpoints: who holds them afterwards, which of base's
+ * bitmaps get the committed ranges, and, before anything is written, a
+ * warning for each checkpoint base cannot hold (qemu-img's form keeps the
+ * chain, so a copy in base below a layer without it would be a gap).
+ */
+static int plan_checkpoints(struct commit *c, struct cbt_error **errp)
+{
+    if (ckpt_carry_prepare(c->root, CKPT_AT_HOLDER, &c->carry, errp) < 0)
+        return -1;
+    if (!c->carry.present)
+        return 0;
+    int h = c->carry.depth;
+    bool qemu_form = !c->above && !c->o->pivot;
+    c->base_inherits = h >= c->top_depth && h <= c->base_depth;
+    c->reseal_holder = h < c->top_depth || (qemu_form && h < c->base_depth);
+    if (!c->base_inherits && !c->reseal_holder)
+        return 0;
+    ckpt_carry_warn(&c->carry, c->base_inherits ? c->base->filename
+                                                : c->carry.holder->filename);
+    if (!c->base_inherits)
+        return 0;
+    c->mark = calloc(c->carry.m.n ? c->carry.m.n : 1, sizeof(*c->mark));
+    c->unheld = calloc(c->carry.m.n ? c->carry.m.n : 1, sizeof(*c->unheld));
+    if (!c->mark || !c->unheld) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", c->o->top);
+        return -1;
+    }
+    for (size_t i = 0; i < c->carry.m.n; i++) {
+        const char *name = c->carry.m.v[i].name;
+        const struct name_plan *p = plan_find(c, name);
+        bool held = p && !p->broken && (!p->skip || p->in_base);
+        if (held) {
+            if (lacking_above_holder(c, name))
+                c->mark[c->nmark++] = name;
+            continue;
+        }
+        cbt_warn("checkpoint '%s' stays with '%s' only: '%s' cannot hold its "
+                 "bitmap (%s); 'cbt commit --top %s --base %s' makes '%s' "
+                 "the disk with it", name, c->carry.holder->filename,
+                 c->base->filename,
+                 p && p->broken ? "a copy is broken"
+                                : "a layer between lacks it",
+                 c->o->top, c->base->filename, c->base->filename);
+        c->unheld[c->nunheld++] = name;
+    }
+    return 0;
+}
+
+/*
+ * Step 4, after the copy: what each committed layer above the holder
+ * allocates is a change since the checkpoints; set it in base's copy of
+ * every name of c->mark that layer lacks (in memory; stored in step 5).
+ * Layers holding the name have their changes in their copy, merged.
+ */
+static int mark_lacking(struct commit *c, struct cbt_error **errp)
+{
+    for (int i = 0; c->nmark && i < above_holder(c); i++) {
+        struct cbt_image *l = c->layers[i].node;
+        const uint64_t end = MIN(l->size, c->base->size);
+        for (uint64_t off = 0; off < end;) {
+            struct cbt_extent e;
+            int r = cbt_image_block_status_above(l, l->backing, off,
+                                                 MIN(end - off, COMMIT_CHUNK),
+                                                 &e);
+            if (r < 0) {
+                cbt_error_set(errp, -r, "%s: cannot read its allocation at "
+                              "offset %" PRIu64 ": %s", l->filename, off,
+                              strerror(-r));
+                return -1;
+            }
+            if (e.flags & (CBT_BS_PRESENT | CBT_BS_ZERO)) {
+                pthread_mutex_lock(&c->base->lock);
+                for (size_t k = 0; k < c->nmark; k++) {
+                    struct blk_bitmap *b = blk_bitmap_find(c->base,
+                                                           c->mark[k]);
+                    if (b && b->bm && !layer_find(&c->layers[i], c->mark[k]))
+                        bm_set(b->bm, off, e.length);
+                }
+                pthread_mutex_unlock(&c->base->lock);
+            }
+            off += e.length;
+        }
+    }
+    return 0;
+}
+
+/* Step 5: base's checkpoint metadata, set in memory before base's bitmaps
+ * are stored (the same header update): a disk of its own when nothing is
+ * above top, else history the relinked image continues. */
+static int base_checkpoints(struct commit *c, struct cbt_error **errp)
+{
+    if (!c->base_inherits)
+        return 0;
+    unsigned how = CKPT_QUIET | (c->above ? CKPT_SEALED : 0);
+    struct ckpt_meta m;
+    if (ckpt_carry_build(&c->carry, c->base, NULL, how, &m, errp) < 0)
+        return -1;
+    /* Warned about in step 1. */
+    for (size_t i = 0; i < c->nunheld; i++) {
+        ssize_t k = ckpt_meta_find_name(&m, c->unheld[i]);
+        if (k >= 0)
+            ckpt_meta_remove(&m, (size_t)k);
+    }
+    int r = ckpt_layer_set(c->base, &m, 0, errp);
+    ckpt_meta_free(&m);
+    return r;
+}
+
+/*
+ * After step 5: the holder, when it stays above base, sealed again along
+ * the chain it has now (base's copies changed, layers left).  Stored now,
+ * or by the relink when the holder is the relinked image (one header
+ * update for both).  On failure its old metadata is put back in memory.
+ */
+static int reseal_holder(struct commit *c, struct cbt_error **errp)
+{
+    if (!c->reseal_holder)
+        return 0;
+    struct cbt_image *h = c->carry.holder;
+    struct ckpt_relink rl = { c->above, c->base };
+    unsigned how = c->carry.holder_sealed ? CKPT_SEALED : 0;
+    int r = blk_reopen_rw(h, errp);
+    if (r == 0)
+        r = ckpt_save(h, &c->holder_saved, errp);
+    if (r == 0)
+        r = ckpt_carry_set(&c->carry, h, c->above ? &rl : NULL, how, errp);
+    if (r == 0 && h != c->above) {
+        r = cbt_bitmap_commit(h, errp);
+        if (r == 0)
+            r = flush_node(h, errp);
+    }
+    if (r < 0 && !h->bitmaps_switched)
+        ckpt_restore(h, &c->holder_saved);
+    return r;
 }
 
 /* Step 3: grow base to top's size (its bitmaps stay valid throughout). */
@@ -420,15 +630,22 @@ static int run_commit(struct commit *c, struct cbt_error **errp)
 
     /* Steps 4 and 5. */
     if (build_bitmaps(c, errp) < 0 || copy_data(c, errp) < 0 ||
-        flush_node(c->base, errp) < 0) {
+        mark_lacking(c, errp) < 0 || flush_node(c->base, errp) < 0) {
         cbt_bitmap_rollback(c->base, NULL);
         return -1;
     }
-    if (cbt_bitmap_commit(c->base, errp) < 0) {
-        cbt_bitmap_rollback(c->base, NULL);
+    struct ckpt_saved old = { 0 };
+    if (ckpt_save(c->base, &old, errp) < 0 || base_checkpoints(c, errp) < 0 ||
+        cbt_bitmap_commit(c->base, errp) < 0) {
+        if (!c->base->bitmaps_switched) {
+            cbt_bitmap_rollback(c->base, NULL);
+            ckpt_restore(c->base, &old);
+        }
+        ckpt_saved_free(&old);
         return -1;
     }
-    if (flush_node(c->base, errp) < 0)
+    ckpt_saved_free(&old);
+    if (flush_node(c->base, errp) < 0 || reseal_holder(c, errp) < 0)
         return -1;
 
     /* Step 6. */
@@ -442,8 +659,12 @@ static int run_commit(struct commit *c, struct cbt_error **errp)
         }
         int r = blk_set_backing(c->above, name, c->base->drv->name, errp);
         free(name);
-        if (r < 0)
+        if (r < 0) {
+            /* The holder's new seals went with this header write. */
+            if (c->reseal_holder && c->carry.holder == c->above)
+                ckpt_restore(c->above, &c->holder_saved);
             return -1;
+        }
     }
 
     /* Step 7. */
@@ -493,7 +714,7 @@ int cbt_commit(const struct cbt_commit_opts *o, struct cbt_error **errp)
             goto out;
         }
     }
-    if (plan_bitmaps(&c, errp) < 0)
+    if (plan_bitmaps(&c, errp) < 0 || plan_checkpoints(&c, errp) < 0)
         goto out;
     ret = run_commit(&c, errp);
 out:
@@ -505,5 +726,9 @@ out:
         cbt_bitmap_info_free_list(c.layers[i].bm, c.layers[i].nbm);
     free(c.layers);
     free(c.names);
+    free(c.mark);
+    free(c.unheld);
+    ckpt_carry_free(&c.carry);
+    ckpt_saved_free(&c.holder_saved);
     return ret;
 }

@@ -74,6 +74,7 @@
 #include <cbt/ops.h>
 
 #include "../block/block.h"
+#include "checkpoint_meta.h"
 #include "ops_util.h"
 
 #define CONV_CHUNK ((size_t)2 << 20) /* qemu-img's I/O buffer */
@@ -599,20 +600,22 @@ static int copy_bitmaps(struct conv *c, struct cbt_error **errp)
             }
         }
     }
-    /* Checkpoints travel with their bitmaps: the metadata of the source's
-     * top lands in the same header update as the target's bitmaps; a
-     * skipped bitmap's checkpoint stays behind with it. */
-    const char **skip = calloc(c->nplan + 1, sizeof(*skip));
-    size_t nskip = 0;
-    if (!skip) {
-        cbt_error_set(errp, ENOMEM, "%s: out of memory", c->o->dst);
-        goto fail;
+    /* Checkpoints travel with their bitmaps: the source's whose history is
+     * intact land in the same header update as the target's bitmaps,
+     * sealed along the target's chain (none for a full copy, whose
+     * bitmaps are the unions; with -B the source's backing chain, which
+     * the target's backing file stands for); one whose bitmap was skipped
+     * stays behind, with a warning. */
+    struct ckpt_carry carry;
+    struct ckpt_relink rl = {
+        c->dst, c->shallow ? cbt_image_backing(c->src) : NULL,
+    };
+    int r = ckpt_carry_prepare(c->src, 0, &carry, errp);
+    if (r == 0) {
+        ckpt_carry_warn(&carry, c->o->dst);
+        r = ckpt_carry_set(&carry, c->dst, &rl, 0, errp);
     }
-    for (size_t k = 0; k < c->nplan; k++)
-        if (c->plan[k].skip)
-            skip[nskip++] = c->plan[k].name;
-    int r = cbt_checkpoint_copy_metadata(c->src, c->dst, skip, nskip, errp);
-    free(skip);
+    ckpt_carry_free(&carry);
     if (r < 0)
         goto fail;
     if (cbt_bitmap_commit(c->dst, errp) < 0)

@@ -1,4 +1,5 @@
-/* Helpers shared by the chain operations: backing names, finding layers. */
+/* Helpers shared by the chain operations: backing names, finding layers,
+ * keeping bitmaps and checkpoints through a relink. */
 #include <limits.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -6,6 +7,7 @@
 #include <cbt/bitmap.h>
 
 #include "../block/block.h"
+#include "checkpoint_meta.h"
 #include "ops_util.h"
 
 /* The directory part of path ("." when it has none), malloc'd. */
@@ -180,4 +182,38 @@ void ops_cancel_error(struct cbt_error **errp, const char *what,
                       const char *left)
 {
     cbt_error_set(errp, ECANCELED, "%s: interrupted; %s", what, left);
+}
+
+int ops_pull_checkpoints(struct cbt_image *file, struct cbt_image *stay,
+                         struct ckpt_carry *c, struct cbt_error **errp)
+{
+    if (ckpt_carry_prepare(file, CKPT_AT_HOLDER, c, errp) < 0)
+        return -1;
+    if (!c->present)
+        return 0;
+    bool leaves = false;
+    for (struct cbt_image *n = file->backing; n && n != stay; n = n->backing)
+        leaves |= n == c->holder;
+    if (c->holder != file && !leaves) {
+        /* The holder stays below: its seals count from it, unchanged. */
+        ckpt_carry_free(c);
+        return 0;
+    }
+    if (c->holder_sealed)
+        cbt_warn("%s: its checkpoints are history that an overlay made by "
+                 "'cbt snapshot' continues; the bitmap copies merged into it "
+                 "change that history, so the overlay's checkpoints may need "
+                 "a full backup afterwards", file->filename);
+    ckpt_carry_warn(c, file->filename);
+    return 0;
+}
+
+int ops_pull_checkpoints_set(struct cbt_image *file,
+                             struct cbt_image *new_backing,
+                             const struct ckpt_carry *c,
+                             struct cbt_error **errp)
+{
+    struct ckpt_relink rl = { file, new_backing };
+    unsigned how = CKPT_QUIET | (c->holder_sealed ? CKPT_SEALED : 0);
+    return ckpt_carry_set(c, file, &rl, how, errp);
 }

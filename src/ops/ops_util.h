@@ -62,4 +62,24 @@ void ops_cancel_error(struct cbt_error **errp, const char *what,
 int ops_pull_bitmaps(struct cbt_image *file, struct cbt_image *stay,
                      bool apply, struct cbt_error **errp);
 
+struct ckpt_carry;
+
+/*
+ * The checkpoints through the same relink (checkpoint_chain.c): before it
+ * changes anything, the checkpoints of file's disk whose history is intact
+ * when file holds their metadata or its holder is a layer that leaves;
+ * *c stays empty (not present) when the holder stays below, whose seals do
+ * not change.  Warns about the ones not carried, and when file is sealed
+ * history itself.  Then, once file's merged bitmaps are stored, _set puts
+ * file's metadata for the chain after the relink in memory, so that the
+ * relink's header write stores both at once.  Caller frees *c with
+ * ckpt_carry_free.
+ */
+int ops_pull_checkpoints(struct cbt_image *file, struct cbt_image *stay,
+                         struct ckpt_carry *c, struct cbt_error **errp);
+int ops_pull_checkpoints_set(struct cbt_image *file,
+                             struct cbt_image *new_backing,
+                             const struct ckpt_carry *c,
+                             struct cbt_error **errp);
+
 #endif

@@ -21,7 +21,8 @@
  *   3. flush; merge into each valid bitmap of the image the copies in the
  *      layers of the old chain that leave it (ops_pull_bitmaps), and commit;
  *   4. rewrite the link (the driver flushes and rewrites the header in one
- *      step).
+ *      step), with the image's checkpoint metadata for the new chain in
+ *      the same header write (ops_pull_checkpoints, as cbt_stream).
  * Unsafe mode (-u) only does step 4: the user vouches for the new chain.
  */
 #include <inttypes.h>
@@ -32,6 +33,7 @@
 #include <cbt/ops.h>
 
 #include "../block/block.h"
+#include "checkpoint_meta.h"
 #include "ops_util.h"
 
 #define REBASE_CHUNK (1u * 1024 * 1024)
@@ -223,6 +225,8 @@ int cbt_rebase(const struct cbt_rebase_opts *o, struct cbt_error **errp)
     }
     const char *backing = o->backing && *o->backing ? o->backing : NULL;
     struct rebase rb = { .o = o };
+    struct ckpt_carry carry = { 0 };
+    struct ckpt_saved saved = { 0 };
     char *path = NULL;
     int ret = -1;
     rb.f = cbt_image_open(o->file, o->file_format,
@@ -243,7 +247,9 @@ int cbt_rebase(const struct cbt_rebase_opts *o, struct cbt_error **errp)
         if (open_new_backing(&rb, path, errp) < 0)
             goto out;
     }
-    if ((!o->unsafe && ops_pull_bitmaps(rb.f, rb.prefix, false, errp) < 0) ||
+    if ((!o->unsafe && (ops_pull_bitmaps(rb.f, rb.prefix, false, errp) < 0 ||
+                        ops_pull_checkpoints(rb.f, rb.prefix, &carry,
+                                             errp) < 0)) ||
         blk_reopen_rw(rb.f, errp) < 0)
         goto out;
     if (!o->unsafe) {
@@ -272,8 +278,16 @@ int cbt_rebase(const struct cbt_rebase_opts *o, struct cbt_error **errp)
     if (backing)
         fmt = o->backing_format ? o->backing_format
               : rb.nb ? rb.nb->drv->name : NULL;
-    if (blk_set_backing(rb.f, backing, fmt, errp) < 0)
+    /* The checkpoints for the new chain, in the relink's header write
+     * (unsafe mode carries none: the seals show whether the user's new
+     * chain holds the same history). */
+    if (ckpt_save(rb.f, &saved, errp) < 0 ||
+        (!o->unsafe &&
+         ops_pull_checkpoints_set(rb.f, rb.nb, &carry, errp) < 0) ||
+        blk_set_backing(rb.f, backing, fmt, errp) < 0) {
+        ckpt_restore(rb.f, &saved);
         goto out;
+    }
     ret = 0;
 out:
     if (rb.nb)
@@ -283,5 +297,7 @@ out:
     free(rb.old_buf);
     free(rb.new_buf);
     free(path);
+    ckpt_carry_free(&carry);
+    ckpt_saved_free(&saved);
     return ret;
 }

@@ -7,17 +7,20 @@
  *   2. open top read-write (without its backing chain) and list its
  *      bitmaps: nothing changed yet;
  *   3. reserve the overlay name with O_CREAT|O_EXCL, create the qcow2
- *      overlay, add its bitmaps, copy top's checkpoint metadata
- *      (cbt/checkpoint.h: it lives in the top layer of a disk) and commit
- *      them in one header update: on failure the overlay file is removed,
- *      top was not changed;
- *   4. disable top's copied bitmaps and commit them (one header update),
- *      then flush.  On failure they are made to record again (rolled back
- *      in memory, re-enabled and committed again in case the change
- *      reached the file) and the overlay is removed; if that undo fails
- *      too, top's copies have stopped recording for good, so the overlay
- *      (whose copies record) is kept and the call succeeds with a warning:
- *      changes stay tracked either way.
+ *      overlay, add its bitmaps and its checkpoint metadata (the checkpoints
+ *      of top's chain whose history is intact, each with a seal of every
+ *      copy below the overlay: checkpoint_chain.c) and commit them in one
+ *      header update: on failure the overlay file is removed, top was not
+ *      changed;
+ *   4. disable top's copied bitmaps, mark its carried checkpoints sealed
+ *      (a seal of depth 0: top is history now) and commit both (one header
+ *      update), then flush.  On failure they are made to record again
+ *      (rolled back in memory, re-enabled and committed again with the old
+ *      metadata in case the change reached the file) and the overlay is
+ *      removed; if that undo fails too, top's copies have stopped
+ *      recording for good, so the overlay (whose copies record) is kept
+ *      and the call succeeds with a warning: changes stay tracked either
+ *      way.
  */
 #include <fcntl.h>
 #include <limits.h>
@@ -30,6 +33,7 @@
 #include <cbt/ops.h>
 
 #include "../util/util.h"
+#include "checkpoint_meta.h"
 #include "ops_util.h"
 
 /* Names of the bitmaps of top to copy (recording, persistent, consistent);
@@ -60,11 +64,13 @@ static int pick_bitmaps(struct cbt_image *img, const char *top,
     return 0;
 }
 
-/* Create the overlay file (already reserved) and its bitmaps. */
+/* Create the overlay file (already reserved), its bitmaps and the
+ * checkpoints it carries on. */
 static int make_overlay(struct cbt_image *top_img, const char *top,
                         const char *overlay, bool copy_bitmaps,
                         const struct cbt_bitmap_info *list,
                         const size_t *pick, size_t npick,
+                        const struct ckpt_carry *carry,
                         struct cbt_error **errp)
 {
     char *bname = ops_backing_name(top, overlay);
@@ -96,10 +102,12 @@ static int make_overlay(struct cbt_image *top_img, const char *top,
         const struct cbt_bitmap_info *b = &list[pick[i]];
         ret = cbt_bitmap_add(ov, b->name, b->granularity, false, errp);
     }
-    /* The checkpoints follow the top: their metadata lands in the same
-     * header update as the overlay's bitmaps. */
+    /* The checkpoints follow the top: their metadata, sealing the copies
+     * below (top's first), lands in the same header update as the
+     * overlay's bitmaps. */
+    struct ckpt_relink rl = { ov, top_img };
     if (ret == 0)
-        ret = cbt_checkpoint_copy_metadata(top_img, ov, NULL, 0, errp);
+        ret = ckpt_carry_set(carry, ov, &rl, 0, errp);
     if (ret == 0)
         ret = cbt_bitmap_commit(ov, errp);
     if (ret < 0)
@@ -136,11 +144,18 @@ static bool all_recording(struct cbt_image *img,
  */
 static int disable_top(struct cbt_image *img, const char *top,
                        const struct cbt_bitmap_info *list, const size_t *pick,
-                       size_t npick, struct cbt_error **errp)
+                       size_t npick, const struct ckpt_carry *carry,
+                       struct cbt_error **errp)
 {
-    int ret = 0;
+    struct ckpt_saved old = { 0 };
+    int ret = ckpt_save(img, &old, errp);
     for (size_t i = 0; i < npick && ret == 0; i++)
         ret = cbt_bitmap_disable(img, list[pick[i]].name, errp);
+    /* Top's checkpoints are history now: sealed in its own metadata. */
+    if (ret == 0)
+        ret = ckpt_carry_set(carry, img, NULL,
+                             CKPT_SEALED | CKPT_KEEP_OTHERS | CKPT_QUIET,
+                             errp);
     if (ret == 0)
         ret = cbt_bitmap_commit(img, errp);
     if (ret == 0) {
@@ -151,11 +166,15 @@ static int disable_top(struct cbt_image *img, const char *top,
             ret = -1;
         }
     }
-    if (ret == 0)
+    if (ret == 0) {
+        ckpt_saved_free(&old);
         return 0;
+    }
     /* Undo: forget what did not land, and make them record again in case
      * the change reached the file (a failed sync after the header write). */
     cbt_bitmap_rollback(img, NULL);
+    ckpt_restore(img, &old);
+    ckpt_saved_free(&old);
     for (size_t i = 0; i < npick; i++)
         cbt_bitmap_enable(img, list[pick[i]].name, NULL);
     if (cbt_bitmap_commit(img, NULL) < 0)
@@ -183,17 +202,20 @@ int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
         return -1;
     }
 
-    unsigned flags = CBT_OPEN_NO_BACKING | (copy_bitmaps ? CBT_OPEN_RDWR : 0);
+    /* With its chain: the checkpoints are judged and sealed over it. */
+    unsigned flags = copy_bitmaps ? CBT_OPEN_RDWR : CBT_OPEN_NO_BACKING;
     struct cbt_image *img = cbt_image_open(top, NULL, flags, errp);
     if (!img)
         return -1;
 
     struct cbt_bitmap_info *list = NULL;
     size_t count = 0, npick = 0, *pick = NULL;
+    struct ckpt_carry carry = { 0 };
     bool created = false, switched = false;
     int ret = -1;
     if (copy_bitmaps &&
-        pick_bitmaps(img, top, &list, &count, &pick, &npick, errp) < 0)
+        (pick_bitmaps(img, top, &list, &count, &pick, &npick, errp) < 0 ||
+         ckpt_carry_prepare(img, 0, &carry, errp) < 0))
         goto out;
 
     /* Reserve the name: never truncate a file that appeared meanwhile. */
@@ -209,11 +231,12 @@ int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
     created = true;
 
     if (make_overlay(img, top, overlay, copy_bitmaps, list, pick, npick,
-                     errp) < 0)
+                     &carry, errp) < 0)
         goto out;
-    if (npick) {
+    ckpt_carry_warn(&carry, overlay);
+    if (npick || carry.m.n) {
         struct cbt_error *derr = NULL;
-        int d = disable_top(img, top, list, pick, npick, &derr);
+        int d = disable_top(img, top, list, pick, npick, &carry, &derr);
         if (d < 0) {
             if (errp)
                 *errp = derr;
@@ -241,5 +264,6 @@ out:
         unlink(overlay);
     cbt_bitmap_info_free_list(list, count);
     free(pick);
+    ckpt_carry_free(&carry);
     return ret;
 }

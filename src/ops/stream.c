@@ -20,7 +20,11 @@
  *      through those layers, so a kill here changes no view);
  *   4. rewrite its backing link to base (the driver flushes and rewrites
  *      the header in one step): before it the old chain is valid, after it
- *      the new one is, and both read the same.
+ *      the new one is, and both read the same.  The same header write
+ *      stores file's checkpoint metadata for the new chain (its seals
+ *      counted from base, or the checkpoints of a leaving layer that held
+ *      the disk's: ops_pull_checkpoints), judged in step 1, so link and
+ *      seals change together.
  * The copying never dirties file's bitmaps.  A bitmap invalid because of a
  * gap or an inconsistent copy in a leaving layer is refused in step 1
  * (dropping the layer would make it look valid).
@@ -33,6 +37,7 @@
 #include <cbt/ops.h>
 
 #include "../block/block.h"
+#include "checkpoint_meta.h"
 #include "ops_util.h"
 
 #define STREAM_CHUNK (2u * 1024 * 1024)
@@ -95,6 +100,8 @@ int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
     int ret = -1;
     char *name = NULL;
     struct cbt_image *b = NULL;
+    struct ckpt_carry carry = { 0 };
+    struct ckpt_saved saved = { 0 };
     if (base) {
         int depth = 0;
         struct cbt_error *ignored = NULL;
@@ -127,7 +134,9 @@ int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
             goto out;
         }
     }
-    if (ops_pull_bitmaps(f, b, false, errp) < 0 || blk_reopen_rw(f, errp) < 0 ||
+    if (ops_pull_bitmaps(f, b, false, errp) < 0 ||
+        ops_pull_checkpoints(f, b, &carry, errp) < 0 ||
+        blk_reopen_rw(f, errp) < 0 ||
         stream_data(f, b, progress, progress_opaque, errp) < 0)
         goto out;
     int r = cbt_image_flush(f);
@@ -141,12 +150,19 @@ int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
         cbt_bitmap_rollback(f, NULL);
         goto out;
     }
-    if (blk_set_backing(f, name, b ? b->drv->name : NULL, errp) < 0)
+    /* The checkpoints for the new chain, in the relink's header write. */
+    if (ckpt_save(f, &saved, errp) < 0 ||
+        ops_pull_checkpoints_set(f, b, &carry, errp) < 0 ||
+        blk_set_backing(f, name, b ? b->drv->name : NULL, errp) < 0) {
+        ckpt_restore(f, &saved);
         goto out;
+    }
     ret = 0;
 out:
     if (cbt_image_close(f, ret == 0 ? errp : NULL) < 0)
         ret = -1;
     free(name);
+    ckpt_carry_free(&carry);
+    ckpt_saved_free(&saved);
     return ret;
 }

@@ -387,10 +387,14 @@ def test_copy_snapshot_convert_carry_checkpoints(tmp):
     plain = str(tmp / "plain.qcow2")
     cbt("convert", "-O", "qcow2", ov, plain)
     assert ck_list(plain) == {"disk-id": None, "checkpoints": []}
-    # --no-bitmaps overlays are scratch: no checkpoints either.
+    # --no-bitmaps overlays are scratch: no metadata of their own; listed,
+    # they show the chain's checkpoints, none usable (writes to the
+    # overlay are not tracked).
     scratch = str(tmp / "scratch.qcow2")
     cbt("snapshot", "--no-bitmaps", ov, scratch)
-    assert names(scratch) == []
+    assert header_ext(scratch) is None
+    assert names(scratch) == ["c1", "c2", "c3"]
+    assert not any(c["usable"] for c in ck_list(scratch)["checkpoints"])
     for f in (d, cp, ov, out, plain):
         qemu_check_clean(f)
 
