@@ -5,7 +5,7 @@
 #include <cbt/checkpoint.h>
 
 #include "disk.h"
-#include "journal.h"
+#include "../ops/journal.h"
 #include "qmp.h"
 
 /*

@@ -77,6 +77,7 @@
 
 #include "../util/util.h"
 #include "bchain.h"
+#include "checkpoint_meta.h"
 #include "blockpipe.h"
 #include "manifest.h"
 #include "ops_util.h"
@@ -1333,6 +1334,9 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
         goto out;
     }
     b.size = cbt_image_size(b.disk);
+    /* Checkpoints made live (docs/live.md) join the image's metadata. */
+    if (ckpt_fold_journal(b.disk, errp) < 0)
+        goto out;
     if (check_target(&b, errp) < 0 || choose_name(&b, errp) < 0 ||
         cbt_checkpoint_disk_id(b.disk, b.disk_id, errp) < 0)
         goto out;

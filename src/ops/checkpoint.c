@@ -31,6 +31,7 @@
 #include "../block/block.h"
 #include "../util/util.h"
 #include "checkpoint_meta.h"
+#include "journal.h"
 
 _Static_assert(CKPT_NAME_MAX == CBT_CHECKPOINT_NAME_MAX,
                "checkpoint name limits differ");
@@ -95,6 +96,43 @@ static int commit_top(struct cbt_image *top, struct ckpt_saved *s,
         return -1;
     }
     return 0;
+}
+
+int ckpt_fold_journal(struct cbt_image *top, struct cbt_error **errp)
+{
+    if (top->read_only || !top->drv->ext_get)
+        return 0;
+    struct journal j;
+    if (ckpt_journal_load(top, &j, errp) < 0)
+        return -1;
+    if (!j.n && !j.disk_id[0]) {
+        journal_free(&j);
+        return 0;
+    }
+    /* What ckpt_layer_load gives is the metadata with the journal applied:
+     * storing it folds the journal in; then the journal goes. */
+    struct ckpt_meta m;
+    struct ckpt_saved saved = { 0 };
+    int ret = -1;
+    if (ckpt_layer_load(top, &m, NULL, errp) < 0)
+        goto out_journal;
+    if (ckpt_save(top, &saved, errp) < 0 || ckpt_layer_set(top, &m, 0, errp) < 0)
+        goto out;
+    if (commit_top(top, &saved, errp) < 0)
+        goto out;
+    cbt_debug("%s: folded %zu live journal records into the image",
+              fname(top), j.n);
+    ret = journal_remove(&j, errp);
+out:
+    ckpt_saved_free(&saved);
+    ckpt_meta_free(&m);
+out_journal:
+    if (ret < 0)
+        cbt_error_prefix(errp, "%s: folding the live checkpoints of the "
+                         "journal %s into the image", fname(top),
+                         j.path ? j.path : "");
+    journal_free(&j);
+    return ret;
 }
 
 static bool has_bitmap(struct cbt_image *img, const char *name,
@@ -227,7 +265,8 @@ int cbt_checkpoint_create(struct cbt_image *disk, const char *name,
         return -1;
     }
     if (check_name(disk, name, errp) < 0 ||
-        need_rw(disk, "create a checkpoint", errp) < 0)
+        need_rw(disk, "create a checkpoint", errp) < 0 ||
+        ckpt_fold_journal(disk, errp) < 0)
         return -1;
     struct ckpt_meta m;
     bool present;
@@ -495,7 +534,8 @@ int cbt_checkpoint_delete(struct cbt_image *disk, const char *name,
 {
     *existed = false;
     if (check_name(disk, name, errp) < 0 ||
-        need_rw(disk, "delete a checkpoint", errp) < 0)
+        need_rw(disk, "delete a checkpoint", errp) < 0 ||
+        ckpt_fold_journal(disk, errp) < 0)
         return -1;
     struct ckpt_saved saved = { 0 };
     struct ckpt_meta m;
@@ -628,7 +668,8 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
 {
     *items = NULL;
     *count = 0;
-    if (fix && need_rw(disk, "repair checkpoints", errp) < 0)
+    if (fix && (need_rw(disk, "repair checkpoints", errp) < 0 ||
+                ckpt_fold_journal(disk, errp) < 0))
         return -1;
     struct items it = { 0 };
     struct names drop = { 0 }, known = { 0 };

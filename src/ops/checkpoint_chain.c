@@ -51,6 +51,7 @@
 #include "../block/block.h"
 #include "../util/util.h"
 #include "checkpoint_meta.h"
+#include "journal.h"
 
 static const char *fname(struct cbt_image *img)
 {
@@ -81,6 +82,70 @@ int ckpt_layer_raw(struct cbt_image *l, uint8_t **buf, size_t *len,
     return 0;
 }
 
+int ckpt_journal_load(struct cbt_image *l, struct journal *j,
+                      struct cbt_error **errp)
+{
+    memset(j, 0, sizeof(*j));
+    if (!l->drv->ext_get)
+        return 0; /* a format without checkpoints */
+    return journal_load(l->filename, j, errp);
+}
+
+/*
+ * Apply the live journal of layer l (journal.h: checkpoints made or
+ * deleted through QEMU while it held the image) to its metadata *m, in
+ * memory: a created checkpoint is added as it was made (its bitmap is
+ * judged as any other: one QEMU never stored shows as missing), a deleted
+ * one is dropped.  *present becomes true when the journal gives the disk
+ * metadata it had none of.  Applying twice changes nothing more.
+ */
+static int apply_journal(struct cbt_image *l, const struct journal *j,
+                         struct ckpt_meta *m, bool *present,
+                         struct cbt_error **errp)
+{
+    if (!*present && j->disk_id[0]) {
+        unsigned u[16];
+        if (sscanf(j->disk_id,
+                   "%2x%2x%2x%2x-%2x%2x-%2x%2x-%2x%2x-%2x%2x%2x%2x%2x%2x",
+                   &u[0], &u[1], &u[2], &u[3], &u[4], &u[5], &u[6], &u[7],
+                   &u[8], &u[9], &u[10], &u[11], &u[12], &u[13], &u[14],
+                   &u[15]) == 16) {
+            for (int i = 0; i < 16; i++)
+                m->uuid[i] = (uint8_t)u[i];
+            m->next_order = MAX(m->next_order, 1);
+            *present = true;
+        }
+    }
+    for (size_t i = 0; i < j->n; i++) {
+        const struct journal_rec *r = &j->v[i];
+        ssize_t k = ckpt_meta_find_name(m, r->name);
+        if (r->op == JOURNAL_DELETED) {
+            if (k >= 0)
+                ckpt_meta_remove(m, (size_t)k);
+            continue;
+        }
+        if (k >= 0 || ckpt_find_order(m->v, m->n, r->order))
+            continue; /* folded already */
+        ssize_t p = r->parent ? ckpt_meta_find_name(m, r->parent) : -1;
+        struct ckpt_rec rec = {
+            .order = r->order,
+            .created_sec = r->created_sec,
+            .created_nsec = r->created_nsec,
+            .parent = p >= 0 ? m->v[p].order : 0,
+            .virtual_size = r->virtual_size,
+            .granularity = r->granularity,
+            .name = r->name,
+        };
+        if (ckpt_meta_insert(m, &rec) < 0) {
+            oom(errp, l);
+            return -1;
+        }
+        m->next_order = MAX(m->next_order, r->order + 1);
+        *present = true;
+    }
+    return 0;
+}
+
 int ckpt_layer_load(struct cbt_image *l, struct ckpt_meta *m, bool *present,
                     struct cbt_error **errp)
 {
@@ -90,16 +155,29 @@ int ckpt_layer_load(struct cbt_image *l, struct ckpt_meta *m, bool *present,
     bool have;
     if (ckpt_layer_raw(l, &buf, &len, &have, errp) < 0)
         return -1;
+    int r = 0;
+    char why[256] = "";
+    if (have) {
+        r = ckpt_meta_parse(buf, len, m, why, sizeof(why));
+        free(buf);
+    }
+    if (r == 0) {
+        struct journal j;
+        r = ckpt_journal_load(l, &j, errp);
+        if (r == 0 && (j.n || j.disk_id[0]))
+            r = apply_journal(l, &j, m, &have, errp);
+        journal_free(&j);
+        if (r < 0) {
+            ckpt_meta_free(m);
+            return -1;
+        }
+        if (present)
+            *present = have;
+        return 0;
+    }
+    ckpt_meta_free(m);
     if (present)
         *present = have;
-    if (!have)
-        return 0;
-    char why[256] = "";
-    int r = ckpt_meta_parse(buf, len, m, why, sizeof(why));
-    free(buf);
-    if (r == 0)
-        return 0;
-    ckpt_meta_free(m);
     if (r == -ENOMEM) {
         oom(errp, l);
         return -1;

@@ -108,6 +108,15 @@ struct cbt_error;
  * for that commit (the bitmaps extension when the layer has none yet). */
 int ckpt_layer_raw(struct cbt_image *l, uint8_t **buf, size_t *len,
                    bool *present, struct cbt_error **errp);
+/* Store the metadata of top (opened read-write) with its live journal
+ * applied, then remove the journal (checkpoint.c).  A no-op without a
+ * journal or on a read-only top. */
+int ckpt_fold_journal(struct cbt_image *top, struct cbt_error **errp);
+/* The live journal of layer l (journal.h), empty for formats without
+ * checkpoints.  ckpt_layer_load applies it to what it loads. */
+struct journal;
+int ckpt_journal_load(struct cbt_image *l, struct journal *j,
+                      struct cbt_error **errp);
 int ckpt_layer_load(struct cbt_image *l, struct ckpt_meta *m, bool *present,
                     struct cbt_error **errp);
 int ckpt_layer_set(struct cbt_image *l, const struct ckpt_meta *m,

@@ -152,3 +152,57 @@ def test_qemu_killed_voids_live_checkpoints(live):
     cps = listing(q2.cbt_qmp, "vm")
     assert not cps["live1"]["usable"] and "missing" in cps["live1"]["problem"]
     assert not cps["off1"]["usable"] and "inconsistent" in cps["off1"]["problem"]
+
+
+def offline_list(disk):
+    res = cbt("checkpoint", "list", "--output=json", disk)
+    return {c["name"]: c for c in res.json()["checkpoints"]}
+
+
+def test_fold_after_a_clean_shutdown(live, state_dir):
+    """After QEMU closed the image, offline cbt sees the live checkpoints
+    (the journal applied), and its first change to the disk's metadata
+    folds the journal into the image and removes it."""
+    disk, q = qsd_with_checkpoint(live)
+    cbt("checkpoint", "create", "--qmp", q.cbt_qmp, "vm", "live1")
+    w = live.writer(q, seed=5)
+    w.step(4)
+    live_view = listing(q.cbt_qmp, "vm")
+    q.quit()
+    cps = offline_list(disk)
+    assert set(cps) == {"off1", "live1"}, cps
+    for name in cps:
+        for k in ("order", "parent", "created", "granularity", "usable",
+                  "dirty-bytes"):
+            assert cps[name][k] == live_view[name][k], (name, k, cps, live_view)
+    assert os.listdir(os.path.join(state_dir, "live")), "folded too early"
+    bk = live.path("bk")
+    os.mkdir(bk)
+    cbt("backup", "--full", disk, os.path.join(bk, "full.qcow2"))
+    assert not os.listdir(os.path.join(state_dir, "live")), "journal left"
+    # The metadata is in the image now: without the state folder too.
+    os.environ["CBT_STATE_DIR"] = state_dir + "-empty"
+    try:
+        cps = offline_list(disk)
+    finally:
+        os.environ["CBT_STATE_DIR"] = state_dir
+    assert {"off1", "live1"} <= set(cps) and cps["live1"]["usable"], cps
+    res = qemu_img("check", disk, check=False)
+    assert res.rc == 0, res
+
+
+def test_fold_after_qemu_was_killed(live):
+    disk, q = qsd_with_checkpoint(live)
+    cbt("checkpoint", "create", "--qmp", q.cbt_qmp, "vm", "live1")
+    q.kill()
+    cps = offline_list(disk)
+    assert not cps["live1"]["usable"] and not cps["off1"]["usable"], cps
+    bk = live.path("bk")
+    os.mkdir(bk)
+    res = cbt("backup", "--incremental", disk, os.path.join(bk, "i.qcow2"),
+              check=False)
+    assert res.rc == 79, res
+    res = cbt("backup", "--auto", disk, os.path.join(bk, "f.qcow2"))
+    assert "full backup instead" in res.out + res.err, res
+    cbt("checkpoint", "reconcile", "--fix", disk)
+    cbt("backup", "--incremental", disk, os.path.join(bk, "i2.qcow2"))

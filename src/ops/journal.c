@@ -37,9 +37,8 @@ static int state_dir(char **out, struct cbt_error **errp)
     else if ((env = getenv("HOME")) && *env)
         r = asprintf(out, "%s/.local/state/cbt", env);
     else {
-        cbt_error_set(errp, ENOENT, "no folder for cbt's state: set "
-                      "CBT_STATE_DIR");
-        return -1;
+        *out = NULL; /* no state folder: no journal (journal_load) */
+        return 0;
     }
     if (r < 0) {
         *out = NULL;
@@ -87,6 +86,8 @@ static int journal_path(const char *image, char **path, char **real,
     char *dir = NULL;
     if (state_dir(&dir, errp) < 0)
         return -1;
+    if (!dir)
+        return 0; /* no state folder: *path stays NULL */
     int r = asprintf(path, "%s/live/%s.json", dir, hex);
     free(dir);
     if (r < 0) {
@@ -282,8 +283,10 @@ int journal_load(const char *image, struct journal *j, struct cbt_error **errp)
         journal_free(j);
         return -1;
     }
-    int fd = open(j->path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
-    if (fd < 0 && errno == ENOENT) {
+    int fd = j->path ? open(j->path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW |
+                                         O_NONBLOCK)
+                     : -1;
+    if (!j->path || (fd < 0 && errno == ENOENT)) {
         j->image = real;
         return 0;
     }
@@ -347,6 +350,11 @@ static json_t *to_json(const struct journal *j)
 
 int journal_save(struct journal *j, struct cbt_error **errp)
 {
+    if (!j->path) {
+        cbt_error_set(errp, ENOENT, "no folder for cbt's state (no HOME): "
+                      "set CBT_STATE_DIR");
+        return -1;
+    }
     if (j->n == 0 && !j->disk_id[0])
         return journal_remove(j, errp);
     char *dir = strdup(j->path);
@@ -402,7 +410,7 @@ out:
 
 int journal_remove(struct journal *j, struct cbt_error **errp)
 {
-    if (unlink(j->path) < 0 && errno != ENOENT) {
+    if (j->path && unlink(j->path) < 0 && errno != ENOENT) {
         cbt_error_set(errp, errno, "%s: %s", j->path, strerror(errno));
         return -1;
     }
