@@ -57,6 +57,10 @@
 #define QCOW2_MAX_SNAPSHOTS 65536
 #define QCOW2_MAX_SNAPSHOT_EXTRA 1024
 #define QCOW2_MAX_DATA_FILE_NAME 4096
+/* Header extensions cbt keeps in memory (unknown ones are preserved): far
+ * above the handful QEMU writes, far below the 262,143 empty ones a 2 MiB
+ * header cluster can hold. */
+#define QCOW2_MAX_HEADER_EXTS 4096
 
 /* Feature bits */
 #define QCOW2_INCOMPAT_DIRTY (1ull << 0)
@@ -212,7 +216,7 @@ struct qcow2_state {
     uint8_t *extra_header;   /* header bytes in [112, header_length) */
     size_t extra_header_len;
     struct qcow2_ext *exts;  /* preserved unknown extensions */
-    size_t nb_exts;
+    size_t nb_exts, cap_exts;
     struct qcow2_bitmaps_ext bm_ext;
     struct qcow2_bitmap_dirent *bm_dir; /* the directory bm_ext points at */
     uint32_t bm_dir_n;
