@@ -246,16 +246,28 @@ static void pass_error(struct cbt_error **errp, struct cbt_error *err)
 }
 
 /* The raw extension of top: 0 (*present says whether there is one), or -1
- * with *errp. */
+ * with *errp.  Two or more copies of it are an error, unless dup is given:
+ * then *dup is set and the metadata counts as absent. */
 static int raw_load(struct cbt_image *top, uint8_t **buf, size_t *len,
-                    bool *present, struct cbt_error **errp)
+                    bool *present, bool *dup, struct cbt_error **errp)
 {
     *buf = NULL;
     *len = 0;
     int r = blk_ext_get(top, CKPT_EXT_TYPE, buf, len);
     *present = r == 0;
-    if (r == -ENOENT || r == -ENOTSUP)
+    if (dup)
+        *dup = r == -ENOTUNIQ;
+    if (r == -ENOENT || r == -ENOTSUP || (r == -ENOTUNIQ && dup))
         return 0;
+    if (r == -ENOTUNIQ) {
+        cbt_error_set(errp, EINVAL, "%s: the image header holds more than "
+                      "one checkpoint metadata extension (type 0x%08x); cbt "
+                      "writes one, and which copy is current cannot be "
+                      "told, so no checkpoint of this disk is used or "
+                      "changed; 'cbt checkpoint reconcile --fix' replaces "
+                      "them with new metadata", fname(top), CKPT_EXT_TYPE);
+        return -1;
+    }
     if (r < 0) {
         cbt_error_set(errp, -r, "%s: cannot read the checkpoint metadata: %s",
                       fname(top), strerror(-r));
@@ -273,7 +285,7 @@ static int meta_load(struct cbt_image *top, struct ckpt_meta *m,
     uint8_t *buf;
     size_t len;
     bool have;
-    if (raw_load(top, &buf, &len, &have, errp) < 0)
+    if (raw_load(top, &buf, &len, &have, NULL, errp) < 0)
         return -1;
     if (present)
         *present = have;
@@ -347,10 +359,14 @@ static void meta_remove(struct ckpt_meta *m, size_t i)
 }
 
 /* Append a record made now (the newest checkpoint becomes its parent).
- * Takes a copy of name.  0 or -ENOMEM. */
+ * Takes a copy of name.  0, -ENOMEM, or -EOVERFLOW when the orders are
+ * used up: next_order must stay above every order, so the last one a
+ * record can take is UINT64_MAX - 1. */
 static int meta_append(struct ckpt_meta *m, const char *name,
                        uint64_t virtual_size, uint64_t granularity)
 {
+    if (m->next_order == UINT64_MAX)
+        return -EOVERFLOW;
     struct ckpt_rec *v = realloc(m->v, (m->n + 1) * sizeof(*v));
     if (!v)
         return -ENOMEM;
@@ -371,6 +387,21 @@ static int meta_append(struct ckpt_meta *m, const char *name,
     m->v[m->n++] = r;
     m->next_order++;
     return 0;
+}
+
+/* The error for a failed meta_append of checkpoint `name`. */
+static void orders_error(struct cbt_error **errp, struct cbt_image *top,
+                         const char *name, const struct ckpt_meta *m, int r)
+{
+    if (r != -EOVERFLOW) {
+        oom(errp, top);
+        return;
+    }
+    cbt_error_set(errp, EOVERFLOW, "%s: cannot create checkpoint '%s': the "
+                  "checkpoint metadata's next order is %" PRIu64 ", the "
+                  "largest there is, so no new checkpoint can be numbered "
+                  "(was the metadata altered?)", fname(top), name,
+                  m->next_order);
 }
 
 /*
@@ -432,7 +463,7 @@ struct saved_ext {
 static int save_ext(struct cbt_image *top, struct saved_ext *s,
                     struct cbt_error **errp)
 {
-    return raw_load(top, &s->buf, &s->len, &s->present, errp);
+    return raw_load(top, &s->buf, &s->len, &s->present, NULL, errp);
 }
 
 static void undo(struct cbt_image *top, struct saved_ext *s)
@@ -630,6 +661,10 @@ int cbt_checkpoint_create(struct cbt_image *disk, const char *name,
                       fname(disk), name);
         goto out;
     }
+    if (present && m.next_order == UINT64_MAX) {
+        orders_error(errp, disk, name, &m, -EOVERFLOW);
+        goto out;
+    }
     int depth = 0;
     for (struct cbt_image *l = disk; l; l = cbt_image_backing(l), depth++) {
         if (cbt_bitmap_list(l, &list, &n, errp) < 0)
@@ -665,8 +700,9 @@ int cbt_checkpoint_create(struct cbt_image *disk, const char *name,
     for (size_t i = 0; i < n; i++)
         if (strcmp(list[i].name, name) == 0)
             gran = list[i].granularity;
-    if (meta_append(&m, name, cbt_image_size(disk), gran) < 0) {
-        oom(errp, disk);
+    int r = meta_append(&m, name, cbt_image_size(disk), gran);
+    if (r < 0) {
+        orders_error(errp, disk, name, &m, r);
         goto out;
     }
     /* A top without stored bitmaps gains the bitmaps extension (8-byte
@@ -951,9 +987,29 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
     bool changed = false, present = false;
     int ret = -1;
 
-    if (raw_load(disk, &saved.buf, &saved.len, &saved.present, errp) < 0)
+    bool dup = false;
+    if (raw_load(disk, &saved.buf, &saved.len, &saved.present, &dup,
+                 errp) < 0)
         goto out;
     present = saved.present;
+    if (dup) {
+        /* Readers took the first copy, writers changed the last: neither
+         * can be trusted.  The fix replaces them all with one (a failed
+         * fix may leave none: then a full backup is needed, never a
+         * wrong incremental). */
+        changed = fix;
+        if (push_item(&it, CBT_DRIFT_METADATA_CORRUPT, "",
+                      cbt_strdup_printf("the image header holds more than "
+                                        "one checkpoint metadata extension: "
+                                        "which is current cannot be told, "
+                                        "so no checkpoint of this disk can "
+                                        "be trusted"),
+                      cbt_strdup_printf("replace them with one, empty "
+                                        "(a new disk id), and adopt the "
+                                        "bitmaps as below"),
+                      fix) < 0)
+            goto nomem;
+    }
     if (present) {
         char why[256] = "";
         int r = ckpt_meta_parse(saved.buf, saved.len, &m, why, sizeof(why));
@@ -1036,9 +1092,12 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
                           expl, how, fix) < 0)
                 goto nomem;
             if (fix) {
-                if (meta_append(&m, b->name, cbt_image_size(disk),
-                                b->granularity) < 0)
-                    goto nomem;
+                int r = meta_append(&m, b->name, cbt_image_size(disk),
+                                    b->granularity);
+                if (r < 0) {
+                    orders_error(errp, disk, b->name, &m, r);
+                    goto out;
+                }
                 changed = true;
             }
             continue;
@@ -1090,7 +1149,7 @@ int cbt_checkpoint_copy_metadata(struct cbt_image *from, struct cbt_image *to,
     uint8_t *buf;
     size_t len;
     bool present;
-    if (raw_load(from, &buf, &len, &present, errp) < 0)
+    if (raw_load(from, &buf, &len, &present, NULL, errp) < 0)
         return -1;
     if (!present)
         return 0;

@@ -6,10 +6,15 @@ check` counts the damage before and after, `qemu-img compare` tells whether
 the guest's data changed, `qemu-img info` shows the corrupt bit.
 
   * header extensions: thousands of them are bounded and refused clearly;
+  * checkpoint metadata (cbt's header extension 0x63627463): an order
+    counter at its end, or two copies of the extension, are refused before
+    anything is written, and reconcile --fix repairs the copies;
 """
 import os
+import shutil
 import struct
 import time
+import zlib
 
 import interop_lib as L
 from interop_lib import MiB, qemu_img, qemu_io
@@ -70,3 +75,116 @@ def test_many_header_extensions_are_kept(tmp):
     assert len(after) == 2000
     assert [b["name"] for b in L.qemu_bitmaps(img)] == ["b1"]
     L.qemu_check_clean(img)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint metadata (docs/checkpoints.md: version, header size, CRC-32 of
+# bytes 0..3 and 8.., count, flags, disk id, next order at byte 32).
+
+CKPT_EXT = 0x63627463
+
+
+def ckpt_ext(path):
+    """(data offset, length) of every checkpoint extension in the header."""
+    return [(off, n) for t, off, n in L.header_extensions(path) if t == CKPT_EXT]
+
+
+def ckpt_crc(buf):
+    return zlib.crc32(buf[8:], zlib.crc32(buf[:4])) & 0xFFFFFFFF
+
+
+def set_next_order(path, value):
+    q = L.Qcow2(path)
+    (off, n), = ckpt_ext(path)
+    buf = bytearray(q.pread(off, n))
+    struct.pack_into(">Q", buf, 32, value)
+    struct.pack_into(">I", buf, 4, ckpt_crc(bytes(buf)))
+    q.pwrite(off, bytes(buf))
+
+
+def duplicate_ckpt_ext(path):
+    """Insert a second copy of the checkpoint extension right after the
+    first (the header cluster has room to spare)."""
+    q = L.Qcow2(path)
+    (off, n), = ckpt_ext(path)
+    rec_len = 8 + (n + 7) // 8 * 8
+    rec = q.pread(off - 8, rec_len)
+    end = q.backing_file_offset or q.cluster_size
+    tail = q.pread(off - 8 + rec_len, end - (off - 8 + rec_len) - rec_len)
+    q.pwrite(off - 8 + rec_len, rec + tail)
+
+
+def checkpoint_disk(d):
+    disk = os.path.join(d, "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", disk, "4M")
+    qemu_io("-f", "qcow2", "-c", "write -P 0x11 0 256k", disk)
+    os.mkdir(os.path.join(d, "bk"))
+    L.cbt_ok("backup", "--full", "--checkpoint", "mon", disk,
+             os.path.join(d, "bk", "full.qcow2"))
+    return disk
+
+
+def ckpt_names(disk):
+    data = L.cbt_json("checkpoint", "list", "--output=json", disk)
+    if isinstance(data, dict):
+        data = data.get("checkpoints", [])
+    return [c["name"] for c in data]
+
+
+def test_checkpoint_order_counter_at_its_end(tmp):
+    """next_order 2^64-1: the next checkpoint would wrap the counter to 0,
+    which every reader rejects.  Backups and checkpoint create refuse,
+    saying why, and leave the disk's metadata readable and unchanged."""
+    d = str(tmp)
+    disk = checkpoint_disk(d)
+    set_next_order(disk, 2**64 - 1)
+    assert ckpt_names(disk) == ["mon"]
+    before = L.file_digest(disk)
+    qemu_io("-f", "qcow2", "-c", "write -P 0x22 1M 64k", disk)
+    data_written = L.file_digest(disk)
+    assert data_written != before
+    target = os.path.join(d, "bk", "inc.qcow2")
+    for args in (["backup", "--incremental", disk, target],
+                 ["backup", "--full", "--checkpoint", "tue", disk, target],
+                 ["checkpoint", "create", disk, "tue"]):
+        res = L.cbt_rc(*args)
+        assert res.rc != 0, "cbt %s wrapped the order counter: %r" % (args[:2], res)
+        assert "next order" in res.err and str(2**64 - 1) in res.err, res
+        assert not os.path.exists(target), os.listdir(os.path.join(d, "bk"))
+        assert ckpt_names(disk) == ["mon"]
+    L.qemu_check_clean(disk)
+
+
+def test_two_checkpoint_extensions(tmp):
+    """Two copies of the checkpoint extension: readers used the first,
+    writers changed the last, so a new checkpoint was invisible.  Now
+    every checkpoint command refuses, naming the problem, and writes
+    nothing; reconcile --fix replaces the copies with one."""
+    d = str(tmp)
+    disk = checkpoint_disk(d)
+    duplicate_ckpt_ext(disk)
+    assert len(ckpt_ext(disk)) == 2
+    L.qemu_check_clean(disk)
+    before = L.file_digest(disk)
+    for args in (["checkpoint", "list", disk],
+                 ["checkpoint", "show", disk, "mon"],
+                 ["checkpoint", "create", disk, "tue"],
+                 ["checkpoint", "delete", disk, "mon"],
+                 ["backup", "--full", "--checkpoint", "tue", disk,
+                  os.path.join(d, "bk", "f2.qcow2")],
+                 ["backup", "--incremental", disk, os.path.join(d, "bk", "i.qcow2")]):
+        res = L.cbt_rc(*args)
+        assert res.rc != 0, "cbt %s accepted two extensions: %r" % (args[:2], res)
+        assert "more than one checkpoint metadata extension" in res.err, res
+        assert L.file_digest(disk) == before, "cbt %s changed the disk" % args[:2]
+    assert sorted(os.listdir(os.path.join(d, "bk"))) == \
+        ["full.qcow2", "full.qcow2.hashes", "full.qcow2.json"]
+    res = L.cbt_rc("checkpoint", "reconcile", disk)
+    assert "more than one checkpoint metadata extension" in res.out + res.err, res
+    assert L.file_digest(disk) == before
+    L.cbt_ok("checkpoint", "reconcile", "--fix", disk)
+    assert len(ckpt_ext(disk)) == 1
+    assert ckpt_names(disk) == ["mon"]  # the bitmap adopted, a new disk id
+    L.cbt_ok("checkpoint", "create", disk, "tue")
+    assert ckpt_names(disk) == ["mon", "tue"]
+    L.qemu_check_clean(disk)

@@ -551,13 +551,41 @@ const struct qcow2_ext *qcow2_find_ext(const struct qcow2_state *s,
     return NULL;
 }
 
+size_t qcow2_count_ext(const struct qcow2_state *s, uint32_t type)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < s->nb_exts; i++)
+        n += s->exts[i].type == type;
+    return n;
+}
+
+/* Keep only the first extension of `type` (the one readers see). */
+static void drop_duplicate_exts(struct qcow2_state *s, uint32_t type)
+{
+    size_t k = 0;
+    bool seen = false;
+    for (size_t i = 0; i < s->nb_exts; i++) {
+        if (s->exts[i].type == type && seen) {
+            free(s->exts[i].data);
+            continue;
+        }
+        seen = seen || s->exts[i].type == type;
+        s->exts[k++] = s->exts[i];
+    }
+    s->nb_exts = k;
+}
+
 int qcow2_set_ext(struct qcow2_state *s, uint32_t type, const void *data,
                   uint32_t len)
 {
-    struct qcow2_ext *old = NULL;
-    for (size_t i = 0; i < s->nb_exts; i++)
-        if (s->exts[i].type == type)
-            old = &s->exts[i];
+    /* Setting is replacing them all: copies left behind would hide the new
+     * one from readers, which take the first.  Dropping them only makes
+     * the header shorter, so it fits whatever follows. */
+    if (qcow2_count_ext(s, type) > 1) {
+        drop_duplicate_exts(s, type);
+        s->header_dirty = true;
+    }
+    struct qcow2_ext *old = (struct qcow2_ext *)qcow2_find_ext(s, type);
     struct qcow2_ext saved = old ? *old : (struct qcow2_ext){ 0 };
     uint8_t *copy = NULL;
     if (data) {

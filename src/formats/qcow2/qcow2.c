@@ -480,9 +480,12 @@ static int qcow2_change_backing(struct blk_node *node, const char *name,
 static int qcow2_ext_get(struct blk_node *node, uint32_t type,
                          uint8_t **data, size_t *len)
 {
-    const struct qcow2_ext *e = qcow2_find_ext(qcow2_state(node), type);
+    const struct qcow2_state *s = qcow2_state(node);
+    const struct qcow2_ext *e = qcow2_find_ext(s, type);
     if (!e)
         return -ENOENT;
+    if (qcow2_count_ext(s, type) > 1)
+        return -ENOTUNIQ;
     *data = malloc(e->len ? e->len : 1);
     if (!*data)
         return -ENOMEM;

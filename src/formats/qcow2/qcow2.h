@@ -310,13 +310,16 @@ int qcow2_write_header(struct qcow2_state *s);
 /* The same, saying whether the header write itself landed (*written: a
  * later sync may still have failed) or not (the header is unchanged). */
 int qcow2_write_header_ex(struct qcow2_state *s, bool *written);
-/* The preserved (unknown to cbt's qcow2 code) extension of `type`, or NULL. */
+/* The first preserved (unknown to cbt's qcow2 code) extension of `type`,
+ * or NULL; and how many of that type the header holds. */
 const struct qcow2_ext *qcow2_find_ext(const struct qcow2_state *s,
                                       uint32_t type);
-/* Replace the preserved extension of `type` (data NULL: drop it), in
- * memory; the header is marked dirty and written by the next flush or
- * bitmap store (one header write with the bitmaps).  -ENOSPC (nothing
- * changed) when the header would no longer fit in its cluster. */
+size_t qcow2_count_ext(const struct qcow2_state *s, uint32_t type);
+/* Replace the preserved extensions of `type` by one (data NULL: drop them
+ * all), in memory; the header is marked dirty and written by the next
+ * flush or bitmap store (one header write with the bitmaps).  -ENOSPC
+ * when the header would no longer fit in its cluster: then only copies
+ * beyond the first may have gone. */
 int qcow2_set_ext(struct qcow2_state *s, uint32_t type, const void *data,
                   uint32_t len);
 void qcow2_free_header(struct qcow2_state *s);
