@@ -9,12 +9,20 @@ the guest's data changed, `qemu-img info` shows the corrupt bit.
   * checkpoint metadata (cbt's header extension 0x63627463): an order
     counter at its end, or two copies of the extension, are refused before
     anything is written, and reconcile --fix repairs the copies;
+  * overlapping metadata (an L2 table that is a refcount block, a bitmap
+    table on the refcount table, a data cluster that is the L1 table...):
+    a write command refuses, marks the image corrupt as QEMU does, and
+    leaves the guest's data and `qemu-img check`'s count as they were;
+    `check -r all` then repairs what qemu-img check -r all repairs;
 """
+import json
 import os
 import shutil
 import struct
 import time
 import zlib
+
+import pytest
 
 import interop_lib as L
 from interop_lib import MiB, qemu_img, qemu_io
@@ -188,3 +196,148 @@ def test_two_checkpoint_extensions(tmp):
     L.cbt_ok("checkpoint", "create", disk, "tue")
     assert ckpt_names(disk) == ["mon", "tue"]
     L.qemu_check_clean(disk)
+
+
+# ---------------------------------------------------------------------------
+# Overlapping metadata.  A 4 MiB image with 64 KiB clusters: header 0,
+# refcount table 0x10000, refcount block 0x20000, L1 0x30000, L2 0x40000,
+# data for guest 0 and 64k, then for 1M.
+
+
+def damaged_base(path, bitmap=False):
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    if bitmap:
+        qemu_img("bitmap", "--add", path, "old")
+    qemu_io("-f", "qcow2", "-c", "write -P 0x11 0 128k",
+            "-c", "write -P 0x22 1M 64k", path)
+    return L.Qcow2(path)
+
+
+def o_l2_is_refblock(path):
+    """L1[0] points at the refcount block: the L2 table is a refcount block."""
+    q = damaged_base(path)
+    q.put_u64(q.l1_entry_off(0),
+              q.u64(q.refcount_table_offset) | L.OFLAG_COPIED)
+    return 0
+
+
+def o_refblock_is_l2(path):
+    """The refcount table points at the L2 table: a refcount block that is
+    an L2 table (its refcounts say the refcount table is free)."""
+    q = damaged_base(path)
+    q.put_u64(q.refcount_table_offset, q.l1(0) & L.L1E_OFFSET_MASK)
+    return 2 * MiB
+
+
+def o_bitmap_table_on_reftable(path):
+    """A bitmap's table is the refcount table (its entry points at the
+    refcount block, so the bitmap's data is the refcount block)."""
+    q = damaged_base(path, bitmap=True)
+    e = L.bitmap_directory(path)[0]
+    q.put_u64(e["entry_offset"], q.refcount_table_offset)
+    return 2 * MiB
+
+
+def o_data_is_l1(path):
+    """The data cluster of guest 1M is the L1 table."""
+    q = damaged_base(path)
+    q.put_u64(q.l2_entry_off(1 * MiB), q.l1_table_offset | L.OFLAG_COPIED)
+    return 1 * MiB
+
+
+OVERLAPS = {
+    "l2-is-refblock": o_l2_is_refblock,
+    "refblock-is-l2": o_refblock_is_l2,
+    "bitmap-table-on-reftable": o_bitmap_table_on_reftable,
+    "data-is-l1": o_data_is_l1,
+}
+
+# The commands of the issue; WOFF is a guest offset whose write reaches the
+# damage.  For each case, the commands whose job touches damaged metadata
+# and must be refused; the others may succeed, changing no guest data.
+COMMANDS = {
+    "bitmap": ["bitmap", "--add", "IMG", "b1"],
+    "io": ["io", "-c", "write -P 0x77 WOFF 64k", "IMG"],
+    "backup": ["backup", "--full", "IMG", "BK/full.qcow2"],
+}
+REFUSED = {
+    "l2-is-refblock": {"bitmap", "io", "backup"},
+    "refblock-is-l2": {"bitmap", "io", "backup"},
+    "bitmap-table-on-reftable": {"bitmap", "io", "backup"},
+    "data-is-l1": {"io"},
+}
+# What the warning names: QEMU's names for the structure hit.
+STRUCTURE = {
+    "l2-is-refblock": "active L2 table",
+    "refblock-is-l2": "refcount table",
+    "bitmap-table-on-reftable": "refcount table",
+    "data-is-l1": "active L1 table",
+}
+
+
+def check_counts(path):
+    rc, data, res = L.qemu_check(path)
+    assert data is not None, "qemu-img check gave no result: %r" % res
+    return data.get("corruptions", 0), data.get("leaks", 0)
+
+
+def qemu_corrupt(path):
+    info = L.qemu_json("info", "--output=json", "-f", "qcow2", path)
+    return info["format-specific"]["data"].get("corrupt", False)
+
+
+OVERLAP_PARAMS = [(c, cmd) for c in OVERLAPS for cmd in COMMANDS]
+
+
+@pytest.mark.parametrize("case,command", OVERLAP_PARAMS,
+                         ids=["%s-%s" % p for p in OVERLAP_PARAMS])
+def test_overlapping_metadata_is_never_written(tmp, case, command):
+    d = str(tmp)
+    img = os.path.join(d, "img.qcow2")
+    woff = OVERLAPS[case](img)
+    orig = L.copy(img, os.path.join(d, "orig.qcow2"))
+    before = check_counts(img)
+    assert before[0] > 0, "the damage is not seen by qemu-img check"
+    os.mkdir(os.path.join(d, "bk"))
+    args = [a.replace("IMG", img).replace("BK", os.path.join(d, "bk"))
+            .replace("WOFF", str(woff)) for a in COMMANDS[command]]
+    res = L.cbt_rc(*args)
+    cmp = qemu_img("compare", "-f", "qcow2", "-F", "qcow2", orig, img,
+                   check=False)
+    assert cmp.rc == 0, "guest data changed: %s\n%r" % (cmp.out, res)
+    after = check_counts(img)
+    assert after[0] <= before[0] and after[1] <= before[1], \
+        "qemu-img check: %s before, %s after\n%r" % (before, after, res)
+    if command not in REFUSED[case]:
+        assert res.rc == 0, res
+        return
+    assert res.rc != 0, "cbt %s did not refuse: %r" % (command, res)
+    assert "Marking image as corrupt" in res.err, res
+    assert STRUCTURE[case] in res.err and "img.qcow2" in res.err, res
+    assert qemu_corrupt(img), "the corrupt bit is not set"
+    # Read-write opens are refused from now on, reads still work.
+    res = L.cbt_rc("io", "-c", "write 3M 4k", img)
+    assert res.rc != 0 and "marked corrupt" in res.err, res
+    L.cbt_ok("info", img)
+    assert check_counts(img) == after
+
+
+@pytest.mark.parametrize("case", list(OVERLAPS))
+def test_check_repairs_what_qemu_repairs_after_corruption(tmp, case):
+    """After cbt marked an image corrupt, `cbt check -r all` leaves it as
+    `qemu-img check -r all` does: the same counts, the corrupt bit cleared
+    exactly when QEMU clears it."""
+    d = str(tmp)
+    img = os.path.join(d, "img.qcow2")
+    woff = OVERLAPS[case](img)
+    res = L.cbt_rc("io", "-c", "write -P 0x77 %d 64k" % woff, img)
+    assert res.rc != 0 and qemu_corrupt(img), res
+    q = L.copy(img, os.path.join(d, "q.qcow2"))
+    qemu_img("check", "-r", "all", "-f", "qcow2", q, check=False)
+    L.cbt_rc("check", "-r", "all", "-f", "qcow2", img)
+    assert qemu_corrupt(img) == qemu_corrupt(q)
+    assert check_counts(img) == check_counts(q)
+    if not qemu_corrupt(img):
+        L.cbt_ok("io", "-c", "write -P 0x33 3M 64k", img)
+        L.qemu_check_clean(img)
+

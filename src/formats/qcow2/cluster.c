@@ -139,8 +139,9 @@ int qcow2_write_l1(struct qcow2_state *s)
         return -ENOMEM;
     for (uint32_t i = lo; i < hi; i++)
         be[i - lo] = cpu_to_be64(s->l1[i]);
-    int r = file_pwrite_full(s->node->fd, be, (size_t)(hi - lo) * 8,
-                             s->h.l1_table_offset + (uint64_t)lo * 8);
+    int r = qcow2_pwrite_meta(s, be, (size_t)(hi - lo) * 8,
+                              s->h.l1_table_offset + (uint64_t)lo * 8,
+                              QCOW2_OL_ACTIVE_L1);
     free(be);
     if (r < 0)
         return r;
@@ -192,6 +193,11 @@ int qcow2_get_l2(struct qcow2_state *s, uint64_t off, bool alloc, uint8_t **l2,
     int r = qcow2_cache_get(s, &s->l2_cache, (uint64_t)new_off, true, &table);
     if (r < 0)
         return r;
+    r = qcow2_meta_add(s, (uint64_t)new_off, QCOW2_OL_ACTIVE_L2);
+    if (r < 0) {
+        qcow2_cache_put(&s->l2_cache, table);
+        return r;
+    }
     if (l2_off) {
         uint8_t *old;
         r = qcow2_cache_get(s, &s->l2_cache, (uint64_t)l2_off, false, &old);
@@ -205,8 +211,12 @@ int qcow2_get_l2(struct qcow2_state *s, uint64_t off, bool alloc, uint8_t **l2,
          * per L1 -> L2 path, and the snapshot that shared this table has
          * counted its path already.  Only the old table loses the active
          * L1's reference. */
-        if (r == 0)
+        if (r == 0) {
+            /* From now on a snapshot's table (not tracked), no longer
+             * the active one. */
+            qcow2_meta_remove(s, (uint64_t)l2_off, QCOW2_OL_ACTIVE_L2);
             r = qcow2_free_clusters_deferred(s, (uint64_t)l2_off, s->cluster_size);
+        }
         if (r < 0) {
             qcow2_cache_put(&s->l2_cache, table);
             return r;

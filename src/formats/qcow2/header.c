@@ -522,6 +522,8 @@ int qcow2_write_header_ex(struct qcow2_state *s, bool *written)
 {
     if (written)
         *written = false;
+    if (s->corrupt)
+        return -EIO;
     CLEANUP_FREE uint8_t *buf = cbt_zalloc_aligned(s->cluster_size);
     if (!buf)
         return -ENOMEM;

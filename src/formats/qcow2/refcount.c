@@ -171,6 +171,9 @@ static int create_refblock(struct qcow2_state *s, uint64_t g, uint64_t at)
     qcow2_rb_set(rb, at & (s->rb_entries - 1), s->refcount_order, 1);
     qcow2_cache_mark_dirty(&s->rb_cache, rb);
     qcow2_cache_put(&s->rb_cache, rb);
+    r = qcow2_meta_add(s, at << s->cluster_bits, QCOW2_OL_REFCOUNT_BLOCK);
+    if (r < 0)
+        return r;
     s->reftable[g] = at << s->cluster_bits;
     mark_reftable_dirty(s, g);
     s->alloc_end = MAX(s->alloc_end, at + 1);
@@ -440,7 +443,7 @@ static int grow_reftable(struct qcow2_state *s, uint64_t min_entries)
         } else {
             for (uint64_t i = 0; i < entries; i++)
                 be[i] = cpu_to_be64(table[i]);
-            r = file_pwrite_full(s->node->fd, be, entries * 8, toff);
+            r = qcow2_pwrite_meta(s, be, entries * 8, toff, 0);
             free(be);
         }
     }
@@ -463,6 +466,7 @@ static int grow_reftable(struct qcow2_state *s, uint64_t min_entries)
     free(old_table);
     s->reftable_dirty_lo = UINT64_MAX;
     s->reftable_dirty_hi = 0;
+    qcow2_meta_invalidate(s);
     /* The header no longer points at the old table: free it now. */
     return qcow2_update_refcount(s, old_offset, old_clusters << s->cluster_bits,
                                  -1);
@@ -523,7 +527,10 @@ int qcow2_apply_pending_frees(struct qcow2_state *s)
     size_t i;
     for (i = 0; i < s->nb_pending_free; i++) {
         uint64_t off = s->pending_free[i], len = s->pending_free_len[i];
-        r = qcow2_update_refcount(s, off, len, -1);
+        /* What the dropped references pointed at may not be metadata. */
+        r = qcow2_pre_free(s, off, len, 0);
+        if (r == 0)
+            r = qcow2_update_refcount(s, off, len, -1);
         if (r < 0)
             break;
         uint64_t first = ALIGN_UP(off, s->cluster_size);
@@ -569,8 +576,9 @@ int qcow2_write_refcounts(struct qcow2_state *s)
         return -ENOMEM;
     for (uint64_t i = lo; i < hi; i++)
         be[i - lo] = cpu_to_be64(s->reftable[i]);
-    r = file_pwrite_full(s->node->fd, be, (hi - lo) * 8,
-                         s->h.refcount_table_offset + lo * 8);
+    r = qcow2_pwrite_meta(s, be, (hi - lo) * 8,
+                          s->h.refcount_table_offset + lo * 8,
+                          QCOW2_OL_REFCOUNT_TABLE);
     free(be);
     if (r < 0)
         return r;

@@ -89,6 +89,7 @@ int qcow2_read_snapshots(struct qcow2_state *s, uint64_t file_len,
         if (file_pread_exact(s->node->fd, sn->name, name_len, off) < 0)
             goto truncated;
         off += name_len;
+        s->snapshots_size = off - h->snapshots_offset; /* QEMU's length */
         off = ALIGN_UP(off, 8);
         if ((uint64_t)sn->l1_size * 8 > QCOW2_MAX_L1_BYTES ||
             !IS_ALIGNED(sn->l1_table_offset, s->cluster_size)) {
