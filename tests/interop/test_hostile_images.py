@@ -14,6 +14,9 @@ the guest's data changed, `qemu-img info` shows the corrupt bit.
     a write command refuses, marks the image corrupt as QEMU does, and
     leaves the guest's data and `qemu-img check`'s count as they were;
     `check -r all` then repairs what qemu-img check -r all repairs;
+  * a data cluster whose refcount is 0: jobs that only change metadata
+    (bitmaps, checkpoints, a backup's checkpoint, growing the L1 table)
+    never take it for their own clusters, so the guest's data stays;
 """
 import json
 import os
@@ -266,12 +269,13 @@ REFUSED = {
     "bitmap-table-on-reftable": {"bitmap", "io", "backup"},
     "data-is-l1": {"io"},
 }
-# What the warning names: QEMU's names for the structure hit.
+# What the warning may name (QEMU's names): one of the structures that share
+# the cluster, or the one the write was about to destroy.
 STRUCTURE = {
-    "l2-is-refblock": "active L2 table",
-    "refblock-is-l2": "refcount table",
-    "bitmap-table-on-reftable": "refcount table",
-    "data-is-l1": "active L1 table",
+    "l2-is-refblock": ("active L2 table", "refcount block"),
+    "refblock-is-l2": ("refcount table", "refcount block", "active L2 table"),
+    "bitmap-table-on-reftable": ("refcount table", "refcount block"),
+    "data-is-l1": ("active L1 table",),
 }
 
 
@@ -313,7 +317,8 @@ def test_overlapping_metadata_is_never_written(tmp, case, command):
         return
     assert res.rc != 0, "cbt %s did not refuse: %r" % (command, res)
     assert "Marking image as corrupt" in res.err, res
-    assert STRUCTURE[case] in res.err and "img.qcow2" in res.err, res
+    assert any("overlaps with %s" % n in res.err for n in STRUCTURE[case]), res
+    assert "img.qcow2" in res.err, res
     assert qemu_corrupt(img), "the corrupt bit is not set"
     # Read-write opens are refused from now on, reads still work.
     res = L.cbt_rc("io", "-c", "write 3M 4k", img)
@@ -341,3 +346,35 @@ def test_check_repairs_what_qemu_repairs_after_corruption(tmp, case):
         L.cbt_ok("io", "-c", "write -P 0x33 3M 64k", img)
         L.qemu_check_clean(img)
 
+
+# ---------------------------------------------------------------------------
+# A data cluster still referenced by an L2 entry, its refcount 0.
+
+METADATA_JOBS = {
+    "bitmap-add": ["bitmap", "--add", "IMG", "b1"],
+    "checkpoint": ["checkpoint", "create", "IMG", "c1"],
+    "backup": ["backup", "--full", "IMG", "BK/full.qcow2"],
+    "resize": ["resize", "IMG", "1T"],  # the L1 table grows and moves
+}
+
+
+@pytest.mark.parametrize("job", list(METADATA_JOBS))
+def test_metadata_job_never_takes_a_referenced_cluster(tmp, job):
+    d = str(tmp)
+    img = os.path.join(d, "img.qcow2")
+    q = damaged_base(img, bitmap=True)
+    host = q.host_cluster(0)
+    q.set_refcount(host // q.cluster_size, 0)
+    orig = L.copy(img, os.path.join(d, "orig.qcow2"))
+    before = check_counts(img)
+    assert before[0] > 0
+    os.mkdir(os.path.join(d, "bk"))
+    args = [a.replace("IMG", img).replace("BK", os.path.join(d, "bk"))
+            for a in METADATA_JOBS[job]]
+    L.cbt_ok(*args)
+    cmp = qemu_img("compare", "-f", "qcow2", "-F", "qcow2", orig, img,
+                   check=False)
+    assert cmp.rc == 0, "guest data changed: %s" % cmp.out
+    assert q.host_cluster(0) == host
+    after = check_counts(img)
+    assert after[0] <= before[0] and after[1] <= before[1], (before, after)

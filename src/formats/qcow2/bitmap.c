@@ -785,7 +785,7 @@ static int write_bitmap(struct qcow2_state *s, struct new_entry *ne,
     for (uint64_t i = 0; i < tb_size; i++) {
         if (bm_chunk_is_clean(b->bm, i, cs))
             continue;
-        int64_t off = qcow2_alloc_clusters(s, 1);
+        int64_t off = qcow2_alloc_clusters_append(s, 1);
         if (off < 0) {
             r = (int)off;
             cbt_error_set(errp, -r, "%s: Failed to allocate clusters for "
@@ -804,7 +804,7 @@ static int write_bitmap(struct qcow2_state *s, struct new_entry *ne,
     }
     uint64_t tbytes = tb_size * 8;
     uint64_t cbytes = table_bytes_on_disk(s, (uint32_t)tb_size);
-    int64_t toff = qcow2_alloc_clusters(s, cbytes >> s->cluster_bits);
+    int64_t toff = qcow2_alloc_clusters_append(s, cbytes >> s->cluster_bits);
     if (toff < 0) {
         r = (int)toff;
         cbt_error_set(errp, -r, "%s: Failed to allocate clusters for bitmap "
@@ -904,7 +904,7 @@ static int grow_table(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d
     for (uint32_t i = 0; be && i < d->table_size; i++)
         stbe64(be + 8 * i, t[i]);
     free(t);
-    int64_t toff = r < 0 ? r : qcow2_alloc_clusters(s, cbytes >> s->cluster_bits);
+    int64_t toff = r < 0 ? r : qcow2_alloc_clusters_append(s, cbytes >> s->cluster_bits);
     if (toff < 0) {
         free(be);
         cbt_error_set(errp, (int)-toff, "%s: cannot allocate a table for "
@@ -1107,7 +1107,7 @@ static int store(struct qcow2_state *s, enum store_mode mode,
             memcpy(e + QCOW2_BME_FIXED_SIZE, v[i].name, len);
             pos += dirent_size(len);
         }
-        int64_t off = qcow2_alloc_clusters(s, dbytes >> s->cluster_bits);
+        int64_t off = qcow2_alloc_clusters_append(s, dbytes >> s->cluster_bits);
         int r = off < 0 ? (int)off
                         : qcow2_pwrite_meta(s, dir, dbytes, (uint64_t)off, 0);
         s->need_sync = true;

@@ -180,6 +180,14 @@ int qcow2_get_l2(struct qcow2_state *s, uint64_t off, bool alloc, uint8_t **l2,
     if (l1_index >= s->l1_size)
         return alloc ? -EIO : 0; /* the caller checked the range */
     bool copied = s->l1[l1_index] & QCOW2_OFLAG_COPIED;
+    /* A table about to change must be one that can be written back: found
+     * out now, before the caller writes any data for it. */
+    int r = alloc && l2_off && copied
+                ? qcow2_pre_write(s, (uint64_t)l2_off, s->cluster_size,
+                                  QCOW2_OL_ACTIVE_L2)
+                : 0;
+    if (r < 0)
+        return r;
     if (l2_off && (copied || !alloc))
         return qcow2_cache_get(s, &s->l2_cache, (uint64_t)l2_off, false, l2);
     if (!alloc)
@@ -189,8 +197,11 @@ int qcow2_get_l2(struct qcow2_state *s, uint64_t off, bool alloc, uint8_t **l2,
     int64_t new_off = qcow2_alloc_clusters(s, 1);
     if (new_off < 0)
         return (int)new_off;
+    r = qcow2_pre_write(s, (uint64_t)new_off, s->cluster_size, 0);
+    if (r < 0)
+        return r;
     uint8_t *table;
-    int r = qcow2_cache_get(s, &s->l2_cache, (uint64_t)new_off, true, &table);
+    r = qcow2_cache_get(s, &s->l2_cache, (uint64_t)new_off, true, &table);
     if (r < 0)
         return r;
     r = qcow2_meta_add(s, (uint64_t)new_off, QCOW2_OL_ACTIVE_L2);

@@ -269,7 +269,7 @@ static int grow_l1(struct qcow2_state *s, uint64_t entries)
     memcpy(l1, s->l1, (size_t)s->l1_size * 8);
     /* Everything the old L1 points at must be durable first. */
     int r = qcow2_flush_metadata(s);
-    int64_t off = r < 0 ? r : qcow2_alloc_clusters(s, nclusters);
+    int64_t off = r < 0 ? r : qcow2_alloc_clusters_append(s, nclusters);
     if (off < 0) {
         free(l1);
         return (int)off;

@@ -40,6 +40,12 @@
  *    metadata (overlap.c); a write that would land on metadata is not
  *    made, and the image is marked corrupt and takes no more writes.
  *
+ *  - Metadata-only allocations (the bitmap store, a moved L1 table, a
+ *    grown refcount structure) take clusters past the end of the file and
+ *    of everything in use (qcow2_alloc_clusters_append): a cluster whose
+ *    refcount is 0 may still be referenced by a damaged L2 table, and
+ *    only a full check could tell.
+ *
  *  - All functions are called with node->lock held (the block layer takes
  *    it); nothing here is thread-safe on its own.
  */
@@ -398,8 +404,11 @@ void qcow2_rb_set(uint8_t *rb, uint64_t idx, uint32_t order, uint64_t v);
 int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster_index,
                        uint64_t *refcount);
 /* Allocate n contiguous clusters with refcount 1; returns host offset or
- * -errno. */
+ * -errno.  _append: past the end of the file and of every cluster in use,
+ * never a cluster with refcount 0 that something may still reference
+ * (metadata-only jobs, see the design notes). */
 int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n);
+int64_t qcow2_alloc_clusters_append(struct qcow2_state *s, uint64_t n);
 /* Allocate `size` bytes (1..cluster_size) for compressed data, packed
  * after the previous compressed cluster when they fit (QEMU's
  * free_byte_offset): every host cluster the bytes touch gains one
