@@ -17,6 +17,9 @@ the guest's data changed, `qemu-img info` shows the corrupt bit.
   * a data cluster whose refcount is 0: jobs that only change metadata
     (bitmaps, checkpoints, a backup's checkpoint, growing the L1 table)
     never take it for their own clusters, so the guest's data stays;
+  * snapshot table entries QEMU repairs (incomplete v3 entries, too much
+    extra data): `cbt check` reports them as qemu-img check does, and
+    `-r all` writes the same table qemu-img check -r all writes;
 """
 import json
 import os
@@ -378,3 +381,115 @@ def test_metadata_job_never_takes_a_referenced_cluster(tmp, job):
     assert q.host_cluster(0) == host
     after = check_counts(img)
     assert after[0] <= before[0] and after[1] <= before[1], (before, after)
+
+
+# ---------------------------------------------------------------------------
+# Snapshot table entries: 40 fixed bytes (extra_data_size at 36), the
+# extra data, the id, the name; entries 8-byte aligned.
+
+
+def snapshot_entries(q):
+    """[(offset, fixed bytes, extra, id, name)] of the table."""
+    out, off = [], q.snapshots_offset
+    for _ in range(q.nb_snapshots):
+        off = (off + 7) // 8 * 8
+        fx = q.pread(off, 40)
+        extra = struct.unpack(">I", fx[36:40])[0]
+        idl, nl = struct.unpack(">HH", fx[12:16])
+        ex = q.pread(off + 40, extra)
+        ident = q.pread(off + 40 + extra, idl)
+        name = q.pread(off + 40 + extra + idl, nl)
+        out.append((off, fx, ex, ident, name))
+        off += 40 + extra + idl + nl
+    return out
+
+
+def snapshot_table_bytes(path):
+    q = L.Qcow2(path)
+    return b"".join(fx + ex + i + n for _, fx, ex, i, n in snapshot_entries(q))
+
+
+def rewrite_entry(path, index, extra):
+    """Give entry `index` `extra` as its extra data (the entries after it
+    move; the table's clusters have room)."""
+    q = L.Qcow2(path)
+    ents = snapshot_entries(q)
+    base = ents[0][0]
+    buf = b""
+    for k, (_, fx, ex, ident, name) in enumerate(ents):
+        if k == index:
+            ex = extra
+            fx = fx[:36] + struct.pack(">I", len(ex))
+        buf += b"\0" * ((-len(buf)) % 8) + fx + ex + ident + name
+    assert len(buf) <= q.cluster_size
+    q.pwrite(base, buf)
+
+
+def snapshot_image(path):
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    qemu_io("-f", "qcow2", "-c", "write -P 0x11 0 128k", path)
+    qemu_img("snapshot", "-c", "first", path)
+    qemu_io("-f", "qcow2", "-c", "write -P 0x22 64k 128k", path)
+    qemu_img("snapshot", "-c", "second", path)
+    qemu_io("-f", "qcow2", "-c", "write -P 0x33 1M 64k", path)
+    return L.Qcow2(path)
+
+
+def s_incomplete(path):
+    """Entry 0 with no extra data (v3 wants 16 bytes: the disk size)."""
+    snapshot_image(path)
+    rewrite_entry(path, 0, b"")
+
+
+def s_short(path):
+    """Entry 1 with 8 bytes of extra data: the VM state size only."""
+    q = snapshot_image(path)
+    ex = snapshot_entries(q)[1][2]
+    rewrite_entry(path, 1, ex[:8])
+
+
+def s_too_much_extra(path):
+    """Entry 1 with 2000 bytes of extra data (QEMU reads at most 1 KiB)."""
+    q = snapshot_image(path)
+    ex = snapshot_entries(q)[1][2]
+    rewrite_entry(path, 1, ex + bytes(range(256)) * 7 + b"\xab" * (2000 - len(ex) - 1792))
+
+
+SNAPSHOT_DAMAGE = {"incomplete": s_incomplete, "short": s_short,
+                   "too-much-extra": s_too_much_extra}
+
+
+@pytest.mark.parametrize("case", list(SNAPSHOT_DAMAGE))
+def test_snapshot_table_repair_matches_qemu(tmp, case):
+    d = str(tmp)
+    img = os.path.join(d, "img.qcow2")
+    SNAPSHOT_DAMAGE[case](img)
+    q = L.copy(img, os.path.join(d, "q.qcow2"))
+    c = L.copy(img, os.path.join(d, "c.qcow2"))
+    # Detection: qemu-img check's exit status and counts.
+    qrc, qdata, qres = L.qemu_check(q)
+    assert qrc != 0, "the damage is not seen by qemu-img check: %r" % qres
+    res = L.cbt_rc("check", "--output=json", "-f", "qcow2", c)
+    assert res.rc == qrc, "cbt check: %r\nqemu-img check: %r" % (res, qres)
+    if qdata is not None:
+        cdata = json.loads(res.out)
+        for k in ("corruptions", "leaks", "check-errors"):
+            assert cdata.get(k, 0) == qdata.get(k, 0), (k, cdata, qdata)
+    assert L.file_digest(c) == L.file_digest(img), "cbt check changed the file"
+    # Repair: the same table, the same snapshots, the same data.
+    qemu_img("check", "-r", "all", "-f", "qcow2", q)
+    L.cbt_ok("check", "-r", "all", "-f", "qcow2", c)
+    L.qemu_check_clean(q)
+    L.qemu_check_clean(c)
+    assert snapshot_table_bytes(c) == snapshot_table_bytes(q)
+    def snaps(p):
+        info = L.qemu_json("info", "--output=json", "-f", "qcow2", p)
+        return info.get("snapshots")
+    assert snaps(c) == snaps(q)
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", q, c)
+    for sn in ("first", "second"):
+        a = os.path.join(d, "a-%s.raw" % sn)
+        b = os.path.join(d, "b-%s.raw" % sn)
+        qemu_img("convert", "-O", "raw", "-l", "snapshot.name=" + sn, q, a)
+        qemu_img("convert", "-O", "raw", "-l", "snapshot.name=" + sn, c, b)
+        assert L.file_digest(a) == L.file_digest(b), sn

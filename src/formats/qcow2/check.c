@@ -85,6 +85,7 @@ struct check {
     bool rebuild;
     bool need_rebuild;     /* failed: -r leaks cannot rebuild */
     bool bitmaps_broken;   /* bitmap metadata could not be parsed */
+    uint32_t snapshot_bad; /* snapshot table entries -r all rewrites */
     bool bad_snapshot_offset;
     uint64_t highest;      /* last cluster with a refcount or reference */
     uint64_t snapshots_size;
@@ -471,6 +472,34 @@ static int snapshot_table_size(struct check *c, uint64_t *size)
     if (s->nb_snapshots)
         *size = off - s->h.snapshots_offset;
     return 0;
+}
+
+/*
+ * Snapshot table entries QEMU's check counts as corrupt and -r all
+ * rewrites (qcow2_check_read_snapshot_table): extra data cut to 1 KiB (only
+ * an image opened for repair gets that far), and v3 entries without the
+ * disk size.  Counted in c->snapshot_bad, added to the result at the end
+ * of the pass (a refcount rebuild recounts the rest).
+ */
+static void check_snapshot_entries(struct check *c, unsigned fix)
+{
+    struct qcow2_state *s = c->s;
+    bool repair = fix & CBT_CHECK_FIX_ERRORS;
+    c->snapshot_bad = 0;
+    for (uint32_t i = 0; i < s->nb_snapshots; i++) {
+        const struct qcow2_snapshot *sn = &s->snapshots[i];
+        if (sn->extra_cut) {
+            msg(c, "Discarding too much extra metadata in snapshot table "
+                "entry %u (%u > %d)", i, sn->extra_on_disk,
+                QCOW2_MAX_SNAPSHOT_EXTRA);
+            c->snapshot_bad++;
+        }
+        if (qcow2_snapshot_incomplete(s, sn)) {
+            msg(c, "%s snapshot table entry %u is incomplete",
+                repair ? "Repairing" : "ERROR", i);
+            c->snapshot_bad++;
+        }
+    }
 }
 
 /* ---- persistent bitmaps ---- */
@@ -1198,6 +1227,7 @@ static int check_pass(struct check *c, struct cbt_check_result *res,
         res->check_errors++;
         return r;
     }
+    check_snapshot_entries(c, fix);
     r = calculate_refcounts(c, fix);
     if (r < 0)
         return r;
@@ -1258,7 +1288,47 @@ static int check_pass(struct check *c, struct cbt_check_result *res,
     r = check_oflag_copied(c, fix);
     if (r < 0)
         return r;
+    res->corruptions += c->snapshot_bad;
     res->image_end_offset = (c->highest + 1) << s->cluster_bits;
+    return 0;
+}
+
+/* -r all, after the refcounts are repaired: the snapshot table entries
+ * counted in c->snapshot_bad are rewritten (QEMU's
+ * qcow2_check_fix_snapshot_table). */
+static int fix_snapshot_table(struct check *c, struct cbt_check_result *res)
+{
+    int r = qcow2_write_snapshots(c->s);
+    if (r < 0) {
+        msg(c, "ERROR failed to update snapshot table: %s",
+            qcow2_strerror(c->s, r));
+        res->check_errors++;
+        return r;
+    }
+    res->corruptions -= c->snapshot_bad;
+    res->corruptions_fixed += c->snapshot_bad;
+    c->snapshot_bad = 0;
+    return 0;
+}
+
+/* Without -r all, a snapshot table entry with more extra data than QEMU
+ * reads fails the check, as in QEMU (whose open fails). */
+static int refuse_cut_snapshot(struct check *c, struct cbt_check_result *res,
+                               struct cbt_error **errp)
+{
+    const struct qcow2_state *s = c->s;
+    for (uint32_t i = 0; i < s->nb_snapshots; i++) {
+        if (!s->snapshots[i].extra_cut)
+            continue;
+        msg(c, "ERROR failed to read the snapshot table: Too much extra "
+            "metadata in snapshot table entry %u", i);
+        res->check_errors++;
+        cbt_error_set(errp, EFBIG, "%s: snapshot table entry %u has too much "
+                      "extra data (%u bytes, at most %d); 'cbt check -r all' "
+                      "removes what is too much", s->node->filename, i,
+                      s->snapshots[i].extra_on_disk, QCOW2_MAX_SNAPSHOT_EXTRA);
+        return -1;
+    }
     return 0;
 }
 
@@ -1284,6 +1354,8 @@ int qcow2_check(struct blk_node *node, unsigned fix,
     struct check c = { .s = s, .report = report, .opaque = opaque };
     bool refused = false;
     int r = 0;
+    if (!(fix & CBT_CHECK_FIX_ERRORS) && refuse_cut_snapshot(&c, res, errp) < 0)
+        return -1;
     c.l2buf = malloc(s->cluster_size);
     c.tailbuf = malloc(s->cluster_size);
     if (!c.l2buf || !c.tailbuf) {
@@ -1343,6 +1415,13 @@ int qcow2_check(struct blk_node *node, unsigned fix,
         goto out;
     if (fix) {
         r = flush_repairs(s);
+        if (r < 0)
+            goto out;
+    }
+    if ((fix & CBT_CHECK_FIX_ERRORS) && c.snapshot_bad) {
+        /* New clusters past the end: safe even if refcounts are not. */
+        r = fix_snapshot_table(&c, &first);
+        *res = first;
         if (r < 0)
             goto out;
     }

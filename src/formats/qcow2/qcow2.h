@@ -199,6 +199,11 @@ struct qcow2_snapshot {
     uint64_t vm_state_size;
     uint64_t disk_size;
     uint64_t icount;
+    uint32_t extra_size;      /* extra data bytes, as kept (<= 1 KiB) */
+    uint32_t extra_on_disk;   /* ... and as the entry says */
+    bool extra_cut;           /* check mode: the entry had more */
+    uint8_t *extra_unknown;   /* extra data past the 24 bytes cbt knows */
+    uint32_t extra_unknown_len;
 };
 
 /*
@@ -497,9 +502,17 @@ int qcow2_write_compressed(struct blk_node *node, const void *buf,
                            uint64_t off, size_t len);
 
 /* snapshot.c */
+/* Parse the table; images opened for check keep entries with too much
+ * extra data (cut, extra_cut set) for check -r all to rewrite. */
 int qcow2_read_snapshots(struct qcow2_state *s, uint64_t file_len,
                          struct cbt_error **errp);
 void qcow2_free_snapshots(struct qcow2_state *s);
+/* A v3 entry without the disk size in its extra data (QEMU: incomplete). */
+bool qcow2_snapshot_incomplete(const struct qcow2_state *s,
+                               const struct qcow2_snapshot *sn);
+/* Write the table anew, complete (QEMU's qcow2_write_snapshots): new
+ * clusters, then the header, then the old clusters freed.  0 or -errno. */
+int qcow2_write_snapshots(struct qcow2_state *s);
 
 /* create.c */
 int qcow2_create(const char *filename, const struct cbt_create_opts *opts,
