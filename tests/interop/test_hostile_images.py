@@ -20,9 +20,14 @@ the guest's data changed, `qemu-img info` shows the corrupt bit.
   * snapshot table entries QEMU repairs (incomplete v3 entries, too much
     extra data): `cbt check` reports them as qemu-img check does, and
     `-r all` writes the same table qemu-img check -r all writes;
+  * messages: a damaged table met by `cbt map` or `cbt io` is named as QEMU
+    names it (file, structure, offsets), and a bitmap directory, table or
+    data cluster past the end of the file is reported as such (and dropped
+    by `check -r all`), never read as zeroes.
 """
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -493,3 +498,112 @@ def test_snapshot_table_repair_matches_qemu(tmp, case):
         qemu_img("convert", "-O", "raw", "-l", "snapshot.name=" + sn, q, a)
         qemu_img("convert", "-O", "raw", "-l", "snapshot.name=" + sn, c, b)
         assert L.file_digest(a) == L.file_digest(b), sn
+
+
+# ---------------------------------------------------------------------------
+# Messages for damaged tables.
+
+
+def m_l1_unaligned(path):
+    q = damaged_base(path)
+    q.put_u64(q.l1_entry_off(0), q.l1(0) + 512)
+
+
+def m_data_unaligned(path):
+    q = damaged_base(path)
+    q.put_u64(q.l2_entry_off(64 * 1024), q.l2(64 * 1024) + 512)
+
+
+MAP_DAMAGE = {"l1-unaligned": m_l1_unaligned,
+              "data-unaligned": m_data_unaligned}
+
+
+def qemu_detail(stderr):
+    m = re.search(r"(?:Image is corrupt|Marking image as corrupt): (.*?); "
+                  r"further", stderr)
+    assert m, "no corruption event from QEMU: %r" % stderr
+    return m.group(1)
+
+
+@pytest.mark.parametrize("case", list(MAP_DAMAGE))
+def test_damaged_table_is_named(tmp, case):
+    """cbt map names the file, the table and the offsets (QEMU's words for
+    the damage); a read-write cbt io marks the image corrupt as qemu-io
+    does."""
+    d = str(tmp)
+    img = os.path.join(d, "img.qcow2")
+    MAP_DAMAGE[case](img)
+    q = L.copy(img, os.path.join(d, "q.qcow2"))
+    c = L.copy(img, os.path.join(d, "c.qcow2"))
+    qres = qemu_img("map", "-f", "qcow2", q, check=False)
+    assert qres.rc != 0
+    detail = qemu_detail(qres.err)
+    res = L.cbt_rc("map", "-f", "qcow2", img)
+    assert res.rc != 0, res
+    assert detail in res.err and "img.qcow2" in res.err, \
+        "QEMU says %r:\n%r" % (detail, res)
+    assert re.search(r"Could not read file metadata: .*img\.qcow2, guest offset "
+                     r"(0|0x[0-9a-f]+): Input/output error", res.err), res
+    qio = qemu_io("-f", "qcow2", "-c", "read 0 128k", q, check=False)
+    res = L.cbt_rc("io", "-f", "qcow2", "-c", "read 0 128k", c)
+    assert qemu_corrupt(q) and qemu_corrupt(c), (qio, res)
+    assert "Marking image as corrupt: " + qemu_detail(qio.out + qio.err) in res.err, res
+
+
+def b_dir_past_eof(path):
+    q = damaged_base(path, bitmap=True)
+    ext, = [e for e in L.header_extensions(path) if e[0] == L.BITMAPS_EXT]
+    q.pwrite(ext[1] + 16, struct.pack(">Q", 1 << 30))
+    return r"the bitmap directory \(offset 0x40000000, \d+ bytes\) lies past " \
+        r"the end of the file \(\d+ bytes\)"
+
+
+def b_table_past_eof(path):
+    q = damaged_base(path, bitmap=True)
+    e = L.bitmap_directory(path)[0]
+    q.put_u64(e["entry_offset"], 1 << 30)
+    return r"bitmap 'old' .*its table \(offset 0x40000000, 1 entries\) lies " \
+        r"past the end of the file \(\d+ bytes\)"
+
+
+def b_data_past_eof(path):
+    q = damaged_base(path, bitmap=True)
+    e = L.bitmap_directory(path)[0]
+    assert L.bitmap_table(path, e)[0], "the bitmap has no data cluster"
+    q.put_u64(e["table_offset"], 1 << 30)
+    return r"bitmap 'old' .*table entry 0 points at 0x40000000, past the end " \
+        r"of the file \(\d+ bytes\)"
+
+
+BITMAP_EOF = {"directory": b_dir_past_eof, "table": b_table_past_eof,
+              "data": b_data_past_eof}
+
+
+@pytest.mark.parametrize("case", list(BITMAP_EOF))
+def test_bitmap_metadata_past_eof(tmp, case):
+    """Read past the end of the file, bitmap metadata is zeroes: an empty
+    directory entry, or bits that all read as clean.  cbt says where it
+    lies instead, counts it as qemu-img check does, and check -r all
+    drops the bitmap."""
+    d = str(tmp)
+    img = os.path.join(d, "img.qcow2")
+    want = BITMAP_EOF[case](img)
+    orig = L.copy(img, os.path.join(d, "orig.qcow2"))
+    for args in (["info", img], ["bitmap", "--list", img],
+                 ["io", "-c", "write 0 4k", img]):
+        res = L.cbt_rc(*args)
+        assert res.rc != 0, res
+        assert re.search(want, res.err) and "img.qcow2" in res.err, res
+    qrc, qdata, _ = L.qemu_check(orig)
+    res = L.cbt_rc("check", "--output=json", "-f", "qcow2", img)
+    if qdata is not None:  # QEMU opens all but the directory case
+        assert res.rc == qrc, res
+        cdata = json.loads(res.out)
+        for k in ("corruptions", "leaks"):
+            assert cdata.get(k, 0) == qdata.get(k, 0), (k, cdata, qdata)
+    L.cbt_ok("check", "-r", "all", "-f", "qcow2", img)
+    L.qemu_check_clean(img)
+    assert L.qemu_bitmaps(img) == []
+    L.cbt_ok("info", img)
+    qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x11 0 128k",
+            "-c", "read -P 0x22 1M 64k", img)

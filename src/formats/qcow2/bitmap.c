@@ -417,11 +417,26 @@ uint64_t qcow2_bitmap_table_entries(const struct qcow2_state *s, uint64_t size,
     return table_entries(s, size, granularity_bits);
 }
 
+/* Does [off, off+len) lie past the end of the file (flen bytes)?  A read
+ * there gives zeroes: an empty directory, or bits read as clean. */
+static bool past_eof(uint64_t off, uint64_t len, uint64_t flen)
+{
+    return off > flen || len > flen - off;
+}
+
 /* Read and check the directory (QEMU's bitmap_list_load). */
-static int load_dir(struct qcow2_state *s, struct cbt_error **errp)
+static int load_dir(struct qcow2_state *s, uint64_t flen,
+                    struct cbt_error **errp)
 {
     const char *fn = fname(s);
     uint64_t size = s->bm_ext.dir_size; /* checked: <= 64 MiB */
+    if (past_eof(s->bm_ext.dir_offset, size, flen)) {
+        cbt_error_set(errp, EINVAL, "%s: the bitmap directory (offset 0x%"
+                      PRIx64 ", %" PRIu64 " bytes) lies past the end of the "
+                      "file (%" PRIu64 " bytes)", fn, s->bm_ext.dir_offset,
+                      size, flen);
+        return -1;
+    }
     CLEANUP_FREE uint8_t *dir = malloc(size ? size : 1);
     if (!dir) {
         cbt_error_set(errp, ENOMEM, "%s: out of memory for the bitmap "
@@ -446,12 +461,20 @@ static int load_dir(struct qcow2_state *s, struct cbt_error **errp)
 
 /* Read the bits of a bitmap that was not in_use (QEMU's load_bitmap). */
 static int load_data(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
-                     struct bm_bitmap *bm, uint64_t *disk_bytes,
+                     struct bm_bitmap *bm, uint64_t flen, uint64_t *disk_bytes,
                      struct cbt_error **errp)
 {
     const char *fn = fname(s);
     uint64_t bad;
     int err;
+    if (past_eof(d->table_offset, (uint64_t)d->table_size * 8, flen)) {
+        cbt_error_set(errp, EINVAL, "%s: Could not read bitmap '%s' from "
+                      "image: its table (offset 0x%" PRIx64 ", %u entries) "
+                      "lies past the end of the file (%" PRIu64 " bytes); "
+                      "'cbt check -r all' drops the bitmap", fn,
+                      d->name, d->table_offset, d->table_size, flen);
+        return -1;
+    }
     CLEANUP_FREE uint64_t *t = read_table(s, d->table_offset, d->table_size,
                                           &bad, &err);
     if (!t) {
@@ -485,6 +508,14 @@ static int load_data(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
             if (t[i] & QCOW2_BME_TABLE_ALL_ONES)
                 bm_deserialize_fill(bm, i, s->cluster_size, true);
             continue;
+        }
+        if (past_eof(off, 1, flen)) {
+            cbt_error_set(errp, EINVAL, "%s: Could not read bitmap '%s' from "
+                          "image: table entry %u points at 0x%" PRIx64 ", past "
+                          "the end of the file (%" PRIu64 " bytes); 'cbt check "
+                          "-r all' drops the bitmap", fn, d->name, i, off,
+                          flen);
+            return -1;
         }
         int r = file_pread_full(s->node->fd, buf, s->cluster_size, off);
         if (r < 0) {
@@ -556,7 +587,13 @@ int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp)
     }
     if (s->check_mode)
         return 0; /* check validates and counts it itself */
-    if (check_ext(s, errp) < 0 || load_dir(s, errp) < 0)
+    uint64_t flen;
+    int fr = file_size(node->fd, &flen);
+    if (fr < 0) {
+        cbt_error_set(errp, -fr, "%s: %s", fn, strerror(-fr));
+        return -1;
+    }
+    if (check_ext(s, errp) < 0 || load_dir(s, flen, errp) < 0)
         return -1;
 
     uint64_t total_bits = 0;
@@ -588,7 +625,7 @@ int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp)
                               fn, d->name, strerror(errno));
                 return -1;
             }
-            if (load_data(s, d, b.bm, &b.disk_bytes, errp) < 0) {
+            if (load_data(s, d, b.bm, flen, &b.disk_bytes, errp) < 0) {
                 bm_free(b.bm);
                 return -1;
             }
@@ -1327,11 +1364,19 @@ static bool salvageable(struct qcow2_state *s, const uint8_t *e,
     if (!(ldbe32(e + 12) & QCOW2_BME_FLAG_IN_USE) &&
         table_size != table_entries(s, s->h.size, e[17]))
         return false;
-    uint64_t bad;
+    uint64_t bad, flen = 0;
     int err;
+    (void)file_size(s->node->fd, &flen);
+    if (past_eof(ldbe64(e), (uint64_t)table_size * 8, flen))
+        return false;
     uint64_t *t = read_table(s, ldbe64(e), table_size, &bad, &err);
+    bool ok = t != NULL;
+    for (uint32_t i = 0; ok && i < table_size; i++) {
+        uint64_t off = t[i] & QCOW2_BME_TABLE_OFFSET_MASK;
+        ok = !off || !past_eof(off, 1, flen);
+    }
     free(t);
-    return t != NULL && name_set_add(names, name);
+    return ok && name_set_add(names, name);
 }
 
 int qcow2_bitmaps_salvage(struct qcow2_state *s, bool dir_ok, uint32_t *kept,

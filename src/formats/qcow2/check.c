@@ -601,6 +601,11 @@ static int check_bitmaps(struct check *c, bool count)
             break;
         }
         bool ok = read_meta(c, table, bytes, d->table_offset) == 0;
+        /* Bits past the end of the file would read as clean: such a
+         * bitmap cannot be loaded (counted as QEMU does, by inc_refs). */
+        if (d->table_offset >= c->file_len ||
+            bytes > c->file_len - d->table_offset)
+            c->bitmaps_broken = true;
         for (uint32_t i = 0; ok && i < d->table_size; i++) {
             uint64_t te = ldbe64(table + 8 * (uint64_t)i);
             uint64_t off = te & BM_TABLE_OFFSET_MASK;
@@ -608,6 +613,8 @@ static int check_bitmaps(struct check *c, bool count)
                 (off && ((te & BM_TABLE_ALL_ONES) ||
                          !IS_ALIGNED(off, s->cluster_size))))
                 ok = false;
+            if (off >= c->file_len)
+                c->bitmaps_broken = true;
         }
         /* A bitmap that is not in_use must cover the virtual size exactly
          * (QEMU cannot load it otherwise). */

@@ -400,6 +400,21 @@ int qcow2_signal_corruption(struct qcow2_state *s, const char *fmt, ...)
     return -EIO;
 }
 
+int qcow2_damaged(struct qcow2_state *s, const char *fmt, ...)
+{
+    char msg[sizeof(s->corrupt_msg)];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    /* As QEMU: fatal where the image could be written (a write relying on
+     * the entry would make things worse), a report otherwise. */
+    if (!s->node->read_only && !s->check_mode)
+        return qcow2_signal_corruption(s, "%s", msg);
+    qcow2_report_corruption(s, "%s", msg);
+    return -EIO;
+}
+
 /*
  * The check behind qcow2_pre_write and qcow2_pre_free: 0 when [off,
  * off+len) touches no metadata but `ign`, else the image is marked

@@ -612,6 +612,11 @@ int qcow2_signal_corruption(struct qcow2_state *s, const char *fmt, ...)
  * once per image, through cbt_warn; the caller returns -EIO. */
 void qcow2_report_corruption(struct qcow2_state *s, const char *fmt, ...)
     PRINTF_FMT(2, 3);
+/* Damage found in a table the data path needs (QEMU's corruption events
+ * on reads): marks the image corrupt when it is writable, else reports
+ * it; returns -EIO.  Message printf-style, without the file name. */
+int qcow2_damaged(struct qcow2_state *s, const char *fmt, ...)
+    PRINTF_FMT(2, 3);
 /* strerror(-r), or why the image was marked corrupt for its -EIO. */
 const char *qcow2_strerror(const struct qcow2_state *s, int r);
 
