@@ -3,7 +3,8 @@
 # tools: small valid qcow2 images covering the format's variants (v2/v3,
 # 512 B/4 KiB/16 KiB clusters, extended L2, refcount widths, zlib/zstd
 # compressed clusters, an internal snapshot, a backing file name, an
-# external data file, a persistent bitmap, zero clusters).  Trailing zero
+# external data file, a persistent bitmap, zero clusters), plus damaged
+# copies of a few (fuzz/damage-seeds.py).  Trailing zero
 # bytes are cut off when `qemu-img check` still passes afterwards, so each
 # seed stays a few KiB.  The output is committed; rerun after adding a
 # variant.  Usage: fuzz/make-corpus.sh
@@ -145,4 +146,6 @@ for t in $targets; do
     mkdir -p "$out/$t"
     cp ./*.qcow2 "$out/$t/"
 done
+# Damaged variants of some of them (overlapping metadata and the like).
+python3 "$here/damage-seeds.py" "$out"
 echo "make-corpus: $(ls ./*.qcow2 | wc -l) seeds, $(du -ch ./*.qcow2 | tail -1 | cut -f1) per target, in $out/"

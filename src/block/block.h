@@ -182,10 +182,12 @@ struct blk_driver {
      * Optional: opaque header extensions cbt keeps in the image for its own
      * metadata (checkpoints), preserved by QEMU as unknown extensions.
      * ext_get: a malloc'd copy of the extension of `type`, -ENOENT when
-     * absent.  ext_set: replace it (data NULL: remove) in memory; it
-     * becomes durable with the next bitmap store or flush, in the same
-     * header write as the bitmaps.  Fails, changing nothing, when the
-     * header would not fit.
+     * absent, -ENOTUNIQ when the image holds more than one of that type
+     * (which one is current cannot be told).  ext_set: replace it, or
+     * every copy of it (data NULL: remove them), in memory; it becomes
+     * durable with the next bitmap store or flush, in the same header
+     * write as the bitmaps.  Fails when the header would not fit,
+     * changing nothing but, perhaps, dropping the surplus copies.
      */
     int (*ext_get)(struct blk_node *node, uint32_t type, uint8_t **data,
                    size_t *len);
@@ -293,8 +295,9 @@ int blk_set_backing(struct blk_node *node, const char *name, const char *fmt,
                     struct cbt_error **errp);
 
 /* Header extensions of a node (drv->ext_get / ext_set, under the node
- * lock).  blk_ext_get: 0, -ENOENT, -ENOTSUP (format without extensions) or
- * -ENOMEM.  blk_ext_set: 0 or -1 with *errp; the node must be writable. */
+ * lock).  blk_ext_get: 0, -ENOENT, -ENOTUNIQ (two or more of the type),
+ * -ENOTSUP (format without extensions) or -ENOMEM.  blk_ext_set: 0 or -1
+ * with *errp; the node must be writable. */
 int blk_ext_get(struct blk_node *node, uint32_t type, uint8_t **data,
                 size_t *len);
 int blk_ext_set(struct blk_node *node, uint32_t type, const void *data,

@@ -141,7 +141,8 @@ static int map_image(struct cbt_image *img, const struct map_args *a)
         int r = cbt_image_block_status(img, off, n, &ext);
         if (r < 0) {
             fflush(stdout);
-            cli_error("Could not read file metadata: %s", strerror(-r));
+            cli_error("Could not read file metadata: %s, guest offset %#"
+                      PRIx64 ": %s", a->filename, off, strerror(-r));
             return cli_errno_status(r);
         }
         entry_from_extent(&ext, &next);

@@ -135,6 +135,21 @@ out_journal:
     return ret;
 }
 
+/* The error for a failed ckpt_meta_append of checkpoint `name`. */
+static void orders_error(struct cbt_error **errp, struct cbt_image *top,
+                         const char *name, const struct ckpt_meta *m, int r)
+{
+    if (r != -EOVERFLOW) {
+        oom(errp, top);
+        return;
+    }
+    cbt_error_set(errp, EOVERFLOW, "%s: cannot create checkpoint '%s': the "
+                  "checkpoint metadata's next order is %" PRIu64 ", the "
+                  "largest there is, so no new checkpoint can be numbered "
+                  "(was the metadata altered?)", fname(top), name,
+                  m->next_order);
+}
+
 static bool has_bitmap(struct cbt_image *img, const char *name,
                        const struct cbt_bitmap_info *list, size_t n)
 {
@@ -283,6 +298,10 @@ int cbt_checkpoint_create(struct cbt_image *disk, const char *name,
                       fname(disk), name);
         goto out;
     }
+    if (present && m.next_order == UINT64_MAX) {
+        orders_error(errp, disk, name, &m, -EOVERFLOW);
+        goto out;
+    }
     int depth = 0;
     for (struct cbt_image *l = disk; l; l = cbt_image_backing(l), depth++) {
         if (cbt_bitmap_list(l, &list, &n, errp) < 0)
@@ -318,8 +337,9 @@ int cbt_checkpoint_create(struct cbt_image *disk, const char *name,
     for (size_t i = 0; i < n; i++)
         if (strcmp(list[i].name, name) == 0)
             gran = list[i].granularity;
-    if (ckpt_meta_append(&m, name, cbt_image_size(disk), gran) < 0) {
-        oom(errp, disk);
+    int r = ckpt_meta_append(&m, name, cbt_image_size(disk), gran);
+    if (r < 0) {
+        orders_error(errp, disk, name, &m, r);
         goto out;
     }
     /* A top without stored bitmaps gains the bitmaps extension (8-byte
@@ -668,8 +688,7 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
 {
     *items = NULL;
     *count = 0;
-    if (fix && (need_rw(disk, "repair checkpoints", errp) < 0 ||
-                ckpt_fold_journal(disk, errp) < 0))
+    if (fix && need_rw(disk, "repair checkpoints", errp) < 0)
         return -1;
     struct items it = { 0 };
     struct names drop = { 0 }, known = { 0 };
@@ -681,6 +700,35 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
     bool changed = false;
     int ret = -1;
 
+    /* Two copies of the metadata extension: readers took the first,
+     * writers changed the last, so neither can be trusted.  The fix
+     * replaces them all with one (a failed fix may leave none: then a
+     * full backup is needed, never a wrong incremental). */
+    uint8_t *dbuf = NULL;
+    size_t dlen = 0;
+    bool dup = disk->drv->ext_get &&
+               blk_ext_get(disk, CKPT_EXT_TYPE, &dbuf, &dlen) == -ENOTUNIQ;
+    free(dbuf);
+    if (dup) {
+        if (push_item(&it, CBT_DRIFT_METADATA_CORRUPT, "",
+                      cbt_strdup_printf("the image header holds more than "
+                                        "one checkpoint metadata extension: "
+                                        "which is current cannot be told, "
+                                        "so no checkpoint of this disk can "
+                                        "be trusted"),
+                      cbt_strdup_printf("replace them with one, empty (a "
+                                        "new disk id), and adopt the bitmaps "
+                                        "as below"),
+                      fix) < 0)
+            goto nomem;
+        if (!fix)
+            goto done;
+        if (blk_ext_set(disk, CKPT_EXT_TYPE, NULL, 0, errp) < 0)
+            goto out;
+        changed = true;
+    }
+    if (fix && ckpt_fold_journal(disk, errp) < 0)
+        goto out;
     if (ckpt_save(disk, &saved, errp) < 0)
         goto out;
     if (saved.present) {
@@ -790,9 +838,12 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
                           expl, how, fix) < 0)
                 goto nomem;
             if (fix) {
-                if (ckpt_meta_append(&m, b->name, cbt_image_size(disk),
-                                     b->granularity) < 0)
-                    goto nomem;
+                int r = ckpt_meta_append(&m, b->name, cbt_image_size(disk),
+                                         b->granularity);
+                if (r < 0) {
+                    orders_error(errp, disk, b->name, &m, r);
+                    goto out;
+                }
                 changed = true;
             }
             continue;
@@ -819,6 +870,7 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
         if (remove_below(disk, drop.v, drop.n, &view, errp) < 0)
             goto out;
     }
+done:
     *items = it.v;
     *count = it.n;
     it.v = NULL;

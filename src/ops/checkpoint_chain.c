@@ -74,6 +74,17 @@ int ckpt_layer_raw(struct cbt_image *l, uint8_t **buf, size_t *len,
     *present = r == 0;
     if (r == -ENOENT || r == -ENOTSUP)
         return 0;
+    if (r == -ENOTUNIQ) {
+        /* Readers took the first copy, writers changed the last: neither
+         * can be trusted (reconcile --fix replaces them). */
+        cbt_error_set(errp, EINVAL, "%s: the image header holds more than "
+                      "one checkpoint metadata extension (type 0x%08x); cbt "
+                      "writes one, and which copy is current cannot be "
+                      "told, so no checkpoint of this disk is used or "
+                      "changed; 'cbt checkpoint reconcile --fix' replaces "
+                      "them with new metadata", fname(l), CKPT_EXT_TYPE);
+        return -1;
+    }
     if (r < 0) {
         cbt_error_set(errp, -r, "%s: cannot read the checkpoint metadata: %s",
                       fname(l), strerror(-r));

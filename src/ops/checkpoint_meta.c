@@ -318,6 +318,10 @@ int ckpt_meta_insert(struct ckpt_meta *m, const struct ckpt_rec *r)
 int ckpt_meta_append(struct ckpt_meta *m, const char *name,
                      uint64_t virtual_size, uint64_t granularity)
 {
+    /* next_order must stay above every order: the last order a record can
+     * take is UINT64_MAX - 1. */
+    if (m->next_order == UINT64_MAX)
+        return -EOVERFLOW;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     struct ckpt_rec r = {

@@ -90,7 +90,8 @@ void ckpt_meta_remove(struct ckpt_meta *m, size_t i);
  * -ENOMEM. */
 int ckpt_meta_insert(struct ckpt_meta *m, const struct ckpt_rec *r);
 /* Append a record made now, of order next_order (then incremented), the
- * newest record its parent.  0 or -ENOMEM. */
+ * newest record its parent.  0, -ENOMEM, or -EOVERFLOW when the orders are
+ * used up (next_order is UINT64_MAX). */
 int ckpt_meta_append(struct ckpt_meta *m, const char *name,
                      uint64_t virtual_size, uint64_t granularity);
 /* Insert a seal where it sorts.  0 or -ENOMEM. */

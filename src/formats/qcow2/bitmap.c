@@ -417,11 +417,26 @@ uint64_t qcow2_bitmap_table_entries(const struct qcow2_state *s, uint64_t size,
     return table_entries(s, size, granularity_bits);
 }
 
+/* Does [off, off+len) lie past the end of the file (flen bytes)?  A read
+ * there gives zeroes: an empty directory, or bits read as clean. */
+static bool past_eof(uint64_t off, uint64_t len, uint64_t flen)
+{
+    return off > flen || len > flen - off;
+}
+
 /* Read and check the directory (QEMU's bitmap_list_load). */
-static int load_dir(struct qcow2_state *s, struct cbt_error **errp)
+static int load_dir(struct qcow2_state *s, uint64_t flen,
+                    struct cbt_error **errp)
 {
     const char *fn = fname(s);
     uint64_t size = s->bm_ext.dir_size; /* checked: <= 64 MiB */
+    if (past_eof(s->bm_ext.dir_offset, size, flen)) {
+        cbt_error_set(errp, EINVAL, "%s: the bitmap directory (offset 0x%"
+                      PRIx64 ", %" PRIu64 " bytes) lies past the end of the "
+                      "file (%" PRIu64 " bytes)", fn, s->bm_ext.dir_offset,
+                      size, flen);
+        return -1;
+    }
     CLEANUP_FREE uint8_t *dir = malloc(size ? size : 1);
     if (!dir) {
         cbt_error_set(errp, ENOMEM, "%s: out of memory for the bitmap "
@@ -446,12 +461,20 @@ static int load_dir(struct qcow2_state *s, struct cbt_error **errp)
 
 /* Read the bits of a bitmap that was not in_use (QEMU's load_bitmap). */
 static int load_data(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
-                     struct bm_bitmap *bm, uint64_t *disk_bytes,
+                     struct bm_bitmap *bm, uint64_t flen, uint64_t *disk_bytes,
                      struct cbt_error **errp)
 {
     const char *fn = fname(s);
     uint64_t bad;
     int err;
+    if (past_eof(d->table_offset, (uint64_t)d->table_size * 8, flen)) {
+        cbt_error_set(errp, EINVAL, "%s: Could not read bitmap '%s' from "
+                      "image: its table (offset 0x%" PRIx64 ", %u entries) "
+                      "lies past the end of the file (%" PRIu64 " bytes); "
+                      "'cbt check -r all' drops the bitmap", fn,
+                      d->name, d->table_offset, d->table_size, flen);
+        return -1;
+    }
     CLEANUP_FREE uint64_t *t = read_table(s, d->table_offset, d->table_size,
                                           &bad, &err);
     if (!t) {
@@ -485,6 +508,14 @@ static int load_data(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
             if (t[i] & QCOW2_BME_TABLE_ALL_ONES)
                 bm_deserialize_fill(bm, i, s->cluster_size, true);
             continue;
+        }
+        if (past_eof(off, 1, flen)) {
+            cbt_error_set(errp, EINVAL, "%s: Could not read bitmap '%s' from "
+                          "image: table entry %u points at 0x%" PRIx64 ", past "
+                          "the end of the file (%" PRIu64 " bytes); 'cbt check "
+                          "-r all' drops the bitmap", fn, d->name, i, off,
+                          flen);
+            return -1;
         }
         int r = file_pread_full(s->node->fd, buf, s->cluster_size, off);
         if (r < 0) {
@@ -556,7 +587,13 @@ int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp)
     }
     if (s->check_mode)
         return 0; /* check validates and counts it itself */
-    if (check_ext(s, errp) < 0 || load_dir(s, errp) < 0)
+    uint64_t flen;
+    int fr = file_size(node->fd, &flen);
+    if (fr < 0) {
+        cbt_error_set(errp, -fr, "%s: %s", fn, strerror(-fr));
+        return -1;
+    }
+    if (check_ext(s, errp) < 0 || load_dir(s, flen, errp) < 0)
         return -1;
 
     uint64_t total_bits = 0;
@@ -588,7 +625,7 @@ int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp)
                               fn, d->name, strerror(errno));
                 return -1;
             }
-            if (load_data(s, d, b.bm, &b.disk_bytes, errp) < 0) {
+            if (load_data(s, d, b.bm, flen, &b.disk_bytes, errp) < 0) {
                 bm_free(b.bm);
                 return -1;
             }
@@ -642,7 +679,11 @@ static const struct qcow2_bitmap_dirent *find_dirent(const struct qcow2_state *s
  */
 static int release(struct qcow2_state *s, uint64_t off, uint64_t len)
 {
-    int r = qcow2_update_refcount(s, off, len, -1);
+    /* Nothing but bitmaps may live there (the map holds the directory in
+     * force, which no longer has these clusters). */
+    int r = qcow2_pre_free(s, off, len, 0);
+    if (r == 0)
+        r = qcow2_update_refcount(s, off, len, -1);
     if (r < 0)
         return r;
     for (uint64_t c = ALIGN_DOWN(off, s->cluster_size); c < off + len;
@@ -704,6 +745,7 @@ static int cmp_u64(const void *a, const void *b)
  * corrupt image) is freed once.
  */
 static int free_old(struct qcow2_state *s, const struct qcow2_bitmaps_ext *old,
+                    const struct qcow2_bitmap_dirent *old_dir, uint32_t old_n,
                     const struct new_entry *v, size_t k)
 {
     int r = 0;
@@ -711,7 +753,7 @@ static int free_old(struct qcow2_state *s, const struct qcow2_bitmaps_ext *old,
         r = release(s, old->dir_offset, old->dir_size);
     uint64_t *keep = calloc(2 * k + 1, sizeof(*keep));
     /* pairs (table offset, table size), sorted by offset */
-    uint64_t (*drop)[2] = calloc(s->bm_dir_n + 1, sizeof(*drop));
+    uint64_t (*drop)[2] = calloc(old_n + 1, sizeof(*drop));
     if (!keep || !drop) {
         free(keep);
         free(drop);
@@ -731,8 +773,8 @@ static int free_old(struct qcow2_state *s, const struct qcow2_bitmaps_ext *old,
         }
     }
     qsort(keep, nk, sizeof(*keep), cmp_u64);
-    for (uint32_t i = 0; i < s->bm_dir_n; i++) {
-        const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
+    for (uint32_t i = 0; i < old_n; i++) {
+        const struct qcow2_bitmap_dirent *d = &old_dir[i];
         if (!bsearch(&d->table_offset, keep, nk, sizeof(*keep), cmp_u64)) {
             drop[nd][0] = d->table_offset;
             drop[nd++][1] = d->table_size;
@@ -780,7 +822,7 @@ static int write_bitmap(struct qcow2_state *s, struct new_entry *ne,
     for (uint64_t i = 0; i < tb_size; i++) {
         if (bm_chunk_is_clean(b->bm, i, cs))
             continue;
-        int64_t off = qcow2_alloc_clusters(s, 1);
+        int64_t off = qcow2_alloc_clusters_append(s, 1);
         if (off < 0) {
             r = (int)off;
             cbt_error_set(errp, -r, "%s: Failed to allocate clusters for "
@@ -789,17 +831,17 @@ static int write_bitmap(struct qcow2_state *s, struct new_entry *ne,
         }
         tab[i] = (uint64_t)off;
         bm_serialize_chunk(b->bm, i, cs, buf);
-        r = file_pwrite_full(s->node->fd, buf, cs, (uint64_t)off);
+        r = qcow2_pwrite_meta(s, buf, cs, (uint64_t)off, 0);
         if (r < 0) {
             cbt_error_set(errp, -r, "%s: Failed to write bitmap '%s' to file: "
-                          "%s", fn, b->name, strerror(-r));
+                          "%s", fn, b->name, qcow2_strerror(s, r));
             goto fail;
         }
         used += cs;
     }
     uint64_t tbytes = tb_size * 8;
     uint64_t cbytes = table_bytes_on_disk(s, (uint32_t)tb_size);
-    int64_t toff = qcow2_alloc_clusters(s, cbytes >> s->cluster_bits);
+    int64_t toff = qcow2_alloc_clusters_append(s, cbytes >> s->cluster_bits);
     if (toff < 0) {
         r = (int)toff;
         cbt_error_set(errp, -r, "%s: Failed to allocate clusters for bitmap "
@@ -813,11 +855,11 @@ static int write_bitmap(struct qcow2_state *s, struct new_entry *ne,
     } else {
         for (uint64_t i = 0; i < tb_size; i++)
             stbe64(be + 8 * i, tab[i]);
-        r = file_pwrite_full(s->node->fd, be, cbytes, (uint64_t)toff);
+        r = qcow2_pwrite_meta(s, be, cbytes, (uint64_t)toff, 0);
         free(be);
         if (r < 0)
             cbt_error_set(errp, -r, "%s: Failed to write bitmap '%s' to file: "
-                          "%s", fn, b->name, strerror(-r));
+                          "%s", fn, b->name, qcow2_strerror(s, r));
     }
     if (r < 0) {
         (void)release(s, (uint64_t)toff, tbytes);
@@ -899,20 +941,20 @@ static int grow_table(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d
     for (uint32_t i = 0; be && i < d->table_size; i++)
         stbe64(be + 8 * i, t[i]);
     free(t);
-    int64_t toff = r < 0 ? r : qcow2_alloc_clusters(s, cbytes >> s->cluster_bits);
+    int64_t toff = r < 0 ? r : qcow2_alloc_clusters_append(s, cbytes >> s->cluster_bits);
     if (toff < 0) {
         free(be);
         cbt_error_set(errp, (int)-toff, "%s: cannot allocate a table for "
                       "bitmap '%s': %s", fn, d->name, strerror((int)-toff));
         return -1;
     }
-    r = file_pwrite_full(s->node->fd, be, cbytes, (uint64_t)toff);
+    r = qcow2_pwrite_meta(s, be, cbytes, (uint64_t)toff, 0);
     free(be);
     s->need_sync = true;
     if (r < 0) {
         (void)release(s, (uint64_t)toff, need * 8);
         cbt_error_set(errp, -r, "%s: cannot write the table of bitmap '%s': "
-                      "%s", fn, d->name, strerror(-r));
+                      "%s", fn, d->name, qcow2_strerror(s, r));
         return -1;
     }
     ne->old_table_offset = d->table_offset;
@@ -988,6 +1030,31 @@ static int build_entries(struct qcow2_state *s, enum store_mode mode,
     return 0;
 }
 
+/*
+ * Before a store: the image is not marked corrupt, and no structure of the
+ * directory in force shares a cluster with other metadata (the store
+ * frees the old directory and tables, and would give that metadata's
+ * clusters away).  0, or -1 with *errp (the image then marked corrupt).
+ */
+static int refuse_damaged(struct qcow2_state *s, struct cbt_error **errp)
+{
+    const struct qcow2_meta_map *m = &s->meta;
+    int r = s->corrupt ? -EIO : m->valid ? 0 : qcow2_meta_rebuild(s);
+    if (r == 0 && m->bitmap_conflict)
+        r = qcow2_signal_corruption(
+            s, "Preventing a bitmap update on damaged metadata (the %s at "
+            "offset 0x%" PRIx64 " overlaps with %s)",
+            qcow2_meta_kind_name(m->bitmap_conflict_kind),
+            m->bitmap_conflict_off, qcow2_meta_kind_name(m->bitmap_conflict));
+    if (r == 0)
+        return 0;
+    cbt_error_set(errp, -r, "%s: cannot update the bitmaps: %s", fname(s),
+                  qcow2_strerror(s, r));
+    if (s->corrupt)
+        cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
+    return -1;
+}
+
 static int store(struct qcow2_state *s, enum store_mode mode,
                  uint64_t grow_size, struct cbt_error **errp)
 {
@@ -1001,6 +1068,8 @@ static int store(struct qcow2_state *s, enum store_mode mode,
     }
     if (n == 0 && s->bm_dir_n == 0)
         return 0;
+    if (refuse_damaged(s, errp) < 0)
+        return -1;
     if (n && s->h.version < 3) {
         cbt_error_set(errp, ENOTSUP, "%s: Cannot store dirty bitmaps in qcow2 "
                       "v2 files", fn);
@@ -1075,15 +1144,15 @@ static int store(struct qcow2_state *s, enum store_mode mode,
             memcpy(e + QCOW2_BME_FIXED_SIZE, v[i].name, len);
             pos += dirent_size(len);
         }
-        int64_t off = qcow2_alloc_clusters(s, dbytes >> s->cluster_bits);
+        int64_t off = qcow2_alloc_clusters_append(s, dbytes >> s->cluster_bits);
         int r = off < 0 ? (int)off
-                        : file_pwrite_full(node->fd, dir, dbytes, (uint64_t)off);
+                        : qcow2_pwrite_meta(s, dir, dbytes, (uint64_t)off, 0);
         s->need_sync = true;
         if (r < 0) {
             if (off >= 0)
                 (void)release(s, (uint64_t)off, dbytes);
             cbt_error_set(errp, -r, "%s: Failed to write the bitmap directory: "
-                          "%s", fn, strerror(-r));
+                          "%s", fn, qcow2_strerror(s, r));
             goto fail;
         }
         dir_off = (uint64_t)off;
@@ -1099,7 +1168,7 @@ static int store(struct qcow2_state *s, enum store_mode mode,
     s->header_dirty = s->header_dirty || header_was_dirty;
     if (r < 0) {
         cbt_error_set(errp, -r, "%s: Failed to update bitmap extension: %s",
-                      fn, strerror(-r));
+                      fn, qcow2_strerror(s, r));
         if (dir_off)
             (void)release(s, dir_off, dir_size);
         goto fail;
@@ -1126,7 +1195,7 @@ static int store(struct qcow2_state *s, enum store_mode mode,
         s->bm_ext = old_ext;
         s->h.autoclear_features = old_autoclear;
         cbt_error_set(errp, -r, "%s: Failed to update bitmap extension: %s",
-                      fn, strerror(-r));
+                      fn, qcow2_strerror(s, r));
         if (dir_off)
             (void)release(s, dir_off, dir_size);
         goto fail;
@@ -1162,12 +1231,18 @@ static int store(struct qcow2_state *s, enum store_mode mode,
         }
     }
 
-    /* 4. Free what only the old directory referenced. */
-    int fr = synced ? free_old(s, &old_ext, v, k) : 0;
+    /* 4. Free what only the old directory referenced, checked against
+     * the metadata of the new state (the map is rebuilt from it). */
+    struct qcow2_bitmap_dirent *old_dir = s->bm_dir;
+    uint32_t old_n = s->bm_dir_n;
+    s->bm_dir = nd;
+    s->bm_dir_n = nd ? (uint32_t)k : 0;
+    qcow2_meta_invalidate(s);
+    int fr = synced ? free_old(s, &old_ext, old_dir, old_n, v, k) : 0;
     if (fr == 0 && synced)
         fr = qcow2_flush_metadata(s);
     free(v);
-    qcow2_bitmaps_free(s);
+    free_dir(old_dir, old_n);
     if (mode != GROW_TABLES)
         s->bm_marked = mode != STORE_ALL;
     if (!nd) {
@@ -1177,13 +1252,17 @@ static int store(struct qcow2_state *s, enum store_mode mode,
                       "recording the new directory", fn);
         return -1;
     }
-    s->bm_dir = nd;
-    s->bm_dir_n = (uint32_t)k;
     if (!synced) {
         /* The caller must know the disk has the new state. */
         node->bitmaps_switched = true;
         cbt_error_set(errp, -r, "%s: bitmaps written, but the header could "
                       "not be synced: %s", fn, strerror(-r));
+        return -1;
+    }
+    if (fr < 0 && s->corrupt) {
+        cbt_error_set(errp, EIO, "%s: bitmaps stored, but the image is now "
+                      "marked corrupt: %s", fn, s->corrupt_msg);
+        cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
         return -1;
     }
     if (fr < 0) {
@@ -1246,6 +1325,31 @@ int qcow2_bitmaps_store(struct blk_node *node, struct cbt_error **errp)
     return store(s, STORE_ALL, 0, errp);
 }
 
+int qcow2_bitmaps_meta_data(struct qcow2_state *s)
+{
+    /* Tables are small (8 bytes a cluster of bits); a hostile directory
+     * of 65535 entries is read up to this much, the rest not tracked. */
+    uint64_t budget = 64ull << 20;
+    for (uint32_t i = 0; i < s->bm_dir_n; i++) {
+        const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
+        uint64_t bytes = (uint64_t)d->table_size * 8, bad;
+        if (bytes > budget)
+            break;
+        budget -= bytes;
+        int err;
+        uint64_t *t = read_table(s, d->table_offset, d->table_size, &bad, &err);
+        if (!t && err == -ENOMEM)
+            return -ENOMEM;
+        int r = 0;
+        for (uint32_t k = 0; t && k < d->table_size && r == 0; k++)
+            r = qcow2_meta_add_bitmap_data(s, t[k] & QCOW2_BME_TABLE_OFFSET_MASK);
+        free(t);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
 /* ---- salvage (check -r all) ---- */
 
 /* Would this entry load (and pass check's table check)?  Its name is
@@ -1260,11 +1364,19 @@ static bool salvageable(struct qcow2_state *s, const uint8_t *e,
     if (!(ldbe32(e + 12) & QCOW2_BME_FLAG_IN_USE) &&
         table_size != table_entries(s, s->h.size, e[17]))
         return false;
-    uint64_t bad;
+    uint64_t bad, flen = 0;
     int err;
+    (void)file_size(s->node->fd, &flen);
+    if (past_eof(ldbe64(e), (uint64_t)table_size * 8, flen))
+        return false;
     uint64_t *t = read_table(s, ldbe64(e), table_size, &bad, &err);
+    bool ok = t != NULL;
+    for (uint32_t i = 0; ok && i < table_size; i++) {
+        uint64_t off = t[i] & QCOW2_BME_TABLE_OFFSET_MASK;
+        ok = !off || !past_eof(off, 1, flen);
+    }
     free(t);
-    return t != NULL && name_set_add(names, name);
+    return ok && name_set_add(names, name);
 }
 
 int qcow2_bitmaps_salvage(struct qcow2_state *s, bool dir_ok, uint32_t *kept,
@@ -1340,7 +1452,7 @@ int qcow2_bitmaps_salvage(struct qcow2_state *s, bool dir_ok, uint32_t *kept,
         }
         goto out;
     }
-    r = file_pwrite_full(s->node->fd, out, out_size, x->dir_offset);
+    r = qcow2_pwrite_meta(s, out, out_size, x->dir_offset, QCOW2_OL_BITMAP_DIR);
     if (r == 0)
         r = file_flush(s->node->fd);
     if (r == 0) {

@@ -66,7 +66,9 @@ static int write_entry(struct qcow2_state *s, struct qcow2_cache *c,
         if (r < 0)
             return r;
     }
-    int r = file_pwrite_full(s->node->fd, e->data, s->cluster_size, e->offset);
+    int r = qcow2_pwrite_meta(s, e->data, s->cluster_size, e->offset,
+                              c->is_l2 ? QCOW2_OL_ACTIVE_L2
+                                       : QCOW2_OL_REFCOUNT_BLOCK);
     if (r < 0)
         return r;
     e->dirty = false;

@@ -58,6 +58,9 @@
 #define BM_TABLE_ALL_ONES QCOW2_BME_TABLE_ALL_ONES
 
 #define REFT_RESERVED_MASK 0x1FFull
+/* What a rebuild of the refcount structure replaces: its writes may land
+ * on the old one (clusters the references do not reach), nothing else. */
+#define REBUILT (QCOW2_OL_REFCOUNT_TABLE | QCOW2_OL_REFCOUNT_BLOCK)
 
 /* QEMU's cluster types (the whole cluster, not a subcluster). */
 enum cluster_type {
@@ -82,6 +85,7 @@ struct check {
     bool rebuild;
     bool need_rebuild;     /* failed: -r leaks cannot rebuild */
     bool bitmaps_broken;   /* bitmap metadata could not be parsed */
+    uint32_t snapshot_bad; /* snapshot table entries -r all rewrites */
     bool bad_snapshot_offset;
     uint64_t highest;      /* last cluster with a refcount or reference */
     uint64_t snapshots_size;
@@ -221,52 +225,20 @@ static const struct qcow2_bitmaps_ext *bitmaps_ext(const struct qcow2_state *s)
     return &s->bm_ext;
 }
 
-static bool ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
-{
-    if (alen == 0 || blen == 0)
-        return false;
-    return a >= b ? a - b < blen : b - a < alen; /* cannot overflow */
-}
-
 /*
- * Would writing [off, off+len) hit metadata other than active L2 tables
- * (QEMU's pre-write overlap check, "cached" template)?  Before a repair
- * writes a table we did not allocate, make sure it cannot clobber the
- * header, an L1 table or the refcount structure.
+ * Would writing [off, off+len) hit metadata other than `ign` (QEMU's
+ * pre-write overlap check, through the driver's metadata map)?  Before a
+ * repair writes a table we did not allocate, make sure it cannot clobber
+ * the header, an L1 table or the refcount structure.  A map that cannot
+ * be built (no memory) answers yes: no repair is better than a blind one.
  */
 static bool overlaps_metadata(struct check *c, uint64_t off, uint64_t len,
-                              bool ignore_active_l2)
+                              unsigned ign)
 {
     struct qcow2_state *s = c->s;
-    if (off < s->cluster_size)
+    if (!s->meta.valid && qcow2_meta_rebuild(s) < 0)
         return true;
-    len = ALIGN_UP(qcow2_offset_into_cluster(s, off) + len, s->cluster_size);
-    off = ALIGN_DOWN(off, s->cluster_size);
-    if (ranges_overlap(off, len, s->h.l1_table_offset, (uint64_t)s->l1_size * 8) ||
-        ranges_overlap(off, len, s->h.refcount_table_offset,
-                       s->reftable_entries * 8) ||
-        ranges_overlap(off, len, s->h.snapshots_offset, c->snapshots_size))
-        return true;
-    for (uint32_t i = 0; i < s->nb_snapshots; i++)
-        if (ranges_overlap(off, len, s->snapshots[i].l1_table_offset,
-                           (uint64_t)s->snapshots[i].l1_size * 8))
-            return true;
-    for (uint32_t i = 0; !ignore_active_l2 && i < s->l1_size; i++) {
-        uint64_t l2 = s->l1[i] & QCOW2_L1E_OFFSET_MASK;
-        if (l2 && ranges_overlap(off, len, l2, s->cluster_size))
-            return true;
-    }
-    for (uint64_t i = 0; i < s->reftable_entries; i++) {
-        uint64_t rb = s->reftable[i] & QCOW2_REFT_OFFSET_MASK;
-        if (rb && ranges_overlap(off, len, rb, s->cluster_size))
-            return true;
-    }
-    const struct qcow2_bitmaps_ext *bm = bitmaps_ext(s);
-    if (bm && bm->len == BM_EXT_SIZE &&
-        ranges_overlap(off, len, bm->dir_offset,
-                       MIN(bm->dir_size, BM_MAX_DIR_SIZE)))
-        return true;
-    return false;
+    return qcow2_meta_overlap(s, off, len, ign) != 0;
 }
 
 /* Write a table (or part of one) we read ourselves, and forget any cached
@@ -303,7 +275,8 @@ static int fix_l2_entry_by_zero(struct check *c, uint64_t l2_offset,
     } else {
         qcow2_l2_set(s, l2, idx, QCOW2_OFLAG_ZERO, 0);
     }
-    *overlap = overlaps_metadata(c, e_off, s->l2_entry_size, active);
+    *overlap = overlaps_metadata(c, e_off, s->l2_entry_size,
+                                 active ? QCOW2_OL_ACTIVE_L2 : 0);
     if (*overlap) {
         msg(c, "ERROR: Overlap check failed");
         c->res->check_errors++;
@@ -501,6 +474,34 @@ static int snapshot_table_size(struct check *c, uint64_t *size)
     return 0;
 }
 
+/*
+ * Snapshot table entries QEMU's check counts as corrupt and -r all
+ * rewrites (qcow2_check_read_snapshot_table): extra data cut to 1 KiB (only
+ * an image opened for repair gets that far), and v3 entries without the
+ * disk size.  Counted in c->snapshot_bad, added to the result at the end
+ * of the pass (a refcount rebuild recounts the rest).
+ */
+static void check_snapshot_entries(struct check *c, unsigned fix)
+{
+    struct qcow2_state *s = c->s;
+    bool repair = fix & CBT_CHECK_FIX_ERRORS;
+    c->snapshot_bad = 0;
+    for (uint32_t i = 0; i < s->nb_snapshots; i++) {
+        const struct qcow2_snapshot *sn = &s->snapshots[i];
+        if (sn->extra_cut) {
+            msg(c, "Discarding too much extra metadata in snapshot table "
+                "entry %u (%u > %d)", i, sn->extra_on_disk,
+                QCOW2_MAX_SNAPSHOT_EXTRA);
+            c->snapshot_bad++;
+        }
+        if (qcow2_snapshot_incomplete(s, sn)) {
+            msg(c, "%s snapshot table entry %u is incomplete",
+                repair ? "Repairing" : "ERROR", i);
+            c->snapshot_bad++;
+        }
+    }
+}
+
 /* ---- persistent bitmaps ---- */
 
 /*
@@ -600,6 +601,11 @@ static int check_bitmaps(struct check *c, bool count)
             break;
         }
         bool ok = read_meta(c, table, bytes, d->table_offset) == 0;
+        /* Bits past the end of the file would read as clean: such a
+         * bitmap cannot be loaded (counted as QEMU does, by inc_refs). */
+        if (d->table_offset >= c->file_len ||
+            bytes > c->file_len - d->table_offset)
+            c->bitmaps_broken = true;
         for (uint32_t i = 0; ok && i < d->table_size; i++) {
             uint64_t te = ldbe64(table + 8 * (uint64_t)i);
             uint64_t off = te & BM_TABLE_OFFSET_MASK;
@@ -607,6 +613,8 @@ static int check_bitmaps(struct check *c, bool count)
                 (off && ((te & BM_TABLE_ALL_ONES) ||
                          !IS_ALIGNED(off, s->cluster_size))))
                 ok = false;
+            if (off >= c->file_len)
+                c->bitmaps_broken = true;
         }
         /* A bitmap that is not in_use must cover the virtual size exactly
          * (QEMU cannot load it otherwise). */
@@ -652,25 +660,18 @@ static int repair_bitmaps(struct check *c)
 {
     struct qcow2_state *s = c->s;
     const struct qcow2_bitmaps_ext *x = &s->bm_ext;
-    int r = snapshot_table_size(c, &c->snapshots_size);
-    if (r < 0)
-        return r;
     /* The count and the reserved field are rewritten from what is kept. */
     bool dir_ok = x->len == BM_EXT_SIZE &&
                   x->dir_size > 0 && x->dir_size <= BM_MAX_DIR_SIZE &&
                   IS_ALIGNED(x->dir_offset, s->cluster_size) &&
                   x->dir_offset < c->file_len &&
                   x->dir_size <= c->file_len - x->dir_offset;
-    if (dir_ok) {
-        /* overlaps_metadata counts the directory itself: hide it. */
-        struct qcow2_bitmaps_ext saved = s->bm_ext;
-        s->bm_ext.present = false;
-        dir_ok = !overlaps_metadata(c, saved.dir_offset, saved.dir_size,
-                                    false);
-        s->bm_ext = saved;
-    }
+    if (dir_ok)
+        dir_ok = !overlaps_metadata(c, x->dir_offset, x->dir_size,
+                                    QCOW2_OL_BITMAP_DIR);
     uint32_t kept, dropped;
-    r = qcow2_bitmaps_salvage(s, dir_ok, &kept, &dropped);
+    int r = qcow2_bitmaps_salvage(s, dir_ok, &kept, &dropped);
+    qcow2_meta_invalidate(s);
     if (r < 0) {
         msg(c, "ERROR could not repair the bitmap metadata: %s", strerror(-r));
         return r;
@@ -989,8 +990,8 @@ static int write_refblocks(struct check *c, uint64_t first, uint64_t end,
             }
             (*table)[idx] = rb_off;
         }
-        int r = file_pwrite_full(s->node->fd, c->refs + imrt_bytes(s, start),
-                                 s->cluster_size, rb_off);
+        int r = qcow2_pwrite_meta(s, c->refs + imrt_bytes(s, start),
+                                  s->cluster_size, rb_off, REBUILT);
         if (r < 0) {
             msg(c, "ERROR writing refblock: %s", strerror(-r));
             return r;
@@ -1035,7 +1036,7 @@ static int rebuild_refcount_structure(struct check *c)
     }
     for (uint64_t i = 0; i < entries; i++)
         be[i] = cpu_to_be64(table[i]);
-    r = file_pwrite_full(s->node->fd, be, entries * 8, toff);
+    r = qcow2_pwrite_meta(s, be, entries * 8, toff, REBUILT);
     free(be);
     if (r == 0)
         r = file_flush(s->node->fd);
@@ -1063,6 +1064,7 @@ static int rebuild_refcount_structure(struct check *c)
     free(s->reftable);
     s->reftable = table;
     s->reftable_entries = entries;
+    qcow2_meta_invalidate(s);
     s->reftable_dirty_lo = UINT64_MAX;
     s->reftable_dirty_hi = 0;
     s->free_hint = 0;
@@ -1161,7 +1163,8 @@ static int check_oflag_copied(struct check *c, unsigned fix)
             }
         }
         if (dirty) {
-            if (overlaps_metadata(c, l2_offset, s->cluster_size, true)) {
+            if (overlaps_metadata(c, l2_offset, s->cluster_size,
+                                  QCOW2_OL_ACTIVE_L2)) {
                 msg(c, "ERROR: Could not write L2 table; metadata overlap "
                     "check failed: %s", strerror(EIO));
                 res->check_errors++;
@@ -1231,6 +1234,7 @@ static int check_pass(struct check *c, struct cbt_check_result *res,
         res->check_errors++;
         return r;
     }
+    check_snapshot_entries(c, fix);
     r = calculate_refcounts(c, fix);
     if (r < 0)
         return r;
@@ -1291,7 +1295,50 @@ static int check_pass(struct check *c, struct cbt_check_result *res,
     r = check_oflag_copied(c, fix);
     if (r < 0)
         return r;
+    res->corruptions += c->snapshot_bad;
     res->image_end_offset = (c->highest + 1) << s->cluster_bits;
+    return 0;
+}
+
+/* -r all, after the refcounts are repaired: the snapshot table entries
+ * counted in c->snapshot_bad are rewritten (QEMU's
+ * qcow2_check_fix_snapshot_table). */
+static int fix_snapshot_table(struct check *c, struct cbt_check_result *res)
+{
+    int r = qcow2_write_snapshots(c->s);
+    if (r < 0) {
+        msg(c, "ERROR failed to update snapshot table: %s",
+            qcow2_strerror(c->s, r));
+        res->check_errors++;
+        return r;
+    }
+    res->corruptions -= c->snapshot_bad;
+    res->corruptions_fixed += c->snapshot_bad;
+    c->snapshot_bad = 0;
+    return 0;
+}
+
+/* Without -r all, a snapshot table entry with more extra data than QEMU
+ * reads fails the check, as in QEMU (whose open fails). */
+static int refuse_cut_snapshot(struct check *c, struct cbt_check_result *res,
+                               struct cbt_error **errp)
+{
+    const struct qcow2_state *s = c->s;
+    for (uint32_t i = 0; i < s->nb_snapshots; i++) {
+        if (!s->snapshots[i].extra_cut)
+            continue;
+        msg(c, "ERROR failed to read the snapshot table: Too much extra "
+            "metadata in snapshot table entry %u", i);
+        res->check_errors++;
+        cbt_error_set(errp, EFBIG, "%s: snapshot table entry %u has too much "
+                      "extra data (%u bytes, at most %d); 'cbt check -r all' "
+                      "removes what is too much", s->node->filename, i,
+                      s->snapshots[i].extra_on_disk, QCOW2_MAX_SNAPSHOT_EXTRA);
+        /* QEMU's errno (its "Check failed: File too large"), not a host
+         * space error: check's status 1, as qemu-img's */
+        cbt_error_set_kind(errp, CBT_ERR_OTHER);
+        return -1;
+    }
     return 0;
 }
 
@@ -1317,6 +1364,8 @@ int qcow2_check(struct blk_node *node, unsigned fix,
     struct check c = { .s = s, .report = report, .opaque = opaque };
     bool refused = false;
     int r = 0;
+    if (!(fix & CBT_CHECK_FIX_ERRORS) && refuse_cut_snapshot(&c, res, errp) < 0)
+        return -1;
     c.l2buf = malloc(s->cluster_size);
     c.tailbuf = malloc(s->cluster_size);
     if (!c.l2buf || !c.tailbuf) {
@@ -1376,6 +1425,13 @@ int qcow2_check(struct blk_node *node, unsigned fix,
         goto out;
     if (fix) {
         r = flush_repairs(s);
+        if (r < 0)
+            goto out;
+    }
+    if ((fix & CBT_CHECK_FIX_ERRORS) && c.snapshot_bad) {
+        /* New clusters past the end: safe even if refcounts are not. */
+        r = fix_snapshot_table(&c, &first);
+        *res = first;
         if (r < 0)
             goto out;
     }

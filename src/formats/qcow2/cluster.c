@@ -139,8 +139,9 @@ int qcow2_write_l1(struct qcow2_state *s)
         return -ENOMEM;
     for (uint32_t i = lo; i < hi; i++)
         be[i - lo] = cpu_to_be64(s->l1[i]);
-    int r = file_pwrite_full(s->node->fd, be, (size_t)(hi - lo) * 8,
-                             s->h.l1_table_offset + (uint64_t)lo * 8);
+    int r = qcow2_pwrite_meta(s, be, (size_t)(hi - lo) * 8,
+                              s->h.l1_table_offset + (uint64_t)lo * 8,
+                              QCOW2_OL_ACTIVE_L1);
     free(be);
     if (r < 0)
         return r;
@@ -156,14 +157,34 @@ static int64_t l2_offset(struct qcow2_state *s, uint64_t l1_index)
     if (l1_index >= s->l1_size)
         return 0;
     uint64_t l1e = s->l1[l1_index];
-    if (qcow2_check_l1_entry(s, l1e) < 0)
-        return -EIO;
     uint64_t off = l1e & QCOW2_L1E_OFFSET_MASK;
+    if (qcow2_check_l1_entry(s, l1e) < 0)
+        return qcow2_damaged(s, "L2 table offset %#" PRIx64 " unaligned (L1 "
+                             "index: %#" PRIx64 ")", off, l1_index);
     if (off == 0)
         return 0;
     if (off < s->cluster_size)
-        return -EIO; /* would overlap the header */
+        return qcow2_damaged(s, "L2 table offset %#" PRIx64 " is in the "
+                             "header cluster (L1 index: %#" PRIx64 ")", off,
+                             l1_index);
     return (int64_t)off;
+}
+
+/* Pin the L2 table at l2_off for reading, saying which table could not be
+ * read (a short read: past the end of the file). */
+static int read_l2(struct qcow2_state *s, uint64_t l2_off, uint64_t l1_index,
+                   uint8_t **l2)
+{
+    int r = qcow2_cache_get(s, &s->l2_cache, l2_off, false, l2);
+    if (r != -EIO)
+        return r;
+    uint64_t len = 0;
+    (void)file_size(s->node->fd, &len);
+    if (len > l2_off && len - l2_off >= s->cluster_size)
+        return r; /* the host's I/O error, not the image's damage */
+    return qcow2_damaged(s, "cannot read the L2 table at %#" PRIx64 " (L1 "
+                         "index: %#" PRIx64 "): the file ends at %#" PRIx64,
+                         l2_off, l1_index, len);
 }
 
 int qcow2_get_l2(struct qcow2_state *s, uint64_t off, bool alloc, uint8_t **l2,
@@ -179,8 +200,16 @@ int qcow2_get_l2(struct qcow2_state *s, uint64_t off, bool alloc, uint8_t **l2,
     if (l1_index >= s->l1_size)
         return alloc ? -EIO : 0; /* the caller checked the range */
     bool copied = s->l1[l1_index] & QCOW2_OFLAG_COPIED;
+    /* A table about to change must be one that can be written back: found
+     * out now, before the caller writes any data for it. */
+    int r = alloc && l2_off && copied
+                ? qcow2_pre_write(s, (uint64_t)l2_off, s->cluster_size,
+                                  QCOW2_OL_ACTIVE_L2)
+                : 0;
+    if (r < 0)
+        return r;
     if (l2_off && (copied || !alloc))
-        return qcow2_cache_get(s, &s->l2_cache, (uint64_t)l2_off, false, l2);
+        return read_l2(s, (uint64_t)l2_off, l1_index, l2);
     if (!alloc)
         return 0;
 
@@ -188,13 +217,21 @@ int qcow2_get_l2(struct qcow2_state *s, uint64_t off, bool alloc, uint8_t **l2,
     int64_t new_off = qcow2_alloc_clusters(s, 1);
     if (new_off < 0)
         return (int)new_off;
-    uint8_t *table;
-    int r = qcow2_cache_get(s, &s->l2_cache, (uint64_t)new_off, true, &table);
+    r = qcow2_pre_write(s, (uint64_t)new_off, s->cluster_size, 0);
     if (r < 0)
         return r;
+    uint8_t *table;
+    r = qcow2_cache_get(s, &s->l2_cache, (uint64_t)new_off, true, &table);
+    if (r < 0)
+        return r;
+    r = qcow2_meta_add(s, (uint64_t)new_off, QCOW2_OL_ACTIVE_L2);
+    if (r < 0) {
+        qcow2_cache_put(&s->l2_cache, table);
+        return r;
+    }
     if (l2_off) {
         uint8_t *old;
-        r = qcow2_cache_get(s, &s->l2_cache, (uint64_t)l2_off, false, &old);
+        r = read_l2(s, (uint64_t)l2_off, l1_index, &old);
         if (r < 0) {
             qcow2_cache_put(&s->l2_cache, table);
             return r;
@@ -205,8 +242,12 @@ int qcow2_get_l2(struct qcow2_state *s, uint64_t off, bool alloc, uint8_t **l2,
          * per L1 -> L2 path, and the snapshot that shared this table has
          * counted its path already.  Only the old table loses the active
          * L1's reference. */
-        if (r == 0)
+        if (r == 0) {
+            /* From now on a snapshot's table (not tracked), no longer
+             * the active one. */
+            qcow2_meta_remove(s, (uint64_t)l2_off, QCOW2_OL_ACTIVE_L2);
             r = qcow2_free_clusters_deferred(s, (uint64_t)l2_off, s->cluster_size);
+        }
         if (r < 0) {
             qcow2_cache_put(&s->l2_cache, table);
             return r;
@@ -243,16 +284,21 @@ int qcow2_get_mapping(struct qcow2_state *s, uint64_t off, uint64_t *bytes,
     enum qcow2_sc_type t = qcow2_sc_type(s, e, bm, sc);
     map->type = t;
     map->l2e = e;
+    uint64_t l2_off = s->l1[off >> (s->cluster_bits + s->l2_bits)] &
+                      QCOW2_L1E_OFFSET_MASK;
     if (t == QCOW2_SC_INVALID) {
         qcow2_cache_put(&s->l2_cache, l2);
-        return -EIO;
+        return qcow2_damaged(s, "Invalid cluster entry found (L2 offset: %#"
+                             PRIx64 ", L2 index: %#" PRIx64 ")", l2_off, idx);
     }
     uint64_t host0 = e & QCOW2_L2E_OFFSET_MASK;
     if (t == QCOW2_SC_NORMAL || t == QCOW2_SC_ZERO_ALLOC ||
         t == QCOW2_SC_UNALLOC_ALLOC) {
         if (!qcow2_has_data_file(s) && !IS_ALIGNED(host0, s->cluster_size)) {
             qcow2_cache_put(&s->l2_cache, l2);
-            return -EIO;
+            return qcow2_damaged(s, "Cluster allocation offset %#" PRIx64
+                                 " unaligned (L2 offset: %#" PRIx64 ", L2 "
+                                 "index: %#" PRIx64 ")", host0, l2_off, idx);
         }
         map->host_offset = host0 + in_cluster;
     }

@@ -189,7 +189,9 @@ int qcow2_write_compressed(struct blk_node *node, const void *buf,
     /* Up to the end of the sector: the bytes after ours there belong to
      * no one yet, and the file then always holds the descriptor's span. */
     uint64_t wlen = ALIGN_UP((uint64_t)host + (uint64_t)clen, 512) - (uint64_t)host;
-    r = file_pwrite_full(node->fd, out, (size_t)wlen, (uint64_t)host);
+    r = qcow2_pre_write_data(s, (uint64_t)host, wlen);
+    if (r == 0)
+        r = file_pwrite_full(node->fd, out, (size_t)wlen, (uint64_t)host);
     if (r < 0) {
         /* Nothing points at the bytes: give their references back. */
         (void)qcow2_update_refcount(s, (uint64_t)host, (uint64_t)clen, -1);

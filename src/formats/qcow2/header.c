@@ -116,13 +116,26 @@ static void report_unknown_features(struct qcow2_state *s, uint64_t mask,
                   s->node->filename, msg);
 }
 
-static int add_ext(struct qcow2_state *s, uint32_t type, const uint8_t *data,
-                   uint32_t len)
+/* Room for one more extension in s->exts, growing it geometrically (a
+ * header may hold thousands).  0 or -ENOMEM. */
+static int reserve_ext(struct qcow2_state *s)
 {
-    struct qcow2_ext *n = realloc(s->exts, (s->nb_exts + 1) * sizeof(*n));
+    if (s->nb_exts < s->cap_exts)
+        return 0;
+    size_t cap = s->cap_exts ? s->cap_exts * 2 : 8;
+    struct qcow2_ext *n = realloc(s->exts, cap * sizeof(*n));
     if (!n)
         return -ENOMEM;
     s->exts = n;
+    s->cap_exts = cap;
+    return 0;
+}
+
+static int add_ext(struct qcow2_state *s, uint32_t type, const uint8_t *data,
+                   uint32_t len)
+{
+    if (reserve_ext(s) < 0)
+        return -ENOMEM;
     uint8_t *copy = malloc(len ? len : 1);
     if (!copy)
         return -ENOMEM;
@@ -138,6 +151,7 @@ static int read_extensions(struct qcow2_state *s, const uint8_t *buf,
 {
     const char *fn = s->node->filename;
     uint64_t off = start;
+    uint32_t count = 0;
     while (off < end) {
         if (end - off < 8) {
             cbt_error_set(errp, EINVAL,
@@ -150,6 +164,13 @@ static int read_extensions(struct qcow2_state *s, const uint8_t *buf,
         off += 8;
         if (type == QCOW2_EXT_END)
             break;
+        if (++count > QCOW2_MAX_HEADER_EXTS) {
+            cbt_error_set(errp, EINVAL,
+                          "%s: more than %d header extensions (the one at "
+                          "offset %" PRIu64 " is past the limit)", fn,
+                          QCOW2_MAX_HEADER_EXTS, off - 8);
+            return -1;
+        }
         if (len > end - off) {
             cbt_error_set(errp, EINVAL,
                           "%s: header extension 0x%08x is too large (%u bytes, "
@@ -470,6 +491,14 @@ int qcow2_build_header(const struct qcow2_state *s, uint8_t *buf)
                          sizeof(ext))) < 0)
             return r;
     }
+    /* Never write more extensions than a reader accepts. */
+    size_t known = (bfmt && backing) + (s->data_file != NULL) +
+                   (h.version >= 3 && cs > 4096) +
+                   (s->bm_ext.present &&
+                    s->bm_ext.len == QCOW2_BITMAPS_EXT_SIZE &&
+                    s->bm_ext.nb_bitmaps > 0);
+    if (known + s->nb_exts > QCOW2_MAX_HEADER_EXTS)
+        return -ENOSPC;
     for (size_t i = 0; i < s->nb_exts; i++) {
         if ((r = put_ext(buf, &pos, limit, s->exts[i].type, s->exts[i].data,
                          s->exts[i].len)) < 0)
@@ -493,6 +522,8 @@ int qcow2_write_header_ex(struct qcow2_state *s, bool *written)
 {
     if (written)
         *written = false;
+    if (s->corrupt)
+        return -EIO;
     CLEANUP_FREE uint8_t *buf = cbt_zalloc_aligned(s->cluster_size);
     if (!buf)
         return -ENOMEM;
@@ -522,13 +553,41 @@ const struct qcow2_ext *qcow2_find_ext(const struct qcow2_state *s,
     return NULL;
 }
 
+size_t qcow2_count_ext(const struct qcow2_state *s, uint32_t type)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < s->nb_exts; i++)
+        n += s->exts[i].type == type;
+    return n;
+}
+
+/* Keep only the first extension of `type` (the one readers see). */
+static void drop_duplicate_exts(struct qcow2_state *s, uint32_t type)
+{
+    size_t k = 0;
+    bool seen = false;
+    for (size_t i = 0; i < s->nb_exts; i++) {
+        if (s->exts[i].type == type && seen) {
+            free(s->exts[i].data);
+            continue;
+        }
+        seen = seen || s->exts[i].type == type;
+        s->exts[k++] = s->exts[i];
+    }
+    s->nb_exts = k;
+}
+
 int qcow2_set_ext(struct qcow2_state *s, uint32_t type, const void *data,
                   uint32_t len)
 {
-    struct qcow2_ext *old = NULL;
-    for (size_t i = 0; i < s->nb_exts; i++)
-        if (s->exts[i].type == type)
-            old = &s->exts[i];
+    /* Setting is replacing them all: copies left behind would hide the new
+     * one from readers, which take the first.  Dropping them only makes
+     * the header shorter, so it fits whatever follows. */
+    if (qcow2_count_ext(s, type) > 1) {
+        drop_duplicate_exts(s, type);
+        s->header_dirty = true;
+    }
+    struct qcow2_ext *old = (struct qcow2_ext *)qcow2_find_ext(s, type);
     struct qcow2_ext saved = old ? *old : (struct qcow2_ext){ 0 };
     uint8_t *copy = NULL;
     if (data) {
@@ -538,12 +597,10 @@ int qcow2_set_ext(struct qcow2_state *s, uint32_t type, const void *data,
         memcpy(copy, data, len);
     }
     if (data && !old) {
-        struct qcow2_ext *n = realloc(s->exts, (s->nb_exts + 1) * sizeof(*n));
-        if (!n) {
+        if (reserve_ext(s) < 0) {
             free(copy);
             return -ENOMEM;
         }
-        s->exts = n;
         s->exts[s->nb_exts++] = (struct qcow2_ext){ type, len, copy };
     } else if (data) {
         *old = (struct qcow2_ext){ type, len, copy };
@@ -590,7 +647,7 @@ void qcow2_free_header(struct qcow2_state *s)
         free(s->exts[i].data);
     free(s->exts);
     s->exts = NULL;
-    s->nb_exts = 0;
+    s->nb_exts = s->cap_exts = 0;
     free(s->extra_header);
     s->extra_header = NULL;
     free(s->data_file);

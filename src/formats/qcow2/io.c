@@ -37,6 +37,8 @@ int qcow2_prepare_l2_writeback(struct qcow2_state *s)
 
 int qcow2_flush_metadata(struct qcow2_state *s)
 {
+    if (s->corrupt)
+        return -EIO;
     int r = qcow2_prepare_l2_writeback(s);
     if (r == 0)
         r = qcow2_cache_write_dirty(s, &s->l2_cache);
@@ -239,7 +241,9 @@ static int write_alloc_run(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
     uint64_t end = off + len;
     uint64_t flen = UINT64_MAX; /* the host file's length, when needed */
     CLEANUP_FREE uint8_t *tmp = NULL;
-    int r = 0;
+    int r = qcow2_pre_write_data(s, (uint64_t)host, n * cs);
+    if (r < 0)
+        goto fail;
 
     /* Fully covered clusters are written straight from buf in one go. */
     uint64_t full_lo = ALIGN_UP(off, cs), full_hi = ALIGN_DOWN(end, cs);
@@ -338,7 +342,9 @@ static int64_t write_std(struct qcow2_state *s, const uint8_t *buf,
             k++;
         }
         done = MIN(max, k * cs - in);
-        r = file_pwrite_full(s->data_fd, buf, done, host + in);
+        r = qcow2_pre_write_data(s, host + in, done);
+        if (r == 0)
+            r = file_pwrite_full(s->data_fd, buf, done, host + in);
         s->need_sync = true;
     } else {
         while (k < nclusters && !std_in_place(s, qcow2_l2_get(s, l2, idx + k)))
@@ -366,14 +372,20 @@ static int ext_make_writable(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
                                           : qcow2_alloc_clusters(s, 1);
     if (host < 0)
         return (int)host;
+    int r = qcow2_pre_write_data(s, (uint64_t)host, s->cluster_size);
+    if (r < 0) {
+        if (!qcow2_has_data_file(s))
+            (void)qcow2_update_refcount(s, (uint64_t)host, s->cluster_size, -1);
+        return r;
+    }
     uint64_t new_bm = compressed ? QCOW2_L2_BITMAP_ALL_ALLOC : bm;
     if (compressed || host_old) {
         /* Copy the old content: everything allocated must survive. */
         CLEANUP_FREE uint8_t *tmp = malloc(s->cluster_size);
         if (!tmp)
             return -ENOMEM;
-        int r = read_cluster_view(s, guest_cluster, e, bm, tmp, 0,
-                                  s->cluster_size);
+        r = read_cluster_view(s, guest_cluster, e, bm, tmp, 0,
+                              s->cluster_size);
         if (r < 0)
             return r;
         for (uint32_t sc = 0; sc < QCOW2_SUBCLUSTERS; sc++) {
@@ -410,6 +422,8 @@ static int64_t write_ext(struct qcow2_state *s, const uint8_t *buf,
     uint64_t e = qcow2_l2_get(s, l2, idx);
     uint64_t bm = qcow2_l2_get_bitmap(s, l2, idx);
     uint64_t host = e & QCOW2_L2E_OFFSET_MASK;
+    if (r == 0)
+        r = qcow2_pre_write_data(s, host + in, done);
     uint64_t pos = in, end = in + done;
     CLEANUP_FREE uint8_t *tmp = NULL;
     while (r == 0 && pos < end) {

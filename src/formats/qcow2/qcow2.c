@@ -25,6 +25,7 @@ static void free_state(struct qcow2_state *s)
     qcow2_cache_destroy(&s->rb_cache);
     qcow2_free_snapshots(s);
     qcow2_bitmaps_free(s);
+    qcow2_meta_free(&s->meta);
     qcow2_free_header(s);
     if (s->data_fd >= 0 && s->data_fd != s->node->fd)
         close(s->data_fd);
@@ -115,6 +116,7 @@ static int qcow2_open(struct blk_node *node, int fd, unsigned flags,
         cbt_error_set(errp, EROFS,
                       "%s: image is marked corrupt and cannot be opened "
                       "read-write (repair it with 'cbt check -r all')", fn);
+        cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
         goto fail;
     }
     if (qcow2_load_reftable(s, file_len, errp) < 0 ||
@@ -181,18 +183,32 @@ fail:
     return -1;
 }
 
+/* A control-path failure of an image marked corrupt is that corruption
+ * (its own exit status in the CLI), whatever errno came up. */
+static void corrupt_kind(const struct qcow2_state *s, struct cbt_error **errp)
+{
+    if (s->corrupt)
+        cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
+}
+
 static int qcow2_close(struct blk_node *node, struct cbt_error **errp)
 {
     struct qcow2_state *s = qcow2_state(node);
     int ret = 0;
-    if (!node->read_only) {
-        int r = qcow2_flush_metadata(s);
-        if (r < 0) {
-            cbt_error_set(errp, -r, "%s: failed to write metadata: %s",
-                          node->filename, strerror(-r));
-            ret = -1;
-        }
+    int r = node->read_only ? 0 : qcow2_flush_metadata(s);
+    if (r < 0 && s->corrupt) {
+        /* Nothing more was written (what was, in order, is consistent as
+         * far as it goes; the rest is lost, as with a crash). */
+        cbt_error_set(errp, EIO, "%s: the image is marked corrupt (%s); "
+                      "changes since were not written; 'cbt check -r all' "
+                      "may repair it", node->filename, s->corrupt_msg);
+        ret = -1;
+    } else if (r < 0) {
+        cbt_error_set(errp, -r, "%s: failed to write metadata: %s",
+                      node->filename, strerror(-r));
+        ret = -1;
     }
+    corrupt_kind(s, errp);
     free_state(s);
     node->opaque = NULL;
     return ret;
@@ -257,7 +273,7 @@ static int grow_l1(struct qcow2_state *s, uint64_t entries)
     memcpy(l1, s->l1, (size_t)s->l1_size * 8);
     /* Everything the old L1 points at must be durable first. */
     int r = qcow2_flush_metadata(s);
-    int64_t off = r < 0 ? r : qcow2_alloc_clusters(s, nclusters);
+    int64_t off = r < 0 ? r : qcow2_alloc_clusters_append(s, nclusters);
     if (off < 0) {
         free(l1);
         return (int)off;
@@ -269,8 +285,8 @@ static int grow_l1(struct qcow2_state *s, uint64_t entries)
     if (r == 0) {
         for (uint64_t i = 0; i < entries; i++)
             be[i] = cpu_to_be64(l1[i]);
-        r = file_pwrite_full(s->node->fd, be, nclusters << s->cluster_bits,
-                             (uint64_t)off);
+        r = qcow2_pwrite_meta(s, be, nclusters << s->cluster_bits,
+                              (uint64_t)off, 0);
         s->need_sync = true;
     }
     if (r == 0)
@@ -304,6 +320,7 @@ static int grow_l1(struct qcow2_state *s, uint64_t entries)
         return r;
     }
     free(old_l1);
+    qcow2_meta_invalidate(s);
     if (r < 0)
         return r; /* written, not synced: the new table is in force */
     return old_bytes ? qcow2_free_clusters_deferred(s, old_off, old_bytes) : 0;
@@ -414,7 +431,8 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
     if (r == 0 && s->data_file_raw)
         r = file_truncate(s->data_fd, new_size);
     if (r < 0) {
-        cbt_error_set(errp, -r, "%s: resize failed: %s", fn, strerror(-r));
+        cbt_error_set(errp, -r, "%s: resize failed: %s", fn,
+                      qcow2_strerror(s, r));
         return -1;
     }
     return 0;
@@ -445,7 +463,7 @@ static int qcow2_change_backing(struct blk_node *node, const char *name,
         free(new_name);
         free(new_fmt);
         cbt_error_set(errp, -r, "%s: cannot flush before changing the "
-                      "backing file: %s", node->filename, strerror(-r));
+                      "backing file: %s", node->filename, qcow2_strerror(s, r));
         return -1;
     }
     char *old_name = node->backing_name, *old_fmt = node->backing_fmt;
@@ -469,7 +487,7 @@ static int qcow2_change_backing(struct blk_node *node, const char *name,
                           name ? name : "");
         else
             cbt_error_set(errp, -r, "%s: cannot write the header: %s",
-                          node->filename, strerror(-r));
+                          node->filename, qcow2_strerror(s, r));
         /* A header write that landed (the sync failed) holds the new link:
          * put the old one back (best effort). */
         if (written)
@@ -484,9 +502,12 @@ static int qcow2_change_backing(struct blk_node *node, const char *name,
 static int qcow2_ext_get(struct blk_node *node, uint32_t type,
                          uint8_t **data, size_t *len)
 {
-    const struct qcow2_ext *e = qcow2_find_ext(qcow2_state(node), type);
+    const struct qcow2_state *s = qcow2_state(node);
+    const struct qcow2_ext *e = qcow2_find_ext(s, type);
     if (!e)
         return -ENOENT;
+    if (qcow2_count_ext(s, type) > 1)
+        return -ENOTUNIQ;
     *data = malloc(e->len ? e->len : 1);
     if (!*data)
         return -ENOMEM;
@@ -530,6 +551,33 @@ static void qcow2_start_writeback(struct blk_node *node)
         blk_start_writeback_fd(node->fd);
 }
 
+/* The control callbacks that write, with the corrupt kind on failure. */
+static int store_cb(struct blk_node *node, struct cbt_error **errp)
+{
+    int r = qcow2_bitmaps_store(node, errp);
+    if (r < 0)
+        corrupt_kind(qcow2_state(node), errp);
+    return r;
+}
+
+static int resize_cb(struct blk_node *node, uint64_t new_size, bool shrink,
+                     struct cbt_error **errp)
+{
+    int r = qcow2_resize(node, new_size, shrink, errp);
+    if (r < 0)
+        corrupt_kind(qcow2_state(node), errp);
+    return r;
+}
+
+static int change_backing_cb(struct blk_node *node, const char *name,
+                             const char *fmt, struct cbt_error **errp)
+{
+    int r = qcow2_change_backing(node, name, fmt, errp);
+    if (r < 0)
+        corrupt_kind(qcow2_state(node), errp);
+    return r;
+}
+
 const struct blk_driver blk_qcow2_driver = {
     .name = "qcow2",
     .probe = qcow2_probe,
@@ -545,11 +593,11 @@ const struct blk_driver blk_qcow2_driver = {
     .block_status = qcow2_block_status,
     .mark_dirty = qcow2_bitmaps_mark_dirty,
     .bitmap_can_store = qcow2_bitmap_can_store,
-    .bitmap_store = qcow2_bitmaps_store,
+    .bitmap_store = store_cb,
     .get_info = qcow2_get_info,
     .check = qcow2_check,
-    .resize = qcow2_resize,
-    .change_backing = qcow2_change_backing,
+    .resize = resize_cb,
+    .change_backing = change_backing_cb,
     .ext_get = qcow2_ext_get,
     .ext_set = qcow2_ext_set,
     .write_compressed = qcow2_write_compressed,

@@ -36,6 +36,16 @@
  *    in_use on disk (the mark_dirty hook), so a crash can leave them
  *    inconsistent, never stale.
  *
+ *  - Every write to the image file is checked first against a map of its
+ *    metadata (overlap.c); a write that would land on metadata is not
+ *    made, and the image is marked corrupt and takes no more writes.
+ *
+ *  - Metadata-only allocations (the bitmap store, a moved L1 table, a
+ *    grown refcount structure) take clusters past the end of the file and
+ *    of everything in use (qcow2_alloc_clusters_append): a cluster whose
+ *    refcount is 0 may still be referenced by a damaged L2 table, and
+ *    only a full check could tell.
+ *
  *  - All functions are called with node->lock held (the block layer takes
  *    it); nothing here is thread-safe on its own.
  */
@@ -57,6 +67,10 @@
 #define QCOW2_MAX_SNAPSHOTS 65536
 #define QCOW2_MAX_SNAPSHOT_EXTRA 1024
 #define QCOW2_MAX_DATA_FILE_NAME 4096
+/* Header extensions cbt keeps in memory (unknown ones are preserved): far
+ * above the handful QEMU writes, far below the 262,143 empty ones a 2 MiB
+ * header cluster can hold. */
+#define QCOW2_MAX_HEADER_EXTS 4096
 
 /* Feature bits */
 #define QCOW2_INCOMPAT_DIRTY (1ull << 0)
@@ -185,6 +199,52 @@ struct qcow2_snapshot {
     uint64_t vm_state_size;
     uint64_t disk_size;
     uint64_t icount;
+    uint32_t extra_size;      /* extra data bytes, as kept (<= 1 KiB) */
+    uint32_t extra_on_disk;   /* ... and as the entry says */
+    bool extra_cut;           /* check mode: the entry had more */
+    uint8_t *extra_unknown;   /* extra data past the 24 bytes cbt knows */
+    uint32_t extra_unknown_len;
+};
+
+/*
+ * Metadata kinds for overlap checks (overlap.c), in QEMU's order so that
+ * the structure named on a hit is the one QEMU would name; QEMU has no
+ * bits for the last two.
+ */
+#define QCOW2_OL_HEADER (1u << 0)
+#define QCOW2_OL_ACTIVE_L1 (1u << 1)
+#define QCOW2_OL_ACTIVE_L2 (1u << 2)
+#define QCOW2_OL_REFCOUNT_TABLE (1u << 3)
+#define QCOW2_OL_REFCOUNT_BLOCK (1u << 4)
+#define QCOW2_OL_SNAPSHOT_TABLE (1u << 5)
+#define QCOW2_OL_INACTIVE_L1 (1u << 6)
+#define QCOW2_OL_INACTIVE_L2 (1u << 7) /* not tracked */
+#define QCOW2_OL_BITMAP_DIR (1u << 8)
+#define QCOW2_OL_BITMAP_TABLE (1u << 9)
+#define QCOW2_OL_BITMAP_DATA (1u << 10)
+#define QCOW2_OL_NKINDS 11
+#define QCOW2_OL_BITMAPS \
+    (QCOW2_OL_BITMAP_DIR | QCOW2_OL_BITMAP_TABLE | QCOW2_OL_BITMAP_DATA)
+
+/* A structure of `kind` over clusters [first, end). */
+struct qcow2_meta_range {
+    uint64_t first, end;
+    unsigned kind;
+};
+
+/* Where the image's metadata lies (overlap.c has the design). */
+struct qcow2_meta_map {
+    bool valid;                     /* built from the current state */
+    struct qcow2_meta_range *fixed; /* sorted by first */
+    uint64_t *fixed_maxend;         /* max(end) of fixed[0..i] */
+    size_t nfixed;
+    uint64_t *one;                  /* cluster << 4 | kind index, sorted */
+    size_t none, cap;
+    /* A bitmap structure that shares a cluster with other metadata: a
+     * bitmap store would free it.  0, or the kind it overlaps. */
+    unsigned bitmap_conflict;
+    uint64_t bitmap_conflict_off;
+    unsigned bitmap_conflict_kind;
 };
 
 /* Metadata cache of cluster-sized tables (cache.c). */
@@ -212,7 +272,7 @@ struct qcow2_state {
     uint8_t *extra_header;   /* header bytes in [112, header_length) */
     size_t extra_header_len;
     struct qcow2_ext *exts;  /* preserved unknown extensions */
-    size_t nb_exts;
+    size_t nb_exts, cap_exts;
     struct qcow2_bitmaps_ext bm_ext;
     struct qcow2_bitmap_dirent *bm_dir; /* the directory bm_ext points at */
     uint32_t bm_dir_n;
@@ -264,6 +324,12 @@ struct qcow2_state {
 
     struct qcow2_snapshot *snapshots;
     uint32_t nb_snapshots;
+    uint64_t snapshots_size;  /* bytes: to the end of the last entry */
+
+    struct qcow2_meta_map meta;
+    bool corrupt;             /* a write hit metadata: no more writes */
+    bool corruption_reported; /* a corruption was told (cbt_warn) */
+    char corrupt_msg[256];
 
     bool metadata_prealloc;  /* file holes under allocated clusters */
     bool need_sync;          /* writes issued since the last fdatasync */
@@ -308,13 +374,16 @@ int qcow2_write_header(struct qcow2_state *s);
 /* The same, saying whether the header write itself landed (*written: a
  * later sync may still have failed) or not (the header is unchanged). */
 int qcow2_write_header_ex(struct qcow2_state *s, bool *written);
-/* The preserved (unknown to cbt's qcow2 code) extension of `type`, or NULL. */
+/* The first preserved (unknown to cbt's qcow2 code) extension of `type`,
+ * or NULL; and how many of that type the header holds. */
 const struct qcow2_ext *qcow2_find_ext(const struct qcow2_state *s,
                                       uint32_t type);
-/* Replace the preserved extension of `type` (data NULL: drop it), in
- * memory; the header is marked dirty and written by the next flush or
- * bitmap store (one header write with the bitmaps).  -ENOSPC (nothing
- * changed) when the header would no longer fit in its cluster. */
+size_t qcow2_count_ext(const struct qcow2_state *s, uint32_t type);
+/* Replace the preserved extensions of `type` by one (data NULL: drop them
+ * all), in memory; the header is marked dirty and written by the next
+ * flush or bitmap store (one header write with the bitmaps).  -ENOSPC
+ * when the header would no longer fit in its cluster: then only copies
+ * beyond the first may have gone. */
 int qcow2_set_ext(struct qcow2_state *s, uint32_t type, const void *data,
                   uint32_t len);
 void qcow2_free_header(struct qcow2_state *s);
@@ -342,8 +411,11 @@ void qcow2_rb_set(uint8_t *rb, uint64_t idx, uint32_t order, uint64_t v);
 int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster_index,
                        uint64_t *refcount);
 /* Allocate n contiguous clusters with refcount 1; returns host offset or
- * -errno. */
+ * -errno.  _append: past the end of the file and of every cluster in use,
+ * never a cluster with refcount 0 that something may still reference
+ * (metadata-only jobs, see the design notes). */
 int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n);
+int64_t qcow2_alloc_clusters_append(struct qcow2_state *s, uint64_t n);
 /* Allocate `size` bytes (1..cluster_size) for compressed data, packed
  * after the previous compressed cluster when they fit (QEMU's
  * free_byte_offset): every host cluster the bytes touch gains one
@@ -432,9 +504,17 @@ int qcow2_write_compressed(struct blk_node *node, const void *buf,
                            uint64_t off, size_t len);
 
 /* snapshot.c */
+/* Parse the table; images opened for check keep entries with too much
+ * extra data (cut, extra_cut set) for check -r all to rewrite. */
 int qcow2_read_snapshots(struct qcow2_state *s, uint64_t file_len,
                          struct cbt_error **errp);
 void qcow2_free_snapshots(struct qcow2_state *s);
+/* A v3 entry without the disk size in its extra data (QEMU: incomplete). */
+bool qcow2_snapshot_incomplete(const struct qcow2_state *s,
+                               const struct qcow2_snapshot *sn);
+/* Write the table anew, complete (QEMU's qcow2_write_snapshots): new
+ * clusters, then the header, then the old clusters freed.  0 or -errno. */
+int qcow2_write_snapshots(struct qcow2_state *s);
 
 /* create.c */
 int qcow2_create(const char *filename, const struct cbt_create_opts *opts,
@@ -466,6 +546,10 @@ int qcow2_bitmap_can_store(struct blk_node *node, const char *name,
                            uint64_t granularity, struct cbt_error **errp);
 int qcow2_bitmaps_store(struct blk_node *node, struct cbt_error **errp);
 void qcow2_bitmaps_free(struct qcow2_state *s);
+/* Add the data clusters of the directory in force to the metadata map
+ * (qcow2_meta_add_bitmap_data), reading at most a bounded amount of
+ * tables.  0 or -ENOMEM. */
+int qcow2_bitmaps_meta_data(struct qcow2_state *s);
 /* check -r all: rewrite the directory in place keeping only the entries
  * that pass every load-time check (dir_ok: the extension's fields are
  * sane and its directory may be rewritten where it is), or drop the
@@ -487,6 +571,56 @@ uint64_t qcow2_bitmap_table_entries(const struct qcow2_state *s, uint64_t size,
                                     unsigned granularity_bits);
 /* Encode the extension's 24 bytes. */
 void qcow2_bitmaps_ext_encode(const struct qcow2_bitmaps_ext *e, uint8_t *buf);
+
+/* overlap.c */
+/* (Re)build the map from the state (L1, refcount table, snapshots, bitmap
+ * directory and tables).  0 or -ENOMEM. */
+int qcow2_meta_rebuild(struct qcow2_state *s);
+/* Forget the map after a structure moved (rebuilt before the next check). */
+void qcow2_meta_invalidate(struct qcow2_state *s);
+void qcow2_meta_free(struct qcow2_meta_map *m);
+/* A one-cluster structure (L2 table, refcount block, bitmap data) at host
+ * offset off appeared or went.  0 or -ENOMEM. */
+int qcow2_meta_add(struct qcow2_state *s, uint64_t off, unsigned kind);
+void qcow2_meta_remove(struct qcow2_state *s, uint64_t off, unsigned kind);
+/* For qcow2_bitmaps_meta_data, while the map is built. */
+int qcow2_meta_add_bitmap_data(struct qcow2_state *s, uint64_t off);
+/* The first kind (QEMU's order) of metadata, other than `ign`, in the
+ * clusters [off, off+len) touches; 0 when none.  The map must be valid. */
+unsigned qcow2_meta_overlap(struct qcow2_state *s, uint64_t off, uint64_t len,
+                            unsigned ign);
+const char *qcow2_meta_kind_name(unsigned kind);
+/* Before writing [off, off+len) of the image file: 0, or -EIO when the
+ * image is corrupt or the write would hit metadata other than `ign` (the
+ * image is then marked corrupt).  _data: guest data (nothing to check in
+ * an external data file).  qcow2_pwrite_meta: the check, then the write
+ * (node->fd). */
+int qcow2_pre_write(struct qcow2_state *s, uint64_t off, uint64_t len,
+                    unsigned ign);
+int qcow2_pre_write_data(struct qcow2_state *s, uint64_t off, uint64_t len);
+int qcow2_pwrite_meta(struct qcow2_state *s, const void *buf, size_t len,
+                      uint64_t off, unsigned ign);
+/* Before dropping a reference to [off, off+len): the same check (a
+ * cluster still holding metadata must keep its refcount). */
+int qcow2_pre_free(struct qcow2_state *s, uint64_t off, uint64_t len,
+                   unsigned ign);
+/* Mark the image corrupt (QEMU's qcow2_signal_corruption, fatal): the
+ * message (printf-style, without the file name) is reported once and kept
+ * for qcow2_strerror; the header's corrupt bit is set; every later write
+ * fails.  Returns -EIO. */
+int qcow2_signal_corruption(struct qcow2_state *s, const char *fmt, ...)
+    PRINTF_FMT(2, 3);
+/* Report damage found while reading (QEMU's non-fatal corruption event):
+ * once per image, through cbt_warn; the caller returns -EIO. */
+void qcow2_report_corruption(struct qcow2_state *s, const char *fmt, ...)
+    PRINTF_FMT(2, 3);
+/* Damage found in a table the data path needs (QEMU's corruption events
+ * on reads): marks the image corrupt when it is writable, else reports
+ * it; returns -EIO.  Message printf-style, without the file name. */
+int qcow2_damaged(struct qcow2_state *s, const char *fmt, ...)
+    PRINTF_FMT(2, 3);
+/* strerror(-r), or why the image was marked corrupt for its -EIO. */
+const char *qcow2_strerror(const struct qcow2_state *s, int r);
 
 /* qcow2.c */
 int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,

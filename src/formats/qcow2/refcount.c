@@ -171,6 +171,9 @@ static int create_refblock(struct qcow2_state *s, uint64_t g, uint64_t at)
     qcow2_rb_set(rb, at & (s->rb_entries - 1), s->refcount_order, 1);
     qcow2_cache_mark_dirty(&s->rb_cache, rb);
     qcow2_cache_put(&s->rb_cache, rb);
+    r = qcow2_meta_add(s, at << s->cluster_bits, QCOW2_OL_REFCOUNT_BLOCK);
+    if (r < 0)
+        return r;
     s->reftable[g] = at << s->cluster_bits;
     mark_reftable_dirty(s, g);
     s->alloc_end = MAX(s->alloc_end, at + 1);
@@ -185,8 +188,14 @@ static int update_one(struct qcow2_state *s, uint64_t ci, int64_t delta)
         return (int)rb_off;
     if (rb_off == 0)
         return -EIO; /* decrement of an unrefcounted cluster, or a bug */
+    /* A block that cannot be written back must not change: found out
+     * before anything is written for the allocation it serves. */
+    int r = qcow2_pre_write(s, (uint64_t)rb_off, s->cluster_size,
+                            QCOW2_OL_REFCOUNT_BLOCK);
+    if (r < 0)
+        return r;
     uint8_t *rb;
-    int r = qcow2_cache_get(s, &s->rb_cache, (uint64_t)rb_off, false, &rb);
+    r = qcow2_cache_get(s, &s->rb_cache, (uint64_t)rb_off, false, &rb);
     if (r < 0)
         return r;
     uint64_t idx = ci & (s->rb_entries - 1);
@@ -255,15 +264,28 @@ int qcow2_update_refcount(struct qcow2_state *s, uint64_t offset, uint64_t len,
 /* Largest cluster index whose offset fits in an L2/L1 entry. */
 #define MAX_CLUSTER_OFFSET (QCOW2_L2E_OFFSET_MASK)
 
-int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
+/* The first cluster past the end of the file and past every cluster in
+ * use: nothing there can be referenced, whatever the refcounts say. */
+static uint64_t append_start(struct qcow2_state *s)
+{
+    uint64_t len = 0;
+    (void)file_size(s->node->fd, &len);
+    return MAX(s->alloc_end, qcow2_size_to_clusters(s, len));
+}
+
+static int64_t alloc_clusters(struct qcow2_state *s, uint64_t n, bool append)
 {
     if (n == 0)
         return -EINVAL;
+    /* Appending starts past everything there is now; refcount blocks the
+     * attempts below add there are skipped like any used cluster. */
+    uint64_t base = append ? append_start(s) : 0;
     for (int attempts = 0; attempts < 1000; attempts++) {
-        /* Find n free clusters in a row, starting at free_hint. */
-        uint64_t start = MAX(s->free_hint, 1);
+        /* Find n free clusters in a row, starting at free_hint (or past
+         * everything, where all are free). */
+        uint64_t start = append ? base : MAX(s->free_hint, 1);
         uint64_t run = 0;
-        bool hint_moved = false;
+        bool hint_moved = append;
         while (run < n) {
             uint64_t ci = start + run;
             if ((ci << s->cluster_bits) > MAX_CLUSTER_OFFSET)
@@ -298,7 +320,7 @@ int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
                  * run survives; only a run covering the whole group has to
                  * move (and then the next try fits). */
                 uint64_t g_lo = g << s->rb_bits, g_hi = (g + 1) << s->rb_bits;
-                uint64_t at = g_lo < start ? g_lo
+                uint64_t at = g_lo < start ? (append ? start : g_lo)
                               : start + n < g_hi ? start + n
                                                  : g_lo;
                 int r = create_refblock(s, g, at);
@@ -321,6 +343,16 @@ int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
         return (int64_t)(start << s->cluster_bits);
     }
     return -EIO;
+}
+
+int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
+{
+    return alloc_clusters(s, n, false);
+}
+
+int64_t qcow2_alloc_clusters_append(struct qcow2_state *s, uint64_t n)
+{
+    return alloc_clusters(s, n, true);
 }
 
 int64_t qcow2_alloc_bytes(struct qcow2_state *s, uint64_t size)
@@ -385,7 +417,7 @@ static int grow_reftable(struct qcow2_state *s, uint64_t min_entries)
     if (entries * 8 > QCOW2_MAX_REFTABLE_BYTES)
         return -EFBIG;
     uint64_t tclusters = entries / per_cluster;
-    uint64_t start = s->alloc_end;
+    uint64_t start = append_start(s);
     uint64_t nblocks = 0;
     for (;;) {
         uint64_t end = start + nblocks + tclusters;
@@ -440,7 +472,7 @@ static int grow_reftable(struct qcow2_state *s, uint64_t min_entries)
         } else {
             for (uint64_t i = 0; i < entries; i++)
                 be[i] = cpu_to_be64(table[i]);
-            r = file_pwrite_full(s->node->fd, be, entries * 8, toff);
+            r = qcow2_pwrite_meta(s, be, entries * 8, toff, 0);
             free(be);
         }
     }
@@ -463,6 +495,7 @@ static int grow_reftable(struct qcow2_state *s, uint64_t min_entries)
     free(old_table);
     s->reftable_dirty_lo = UINT64_MAX;
     s->reftable_dirty_hi = 0;
+    qcow2_meta_invalidate(s);
     /* The header no longer points at the old table: free it now. */
     return qcow2_update_refcount(s, old_offset, old_clusters << s->cluster_bits,
                                  -1);
@@ -523,7 +556,10 @@ int qcow2_apply_pending_frees(struct qcow2_state *s)
     size_t i;
     for (i = 0; i < s->nb_pending_free; i++) {
         uint64_t off = s->pending_free[i], len = s->pending_free_len[i];
-        r = qcow2_update_refcount(s, off, len, -1);
+        /* What the dropped references pointed at may not be metadata. */
+        r = qcow2_pre_free(s, off, len, 0);
+        if (r == 0)
+            r = qcow2_update_refcount(s, off, len, -1);
         if (r < 0)
             break;
         uint64_t first = ALIGN_UP(off, s->cluster_size);
@@ -569,8 +605,9 @@ int qcow2_write_refcounts(struct qcow2_state *s)
         return -ENOMEM;
     for (uint64_t i = lo; i < hi; i++)
         be[i - lo] = cpu_to_be64(s->reftable[i]);
-    r = file_pwrite_full(s->node->fd, be, (hi - lo) * 8,
-                         s->h.refcount_table_offset + lo * 8);
+    r = qcow2_pwrite_meta(s, be, (hi - lo) * 8,
+                          s->h.refcount_table_offset + lo * 8,
+                          QCOW2_OL_REFCOUNT_TABLE);
     free(be);
     if (r < 0)
         return r;
