@@ -66,6 +66,10 @@ struct cbt_backup_opts {
     void *progress_opaque;
     cbt_cancel_fn *cancel;        /* stops it before the checkpoint exists */
     void *cancel_opaque;
+    /* A copy-only full backup: no checkpoint is made, the disk is only
+     * read (opened read-only, sharing reading: any format, a raw disk or a
+     * file without write permission), and no incremental can follow it. */
+    bool no_checkpoint;
 };
 struct cbt_backup_result {
     enum cbt_backup_mode mode;    /* what was done (auto_full may change it) */
@@ -117,7 +121,8 @@ int cbt_restore(const struct cbt_restore_opts *opts,
 struct cbt_verify_backup {
     char *file;                   /* the backup image's path */
     enum cbt_backup_mode kind;
-    char *checkpoint;             /* the checkpoint it created */
+    char *checkpoint;             /* the checkpoint it created, or NULL
+                                   * (a copy-only backup) */
     uint64_t virtual_size;
     uint64_t copied;              /* data bytes it carries */
 };

@@ -13,6 +13,8 @@ static const char usage[] =
     "Usage: cbt backup (--full | --incremental | --since CHECKPOINT | --auto)\n"
     "                  [--checkpoint NAME] [-O qcow2|raw] [-g GRANULARITY]\n"
     "                  [-f FMT] [-p] [--output=human|json] DISK TARGET\n"
+    "       cbt backup --full --no-checkpoint [-O qcow2|raw] [-f FMT] [-p]\n"
+    "                  [--output=human|json] DISK TARGET\n"
     "\n"
     "Back up DISK (the top of a qcow2 chain) to TARGET, a new file, and\n"
     "create a checkpoint on DISK at the point in time of the backup.  Beside\n"
@@ -34,6 +36,11 @@ static const char usage[] =
     "                  says why.  With --since: that differential, or a full\n"
     "                  backup\n"
     "One of them is required: a full backup is never taken by surprise.\n"
+    "  --no-checkpoint with --full: a copy only, for a disk that cannot\n"
+    "                  hold checkpoints (raw) or may not be written (a\n"
+    "                  read-only file, a disk others read): DISK is only\n"
+    "                  read, sharing reading as qemu-img does; no checkpoint\n"
+    "                  is made, so no incremental can follow it\n"
     "\n"
     "A qcow2 incremental or differential has its parent backup as backing\n"
     "file (relative name), so qemu-img reads the backup chain; unchanged\n"
@@ -96,8 +103,11 @@ static void print_human(const struct cbt_backup_opts *o,
     printf("%s backup of %s -> %s\n", cbt_backup_mode_name(r->mode), o->disk, o->target);
     if (r->parent)
         printf("  parent      %s\n", r->parent);
-    printf("  checkpoint  %s -> %s\n", r->since ? r->since : "(none)",
-           r->checkpoint);
+    if (r->checkpoint)
+        printf("  checkpoint  %s -> %s\n", r->since ? r->since : "(none)",
+               r->checkpoint);
+    else
+        printf("  checkpoint  none (a copy only)\n");
     if (r->mode == CBT_BACKUP_FULL)
         printf("  disk        %s\n", vs);
     else
@@ -116,7 +126,9 @@ static void print_json(const struct cbt_backup_opts *o,
     json_object_set_new(j, "kind", json_string(cbt_backup_mode_name(r->mode)));
     json_object_set_new(j, "disk", cli_json_string(o->disk));
     json_object_set_new(j, "target", cli_json_string(o->target));
-    json_object_set_new(j, "checkpoint", cli_json_string(r->checkpoint));
+    json_object_set_new(j, "checkpoint", r->checkpoint
+                                             ? cli_json_string(r->checkpoint)
+                                             : json_null());
     json_object_set_new(j, "since",
                         r->since ? cli_json_string(r->since) : json_null());
     json_object_set_new(j, "parent",
@@ -136,7 +148,15 @@ static void print_json(const struct cbt_backup_opts *o,
 
 int cmd_backup(int argc, char **argv)
 {
-    enum { OPT_FULL = 256, OPT_INC, OPT_SINCE, OPT_AUTO, OPT_CKPT, OPT_OUT };
+    enum {
+        OPT_FULL = 256,
+        OPT_INC,
+        OPT_SINCE,
+        OPT_AUTO,
+        OPT_CKPT,
+        OPT_OUT,
+        OPT_NOCKPT,
+    };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"full", no_argument, NULL, OPT_FULL},
@@ -146,6 +166,7 @@ int cmd_backup(int argc, char **argv)
         {"checkpoint", required_argument, NULL, OPT_CKPT},
         {"granularity", required_argument, NULL, 'g'},
         {"output", required_argument, NULL, OPT_OUT},
+        {"no-checkpoint", no_argument, NULL, OPT_NOCKPT},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
@@ -172,6 +193,9 @@ int cmd_backup(int argc, char **argv)
             break;
         case OPT_CKPT:
             o.checkpoint = optarg;
+            break;
+        case OPT_NOCKPT:
+            o.no_checkpoint = true;
             break;
         case 'O':
             o.format = optarg;

@@ -52,7 +52,7 @@ static void print_human(const char *backup,
     int wk = 4, wc = 10, wf = 4;
     for (size_t i = 0; i < n; i++) {
         int k = (int)strlen(cbt_backup_mode_name(v[i].kind));
-        int c = (int)strlen(v[i].checkpoint);
+        int c = (int)strlen(v[i].checkpoint ? v[i].checkpoint : "-");
         int f = (int)strlen(v[i].file);
         wk = k > wk ? k : wk;
         wc = c > wc ? c : wc;
@@ -65,7 +65,8 @@ static void print_human(const char *backup,
         cli_size_to_str(v[i].virtual_size, vs, sizeof(vs));
         cli_size_to_str(v[i].copied, cp, sizeof(cp));
         printf("%-*s  %-*s  %-*s  %12s  %12s\n", wk,
-               cbt_backup_mode_name(v[i].kind), wc, v[i].checkpoint, wf,
+               cbt_backup_mode_name(v[i].kind), wc,
+               v[i].checkpoint ? v[i].checkpoint : "-", wf,
                v[i].file, vs, cp);
     }
     char checked[32];
@@ -93,7 +94,9 @@ static void print_json(const char *backup, const struct cbt_verify_result *res)
         json_object_set_new(e, "file", cli_json_string(b->file));
         json_object_set_new(e, "kind",
                             json_string(cbt_backup_mode_name(b->kind)));
-        json_object_set_new(e, "checkpoint", cli_json_string(b->checkpoint));
+        json_object_set_new(e, "checkpoint",
+                            b->checkpoint ? cli_json_string(b->checkpoint)
+                                          : json_null());
         json_object_set_new(e, "virtual-size", cli_json_u64(b->virtual_size));
         json_object_set_new(e, "copied", cli_json_u64(b->copied));
         json_array_append_new(chain, e);

@@ -14,7 +14,6 @@
  */
 #include <inttypes.h>
 #include <stdio.h>
-#include <sys/random.h>
 #include <time.h>
 
 #include "../block/block.h"
@@ -27,26 +26,9 @@
 static void uuid_new(char out[37], struct cbt_error **errp)
 {
     uint8_t u[16];
-    size_t got = 0;
-    while (got < 16) {
-        ssize_t n = getrandom(u + got, 16 - got, 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            cbt_error_set(errp, EIO, "cannot make a disk id: getrandom: %s",
-                          strerror(errno));
-            out[0] = '\0';
-            return;
-        }
-        got += (size_t)n;
-    }
-    u[6] = (uint8_t)((u[6] & 0x0f) | 0x40);
-    u[8] = (uint8_t)((u[8] & 0x3f) | 0x80);
-    snprintf(out, 37,
-             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-"
-             "%02x%02x%02x%02x%02x%02x",
-             u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9],
-             u[10], u[11], u[12], u[13], u[14], u[15]);
+    out[0] = '\0';
+    if (ckpt_uuid_new(u, "live checkpoint", errp) == 0)
+        ckpt_uuid_str(u, out);
 }
 
 /* The image's own checkpoint metadata, read beside QEMU (-U). */
@@ -299,12 +281,7 @@ int live_cp_open(struct qmp *q, const char *disk, struct live_cp *c,
         return -1;
     }
     if (m.n || m.next_order > 1) {
-        const uint8_t *u = m.uuid;
-        snprintf(c->disk_id, sizeof(c->disk_id),
-                 "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-"
-                 "%02x%02x%02x%02x%02x%02x",
-                 u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9],
-                 u[10], u[11], u[12], u[13], u[14], u[15]);
+        ckpt_uuid_str(m.uuid, c->disk_id);
     } else if (c->j.disk_id[0]) {
         memcpy(c->disk_id, c->j.disk_id, sizeof(c->disk_id));
     }

@@ -211,6 +211,13 @@ static int check_opt_values(const struct cbt_backup_opts *o,
                       "bytes", o->disk, CBT_CHECKPOINT_NAME_MAX);
         return -1;
     }
+    if (o->no_checkpoint && (o->mode != CBT_BACKUP_FULL || o->auto_full ||
+                             o->checkpoint || o->granularity)) {
+        cbt_error_set(errp, EINVAL, "%s: a copy-only backup (no checkpoint) "
+                      "is a full backup: --no-checkpoint goes with --full "
+                      "only, without --checkpoint or -g", o->target);
+        return -1;
+    }
     uint64_t g = o->granularity;
     if (g && (!IS_POW2(g) || g < GRAN_MIN || g > GRAN_MAX)) {
         cbt_error_set(errp, EINVAL, "%s: granularity %" PRIu64 " must be a "
@@ -1135,9 +1142,9 @@ static void fill_manifest(struct bk *b, struct manifest *m)
     m->disk_path = (char *)b->o->disk;
     m->disk_id = b->disk_id;
     m->kind = b->res->mode;
-    m->checkpoint = b->ckname;
-    m->checkpoint_order = b->predicted_order + 1;
-    m->checkpoint_created = b->created;
+    m->checkpoint = b->ckname; /* NULL: a copy-only backup */
+    m->checkpoint_order = b->ckname ? b->predicted_order + 1 : 0;
+    m->checkpoint_created = b->ckname ? b->created : NULL;
     if (!b->full) {
         m->since = b->since.name;
         m->parent_file = (char *)base_name(b->parent_path);
@@ -1194,6 +1201,13 @@ static int commit(struct bk *b, struct cbt_error **errp)
     b->renamed = true;
     struct manifest m;
     fill_manifest(b, &m);
+    if (b->o->no_checkpoint) {
+        /* No checkpoint: the manifest completes the backup. */
+        if (manifest_write(b->target_json, &m, false, errp) < 0)
+            return -1;
+        b->made_json = true;
+        return 0;
+    }
     CLEANUP_FREE char *created = NULL;
     bool had_id = b->disk_id[0] != '\0';
     if (had_id && manifest_write(b->target_json, &m, false, errp) < 0)
@@ -1287,6 +1301,8 @@ static void free_bk(struct bk *b)
 static int result_strings(struct bk *b, struct cbt_error **errp)
 {
     struct cbt_backup_result *res = b->res;
+    if (!b->ckname)
+        return 0; /* a copy-only backup */
     res->checkpoint = strdup(b->ckname);
     if (!b->full) {
         res->since = strdup(b->since.name);
@@ -1324,12 +1340,18 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
     if (check_roles(&b, errp) < 0)
         goto out;
 
-    b.disk = cbt_image_open(o->disk, o->disk_format, CBT_OPEN_RDWR, errp);
+    /* The disk is opened read-write only to create the checkpoint; a
+     * copy-only backup reads it and shares reading. */
+    b.disk = cbt_image_open(o->disk, o->disk_format,
+                            o->no_checkpoint ? 0 : CBT_OPEN_RDWR, errp);
     if (!b.disk)
         goto out;
-    if (strcmp(cbt_image_format(b.disk), "qcow2") != 0) {
+    if (!o->no_checkpoint && strcmp(cbt_image_format(b.disk), "qcow2") != 0) {
         cbt_error_set(errp, ENOTSUP, "%s: a %s disk cannot hold checkpoints; "
-                      "back up a qcow2 disk (cbt convert -O qcow2)", o->disk,
+                      "back up a qcow2 disk (cbt convert -O qcow2), track it "
+                      "through a qcow2 metadata image (docs/cli.md, cbt "
+                      "create, data_file_raw), or take a copy-only backup "
+                      "(--full --no-checkpoint)", o->disk,
                       cbt_image_format(b.disk));
         goto out;
     }
@@ -1337,9 +1359,23 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
     /* Checkpoints made live (docs/live.md) join the image's metadata. */
     if (ckpt_fold_journal(b.disk, errp) < 0)
         goto out;
-    if (check_target(&b, errp) < 0 || choose_name(&b, errp) < 0 ||
-        cbt_checkpoint_disk_id(b.disk, b.disk_id, errp) < 0)
+    if (check_target(&b, errp) < 0)
         goto out;
+    if (o->no_checkpoint) {
+        /* The disk's id when it has one; else one of its own, as no
+         * incremental will look for this backup. */
+        uint8_t u[16];
+        if (cbt_checkpoint_disk_id(b.disk, b.disk_id, errp) < 0)
+            goto out;
+        if (!b.disk_id[0]) {
+            if (ckpt_uuid_new(u, o->disk, errp) < 0)
+                goto out;
+            ckpt_uuid_str(u, b.disk_id);
+        }
+    } else if (choose_name(&b, errp) < 0 ||
+               cbt_checkpoint_disk_id(b.disk, b.disk_id, errp) < 0) {
+        goto out;
+    }
 
     res->mode = o->mode;
     if (o->mode != CBT_BACKUP_FULL) {
@@ -1365,7 +1401,8 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
         /* A fallback starts a new chain: the checkpoints' orders. */
         struct cbt_checkpoint *list = NULL;
         size_t n = 0;
-        if (cbt_checkpoint_list(b.disk, &list, &n, errp) < 0)
+        if (!o->no_checkpoint &&
+            cbt_checkpoint_list(b.disk, &list, &n, errp) < 0)
             goto out;
         for (size_t i = 0; i < n; i++)
             b.predicted_order = MAX(b.predicted_order, list[i].order);

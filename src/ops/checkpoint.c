@@ -51,22 +51,7 @@ static void oom(struct cbt_error **errp, struct cbt_image *img)
 static int new_uuid(struct cbt_image *top, uint8_t uuid[16],
                     struct cbt_error **errp)
 {
-    size_t got = 0;
-    while (got < 16) {
-        ssize_t n = getrandom(uuid + got, 16 - got, 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            cbt_error_set(errp, errno ? errno : EIO, "%s: cannot make a disk "
-                          "id: getrandom: %s", fname(top),
-                          strerror(errno ? errno : EIO));
-            return -1;
-        }
-        got += (size_t)n;
-    }
-    uuid[6] = (uint8_t)((uuid[6] & 0x0f) | 0x40); /* version 4 */
-    uuid[8] = (uint8_t)((uuid[8] & 0x3f) | 0x80); /* RFC 4122 variant */
-    return 0;
+    return ckpt_uuid_new(uuid, fname(top), errp);
 }
 
 /* Forget top's uncommitted bitmap and metadata changes. */

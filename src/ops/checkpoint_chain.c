@@ -43,6 +43,7 @@
  */
 #include <inttypes.h>
 #include <stdio.h>
+#include <sys/random.h>
 
 #include <cbt/bitmap.h>
 #include <cbt/chain.h>
@@ -272,6 +273,26 @@ void ckpt_saved_free(struct ckpt_saved *s)
 {
     free(s->buf);
     memset(s, 0, sizeof(*s));
+}
+
+int ckpt_uuid_new(uint8_t uuid[16], const char *what, struct cbt_error **errp)
+{
+    size_t got = 0;
+    while (got < 16) {
+        ssize_t n = getrandom(uuid + got, 16 - got, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            int e = n < 0 ? errno : EIO;
+            cbt_error_set(errp, e, "%s: cannot make a disk id: getrandom: %s",
+                          what, strerror(e));
+            return -1;
+        }
+        got += (size_t)n;
+    }
+    uuid[6] = (uint8_t)((uuid[6] & 0x0f) | 0x40); /* version 4 */
+    uuid[8] = (uint8_t)((uuid[8] & 0x3f) | 0x80); /* RFC 4122 variant */
+    return 0;
 }
 
 void ckpt_uuid_str(const uint8_t u[16], char out[37])

@@ -135,6 +135,8 @@ int ckpt_save(struct cbt_image *l, struct ckpt_saved *s,
 void ckpt_restore(struct cbt_image *l, const struct ckpt_saved *s);
 void ckpt_saved_free(struct ckpt_saved *s);
 void ckpt_uuid_str(const uint8_t u[16], char out[37]);
+/* A new random disk id (UUID version 4); 0, or -1 with *errp naming what. */
+int ckpt_uuid_new(uint8_t uuid[16], const char *what, struct cbt_error **errp);
 const struct ckpt_seal *ckpt_find_seal(const struct ckpt_meta *m,
                                        uint64_t order, uint32_t depth);
 

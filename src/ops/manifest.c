@@ -346,6 +346,10 @@ static int parse_lineage(struct pctx *p, json_t *root, struct manifest *m)
                  "\"full\", \"incremental\" or \"differential\"", &w) < 0)
         return -1;
     m->kind = modes[w];
+    /* A copy-only full backup (--no-checkpoint) made no checkpoint. */
+    if (m->kind == CBT_BACKUP_FULL &&
+        json_is_null(json_object_get(root, "checkpoint")))
+        goto lineage_rest;
     if (get_obj(p, root, "checkpoint", &o) < 0 ||
         get_str(p, o, "checkpoint.name", MANIFEST_NAME_MAX,
                 &m->checkpoint) < 0 ||
@@ -355,6 +359,7 @@ static int parse_lineage(struct pctx *p, json_t *root, struct manifest *m)
         get_str(p, o, "checkpoint.created", MANIFEST_TEXT_MAX,
                 &m->checkpoint_created) < 0)
         return -1;
+lineage_rest:
     if (!(v = get(p, root, "since", "null or a checkpoint name")))
         return -1;
     if (!json_is_null(v) &&
@@ -543,14 +548,16 @@ static json_t *build(const struct manifest *m)
     json_t *disk = json_object(), *ck = json_object(), *img = json_object();
     json_t *bytes = json_object(), *hash = json_object();
     json_t *parent = m->parent_file ? json_object() : json_null();
+    bool has_ck = m->checkpoint != NULL; /* else a copy-only full backup */
     json_t *ext = m->has_extents ? json_array() : json_null();
     bool ok = root && disk && ck && img && bytes && hash && parent && ext;
 
     ok = ok && put(disk, "path", json_string(m->disk_path)) &&
          put(disk, "id", json_string(m->disk_id));
-    ok = ok && put(ck, "name", json_string(m->checkpoint)) &&
-         put(ck, "order", jint(m->checkpoint_order)) &&
-         put(ck, "created", json_string(m->checkpoint_created));
+    if (has_ck)
+        ok = ok && put(ck, "name", json_string(m->checkpoint)) &&
+             put(ck, "order", jint(m->checkpoint_order)) &&
+             put(ck, "created", json_string(m->checkpoint_created));
     if (ok && m->parent_file)
         ok = put(parent, "file", json_string(m->parent_file)) &&
              put(parent, "manifest-sha256",
@@ -582,7 +589,7 @@ static json_t *build(const struct manifest *m)
          put(root, "created", json_string(m->created)) &&
          put(root, "disk", json_incref(disk)) &&
          put(root, "kind", json_string(cbt_backup_mode_name(m->kind))) &&
-         put(root, "checkpoint", json_incref(ck)) &&
+         put(root, "checkpoint", has_ck ? json_incref(ck) : json_null()) &&
          put(root, "since", jstr_or_null(m->since)) &&
          put(root, "parent", json_incref(parent)) &&
          put(root, "image", json_incref(img)) &&
@@ -718,7 +725,8 @@ int manifest_find_by_checkpoint(const char *dir, const char *disk_id,
             cbt_error_free(perr);
             continue;
         }
-        bool match = cand.complete && strcasecmp(cand.disk_id, disk_id) == 0 &&
+        bool match = cand.complete && cand.checkpoint &&
+                     strcasecmp(cand.disk_id, disk_id) == 0 &&
                      strcmp(cand.checkpoint, checkpoint) == 0;
         /* A manifest describes the image it sits beside: NAME.json for
          * image NAME.  A copy under another name is not a backup here. */

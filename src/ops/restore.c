@@ -296,6 +296,13 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
     if (r != 0)
         goto out;
     const struct manifest *m = &c.v[0].m;
+    if (o->seed_checkpoint && !m->checkpoint) {
+        cbt_error_set(errp, EINVAL, "%s: --seed-checkpoint: this backup made "
+                      "no checkpoint (a copy-only backup, --no-checkpoint)",
+                      o->backup);
+        cbt_error_set_kind(errp, CBT_ERR_USAGE);
+        goto out;
+    }
     if (o->seed_checkpoint && strcmp(o->seed_checkpoint, m->checkpoint) != 0) {
         cbt_error_set(errp, EINVAL, "%s: --seed-checkpoint must name the "
                       "checkpoint this backup created, '%s' (backups of the "

@@ -188,10 +188,11 @@ static int check_against_child(struct bchain *c, size_t i,
                        m->checkpoint, m->checkpoint_order, mp);
     if (cm->kind == CBT_BACKUP_FULL)
         return problem(c, errp, cmp, "a full backup with a parent");
-    if (!cm->since || strcmp(cm->since, m->checkpoint) != 0)
+    if (!cm->since || !m->checkpoint || strcmp(cm->since, m->checkpoint) != 0)
         return problem(c, errp, cmp, "an %s backup since checkpoint '%s', "
                        "but its parent %s created '%s'", cbt_backup_mode_name(cm->kind),
-                       cm->since ? cm->since : "(none)", mp, m->checkpoint);
+                       cm->since ? cm->since : "(none)", mp,
+                       m->checkpoint ? m->checkpoint : "none");
     return 0;
 }
 
