@@ -76,6 +76,7 @@
 #include <cbt/checkpoint.h>
 
 #include "../util/util.h"
+#include "backup_live.h"
 #include "bchain.h"
 #include "checkpoint_meta.h"
 #include "blockpipe.h"
@@ -102,7 +103,11 @@ enum blk_kind { K_NONE, K_DATA, K_ZERO };
 struct bk {
     const struct cbt_backup_opts *o;
     struct cbt_backup_result *res;
-    struct cbt_image *disk;
+    struct cbt_image *disk;   /* offline: the disk, open; live: NULL */
+    struct bk_live *live;     /* live: what QEMU's side provides */
+    struct bk_source src;     /* where the data is read */
+    bool frozen;              /* live: the view is frozen, the new
+                               * checkpoint exists in QEMU */
     struct cbt_image *dst;
     const char *fmt;          /* target format */
     bool raw;
@@ -351,7 +356,8 @@ static int check_target(struct bk *b, struct cbt_error **errp)
     const char *t = b->o->target;
     struct cbt_error *e = NULL;
     int depth;
-    if (ops_find_layer(b->disk, t, &depth, &e)) {
+    /* (A live disk is held by QEMU: its files are locked against this.) */
+    if (b->disk && ops_find_layer(b->disk, t, &depth, &e)) {
         cbt_error_set(errp, EINVAL, "%s: the target is layer %d of the "
                       "disk's chain; refusing to overwrite it", t, depth);
         return usage_mistake(errp);
@@ -435,6 +441,8 @@ static bool bitmap_in_chain(struct cbt_image *disk, const char *name,
 /* 0 when `name` is free for a new checkpoint, 1 when taken, -1 on error. */
 static int name_taken(struct bk *b, const char *name, struct cbt_error **errp)
 {
+    if (b->live)
+        return b->live->name_taken(b->live, name, errp);
     struct cbt_checkpoint c;
     struct cbt_error *e = NULL;
     if (cbt_checkpoint_get(b->disk, name, &c, &e) == 0) {
@@ -563,13 +571,22 @@ static int check_parent_chain(struct bk *b, char **why,
     return ret;
 }
 
+/* The disk's checkpoints with their health (caller frees the list). */
+static int list_checkpoints(struct bk *b, struct cbt_checkpoint **list,
+                            size_t *n, struct cbt_error **errp)
+{
+    if (b->live)
+        return b->live->checkpoints(b->live, list, n, errp);
+    return cbt_checkpoint_list(b->disk, list, n, errp);
+}
+
 static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
 {
     const struct cbt_backup_opts *o = b->o;
     const char *disk = o->disk;
     struct cbt_checkpoint *list = NULL;
     size_t n = 0;
-    if (cbt_checkpoint_list(b->disk, &list, &n, errp) < 0)
+    if (list_checkpoints(b, &list, &n, errp) < 0)
         return -1;
     for (size_t i = 0; i < n; i++)
         b->predicted_order = MAX(b->predicted_order, list[i].order);
@@ -664,6 +681,50 @@ static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
     return 0;
 }
 
+/* ---- the source: the open disk (offline) ---- */
+
+static int img_status(void *opaque, uint64_t off, uint64_t len, uint64_t *run,
+                      bool *zero)
+{
+    struct bk *b = opaque;
+    struct cbt_extent e;
+    int r = cbt_image_block_status(b->disk, off, len, &e);
+    if (r < 0)
+        return r;
+    *run = e.length;
+    *zero = (e.flags & CBT_BS_ZERO) != 0;
+    return 0;
+}
+
+static int img_read(void *opaque, void *buf, size_t len, uint64_t off)
+{
+    struct bk *b = opaque;
+    return cbt_image_pread(b->disk, buf, len, off);
+}
+
+static int img_dirty(void *opaque,
+                     int (*cb)(void *cbop, uint64_t start, uint64_t len,
+                               bool dirty),
+                     void *cbop, struct cbt_error **errp)
+{
+    struct bk *b = opaque;
+    int r = cbt_chain_bitmap_extents(b->disk, b->since.name, 0, cb, cbop,
+                                     errp);
+    if (r == -ENOMEM)
+        oom(errp);
+    return r == 0 ? 0 : -1;
+}
+
+static void use_image_source(struct bk *b)
+{
+    b->src = (struct bk_source){
+        .opaque = b,
+        .status = img_status,
+        .read = img_read,
+        .dirty = img_dirty,
+    };
+}
+
 /* ---- the dirty set ---- */
 
 static int push_range(struct bk *b, uint64_t start, uint64_t end)
@@ -737,15 +798,16 @@ static int add_stale_zeroes(struct bk *b, uint64_t upto,
     size_t nd = b->ndirty, j = 0; /* the sorted ranges from the bitmap */
     uint64_t found = 0;
     for (uint64_t pos = 0; pos < upto;) {
-        struct cbt_extent e;
-        int r = cbt_image_block_status(b->disk, pos, upto - pos, &e);
+        uint64_t run;
+        bool zero;
+        int r = b->src.status(b->src.opaque, pos, upto - pos, &run, &zero);
         if (r < 0) {
             cbt_error_set(errp, -r, "%s: cannot read block status at offset "
                           "%" PRIu64 ": %s", b->o->disk, pos, strerror(-r));
             return -1;
         }
-        if (e.flags & CBT_BS_ZERO) {
-            uint64_t end = pos + e.length;
+        if (zero) {
+            uint64_t end = pos + run;
             for (uint64_t i = ALIGN_UP(pos, B) / B; (i + 1) * B <= end; i++) {
                 while (j < nd && b->dirty[j].end <= i * B)
                     j++;
@@ -759,7 +821,7 @@ static int add_stale_zeroes(struct bk *b, uint64_t upto,
                 found++;
             }
         }
-        pos += e.length;
+        pos += run;
     }
     if (found)
         cbt_warn("%s: %" PRIu64 " blocks of 64 KiB read as zeroes but were "
@@ -771,11 +833,7 @@ static int add_stale_zeroes(struct bk *b, uint64_t upto,
 
 static int collect_dirty(struct bk *b, struct cbt_error **errp)
 {
-    int r = cbt_chain_bitmap_extents(b->disk, b->since.name, 0, on_extent, b,
-                                     errp);
-    if (r == -ENOMEM)
-        oom(errp);
-    if (r != 0)
+    if (b->src.dirty(b->src.opaque, on_extent, b, errp) < 0)
         return -1;
     /* A resize since the parent: the blocks from the one holding the
      * smallest end onwards changed length, appeared, or were cut off and
@@ -933,20 +991,21 @@ static int mark_zero_status(struct bk *b, struct bp_chunk *c, size_t i,
     for (size_t k = i; k < j; k++)
         c->seg[k].kind = K_ZERO;
     for (uint64_t pos = off; pos < end;) {
-        struct cbt_extent e;
-        int r = cbt_image_block_status(b->disk, pos, end - pos, &e);
+        uint64_t run;
+        bool zero;
+        int r = b->src.status(b->src.opaque, pos, end - pos, &run, &zero);
         if (r < 0) {
             b->fill_fail = (struct io_fail){"reading block status of",
                                             b->o->disk, pos, r};
             return -1;
         }
-        if (!(e.flags & CBT_BS_ZERO)) {
+        if (!zero) {
             size_t k0 = i + (size_t)((pos - off) / B);
-            size_t k1 = i + (size_t)DIV_ROUND_UP(pos + e.length - off, B);
+            size_t k1 = i + (size_t)DIV_ROUND_UP(pos + run - off, B);
             for (size_t k = k0; k < MIN(k1, j); k++)
                 c->seg[k].kind = K_NONE;
         }
-        pos += e.length;
+        pos += run;
     }
     return 0;
 }
@@ -981,8 +1040,8 @@ static int bk_fill(void *opaque, struct bp_chunk *c)
             c->seg[j].data = bp_take(c, (size_t)B);
             rlen += c->seg[j].len;
         }
-        int r = cbt_image_pread(b->disk, c->seg[i].data, (size_t)rlen,
-                                c->seg[i].off);
+        int r = b->src.read(b->src.opaque, c->seg[i].data, (size_t)rlen,
+                            c->seg[i].off);
         if (r < 0) {
             b->fill_fail = (struct io_fail){"reading", b->o->disk,
                                             c->seg[i].off, r};
@@ -1315,6 +1374,86 @@ static int result_strings(struct bk *b, struct cbt_error **errp)
     return 0;
 }
 
+/* The paths of the new backup's files; 0, or -1 with *errp. */
+static int setup(struct bk *b, struct cbt_error **errp)
+{
+    const struct cbt_backup_opts *o = b->o;
+    struct timespec t0;
+    clock_gettime(CLOCK_REALTIME, &t0);
+    b->created = iso_time(t0.tv_sec, (uint32_t)t0.tv_nsec);
+    b->dir = bfile_folder_of(o->target);
+    b->target_json = manifest_path_for(o->target);
+    b->target_hashes = hashes_path_for(o->target);
+    b->target_part = cbt_strdup_printf("%s.part", o->target);
+    if (!b->created || !b->dir || !b->target_json || !b->target_hashes ||
+        !b->target_part) {
+        oom(errp);
+        return -1;
+    }
+    return 0;
+}
+
+/* Full, incremental or differential (with auto_full, the fallback), and
+ * for a full backup what it copies.  0, or -1 with *errp. */
+static int plan(struct bk *b, struct cbt_error **errp)
+{
+    const struct cbt_backup_opts *o = b->o;
+    struct cbt_backup_result *res = b->res;
+    res->mode = o->mode;
+    if (o->mode != CBT_BACKUP_FULL) {
+        char *why = NULL;
+        int r = plan_incremental(b, &why, errp);
+        if (r < 0)
+            return -1;
+        if (r > 0 && !o->auto_full) {
+            cbt_error_set(errp, EINVAL, "%s; an %s backup is impossible: take "
+                          "a full one (--full, or --auto to fall back to one)",
+                          why, cbt_backup_mode_name(o->mode));
+            cbt_error_set_kind(errp, b->why_kind);
+            free(why);
+            return -1;
+        }
+        if (r > 0) {
+            res->fallback = why;
+            res->mode = CBT_BACKUP_FULL;
+        }
+    }
+    b->full = res->mode == CBT_BACKUP_FULL;
+    if (b->full) {
+        /* A fallback starts a new chain: the checkpoints' orders. */
+        struct cbt_checkpoint *list = NULL;
+        size_t n = 0;
+        if (!o->no_checkpoint && list_checkpoints(b, &list, &n, errp) < 0)
+            return -1;
+        for (size_t i = 0; i < n; i++)
+            b->predicted_order = MAX(b->predicted_order, list[i].order);
+        cbt_checkpoint_free_list(list, n);
+        b->fmt = o->format ? o->format : "qcow2";
+        b->total = b->size;
+        res->dirty_bytes = b->size;
+    }
+    b->raw = strcmp(b->fmt, "raw") == 0;
+    res->virtual_size = b->size;
+    return 0;
+}
+
+/* The dirty set (incremental), then the new target written and closed. */
+static int copy(struct bk *b, struct cbt_error **errp)
+{
+    if (!b->full && collect_dirty(b, errp) < 0)
+        return -1;
+    if (blockhash_init(&b->h, b->size) < 0) {
+        oom(errp);
+        return -1;
+    }
+    if (bk_cancelled(b))
+        return cancel_error(b, errp);
+    if (create_target(b, errp) < 0 || copy_all(b, errp) < 0 ||
+        finish_target(b, errp) < 0)
+        return -1;
+    return 0;
+}
+
 int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
                struct cbt_error **errp)
 {
@@ -1325,19 +1464,7 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
                    .why_kind = CBT_ERR_NEED_FULL};
     int ret = -1;
     bool ckpt_made = false;
-    struct timespec t0;
-    clock_gettime(CLOCK_REALTIME, &t0);
-    b.created = iso_time(t0.tv_sec, (uint32_t)t0.tv_nsec);
-    b.dir = bfile_folder_of(o->target);
-    b.target_json = manifest_path_for(o->target);
-    b.target_hashes = hashes_path_for(o->target);
-    b.target_part = cbt_strdup_printf("%s.part", o->target);
-    if (!b.created || !b.dir || !b.target_json || !b.target_hashes ||
-        !b.target_part) {
-        oom(errp);
-        goto out;
-    }
-    if (check_roles(&b, errp) < 0)
+    if (setup(&b, errp) < 0 || check_roles(&b, errp) < 0)
         goto out;
 
     /* The disk is opened read-write only to create the checkpoint; a
@@ -1346,6 +1473,7 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
                             o->no_checkpoint ? 0 : CBT_OPEN_RDWR, errp);
     if (!b.disk)
         goto out;
+    use_image_source(&b);
     if (!o->no_checkpoint && strcmp(cbt_image_format(b.disk), "qcow2") != 0) {
         cbt_error_set(errp, ENOTSUP, "%s: a %s disk cannot hold checkpoints; "
                       "back up a qcow2 disk (cbt convert -O qcow2), track it "
@@ -1376,59 +1504,7 @@ int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
                cbt_checkpoint_disk_id(b.disk, b.disk_id, errp) < 0) {
         goto out;
     }
-
-    res->mode = o->mode;
-    if (o->mode != CBT_BACKUP_FULL) {
-        char *why = NULL;
-        int r = plan_incremental(&b, &why, errp);
-        if (r < 0)
-            goto out;
-        if (r > 0 && !o->auto_full) {
-            cbt_error_set(errp, EINVAL, "%s; an %s backup is impossible: take "
-                          "a full one (--full, or --auto to fall back to one)",
-                          why, cbt_backup_mode_name(o->mode));
-            cbt_error_set_kind(errp, b.why_kind);
-            free(why);
-            goto out;
-        }
-        if (r > 0) {
-            res->fallback = why;
-            res->mode = CBT_BACKUP_FULL;
-        }
-    }
-    b.full = res->mode == CBT_BACKUP_FULL;
-    if (b.full) {
-        /* A fallback starts a new chain: the checkpoints' orders. */
-        struct cbt_checkpoint *list = NULL;
-        size_t n = 0;
-        if (!o->no_checkpoint &&
-            cbt_checkpoint_list(b.disk, &list, &n, errp) < 0)
-            goto out;
-        for (size_t i = 0; i < n; i++)
-            b.predicted_order = MAX(b.predicted_order, list[i].order);
-        cbt_checkpoint_free_list(list, n);
-        b.fmt = o->format ? o->format : "qcow2";
-        b.total = b.size;
-        res->dirty_bytes = b.size;
-    } else if (collect_dirty(&b, errp) < 0) {
-        goto out;
-    }
-    b.raw = strcmp(b.fmt, "raw") == 0;
-    res->virtual_size = b.size;
-
-    int r = blockhash_init(&b.h, b.size);
-    if (r < 0) {
-        oom(errp);
-        goto out;
-    }
-    if (bk_cancelled(&b)) {
-        cancel_error(&b, errp);
-        goto out;
-    }
-    if (create_target(&b, errp) < 0 || copy_all(&b, errp) < 0 ||
-        finish_target(&b, errp) < 0)
-        goto out;
-    if (commit(&b, errp) < 0)
+    if (plan(&b, errp) < 0 || copy(&b, errp) < 0 || commit(&b, errp) < 0)
         goto out;
     ckpt_made = true;
     if (result_strings(&b, errp) < 0)
@@ -1443,6 +1519,94 @@ out:
         remove_files(&b);
     free_bk(&b);
     if (ret < 0 && !ckpt_made)
+        cbt_backup_result_free(res);
+    return ret;
+}
+
+/* ---- a live disk (backup_live.h) ---- */
+
+/* The backup is complete on disk: the checkpoint's record, then the
+ * manifest with its order and time.  A failure takes the checkpoint away
+ * again (cbt_backup_live), so a checkpoint never lacks its backup. */
+static int commit_live(struct bk *b, struct cbt_error **errp)
+{
+    if (bk_cancelled(b))
+        return cancel_error(b, errp);
+    char sha[65];
+    if (blockhash_write(&b->h, b->target_hashes, sha, errp) < 0)
+        return -1;
+    b->made_hashes = true;
+    memcpy(b->res->root_hash, sha, 65);
+    if (bfile_rename_ours(b->part_fd, b->target_part, b->o->target, errp) < 0)
+        return -1;
+    b->renamed = true;
+    uint64_t order;
+    int64_t sec;
+    uint32_t nsec;
+    if (b->live->commit(b->live, b->ckname, &order, &sec, &nsec, errp) < 0)
+        return -1;
+    memcpy(b->disk_id, b->live->disk_id, sizeof(b->disk_id));
+    struct manifest m;
+    fill_manifest(b, &m);
+    CLEANUP_FREE char *created = iso_time(sec, nsec);
+    if (!created) {
+        oom(errp);
+        return -1;
+    }
+    m.checkpoint_order = order;
+    m.checkpoint_created = created;
+    if (manifest_write(b->target_json, &m, false, errp) < 0)
+        return -1;
+    b->made_json = true;
+    return 0;
+}
+
+int cbt_backup_live(const struct cbt_backup_opts *o, struct bk_live *l,
+                    struct cbt_backup_result *res, struct cbt_error **errp)
+{
+    memset(res, 0, sizeof(*res));
+    if (check_opts(o, errp) < 0)
+        return -1;
+    if (o->no_checkpoint) {
+        cbt_error_set(errp, EINVAL, "%s: --no-checkpoint is for disks cbt "
+                      "opens itself; a running VM's backup makes its "
+                      "checkpoint in QEMU", o->disk);
+        cbt_error_set_kind(errp, CBT_ERR_USAGE);
+        return -1;
+    }
+    struct bk b = {.o = o, .res = res, .part_fd = -1, .live = l,
+                   .why_kind = CBT_ERR_NEED_FULL};
+    int ret = -1;
+    bool done = false;
+    b.size = l->size;
+    memcpy(b.disk_id, l->disk_id, sizeof(b.disk_id));
+    if (setup(&b, errp) < 0 || check_target(&b, errp) < 0 ||
+        choose_name(&b, errp) < 0 || plan(&b, errp) < 0)
+        goto out;
+    /* The instant of the backup: from here QEMU holds the view and the
+     * new checkpoint records every later write. */
+    if (l->freeze(l, b.full ? NULL : b.since.name, b.ckname,
+                  o->granularity, &b.src, errp) < 0)
+        goto out;
+    b.frozen = true;
+    if (copy(&b, errp) < 0 || commit_live(&b, errp) < 0)
+        goto out;
+    done = true;
+    if (result_strings(&b, errp) < 0)
+        goto out;
+    ret = 0;
+out:
+    if (b.dst)
+        cbt_image_close(b.dst, NULL);
+    if (b.frozen) {
+        if (!done)
+            l->abort(l, b.ckname);
+        l->release(l);
+    }
+    if (!done)
+        remove_files(&b);
+    free_bk(&b);
+    if (ret < 0 && !done)
         cbt_backup_result_free(res);
     return ret;
 }

@@ -1,0 +1,74 @@
+/*
+ * A backup of a disk cbt does not open itself (backup.c's second entry):
+ * a running VM's disk, read over NBD at a point in time QEMU holds for it
+ * (src/live/livebackup.c).  The caller provides the disk's checkpoints and
+ * the steps that need QEMU; backup.c does the rest exactly as offline:
+ * the plan (full or incremental, the parent in the folder), the copy, the
+ * hashes, the manifest.  Private to libcbt.
+ */
+#ifndef CBT_OPS_BACKUP_LIVE_H
+#define CBT_OPS_BACKUP_LIVE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cbt/backup.h>
+#include <cbt/checkpoint.h>
+
+#include "../util/util.h"
+
+/* Where the data comes from once the point in time is frozen. */
+struct bk_source {
+    void *opaque;
+    /* The run at off (at most len bytes) and whether all of it reads as
+     * zeroes.  0 or -errno. */
+    int (*status)(void *opaque, uint64_t off, uint64_t len, uint64_t *run,
+                  bool *zero);
+    /* Read [off, off+len).  0 or -errno. */
+    int (*read)(void *opaque, void *buf, size_t len, uint64_t off);
+    /* Call cb for every extent of the disk with whether the checkpoint the
+     * backup starts from saw it written (dirty).  0, or -1 with *errp. */
+    int (*dirty)(void *opaque,
+                 int (*cb)(void *cbop, uint64_t start, uint64_t len,
+                           bool dirty),
+                 void *cbop, struct cbt_error **errp);
+};
+
+struct bk_live {
+    void *opaque;
+    const char *label;      /* the disk as the user named it (manifest) */
+    uint64_t size;          /* virtual size */
+    char disk_id[37];       /* "" when the disk has none yet */
+    /* The disk's checkpoints with their health, oldest first (a fresh
+     * copy the caller frees with cbt_checkpoint_free_list). */
+    int (*checkpoints)(struct bk_live *l, struct cbt_checkpoint **v,
+                       size_t *n, struct cbt_error **errp);
+    /* Is `name` taken by a checkpoint or a bitmap?  1, 0, or -1. */
+    int (*name_taken)(struct bk_live *l, const char *name,
+                      struct cbt_error **errp);
+    /*
+     * The point in time: create checkpoint `name` (granularity gran, 0:
+     * default) at the instant the backup's view freezes, and give the
+     * source of that view, with the dirty extents since checkpoint
+     * `since` (NULL for a full backup).  Sets disk_id when the disk had
+     * none.  0, or -1 with *errp and nothing left behind.
+     */
+    int (*freeze)(struct bk_live *l, const char *since, const char *name,
+                  uint64_t gran, struct bk_source *src,
+                  struct cbt_error **errp);
+    /* The backup is complete: make the new checkpoint's record durable
+     * and give its order and creation time.  0, or -1 with *errp. */
+    int (*commit)(struct bk_live *l, const char *name, uint64_t *order,
+                  int64_t *sec, uint32_t *nsec, struct cbt_error **errp);
+    /* The backup failed after freeze: remove the new checkpoint. */
+    void (*abort)(struct bk_live *l, const char *name);
+    /* Release the frozen view (always called after a freeze). */
+    void (*release)(struct bk_live *l);
+};
+
+/* cbt_backup for a disk described by l (o->disk is l's label). */
+int cbt_backup_live(const struct cbt_backup_opts *o, struct bk_live *l,
+                    struct cbt_backup_result *res, struct cbt_error **errp);
+
+#endif
