@@ -7,6 +7,7 @@
 
 #include <cbt/backup.h>
 
+#include "../live/livebackup.h"
 #include "cli.h"
 
 static const char usage[] =
@@ -14,6 +15,9 @@ static const char usage[] =
     "                  [--checkpoint NAME] [-O qcow2|raw] [-g GRANULARITY]\n"
     "                  [-f FMT] [-p] [--output=human|json] DISK TARGET\n"
     "       cbt backup --full --no-checkpoint [-O qcow2|raw] [-f FMT] [-p]\n"
+    "                  [--output=human|json] DISK TARGET\n"
+    "       cbt backup --qmp SOCKET [--nbd-socket PATH] (--full | ...)\n"
+    "                  [--checkpoint NAME] [-O ...] [-g ...] [-p]\n"
     "                  [--output=human|json] DISK TARGET\n"
     "\n"
     "Back up DISK (the top of a qcow2 chain) to TARGET, a new file, and\n"
@@ -50,6 +54,14 @@ static const char usage[] =
     "swapped arguments (a backup as DISK, a disk as TARGET) are refused.  If\n"
     "the backup fails, its files are removed and DISK's checkpoints are as\n"
     "before.\n"
+    "\n"
+    "A running VM's disk (--qmp SOCKET, QEMU's QMP socket; docs/live.md):\n"
+    "DISK names one of its disks (device id, export id, node name or image\n"
+    "file).  One QMP transaction makes the new checkpoint and freezes the\n"
+    "disk's view at that instant (blockdev-backup sync=none into a scratch\n"
+    "file TARGET.scratch, removed afterwards); cbt reads the view over NBD,\n"
+    "the guest writing on.  cbt starts an NBD server on a private socket,\n"
+    "or finds the one QEMU runs (--nbd-socket names it).\n"
     "\n"
     "Options:\n"
     "  --checkpoint NAME  name of the new checkpoint (default:\n"
@@ -156,7 +168,11 @@ int cmd_backup(int argc, char **argv)
         OPT_CKPT,
         OPT_OUT,
         OPT_NOCKPT,
+        OPT_QMP,
+        OPT_NBDSOCK,
     };
+    const char *qmp_sock = NULL;
+    struct live_backup_opts lo = {0};
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"full", no_argument, NULL, OPT_FULL},
@@ -167,6 +183,8 @@ int cmd_backup(int argc, char **argv)
         {"granularity", required_argument, NULL, 'g'},
         {"output", required_argument, NULL, OPT_OUT},
         {"no-checkpoint", no_argument, NULL, OPT_NOCKPT},
+        {"qmp", required_argument, NULL, OPT_QMP},
+        {"nbd-socket", required_argument, NULL, OPT_NBDSOCK},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
@@ -196,6 +214,12 @@ int cmd_backup(int argc, char **argv)
             break;
         case OPT_NOCKPT:
             o.no_checkpoint = true;
+            break;
+        case OPT_QMP:
+            qmp_sock = optarg;
+            break;
+        case OPT_NBDSOCK:
+            lo.nbd_socket = optarg;
             break;
         case 'O':
             o.format = optarg;
@@ -241,6 +265,8 @@ int cmd_backup(int argc, char **argv)
                                argv[optind + 2]);
     o.disk = argv[optind];
     o.target = argv[optind + 1];
+    if (lo.nbd_socket && !qmp_sock)
+        return cli_usage_error(prog, "--nbd-socket goes with --qmp");
 
     struct cli_progress pr;
     cli_progress_init(&pr, progress);
@@ -252,7 +278,16 @@ int cmd_backup(int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &t0);
     struct cbt_backup_result res;
     struct cbt_error *err = NULL;
-    int r = cbt_backup(&o, &res, &err);
+    int r;
+    if (qmp_sock) {
+        struct qmp *q = qmp_connect(qmp_sock, &err);
+        r = q ? live_backup(q, &o, &lo, &res, &err) : -1;
+        if (!q)
+            memset(&res, 0, sizeof(res));
+        qmp_close(q);
+    } else {
+        r = cbt_backup(&o, &res, &err);
+    }
     cli_progress_end(&pr);
     if (r < 0) {
         cbt_backup_result_free(&res);

@@ -180,7 +180,7 @@ static int union_count(struct live_cp *c, const char *name, size_t holders,
                        uint64_t gran, uint64_t *count, struct cbt_error **errp)
 {
     char tmp[64];
-    snprintf(tmp, sizeof(tmp), "cbt-count-%d", (int)getpid());
+    snprintf(tmp, sizeof(tmp), "cbt-%d-count", (int)getpid());
     const char *top = c->disk.layers[0].node;
     json_t *srcs = json_array();
     for (size_t i = 0; i < holders; i++)

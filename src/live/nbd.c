@@ -15,6 +15,7 @@
  */
 #include <inttypes.h>
 #include <stdio.h>
+#include <time.h>
 
 #include <libnbd.h>
 
@@ -37,8 +38,39 @@ static void nbd_failed(struct cbt_error **errp, const char *uri,
                   msg ? msg : "unknown NBD error");
 }
 
+/* Connect, giving up after ms milliseconds (a socket that is not an NBD
+ * server may accept and stay silent).  0, or -1 (libnbd's error, or
+ * ETIMEDOUT). */
+static int connect_within(struct nbd_handle *h, const char *uri, int ms,
+                          bool *timed_out)
+{
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    *timed_out = false;
+    if (nbd_aio_connect_uri(h, uri) < 0)
+        return -1;
+    while (nbd_aio_is_connecting(h) == 1) {
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        long long left = ms - ((t.tv_sec - t0.tv_sec) * 1000LL +
+                               (t.tv_nsec - t0.tv_nsec) / 1000000);
+        if (left <= 0) {
+            *timed_out = true;
+            return -1;
+        }
+        if (nbd_poll(h, (int)left) < 0)
+            return -1;
+    }
+    return nbd_aio_is_ready(h) == 1 ? 0 : -1;
+}
+
 struct live_nbd *live_nbd_open(const char *uri, const char *bitmap,
                                struct cbt_error **errp)
+{
+    return live_nbd_open_within(uri, bitmap, LIVE_NBD_CONNECT_MS, errp);
+}
+
+struct live_nbd *live_nbd_open_within(const char *uri, const char *bitmap,
+                                      int ms, struct cbt_error **errp)
 {
     struct live_nbd *n = calloc(1, sizeof(*n));
     if (!n || !(n->uri = strdup(uri))) {
@@ -64,8 +96,13 @@ struct live_nbd *live_nbd_open(const char *uri, const char *bitmap,
         live_nbd_close(n);
         return NULL;
     }
-    if (nbd_connect_uri(n->h, uri) < 0) {
-        nbd_failed(errp, uri, "cannot connect");
+    bool timed_out;
+    if (connect_within(n->h, uri, ms, &timed_out) < 0) {
+        if (timed_out)
+            cbt_error_set(errp, ETIMEDOUT, "%s: no NBD server answered within "
+                          "%d ms", uri, ms);
+        else
+            nbd_failed(errp, uri, "cannot connect");
         live_nbd_close(n);
         return NULL;
     }

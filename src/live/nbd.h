@@ -40,6 +40,12 @@ struct live_nbd_extent {
  */
 struct live_nbd *live_nbd_open(const char *uri, const char *bitmap,
                                struct cbt_error **errp);
+/* The same, giving up after ms milliseconds (a socket that is not an NBD
+ * server may accept and say nothing); live_nbd_open waits
+ * LIVE_NBD_CONNECT_MS. */
+#define LIVE_NBD_CONNECT_MS 30000
+struct live_nbd *live_nbd_open_within(const char *uri, const char *bitmap,
+                                      int ms, struct cbt_error **errp);
 void live_nbd_close(struct live_nbd *n);
 uint64_t live_nbd_size(const struct live_nbd *n);
 const char *live_nbd_uri(const struct live_nbd *n);

@@ -529,6 +529,15 @@ bool qmp_version_at_least(const struct qmp *q, int major, int minor)
 
 const char *qmp_name(const struct qmp *q) { return q->name; }
 
+int qmp_peer_pid(const struct qmp *q)
+{
+    struct ucred cr;
+    socklen_t len = sizeof(cr);
+    if (getsockopt(q->fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) < 0)
+        return -1;
+    return cr.pid > 0 ? (int)cr.pid : -1;
+}
+
 void qmp_set_timeout(struct qmp *q, int ms)
 {
     q->timeout_ms = ms > 0 ? ms : QMP_TIMEOUT_MS;

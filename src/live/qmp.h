@@ -48,6 +48,8 @@ void qmp_close(struct qmp *q);
 void qmp_version(const struct qmp *q, int *major, int *minor, int *micro);
 /* Is the peer at least major.minor? */
 bool qmp_version_at_least(const struct qmp *q, int major, int minor);
+/* The process at the other end of the socket (SO_PEERCRED), or -1. */
+int qmp_peer_pid(const struct qmp *q);
 /* The socket's name, for messages. */
 const char *qmp_name(const struct qmp *q);
 /* Set the reply/event timeout in milliseconds (<= 0: the default). */

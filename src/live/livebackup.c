@@ -1,0 +1,693 @@
+/*
+ * Backups of a running VM's disk (livebackup.h): a pull backup as libvirt
+ * takes one, on any QEMU with transactions (qemu-system or
+ * qemu-storage-daemon).
+ *
+ * The point in time
+ * -----------------
+ * cbt creates a scratch qcow2 file beside the target and adds it to QEMU
+ * as node cbt-PID-scratch, its backing node the disk.  Then ONE
+ * transaction:
+ *   - block-dirty-bitmap-add: the new checkpoint, persistent, recording,
+ *     on the disk's format node;
+ *   - (incremental, differential) block-dirty-bitmap-add cbt-PID-bk on the
+ *     scratch node, disabled and transient, and block-dirty-bitmap-merge
+ *     into it of the old checkpoint's copies in every layer that holds it
+ *     (the old checkpoint itself is never touched: no job clears it);
+ *   - blockdev-backup sync=none from the disk into the scratch node: from
+ *     now on QEMU copies every cluster the guest overwrites into the
+ *     scratch before the write, so the scratch node reads as the disk did
+ *     at this instant (clusters never overwritten read through to it).
+ * All four happen at the same instant or not at all (LIVE.md: a split
+ * loses writes).  cbt exports the scratch node read-only over NBD, with
+ * the temporary bitmap, and backup.c reads the changed ranges through
+ * src/live/nbd.c, hashing and writing them as offline.
+ *
+ * The end
+ * -------
+ * The export goes, the job is cancelled (a sync=none job ends that way),
+ * the scratch node is deleted (its temporary bitmap with it) and its file
+ * removed.  On success the new checkpoint's record goes to the live
+ * journal; on failure the new checkpoint's bitmap is removed again, so
+ * the next backup starts from the old one.  Every QEMU object cbt makes is
+ * named cbt-PID-...: a later cbt removes those of a PID that is no longer
+ * a running cbt (live_cleanup), and their scratch files.
+ */
+#include <dirent.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include <cbt/image.h>
+
+#include "../ops/backup_live.h"
+#include "livebackup.h"
+#include "livecp.h"
+#include "nbd.h"
+
+#define NAME_MAX_QEMU 31 /* node names and job ids */
+#define STATUS_SPAN ((uint64_t)64 << 20) /* block status asked for at once */
+#define STATUS_CACHE 4096
+
+struct lb {
+    struct bk_live l;            /* first: the hooks get &lb->l */
+    struct qmp *q;
+    struct live_cp cp;
+    const struct cbt_backup_opts *o;
+    const struct live_backup_opts *lo;
+    char scratch_node[NAME_MAX_QEMU + 1];
+    char scratch_file_node[NAME_MAX_QEMU + 1];
+    char job[NAME_MAX_QEMU + 1];
+    char filter[NAME_MAX_QEMU + 1];
+    char export_id[NAME_MAX_QEMU + 1];
+    char tmp_bitmap[NAME_MAX_QEMU + 1];
+    char *scratch_path;
+    char *nbd_sock;
+    bool made_scratch, added_scratch, job_running, exported, started_server;
+    const char *new_ckpt;        /* added by the transaction, not yet kept */
+    struct live_nbd *nbd;
+    int64_t sec;                 /* the instant of the freeze */
+    uint32_t nsec;
+    /* block status answers kept for the next questions */
+    struct live_nbd_extent cache[STATUS_CACHE];
+    size_t ncache;
+};
+
+static struct lb *lb_of(struct bk_live *l) { return (struct lb *)l; }
+
+/* ---- checkpoints ---- */
+
+static int lb_checkpoints(struct bk_live *l, struct cbt_checkpoint **v,
+                          size_t *n, struct cbt_error **errp)
+{
+    struct lb *b = lb_of(l);
+    *v = calloc(b->cp.n ? b->cp.n : 1, sizeof(**v));
+    *n = 0;
+    if (!*v) {
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        return -1;
+    }
+    for (size_t i = 0; i < b->cp.n; i++) {
+        const struct cbt_checkpoint *s = &b->cp.v[i];
+        struct cbt_checkpoint *d = &(*v)[i];
+        *d = *s;
+        d->name = strdup(s->name);
+        d->parent = s->parent ? strdup(s->parent) : NULL;
+        d->problem = s->problem ? strdup(s->problem) : NULL;
+        *n = i + 1;
+        if (!d->name || (s->parent && !d->parent) ||
+            (s->problem && !d->problem)) {
+            cbt_checkpoint_free_list(*v, *n);
+            *v = NULL;
+            *n = 0;
+            cbt_error_set(errp, ENOMEM, "out of memory");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int lb_name_taken(struct bk_live *l, const char *name,
+                         struct cbt_error **errp)
+{
+    (void)errp;
+    struct lb *b = lb_of(l);
+    if (live_cp_find(&b->cp, name))
+        return 1;
+    for (size_t i = 0; i < b->cp.disk.nlayers; i++)
+        if (live_layer_bitmap(&b->cp.disk.layers[i], name))
+            return 1;
+    return 0;
+}
+
+/* ---- the source: the frozen view over NBD ---- */
+
+static int lb_status(void *opaque, uint64_t off, uint64_t len, uint64_t *run,
+                     bool *zero)
+{
+    struct lb *b = opaque;
+    for (int pass = 0; pass < 2; pass++) {
+        for (size_t i = 0; i < b->ncache; i++) {
+            const struct live_nbd_extent *e = &b->cache[i];
+            if (off >= e->start && off < e->start + e->length) {
+                *run = MIN(len, e->start + e->length - off);
+                *zero = (e->flags & LIVE_NBD_ZERO) != 0;
+                return 0;
+            }
+        }
+        if (pass)
+            break;
+        uint64_t size = live_nbd_size(b->nbd);
+        uint64_t want = MIN(MAX(len, STATUS_SPAN), size - off);
+        int n = live_nbd_extents(b->nbd, off, want, b->cache, STATUS_CACHE,
+                                 NULL);
+        if (n < 0)
+            return -EIO;
+        b->ncache = (size_t)n;
+    }
+    return -EIO;
+}
+
+static int lb_read(void *opaque, void *buf, size_t len, uint64_t off)
+{
+    struct lb *b = opaque;
+    return live_nbd_pread(b->nbd, buf, len, off);
+}
+
+static int lb_dirty(void *opaque,
+                    int (*cb)(void *cbop, uint64_t start, uint64_t len,
+                              bool dirty),
+                    void *cbop, struct cbt_error **errp)
+{
+    struct lb *b = opaque;
+    uint64_t size = live_nbd_size(b->nbd);
+    struct live_nbd_extent *v = malloc(STATUS_CACHE * sizeof(*v));
+    if (!v) {
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        return -1;
+    }
+    int ret = 0;
+    for (uint64_t pos = 0; pos < size && ret == 0;) {
+        int n = live_nbd_extents(b->nbd, pos, size - pos, v, STATUS_CACHE,
+                                 errp);
+        if (n < 0) {
+            ret = -1;
+            break;
+        }
+        for (int i = 0; i < n && ret == 0; i++) {
+            int r = cb(cbop, v[i].start, v[i].length,
+                       (v[i].flags & LIVE_NBD_DIRTY) != 0);
+            if (r < 0) {
+                cbt_error_set(errp, -r, "out of memory");
+                ret = -1;
+            }
+            pos = v[i].start + v[i].length;
+        }
+    }
+    free(v);
+    return ret;
+}
+
+/* ---- the NBD server ---- */
+
+/* Unix sockets QEMU (pid) listens on, other than `except`: from its open
+ * files and /proc/net/unix.  A malloc'd array of paths, *n of them. */
+static char **listening_sockets(int pid, const char *except, size_t *n)
+{
+    *n = 0;
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/fd", pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return NULL;
+    unsigned long inodes[512];
+    size_t ni = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL && ni < ARRAY_SIZE(inodes)) {
+        char target[64];
+        ssize_t r = readlinkat(dirfd(d), de->d_name, target,
+                               sizeof(target) - 1);
+        if (r <= 0)
+            continue;
+        target[r] = '\0';
+        unsigned long ino;
+        if (sscanf(target, "socket:[%lu]", &ino) == 1)
+            inodes[ni++] = ino;
+    }
+    closedir(d);
+    FILE *f = fopen("/proc/net/unix", "re");
+    if (!f)
+        return NULL;
+    char **out = NULL;
+    char line[4096 + 128];
+    while (fgets(line, sizeof(line), f)) {
+        unsigned long flags, ino;
+        unsigned type, st;
+        char sock[4096 + 1];
+        /* Num RefCount Protocol Flags Type St Inode Path */
+        if (sscanf(line, "%*s %*s %*s %lx %x %x %lu %4096s", &flags, &type,
+                   &st, &ino, sock) != 5)
+            continue;
+        if (!(flags & 0x10000) || sock[0] != '/' || strcmp(sock, except) == 0)
+            continue; /* not listening (__SO_ACCEPTCON), abstract, or QMP */
+        bool ours = false;
+        for (size_t i = 0; i < ni && !ours; i++)
+            ours = inodes[i] == ino;
+        if (!ours)
+            continue;
+        char **nv = realloc(out, (*n + 1) * sizeof(*nv));
+        if (!nv)
+            break;
+        out = nv;
+        if ((out[*n] = strdup(sock)))
+            (*n)++;
+    }
+    fclose(f);
+    return out;
+}
+
+/* Connect to the export on the server QEMU runs: the socket given, or the
+ * one of QEMU's listening sockets that serves it. */
+static int open_export(struct lb *b, const char *bitmap,
+                       struct cbt_error **errp)
+{
+    char *uri = NULL;
+    if (b->nbd_sock) {
+        if (asprintf(&uri, "nbd+unix:///%s?socket=%s", b->export_id,
+                     b->nbd_sock) < 0)
+            goto oom;
+        b->nbd = live_nbd_open(uri, bitmap, errp);
+        free(uri);
+        return b->nbd ? 0 : -1;
+    }
+    int pid = qmp_peer_pid(b->q);
+    size_t n = 0;
+    char **socks = pid > 0 ? listening_sockets(pid, qmp_name(b->q), &n) : NULL;
+    for (size_t i = 0; i < n && !b->nbd; i++) {
+        if (asprintf(&uri, "nbd+unix:///%s?socket=%s", b->export_id,
+                     socks[i]) < 0)
+            uri = NULL;
+        /* Other sockets (a second QMP monitor) may accept and be silent. */
+        if (uri && (b->nbd = live_nbd_open_within(uri, bitmap, 2000, NULL)))
+            b->nbd_sock = strdup(socks[i]);
+        free(uri);
+    }
+    for (size_t i = 0; i < n; i++)
+        free(socks[i]);
+    free(socks);
+    if (b->nbd)
+        return 0;
+    cbt_error_set(errp, ENOENT, "%s: QEMU runs an NBD server cbt cannot "
+                  "find (none of QEMU's Unix sockets serves the export: a "
+                  "TCP or TLS server?); give its Unix socket with "
+                  "--nbd-socket", qmp_name(b->q));
+    return -1;
+oom:
+    cbt_error_set(errp, ENOMEM, "out of memory");
+    return -1;
+}
+
+/* A server of our own on a private socket, unless QEMU runs one. */
+static int ensure_server(struct lb *b, struct cbt_error **errp)
+{
+    if (b->lo && b->lo->nbd_socket) {
+        b->nbd_sock = strdup(b->lo->nbd_socket);
+        return b->nbd_sock ? 0 : -1;
+    }
+    char *sock = NULL;
+    const char *tmp = getenv("TMPDIR");
+    if (asprintf(&sock, "%s/cbt-%d-nbd.sock", tmp && *tmp ? tmp : "/tmp",
+                 (int)getpid()) < 0) {
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        return -1;
+    }
+    (void)unlink(sock);
+    struct cbt_error *e = NULL;
+    json_t *args = json_pack("{s:{s:s, s:{s:s}}}", "addr", "type", "unix",
+                             "data", "path", sock);
+    if (qmp_run(b->q, "nbd-server-start", args, &e) == 0) {
+        b->nbd_sock = sock;
+        b->started_server = true;
+        return 0;
+    }
+    free(sock);
+    /* "NBD server already running": find it when the export exists. */
+    if (strstr(cbt_error_message(e), "already running")) {
+        cbt_error_free(e);
+        return 0;
+    }
+    if (errp && !*errp)
+        *errp = e;
+    else
+        cbt_error_free(e);
+    return -1;
+}
+
+/* ---- freeze, commit, abort, release ---- */
+
+static int make_scratch(struct lb *b, struct cbt_error **errp)
+{
+    if (asprintf(&b->scratch_path, "%s.scratch", b->o->target) < 0) {
+        b->scratch_path = NULL;
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        return -1;
+    }
+    int fd = open(b->scratch_path,
+                  O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        cbt_error_set(errp, errno, "%s: cannot create the scratch file of "
+                      "the backup: %s%s", b->scratch_path, strerror(errno),
+                      errno == EEXIST ? " (left by an interrupted cbt "
+                                        "backup? cbt removes its own "
+                                        "leftovers when it starts)"
+                                      : "");
+        return -1;
+    }
+    close(fd);
+    b->made_scratch = true;
+    struct cbt_create_opts co = {
+        .format = "qcow2",
+        .size = b->l.size,
+        .size_given = true,
+        .cluster_size = 65536,
+    };
+    return cbt_image_create(b->scratch_path, &co, errp);
+}
+
+static int lb_freeze(struct bk_live *l, const char *since, const char *name,
+                     uint64_t gran, struct bk_source *src,
+                     struct cbt_error **errp)
+{
+    struct lb *b = lb_of(l);
+    const struct live_layer *top = &b->cp.disk.layers[0];
+    if (make_scratch(b, errp) < 0)
+        return -1;
+    /* The file node is named too: a later cbt finds the scratch file of
+     * a cbt that died by it (live_cleanup). */
+    json_t *add = json_pack("{s:s, s:s, s:{s:s, s:s, s:s}, s:s}", "driver",
+                            "qcow2", "node-name", b->scratch_node, "file",
+                            "driver", "file", "node-name",
+                            b->scratch_file_node, "filename", b->scratch_path,
+                            "backing", top->node);
+    if (qmp_run(b->q, "blockdev-add", add, errp) < 0)
+        return -1;
+    b->added_scratch = true;
+
+    json_t *acts = json_array();
+    json_array_append_new(acts, live_cp_bitmap_add_action(&b->cp, name, gran));
+    if (since) {
+        const struct live_bitmap *old = live_layer_bitmap(top, since);
+        json_t *srcs = json_array();
+        for (size_t i = 0; i < b->cp.disk.nlayers; i++) {
+            const struct live_layer *layer = &b->cp.disk.layers[i];
+            if (!live_layer_bitmap(layer, since))
+                break;
+            json_array_append_new(srcs, json_pack("{s:s, s:s}", "node",
+                                                  layer->node, "name", since));
+        }
+        json_array_append_new(
+            acts, json_pack("{s:s, s:{s:s, s:s, s:b, s:b, s:I}}", "type",
+                            "block-dirty-bitmap-add", "data", "node",
+                            b->scratch_node, "name", b->tmp_bitmap,
+                            "persistent", 0, "disabled", 1, "granularity",
+                            (json_int_t)(old ? old->granularity : 65536)));
+        json_array_append_new(
+            acts, json_pack("{s:s, s:{s:s, s:s, s:o}}", "type",
+                            "block-dirty-bitmap-merge", "data", "node",
+                            b->scratch_node, "target", b->tmp_bitmap,
+                            "bitmaps", srcs));
+    }
+    json_array_append_new(
+        acts, json_pack("{s:s, s:{s:s, s:s, s:s, s:s, s:s}}", "type",
+                        "blockdev-backup", "data", "device", top->node,
+                        "target", b->scratch_node, "sync", "none", "job-id",
+                        b->job, "filter-node-name", b->filter));
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    b->sec = ts.tv_sec;
+    b->nsec = (uint32_t)ts.tv_nsec;
+    if (qmp_run(b->q, "transaction", json_pack("{s:o}", "actions", acts),
+                errp) < 0) {
+        cbt_error_prefix(errp, "the backup's point in time");
+        return -1;
+    }
+    b->job_running = true;
+    b->new_ckpt = name;
+
+    if (ensure_server(b, errp) < 0)
+        return -1;
+    json_t *exp = json_pack("{s:s, s:s, s:s, s:s, s:b}", "type", "nbd", "id",
+                            b->export_id, "node-name", b->scratch_node, "name",
+                            b->export_id, "writable", 0);
+    if (since)
+        json_object_set_new(exp, "bitmaps", json_pack("[s]", b->tmp_bitmap));
+    if (qmp_run(b->q, "block-export-add", exp, errp) < 0)
+        return -1;
+    b->exported = true;
+    if (open_export(b, since ? b->tmp_bitmap : NULL, errp) < 0)
+        return -1;
+    if (live_nbd_size(b->nbd) < b->l.size) {
+        cbt_error_set(errp, EPROTO, "%s: the export is smaller than the disk",
+                      qmp_name(b->q));
+        return -1;
+    }
+    *src = (struct bk_source){
+        .opaque = b,
+        .status = lb_status,
+        .read = lb_read,
+        .dirty = lb_dirty,
+    };
+    return 0;
+}
+
+static int lb_commit(struct bk_live *l, const char *name, uint64_t *order,
+                     int64_t *sec, uint32_t *nsec, struct cbt_error **errp)
+{
+    struct lb *b = lb_of(l);
+    if (live_cp_note_created(&b->cp, name, b->sec, b->nsec, errp) < 0)
+        return -1;
+    const struct cbt_checkpoint *k = live_cp_find(&b->cp, name);
+    *order = k ? k->order : 0;
+    b->new_ckpt = NULL;
+    *sec = b->sec;
+    *nsec = b->nsec;
+    memcpy(l->disk_id, b->cp.disk_id, sizeof(l->disk_id));
+    return 0;
+}
+
+static void lb_abort(struct bk_live *l, const char *name)
+{
+    struct lb *b = lb_of(l);
+    struct cbt_error *e = NULL;
+    if (qmp_run(b->q, "block-dirty-bitmap-remove",
+                json_pack("{s:s, s:s}", "node", b->cp.disk.layers[0].node,
+                          "name", name),
+                &e) < 0)
+        cbt_warn("the new checkpoint '%s' could not be removed: %s; 'cbt "
+                 "checkpoint delete --qmp' removes it", name,
+                 cbt_error_message(e));
+    cbt_error_free(e);
+    e = NULL;
+    bool existed;
+    /* Its journal record, when it was kept already. */
+    if (live_cp_find(&b->cp, name) &&
+        live_cp_delete(&b->cp, name, &existed, &e) < 0)
+        cbt_warn("%s", cbt_error_message(e));
+    cbt_error_free(e);
+    b->new_ckpt = NULL;
+}
+
+static bool id_is(json_t *data, void *opaque)
+{
+    const char *id = qmp_str(data, "id");
+    const char *dev = qmp_str(data, "device");
+    return (id && strcmp(id, opaque) == 0) || (dev && strcmp(dev, opaque) == 0);
+}
+
+static void lb_release(struct bk_live *l)
+{
+    struct lb *b = lb_of(l);
+    struct cbt_error *e = NULL;
+    live_nbd_close(b->nbd);
+    b->nbd = NULL;
+    if (b->exported &&
+        qmp_run(b->q, "block-export-del",
+                json_pack("{s:s}", "id", b->export_id), &e) == 0)
+        json_decref(qmp_wait_event(b->q, "BLOCK_EXPORT_DELETED", id_is,
+                                   b->export_id, 0, &e));
+    cbt_error_free(e);
+    e = NULL;
+    if (b->job_running &&
+        qmp_run(b->q, "block-job-cancel",
+                json_pack("{s:s, s:b}", "device", b->job, "force", 1),
+                &e) == 0)
+        json_decref(qmp_wait_event(b->q, "BLOCK_JOB_CANCELLED", id_is,
+                                   b->job, 0, &e));
+    cbt_error_free(e);
+    e = NULL;
+    if (b->added_scratch)
+        (void)qmp_run(b->q, "blockdev-del",
+                      json_pack("{s:s}", "node-name", b->scratch_node), NULL);
+    if (b->started_server)
+        (void)qmp_run(b->q, "nbd-server-stop", NULL, NULL);
+    if (b->started_server && b->nbd_sock)
+        (void)unlink(b->nbd_sock);
+    if (b->made_scratch)
+        (void)unlink(b->scratch_path);
+    b->exported = b->job_running = b->added_scratch = b->started_server =
+        b->made_scratch = false;
+}
+
+/* ---- the whole operation ---- */
+
+int live_backup(struct qmp *q, const struct cbt_backup_opts *o,
+                const struct live_backup_opts *lo,
+                struct cbt_backup_result *res, struct cbt_error **errp)
+{
+    struct lb b = {.q = q, .o = o, .lo = lo};
+    int pid = (int)getpid();
+    snprintf(b.scratch_node, sizeof(b.scratch_node), "cbt-%d-scratch", pid);
+    snprintf(b.scratch_file_node, sizeof(b.scratch_file_node),
+             "cbt-%d-scratch-file", pid);
+    snprintf(b.job, sizeof(b.job), "cbt-%d-fleece", pid);
+    snprintf(b.filter, sizeof(b.filter), "cbt-%d-cbw", pid);
+    snprintf(b.export_id, sizeof(b.export_id), "cbt-%d-export", pid);
+    snprintf(b.tmp_bitmap, sizeof(b.tmp_bitmap), "cbt-%d-bk", pid);
+    if (live_cleanup(q, errp) < 0 || live_cp_open(q, o->disk, &b.cp, errp) < 0)
+        return -1;
+    const struct live_layer *top = &b.cp.disk.layers[0];
+    b.l = (struct bk_live){
+        .label = o->disk,
+        .size = top->size,
+        .checkpoints = lb_checkpoints,
+        .name_taken = lb_name_taken,
+        .freeze = lb_freeze,
+        .commit = lb_commit,
+        .abort = lb_abort,
+        .release = lb_release,
+    };
+    memcpy(b.l.disk_id, b.cp.disk_id, sizeof(b.l.disk_id));
+    int r = cbt_backup_live(o, &b.l, res, errp);
+    /* A freeze that failed half way: what it made goes again. */
+    if (b.new_ckpt)
+        lb_abort(&b.l, b.new_ckpt);
+    lb_release(&b.l);
+    live_cp_close(&b.cp);
+    free(b.scratch_path);
+    free(b.nbd_sock);
+    return r;
+}
+
+/* ---- leftovers of dead cbt processes ---- */
+
+/* The PID of a cbt object name "cbt-PID-...", or 0. */
+static int owner(const char *name)
+{
+    int pid = 0, n = 0;
+    if (!name || sscanf(name, "cbt-%d-%n", &pid, &n) != 1 || n == 0)
+        return 0;
+    return pid > 0 ? pid : 0;
+}
+
+/* Is pid a running cbt? */
+static bool cbt_alive(int pid)
+{
+    char path[64], comm[32] = "";
+    snprintf(path, sizeof(path), "/proc/%d/comm", pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return kill(pid, 0) == 0 || errno == EPERM;
+    if (!fgets(comm, sizeof(comm), f))
+        comm[0] = '\0';
+    fclose(f);
+    comm[strcspn(comm, "\n")] = '\0';
+    return strcmp(comm, "cbt") == 0;
+}
+
+static bool stale(const char *name)
+{
+    int pid = owner(name);
+    return pid && pid != (int)getpid() && !cbt_alive(pid);
+}
+
+int live_cleanup(struct qmp *q, struct cbt_error **errp)
+{
+    int removed = 0;
+    struct cbt_error *e = NULL;
+    json_t *v = qmp_execute(q, "query-block-exports", NULL, &e);
+    size_t i;
+    json_t *x;
+    if (!v) {
+        /* QEMU without exports (older qemu-system): nothing to remove. */
+        cbt_error_free(e);
+        e = NULL;
+    }
+    json_array_foreach(v, i, x) {
+        const char *id = qmp_str(x, "id");
+        if (!stale(id))
+            continue;
+        if (qmp_run(q, "block-export-del",
+                    json_pack("{s:s, s:s}", "id", id, "mode", "hard"),
+                    &e) == 0) {
+            json_decref(qmp_wait_event(q, "BLOCK_EXPORT_DELETED", id_is,
+                                       (void *)id, 0, NULL));
+            removed++;
+        }
+        cbt_error_free(e);
+        e = NULL;
+    }
+    json_decref(v);
+    v = qmp_execute(q, "query-jobs", NULL, errp);
+    if (!v)
+        return -1;
+    json_array_foreach(v, i, x) {
+        const char *id = qmp_str(x, "id");
+        if (!stale(id))
+            continue;
+        const char *status = qmp_str(x, "status");
+        if (status && strcmp(status, "concluded") == 0) {
+            (void)qmp_run(q, "job-dismiss", json_pack("{s:s}", "id", id),
+                          NULL);
+        } else if (qmp_run(q, "job-cancel", json_pack("{s:s}", "id", id),
+                           NULL) == 0) {
+            json_decref(qmp_wait_event(q, "BLOCK_JOB_CANCELLED", id_is,
+                                       (void *)id, 0, NULL));
+        }
+        removed++;
+    }
+    json_decref(v);
+    v = qmp_execute(q, "query-named-block-nodes", json_pack("{s:b}", "flat", 1),
+                    errp);
+    if (!v)
+        return -1;
+    /* Scratch files: the file nodes named cbt-PID-scratch-file, whose
+     * files end in ".scratch" (cbt made them beside a backup target). */
+    char *files[64];
+    size_t nfiles = 0;
+    json_array_foreach(v, i, x) {
+        const char *node = qmp_str(x, "node-name");
+        const char *file = qmp_str(x, "file");
+        size_t nl = node ? strlen(node) : 0, fl = file ? strlen(file) : 0;
+        if (stale(node) && nl > 13 && strcmp(node + nl - 13, "-scratch-file") == 0 &&
+            fl > 8 && strcmp(file + fl - 8, ".scratch") == 0 &&
+            nfiles < ARRAY_SIZE(files))
+            files[nfiles++] = strdup(file);
+    }
+    json_array_foreach(v, i, x) {
+        const char *node = qmp_str(x, "node-name");
+        size_t k;
+        json_t *bm;
+        json_array_foreach(json_object_get(x, "dirty-bitmaps"), k, bm) {
+            const char *name = qmp_str(bm, "name");
+            if (stale(name) &&
+                qmp_run(q, "block-dirty-bitmap-remove",
+                        json_pack("{s:s, s:s}", "node", node, "name", name),
+                        NULL) == 0)
+                removed++;
+        }
+    }
+    json_array_foreach(v, i, x) {
+        const char *node = qmp_str(x, "node-name");
+        size_t nl = node ? strlen(node) : 0;
+        /* The format node; its file node goes with it. */
+        if (!stale(node) ||
+            (nl > 13 && strcmp(node + nl - 13, "-scratch-file") == 0))
+            continue;
+        if (qmp_run(q, "blockdev-del", json_pack("{s:s}", "node-name", node),
+                    NULL) == 0)
+            removed++;
+    }
+    for (size_t k = 0; k < nfiles; k++) {
+        if (files[k])
+            (void)unlink(files[k]);
+        free(files[k]);
+    }
+    json_decref(v);
+    if (removed)
+        cbt_warn("%s: removed %d objects a cbt that is gone left in QEMU",
+                 qmp_name(q), removed);
+    return removed;
+}

@@ -1,0 +1,37 @@
+/* Backups of a running VM's disk: QMP for the point in time, NBD for the
+ * data (livebackup.c). */
+#ifndef CBT_LIVE_LIVEBACKUP_H
+#define CBT_LIVE_LIVEBACKUP_H
+
+#include <cbt/backup.h>
+
+#include "qmp.h"
+
+struct live_backup_opts {
+    /* The NBD server's Unix socket when QEMU already runs one cbt cannot
+     * find (qemu-storage-daemon --nbd-server); NULL: find it, or start
+     * one on a private socket. */
+    const char *nbd_socket;
+};
+
+/*
+ * cbt backup --qmp: back up disk o->disk of the QEMU behind q into
+ * o->target (a pull backup, docs/live.md): one transaction creates the new
+ * checkpoint, a temporary disabled copy of the old one and a point-in-time
+ * view (blockdev-backup sync=none into a scratch overlay); cbt reads that
+ * view over NBD, writes the backup as offline, and removes the view.  On
+ * failure the new checkpoint is removed again.  0, or -1 with *errp.
+ */
+int live_backup(struct qmp *q, const struct cbt_backup_opts *o,
+                const struct live_backup_opts *lo,
+                struct cbt_backup_result *res, struct cbt_error **errp);
+
+/*
+ * Remove what cbt processes that are gone left in this QEMU: exports,
+ * jobs, nodes and temporary bitmaps named cbt-PID-... of a PID that is no
+ * running cbt, and their scratch files.  Returns how many objects went,
+ * or -1 with *errp.
+ */
+int live_cleanup(struct qmp *q, struct cbt_error **errp);
+
+#endif

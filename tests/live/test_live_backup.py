@@ -1,0 +1,170 @@
+"""cbt backup --qmp: pull backups of running VMs, with the guest writing.
+
+Every backup must be the disk at one single instant within cbt's run (the
+cut oracle), the next incremental must hold every write made between the
+two instants, and the chain must restore to exactly that instant.  To be
+sure the guest writes while cbt copies, cbt is stopped (SIGSTOP) as soon as
+QEMU shows its point-in-time job, the writer writes, and cbt goes on.
+Failures leave nothing in QEMU and the old checkpoints intact; a cbt killed
+mid-backup leaves objects a later cbt removes.
+"""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import CBT, cbt, qemu_img
+from livelib import (BLOCK, MiB, View, assert_cut, assert_incremental,  # noqa: F401
+                     cut_of, live, make_image, now)
+
+SIZE = 32 * MiB
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    d = str(tmp_path / "state")
+    monkeypatch.setenv("CBT_STATE_DIR", d)
+    return d
+
+
+def cbt_objects(peer):
+    """What cbt has in QEMU: exports, jobs, nodes and bitmaps named cbt-*."""
+    found = [e["id"] for e in peer.qmp("query-block-exports")
+             if e["id"].startswith("cbt-")]
+    found += [j["id"] for j in peer.qmp("query-jobs") if j["id"].startswith("cbt-")]
+    for n in peer.qmp("query-named-block-nodes", flat=True):
+        if n["node-name"].startswith("cbt-"):
+            found.append(n["node-name"])
+        found += [b["name"] for b in n.get("dirty-bitmaps", [])
+                  if b.get("name", "").startswith("cbt-")
+                  and not b["name"].startswith("cbt-2")]   # checkpoints: cbt-2026...
+    return found
+
+
+def backup_while_writing(peer, w, disk, target, *args, writes=30):
+    """Run cbt backup --qmp; once QEMU holds the point in time (the
+    fleecing job exists), stop cbt, let the writer make WRITES more writes,
+    then let cbt finish.  Returns (t0, t1) around the whole run."""
+    t0 = now()
+    p = subprocess.Popen([CBT, "backup", "--qmp", peer.cbt_qmp] + list(args) +
+                         [disk, target], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    stopped = False
+    try:
+        deadline = time.time() + 60
+        while p.poll() is None and time.time() < deadline:
+            if any(j["id"].startswith("cbt-") for j in peer.qmp("query-jobs")):
+                os.kill(p.pid, signal.SIGSTOP)
+                stopped = True
+                w.wait_writes(writes)
+                os.kill(p.pid, signal.SIGCONT)
+                break
+            time.sleep(0.001)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+            p.wait()
+    t1 = now()
+    assert p.returncode == 0, "cbt backup failed: %s%s" % (out, err)
+    assert stopped, "the backup ended before cbt could be stopped: %s" % out
+    return t0, t1
+
+
+def check_chain(live, w, tmp_path, peer, disk="vm"):
+    bk = live.path("bk")
+    os.mkdir(bk)
+    full, inc = os.path.join(bk, "full.qcow2"), os.path.join(bk, "inc1.qcow2")
+    tx1 = backup_while_writing(peer, w, disk, full, "--full")
+    cut1 = assert_cut(w, full, tmp_path, tx1)
+    w.wait_writes(20)
+    tx2 = backup_while_writing(peer, w, disk, inc, "--incremental")
+    cut2 = assert_cut(w, inc, tmp_path, tx2)
+    assert_incremental(w, cut1, tx1, cut2, tx2, inc)
+    for b in (full, inc):
+        cbt("verify", b)
+    out = live.path("restored.qcow2")
+    cbt("restore", inc, out)
+    assert cut_of(w, View(out, str(tmp_path))).gens == cut2.gens
+    assert cbt_objects(peer) == [], cbt_objects(peer)
+    return cut2
+
+
+def test_pull_full_and_incremental_on_qsd(live, tmp_path):
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
+    w = live.writer(q, seed=11).start()
+    w.wait_writes(20)
+    check_chain(live, w, tmp_path, q)
+    w.stop()
+    # The checkpoints of the two backups are in QEMU, recording, and listed.
+    res = cbt("checkpoint", "list", "--qmp", q.cbt_qmp, "--output=json", "vm")
+    cps = res.json()["checkpoints"]
+    assert len(cps) == 2 and all(c["usable"] for c in cps), cps
+
+
+def test_pull_on_qemu_system(live, tmp_path):
+    """qemu-system has no NBD server: cbt starts one on a private socket
+    and stops it again."""
+    a = make_image(live.path("a.qcow2"), SIZE)
+    vm = live.vm([a])
+    w = live.writer(vm, seed=12, rate=50).start()
+    w.wait_writes(5)
+    check_chain(live, w, tmp_path, vm, disk="vda")
+    w.stop()
+    # cbt's server is gone: a new one can start.
+    vm.qmp("nbd-server-start", addr={"type": "unix", "data": {
+        "path": live.sock("again.nbd")}})
+
+
+def test_failed_backup_leaves_nothing(live, tmp_path):
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
+    bk = live.path("bk")
+    os.mkdir(bk)
+    cbt("backup", "--qmp", q.cbt_qmp, "--full", "vm",
+        os.path.join(bk, "full.qcow2"))
+    before = cbt("checkpoint", "list", "--qmp", q.cbt_qmp, "--output=json",
+                 "vm").json()
+    # A target whose scratch file cannot be made: a folder in the way.
+    os.mkdir(os.path.join(bk, "inc.qcow2.scratch"))
+    res = cbt("backup", "--qmp", q.cbt_qmp, "--incremental", "vm",
+              os.path.join(bk, "inc.qcow2"), check=False)
+    assert res.rc != 0 and "scratch" in res.err, res
+    after = cbt("checkpoint", "list", "--qmp", q.cbt_qmp, "--output=json",
+                "vm").json()
+    assert [c["name"] for c in after["checkpoints"]] == \
+        [c["name"] for c in before["checkpoints"]]
+    assert cbt_objects(q) == []
+    assert sorted(os.listdir(bk)) == ["full.qcow2", "full.qcow2.hashes",
+                                      "full.qcow2.json", "inc.qcow2.scratch"]
+
+
+def test_killed_cbt_leaves_what_the_next_removes(live, tmp_path):
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
+    w = live.writer(q, seed=13).start()
+    bk = live.path("bk")
+    os.mkdir(bk)
+    full = os.path.join(bk, "full.qcow2")
+    tx1 = backup_while_writing(q, w, "vm", full, "--full")
+    cut1 = assert_cut(w, full, tmp_path, tx1)
+    # An incremental killed once QEMU holds its point in time.
+    p = subprocess.Popen([CBT, "backup", "--qmp", q.cbt_qmp, "--incremental",
+                          "vm", os.path.join(bk, "dead.qcow2")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(
+            j["id"].startswith("cbt-") for j in q.qmp("query-jobs")):
+        time.sleep(0.001)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert cbt_objects(q), "the killed cbt left nothing to clean"
+    w.wait_writes(20)
+    inc = os.path.join(bk, "inc1.qcow2")
+    tx2 = backup_while_writing(q, w, "vm", inc, "--incremental")
+    w.stop()
+    cut2 = assert_cut(w, inc, tmp_path, tx2)
+    assert_incremental(w, cut1, tx1, cut2, tx2, inc)
+    assert cbt_objects(q) == []
+    assert not os.path.exists(os.path.join(bk, "dead.qcow2.scratch"))
