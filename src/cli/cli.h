@@ -169,8 +169,16 @@ int cli_create_opts_apply(const char *prog, const char *format,
 struct cli_progress {
     bool enabled; /* -p given and stderr is a terminal */
     int last;     /* last percentage drawn, in tenths of a percent */
+    bool rate;    /* also the rate and the time left */
+    double t0;    /* when the job started (monotonic seconds) */
+    double drawn; /* when the line was last drawn */
+    int width;    /* of the last line drawn */
 };
 void cli_progress_init(struct cli_progress *p, bool requested);
+/* The same, the line showing the rate and the time left besides the
+ * percentage (backup, restore, verify): "    (42.0/100%)  312 MiB/s,
+ * 0:07 left". */
+void cli_progress_init_rate(struct cli_progress *p, bool requested);
 void cli_progress_update(struct cli_progress *p, uint64_t done, uint64_t total);
 /* A library progress callback (cbt_progress_fn) drawing on the struct
  * cli_progress passed as its opaque pointer. */

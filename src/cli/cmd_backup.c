@@ -269,7 +269,7 @@ int cmd_backup(int argc, char **argv)
         return cli_usage_error(prog, "--nbd-socket goes with --qmp");
 
     struct cli_progress pr;
-    cli_progress_init(&pr, progress);
+    cli_progress_init_rate(&pr, progress);
     o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
     cli_signals_catch();

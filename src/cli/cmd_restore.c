@@ -95,7 +95,7 @@ int cmd_restore(int argc, char **argv)
     o.out = argv[optind + 1];
 
     struct cli_progress progress;
-    cli_progress_init(&progress, progress_wanted);
+    cli_progress_init_rate(&progress, progress_wanted);
     o.progress = cli_progress_cb;
     o.progress_opaque = &progress;
     cli_signals_catch();

@@ -154,7 +154,7 @@ int cmd_verify(int argc, char **argv)
         return CLI_EXIT_USAGE;
 
     struct cli_progress progress;
-    cli_progress_init(&progress, progress_wanted);
+    cli_progress_init_rate(&progress, progress_wanted);
     struct cbt_verify_result res;
     struct cbt_error *err = NULL;
     int r = cbt_verify_flags(backup, flags, cli_progress_cb, &progress, &res,

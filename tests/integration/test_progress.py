@@ -81,3 +81,41 @@ def test_no_progress_without_terminal(tmp_path, op):
                          capture_output=True)
     assert res.returncode == 0, res.stderr
     assert not PCT.search(res.stderr), res.stderr
+
+
+def test_backup_progress_shows_rate_and_time_left(tmp_path):
+    """cbt's own long jobs add the rate and the time left once a second of
+    work tells them: the backup is held stopped for over a second after
+    its first line, so the next line must carry them."""
+    import signal
+    import time
+    disk = str(tmp_path / "d.qcow2")
+    qemu_img("create", "-f", "qcow2", disk, "256M")
+    qemu_io("-c", "write -P 7 0 256M", disk)
+    os.mkdir(str(tmp_path / "bk"))
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([CBT, "backup", "-p", "--full", disk,
+                                 str(tmp_path / "bk" / "f.qcow2")],
+                                stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        out = b""
+        while b"/100%)" not in out:
+            out += os.read(master, 65536)
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(1.5)
+        os.kill(proc.pid, signal.SIGCONT)
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=600) == 0
+        proc.stdout.close()
+    finally:
+        os.close(master)
+    assert re.search(rb"/100%\)  [0-9.]+ [KMG]?i?B/s, \d+:\d\d left", out), out
