@@ -18,7 +18,7 @@ static const char usage[] =
     "                  [--output=human|json] DISK TARGET\n"
     "       cbt backup --qmp SOCKET [--nbd-socket PATH] (--full | ...)\n"
     "                  [--checkpoint NAME] [-O ...] [-g ...] [-p]\n"
-    "                  [--output=human|json] DISK TARGET\n"
+    "                  [--output=human|json] (DISK TARGET | --all-disks FOLDER)\n"
     "\n"
     "Back up DISK (the top of a qcow2 chain) to TARGET, a new file, and\n"
     "create a checkpoint on DISK at the point in time of the backup.  Beside\n"
@@ -61,7 +61,11 @@ static const char usage[] =
     "disk's view at that instant (blockdev-backup sync=none into a scratch\n"
     "file TARGET.scratch, removed afterwards); cbt reads the view over NBD,\n"
     "the guest writing on.  cbt starts an NBD server on a private socket,\n"
-    "or finds the one QEMU runs (--nbd-socket names it).\n"
+    "or finds the one QEMU runs (--nbd-socket names it).  --all-disks:\n"
+    "every writable qcow2 disk of the VM at one instant (one transaction),\n"
+    "one backup each in FOLDER named ID.CHECKPOINT.qcow2, one checkpoint\n"
+    "name across them; if one disk fails, none keeps a new checkpoint or\n"
+    "file.\n"
     "\n"
     "Options:\n"
     "  --checkpoint NAME  name of the new checkpoint (default:\n"
@@ -131,8 +135,8 @@ static void print_human(const struct cbt_backup_opts *o,
     printf("  root hash   %s\n", r->root_hash);
 }
 
-static void print_json(const struct cbt_backup_opts *o,
-                       const struct cbt_backup_result *r, double secs)
+static json_t *result_json(const struct cbt_backup_opts *o,
+                           const struct cbt_backup_result *r, double secs)
 {
     json_t *j = json_object();
     json_object_set_new(j, "kind", json_string(cbt_backup_mode_name(r->mode)));
@@ -155,7 +159,33 @@ static void print_json(const struct cbt_backup_opts *o,
     json_object_set_new(j, "milliseconds",
                         cli_json_u64((uint64_t)(secs * 1000.0 + 0.5)));
     json_object_set_new(j, "root", json_string(r->root_hash));
-    cli_json_print(j);
+    return j;
+}
+
+static void print_json(const struct cbt_backup_opts *o,
+                       const struct cbt_backup_result *r, double secs)
+{
+    cli_json_print(result_json(o, r, secs));
+}
+
+/* --all-disks: every disk's result (their options differ only in DISK
+ * and TARGET). */
+static void print_all(const struct cbt_backup_opts *o,
+                      const struct live_disk_result *v, size_t n, double secs,
+                      enum cli_output output)
+{
+    json_t *arr = output == CLI_OUTPUT_JSON ? json_array() : NULL;
+    for (size_t i = 0; i < n; i++) {
+        struct cbt_backup_opts one = *o;
+        one.disk = v[i].disk;
+        one.target = v[i].target;
+        if (arr)
+            json_array_append_new(arr, result_json(&one, &v[i].res, secs));
+        else
+            print_human(&one, &v[i].res, secs);
+    }
+    if (arr)
+        cli_json_print(arr);
 }
 
 int cmd_backup(int argc, char **argv)
@@ -170,7 +200,9 @@ int cmd_backup(int argc, char **argv)
         OPT_NOCKPT,
         OPT_QMP,
         OPT_NBDSOCK,
+        OPT_ALL,
     };
+    bool all = false;
     const char *qmp_sock = NULL;
     struct live_backup_opts lo = {0};
     static const struct option longopts[] = {
@@ -185,6 +217,7 @@ int cmd_backup(int argc, char **argv)
         {"no-checkpoint", no_argument, NULL, OPT_NOCKPT},
         {"qmp", required_argument, NULL, OPT_QMP},
         {"nbd-socket", required_argument, NULL, OPT_NBDSOCK},
+        {"all-disks", no_argument, NULL, OPT_ALL},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
@@ -220,6 +253,9 @@ int cmd_backup(int argc, char **argv)
             break;
         case OPT_NBDSOCK:
             lo.nbd_socket = optarg;
+            break;
+        case OPT_ALL:
+            all = true;
             break;
         case 'O':
             o.format = optarg;
@@ -258,13 +294,23 @@ int cmd_backup(int argc, char **argv)
     o.mode = full ? CBT_BACKUP_FULL
              : o.since ? CBT_BACKUP_DIFFERENTIAL
                        : CBT_BACKUP_INCREMENTAL;
-    if (argc - optind < 2)
+    if (all && !qmp_sock)
+        return cli_usage_error(prog, "--all-disks goes with --qmp");
+    if (all) {
+        if (argc - optind != 1)
+            return cli_usage_error(prog, "with --all-disks: expecting the "
+                                   "target folder alone");
+        o.disk = "";
+        o.target = argv[optind];
+    } else if (argc - optind < 2) {
         return cli_usage_error(prog, "expecting DISK and TARGET");
-    if (argc - optind > 2)
+    } else if (argc - optind > 2) {
         return cli_usage_error(prog, "unexpected argument '%s'",
                                argv[optind + 2]);
-    o.disk = argv[optind];
-    o.target = argv[optind + 1];
+    } else {
+        o.disk = argv[optind];
+        o.target = argv[optind + 1];
+    }
     if (lo.nbd_socket && !qmp_sock)
         return cli_usage_error(prog, "--nbd-socket goes with --qmp");
 
@@ -279,6 +325,23 @@ int cmd_backup(int argc, char **argv)
     struct cbt_backup_result res;
     struct cbt_error *err = NULL;
     int r;
+    if (all) {
+        struct qmp *q = qmp_connect(qmp_sock, &err);
+        struct live_disk_result *v = NULL;
+        size_t n = 0;
+        r = q ? live_backup_all(q, &o, &lo, &v, &n, &err) : -1;
+        qmp_close(q);
+        cli_progress_end(&pr);
+        if (r < 0)
+            return cli_lib_error(err);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        print_all(&o, v, n,
+                  (double)(t1.tv_sec - t0.tv_sec) +
+                      (double)(t1.tv_nsec - t0.tv_nsec) / 1e9,
+                  output);
+        live_disk_results_free(v, n);
+        return 0;
+    }
     if (qmp_sock) {
         struct qmp *q = qmp_connect(qmp_sock, &err);
         r = q ? live_backup(q, &o, &lo, &res, &err) : -1;

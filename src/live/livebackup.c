@@ -52,12 +52,22 @@
 #define STATUS_SPAN ((uint64_t)64 << 20) /* block status asked for at once */
 #define STATUS_CACHE 4096
 
+/* What the disks of one backup share: the QMP connection, the NBD server. */
+struct lb_vm {
+    struct qmp *q;
+    const struct live_backup_opts *lo;
+    char *nbd_sock;              /* the server's socket, once known */
+    bool server_checked;         /* ensure_server ran */
+    bool started_server;         /* ours: stopped at the end */
+};
+
+/* One disk of a backup. */
 struct lb {
     struct bk_live l;            /* first: the hooks get &lb->l */
-    struct qmp *q;
+    struct lb_vm *vm;
+    struct qmp *q;               /* vm->q */
     struct live_cp cp;
     const struct cbt_backup_opts *o;
-    const struct live_backup_opts *lo;
     char scratch_node[NAME_MAX_QEMU + 1];
     char scratch_file_node[NAME_MAX_QEMU + 1];
     char job[NAME_MAX_QEMU + 1];
@@ -65,8 +75,7 @@ struct lb {
     char export_id[NAME_MAX_QEMU + 1];
     char tmp_bitmap[NAME_MAX_QEMU + 1];
     char *scratch_path;
-    char *nbd_sock;
-    bool made_scratch, added_scratch, job_running, exported, started_server;
+    bool made_scratch, added_scratch, job_running, exported;
     const char *new_ckpt;        /* added by the transaction, not yet kept */
     struct live_nbd *nbd;
     int64_t sec;                 /* the instant of the freeze */
@@ -255,9 +264,9 @@ static int open_export(struct lb *b, const char *bitmap,
                        struct cbt_error **errp)
 {
     char *uri = NULL;
-    if (b->nbd_sock) {
+    if (b->vm->nbd_sock) {
         if (asprintf(&uri, "nbd+unix:///%s?socket=%s", b->export_id,
-                     b->nbd_sock) < 0)
+                     b->vm->nbd_sock) < 0)
             goto oom;
         b->nbd = live_nbd_open(uri, bitmap, errp);
         free(uri);
@@ -272,7 +281,7 @@ static int open_export(struct lb *b, const char *bitmap,
             uri = NULL;
         /* Other sockets (a second QMP monitor) may accept and be silent. */
         if (uri && (b->nbd = live_nbd_open_within(uri, bitmap, 2000, NULL)))
-            b->nbd_sock = strdup(socks[i]);
+            b->vm->nbd_sock = strdup(socks[i]);
         free(uri);
     }
     for (size_t i = 0; i < n; i++)
@@ -290,12 +299,18 @@ oom:
     return -1;
 }
 
-/* A server of our own on a private socket, unless QEMU runs one. */
-static int ensure_server(struct lb *b, struct cbt_error **errp)
+/* A server of our own on a private socket, unless QEMU runs one (then
+ * open_export finds its socket). */
+static int ensure_server(struct lb_vm *vm, struct cbt_error **errp)
 {
-    if (b->lo && b->lo->nbd_socket) {
-        b->nbd_sock = strdup(b->lo->nbd_socket);
-        return b->nbd_sock ? 0 : -1;
+    if (vm->server_checked)
+        return 0;
+    if (vm->lo && vm->lo->nbd_socket) {
+        vm->nbd_sock = strdup(vm->lo->nbd_socket);
+        vm->server_checked = vm->nbd_sock != NULL;
+        if (!vm->nbd_sock)
+            cbt_error_set(errp, ENOMEM, "out of memory");
+        return vm->nbd_sock ? 0 : -1;
     }
     char *sock = NULL;
     const char *tmp = getenv("TMPDIR");
@@ -308,15 +323,16 @@ static int ensure_server(struct lb *b, struct cbt_error **errp)
     struct cbt_error *e = NULL;
     json_t *args = json_pack("{s:{s:s, s:{s:s}}}", "addr", "type", "unix",
                              "data", "path", sock);
-    if (qmp_run(b->q, "nbd-server-start", args, &e) == 0) {
-        b->nbd_sock = sock;
-        b->started_server = true;
+    if (qmp_run(vm->q, "nbd-server-start", args, &e) == 0) {
+        vm->nbd_sock = sock;
+        vm->started_server = vm->server_checked = true;
         return 0;
     }
     free(sock);
     /* "NBD server already running": find it when the export exists. */
     if (strstr(cbt_error_message(e), "already running")) {
         cbt_error_free(e);
+        vm->server_checked = true;
         return 0;
     }
     if (errp && !*errp)
@@ -324,6 +340,16 @@ static int ensure_server(struct lb *b, struct cbt_error **errp)
     else
         cbt_error_free(e);
     return -1;
+}
+
+static void vm_end(struct lb_vm *vm)
+{
+    if (vm->started_server) {
+        (void)qmp_run(vm->q, "nbd-server-stop", NULL, NULL);
+        (void)unlink(vm->nbd_sock);
+    }
+    free(vm->nbd_sock);
+    memset(vm, 0, sizeof(*vm));
 }
 
 /* ---- freeze, commit, abort, release ---- */
@@ -357,11 +383,9 @@ static int make_scratch(struct lb *b, struct cbt_error **errp)
     return cbt_image_create(b->scratch_path, &co, errp);
 }
 
-static int lb_freeze(struct bk_live *l, const char *since, const char *name,
-                     uint64_t gran, struct bk_source *src,
-                     struct cbt_error **errp)
+/* Before the transaction: the scratch file and its node. */
+static int lb_prepare(struct lb *b, struct cbt_error **errp)
 {
-    struct lb *b = lb_of(l);
     const struct live_layer *top = &b->cp.disk.layers[0];
     if (make_scratch(b, errp) < 0)
         return -1;
@@ -375,8 +399,14 @@ static int lb_freeze(struct bk_live *l, const char *since, const char *name,
     if (qmp_run(b->q, "blockdev-add", add, errp) < 0)
         return -1;
     b->added_scratch = true;
+    return 0;
+}
 
-    json_t *acts = json_array();
+/* This disk's actions of the transaction. */
+static void lb_actions(struct lb *b, json_t *acts, const char *since,
+                       const char *name, uint64_t gran)
+{
+    const struct live_layer *top = &b->cp.disk.layers[0];
     json_array_append_new(acts, live_cp_bitmap_add_action(&b->cp, name, gran));
     if (since) {
         const struct live_bitmap *old = live_layer_bitmap(top, since);
@@ -405,19 +435,13 @@ static int lb_freeze(struct bk_live *l, const char *since, const char *name,
                         "blockdev-backup", "data", "device", top->node,
                         "target", b->scratch_node, "sync", "none", "job-id",
                         b->job, "filter-node-name", b->filter));
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    b->sec = ts.tv_sec;
-    b->nsec = (uint32_t)ts.tv_nsec;
-    if (qmp_run(b->q, "transaction", json_pack("{s:o}", "actions", acts),
-                errp) < 0) {
-        cbt_error_prefix(errp, "the backup's point in time");
-        return -1;
-    }
-    b->job_running = true;
-    b->new_ckpt = name;
+}
 
-    if (ensure_server(b, errp) < 0)
+/* After the transaction: the view exported and opened. */
+static int lb_expose(struct lb *b, const char *since, struct bk_source *src,
+                     struct cbt_error **errp)
+{
+    if (ensure_server(b->vm, errp) < 0)
         return -1;
     json_t *exp = json_pack("{s:s, s:s, s:s, s:s, s:b}", "type", "nbd", "id",
                             b->export_id, "node-name", b->scratch_node, "name",
@@ -441,6 +465,43 @@ static int lb_freeze(struct bk_live *l, const char *since, const char *name,
         .dirty = lb_dirty,
     };
     return 0;
+}
+
+/* The point in time of the disks [0, n) with their plans: one transaction
+ * (the caller prepared each disk). */
+static int freeze_all(struct lb *const *v, const char *const *since,
+                      const char *const *names, uint64_t gran, size_t n,
+                      struct cbt_error **errp)
+{
+    json_t *acts = json_array();
+    for (size_t i = 0; i < n; i++)
+        lb_actions(v[i], acts, since[i], names[i], gran);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (qmp_run(v[0]->q, "transaction", json_pack("{s:o}", "actions", acts),
+                errp) < 0) {
+        cbt_error_prefix(errp, "the backup's point in time");
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        v[i]->sec = ts.tv_sec;
+        v[i]->nsec = (uint32_t)ts.tv_nsec;
+        v[i]->job_running = true;
+        v[i]->new_ckpt = names[i];
+    }
+    return 0;
+}
+
+static int lb_freeze(struct bk_live *l, const char *since, const char *name,
+                     uint64_t gran, struct bk_source *src,
+                     struct cbt_error **errp)
+{
+    struct lb *b = lb_of(l);
+    struct lb *v[1] = {b};
+    if (lb_prepare(b, errp) < 0 ||
+        freeze_all(v, &since, &name, gran, 1, errp) < 0)
+        return -1;
+    return lb_expose(b, since, src, errp);
 }
 
 static int lb_commit(struct bk_live *l, const char *name, uint64_t *order,
@@ -511,37 +572,38 @@ static void lb_release(struct bk_live *l)
     if (b->added_scratch)
         (void)qmp_run(b->q, "blockdev-del",
                       json_pack("{s:s}", "node-name", b->scratch_node), NULL);
-    if (b->started_server)
-        (void)qmp_run(b->q, "nbd-server-stop", NULL, NULL);
-    if (b->started_server && b->nbd_sock)
-        (void)unlink(b->nbd_sock);
     if (b->made_scratch)
         (void)unlink(b->scratch_path);
-    b->exported = b->job_running = b->added_scratch = b->started_server =
-        b->made_scratch = false;
+    b->exported = b->job_running = b->added_scratch = b->made_scratch = false;
 }
 
 /* ---- the whole operation ---- */
 
-int live_backup(struct qmp *q, const struct cbt_backup_opts *o,
-                const struct live_backup_opts *lo,
-                struct cbt_backup_result *res, struct cbt_error **errp)
+/* Set up disk `disk` (a name live_find_disk takes) as backup number idx
+ * of this process.  0, or -1 with *errp. */
+static int lb_init(struct lb *b, struct lb_vm *vm, const char *disk,
+                   const struct cbt_backup_opts *o, int idx,
+                   struct cbt_error **errp)
 {
-    struct lb b = {.q = q, .o = o, .lo = lo};
+    memset(b, 0, sizeof(*b));
+    b->vm = vm;
+    b->q = vm->q;
+    b->o = o;
     int pid = (int)getpid();
-    snprintf(b.scratch_node, sizeof(b.scratch_node), "cbt-%d-scratch", pid);
-    snprintf(b.scratch_file_node, sizeof(b.scratch_file_node),
-             "cbt-%d-scratch-file", pid);
-    snprintf(b.job, sizeof(b.job), "cbt-%d-fleece", pid);
-    snprintf(b.filter, sizeof(b.filter), "cbt-%d-cbw", pid);
-    snprintf(b.export_id, sizeof(b.export_id), "cbt-%d-export", pid);
-    snprintf(b.tmp_bitmap, sizeof(b.tmp_bitmap), "cbt-%d-bk", pid);
-    if (live_cleanup(q, errp) < 0 || live_cp_open(q, o->disk, &b.cp, errp) < 0)
+    snprintf(b->scratch_node, sizeof(b->scratch_node), "cbt-%d-%d-scratch",
+             pid, idx);
+    snprintf(b->scratch_file_node, sizeof(b->scratch_file_node),
+             "cbt-%d-%d-scratch-file", pid, idx);
+    snprintf(b->job, sizeof(b->job), "cbt-%d-%d-fleece", pid, idx);
+    snprintf(b->filter, sizeof(b->filter), "cbt-%d-%d-cbw", pid, idx);
+    snprintf(b->export_id, sizeof(b->export_id), "cbt-%d-%d-export", pid,
+             idx);
+    snprintf(b->tmp_bitmap, sizeof(b->tmp_bitmap), "cbt-%d-%d-bk", pid, idx);
+    if (live_cp_open(vm->q, disk, &b->cp, errp) < 0)
         return -1;
-    const struct live_layer *top = &b.cp.disk.layers[0];
-    b.l = (struct bk_live){
+    b->l = (struct bk_live){
         .label = o->disk,
-        .size = top->size,
+        .size = b->cp.disk.layers[0].size,
         .checkpoints = lb_checkpoints,
         .name_taken = lb_name_taken,
         .freeze = lb_freeze,
@@ -549,16 +611,235 @@ int live_backup(struct qmp *q, const struct cbt_backup_opts *o,
         .abort = lb_abort,
         .release = lb_release,
     };
-    memcpy(b.l.disk_id, b.cp.disk_id, sizeof(b.l.disk_id));
+    memcpy(b->l.disk_id, b->cp.disk_id, sizeof(b->l.disk_id));
+    return 0;
+}
+
+/* Whatever a disk still has in QEMU, then its memory. */
+static void lb_end(struct lb *b)
+{
+    /* A freeze that failed half way: the new checkpoint goes again. */
+    if (b->new_ckpt)
+        lb_abort(&b->l, b->new_ckpt);
+    lb_release(&b->l);
+    live_cp_close(&b->cp);
+    free(b->scratch_path);
+}
+
+int live_backup(struct qmp *q, const struct cbt_backup_opts *o,
+                const struct live_backup_opts *lo,
+                struct cbt_backup_result *res, struct cbt_error **errp)
+{
+    struct lb_vm vm = {.q = q, .lo = lo};
+    struct lb b;
+    memset(res, 0, sizeof(*res));
+    if (live_cleanup(q, errp) < 0)
+        return -1;
+    if (lb_init(&b, &vm, o->disk, o, 0, errp) < 0) {
+        lb_end(&b);
+        return -1;
+    }
     int r = cbt_backup_live(o, &b.l, res, errp);
-    /* A freeze that failed half way: what it made goes again. */
-    if (b.new_ckpt)
-        lb_abort(&b.l, b.new_ckpt);
-    lb_release(&b.l);
-    live_cp_close(&b.cp);
-    free(b.scratch_path);
-    free(b.nbd_sock);
+    lb_end(&b);
+    vm_end(&vm);
     return r;
+}
+
+/* ---- every disk at one instant (--all-disks) ---- */
+
+void live_disk_results_free(struct live_disk_result *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(v[i].disk);
+        free(v[i].target);
+        cbt_backup_result_free(&v[i].res);
+    }
+    free(v);
+}
+
+/* The disks that can hold checkpoints: qcow2, writable. */
+static int backup_disks(struct qmp *q, struct live_disk **v, size_t *n,
+                        struct cbt_error **errp)
+{
+    if (live_disks(q, v, n, errp) < 0)
+        return -1;
+    size_t k = 0;
+    for (size_t i = 0; i < *n; i++) {
+        const struct live_layer *top = &(*v)[i].layers[0];
+        if (strcmp(top->drv, "qcow2") == 0 && !top->read_only && top->filename)
+            (*v)[k++] = (*v)[i];
+        else
+            live_disk_clear(&(*v)[i]);
+    }
+    *n = k;
+    if (k == 0) {
+        cbt_error_set(errp, ENOENT, "%s: the VM has no disk that can hold "
+                      "checkpoints (a writable qcow2 disk)", qmp_name(q));
+        return -1;
+    }
+    return 0;
+}
+
+/* A checkpoint name free on every disk: the one given, or
+ * cbt-YYYYMMDDTHHMMSSZ (with -2, -3 ... when taken). */
+static char *common_name(struct lb *v, size_t n, const char *given,
+                         struct cbt_error **errp)
+{
+    char stamp[32];
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    strftime(stamp, sizeof(stamp), "cbt-%Y%m%dT%H%M%SZ", &tm);
+    for (unsigned k = 1; k < 1000; k++) {
+        char *name = given ? strdup(given)
+                     : k == 1 ? strdup(stamp)
+                              : cbt_strdup_printf("%s-%u", stamp, k);
+        if (!name) {
+            cbt_error_set(errp, ENOMEM, "out of memory");
+            return NULL;
+        }
+        bool taken = false;
+        for (size_t i = 0; i < n && !taken; i++)
+            taken = lb_name_taken(&v[i].l, name, NULL) != 0;
+        if (!taken)
+            return name;
+        free(name);
+        if (given) {
+            cbt_error_set(errp, EEXIST, "checkpoint (or bitmap) '%s' exists "
+                          "on a disk of the VM; choose another name with "
+                          "--checkpoint", given);
+            return NULL;
+        }
+    }
+    cbt_error_set(errp, EEXIST, "no free checkpoint name");
+    return NULL;
+}
+
+int live_backup_all(struct qmp *q, const struct cbt_backup_opts *o,
+                    const struct live_backup_opts *lo,
+                    struct live_disk_result **out, size_t *nout,
+                    struct cbt_error **errp)
+{
+    *out = NULL;
+    *nout = 0;
+    struct lb_vm vm = {.q = q, .lo = lo};
+    struct live_disk *disks = NULL;
+    size_t n = 0;
+    if (live_cleanup(q, errp) < 0 || backup_disks(q, &disks, &n, errp) < 0)
+        return -1;
+    struct lb *v = calloc(n, sizeof(*v));
+    struct cbt_backup_opts *opts = calloc(n, sizeof(*opts));
+    struct bk_job **jobs = calloc(n, sizeof(*jobs));
+    struct live_disk_result *res = calloc(n, sizeof(*res));
+    const char **since = calloc(n, sizeof(*since));
+    const char **names = calloc(n, sizeof(*names));
+    struct bk_source *src = calloc(n, sizeof(*src));
+    char *name = NULL;
+    size_t ninit = 0;
+    bool ok = false;
+    if (!v || !opts || !jobs || !res || !since || !names || !src) {
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        goto out;
+    }
+    /* Each disk, then one checkpoint name for all, then each plan. */
+    for (size_t i = 0; i < n; i++, ninit++) {
+        res[i].disk = strdup(disks[i].id);
+        if (!res[i].disk ||
+            lb_init(&v[i], &vm, disks[i].layers[0].node, &opts[i], (int)i,
+                    errp) < 0)
+            goto out;
+        v[i].l.label = res[i].disk;
+    }
+    if (!(name = common_name(v, n, o->checkpoint, errp)))
+        goto out;
+    for (size_t i = 0; i < n; i++) {
+        opts[i] = *o;
+        opts[i].disk = res[i].disk;
+        opts[i].checkpoint = name;
+        res[i].target = cbt_strdup_printf("%s/%s.%s.%s", o->target,
+                                          res[i].disk, name,
+                                          o->format && !strcmp(o->format,
+                                                               "raw")
+                                              ? "raw"
+                                              : "qcow2");
+        if (!res[i].target) {
+            cbt_error_set(errp, ENOMEM, "out of memory");
+            goto out;
+        }
+        opts[i].target = res[i].target;
+        jobs[i] = bk_job_plan(&opts[i], &v[i].l, &res[i].res, errp);
+        if (!jobs[i]) {
+            cbt_error_prefix(errp, "disk %s", res[i].disk);
+            goto out;
+        }
+        since[i] = bk_job_since(jobs[i]);
+        names[i] = bk_job_checkpoint(jobs[i]);
+    }
+    /* One instant for all disks. */
+    for (size_t i = 0; i < n; i++)
+        if (lb_prepare(&v[i], errp) < 0)
+            goto out;
+    {
+        struct lb **pv = calloc(n, sizeof(*pv));
+        if (!pv) {
+            cbt_error_set(errp, ENOMEM, "out of memory");
+            goto out;
+        }
+        for (size_t i = 0; i < n; i++)
+            pv[i] = &v[i];
+        int r = freeze_all(pv, since, names, o->granularity, n, errp);
+        free(pv);
+        if (r < 0)
+            goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (lb_expose(&v[i], since[i], &src[i], errp) < 0 ||
+            bk_job_copy(jobs[i], &src[i], errp) < 0) {
+            cbt_error_prefix(errp, "disk %s", res[i].disk);
+            goto out;
+        }
+        /* Done reading this disk: its view goes now. */
+        lb_release(&v[i].l);
+    }
+    /* Every disk copied: keep them all, or none. */
+    for (size_t i = 0; i < n; i++) {
+        if (bk_job_finish(jobs[i], errp) < 0) {
+            cbt_error_prefix(errp, "disk %s", res[i].disk);
+            goto out;
+        }
+    }
+    ok = true;
+out:
+    if (!ok)
+        for (size_t i = 0; i < ninit; i++)
+            if (v[i].job_running || v[i].new_ckpt || (jobs && jobs[i])) {
+                const char *nm = jobs && jobs[i] ? bk_job_checkpoint(jobs[i])
+                                                 : NULL;
+                if (nm && v[i].sec)
+                    lb_abort(&v[i].l, nm);
+            }
+    for (size_t i = 0; jobs && i < n; i++) {
+        if (jobs[i] && bk_job_end(jobs[i], ok, ok ? errp : NULL) < 0)
+            ok = false;
+    }
+    for (size_t i = 0; i < ninit; i++)
+        lb_end(&v[i]);
+    vm_end(&vm);
+    live_disks_free(disks, n);
+    free(name);
+    free(v);
+    free(opts);
+    free(jobs);
+    free(since);
+    free(names);
+    free(src);
+    if (ok) {
+        *out = res;
+        *nout = n;
+        return 0;
+    }
+    live_disk_results_free(res, res ? n : 0);
+    return -1;
 }
 
 /* ---- leftovers of dead cbt processes ---- */

@@ -26,6 +26,29 @@ int live_backup(struct qmp *q, const struct cbt_backup_opts *o,
                 const struct live_backup_opts *lo,
                 struct cbt_backup_result *res, struct cbt_error **errp);
 
+/* One disk's part of a backup of every disk. */
+struct live_disk_result {
+    char *disk;                  /* its id (device, export or node) */
+    char *target;                /* FOLDER/ID.CHECKPOINT.qcow2 */
+    struct cbt_backup_result res;
+};
+void live_disk_results_free(struct live_disk_result *v, size_t n);
+
+/*
+ * cbt backup --qmp --all-disks: every disk of the VM that can hold
+ * checkpoints (writable qcow2), at one instant (one transaction for all),
+ * into the folder o->target, one backup per disk named ID.CHECKPOINT.qcow2
+ * (.raw with -O raw), one checkpoint name across them (o->checkpoint, or
+ * cbt-TIME).  Each disk's mode is planned on its own (with auto_full a
+ * disk that cannot take an incremental takes a full).  If one disk fails,
+ * all are undone: no new checkpoint on any disk, no new file, the old
+ * checkpoints intact.  *v: one result per disk (live_disk_results_free).
+ */
+int live_backup_all(struct qmp *q, const struct cbt_backup_opts *o,
+                    const struct live_backup_opts *lo,
+                    struct live_disk_result **v, size_t *n,
+                    struct cbt_error **errp);
+
 /*
  * Remove what cbt processes that are gone left in this QEMU: exports,
  * jobs, nodes and temporary bitmaps named cbt-PID-... of a PID that is no

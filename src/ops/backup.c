@@ -90,6 +90,7 @@
 #endif
 
 #define B ((uint64_t)BLOCKHASH_BLOCK)
+#define bk bk_job /* the state of one backup (backup_live.h calls it a job) */
 #define SPARSE 4096u      /* zero pieces left out of new targets */
 #define GRAN_MIN 512ull
 #define GRAN_MAX (2ull << 30)
@@ -100,7 +101,7 @@ struct range {
 
 enum blk_kind { K_NONE, K_DATA, K_ZERO };
 
-struct bk {
+struct bk_job {
     const struct cbt_backup_opts *o;
     struct cbt_backup_result *res;
     struct cbt_image *disk;   /* offline: the disk, open; live: NULL */
@@ -108,6 +109,7 @@ struct bk {
     struct bk_source src;     /* where the data is read */
     bool frozen;              /* live: the view is frozen, the new
                                * checkpoint exists in QEMU */
+    bool kept;                /* live: the backup and its record are kept */
     struct cbt_image *dst;
     const char *fmt;          /* target format */
     bool raw;
@@ -1525,10 +1527,8 @@ out:
 
 /* ---- a live disk (backup_live.h) ---- */
 
-/* The backup is complete on disk: the checkpoint's record, then the
- * manifest with its order and time.  A failure takes the checkpoint away
- * again (cbt_backup_live), so a checkpoint never lacks its backup. */
-static int commit_live(struct bk *b, struct cbt_error **errp)
+/* The copy is complete: hashes written, the target renamed into place. */
+static int write_live(struct bk *b, struct cbt_error **errp)
 {
     if (bk_cancelled(b))
         return cancel_error(b, errp);
@@ -1540,6 +1540,14 @@ static int commit_live(struct bk *b, struct cbt_error **errp)
     if (bfile_rename_ours(b->part_fd, b->target_part, b->o->target, errp) < 0)
         return -1;
     b->renamed = true;
+    return 0;
+}
+
+/* The checkpoint's record, then the manifest with its order and time.  A
+ * failure takes the checkpoint away again (the caller's abort), so a
+ * checkpoint never lacks its backup. */
+static int finish_live(struct bk *b, struct cbt_error **errp)
+{
     uint64_t order;
     int64_t sec;
     uint32_t nsec;
@@ -1561,54 +1569,97 @@ static int commit_live(struct bk *b, struct cbt_error **errp)
     return 0;
 }
 
-int cbt_backup_live(const struct cbt_backup_opts *o, struct bk_live *l,
-                    struct cbt_backup_result *res, struct cbt_error **errp)
+struct bk_job *bk_job_plan(const struct cbt_backup_opts *o, struct bk_live *l,
+                           struct cbt_backup_result *res,
+                           struct cbt_error **errp)
 {
     memset(res, 0, sizeof(*res));
     if (check_opts(o, errp) < 0)
-        return -1;
+        return NULL;
     if (o->no_checkpoint) {
         cbt_error_set(errp, EINVAL, "%s: --no-checkpoint is for disks cbt "
                       "opens itself; a running VM's backup makes its "
                       "checkpoint in QEMU", o->disk);
         cbt_error_set_kind(errp, CBT_ERR_USAGE);
-        return -1;
+        return NULL;
     }
-    struct bk b = {.o = o, .res = res, .part_fd = -1, .live = l,
-                   .why_kind = CBT_ERR_NEED_FULL};
-    int ret = -1;
-    bool done = false;
-    b.size = l->size;
-    memcpy(b.disk_id, l->disk_id, sizeof(b.disk_id));
-    if (setup(&b, errp) < 0 || check_target(&b, errp) < 0 ||
-        choose_name(&b, errp) < 0 || plan(&b, errp) < 0)
-        goto out;
+    struct bk *b = calloc(1, sizeof(*b));
+    if (!b) {
+        oom(errp);
+        return NULL;
+    }
+    *b = (struct bk){.o = o, .res = res, .part_fd = -1, .live = l,
+                     .why_kind = CBT_ERR_NEED_FULL};
+    b->size = l->size;
+    memcpy(b->disk_id, l->disk_id, sizeof(b->disk_id));
+    if (setup(b, errp) < 0 || check_target(b, errp) < 0 ||
+        choose_name(b, errp) < 0 || plan(b, errp) < 0) {
+        bk_job_end(b, false, NULL);
+        return NULL;
+    }
+    return b;
+}
+
+const char *bk_job_since(const struct bk_job *b)
+{
+    return b->full ? NULL : b->since.name;
+}
+
+const char *bk_job_checkpoint(const struct bk_job *b) { return b->ckname; }
+
+int bk_job_copy(struct bk_job *b, const struct bk_source *src,
+                struct cbt_error **errp)
+{
+    b->src = *src;
+    b->frozen = true;
+    return copy(b, errp) < 0 || write_live(b, errp) < 0 ? -1 : 0;
+}
+
+int bk_job_finish(struct bk_job *b, struct cbt_error **errp)
+{
+    if (finish_live(b, errp) < 0)
+        return -1;
+    b->kept = true;
+    return 0;
+}
+
+int bk_job_end(struct bk_job *b, bool ok, struct cbt_error **errp)
+{
+    int ret = 0;
+    if (b->dst)
+        cbt_image_close(b->dst, NULL);
+    b->dst = NULL;
+    if (ok && b->kept && result_strings(b, errp) < 0)
+        ret = -1;
+    if (!ok || !b->kept) {
+        remove_files(b);
+        cbt_backup_result_free(b->res);
+        ret = -1;
+    }
+    free_bk(b);
+    free(b);
+    return ret;
+}
+
+int cbt_backup_live(const struct cbt_backup_opts *o, struct bk_live *l,
+                    struct cbt_backup_result *res, struct cbt_error **errp)
+{
+    struct bk_job *j = bk_job_plan(o, l, res, errp);
+    if (!j)
+        return -1;
     /* The instant of the backup: from here QEMU holds the view and the
      * new checkpoint records every later write. */
-    if (l->freeze(l, b.full ? NULL : b.since.name, b.ckname,
-                  o->granularity, &b.src, errp) < 0)
-        goto out;
-    b.frozen = true;
-    if (copy(&b, errp) < 0 || commit_live(&b, errp) < 0)
-        goto out;
-    done = true;
-    if (result_strings(&b, errp) < 0)
-        goto out;
-    ret = 0;
-out:
-    if (b.dst)
-        cbt_image_close(b.dst, NULL);
-    if (b.frozen) {
-        if (!done)
-            l->abort(l, b.ckname);
+    struct bk_source src;
+    bool frozen = l->freeze(l, bk_job_since(j), bk_job_checkpoint(j),
+                            o->granularity, &src, errp) == 0;
+    bool ok = frozen && bk_job_copy(j, &src, errp) == 0 &&
+              bk_job_finish(j, errp) == 0;
+    if (frozen) {
+        if (!ok)
+            l->abort(l, bk_job_checkpoint(j));
         l->release(l);
     }
-    if (!done)
-        remove_files(&b);
-    free_bk(&b);
-    if (ret < 0 && !done)
-        cbt_backup_result_free(res);
-    return ret;
+    return bk_job_end(j, ok, errp) == 0 && ok ? 0 : -1;
 }
 
 void cbt_backup_result_free(struct cbt_backup_result *res)

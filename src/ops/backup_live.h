@@ -67,8 +67,36 @@ struct bk_live {
     void (*release)(struct bk_live *l);
 };
 
-/* cbt_backup for a disk described by l (o->disk is l's label). */
+/* cbt_backup for a disk described by l (o->disk is l's label): the phases
+ * below, with l's freeze between planning and copying. */
 int cbt_backup_live(const struct cbt_backup_opts *o, struct bk_live *l,
                     struct cbt_backup_result *res, struct cbt_error **errp);
+
+/*
+ * The same in phases, for several disks frozen at one instant (one
+ * transaction for all, src/live/livebackup.c):
+ *   bk_job_plan    check TARGET, choose the new checkpoint's name, plan
+ *                  (full, or since which checkpoint; the parent); nothing
+ *                  is written yet.  NULL with *errp.
+ *   bk_job_since / bk_job_checkpoint: what the freeze must make.
+ *   bk_job_copy    after the freeze: copy from src, write the target and
+ *                  its hashes, rename the target into place.
+ *   bk_job_finish  l->commit (the checkpoint's record), then the manifest:
+ *                  the backup is complete.
+ *   bk_job_end     frees the job; unless ok (after bk_job_finish), the
+ *                  job's files are removed and res cleared.  0 when ok and
+ *                  the result is filled.
+ * The caller removes the new checkpoints of jobs it does not finish.
+ */
+struct bk_job;
+struct bk_job *bk_job_plan(const struct cbt_backup_opts *o, struct bk_live *l,
+                           struct cbt_backup_result *res,
+                           struct cbt_error **errp);
+const char *bk_job_since(const struct bk_job *j);
+const char *bk_job_checkpoint(const struct bk_job *j);
+int bk_job_copy(struct bk_job *j, const struct bk_source *src,
+                struct cbt_error **errp);
+int bk_job_finish(struct bk_job *j, struct cbt_error **errp);
+int bk_job_end(struct bk_job *j, bool ok, struct cbt_error **errp);
 
 #endif

@@ -168,3 +168,109 @@ def test_killed_cbt_leaves_what_the_next_removes(live, tmp_path):
     assert_incremental(w, cut1, tx1, cut2, tx2, inc)
     assert cbt_objects(q) == []
     assert not os.path.exists(os.path.join(bk, "dead.qcow2.scratch"))
+
+
+# ---- every disk at one instant (--all-disks) ----
+
+
+def qemu_bitmaps(peer):
+    """{node: {bitmap names}} as QEMU has them."""
+    return {n["node-name"]: {b["name"] for b in n.get("dirty-bitmaps", [])
+                             if b.get("name")}
+            for n in peer.qmp("query-named-block-nodes", flat=True)
+            if n["drv"] == "qcow2"}
+
+
+def test_all_disks_at_one_instant(live, tmp_path):
+    a = make_image(live.path("a.qcow2"), SIZE)
+    b = make_image(live.path("b.qcow2"), SIZE)
+    vm = live.vm([a, b])
+    wa = live.writer(vm, device="vda", seed=21, rate=40).start()
+    wb = live.writer(vm, device="vdb", seed=22, rate=40).start()
+    wa.wait_writes(3)
+    wb.wait_writes(3)
+    bk = live.path("bk")
+    os.mkdir(bk)
+    cuts = {}
+    for kind, name in (("--full", "c1"), ("--incremental", "c2")):
+        t0 = now()
+        res = cbt("backup", "--qmp", vm.cbt_qmp, "--all-disks", kind,
+                  "--checkpoint", name, "--output=json", bk)
+        t1 = now()
+        got = {r["disk"]: r for r in res.json()}
+        assert set(got) == {"vda", "vdb"}, got
+        for dev, w in (("vda", wa), ("vdb", wb)):
+            cuts[dev, name] = assert_cut(w, got[dev]["target"], tmp_path,
+                                         (t0, t1))
+        # One instant for both disks: their windows meet.
+        lo = max(c.lo or 0 for (d, n), c in cuts.items() if n == name)
+        hi = min(c.hi or t1 for (d, n), c in cuts.items() if n == name)
+        assert lo < hi, "the disks' backups are no common instant: %r" % cuts
+        wa.wait_writes(3)
+        wb.wait_writes(3)
+    wa.stop()
+    wb.stop()
+    for dev in ("vda", "vdb"):
+        inc = os.path.join(bk, "%s.c2.qcow2" % dev)
+        cbt("verify", inc)
+    bms = qemu_bitmaps(vm)
+    assert {"c1", "c2"} <= bms["disk"] and {"c1", "c2"} <= bms["disk1"], bms
+    assert cbt_objects(vm) == []
+
+
+def test_all_disks_undone_when_one_fails(live):
+    a = make_image(live.path("a.qcow2"), SIZE)
+    b = make_image(live.path("b.qcow2"), SIZE)
+    vm = live.vm([a, b])
+    bk = live.path("bk")
+    os.mkdir(bk)
+    cbt("backup", "--qmp", vm.cbt_qmp, "--all-disks", "--full",
+        "--checkpoint", "c1", bk)
+    before_bm = qemu_bitmaps(vm)
+    before_files = sorted(os.listdir(bk))
+    # The second disk's scratch file cannot be made.
+    os.mkdir(os.path.join(bk, "vdb.c2.qcow2.scratch"))
+    res = cbt("backup", "--qmp", vm.cbt_qmp, "--all-disks", "--incremental",
+              "--checkpoint", "c2", bk, check=False)
+    assert res.rc != 0 and "vdb" in res.err, res
+    assert qemu_bitmaps(vm) == before_bm, "a new checkpoint stayed"
+    assert sorted(os.listdir(bk)) == sorted(before_files +
+                                            ["vdb.c2.qcow2.scratch"])
+    assert cbt_objects(vm) == []
+    # Once the way is clear, the same backup runs.
+    os.rmdir(os.path.join(bk, "vdb.c2.qcow2.scratch"))
+    cbt("backup", "--qmp", vm.cbt_qmp, "--all-disks", "--incremental",
+        "--checkpoint", "c2", bk)
+
+
+def test_all_disks_undone_after_the_instant(live):
+    """The transaction made the new checkpoint on both disks; then writing
+    the second disk's backup fails (ENOSPC): both new checkpoints go, the
+    first disk's finished files too, the old checkpoints stay."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    from faultlib import fault_env
+    a = make_image(live.path("a.qcow2"), SIZE)
+    b = make_image(live.path("b.qcow2"), SIZE)
+    vm = live.vm([a, b])
+    with open(live.path("pat"), "wb") as f:
+        f.write(b"\x5a" * 4096)
+    vm.hmp_write("vdb", 0, BLOCK, live.path("pat"))
+    bk = live.path("bk")
+    os.mkdir(bk)
+    cbt("backup", "--qmp", vm.cbt_qmp, "--all-disks", "--full",
+        "--checkpoint", "c1", bk)
+    before_bm = qemu_bitmaps(vm)
+    before_files = sorted(os.listdir(bk))
+    env = fault_env("vdb.c2.qcow2.part", op="write", nth=1, sticky=True,
+                    err="ENOSPC")
+    res = subprocess.run([CBT, "backup", "--qmp", vm.cbt_qmp, "--all-disks",
+                          "--full", "--checkpoint", "c2", bk],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 74 and "vdb" in res.stderr, res
+    assert qemu_bitmaps(vm) == before_bm, "a new checkpoint stayed"
+    assert sorted(os.listdir(bk)) == before_files
+    assert cbt_objects(vm) == []
+    res = cbt("checkpoint", "list", "--qmp", vm.cbt_qmp, "--output=json",
+              "vda")
+    assert [c["name"] for c in res.json()["checkpoints"]] == ["c1"]
