@@ -473,6 +473,11 @@ static int freeze_all(struct lb *const *v, const char *const *since,
                       const char *const *names, uint64_t gran, size_t n,
                       struct cbt_error **errp)
 {
+    /* First the intent: a cbt killed from here on leaves a pending record
+     * a later cbt finds the new checkpoint by (live_cp_resolve_stale). */
+    for (size_t i = 0; i < n; i++)
+        if (live_cp_note_pending(&v[i]->cp, names[i], errp) < 0)
+            return -1;
     json_t *acts = json_array();
     for (size_t i = 0; i < n; i++)
         lb_actions(v[i], acts, since[i], names[i], gran);
@@ -481,6 +486,8 @@ static int freeze_all(struct lb *const *v, const char *const *since,
     if (qmp_run(v[0]->q, "transaction", json_pack("{s:o}", "actions", acts),
                 errp) < 0) {
         cbt_error_prefix(errp, "the backup's point in time");
+        for (size_t i = 0; i < n; i++)
+            (void)live_cp_resolve(&v[i]->cp, names[i], NULL);
         return -1;
     }
     for (size_t i = 0; i < n; i++) {
@@ -533,9 +540,11 @@ static void lb_abort(struct bk_live *l, const char *name)
     cbt_error_free(e);
     e = NULL;
     bool existed;
-    /* Its journal record, when it was kept already. */
-    if (live_cp_find(&b->cp, name) &&
-        live_cp_delete(&b->cp, name, &existed, &e) < 0)
+    /* Its journal record when it was kept already, else its pending
+     * record is resolved. */
+    if (live_cp_find(&b->cp, name)
+            ? live_cp_delete(&b->cp, name, &existed, &e) < 0
+            : live_cp_resolve(&b->cp, name, &e) < 0)
         cbt_warn("%s", cbt_error_message(e));
     cbt_error_free(e);
     b->new_ckpt = NULL;
@@ -599,7 +608,8 @@ static int lb_init(struct lb *b, struct lb_vm *vm, const char *disk,
     snprintf(b->export_id, sizeof(b->export_id), "cbt-%d-%d-export", pid,
              idx);
     snprintf(b->tmp_bitmap, sizeof(b->tmp_bitmap), "cbt-%d-%d-bk", pid, idx);
-    if (live_cp_open(vm->q, disk, &b->cp, errp) < 0)
+    if (live_cp_open(vm->q, disk, &b->cp, errp) < 0 ||
+        live_cp_resolve_stale(&b->cp, errp) < 0)
         return -1;
     b->l = (struct bk_live){
         .label = o->disk,
@@ -853,25 +863,10 @@ static int owner(const char *name)
     return pid > 0 ? pid : 0;
 }
 
-/* Is pid a running cbt? */
-static bool cbt_alive(int pid)
-{
-    char path[64], comm[32] = "";
-    snprintf(path, sizeof(path), "/proc/%d/comm", pid);
-    FILE *f = fopen(path, "re");
-    if (!f)
-        return kill(pid, 0) == 0 || errno == EPERM;
-    if (!fgets(comm, sizeof(comm), f))
-        comm[0] = '\0';
-    fclose(f);
-    comm[strcspn(comm, "\n")] = '\0';
-    return strcmp(comm, "cbt") == 0;
-}
-
 static bool stale(const char *name)
 {
     int pid = owner(name);
-    return pid && pid != (int)getpid() && !cbt_alive(pid);
+    return pid && pid != (int)getpid() && !journal_pid_is_cbt(pid);
 }
 
 int live_cleanup(struct qmp *q, struct cbt_error **errp)

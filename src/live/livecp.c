@@ -128,6 +128,8 @@ static int build_view(struct live_cp *c, const struct ckpt_meta *m,
     c->next_order = m->next_order ? m->next_order : 1;
     for (size_t i = 0; i < c->j.n; i++) {
         const struct journal_rec *r = &c->j.v[i];
+        if (r->op == JOURNAL_PENDING)
+            continue;
         drop(c, r->name);
         if (r->op != JOURNAL_CREATED)
             continue;
@@ -409,6 +411,51 @@ int live_cp_note_created(struct live_cp *c, const char *name, int64_t sec,
                 errp);
 }
 
+int live_cp_note_pending(struct live_cp *c, const char *name,
+                         struct cbt_error **errp)
+{
+    struct journal_rec r = {.op = JOURNAL_PENDING, .name = (char *)name,
+                            .pid = (int)getpid()};
+    return journal_add(&c->j, &r, errp) < 0 || journal_save(&c->j, errp) < 0
+               ? -1
+               : 0;
+}
+
+int live_cp_resolve(struct live_cp *c, const char *name,
+                    struct cbt_error **errp)
+{
+    struct journal_rec r = {.op = JOURNAL_DELETED, .name = (char *)name};
+    return journal_add(&c->j, &r, errp) < 0 || journal_save(&c->j, errp) < 0
+               ? -1
+               : 0;
+}
+
+int live_cp_resolve_stale(struct live_cp *c, struct cbt_error **errp)
+{
+    size_t n = c->j.n, gone = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!journal_stale_pending(&c->j, i))
+            continue;
+        /* The new checkpoint of a cbt that died before keeping it. */
+        const char *name = c->j.v[i].name;
+        if (live_layer_bitmap(&c->disk.layers[0], name))
+            (void)qmp_run(c->q, "block-dirty-bitmap-remove",
+                          json_pack("{s:s, s:s}", "node",
+                                    c->disk.layers[0].node, "name", name),
+                          NULL);
+        struct journal_rec r = {.op = JOURNAL_DELETED, .name = (char *)name};
+        if (journal_add(&c->j, &r, errp) < 0)
+            return -1;
+        gone++;
+    }
+    if (gone) {
+        cbt_warn("%s: removed %zu checkpoint%s that a cbt that is gone made "
+                 "and never kept", qmp_name(c->q), gone, gone == 1 ? "" : "s");
+        return journal_save(&c->j, errp);
+    }
+    return 0;
+}
+
 int live_cp_create(struct live_cp *c, const char *name, uint64_t granularity,
                    struct cbt_error **errp)
 {
@@ -420,7 +467,7 @@ int live_cp_create(struct live_cp *c, const char *name, uint64_t granularity,
         cbt_error_set_kind(errp, CBT_ERR_USAGE);
         return -1;
     }
-    if (live_cp_name_free(c, name, errp) < 0)
+    if (live_cp_resolve_stale(c, errp) < 0 || live_cp_name_free(c, name, errp) < 0)
         return -1;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -444,6 +491,8 @@ int live_cp_create(struct live_cp *c, const char *name, uint64_t granularity,
 int live_cp_delete(struct live_cp *c, const char *name, bool *existed,
                    struct cbt_error **errp)
 {
+    if (live_cp_resolve_stale(c, errp) < 0)
+        return -1;
     *existed = live_cp_find(c, name) != NULL;
     /* Its bitmap in every layer QEMU may change (a read-only backing
      * layer keeps its copy: below a top that lacks the bitmap, it is never

@@ -60,6 +60,17 @@ json_t *live_cp_bitmap_add_action(const struct live_cp *c, const char *name,
 int live_cp_name_free(const struct live_cp *c, const char *name,
                       struct cbt_error **errp);
 
+/* The journal of a live backup's new checkpoint: PENDING before the
+ * transaction (live_cp_note_pending); resolved by live_cp_note_created,
+ * or by live_cp_resolve when the backup failed.  live_cp_resolve_stale
+ * removes the bitmaps of pending checkpoints of cbt processes that are
+ * gone (a cbt killed during a backup).  0 or -1 with *errp. */
+int live_cp_note_pending(struct live_cp *c, const char *name,
+                         struct cbt_error **errp);
+int live_cp_resolve(struct live_cp *c, const char *name,
+                    struct cbt_error **errp);
+int live_cp_resolve_stale(struct live_cp *c, struct cbt_error **errp);
+
 /* cbt checkpoint create|delete --qmp. */
 int live_cp_create(struct live_cp *c, const char *name, uint64_t granularity,
                    struct cbt_error **errp);

@@ -101,7 +101,20 @@ int ckpt_fold_journal(struct cbt_image *top, struct cbt_error **errp)
     int ret = -1;
     if (ckpt_layer_load(top, &m, NULL, errp) < 0)
         goto out_journal;
-    if (ckpt_save(top, &saved, errp) < 0 || ckpt_layer_set(top, &m, 0, errp) < 0)
+    if (ckpt_save(top, &saved, errp) < 0)
+        goto out;
+    /* The bitmap a cbt killed during a live backup made and never kept
+     * (QEMU stored it at its clean close): it describes no checkpoint. */
+    for (size_t i = 0; i < j.n; i++) {
+        const char *name = j.v[i].name;
+        struct cbt_error *e = NULL;
+        if (journal_stale_pending(&j, i) && ckpt_meta_find_name(&m, name) < 0 &&
+            cbt_bitmap_remove(top, name, &e) == 0)
+            cbt_warn("%s: removed bitmap '%s', the new checkpoint of a live "
+                     "backup that was interrupted", fname(top), name);
+        cbt_error_free(e);
+    }
+    if (ckpt_layer_set(top, &m, 0, errp) < 0)
         goto out;
     if (commit_top(top, &saved, errp) < 0)
         goto out;

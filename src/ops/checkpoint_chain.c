@@ -130,6 +130,8 @@ static int apply_journal(struct cbt_image *l, const struct journal *j,
     }
     for (size_t i = 0; i < j->n; i++) {
         const struct journal_rec *r = &j->v[i];
+        if (r->op == JOURNAL_PENDING)
+            continue; /* metadata only comes with CREATED */
         ssize_t k = ckpt_meta_find_name(m, r->name);
         if (r->op == JOURNAL_DELETED) {
             if (k >= 0)

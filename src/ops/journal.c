@@ -16,6 +16,7 @@
  */
 #include <fcntl.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <limits.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -157,11 +158,36 @@ const struct journal_rec *journal_find(const struct journal *j,
                                        const char *name)
 {
     for (size_t i = j->n; i-- > 0;) {
-        if (strcmp(j->v[i].name, name) != 0)
+        if (strcmp(j->v[i].name, name) != 0 || j->v[i].op == JOURNAL_PENDING)
             continue;
         return j->v[i].op == JOURNAL_CREATED ? &j->v[i] : NULL;
     }
     return NULL;
+}
+
+bool journal_pid_is_cbt(int pid)
+{
+    char path[64], comm[32] = "";
+    snprintf(path, sizeof(path), "/proc/%d/comm", pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return kill(pid, 0) == 0 || errno == EPERM;
+    if (!fgets(comm, sizeof(comm), f))
+        comm[0] = '\0';
+    fclose(f);
+    comm[strcspn(comm, "\n")] = '\0';
+    return strcmp(comm, "cbt") == 0;
+}
+
+bool journal_stale_pending(const struct journal *j, size_t i)
+{
+    const struct journal_rec *p = &j->v[i];
+    if (p->op != JOURNAL_PENDING)
+        return false;
+    for (size_t k = i + 1; k < j->n; k++)
+        if (j->v[k].op != JOURNAL_PENDING && strcmp(j->v[k].name, p->name) == 0)
+            return false;
+    return p->pid != (int)getpid() && !journal_pid_is_cbt(p->pid);
 }
 
 /* ---- parsing ---- */
@@ -235,6 +261,15 @@ int journal_parse(const char *buf, size_t len, const char *what,
         }
         if (strcmp(op, "deleted") == 0) {
             rec.op = JOURNAL_DELETED;
+        } else if (strcmp(op, "pending") == 0) {
+            uint64_t pid = 0;
+            if (!get_u64(r, "pid", &pid) || pid == 0 || pid > INT32_MAX) {
+                cbt_error_set(errp, EINVAL, "%s: record %zu ('%s'): field "
+                              "'pid': expected a process id", what, i, name);
+                goto out;
+            }
+            rec.op = JOURNAL_PENDING;
+            rec.pid = (int)pid;
         } else if (strcmp(op, "created") == 0) {
             rec.op = JOURNAL_CREATED;
             if (!get_u64(r, "order", &order) || order == 0 ||
@@ -252,7 +287,8 @@ int journal_parse(const char *buf, size_t len, const char *what,
             rec.created_sec = (int64_t)json_integer_value(sec);
         } else {
             cbt_error_set(errp, EINVAL, "%s: record %zu: field 'op': "
-                          "expected 'created' or 'deleted'", what, i);
+                          "expected 'created', 'deleted' or 'pending'", what,
+                          i);
             goto out;
         }
         rec.name = (char *)name;
@@ -331,6 +367,9 @@ static json_t *to_json(const struct journal *j)
         json_t *o;
         if (r->op == JOURNAL_DELETED)
             o = json_pack("{s:s, s:s}", "op", "deleted", "name", r->name);
+        else if (r->op == JOURNAL_PENDING)
+            o = json_pack("{s:s, s:s, s:i}", "op", "pending", "name", r->name,
+                          "pid", r->pid);
         else
             o = json_pack("{s:s, s:s, s:I, s:o, s:I, s:I, s:I, s:I}", "op",
                           "created", "name", r->name, "order",

@@ -23,7 +23,14 @@
  * Files are replaced atomically (a temporary file renamed over the old
  * one, then the folder synced) and read defensively (bounded, checked).
  */
-enum journal_op { JOURNAL_CREATED, JOURNAL_DELETED };
+/*
+ * JOURNAL_PENDING: a live backup of process `pid` is about to create
+ * checkpoint `name` in QEMU; a later CREATED or DELETED of the name
+ * resolves it.  One left unresolved by a process that is gone names a
+ * bitmap that process made and never kept: cbt removes it
+ * (journal_stale_pending).
+ */
+enum journal_op { JOURNAL_CREATED, JOURNAL_DELETED, JOURNAL_PENDING };
 
 struct journal_rec {
     enum journal_op op;
@@ -35,6 +42,8 @@ struct journal_rec {
     char *parent;          /* or NULL */
     uint64_t virtual_size;
     uint64_t granularity;
+    /* JOURNAL_PENDING only: */
+    int pid;
 };
 
 struct journal {
@@ -62,6 +71,11 @@ int journal_add(struct journal *j, const struct journal_rec *r,
 /* The newest CREATED record named `name` not deleted after it, or NULL. */
 const struct journal_rec *journal_find(const struct journal *j,
                                        const char *name);
+/* Is pid a running cbt (not another program that got its number)? */
+bool journal_pid_is_cbt(int pid);
+/* The PENDING record of index i is unresolved (no later CREATED or
+ * DELETED of its name) and its process is no running cbt. */
+bool journal_stale_pending(const struct journal *j, size_t i);
 /* Parse a journal's bytes (exposed for the fuzz target); *j must be
  * zeroed.  0, or -1 with *errp naming `what`. */
 int journal_parse(const char *buf, size_t len, const char *what,

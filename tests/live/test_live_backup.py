@@ -168,6 +168,13 @@ def test_killed_cbt_leaves_what_the_next_removes(live, tmp_path):
     assert_incremental(w, cut1, tx1, cut2, tx2, inc)
     assert cbt_objects(q) == []
     assert not os.path.exists(os.path.join(bk, "dead.qcow2.scratch"))
+    # The killed backup's new checkpoint went too: QEMU has the full's
+    # and the incremental's, nothing else.
+    kept = {c["name"] for c in cbt(
+        "checkpoint", "list", "--qmp", q.cbt_qmp, "--output=json",
+        "vm").json()["checkpoints"]}
+    assert qemu_bitmaps(q)["disk"] == kept and len(kept) == 2, \
+        (qemu_bitmaps(q), kept)
 
 
 # ---- every disk at one instant (--all-disks) ----
