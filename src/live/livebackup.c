@@ -76,7 +76,8 @@ struct lb {
     char tmp_bitmap[NAME_MAX_QEMU + 1];
     char *scratch_path;
     bool made_scratch, added_scratch, job_running, exported;
-    const char *new_ckpt;        /* added by the transaction, not yet kept */
+    char *new_ckpt;              /* added by the transaction, not yet kept
+                                  * (a copy: the job's name may be gone) */
     struct live_nbd *nbd;
     int64_t sec;                 /* the instant of the freeze */
     uint32_t nsec;
@@ -494,7 +495,8 @@ static int freeze_all(struct lb *const *v, const char *const *since,
         v[i]->sec = ts.tv_sec;
         v[i]->nsec = (uint32_t)ts.tv_nsec;
         v[i]->job_running = true;
-        v[i]->new_ckpt = names[i];
+        free(v[i]->new_ckpt);
+        v[i]->new_ckpt = strdup(names[i]);
     }
     return 0;
 }
@@ -519,6 +521,7 @@ static int lb_commit(struct bk_live *l, const char *name, uint64_t *order,
         return -1;
     const struct cbt_checkpoint *k = live_cp_find(&b->cp, name);
     *order = k ? k->order : 0;
+    free(b->new_ckpt);
     b->new_ckpt = NULL;
     *sec = b->sec;
     *nsec = b->nsec;
@@ -526,10 +529,14 @@ static int lb_commit(struct bk_live *l, const char *name, uint64_t *order,
     return 0;
 }
 
-static void lb_abort(struct bk_live *l, const char *name)
+static void lb_abort(struct bk_live *l, const char *name_in)
 {
     struct lb *b = lb_of(l);
     struct cbt_error *e = NULL;
+    /* name_in may be b->new_ckpt, freed below. */
+    char *name = strdup(name_in);
+    if (!name)
+        return;
     if (qmp_run(b->q, "block-dirty-bitmap-remove",
                 json_pack("{s:s, s:s}", "node", b->cp.disk.layers[0].node,
                           "name", name),
@@ -547,7 +554,9 @@ static void lb_abort(struct bk_live *l, const char *name)
             : live_cp_resolve(&b->cp, name, &e) < 0)
         cbt_warn("%s", cbt_error_message(e));
     cbt_error_free(e);
+    free(b->new_ckpt);
     b->new_ckpt = NULL;
+    free(name);
 }
 
 static bool id_is(json_t *data, void *opaque)
@@ -634,6 +643,7 @@ static void lb_end(struct lb *b)
     lb_release(&b->l);
     live_cp_close(&b->cp);
     free(b->scratch_path);
+    free(b->new_ckpt);
 }
 
 int live_backup(struct qmp *q, const struct cbt_backup_opts *o,
@@ -643,7 +653,9 @@ int live_backup(struct qmp *q, const struct cbt_backup_opts *o,
     struct lb_vm vm = {.q = q, .lo = lo};
     struct lb b;
     memset(res, 0, sizeof(*res));
-    if (live_cleanup(q, errp) < 0)
+    if (qmp_need_version(q, 5, 2, "a live backup (block-export-add with "
+                         "dirty bitmaps)", errp) < 0 ||
+        live_cleanup(q, errp) < 0)
         return -1;
     if (lb_init(&b, &vm, o->disk, o, 0, errp) < 0) {
         lb_end(&b);
@@ -735,7 +747,9 @@ int live_backup_all(struct qmp *q, const struct cbt_backup_opts *o,
     struct lb_vm vm = {.q = q, .lo = lo};
     struct live_disk *disks = NULL;
     size_t n = 0;
-    if (live_cleanup(q, errp) < 0 || backup_disks(q, &disks, &n, errp) < 0)
+    if (qmp_need_version(q, 5, 2, "a live backup (block-export-add with "
+                         "dirty bitmaps)", errp) < 0 ||
+        live_cleanup(q, errp) < 0 || backup_disks(q, &disks, &n, errp) < 0)
         return -1;
     struct lb *v = calloc(n, sizeof(*v));
     struct cbt_backup_opts *opts = calloc(n, sizeof(*opts));

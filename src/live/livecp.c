@@ -265,7 +265,11 @@ int live_cp_open(struct qmp *q, const char *disk, struct live_cp *c,
 {
     memset(c, 0, sizeof(*c));
     c->q = q;
-    if (live_find_disk(q, disk, &c->disk, errp) < 0)
+    /* x-debug-query-block-graph (the disks below filters) and bitmap
+     * merges in transactions: QEMU 4.0. */
+    if (qmp_need_version(q, 4, 0, "cbt's live mode (block graph queries, "
+                         "bitmap merges)", errp) < 0 ||
+        live_find_disk(q, disk, &c->disk, errp) < 0)
         return -1;
     const struct live_layer *top = &c->disk.layers[0];
     if (strcmp(top->drv, "qcow2") != 0 || !top->filename) {

@@ -167,6 +167,14 @@ static json_t *next_message(struct qmp *q, long long deadline,
             memmove(q->buf, q->buf + skip, q->len - skip);
             q->len -= skip;
         }
+        if (q->len > 0 && memchr(q->buf, '\0', q->len)) {
+            /* QMP is text: a NUL byte is never part of it. */
+            char ex[80];
+            excerpt(q->buf, MIN(q->len, (size_t)48), ex, sizeof(ex));
+            fail(q, errp, EPROTO, "%s: not QMP: a NUL byte (received \"%s\")",
+                 step, ex);
+            return NULL;
+        }
         if (q->len > 0) {
             json_error_t jerr;
             json_t *v = json_loadb(q->buf, q->len,
@@ -187,10 +195,12 @@ static json_t *next_message(struct qmp *q, long long deadline,
                 return v;
             }
             if (json_error_code(&jerr) != json_error_premature_end_of_input) {
-                char ex[80];
+                /* jansson's text may quote the bad bytes: escaped too. */
+                char ex[80], why[160];
                 excerpt(q->buf, MIN(q->len, (size_t)48), ex, sizeof(ex));
+                excerpt(jerr.text, strlen(jerr.text), why, sizeof(why));
                 fail(q, errp, EPROTO, "%s: not QMP: %s (received \"%s\")",
-                     step, jerr.text, ex);
+                     step, why, ex);
                 return NULL;
             }
         }
@@ -417,7 +427,15 @@ static int greet(struct qmp *q, struct cbt_error **errp)
     long long deadline = now_ms() + QMP_GREETING_TIMEOUT_MS;
     json_t *g = next_message(q, deadline, "reading QEMU's greeting", errp);
     if (!g) {
-        if (cbt_error_errno(errp ? *errp : NULL) == ETIMEDOUT) {
+        if (cbt_error_errno(errp ? *errp : NULL) == ETIMEDOUT && q->len) {
+            char ex[80];
+            excerpt(q->buf, MIN(q->len, (size_t)48), ex, sizeof(ex));
+            cbt_error_free(*errp);
+            *errp = NULL;
+            fail(q, errp, EPROTO, "not a QMP server: no complete greeting "
+                 "within %d s (received \"%s\")",
+                 QMP_GREETING_TIMEOUT_MS / 1000, ex);
+        } else if (cbt_error_errno(errp ? *errp : NULL) == ETIMEDOUT) {
             cbt_error_free(*errp);
             *errp = NULL;
             cbt_error_set(errp, ETIMEDOUT, "%s: QEMU did not greet within "
@@ -528,6 +546,17 @@ bool qmp_version_at_least(const struct qmp *q, int major, int minor)
 }
 
 const char *qmp_name(const struct qmp *q) { return q->name; }
+
+int qmp_need_version(const struct qmp *q, int major, int minor,
+                     const char *what, struct cbt_error **errp)
+{
+    if (qmp_version_at_least(q, major, minor))
+        return 0;
+    cbt_error_set(errp, ENOTSUP, "%s: QEMU %d.%d.%d is too old for %s (it "
+                  "needs QEMU %d.%d or newer)", q->name, q->major, q->minor,
+                  q->micro, what, major, minor);
+    return -1;
+}
 
 int qmp_peer_pid(const struct qmp *q)
 {

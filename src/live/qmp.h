@@ -48,6 +48,10 @@ void qmp_close(struct qmp *q);
 void qmp_version(const struct qmp *q, int *major, int *minor, int *micro);
 /* Is the peer at least major.minor? */
 bool qmp_version_at_least(const struct qmp *q, int major, int minor);
+/* 0 when it is; else -1 with an error naming what needs it: "QEMU 4.1.0
+ * at SOCK is too old for WHAT (QEMU 5.2 or newer)". */
+int qmp_need_version(const struct qmp *q, int major, int minor,
+                     const char *what, struct cbt_error **errp);
 /* The process at the other end of the socket (SO_PEERCRED), or -1. */
 int qmp_peer_pid(const struct qmp *q);
 /* The socket's name, for messages. */
