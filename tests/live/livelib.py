@@ -485,7 +485,16 @@ class RealVM(QemuProcess):
         self.size = image_size(disk)
         append = "wl=%d:%d:%d wlend=%s wlio=direct wlpause=%s" % (
             seed, count, maxlen, end, pause)
-        self.vm = self.kit.Run(disk, append, "live%d" % seed)
+        # A second QMP monitor for the cbt under test (the harness keeps
+        # the kit's): the kit's command line, one option more.
+        self.cbt_qmp = live.sock("realvm%d-cbt.qmp" % len(live.processes))
+        kit_cmd = self.kit.qemu_cmd
+        self.kit.qemu_cmd = lambda *a, **k: kit_cmd(*a, **k) + [
+            "-qmp", "unix:%s,server=on,wait=off" % self.cbt_qmp]
+        try:
+            self.vm = self.kit.Run(disk, append, "live%d" % seed)
+        finally:
+            self.kit.qemu_cmd = kit_cmd
         self.proc, self.log = self.vm.proc, self.vm.console
         self._connect(self.vm.qmp_sock)
 
