@@ -16,7 +16,7 @@ static const char usage[] =
     "                  [-f FMT] [-p] [--output=human|json] DISK TARGET\n"
     "       cbt backup --full --no-checkpoint [-O qcow2|raw] [-f FMT] [-p]\n"
     "                  [--output=human|json] DISK TARGET\n"
-    "       cbt backup --qmp SOCKET [--nbd-socket PATH] (--full | ...)\n"
+    "       cbt backup --qmp SOCKET [--nbd-socket PATH] [--qga SOCKET] (--full | ...)\n"
     "                  [--checkpoint NAME] [-O ...] [-g ...] [-p]\n"
     "                  [--output=human|json] (DISK TARGET | --all-disks FOLDER)\n"
     "\n"
@@ -65,7 +65,9 @@ static const char usage[] =
     "every writable qcow2 disk of the VM at one instant (one transaction),\n"
     "one backup each in FOLDER named ID.CHECKPOINT.qcow2, one checkpoint\n"
     "name across them; if one disk fails, none keeps a new checkpoint or\n"
-    "file.\n"
+    "file.  --qga SOCKET (qemu-guest-agent's socket) freezes the guest's\n"
+    "file systems for the instant of the transaction and thaws them right\n"
+    "after (also when it fails).\n"
     "\n"
     "Options:\n"
     "  --checkpoint NAME  name of the new checkpoint (default:\n"
@@ -201,6 +203,7 @@ int cmd_backup(int argc, char **argv)
         OPT_QMP,
         OPT_NBDSOCK,
         OPT_ALL,
+        OPT_QGA,
     };
     bool all = false;
     const char *qmp_sock = NULL;
@@ -218,6 +221,7 @@ int cmd_backup(int argc, char **argv)
         {"qmp", required_argument, NULL, OPT_QMP},
         {"nbd-socket", required_argument, NULL, OPT_NBDSOCK},
         {"all-disks", no_argument, NULL, OPT_ALL},
+        {"qga", required_argument, NULL, OPT_QGA},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
@@ -256,6 +260,9 @@ int cmd_backup(int argc, char **argv)
             break;
         case OPT_ALL:
             all = true;
+            break;
+        case OPT_QGA:
+            lo.qga = optarg;
             break;
         case 'O':
             o.format = optarg;
@@ -296,6 +303,8 @@ int cmd_backup(int argc, char **argv)
                        : CBT_BACKUP_INCREMENTAL;
     if (all && !qmp_sock)
         return cli_usage_error(prog, "--all-disks goes with --qmp");
+    if (lo.qga && !qmp_sock)
+        return cli_usage_error(prog, "--qga goes with --qmp");
     if (all) {
         if (argc - optind != 1)
             return cli_usage_error(prog, "with --all-disks: expecting the "

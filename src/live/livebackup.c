@@ -470,6 +470,32 @@ static int lb_expose(struct lb *b, const char *since, struct bk_source *src,
 
 /* The point in time of the disks [0, n) with their plans: one transaction
  * (the caller prepared each disk). */
+/* Quiesce the guest through its agent: frozen, or -1 with *errp (after a
+ * failed freeze the guest is thawed again). */
+static struct qmp *guest_freeze(const char *path, struct cbt_error **errp)
+{
+    struct qmp *g = qmp_connect_agent(path, errp);
+    if (!g)
+        return NULL;
+    if (qmp_run(g, "guest-fsfreeze-freeze", NULL, errp) < 0) {
+        cbt_error_prefix(errp, "quiescing the guest (--qga)");
+        (void)qmp_run(g, "guest-fsfreeze-thaw", NULL, NULL);
+        qmp_close(g);
+        return NULL;
+    }
+    return g;
+}
+
+static void guest_thaw(struct qmp *g)
+{
+    struct cbt_error *e = NULL;
+    if (g && qmp_run(g, "guest-fsfreeze-thaw", NULL, &e) < 0)
+        cbt_warn("the guest's file systems may still be frozen: %s; thaw "
+                 "them (guest-fsfreeze-thaw)", cbt_error_message(e));
+    cbt_error_free(e);
+    qmp_close(g);
+}
+
 static int freeze_all(struct lb *const *v, const char *const *since,
                       const char *const *names, uint64_t gran, size_t n,
                       struct cbt_error **errp)
@@ -482,10 +508,20 @@ static int freeze_all(struct lb *const *v, const char *const *since,
     json_t *acts = json_array();
     for (size_t i = 0; i < n; i++)
         lb_actions(v[i], acts, since[i], names[i], gran);
+    struct qmp *agent = NULL;
+    const struct live_backup_opts *lo = v[0]->vm->lo;
+    if (lo && lo->qga && !(agent = guest_freeze(lo->qga, errp))) {
+        json_decref(acts);
+        for (size_t i = 0; i < n; i++)
+            (void)live_cp_resolve(&v[i]->cp, names[i], NULL);
+        return -1;
+    }
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    if (qmp_run(v[0]->q, "transaction", json_pack("{s:o}", "actions", acts),
-                errp) < 0) {
+    int r = qmp_run(v[0]->q, "transaction", json_pack("{s:o}", "actions", acts),
+                    errp);
+    guest_thaw(agent); /* the instant is taken: the guest goes on */
+    if (r < 0) {
         cbt_error_prefix(errp, "the backup's point in time");
         for (size_t i = 0; i < n; i++)
             (void)live_cp_resolve(&v[i]->cp, names[i], NULL);

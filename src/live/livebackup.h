@@ -12,6 +12,11 @@ struct live_backup_opts {
      * find (qemu-storage-daemon --nbd-server); NULL: find it, or start
      * one on a private socket. */
     const char *nbd_socket;
+    /* qemu-guest-agent's socket: the guest's file systems are frozen for
+     * the instant of the backup (guest-fsfreeze-freeze just before the
+     * transaction, guest-fsfreeze-thaw right after it, also when it
+     * fails); NULL: no quiescing. */
+    const char *qga;
 };
 
 /*

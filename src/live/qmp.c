@@ -34,6 +34,7 @@ struct qmp {
     int fd;
     char *name;          /* the socket path, for messages */
     bool broken;         /* a protocol or I/O error: no further use */
+    bool agent;          /* qemu-guest-agent: no greeting, 0xFF syncs */
     int timeout_ms;
     int major, minor, micro;
     unsigned long next_id;
@@ -160,9 +161,11 @@ static json_t *next_message(struct qmp *q, long long deadline,
     }
     for (;;) {
         size_t skip = 0;
-        while (skip < q->len && (q->buf[skip] == ' ' || q->buf[skip] == '\t' ||
-                                 q->buf[skip] == '\r' || q->buf[skip] == '\n'))
-            skip++;
+        while (skip < q->len &&
+               (q->buf[skip] == ' ' || q->buf[skip] == '\t' ||
+                q->buf[skip] == '\r' || q->buf[skip] == '\n' ||
+                (q->agent && (unsigned char)q->buf[skip] == 0xff)))
+            skip++; /* (the agent marks a sync's reply with 0xFF) */
         if (skip) {
             memmove(q->buf, q->buf + skip, q->len - skip);
             q->len -= skip;
@@ -305,6 +308,12 @@ static json_t *wait_reply(struct qmp *q, const char *id, const char *cmd,
         if (rid && strcmp(rid, id) != 0 && (ret || err) &&
             sscanf(rid, "cbt-%lu%c", &n, &end) == 1 && n < q->next_id) {
             /* The late reply to a command that timed out earlier. */
+            json_decref(msg);
+            continue;
+        }
+        if (q->agent && rid && strcmp(rid, id) != 0) {
+            /* An agent may answer what a client before us asked (an
+             * agent that echoes no id at all answers in order). */
             json_decref(msg);
             continue;
         }
@@ -489,6 +498,71 @@ struct qmp *qmp_connect_fd(int fd, const char *name, struct cbt_error **errp)
         return NULL;
     }
     cbt_debug("qmp %s: QEMU %d.%d.%d", name, q->major, q->minor, q->micro);
+    return q;
+}
+
+/* Connect to a Unix socket; the descriptor or -1 with *errp. */
+static int unix_connect(const char *path, const char *what,
+                        struct cbt_error **errp)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        cbt_error_set(errp, ENAMETOOLONG, "%s: socket path longer than %zu "
+                      "bytes", path, sizeof(sa.sun_path) - 1);
+        return -1;
+    }
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        cbt_error_set(errp, errno, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        int e = errno;
+        close(fd);
+        cbt_error_set(errp, e, "%s: cannot connect to the %s socket: %s",
+                      path, what, strerror(e));
+        return -1;
+    }
+    return fd;
+}
+
+struct qmp *qmp_connect_agent(const char *path, struct cbt_error **errp)
+{
+    int fd = unix_connect(path, "guest agent", errp);
+    if (fd < 0)
+        return NULL;
+    struct qmp *q = calloc(1, sizeof(*q));
+    if (!q || !(q->name = strdup(path))) {
+        free(q);
+        close(fd);
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", path);
+        return NULL;
+    }
+    q->fd = fd;
+    q->agent = true;
+    q->timeout_ms = QMP_TIMEOUT_MS;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        (void)fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    /* The agent may hold half a request of an earlier client: a sync
+     * with a fresh id brings both ends in step (its reply starts with
+     * 0xFF); older replies are skipped. */
+    qmp_set_timeout(q, QMP_GREETING_TIMEOUT_MS);
+    json_int_t id = (json_int_t)(getpid() ^ (long)time(NULL)) & 0x7fffffff;
+    json_t *r = qmp_execute(q, "guest-sync-delimited",
+                            json_pack("{s:I}", "id", id), errp);
+    if (!r || !json_is_integer(r) || json_integer_value(r) != id) {
+        json_decref(r);
+        if (errp && !*errp)
+            cbt_error_set(errp, EPROTO, "%s: the guest agent did not answer "
+                          "its sync", path);
+        cbt_error_prefix(errp, "qemu-guest-agent");
+        qmp_close(q);
+        return NULL;
+    }
+    json_decref(r);
+    qmp_set_timeout(q, QMP_TIMEOUT_MS);
     return q;
 }
 

@@ -39,6 +39,10 @@ struct qmp;
  * reached or the peer is not a QMP server.
  */
 struct qmp *qmp_connect(const char *path, struct cbt_error **errp);
+/* Connect to qemu-guest-agent's socket (the same JSON, no greeting; a
+ * guest-sync-delimited first brings both ends in step).  Commands then go
+ * through qmp_execute/qmp_run. */
+struct qmp *qmp_connect_agent(const char *path, struct cbt_error **errp);
 /* Connect over an already connected descriptor (tests, fuzzing); takes
  * ownership of fd. */
 struct qmp *qmp_connect_fd(int fd, const char *name, struct cbt_error **errp);

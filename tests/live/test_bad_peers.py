@@ -155,3 +155,85 @@ def test_qemu_killed_during_the_backup(live, tmp_path):
     cbt("restore", os.path.join(bk, "again.qcow2"), out_img)
     res = qemu_img("compare", disk, out_img, check=False)
     assert res.rc == 0, res
+
+
+# ---- guest quiescing (--qga) through a guest agent played here ----
+
+
+class FakeAgent:
+    """qemu-guest-agent's protocol: guest-sync-delimited answered after a
+    0xFF byte, guest-fsfreeze-freeze/thaw answered with a count (or an
+    error when fail_freeze); every command is logged with its time."""
+
+    def __init__(self, path, fail_freeze=False):
+        if os.path.exists(path):
+            os.unlink(path)
+        self.srv = socket.socket(socket.AF_UNIX)
+        self.srv.bind(path)
+        self.srv.listen(4)
+        self.log = []
+        self.fail_freeze = fail_freeze
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            with conn:
+                for line in conn.makefile("rb"):
+                    msg = json.loads(line)
+                    cmd, cid = msg.get("execute"), msg.get("id")
+                    self.log.append((cmd, time.time()))
+                    if cmd == "guest-sync-delimited":
+                        out = b"\xff" + json.dumps(
+                            {"return": msg["arguments"]["id"], "id": cid}).encode()
+                    elif cmd == "guest-fsfreeze-freeze" and self.fail_freeze:
+                        out = json.dumps({"error": {"class": "GenericError",
+                                          "desc": "fsfreeze is busy"},
+                                          "id": cid}).encode()
+                    else:
+                        out = json.dumps({"return": 1, "id": cid}).encode()
+                    conn.sendall(out + b"\n")
+
+    def close(self):
+        self.srv.close()
+
+
+def test_guest_frozen_for_the_instant(live, tmp_path):
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
+    agent = FakeAgent(str(tmp_path / "qga.sock"))
+    bk = live.path("bk")
+    os.mkdir(bk)
+    try:
+        cbt("backup", "--qmp", q.cbt_qmp, "--qga", str(tmp_path / "qga.sock"),
+            "--full", "vm", os.path.join(bk, "f.qcow2"))
+    finally:
+        agent.close()
+    cmds = [c for c, _ in agent.log if c != "guest-sync-delimited"]
+    assert cmds == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"], agent.log
+    # The fleecing job (the instant) started while the guest was frozen.
+    ev = q.wait_event("JOB_STATUS_CHANGE", status="created")
+    t = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+    frozen = dict((c, ts) for c, ts in agent.log)
+    assert frozen["guest-fsfreeze-freeze"] <= t <= frozen["guest-fsfreeze-thaw"], \
+        (agent.log, t)
+
+
+def test_guest_freeze_failing_stops_the_backup(live, tmp_path):
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
+    agent = FakeAgent(str(tmp_path / "qga.sock"), fail_freeze=True)
+    bk = live.path("bk")
+    os.mkdir(bk)
+    try:
+        res = cbt("backup", "--qmp", q.cbt_qmp, "--qga",
+                  str(tmp_path / "qga.sock"), "--full", "vm",
+                  os.path.join(bk, "f.qcow2"), check=False)
+    finally:
+        agent.close()
+    assert res.rc != 0 and "fsfreeze is busy" in res.err, res
+    assert ("guest-fsfreeze-thaw" in [c for c, _ in agent.log]), agent.log
+    assert os.listdir(bk) == []
+    assert not [b for n in q.qmp("query-named-block-nodes", flat=True)
+                for b in n.get("dirty-bitmaps", [])], "a checkpoint stayed"
