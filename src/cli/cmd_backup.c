@@ -16,7 +16,8 @@ static const char usage[] =
     "                  [-f FMT] [-p] [--output=human|json] DISK TARGET\n"
     "       cbt backup --full --no-checkpoint [-O qcow2|raw] [-f FMT] [-p]\n"
     "                  [--output=human|json] DISK TARGET\n"
-    "       cbt backup --qmp SOCKET [--nbd-socket PATH] [--qga SOCKET] (--full | ...)\n"
+    "       cbt backup --qmp SOCKET [--nbd-socket PATH | --push] [--qga SOCKET]\n"
+    "                  (--full | ...)\n"
     "                  [--checkpoint NAME] [-O ...] [-g ...] [-p]\n"
     "                  [--output=human|json] (DISK TARGET | --all-disks FOLDER)\n"
     "\n"
@@ -65,7 +66,10 @@ static const char usage[] =
     "every writable qcow2 disk of the VM at one instant (one transaction),\n"
     "one backup each in FOLDER named ID.CHECKPOINT.qcow2, one checkpoint\n"
     "name across them; if one disk fails, none keeps a new checkpoint or\n"
-    "file.  --qga SOCKET (qemu-guest-agent's socket) freezes the guest's\n"
+    "file.  --push: QEMU itself writes the data (blockdev-backup into the\n"
+    "scratch file), cbt then reads it from there: no NBD (taken by itself,\n"
+    "with a warning, when QEMU's NBD server cannot be reached).\n"
+    "--qga SOCKET (qemu-guest-agent's socket) freezes the guest's\n"
     "file systems for the instant of the transaction and thaws them right\n"
     "after (also when it fails).\n"
     "\n"
@@ -204,6 +208,7 @@ int cmd_backup(int argc, char **argv)
         OPT_NBDSOCK,
         OPT_ALL,
         OPT_QGA,
+        OPT_PUSH,
     };
     bool all = false;
     const char *qmp_sock = NULL;
@@ -222,6 +227,7 @@ int cmd_backup(int argc, char **argv)
         {"nbd-socket", required_argument, NULL, OPT_NBDSOCK},
         {"all-disks", no_argument, NULL, OPT_ALL},
         {"qga", required_argument, NULL, OPT_QGA},
+        {"push", no_argument, NULL, OPT_PUSH},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
@@ -264,6 +270,9 @@ int cmd_backup(int argc, char **argv)
         case OPT_QGA:
             lo.qga = optarg;
             break;
+        case OPT_PUSH:
+            lo.push = true;
+            break;
         case 'O':
             o.format = optarg;
             break;
@@ -303,8 +312,11 @@ int cmd_backup(int argc, char **argv)
                        : CBT_BACKUP_INCREMENTAL;
     if (all && !qmp_sock)
         return cli_usage_error(prog, "--all-disks goes with --qmp");
-    if (lo.qga && !qmp_sock)
-        return cli_usage_error(prog, "--qga goes with --qmp");
+    if ((lo.qga || lo.push) && !qmp_sock)
+        return cli_usage_error(prog, "--qga and --push go with --qmp");
+    if (lo.push && lo.nbd_socket)
+        return cli_usage_error(prog, "--push reads no NBD export: "
+                               "--nbd-socket goes without it");
     if (all) {
         if (argc - optind != 1)
             return cli_usage_error(prog, "with --all-disks: expecting the "

@@ -59,6 +59,7 @@ struct lb_vm {
     char *nbd_sock;              /* the server's socket, once known */
     bool server_checked;         /* ensure_server ran */
     bool started_server;         /* ours: stopped at the end */
+    bool push;                   /* QEMU writes the data (push mode) */
 };
 
 /* One disk of a backup. */
@@ -76,6 +77,10 @@ struct lb {
     char tmp_bitmap[NAME_MAX_QEMU + 1];
     char *scratch_path;
     bool made_scratch, added_scratch, job_running, exported;
+    bool tmp_on_disk;            /* push: the temporary bitmap is on the
+                                  * disk's node */
+    struct cbt_image *pushed;    /* push: the scratch file, open */
+    bool pushed_inc;             /* push: holds the dirty blocks only */
     char *new_ckpt;              /* added by the transaction, not yet kept
                                   * (a copy: the job's name may be gone) */
     struct live_nbd *nbd;
@@ -200,6 +205,8 @@ static int lb_dirty(void *opaque,
     free(v);
     return ret;
 }
+
+static bool id_is(json_t *data, void *opaque);
 
 /* ---- the NBD server ---- */
 
@@ -343,6 +350,62 @@ static int ensure_server(struct lb_vm *vm, struct cbt_error **errp)
     return -1;
 }
 
+/*
+ * Pull or push.  Pull (cbt reads over NBD) unless asked to push, or QEMU
+ * runs an NBD server cbt cannot find: a read-only probe export of the
+ * disk's node is tried on each of QEMU's listening Unix sockets first.
+ */
+static int choose_mode(struct lb_vm *vm, const char *node,
+                       struct cbt_error **errp)
+{
+    vm->push = vm->lo && vm->lo->push;
+    if (vm->push)
+        return 0;
+    if (ensure_server(vm, errp) < 0)
+        return -1;
+    if (vm->nbd_sock)
+        return 0;
+    char probe[NAME_MAX_QEMU + 1];
+    snprintf(probe, sizeof(probe), "cbt-%d-probe", (int)getpid());
+    json_t *exp = json_pack("{s:s, s:s, s:s, s:s, s:b}", "type", "nbd", "id",
+                            probe, "node-name", node, "name", probe,
+                            "writable", 0);
+    if (qmp_run(vm->q, "block-export-add", exp, errp) < 0)
+        return -1;
+    int pid = qmp_peer_pid(vm->q);
+    size_t n = 0;
+    char **socks =
+        pid > 0 ? listening_sockets(pid, qmp_name(vm->q), &n) : NULL;
+    for (size_t i = 0; i < n && !vm->nbd_sock; i++) {
+        char *uri = NULL;
+        if (asprintf(&uri, "nbd+unix:///%s?socket=%s", probe, socks[i]) < 0)
+            uri = NULL;
+        struct live_nbd *t = uri ? live_nbd_open_within(uri, NULL, 2000, NULL)
+                                 : NULL;
+        if (t) {
+            vm->nbd_sock = strdup(socks[i]);
+            live_nbd_close(t);
+        }
+        free(uri);
+    }
+    for (size_t i = 0; i < n; i++)
+        free(socks[i]);
+    free(socks);
+    if (qmp_run(vm->q, "block-export-del",
+                json_pack("{s:s, s:s}", "id", probe, "mode", "hard"),
+                NULL) == 0)
+        json_decref(qmp_wait_event(vm->q, "BLOCK_EXPORT_DELETED", id_is,
+                                   probe, 0, NULL));
+    if (!vm->nbd_sock) {
+        cbt_warn("%s: QEMU runs an NBD server cbt cannot reach (none of its "
+                 "Unix sockets: a TCP or TLS server?): QEMU writes the "
+                 "backup's data itself (--push); --nbd-socket names the "
+                 "server to read it over NBD instead", qmp_name(vm->q));
+        vm->push = true;
+    }
+    return 0;
+}
+
 static void vm_end(struct lb_vm *vm)
 {
     if (vm->started_server) {
@@ -392,11 +455,14 @@ static int lb_prepare(struct lb *b, struct cbt_error **errp)
         return -1;
     /* The file node is named too: a later cbt finds the scratch file of
      * a cbt that died by it (live_cleanup). */
-    json_t *add = json_pack("{s:s, s:s, s:{s:s, s:s, s:s}, s:s}", "driver",
+    json_t *add = json_pack("{s:s, s:s, s:{s:s, s:s, s:s}}", "driver",
                             "qcow2", "node-name", b->scratch_node, "file",
                             "driver", "file", "node-name",
-                            b->scratch_file_node, "filename", b->scratch_path,
-                            "backing", top->node);
+                            b->scratch_file_node, "filename", b->scratch_path);
+    /* Pull: the view falls through to the disk where QEMU copied nothing.
+     * Push: a plain target QEMU writes the data into. */
+    json_object_set_new(add, "backing",
+                        b->vm->push ? json_null() : json_string(top->node));
     if (qmp_run(b->q, "blockdev-add", add, errp) < 0)
         return -1;
     b->added_scratch = true;
@@ -419,29 +485,149 @@ static void lb_actions(struct lb *b, json_t *acts, const char *since,
             json_array_append_new(srcs, json_pack("{s:s, s:s}", "node",
                                                   layer->node, "name", since));
         }
+        /* Pull exports it with the view; push's job reads it on the
+         * disk's node (and clears that copy, never the checkpoint). */
+        const char *tmp_node = b->vm->push ? top->node : b->scratch_node;
+        b->tmp_on_disk = b->vm->push;
         json_array_append_new(
             acts, json_pack("{s:s, s:{s:s, s:s, s:b, s:b, s:I}}", "type",
                             "block-dirty-bitmap-add", "data", "node",
-                            b->scratch_node, "name", b->tmp_bitmap,
+                            tmp_node, "name", b->tmp_bitmap,
                             "persistent", 0, "disabled", 1, "granularity",
                             (json_int_t)(old ? old->granularity : 65536)));
         json_array_append_new(
             acts, json_pack("{s:s, s:{s:s, s:s, s:o}}", "type",
                             "block-dirty-bitmap-merge", "data", "node",
-                            b->scratch_node, "target", b->tmp_bitmap,
+                            tmp_node, "target", b->tmp_bitmap,
                             "bitmaps", srcs));
     }
-    json_array_append_new(
-        acts, json_pack("{s:s, s:{s:s, s:s, s:s, s:s, s:s}}", "type",
-                        "blockdev-backup", "data", "device", top->node,
-                        "target", b->scratch_node, "sync", "none", "job-id",
-                        b->job, "filter-node-name", b->filter));
+    json_t *job = json_pack("{s:s, s:s, s:s, s:s, s:s}", "device", top->node,
+                            "target", b->scratch_node, "job-id", b->job,
+                            "filter-node-name", b->filter, "sync",
+                            !b->vm->push ? "none"
+                            : since      ? "incremental"
+                                         : "full");
+    if (b->vm->push) {
+        json_object_set_new(job, "auto-dismiss", json_false());
+        if (since)
+            json_object_set_new(job, "bitmap", json_string(b->tmp_bitmap));
+    }
+    json_array_append_new(acts, json_pack("{s:s, s:o}", "type",
+                                          "blockdev-backup", "data", job));
 }
 
-/* After the transaction: the view exported and opened. */
+/* ---- push: QEMU wrote the data, cbt reads the file ---- */
+
+static int push_status(void *opaque, uint64_t off, uint64_t len,
+                       uint64_t *run, bool *zero)
+{
+    struct lb *b = opaque;
+    struct cbt_extent e;
+    int r = cbt_image_block_status(b->pushed, off, len, &e);
+    if (r < 0)
+        return r;
+    *run = e.length;
+    /* Unallocated: zeroes in a full backup (QEMU left them out); in an
+     * incremental a block QEMU did not copy, whose content the file does
+     * not know (never "zero", or the backup would take every clean block
+     * of data for one cut off by a shrink). */
+    if (!(e.flags & CBT_BS_PRESENT))
+        *zero = !b->pushed_inc;
+    else
+        *zero = (e.flags & CBT_BS_ZERO) != 0;
+    return 0;
+}
+
+static int push_read(void *opaque, void *buf, size_t len, uint64_t off)
+{
+    struct lb *b = opaque;
+    return cbt_image_pread(b->pushed, buf, len, off);
+}
+
+/* The dirty set of a pushed incremental: what QEMU wrote into the file. */
+static int push_dirty(void *opaque,
+                      int (*cb)(void *cbop, uint64_t start, uint64_t len,
+                                bool dirty),
+                      void *cbop, struct cbt_error **errp)
+{
+    struct lb *b = opaque;
+    uint64_t size = cbt_image_size(b->pushed);
+    for (uint64_t pos = 0; pos < size;) {
+        struct cbt_extent e;
+        int r = cbt_image_block_status(b->pushed, pos, size - pos, &e);
+        /* Allocated in the file (data or a zero cluster): QEMU wrote it.
+         * Unallocated reads as zeroes here (no backing file) but is not
+         * dirty. */
+        if (r == 0)
+            r = cb(cbop, pos, e.length, (e.flags & CBT_BS_PRESENT) != 0);
+        if (r < 0) {
+            cbt_error_set(errp, -r, "%s: %s", b->scratch_path, strerror(-r));
+            return -1;
+        }
+        pos += e.length;
+    }
+    return 0;
+}
+
+static bool job_is(json_t *data, void *opaque)
+{
+    const char *dev = qmp_str(data, "device");
+    return dev && strcmp(dev, opaque) == 0;
+}
+
+/* Push: wait for QEMU's job, take its target node away, open its file. */
+static int push_finish(struct lb *b, const char *since,
+                       struct bk_source *src, struct cbt_error **errp)
+{
+    b->pushed_inc = since != NULL;
+    json_t *done = NULL;
+    while (!done) {
+        struct cbt_error *e = NULL;
+        done = qmp_wait_event(b->q, "BLOCK_JOB_COMPLETED", job_is, b->job,
+                              1000, &e);
+        if (!done && cbt_error_errno(e) != ETIMEDOUT) {
+            if (errp && !*errp)
+                *errp = e;
+            else
+                cbt_error_free(e);
+            return -1;
+        }
+        cbt_error_free(e);
+    }
+    const char *jerr = qmp_str(done, "error");
+    if (jerr) {
+        cbt_error_set(errp, EIO, "%s: QEMU's backup job failed: %s",
+                      qmp_name(b->q), jerr);
+        json_decref(done);
+        return -1;
+    }
+    json_decref(done);
+    (void)qmp_run(b->q, "job-dismiss", json_pack("{s:s}", "id", b->job), NULL);
+    b->job_running = false;
+    if (qmp_run(b->q, "blockdev-del",
+                json_pack("{s:s}", "node-name", b->scratch_node), errp) < 0)
+        return -1;
+    b->added_scratch = false;
+    b->pushed = cbt_image_open(b->scratch_path, "qcow2", CBT_OPEN_NO_BACKING,
+                               errp);
+    if (!b->pushed)
+        return -1;
+    *src = (struct bk_source){
+        .opaque = b,
+        .status = push_status,
+        .read = push_read,
+        .dirty = push_dirty,
+    };
+    return 0;
+}
+
+/* After the transaction: the view exported and opened (pull), or QEMU's
+ * copy done and opened (push). */
 static int lb_expose(struct lb *b, const char *since, struct bk_source *src,
                      struct cbt_error **errp)
 {
+    if (b->vm->push)
+        return push_finish(b, since, src, errp);
     if (ensure_server(b->vm, errp) < 0)
         return -1;
     json_t *exp = json_pack("{s:s, s:s, s:s, s:s, s:b}", "type", "nbd", "id",
@@ -543,7 +729,8 @@ static int lb_freeze(struct bk_live *l, const char *since, const char *name,
 {
     struct lb *b = lb_of(l);
     struct lb *v[1] = {b};
-    if (lb_prepare(b, errp) < 0 ||
+    if (choose_mode(b->vm, b->cp.disk.layers[0].node, errp) < 0 ||
+        lb_prepare(b, errp) < 0 ||
         freeze_all(v, &since, &name, gran, 1, errp) < 0)
         return -1;
     return lb_expose(b, since, src, errp);
@@ -608,6 +795,16 @@ static void lb_release(struct bk_live *l)
     struct cbt_error *e = NULL;
     live_nbd_close(b->nbd);
     b->nbd = NULL;
+    if (b->pushed)
+        cbt_image_close(b->pushed, NULL);
+    b->pushed = NULL;
+    if (b->tmp_on_disk)
+        (void)qmp_run(b->q, "block-dirty-bitmap-remove",
+                      json_pack("{s:s, s:s}", "node",
+                                b->cp.disk.layers[0].node, "name",
+                                b->tmp_bitmap),
+                      NULL);
+    b->tmp_on_disk = false;
     if (b->exported &&
         qmp_run(b->q, "block-export-del",
                 json_pack("{s:s}", "id", b->export_id), &e) == 0)
@@ -623,6 +820,9 @@ static void lb_release(struct bk_live *l)
                                    b->job, 0, &e));
     cbt_error_free(e);
     e = NULL;
+    if (b->job_running && b->vm->push) /* auto-dismiss off: dismiss it */
+        (void)qmp_run(b->q, "job-dismiss", json_pack("{s:s}", "id", b->job),
+                      NULL);
     if (b->added_scratch)
         (void)qmp_run(b->q, "blockdev-del",
                       json_pack("{s:s}", "node-name", b->scratch_node), NULL);
@@ -836,6 +1036,8 @@ int live_backup_all(struct qmp *q, const struct cbt_backup_opts *o,
         names[i] = bk_job_checkpoint(jobs[i]);
     }
     /* One instant for all disks. */
+    if (choose_mode(&vm, v[0].cp.disk.layers[0].node, errp) < 0)
+        goto out;
     for (size_t i = 0; i < n; i++)
         if (lb_prepare(&v[i], errp) < 0)
             goto out;

@@ -17,6 +17,11 @@ struct live_backup_opts {
      * transaction, guest-fsfreeze-thaw right after it, also when it
      * fails); NULL: no quiescing. */
     const char *qga;
+    /* QEMU writes the backup's data into a scratch file (blockdev-backup
+     * sync=full or incremental), which cbt then reads as the source: no
+     * NBD.  Taken by itself, with a warning, when QEMU runs an NBD server
+     * cbt cannot find. */
+    bool push;
 };
 
 /*

@@ -314,3 +314,63 @@ def test_real_guest(live, tmp_path):
     assert res.rc == 0, res
     for name in ("full.qcow2", "inc1.qcow2", "inc2.qcow2"):
         cbt("verify", os.path.join(bk, name))
+
+
+# ---- push: QEMU writes the data ----
+
+
+def test_push_full_and_incremental(live, tmp_path):
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
+    w = live.writer(q, seed=41).start()
+    w.wait_writes(20)
+    bk = live.path("bk")
+    os.mkdir(bk)
+    full, inc = os.path.join(bk, "full.qcow2"), os.path.join(bk, "inc.qcow2")
+    tx1 = backup_while_writing(q, w, "vm", full, "--push", "--full")
+    cut1 = assert_cut(w, full, tmp_path, tx1)
+    w.wait_writes(20)
+    tx2 = backup_while_writing(q, w, "vm", inc, "--push", "--incremental")
+    w.stop()
+    cut2 = assert_cut(w, inc, tmp_path, tx2)
+    assert_incremental(w, cut1, tx1, cut2, tx2, inc)
+    cbt("verify", inc)
+    assert cbt_objects(q) == []
+    assert not [f for f in os.listdir(bk) if f.endswith(".scratch")]
+
+
+def test_push_by_itself_when_the_server_is_tcp(live, tmp_path):
+    """qemu-storage-daemon serving NBD on TCP only: cbt cannot read it over
+    a Unix socket, says so and lets QEMU push; the backup is exact."""
+    import socket as s
+    port = s.socket()
+    port.bind(("127.0.0.1", 0))
+    p = port.getsockname()[1]
+    port.close()
+    disk = make_image(live.path("d.qcow2"), SIZE, gens={3: 1, 9: 2})
+    qmp = live.sock("tcp.qmp")
+    proc = subprocess.Popen([
+        "qemu-storage-daemon",
+        "--blockdev", "file,node-name=disk-file,filename=%s" % disk,
+        "--blockdev", "qcow2,node-name=disk,file=disk-file",
+        "--nbd-server", "addr.type=inet,addr.host=127.0.0.1,addr.port=%d" % p,
+        "--export", "type=nbd,id=vm,node-name=disk,name=disk,writable=on",
+        "--chardev", "socket,id=q,path=%s,server=on,wait=off" % qmp,
+        "--monitor", "chardev=q"], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            if os.path.exists(qmp):
+                break
+            time.sleep(0.01)
+        bk = live.path("bk")
+        os.mkdir(bk)
+        res = cbt("backup", "--qmp", qmp, "--full", "vm",
+                  os.path.join(bk, "full.qcow2"))
+        assert "--push" in res.err and "cannot reach" in res.err, res
+        out = live.path("r.qcow2")
+        cbt("restore", os.path.join(bk, "full.qcow2"), out)
+    finally:
+        proc.terminate()
+        proc.wait()
+    res = qemu_img("compare", disk, out, check=False)
+    assert res.rc == 0, res
