@@ -112,9 +112,12 @@ enum cbt_drift {
                                         * ""); fix: replaced by empty
                                         * metadata with a new disk id, then
                                         * the bitmaps are adopted */
+    CBT_DRIFT_LEFTOVER,                /* live: objects a cbt that is gone
+                                        * left in QEMU (name ""); fix:
+                                        * removed */
 };
 /* "bitmap-without-metadata", "metadata-without-bitmap", "bitmap-unusable",
- * "mismatch", "metadata-corrupt": the codes the CLI prints. */
+ * "mismatch", "metadata-corrupt", "leftover": the codes the CLI prints. */
 const char *cbt_drift_code(enum cbt_drift kind);
 struct cbt_drift_item {
     enum cbt_drift kind;

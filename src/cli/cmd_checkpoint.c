@@ -13,6 +13,7 @@
 
 #include <cbt/checkpoint.h>
 
+#include "../live/livebackup.h"
 #include "../live/livecp.h"
 #include "cli.h"
 
@@ -25,7 +26,8 @@ static const char usage[] =
     "       cbt checkpoint show [-U] [--output=human|json] DISK NAME\n"
     "       cbt checkpoint delete DISK NAME\n"
     "       cbt checkpoint reconcile [--fix] [--output=human|json] DISK\n"
-    "       cbt checkpoint create|list|show|delete --qmp SOCKET ... DISK ...\n"
+    "       cbt checkpoint create|list|show|delete|reconcile --qmp SOCKET ...\n"
+    "                  DISK ...\n"
     "\n"
     "A checkpoint is a named point in time of a disk: a recording persistent\n"
     "dirty bitmap of the same name (everything written since) and metadata\n"
@@ -59,7 +61,10 @@ static const char usage[] =
     "              checkpoints (a backup since them must be a full one) and\n"
     "              adopt valid recording bitmaps of the top layer as\n"
     "              checkpoints; other bitmaps are reported only.  Sealed\n"
-    "              checkpoints are never drift\n"
+    "              checkpoints are never drift.  With --qmp also what cbt\n"
+    "              processes that are gone left in QEMU (jobs, exports,\n"
+    "              temporary bitmaps, scratch nodes and files) and the new\n"
+    "              checkpoints of their backups, which --fix removes\n"
     "\n"
     "Options:\n"
     "  -g, --granularity SIZE  bytes per bit of the new bitmap: a power of\n"
@@ -87,7 +92,8 @@ static const char usage[] =
     "  cbt checkpoint show disk.qcow2 monday\n"
     "  cbt checkpoint delete disk.qcow2 monday\n"
     "  cbt checkpoint reconcile disk.qcow2\n"
-    "  cbt checkpoint reconcile --fix disk.qcow2\n";
+    "  cbt checkpoint reconcile --fix disk.qcow2\n"
+    "  cbt checkpoint reconcile --qmp /run/vm1.qmp --fix vda\n";
 
 enum sub { SUB_CREATE, SUB_LIST, SUB_SHOW, SUB_DELETE, SUB_RECONCILE };
 
@@ -371,18 +377,11 @@ static int do_delete(const struct args *a)
     return close_disk(img, ret);
 }
 
-static int do_reconcile(const struct args *a)
+/* Print reconcile's findings. */
+static void print_drift(const struct args *a, const struct cbt_drift_item *v,
+                        size_t n)
 {
-    int ret = 0;
-    struct cbt_image *img = open_disk(a, a->fix, &ret);
-    if (!img)
-        return ret;
-    struct cbt_error *err = NULL;
-    struct cbt_drift_item *v = NULL;
-    size_t n = 0;
-    if (cbt_checkpoint_reconcile(img, a->fix, &v, &n, &err) < 0) {
-        ret = cli_lib_error(err);
-    } else if (a->output == CLI_OUTPUT_JSON) {
+    if (a->output == CLI_OUTPUT_JSON) {
         json_t *o = json_object();
         json_t *arr = json_array();
         for (size_t i = 0; i < n; i++) {
@@ -412,6 +411,21 @@ static int do_reconcile(const struct args *a)
         printf("%zu item%s of drift, %zu fixed%s\n", n, n == 1 ? "" : "s",
                fixed, a->fix ? "" : " (run with --fix to repair)");
     }
+}
+
+static int do_reconcile(const struct args *a)
+{
+    int ret = 0;
+    struct cbt_image *img = open_disk(a, a->fix, &ret);
+    if (!img)
+        return ret;
+    struct cbt_error *err = NULL;
+    struct cbt_drift_item *v = NULL;
+    size_t n = 0;
+    if (cbt_checkpoint_reconcile(img, a->fix, &v, &n, &err) < 0)
+        ret = cli_lib_error(err);
+    else
+        print_drift(a, v, n);
     cbt_drift_free_list(v, n);
     return close_disk(img, ret);
 }
@@ -500,11 +514,9 @@ static int parse_args(int argc, char **argv, struct args *a)
                                  "never changes a disk another process holds");
         return -1;
     }
-    if (a->qmp && (a->sub == SUB_RECONCILE || a->force_share)) {
-        cli_usage_error(a->prog, "--qmp is supported with create, list, show "
-                                 "and delete%s", a->force_share
-                                                     ? " (and needs no -U)"
-                                                     : "");
+    if (a->qmp && a->force_share) {
+        cli_usage_error(a->prog, "--qmp needs no -U: QEMU answers for the "
+                                 "disk it holds");
         return -1;
     }
     if (a->fix && a->sub != SUB_RECONCILE) {
@@ -589,8 +601,29 @@ static int do_live(const struct args *a)
                       "deleted?); nothing to delete", a->disk, a->name);
         break;
     }
-    case SUB_RECONCILE:
+    case SUB_RECONCILE: {
+        /* What dead cbt processes left in this QEMU (any disk's). */
+        struct drift_items it = {0};
+        int left = live_leftovers(q, a->fix, &err);
+        if (left > 0) {
+            char *expl = cbt_strdup_printf(
+                "%d object%s (exports, jobs, temporary bitmaps, scratch "
+                "nodes and files) that cbt processes which are gone left in "
+                "QEMU", left, left == 1 ? "" : "s");
+            char *how = cbt_strdup_printf("remove them");
+            if (drift_items_push(&it, CBT_DRIFT_LEFTOVER, "", expl, how,
+                                 a->fix) < 0) {
+                cbt_error_set(&err, ENOMEM, "out of memory");
+                left = -1;
+            }
+        }
+        if (left < 0 || live_cp_reconcile(&c, a->fix, &it, &err) < 0)
+            ret = cli_lib_error(err);
+        else
+            print_drift(a, it.v, it.n);
+        cbt_drift_free_list(it.v, it.n);
         break;
+    }
     }
     live_cp_close(&c);
     qmp_close(q);

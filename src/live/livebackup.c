@@ -1106,22 +1106,13 @@ out:
 
 /* ---- leftovers of dead cbt processes ---- */
 
-/* The PID of a cbt object name "cbt-PID-...", or 0. */
-static int owner(const char *name)
-{
-    int pid = 0, n = 0;
-    if (!name || sscanf(name, "cbt-%d-%n", &pid, &n) != 1 || n == 0)
-        return 0;
-    return pid > 0 ? pid : 0;
-}
-
 static bool stale(const char *name)
 {
-    int pid = owner(name);
+    int pid = journal_name_pid(name);
     return pid && pid != (int)getpid() && !journal_pid_is_cbt(pid);
 }
 
-int live_cleanup(struct qmp *q, struct cbt_error **errp)
+int live_leftovers(struct qmp *q, bool remove, struct cbt_error **errp)
 {
     int removed = 0;
     struct cbt_error *e = NULL;
@@ -1137,6 +1128,10 @@ int live_cleanup(struct qmp *q, struct cbt_error **errp)
         const char *id = qmp_str(x, "id");
         if (!stale(id))
             continue;
+        if (!remove) {
+            removed++;
+            continue;
+        }
         if (qmp_run(q, "block-export-del",
                     json_pack("{s:s, s:s}", "id", id, "mode", "hard"),
                     &e) == 0) {
@@ -1156,6 +1151,10 @@ int live_cleanup(struct qmp *q, struct cbt_error **errp)
         if (!stale(id))
             continue;
         const char *status = qmp_str(x, "status");
+        if (!remove) {
+            removed++;
+            continue;
+        }
         if (status && strcmp(status, "concluded") == 0) {
             (void)qmp_run(q, "job-dismiss", json_pack("{s:s}", "id", id),
                           NULL);
@@ -1180,7 +1179,7 @@ int live_cleanup(struct qmp *q, struct cbt_error **errp)
         const char *file = qmp_str(x, "file");
         size_t nl = node ? strlen(node) : 0, fl = file ? strlen(file) : 0;
         if (stale(node) && nl > 13 && strcmp(node + nl - 13, "-scratch-file") == 0 &&
-            fl > 8 && strcmp(file + fl - 8, ".scratch") == 0 &&
+            fl > 8 && strcmp(file + fl - 8, ".scratch") == 0 && remove &&
             nfiles < ARRAY_SIZE(files))
             files[nfiles++] = strdup(file);
     }
@@ -1191,9 +1190,10 @@ int live_cleanup(struct qmp *q, struct cbt_error **errp)
         json_array_foreach(json_object_get(x, "dirty-bitmaps"), k, bm) {
             const char *name = qmp_str(bm, "name");
             if (stale(name) &&
-                qmp_run(q, "block-dirty-bitmap-remove",
+                (!remove ||
+                 qmp_run(q, "block-dirty-bitmap-remove",
                         json_pack("{s:s, s:s}", "node", node, "name", name),
-                        NULL) == 0)
+                        NULL) == 0))
                 removed++;
         }
     }
@@ -1204,8 +1204,9 @@ int live_cleanup(struct qmp *q, struct cbt_error **errp)
         if (!stale(node) ||
             (nl > 13 && strcmp(node + nl - 13, "-scratch-file") == 0))
             continue;
-        if (qmp_run(q, "blockdev-del", json_pack("{s:s}", "node-name", node),
-                    NULL) == 0)
+        if (!remove || qmp_run(q, "blockdev-del",
+                               json_pack("{s:s}", "node-name", node),
+                               NULL) == 0)
             removed++;
     }
     for (size_t k = 0; k < nfiles; k++) {
@@ -1214,8 +1215,13 @@ int live_cleanup(struct qmp *q, struct cbt_error **errp)
         free(files[k]);
     }
     json_decref(v);
-    if (removed)
+    if (removed && remove)
         cbt_warn("%s: removed %d objects a cbt that is gone left in QEMU",
                  qmp_name(q), removed);
     return removed;
+}
+
+int live_cleanup(struct qmp *q, struct cbt_error **errp)
+{
+    return live_leftovers(q, true, errp);
 }

@@ -66,5 +66,7 @@ int live_backup_all(struct qmp *q, const struct cbt_backup_opts *o,
  * or -1 with *errp.
  */
 int live_cleanup(struct qmp *q, struct cbt_error **errp);
+/* The same; with remove false, only counts them. */
+int live_leftovers(struct qmp *q, bool remove, struct cbt_error **errp);
 
 #endif

@@ -524,3 +524,127 @@ int live_cp_delete(struct live_cp *c, const char *name, bool *existed,
     drop(c, name);
     return 0;
 }
+
+/* ---- reconcile ---- */
+
+/* An unresolved PENDING record names `name` (a live backup's new
+ * checkpoint, kept or not yet). */
+static bool pending(const struct journal *j, const char *name)
+{
+    for (size_t i = 0; i < j->n; i++) {
+        if (j->v[i].op != JOURNAL_PENDING || strcmp(j->v[i].name, name) != 0)
+            continue;
+        bool resolved = false;
+        for (size_t k = i + 1; k < j->n && !resolved; k++)
+            resolved = j->v[k].op != JOURNAL_PENDING &&
+                       strcmp(j->v[k].name, name) == 0;
+        if (!resolved)
+            return true;
+    }
+    return false;
+}
+
+static enum cbt_drift problem_kind(const char *why)
+{
+    if (strstr(why, "missing"))
+        return CBT_DRIFT_METADATA_WITHOUT_BITMAP;
+    if (strstr(why, "granularity"))
+        return CBT_DRIFT_MISMATCH;
+    return CBT_DRIFT_BITMAP_UNUSABLE;
+}
+
+/* The names reconcile dealt with (a fix may have removed their bitmaps
+ * from QEMU while the layer's list, read at open, still shows them). */
+static bool dealt(const struct drift_items *it, size_t from,
+                  const char *name)
+{
+    for (size_t i = from; i < it->n; i++)
+        if (strcmp(it->v[i].name, name) == 0)
+            return true;
+    return false;
+}
+
+int live_cp_reconcile(struct live_cp *c, bool fix, struct drift_items *it,
+                      struct cbt_error **errp)
+{
+    size_t first = it->n;
+    /* New checkpoints of live backups whose cbt died before keeping them. */
+    bool stale = false;
+    for (size_t i = 0; i < c->j.n; i++) {
+        if (!journal_stale_pending(&c->j, i))
+            continue;
+        const struct journal_rec *r = &c->j.v[i];
+        bool there = live_layer_bitmap(&c->disk.layers[0], r->name) != NULL;
+        char *expl = cbt_strdup_printf(
+            "'%s' is the new checkpoint of a live backup by cbt %d, which is "
+            "gone; it was never kept%s", r->name, r->pid,
+            there ? " but its bitmap is still on the disk" : "");
+        char *how = cbt_strdup_printf(
+            "%sclose its journal record (the next incremental starts from "
+            "the last kept checkpoint)", there ? "remove the bitmap and " : "");
+        if (drift_items_push(it, CBT_DRIFT_BITMAP_WITHOUT_METADATA, r->name,
+                             expl, how, fix) < 0)
+            goto nomem;
+        stale = true;
+    }
+    if (fix && stale && live_cp_resolve_stale(c, errp) < 0)
+        return -1;
+
+    /* Checkpoints whose bitmap QEMU cannot use. */
+    size_t from = it->n;
+    for (size_t i = 0; i < c->n; i++) {
+        const struct cbt_checkpoint *k = &c->v[i];
+        if (k->usable || k->sealed)
+            continue;
+        const char *why = k->problem ? k->problem : "unusable";
+        char *expl = cbt_strdup_printf("checkpoint '%s': %s", k->name, why);
+        char *how = cbt_strdup_printf(
+            "drop checkpoint '%s' and its bitmap where QEMU may change it "
+            "(the next backup since it must be a full one)", k->name);
+        if (drift_items_push(it, problem_kind(why), k->name, expl, how,
+                             fix) < 0)
+            goto nomem;
+    }
+    for (size_t i = from; fix && i < it->n; i++) {
+        bool existed;
+        if (live_cp_delete(c, it->v[i].name, &existed, errp) < 0)
+            return -1;
+    }
+
+    /* Bitmaps of the top layer no checkpoint describes (not cbt's own
+     * temporary ones, not a backup's new checkpoint on its way). */
+    const struct live_layer *top = &c->disk.layers[0];
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    for (size_t i = 0; i < top->nbitmaps; i++) {
+        const char *name = top->bitmaps[i].name;
+        const struct live_bitmap *b = &top->bitmaps[i];
+        if (live_cp_find(c, name) || journal_name_pid(name) ||
+            pending(&c->j, name) || dealt(it, first, name))
+            continue;
+        bool ok = b->persistent && b->recording && !b->inconsistent;
+        char *expl = cbt_strdup_printf(
+            "bitmap '%s' has no checkpoint metadata; %s", name,
+            ok ? "it is persistent and recording"
+            : b->inconsistent ? "it is inconsistent (left in use)"
+            : !b->persistent  ? "it is not persistent (QEMU drops it at exit)"
+                              : "it does not record writes");
+        char *how = ok ? cbt_strdup_printf(
+                             "adopt it as checkpoint '%s' (created: now; the "
+                             "changes it holds may reach back before that)",
+                             name)
+                       : cbt_strdup_printf("none: reported, not touched "
+                                           "(another tool's bitmap?)");
+        if (drift_items_push(it, CBT_DRIFT_BITMAP_WITHOUT_METADATA, name,
+                             expl, how, fix && ok) < 0)
+            goto nomem;
+        if (fix && ok &&
+            live_cp_note_created(c, name, ts.tv_sec, (uint32_t)ts.tv_nsec,
+                                 errp) < 0)
+            return -1;
+    }
+    return 0;
+nomem:
+    cbt_error_set(errp, ENOMEM, "out of memory");
+    return -1;
+}

@@ -5,6 +5,7 @@
 #include <cbt/checkpoint.h>
 
 #include "disk.h"
+#include "../ops/checkpoint_meta.h"
 #include "../ops/journal.h"
 #include "qmp.h"
 
@@ -76,5 +77,16 @@ int live_cp_create(struct live_cp *c, const char *name, uint64_t granularity,
                    struct cbt_error **errp);
 int live_cp_delete(struct live_cp *c, const char *name, bool *existed,
                    struct cbt_error **errp);
+
+/*
+ * cbt checkpoint reconcile --qmp: append to `it` what is wrong with the
+ * disk's checkpoints as QEMU holds them, as offline reconcile does (the
+ * new checkpoints of live backups whose cbt is gone, checkpoints whose
+ * bitmap is missing or unusable, bitmaps of the top layer without a
+ * checkpoint); with fix, repair it: remove the first, drop the second (a
+ * full backup follows), adopt recording persistent bitmaps.  0 or -1.
+ */
+int live_cp_reconcile(struct live_cp *c, bool fix, struct drift_items *it,
+                      struct cbt_error **errp);
 
 #endif

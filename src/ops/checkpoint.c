@@ -595,13 +595,9 @@ out:
 
 /* ---- reconcile ---- */
 
-struct items {
-    struct cbt_drift_item *v;
-    size_t n;
-};
-
-static int push_item(struct items *it, enum cbt_drift kind, const char *name,
-                     char *explanation, char *fix, bool fixed)
+int drift_items_push(struct drift_items *it, enum cbt_drift kind,
+                     const char *name, char *explanation, char *fix,
+                     bool fixed)
 {
     struct cbt_drift_item *v = realloc(it->v, (it->n + 1) * sizeof(*v));
     char *nm = strdup(name);
@@ -644,6 +640,8 @@ const char *cbt_drift_code(enum cbt_drift kind)
         return "mismatch";
     case CBT_DRIFT_METADATA_CORRUPT:
         return "metadata-corrupt";
+    case CBT_DRIFT_LEFTOVER:
+        return "leftover";
     }
     return "unknown";
 }
@@ -688,7 +686,7 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
     *count = 0;
     if (fix && need_rw(disk, "repair checkpoints", errp) < 0)
         return -1;
-    struct items it = { 0 };
+    struct drift_items it = { 0 };
     struct names drop = { 0 }, known = { 0 };
     struct ckpt_view view = { 0 };
     struct ckpt_meta m = { 0 };
@@ -708,7 +706,7 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
                blk_ext_get(disk, CKPT_EXT_TYPE, &dbuf, &dlen) == -ENOTUNIQ;
     free(dbuf);
     if (dup) {
-        if (push_item(&it, CBT_DRIFT_METADATA_CORRUPT, "",
+        if (drift_items_push(&it, CBT_DRIFT_METADATA_CORRUPT, "",
                       cbt_strdup_printf("the image header holds more than "
                                         "one checkpoint metadata extension: "
                                         "which is current cannot be told, "
@@ -740,7 +738,7 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
         if (r < 0) {
             ckpt_meta_free(&view.m);
             changed = fix;
-            if (push_item(&it, CBT_DRIFT_METADATA_CORRUPT, "",
+            if (drift_items_push(&it, CBT_DRIFT_METADATA_CORRUPT, "",
                           cbt_strdup_printf("the checkpoint metadata is "
                                             "corrupt (%s): no checkpoint of "
                                             "this disk can be trusted", why),
@@ -774,7 +772,7 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
                 ? "drop the checkpoint (and any copies of its bitmap below "
                   "the top)"
                 : "drop the checkpoint and its bitmap in every layer";
-        int r = push_item(&it, (enum cbt_drift)v.kind, rec->name,
+        int r = drift_items_push(&it, (enum cbt_drift)v.kind, rec->name,
                           cbt_strdup_printf("checkpoint '%s': %s", rec->name,
                                             v.problem),
                           cbt_strdup_printf("%s; a backup since it must be a "
@@ -832,7 +830,7 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
             char *how = cbt_strdup_printf(
                 "adopt it as checkpoint '%s' (created: now; the changes it "
                 "holds may reach back before that)", b->name);
-            if (push_item(&it, CBT_DRIFT_BITMAP_WITHOUT_METADATA, b->name,
+            if (drift_items_push(&it, CBT_DRIFT_BITMAP_WITHOUT_METADATA, b->name,
                           expl, how, fix) < 0)
                 goto nomem;
             if (fix) {
@@ -852,7 +850,7 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
         char *how = cbt_strdup_printf(
             "none: left as it is (remove it with 'cbt bitmap --remove' in the "
             "layers holding it if it is not wanted)");
-        if (push_item(&it, CBT_DRIFT_BITMAP_WITHOUT_METADATA, b->name, expl,
+        if (drift_items_push(&it, CBT_DRIFT_BITMAP_WITHOUT_METADATA, b->name, expl,
                       how, false) < 0)
             goto nomem;
     }

@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <cbt/checkpoint.h>
 
 /* "cbtc": not one of QEMU's header extension types. */
 #define CKPT_EXT_TYPE 0x63627463u
@@ -217,5 +218,16 @@ int ckpt_carry_set(const struct ckpt_carry *c, struct cbt_image *target,
                    const struct ckpt_relink *rl, unsigned flags,
                    struct cbt_error **errp);
 void ckpt_carry_free(struct ckpt_carry *c);
+
+/* A growing list of reconcile's findings (checkpoint.c, livecp.c). */
+struct drift_items {
+    struct cbt_drift_item *v;
+    size_t n;
+};
+/* Append one; takes explanation and fix (malloc'd; NULL: out of memory).
+ * 0, or -1 when out of memory (everything freed). */
+int drift_items_push(struct drift_items *it, enum cbt_drift kind,
+                     const char *name, char *explanation, char *fix,
+                     bool fixed);
 
 #endif

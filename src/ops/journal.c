@@ -165,6 +165,14 @@ const struct journal_rec *journal_find(const struct journal *j,
     return NULL;
 }
 
+int journal_name_pid(const char *name)
+{
+    int pid = 0, n = 0;
+    if (!name || sscanf(name, "cbt-%d-%n", &pid, &n) != 1 || n == 0)
+        return 0;
+    return pid > 0 ? pid : 0;
+}
+
 bool journal_pid_is_cbt(int pid)
 {
     char path[64], comm[32] = "";

@@ -73,6 +73,9 @@ const struct journal_rec *journal_find(const struct journal *j,
                                        const char *name);
 /* Is pid a running cbt (not another program that got its number)? */
 bool journal_pid_is_cbt(int pid);
+/* The PID in the name of an object a cbt made in QEMU ("cbt-PID-..."),
+ * or 0 when the name is not one. */
+int journal_name_pid(const char *name);
 /* The PENDING record of index i is unresolved (no later CREATED or
  * DELETED of its name) and its process is no running cbt. */
 bool journal_stale_pending(const struct journal *j, size_t i);
