@@ -36,9 +36,12 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 
 #include <cbt/image.h>
@@ -76,6 +79,7 @@ struct lb {
     char export_id[NAME_MAX_QEMU + 1];
     char tmp_bitmap[NAME_MAX_QEMU + 1];
     char *scratch_path;
+    int scratch_fd;              /* holds the owner lock (-1: none) */
     bool made_scratch, added_scratch, job_running, exported;
     bool tmp_on_disk;            /* push: the temporary bitmap is on the
                                   * disk's node */
@@ -266,6 +270,79 @@ static char **listening_sockets(int pid, const char *except, size_t *n)
     return out;
 }
 
+/*
+ * Which of QEMU's listening Unix sockets is its NBD server?  An NBD server
+ * speaks first ("NBDMAGIC"); so does a free QMP monitor ('{'), while a
+ * monitor another client holds stays silent.  Every socket is tried at
+ * once, so a silent one costs no time unless no socket is NBD (then at
+ * most `ms`).  Reorders socks[0..n) with the NBD greeters first; returns
+ * how many greeted so.
+ */
+static size_t nbd_greeters_first(char **socks, size_t n, int ms)
+{
+    struct pollfd *p = calloc(n ? n : 1, sizeof(*p));
+    bool *nbd = calloc(n ? n : 1, sizeof(*nbd));
+    size_t found = 0, open = 0;
+    if (!p || !nbd)
+        goto out;
+    for (size_t i = 0; i < n; i++) {
+        p[i].fd = -1;
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        if (strlen(socks[i]) >= sizeof(sa.sun_path))
+            continue;
+        strcpy(sa.sun_path, socks[i]);
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            continue;
+        if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 &&
+            errno != EINPROGRESS && errno != EAGAIN) {
+            close(fd);
+            continue;
+        }
+        p[i].fd = fd;
+        p[i].events = POLLIN;
+        open++;
+    }
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (open && !found) {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        long left = ms - ((t.tv_sec - t0.tv_sec) * 1000 +
+                          (t.tv_nsec - t0.tv_nsec) / 1000000);
+        if (left <= 0 || poll(p, n, (int)left) <= 0)
+            break;
+        for (size_t i = 0; i < n; i++) {
+            if (p[i].fd < 0 || !p[i].revents)
+                continue;
+            char magic[8];
+            /* The greeting's first 8 bytes come in one piece. */
+            ssize_t r = recv(p[i].fd, magic, sizeof(magic), MSG_DONTWAIT);
+            nbd[i] = r == 8 && memcmp(magic, "NBDMAGIC", 8) == 0;
+            found += nbd[i];
+            close(p[i].fd);
+            p[i].fd = -1;
+            open--;
+        }
+    }
+    /* Stable: the NBD greeters first, the others after (not ruled out:
+     * they may only have been slow). */
+    for (size_t i = 0, k = 0; i < n; i++) {
+        if (!nbd[i])
+            continue;
+        char *s = socks[i];
+        memmove(&socks[k + 1], &socks[k], (i - k) * sizeof(*socks));
+        socks[k++] = s;
+    }
+out:
+    for (size_t i = 0; p && i < n; i++)
+        if (p[i].fd >= 0)
+            close(p[i].fd);
+    free(p);
+    free(nbd);
+    return found;
+}
+
 /* Connect to the export on the server QEMU runs: the socket given, or the
  * one of QEMU's listening sockets that serves it. */
 static int open_export(struct lb *b, const char *bitmap,
@@ -283,6 +360,7 @@ static int open_export(struct lb *b, const char *bitmap,
     int pid = qmp_peer_pid(b->q);
     size_t n = 0;
     char **socks = pid > 0 ? listening_sockets(pid, qmp_name(b->q), &n) : NULL;
+    nbd_greeters_first(socks, n, 2000);
     for (size_t i = 0; i < n && !b->nbd; i++) {
         if (asprintf(&uri, "nbd+unix:///%s?socket=%s", b->export_id,
                      socks[i]) < 0)
@@ -376,6 +454,7 @@ static int choose_mode(struct lb_vm *vm, const char *node,
     size_t n = 0;
     char **socks =
         pid > 0 ? listening_sockets(pid, qmp_name(vm->q), &n) : NULL;
+    nbd_greeters_first(socks, n, 2000);
     for (size_t i = 0; i < n && !vm->nbd_sock; i++) {
         char *uri = NULL;
         if (asprintf(&uri, "nbd+unix:///%s?socket=%s", probe, socks[i]) < 0)
@@ -418,6 +497,81 @@ static void vm_end(struct lb_vm *vm)
 
 /* ---- freeze, commit, abort, release ---- */
 
+/*
+ * A scratch file is cbt's while the cbt that made it runs: it holds an
+ * OFD write lock on one byte far from QEMU's lock bytes (100 + n and
+ * 200 + n, file-posix.c) from the moment the file exists, so QEMU's own
+ * locking is not disturbed, and the lock dies with the process.  A
+ * scratch file nobody locks (neither a cbt nor a QEMU) is what a killed
+ * cbt left after taking its node out of QEMU or before adding it.
+ */
+#define SCRATCH_OWNER_BYTE 0x636274 /* "cbt" */
+
+static int own_scratch(int fd)
+{
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
+                       .l_start = SCRATCH_OWNER_BYTE, .l_len = 1};
+    return fcntl(fd, F_OFD_SETLK, &fl);
+}
+
+/* Does anyone hold a lock on [start, start + len) of fd's file? */
+static bool locked(int fd, off_t start, off_t len)
+{
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
+                       .l_start = start, .l_len = len};
+    return fcntl(fd, F_OFD_GETLK, &fl) < 0 || fl.l_type != F_UNLCK;
+}
+
+/*
+ * Remove the scratch files (NAME.scratch, a qcow2 file) in folder `d` that
+ * no running cbt owns and no process has open with QEMU's locks: a killed
+ * cbt's.  Says what it removed.
+ */
+static void sweep_scratch(const char *d)
+{
+    DIR *dh = opendir(d);
+    struct dirent *de;
+    while (dh && (de = readdir(dh))) {
+        size_t n = strlen(de->d_name);
+        if (n <= 8 || strcmp(de->d_name + n - 8, ".scratch") != 0)
+            continue;
+        int fd = openat(dirfd(dh), de->d_name,
+                        O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        struct stat st;
+        unsigned char magic[4] = {0};
+        /* cbt's: a qcow2 file, or an empty one (killed before its
+         * header was written). */
+        bool orphan = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+                      (st.st_size == 0 ||
+                       (pread(fd, magic, 4, 0) == 4 &&
+                        memcmp(magic, "QFI\xfb", 4) == 0)) &&
+                      !locked(fd, SCRATCH_OWNER_BYTE, 1) &&
+                      !locked(fd, 100, 200);
+        if (orphan && unlinkat(dirfd(dh), de->d_name, 0) == 0)
+            cbt_warn("%s/%s: removed the scratch file of an interrupted cbt "
+                     "backup", d, de->d_name);
+        close(fd);
+    }
+    if (dh)
+        closedir(dh);
+}
+
+/* The same in the folder of file `target`. */
+static void sweep_scratch_beside(const char *target)
+{
+    const char *slash = strrchr(target, '/');
+    if (!slash) {
+        sweep_scratch(".");
+        return;
+    }
+    char *dir = strndup(target, slash == target ? 1 : (size_t)(slash - target));
+    if (dir)
+        sweep_scratch(dir);
+    free(dir);
+}
+
 static int make_scratch(struct lb *b, struct cbt_error **errp)
 {
     if (asprintf(&b->scratch_path, "%s.scratch", b->o->target) < 0) {
@@ -425,19 +579,55 @@ static int make_scratch(struct lb *b, struct cbt_error **errp)
         cbt_error_set(errp, ENOMEM, "out of memory");
         return -1;
     }
-    int fd = open(b->scratch_path,
+    /* The file appears already locked (an unnamed file, locked, then
+     * linked in), so no sweep of another cbt takes it for a killed cbt's;
+     * without O_TMPFILE (some file systems) it is created and locked. */
+    int fd = -1, err = 0;
+    const char *slash = strrchr(b->scratch_path, '/');
+    char *dir = slash ? strndup(b->scratch_path, slash == b->scratch_path
+                                                    ? 1
+                                                    : (size_t)(slash -
+                                                               b->scratch_path))
+                      : strdup(".");
+    if (dir)
+        fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    free(dir);
+    if (fd >= 0) {
+        char proc[64];
+        snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+        if (own_scratch(fd) < 0 ||
+            linkat(AT_FDCWD, proc, AT_FDCWD, b->scratch_path,
+                   AT_SYMLINK_FOLLOW) < 0) {
+            err = errno;
+            close(fd);
+            fd = -1;
+        }
+    } else if (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL ||
+               errno == ENOENT) {
+        fd = open(b->scratch_path,
                   O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (fd < 0 || own_scratch(fd) < 0) {
+            err = errno;
+            if (fd >= 0) {
+                (void)unlink(b->scratch_path);
+                close(fd);
+            }
+            fd = -1;
+        }
+    } else {
+        err = errno;
+    }
     if (fd < 0) {
-        cbt_error_set(errp, errno, "%s: cannot create the scratch file of "
-                      "the backup: %s%s", b->scratch_path, strerror(errno),
-                      errno == EEXIST ? " (left by an interrupted cbt "
-                                        "backup? cbt removes its own "
-                                        "leftovers when it starts)"
-                                      : "");
+        cbt_error_set(errp, err, "%s: cannot create the scratch file of "
+                      "the backup: %s%s", b->scratch_path, strerror(err),
+                      err == EEXIST ? " (left by an interrupted cbt "
+                                      "backup? cbt removes its own "
+                                      "leftovers when it starts)"
+                                    : "");
         return -1;
     }
-    close(fd);
     b->made_scratch = true;
+    b->scratch_fd = fd;
     struct cbt_create_opts co = {
         .format = "qcow2",
         .size = b->l.size,
@@ -736,19 +926,28 @@ static int lb_freeze(struct bk_live *l, const char *since, const char *name,
     return lb_expose(b, since, src, errp);
 }
 
-static int lb_commit(struct bk_live *l, const char *name, uint64_t *order,
-                     int64_t *sec, uint32_t *nsec, struct cbt_error **errp)
+static int lb_describe(struct bk_live *l, const char *name, uint64_t *order,
+                       int64_t *sec, uint32_t *nsec, struct cbt_error **errp)
+{
+    (void)name;
+    struct lb *b = lb_of(l);
+    if (live_cp_ensure_disk_id(&b->cp, errp) < 0)
+        return -1;
+    *order = b->cp.next_order;
+    *sec = b->sec;
+    *nsec = b->nsec;
+    memcpy(l->disk_id, b->cp.disk_id, sizeof(l->disk_id));
+    return 0;
+}
+
+static int lb_commit(struct bk_live *l, const char *name,
+                     struct cbt_error **errp)
 {
     struct lb *b = lb_of(l);
     if (live_cp_note_created(&b->cp, name, b->sec, b->nsec, errp) < 0)
         return -1;
-    const struct cbt_checkpoint *k = live_cp_find(&b->cp, name);
-    *order = k ? k->order : 0;
     free(b->new_ckpt);
     b->new_ckpt = NULL;
-    *sec = b->sec;
-    *nsec = b->nsec;
-    memcpy(l->disk_id, b->cp.disk_id, sizeof(l->disk_id));
     return 0;
 }
 
@@ -828,6 +1027,9 @@ static void lb_release(struct bk_live *l)
                       json_pack("{s:s}", "node-name", b->scratch_node), NULL);
     if (b->made_scratch)
         (void)unlink(b->scratch_path);
+    if (b->scratch_fd >= 0)
+        close(b->scratch_fd);
+    b->scratch_fd = -1;
     b->exported = b->job_running = b->added_scratch = b->made_scratch = false;
 }
 
@@ -840,6 +1042,7 @@ static int lb_init(struct lb *b, struct lb_vm *vm, const char *disk,
                    struct cbt_error **errp)
 {
     memset(b, 0, sizeof(*b));
+    b->scratch_fd = -1;
     b->vm = vm;
     b->q = vm->q;
     b->o = o;
@@ -862,6 +1065,7 @@ static int lb_init(struct lb *b, struct lb_vm *vm, const char *disk,
         .checkpoints = lb_checkpoints,
         .name_taken = lb_name_taken,
         .freeze = lb_freeze,
+        .describe = lb_describe,
         .commit = lb_commit,
         .abort = lb_abort,
         .release = lb_release,
@@ -893,6 +1097,7 @@ int live_backup(struct qmp *q, const struct cbt_backup_opts *o,
                          "dirty bitmaps)", errp) < 0 ||
         live_cleanup(q, errp) < 0)
         return -1;
+    sweep_scratch_beside(o->target);
     if (lb_init(&b, &vm, o->disk, o, 0, errp) < 0) {
         lb_end(&b);
         return -1;
@@ -940,8 +1145,31 @@ static int backup_disks(struct qmp *q, struct live_disk **v, size_t *n,
 
 /* A checkpoint name free on every disk: the one given, or
  * cbt-YYYYMMDDTHHMMSSZ (with -2, -3 ... when taken). */
-static char *common_name(struct lb *v, size_t n, const char *given,
-                         struct cbt_error **errp)
+/* Does a regular file of folder `dir` carry `name` as ID.NAME.EXT (the
+ * files of an --all-disks backup made of checkpoint NAME, perhaps by a
+ * cbt killed before the checkpoint was kept)? */
+static bool folder_names(const char *dir, const char *name)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return false;
+    size_t nl = strlen(name);
+    bool found = false;
+    struct dirent *de;
+    while (!found && (de = readdir(d))) {
+        const char *dot = strchr(de->d_name, '.');
+        struct stat st;
+        found = dot && strncmp(dot + 1, name, nl) == 0 &&
+                dot[1 + nl] == '.' &&
+                fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+                S_ISREG(st.st_mode);
+    }
+    closedir(d);
+    return found;
+}
+
+static char *common_name(struct lb *v, size_t n, const char *folder,
+                         const char *given, struct cbt_error **errp)
 {
     char stamp[32];
     time_t now = time(NULL);
@@ -956,7 +1184,7 @@ static char *common_name(struct lb *v, size_t n, const char *given,
             cbt_error_set(errp, ENOMEM, "out of memory");
             return NULL;
         }
-        bool taken = false;
+        bool taken = folder_names(folder, name);
         for (size_t i = 0; i < n && !taken; i++)
             taken = lb_name_taken(&v[i].l, name, NULL) != 0;
         if (!taken)
@@ -964,8 +1192,9 @@ static char *common_name(struct lb *v, size_t n, const char *given,
         free(name);
         if (given) {
             cbt_error_set(errp, EEXIST, "checkpoint (or bitmap) '%s' exists "
-                          "on a disk of the VM; choose another name with "
-                          "--checkpoint", given);
+                          "on a disk of the VM, or %s has backups of a "
+                          "checkpoint of that name; choose another name with "
+                          "--checkpoint", given, folder);
             return NULL;
         }
     }
@@ -987,6 +1216,7 @@ int live_backup_all(struct qmp *q, const struct cbt_backup_opts *o,
                          "dirty bitmaps)", errp) < 0 ||
         live_cleanup(q, errp) < 0 || backup_disks(q, &disks, &n, errp) < 0)
         return -1;
+    sweep_scratch(o->target);
     struct lb *v = calloc(n, sizeof(*v));
     struct cbt_backup_opts *opts = calloc(n, sizeof(*opts));
     struct bk_job **jobs = calloc(n, sizeof(*jobs));
@@ -1010,7 +1240,7 @@ int live_backup_all(struct qmp *q, const struct cbt_backup_opts *o,
             goto out;
         v[i].l.label = res[i].disk;
     }
-    if (!(name = common_name(v, n, o->checkpoint, errp)))
+    if (!(name = common_name(v, n, o->target, o->checkpoint, errp)))
         goto out;
     for (size_t i = 0; i < n; i++) {
         opts[i] = *o;

@@ -370,6 +370,13 @@ json_t *live_cp_bitmap_add_action(const struct live_cp *c, const char *name,
                      data);
 }
 
+int live_cp_ensure_disk_id(struct live_cp *c, struct cbt_error **errp)
+{
+    if (!c->disk_id[0])
+        uuid_new(c->disk_id, errp);
+    return c->disk_id[0] ? 0 : -1;
+}
+
 int live_cp_note_created(struct live_cp *c, const char *name, int64_t sec,
                          uint32_t nsec, struct cbt_error **errp)
 {
@@ -385,11 +392,8 @@ int live_cp_note_created(struct live_cp *c, const char *name, int64_t sec,
                       qmp_name(c->q), name);
         return -1;
     }
-    if (!c->disk_id[0]) {
-        uuid_new(c->disk_id, errp);
-        if (!c->disk_id[0])
-            return -1;
-    }
+    if (live_cp_ensure_disk_id(c, errp) < 0)
+        return -1;
     memcpy(c->j.disk_id, c->disk_id, sizeof(c->disk_id));
     const char *parent = NULL;
     uint64_t best = 0;

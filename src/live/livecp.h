@@ -53,6 +53,9 @@ const char *live_cp_health(struct live_cp *c, const char *name,
  */
 int live_cp_note_created(struct live_cp *c, const char *name,
                          int64_t sec, uint32_t nsec, struct cbt_error **errp);
+/* Give the disk its id now when it has none (kept by the next
+ * live_cp_note_created).  0, or -1 with *errp. */
+int live_cp_ensure_disk_id(struct live_cp *c, struct cbt_error **errp);
 /* The transaction action that creates checkpoint `name`'s bitmap. */
 json_t *live_cp_bitmap_add_action(const struct live_cp *c, const char *name,
                                   uint64_t granularity);

@@ -440,9 +440,32 @@ static bool bitmap_in_chain(struct cbt_image *disk, const char *name,
     return false;
 }
 
+/* Does a backup of this disk in the target's folder name checkpoint
+ * `name`?  (One of a cbt killed before its checkpoint was kept does, and
+ * its checkpoint is gone: a new checkpoint of that name would make two
+ * backups of one name, and no parent.) */
+static bool named_in_folder(struct bk *b, const char *name)
+{
+    if (!b->disk_id[0] || !b->dir)
+        return false;
+    char *img = NULL;
+    struct manifest m;
+    struct cbt_error *e = NULL;
+    int r = manifest_find_by_checkpoint(b->dir, b->disk_id, name, &img, &m,
+                                        NULL, &e);
+    bool taken = r == 0 || cbt_error_errno(e) == EEXIST;
+    if (r == 0)
+        manifest_free(&m);
+    free(img);
+    cbt_error_free(e);
+    return taken;
+}
+
 /* 0 when `name` is free for a new checkpoint, 1 when taken, -1 on error. */
 static int name_taken(struct bk *b, const char *name, struct cbt_error **errp)
 {
+    if (named_in_folder(b, name))
+        return 1;
     if (b->live)
         return b->live->name_taken(b->live, name, errp);
     struct cbt_checkpoint c;
@@ -476,8 +499,10 @@ static int choose_name(struct bk *b, struct cbt_error **errp)
             return -1;
         if (t) {
             cbt_error_set(errp, EEXIST, "%s: checkpoint (or bitmap) '%s' "
-                          "already exists; choose another name with "
-                          "--checkpoint", b->o->disk, b->o->checkpoint);
+                          "already exists, or a backup in %s was made of a "
+                          "checkpoint of that name; choose another name "
+                          "with --checkpoint", b->o->disk, b->o->checkpoint,
+                          b->dir);
             return -1;
         }
         b->ckname = strdup(b->o->checkpoint);
@@ -1543,15 +1568,17 @@ static int write_live(struct bk *b, struct cbt_error **errp)
     return 0;
 }
 
-/* The checkpoint's record, then the manifest with its order and time.  A
- * failure takes the checkpoint away again (the caller's abort), so a
- * checkpoint never lacks its backup. */
+/* The manifest with the checkpoint's order and time, then the checkpoint's
+ * record.  A failure takes the checkpoint away again (the caller's abort)
+ * and the manifest with the backup's files, so a checkpoint never lacks
+ * its backup; a kill between the two leaves a checkpoint still pending,
+ * which the next run removes, and a complete backup. */
 static int finish_live(struct bk *b, struct cbt_error **errp)
 {
     uint64_t order;
     int64_t sec;
     uint32_t nsec;
-    if (b->live->commit(b->live, b->ckname, &order, &sec, &nsec, errp) < 0)
+    if (b->live->describe(b->live, b->ckname, &order, &sec, &nsec, errp) < 0)
         return -1;
     memcpy(b->disk_id, b->live->disk_id, sizeof(b->disk_id));
     struct manifest m;
@@ -1566,7 +1593,7 @@ static int finish_live(struct bk *b, struct cbt_error **errp)
     if (manifest_write(b->target_json, &m, false, errp) < 0)
         return -1;
     b->made_json = true;
-    return 0;
+    return b->live->commit(b->live, b->ckname, errp);
 }
 
 struct bk_job *bk_job_plan(const struct cbt_backup_opts *o, struct bk_live *l,

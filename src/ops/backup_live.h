@@ -57,10 +57,15 @@ struct bk_live {
     int (*freeze)(struct bk_live *l, const char *since, const char *name,
                   uint64_t gran, struct bk_source *src,
                   struct cbt_error **errp);
-    /* The backup is complete: make the new checkpoint's record durable
-     * and give its order and creation time.  0, or -1 with *errp. */
-    int (*commit)(struct bk_live *l, const char *name, uint64_t *order,
-                  int64_t *sec, uint32_t *nsec, struct cbt_error **errp);
+    /* What the new checkpoint's record will say: its order and creation
+     * time (and disk_id set, made now for a disk that has none), before
+     * anything is recorded.  0, or -1 with *errp. */
+    int (*describe)(struct bk_live *l, const char *name, uint64_t *order,
+                    int64_t *sec, uint32_t *nsec, struct cbt_error **errp);
+    /* The backup and its manifest are durable: make the new checkpoint's
+     * record durable too, as describe said.  0, or -1 with *errp. */
+    int (*commit)(struct bk_live *l, const char *name,
+                  struct cbt_error **errp);
     /* The backup failed after freeze: remove the new checkpoint. */
     void (*abort)(struct bk_live *l, const char *name);
     /* Release the frozen view (always called after a freeze). */
@@ -81,8 +86,12 @@ int cbt_backup_live(const struct cbt_backup_opts *o, struct bk_live *l,
  *   bk_job_since / bk_job_checkpoint: what the freeze must make.
  *   bk_job_copy    after the freeze: copy from src, write the target and
  *                  its hashes, rename the target into place.
- *   bk_job_finish  l->commit (the checkpoint's record), then the manifest:
- *                  the backup is complete.
+ *   bk_job_finish  the manifest (l->describe gives the checkpoint's order
+ *                  and time), then l->commit (the checkpoint's record):
+ *                  the backup is complete.  A cbt killed in between leaves
+ *                  a complete backup whose checkpoint the next run removes
+ *                  (it is still pending), never a checkpoint without its
+ *                  backup.
  *   bk_job_end     frees the job; unless ok (after bk_job_finish), the
  *                  job's files are removed and res cleared.  0 when ok and
  *                  the result is filled.

@@ -8,7 +8,9 @@ QEMU shows its point-in-time job, the writer writes, and cbt goes on.
 Failures leave nothing in QEMU and the old checkpoints intact; a cbt killed
 mid-backup leaves objects a later cbt removes.
 """
+import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -177,6 +179,83 @@ def test_killed_cbt_leaves_what_the_next_removes(live, tmp_path):
         (qemu_bitmaps(q), kept)
 
 
+def checkpoint_kept(q, target):
+    """Is TARGET a backup whose checkpoint QEMU's disk keeps?"""
+    if not os.path.exists(target + ".json"):
+        return False
+    with open(target + ".json") as f:
+        name = json.load(f)["checkpoint"]["name"]
+    return name in {c["name"] for c in cbt(
+        "checkpoint", "list", "--qmp", q.cbt_qmp, "--output=json",
+        "vm").json()["checkpoints"]}
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_killed_at_random_moments(live, tmp_path, mode):
+    """SIGKILL of cbt at random moments of incrementals (before, during,
+    after the transaction, while reading, while writing the target); each
+    next run cleans up, and the final incremental, over the last backup
+    that completed, is exact.  CBT_KILL_SEED repeats a run."""
+    seed = int(os.environ.get("CBT_KILL_SEED", int(time.time() * 1000)))
+    rnd = random.Random(seed)
+    extra = ["--push"] if mode == "push" else []
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
+    w = live.writer(q, seed=seed % 1000).start()
+    bk = live.path("bk")
+    os.mkdir(bk)
+    last = os.path.join(bk, "full.qcow2")
+    cbt("backup", "--qmp", q.cbt_qmp, "--full", *extra, "vm", last)
+    # An incremental run to the end: how long one takes.
+    w.wait_writes(5)
+    last = os.path.join(bk, "inc0.qcow2")
+    t0 = now()
+    cbt("backup", "--qmp", q.cbt_qmp, "--incremental", *extra, "vm", last)
+    tx = (t0, now())
+    cut = assert_cut(w, last, tmp_path, tx)
+    took = (tx[1] - tx[0]) / 1e9
+    moments = []
+    for i in range(10):
+        target = os.path.join(bk, "k%d.qcow2" % i)
+        delay = rnd.uniform(0, took * 1.3)
+        t0 = now()
+        p = subprocess.Popen([CBT, "backup", "--qmp", q.cbt_qmp,
+                              "--incremental", *extra, "vm", target],
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        t1 = now()
+        moments.append((round(delay, 3), p.returncode))
+        if p.returncode == 0 or checkpoint_kept(q, target):
+            # It ended before the kill, or was killed once its checkpoint
+            # was kept: the next parent.
+            cut = assert_cut(w, target, tmp_path, (t0, t1))
+            tx, last = (t0, t1), target
+        elif os.path.exists(target + ".json"):
+            # Killed between its manifest and its checkpoint's record: a
+            # complete backup, whose checkpoint the next run removes.
+            cbt("verify", target)
+        w.wait_writes(5)
+    note = "seed %d, one run %.3fs, (delay, status) %s" % (seed, took, moments)
+    print(note)
+    w.wait_writes(20)
+    inc = os.path.join(bk, "inc.qcow2")
+    tx2 = backup_while_writing(q, w, "vm", inc, "--incremental", *extra)
+    w.stop()
+    cut2 = assert_cut(w, inc, tmp_path, tx2)
+    assert_incremental(w, cut, tx, cut2, tx2, inc)
+    assert cbt_objects(q) == [], note
+    assert not [f for f in os.listdir(bk) if f.endswith(".scratch")], note
+    kept = {c["name"] for c in cbt(
+        "checkpoint", "list", "--qmp", q.cbt_qmp, "--output=json",
+        "vm").json()["checkpoints"]}
+    assert qemu_bitmaps(q)["disk"] == kept, (note, qemu_bitmaps(q), kept)
+    cbt("verify", inc)
+    out = live.path("r.qcow2")
+    cbt("restore", inc, out)
+
+
 # ---- every disk at one instant (--all-disks) ----
 
 
@@ -223,6 +302,55 @@ def test_all_disks_at_one_instant(live, tmp_path):
     bms = qemu_bitmaps(vm)
     assert {"c1", "c2"} <= bms["disk"] and {"c1", "c2"} <= bms["disk1"], bms
     assert cbt_objects(vm) == []
+
+
+def test_all_disks_killed_at_random_moments(live, tmp_path):
+    """--all-disks runs killed at random moments: the next run cleans up,
+    finds a free checkpoint name although the killed runs' files (and
+    perhaps manifests) carry theirs, and backs up every disk at one
+    instant again."""
+    seed = int(os.environ.get("CBT_KILL_SEED", int(time.time() * 1000)))
+    rnd = random.Random(seed)
+    a = make_image(live.path("a.qcow2"), SIZE)
+    b = make_image(live.path("b.qcow2"), SIZE)
+    vm = live.vm([a, b])
+    wa = live.writer(vm, device="vda", seed=seed % 997, rate=40).start()
+    bk = live.path("bk")
+    os.mkdir(bk)
+    cbt("backup", "--qmp", vm.cbt_qmp, "--all-disks", "--full", bk)
+    t0 = now()
+    cbt("backup", "--qmp", vm.cbt_qmp, "--all-disks", "--incremental", bk)
+    took = (now() - t0) / 1e9
+    moments = []
+    for i in range(6):
+        delay = rnd.uniform(0, took * 1.3)
+        p = subprocess.Popen([CBT, "backup", "--qmp", vm.cbt_qmp,
+                              "--all-disks", "--incremental", bk],
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        moments.append((round(delay, 3), p.returncode))
+    note = "seed %d, one run %.3fs, (delay, status) %s" % (seed, took, moments)
+    print(note)
+    t0 = now()
+    res = cbt("backup", "--qmp", vm.cbt_qmp, "--all-disks", "--incremental",
+              "--output=json", bk)
+    t1 = now()
+    wa.stop()
+    got = {r["disk"]: r for r in res.json()}
+    assert set(got) == {"vda", "vdb"}, (note, got)
+    assert_cut(wa, got["vda"]["target"], tmp_path, (t0, t1))
+    for r in got.values():
+        cbt("verify", r["target"])
+    assert cbt_objects(vm) == [], note
+    assert not [f for f in os.listdir(bk) if f.endswith(".scratch")], note
+    for node, dev in (("disk", "vda"), ("disk1", "vdb")):
+        kept = {c["name"] for c in cbt(
+            "checkpoint", "list", "--qmp", vm.cbt_qmp, "--output=json",
+            dev).json()["checkpoints"]}
+        assert qemu_bitmaps(vm)[node] == kept, (note, dev, kept)
 
 
 def test_all_disks_undone_when_one_fails(live):
