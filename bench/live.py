@@ -8,6 +8,8 @@ through that export at a steady rate during every job, and, for 1% and
   cbt     cbt backup --qmp SOCK --nbd-socket NBD --incremental
           --checkpoint cN vm run/inc.qcow2 (the whole process: checkpoint,
           fleecing, NBD pull, hashing, target, manifest, teardown)
+  cbt-push  the same with --push instead of --nbd-socket: QEMU copies the
+          view into cbt's scratch file, cbt reads that file (no NBD)
   push    QEMU's own push job (LIVE.md 2.4): one transaction adding cN,
           a temporary disabled copy of c0 and blockdev-backup
           sync=incremental into a qcow2 overlay created and added
@@ -416,6 +418,7 @@ class Bench:
         self.disk = os.path.join(work, "disk.qcow2")
         self.repo = os.path.join(work, "repo")
         self.ckpt_n = 0
+        self.cbt_argv = {}
         os.environ["CBT_STATE_DIR"] = os.path.join(work, "state")
         os.environ.setdefault("LC_ALL", "C")
 
@@ -483,14 +486,15 @@ class Bench:
         return r
 
     # ---- the routes: each returns a dict with t0, t1 (monotonic ns) ----
-    def route_cbt(self, level):
+    def route_cbt(self, level, push=False):
         r = self.fresh_run_dir()
         name = self.new_ckpt()
         target = os.path.join(r, "inc.qcow2")
-        argv = [self.cbt, "backup", "--qmp", self.cbt_qmp, "--nbd-socket",
-                self.nbd_path, "--incremental", "--checkpoint", name,
-                "--output=json", "vm", target]
-        self.cbt_argv = argv
+        how = ["--push"] if push else ["--nbd-socket", self.nbd_path]
+        argv = [self.cbt, "backup", "--qmp", self.cbt_qmp] + how + [
+            "--incremental", "--checkpoint", name, "--output=json", "vm",
+            target]
+        self.cbt_argv[push] = argv
         self.reset(level)
         os.sync()
         qc, cc = cpu_of(self.qsd.pid), children_cpu()
@@ -737,6 +741,7 @@ class Bench:
         self.setup()
         routes = {
             "cbt": self.route_cbt,
+            "cbt-push": lambda p: self.route_cbt(p, push=True),
             "push": self.route_push,
             "pull16": lambda p: self.route_pull(p, 16, PULL_CHUNK),
             "pull1": lambda p: self.route_pull(p, 1, PULL_RUN_MAX),
@@ -780,17 +785,19 @@ class Bench:
              "(cbt's pattern), no hashing, no writing"),
         ]
         print()
-        print("| dirty (bytes) | cbt s | reference | ref s | ratio cbt/ref |")
-        print("|---|---:|---|---:|---:|")
+        print("| dirty (bytes) | reference | ref s | cbt s | ratio cbt/ref "
+              "| cbt --push s | ratio cbt --push/ref |")
+        print("|---|---|---:|---:|---:|---:|---:|")
         for p in self.levels:
-            c = med(p, "cbt")
+            c, cp = med(p, "cbt"), med(p, "cbt-push")
             rows = [(label, med(p, k)) for k, label in refs]
             rows.append(("dd conv=fdatasync of the dirty byte count",
                          med(p, "dd")))
             for j, (label, t) in enumerate(rows):
-                print("| %s | %s | %s | %.3f | %.2f |" % (
+                print("| %s | %s | %.3f | %s | %.2f | %s | %.2f |" % (
                     "%d%% (%s)" % (p, human(self.set_bytes[p])) if j == 0
-                    else "", "%.3f" % c if j == 0 else "", label, t, c / t))
+                    else "", label, t, "%.3f" % c if j == 0 else "", c / t,
+                    "%.3f" % cp if j == 0 else "", cp / t))
         print()
         print("Median wall time of %d runs (after %d untimed warm-up "
               "round%s), disk %s, guest writing %d x 64 KiB/s (%.1f MiB/s) "
@@ -808,7 +815,7 @@ class Bench:
               "| CPU s (qsd) | detail |")
         print("|---|---|---:|---:|---:|---:|---:|---|")
         for p in self.levels:
-            for name in ("cbt", "push", "pull16", "pull1"):
+            for name in ("cbt", "cbt-push", "push", "pull16", "pull1"):
                 rs = results[(p, name)]
                 w = med(p, name)
                 b = statistics.median(r["bytes"] for r in rs)
@@ -838,6 +845,7 @@ class Bench:
         print("|---|---|---:|---:|---:|---:|")
         for p in self.levels:
             for name, label in (("idle", "no job"), ("cbt", "cbt backup"),
+                                ("cbt-push", "cbt backup --push"),
                                 ("push", "QEMU push job"),
                                 ("pull16", "pull reader (16 in flight)")):
                 lat = sorted(lt for r in results[(p, name)]
@@ -861,8 +869,9 @@ class Bench:
             "live.py", "writer", "nbd+unix:///disk?socket=nbd.sock",
             str(self.size // BLOCK), str(self.rate), str(self.seed),
             "writes.log"]))
-        print("    cbt: " + " ".join(shlex.quote(short(a))
-                                     for a in self.cbt_argv))
+        for push in (False, True):
+            print("    cbt: " + " ".join(shlex.quote(short(a))
+                                         for a in self.cbt_argv[push]))
         print("    push: qemu-img create -f qcow2 -b full.qcow2 -F qcow2 "
               "run/inc.qcow2 SIZE; blockdev-add bench-tgt (backing null);")
         print("          [timed] transaction [block-dirty-bitmap-add disk cN "
@@ -887,8 +896,8 @@ class Bench:
         print("Individual runs (seconds):")
         print()
         for p in self.levels:
-            for name in ("cbt", "push", "pull16", "pull1", "dd"):
-                print("  %3d%% %-7s %s" % (p, name, " ".join(
+            for name in ("cbt", "cbt-push", "push", "pull16", "pull1", "dd"):
+                print("  %3d%% %-8s %s" % (p, name, " ".join(
                     "%.3f" % ((r["t1"] - r["t0"]) / 1e9)
                     for r in results[(p, name)])))
 
