@@ -44,12 +44,10 @@ import array
 import json
 import os
 import random
-import re
 import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -58,31 +56,13 @@ import time
 
 import nbd
 
+from benchlib import (MIB, QMP, die, human, log, nbd_extents, parse_size,
+                      run, top_layer)
+
 CLUSTER = 65536
-MIB = 1 << 20
 BLOCK = 65536          # the guest's write size
 PULL_CHUNK = 2 * MIB   # pull16's request size
 PULL_RUN_MAX = 4 * MIB  # pull1's longest request (cbt: 64 blocks a chunk)
-TIMEOUT = 300
-
-
-def die(msg):
-    raise SystemExit("bench: " + msg)
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def run(argv, **kw):
-    p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, **kw)
-    if p.returncode != 0:
-        out = p.stdout.decode(errors="replace").strip().splitlines()
-        die("%s failed (exit %d)%s" % (
-            shlex.join(argv), p.returncode,
-            (":\n  " + "\n  ".join(out[-8:])) if out else ""))
-    return p.stdout.decode(errors="replace")
 
 
 # ---------------------------------------------------------------------------
@@ -126,65 +106,6 @@ def read_writes(logfile):
     with open(logfile, "rb") as f:
         a.frombytes(f.read())
     return [(a[i], a[i + 1]) for i in range(0, len(a), 2)]
-
-
-# ---------------------------------------------------------------------------
-# QMP, one connection, events queued until asked for.
-
-class QMP:
-    def __init__(self, path, proc):
-        deadline = time.monotonic() + 30
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    die("qemu-storage-daemon did not start (exit %s)"
-                        % proc.poll())
-                time.sleep(0.005)
-        self.f = self.sock.makefile("rwb")
-        self.events = []
-        self.id = 0
-        self.recv()
-        self.cmd("qmp_capabilities")
-
-    def recv(self):
-        line = self.f.readline()
-        if not line:
-            die("qemu-storage-daemon closed the QMP connection")
-        return json.loads(line)
-
-    def cmd(self, command, /, **arguments):
-        self.id += 1
-        msg = {"execute": command, "id": self.id}
-        if arguments:
-            msg["arguments"] = {k.replace("_", "-"): v
-                                for k, v in arguments.items()}
-        self.f.write(json.dumps(msg).encode() + b"\n")
-        self.f.flush()
-        while True:
-            r = self.recv()
-            if "event" in r:
-                self.events.append(r)
-            elif r.get("id") == self.id:
-                if "error" in r:
-                    die("QMP %s: %s" % (command, r["error"].get("desc")))
-                return r["return"]
-
-    def wait_event(self, event, /, **match):
-        while True:
-            for i, e in enumerate(self.events):
-                d = e.get("data", {})
-                if e["event"] == event and all(d.get(k) == v
-                                              for k, v in match.items()):
-                    return self.events.pop(i)
-            self.events.append(self.recv())
-
-    def close(self):
-        self.sock.close()
 
 
 def act(kind, **data):
@@ -263,23 +184,6 @@ def self_cpu():
 # ---------------------------------------------------------------------------
 # The disk
 
-def parse_size(s):
-    m = re.fullmatch(r"(\d+)([kKMGT]?)", s)
-    if not m:
-        die("BENCH_SIZE must look like 4G or 256M")
-    n = int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
-    if n == 0 or n % (64 * MIB):
-        die("BENCH_SIZE must be a positive multiple of 64M")
-    return n
-
-
-def human(n):
-    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= k:
-            return "%.1f %s" % (n / k, unit)
-    return "%d B" % n
-
-
 def make_disk(work, path, size, seed):
     """Per 1 MiB chunk (seeded): 60% random data, 40% never written."""
     rng = random.Random(seed)
@@ -319,39 +223,14 @@ def nbd_write_blocks(uri, clusters, seed):
 
 def dirty_extents(h, size, bctx):
     """[(offset, length)] dirty in bctx and not reading as zeroes, merged,
-    from block status over both contexts (requests of up to 1 GiB)."""
+    from block status over both contexts."""
     out = []
-    off = 0
-    while off < size:
-        got = {"base:allocation": [], bctx: []}
-
-        def cb(meta, start, entries, err):
-            if meta in got and not got[meta]:
-                pos = start
-                for i in range(0, len(entries), 2):
-                    got[meta].append((pos, pos + entries[i], entries[i + 1]))
-                    pos += entries[i]
-            return 0
-
-        h.block_status(min(size - off, 1 << 30), off, cb)
-        if not got["base:allocation"] or not got[bctx]:
-            die("the export sent no extents at %d" % off)
-        end = min(got[c][-1][1] for c in got)
-        cuts = sorted({off, end} | {e for c in got for (_, e, _) in got[c]
-                                    if off < e < end})
-        idx = {c: 0 for c in got}
-        for a, b in zip(cuts, cuts[1:]):
-            fl = {}
-            for c in got:
-                while got[c][idx[c]][1] <= a:
-                    idx[c] += 1
-                fl[c] = got[c][idx[c]][2]
-            if fl[bctx] & 1 and not fl["base:allocation"] & 2:
-                if out and out[-1][0] + out[-1][1] == a:
-                    out[-1] = (out[-1][0], out[-1][1] + b - a)
-                else:
-                    out.append((a, b - a))
-        off = end
+    for a, b, fl in nbd_extents(h, size, ["base:allocation", bctx]):
+        if fl[bctx] & 1 and not fl["base:allocation"] & 2:
+            if out and out[-1][0] + out[-1][1] == a:
+                out[-1] = (out[-1][0], out[-1][1] + b - a)
+            else:
+                out.append((a, b - a))
     return out
 
 
@@ -399,7 +278,7 @@ class Bench:
         self.sockdir = sockdir
         self.procs = Procs(pidfile)
         self.size_s = env.get("BENCH_SIZE", "4G")
-        self.size = parse_size(self.size_s)
+        self.size = parse_size(self.size_s, 64 * MIB)
         self.runs = int(env.get("BENCH_RUNS", "3"))
         self.warmup = int(env.get("BENCH_WARMUP", "1"))
         self.levels = [int(x) for x in env.get("BENCH_DIRTY", "1 10").split()]
@@ -627,18 +506,12 @@ class Bench:
         run(["qemu-img", "check", "-q", "-f", "qcow2", target])
         data = zero = 0
         have = set()
-        for e in json.loads(run(["qemu-img", "map", "--output=json", "-f",
-                                 "qcow2", target])):
-            if e["depth"] != 0:
-                continue
-            if e["data"]:
-                data += e["length"]
-            elif e["zero"]:
-                zero += e["length"]
+        for start, length, is_data in top_layer(target):
+            if is_data:
+                data += length
             else:
-                continue
-            have.update(range(e["start"] // CLUSTER,
-                              (e["start"] + e["length"]) // CLUSTER))
+                zero += length
+            have.update(range(start // CLUSTER, (start + length) // CLUSTER))
         missing = self.sets[level] - have
         if missing:
             die("%s lacks %d clusters of the dirty set (first at %d)"
