@@ -42,7 +42,6 @@ import re
 import select
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,26 +49,11 @@ import time
 
 SELF = os.path.abspath(sys.argv[1])
 ARGS = sys.argv[2:]
+sys.path.insert(0, os.path.dirname(SELF))
+from benchlib import (MIB, QMP, die, human, log, nbd_extents,  # noqa: E402
+                      parse_size, run, top_layer)
+
 CLUSTER = 65536
-MIB = 1 << 20
-
-
-def die(msg):
-    print("bench: " + msg, file=sys.stderr)
-    sys.exit(1)
-
-
-def run(argv, **kw):
-    """Run a command; on failure show its output and stop the benchmark."""
-    p = subprocess.run(argv, stdin=kw.pop("stdin", subprocess.DEVNULL),
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       **kw)
-    if p.returncode != 0:
-        out = p.stdout.decode(errors="replace").strip().splitlines()
-        die("%s failed (exit %d)%s" % (
-            shlex.join(argv), p.returncode,
-            (":\n  " + "\n  ".join(out[-8:])) if out else ""))
-    return p.stdout.decode(errors="replace")
 
 
 # ---------------------------------------------------------------------------
@@ -83,40 +67,6 @@ def run(argv, **kw):
 # write-zeroes requests, so they end up as zero clusters, as with cbt.
 NBD_DEPTH = 16
 NBD_CHUNK = 2 * MIB
-
-
-def nbd_extents(h, size, contexts):
-    """Walk block status over [0, size) and yield (start, end, {ctx: flags})
-    segments where every context's flags are constant."""
-    off = 0
-    while off < size:
-        got = {c: [] for c in contexts}
-
-        def cb(meta, start, entries, err, got=got):
-            if meta in got:
-                pos = start
-                for i in range(0, len(entries), 2):
-                    got[meta].append((pos, pos + entries[i], entries[i + 1]))
-                    pos += entries[i]
-            return 0
-
-        h.block_status(min(size - off, 1 << 30), off, cb)
-        if any(not got[c] for c in contexts):
-            raise RuntimeError("server sent no extents at %d" % off)
-        end = min(got[c][-1][1] for c in contexts)
-        # Split at every boundary of every context.
-        cuts = sorted({off, end} | {e for c in contexts for (_, e, _) in got[c]
-                                    if off < e < end})
-        idx = {c: 0 for c in contexts}
-        for a, b in zip(cuts, cuts[1:]):
-            flags = {}
-            for c in contexts:
-                lst = got[c]
-                while lst[idx[c]][1] <= a:
-                    idx[c] += 1
-                flags[c] = lst[idx[c]][2]
-            yield a, b, flags
-        off = end
 
 
 def nbd_incremental(args):
@@ -223,54 +173,6 @@ def nbd_incremental(args):
 # old bitmap (bitmap-mode=never: it keeps recording, as cbt's checkpoints
 # do); when the job completes, quit (which flushes and closes both images,
 # storing the bitmaps).
-class QMP:
-    def __init__(self, path, proc):
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    die("qemu-storage-daemon did not start (exit %s)"
-                        % proc.poll())
-                time.sleep(0.001)
-        self.f = self.sock.makefile("rwb")
-        self.events = []
-        self.recv()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def recv(self):
-        line = self.f.readline()
-        if not line:
-            die("qemu-storage-daemon closed the QMP connection")
-        return json.loads(line)
-
-    def cmd(self, name, **arguments):
-        msg = {"execute": name}
-        if arguments:
-            msg["arguments"] = arguments
-        self.f.write(json.dumps(msg).encode() + b"\n")
-        self.f.flush()
-        while True:
-            r = self.recv()
-            if "event" in r:
-                self.events.append(r)
-            elif "error" in r:
-                die("QMP %s: %s" % (name, r["error"].get("desc")))
-            elif "return" in r:
-                return r["return"]
-
-    def wait_event(self, name):
-        while True:
-            for i, e in enumerate(self.events):
-                if e["event"] == name:
-                    return self.events.pop(i)
-            self.events.append(self.recv())
-
-
 def qsd_incremental(args):
     if len(args) != 5:
         die("usage: --qsd-incremental DISK BITMAP NEWBITMAP PARENT TARGET")
@@ -317,23 +219,6 @@ def qsd_argv(disk, target, sockpath):
 
 # ---------------------------------------------------------------------------
 # The benchmark.
-
-def parse_size(s):
-    m = re.fullmatch(r"(\d+)([kKMGT]?)", s)
-    if not m:
-        die("BENCH_SIZE must look like 4G or 256M")
-    n = int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
-    if n == 0 or n % MIB:
-        die("BENCH_SIZE must be a positive multiple of 1M")
-    return n
-
-
-def human(n):
-    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= k:
-            return "%.1f %s" % (n / k, unit)
-    return "%d B" % n
-
 
 TEXT = (b"The quick brown fox jumps over the lazy dog. cbt backs up disks. "
         b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do "
@@ -412,16 +297,8 @@ def apply_dirty(work, disk, size, percent, seed):
 
 def map_top(path):
     """(data bytes, zero bytes) allocated in the top layer of path."""
-    data = zero = 0
-    for e in json.loads(run(["qemu-img", "map", "--output=json", "-f",
-                             "qcow2", path])):
-        if e["depth"] != 0:
-            continue
-        if e["data"]:
-            data += e["length"]
-        elif e["zero"]:
-            zero += e["length"]
-    return data, zero
+    top = top_layer(path)
+    return (sum(n for _, n, d in top if d), sum(n for _, n, d in top if not d))
 
 
 def same(a, b):
@@ -479,10 +356,6 @@ def main():
               seed, drop, quick, warmup)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def fresh_cache(drop):
