@@ -55,7 +55,9 @@ static void check_rules(const struct manifest *m)
         prev = e->start + e->length;
     }
     if (strlen(m->root) != 64 || strlen(m->hash_file_sha256) != 64 ||
-        strlen(m->disk_id) != 36 || m->checkpoint_order == 0)
+        strlen(m->disk_id) != 36 ||
+        /* a copy-only backup (checkpoint null) has no order */
+        (m->checkpoint != NULL) != (m->checkpoint_order != 0))
         fuzz_fail("accepted a bad digest, id or order");
 }
 
