@@ -1270,11 +1270,11 @@ static int checkpoint_facts(struct bk *b, struct manifest *m, char **created,
     return 0;
 }
 
-/* Write hashes and manifest, create the checkpoint (see the top). */
-static int commit(struct bk *b, struct cbt_error **errp)
+/* The copy is complete: the hashes written, the target renamed into place.
+ * The last moment to stop: a few fsyncs away from a complete backup, and
+ * from here on it runs to its end. */
+static int write_target(struct bk *b, struct cbt_error **errp)
 {
-    /* The last moment to stop: a few fsyncs away from a complete backup,
-     * and from here on it runs to its end. */
     if (bk_cancelled(b))
         return cancel_error(b, errp);
     char sha[65];
@@ -1285,6 +1285,14 @@ static int commit(struct bk *b, struct cbt_error **errp)
     if (bfile_rename_ours(b->part_fd, b->target_part, b->o->target, errp) < 0)
         return -1;
     b->renamed = true;
+    return 0;
+}
+
+/* Write hashes and manifest, create the checkpoint (see the top). */
+static int commit(struct bk *b, struct cbt_error **errp)
+{
+    if (write_target(b, errp) < 0)
+        return -1;
     struct manifest m;
     fill_manifest(b, &m);
     if (b->o->no_checkpoint) {
@@ -1552,21 +1560,6 @@ out:
 
 /* ---- a live disk (backup_live.h) ---- */
 
-/* The copy is complete: hashes written, the target renamed into place. */
-static int write_live(struct bk *b, struct cbt_error **errp)
-{
-    if (bk_cancelled(b))
-        return cancel_error(b, errp);
-    char sha[65];
-    if (blockhash_write(&b->h, b->target_hashes, sha, errp) < 0)
-        return -1;
-    b->made_hashes = true;
-    memcpy(b->res->root_hash, sha, 65);
-    if (bfile_rename_ours(b->part_fd, b->target_part, b->o->target, errp) < 0)
-        return -1;
-    b->renamed = true;
-    return 0;
-}
 
 /* The manifest with the checkpoint's order and time, then the checkpoint's
  * record.  A failure takes the checkpoint away again (the caller's abort)
@@ -1639,7 +1632,7 @@ int bk_job_copy(struct bk_job *b, const struct bk_source *src,
 {
     b->src = *src;
     b->frozen = true;
-    return copy(b, errp) < 0 || write_live(b, errp) < 0 ? -1 : 0;
+    return copy(b, errp) < 0 || write_target(b, errp) < 0 ? -1 : 0;
 }
 
 int bk_job_finish(struct bk_job *b, struct cbt_error **errp)

@@ -593,6 +593,15 @@ class Live:
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    """cbt's live journal in the test's own folder (CBT_STATE_DIR), for
+    every test of a module that imports it."""
+    d = str(tmp_path / "state")
+    monkeypatch.setenv("CBT_STATE_DIR", d)
+    return d
+
+
 @pytest.fixture
 def live(tmp_path):
     reg = Live(tmp_path)

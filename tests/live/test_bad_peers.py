@@ -19,13 +19,10 @@ import pytest
 
 from conftest import CBT, cbt, qemu_img
 from livelib import MiB, live, make_image  # noqa: F401
+from livelib import state_dir  # noqa: F401 (autouse: a journal per test)
 
 SIZE = 32 * MiB
 
-
-@pytest.fixture(autouse=True)
-def state_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("CBT_STATE_DIR", str(tmp_path / "state"))
 
 
 class FakePeer:

@@ -20,15 +20,10 @@ import pytest
 from conftest import CBT, cbt, qemu_img
 from livelib import (BLOCK, MiB, View, assert_cut, assert_incremental,  # noqa: F401
                      cut_of, live, make_image, now)
+from livelib import state_dir  # noqa: F401 (autouse: a journal per test)
 
 SIZE = 32 * MiB
 
-
-@pytest.fixture(autouse=True)
-def state_dir(tmp_path, monkeypatch):
-    d = str(tmp_path / "state")
-    monkeypatch.setenv("CBT_STATE_DIR", d)
-    return d
 
 
 def cbt_objects(peer):
