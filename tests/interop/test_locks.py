@@ -348,7 +348,9 @@ def test_data_file_held(tmp):
     data = os.path.join(str(tmp), "data.raw")
     qemu_img("create", "-q", "-f", "qcow2", "-o",
              "data_file=%s,data_file_raw=on" % data, img, "16M")
-    with hold("cbt", img, tmp):
+    with hold("cbt", img, tmp) as proc:
+        # The image is locked first, its data file a moment later.
+        wait_locked(data, proc)
         assert lock_bytes(data) >= {100, 101}, lock_bytes(data)
         res = run(["qemu-io", "-f", "raw", "-c", "write 0 4k", data],
                   check=False)
