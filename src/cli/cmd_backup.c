@@ -1,5 +1,6 @@
 /* cbt backup: full, incremental and differential backups of a disk into a
- * folder of backups, each creating a checkpoint (cbt_backup()). */
+ * folder of backups, each creating a checkpoint (cbt_backup()); of a
+ * running VM's disks (--qmp) or of an NBD export (--nbd). */
 #include <getopt.h>
 #include <inttypes.h>
 #include <string.h>
@@ -8,6 +9,7 @@
 #include <cbt/backup.h>
 
 #include "../live/livebackup.h"
+#include "../live/nbdbackup.h"
 #include "cli.h"
 
 static const char usage[] =
@@ -20,6 +22,9 @@ static const char usage[] =
     "                  (--full | ...)\n"
     "                  [--checkpoint NAME] [-O ...] [-g ...] [-p]\n"
     "                  [--output=human|json] (DISK TARGET | --all-disks FOLDER)\n"
+    "       cbt backup --nbd URI (--full | [--auto] --since CHECKPOINT\n"
+    "                  [--bitmap NAME]) --checkpoint NAME [--disk-id UUID]\n"
+    "                  [-O qcow2|raw] [-p] [--output=human|json] TARGET\n"
     "\n"
     "Back up DISK (the top of a qcow2 chain) to TARGET, a new file, and\n"
     "create a checkpoint on DISK at the point in time of the backup.  Beside\n"
@@ -73,6 +78,29 @@ static const char usage[] =
     "file systems for the instant of the transaction and thaws them right\n"
     "after (also when it fails).\n"
     "\n"
+    "An NBD export someone else set up (--nbd URI, e.g.\n"
+    "nbd+unix:///vda?socket=/run/backup.sock: libvirt's pull-mode backup,\n"
+    "qemu-nbd -r -B, a qemu-storage-daemon export; docs/live.md): the export\n"
+    "is the disk at one instant, so there is no DISK argument, and cbt makes\n"
+    "no checkpoint and sends no QMP; the export's owner made them.\n"
+    "  --checkpoint NAME  (required) the checkpoint the owner made for this\n"
+    "                  backup, recorded in the manifest: the next backup\n"
+    "                  --since NAME finds this one as its parent\n"
+    "  --since CHECKPOINT  the checkpoint the export's dirty bitmap starts\n"
+    "                  from (cbt cannot see it: name the one the owner used,\n"
+    "                  libvirt's <incremental>); the parent is the backup in\n"
+    "                  TARGET's folder that created it (an incremental when\n"
+    "                  it is the newest there, else a differential).  Without\n"
+    "                  a backup of it, with an export lacking the bitmap or\n"
+    "                  of another size: exit 79, or with --auto a full backup\n"
+    "  --bitmap NAME   the export's bitmap, qemu:dirty-bitmap:NAME (default:\n"
+    "                  CHECKPOINT, as qemu-nbd -B exports it; libvirt names\n"
+    "                  it backup-DISK, e.g. backup-vda)\n"
+    "  --disk-id UUID  the disk's id in the manifests (default: the parent's;\n"
+    "                  for a full backup a new one)\n"
+    "Checkpoint orders in the manifests are cbt's own (one more than the\n"
+    "highest of the disk's backups in the folder).\n"
+    "\n"
     "Options:\n"
     "  --checkpoint NAME  name of the new checkpoint (default:\n"
     "                  cbt-YYYYMMDDTHHMMSSZ, the time in UTC)\n"
@@ -101,7 +129,9 @@ static const char usage[] =
     "  cbt backup --since monday --checkpoint tuesday disk.qcow2 \\\n"
     "      /backups/vm1/diff-tue.qcow2\n"
     "  cbt backup --auto -p disk.qcow2 /backups/vm1/$(date +%F).qcow2\n"
-    "  cbt backup --full -O raw disk.qcow2 /backups/vm1/full.raw\n";
+    "  cbt backup --full -O raw disk.qcow2 /backups/vm1/full.raw\n"
+    "  cbt backup --nbd 'nbd+unix:///vda?socket=/run/bk.sock' --since ck1 \\\n"
+    "      --bitmap backup-vda --checkpoint ck2 /backups/vm1/ck2.qcow2\n";
 
 
 static double pct(uint64_t part, uint64_t whole)
@@ -194,6 +224,32 @@ static void print_all(const struct cbt_backup_opts *o,
         cli_json_print(arr);
 }
 
+/* The options that go with --nbd (the export's owner makes the
+ * checkpoints; no QMP).  0, or the exit status of a usage mistake. */
+static int check_nbd_opts(const char *prog, const struct cbt_backup_opts *o,
+                          bool inc, bool qmp, const struct nbd_backup_opts *no)
+{
+    if (qmp)
+        return cli_usage_error(prog, "--nbd excludes --qmp, --nbd-socket, "
+                               "--all-disks, --qga and --push");
+    if (inc || !(o->mode == CBT_BACKUP_FULL || o->since))
+        return cli_usage_error(prog, "--nbd: name the checkpoint the "
+                               "export's bitmap starts from with --since "
+                               "CHECKPOINT");
+    if (o->granularity || o->disk_format || o->no_checkpoint)
+        return cli_usage_error(prog, "--nbd: -g, -f and --no-checkpoint do "
+                               "not apply (the export's owner makes the "
+                               "checkpoints)");
+    if (!o->checkpoint)
+        return cli_usage_error(prog, "--nbd needs --checkpoint NAME: the "
+                               "checkpoint the export's owner made for this "
+                               "backup (cbt makes none)");
+    if (no->bitmap && !o->since)
+        return cli_usage_error(prog, "--bitmap goes with --since (a full "
+                               "backup reads no bitmap)");
+    return 0;
+}
+
 int cmd_backup(int argc, char **argv)
 {
     enum {
@@ -209,10 +265,15 @@ int cmd_backup(int argc, char **argv)
         OPT_ALL,
         OPT_QGA,
         OPT_PUSH,
+        OPT_NBD,
+        OPT_BITMAP,
+        OPT_DISKID,
     };
     bool all = false;
     const char *qmp_sock = NULL;
     struct live_backup_opts lo = {0};
+    const char *nbd_uri = NULL;
+    struct nbd_backup_opts no = {0};
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"full", no_argument, NULL, OPT_FULL},
@@ -228,6 +289,9 @@ int cmd_backup(int argc, char **argv)
         {"all-disks", no_argument, NULL, OPT_ALL},
         {"qga", required_argument, NULL, OPT_QGA},
         {"push", no_argument, NULL, OPT_PUSH},
+        {"nbd", required_argument, NULL, OPT_NBD},
+        {"bitmap", required_argument, NULL, OPT_BITMAP},
+        {"disk-id", required_argument, NULL, OPT_DISKID},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
@@ -273,6 +337,15 @@ int cmd_backup(int argc, char **argv)
         case OPT_PUSH:
             lo.push = true;
             break;
+        case OPT_NBD:
+            nbd_uri = optarg;
+            break;
+        case OPT_BITMAP:
+            no.bitmap = optarg;
+            break;
+        case OPT_DISKID:
+            no.disk_id = optarg;
+            break;
         case 'O':
             o.format = optarg;
             break;
@@ -310,6 +383,16 @@ int cmd_backup(int argc, char **argv)
     o.mode = full ? CBT_BACKUP_FULL
              : o.since ? CBT_BACKUP_DIFFERENTIAL
                        : CBT_BACKUP_INCREMENTAL;
+    if (nbd_uri) {
+        int r = check_nbd_opts(prog, &o, inc,
+                               qmp_sock || lo.nbd_socket || all || lo.qga ||
+                                   lo.push,
+                               &no);
+        if (r)
+            return r;
+    } else if (no.bitmap || no.disk_id) {
+        return cli_usage_error(prog, "--bitmap and --disk-id go with --nbd");
+    }
     if (all && !qmp_sock)
         return cli_usage_error(prog, "--all-disks goes with --qmp");
     if ((lo.qga || lo.push) && !qmp_sock)
@@ -322,6 +405,12 @@ int cmd_backup(int argc, char **argv)
             return cli_usage_error(prog, "with --all-disks: expecting the "
                                    "target folder alone");
         o.disk = "";
+        o.target = argv[optind];
+    } else if (nbd_uri) {
+        if (argc - optind != 1)
+            return cli_usage_error(prog, "with --nbd: expecting TARGET alone "
+                                   "(the export is the disk)");
+        o.disk = nbd_uri;
         o.target = argv[optind];
     } else if (argc - optind < 2) {
         return cli_usage_error(prog, "expecting DISK and TARGET");
@@ -369,6 +458,8 @@ int cmd_backup(int argc, char **argv)
         if (!q)
             memset(&res, 0, sizeof(res));
         qmp_close(q);
+    } else if (nbd_uri) {
+        r = nbd_backup(&no, &o, &res, &err);
     } else {
         r = cbt_backup(&o, &res, &err);
     }

@@ -52,8 +52,6 @@
 #include "nbd.h"
 
 #define NAME_MAX_QEMU 31 /* node names and job ids */
-#define STATUS_SPAN ((uint64_t)64 << 20) /* block status asked for at once */
-#define STATUS_CACHE 4096
 
 /* What the disks of one backup share: the QMP connection, the NBD server. */
 struct lb_vm {
@@ -90,9 +88,7 @@ struct lb {
     struct live_nbd *nbd;
     int64_t sec;                 /* the instant of the freeze */
     uint32_t nsec;
-    /* block status answers kept for the next questions */
-    struct live_nbd_extent cache[STATUS_CACHE];
-    size_t ncache;
+    struct live_nbd_source src; /* the backup's source over nbd */
 };
 
 static struct lb *lb_of(struct bk_live *l) { return (struct lb *)l; }
@@ -140,74 +136,6 @@ static int lb_name_taken(struct bk_live *l, const char *name,
         if (live_layer_bitmap(&b->cp.disk.layers[i], name))
             return 1;
     return 0;
-}
-
-/* ---- the source: the frozen view over NBD ---- */
-
-static int lb_status(void *opaque, uint64_t off, uint64_t len, uint64_t *run,
-                     bool *zero)
-{
-    struct lb *b = opaque;
-    for (int pass = 0; pass < 2; pass++) {
-        for (size_t i = 0; i < b->ncache; i++) {
-            const struct live_nbd_extent *e = &b->cache[i];
-            if (off >= e->start && off < e->start + e->length) {
-                *run = MIN(len, e->start + e->length - off);
-                *zero = (e->flags & LIVE_NBD_ZERO) != 0;
-                return 0;
-            }
-        }
-        if (pass)
-            break;
-        uint64_t size = live_nbd_size(b->nbd);
-        uint64_t want = MIN(MAX(len, STATUS_SPAN), size - off);
-        int n = live_nbd_extents(b->nbd, off, want, b->cache, STATUS_CACHE,
-                                 NULL);
-        if (n < 0)
-            return -EIO;
-        b->ncache = (size_t)n;
-    }
-    return -EIO;
-}
-
-static int lb_read(void *opaque, void *buf, size_t len, uint64_t off)
-{
-    struct lb *b = opaque;
-    return live_nbd_pread(b->nbd, buf, len, off);
-}
-
-static int lb_dirty(void *opaque,
-                    int (*cb)(void *cbop, uint64_t start, uint64_t len,
-                              bool dirty),
-                    void *cbop, struct cbt_error **errp)
-{
-    struct lb *b = opaque;
-    uint64_t size = live_nbd_size(b->nbd);
-    struct live_nbd_extent *v = malloc(STATUS_CACHE * sizeof(*v));
-    if (!v) {
-        cbt_error_set(errp, ENOMEM, "out of memory");
-        return -1;
-    }
-    int ret = 0;
-    for (uint64_t pos = 0; pos < size && ret == 0;) {
-        int n = live_nbd_extents(b->nbd, pos, size - pos, v, STATUS_CACHE,
-                                 errp);
-        if (n < 0) {
-            ret = -1;
-            break;
-        }
-        for (int i = 0; i < n && ret == 0; i++) {
-            int r = cb(cbop, v[i].start, v[i].length,
-                       (v[i].flags & LIVE_NBD_DIRTY) != 0);
-            if (r < 0) {
-                cbt_error_set(errp, -r, "out of memory");
-                ret = -1;
-            }
-            pos = v[i].start + v[i].length;
-        }
-    }
-    free(v);
-    return ret;
 }
 
 static bool id_is(json_t *data, void *opaque);
@@ -835,12 +763,7 @@ static int lb_expose(struct lb *b, const char *since, struct bk_source *src,
                       qmp_name(b->q));
         return -1;
     }
-    *src = (struct bk_source){
-        .opaque = b,
-        .status = lb_status,
-        .read = lb_read,
-        .dirty = lb_dirty,
-    };
+    live_nbd_source_init(&b->src, b->nbd, src);
     return 0;
 }
 

@@ -19,7 +19,10 @@
 
 #include <libnbd.h>
 
+#include "../ops/backup_live.h"
 #include "nbd.h"
+
+#define STATUS_SPAN ((uint64_t)64 << 20) /* block status asked for at once */
 
 struct live_nbd {
     struct nbd_handle *h;
@@ -72,6 +75,13 @@ struct live_nbd *live_nbd_open(const char *uri, const char *bitmap,
 struct live_nbd *live_nbd_open_within(const char *uri, const char *bitmap,
                                       int ms, struct cbt_error **errp)
 {
+    return live_nbd_open_maybe(uri, bitmap, ms, NULL, errp);
+}
+
+struct live_nbd *live_nbd_open_maybe(const char *uri, const char *bitmap,
+                                     int ms, bool *has_bitmap,
+                                     struct cbt_error **errp)
+{
     struct live_nbd *n = calloc(1, sizeof(*n));
     if (!n || !(n->uri = strdup(uri))) {
         free(n);
@@ -119,7 +129,16 @@ struct live_nbd *live_nbd_open_within(const char *uri, const char *bitmap,
         live_nbd_close(n);
         return NULL;
     }
-    if (n->ctx_dirty && nbd_can_meta_context(n->h, n->ctx_dirty) != 1) {
+    bool have = !n->ctx_dirty || nbd_can_meta_context(n->h, n->ctx_dirty) == 1;
+    if (has_bitmap) {
+        *has_bitmap = have;
+        if (!have) {
+            /* Connected without it: every range reads as dirty,
+             * as with no bitmap asked for. */
+            free(n->ctx_dirty);
+            n->ctx_dirty = NULL;
+        }
+    } else if (!have) {
         cbt_error_set(errp, ENOENT, "%s: the export has no dirty bitmap "
                       "'%s' (meta context %s): export it with the bitmap "
                       "(qemu-nbd -B %s, block-export-add bitmaps)", uri,
@@ -144,6 +163,10 @@ void live_nbd_close(struct live_nbd *n)
 }
 
 uint64_t live_nbd_size(const struct live_nbd *n) { return n->size; }
+bool live_nbd_read_only(const struct live_nbd *n)
+{
+    return nbd_is_read_only(n->h) == 1;
+}
 const char *live_nbd_uri(const struct live_nbd *n) { return n->uri; }
 
 /* ---- extents ---- */
@@ -286,4 +309,85 @@ int live_nbd_pread(struct live_nbd *n, void *buf, size_t len, uint64_t off)
         return -(e > 0 ? e : EIO);
     }
     return 0;
+}
+
+/* ---- as a backup's source ---- */
+
+static int src_status(void *opaque, uint64_t off, uint64_t len, uint64_t *run,
+                      bool *zero)
+{
+    struct live_nbd_source *s = opaque;
+    for (int pass = 0; pass < 2; pass++) {
+        for (size_t i = 0; i < s->ncache; i++) {
+            const struct live_nbd_extent *e = &s->cache[i];
+            if (off >= e->start && off < e->start + e->length) {
+                *run = MIN(len, e->start + e->length - off);
+                *zero = (e->flags & LIVE_NBD_ZERO) != 0;
+                return 0;
+            }
+        }
+        if (pass)
+            break;
+        uint64_t size = live_nbd_size(s->nbd);
+        uint64_t want = MIN(MAX(len, STATUS_SPAN), size - off);
+        int n = live_nbd_extents(s->nbd, off, want, s->cache,
+                                 LIVE_NBD_SOURCE_CACHE, NULL);
+        if (n < 0)
+            return -EIO;
+        s->ncache = (size_t)n;
+    }
+    return -EIO;
+}
+
+static int src_read(void *opaque, void *buf, size_t len, uint64_t off)
+{
+    struct live_nbd_source *s = opaque;
+    return live_nbd_pread(s->nbd, buf, len, off);
+}
+
+static int src_dirty(void *opaque,
+                     int (*cb)(void *cbop, uint64_t start, uint64_t len,
+                               bool dirty),
+                     void *cbop, struct cbt_error **errp)
+{
+    struct live_nbd_source *s = opaque;
+    uint64_t size = live_nbd_size(s->nbd);
+    struct live_nbd_extent *v = malloc(LIVE_NBD_SOURCE_CACHE * sizeof(*v));
+    if (!v) {
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        return -1;
+    }
+    int ret = 0;
+    for (uint64_t pos = 0; pos < size && ret == 0;) {
+        int n = live_nbd_extents(s->nbd, pos, size - pos, v,
+                                 LIVE_NBD_SOURCE_CACHE, errp);
+        if (n < 0) {
+            ret = -1;
+            break;
+        }
+        for (int i = 0; i < n && ret == 0; i++) {
+            int r = cb(cbop, v[i].start, v[i].length,
+                       (v[i].flags & LIVE_NBD_DIRTY) != 0);
+            if (r < 0) {
+                cbt_error_set(errp, -r, "out of memory");
+                ret = -1;
+            }
+            pos = v[i].start + v[i].length;
+        }
+    }
+    free(v);
+    return ret;
+}
+
+void live_nbd_source_init(struct live_nbd_source *s, struct live_nbd *n,
+                          struct bk_source *src)
+{
+    s->nbd = n;
+    s->ncache = 0;
+    *src = (struct bk_source){
+        .opaque = s,
+        .status = src_status,
+        .read = src_read,
+        .dirty = src_dirty,
+    };
 }

@@ -46,8 +46,16 @@ struct live_nbd *live_nbd_open(const char *uri, const char *bitmap,
 #define LIVE_NBD_CONNECT_MS 30000
 struct live_nbd *live_nbd_open_within(const char *uri, const char *bitmap,
                                       int ms, struct cbt_error **errp);
+/* The same, but an export without the bitmap is no error: *has_bitmap
+ * says whether it has it, and without it every range reads as dirty (as
+ * when no bitmap is asked for). */
+struct live_nbd *live_nbd_open_maybe(const char *uri, const char *bitmap,
+                                     int ms, bool *has_bitmap,
+                                     struct cbt_error **errp);
 void live_nbd_close(struct live_nbd *n);
 uint64_t live_nbd_size(const struct live_nbd *n);
+/* Does the server say nobody can write through this export? */
+bool live_nbd_read_only(const struct live_nbd *n);
 const char *live_nbd_uri(const struct live_nbd *n);
 
 /*
@@ -62,6 +70,22 @@ int live_nbd_extents(struct live_nbd *n, uint64_t off, uint64_t len,
 
 /* Read [off, off+len) (len <= 32 MiB).  0 or -errno. */
 int live_nbd_pread(struct live_nbd *n, void *buf, size_t len, uint64_t off);
+
+/*
+ * A backup's source (backup_live.h) reading n: the data, block status
+ * answered from a cache of extents asked for in large spans, and the
+ * dirty extents of n's bitmap (every range, without one).  s holds the
+ * cache and must outlive the backup; n stays the caller's.
+ */
+#define LIVE_NBD_SOURCE_CACHE 4096
+struct live_nbd_source {
+    struct live_nbd *nbd;
+    size_t ncache;
+    struct live_nbd_extent cache[LIVE_NBD_SOURCE_CACHE];
+};
+struct bk_source;
+void live_nbd_source_init(struct live_nbd_source *s, struct live_nbd *n,
+                          struct bk_source *src);
 
 /*
  * The merge of two contexts' replies (exposed for the fuzz target):

@@ -40,6 +40,7 @@ struct qmp {
     unsigned long next_id;
     char *buf;           /* bytes read and not parsed yet: buf[0..len) */
     size_t len, cap;
+    size_t tried;        /* buf[0..tried) was an incomplete message */
     struct qmp_event *events; /* queued, oldest first */
     size_t nevents, cap_events;
     char last_class[64];
@@ -169,6 +170,22 @@ static json_t *next_message(struct qmp *q, long long deadline,
         if (skip) {
             memmove(q->buf, q->buf + skip, q->len - skip);
             q->len -= skip;
+            q->tried = q->tried > skip ? q->tried - skip : 0;
+        }
+        /* A message can only have ended in what arrived since the last
+         * try if that holds its closing brace or a line's end: parsing the
+         * whole buffer again after every read would take time growing
+         * with the square of a long message's length. */
+        if (q->tried > 0) {
+            const char *fresh = q->buf + q->tried;
+            size_t nfresh = q->len - q->tried;
+            if (!memchr(fresh, '}', nfresh) && !memchr(fresh, '\n', nfresh) &&
+                !memchr(fresh, '\0', nfresh)) {
+                q->tried = q->len;
+                if (fill(q, deadline, step, errp) < 0)
+                    return NULL;
+                continue;
+            }
         }
         if (q->len > 0 && memchr(q->buf, '\0', q->len)) {
             /* QMP is text: a NUL byte is never part of it. */
@@ -189,6 +206,7 @@ static json_t *next_message(struct qmp *q, long long deadline,
                     used = q->len;
                 memmove(q->buf, q->buf + used, q->len - used);
                 q->len -= used;
+                q->tried = 0;
                 if (!json_is_object(v)) {
                     json_decref(v);
                     fail(q, errp, EPROTO, "%s: QEMU sent a JSON value that "
@@ -206,6 +224,7 @@ static json_t *next_message(struct qmp *q, long long deadline,
                      step, why, ex);
                 return NULL;
             }
+            q->tried = q->len;
         }
         if (fill(q, deadline, step, errp) < 0)
             return NULL;

@@ -325,10 +325,9 @@ static int usage_mistake(struct cbt_error **errp)
     return -1;
 }
 
-/* Before DISK is opened: a folder as TARGET, a backup as DISK. */
-static int check_roles(struct bk *b, struct cbt_error **errp)
+/* A folder as TARGET. */
+static int check_not_folder(const char *t, struct cbt_error **errp)
 {
-    const char *disk = b->o->disk, *t = b->o->target;
     struct stat st;
     if (stat(t, &st) == 0 && S_ISDIR(st.st_mode)) {
         cbt_error_set(errp, EISDIR, "%s: is a folder; TARGET names the new "
@@ -336,6 +335,15 @@ static int check_roles(struct bk *b, struct cbt_error **errp)
                       t, t, t[strlen(t) - 1] == '/' ? "" : "/");
         return usage_mistake(errp);
     }
+    return 0;
+}
+
+/* Before DISK is opened: a folder as TARGET, a backup as DISK. */
+static int check_roles(struct bk *b, struct cbt_error **errp)
+{
+    const char *disk = b->o->disk, *t = b->o->target;
+    if (check_not_folder(t, errp) < 0)
+        return -1;
     if (!is_backup(disk))
         return 0;
     if (exists(t))
@@ -1441,9 +1449,11 @@ static int plan(struct bk *b, struct cbt_error **errp)
         if (r < 0)
             return -1;
         if (r > 0 && !o->auto_full) {
-            cbt_error_set(errp, EINVAL, "%s; an %s backup is impossible: take "
-                          "a full one (--full, or --auto to fall back to one)",
-                          why, cbt_backup_mode_name(o->mode));
+            cbt_error_set(errp, EINVAL, "%s; %s %s backup is impossible: "
+                          "take a full one (--full, or --auto to fall back to "
+                          "one)", why,
+                          o->mode == CBT_BACKUP_INCREMENTAL ? "an" : "a",
+                          cbt_backup_mode_name(o->mode));
             cbt_error_set_kind(errp, b->why_kind);
             free(why);
             return -1;
@@ -1612,8 +1622,9 @@ struct bk_job *bk_job_plan(const struct cbt_backup_opts *o, struct bk_live *l,
                      .why_kind = CBT_ERR_NEED_FULL};
     b->size = l->size;
     memcpy(b->disk_id, l->disk_id, sizeof(b->disk_id));
-    if (setup(b, errp) < 0 || check_target(b, errp) < 0 ||
-        choose_name(b, errp) < 0 || plan(b, errp) < 0) {
+    if (setup(b, errp) < 0 || check_not_folder(o->target, errp) < 0 ||
+        check_target(b, errp) < 0 || choose_name(b, errp) < 0 ||
+        plan(b, errp) < 0) {
         bk_job_end(b, false, NULL);
         return NULL;
     }

@@ -187,9 +187,9 @@ static int get_hex64(struct pctx *p, json_t *obj, const char *key,
     return 0;
 }
 
-static bool is_uuid(const char *s, size_t len)
+bool manifest_is_uuid(const char *s)
 {
-    if (len != 36)
+    if (strlen(s) != 36)
         return false;
     for (size_t i = 0; i < 36; i++) {
         bool dash = i == 8 || i == 13 || i == 18 || i == 23;
@@ -327,7 +327,7 @@ static int parse_header(struct pctx *p, json_t *root, struct manifest *m)
         get_str(p, o, "disk.path", MANIFEST_TEXT_MAX, &m->disk_path) < 0 ||
         get_str(p, o, "disk.id", 36, &m->disk_id) < 0)
         return -1;
-    if (!is_uuid(m->disk_id, strlen(m->disk_id)))
+    if (!manifest_is_uuid(m->disk_id))
         return bad(p, "disk.id", "is not a UUID",
                    "a UUID (36 characters, 8-4-4-4-12 hex digits)");
     return 0;
@@ -681,34 +681,30 @@ static bool ends_with(const char *s, const char *suffix)
     return ls >= lx && strcmp(s + ls - lx, suffix) == 0;
 }
 
-int manifest_find_by_checkpoint(const char *dir, const char *disk_id,
-                                const char *checkpoint, char **image_path,
-                                struct manifest *m, char sha256[65],
-                                struct cbt_error **errp)
+int manifest_scan(const char *dir, manifest_scan_fn *fn, void *opaque,
+                  struct cbt_error **errp)
 {
-    *image_path = NULL;
-    memset(m, 0, sizeof(*m));
     DIR *d = opendir(dir);
     if (!d) {
         cbt_error_set(errp, errno, "%s: %s", dir, strerror(errno));
         return -1;
     }
-    char *found = NULL;      /* the manifest's file name */
-    struct manifest best = {0};
-    char best_sha[65] = "";
-    int ret = -1;
+    int ret = 0, rd_err = 0;
     for (;;) {
         errno = 0;
         struct dirent *de = readdir(d);
-        if (!de)
+        if (!de) {
+            rd_err = errno;
             break;
+        }
         const char *name = de->d_name;
         if (name[0] == '.' || !ends_with(name, ".json"))
             continue;
         CLEANUP_FREE char *path = cbt_strdup_printf("%s/%s", dir, name);
         if (!path) {
             cbt_error_set(errp, ENOMEM, "%s: out of memory", dir);
-            goto out;
+            ret = -1;
+            break;
         }
         struct manifest cand;
         char sha[65];
@@ -725,59 +721,91 @@ int manifest_find_by_checkpoint(const char *dir, const char *disk_id,
             cbt_error_free(perr);
             continue;
         }
-        bool match = cand.complete && cand.checkpoint &&
-                     strcasecmp(cand.disk_id, disk_id) == 0 &&
-                     strcmp(cand.checkpoint, checkpoint) == 0;
         /* A manifest describes the image it sits beside: NAME.json for
          * image NAME.  A copy under another name is not a backup here. */
         size_t nl = strlen(name) - 5;
-        match = match && strlen(cand.image_file) == nl &&
-                strncmp(cand.image_file, name, nl) == 0;
-        if (!match) {
-            manifest_free(&cand);
-            continue;
+        int r = 0;
+        if (cand.complete && strlen(cand.image_file) == nl &&
+            strncmp(cand.image_file, name, nl) == 0)
+            r = fn(opaque, name, &cand, sha, errp);
+        manifest_free(&cand);
+        if (r != 0) {
+            ret = r < 0 ? -1 : 0;
+            break;
         }
-        if (found) {
-            cbt_error_set(errp, EEXIST,
-                          "%s: two backups created checkpoint '%s' of disk "
-                          "%s: %s and %s; remove one",
-                          dir, checkpoint, disk_id, found, name);
-            manifest_free(&cand);
-            goto out;
-        }
-        found = strdup(name);
-        if (!found) {
-            manifest_free(&cand);
-            cbt_error_set(errp, ENOMEM, "%s: out of memory", dir);
-            goto out;
-        }
-        best = cand;
-        memcpy(best_sha, sha, 65);
     }
-    if (errno) {
-        cbt_error_set(errp, errno, "%s: %s", dir, strerror(errno));
+    if (rd_err) {
+        cbt_error_set(errp, rd_err, "%s: %s", dir, strerror(rd_err));
+        ret = -1;
+    }
+    closedir(d);
+    return ret;
+}
+
+/* manifest_find_by_checkpoint's search. */
+struct find {
+    const char *dir, *disk_id, *checkpoint;
+    char *found;             /* the manifest's file name */
+    struct manifest best;
+    char best_sha[65];
+};
+
+static int find_one(void *opaque, const char *name, struct manifest *m,
+                    const char sha[65], struct cbt_error **errp)
+{
+    struct find *f = opaque;
+    if (!m->checkpoint || strcasecmp(m->disk_id, f->disk_id) != 0 ||
+        strcmp(m->checkpoint, f->checkpoint) != 0)
+        return 0;
+    if (f->found) {
+        cbt_error_set(errp, EEXIST,
+                      "%s: two backups created checkpoint '%s' of disk "
+                      "%s: %s and %s; remove one",
+                      f->dir, f->checkpoint, f->disk_id, f->found, name);
+        return -1;
+    }
+    f->found = strdup(name);
+    if (!f->found) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", f->dir);
+        return -1;
+    }
+    f->best = *m;
+    memset(m, 0, sizeof(*m));
+    memcpy(f->best_sha, sha, 65);
+    return 0;
+}
+
+int manifest_find_by_checkpoint(const char *dir, const char *disk_id,
+                                const char *checkpoint, char **image_path,
+                                struct manifest *m, char sha256[65],
+                                struct cbt_error **errp)
+{
+    *image_path = NULL;
+    memset(m, 0, sizeof(*m));
+    struct find f = {.dir = dir, .disk_id = disk_id,
+                     .checkpoint = checkpoint};
+    int ret = -1;
+    if (manifest_scan(dir, find_one, &f, errp) < 0)
         goto out;
-    }
-    if (!found) {
+    if (!f.found) {
         cbt_error_set(errp, ENOENT,
                       "%s: no backup of checkpoint '%s' of this disk in this "
                       "folder",
                       dir, checkpoint);
         goto out;
     }
-    *image_path = cbt_strdup_printf("%s/%s", dir, best.image_file);
+    *image_path = cbt_strdup_printf("%s/%s", dir, f.best.image_file);
     if (!*image_path) {
         cbt_error_set(errp, ENOMEM, "%s: out of memory", dir);
         goto out;
     }
-    *m = best;
-    memset(&best, 0, sizeof(best));
+    *m = f.best;
+    memset(&f.best, 0, sizeof(f.best));
     if (sha256)
-        memcpy(sha256, best_sha, 65);
+        memcpy(sha256, f.best_sha, 65);
     ret = 0;
 out:
-    closedir(d);
-    free(found);
-    manifest_free(&best);
+    free(f.found);
+    manifest_free(&f.best);
     return ret;
 }

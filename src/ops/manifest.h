@@ -66,12 +66,28 @@ int manifest_read(const char *path, struct manifest *m, char sha256[65],
 int manifest_write(const char *path, const struct manifest *m, bool replace,
                    struct cbt_error **errp);
 void manifest_free(struct manifest *m);
+/* Is s a disk id as manifests hold it (a UUID: 8-4-4-4-12 hex digits)? */
+bool manifest_is_uuid(const char *s);
 
 /* TARGET -> TARGET.json / TARGET.hashes (malloc'd). */
 char *manifest_path_for(const char *image_path);
 char *hashes_path_for(const char *image_path);
 /* dir/name for a name relative to the folder of `beside` (malloc'd). */
 char *manifest_sibling(const char *beside, const char *name);
+
+/*
+ * Call fn for every complete manifest in the folder `dir` that describes
+ * the image beside it (NAME.json for image NAME), with the manifest's file
+ * name, the parsed manifest (fn may take its strings over, leaving *m
+ * zeroed) and the SHA-256 of its bytes.  Files that are not manifests are
+ * skipped, a damaged manifest of cbt's with a warning.  fn returns 0 to go
+ * on, 1 to stop, -1 to fail (with *errp).  0, or -1 with *errp.
+ */
+typedef int manifest_scan_fn(void *opaque, const char *name,
+                             struct manifest *m, const char sha256[65],
+                             struct cbt_error **errp);
+int manifest_scan(const char *dir, manifest_scan_fn *fn, void *opaque,
+                  struct cbt_error **errp);
 
 /*
  * Find, in the folder `dir`, the complete backup whose manifest names disk

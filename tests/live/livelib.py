@@ -13,6 +13,8 @@ on sys.path); `from livelib import live` brings the fixture.  HACKING.md
             backing chain): QMP on a Unix socket, the format node `disk`
             (file node `disk-file`) exported writable over NBD, the
             "guest" writing through that export.
+  QemuNbd   qemu-nbd -r over a closed image, with bitmaps: an export
+            someone else set up (cbt backup --nbd).
   QemuVM    qemu-system-x86_64 -accel tcg -M q35 -S without a guest OS:
             virtio-blk-pci devices vda, vdb... on -blockdev nodes (or
             -drive), guest writes through HMP qemu-io.
@@ -336,6 +338,33 @@ class Qsd(QemuProcess):
             raise AssertionError("%s\n%s" % (e, self.log_tail()))
 
 
+class QemuNbd(QemuProcess):
+    """qemu-nbd -r over a closed IMAGE, as virtnbdbackup serves an offline
+    VM's disk: a read-only export on a Unix socket (URI `uri`), with each of
+    BITMAPS as qemu:dirty-bitmap:NAME; ready when it serves.  quit() ends it
+    with SIGTERM (the image's lock goes with it).  No QMP."""
+
+    what = "qemu-nbd"
+
+    def __init__(self, live, image, bitmaps=(), fmt="qcow2"):
+        super().__init__(live)
+        path = live.sock("qemu-nbd%d.sock" % len(live.processes))
+        self.uri = "nbd+unix:///?socket=" + path
+        argv = ["qemu-nbd", "-r", "-f", fmt, "-t", "-k", path]
+        for b in bitmaps:
+            argv += ["-B", b]
+        self._spawn(argv + [image])
+        try:
+            self.size = wait_nbd(self.uri, self.proc)
+        except AssertionError as e:
+            raise AssertionError("%s\n%s" % (e, self.log_tail()))
+
+    def quit(self, timeout=TIMEOUT):
+        self.proc.terminate()
+        rc = self.proc.wait(timeout)
+        assert rc == 0, "qemu-nbd exited %d on SIGTERM\n%s" % (rc, self.log_tail())
+
+
 def wait_nbd(uri, proc):
     """Wait until the NBD server PROC serves URI (its socket file appears
     before it listens: connect until it answers); the export's size."""
@@ -567,6 +596,9 @@ class Live:
 
     def vm(self, images, **kw):
         return QemuVM(self, images, **kw)
+
+    def qemu_nbd(self, image, **kw):
+        return QemuNbd(self, image, **kw)
 
     def realvm(self, disk, seed, count, **kw):
         return RealVM(self, disk, seed, count, **kw)
