@@ -176,6 +176,28 @@ static int lb_read(void *opaque, void *buf, size_t len, uint64_t off)
     return live_nbd_pread(b->nbd, buf, len, off);
 }
 
+/* The ranges in flight together, READ_BATCH at a time (backup.c asks for
+ * at most one chunk's, BP_SEGS). */
+#define READ_BATCH 64
+
+static int lb_read_many(void *opaque, struct bk_read *v, size_t n)
+{
+    struct lb *b = opaque;
+    struct live_nbd_read r[READ_BATCH];
+    int ret = 0;
+    for (size_t i = 0; i < n && ret == 0; i += READ_BATCH) {
+        size_t k = MIN(n - i, (size_t)READ_BATCH);
+        for (size_t j = 0; j < k; j++)
+            r[j] = (struct live_nbd_read){.buf = v[i + j].buf,
+                                          .len = v[i + j].len,
+                                          .off = v[i + j].off};
+        ret = live_nbd_pread_many(b->nbd, r, k);
+        for (size_t j = 0; j < k; j++)
+            v[i + j].err = r[j].err;
+    }
+    return ret;
+}
+
 static int lb_dirty(void *opaque,
                     int (*cb)(void *cbop, uint64_t start, uint64_t len,
                               bool dirty),
@@ -839,6 +861,7 @@ static int lb_expose(struct lb *b, const char *since, struct bk_source *src,
         .opaque = b,
         .status = lb_status,
         .read = lb_read,
+        .read_many = lb_read_many,
         .dirty = lb_dirty,
     };
     return 0;

@@ -26,7 +26,16 @@ struct live_nbd {
     char *uri;
     char *ctx_dirty;   /* "qemu:dirty-bitmap:NAME", or NULL */
     uint64_t size;
+    bool broken;       /* reads were left in flight: never poll again */
 };
+
+/* The errno of the libnbd call that just failed (EIO when it gave none),
+ * negated. */
+static int nbd_errno(void)
+{
+    int e = nbd_get_errno();
+    return -(e > 0 ? e : EIO);
+}
 
 /* A failed libnbd call: its message, naming the export. */
 static void nbd_failed(struct cbt_error **errp, const char *uri,
@@ -135,7 +144,11 @@ void live_nbd_close(struct live_nbd *n)
     if (!n)
         return;
     if (n->h) {
-        (void)nbd_shutdown(n->h, 0);
+        /* A clean disconnect runs the connection until the server has
+         * answered everything; reads abandoned in flight (broken) would
+         * then land in buffers their callers have freed. */
+        if (!n->broken)
+            (void)nbd_shutdown(n->h, 0);
         nbd_close(n->h);
     }
     free(n->ctx_dirty);
@@ -254,6 +267,11 @@ int live_nbd_extents(struct live_nbd *n, uint64_t off, uint64_t len,
                       n->uri);
         return -1;
     }
+    if (n->broken) {
+        cbt_error_set(errp, EIO, "%s: the connection failed before",
+                      n->uri);
+        return -1;
+    }
     len = MIN(MIN(len, n->size - off), LIVE_NBD_STATUS_MAX);
     struct reply r = {.ctx_dirty = n->ctx_dirty};
     nbd_extent_callback cb = {.callback = on_extents, .user_data = &r};
@@ -279,11 +297,99 @@ int live_nbd_extents(struct live_nbd *n, uint64_t off, uint64_t len,
     return ret;
 }
 
+/* ---- reads ---- */
+
 int live_nbd_pread(struct live_nbd *n, void *buf, size_t len, uint64_t off)
 {
-    if (nbd_pread(n->h, buf, len, off, 0) < 0) {
-        int e = nbd_get_errno();
-        return -(e > 0 ? e : EIO);
+    if (n->broken)
+        return -EIO;
+    return nbd_pread(n->h, buf, len, off, 0) < 0 ? nbd_errno() : 0;
+}
+
+/*
+ * Many reads on one connection: the ranges are cut into requests of at
+ * most LIVE_NBD_READ_PIECE bytes, issued in order while fewer than
+ * LIVE_NBD_IN_FLIGHT are in flight, and retired as their replies come
+ * (in any order) with nbd_aio_command_completed, which also fails a read
+ * whose structured reply did not carry every byte asked for (a completion
+ * callback would not see that check).  After the first failure nothing
+ * more is issued, but the requests in flight are still waited for: until
+ * libnbd has retired them it may write into their buffers.  Only when
+ * the connection cannot be driven any more while requests are still in
+ * flight (nbd_poll fails and the handle is not dead, where libnbd would
+ * have aborted them) are they abandoned, and the handle marked broken so
+ * nothing polls it again (not even the disconnect in live_nbd_close).
+ */
+int live_nbd_pread_many(struct live_nbd *n, struct live_nbd_read *v,
+                        size_t nv)
+{
+    struct {
+        int64_t cookie;
+        size_t range;
+    } fl[LIVE_NBD_IN_FLIGHT];
+    size_t nfl = 0, next = 0, at = 0; /* next byte to ask: v[next] + at */
+    bool stop = n->broken, dead = false;
+    for (size_t i = 0; i < nv; i++)
+        v[i].err = n->broken ? -EIO : 0;
+    for (;;) {
+        while (!stop && next < nv && nfl < LIVE_NBD_IN_FLIGHT) {
+            struct live_nbd_read *r = &v[next];
+            size_t len = MIN(r->len - at, LIVE_NBD_READ_PIECE);
+            int64_t c = len == 0 ? 0
+                        : nbd_aio_pread(n->h, (char *)r->buf + at, len,
+                                        r->off + at, NBD_NULL_COMPLETION, 0);
+            if (c < 0) {
+                r->err = nbd_errno();
+                stop = true;
+                break;
+            }
+            if (len) {
+                fl[nfl].cookie = c;
+                fl[nfl++].range = next;
+            }
+            at += len;
+            if (at == r->len) {
+                next++;
+                at = 0;
+            }
+        }
+        bool retired = false;
+        for (size_t k = 0; k < nfl;) {
+            int r = nbd_aio_command_completed(n->h, (uint64_t)fl[k].cookie);
+            if (r == 0) {
+                k++;
+                continue;
+            }
+            if (r < 0) {
+                struct live_nbd_read *f = &v[fl[k].range];
+                if (f->err == 0)
+                    f->err = nbd_errno();
+                stop = true;
+            }
+            fl[k] = fl[--nfl];
+            retired = true;
+        }
+        if (nfl == 0 && (stop || next == nv))
+            break;
+        if (retired || nbd_poll(n->h, -1) >= 0)
+            continue;
+        int e = nbd_errno();
+        stop = true;
+        /* A connection that died: libnbd aborted what was in flight, the
+         * next round retires it (once: never poll a dead handle again). */
+        if (!dead && (nbd_aio_is_dead(n->h) == 1 ||
+                      nbd_aio_is_closed(n->h) == 1)) {
+            dead = true;
+            continue;
+        }
+        n->broken = true;
+        for (size_t k = 0; k < nfl; k++)
+            if (v[fl[k].range].err == 0)
+                v[fl[k].range].err = e;
+        break;
     }
+    for (size_t i = 0; i < nv; i++)
+        if (v[i].err)
+            return v[i].err;
     return 0;
 }

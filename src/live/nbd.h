@@ -14,7 +14,8 @@
  * base:allocation and, when a bitmap is named, qemu:dirty-bitmap:NAME.
  * The server is untrusted: extents are checked (non-empty, inside the
  * request, bounded in number) before cbt uses them.  Thread-safe: libnbd
- * serializes the requests of one handle.
+ * serializes the requests of one handle; but one thread at a time may
+ * call live_nbd_pread_many (it waits for its own replies only).
  */
 struct live_nbd;
 
@@ -62,6 +63,30 @@ int live_nbd_extents(struct live_nbd *n, uint64_t off, uint64_t len,
 
 /* Read [off, off+len) (len <= 32 MiB).  0 or -errno. */
 int live_nbd_pread(struct live_nbd *n, void *buf, size_t len, uint64_t off);
+
+/* One range of live_nbd_pread_many. */
+struct live_nbd_read {
+    void *buf;
+    size_t len;     /* <= 32 MiB */
+    uint64_t off;
+    int err;        /* out: 0, or -errno of this range */
+};
+
+/* Requests live_nbd_pread_many keeps in flight at most, and the longest
+ * one: a range longer than that goes as several requests. */
+#define LIVE_NBD_IN_FLIGHT 32
+#define LIVE_NBD_READ_PIECE ((size_t)1 << 20)
+
+/*
+ * Read the nv ranges of v, keeping up to LIVE_NBD_IN_FLIGHT requests in
+ * flight on the connection (the server answers them in any order).
+ * Returns once no request is left in flight, so the buffers are the
+ * caller's again: 0 when every range was read, else the first failed
+ * range's -errno (each range's own result is in its err).  A failure of
+ * the connection itself leaves the handle unusable: later calls fail.
+ */
+int live_nbd_pread_many(struct live_nbd *n, struct live_nbd_read *v,
+                        size_t nv);
 
 /*
  * The merge of two contexts' replies (exposed for the fuzz target):
