@@ -52,8 +52,8 @@
 #include "nbd.h"
 
 #define NAME_MAX_QEMU 31 /* node names and job ids */
-#define STATUS_SPAN ((uint64_t)64 << 20) /* block status asked for at once */
-#define STATUS_CACHE 4096
+#define STATUS_BATCH 4096 /* extents taken from one block-status reply */
+#define ZERO_GRAIN ((uint64_t)65536) /* of the zero map (below) */
 
 /* What the disks of one backup share: the QMP connection, the NBD server. */
 struct lb_vm {
@@ -90,9 +90,11 @@ struct lb {
     struct live_nbd *nbd;
     int64_t sec;                 /* the instant of the freeze */
     uint32_t nsec;
-    /* block status answers kept for the next questions */
-    struct live_nbd_extent cache[STATUS_CACHE];
-    size_t ncache;
+    /* what block status said of the view (zero_map below) */
+    uint64_t *zero;              /* a bit per ZERO_GRAIN: reads as zeroes */
+    uint64_t walked;             /* block status known up to here */
+    uint64_t zero_from;          /* where the zero extents ending at walked
+                                  * start (UINT64_MAX: it is not zero) */
 };
 
 static struct lb *lb_of(struct bk_live *l) { return (struct lb *)l; }
@@ -144,30 +146,112 @@ static int lb_name_taken(struct bk_live *l, const char *name,
 
 /* ---- the source: the frozen view over NBD ---- */
 
+/*
+ * The zero map.  A backup asks the view's block status over and over: the
+ * dirty extents of the whole disk first (lb_dirty), then the zeroes of
+ * the whole disk again (backup.c's add_stale_zeroes), then the zeroes of
+ * every chunk it copies.  The view is frozen, so one walk over the disk
+ * answers all of them: each extent's dirtiness goes to lb_dirty's
+ * callback as it comes, and its zeroes are kept in memory, a bit per
+ * ZERO_GRAIN set when all of the grain reads as zeroes (the extents
+ * covering it may be several).  The answers are coarser than the
+ * server's, never wrong: a grain partly zero is "data", which only means
+ * it is read.  The grain is the backup's block (backup.c asks about whole
+ * blocks only), so nothing is lost, and the map's size depends on the
+ * disk's (2 KiB a GiB), not on how finely the server cuts its extents.
+ * Without lb_dirty (a full backup) the walk goes as far as the questions.
+ */
+
+static bool zero_bit(const struct lb *b, uint64_t g)
+{
+    return (b->zero[g / 64] >> (g % 64)) & 1;
+}
+
+/* One more extent of the walk (they come in order, contiguous). */
+static void note_zero(struct lb *b, const struct live_nbd_extent *e,
+                      uint64_t size)
+{
+    uint64_t end = e->start + e->length;
+    if (!(e->flags & LIVE_NBD_ZERO)) {
+        b->zero_from = UINT64_MAX;
+        return;
+    }
+    if (b->zero_from == UINT64_MAX)
+        b->zero_from = e->start;
+    /* The grains inside [zero_from, end) not set before (those ending at
+     * e->start or earlier were); the disk's last grain may be short. */
+    uint64_t g = MAX(DIV_ROUND_UP(b->zero_from, ZERO_GRAIN),
+                     e->start / ZERO_GRAIN);
+    uint64_t g1 = end == size ? DIV_ROUND_UP(end, ZERO_GRAIN)
+                              : end / ZERO_GRAIN;
+    for (; g < g1; g++)
+        b->zero[g / 64] |= (uint64_t)1 << (g % 64);
+}
+
+/* Walk block status from b->walked until at least upto, telling cb (when
+ * not NULL) each extent's dirtiness.  0, or -1 with *errp. */
+static int status_walk(struct lb *b, uint64_t upto,
+                       int (*cb)(void *cbop, uint64_t start, uint64_t len,
+                                 bool dirty),
+                       void *cbop, struct cbt_error **errp)
+{
+    uint64_t size = live_nbd_size(b->nbd);
+    uint64_t grains = DIV_ROUND_UP(size, ZERO_GRAIN);
+    if (!b->zero && !(b->zero = calloc(MAX(DIV_ROUND_UP(grains, 64), 1),
+                                       sizeof(uint64_t)))) {
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        return -1;
+    }
+    struct live_nbd_extent *v = malloc(STATUS_BATCH * sizeof(*v));
+    if (!v) {
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        return -1;
+    }
+    int ret = 0;
+    while (b->walked < MIN(upto, size) && ret == 0) {
+        int n = live_nbd_extents(b->nbd, b->walked, size - b->walked, v,
+                                 STATUS_BATCH, errp);
+        if (n < 0) {
+            ret = -1;
+            break;
+        }
+        for (int i = 0; i < n && ret == 0; i++) {
+            note_zero(b, &v[i], size);
+            b->walked = v[i].start + v[i].length;
+            int r = cb ? cb(cbop, v[i].start, v[i].length,
+                            (v[i].flags & LIVE_NBD_DIRTY) != 0)
+                       : 0;
+            if (r < 0) {
+                cbt_error_set(errp, -r, "out of memory");
+                ret = -1;
+            }
+        }
+    }
+    free(v);
+    return ret;
+}
+
 static int lb_status(void *opaque, uint64_t off, uint64_t len, uint64_t *run,
                      bool *zero)
 {
     struct lb *b = opaque;
-    for (int pass = 0; pass < 2; pass++) {
-        for (size_t i = 0; i < b->ncache; i++) {
-            const struct live_nbd_extent *e = &b->cache[i];
-            if (off >= e->start && off < e->start + e->length) {
-                *run = MIN(len, e->start + e->length - off);
-                *zero = (e->flags & LIVE_NBD_ZERO) != 0;
-                return 0;
-            }
-        }
-        if (pass)
-            break;
-        uint64_t size = live_nbd_size(b->nbd);
-        uint64_t want = MIN(MAX(len, STATUS_SPAN), size - off);
-        int n = live_nbd_extents(b->nbd, off, want, b->cache, STATUS_CACHE,
-                                 NULL);
-        if (n < 0)
-            return -EIO;
-        b->ncache = (size_t)n;
-    }
-    return -EIO;
+    uint64_t size = live_nbd_size(b->nbd);
+    if (off >= size || len == 0)
+        return -EIO;
+    /* Off's grain known whole, then the run of grains like it. */
+    uint64_t g = off / ZERO_GRAIN;
+    if (status_walk(b, (g + 1) * ZERO_GRAIN, NULL, NULL, NULL) < 0)
+        return -EIO;
+    uint64_t known = b->walked >= size ? size
+                                       : ALIGN_DOWN(b->walked, ZERO_GRAIN);
+    uint64_t end = off + MIN(len, known - off);
+    bool z = zero_bit(b, g);
+    uint64_t stop = (g + 1) * ZERO_GRAIN;
+    while (stop < end && zero_bit(b, stop / ZERO_GRAIN) == z)
+        stop += ZERO_GRAIN;
+    *run = MIN(stop, end) - off;
+    *zero = z;
+    return 0;
 }
 
 static int lb_read(void *opaque, void *buf, size_t len, uint64_t off)
@@ -204,32 +288,11 @@ static int lb_dirty(void *opaque,
                     void *cbop, struct cbt_error **errp)
 {
     struct lb *b = opaque;
-    uint64_t size = live_nbd_size(b->nbd);
-    struct live_nbd_extent *v = malloc(STATUS_CACHE * sizeof(*v));
-    if (!v) {
-        cbt_error_set(errp, ENOMEM, "out of memory");
-        return -1;
-    }
-    int ret = 0;
-    for (uint64_t pos = 0; pos < size && ret == 0;) {
-        int n = live_nbd_extents(b->nbd, pos, size - pos, v, STATUS_CACHE,
-                                 errp);
-        if (n < 0) {
-            ret = -1;
-            break;
-        }
-        for (int i = 0; i < n && ret == 0; i++) {
-            int r = cb(cbop, v[i].start, v[i].length,
-                       (v[i].flags & LIVE_NBD_DIRTY) != 0);
-            if (r < 0) {
-                cbt_error_set(errp, -r, "out of memory");
-                ret = -1;
-            }
-            pos = v[i].start + v[i].length;
-        }
-    }
-    free(v);
-    return ret;
+    /* The whole disk for cb, from the start (what a question walked
+     * before is walked again: the same answers, the same bits). */
+    b->walked = 0;
+    b->zero_from = UINT64_MAX;
+    return status_walk(b, UINT64_MAX, cb, cbop, errp);
 }
 
 static bool id_is(json_t *data, void *opaque);
@@ -1017,6 +1080,10 @@ static void lb_release(struct bk_live *l)
     struct cbt_error *e = NULL;
     live_nbd_close(b->nbd);
     b->nbd = NULL;
+    free(b->zero);
+    b->zero = NULL;
+    b->walked = 0;
+    b->zero_from = UINT64_MAX;
     if (b->pushed)
         cbt_image_close(b->pushed, NULL);
     b->pushed = NULL;
@@ -1066,6 +1133,7 @@ static int lb_init(struct lb *b, struct lb_vm *vm, const char *disk,
 {
     memset(b, 0, sizeof(*b));
     b->scratch_fd = -1;
+    b->zero_from = UINT64_MAX;
     b->vm = vm;
     b->q = vm->q;
     b->o = o;
