@@ -75,6 +75,7 @@
 #include <cbt/chain.h>
 #include <cbt/checkpoint.h>
 
+#include "../block/block.h"
 #include "../util/util.h"
 #include "backup_live.h"
 #include "bchain.h"
@@ -1493,10 +1494,15 @@ static int copy(struct bk *b, struct cbt_error **errp)
     }
     if (bk_cancelled(b))
         return cancel_error(b, errp);
-    if (create_target(b, errp) < 0 || copy_all(b, errp) < 0 ||
-        finish_target(b, errp) < 0)
+    if (create_target(b, errp) < 0 || copy_all(b, errp) < 0)
         return -1;
-    return 0;
+    if (b->src.done) {
+        /* Nothing more to read: the source lets go (a live view's QEMU
+         * round trips) while the disk takes the target's last data. */
+        blk_start_writeback(b->dst);
+        b->src.done(b->src.opaque);
+    }
+    return finish_target(b, errp);
 }
 
 int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,

@@ -41,6 +41,11 @@ struct bk_source {
      * the caller's again: 0, or the -errno of the first range that failed
      * (each range's own result in its err). */
     int (*read_many)(void *opaque, struct bk_read *v, size_t n);
+    /* Optional: the copy has read all it needs, the source may let its
+     * data go (a live view: its export, job and scratch node in QEMU).
+     * Called at most once, after the last read, while the target's last
+     * data is being written back. */
+    void (*done)(void *opaque);
     /* Call cb for every extent of the disk with whether the checkpoint the
      * backup starts from saw it written (dirty).  0, or -1 with *errp. */
     int (*dirty)(void *opaque,
