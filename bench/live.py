@@ -22,7 +22,8 @@ through that export at a steady rate during every job, and, for 1% and
           2 MiB in flight; timed from creating the scratch file to the
           teardown's end, as cbt's run
   pull1   the same, one request at a time, each a run of adjacent dirty
-          clusters of at most 4 MiB (the request pattern of cbt's reader)
+          clusters of at most 4 MiB (the request pattern of cbt's reader
+          before it kept a chunk's reads in flight together)
   idle    no job: the guest's write latency alone
   dd      dd conv=fdatasync of the dirty byte count from a warm file (the
           machine's durable copy bandwidth, the guest writing as for the
@@ -655,7 +656,7 @@ class Bench:
             ("pull16", "libnbd pull reader, 16 x 2 MiB in flight, "
              "no hashing, no writing"),
             ("pull1", "libnbd pull reader, 1 request at a time "
-             "(cbt's pattern), no hashing, no writing"),
+             "(cbt's old pattern), no hashing, no writing"),
         ]
         print()
         print("| dirty (bytes) | reference | ref s | cbt s | ratio cbt/ref "

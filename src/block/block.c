@@ -367,16 +367,29 @@ int blk_read_backing(struct blk_node *node, void *buf, uint64_t off, size_t len)
  */
 #define WRITEBACK_STEP ((uint64_t)32 << 20)
 
-static void note_written(struct blk_node *node, uint64_t len)
+static void start_writeback_locked(struct blk_node *node)
 {
-    node->unkicked += len;
-    if (node->unkicked < WRITEBACK_STEP)
-        return;
     node->unkicked = 0;
     if (node->drv->start_writeback)
         node->drv->start_writeback(node);
     else
         blk_start_writeback_fd(node->fd);
+}
+
+static void note_written(struct blk_node *node, uint64_t len)
+{
+    node->unkicked += len;
+    if (node->unkicked >= WRITEBACK_STEP)
+        start_writeback_locked(node);
+}
+
+void blk_start_writeback(struct blk_node *node)
+{
+    if (node->read_only)
+        return;
+    pthread_mutex_lock(&node->lock);
+    start_writeback_locked(node);
+    pthread_mutex_unlock(&node->lock);
 }
 
 void blk_start_writeback_fd(int fd)

@@ -258,10 +258,15 @@ const struct blk_driver *blk_find_driver(const char *name);
 const struct blk_driver *blk_probe(int fd);
 /* Read [off, off+len) of the node's backing view: the backing node's data
  * within its size, zeroes past it or without a backing node. */
-/* Start writing back fd's dirty pages, not waiting (sync_file_range). */
-void blk_start_writeback_fd(int fd);
 int blk_read_backing(struct blk_node *node, void *buf, uint64_t off,
                      size_t len);
+/* Start writing back fd's dirty pages, not waiting (sync_file_range). */
+void blk_start_writeback_fd(int fd);
+/* The same for what a node has written so far (streaming writeback, in
+ * block.c, does it every 32 MiB): a job that has written everything and
+ * has other work before its flush lets the disk start now.  Takes
+ * node->lock. */
+void blk_start_writeback(struct blk_node *node);
 
 /*
  * Writes for chain operations (commit, stream, rebase).  bflags:

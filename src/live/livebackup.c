@@ -25,9 +25,10 @@
  *
  * The end
  * -------
- * The export goes, the job is cancelled (a sync=none job ends that way),
- * the scratch node is deleted (its temporary bitmap with it) and its file
- * removed.  On success the new checkpoint's record goes to the live
+ * As soon as backup.c has read everything (bk_source.done, before the
+ * target's flush), the export goes, the job is cancelled (a sync=none job
+ * ends that way), the scratch node is deleted (its temporary bitmap with
+ * it) and its file removed.  On success the new checkpoint's record goes to the live
  * journal; on failure the new checkpoint's bitmap is removed again, so
  * the next backup starts from the old one.  Every QEMU object cbt makes is
  * named cbt-PID-...: a later cbt removes those of a PID that is no longer
@@ -634,6 +635,17 @@ static void lb_actions(struct lb *b, json_t *acts, const char *since,
                                           "blockdev-backup", "data", job));
 }
 
+static void lb_release(struct bk_live *l);
+
+/* The copy has read everything (bk_source.done): the view goes now, not
+ * after the target's flush, the hashes and the records; the guest's
+ * writes stop paying for copy-before-write that much sooner. */
+static void lb_done(void *opaque)
+{
+    struct lb *b = opaque;
+    lb_release(&b->l);
+}
+
 /* ---- push: QEMU wrote the data, cbt reads the file ---- */
 
 static int push_status(void *opaque, uint64_t off, uint64_t len,
@@ -734,6 +746,7 @@ static int push_finish(struct lb *b, const char *since,
         .opaque = b,
         .status = push_status,
         .read = push_read,
+        .done = lb_done,
         .dirty = push_dirty,
     };
     return 0;
@@ -763,6 +776,8 @@ static int lb_expose(struct lb *b, const char *since, struct bk_source *src,
                       qmp_name(b->q));
         return -1;
     }
+    b->src.done = lb_done;
+    b->src.done_opaque = b;
     live_nbd_source_init(&b->src, b->nbd, src);
     return 0;
 }
@@ -917,6 +932,7 @@ static void lb_release(struct bk_live *l)
     struct cbt_error *e = NULL;
     live_nbd_close(b->nbd);
     b->nbd = NULL;
+    live_nbd_source_fini(&b->src);
     if (b->pushed)
         cbt_image_close(b->pushed, NULL);
     b->pushed = NULL;

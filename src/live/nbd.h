@@ -14,7 +14,8 @@
  * base:allocation and, when a bitmap is named, qemu:dirty-bitmap:NAME.
  * The server is untrusted: extents are checked (non-empty, inside the
  * request, bounded in number) before cbt uses them.  Thread-safe: libnbd
- * serializes the requests of one handle.
+ * serializes the requests of one handle; but one thread at a time may
+ * call live_nbd_pread_many (it waits for its own replies only).
  */
 struct live_nbd;
 
@@ -71,21 +72,52 @@ int live_nbd_extents(struct live_nbd *n, uint64_t off, uint64_t len,
 /* Read [off, off+len) (len <= 32 MiB).  0 or -errno. */
 int live_nbd_pread(struct live_nbd *n, void *buf, size_t len, uint64_t off);
 
+/* One range of live_nbd_pread_many. */
+struct live_nbd_read {
+    void *buf;
+    size_t len;     /* <= 32 MiB */
+    uint64_t off;
+    int err;        /* out: 0, or -errno of this range */
+};
+
+/* Requests live_nbd_pread_many keeps in flight at most, and the longest
+ * one: a range longer than that goes as several requests. */
+#define LIVE_NBD_IN_FLIGHT 32
+#define LIVE_NBD_READ_PIECE ((size_t)1 << 20)
+
 /*
- * A backup's source (backup_live.h) reading n: the data, block status
- * answered from a cache of extents asked for in large spans, and the
- * dirty extents of n's bitmap (every range, without one).  s holds the
- * cache and must outlive the backup; n stays the caller's.
+ * Read the nv ranges of v, keeping up to LIVE_NBD_IN_FLIGHT requests in
+ * flight on the connection (the server answers them in any order).
+ * Returns once no request is left in flight, so the buffers are the
+ * caller's again: 0 when every range was read, else the first failed
+ * range's -errno (each range's own result is in its err).  A failure of
+ * the connection itself leaves the handle unusable: later calls fail.
  */
-#define LIVE_NBD_SOURCE_CACHE 4096
+int live_nbd_pread_many(struct live_nbd *n, struct live_nbd_read *v,
+                        size_t nv);
+
+/*
+ * A backup's source (backup_live.h) reading n: the data (many reads in
+ * flight at once), block status answered from one walk of the disk kept
+ * as a map of zeroes (nbd.c), and the dirty extents of n's bitmap (every
+ * range, without one).  s must outlive the backup and start zeroed; n
+ * stays the caller's.  done (when set before init) runs when the backup
+ * has read all it needs.  live_nbd_source_fini frees the map.
+ */
+#define LIVE_NBD_ZERO_GRAIN ((uint64_t)65536)
 struct live_nbd_source {
     struct live_nbd *nbd;
-    size_t ncache;
-    struct live_nbd_extent cache[LIVE_NBD_SOURCE_CACHE];
+    uint64_t *zero;     /* a bit per LIVE_NBD_ZERO_GRAIN: reads as zeroes */
+    uint64_t walked;    /* block status known up to here */
+    uint64_t zero_from; /* where the zero extents ending at walked start
+                         * (UINT64_MAX: it is not zero) */
+    void (*done)(void *opaque);
+    void *done_opaque;
 };
 struct bk_source;
 void live_nbd_source_init(struct live_nbd_source *s, struct live_nbd *n,
                           struct bk_source *src);
+void live_nbd_source_fini(struct live_nbd_source *s);
 
 /*
  * The merge of two contexts' replies (exposed for the fuzz target):

@@ -401,6 +401,7 @@ int nbd_backup(const struct nbd_backup_opts *no, struct cbt_backup_opts *o,
         r = cbt_backup_live(o, &nb->l, res, errp);
     else
         memset(res, 0, sizeof(*res));
+    live_nbd_source_fini(&nb->src);
     live_nbd_close(nb->nbd);
     for (size_t i = 0; i < nb->nrecs; i++) {
         free(nb->recs[i].file);

@@ -75,6 +75,7 @@
 #include <cbt/chain.h>
 #include <cbt/checkpoint.h>
 
+#include "../block/block.h"
 #include "../util/util.h"
 #include "backup_live.h"
 #include "bchain.h"
@@ -1045,6 +1046,26 @@ static int mark_zero_status(struct bk *b, struct bp_chunk *c, size_t i,
     return 0;
 }
 
+/* Read the ranges of a chunk (in order), all at once when the source
+ * can.  0, or -1 with the first failure in b->fill_fail. */
+static int read_ranges(struct bk *b, struct bk_read *v, size_t n)
+{
+    int r = 0;
+    if (n && b->src.read_many)
+        r = b->src.read_many(b->src.opaque, v, n);
+    for (size_t i = 0; i < n && r == 0 && !b->src.read_many; i++)
+        r = v[i].err = b->src.read(b->src.opaque, v[i].buf, v[i].len,
+                                   v[i].off);
+    if (r == 0)
+        return 0;
+    size_t i = 0;
+    while (i + 1 < n && v[i].err == 0)
+        i++;
+    b->fill_fail = (struct io_fail){"reading", b->o->disk, v[i].off,
+                                    v[i].err ? v[i].err : r};
+    return -1;
+}
+
 static int bk_fill(void *opaque, struct bp_chunk *c)
 {
     struct bk *b = opaque;
@@ -1063,6 +1084,8 @@ static int bk_fill(void *opaque, struct bp_chunk *c)
         if (mark_zero_status(b, c, i, j) < 0)
             return -1;
     }
+    struct bk_read rd[BP_SEGS];
+    size_t nr = 0;
     for (size_t i = 0, j; i < c->n; i = j) {
         j = i + 1;
         if (c->seg[i].kind == K_ZERO)
@@ -1075,15 +1098,11 @@ static int bk_fill(void *opaque, struct bp_chunk *c)
             c->seg[j].data = bp_take(c, (size_t)B);
             rlen += c->seg[j].len;
         }
-        int r = b->src.read(b->src.opaque, c->seg[i].data, (size_t)rlen,
-                            c->seg[i].off);
-        if (r < 0) {
-            b->fill_fail = (struct io_fail){"reading", b->o->disk,
-                                            c->seg[i].off, r};
-            return -1;
-        }
+        rd[nr++] = (struct bk_read){.buf = c->seg[i].data,
+                                    .len = (size_t)rlen,
+                                    .off = c->seg[i].off};
     }
-    return 1;
+    return read_ranges(b, rd, nr) < 0 ? -1 : 1;
 }
 
 /* Kind and digest of each block; only its own leaf is touched. */
@@ -1493,10 +1512,15 @@ static int copy(struct bk *b, struct cbt_error **errp)
     }
     if (bk_cancelled(b))
         return cancel_error(b, errp);
-    if (create_target(b, errp) < 0 || copy_all(b, errp) < 0 ||
-        finish_target(b, errp) < 0)
+    if (create_target(b, errp) < 0 || copy_all(b, errp) < 0)
         return -1;
-    return 0;
+    if (b->src.done) {
+        /* Nothing more to read: the source lets go (a live view's QEMU
+         * round trips) while the disk takes the target's last data. */
+        blk_start_writeback(b->dst);
+        b->src.done(b->src.opaque);
+    }
+    return finish_target(b, errp);
 }
 
 int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,

@@ -18,6 +18,14 @@
 
 #include "../util/util.h"
 
+/* One range of a batched read (bk_source.read_many). */
+struct bk_read {
+    void *buf;
+    size_t len;
+    uint64_t off;
+    int err;        /* out: 0, or -errno of this range */
+};
+
 /* Where the data comes from once the point in time is frozen. */
 struct bk_source {
     void *opaque;
@@ -27,6 +35,17 @@ struct bk_source {
                   bool *zero);
     /* Read [off, off+len).  0 or -errno. */
     int (*read)(void *opaque, void *buf, size_t len, uint64_t off);
+    /* Optional (NULL: read, range by range): read the n ranges of v, as
+     * many at once as the source can (a network source keeps requests in
+     * flight).  Returns when no range is in progress any more, its buffer
+     * the caller's again: 0, or the -errno of the first range that failed
+     * (each range's own result in its err). */
+    int (*read_many)(void *opaque, struct bk_read *v, size_t n);
+    /* Optional: the copy has read all it needs, the source may let its
+     * data go (a live view: its export, job and scratch node in QEMU).
+     * Called at most once, after the last read, while the target's last
+     * data is being written back. */
+    void (*done)(void *opaque);
     /* Call cb for every extent of the disk with whether the checkpoint the
      * backup starts from saw it written (dirty).  0, or -1 with *errp. */
     int (*dirty)(void *opaque,
