@@ -19,7 +19,7 @@ import pytest
 
 from conftest import CBT, cbt, qemu_img
 from livelib import (BLOCK, MiB, View, assert_cut, assert_incremental,  # noqa: F401
-                     cut_of, live, make_image, now)
+                     cut_of, decode_block, live, make_image, now)
 from livelib import state_dir  # noqa: F401 (autouse: a journal per test)
 
 SIZE = 32 * MiB
@@ -232,7 +232,7 @@ def test_killed_at_random_moments(live, tmp_path, mode):
             # complete backup, whose checkpoint the next run removes.
             cbt("verify", target)
         w.wait_writes(5)
-    note = "seed %d, one run %.3fs, (delay, status) %s" % (seed, took, moments)
+    note = "seed %d, one run %.3fs, (kind, delay, status) %s" % (seed, took, moments)
     print(note)
     w.wait_writes(20)
     inc = os.path.join(bk, "inc.qcow2")
@@ -249,6 +249,104 @@ def test_killed_at_random_moments(live, tmp_path, mode):
     cbt("verify", inc)
     out = live.path("r.qcow2")
     cbt("restore", inc, out)
+
+
+def disk_gens(disk, tmp):
+    """{block: generation} the closed DISK holds (its blocks written by a
+    Writer); a QEMU killed mid-write may have kept or lost that write."""
+    v = View(disk, tmp)
+    gens = {}
+    for b in range(SIZE // BLOCK):
+        g = decode_block(v.block(b), b)
+        assert g is not None, "block %d of %s is torn" % (b, disk)
+        if g:
+            gens[b] = g
+    os.unlink(v.path)
+    return gens
+
+
+def test_qemu_killed_at_random_moments(live, tmp_path):
+    """SIGKILL of QEMU at random moments of --auto backups, the guest
+    writing: cbt fails clearly or completes, and what it completed is the
+    disk at one instant of its run; once QEMU runs again the next --auto
+    backups (a full: the killed QEMU's checkpoints are void; then an
+    incremental) restore to exactly the disk.  CBT_KILL_SEED repeats a
+    run."""
+    seed = int(os.environ.get("CBT_KILL_SEED", int(time.time() * 1000)))
+    rnd = random.Random(seed)
+    # Every block holds data: a full backup has all of it to read.
+    disk = make_image(live.path("d.qcow2"), SIZE,
+                      gens={b: 1 for b in range(SIZE // BLOCK)})
+    bk = live.path("bk")
+    os.mkdir(bk)
+
+    def start(n):
+        q = live.qsd(disk)
+        return q, live.writer(q, seed=(seed + n) % 1000,
+                              initial=disk_gens(disk, tmp_path)).start()
+
+    q, w = start(0)
+    w.wait_writes(5)
+    t0 = now()
+    cbt("backup", "--qmp", q.cbt_qmp, "--full", "vm",
+        os.path.join(bk, "first.qcow2"))
+    took = (now() - t0) / 1e9
+    moments = []
+    for i in range(6):
+        w.wait_writes(5)
+        if rnd.random() < 0.5:
+            # A clean stop now and then: QEMU stores its bitmaps, the next
+            # one opens them (in use), and its kill leaves them so.
+            w.stop()
+            q.quit()
+            q, w = start(100 + i)
+            w.wait_writes(5)
+        target = os.path.join(bk, "k%d.qcow2" % i)
+        kind = rnd.choice(["--auto", "--full"])   # a full reads for longer
+        t0 = now()
+        p = subprocess.Popen([CBT, "backup", "--qmp", q.cbt_qmp, kind,
+                              "vm", target], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        delay = rnd.uniform(0, took * 1.3)
+        time.sleep(delay)
+        q.kill()
+        w.stop(check=False)
+        out, err = p.communicate(timeout=120)
+        t1 = now()
+        moments.append((kind[2], round(delay, 3), p.returncode))
+        note = "seed %d, one run %.3fs, (kind, delay, status) %s" % (seed, took,
+                                                               moments)
+        if p.returncode == 0:
+            # Done before QEMU died: the disk at one instant of the run.
+            assert_cut(w, target, tmp_path, (t0, t1))
+        else:
+            # Failed: clearly, and no backup left behind under the name.
+            assert err.strip() and "\x00" not in err, (note, err)
+            assert not os.path.exists(target + ".json"), note
+        for f in sorted(os.listdir(bk)):
+            if f.endswith(".qcow2") and os.path.exists(
+                    os.path.join(bk, f + ".json")):
+                cbt("verify", os.path.join(bk, f))
+        q, w = start(i + 1)
+    print(note)
+    w.wait_writes(10)
+    # The last QEMU was never killed while cbt ran: --auto knows the old
+    # checkpoints are void and takes a full, then an incremental follows.
+    full = os.path.join(bk, "again.qcow2")
+    res = cbt("backup", "--qmp", q.cbt_qmp, "--auto", "vm", full)
+    assert "full backup instead" in res.out + res.err, (note, res)
+    w.wait_writes(20)
+    w.stop()
+    inc = os.path.join(bk, "after.qcow2")
+    res = cbt("backup", "--qmp", q.cbt_qmp, "--auto", "--output=json", "vm",
+              inc)
+    assert res.json()["kind"] == "incremental", (note, res.out)
+    assert not [f for f in os.listdir(bk) if f.endswith(".scratch")], note
+    q.quit()
+    out_img = live.path("r.qcow2")
+    cbt("restore", inc, out_img)
+    res = qemu_img("compare", disk, out_img, check=False)
+    assert res.rc == 0, (note, res)
 
 
 # ---- every disk at one instant (--all-disks) ----
@@ -327,7 +425,7 @@ def test_all_disks_killed_at_random_moments(live, tmp_path):
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         moments.append((round(delay, 3), p.returncode))
-    note = "seed %d, one run %.3fs, (delay, status) %s" % (seed, took, moments)
+    note = "seed %d, one run %.3fs, (kind, delay, status) %s" % (seed, took, moments)
     print(note)
     t0 = now()
     res = cbt("backup", "--qmp", vm.cbt_qmp, "--all-disks", "--incremental",
