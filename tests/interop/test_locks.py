@@ -378,7 +378,13 @@ def test_lock_bytes_match_qemu(tmp, mode):
                  stdin_pipe=True, ready="prompt"):
         want = (lock_bytes(top), lock_bytes(base))
     with holding([CBT, "io"] + flags + [top], top, stdin_pipe=True):
+        # cbt locks the image, then its backing file a moment later (it
+        # has no prompt to wait for): a while for the bytes to match.
+        deadline = time.time() + 20
         got = (lock_bytes(top), lock_bytes(base))
+        while got != want and time.time() < deadline:
+            time.sleep(0.02)
+            got = (lock_bytes(top), lock_bytes(base))
     assert got == want, "cbt %s holds %s, qemu-io %s" % (mode, got, want)
     if mode == "rw":
         assert want[0] == {100, 101, 103, 201, 203}
