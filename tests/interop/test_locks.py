@@ -56,10 +56,18 @@ def wait_locked(path, proc, timeout=20.0):
 
 
 def wait_ready(proc, ready):
-    """Wait until the holder has finished opening: its socket exists, or
-    (qemu-io) it printed its prompt.  QEMU writes the image while it opens
-    it (bitmaps marked in use) after taking its locks."""
+    """Wait until the holder has finished opening: its socket exists,
+    (qemu-io) it printed its prompt, or (cbt io, no prompt on a pipe) it
+    answered a command.  QEMU and cbt write the image while they open it
+    (bitmaps marked in use) after taking its locks."""
     deadline = time.time() + 20
+    if ready == "reply":
+        proc.stdin.write("help quit\n")
+        proc.stdin.flush()
+        if not proc.stdout.readline():
+            raise AssertionError("cbt io never answered: %s" %
+                                 proc.stderr.read())
+        return
     if ready == "prompt":
         buf = ""
         while "qemu-io>" not in buf:
@@ -86,7 +94,8 @@ def holding(argv, path, stdin_pipe=False, ready=None):
     until it is ready (wait_ready)."""
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin_pipe else
                             subprocess.DEVNULL,
-                            stdout=subprocess.PIPE if ready == "prompt" else
+                            stdout=subprocess.PIPE if ready in ("prompt",
+                                                                "reply") else
                             subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -141,9 +150,11 @@ def hold(kind, path, tmp):
             "--export", "nbd,id=e,node-name=disk,writable=on"], path,
             ready="nbd+unix:///disk?socket=%s" % sock)
     if kind == "cbt":
-        return holding([CBT, "io", path], path, stdin_pipe=True)
+        return holding([CBT, "io", path], path, stdin_pipe=True,
+                       ready="reply")
     if kind == "cbt-r":
-        return holding([CBT, "io", "-r", path], path, stdin_pipe=True)
+        return holding([CBT, "io", "-r", path], path, stdin_pipe=True,
+                       ready="reply")
     raise ValueError(kind)
 
 
@@ -377,14 +388,9 @@ def test_lock_bytes_match_qemu(tmp, mode):
     with holding(["qemu-io"] + flags + ["-f", "qcow2", top], top,
                  stdin_pipe=True, ready="prompt"):
         want = (lock_bytes(top), lock_bytes(base))
-    with holding([CBT, "io"] + flags + [top], top, stdin_pipe=True):
-        # cbt locks the image, then its backing file a moment later (it
-        # has no prompt to wait for): a while for the bytes to match.
-        deadline = time.time() + 20
+    with holding([CBT, "io"] + flags + [top], top, stdin_pipe=True,
+                 ready="reply"):
         got = (lock_bytes(top), lock_bytes(base))
-        while got != want and time.time() < deadline:
-            time.sleep(0.02)
-            got = (lock_bytes(top), lock_bytes(base))
     assert got == want, "cbt %s holds %s, qemu-io %s" % (mode, got, want)
     if mode == "rw":
         assert want[0] == {100, 101, 103, 201, 203}
