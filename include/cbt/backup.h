@@ -51,6 +51,15 @@ const char *cbt_backup_mode_name(enum cbt_backup_mode mode);
  * the reason (kind CBT_ERR_NEED_FULL, or CBT_ERR_CORRUPT for a damaged
  * parent), unless auto_full: then a full backup is taken and
  * result->fallback says why.
+ * rescan: the incremental or differential does not use the checkpoint's
+ * bitmap (it may be gone or inconsistent: QEMU killed, removed behind
+ * cbt's back); the whole disk is read and hashed, and only the blocks
+ * whose digest differs from the parent backup's .hashes are written.  It
+ * needs the parent backup (the one of the checkpoint it starts from) and
+ * that checkpoint's record on the disk, not its bitmap.  auto_full takes
+ * a rescan where the checkpoint's bitmap is unusable but its backup is
+ * fine (result->rescan, result->fallback saying why), and a full backup
+ * only when that is impossible too.
  */
 struct cbt_backup_opts {
     const char *disk;
@@ -62,6 +71,7 @@ struct cbt_backup_opts {
     const char *format;           /* "qcow2" (default) or "raw" */
     uint64_t granularity;         /* new checkpoint's bitmap; 0: default */
     bool auto_full;
+    bool rescan;                  /* compare every block with the parent */
     cbt_progress_fn *progress;
     void *progress_opaque;
     cbt_cancel_fn *cancel;        /* stops it before the checkpoint exists */
@@ -76,9 +86,14 @@ struct cbt_backup_result {
     char *checkpoint;             /* the checkpoint created */
     char *since;                  /* the checkpoint it started from, or NULL */
     char *parent;                 /* the parent backup's image file, or NULL */
-    char *fallback;               /* why a full backup was taken instead */
+    bool rescan;                  /* the blocks to copy were found by
+                                   * comparing every block's hash with the
+                                   * parent's (no bitmap read) */
+    char *fallback;               /* why a full backup (or with auto_full,
+                                   * a rescan) was taken instead */
     uint64_t virtual_size;
-    uint64_t dirty_bytes;         /* what the bitmap said changed */
+    uint64_t dirty_bytes;         /* what the bitmap said changed (rescan:
+                                   * the blocks found to differ) */
     uint64_t bytes_copied;        /* data written to the target */
     uint64_t bytes_zeroed;        /* ranges recorded as zeroes */
     char root_hash[65];           /* of the point-in-time guest view */

@@ -14,7 +14,8 @@
 
 static const char usage[] =
     "Usage: cbt backup (--full | --incremental | --since CHECKPOINT | --auto)\n"
-    "                  [--checkpoint NAME] [-O qcow2|raw] [-g GRANULARITY]\n"
+    "                  [--rescan] [--checkpoint NAME] [-O qcow2|raw]\n"
+    "                  [-g GRANULARITY]\n"
     "                  [-f FMT] [-p] [--output=human|json] DISK TARGET\n"
     "       cbt backup --full --no-checkpoint [-O qcow2|raw] [-f FMT] [-p]\n"
     "                  [--output=human|json] DISK TARGET\n"
@@ -45,6 +46,16 @@ static const char usage[] =
     "                  TARGET's folder, its chain incomplete or damaged);\n"
     "                  says why.  With --since: that differential, or a full\n"
     "                  backup\n"
+    "  --rescan        with --incremental, --since or alone: do not use the\n"
+    "                  checkpoint's bitmap (lost: QEMU killed, removed\n"
+    "                  behind cbt's back); read and hash the whole disk and\n"
+    "                  write only the blocks whose hash differs from the\n"
+    "                  previous backup's (TARGET.hashes of the backup of\n"
+    "                  that checkpoint), as an ordinary incremental on top\n"
+    "                  of it: the chain goes on with a new checkpoint.\n"
+    "                  --auto rescans by itself where the bitmap is lost\n"
+    "                  but the previous backup is fine (and says so on\n"
+    "                  stderr); a full backup only when that fails too\n"
     "One of them is required: a full backup is never taken by surprise.\n"
     "  --no-checkpoint with --full: a copy only, for a disk that cannot\n"
     "                  hold checkpoints (raw) or may not be written (a\n"
@@ -129,6 +140,7 @@ static const char usage[] =
     "  cbt backup --since monday --checkpoint tuesday disk.qcow2 \\\n"
     "      /backups/vm1/diff-tue.qcow2\n"
     "  cbt backup --auto -p disk.qcow2 /backups/vm1/$(date +%F).qcow2\n"
+    "  cbt backup --rescan disk.qcow2 /backups/vm1/after-crash.qcow2\n"
     "  cbt backup --full -O raw disk.qcow2 /backups/vm1/full.raw\n"
     "  cbt backup --nbd 'nbd+unix:///vda?socket=/run/bk.sock' --since ck1 \\\n"
     "      --bitmap backup-vda --checkpoint ck2 /backups/vm1/ck2.qcow2\n";
@@ -139,6 +151,17 @@ static double pct(uint64_t part, uint64_t whole)
     return whole ? 100.0 * (double)part / (double)whole : 0.0;
 }
 
+/* --auto chose a rescan: said on stderr (stdout may be JSON). */
+static void note_rescan(const struct cbt_backup_opts *o,
+                        const struct cbt_backup_result *r)
+{
+    if (r->rescan && r->fallback)
+        fprintf(stderr, "cbt backup: %s: %s; rescanned the whole disk "
+                "instead of taking a full backup: only the blocks whose hash "
+                "differs from %s were written\n", o->target, r->fallback,
+                r->parent ? r->parent : "the previous backup");
+}
+
 static void print_human(const struct cbt_backup_opts *o,
                         const struct cbt_backup_result *r, double secs)
 {
@@ -147,7 +170,7 @@ static void print_human(const struct cbt_backup_opts *o,
     cli_size_to_str(r->dirty_bytes, dirty, sizeof(dirty));
     cli_size_to_str(r->bytes_copied, copied, sizeof(copied));
     cli_size_to_str(r->bytes_zeroed, zeroed, sizeof(zeroed));
-    if (r->fallback)
+    if (r->fallback && !r->rescan)
         printf("Note: full backup instead of %s: %s\n",
                o->mode == CBT_BACKUP_DIFFERENTIAL ? "differential"
                                                   : "incremental",
@@ -162,6 +185,10 @@ static void print_human(const struct cbt_backup_opts *o,
         printf("  checkpoint  none (a copy only)\n");
     if (r->mode == CBT_BACKUP_FULL)
         printf("  disk        %s\n", vs);
+    else if (r->rescan)
+        printf("  changed     %s of %s (%.1f%%), found by reading and "
+               "hashing the whole disk (rescan)\n", dirty, vs,
+               pct(r->dirty_bytes, r->virtual_size));
     else
         printf("  dirty       %s of %s (%.1f%%)\n", dirty, vs,
                pct(r->dirty_bytes, r->virtual_size));
@@ -188,6 +215,7 @@ static json_t *result_json(const struct cbt_backup_opts *o,
     json_object_set_new(j, "fallback", r->fallback
                                            ? cli_json_string(r->fallback)
                                            : json_null());
+    json_object_set_new(j, "rescan", json_boolean(r->rescan));
     json_object_set_new(j, "virtual-size", cli_json_u64(r->virtual_size));
     json_object_set_new(j, "dirty-bytes", cli_json_u64(r->dirty_bytes));
     json_object_set_new(j, "bytes-copied", cli_json_u64(r->bytes_copied));
@@ -215,6 +243,7 @@ static void print_all(const struct cbt_backup_opts *o,
         struct cbt_backup_opts one = *o;
         one.disk = v[i].disk;
         one.target = v[i].target;
+        note_rescan(&one, &v[i].res);
         if (arr)
             json_array_append_new(arr, result_json(&one, &v[i].res, secs));
         else
@@ -268,6 +297,7 @@ int cmd_backup(int argc, char **argv)
         OPT_NBD,
         OPT_BITMAP,
         OPT_DISKID,
+        OPT_RESCAN,
     };
     bool all = false;
     const char *qmp_sock = NULL;
@@ -292,6 +322,7 @@ int cmd_backup(int argc, char **argv)
         {"nbd", required_argument, NULL, OPT_NBD},
         {"bitmap", required_argument, NULL, OPT_BITMAP},
         {"disk-id", required_argument, NULL, OPT_DISKID},
+        {"rescan", no_argument, NULL, OPT_RESCAN},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
@@ -315,6 +346,9 @@ int cmd_backup(int argc, char **argv)
             break;
         case OPT_AUTO:
             o.auto_full = true;
+            break;
+        case OPT_RESCAN:
+            o.rescan = true;
             break;
         case OPT_CKPT:
             o.checkpoint = optarg;
@@ -371,7 +405,10 @@ int cmd_backup(int argc, char **argv)
     if (full + inc + (o.since != NULL) > 1)
         return cli_usage_error(prog, "--full, --incremental and --since "
                                "exclude each other");
-    if (!full && !inc && !o.since && !o.auto_full)
+    if (full && o.rescan)
+        return cli_usage_error(prog, "--rescan makes an incremental or "
+                               "differential backup; it excludes --full");
+    if (!full && !inc && !o.since && !o.auto_full && !o.rescan)
         return cli_usage_error(prog, "say which backup: --full, "
                                "--incremental, --since CHECKPOINT or --auto");
     if (o.since && !*o.since)
@@ -471,6 +508,7 @@ int cmd_backup(int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double secs = (double)(t1.tv_sec - t0.tv_sec) +
                   (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+    note_rescan(&o, &res);
     if (output == CLI_OUTPUT_JSON)
         print_json(&o, &res, secs);
     else

@@ -100,7 +100,9 @@ struct range {
     uint64_t start, end;
 };
 
-enum blk_kind { K_NONE, K_DATA, K_ZERO };
+/* K_SAME: a rescan found the block's digest equal to the parent's: not
+ * written (it reads from the parent). */
+enum blk_kind { K_NONE, K_DATA, K_ZERO, K_SAME };
 
 struct bk_job {
     const struct cbt_backup_opts *o;
@@ -115,6 +117,9 @@ struct bk_job {
     const char *fmt;          /* target format */
     bool raw;
     bool full;
+    bool rescan;              /* every block read, compared with the
+                               * parent's digest; only changed ones kept */
+    bool bitmap_lost;         /* the checkpoint's bitmap was the reason */
     uint64_t size;            /* the disk's virtual size */
     char disk_id[37];
     char *dir;                /* the target's folder */
@@ -217,6 +222,13 @@ static int check_opt_values(const struct cbt_backup_opts *o,
                           strlen(o->checkpoint) > CBT_CHECKPOINT_NAME_MAX)) {
         cbt_error_set(errp, EINVAL, "%s: checkpoint name must be 1 to %d "
                       "bytes", o->disk, CBT_CHECKPOINT_NAME_MAX);
+        return -1;
+    }
+    if (o->rescan && o->mode == CBT_BACKUP_FULL) {
+        cbt_error_set(errp, EINVAL, "%s: --rescan makes an incremental or "
+                      "differential backup (it compares the disk with the "
+                      "previous backup); a full backup reads everything "
+                      "anyway", o->target);
         return -1;
     }
     if (o->no_checkpoint && (o->mode != CBT_BACKUP_FULL || o->auto_full ||
@@ -616,55 +628,14 @@ static int list_checkpoints(struct bk *b, struct cbt_checkpoint **list,
     return cbt_checkpoint_list(b->disk, list, n, errp);
 }
 
-static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
+/* The parent backup of the checkpoint b->since in the folder, its chain
+ * checked and its leaves loaded: 0, 1 with *why, or -1 (plan_incremental's
+ * convention). */
+static int plan_parent(struct bk *b, char **why, struct cbt_error **errp)
 {
     const struct cbt_backup_opts *o = b->o;
     const char *disk = o->disk;
-    struct cbt_checkpoint *list = NULL;
-    size_t n = 0;
-    if (list_checkpoints(b, &list, &n, errp) < 0)
-        return -1;
-    for (size_t i = 0; i < n; i++)
-        b->predicted_order = MAX(b->predicted_order, list[i].order);
-    int ret = 0;
-    const struct cbt_checkpoint *c = NULL;
-    if (o->mode == CBT_BACKUP_INCREMENTAL) {
-        if (n == 0)
-            ret = impossible(why, "%s has no checkpoint to start an "
-                             "incremental backup from", disk);
-        else
-            c = &list[n - 1];
-    } else {
-        for (size_t i = 0; i < n && !c; i++)
-            if (strcmp(list[i].name, o->since) == 0)
-                c = &list[i];
-        if (!c)
-            ret = impossible(why, "%s has no checkpoint '%s'", disk, o->since);
-    }
-    if (c && !c->usable)
-        ret = impossible(why, "%s: checkpoint '%s' cannot be used: %s", disk,
-                         c->name, c->problem ? c->problem : "its bitmap is "
-                         "not valid over the chain");
-    /* No checkpoint to trust: a full backup is what is needed. */
-    if (ret > 0)
-        ret = 2;
-    if (c && ret == 0) {
-        /* The smallest size the disk had since c, as far as the
-         * checkpoints saw it: a shrink and a grow since then changed the
-         * tail without a bit in any bitmap (QEMU's resize semantics). */
-        b->min_size = b->size;
-        for (size_t i = 0; i < n; i++)
-            if (list[i].order >= c->order)
-                b->min_size = MIN(b->min_size, list[i].virtual_size);
-        b->since = *c;
-        /* Take the strings over; the list's copy is cleared below. */
-        list[c - list] = (struct cbt_checkpoint){0};
-        b->have_since = true;
-    }
-    cbt_checkpoint_free_list(list, n);
-    if (ret != 0)
-        return ret;
-
+    int ret;
     if (!b->disk_id[0])
         return impossible(why, "%s has no disk id (no checkpoint metadata)",
                           disk);
@@ -715,6 +686,83 @@ static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
     }
     b->psize = pm->virtual_size;
     return 0;
+}
+
+static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
+{
+    const struct cbt_backup_opts *o = b->o;
+    const char *disk = o->disk;
+    struct cbt_checkpoint *list = NULL;
+    size_t n = 0;
+    if (list_checkpoints(b, &list, &n, errp) < 0)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        b->predicted_order = MAX(b->predicted_order, list[i].order);
+    int ret = 0;
+    const struct cbt_checkpoint *c = NULL;
+    if (o->mode == CBT_BACKUP_INCREMENTAL) {
+        if (n == 0)
+            ret = impossible(why, "%s has no checkpoint to start an "
+                             "incremental backup from", disk);
+        else
+            c = &list[n - 1];
+    } else {
+        for (size_t i = 0; i < n && !c; i++)
+            if (strcmp(list[i].name, o->since) == 0)
+                c = &list[i];
+        if (!c)
+            ret = impossible(why, "%s has no checkpoint '%s'", disk, o->since);
+    }
+    char *bitmap_why = NULL;
+    if (c && !c->usable) {
+        ret = impossible(why, "%s: checkpoint '%s' cannot be used: %s", disk,
+                         c->name, c->problem ? c->problem : "its bitmap is "
+                         "not valid over the chain");
+        /* The bitmap is lost, not the checkpoint's record nor its backup:
+         * a rescan needs neither the bitmap nor anything it vouches for. */
+        if (ret > 0 && (o->rescan || o->auto_full)) {
+            bitmap_why = *why;
+            *why = NULL;
+            ret = 0;
+        }
+        b->bitmap_lost = ret > 0;
+    }
+    /* No checkpoint to trust: a full backup is what is needed. */
+    if (ret > 0)
+        ret = 2;
+    b->rescan = ret == 0 && (o->rescan || bitmap_why);
+    if (c && ret == 0) {
+        /* The smallest size the disk had since c, as far as the
+         * checkpoints saw it: a shrink and a grow since then changed the
+         * tail without a bit in any bitmap (QEMU's resize semantics). */
+        b->min_size = b->size;
+        for (size_t i = 0; i < n; i++)
+            if (list[i].order >= c->order)
+                b->min_size = MIN(b->min_size, list[i].virtual_size);
+        b->since = *c;
+        /* Take the strings over; the list's copy is cleared below. */
+        list[c - list] = (struct cbt_checkpoint){0};
+        b->have_since = true;
+    }
+    cbt_checkpoint_free_list(list, n);
+    if (ret == 0)
+        ret = plan_parent(b, why, errp);
+    if (bitmap_why && ret > 0) {
+        /* Neither the bitmap nor a rescan: say both. */
+        char *both = cbt_strdup_printf("%s; and no rescan instead: %s",
+                                       bitmap_why, *why);
+        free(*why);
+        *why = both;
+        ret = both ? ret : -1;
+        if (!both)
+            oom(errp);
+    } else if (bitmap_why && ret == 0 && !o->rescan) {
+        /* auto_full chose the rescan: the reason goes to the result. */
+        b->res->fallback = bitmap_why;
+        bitmap_why = NULL;
+    }
+    free(bitmap_why);
+    return ret;
 }
 
 /* ---- the source: the open disk (offline) ---- */
@@ -869,6 +917,16 @@ static int add_stale_zeroes(struct bk *b, uint64_t upto,
 
 static int collect_dirty(struct bk *b, struct cbt_error **errp)
 {
+    if (b->rescan) {
+        /* No bitmap: every block is read and compared with the parent's
+         * digest (the hash stage), which also covers any resize. */
+        if (push_range(b, 0, b->size) < 0) {
+            oom(errp);
+            return -1;
+        }
+        b->total = b->size;
+        return 0;
+    }
     if (b->src.dirty(b->src.opaque, on_extent, b, errp) < 0)
         return -1;
     /* A resize since the parent: the blocks from the one holding the
@@ -1119,6 +1177,13 @@ static int bk_hash(void *opaque, struct bp_chunk *c, size_t i, size_t j)
             blockhash_digest(g->data, (size_t)g->len, leaf);
             g->kind = K_DATA;
         }
+        /* A rescan keeps what differs from the parent.  A digest covers
+         * the block's length too: a block whose length changed with a
+         * resize differs. */
+        uint64_t bi = g->off / B;
+        if (b->rescan && bi < b->ph.n &&
+            memcmp(leaf, b->ph.leaf[bi], 32) == 0)
+            g->kind = K_SAME;
     }
     return 0;
 }
@@ -1130,13 +1195,17 @@ static int bk_drain(void *opaque, struct bp_chunk *c)
     struct bk *b = opaque;
     for (size_t k = 0; k < c->n; k++) {
         struct bp_seg *g = &c->seg[k];
+        b->done += g->len;
+        if (g->kind == K_SAME)
+            continue;
+        if (b->rescan)
+            b->res->dirty_bytes += g->len;
         int r = add_block(b, g->kind, g->data, g->off, g->len);
         if (r < 0) {
             b->drain_fail = (struct io_fail){"writing", b->o->target,
                                              g->off, r};
             return -1;
         }
-        b->done += g->len;
     }
     /* The chunk's buffer is reused after this: nothing may stay pending. */
     int r = flush_pending(b);
@@ -1467,22 +1536,37 @@ static int plan(struct bk *b, struct cbt_error **errp)
         int r = plan_incremental(b, &why, errp);
         if (r < 0)
             return -1;
+        if (r > 0 && !o->auto_full && o->rescan) {
+            cbt_error_set(errp, EINVAL, "%s; a rescan compares the disk with "
+                          "its previous backup in the target's folder (the "
+                          "one of the checkpoint it starts from) and there is "
+                          "none to use: take a full backup (--full, or --auto "
+                          "to fall back to one)", why);
+            cbt_error_set_kind(errp, b->why_kind);
+            free(why);
+            return -1;
+        }
         if (r > 0 && !o->auto_full) {
             cbt_error_set(errp, EINVAL, "%s; %s %s backup is impossible: "
                           "take a full one (--full, or --auto to fall back to "
-                          "one)", why,
+                          "one%s)", why,
                           o->mode == CBT_BACKUP_INCREMENTAL ? "an" : "a",
-                          cbt_backup_mode_name(o->mode));
+                          cbt_backup_mode_name(o->mode),
+                          b->bitmap_lost ? ", or --rescan to compare the "
+                          "disk with its last backup instead" : "");
             cbt_error_set_kind(errp, b->why_kind);
             free(why);
             return -1;
         }
         if (r > 0) {
+            free(res->fallback);
             res->fallback = why;
             res->mode = CBT_BACKUP_FULL;
         }
     }
     b->full = res->mode == CBT_BACKUP_FULL;
+    b->rescan = b->rescan && !b->full;
+    res->rescan = b->rescan;
     if (b->full) {
         /* A fallback starts a new chain: the checkpoints' orders. */
         struct cbt_checkpoint *list = NULL;
@@ -1657,7 +1741,8 @@ struct bk_job *bk_job_plan(const struct cbt_backup_opts *o, struct bk_live *l,
 
 const char *bk_job_since(const struct bk_job *b)
 {
-    return b->full ? NULL : b->since.name;
+    /* A rescan reads the whole view, as a full backup: no bitmap. */
+    return b->full || b->rescan ? NULL : b->since.name;
 }
 
 const char *bk_job_checkpoint(const struct bk_job *b) { return b->ckname; }

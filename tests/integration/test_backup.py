@@ -26,8 +26,9 @@ tools as oracles (issue 5, section 2; docs/backups.md).
     between incrementals: the backup has the new size and equals the
     reference, for qcow2 and raw;
   * --auto: a full backup with the reason when there is no checkpoint,
-    when the checkpoint's bitmap is disabled, when its backup is missing
-    from the folder; without --auto the same cases are refused with it;
+    when its backup is missing from the folder, a rescan when the
+    checkpoint's bitmap is disabled; without --auto the same cases are
+    refused with it;
   * refusals that leave the disk byte-identical and create no file: no
     mode, an existing TARGET (also one left by an interrupted backup), a
     TARGET in the disk's chain, a checkpoint name in use (checkpoint or
@@ -466,8 +467,11 @@ def test_auto_and_impossible_incrementals(tmp):
     assert first in err and "cannot be used" in err
     assert disk_state(s.disk) == state
     assert not os.path.exists(t2)
+    # --auto: the bitmap is lost but the backup of the checkpoint is
+    # there: a rescan (test_backup_rescan.py) on top of it, not a full
     r = backup("--auto", s.disk, t2)
-    assert r["kind"] == "full" and "cannot be used" in r["fallback"]
+    assert r["kind"] == "incremental" and r["rescan"] is True
+    assert r["parent"] == target and "cannot be used" in r["fallback"]
     ref = reference(s.disk, os.path.join(s.tmp, "r.raw"))
     assert r["root"] == root_of(ref)[0]
 
@@ -481,13 +485,14 @@ def test_auto_and_impossible_incrementals(tmp):
     r = backup("--auto", s.disk, t3)
     assert r["kind"] == "full" and "no backup" in r["fallback"]
 
-    # a differential since the first checkpoint still works (its bitmap is
-    # disabled: refused), with --auto a full one
+    # a differential since the first checkpoint (its bitmap is disabled:
+    # refused), with --auto a rescan on top of its backup
     err = backup_fails("--since", first, s.disk, os.path.join(s.repo, "d.qcow2"),
                        rc=NEED_FULL)
     assert "cannot be used" in err
     r = backup("--since", first, "--auto", s.disk, os.path.join(s.repo, "d.qcow2"))
-    assert r["kind"] == "full"
+    assert r["kind"] == "differential" and r["rescan"] is True
+    assert r["parent"] == target
     err = backup_fails("--since", "nope", s.disk, os.path.join(s.repo, "e.qcow2"),
                        rc=NEED_FULL)
     assert "no checkpoint 'nope'" in err

@@ -149,9 +149,15 @@ def test_need_full(tmp):
     cbt("bitmap", "--disable", disk, "c1")
     res = rc_of("backup", "--since", "c1", disk, os.path.join(bk, "d.qcow2"))
     assert res.rc == NEED_FULL, res
+    # --auto: a rescan on top of c1's backup (the bitmap is not needed)
     res = cbt("backup", "--since", "c1", "--auto", "--output=json", disk,
               os.path.join(bk, "d.qcow2"))
-    assert res.json()["kind"] == "full" and res.json()["fallback"], res
+    assert res.json()["kind"] == "differential" and res.json()["rescan"], res
+    assert res.json()["fallback"], res
+    # --rescan without a backup of c1 in the folder: 79, nothing written
+    res = rc_of("backup", "--since", "c1", "--rescan", disk, other / "r.qcow2")
+    assert res.rc == NEED_FULL, res
+    assert os.listdir(other) == []
 
 
 # ---- 65: verification failed ----
