@@ -452,9 +452,11 @@ def refuses(c, argv_mode, name, words, what):
     assert disk_state(c.disk) == before, "%s: the refused backup changed checkpoints" % what
 
 
-def auto_full(c, n, name, what):
-    """--incremental --auto takes a full backup, says why (naming NAME),
-    and the backup is right.  Returns its target's basename."""
+def auto_full(c, n, name, what, rescan=False):
+    """--incremental --auto takes a full backup (with rescan: a rescan on
+    top of the newest checkpoint's backup, docs/backups.md), says why
+    (naming NAME), and the backup is right.  Returns its target's
+    basename."""
     t = c.target(n)
     argv = ["backup", "--incremental", "--auto", "--output=json", "--checkpoint",
             "c%d" % n, TOP, t]
@@ -466,10 +468,15 @@ def auto_full(c, n, name, what):
     assert fb and name in str(fb), \
         "%s: the result should say why a full backup was taken (naming %r): %s" % (
             what, name, out)
-    assert out.get("kind") == "full", "%s: result %s" % (what, out)
     man = R.manifest_of(t)
-    assert man["kind"] == "full" and man["parent"] is None and man["since"] is None, \
-        "%s: %s" % (what, man)
+    if rescan:
+        assert out.get("kind") == "incremental" and out.get("rescan") is True, \
+            "%s: result %s" % (what, out)
+        assert man["kind"] == "incremental" and man["parent"], "%s: %s" % (what, man)
+    else:
+        assert out.get("kind") == "full", "%s: result %s" % (what, out)
+        assert man["kind"] == "full" and man["parent"] is None and man["since"] is None, \
+            "%s: %s" % (what, man)
     ref = os.path.join(c.root, "ref_%d.raw" % n)
     qemu_img("convert", "-O", "raw", c.top(), ref)
     assert man["hash"]["root"] == R.block_root(ref)[0], what
@@ -543,8 +550,8 @@ def test_drift_newest_checkpoint_broken(pristine_dir, tmp_path, how):
     assert listed.get(name, {}).get("usable") is False, \
         "%s: checkpoint list should call %s unusable: %s" % (what, name, listed.get(name))
     refuses(c, ["--incremental"], name, words, what)
-    full = auto_full(c, 3, name, what)
-    goes_on(c, full, 4, what + "; --auto full " + full, rng)
+    inc = auto_full(c, 3, name, what, rescan=True)
+    goes_on(c, inc, 4, what + "; --auto rescan " + inc, rng)
 
 
 @pytest.mark.parametrize("how", ["removed-newest", "disabled"])
@@ -583,7 +590,10 @@ def test_drift_older_checkpoint_broken(pristine_dir, tmp_path):
     assert res.rc == 0, "%s; --since c1 --auto: %r" % (what, res)
     fb = R.result_json(res, what).get("fallback")
     assert fb and "c1" in str(fb), "%s: %r" % (what, res)
-    assert R.manifest_of(t)["kind"] == "full", what
+    # b1, c1's backup, knows every block: a differential by rescan
+    assert R.result_json(res, what).get("rescan") is True, "%s: %r" % (what, res)
+    assert R.manifest_of(t)["kind"] == "differential", what
+    assert R.manifest_of(t)["parent"]["file"] == "b1.qcow2", what
     goes_on(c, "b3.qcow2", 4, what + "; --since c1 --auto", rng)
 
 
@@ -613,8 +623,9 @@ def test_drift_bitmap_without_checkpoint(pristine_dir, tmp_path):
 
 
 def test_drift_no_checkpoints_on_a_qemu_overlay(pristine_dir, tmp_path):
-    """An overlay made with qemu-img create -b carries no checkpoints: the
-    incremental is refused (no checkpoint), --auto takes a full."""
+    """An overlay made with qemu-img create -b: the checkpoints it lists
+    from its base are unusable: the incremental is refused, --auto takes a
+    rescan on top of the newest one's backup."""
     c = Case(pristine_dir, tmp_path / "case")
     ov = os.path.join(c.disk, "ov.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", "-b", TOP, "-F", "qcow2", ov)
@@ -626,20 +637,22 @@ def test_drift_no_checkpoints_on_a_qemu_overlay(pristine_dir, tmp_path):
     res = L.cbt_rc("backup", "--incremental", "--auto", "--checkpoint", "c3", "ov.qcow2", t,
                    cwd=c.disk)
     assert res.rc == 0, res
-    # the human output says so, on its own line
+    # the human output says so, on its own line: the checkpoints listed
+    # from the base are unusable (nothing tracked the overlay's writes),
+    # but the backup of the newest one knows every block: a rescan
     why = [ln for ln in res.out.splitlines() + res.err.splitlines()
-           if "full" in ln.lower() and "checkpoint" in ln.lower()]
-    assert why, "--auto should say why it took a full backup: %r" % res
-    assert R.manifest_of(t)["kind"] == "full"
+           if "rescan" in ln.lower() and "checkpoint" in ln.lower()]
+    assert why, "--auto should say why it took a rescan: %r" % res
+    assert R.manifest_of(t)["kind"] == "incremental"
     assert R.manifest_of(t)["hash"]["root"] == _PRISTINE["root"]
-    # and the JSON result's "fallback" (a second overlay, a second full)
+    # and the JSON result's "fallback" (a second overlay, a second rescan)
     ov2 = os.path.join(c.disk, "ov2.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", "-b", TOP, "-F", "qcow2", ov2)
     res = L.cbt_rc("backup", "--incremental", "--auto", "--output=json", "--checkpoint",
                    "c4", "ov2.qcow2", c.target(4), cwd=c.disk)
     assert res.rc == 0, res
     out = R.result_json(res, "auto")
-    assert out.get("fallback") and out.get("kind") == "full", out
+    assert out.get("fallback") and out.get("rescan") is True, out
 
 
 class IoWriter:
@@ -665,8 +678,8 @@ class IoWriter:
 def test_drift_inconsistent_after_sigkilled_writer(pristine_dir, tmp_path):
     """A `cbt io` writer killed after a write leaves the top's bitmaps
     in-use (inconsistent): reconcile explains each checkpoint, the
-    incremental is refused, --auto takes a full, and the backups go on from
-    there."""
+    incremental is refused, --auto takes a rescan (b2 knows every block),
+    and the backups go on from there."""
     rng = random.Random(SEED + 31)
     c = Case(pristine_dir, tmp_path / "case")
     w = IoWriter(c.top())
@@ -683,7 +696,7 @@ def test_drift_inconsistent_after_sigkilled_writer(pristine_dir, tmp_path):
     for n in ("c1", "c2"):
         assert_explained(items, human, n, ("inconsistent", "in-use", "in use"), what)
     refuses(c, ["--incremental"], "c2", ("inconsistent", "in-use", "in use"), what)
-    full = auto_full(c, 3, "c2", what)
-    goes_on(c, full, 4, what + "; --auto full " + full, rng)
+    inc = auto_full(c, 3, "c2", what, rescan=True)
+    goes_on(c, inc, 4, what + "; --auto rescan " + inc, rng)
     rc, data, res = L.qemu_check(c.top())
     assert rc in (0, 3) and not (data or {}).get("corruptions"), res
