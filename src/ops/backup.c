@@ -1338,6 +1338,7 @@ static void fill_manifest(struct bk *b, struct manifest *m)
     m->dirty = b->res->dirty_bytes;
     m->copied = b->res->bytes_copied;
     m->zeroed = b->res->bytes_zeroed;
+    m->rescan = b->rescan;
     m->has_extents = b->raw;
     m->extents = b->ext;
     m->nextents = b->next;

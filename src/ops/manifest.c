@@ -382,6 +382,14 @@ lineage_rest:
         return bad(p, "kind", "is an incremental or differential but since "
                    "or parent is null",
                    "since and parent set for a backup with a parent");
+    /* Optional (added after version 1's first manifests): absent = false. */
+    v = json_object_get(root, "rescan");
+    if (v && !json_is_boolean(v))
+        return bad_type(p, "rescan", v, "true or false");
+    m->rescan = v && json_is_true(v);
+    if (m->rescan && m->kind == CBT_BACKUP_FULL)
+        return bad(p, "rescan", "is true for a full backup",
+                   "a rescan only for a backup with a parent");
     return 0;
 }
 
@@ -594,6 +602,7 @@ static json_t *build(const struct manifest *m)
          put(root, "parent", json_incref(parent)) &&
          put(root, "image", json_incref(img)) &&
          put(root, "bytes", json_incref(bytes)) &&
+         (!m->rescan || put(root, "rescan", json_true())) &&
          put(root, "extents", json_incref(ext)) &&
          put(root, "hash", json_incref(hash));
     json_decref(disk);

@@ -37,6 +37,8 @@ struct manifest {
     char *image_format;           /* "qcow2" or "raw" */
     uint64_t virtual_size;
     uint64_t dirty, copied, zeroed;
+    bool rescan;                  /* optional key "rescan": changes found
+                                   * by comparing hashes, not a bitmap */
     bool has_extents;             /* raw targets */
     struct manifest_extent *extents;
     size_t nextents;

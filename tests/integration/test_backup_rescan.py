@@ -159,6 +159,7 @@ def assert_rescan_incremental(r, err, disk, target, parent, before, now, fmt="qc
     assert r["dirty-bytes"] == sum(min(B, size - i * B) for i in changed)
     m = manifest(target)
     assert m["kind"] == "incremental" and m["parent"]["file"] == os.path.basename(parent)
+    assert m["rescan"] is True
     assert m["bytes"]["copied"] == want_copied
     if fmt == "qcow2":
         # zero blocks past the parent's end need no cluster
@@ -205,6 +206,7 @@ def test_auto_rescans_after_bitmap_removed(tmp):
     r2, err2 = backup("--incremental", disk, inc2)
     assert r2["rescan"] is False and r2["parent"] == inc and err2 == ""
     assert r2["bytes-copied"] == B
+    assert "rescan" not in manifest(inc2)
     check_chain(disk, inc2, tmp)
 
 

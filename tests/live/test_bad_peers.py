@@ -141,12 +141,19 @@ def test_qemu_killed_during_the_backup(live, tmp_path):
     err.decode()  # the message is text (nothing the server sent raw)
     assert sorted(os.listdir(bk)) == ["full.qcow2", "full.qcow2.hashes",
                                       "full.qcow2.json"], os.listdir(bk)
-    # QEMU again: the checkpoints it had are void; --auto takes a full,
-    # saying why, and it restores to the disk.
+    # QEMU again: the checkpoint it had is void (its bitmap was in use
+    # when QEMU died); --auto rescans the disk against full.qcow2 (whose
+    # hashes say what every block held), saying why, and it restores to
+    # the disk: an incremental of the writer's 20 blocks at most (fewer
+    # when QEMU died before their qcow2 metadata reached the file).
     q2 = live.qsd(disk)
-    res = cbt("backup", "--qmp", q2.cbt_qmp, "--auto", "vm",
+    res = cbt("backup", "--qmp", q2.cbt_qmp, "--auto", "--output=json", "vm",
               os.path.join(bk, "again.qcow2"))
-    assert "full backup instead" in res.out, res
+    assert "rescanned the whole disk instead" in res.err, res
+    r = res.json()
+    assert r["kind"] == "incremental" and r["rescan"] is True, r
+    assert r["parent"] == os.path.join(bk, "full.qcow2"), r
+    assert r["bytes-copied"] <= 20 * 64 * 1024, r
     q2.quit()
     out_img = live.path("r.qcow2")
     cbt("restore", os.path.join(bk, "again.qcow2"), out_img)

@@ -262,10 +262,11 @@ def test_no_incremental_without_bitmap_parent_or_same_size(live, tmp_path):
               inc, check=False)
     assert res.rc == 79 and "no dirty bitmap 'c1'" in res.err and \
         "--bitmap" in res.err, res
-    # --auto takes a full backup instead, and says why.
+    # --auto rescans instead (c1's backup knows every block), and says why.
     res = backup(srv.uri, inc, "--auto", "--since", "c1", "--checkpoint", "c2")
     srv.quit()
-    assert res["kind"] == "full" and "no dirty bitmap 'c1'" in res["fallback"], res
+    assert res["kind"] == "incremental" and res["rescan"] is True, res
+    assert "no dirty bitmap 'c1'" in res["fallback"], res
     restores_to(inc, disk, tmp_path)
 
     # Another size than the parent's disk: a resize no bitmap describes.
@@ -278,7 +279,10 @@ def test_no_incremental_without_bitmap_parent_or_same_size(live, tmp_path):
     res = backup(srv.uri, os.path.join(bk, "big.qcow2"), "--auto", "--since", "c1",
                  "--checkpoint", "c9")
     srv.quit()
-    assert res["kind"] == "full" and "size" in res["fallback"], res
+    # a resize is no obstacle to a rescan: every block is compared (c1 is
+    # no longer the newest checkpoint there: a differential)
+    assert res["kind"] == "differential" and res["rescan"] is True, res
+    assert "size" in res["fallback"], res
     restores_to(os.path.join(bk, "big.qcow2"), other, tmp_path)
 
 
