@@ -76,6 +76,21 @@ int cbt_image_discard(struct cbt_image *img, uint64_t off, uint64_t len);
  * formats without compression (raw). */
 int cbt_image_pwrite_compressed(struct cbt_image *img, const void *buf,
                                 size_t len, uint64_t off);
+/* The same in two steps, for callers that compress in several threads and
+ * write in order.  cbt_image_compress_cluster compresses the one cluster at
+ * off (len bytes: the cluster, or the image's short last one) as
+ * cbt_image_pwrite_compressed would, into out (cap bytes), writing
+ * nothing; it takes no lock and touches no image state (any thread, while
+ * img is open).  Returns the compressed length, 0 when the cluster does not
+ * shrink (write it normally), or -errno (-ENOTSUP: no compression).
+ * cbt_image_pwrite_precompressed stores that cluster: buf its bytes (len),
+ * cbuf its compressed form (cbuf_len, from cbt_image_compress_cluster). */
+int64_t cbt_image_compress_cluster(struct cbt_image *img, const void *buf,
+                                   size_t len, uint64_t off, void *out,
+                                   size_t cap);
+int cbt_image_pwrite_precompressed(struct cbt_image *img, const void *buf,
+                                   size_t len, uint64_t off, const void *cbuf,
+                                   size_t cbuf_len);
 /* Durable: returns once everything written before it is on stable storage. */
 int cbt_image_flush(struct cbt_image *img);
 

@@ -499,10 +499,47 @@ int cbt_image_pwrite_compressed(struct cbt_image *img, const void *buf,
     for (size_t done = 0; r == 0 && done < len; done += cs) {
         size_t n = (size_t)MIN((uint64_t)(len - done), cs);
         r = img->drv->write_compressed(img, (const char *)buf + done,
-                                       off + done, n);
+                                       off + done, n, NULL, 0);
     }
     if (r == 0)
         note_written(img, len);  /* counted uncompressed: kicks sooner */
+    pthread_mutex_unlock(&img->lock);
+    return r;
+}
+
+int64_t cbt_image_compress_cluster(struct cbt_image *img, const void *buf,
+                                   size_t len, uint64_t off, void *out,
+                                   size_t cap)
+{
+    /* No lock: the driver reads only what is fixed while img is open. */
+    if (!img->drv->compress || img->cluster_size == 0)
+        return -ENOTSUP;
+    uint64_t cs = img->cluster_size;
+    if (len == 0 || off % cs || off >= img->size || len > cs ||
+        (len < cs && off + len != img->size))
+        return -EINVAL;
+    return img->drv->compress(img, buf, len, out, cap);
+}
+
+int cbt_image_pwrite_precompressed(struct cbt_image *img, const void *buf,
+                                   size_t len, uint64_t off, const void *cbuf,
+                                   size_t cbuf_len)
+{
+    int r = write_prologue(img, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    if (!img->drv->write_compressed || img->cluster_size == 0)
+        return -ENOTSUP;
+    uint64_t cs = img->cluster_size;
+    if (off % cs || len > cs || (len < cs && off + len != img->size) ||
+        cbuf_len == 0 || cbuf_len >= cs)
+        return -EINVAL;
+    pthread_mutex_lock(&img->lock);
+    r = blk_mark_dirty(img, off, len);
+    if (r == 0)
+        r = img->drv->write_compressed(img, buf, off, len, cbuf, cbuf_len);
+    if (r == 0)
+        note_written(img, len);
     pthread_mutex_unlock(&img->lock);
     return r;
 }

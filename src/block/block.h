@@ -166,13 +166,23 @@ struct blk_driver {
      * Optional.  write_compressed: store [off, off+len) compressed; off is
      * cluster-aligned and len is one cluster (or the tail of the image
      * when its size is not a multiple of the cluster size).  A cluster
-     * that does not shrink is stored uncompressed.
+     * that does not shrink is stored uncompressed.  cbuf, when not NULL,
+     * is the cluster already compressed by the driver's compress (cbuf_len
+     * bytes, 0 < cbuf_len < cluster size): stored as it is.
+     * compress: compress one such cluster of buf (len bytes) into out (at
+     * most cap bytes) as write_compressed would, without writing: the
+     * compressed length, 0 when it does not shrink, or -errno.  Reads only
+     * what is fixed while the node is open: called without node->lock,
+     * from any thread.
      * change_backing: rewrite the backing link stored in the image (name
      * NULL: no backing file; fmt may be NULL) and make it durable; on
      * failure node->backing_name/backing_fmt and the file are unchanged.
      */
     int (*write_compressed)(struct blk_node *node, const void *buf,
-                            uint64_t off, size_t len);
+                            uint64_t off, size_t len, const void *cbuf,
+                            size_t cbuf_len);
+    int64_t (*compress)(struct blk_node *node, const void *buf, size_t len,
+                        void *out, size_t cap);
     int (*change_backing)(struct blk_node *node, const char *name,
                           const char *fmt, struct cbt_error **errp);
     /* Deallocate every range of this layer (reads fall through to the

@@ -752,6 +752,69 @@ static void test_refusals(void **state)
     close_img(img);
 }
 
+/* ---- compressing apart from writing (cbt backup's worker threads) ---- */
+
+/* cbt_image_compress_cluster + cbt_image_pwrite_precompressed store what
+ * cbt_image_pwrite_compressed stores: compressible clusters compressed
+ * (zlib and zstd, a short tail cluster too), incompressible ones reported
+ * as not shrinking; the data reads back; refusals as the one-step call. */
+static void test_two_steps(void **state)
+{
+    (void)state;
+    for (int zstd = 0; zstd < 2; zstd++) {
+        struct img_opts o = { .cluster_size = 65536, .zstd = zstd };
+        const char *path = path_of(zstd ? "two_zstd.qcow2" : "two.qcow2");
+        uint64_t size = 1 * MiB + 4096;
+        create(path, size, &o);
+        struct cbt_image *img = open_img(path, CBT_OPEN_RDWR);
+        static uint8_t buf[65536], out[65536], back[65536];
+        fill_compressible(buf, sizeof(buf));
+        int64_t clen = cbt_image_compress_cluster(img, buf, 65536, 0, out,
+                                                  sizeof(out));
+        assert_true(clen > 0 && clen < 65536);
+        assert_int_equal(cbt_image_pwrite_precompressed(img, buf, 65536, 0,
+                                                        out, (size_t)clen), 0);
+        assert_true(is_compressed(img, 0));
+        assert_int_equal(cbt_image_pread(img, back, 65536, 0), 0);
+        assert_memory_equal(back, buf, 65536);
+        /* the short last cluster */
+        clen = cbt_image_compress_cluster(img, buf, 4096, 1 * MiB, out,
+                                          sizeof(out));
+        assert_true(clen > 0);
+        assert_int_equal(cbt_image_pwrite_precompressed(
+                             img, buf, 4096, 1 * MiB, out, (size_t)clen), 0);
+        assert_true(is_compressed(img, 1 * MiB));
+        assert_int_equal(cbt_image_pread(img, back, 4096, 1 * MiB), 0);
+        assert_memory_equal(back, buf, 4096);
+        /* incompressible: 0, the caller writes it normally */
+        fill_random(buf, sizeof(buf));
+        assert_int_equal(cbt_image_compress_cluster(img, buf, 65536, 65536,
+                                                    out, sizeof(out)), 0);
+        /* refusals */
+        assert_int_equal(cbt_image_compress_cluster(img, buf, 65536, 512,
+                                                    out, sizeof(out)), -EINVAL);
+        assert_int_equal(cbt_image_compress_cluster(img, buf, 4096, 0, out,
+                                                    sizeof(out)), -EINVAL);
+        assert_int_equal(cbt_image_pwrite_precompressed(img, buf, 65536,
+                                                        65536, out, 0),
+                         -EINVAL);
+        assert_int_equal(cbt_image_pwrite_precompressed(img, buf, 65536,
+                                                        65536, out, 65536),
+                         -EINVAL);
+        close_img(img);
+        check_clean(path, "two steps");
+    }
+    struct cbt_create_opts ro = { .format = "raw", .size = 1 * MiB,
+                                  .size_given = true };
+    struct cbt_error *err = NULL;
+    assert_int_equal(cbt_image_create(path_of("two.raw"), &ro, &err), 0);
+    struct cbt_image *img = open_img(path_of("two.raw"), CBT_OPEN_RDWR);
+    static uint8_t b2[65536], o2[65536];
+    assert_int_equal(cbt_image_compress_cluster(img, b2, 65536, 0, o2,
+                                                sizeof(o2)), -ENOTSUP);
+    close_img(img);
+}
+
 /* ---- cmocka plumbing ---- */
 
 static int rm_entry(const char *path, const struct stat *sb, int flag,
@@ -785,7 +848,7 @@ int main(void)
     seed = env ? strtoull(env, NULL, 0) : 0xc0de5eedull;
     print_message("qcow2_compress: CBT_TEST_SEED=0x%" PRIx64 "\n", seed);
     enum { NT = N_OF(rt_cfgs) + N_OF(pack_cfgs) + N_OF(mix_cfgs) +
-                N_OF(me_cfgs) + 2 };
+                N_OF(me_cfgs) + 3 };
     struct CMUnitTest tests[NT];
     size_t k = 0;
 #define ADD(cfgs, fn) \
@@ -805,6 +868,10 @@ int main(void)
                                       .teardown_func = teardown };
     tests[k++] = (struct CMUnitTest){ .name = "refusals",
                                       .test_func = test_refusals,
+                                      .setup_func = setup,
+                                      .teardown_func = teardown };
+    tests[k++] = (struct CMUnitTest){ .name = "two_steps",
+                                      .test_func = test_two_steps,
                                       .setup_func = setup,
                                       .teardown_func = teardown };
     return _cmocka_run_group_tests("qcow2_compress", tests, k, NULL, NULL);

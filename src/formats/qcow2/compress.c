@@ -148,16 +148,14 @@ static uint64_t compressed_descriptor(const struct qcow2_state *s,
     return QCOW2_OFLAG_COMPRESSED | (extra << s->csize_shift) | host;
 }
 
-int qcow2_write_compressed(struct blk_node *node, const void *buf,
-                           uint64_t off, size_t len)
+/* One cluster (a short tail cluster zero-padded) compressed into at most
+ * cap bytes (at most cluster_size - 1): its length, 0 when it does not
+ * shrink that far, or -errno.  Reads only what is fixed while the image is
+ * open (compression type, cluster size): callable without node->lock. */
+static int64_t compress_cluster(const struct qcow2_state *s, const void *buf,
+                                size_t len, uint8_t *out, size_t cap)
 {
-    struct qcow2_state *s = qcow2_state(node);
     uint64_t cs = s->cluster_size;
-    if (qcow2_has_data_file(s))
-        return -ENOTSUP; /* no compressed clusters in a data file (spec) */
-    if (!IS_ALIGNED(off, cs) || len > cs ||
-        (len < cs && off + len != node->size))
-        return -EINVAL;
     const uint8_t *src = buf;
     CLEANUP_FREE uint8_t *padded = NULL;
     if (len < cs) {
@@ -166,12 +164,44 @@ int qcow2_write_compressed(struct blk_node *node, const void *buf,
         memcpy(padded, buf, len);
         src = padded;
     }
+    int64_t clen = qcow2_compress(s, src, cs, out, MIN(cap, cs - 1));
+    return clen == -ENOSPC ? 0 : clen;
+}
+
+int64_t qcow2_compress_cluster(struct blk_node *node, const void *buf,
+                               size_t len, void *out, size_t cap)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    if (qcow2_has_data_file(s))
+        return -ENOTSUP;
+    if (len == 0 || len > s->cluster_size)
+        return -EINVAL;
+    return compress_cluster(s, buf, len, out, cap);
+}
+
+int qcow2_write_compressed(struct blk_node *node, const void *buf,
+                           uint64_t off, size_t len, const void *cbuf,
+                           size_t cbuf_len)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    uint64_t cs = s->cluster_size;
+    if (qcow2_has_data_file(s))
+        return -ENOTSUP; /* no compressed clusters in a data file (spec) */
+    if (!IS_ALIGNED(off, cs) || len > cs ||
+        (len < cs && off + len != node->size))
+        return -EINVAL;
+    if (cbuf && (cbuf_len == 0 || cbuf_len >= cs))
+        return -EINVAL;
     /* Room for the zero padding to the end of the last sector. */
     CLEANUP_FREE uint8_t *out = calloc(1, cs + 512);
     if (!out)
         return -ENOMEM;
-    int64_t clen = qcow2_compress(s, src, cs, out, cs - 1);
-    if (clen == -ENOSPC || clen == 0)
+    int64_t clen = (int64_t)cbuf_len;
+    if (cbuf)
+        memcpy(out, cbuf, cbuf_len); /* compressed by the caller */
+    else
+        clen = compress_cluster(s, buf, len, out, cs - 1);
+    if (clen == 0)
         return qcow2_write(node, buf, off, len); /* does not shrink */
     if (clen < 0)
         return (int)clen;

@@ -601,5 +601,6 @@ const struct blk_driver blk_qcow2_driver = {
     .ext_get = qcow2_ext_get,
     .ext_set = qcow2_ext_set,
     .write_compressed = qcow2_write_compressed,
+    .compress = qcow2_compress_cluster,
     .make_empty = qcow2_make_empty,
 };

@@ -499,9 +499,15 @@ int qcow2_read_compressed(struct qcow2_state *s, uint64_t l2e, uint8_t *out);
 int64_t qcow2_compress(const struct qcow2_state *s, const uint8_t *in,
                        size_t in_len, uint8_t *out, size_t out_cap);
 /* The driver's write_compressed (see block.h): one cluster, stored
- * compressed, or normally when it does not shrink below cluster_size. */
+ * compressed, or normally when it does not shrink below cluster_size;
+ * cbuf, when not NULL, is that cluster already compressed by
+ * qcow2_compress_cluster (cbuf_len bytes). */
 int qcow2_write_compressed(struct blk_node *node, const void *buf,
-                           uint64_t off, size_t len);
+                           uint64_t off, size_t len, const void *cbuf,
+                           size_t cbuf_len);
+/* The driver's compress (see block.h). */
+int64_t qcow2_compress_cluster(struct blk_node *node, const void *buf,
+                               size_t len, void *out, size_t cap);
 
 /* snapshot.c */
 /* Parse the table; images opened for check keep entries with too much
