@@ -84,7 +84,9 @@ static void check_same(const struct manifest *a, const struct manifest *b)
         same_str(a->image_format, b->image_format) &&
         a->virtual_size == b->virtual_size && a->dirty == b->dirty &&
         a->copied == b->copied && a->zeroed == b->zeroed &&
-        a->rescan == b->rescan &&
+        a->rescan == b->rescan && a->has_file_bytes == b->has_file_bytes &&
+        (!a->has_file_bytes || a->file_bytes == b->file_bytes) &&
+        same_str(a->compression, b->compression) &&
         a->has_extents == b->has_extents && a->nextents == b->nextents &&
         a->blocks == b->blocks && same_str(a->hash_file, b->hash_file) &&
         strcmp(a->hash_file_sha256, b->hash_file_sha256) == 0 &&

@@ -72,6 +72,10 @@ struct cbt_backup_opts {
     uint64_t granularity;         /* new checkpoint's bitmap; 0: default */
     bool auto_full;
     bool rescan;                  /* compare every block with the parent */
+    /* NULL, or "zstd" / "zlib": a qcow2 target's data clusters are stored
+     * compressed (compressed in the worker threads; a cluster that does
+     * not shrink is stored as it is), so qemu-img still reads the chain. */
+    const char *compress;
     cbt_progress_fn *progress;
     void *progress_opaque;
     cbt_cancel_fn *cancel;        /* stops it before the checkpoint exists */
@@ -96,6 +100,7 @@ struct cbt_backup_result {
                                    * the blocks found to differ) */
     uint64_t bytes_copied;        /* data written to the target */
     uint64_t bytes_zeroed;        /* ranges recorded as zeroes */
+    uint64_t file_bytes;          /* the target file's size */
     char root_hash[65];           /* of the point-in-time guest view */
 };
 int cbt_backup(const struct cbt_backup_opts *opts,

@@ -83,14 +83,14 @@ int cbt_image_pwrite_compressed(struct cbt_image *img, const void *buf,
  * nothing; it takes no lock and touches no image state (any thread, while
  * img is open).  Returns the compressed length, 0 when the cluster does not
  * shrink (write it normally), or -errno (-ENOTSUP: no compression).
- * cbt_image_pwrite_precompressed stores that cluster: buf its bytes (len),
- * cbuf its compressed form (cbuf_len, from cbt_image_compress_cluster). */
+ * cbt_image_pwrite_precompressed stores that cluster (len bytes at off) in
+ * its compressed form cbuf (cbuf_len bytes, from
+ * cbt_image_compress_cluster). */
 int64_t cbt_image_compress_cluster(struct cbt_image *img, const void *buf,
                                    size_t len, uint64_t off, void *out,
                                    size_t cap);
-int cbt_image_pwrite_precompressed(struct cbt_image *img, const void *buf,
-                                   size_t len, uint64_t off, const void *cbuf,
-                                   size_t cbuf_len);
+int cbt_image_pwrite_precompressed(struct cbt_image *img, const void *cbuf,
+                                   size_t cbuf_len, size_t len, uint64_t off);
 /* Durable: returns once everything written before it is on stable storage. */
 int cbt_image_flush(struct cbt_image *img);
 

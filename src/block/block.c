@@ -521,9 +521,8 @@ int64_t cbt_image_compress_cluster(struct cbt_image *img, const void *buf,
     return img->drv->compress(img, buf, len, out, cap);
 }
 
-int cbt_image_pwrite_precompressed(struct cbt_image *img, const void *buf,
-                                   size_t len, uint64_t off, const void *cbuf,
-                                   size_t cbuf_len)
+int cbt_image_pwrite_precompressed(struct cbt_image *img, const void *cbuf,
+                                   size_t cbuf_len, size_t len, uint64_t off)
 {
     int r = write_prologue(img, off, len);
     if (r < 0 || len == 0)
@@ -537,7 +536,7 @@ int cbt_image_pwrite_precompressed(struct cbt_image *img, const void *buf,
     pthread_mutex_lock(&img->lock);
     r = blk_mark_dirty(img, off, len);
     if (r == 0)
-        r = img->drv->write_compressed(img, buf, off, len, cbuf, cbuf_len);
+        r = img->drv->write_compressed(img, NULL, off, len, cbuf, cbuf_len);
     if (r == 0)
         note_written(img, len);
     pthread_mutex_unlock(&img->lock);

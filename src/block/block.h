@@ -168,7 +168,8 @@ struct blk_driver {
      * when its size is not a multiple of the cluster size).  A cluster
      * that does not shrink is stored uncompressed.  cbuf, when not NULL,
      * is the cluster already compressed by the driver's compress (cbuf_len
-     * bytes, 0 < cbuf_len < cluster size): stored as it is.
+     * bytes, 0 < cbuf_len < cluster size): stored as it is (buf is then
+     * NULL).
      * compress: compress one such cluster of buf (len bytes) into out (at
      * most cap bytes) as write_compressed would, without writing: the
      * compressed length, 0 when it does not shrink, or -errno.  Reads only

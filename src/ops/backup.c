@@ -101,8 +101,9 @@ struct range {
 };
 
 /* K_SAME: a rescan found the block's digest equal to the parent's: not
- * written (it reads from the parent). */
-enum blk_kind { K_NONE, K_DATA, K_ZERO, K_SAME };
+ * written (it reads from the parent).  K_CDATA: a DATA block the hash
+ * stage compressed (--compress) into its own buffer (seg.clen bytes). */
+enum blk_kind { K_NONE, K_DATA, K_ZERO, K_SAME, K_CDATA };
 
 struct bk_job {
     const struct cbt_backup_opts *o;
@@ -222,6 +223,18 @@ static int check_opt_values(const struct cbt_backup_opts *o,
                           strlen(o->checkpoint) > CBT_CHECKPOINT_NAME_MAX)) {
         cbt_error_set(errp, EINVAL, "%s: checkpoint name must be 1 to %d "
                       "bytes", o->disk, CBT_CHECKPOINT_NAME_MAX);
+        return -1;
+    }
+    if (o->compress && strcmp(o->compress, "zstd") != 0 &&
+        strcmp(o->compress, "zlib") != 0) {
+        cbt_error_set(errp, EINVAL, "%s: unknown compression '%s' (zstd or "
+                      "zlib)", o->target, o->compress);
+        return -1;
+    }
+    if (o->compress && o->format && strcmp(o->format, "raw") == 0) {
+        cbt_error_set(errp, EINVAL, "%s: a raw backup cannot be compressed "
+                      "(--compress writes qcow2 compressed clusters)",
+                      o->target);
         return -1;
     }
     if (o->rescan && o->mode == CBT_BACKUP_FULL) {
@@ -1163,10 +1176,31 @@ static int bk_fill(void *opaque, struct bp_chunk *c)
     return read_ranges(b, rd, nr) < 0 ? -1 : 1;
 }
 
-/* Kind and digest of each block; only its own leaf is touched. */
+/* --compress: a DATA block compressed (after its digest was taken: hashes
+ * are of the data) into its own place in the chunk's buffer, then K_CDATA;
+ * one that does not shrink stays K_DATA.  *scratch: this call's buffer. */
+static int compress_block(struct bk *b, struct bp_seg *g, uint8_t **scratch)
+{
+    if (!*scratch && !(*scratch = malloc((size_t)B)))
+        return -ENOMEM;
+    int64_t n = cbt_image_compress_cluster(b->dst, g->data, (size_t)g->len,
+                                           g->off, *scratch, (size_t)B);
+    if (n < 0)
+        return (int)n;
+    if (n > 0) {
+        memcpy(g->data, *scratch, (size_t)n);
+        g->clen = (size_t)n;
+        g->kind = K_CDATA;
+    }
+    return 0;
+}
+
+/* Kind and digest of each block (compressed with --compress); only its
+ * own leaf is touched. */
 static int bk_hash(void *opaque, struct bp_chunk *c, size_t i, size_t j)
 {
     struct bk *b = opaque;
+    uint8_t *cbuf = NULL;
     for (size_t k = i; k < j; k++) {
         struct bp_seg *g = &c->seg[k];
         uint8_t *leaf = b->h.leaf[g->off / B];
@@ -1184,8 +1218,26 @@ static int bk_hash(void *opaque, struct bp_chunk *c, size_t i, size_t j)
         if (b->rescan && bi < b->ph.n &&
             memcmp(leaf, b->ph.leaf[bi], 32) == 0)
             g->kind = K_SAME;
+        if (b->o->compress && g->kind == K_DATA) {
+            int r = compress_block(b, g, &cbuf);
+            if (r < 0)
+                return r;
+        }
     }
+    free(cbuf);
     return 0;
+}
+
+/* A block the hash stage compressed: written on its own. */
+static int write_compressed(struct bk *b, const struct bp_seg *g)
+{
+    int r = flush_pending(b);
+    if (r == 0)
+        r = cbt_image_pwrite_precompressed(b->dst, g->data, g->clen,
+                                           (size_t)g->len, g->off);
+    if (r == 0)
+        b->res->bytes_copied += g->len;
+    return r;
 }
 
 /* Write a chunk.  Only the drain thread touches the pending-write state,
@@ -1200,7 +1252,9 @@ static int bk_drain(void *opaque, struct bp_chunk *c)
             continue;
         if (b->rescan)
             b->res->dirty_bytes += g->len;
-        int r = add_block(b, g->kind, g->data, g->off, g->len);
+        int r = g->kind == K_CDATA ? write_compressed(b, g)
+                                   : add_block(b, g->kind, g->data, g->off,
+                                               g->len);
         if (r < 0) {
             b->drain_fail = (struct io_fail){"writing", b->o->target,
                                              g->off, r};
@@ -1279,6 +1333,7 @@ static int create_target(struct bk *b, struct cbt_error **errp)
     CLEANUP_FREE char *backing = NULL;
     if (!b->raw) {
         co.cluster_size = (uint32_t)B;
+        co.compression_type = b->o->compress;
         if (!b->full) {
             backing = ops_backing_name(b->parent_path, b->o->target);
             if (!backing) {
@@ -1310,7 +1365,13 @@ static int finish_target(struct bk *b, struct cbt_error **errp)
     }
     struct cbt_image *dst = b->dst;
     b->dst = NULL;
-    return cbt_image_close(dst, errp);
+    if (cbt_image_close(dst, errp) < 0)
+        return -1;
+    /* What the backup costs on disk (the manifest's bytes.file). */
+    struct stat st;
+    if (fstat(b->part_fd, &st) == 0)
+        b->res->file_bytes = (uint64_t)st.st_size;
+    return 0;
 }
 
 /* ---- the manifest ---- */
@@ -1339,6 +1400,9 @@ static void fill_manifest(struct bk *b, struct manifest *m)
     m->copied = b->res->bytes_copied;
     m->zeroed = b->res->bytes_zeroed;
     m->rescan = b->rescan;
+    m->has_file_bytes = true;
+    m->file_bytes = b->res->file_bytes;
+    m->compression = b->raw ? NULL : b->o->compress;
     m->has_extents = b->raw;
     m->extents = b->ext;
     m->nextents = b->next;
@@ -1582,6 +1646,14 @@ static int plan(struct bk *b, struct cbt_error **errp)
         res->dirty_bytes = b->size;
     }
     b->raw = strcmp(b->fmt, "raw") == 0;
+    if (o->compress && b->raw) {
+        cbt_error_set(errp, EINVAL, "%s: the parent backup %s is raw, and a "
+                      "raw backup cannot be compressed (--compress writes "
+                      "qcow2 compressed clusters; the backups of one chain "
+                      "share one format)", o->target, b->parent_path);
+        cbt_error_set_kind(errp, CBT_ERR_USAGE);
+        return -1;
+    }
     res->virtual_size = b->size;
     return 0;
 }

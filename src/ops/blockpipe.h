@@ -34,6 +34,7 @@ struct bp_seg {
     uint8_t *data;       /* its bytes in the chunk's buffer, or NULL */
     int kind;            /* the caller's, e.g. set by the hash stage */
     uint64_t bad;        /* the caller's, e.g. a mismatching block + 1 */
+    size_t clen;         /* the caller's, e.g. data's length compressed */
 };
 
 struct bp_chunk {

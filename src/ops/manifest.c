@@ -410,6 +410,17 @@ static int parse_image(struct pctx *p, json_t *root, struct manifest *m)
         cbt_error_set(p->errp, ENOMEM, "%s: out of memory", p->what);
         return -1;
     }
+    /* Optional: qcow2 targets whose data clusters may be compressed. */
+    static const char *const methods[] = {"zlib", "zstd", NULL};
+    if (json_object_get(o, "compression")) {
+        if (get_word(p, o, "image.compression", methods,
+                     "\"zlib\" or \"zstd\"", &w) < 0)
+            return -1;
+        if (strcmp(m->image_format, "qcow2") != 0)
+            return bad(p, "image.compression", "is set for a raw backup",
+                       "no compression for a raw backup (absent)");
+        m->compression = methods[w];
+    }
     if (m->parent_file && strcmp(m->parent_file, m->image_file) == 0)
         return bad(p, "parent.file", "names the backup itself",
                    "another backup's file name");
@@ -424,6 +435,14 @@ static int parse_image(struct pctx *p, json_t *root, struct manifest *m)
         get_u64(p, o, "bytes.zeroed", 0, m->virtual_size, expected,
                 &m->zeroed) < 0)
         return -1;
+    /* Optional: the image file's size once complete. */
+    if (json_object_get(o, "file")) {
+        if (get_u64(p, o, "bytes.file", 0, (uint64_t)INT64_MAX,
+                    "an integer from 0 to 2^63-1 (the file's size)",
+                    &m->file_bytes) < 0)
+            return -1;
+        m->has_file_bytes = true;
+    }
     json_t *v = get(p, root, "extents", "an array (raw) or null (qcow2)");
     if (!v)
         return -1;
@@ -572,10 +591,13 @@ static json_t *build(const struct manifest *m)
                  json_string(m->parent_manifest_sha256));
     ok = ok && put(img, "file", json_string(m->image_file)) &&
          put(img, "format", json_string(m->image_format)) &&
-         put(img, "virtual-size", jint(m->virtual_size));
+         put(img, "virtual-size", jint(m->virtual_size)) &&
+         (!m->compression ||
+          put(img, "compression", json_string(m->compression)));
     ok = ok && put(bytes, "dirty", jint(m->dirty)) &&
          put(bytes, "copied", jint(m->copied)) &&
-         put(bytes, "zeroed", jint(m->zeroed));
+         put(bytes, "zeroed", jint(m->zeroed)) &&
+         (!m->has_file_bytes || put(bytes, "file", jint(m->file_bytes)));
     for (size_t i = 0; ok && m->has_extents && i < m->nextents; i++) {
         const struct manifest_extent *e = &m->extents[i];
         json_t *t = json_pack("[IIs]", (json_int_t)e->start,

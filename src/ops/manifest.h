@@ -37,6 +37,11 @@ struct manifest {
     char *image_format;           /* "qcow2" or "raw" */
     uint64_t virtual_size;
     uint64_t dirty, copied, zeroed;
+    /* Optional keys (absent in manifests written before them): */
+    bool has_file_bytes;          /* "bytes.file": the image file's size */
+    uint64_t file_bytes;
+    const char *compression;      /* "image.compression": "zlib" or
+                                   * "zstd" (a static string), or NULL */
     bool rescan;                  /* optional key "rescan": changes found
                                    * by comparing hashes, not a bitmap */
     bool has_extents;             /* raw targets */

@@ -295,7 +295,9 @@ class Story:
         m = manifest(target)
         check_manifest(m, target, kind, ck_since, parent, size, view, ckpt)
         assert m["bytes"] == {"dirty": res["dirty-bytes"], "copied": res["bytes-copied"],
-                              "zeroed": res["bytes-zeroed"]}
+                              "zeroed": res["bytes-zeroed"],
+                              "file": os.path.getsize(target)}
+        assert res["file-bytes"] == os.path.getsize(target)
         if self.fmt == "qcow2":
             qemu_img("check", "-q", target)
             qemu_img("compare", "-q", "-f", "qcow2", "-F", "raw", target, ref)

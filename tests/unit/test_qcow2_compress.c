@@ -772,8 +772,8 @@ static void test_two_steps(void **state)
         int64_t clen = cbt_image_compress_cluster(img, buf, 65536, 0, out,
                                                   sizeof(out));
         assert_true(clen > 0 && clen < 65536);
-        assert_int_equal(cbt_image_pwrite_precompressed(img, buf, 65536, 0,
-                                                        out, (size_t)clen), 0);
+        assert_int_equal(cbt_image_pwrite_precompressed(img, out, (size_t)clen,
+                                                        65536, 0), 0);
         assert_true(is_compressed(img, 0));
         assert_int_equal(cbt_image_pread(img, back, 65536, 0), 0);
         assert_memory_equal(back, buf, 65536);
@@ -782,7 +782,7 @@ static void test_two_steps(void **state)
                                           sizeof(out));
         assert_true(clen > 0);
         assert_int_equal(cbt_image_pwrite_precompressed(
-                             img, buf, 4096, 1 * MiB, out, (size_t)clen), 0);
+                             img, out, (size_t)clen, 4096, 1 * MiB), 0);
         assert_true(is_compressed(img, 1 * MiB));
         assert_int_equal(cbt_image_pread(img, back, 4096, 1 * MiB), 0);
         assert_memory_equal(back, buf, 4096);
@@ -795,11 +795,11 @@ static void test_two_steps(void **state)
                                                     out, sizeof(out)), -EINVAL);
         assert_int_equal(cbt_image_compress_cluster(img, buf, 4096, 0, out,
                                                     sizeof(out)), -EINVAL);
-        assert_int_equal(cbt_image_pwrite_precompressed(img, buf, 65536,
-                                                        65536, out, 0),
+        assert_int_equal(cbt_image_pwrite_precompressed(img, out, 0, 65536,
+                                                        65536),
                          -EINVAL);
-        assert_int_equal(cbt_image_pwrite_precompressed(img, buf, 65536,
-                                                        65536, out, 65536),
+        assert_int_equal(cbt_image_pwrite_precompressed(img, out, 65536,
+                                                        65536, 65536),
                          -EINVAL);
         close_img(img);
         check_clean(path, "two steps");

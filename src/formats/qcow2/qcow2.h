@@ -501,7 +501,7 @@ int64_t qcow2_compress(const struct qcow2_state *s, const uint8_t *in,
 /* The driver's write_compressed (see block.h): one cluster, stored
  * compressed, or normally when it does not shrink below cluster_size;
  * cbuf, when not NULL, is that cluster already compressed by
- * qcow2_compress_cluster (cbuf_len bytes). */
+ * qcow2_compress_cluster (cbuf_len bytes; buf unused). */
 int qcow2_write_compressed(struct blk_node *node, const void *buf,
                            uint64_t off, size_t len, const void *cbuf,
                            size_t cbuf_len);
