@@ -212,7 +212,50 @@ def bench_rescan(cbt, work, disk, size, runs, percent, seed):
 
 
 def bench_compress(cbt, work, disk, size, runs):
-    pass
+    warm(disk)
+    repo = os.path.join(work, "crepo")
+    os.mkdir(repo)
+    zc = os.path.join(repo, "z.qcow2")
+    pc = os.path.join(repo, "p.qcow2")
+    qc = os.path.join(work, "q.qcow2")
+    jobs = {
+        "cbt backup --full --compress=zstd": (
+            [cbt, "backup", "--full", "--no-checkpoint", "--compress=zstd",
+             disk, zc], zc),
+        "qemu-img convert -c zstd": (
+            ["qemu-img", "convert", "-c", "-t", "writeback", "-f", "qcow2",
+             "-O", "qcow2", "-o", "compression_type=zstd", disk, qc], qc),
+        "cbt backup --full": (
+            [cbt, "backup", "--full", "--no-checkpoint", disk, pc], pc),
+    }
+    times = {k: [] for k in jobs}
+    sizes = {}
+    for rnd in range(runs + 1):          # round 0: warm-up, not counted
+        for name, (argv, target) in jobs.items():
+            t, _ = timed(argv)
+            if rnd:
+                times[name].append(t)
+            sizes[name] = os.path.getsize(target)
+            if rnd == runs and name.startswith("cbt backup --full --c"):
+                # the oracle: qemu-img reads it as the disk
+                run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2",
+                     disk, target])
+            remove(target)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print()
+    print("compressed full backup: %s disk (%s of data)" % (
+        human(size), human(sizes["cbt backup --full"])))
+    print("%-36s %10s %12s" % ("job", "median s", "file size"))
+    for k in jobs:
+        print("%-36s %10.2f %12s" % (k, med[k], human(sizes[k])))
+    c, q = "cbt backup --full --compress=zstd", "qemu-img convert -c zstd"
+    print("ratio cbt / qemu-img: time %.2f, size %.3f; compressed / plain "
+          "backup: time %.2f, size %.3f" % (
+              med[c] / med[q], sizes[c] / sizes[q],
+              med[c] / med["cbt backup --full"],
+              sizes[c] / sizes["cbt backup --full"]))
+    for k, (argv, _) in jobs.items():
+        print("  %s: %s" % (k, rel(argv, work)))
 
 
 main()
