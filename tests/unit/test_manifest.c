@@ -390,6 +390,36 @@ static void test_parse_refusals(void **state)
     assert_int_equal(manifest_parse(more, strlen(more), "x", &m, NULL), 0);
     manifest_free(&m);
     free(more);
+    /* The optional keys: absent in the base (old manifests), read when
+     * present, their types and rules checked. */
+    assert_int_equal(manifest_parse(ok, strlen(ok), "x", &m, NULL), 0);
+    assert_false(m.rescan || m.has_file_bytes);
+    assert_null(m.compression);
+    manifest_free(&m);
+    char *opt = variant("\"virtual-size\": 131073}",
+                        "\"virtual-size\": 131073, \"compression\": \"zstd\"}");
+    char *opt2 = cbt_strdup_printf("%.*s, \"file\": 4096}%s",
+                                   (int)(strstr(opt, "\"zeroed\": 0}") +
+                                         strlen("\"zeroed\": 0") - opt),
+                                   opt, strstr(opt, "\"zeroed\": 0}") +
+                                            strlen("\"zeroed\": 0}"));
+    assert_int_equal(manifest_parse(opt2, strlen(opt2), "x", &m, NULL), 0);
+    assert_string_equal(m.compression, "zstd");
+    assert_true(m.has_file_bytes);
+    assert_int_equal(m.file_bytes, 4096);
+    manifest_free(&m);
+    free(opt);
+    free(opt2);
+    expect_bad("\"virtual-size\": 131073}",
+               "\"virtual-size\": 131073, \"compression\": \"lz4\"}",
+               "'image.compression' is another string; expected \"zlib\" or "
+               "\"zstd\"");
+    expect_bad("\"zeroed\": 0}", "\"zeroed\": 0, \"file\": -1}",
+               "'bytes.file'");
+    expect_bad("\"extents\": null", "\"rescan\": 1, \"extents\": null",
+               "'rescan' is an integer; expected true or false");
+    expect_bad("\"extents\": null", "\"rescan\": true, \"extents\": null",
+               "'rescan' is true for a full backup");
     /* Truncated anywhere: never accepted. */
     for (size_t len = 0; len < strlen(ok); len += 7) {
         struct cbt_error *err = NULL;
