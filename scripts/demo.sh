@@ -1,6 +1,7 @@
 #!/bin/bash
 # A tour of cbt's main job on a generated sample disk: a full backup, random
-# writes, an incremental backup, more writes, a differential backup; then
+# writes, an incremental backup, more writes, a differential backup, the
+# bitmap removed behind cbt's back and an --auto backup that rescans; then
 # every backup point is verified, restored and compared with a reference
 # copy that qemu-img took of the disk at that point.  Prints a summary
 # table; exits non-zero if any step or check fails.  Everything happens in
@@ -124,7 +125,8 @@ backup() {
 import json, sys
 j = json.load(open(sys.argv[1]))
 b = j["bytes"]
-print(j["kind"], j["since"], b["dirty"], b["copied"], b["zeroed"],
+print(j["kind"] + ("-rescan" if j.get("rescan") else ""), j["since"],
+      b["dirty"], b["copied"], b["zeroed"],
       j["image"]["virtual-size"])' "$m")
     fsize=$(stat -c %s "backups/$name.qcow2")
     local dpct cpct
@@ -225,13 +227,19 @@ writes "$((SEED + 2))" 600
 section "5. Differential backup: everything since mon (creates wed)"
 backup wed --since mon
 
+section "6. Bitmap lost (qemu-img bitmap --remove wed), more writes; --auto rescans (creates thu)"
+show qemu-img bitmap --remove disk.qcow2 wed
+quiet qemu-img bitmap --remove disk.qcow2 wed
+writes "$((SEED + 3))" 200
+backup thu --auto
+
 section "Checkpoints of the disk"
 run "$CBT" checkpoint list disk.qcow2
 sed 's/^/   /' out.txt
 
-section "6. Verify, restore and compare every point"
+section "7. Verify, restore and compare every point"
 RESULTS=()
-for name in mon tue wed; do
+for name in mon tue wed thu; do
     ok=ok
     echo "-- $name"
     show "$CBT" verify "backups/$name.qcow2"
@@ -283,4 +291,6 @@ if [ "$FAILED" -ne 0 ]; then
     exit 1
 fi
 echo "Every backup verified, restored and equal to its reference; $total s."
-echo "(The full is mon; tue's parent is mon; wed is a differential on mon.)"
+echo "(The full is mon; tue's parent is mon; wed is a differential on mon;"
+echo " thu, after wed's bitmap was removed, an incremental on wed found by a"
+echo " rescan: only the blocks whose hash differs from wed's were written.)"
