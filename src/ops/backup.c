@@ -1220,8 +1220,10 @@ static int bk_hash(void *opaque, struct bp_chunk *c, size_t i, size_t j)
             g->kind = K_SAME;
         if (b->o->compress && g->kind == K_DATA) {
             int r = compress_block(b, g, &cbuf);
-            if (r < 0)
+            if (r < 0) {
+                free(cbuf);
                 return r;
+            }
         }
     }
     free(cbuf);
