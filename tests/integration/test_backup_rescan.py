@@ -34,6 +34,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "interop"))
 import interop_lib as L  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from interop_lib import KiB, MiB, cbt, qemu_img, qemu_io, no_crash  # noqa: E402
 
 B = 64 * KiB
@@ -339,3 +340,35 @@ def test_rescan_without_previous_backup(tmp):
     assert r["kind"] == "full" and r["rescan"] is False
     assert "cannot be used" in r["fallback"] and "no rescan" in r["fallback"]
     check_chain(disk, target, tmp)
+
+
+def test_rescan_write_failure_leaves_everything_as_before(tmp):
+    """ENOSPC at any of several writes of a rescan: exit 74, the folder
+    and the disk's checkpoints as before; then the rescan succeeds."""
+    import faultlib as F
+    disk, repo = make_disk(tmp)
+    full = os.path.join(repo, "full.qcow2")
+    backup("--full", disk, full)
+    L.run_qemu_io(disk, CHANGE)
+    qemu_img("bitmap", "--remove", disk, newest(disk))
+    before = (sorted(os.listdir(repo)), checkpoints(disk))
+    inc = os.path.join(repo, "inc.qcow2")
+    # how many writes a rescan makes in the folder (on a copy), then fail
+    # the first, one in the middle and the last
+    import shutil
+    cdir = os.path.join(str(tmp), "count")
+    os.mkdir(cdir)
+    shutil.copy(disk, cdir)
+    shutil.copytree(repo, os.path.join(cdir, "repo"))
+    _, cnt = F.run_faulty(["backup", "--rescan", os.path.join(cdir, "disk.qcow2"),
+                           os.path.join(cdir, "repo", "inc.qcow2")], "/repo/", "write")
+    last = cnt["matching"]
+    assert last > 3, cnt
+    for nth in sorted({1, last // 2, last}):
+        res, cnt = F.run_faulty(["backup", "--rescan", disk, inc], "/repo/",
+                                "write", nth, True, "ENOSPC")
+        assert cnt["injected"] >= 1 and res.rc == 74, res
+        assert (sorted(os.listdir(repo)), checkpoints(disk)) == before
+    r, _ = backup("--rescan", disk, inc)
+    assert r["rescan"] is True
+    check_chain(disk, inc, tmp)
