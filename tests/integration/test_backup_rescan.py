@@ -256,6 +256,15 @@ def test_auto_rescans_after_qemu_killed(tmp):
     assert_rescan_incremental(r, err, disk, inc, full, before, now)
     assert "in use" in r["fallback"]
     check_chain(disk, inc, tmp)
+    # the old checkpoint stays broken (reconcile --fix would drop it); the
+    # new one is sound: the next incremental uses its bitmap
+    cks = {c["name"]: c for c in checkpoints(disk)}
+    assert cks[ck]["usable"] is False and cks[r["checkpoint"]]["usable"] is True
+    L.run_qemu_io(disk, ["write -P 66 %d %d" % (2 * MiB, B)])
+    inc2 = os.path.join(repo, "inc2.qcow2")
+    r2, _ = backup("--incremental", disk, inc2)
+    assert r2["rescan"] is False and r2["bytes-copied"] == B
+    check_chain(disk, inc2, tmp)
 
 
 def test_rescan_raw_target_and_resize(tmp):
