@@ -35,7 +35,8 @@
     X(checkpoint, "Create, list, delete and reconcile checkpoints of a disk") \
     X(backup, "Back up a disk: full, incremental or differential")           \
     X(restore, "Restore a backup (and its chain) to a new image")            \
-    X(verify, "Verify a backup chain without restoring it")
+    X(verify, "Verify a backup chain without restoring it")                  \
+    X(repo, "List, verify, clean and prune a folder of backups")
 
 #define CLI_DECLARE_COMMAND(name, summary)                                     \
     int cmd_##name(int argc, char **argv);

@@ -22,6 +22,7 @@
 #include <jansson.h>
 
 #include "../util/util.h"
+#include "foldertx.h"
 #include "manifest.h"
 
 /* Largest manifest read: a raw target's extents list is the only part that
@@ -715,6 +716,9 @@ static bool ends_with(const char *s, const char *suffix)
 int manifest_scan(const char *dir, manifest_scan_fn *fn, void *opaque,
                   struct cbt_error **errp)
 {
+    /* A prune a kill interrupted is finished first (foldertx.c). */
+    if (foldertx_recover(dir, errp) < 0)
+        return -1;
     DIR *d = opendir(dir);
     if (!d) {
         cbt_error_set(errp, errno, "%s: %s", dir, strerror(errno));

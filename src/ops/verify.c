@@ -64,6 +64,7 @@
 #include "../block/block.h"
 #include "bchain.h"
 #include "blockpipe.h"
+#include "foldertx.h"
 #include "manifest.h"
 #include "ops_util.h"
 
@@ -424,6 +425,9 @@ int bchain_open(const char *backup, unsigned flags, struct bchain *c,
         cbt_error_set(errp, ENOMEM, "%s: out of memory", backup);
         return -1;
     }
+    /* A prune a kill interrupted is finished first (foldertx.c). */
+    if (foldertx_recover_beside(backup, errp) < 0)
+        return -1;
     if (stat(mpath, &st) < 0) {
         cbt_error_set(errp, errno, "%s: not a backup: no manifest %s (%s)",
                       backup, mpath, strerror(errno));

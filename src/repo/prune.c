@@ -1,0 +1,827 @@
+/*
+ * cbt repo prune: retention that keeps every remaining point restorable
+ * (repo.h; docs/backups.md "Pruning").
+ *
+ * The policy (restic's and borg's vocabulary), per disk: --keep-last N
+ * keeps the N newest points; --keep-daily/weekly/monthly N keep, for each
+ * of the N most recent days (weeks, months; UTC, ISO weeks) that have
+ * points, the newest point of that day.  Whatever the options, the point
+ * holding the disk's newest checkpoint stays (the next incremental's
+ * parent), and damaged points are never touched.
+ *
+ * Retiring a point P:
+ *   - without children: its files go (manifest first);
+ *   - with one child C: P is merged into C.  C's image takes P's data
+ *     under its own, C's manifest takes P's parent (P full: C becomes a
+ *     full backup; else a differential since P's starting checkpoint), so
+ *     C's guest view, its block hashes and its checkpoint are unchanged:
+ *     it restores bit-identically, verifies against its original hashes,
+ *     and the disk's checkpoint still finds its backup.  The manifests
+ *     above C record the new digests below them;
+ *   - with two or more children (a full with differentials on it): kept,
+ *     saying which points need it (merging it would copy its data into
+ *     each of them).
+ * Leaves go first, then merges from the root up: merging the oldest point
+ * first writes each kept point's data once (into the growing base), the
+ * other way round would copy it again at every step.
+ *
+ * Each step is one transaction of foldertx.c (new manifests beside the
+ * old, then the journal, then the merge, the renames and the removals):
+ * a kill at any moment leaves every kept point restorable.  The folder
+ * is re-read before each step, so every step starts from what is on disk.
+ */
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include <jansson.h>
+
+#include <cbt/backup.h>
+#include <cbt/image.h>
+
+#include "../block/block.h"
+#include "../ops/foldertx.h"
+#include "../ops/ops_util.h"
+#include "../util/util.h"
+#include "repo.h"
+
+#define MANIFEST_MAX_READ (256u << 20)
+
+void repo_prune_result_free(struct repo_prune_result *res)
+{
+    if (!res)
+        return;
+    for (size_t i = 0; i < res->n; i++) {
+        free(res->v[i].file);
+        free(res->v[i].created);
+        free(res->v[i].checkpoint);
+        free(res->v[i].why);
+        free(res->v[i].into);
+    }
+    free(res->v);
+    memset(res, 0, sizeof(*res));
+}
+
+/* Append ", text" (or "text") to *why. */
+static int add_why(char **why, const char *fmt, ...) PRINTF_FMT(2, 3);
+static int add_why(char **why, const char *fmt, ...)
+{
+    char *s = NULL;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vasprintf(&s, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return -1;
+    char *t = *why ? cbt_strdup_printf("%s, %s", *why, s) : s;
+    if (*why)
+        free(s);
+    if (!t)
+        return -1;
+    free(*why);
+    *why = t;
+    return 0;
+}
+
+/* ---- the policy ---- */
+
+enum span { DAY, WEEK, MONTH };
+
+/* The day, ISO week or month of t (UTC), as text. */
+static void bucket(int64_t t, enum span s, char *buf, size_t len)
+{
+    time_t tt = (time_t)t;
+    struct tm tm;
+    size_t n = 0;
+    if (gmtime_r(&tt, &tm)) {
+        if (s == DAY)
+            n = strftime(buf, len, "%Y-%m-%d", &tm);
+        else if (s == WEEK)
+            n = strftime(buf, len, "%G-W%V", &tm);
+        else
+            n = strftime(buf, len, "%Y-%m", &tm);
+    }
+    if (n == 0)
+        snprintf(buf, len, "?");
+}
+
+/* Keep, in `keep`, the newest point of each of the n newest buckets. */
+static int keep_buckets(const struct repo *r, const size_t *idx, size_t m,
+                        unsigned n, enum span span, const char *rule,
+                        bool *keep, char **why)
+{
+    char last[32] = "";
+    unsigned count = 0;
+    for (size_t k = 0; k < m && count < n; k++) {
+        char b[32];
+        bucket(r->points[idx[k]].time, span, b, sizeof(b));
+        if (strcmp(b, last) == 0)
+            continue;
+        snprintf(last, sizeof(last), "%s", b);
+        count++;
+        keep[idx[k]] = true;
+        if (add_why(&why[idx[k]], "%s %s", rule, b) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* The policy's verdict for every point: keep[i], why[i]. */
+static int apply_policy(const struct repo *r, const struct repo_prune_opts *o,
+                        bool *keep, char **why)
+{
+    size_t n = r->npoints;
+    CLEANUP_FREE size_t *idx = malloc((n + 1) * sizeof(*idx));
+    CLEANUP_FREE bool *done = calloc(n + 1, sizeof(*done));
+    if (!idx || !done)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        if (done[i])
+            continue;
+        /* The disk's points, newest first (points are oldest first). */
+        size_t m = 0;
+        const char *disk = r->points[i].m.disk_id;
+        for (size_t j = n; j-- > 0;) {
+            if (strcasecmp(r->points[j].m.disk_id, disk) != 0)
+                continue;
+            done[j] = true;
+            const struct repo_point *p = &r->points[j];
+            if (p->problem) {
+                keep[j] = true;
+                if (add_why(&why[j], "damaged, not touched (%s)",
+                            p->problem) < 0)
+                    return -1;
+                continue;
+            }
+            idx[m++] = j;
+        }
+        for (size_t k = 0; k < m && k < o->keep_last; k++) {
+            keep[idx[k]] = true;
+            if (add_why(&why[idx[k]], "last %zu", k + 1) < 0)
+                return -1;
+        }
+        if (keep_buckets(r, idx, m, o->keep_daily, DAY, "daily", keep,
+                         why) < 0 ||
+            keep_buckets(r, idx, m, o->keep_weekly, WEEK, "weekly", keep,
+                         why) < 0 ||
+            keep_buckets(r, idx, m, o->keep_monthly, MONTH, "monthly", keep,
+                         why) < 0)
+            return -1;
+        /* The holder of the disk's newest checkpoint. */
+        size_t best = SIZE_MAX;
+        for (size_t k = 0; k < m; k++) {
+            const struct manifest *pm = &r->points[idx[k]].m;
+            if (pm->checkpoint &&
+                (best == SIZE_MAX ||
+                 pm->checkpoint_order > r->points[best].m.checkpoint_order))
+                best = idx[k];
+        }
+        if (best != SIZE_MAX) {
+            keep[best] = true;
+            if (add_why(&why[best], "the disk's newest checkpoint (the next "
+                        "incremental's parent)") < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- the plan ---- */
+
+enum step_kind { STEP_REMOVE, STEP_MERGE };
+struct step {
+    enum step_kind kind;
+    size_t p, c;          /* point indices in the first reading */
+};
+
+static size_t live_children(const struct repo *r, const bool *alive,
+                            const int *parent, size_t i, size_t *only)
+{
+    size_t k = 0;
+    for (size_t j = 0; j < r->npoints; j++) {
+        if (alive[j] && parent[j] == (int)i) {
+            k++;
+            *only = j;
+        }
+    }
+    return k;
+}
+
+/* Decide the steps: res->v gets every point's fate, *steps the order. */
+static int plan(const struct repo *r, const bool *keep, char **why,
+                struct repo_prune_result *res, struct step **steps,
+                size_t *nsteps)
+{
+    size_t n = r->npoints;
+    CLEANUP_FREE bool *alive = malloc((n + 1) * sizeof(bool));
+    CLEANUP_FREE int *parent = malloc((n + 1) * sizeof(int));
+    *steps = calloc(n + 1, sizeof(**steps));
+    res->v = calloc(n + 1, sizeof(*res->v));
+    if (!alive || !parent || !*steps || !res->v)
+        return -1;
+    res->n = n;
+    for (size_t i = 0; i < n; i++) {
+        alive[i] = true;
+        parent[i] = r->points[i].parent;
+        struct repo_decision *d = &res->v[i];
+        d->fate = keep[i] ? REPO_KEEP : REPO_RETIRE;
+        d->file = strdup(r->points[i].file);
+        d->created = strdup(r->points[i].m.created);
+        d->checkpoint = r->points[i].m.checkpoint
+                            ? strdup(r->points[i].m.checkpoint)
+                            : NULL;
+        d->why = why[i];
+        why[i] = NULL;
+        if (!d->file || !d->created ||
+            (r->points[i].m.checkpoint && !d->checkpoint))
+            return -1;
+    }
+    for (bool progress = true; progress;) {
+        progress = false;
+        /* Retired leaves go first. */
+        for (size_t i = 0; i < n; i++) {
+            size_t only;
+            if (!alive[i] || keep[i] ||
+                live_children(r, alive, parent, i, &only) != 0)
+                continue;
+            (*steps)[(*nsteps)++] = (struct step){STEP_REMOVE, i, i};
+            alive[i] = false;
+            progress = true;
+        }
+        /* Then the merge closest to a root. */
+        size_t best = SIZE_MAX, best_child = 0, best_depth = SIZE_MAX;
+        for (size_t i = 0; i < n; i++) {
+            size_t c;
+            if (!alive[i] || keep[i] ||
+                live_children(r, alive, parent, i, &c) != 1 ||
+                r->points[c].problem)
+                continue;
+            size_t depth = 0;
+            for (int k = parent[i]; k >= 0 && depth <= n; k = parent[k])
+                depth++;
+            if (depth < best_depth) {
+                best = i;
+                best_child = c;
+                best_depth = depth;
+            }
+        }
+        if (best != SIZE_MAX) {
+            (*steps)[(*nsteps)++] = (struct step){STEP_MERGE, best,
+                                                  best_child};
+            parent[best_child] = parent[best];
+            alive[best] = false;
+            res->v[best].fate = REPO_MERGE;
+            if (!(res->v[best].into = strdup(r->points[best_child].file)))
+                return -1;
+            progress = true;
+        }
+    }
+    /* What the policy retires but the chains need. */
+    for (size_t i = 0; i < n; i++) {
+        if (!alive[i] || keep[i])
+            continue;
+        res->v[i].fate = REPO_KEEP_NEEDED;
+        size_t only = 0;
+        size_t k = live_children(r, alive, parent, i, &only);
+        int rr;
+        if (k == 1)
+            rr = add_why(&res->v[i].why, "needed: its child %s is damaged",
+                         r->points[only].file);
+        else
+            rr = add_why(&res->v[i].why, "needed by %zu points that start "
+                         "from it (merging it would copy its data into each)",
+                         k);
+        if (rr < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* ---- one step ---- */
+
+static int find_point(const struct repo *r, const char *file)
+{
+    for (size_t i = 0; i < r->npoints; i++)
+        if (strcmp(r->points[i].file, file) == 0)
+            return (int)i;
+    return -1;
+}
+
+static json_t *load_json(const char *dir, const char *file,
+                         struct cbt_error **errp)
+{
+    CLEANUP_FREE char *path = cbt_strdup_printf("%s/%s.json", dir, file);
+    CLEANUP_FREE char *text = NULL;
+    size_t len;
+    if (!path) {
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    if (bfile_read_all(path, "manifest", MANIFEST_MAX_READ, &text, &len,
+                       errp) < 0)
+        return NULL;
+    json_error_t je;
+    json_t *j = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
+    if (!j || !json_is_object(j)) {
+        json_decref(j);
+        cbt_error_set(errp, EINVAL, "%s: not a valid manifest", path);
+        return NULL;
+    }
+    return j;
+}
+
+/* The manifest text of j (with a newline) and its SHA-256, checked to
+ * parse as a manifest. */
+static char *dump_manifest(json_t *j, const char *what, char sha[65],
+                           struct cbt_error **errp)
+{
+    char *t = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    char *text = t ? cbt_strdup_printf("%s\n", t) : NULL;
+    free(t);
+    if (!text) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", what);
+        return NULL;
+    }
+    struct manifest m;
+    if (manifest_parse(text, strlen(text), what, &m, errp) < 0) {
+        cbt_error_prefix(errp, "the new manifest does not check: ");
+        free(text);
+        return NULL;
+    }
+    manifest_free(&m);
+    uint8_t d[32];
+    sha256_digest(text, strlen(text), d);
+    sha256_hex(d, sha);
+    return text;
+}
+
+/* The raw extent type at off: 0 none, 1 data, 2 zero. */
+static int raw_type(const struct manifest *m, uint64_t off)
+{
+    size_t lo = 0, hi = m->nextents;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const struct manifest_extent *e = &m->extents[mid];
+        if (e->start + e->length <= off)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < m->nextents && m->extents[lo].start <= off)
+        return m->extents[lo].zero ? 2 : 1;
+    return 0;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The merged raw extents of P (pm) under C (cm) as JSON, and the bytes. */
+static json_t *raw_merged(const struct manifest *pm, const struct manifest *cm,
+                          uint64_t *copied, uint64_t *zeroed)
+{
+    size_t nb = 2 * (pm->nextents + cm->nextents) + 3, k = 0;
+    CLEANUP_FREE uint64_t *b = malloc(nb * sizeof(*b));
+    json_t *arr = json_array();
+    if (!b || !arr) {
+        json_decref(arr);
+        return NULL;
+    }
+    uint64_t size = cm->virtual_size;
+    b[k++] = 0;
+    b[k++] = size;
+    b[k++] = MIN(pm->virtual_size, size);
+    for (size_t i = 0; i < pm->nextents; i++) {
+        b[k++] = MIN(pm->extents[i].start, size);
+        b[k++] = MIN(pm->extents[i].start + pm->extents[i].length, size);
+    }
+    for (size_t i = 0; i < cm->nextents; i++) {
+        b[k++] = MIN(cm->extents[i].start, size);
+        b[k++] = MIN(cm->extents[i].start + cm->extents[i].length, size);
+    }
+    qsort(b, k, sizeof(*b), cmp_u64);
+    bool full = pm->kind == CBT_BACKUP_FULL;
+    uint64_t run_start = 0, run_end = 0;
+    int run_type = 0;
+    *copied = *zeroed = 0;
+    for (size_t i = 0; i + 1 <= k; i++) {
+        uint64_t a = b[i], e = i + 1 < k ? b[i + 1] : a;
+        int t = 0;
+        if (a < e) {
+            t = raw_type(cm, a);
+            if (!t && a < pm->virtual_size)
+                t = raw_type(pm, a);
+            /* C read zeroes past P's end; so must the merged point, and a
+             * full one carries everything. */
+            if (!t && (full || a >= pm->virtual_size))
+                t = 2;
+        }
+        if (a < e && t == run_type && a == run_end) {
+            run_end = e;
+            continue;
+        }
+        if (run_type && run_end > run_start) {
+            json_array_append_new(arr, json_pack("[IIs]",
+                                                 (json_int_t)run_start,
+                                                 (json_int_t)(run_end -
+                                                              run_start),
+                                                 run_type == 2 ? "zero"
+                                                               : "data"));
+            *(run_type == 2 ? zeroed : copied) += run_end - run_start;
+        }
+        run_start = a;
+        run_end = a < e ? e : a;
+        run_type = a < e ? t : 0;
+    }
+    if (run_type && run_end > run_start) {
+        json_array_append_new(arr, json_pack("[IIs]", (json_int_t)run_start,
+                                             (json_int_t)(run_end - run_start),
+                                             run_type == 2 ? "zero" : "data"));
+        *(run_type == 2 ? zeroed : copied) += run_end - run_start;
+    }
+    return arr;
+}
+
+/* The qcow2 merged point's bytes: what C and P carry above P's parent. */
+static int qcow2_merged_bytes(const char *cpath, uint64_t *copied,
+                              uint64_t *zeroed, struct cbt_error **errp)
+{
+    struct cbt_image *c = cbt_image_open(cpath, "qcow2", 0, errp);
+    if (!c)
+        return -1;
+    struct cbt_image *p = cbt_image_backing(c);
+    struct cbt_image *base = p ? cbt_image_backing(p) : NULL;
+    uint64_t size = cbt_image_size(c);
+    *copied = *zeroed = 0;
+    int r = 0;
+    for (uint64_t off = 0; off < size;) {
+        struct cbt_extent e;
+        r = cbt_image_block_status_above(c, base, off, size - off, &e);
+        if (r < 0)
+            break;
+        if ((e.flags & CBT_BS_ZERO))
+            *zeroed += e.length;
+        else if (e.flags & CBT_BS_PRESENT)
+            *copied += e.length;
+        off += e.length;
+    }
+    cbt_image_close(c, NULL);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: cannot read its allocation: %s", cpath,
+                      strerror(-r));
+        return -1;
+    }
+    return 0;
+}
+
+/* New files this step wrote (removed again when the step fails before
+ * its journal). */
+struct written {
+    char **v;
+    size_t n;
+};
+
+static void written_undo(const char *dir, struct written *w, bool remove)
+{
+    for (size_t i = 0; i < w->n; i++) {
+        if (remove) {
+            CLEANUP_FREE char *p = cbt_strdup_printf("%s/%s", dir, w->v[i]);
+            if (p)
+                unlink(p);
+        }
+        free(w->v[i]);
+    }
+    free(w->v);
+    memset(w, 0, sizeof(*w));
+}
+
+/* Write NAME.json.prune-new for point `file` with `text`; record it in tx. */
+static int write_new(const char *dir, const char *file, const char *text,
+                     struct foldertx *tx, struct written *w,
+                     struct cbt_error **errp)
+{
+    char *from = cbt_strdup_printf("%s.json%s", file, FOLDERTX_NEW_SUFFIX);
+    char *to = cbt_strdup_printf("%s.json", file);
+    char **nf = realloc(tx->rename_from, (tx->nrename + 1) * sizeof(char *));
+    if (nf)
+        tx->rename_from = nf;
+    char **nt = realloc(tx->rename_to, (tx->nrename + 1) * sizeof(char *));
+    if (nt)
+        tx->rename_to = nt;
+    char **nw = realloc(w->v, (w->n + 1) * sizeof(char *));
+    if (nw)
+        w->v = nw;
+    char *wcopy = from ? strdup(from) : NULL;
+    if (!from || !to || !nf || !nt || !nw || !wcopy) {
+        free(from);
+        free(to);
+        free(wcopy);
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", dir);
+        return -1;
+    }
+    tx->rename_from[tx->nrename] = from;
+    tx->rename_to[tx->nrename] = to;
+    tx->nrename++;
+    CLEANUP_FREE char *path = cbt_strdup_printf("%s/%s", dir, from);
+    if (!path) {
+        free(wcopy);
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", dir);
+        return -1;
+    }
+    /* A stale one (a prune killed before its journal) is ours to replace:
+     * the folder is locked and has no journal. */
+    unlink(path);
+    if (bfile_write_new(path, text, strlen(text), false, errp) < 0) {
+        free(wcopy);
+        return -1;
+    }
+    w->v[w->n++] = wcopy;
+    return 0;
+}
+
+static int add_remove(struct foldertx *tx, const char *name)
+{
+    char **v = realloc(tx->remove, (tx->nremove + 1) * sizeof(char *));
+    if (!v)
+        return -1;
+    tx->remove = v;
+    if (!(v[tx->nremove] = strdup(name)))
+        return -1;
+    tx->nremove++;
+    return 0;
+}
+
+/* The new manifests of the points above point `top` (whose new digest is
+ * sha), each recording the new digest of the one below it. */
+static int rewrite_above(const struct repo *r, size_t top, const char *sha,
+                         struct foldertx *tx, struct written *w,
+                         struct cbt_error **errp)
+{
+    for (size_t j = 0; j < r->npoints; j++) {
+        if (r->points[j].parent != (int)top)
+            continue;
+        const char *file = r->points[j].file;
+        json_t *dj = load_json(r->dir, file, errp);
+        if (!dj)
+            return -1;
+        json_t *par = json_object_get(dj, "parent");
+        char nsha[65];
+        CLEANUP_FREE char *text = NULL;
+        if (json_is_object(par) &&
+            json_object_set_new(par, "manifest-sha256", json_string(sha)) == 0)
+            text = dump_manifest(dj, file, nsha, errp);
+        else
+            cbt_error_set(errp, EINVAL, "%s.json: no parent object", file);
+        json_decref(dj);
+        if (!text || write_new(r->dir, file, text, tx, w, errp) < 0 ||
+            rewrite_above(r, j, nsha, tx, w, errp) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Merge point pi into its only child ci (indices in r, freshly read). */
+static int do_merge(const struct repo *r, size_t pi, size_t ci,
+                    const struct repo_prune_opts *o, struct cbt_error **errp)
+{
+    const struct repo_point *p = &r->points[pi], *c = &r->points[ci];
+    struct foldertx tx;
+    memset(&tx, 0, sizeof(tx));
+    struct written w = {0};
+    int ret = -1;
+    json_t *pj = load_json(r->dir, p->file, errp);
+    json_t *cj = pj ? load_json(r->dir, c->file, errp) : NULL;
+    CLEANUP_FREE char *cpath = cbt_strdup_printf("%s/%s", r->dir, c->file);
+    CLEANUP_FREE char *ppath = cbt_strdup_printf("%s/%s", r->dir, p->file);
+    CLEANUP_FREE char *pjson = cbt_strdup_printf("%s.json", p->file);
+    CLEANUP_FREE char *text = NULL;
+    if (!cj || !cpath || !ppath || !pjson)
+        goto out;
+    bool raw = strcmp(c->m.image_format, "raw") == 0;
+    bool full = p->m.kind == CBT_BACKUP_FULL;
+    uint64_t copied = 0, zeroed = 0;
+    json_t *ext = json_null();
+    if (raw) {
+        ext = raw_merged(&p->m, &c->m, &copied, &zeroed);
+        if (!ext) {
+            cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
+            goto out;
+        }
+    } else if (qcow2_merged_bytes(cpath, &copied, &zeroed, errp) < 0) {
+        goto out;
+    }
+    uint64_t dirty = full ? c->m.virtual_size : copied + zeroed;
+    json_t *bytes = json_pack("{s:I, s:I, s:I}", "dirty", (json_int_t)dirty,
+                              "copied", (json_int_t)copied, "zeroed",
+                              (json_int_t)zeroed);
+    json_t *parent = json_deep_copy(json_object_get(pj, "parent"));
+    json_t *since = json_deep_copy(json_object_get(pj, "since"));
+    if (!bytes || !parent || !since ||
+        json_object_set_new(cj, "kind",
+                            json_string(full ? "full" : "differential")) ||
+        json_object_set_new(cj, "since", since) ||
+        json_object_set_new(cj, "parent", parent) ||
+        json_object_set_new(cj, "bytes", bytes) ||
+        json_object_set_new(cj, "extents", ext)) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
+        goto out;
+    }
+    char sha[65];
+    if (!(text = dump_manifest(cj, c->file, sha, errp)) ||
+        write_new(r->dir, c->file, text, &tx, &w, errp) < 0 ||
+        rewrite_above(r, ci, sha, &tx, &w, errp) < 0)
+        goto out;
+    if (add_remove(&tx, pjson) < 0 ||
+        add_remove(&tx, p->m.hash_file) < 0 ||
+        !(tx.merge_from = strdup(p->file)) ||
+        !(tx.merge_into = strdup(c->file)) ||
+        !(tx.merge_format = strdup(c->m.image_format))) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
+        goto out;
+    }
+    tx.merge_from_size = p->m.virtual_size;
+    /* Both images now, with QEMU's locks: a merge never starts on an image
+     * another process has open (it would fail after the commit point). */
+    struct cbt_image *pi_img = cbt_image_open(ppath, c->m.image_format,
+                                              CBT_OPEN_RDWR |
+                                                  CBT_OPEN_NO_BACKING,
+                                              errp);
+    if (!pi_img)
+        goto out;
+    struct cbt_image *ci_img = cbt_image_open(cpath, c->m.image_format,
+                                              CBT_OPEN_RDWR |
+                                                  CBT_OPEN_NO_BACKING,
+                                              errp);
+    cbt_image_close(pi_img, NULL);
+    if (!ci_img)
+        goto out;
+    cbt_image_close(ci_img, NULL);
+    if (foldertx_run(r->dir, &tx, o->progress, o->progress_opaque, errp) < 0) {
+        /* After the journal the renames are the replay's. */
+        if (foldertx_pending(r->dir))
+            written_undo(r->dir, &w, false);
+        goto out;
+    }
+    written_undo(r->dir, &w, false);
+    ret = 0;
+out:
+    written_undo(r->dir, &w, true);
+    foldertx_free(&tx);
+    json_decref(pj);
+    json_decref(cj);
+    return ret;
+}
+
+static int do_remove(const struct repo *r, size_t pi, struct cbt_error **errp)
+{
+    const struct repo_point *p = &r->points[pi];
+    struct foldertx tx;
+    memset(&tx, 0, sizeof(tx));
+    CLEANUP_FREE char *pjson = cbt_strdup_printf("%s.json", p->file);
+    CLEANUP_FREE char *ppath = cbt_strdup_printf("%s/%s", r->dir, p->file);
+    int ret = -1;
+    if (!pjson || !ppath || add_remove(&tx, pjson) < 0 ||
+        add_remove(&tx, p->file) < 0 || add_remove(&tx, p->m.hash_file) < 0) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
+        goto out;
+    }
+    /* Not while another process has it open. */
+    struct cbt_image *img = cbt_image_open(ppath, p->m.image_format,
+                                           CBT_OPEN_RDWR | CBT_OPEN_NO_BACKING,
+                                           errp);
+    if (!img)
+        goto out;
+    cbt_image_close(img, NULL);
+    ret = foldertx_run(r->dir, &tx, NULL, NULL, errp);
+out:
+    foldertx_free(&tx);
+    return ret;
+}
+
+/* Host bytes of every point. */
+static uint64_t total_bytes(const struct repo *r)
+{
+    uint64_t t = 0;
+    for (size_t i = 0; i < r->npoints; i++)
+        t += r->points[i].file_bytes;
+    return t;
+}
+
+/* Step s, on the folder as it is now. */
+static int run_step(const char *dir, const struct repo *first,
+                    const struct step *s, const struct repo_prune_opts *o,
+                    uint64_t *freed, struct cbt_error **errp)
+{
+    struct repo r;
+    if (repo_open(dir, &r, errp) < 0)
+        return -1;
+    uint64_t before = total_bytes(&r);
+    int ret = -1;
+    const char *pf = first->points[s->p].file;
+    int pi = find_point(&r, pf);
+    if (pi < 0 || r.points[pi].problem) {
+        cbt_error_set(errp, EAGAIN, "%s/%s: changed while pruning (%s); "
+                      "stopped", dir, pf, pi < 0 ? "gone" : "damaged");
+        goto out;
+    }
+    size_t kids = r.points[pi].nchildren;
+    if (s->kind == STEP_REMOVE) {
+        if (kids != 0) {
+            cbt_error_set(errp, EAGAIN, "%s/%s: a new point starts from it; "
+                          "stopped", dir, pf);
+            goto out;
+        }
+        ret = do_remove(&r, (size_t)pi, errp);
+    } else {
+        int ci = find_point(&r, first->points[s->c].file);
+        if (ci < 0 || kids != 1 || r.points[ci].parent != pi ||
+            r.points[ci].problem) {
+            cbt_error_set(errp, EAGAIN, "%s/%s: its children changed while "
+                          "pruning; stopped", dir, pf);
+            goto out;
+        }
+        ret = do_merge(&r, (size_t)pi, (size_t)ci, o, errp);
+    }
+    if (ret == 0) {
+        struct repo after;
+        struct cbt_error *e = NULL;
+        if (repo_open(dir, &after, &e) == 0) {
+            uint64_t now = total_bytes(&after);
+            *freed += before > now ? before - now : 0;
+            repo_close(&after);
+        }
+        cbt_error_free(e);
+    }
+out:
+    repo_close(&r);
+    return ret;
+}
+
+int repo_prune(const char *dir, const struct repo_prune_opts *o,
+               struct repo_prune_result *res, struct cbt_error **errp)
+{
+    memset(res, 0, sizeof(*res));
+    int lock = -1;
+    if (!o->dry_run) {
+        if ((lock = foldertx_lock(dir, errp)) < 0)
+            return -1;
+        if (foldertx_recover_locked(dir, errp) < 0) {
+            close(lock);
+            return -1;
+        }
+    } else if (foldertx_recover(dir, errp) < 0) {
+        return -1;
+    }
+    struct repo r;
+    if (repo_open(dir, &r, errp) < 0) {
+        if (lock >= 0)
+            close(lock);
+        return -1;
+    }
+    int ret = -1;
+    size_t n = r.npoints, nsteps = 0;
+    bool *keep = calloc(n + 1, sizeof(bool));
+    char **why = calloc(n + 1, sizeof(char *));
+    struct step *steps = NULL;
+    if (!keep || !why || apply_policy(&r, o, keep, why) < 0 ||
+        plan(&r, keep, why, res, &steps, &nsteps) < 0) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", dir);
+        goto out;
+    }
+    ret = 0;
+    for (size_t i = 0; !o->dry_run && i < nsteps; i++) {
+        if (ops_cancelled(o->cancel, o->cancel_opaque)) {
+            cbt_error_set(errp, ECANCELED, "%s: prune interrupted after %zu "
+                          "of %zu steps (each step is whole)", dir, i,
+                          nsteps);
+            ret = -1;
+            break;
+        }
+        if (run_step(dir, &r, &steps[i], o, &res->bytes_freed, errp) < 0) {
+            cbt_error_prefix(errp, "prune step %zu of %zu (%s %s): ", i + 1,
+                             nsteps,
+                             steps[i].kind == STEP_MERGE ? "merging"
+                                                         : "removing",
+                             r.points[steps[i].p].file);
+            ret = -1;
+            break;
+        }
+        res->steps_done++;
+    }
+out:
+    for (size_t i = 0; why && i < n; i++)
+        free(why[i]);
+    free(why);
+    free(keep);
+    free(steps);
+    repo_close(&r);
+    if (lock >= 0)
+        close(lock);
+    if (ret < 0 && res->steps_done == 0 && !res->v)
+        repo_prune_result_free(res);
+    return ret;
+}
