@@ -570,13 +570,19 @@ int foldertx_run(const char *dir, const struct foldertx *tx,
         cbt_error_set(errp, ENOMEM, "%s: out of memory", dir);
         return -1;
     }
-    if (bfile_write_new(jp, text, strlen(text), false, errp) < 0)
+    if (bfile_write_new(jp, text, strlen(text), false, errp) < 0) {
+        /* Its name may have appeared (the folder's sync failed): take it
+         * back, so the step did not happen (the caller made sure no
+         * journal was there). */
+        unlink(jp);
+        sync_dir(dir);
         return -1;
+    }
     if (replay(dir, tx, progress, progress_opaque, errp) < 0 ||
         end_journal(dir, errp) < 0) {
         cbt_error_prefix(errp, "%s: the prune step is recorded there and is "
                          "finished when cbt next opens the folder (cbt repo "
-                         "list %s): ", jp, dir);
+                         "list %s)", jp, dir);
         return -1;
     }
     return 0;
@@ -609,7 +615,7 @@ int foldertx_recover_locked(const char *dir, struct cbt_error **errp)
                  dir);
         ret = 1;
     } else {
-        cbt_error_prefix(errp, "%s: finishing an interrupted prune: ", jp);
+        cbt_error_prefix(errp, "%s: finishing an interrupted prune", jp);
     }
     foldertx_free(&tx);
     return ret;

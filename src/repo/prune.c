@@ -346,7 +346,7 @@ static char *dump_manifest(json_t *j, const char *what, char sha[65],
     }
     struct manifest m;
     if (manifest_parse(text, strlen(text), what, &m, errp) < 0) {
-        cbt_error_prefix(errp, "the new manifest does not check: ");
+        cbt_error_prefix(errp, "the new manifest does not check");
         free(text);
         return NULL;
     }
@@ -802,7 +802,7 @@ int repo_prune(const char *dir, const struct repo_prune_opts *o,
             break;
         }
         if (run_step(dir, &r, &steps[i], o, &res->bytes_freed, errp) < 0) {
-            cbt_error_prefix(errp, "prune step %zu of %zu (%s %s): ", i + 1,
+            cbt_error_prefix(errp, "prune step %zu of %zu (%s %s)", i + 1,
                              nsteps,
                              steps[i].kind == STEP_MERGE ? "merging"
                                                          : "removing",
