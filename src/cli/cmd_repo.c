@@ -17,6 +17,7 @@
 
 static const char usage[] =
     "Usage: cbt repo list [--output=human|json] FOLDER\n"
+    "       cbt repo verify [--output=human|json] [-p] FOLDER\n"
     "       cbt repo prune [--keep-last N] [--keep-daily N] [--keep-weekly N]\n"
     "                      [--keep-monthly N] [--dry-run|--force]\n"
     "                      [--output=human|json] [-p] FOLDER\n"
@@ -37,6 +38,13 @@ static const char usage[] =
     "          NAME.hashes, live scratch files, temporary files).  Files that\n"
     "          are not cbt's are not mentioned.  Only the cheap checks: cbt\n"
     "          verify reads the data\n"
+    "  verify  every point, as cbt verify checks one: manifests, block\n"
+    "          hashes files, images (consistency, size, backing link) and\n"
+    "          every 64 KiB block of each point's view against its recorded\n"
+    "          SHA-256, naming each bad file and block.  Points of one chain\n"
+    "          share the work: each stored block is read and hashed once\n"
+    "          (a block a point does not hold must carry its parent's\n"
+    "          verified digest)\n"
     "  prune   retire the points the policy does not keep, per disk:\n"
     "          --keep-last N the N newest; --keep-daily/--keep-weekly/\n"
     "          --keep-monthly N the newest point of each of the N most recent\n"
@@ -62,7 +70,8 @@ static const char usage[] =
     "  -p                show progress on stderr (when it is a terminal)\n"
     "  -h, --help        show this help\n"
     "\n"
-    "Exit status: 0 done (list: also when it reports problems); 64 a usage\n"
+    "Exit status: 0 done (list: also when it reports problems); 65 verify\n"
+    "found a bad point (each on stderr); 64 a usage\n"
     "mistake; 75 the folder or an image is in use by another process (a\n"
     "running prune, backup, restore or verify); 74 an I/O error; 1 another\n"
     "failure.\n"
@@ -70,11 +79,12 @@ static const char usage[] =
     "Examples:\n"
     "  cbt repo list backups/\n"
     "  cbt repo list --output=json backups/\n"
+    "  cbt repo verify backups/\n"
     "  cbt repo prune --keep-last 7 backups/\n"
     "  cbt repo prune --keep-daily 7 --keep-weekly 4 --keep-monthly 12 \\\n"
     "      --force backups/\n";
 
-enum sub { SUB_LIST, SUB_PRUNE };
+enum sub { SUB_LIST, SUB_PRUNE, SUB_VERIFY };
 
 struct args {
     const char *prog;
@@ -405,6 +415,107 @@ static int do_prune(struct args *a)
     return r < 0 ? cli_lib_error(err) : 0;
 }
 
+/* ---- verify ---- */
+
+static int do_verify(const struct args *a)
+{
+    struct cli_progress progress;
+    cli_progress_init_rate(&progress, a->progress);
+    struct repo_verify_result res;
+    struct cbt_error *err = NULL;
+    int r = repo_verify(a->dir, cli_progress_cb, &progress, &res, &err);
+    cli_progress_end(&progress);
+    if (r < 0)
+        return cli_lib_error(err);
+    if (a->output == CLI_OUTPUT_JSON) {
+        json_t *o = json_object(), *pts = json_array();
+        for (size_t i = 0; i < res.n; i++) {
+            const struct repo_verdict *v = &res.v[i];
+            json_t *e = json_object(), *probs = json_array();
+            json_object_set_new(e, "file", cli_json_string(v->file));
+            json_object_set_new(e, "ok", json_boolean(v->ok));
+            json_object_set_new(e, "blocks-hashed", cli_json_u64(v->hashed));
+            json_object_set_new(e, "blocks-shared", cli_json_u64(v->shared));
+            json_object_set_new(e, "bad-blocks", cli_json_u64(v->bad_blocks));
+            for (size_t k = 0; k < v->nbad; k++) {
+                const struct repo_bad *b = &v->bad[k];
+                json_t *pb = json_object();
+                json_object_set_new(pb, "file", cli_json_string(b->file));
+                json_object_set_new(pb, "problem", cli_json_string(b->problem));
+                json_object_set_new(pb, "offset", b->block ? cli_json_u64(b->offset)
+                                                           : json_null());
+                json_object_set_new(pb, "length", b->block ? cli_json_u64(b->length)
+                                                           : json_null());
+                json_array_append_new(probs, pb);
+            }
+            json_object_set_new(e, "problems", probs);
+            json_array_append_new(pts, e);
+        }
+        json_object_set_new(o, "folder", cli_json_string(a->dir));
+        json_object_set_new(o, "ok", json_boolean(res.bad_points == 0));
+        json_object_set_new(o, "points", pts);
+        json_object_set_new(o, "bad-points", cli_json_u64(res.bad_points));
+        json_object_set_new(o, "bytes-read", cli_json_u64(res.bytes_read));
+        json_object_set_new(o, "bytes-total", cli_json_u64(res.bytes_total));
+        cli_json_print(o);
+    } else {
+        int wf = 4;
+        for (size_t i = 0; i < res.n; i++) {
+            int f = (int)strlen(res.v[i].file);
+            wf = f > wf ? f : wf;
+        }
+        for (size_t i = 0; i < res.n; i++) {
+            const struct repo_verdict *v = &res.v[i];
+            printf("%-6s  %-*s  %" PRIu64 " blocks hashed, %" PRIu64
+                   " shared with its parent", v->ok ? "ok" : "BAD", wf,
+                   v->file, v->hashed, v->shared);
+            if (v->bad_blocks)
+                printf(", %" PRIu64 " bad", v->bad_blocks);
+            printf("\n");
+            for (size_t k = 0; k < v->nbad; k++) {
+                const struct repo_bad *b = &v->bad[k];
+                if (b->block)
+                    printf("          %s: guest range at offset %" PRIu64
+                           ", length %" PRIu64 " (blocks %" PRIu64 "..%"
+                           PRIu64 "): %s\n", b->file, b->offset, b->length,
+                           b->offset / 65536,
+                           (b->offset + b->length - 1) / 65536, b->problem);
+                else
+                    printf("          %s\n", b->problem);
+            }
+        }
+        char rd[32], tot[32];
+        cli_size_to_str(res.bytes_read, rd, sizeof(rd));
+        cli_size_to_str(res.bytes_total, tot, sizeof(tot));
+        if (res.bad_points == 0)
+            printf("OK: %s: %zu point%s sound; read %s for views of %s in "
+                   "all (each stored block once)\n", a->dir, res.n,
+                   res.n == 1 ? "" : "s", rd, tot);
+        else
+            printf("FAILED: %s: %zu of %zu points are bad\n", a->dir,
+                   res.bad_points, res.n);
+    }
+    fflush(stdout);
+    int ret = 0;
+    if (res.bad_points) {
+        for (size_t i = 0; i < res.n; i++) {
+            const struct repo_verdict *v = &res.v[i];
+            if (v->ok || !v->nbad)
+                continue;
+            const struct repo_bad *b = &v->bad[0];
+            if (b->block)
+                cli_error("%s/%s: %s: guest range at offset %" PRIu64
+                          ", length %" PRIu64 ": %s", a->dir, v->file,
+                          b->file, b->offset, b->length, b->problem);
+            else
+                cli_error("%s/%s: %s", a->dir, v->file, b->problem);
+        }
+        ret = CLI_EXIT_CORRUPT;
+    }
+    repo_verify_result_free(&res);
+    return ret;
+}
+
 /* ---- arguments ---- */
 
 static int parse_count(const char *prog, const char *opt, const char *s,
@@ -438,9 +549,11 @@ static int parse_args(int argc, char **argv, struct args *a)
         {NULL, 0, NULL, 0},
     };
     static const char *const names[] = {[SUB_LIST] = "list",
-                                        [SUB_PRUNE] = "prune"};
+                                        [SUB_PRUNE] = "prune",
+                                        [SUB_VERIFY] = "verify"};
     if (argc < 2) {
-        cli_usage_error(a->prog, "Expecting a subcommand: list or prune");
+        cli_usage_error(a->prog, "Expecting a subcommand: list, verify or "
+                                 "prune");
         return -1;
     }
     if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0)
@@ -453,7 +566,8 @@ static int parse_args(int argc, char **argv, struct args *a)
         }
     }
     if (!found) {
-        cli_usage_error(a->prog, "unknown subcommand '%s' (list or prune)",
+        cli_usage_error(a->prog, "unknown subcommand '%s' (list, verify or "
+                        "prune)",
                         argv[1]);
         return -1;
     }
@@ -536,6 +650,8 @@ int cmd_repo(int argc, char **argv)
         return do_list(&a);
     case SUB_PRUNE:
         return do_prune(&a);
+    case SUB_VERIFY:
+        return do_verify(&a);
     }
     return CLI_EXIT_FAILURE;
 }

@@ -100,7 +100,8 @@ static int cmp_str(const void *a, const void *b)
 
 static bool has(const struct names *ns, const char *name)
 {
-    return name && bsearch(&name, ns->v, ns->n, sizeof(char *), cmp_str);
+    return name && ns->n &&
+           bsearch(&name, ns->v, ns->n, sizeof(char *), cmp_str);
 }
 
 static bool has_sfx(const struct names *ns, const char *base, const char *sfx)
@@ -157,7 +158,8 @@ static int read_names(const char *dir, struct names *ns,
         cbt_error_set(errp, err, "%s: %s", dir, strerror(err));
         return -1;
     }
-    qsort(ns->v, ns->n, sizeof(char *), cmp_str);
+    if (ns->n)
+        qsort(ns->v, ns->n, sizeof(char *), cmp_str);
     return 0;
 }
 
@@ -467,7 +469,8 @@ int repo_open(const char *dir, struct repo *r, struct cbt_error **errp)
     int ret = -1;
     if (read_manifests(r, &ns, errp) < 0)
         goto out;
-    qsort(r->points, r->npoints, sizeof(*r->points), cmp_points);
+    if (r->npoints)
+        qsort(r->points, r->npoints, sizeof(*r->points), cmp_points);
     if (find_leftovers(r, &ns, foldertx_pending(dir)) < 0)
         goto oom;
     for (size_t i = 0; i < r->npoints; i++)

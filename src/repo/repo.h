@@ -112,4 +112,43 @@ int repo_prune(const char *dir, const struct repo_prune_opts *o,
                struct repo_prune_result *res, struct cbt_error **errp);
 void repo_prune_result_free(struct repo_prune_result *res);
 
+/* ---- verify.c ---- */
+
+/* One problem of a point: a file that fails a check, or a bad block. */
+struct repo_bad {
+    char *file;                   /* the file at fault (path) */
+    char *problem;                /* one line */
+    bool block;                   /* a block of the guest view: */
+    uint64_t offset, length;      /* its guest range */
+};
+struct repo_verdict {
+    char *file;                   /* the point's image file name */
+    bool ok;
+    uint64_t hashed, shared;      /* blocks hashed; blocks taken from the
+                                   * parent's verified hashes */
+    struct repo_bad *bad;         /* the first REPO_MAX_BAD problems */
+    size_t nbad;
+    uint64_t bad_blocks;          /* all bad blocks */
+};
+#define REPO_MAX_BAD 64
+struct repo_verify_result {
+    struct repo_verdict *v;       /* one per point, as repo_open orders */
+    size_t n;
+    size_t bad_points;
+    uint64_t bytes_read;          /* guest bytes read and hashed */
+    uint64_t bytes_total;         /* sum of every point's view */
+};
+/*
+ * Verify every point of the folder, as cbt verify checks one, sharing the
+ * work of one chain: every stored block is read and hashed once (a
+ * point's view differs from its parent's only in the blocks it holds; the
+ * others must carry the parent's verified digests).  Returns 0 (res says
+ * what was found), or -1 with *errp when the folder cannot be read or an
+ * image is in use.
+ */
+int repo_verify(const char *dir, cbt_progress_fn *progress,
+                void *progress_opaque, struct repo_verify_result *res,
+                struct cbt_error **errp);
+void repo_verify_result_free(struct repo_verify_result *res);
+
 #endif

@@ -1,0 +1,493 @@
+/*
+ * cbt repo verify: every point of a backup folder verified as cbt verify
+ * verifies one, each stored block read and hashed once (repo.h).
+ *
+ * Why sharing is sound.  A qcow2 point's guest view is its own clusters
+ * over its parent's view.  Walking each chain from its full backup up
+ * (depth first, parents before children), a point's blocks fall in three
+ * kinds, by the block status of its own layer:
+ *   - blocks it holds (data, or zero clusters): read through the chain and
+ *     hashed, or taken as zeroes without reading, and compared with the
+ *     point's own recorded digest;
+ *   - blocks it does not hold, wholly inside its parent's view: they read
+ *     exactly as in the parent, whose digests were checked against the
+ *     data already (or found bad: then they are bad here too, and said so);
+ *     so the point's recorded digest must equal the parent's -- a
+ *     comparison of two 32-byte strings, no data read;
+ *   - anything else (a block partly held, or past the parent's end): read
+ *     and hashed.
+ * By induction every recorded digest of every point is checked against
+ * the data it stands for, and every stored cluster a view shows is read
+ * once, by the point that stores it.  Like cbt verify, the files are
+ * checked first: every manifest is the one its child recorded (repo_open),
+ * every hashes file has the recorded SHA-256 and root, every image opens
+ * with the recorded size, is linked to its parent's file and passes the
+ * consistency check; a point that fails these is reported and the points
+ * above it are not checked (they are named as such).
+ *
+ * Raw chains are composed from the manifests' extents, not a chain of
+ * images; each raw point is verified by cbt_verify (no sharing yet).
+ */
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <strings.h>
+#include <sys/stat.h>
+
+#include <cbt/backup.h>
+#include <cbt/image.h>
+
+#include "../block/block.h"
+#include "../ops/foldertx.h"
+#include "../util/util.h"
+#include "repo.h"
+
+#define BLOCK ((uint64_t)BLOCKHASH_BLOCK)
+#define READ_CHUNK (1u << 20)
+
+enum { B_UNSET, B_INHERIT, B_ZERO, B_READ };
+
+struct ctx {
+    struct repo *r;
+    struct repo_verify_result *res;
+    cbt_progress_fn *progress;
+    void *progress_opaque;
+    uint64_t done;
+    uint8_t *buf;
+};
+
+/* What a verified point passes to its children. */
+struct level {
+    struct blockhash leaves;
+    uint64_t size;
+    uint64_t *bad;        /* its bad blocks, increasing */
+    size_t nbad, cap;
+};
+
+static void level_free(struct level *l)
+{
+    blockhash_free(&l->leaves);
+    free(l->bad);
+    memset(l, 0, sizeof(*l));
+}
+
+static int add_bad(struct repo_verdict *v, const char *file, bool block,
+                   uint64_t off, uint64_t len, const char *fmt, ...)
+    PRINTF_FMT(6, 7);
+static int add_bad(struct repo_verdict *v, const char *file, bool block,
+                   uint64_t off, uint64_t len, const char *fmt, ...)
+{
+    v->ok = false;
+    if (block) {
+        v->bad_blocks += DIV_ROUND_UP(len, BLOCK);
+        /* Adjacent bad blocks of one file are one range. */
+        struct repo_bad *last = v->nbad ? &v->bad[v->nbad - 1] : NULL;
+        if (last && last->block && last->offset + last->length == off &&
+            strcmp(last->file, file) == 0) {
+            last->length += len;
+            return 0;
+        }
+    }
+    if (v->nbad >= REPO_MAX_BAD)
+        return 0;
+    struct repo_bad *nv = realloc(v->bad, (v->nbad + 1) * sizeof(*nv));
+    if (!nv)
+        return -1;
+    v->bad = nv;
+    struct repo_bad *b = &nv[v->nbad];
+    memset(b, 0, sizeof(*b));
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vasprintf(&b->problem, fmt, ap);
+    va_end(ap);
+    b->file = strdup(file);
+    if (n < 0 || !b->file) {
+        if (n >= 0)
+            free(b->problem);
+        free(b->file);
+        return -1;
+    }
+    b->block = block;
+    b->offset = off;
+    b->length = len;
+    v->nbad++;
+    return 0;
+}
+
+/* The problem message of a library error (taken). */
+static int add_err(struct repo_verdict *v, const char *file,
+                   struct cbt_error *e)
+{
+    int r = add_bad(v, file, false, 0, 0, "%s", cbt_error_message(e));
+    cbt_error_free(e);
+    return r;
+}
+
+/* The file checks (see the top).  0 sound, 1 a problem was recorded, -1
+ * out of memory or an image in use (*errp). */
+static int check_files(struct ctx *c, size_t i, const char *img,
+                       const char *hashes, struct cbt_error **errp)
+{
+    const struct repo_point *p = &c->r->points[i];
+    struct repo_verdict *v = &c->res->v[i];
+    const struct manifest *m = &p->m;
+    struct cbt_error *e = NULL;
+    char hex[65];
+    int r = 0;
+    if (strcasecmp(m->root, m->hash_file_sha256) != 0)
+        r = add_bad(v, hashes, false, 0, 0, "%s: root hash %s differs from "
+                    "the SHA-256 of its block hashes %s", hashes, m->root,
+                    m->hash_file_sha256);
+    else if (hashes_sha256(hashes, m->blocks, hex, &e) < 0)
+        r = add_err(v, hashes, e);
+    else if (strcasecmp(hex, m->hash_file_sha256) != 0)
+        r = add_bad(v, hashes, false, 0, 0, "%s: SHA-256 %s differs from %s "
+                    "recorded in its manifest", hashes, hex,
+                    m->hash_file_sha256);
+    if (r < 0)
+        goto oom;
+    if (!v->ok)
+        return 1;
+
+    struct cbt_check_result cr;
+    memset(&cr, 0, sizeof(cr));
+    if (cbt_image_check(img, "qcow2", 0, &cr, NULL, NULL, &e) < 0) {
+        if (cbt_error_kind(e) == CBT_ERR_IN_USE) {
+            *errp = e;
+            return -1;
+        }
+        return add_err(v, img, e) < 0 ? (cbt_error_set(errp, ENOMEM,
+                                                       "out of memory"), -1)
+                                      : 1;
+    }
+    struct stat st;
+    if (cr.corruptions || cr.check_errors)
+        r = add_bad(v, img, false, 0, 0, "%s: damaged: the consistency check "
+                    "found %" PRId64 " corruptions and %" PRId64 " other "
+                    "errors (see cbt check)", img, cr.corruptions,
+                    cr.check_errors);
+    else if (stat(img, &st) == 0 &&
+             cr.image_end_offset > ALIGN_UP((uint64_t)st.st_size, BLOCK))
+        r = add_bad(v, img, false, 0, 0, "%s: truncated: the file is %" PRIu64
+                    " bytes, but its clusters reach at least %" PRIu64, img,
+                    (uint64_t)st.st_size, cr.image_end_offset);
+    if (r < 0)
+        goto oom;
+    if (!v->ok)
+        return 1;
+
+    struct cbt_image *im = cbt_image_open(img, "qcow2", CBT_OPEN_NO_BACKING,
+                                          &e);
+    if (!im) {
+        if (cbt_error_kind(e) == CBT_ERR_IN_USE) {
+            *errp = e;
+            return -1;
+        }
+        return add_err(v, img, e) < 0 ? -1 : 1;
+    }
+    uint64_t size = cbt_image_size(im);
+    const char *have = im->backing_name, *want = m->parent_file;
+    if (size < m->virtual_size || size > ALIGN_UP(m->virtual_size, 512))
+        r = add_bad(v, img, false, 0, 0, "%s: virtual size is %" PRIu64
+                    ", but its manifest records %" PRIu64, img, size,
+                    m->virtual_size);
+    else if (!want != !have || (want && strcmp(want, have) != 0))
+        r = add_bad(v, img, false, 0, 0, "%s: backing file is '%s', but its "
+                    "parent backup is '%s'", img, have ? have : "(none)",
+                    want ? want : "(none: a full backup)");
+    cbt_image_close(im, NULL);
+    if (r < 0)
+        goto oom;
+    return v->ok ? 0 : 1;
+oom:
+    cbt_error_set(errp, ENOMEM, "out of memory");
+    return -1;
+}
+
+/* The file holding the view's data at off (for a bad block). */
+static const char *holder(struct cbt_image *view, uint64_t off, uint64_t len)
+{
+    struct cbt_extent e;
+    if (cbt_image_block_status(view, off, len, &e) < 0 ||
+        !(e.flags & CBT_BS_PRESENT))
+        return cbt_image_filename(view);
+    struct cbt_image *l = view;
+    for (int d = 0; d < e.depth && cbt_image_backing(l); d++)
+        l = cbt_image_backing(l);
+    return cbt_image_filename(l);
+}
+
+static bool in_bad(const struct level *l, uint64_t b)
+{
+    size_t lo = 0, hi = l ? l->nbad : 0;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (l->bad[mid] < b)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return l && lo < l->nbad && l->bad[lo] == b;
+}
+
+static int mark_bad(struct level *lv, uint64_t b)
+{
+    if (lv->nbad == lv->cap) {
+        size_t cap = lv->cap ? lv->cap * 2 : 64;
+        uint64_t *v = realloc(lv->bad, cap * sizeof(*v));
+        if (!v)
+            return -1;
+        lv->bad = v;
+        lv->cap = cap;
+    }
+    lv->bad[lv->nbad++] = b;
+    return 0;
+}
+
+/* Classify every block of the view (see the top). */
+static int classify(struct cbt_image *view, const struct level *parent,
+                    uint64_t size, uint8_t *kind)
+{
+    struct cbt_image *base = cbt_image_backing(view);
+    for (uint64_t off = 0; off < size;) {
+        struct cbt_extent e;
+        int r = cbt_image_block_status_above(view, base, off, size - off, &e);
+        if (r < 0)
+            return r;
+        bool own = !base || (e.flags & (CBT_BS_PRESENT | CBT_BS_ZERO));
+        uint8_t k = !own ? B_INHERIT
+                         : (e.flags & CBT_BS_ZERO) ? B_ZERO : B_READ;
+        for (uint64_t b = off / BLOCK; b * BLOCK < off + e.length; b++) {
+            uint8_t nk = k;
+            if (nk == B_INHERIT) {
+                uint64_t end = MIN((b + 1) * BLOCK, size);
+                if (!parent || end > parent->size)
+                    nk = B_READ;
+            }
+            kind[b] = kind[b] == B_UNSET || kind[b] == nk ? nk : B_READ;
+        }
+        off += e.length;
+    }
+    return 0;
+}
+
+/* The data checks of a qcow2 point. */
+static int check_data(struct ctx *c, size_t i, const char *img,
+                      const char *hashes, const struct level *parent,
+                      struct level *lv, struct cbt_error **errp)
+{
+    const struct repo_point *p = &c->r->points[i];
+    struct repo_verdict *v = &c->res->v[i];
+    struct cbt_error *e = NULL;
+    uint64_t size = p->m.virtual_size;
+    lv->size = size;
+    if (blockhash_read(hashes, size, &lv->leaves, &e) < 0)
+        return add_err(v, hashes, e) < 0 ? -1 : 1;
+    struct cbt_image *view = cbt_image_open(img, "qcow2", 0, &e);
+    if (!view) {
+        if (cbt_error_kind(e) == CBT_ERR_IN_USE) {
+            *errp = e;
+            return -1;
+        }
+        return add_err(v, img, e) < 0 ? -1 : 1;
+    }
+    int ret = -1, r = 0;
+    uint64_t n = lv->leaves.n;
+    uint8_t *kind = calloc(n + 1, 1);
+    if (!kind)
+        goto oom;
+    if ((r = classify(view, parent, size, kind)) < 0)
+        goto io;
+    for (uint64_t b = 0; b < n;) {
+        uint64_t off = b * BLOCK;
+        if (kind[b] != B_READ) {
+            size_t len = (size_t)MIN(BLOCK, size - off);
+            uint8_t d[32];
+            bool bad = false, inherited = false;
+            if (kind[b] == B_ZERO) {
+                blockhash_zero_digest(len, d);
+                bad = memcmp(d, lv->leaves.leaf[b], 32) != 0;
+                v->hashed++;
+            } else {
+                inherited = in_bad(parent, b);
+                bad = inherited ||
+                      memcmp(parent->leaves.leaf[b], lv->leaves.leaf[b], 32);
+                v->shared++;
+            }
+            if (bad && (mark_bad(lv, b) < 0 ||
+                        add_bad(v, holder(view, off, len), true, off, len,
+                                "%s",
+                                inherited ? "the bad data of its parent"
+                                : kind[b] == B_ZERO
+                                    ? "reads as zeroes, but its recorded hash "
+                                      "is not that of zeroes"
+                                    : "is its parent's, but its recorded hash "
+                                      "is not the parent's") < 0))
+                goto oom;
+            b++;
+            c->done += len;
+            continue;
+        }
+        /* A run of blocks to read, up to READ_CHUNK. */
+        uint64_t e_b = b;
+        while (e_b < n && kind[e_b] == B_READ &&
+               (e_b - b + 1) * BLOCK <= READ_CHUNK)
+            e_b++;
+        size_t len = (size_t)(MIN(e_b * BLOCK, size) - off);
+        if ((r = cbt_image_pread(view, c->buf, len, off)) < 0)
+            goto io;
+        for (uint64_t k = b; k < e_b; k++) {
+            size_t bl = (size_t)MIN(BLOCK, size - k * BLOCK);
+            uint8_t d[32];
+            blockhash_digest(c->buf + (k - b) * BLOCK, bl, d);
+            v->hashed++;
+            if (memcmp(d, lv->leaves.leaf[k], 32) != 0 &&
+                (mark_bad(lv, k) < 0 ||
+                 add_bad(v, holder(view, k * BLOCK, bl), true, k * BLOCK, bl,
+                         "does not match its recorded hash") < 0))
+                goto oom;
+        }
+        c->res->bytes_read += len;
+        c->done += len;
+        b = e_b;
+        if (c->progress)
+            c->progress(c->progress_opaque, c->done, c->res->bytes_total);
+    }
+    ret = 0;
+    goto out;
+io:
+    cbt_error_set(errp, -r, "%s: cannot read the guest view: %s", img,
+                  strerror(-r));
+    goto out;
+oom:
+    cbt_error_set(errp, ENOMEM, "out of memory");
+out:
+    free(kind);
+    cbt_image_close(view, NULL);
+    return ret;
+}
+
+/* A raw point, by cbt_verify. */
+static int verify_raw(struct ctx *c, size_t i, const char *img,
+                      struct cbt_error **errp)
+{
+    struct repo_verdict *v = &c->res->v[i];
+    struct cbt_verify_result vr;
+    if (cbt_verify(img, NULL, NULL, &vr, errp) < 0)
+        return -1;
+    int r = 0;
+    if (!vr.ok)
+        r = add_bad(v, vr.bad_file ? vr.bad_file : img, vr.bad_length > 0,
+                    vr.bad_offset, vr.bad_length, "%s",
+                    vr.problem ? vr.problem : "verification failed");
+    uint64_t size = c->r->points[i].m.virtual_size;
+    v->hashed += DIV_ROUND_UP(size, BLOCK);
+    c->res->bytes_read += vr.bytes_checked;
+    c->done += size;
+    cbt_verify_result_free(&vr);
+    if (r < 0)
+        cbt_error_set(errp, ENOMEM, "out of memory");
+    return r;
+}
+
+static int verify_point(struct ctx *c, size_t i, const struct level *parent,
+                        bool parent_failed, int depth,
+                        struct cbt_error **errp)
+{
+    const struct repo_point *p = &c->r->points[i];
+    struct repo_verdict *v = &c->res->v[i];
+    CLEANUP_FREE char *img = cbt_strdup_printf("%s/%s", c->r->dir, p->file);
+    CLEANUP_FREE char *hashes = cbt_strdup_printf("%s/%s", c->r->dir,
+                                                  p->m.hash_file);
+    if (!img || !hashes) {
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        return -1;
+    }
+    struct level lv;
+    memset(&lv, 0, sizeof(lv));
+    bool usable = false;
+    int r = 0;
+    if (p->problem) {
+        r = add_bad(v, img, false, 0, 0, "%s", p->problem);
+    } else if (parent_failed) {
+        r = add_bad(v, img, false, 0, 0, "not checked: its parent %s failed "
+                    "its checks", c->r->points[p->parent].file);
+    } else if (strcmp(p->m.image_format, "qcow2") != 0) {
+        r = verify_raw(c, i, img, errp);
+    } else {
+        r = check_files(c, i, img, hashes, errp);
+        if (r == 0)
+            r = check_data(c, i, img, hashes, parent, &lv, errp);
+        usable = r == 0;
+        if (r > 0)
+            r = 0;
+    }
+    if (r < 0) {
+        level_free(&lv);
+        return -1;
+    }
+    if (!v->ok)
+        c->res->bad_points++;
+    /* The points that start from this one. */
+    for (size_t j = 0; r == 0 && j < c->r->npoints && depth < 4096; j++)
+        if (c->r->points[j].parent == (int)i)
+            r = verify_point(c, j, usable ? &lv : NULL,
+                             !v->ok && !usable, depth + 1, errp);
+    level_free(&lv);
+    return r;
+}
+
+int repo_verify(const char *dir, cbt_progress_fn *progress,
+                void *progress_opaque, struct repo_verify_result *res,
+                struct cbt_error **errp)
+{
+    memset(res, 0, sizeof(*res));
+    struct repo r;
+    if (foldertx_recover(dir, errp) < 0 || repo_open(dir, &r, errp) < 0)
+        return -1;
+    struct ctx c = {.r = &r, .res = res, .progress = progress,
+                    .progress_opaque = progress_opaque};
+    int ret = -1;
+    res->v = calloc(r.npoints + 1, sizeof(*res->v));
+    c.buf = cbt_zalloc_aligned(READ_CHUNK);
+    if (!res->v || !c.buf) {
+        cbt_error_set(errp, ENOMEM, "out of memory");
+        goto out;
+    }
+    res->n = r.npoints;
+    for (size_t i = 0; i < r.npoints; i++) {
+        res->v[i].ok = true;
+        res->bytes_total += r.points[i].m.virtual_size;
+        if (!(res->v[i].file = strdup(r.points[i].file))) {
+            cbt_error_set(errp, ENOMEM, "out of memory");
+            goto out;
+        }
+    }
+    ret = 0;
+    for (size_t i = 0; ret == 0 && i < r.npoints; i++)
+        if (r.points[i].parent < 0)
+            ret = verify_point(&c, i, NULL, false, 0, errp);
+out:
+    free(c.buf);
+    repo_close(&r);
+    if (ret < 0)
+        repo_verify_result_free(res);
+    return ret;
+}
+
+void repo_verify_result_free(struct repo_verify_result *res)
+{
+    if (!res)
+        return;
+    for (size_t i = 0; i < res->n; i++) {
+        struct repo_verdict *v = &res->v[i];
+        for (size_t k = 0; k < v->nbad; k++) {
+            free(v->bad[k].file);
+            free(v->bad[k].problem);
+        }
+        free(v->bad);
+        free(v->file);
+    }
+    free(res->v);
+    memset(res, 0, sizeof(*res));
+}

@@ -1,0 +1,146 @@
+"""cbt repo verify: every point of a folder, each stored block hashed once,
+naming each bad file and block (issue 13, section 1).
+
+Oracles: `qemu-img map` says which clusters each image stores (so how many
+bytes a verify that hashes each stored block once must read) and where a
+guest block lives on the host (to flip a byte of it); `cbt verify` of each
+point separately must agree with repo verify's verdict on that point."""
+import json
+import os
+
+import pytest
+
+from conftest import cbt, qemu_img
+from repolib import Repo
+
+BLOCK = 65536
+
+
+@pytest.fixture
+def repo(tmp):
+    r = Repo(tmp)
+    r.write("write -P 1 0 6M")
+    r.backup("f.img", "--full")
+    r.write("write -P 2 1M 1M", "write -z 3M 64k")
+    r.backup("i1.img")
+    r.write("write -P 3 2M 128k")
+    r.backup("i2.img")
+    r.write("write -P 4 5M 64k")
+    r.backup("i3.img")
+    return r
+
+
+def stored(path):
+    """qemu-img map: the guest ranges the image's own layer stores as data,
+    with their host offsets."""
+    out = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", path).out)
+    return [(e["start"], e["length"], e["offset"]) for e in out
+            if e["depth"] == 0 and e["data"] and not e["zero"]]
+
+
+def flip(path, guest):
+    for start, length, host in stored(path):
+        if start <= guest < start + length:
+            with open(path, "r+b") as f:
+                f.seek(host + guest - start + 100)
+                b = f.read(1)
+                f.seek(host + guest - start + 100)
+                f.write(bytes([b[0] ^ 0x40]))
+            return
+    raise AssertionError("%s stores no data at %d" % (path, guest))
+
+
+def verify(r):
+    res = cbt("repo", "verify", "--output=json", r.bk, check=False)
+    assert res.rc in (0, 65), res
+    out = json.loads(res.out)
+    assert (res.rc == 65) == (not out["ok"])
+    return out, {p["file"]: p for p in out["points"]}
+
+
+def agrees_with_cbt_verify(r, by):
+    for name, p in by.items():
+        rc = cbt("verify", r.bk / name, check=False).rc
+        assert rc == (0 if p["ok"] else 65), (name, p)
+
+
+def test_sound_folder_reads_each_stored_block_once(repo):
+    out, by = verify(repo)
+    assert out["ok"] and out["bad-points"] == 0
+    want = sum(l for n in ("f.img", "i1.img", "i2.img", "i3.img")
+               for _, l, _ in stored(repo.bk / n))
+    assert out["bytes-read"] == want
+    n = 16 * 1024 * 1024 // BLOCK
+    for p in by.values():
+        assert p["blocks-hashed"] + p["blocks-shared"] == n
+    assert by["f.img"]["blocks-shared"] == 0
+    # i2 stores 2 blocks; everything else is its parent's, checked by
+    # comparing digests.
+    assert by["i2.img"]["blocks-hashed"] == 2
+    res = cbt("repo", "verify", repo.bk)
+    assert res.out.strip().splitlines()[-1].startswith("OK: ")
+    agrees_with_cbt_verify(repo, by)
+
+
+def test_bad_block_in_the_full_reaches_the_points_above(repo):
+    flip(repo.bk / "f.img", 4 * 1024 * 1024)        # no incremental holds it
+    flip(repo.bk / "f.img", 1 * 1024 * 1024)        # i1 overwrote it
+    out, by = verify(repo)
+    assert not out["ok"] and out["bad-points"] == 4
+    f = by["f.img"]
+    assert [(b["offset"], b["length"]) for b in f["problems"]] == \
+        [(1024 * 1024, BLOCK), (4 * 1024 * 1024, BLOCK)]
+    assert all(b["file"].endswith("bk/f.img") for b in f["problems"])
+    for name in ("i1.img", "i2.img", "i3.img"):
+        p = by[name]
+        assert [(b["offset"], b["file"].split("/")[-1]) for b in p["problems"]] == \
+            [(4 * 1024 * 1024, "f.img")], (name, p)
+        assert "bad data of its parent" in p["problems"][0]["problem"]
+    agrees_with_cbt_verify(repo, by)
+    res = cbt("repo", "verify", repo.bk, check=False)
+    assert res.rc == 65
+    assert "i3.img: " in res.err and "f.img: guest range at offset 4194304" in res.err
+
+
+def test_bad_block_in_an_incremental(repo):
+    flip(repo.bk / "i2.img", 2 * 1024 * 1024 + BLOCK)
+    out, by = verify(repo)
+    assert by["f.img"]["ok"] and by["i1.img"]["ok"]
+    for name in ("i2.img", "i3.img"):
+        b = by[name]["problems"]
+        assert [(x["offset"], x["file"].split("/")[-1]) for x in b] == \
+            [(2 * 1024 * 1024 + BLOCK, "i2.img")]
+    agrees_with_cbt_verify(repo, by)
+
+
+def test_damaged_hashes_and_missing_files(repo):
+    with open(repo.bk / "i1.img.hashes", "r+b") as f:
+        f.seek(64)
+        f.write(b"\xff")
+    out, by = verify(repo)
+    assert "SHA-256" in by["i1.img"]["problems"][0]["problem"]
+    assert by["i1.img"]["problems"][0]["file"].endswith("i1.img.hashes")
+    assert "not checked: its parent i1.img" in by["i2.img"]["problems"][0]["problem"]
+    assert by["f.img"]["ok"]
+    agrees_with_cbt_verify(repo, by)
+    os.unlink(repo.bk / "i2.img")
+    out, by = verify(repo)
+    assert "its image i2.img" in by["i2.img"]["problems"][0]["problem"]
+    assert "broken at i2.img" in by["i3.img"]["problems"][0]["problem"]
+
+
+def test_raw_chain(tmp):
+    r = Repo(tmp, fmt="raw")
+    r.write("write -P 1 0 6M")
+    r.backup("f.img", "--full")
+    r.write("write -P 2 1M 1M")
+    r.backup("i1.img")
+    out, by = verify(r)
+    assert out["ok"]
+    with open(r.bk / "i1.img", "r+b") as f:
+        f.seek(1024 * 1024 + 5)
+        f.write(b"\xee")
+    out, by = verify(r)
+    assert by["f.img"]["ok"] and not by["i1.img"]["ok"]
+    assert by["i1.img"]["problems"][0]["offset"] == 1024 * 1024
+    agrees_with_cbt_verify(r, by)
