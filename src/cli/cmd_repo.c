@@ -18,6 +18,7 @@
 static const char usage[] =
     "Usage: cbt repo list [--output=human|json] FOLDER\n"
     "       cbt repo verify [--output=human|json] [-p] FOLDER\n"
+    "       cbt repo clean [--dry-run|--force] [--output=human|json] FOLDER\n"
     "       cbt repo prune [--keep-last N] [--keep-daily N] [--keep-weekly N]\n"
     "                      [--keep-monthly N] [--dry-run|--force]\n"
     "                      [--output=human|json] [-p] FOLDER\n"
@@ -45,6 +46,11 @@ static const char usage[] =
     "          share the work: each stored block is read and hashed once\n"
     "          (a block a point does not hold must carry its parent's\n"
     "          verified digest)\n"
+    "  clean   remove the leftovers list shows (never anything else, never\n"
+    "          a damaged manifest), each only while no process has it open\n"
+    "          (QEMU's locks; a live backup's scratch file: its owner lock; a\n"
+    "          temporary file: not modified for a minute).  A dry run unless\n"
+    "          --force\n"
     "  prune   retire the points the policy does not keep, per disk:\n"
     "          --keep-last N the N newest; --keep-daily/--keep-weekly/\n"
     "          --keep-monthly N the newest point of each of the N most recent\n"
@@ -65,8 +71,8 @@ static const char usage[] =
     "  --output=FMT      human (default) or json\n"
     "  --keep-last N, --keep-daily N, --keep-weekly N, --keep-monthly N\n"
     "                    the retention policy (prune; at least one)\n"
-    "  --dry-run         prune: only show what would go (the default)\n"
-    "  --force           prune: do it\n"
+    "  --dry-run         prune, clean: only show what would go (the default)\n"
+    "  --force           prune, clean: do it\n"
     "  -p                show progress on stderr (when it is a terminal)\n"
     "  -h, --help        show this help\n"
     "\n"
@@ -80,11 +86,12 @@ static const char usage[] =
     "  cbt repo list backups/\n"
     "  cbt repo list --output=json backups/\n"
     "  cbt repo verify backups/\n"
+    "  cbt repo clean --force backups/\n"
     "  cbt repo prune --keep-last 7 backups/\n"
     "  cbt repo prune --keep-daily 7 --keep-weekly 4 --keep-monthly 12 \\\n"
     "      --force backups/\n";
 
-enum sub { SUB_LIST, SUB_PRUNE, SUB_VERIFY };
+enum sub { SUB_LIST, SUB_PRUNE, SUB_VERIFY, SUB_CLEAN };
 
 struct args {
     const char *prog;
@@ -516,6 +523,65 @@ static int do_verify(const struct args *a)
     return ret;
 }
 
+/* ---- clean ---- */
+
+static int do_clean(const struct args *a)
+{
+    struct repo_clean_result res;
+    struct cbt_error *err = NULL;
+    bool dry = !a->force;
+    if (repo_clean(a->dir, dry, &res, &err) < 0)
+        return cli_lib_error(err);
+    size_t gone = 0, stay = 0;
+    for (size_t i = 0; i < res.n; i++) {
+        gone += !res.v[i].skipped;
+        stay += res.v[i].skipped != NULL;
+    }
+    if (a->output == CLI_OUTPUT_JSON) {
+        json_t *o = json_object(), *items = json_array();
+        for (size_t i = 0; i < res.n; i++) {
+            const struct repo_clean_item *it = &res.v[i];
+            json_t *e = json_object();
+            json_object_set_new(e, "file", cli_json_string(it->file));
+            json_object_set_new(e, "why", cli_json_string(it->why));
+            json_object_set_new(e, "file-bytes", cli_json_u64(it->file_bytes));
+            json_object_set_new(e, "removed", json_boolean(it->removed));
+            json_object_set_new(e, "kept", it->skipped
+                                               ? cli_json_string(it->skipped)
+                                               : json_null());
+            json_array_append_new(items, e);
+        }
+        json_object_set_new(o, "folder", cli_json_string(a->dir));
+        json_object_set_new(o, "dry-run", json_boolean(dry));
+        json_object_set_new(o, "leftovers", items);
+        json_object_set_new(o, "bytes", cli_json_u64(res.bytes));
+        cli_json_print(o);
+    } else {
+        for (size_t i = 0; i < res.n; i++) {
+            const struct repo_clean_item *it = &res.v[i];
+            char sz[32];
+            cli_size_to_str(it->file_bytes, sz, sizeof(sz));
+            printf("%-7s %s (%s): %s%s%s\n",
+                   it->skipped ? "keep" : dry ? "remove" : "removed",
+                   it->file, sz, it->why, it->skipped ? "; kept: " : "",
+                   it->skipped ? it->skipped : "");
+        }
+        char sz[32];
+        cli_size_to_str(res.bytes, sz, sizeof(sz));
+        if (res.n == 0)
+            printf("%s: no leftovers of interrupted cbt runs\n", a->dir);
+        else if (dry)
+            printf("Dry run: %zu file%s (%s) would go, %zu in use stay%s.  "
+                   "Run with --force to remove them.\n", gone,
+                   gone == 1 ? "" : "s", sz, stay, stay == 1 ? "s" : "");
+        else
+            printf("Removed %zu file%s (%s); %zu in use stay%s.\n", gone,
+                   gone == 1 ? "" : "s", sz, stay, stay == 1 ? "s" : "");
+    }
+    repo_clean_result_free(&res);
+    return 0;
+}
+
 /* ---- arguments ---- */
 
 static int parse_count(const char *prog, const char *opt, const char *s,
@@ -550,10 +616,11 @@ static int parse_args(int argc, char **argv, struct args *a)
     };
     static const char *const names[] = {[SUB_LIST] = "list",
                                         [SUB_PRUNE] = "prune",
-                                        [SUB_VERIFY] = "verify"};
+                                        [SUB_VERIFY] = "verify",
+                                        [SUB_CLEAN] = "clean"};
     if (argc < 2) {
-        cli_usage_error(a->prog, "Expecting a subcommand: list, verify or "
-                                 "prune");
+        cli_usage_error(a->prog, "Expecting a subcommand: list, verify, "
+                                 "clean or prune");
         return -1;
     }
     if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0)
@@ -566,8 +633,8 @@ static int parse_args(int argc, char **argv, struct args *a)
         }
     }
     if (!found) {
-        cli_usage_error(a->prog, "unknown subcommand '%s' (list, verify or "
-                        "prune)",
+        cli_usage_error(a->prog, "unknown subcommand '%s' (list, verify, "
+                        "clean or prune)",
                         argv[1]);
         return -1;
     }
@@ -619,8 +686,10 @@ static int parse_args(int argc, char **argv, struct args *a)
             a->policy_given = true;
         }
     }
-    if ((a->dry_run || a->force) && a->sub != SUB_PRUNE) {
-        cli_usage_error(a->prog, "--dry-run and --force are for prune");
+    if ((a->dry_run || a->force) && a->sub != SUB_PRUNE &&
+        a->sub != SUB_CLEAN) {
+        cli_usage_error(a->prog, "--dry-run and --force are for prune and "
+                        "clean");
         return -1;
     }
     if (a->dry_run && a->force) {
@@ -652,6 +721,8 @@ int cmd_repo(int argc, char **argv)
         return do_prune(&a);
     case SUB_VERIFY:
         return do_verify(&a);
+    case SUB_CLEAN:
+        return do_clean(&a);
     }
     return CLI_EXIT_FAILURE;
 }

@@ -48,6 +48,7 @@
 #include <cbt/image.h>
 
 #include "../ops/backup_live.h"
+#include "../ops/manifest.h"
 #include "livebackup.h"
 #include "livecp.h"
 #include "nbd.h"
@@ -434,54 +435,31 @@ static void vm_end(struct lb_vm *vm)
  * scratch file nobody locks (neither a cbt nor a QEMU) is what a killed
  * cbt left after taking its node out of QEMU or before adding it.
  */
-#define SCRATCH_OWNER_BYTE 0x636274 /* "cbt" */
-
 static int own_scratch(int fd)
 {
     struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
-                       .l_start = SCRATCH_OWNER_BYTE, .l_len = 1};
+                       .l_start = BFILE_SCRATCH_OWNER_BYTE, .l_len = 1};
     return fcntl(fd, F_OFD_SETLK, &fl);
-}
-
-/* Does anyone hold a lock on [start, start + len) of fd's file? */
-static bool locked(int fd, off_t start, off_t len)
-{
-    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
-                       .l_start = start, .l_len = len};
-    return fcntl(fd, F_OFD_GETLK, &fl) < 0 || fl.l_type != F_UNLCK;
 }
 
 /*
  * Remove the scratch files (NAME.scratch, a qcow2 file) in folder `d` that
  * no running cbt owns and no process has open with QEMU's locks: a killed
- * cbt's.  Says what it removed.
+ * cbt's (the rule is bfile_orphan_scratch's, shared with cbt repo clean).
+ * Says what it removed.
  */
 static void sweep_scratch(const char *d)
 {
     DIR *dh = opendir(d);
     struct dirent *de;
     while (dh && (de = readdir(dh))) {
-        size_t n = strlen(de->d_name);
-        if (n <= 8 || strcmp(de->d_name + n - 8, ".scratch") != 0)
-            continue;
-        int fd = openat(dirfd(dh), de->d_name,
-                        O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-        if (fd < 0)
-            continue;
-        struct stat st;
-        unsigned char magic[4] = {0};
-        /* cbt's: a qcow2 file, or an empty one (killed before its
-         * header was written). */
-        bool orphan = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
-                      (st.st_size == 0 ||
-                       (pread(fd, magic, 4, 0) == 4 &&
-                        memcmp(magic, "QFI\xfb", 4) == 0)) &&
-                      !locked(fd, SCRATCH_OWNER_BYTE, 1) &&
-                      !locked(fd, 100, 200);
-        if (orphan && unlinkat(dirfd(dh), de->d_name, 0) == 0)
+        int fd;
+        if (bfile_orphan_scratch(dirfd(dh), de->d_name, &fd) &&
+            unlinkat(dirfd(dh), de->d_name, 0) == 0)
             cbt_warn("%s/%s: removed the scratch file of an interrupted cbt "
                      "backup", d, de->d_name);
-        close(fd);
+        if (fd >= 0)
+            close(fd);
     }
     if (dh)
         closedir(dh);

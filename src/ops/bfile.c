@@ -201,6 +201,53 @@ int blockhash_read(const char *path, uint64_t size, struct blockhash *h,
     return 0;
 }
 
+/* ---- whose files ---- */
+
+/* QEMU's lock bytes: 100 + permission bit and 200 + permission bit
+ * (src/block/lock.c). */
+#define QEMU_LOCK_START 100
+#define QEMU_LOCK_LEN 200
+
+static bool lock_held(int fd, off_t start, off_t len)
+{
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
+                       .l_start = start, .l_len = len};
+    return fcntl(fd, F_OFD_GETLK, &fl) < 0 || fl.l_type != F_UNLCK;
+}
+
+bool bfile_held(int fd)
+{
+    return lock_held(fd, QEMU_LOCK_START, QEMU_LOCK_LEN) ||
+           lock_held(fd, BFILE_SCRATCH_OWNER_BYTE, 1);
+}
+
+bool bfile_orphan_scratch(int dirfd, const char *name, int *fdp)
+{
+    if (fdp)
+        *fdp = -1;
+    size_t n = strlen(name);
+    if (n <= 8 || strcmp(name + n - 8, ".scratch") != 0)
+        return false;
+    /* Read-write: an OFD read lock someone holds is seen as well. */
+    int fd = openat(dirfd, name, O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    struct stat st;
+    unsigned char magic[4] = {0};
+    /* cbt's: a qcow2 file, or an empty one (killed before its header was
+     * written). */
+    bool orphan = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+                  (st.st_size == 0 ||
+                   (pread(fd, magic, 4, 0) == 4 &&
+                    memcmp(magic, "QFI\xfb", 4) == 0)) &&
+                  !bfile_held(fd);
+    if (orphan && fdp)
+        *fdp = fd;
+    else
+        close(fd);
+    return orphan;
+}
+
 /* ---- writing ---- */
 
 char *bfile_folder_of(const char *path)

@@ -171,4 +171,21 @@ char *bfile_folder_of(const char *path);
 /* fsync the folder holding path.  0 or -errno. */
 int bfile_sync_folder_of(const char *path);
 
+/*
+ * Whose files are these, for removal: a leftover of cbt's is removed only
+ * while nobody holds it.  A live backup's scratch file (NAME.scratch, a
+ * qcow2 file) carries, while its cbt runs, an OFD write lock on the byte
+ * BFILE_SCRATCH_OWNER_BYTE (far from QEMU's lock bytes), taken before its
+ * name appears; every image cbt or QEMU has open carries QEMU's locks.
+ */
+#define BFILE_SCRATCH_OWNER_BYTE 0x636274 /* "cbt" */
+/* Does any process hold an OFD/POSIX lock on a byte of QEMU's lock range
+ * or on BFILE_SCRATCH_OWNER_BYTE of fd's file? */
+bool bfile_held(int fd);
+/* Is `name` in the folder open as dirfd the scratch file of a cbt that is
+ * gone: a regular file named *.scratch, empty or a qcow2 file, that no
+ * process holds (bfile_held)?  fd, when not NULL, gets it open (caller
+ * closes; -1 otherwise). */
+bool bfile_orphan_scratch(int dirfd, const char *name, int *fd);
+
 #endif

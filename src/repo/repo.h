@@ -112,6 +112,31 @@ int repo_prune(const char *dir, const struct repo_prune_opts *o,
                struct repo_prune_result *res, struct cbt_error **errp);
 void repo_prune_result_free(struct repo_prune_result *res);
 
+/* ---- clean.c ---- */
+
+struct repo_clean_item {
+    char *file;
+    char *why;                    /* what it is (repo_leftover.why) */
+    uint64_t file_bytes;
+    bool removed;                 /* (not dry_run) it is gone */
+    char *skipped;                /* why it stays (in use...), or NULL */
+};
+struct repo_clean_result {
+    struct repo_clean_item *v;
+    size_t n;
+    uint64_t bytes;               /* of the items removed (or removable) */
+};
+/*
+ * Remove the leftovers of interrupted cbt runs that repo_open recognises
+ * (never anything else, never a damaged manifest), each only while no
+ * process holds it (bfile_held; a live scratch file: bfile_orphan_scratch;
+ * a temporary file: not modified for a minute), under the folder's lock,
+ * after finishing an interrupted prune.  dry_run: only say what would go.
+ */
+int repo_clean(const char *dir, bool dry_run, struct repo_clean_result *res,
+               struct cbt_error **errp);
+void repo_clean_result_free(struct repo_clean_result *res);
+
 /* ---- verify.c ---- */
 
 /* One problem of a point: a file that fails a check, or a bad block. */
