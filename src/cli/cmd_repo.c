@@ -38,7 +38,7 @@ static const char usage[] =
     "          NAME.part, a backup's image and hashes without manifest, orphan\n"
     "          NAME.hashes, live scratch files, temporary files).  Files that\n"
     "          are not cbt's are not mentioned.  Only the cheap checks: cbt\n"
-    "          verify reads the data\n"
+    "          repo verify reads the data\n"
     "  verify  every point, as cbt verify checks one: manifests, block\n"
     "          hashes files, images (consistency, size, backing link) and\n"
     "          every 64 KiB block of each point's view against its recorded\n"
@@ -204,7 +204,7 @@ static void print_list_human(const struct repo *r)
         if (!hdr)
             printf("\nDamaged files of cbt's (never removed by cbt):\n");
         hdr = true;
-        printf("  %s: %s\n", l->file, l->why);
+        printf("  %s\n", l->why);
     }
 }
 
