@@ -34,6 +34,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 
 #include <jansson.h>
@@ -644,6 +645,19 @@ static int do_merge(const struct repo *r, size_t pi, size_t ci,
         goto out;
     }
     tx.merge_from_size = p->m.virtual_size;
+    /* The merge writes at most C's clusters into P's image before C's
+     * image goes: refuse a step the folder has no room for before its
+     * journal (after it, a full disk would hold the kept points hostage
+     * until space is freed). */
+    struct statvfs vfs;
+    uint64_t need = c->file_bytes + (4u << 20);
+    if (statvfs(r->dir, &vfs) == 0 &&
+        (uint64_t)vfs.f_bavail * vfs.f_frsize < need) {
+        cbt_error_set(errp, ENOSPC, "%s: merging %s into %s needs up to %"
+                      PRIu64 " bytes free; %" PRIu64 " are", r->dir, p->file,
+                      c->file, need, (uint64_t)vfs.f_bavail * vfs.f_frsize);
+        goto out;
+    }
     /* Both images now, with QEMU's locks: a merge never starts on an image
      * another process has open (it would fail after the commit point). */
     struct cbt_image *pi_img = cbt_image_open(ppath, c->m.image_format,
