@@ -267,6 +267,26 @@ for name in mon tue wed thu; do
     RESULTS+=("$rsecs	$ok")
 done
 
+section "8. The backup folder: list it, then prune it to the newest point"
+run "$CBT" repo list backups
+sed 's/^/   /' out.txt
+run "$CBT" repo prune --keep-last 1 backups
+sed 's/^/   /' out.txt
+run "$CBT" repo prune --keep-last 1 --force backups
+sed 's/^/   /' out.txt
+PRUNE_LINE=$(tail -n 1 out.txt)
+prune_ok=ok
+check "thu (now the full) verifies against its original hashes" \
+    "$CBT" verify backups/thu.qcow2 || prune_ok=FAILED
+check "qemu-img reads thu as its reference" \
+    qemu-img compare -f qcow2 -F qcow2 backups/thu.qcow2 ref-thu.qcow2 || prune_ok=FAILED
+rm -f restored-thu2.qcow2
+check "thu restores to its reference" sh -c \
+    "'$CBT' restore backups/thu.qcow2 restored-thu2.qcow2 >/dev/null && qemu-img compare -f qcow2 -F qcow2 restored-thu2.qcow2 ref-thu.qcow2" \
+    || prune_ok=FAILED
+rm -f restored-thu2.qcow2
+[ "$prune_ok" = ok ] || FAILED=1
+
 section "Summary"
 "$PY" - "${SUMMARY[@]}" "${RESULTS[@]}" <<'PY'
 import sys
@@ -294,3 +314,6 @@ echo "Every backup verified, restored and equal to its reference; $total s."
 echo "(The full is mon; tue's parent is mon; wed is a differential on mon;"
 echo " thu, after wed's bitmap was removed, an incremental on wed found by a"
 echo " rescan: only the blocks whose hash differs from wed's were written.)"
+echo "Prune --keep-last 1: tue removed, mon and wed merged into thu in one"
+echo "step; thu is now the full backup and still equal to its reference"
+echo "($prune_ok): $PRUNE_LINE"
