@@ -121,15 +121,17 @@ static void short_time(const char *iso, char *buf, size_t len)
 static void print_point_row(const struct repo *r, const struct repo_point *p,
                             int wf, int wc)
 {
-    char t[40], data[32], files[32];
+    char t[40], data[32], files[32], ver[40] = "-";
     short_time(p->m.created, t, sizeof(t));
+    if (p->verified)
+        short_time(p->verified, ver, sizeof(ver));
     cli_size_to_str(p->m.copied, data, sizeof(data));
     cli_size_to_str(p->file_bytes, files, sizeof(files));
     const char *parent = p->parent >= 0 ? r->points[p->parent].file
                                         : p->m.parent_file;
-    printf("  %-21s  %-12s  %-*s  %-*s  %-*s  %10s  %10s  %s\n", t,
+    printf("  %-21s  %-12s  %-*s  %-*s  %-*s  %10s  %10s  %-6s  %s\n", t,
            repo_kind_name(p), wc, or_dash(p->m.checkpoint), wf, p->file, wf,
-           or_dash(parent), data, files, p->problem ? "BROKEN" : "ok");
+           or_dash(parent), data, files, p->problem ? "BROKEN" : "ok", ver);
 }
 
 static void print_list_human(const struct repo *r)
@@ -169,9 +171,9 @@ static void print_list_human(const struct repo *r)
                 else
                     printf("\nChain of %s: disk %s (%s), %s\n", p->file,
                            p->m.disk_id, p->m.disk_path, vs);
-                printf("  %-21s  %-12s  %-*s  %-*s  %-*s  %10s  %10s  %s\n",
+                printf("  %-21s  %-12s  %-*s  %-*s  %-*s  %10s  %10s  %-6s  %s\n",
                        "CREATED", "KIND", wc, "CHECKPOINT", wf, "FILE", wf,
-                       "PARENT", "DATA", "FILES", "STATE");
+                       "PARENT", "DATA", "FILES", "STATE", "VERIFIED");
                 any = true;
             }
             print_point_row(r, p, wf, wc);
@@ -242,7 +244,9 @@ static json_t *point_json(const struct repo *r, const struct repo_point *p)
                                         ? cli_json_string(r->points[p->root].file)
                                         : json_null());
     json_object_set_new(o, "children", cli_json_u64(p->nchildren));
-    json_object_set_new(o, "verified", json_null());
+    json_object_set_new(o, "verified", p->verified
+                                           ? cli_json_string(p->verified)
+                                           : json_null());
     json_object_set_new(o, "ok", json_boolean(!p->problem));
     json_object_set_new(o, "problem", p->problem ? cli_json_string(p->problem)
                                                  : json_null());
@@ -510,10 +514,13 @@ static int do_verify(const struct args *a)
             if (v->ok || !v->nbad)
                 continue;
             const struct repo_bad *b = &v->bad[0];
+            const char *base = strrchr(b->file, '/');
+            bool own = strcmp(base ? base + 1 : b->file, v->file) == 0;
             if (b->block)
-                cli_error("%s/%s: %s: guest range at offset %" PRIu64
-                          ", length %" PRIu64 ": %s", a->dir, v->file,
-                          b->file, b->offset, b->length, b->problem);
+                cli_error("%s/%s: guest range at offset %" PRIu64
+                          ", length %" PRIu64 "%s%s%s: %s", a->dir, v->file,
+                          b->offset, b->length, own ? "" : " (data in ",
+                          own ? "" : b->file, own ? "" : ")", b->problem);
             else
                 cli_error("%s/%s: %s", a->dir, v->file, b->problem);
         }

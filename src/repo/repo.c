@@ -30,6 +30,8 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include <jansson.h>
+
 #include <cbt/backup.h>
 
 #include "../ops/foldertx.h"
@@ -84,6 +86,132 @@ static bool ends_with(const char *s, const char *sfx)
 {
     size_t n = strlen(s), k = strlen(sfx);
     return n >= k && strcmp(s + n - k, sfx) == 0;
+}
+
+/* ---- the record of verifications ---- */
+
+void repo_verified_free(struct repo_verified *v)
+{
+    for (size_t i = 0; v && i < v->n; i++) {
+        free(v->file[i]);
+        free(v->time[i]);
+        free(v->sha[i]);
+    }
+    if (v) {
+        free(v->file);
+        free(v->time);
+        free(v->sha);
+        memset(v, 0, sizeof(*v));
+    }
+}
+
+static bool hex64(const char *s)
+{
+    if (strlen(s) != 64)
+        return false;
+    for (const char *c = s; *c; c++)
+        if (!((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'f')))
+            return false;
+    return true;
+}
+
+int repo_verified_parse(const char *buf, size_t len, const char *what,
+                        struct repo_verified *v, struct cbt_error **errp)
+{
+    memset(v, 0, sizeof(*v));
+    json_error_t je;
+    json_t *root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &je);
+    json_t *f = root ? json_object_get(root, "format") : NULL;
+    json_t *ver = root ? json_object_get(root, "version") : NULL;
+    json_t *pts = root ? json_object_get(root, "points") : NULL;
+    if (!json_is_object(root) || !json_is_string(f) ||
+        strcmp(json_string_value(f), "cbt-verified") != 0 ||
+        !json_is_integer(ver) || json_integer_value(ver) != 1 ||
+        !json_is_object(pts) || json_object_size(pts) > 65536) {
+        json_decref(root);
+        cbt_error_set(errp, EINVAL, "%s: not a record of verifications "
+                      "(format \"cbt-verified\", version 1, at most 65536 "
+                      "points)", what);
+        cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
+        return -1;
+    }
+    size_t n = json_object_size(pts);
+    v->file = calloc(n + 1, sizeof(char *));
+    v->time = calloc(n + 1, sizeof(char *));
+    v->sha = calloc(n + 1, sizeof(char *));
+    int ret = -1;
+    if (!v->file || !v->time || !v->sha)
+        goto oom;
+    const char *key;
+    json_t *e;
+    json_object_foreach(pts, key, e) {
+        json_t *t = json_object_get(e, "verified");
+        json_t *h = json_object_get(e, "manifest-sha256");
+        int64_t when;
+        if (!key[0] || strlen(key) > 255 || strchr(key, '/') ||
+            strcmp(key, ".") == 0 || strcmp(key, "..") == 0 ||
+            !json_is_string(t) || json_string_length(t) > 64 ||
+            repo_parse_time(json_string_value(t), &when) < 0 ||
+            !json_is_string(h) || !hex64(json_string_value(h))) {
+            cbt_error_set(errp, EINVAL, "%s: a point's entry is not "
+                          "{\"verified\": ISO time, \"manifest-sha256\": "
+                          "hex} under a plain file name", what);
+            cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
+            goto out;
+        }
+        v->file[v->n] = strdup(key);
+        v->time[v->n] = strdup(json_string_value(t));
+        v->sha[v->n] = strdup(json_string_value(h));
+        v->n++;
+        if (!v->file[v->n - 1] || !v->time[v->n - 1] || !v->sha[v->n - 1])
+            goto oom;
+    }
+    ret = 0;
+    goto out;
+oom:
+    cbt_error_set(errp, ENOMEM, "%s: out of memory", what);
+out:
+    json_decref(root);
+    if (ret < 0)
+        repo_verified_free(v);
+    return ret;
+}
+
+/* The verification times of the points (a damaged record is ignored with
+ * a warning: it only informs). */
+static int read_verified(struct repo *r)
+{
+    CLEANUP_FREE char *path = cbt_strdup_printf("%s/%s", r->dir,
+                                                REPO_VERIFIED_FILE);
+    CLEANUP_FREE char *text = NULL;
+    size_t len;
+    struct stat st;
+    if (!path)
+        return -1;
+    if (lstat(path, &st) < 0)
+        return 0;
+    struct cbt_error *e = NULL;
+    struct repo_verified v;
+    if (bfile_read_all(path, "record of verifications",
+                       REPO_VERIFIED_MAX_BYTES, &text, &len, &e) < 0 ||
+        repo_verified_parse(text, len, path, &v, &e) < 0) {
+        cbt_warn("ignoring %s", cbt_error_message(e));
+        cbt_error_free(e);
+        return 0;
+    }
+    for (size_t i = 0; i < v.n; i++) {
+        for (size_t j = 0; j < r->npoints; j++) {
+            struct repo_point *p = &r->points[j];
+            if (strcmp(p->file, v.file[i]) == 0 &&
+                strcasecmp(p->sha, v.sha[i]) == 0 && !p->verified &&
+                !(p->verified = strdup(v.time[i]))) {
+                repo_verified_free(&v);
+                return -1;
+            }
+        }
+    }
+    repo_verified_free(&v);
+    return 0;
 }
 
 /* ---- the folder's names ---- */
@@ -501,6 +629,8 @@ int repo_open(const char *dir, struct repo *r, struct cbt_error **errp)
     }
     for (size_t i = 0; i < r->npoints; i++)
         r->nproblems += r->points[i].problem != NULL;
+    if (read_verified(r) < 0)
+        goto oom;
     ret = 0;
     goto out;
 oom:
@@ -520,6 +650,7 @@ void repo_close(struct repo *r)
         manifest_free(&r->points[i].m);
         free(r->points[i].file);
         free(r->points[i].problem);
+        free(r->points[i].verified);
     }
     free(r->points);
     for (size_t i = 0; i < r->nleft; i++) {

@@ -27,6 +27,8 @@ struct repo_point {
     int root;              /* the full backup its chain starts from, or -1 */
     uint64_t file_bytes;   /* host bytes of its image, manifest and hashes */
     char *problem;         /* why it cannot be restored, or NULL */
+    char *verified;        /* when cbt repo verify last found it sound (ISO
+                            * 8601 UTC), or NULL (REPO_VERIFIED_FILE) */
 };
 
 /* A file of the folder that is not part of a point. */
@@ -61,6 +63,24 @@ struct repo {
 };
 
 /* ---- repo.c ---- */
+
+/*
+ * REPO_VERIFIED_FILE: when cbt repo verify last found each point sound,
+ * {"format": "cbt-verified", "version": 1, "points": {FILE: {"verified":
+ * ISO time, "manifest-sha256": hex}}}.  An entry counts only while the
+ * point's manifest has that SHA-256 (a prune that rewrote it, or any other
+ * change, drops it).  Untrusted like the rest of the folder: parsed with
+ * bounds, names plain.
+ */
+#define REPO_VERIFIED_FILE "cbt-verified.json"
+#define REPO_VERIFIED_MAX_BYTES (16u << 20)
+struct repo_verified {
+    char **file, **time, **sha;
+    size_t n;
+};
+int repo_verified_parse(const char *buf, size_t len, const char *what,
+                        struct repo_verified *v, struct cbt_error **errp);
+void repo_verified_free(struct repo_verified *v);
 
 /* Read the folder: every manifest (parsed, checked as docs/backups.md
  * says), the links between points and the cheap checks of each point's

@@ -33,6 +33,9 @@
 #include <stdio.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <time.h>
+
+#include <jansson.h>
 
 #include <cbt/backup.h>
 #include <cbt/image.h>
@@ -437,6 +440,42 @@ static int verify_point(struct ctx *c, size_t i, const struct level *parent,
     return r;
 }
 
+/* Record when each sound point was verified (REPO_VERIFIED_FILE), under
+ * the folder's lock; a folder that cannot take the record (read-only, a
+ * prune running) only gets a warning: the verdict stands. */
+static void record(const struct repo *r, const struct repo_verify_result *res,
+                   const char *when)
+{
+    json_t *root = json_object(), *pts = json_object();
+    for (size_t i = 0; root && pts && i < res->n; i++) {
+        if (!res->v[i].ok)
+            continue;
+        json_object_set_new(pts, r->points[i].file,
+                            json_pack("{s:s, s:s}", "verified", when,
+                                      "manifest-sha256", r->points[i].sha));
+    }
+    json_object_set_new(root, "format", json_string("cbt-verified"));
+    json_object_set_new(root, "version", json_integer(1));
+    json_object_set(root, "points", pts);
+    char *t = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    json_decref(pts);
+    json_decref(root);
+    CLEANUP_FREE char *text = t ? cbt_strdup_printf("%s\n", t) : NULL;
+    free(t);
+    CLEANUP_FREE char *path = cbt_strdup_printf("%s/%s", r->dir,
+                                                REPO_VERIFIED_FILE);
+    struct cbt_error *e = NULL;
+    int lock = text && path ? foldertx_lock(r->dir, &e) : -1;
+    if (lock >= 0) {
+        bfile_write_new(path, text, strlen(text), true, &e);
+        close(lock);
+    }
+    if (e)
+        cbt_warn("%s: not recording the verification: %s", r->dir,
+                 cbt_error_message(e));
+    cbt_error_free(e);
+}
+
 int repo_verify(const char *dir, cbt_progress_fn *progress,
                 void *progress_opaque, struct repo_verify_result *res,
                 struct cbt_error **errp)
@@ -463,10 +502,19 @@ int repo_verify(const char *dir, cbt_progress_fn *progress,
             goto out;
         }
     }
+    char when[48];
+    struct timespec ts;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    size_t k = strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(when + k, sizeof(when) - k, ".%09ldZ", ts.tv_nsec);
     ret = 0;
     for (size_t i = 0; ret == 0 && i < r.npoints; i++)
         if (r.points[i].parent < 0)
             ret = verify_point(&c, i, NULL, false, 0, errp);
+    if (ret == 0)
+        record(&r, res, when);
 out:
     free(c.buf);
     repo_close(&r);

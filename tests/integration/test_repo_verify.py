@@ -99,7 +99,8 @@ def test_bad_block_in_the_full_reaches_the_points_above(repo):
     agrees_with_cbt_verify(repo, by)
     res = cbt("repo", "verify", repo.bk, check=False)
     assert res.rc == 65
-    assert "i3.img: " in res.err and "f.img: guest range at offset 4194304" in res.err
+    assert "i3.img: guest range at offset 4194304, length 65536 (data in " in res.err
+    assert "f.img: guest range at offset 1048576, length 65536: does not match" in res.err
 
 
 def test_bad_block_in_an_incremental(repo):
@@ -144,3 +145,35 @@ def test_raw_chain(tmp):
     assert by["f.img"]["ok"] and not by["i1.img"]["ok"]
     assert by["i1.img"]["problems"][0]["offset"] == 1024 * 1024
     agrees_with_cbt_verify(r, by)
+
+
+def test_list_shows_when_each_point_was_verified(repo):
+    assert all(p["verified"] is None for p in repo.list()["points"])
+    verify(repo)
+    pts = repo.list()["points"]
+    when = {p["file"]: p["verified"] for p in pts}
+    assert all(when.values()) and len(set(when.values())) == 1
+    assert "VERIFIED" in cbt("repo", "list", repo.bk).out
+    # A bad point loses its record at the next verify; the others keep one.
+    flip(repo.bk / "i2.img", 2 * 1024 * 1024)
+    verify(repo)
+    when = {p["file"]: p["verified"] for p in repo.list()["points"]}
+    assert when["f.img"] and when["i1.img"]
+    assert when["i2.img"] is None and when["i3.img"] is None
+
+
+def test_a_rewritten_manifest_drops_its_record(repo):
+    verify(repo)
+    cbt("repo", "prune", "--keep-last", "3", "--force", repo.bk)   # f into i1
+    when = {p["file"]: p["verified"] for p in repo.list()["points"]}
+    # Every manifest from i1 up was rewritten: no record counts for them.
+    assert when == {"i1.img": None, "i2.img": None, "i3.img": None}
+
+
+def test_a_damaged_record_is_only_a_warning(repo):
+    (repo.bk / "cbt-verified.json").write_text('{"format": "cbt-verified", "version": 1, '
+                                              '"points": {"../x": {}}}')
+    res = cbt("repo", "list", "--output=json", repo.bk)
+    assert "ignoring" in res.err and "cbt-verified.json" in res.err
+    assert all(p["verified"] is None for p in res.json()["points"])
+    assert res.json()["leftovers"] == [] and res.json()["damaged"] == []
