@@ -81,12 +81,19 @@ int foldertx_lock(const char *dir, struct cbt_error **errp)
     }
     if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
         int e = errno;
+        if (e != EWOULDBLOCK) {
+            /* A file system without flock on folders (NFS emulates it with
+             * byte-range locks, which a folder cannot take): as the image
+             * locks do there, say so and go on. */
+            cbt_warn("%s: cannot lock the backup folder (%s); going on "
+                     "without: run one prune or clean at a time", dir,
+                     strerror(e));
+            return fd;
+        }
         close(fd);
         cbt_error_set(errp, e, "%s: the backup folder is being changed by "
-                      "another cbt (a prune or clean holds its lock)%s", dir,
-                      e == EWOULDBLOCK ? "" : strerror(e));
-        if (e == EWOULDBLOCK)
-            cbt_error_set_kind(errp, CBT_ERR_IN_USE);
+                      "another cbt (a prune or clean holds its lock)", dir);
+        cbt_error_set_kind(errp, CBT_ERR_IN_USE);
         return -1;
     }
     return fd;
