@@ -195,3 +195,42 @@ def test_prune_usage(tmp):
     assert cbt("repo", "list", "--keep-last", "1", tmp / "bk", check=False).rc == 64
     out = cbt("repo", "prune", "--keep-last", "1", "--output=json", tmp / "bk").json()
     assert out["points"] == []
+
+
+def test_folder_lock_and_replay(tmp):
+    """A running prune holds the folder's lock (flock, here taken by the
+    test): another prune or clean is refused (75); a reader that finds a
+    journal while the lock is held is refused too, rather than replaying
+    a step that is being carried out.  Once the lock is free, the first
+    reader replays the journal."""
+    import fcntl
+    r = chain(tmp, 3)
+    journal = {"format": "cbt-prune-journal", "version": 1, "merge": None,
+               "rename": [], "remove": ["i2.img.json", "i2.img", "i2.img.hashes"]}
+    (r.bk / "cbt-prune.journal").write_text(json.dumps(journal))
+    fd = os.open(r.bk, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for args in (["repo", "prune", "--keep-last", "1", "--force", r.bk],
+                     ["repo", "clean", "--force", r.bk],
+                     ["verify", r.bk / "i1.img"],
+                     ["repo", "list", r.bk]):
+            res = cbt(*args, check=False)
+            assert res.rc == 75 and "another cbt" in res.err, (args, res)
+        assert os.path.exists(r.bk / "i2.img")
+    finally:
+        os.close(fd)
+    res = cbt("verify", r.bk / "i1.img")
+    assert "finished the prune step" in res.err
+    assert not os.path.exists(r.bk / "i2.img") and not os.path.exists(r.bk / "cbt-prune.journal")
+    assert [p["file"] for p in r.list()["points"]] == ["f.img", "i1.img"]
+
+
+def test_a_hostile_journal_is_refused(tmp):
+    r = chain(tmp, 2)
+    (r.bk / "cbt-prune.journal").write_text(json.dumps(
+        {"format": "cbt-prune-journal", "version": 1, "merge": None,
+         "rename": [], "remove": ["../disk.qcow2"]}))
+    res = cbt("repo", "list", r.bk, check=False)
+    assert res.rc != 0 and "plain file name" in res.err, res
+    assert os.path.exists(r.disk)
