@@ -26,7 +26,10 @@
  * above it are not checked (they are named as such).
  *
  * Raw chains are composed from the manifests' extents, not a chain of
- * images; each raw point is verified by cbt_verify (no sharing yet).
+ * images: a raw point holds the blocks its extents cover wholly (data read
+ * from its own file, or zeroes), the others read as in its parent (zeroes
+ * past the parent's end).  A raw point with a block partly covered (only
+ * at a resized disk's tail) is verified alone, by cbt_verify.
  */
 #include <inttypes.h>
 #include <stdarg.h>
@@ -63,7 +66,10 @@ struct ctx {
 struct level {
     struct blockhash leaves;
     uint64_t size;
+    const char *file;     /* its image (path) */
     uint64_t *bad;        /* its bad blocks, increasing */
+    const char **bad_file; /* raw: the file holding each (an ancestor's
+                            * `file`, alive while its children are checked) */
     size_t nbad, cap;
 };
 
@@ -71,6 +77,7 @@ static void level_free(struct level *l)
 {
     blockhash_free(&l->leaves);
     free(l->bad);
+    free(l->bad_file);
     memset(l, 0, sizeof(*l));
 }
 
@@ -152,6 +159,11 @@ static int check_files(struct ctx *c, size_t i, const char *img,
     if (!v->ok)
         return 1;
 
+    if (strcmp(m->image_format, "raw") == 0) {
+        /* A sparse file of exactly the virtual size (repo_open checked
+         * its size already); nothing else to check without the data. */
+        return 0;
+    }
     struct cbt_check_result cr;
     memset(&cr, 0, sizeof(cr));
     if (cbt_image_check(img, "qcow2", 0, &cr, NULL, NULL, &e) < 0) {
@@ -220,7 +232,8 @@ static const char *holder(struct cbt_image *view, uint64_t off, uint64_t len)
     return cbt_image_filename(l);
 }
 
-static bool in_bad(const struct level *l, uint64_t b)
+/* The index of block b among l's bad blocks, or -1. */
+static ssize_t in_bad(const struct level *l, uint64_t b)
 {
     size_t lo = 0, hi = l ? l->nbad : 0;
     while (lo < hi) {
@@ -230,19 +243,24 @@ static bool in_bad(const struct level *l, uint64_t b)
         else
             hi = mid;
     }
-    return l && lo < l->nbad && l->bad[lo] == b;
+    return l && lo < l->nbad && l->bad[lo] == b ? (ssize_t)lo : -1;
 }
 
-static int mark_bad(struct level *lv, uint64_t b)
+static int mark_bad(struct level *lv, uint64_t b, const char *file)
 {
     if (lv->nbad == lv->cap) {
         size_t cap = lv->cap ? lv->cap * 2 : 64;
         uint64_t *v = realloc(lv->bad, cap * sizeof(*v));
-        if (!v)
+        if (v)
+            lv->bad = v;
+        const char **f = realloc(lv->bad_file, cap * sizeof(*f));
+        if (f)
+            lv->bad_file = f;
+        if (!v || !f)
             return -1;
-        lv->bad = v;
         lv->cap = cap;
     }
+    lv->bad_file[lv->nbad] = file;
     lv->bad[lv->nbad++] = b;
     return 0;
 }
@@ -274,6 +292,42 @@ static int classify(struct cbt_image *view, const struct level *parent,
     return 0;
 }
 
+/* The same for a raw point, from its manifest's extents: a block wholly
+ * inside one extent is its own (data: read from its file; zero); a block
+ * no extent touches reads as in its parent (past the parent's end: as
+ * zeroes).  1 when a block is partly carried and partly its parent's (a
+ * resize's tail): no sharing for that point. */
+static int classify_raw(const struct manifest *m, const struct level *parent,
+                        uint64_t size, uint8_t *kind)
+{
+    uint64_t n = DIV_ROUND_UP(size, BLOCK);
+    if (!parent && m->kind != CBT_BACKUP_FULL)
+        return 1; /* its parent's view was not checked block by block */
+    for (uint64_t b = 0; b < n; b++) {
+        uint64_t end = MIN((b + 1) * BLOCK, size);
+        kind[b] = !parent ? B_ZERO
+                  : end <= parent->size ? B_INHERIT
+                  : b * BLOCK >= parent->size ? B_ZERO
+                                              : B_UNSET;
+    }
+    for (size_t i = 0; i < m->nextents; i++) {
+        const struct manifest_extent *e = &m->extents[i];
+        uint64_t s0 = e->start, s1 = MIN(e->start + e->length, size);
+        for (uint64_t b = s0 / BLOCK; b * BLOCK < s1; b++) {
+            uint64_t bs = b * BLOCK, be = MIN(bs + BLOCK, size);
+            bool whole = s0 <= bs && s1 >= be;
+            uint8_t k = e->zero ? B_ZERO : B_READ;
+            if (!whole)
+                return 1;
+            kind[b] = k;
+        }
+    }
+    for (uint64_t b = 0; b < n; b++)
+        if (kind[b] == B_UNSET)
+            return 1;
+    return 0;
+}
+
 /* The data checks of a qcow2 point. */
 static int check_data(struct ctx *c, size_t i, const char *img,
                       const char *hashes, const struct level *parent,
@@ -284,9 +338,12 @@ static int check_data(struct ctx *c, size_t i, const char *img,
     struct cbt_error *e = NULL;
     uint64_t size = p->m.virtual_size;
     lv->size = size;
+    lv->file = img;
     if (blockhash_read(hashes, size, &lv->leaves, &e) < 0)
         return add_err(v, hashes, e) < 0 ? -1 : 1;
-    struct cbt_image *view = cbt_image_open(img, "qcow2", 0, &e);
+    bool raw = strcmp(p->m.image_format, "raw") == 0;
+    struct cbt_image *view = cbt_image_open(img, p->m.image_format,
+                                            raw ? CBT_OPEN_NO_BACKING : 0, &e);
     if (!view) {
         if (cbt_error_kind(e) == CBT_ERR_IN_USE) {
             *errp = e;
@@ -299,26 +356,36 @@ static int check_data(struct ctx *c, size_t i, const char *img,
     uint8_t *kind = calloc(n + 1, 1);
     if (!kind)
         goto oom;
-    if ((r = classify(view, parent, size, kind)) < 0)
+    if (raw) {
+        if (classify_raw(&p->m, parent, size, kind) != 0) {
+            ret = 2; /* the caller verifies it alone */
+            goto out;
+        }
+    } else if ((r = classify(view, parent, size, kind)) < 0) {
         goto io;
+    }
     for (uint64_t b = 0; b < n;) {
         uint64_t off = b * BLOCK;
         if (kind[b] != B_READ) {
             size_t len = (size_t)MIN(BLOCK, size - off);
             uint8_t d[32];
             bool bad = false, inherited = false;
+            ssize_t pi = -1;
             if (kind[b] == B_ZERO) {
                 blockhash_zero_digest(len, d);
                 bad = memcmp(d, lv->leaves.leaf[b], 32) != 0;
                 v->hashed++;
             } else {
-                inherited = in_bad(parent, b);
+                pi = in_bad(parent, b);
+                inherited = pi >= 0;
                 bad = inherited ||
                       memcmp(parent->leaves.leaf[b], lv->leaves.leaf[b], 32);
                 v->shared++;
             }
-            if (bad && (mark_bad(lv, b) < 0 ||
-                        add_bad(v, holder(view, off, len), true, off, len,
+            const char *hf = raw ? (inherited ? parent->bad_file[pi] : img)
+                                 : holder(view, off, len);
+            if (bad && (mark_bad(lv, b, raw ? hf : img) < 0 ||
+                        add_bad(v, hf, true, off, len,
                                 "%s",
                                 inherited ? "the bad data of its parent"
                                 : kind[b] == B_ZERO
@@ -345,7 +412,7 @@ static int check_data(struct ctx *c, size_t i, const char *img,
             blockhash_digest(c->buf + (k - b) * BLOCK, bl, d);
             v->hashed++;
             if (memcmp(d, lv->leaves.leaf[k], 32) != 0 &&
-                (mark_bad(lv, k) < 0 ||
+                (mark_bad(lv, k, img) < 0 ||
                  add_bad(v, holder(view, k * BLOCK, bl), true, k * BLOCK, bl,
                          "does not match its recorded hash") < 0))
                 goto oom;
@@ -415,13 +482,18 @@ static int verify_point(struct ctx *c, size_t i, const struct level *parent,
     } else if (parent_failed) {
         r = add_bad(v, img, false, 0, 0, "not checked: its parent %s failed "
                     "its checks", c->r->points[p->parent].file);
-    } else if (strcmp(p->m.image_format, "qcow2") != 0) {
-        r = verify_raw(c, i, img, errp);
     } else {
         r = check_files(c, i, img, hashes, errp);
         if (r == 0)
             r = check_data(c, i, img, hashes, parent, &lv, errp);
-        usable = r == 0;
+        if (r == 2) {
+            /* A raw point whose blocks cannot be shared: alone. */
+            level_free(&lv);
+            memset(&lv, 0, sizeof(lv));
+            r = verify_raw(c, i, img, errp);
+        } else {
+            usable = r == 0;
+        }
         if (r > 0)
             r = 0;
     }

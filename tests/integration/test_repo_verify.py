@@ -177,3 +177,39 @@ def test_a_damaged_record_is_only_a_warning(repo):
     assert "ignoring" in res.err and "cbt-verified.json" in res.err
     assert all(p["verified"] is None for p in res.json()["points"])
     assert res.json()["leftovers"] == [] and res.json()["damaged"] == []
+
+
+def test_raw_chain_shares_too(tmp):
+    r = Repo(tmp, fmt="raw")
+    r.write("write -P 1 0 6M")
+    r.backup("f.img", "--full")
+    r.write("write -P 2 1M 1M", "write -z 3M 64k")
+    r.backup("i1.img")
+    r.write("write -P 3 5M 64k")
+    r.backup("i2.img")
+    out, by = verify(r)
+    assert out["ok"]
+    n = 16 * 1024 * 1024 // BLOCK
+    assert by["i1.img"]["blocks-shared"] == n - 17
+    assert by["i2.img"]["blocks-shared"] == n - 1
+    # A flipped byte of the full, in a block no incremental carries.
+    with open(r.bk / "f.img", "r+b") as f:
+        f.seek(4 * 1024 * 1024 + 7)
+        f.write(b"\xee")
+    out, by = verify(r)
+    for name in ("f.img", "i1.img", "i2.img"):
+        assert [(b["offset"], b["file"].split("/")[-1]) for b in by[name]["problems"]] \
+            == [(4 * 1024 * 1024, "f.img")], (name, by[name])
+    agrees_with_cbt_verify(r, by)
+
+
+def test_raw_resized_disk(tmp):
+    r = Repo(tmp, size=5 * 1024 * 1024 + 4096, fmt="raw")
+    r.write("write -P 1 0 5M")
+    r.backup("f.img", "--full")
+    cbt("resize", r.disk, 8 * 1024 * 1024)
+    r.write("write -P 2 6M 64k")
+    r.backup("i1.img")
+    out, by = verify(r)
+    assert out["ok"], out
+    agrees_with_cbt_verify(r, by)
