@@ -30,6 +30,7 @@
  * a kill at any moment leaves every kept point restorable.  The folder
  * is re-read before each step, so every step starts from what is on disk.
  */
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -585,6 +586,26 @@ static int rewrite_above(const struct repo *r, size_t top, const char *sha,
     return 0;
 }
 
+/* Is the image at path free of other processes (no QEMU lock held on it,
+ * bfile_held)?  0, or -1 with *errp (CBT_ERR_IN_USE). */
+static int check_free(const char *path, struct cbt_error **errp)
+{
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        cbt_error_set(errp, errno, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    bool held = bfile_held(fd);
+    close(fd);
+    if (held) {
+        cbt_error_set(errp, EBUSY, "%s: in use by another process (it holds "
+                      "the image's lock): not pruning it now", path);
+        cbt_error_set_kind(errp, CBT_ERR_IN_USE);
+        return -1;
+    }
+    return 0;
+}
+
 /* Merge point pi into its only child ci (indices in r, freshly read). */
 static int do_merge(const struct repo *r, size_t pi, size_t ci,
                     const struct repo_prune_opts *o, struct cbt_error **errp)
@@ -658,22 +679,10 @@ static int do_merge(const struct repo *r, size_t pi, size_t ci,
                       c->file, need, (uint64_t)vfs.f_bavail * vfs.f_frsize);
         goto out;
     }
-    /* Both images now, with QEMU's locks: a merge never starts on an image
-     * another process has open (it would fail after the commit point). */
-    struct cbt_image *pi_img = cbt_image_open(ppath, c->m.image_format,
-                                              CBT_OPEN_RDWR |
-                                                  CBT_OPEN_NO_BACKING,
-                                              errp);
-    if (!pi_img)
+    /* A merge never starts on an image another process has open (it would
+     * fail after the commit point; the merge itself takes QEMU's locks). */
+    if (check_free(ppath, errp) < 0 || check_free(cpath, errp) < 0)
         goto out;
-    struct cbt_image *ci_img = cbt_image_open(cpath, c->m.image_format,
-                                              CBT_OPEN_RDWR |
-                                                  CBT_OPEN_NO_BACKING,
-                                              errp);
-    cbt_image_close(pi_img, NULL);
-    if (!ci_img)
-        goto out;
-    cbt_image_close(ci_img, NULL);
     if (foldertx_run(r->dir, &tx, o->progress, o->progress_opaque, errp) < 0) {
         /* After the journal the renames are the replay's. */
         if (foldertx_pending(r->dir))
@@ -704,12 +713,8 @@ static int do_remove(const struct repo *r, size_t pi, struct cbt_error **errp)
         goto out;
     }
     /* Not while another process has it open. */
-    struct cbt_image *img = cbt_image_open(ppath, p->m.image_format,
-                                           CBT_OPEN_RDWR | CBT_OPEN_NO_BACKING,
-                                           errp);
-    if (!img)
+    if (check_free(ppath, errp) < 0)
         goto out;
-    cbt_image_close(img, NULL);
     ret = foldertx_run(r->dir, &tx, NULL, NULL, errp);
 out:
     foldertx_free(&tx);
