@@ -637,17 +637,25 @@ static int do_merge(const struct repo *r, size_t pi, size_t ci,
         goto out;
     }
     uint64_t dirty = full ? c->m.virtual_size : copied + zeroed;
-    json_t *bytes = json_pack("{s:I, s:I, s:I}", "dirty", (json_int_t)dirty,
-                              "copied", (json_int_t)copied, "zeroed",
-                              (json_int_t)zeroed);
+    /* In place, so keys this cbt does not know stay. */
+    json_t *bytes = json_object_get(cj, "bytes");
+    if (!json_is_object(bytes)) {
+        json_decref(ext);
+        cbt_error_set(errp, EINVAL, "%s.json: no bytes object", c->file);
+        goto out;
+    }
     json_t *parent = json_deep_copy(json_object_get(pj, "parent"));
     json_t *since = json_deep_copy(json_object_get(pj, "since"));
-    if (!bytes || !parent || !since ||
+    if (!parent || !since ||
+        json_object_set_new(bytes, "dirty", json_integer((json_int_t)dirty)) ||
+        json_object_set_new(bytes, "copied",
+                            json_integer((json_int_t)copied)) ||
+        json_object_set_new(bytes, "zeroed",
+                            json_integer((json_int_t)zeroed)) ||
         json_object_set_new(cj, "kind",
                             json_string(full ? "full" : "differential")) ||
         json_object_set_new(cj, "since", since) ||
         json_object_set_new(cj, "parent", parent) ||
-        json_object_set_new(cj, "bytes", bytes) ||
         json_object_set_new(cj, "extents", ext)) {
         cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
         goto out;
