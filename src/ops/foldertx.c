@@ -349,23 +349,31 @@ static int copy_range(struct cbt_image *from, struct cbt_image *to,
     return 0;
 }
 
-/* Write c's own clusters into p: zero clusters as zeroes, data as data,
- * unallocated ones left alone (they read p's data through c anyway). */
-static int merge_qcow2_ranges(struct cbt_image *c, struct cbt_image *p,
-                              uint8_t *buf, uint64_t size,
-                              cbt_progress_fn *progress, void *popaque)
+/* Write what `into`'s chain holds above base (the node of `from` in it:
+ * `into` itself, or `into` and the retired points between them) into p
+ * (`from`, open for writing): data as data, zero clusters and ranges past
+ * a smaller layer's end as zeroes; ranges nothing above base holds are
+ * left alone (they read p's data anyway).  Every value written is the
+ * view's final one, read through the chain, so a replay writing it again
+ * changes nothing; and `into`'s view never changes, as every range written
+ * is shadowed by a layer above p. */
+static int merge_qcow2_ranges(struct cbt_image *view,
+                              const struct cbt_image *base,
+                              struct cbt_image *p, uint8_t *buf,
+                              uint64_t size, cbt_progress_fn *progress,
+                              void *popaque)
 {
     for (uint64_t off = 0; off < size;) {
         struct cbt_extent e;
-        int r = cbt_image_block_status(c, off, size - off, &e);
+        int r = cbt_image_block_status_above(view, base, off, size - off, &e);
         if (r < 0)
             return r;
-        if (!(e.flags & CBT_BS_PRESENT))
+        if (!(e.flags & (CBT_BS_PRESENT | CBT_BS_ZERO)))
             r = 0;
         else if (e.flags & CBT_BS_ZERO)
             r = cbt_image_pwrite_zeroes(p, off, e.length, 0);
         else
-            r = copy_range(c, p, buf, off, e.length,
+            r = copy_range(view, p, buf, off, e.length,
                            (e.flags & CBT_BS_COMPRESSED) != 0);
         if (r < 0)
             return r;
@@ -374,6 +382,21 @@ static int merge_qcow2_ranges(struct cbt_image *c, struct cbt_image *p,
             progress(popaque, off, size);
     }
     return 0;
+}
+
+/* The node of `into`'s chain that is the file `from` (same inode). */
+static const struct cbt_image *find_layer(struct cbt_image *view,
+                                          const char *from)
+{
+    struct stat a, b;
+    if (stat(from, &a) < 0)
+        return NULL;
+    for (struct cbt_image *l = cbt_image_backing(view); l;
+         l = cbt_image_backing(l))
+        if (fstat(l->fd, &b) == 0 && a.st_dev == b.st_dev &&
+            a.st_ino == b.st_ino)
+            return l;
+    return NULL;
 }
 
 /* The same for a raw c: the extents its manifest says it carries. */
@@ -441,11 +464,20 @@ static int merge_data(const char *dir, const struct foldertx *tx,
     struct cbt_image *p = cbt_image_open(from, tx->merge_format,
                                          CBT_OPEN_RDWR | CBT_OPEN_NO_BACKING,
                                          errp);
+    /* qcow2: `into` with its chain, down through the retired points
+     * between it and `from` (they go only after this step) to `from`. */
     struct cbt_image *c = p ? cbt_image_open(into, tx->merge_format,
-                                             CBT_OPEN_NO_BACKING, errp)
+                                             raw ? CBT_OPEN_NO_BACKING : 0,
+                                             errp)
                             : NULL;
     if (!c)
         goto out;
+    const struct cbt_image *base = raw ? NULL : find_layer(c, from);
+    if (!raw && !base) {
+        cbt_error_set(errp, EINVAL, "%s: is not in the backing chain of %s, "
+                      "which the prune journal merges into it", from, into);
+        goto out;
+    }
     buf = cbt_zalloc_aligned(MERGE_CHUNK);
     if (!buf) {
         cbt_error_set(errp, ENOMEM, "%s: out of memory", from);
@@ -463,7 +495,7 @@ static int merge_data(const char *dir, const struct foldertx *tx,
         goto io;
     }
     r = raw ? merge_raw_ranges(&m, c, p, buf, progress, popaque)
-            : merge_qcow2_ranges(c, p, buf, csize, progress, popaque);
+            : merge_qcow2_ranges(c, base, p, buf, csize, progress, popaque);
     if (r < 0) {
         what = "copying the data";
         goto io;
