@@ -195,8 +195,21 @@ static int apply_policy(const struct repo *r, const struct repo_prune_opts *o,
 enum step_kind { STEP_REMOVE, STEP_MERGE };
 struct step {
     enum step_kind kind;
-    size_t p, c;          /* point indices in the first reading */
+    size_t p, c;          /* point indices in the first reading: the point
+                           * retired (the bottom of a merge), its target */
+    const size_t *mid;    /* a merge: the retired points between p and c,
+                           * from p's child up */
+    size_t nmid;
 };
+
+static size_t only_child(const struct repo *r, const bool *alive,
+                         const int *parent, size_t i)
+{
+    for (size_t j = 0; j < r->npoints; j++)
+        if (alive[j] && parent[j] == (int)i)
+            return j;
+    return SIZE_MAX;
+}
 
 static size_t live_children(const struct repo *r, const bool *alive,
                             const int *parent, size_t i, size_t *only)
@@ -211,22 +224,29 @@ static size_t live_children(const struct repo *r, const bool *alive,
     return k;
 }
 
-/* Decide the steps: res->v gets every point's fate, *steps the order. */
+/* Decide the steps: res->v gets every point's fate, *steps the order,
+ * *mids the storage of the steps' mid lists (caller frees both).
+ * O(n^2) for n points: each round removes the leaves and merges one run. */
 static int plan(const struct repo *r, const bool *keep, char **why,
                 struct repo_prune_result *res, struct step **steps,
-                size_t *nsteps)
+                size_t *nsteps, size_t **mids)
 {
-    size_t n = r->npoints;
+    size_t n = r->npoints, nm = 0;
     CLEANUP_FREE bool *alive = malloc((n + 1) * sizeof(bool));
     CLEANUP_FREE int *parent = malloc((n + 1) * sizeof(int));
+    CLEANUP_FREE size_t *kids = calloc(n + 1, sizeof(size_t));
+    CLEANUP_FREE size_t *depth = calloc(n + 1, sizeof(size_t));
     *steps = calloc(n + 1, sizeof(**steps));
+    *mids = calloc(n + 1, sizeof(**mids));
     res->v = calloc(n + 1, sizeof(*res->v));
-    if (!alive || !parent || !*steps || !res->v)
+    if (!alive || !parent || !kids || !depth || !*steps || !*mids || !res->v)
         return -1;
     res->n = n;
     for (size_t i = 0; i < n; i++) {
         alive[i] = true;
         parent[i] = r->points[i].parent;
+        if (parent[i] >= 0)
+            kids[parent[i]]++;
         struct repo_decision *d = &res->v[i];
         d->fate = keep[i] ? REPO_KEEP : REPO_RETIRE;
         d->file = strdup(r->points[i].file);
@@ -240,45 +260,65 @@ static int plan(const struct repo *r, const bool *keep, char **why,
             (r->points[i].m.checkpoint && !d->checkpoint))
             return -1;
     }
+    /* Depth in the first reading (links were checked: no loop; bounded
+     * anyway).  Merges keep the order of depths along a chain, which is
+     * all the choice below needs. */
+    for (size_t i = 0; i < n; i++)
+        for (int k = parent[i]; k >= 0 && depth[i] <= n; k = parent[k])
+            depth[i]++;
     for (bool progress = true; progress;) {
         progress = false;
         /* Retired leaves go first. */
         for (size_t i = 0; i < n; i++) {
-            size_t only;
-            if (!alive[i] || keep[i] ||
-                live_children(r, alive, parent, i, &only) != 0)
+            if (!alive[i] || keep[i] || kids[i] != 0)
                 continue;
-            (*steps)[(*nsteps)++] = (struct step){STEP_REMOVE, i, i};
+            (*steps)[(*nsteps)++] = (struct step){STEP_REMOVE, i, i, NULL, 0};
             alive[i] = false;
+            if (parent[i] >= 0)
+                kids[parent[i]]--;
             progress = true;
         }
-        /* Then the merge closest to a root. */
-        size_t best = SIZE_MAX, best_child = 0, best_depth = SIZE_MAX;
+        /* Then the merge closest to a root, with the retired points above
+         * it that have one child each (one step: the data goes into the
+         * bottom one's image once, the manifests above are rewritten
+         * once).  Raw chains merge one point a step. */
+        size_t best = SIZE_MAX;
         for (size_t i = 0; i < n; i++) {
-            size_t c;
-            if (!alive[i] || keep[i] ||
-                live_children(r, alive, parent, i, &c) != 1 ||
-                r->points[c].problem)
+            if (!alive[i] || keep[i] || kids[i] != 1 ||
+                (best != SIZE_MAX && depth[i] >= depth[best]))
                 continue;
-            size_t depth = 0;
-            for (int k = parent[i]; k >= 0 && depth <= n; k = parent[k])
-                depth++;
-            if (depth < best_depth) {
+            size_t c = only_child(r, alive, parent, i);
+            if (c != SIZE_MAX && !r->points[c].problem)
                 best = i;
-                best_child = c;
-                best_depth = depth;
-            }
         }
-        if (best != SIZE_MAX) {
-            (*steps)[(*nsteps)++] = (struct step){STEP_MERGE, best,
-                                                  best_child};
-            parent[best_child] = parent[best];
-            alive[best] = false;
-            res->v[best].fate = REPO_MERGE;
-            if (!(res->v[best].into = strdup(r->points[best_child].file)))
+        if (best == SIZE_MAX)
+            continue;
+        bool qcow2 = strcmp(r->points[best].m.image_format, "qcow2") == 0;
+        size_t target = only_child(r, alive, parent, best);
+        struct step *st = &(*steps)[(*nsteps)++];
+        *st = (struct step){STEP_MERGE, best, 0, *mids + nm, 0};
+        while (qcow2 && !keep[target] && kids[target] == 1) {
+            size_t up = only_child(r, alive, parent, target);
+            if (up == SIZE_MAX || r->points[up].problem)
+                break;
+            (*mids)[nm++] = target;
+            st->nmid++;
+            target = up;
+        }
+        st->c = target;
+        parent[target] = parent[best];
+        alive[best] = false;
+        res->v[best].fate = REPO_MERGE;
+        for (size_t k = 0; k < st->nmid; k++) {
+            alive[st->mid[k]] = false;
+            res->v[st->mid[k]].fate = REPO_MERGE;
+        }
+        for (size_t k = 0; k <= st->nmid; k++) {
+            size_t x = k == 0 ? best : st->mid[k - 1];
+            if (!(res->v[x].into = strdup(r->points[target].file)))
                 return -1;
-            progress = true;
         }
+        progress = true;
     }
     /* What the policy retires but the chains need. */
     for (size_t i = 0; i < n; i++) {
@@ -448,14 +488,18 @@ static json_t *raw_merged(const struct manifest *pm, const struct manifest *cm,
     return arr;
 }
 
-/* The qcow2 merged point's bytes: what C and P carry above P's parent. */
-static int qcow2_merged_bytes(const char *cpath, uint64_t *copied,
-                              uint64_t *zeroed, struct cbt_error **errp)
+/* The qcow2 merged point's bytes: what C, the nmid points below it and P
+ * carry above P's parent. */
+static int qcow2_merged_bytes(const char *cpath, size_t nmid,
+                              uint64_t *copied, uint64_t *zeroed,
+                              struct cbt_error **errp)
 {
     struct cbt_image *c = cbt_image_open(cpath, "qcow2", 0, errp);
     if (!c)
         return -1;
     struct cbt_image *p = cbt_image_backing(c);
+    for (size_t k = 0; p && k < nmid; k++)
+        p = cbt_image_backing(p);
     struct cbt_image *base = p ? cbt_image_backing(p) : NULL;
     uint64_t size = cbt_image_size(c);
     *copied = *zeroed = 0;
@@ -606,8 +650,11 @@ static int check_free(const char *path, struct cbt_error **errp)
     return 0;
 }
 
-/* Merge point pi into its only child ci (indices in r, freshly read). */
+/* Merge point pi, and the nmid points mid[] above it (each the only child
+ * of the one below), into ci, the only child of the last (indices in r,
+ * freshly read). */
 static int do_merge(const struct repo *r, size_t pi, size_t ci,
+                    const size_t *mid, size_t nmid,
                     const struct repo_prune_opts *o, struct cbt_error **errp)
 {
     const struct repo_point *p = &r->points[pi], *c = &r->points[ci];
@@ -633,7 +680,7 @@ static int do_merge(const struct repo *r, size_t pi, size_t ci,
             cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
             goto out;
         }
-    } else if (qcow2_merged_bytes(cpath, &copied, &zeroed, errp) < 0) {
+    } else if (qcow2_merged_bytes(cpath, nmid, &copied, &zeroed, errp) < 0) {
         goto out;
     }
     uint64_t dirty = full ? c->m.virtual_size : copied + zeroed;
@@ -665,6 +712,18 @@ static int do_merge(const struct repo *r, size_t pi, size_t ci,
         write_new(r->dir, c->file, text, &tx, &w, errp) < 0 ||
         rewrite_above(r, ci, sha, &tx, &w, errp) < 0)
         goto out;
+    for (size_t k = 0; k < nmid; k++) {
+        const struct repo_point *x = &r->points[mid[k]];
+        CLEANUP_FREE char *xj = cbt_strdup_printf("%s.json", x->file);
+        CLEANUP_FREE char *xp = cbt_strdup_printf("%s/%s", r->dir, x->file);
+        if (!xj || !xp || check_free(xp, errp) < 0 ||
+            add_remove(&tx, xj) < 0 || add_remove(&tx, x->file) < 0 ||
+            add_remove(&tx, x->m.hash_file) < 0) {
+            if (!xj || !xp)
+                cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
+            goto out;
+        }
+    }
     if (add_remove(&tx, pjson) < 0 ||
         add_remove(&tx, p->m.hash_file) < 0 ||
         !(tx.merge_from = strdup(p->file)) ||
@@ -764,14 +823,27 @@ static int run_step(const char *dir, const struct repo *first,
         }
         ret = do_remove(&r, (size_t)pi, errp);
     } else {
-        int ci = find_point(&r, first->points[s->c].file);
-        if (ci < 0 || kids != 1 || r.points[ci].parent != pi ||
-            r.points[ci].problem) {
-            cbt_error_set(errp, EAGAIN, "%s/%s: its children changed while "
-                          "pruning; stopped", dir, pf);
+        /* The chain from p up to c must still be p, the mids, c, each
+         * below the next its only child. */
+        CLEANUP_FREE size_t *mid = calloc(s->nmid + 1, sizeof(size_t));
+        int below = pi, ci = -1;
+        bool ok = mid && kids == 1;
+        for (size_t k = 0; ok && k <= s->nmid; k++) {
+            size_t want = k < s->nmid ? s->mid[k] : s->c;
+            int x = find_point(&r, first->points[want].file);
+            ok = x >= 0 && r.points[x].parent == below &&
+                 !r.points[x].problem &&
+                 (k == s->nmid || r.points[x].nchildren == 1);
+            if (ok && k < s->nmid)
+                mid[k] = (size_t)x;
+            below = ci = x;
+        }
+        if (!ok) {
+            cbt_error_set(errp, EAGAIN, "%s/%s: the points above it changed "
+                          "while pruning; stopped", dir, pf);
             goto out;
         }
-        ret = do_merge(&r, (size_t)pi, (size_t)ci, o, errp);
+        ret = do_merge(&r, (size_t)pi, (size_t)ci, mid, s->nmid, o, errp);
     }
     if (ret == 0) {
         struct repo after;
@@ -814,8 +886,9 @@ int repo_prune(const char *dir, const struct repo_prune_opts *o,
     bool *keep = calloc(n + 1, sizeof(bool));
     char **why = calloc(n + 1, sizeof(char *));
     struct step *steps = NULL;
+    size_t *mids = NULL;
     if (!keep || !why || apply_policy(&r, o, keep, why) < 0 ||
-        plan(&r, keep, why, res, &steps, &nsteps) < 0) {
+        plan(&r, keep, why, res, &steps, &nsteps, &mids) < 0) {
         cbt_error_set(errp, ENOMEM, "%s: out of memory", dir);
         goto out;
     }
@@ -845,6 +918,7 @@ out:
     free(why);
     free(keep);
     free(steps);
+    free(mids);
     repo_close(&r);
     if (lock >= 0)
         close(lock);

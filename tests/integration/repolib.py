@@ -49,9 +49,12 @@ class Repo:
         with open(self.bk / (name + ".json")) as f:
             return json.load(f)
 
-    def assert_point(self, name):
+    def assert_point(self, name, leaks_ok=False):
         """Point `name` verifies, restores to the saved state, and (qcow2)
-        its chain reads as that state through qemu-img itself."""
+        its chain reads as that state through qemu-img itself and passes
+        qemu-img check (leaked clusters allowed with leaks_ok: a write
+        killed between allocating a cluster and linking it leaks it, as in
+        QEMU)."""
         cbt("verify", self.bk / name)
         out = self.tmp / ("restored-" + name + ".qcow2")
         if out.exists():
@@ -63,7 +66,7 @@ class Repo:
             qemu_img("compare", "-f", "qcow2", "-F", "raw", self.bk / name,
                      self.states[name])
             res = qemu_img("check", "--output=json", self.bk / name, check=False)
-            assert res.rc == 0, res
+            assert res.rc == 0 or (leaks_ok and res.rc == 3), res
             assert json.loads(res.out).get("corruptions", 0) == 0
 
     def list(self):
