@@ -327,20 +327,18 @@ static int sync_dir(const char *dir)
     return r;
 }
 
+/* Copy [off, off + len) of from's view into to.  Compressed clusters are
+ * written plain: the merged image is the retired point's file, whose
+ * manifest's compression then describes it (prune.c). */
 static int copy_range(struct cbt_image *from, struct cbt_image *to,
-                      uint8_t *buf, uint64_t off, uint64_t len,
-                      bool compressed)
+                      uint8_t *buf, uint64_t off, uint64_t len)
 {
     while (len > 0) {
         size_t n = (size_t)MIN(len, (uint64_t)MERGE_CHUNK);
         int r = cbt_image_pread(from, buf, n, off);
         if (r < 0)
             return r;
-        /* Keep compressed clusters compressed where the target takes
-         * them (whole clusters into unallocated ones); else plain. */
-        if (!compressed ||
-            cbt_image_pwrite_compressed(to, buf, n, off) < 0)
-            r = cbt_image_pwrite(to, buf, n, off);
+        r = cbt_image_pwrite(to, buf, n, off);
         if (r < 0)
             return r;
         off += n;
@@ -373,8 +371,7 @@ static int merge_qcow2_ranges(struct cbt_image *view,
         else if (e.flags & CBT_BS_ZERO)
             r = cbt_image_pwrite_zeroes(p, off, e.length, 0);
         else
-            r = copy_range(view, p, buf, off, e.length,
-                           (e.flags & CBT_BS_COMPRESSED) != 0);
+            r = copy_range(view, p, buf, off, e.length);
         if (r < 0)
             return r;
         off += e.length;
@@ -408,7 +405,7 @@ static int merge_raw_ranges(const struct manifest *m, struct cbt_image *c,
         const struct manifest_extent *e = &m->extents[i];
         int r = e->zero ? cbt_image_pwrite_zeroes(p, e->start, e->length,
                                                   CBT_ZERO_MAY_UNMAP)
-                        : copy_range(c, p, buf, e->start, e->length, false);
+                        : copy_range(c, p, buf, e->start, e->length);
         if (r < 0)
             return r;
         if (progress)

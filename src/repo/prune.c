@@ -707,6 +707,21 @@ static int do_merge(const struct repo *r, size_t pi, size_t ci,
         cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
         goto out;
     }
+    /* What no longer describes the merged point: the file's size (known
+     * only once merged), "made by a rescan" (a full cannot be one); the
+     * image is P's file, with P's compressed clusters if any (C's are
+     * written plain), so its compression is P's. */
+    json_object_del(bytes, "file");
+    json_object_del(cj, "rescan");
+    json_t *cimg = json_object_get(cj, "image");
+    json_t *pcomp = json_object_get(json_object_get(pj, "image"),
+                                    "compression");
+    if (json_is_object(cimg)) {
+        if (pcomp)
+            json_object_set(cimg, "compression", pcomp);
+        else
+            json_object_del(cimg, "compression");
+    }
     char sha[65];
     if (!(text = dump_manifest(cj, c->file, sha, errp)) ||
         write_new(r->dir, c->file, text, &tx, &w, errp) < 0 ||

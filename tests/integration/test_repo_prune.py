@@ -264,3 +264,32 @@ def test_resized_disk_at_once(tmp, fmt):
     assert out["merged"] == 3
     assert [p["file"] for p in r.list()["points"]] == ["i3.img"]
     r.assert_point("i3.img")
+
+
+def test_compressed_and_rescanned_points(tmp):
+    """Points written by --compress and --rescan merge too: the merged
+    manifest drops what no longer holds (rescan on what becomes a full,
+    the file's size) and takes the retired image's compression."""
+    r = Repo(tmp)
+    r.write("write -P 1 0 6M")
+    r.backup("f.img", "--full", "--compress")
+    r.write("write -P 2 1M 1M")
+    r.backup("i1.img", "--incremental", "--compress=zlib")
+    r.write("write -P 3 3M 1M")
+    r.backup("i2.img", "--incremental", "--rescan")
+    assert r.manifest("i2.img").get("rescan") is True
+    assert r.manifest("f.img")["image"]["compression"] == "zstd"
+    prune(r, "--keep-last", "2", "--force")                # f into i1
+    m = r.manifest("i1.img")
+    assert m["kind"] == "full" and m["image"]["compression"] == "zstd"
+    assert "file" not in m["bytes"]
+    r.assert_point("i1.img")
+    r.assert_point("i2.img")
+    prune(r, "--keep-last", "1", "--force")                # i1 into i2
+    m = r.manifest("i2.img")
+    assert m["kind"] == "full" and "rescan" not in m
+    assert m["image"]["compression"] == "zstd"
+    r.assert_point("i2.img")
+    r.write("write -P 4 5M 64k")
+    r.backup("i3.img", "--incremental", "--compress")
+    r.assert_point("i3.img")
