@@ -386,18 +386,17 @@ static void print_prune(const struct args *a,
             printf("%s\n", or_dash(d->why));
     }
     if (dry) {
-        printf("Dry run: %zu point%s would go (%zu merged into %s child, "
-               "%zu removed), %zu stay%s.  Run with --force to prune.\n",
-               merged + removed, merged + removed == 1 ? "" : "s", merged,
-               merged == 1 ? "its" : "their", removed, kept,
+        printf("Dry run: %zu point%s would go (%zu merged into a later "
+               "point, %zu removed), %zu stay%s.  Run with --force to "
+               "prune.\n", merged + removed,
+               merged + removed == 1 ? "" : "s", merged, removed, kept,
                kept == 1 ? "s" : "");
     } else if (!failed) {
         char fr[32];
         cli_size_to_str(res->bytes_freed, fr, sizeof(fr));
-        printf("Pruned: %zu point%s gone (%zu merged into %s child, %zu "
-               "removed), %zu stay%s; %s freed.\n", merged + removed,
-               merged + removed == 1 ? "" : "s", merged,
-               merged == 1 ? "its" : "their", removed, kept,
+        printf("Pruned: %zu point%s gone (%zu merged into a later point, "
+               "%zu removed), %zu stay%s; %s freed.\n", merged + removed,
+               merged + removed == 1 ? "" : "s", merged, removed, kept,
                kept == 1 ? "s" : "", fr);
     }
 }
