@@ -327,18 +327,37 @@ static int sync_dir(const char *dir)
     return r;
 }
 
-/* Copy [off, off + len) of from's view into to.  Compressed clusters are
- * written plain: the merged image is the retired point's file, whose
- * manifest's compression then describes it (prune.c). */
+/* Copy [off, off + len) of from's view into to.  With compress (the
+ * retired point, whose file becomes the merged image, was a compressed
+ * backup: its manifest's compression describes the merged one, prune.c),
+ * whole clusters are written compressed as the backup wrote them (those
+ * that do not shrink plain), so a prune does not grow what it keeps;
+ * otherwise, and for a range's partial clusters, plain. */
 static int copy_range(struct cbt_image *from, struct cbt_image *to,
-                      uint8_t *buf, uint64_t off, uint64_t len)
+                      uint8_t *buf, uint64_t off, uint64_t len, bool compress)
 {
+    uint64_t cl = to->cluster_size;
+    uint64_t tsize = cbt_image_size(to);
     while (len > 0) {
         size_t n = (size_t)MIN(len, (uint64_t)MERGE_CHUNK);
         int r = cbt_image_pread(from, buf, n, off);
         if (r < 0)
             return r;
-        r = cbt_image_pwrite(to, buf, n, off);
+        /* The whole clusters of [off, off + n): off rounded up, the end
+         * rounded down unless it is the image's end. */
+        uint64_t end = off + n;
+        uint64_t c0 = cl ? ALIGN_UP(off, cl) : end;
+        uint64_t c1 = cl ? (end == tsize ? end : ALIGN_DOWN(end, cl)) : end;
+        if (!compress || c0 >= c1) {
+            r = cbt_image_pwrite(to, buf, n, off);
+        } else {
+            r = c0 > off ? cbt_image_pwrite(to, buf, c0 - off, off) : 0;
+            if (r >= 0)
+                r = cbt_image_pwrite_compressed(to, buf + (c0 - off),
+                                                c1 - c0, c0);
+            if (r >= 0 && end > c1)
+                r = cbt_image_pwrite(to, buf + (c1 - off), end - c1, c1);
+        }
         if (r < 0)
             return r;
         off += n;
@@ -358,8 +377,8 @@ static int copy_range(struct cbt_image *from, struct cbt_image *to,
 static int merge_qcow2_ranges(struct cbt_image *view,
                               const struct cbt_image *base,
                               struct cbt_image *p, uint8_t *buf,
-                              uint64_t size, cbt_progress_fn *progress,
-                              void *popaque)
+                              uint64_t size, bool compress,
+                              cbt_progress_fn *progress, void *popaque)
 {
     for (uint64_t off = 0; off < size;) {
         struct cbt_extent e;
@@ -371,7 +390,7 @@ static int merge_qcow2_ranges(struct cbt_image *view,
         else if (e.flags & CBT_BS_ZERO)
             r = cbt_image_pwrite_zeroes(p, off, e.length, 0);
         else
-            r = copy_range(view, p, buf, off, e.length);
+            r = copy_range(view, p, buf, off, e.length, compress);
         if (r < 0)
             return r;
         off += e.length;
@@ -405,13 +424,28 @@ static int merge_raw_ranges(const struct manifest *m, struct cbt_image *c,
         const struct manifest_extent *e = &m->extents[i];
         int r = e->zero ? cbt_image_pwrite_zeroes(p, e->start, e->length,
                                                   CBT_ZERO_MAY_UNMAP)
-                        : copy_range(c, p, buf, e->start, e->length);
+                        : copy_range(c, p, buf, e->start, e->length, false);
         if (r < 0)
             return r;
         if (progress)
             progress(popaque, e->start + e->length, m->virtual_size);
     }
     return 0;
+}
+
+/* Was the retired point `from` (still in place: this step renames it) a
+ * compressed backup?  What its manifest says; no manifest or a broken one
+ * reads as "no" (the merge is then plain, which is never wrong). */
+static bool from_compressed(const char *from)
+{
+    CLEANUP_FREE char *mp = manifest_path_for(from);
+    struct manifest m;
+    memset(&m, 0, sizeof(m));
+    if (!mp || manifest_read(mp, &m, NULL, NULL) < 0)
+        return false;
+    bool c = m.compression != NULL;
+    manifest_free(&m);
+    return c;
 }
 
 /* Step 3 (see the top of the file). */
@@ -492,7 +526,8 @@ static int merge_data(const char *dir, const struct foldertx *tx,
         goto io;
     }
     r = raw ? merge_raw_ranges(&m, c, p, buf, progress, popaque)
-            : merge_qcow2_ranges(c, base, p, buf, csize, progress, popaque);
+            : merge_qcow2_ranges(c, base, p, buf, csize,
+                                 from_compressed(from), progress, popaque);
     if (r < 0) {
         what = "copying the data";
         goto io;

@@ -710,7 +710,8 @@ static int do_merge(const struct repo *r, size_t pi, size_t ci,
     /* What no longer describes the merged point: the file's size (known
      * only once merged), "made by a rescan" (a full cannot be one); the
      * image is P's file, with P's compressed clusters if any (C's are
-     * written plain), so its compression is P's. */
+     * written compressed into a compressed P, foldertx.c), so its
+     * compression is P's. */
     json_object_del(bytes, "file");
     json_object_del(cj, "rescan");
     json_t *cimg = json_object_get(cj, "image");

@@ -293,3 +293,27 @@ def test_compressed_and_rescanned_points(tmp):
     r.write("write -P 4 5M 64k")
     r.backup("i3.img", "--incremental", "--compress")
     r.assert_point("i3.img")
+
+
+def test_compressed_points_stay_compressed(tmp):
+    """Merging into a compressed backup writes the child's clusters
+    compressed too: the kept point's file holds only compressed clusters
+    (qemu-img check counts them) and is no larger than the two files it
+    replaced."""
+    r = Repo(tmp)
+    r.write("write -P 1 0 6M", "write -P 7 12M 1M")
+    r.backup("f.img", "--full", "--compress")
+    r.write("write -P 11 1M 1M", "write -P 12 9M 100k")
+    r.backup("i1.img", "--incremental", "--compress")
+    r.write("write -P 13 3M 1M")
+    r.backup("i2.img")
+    before = {n: os.path.getsize(r.bk / n) for n in ("f.img", "i1.img")}
+    prune(r, "--keep-last", "2", "--force")
+    assert sorted(p["file"] for p in r.list()["points"]) == \
+        ["i1.img", "i2.img"]
+    r.assert_point("i1.img")
+    r.assert_point("i2.img")
+    res = json.loads(qemu_img("check", "--output=json", r.bk / "i1.img").out)
+    stats = res["allocated-clusters"], res["compressed-clusters"]
+    assert stats[0] > 0 and stats[0] == stats[1], res
+    assert os.path.getsize(r.bk / "i1.img") <= sum(before.values()), before
