@@ -433,6 +433,20 @@ static bool same_file(const char *a, const char *b)
            sa.st_ino == sb.st_ino;
 }
 
+ssize_t live_find_layer(const struct live_disk *d, const char *name)
+{
+    for (size_t i = 0; i < d->nlayers; i++) {
+        const struct live_layer *l = &d->layers[i];
+        if ((l->node && strcmp(l->node, name) == 0) ||
+            (l->file_node && strcmp(l->file_node, name) == 0))
+            return (ssize_t)i;
+    }
+    for (size_t i = 0; i < d->nlayers; i++)
+        if (same_file(d->layers[i].filename, name))
+            return (ssize_t)i;
+    return -1;
+}
+
 static bool matches(const struct live_disk *d, const char *name)
 {
     const char *ids[] = {d->id,       d->qdev,           d->device,

@@ -529,6 +529,70 @@ int live_cp_delete(struct live_cp *c, const char *name, bool *existed,
     return 0;
 }
 
+/* ---- carrying the checkpoints to another layer ---- */
+
+int live_cp_carry(const struct live_cp *c, const char *image,
+                  struct cbt_error **errp)
+{
+    struct ckpt_meta m;
+    struct live_cp t;
+    memset(&t, 0, sizeof(t));
+    t.q = c->q;
+    if (read_file_meta(image, &m, errp) < 0)
+        return -1;
+    bool own_id = m.n || m.next_order > 1;
+    int ret = -1;
+    if (journal_load(image, &t.j, errp) < 0 || build_view(&t, &m, errp) < 0)
+        goto out;
+    size_t before = t.j.n;
+    /* What the image has that c does not keep. */
+    for (size_t i = 0; i < t.n; i++) {
+        const struct cbt_checkpoint *k = live_cp_find(c, t.v[i].name);
+        if (k && k->usable && k->order == t.v[i].order)
+            continue;
+        struct journal_rec r = {.op = JOURNAL_DELETED,
+                                .name = t.v[i].name};
+        if (journal_add(&t.j, &r, errp) < 0)
+            goto out;
+    }
+    /* What c keeps that the image lacks. */
+    for (size_t i = 0; i < c->n; i++) {
+        const struct cbt_checkpoint *k = &c->v[i];
+        if (!k->usable) {
+            if (!k->sealed)
+                cbt_warn("%s: checkpoint '%s' is not carried to %s (%s): a "
+                         "backup since it must be a full one", qmp_name(c->q),
+                         k->name, image, k->problem ? k->problem : "unusable");
+            continue;
+        }
+        const struct cbt_checkpoint *have = live_cp_find(&t, k->name);
+        if (have && have->order == k->order)
+            continue;
+        struct journal_rec r = {
+            .op = JOURNAL_CREATED,
+            .name = k->name,
+            .order = k->order,
+            .created_sec = k->created_sec,
+            .created_nsec = k->created_nsec,
+            .parent = k->parent,
+            .virtual_size = k->virtual_size,
+            .granularity = k->granularity,
+        };
+        if (journal_add(&t.j, &r, errp) < 0)
+            goto out;
+    }
+    bool id = !own_id && c->disk_id[0] &&
+              strcmp(t.j.disk_id, c->disk_id) != 0;
+    if (id)
+        memcpy(t.j.disk_id, c->disk_id, sizeof(c->disk_id));
+    ret = t.j.n != before || id ? journal_save(&t.j, errp) : 0;
+out:
+    ckpt_meta_free(&m);
+    cbt_checkpoint_free_list(t.v, t.n);
+    journal_free(&t.j);
+    return ret;
+}
+
 /* ---- reconcile ---- */
 
 /* An unresolved PENDING record names `name` (a live backup's new

@@ -75,6 +75,19 @@ int live_cp_resolve(struct live_cp *c, const char *name,
                     struct cbt_error **errp);
 int live_cp_resolve_stale(struct live_cp *c, struct cbt_error **errp);
 
+/*
+ * Make the checkpoints of `image` (its own metadata as its live journal
+ * changes it) those of c, after a live chain operation made `image` the
+ * layer that holds the disk's checkpoints (a snapshot's overlay, the base
+ * of an active commit): its journal gets a record for each usable
+ * checkpoint of c it lacks, a deletion for each it has that c lacks or
+ * cannot use, and c's disk id when the image has none.  An unusable
+ * checkpoint is not carried (a warning says a backup since it must be a
+ * full one), as offline.  0, or -1 with *errp.
+ */
+int live_cp_carry(const struct live_cp *c, const char *image,
+                  struct cbt_error **errp);
+
 /* cbt checkpoint create|delete --qmp. */
 int live_cp_create(struct live_cp *c, const char *name, uint64_t granularity,
                    struct cbt_error **errp);

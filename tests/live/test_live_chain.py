@@ -1,0 +1,268 @@
+"""cbt snapshot|commit|stream --qmp: chain operations on a running VM with
+every checkpoint kept exact.
+
+The guest (a Writer through qemu-storage-daemon's NBD export, or HMP
+qemu-io in qemu-system) keeps writing while QEMU's jobs run.  The oracle
+is the writer's log: the changes since a checkpoint are exactly the blocks
+written after it was made (one block = one 64 KiB granule), so after every
+operation each checkpoint's view from the top (QEMU's count through `cbt
+checkpoint list --qmp`, and once QEMU has quit, the union of its copies
+over the chain by `cbt bitmap --dump --chain`) must be exactly that set;
+the guest view must be the writer's last generations; and a live
+incremental backup taken afterwards must hold exactly the blocks written
+since the previous backup and restore to the disk (qemu-img compare).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import CBT, cbt, qemu_img, run
+from livelib import BLOCK, MiB, View, cut_of, live, make_image, top_blocks  # noqa: F401
+from livelib import state_dir  # noqa: F401 (autouse: a journal per test)
+
+SIZE = 16 * MiB
+NBLOCKS = SIZE // BLOCK
+
+
+class Tracker:
+    """Where each checkpoint starts in the writer's log."""
+
+    def __init__(self, w):
+        self.w = w
+        self.start = {}
+
+    def mark(self, name):
+        self.start[name] = len(self.w.log)
+
+    def since(self, name):
+        return {x.block for x in self.w.log[self.start[name]:]}
+
+
+def checkpoint_here(q, w, t, name):
+    """A live checkpoint made while the writer is held (its start in the
+    log is exact)."""
+    w.pause()
+    cbt("checkpoint", "create", "--qmp", q.cbt_qmp, "vm", name)
+    t.mark(name)
+    w.resume()
+
+
+def live_list(q, disk="vm"):
+    res = cbt("checkpoint", "list", "--qmp", q.cbt_qmp, "--output=json", disk)
+    return {c["name"]: c for c in res.json()["checkpoints"]}
+
+
+def assert_live_views(q, t, disk="vm"):
+    """Each tracked checkpoint usable, QEMU's count of its union exactly
+    the blocks written since it (the writer held)."""
+    cps = live_list(q, disk)
+    for name in t.start:
+        c = cps.get(name)
+        assert c and c["usable"], (name, cps)
+        assert c["dirty-bytes"] == len(t.since(name)) * BLOCK, (
+            name, c["dirty-bytes"] // BLOCK, len(t.since(name)))
+
+
+def chain_dirty(image, name):
+    """The blocks of checkpoint NAME's union over IMAGE's chain (offline)."""
+    out = cbt("bitmap", "--dump", "--chain", "--output=json", image, name).out
+    blocks = set()
+    for e in json.loads(out):
+        if e["dirty"]:
+            blocks.update(range(e["start"] // BLOCK,
+                                (e["start"] + e["length"]) // BLOCK))
+    return blocks
+
+
+def assert_offline(image, t, tmp):
+    """QEMU has quit: every checkpoint usable offline, its union exactly the
+    writes since it; the image's view the writer's last generations."""
+    cps = {c["name"]: c for c in cbt("checkpoint", "list", "--output=json",
+                                     image).json()["checkpoints"]}
+    for name in t.start:
+        assert cps.get(name, {}).get("usable"), (name, cps)
+        assert chain_dirty(image, name) == t.since(name), name
+    assert_guest_view(image, t.w, tmp)
+    qemu_img("check", image)
+
+
+def assert_guest_view(image, w, tmp):
+    cut = cut_of(w, View(image, str(tmp)))
+    assert cut.ok, cut.problems[:5]
+    assert cut.gens == {b: w.gens.get(b, 0) for b in range(w.nblocks)}
+
+
+def image_file(name):
+    """An image's file from QEMU's filename (a json: pseudo-filename for a
+    node added with options)."""
+    if name.startswith("json:"):
+        return json.loads(name[5:])["file"]["filename"]
+    return name
+
+
+def layers(q):
+    """The disk's chain, top first, as image file names (QEMU's view)."""
+    out = []
+    img = q.qmp("query-named-block-nodes", flat=False)
+    exp = q.qmp("query-block-exports")[0]["node-name"]
+    img = next(n for n in img if n["node-name"] == exp)["image"]
+    while img:
+        out.append(os.path.basename(image_file(img["filename"])))
+        img = img.get("backing-image")
+    return out
+
+
+def start(live, tmp_path, gens=None):
+    """base.qcow2 with checkpoint c1 (offline) under qemu-storage-daemon, a
+    writer, and a full live backup (its checkpoint tracked as 'full')."""
+    base = make_image(live.path("base.qcow2"), SIZE,
+                      gens=gens or {b: 1 for b in range(0, NBLOCKS, 3)})
+    cbt("checkpoint", "create", base, "c1")
+    q = live.qsd(base)
+    w = live.writer(q, seed=7, rate=150,
+                    initial=gens or {b: 1 for b in range(0, NBLOCKS, 3)})
+    t = Tracker(w)
+    t.mark("c1")
+    w.step(20)
+    bk = live.path("bk")
+    os.mkdir(bk)
+    cbt("backup", "--qmp", q.cbt_qmp, "--full", "--checkpoint", "full", "vm",
+        os.path.join(bk, "full.qcow2"))
+    t.mark("full")
+    return q, w, t, bk
+
+
+def incremental_restores(live, q, w, t, bk, name):
+    """A live incremental since the last backup: exactly the blocks written
+    since it, and it restores to the disk (writer held)."""
+    target = os.path.join(bk, name + ".qcow2")
+    last = [k for k in t.start if k == "full" or k.startswith("inc")][-1]
+    cbt("backup", "--qmp", q.cbt_qmp, "--since", last, "--checkpoint", name,
+        "vm", target)
+    assert top_blocks(target) == t.since(last)
+    t.mark(name)
+    out = live.path("restored-%s.qcow2" % name)
+    cbt("restore", target, out)
+    # The disk as the guest sees it (through the export: QEMU's caches
+    # make the files themselves no view while it runs).
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", out, q.uri)
+
+
+def test_snapshot_then_commits_keep_checkpoints(live, tmp_path):
+    """Three live snapshots, an intermediate commit and an active commit,
+    the guest writing all along; checkpoints made before and between."""
+    q, w, t, bk = start(live, tmp_path)
+    checkpoint_here(q, w, t, "c2")
+    w.start()
+    w.wait_writes(10)
+    for i in (1, 2, 3):
+        cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o%d.qcow2" % i))
+        w.wait_writes(15)
+        if i == 2:
+            checkpoint_here(q, w, t, "c3")
+    w.pause()
+    assert layers(q) == ["o3.qcow2", "o2.qcow2", "o1.qcow2", "base.qcow2"]
+    assert_live_views(q, t)
+    w.resume()
+
+    # Intermediate: o2 and o1 into base, the guest writing into o3.
+    cbt("commit", "--qmp", q.cbt_qmp, "--top", live.path("o2.qcow2"),
+        "--base", live.path("base.qcow2"), "vm")
+    w.wait_writes(10)
+    w.pause()
+    assert layers(q) == ["o3.qcow2", "base.qcow2"]
+    assert_live_views(q, t)
+    incremental_restores(live, q, w, t, bk, "inc1")
+    w.resume()
+    w.wait_writes(10)
+
+    # Active: o3 into base, base the top again.
+    cbt("commit", "--qmp", q.cbt_qmp, "vm")
+    w.wait_writes(10)
+    w.pause()
+    assert layers(q) == ["base.qcow2"]
+    assert_live_views(q, t)
+    incremental_restores(live, q, w, t, bk, "inc2")
+    w.stop()
+    q.quit()
+    assert_offline(live.path("base.qcow2"), t, tmp_path)
+
+
+def test_stream_keeps_checkpoints(live, tmp_path):
+    q, w, t, bk = start(live, tmp_path)
+    w.start()
+    for i in (1, 2, 3):
+        cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o%d.qcow2" % i))
+        w.wait_writes(15)
+        if i == 1:
+            checkpoint_here(q, w, t, "c2")
+    # o2 and o1 streamed into o3, base kept.
+    cbt("stream", "--qmp", q.cbt_qmp, "-b", live.path("base.qcow2"), "vm")
+    w.wait_writes(10)
+    w.pause()
+    assert layers(q) == ["o3.qcow2", "base.qcow2"]
+    assert_live_views(q, t)
+    incremental_restores(live, q, w, t, bk, "inc1")
+    w.resume()
+    # Everything into o3.
+    cbt("stream", "--qmp", q.cbt_qmp, "vm")
+    w.wait_writes(10)
+    w.pause()
+    assert layers(q) == ["o3.qcow2"]
+    assert_live_views(q, t)
+    incremental_restores(live, q, w, t, bk, "inc2")
+    w.stop()
+    q.quit()
+    assert_offline(live.path("o3.qcow2"), t, tmp_path)
+
+
+def test_commit_adds_no_bits_of_its_own(live):
+    """The commit job writes whole clusters into base, which dirties base's
+    recording bitmaps; with a 4 KiB granularity and 4 KiB guest writes that
+    is 16 times the changes.  cbt's rebuild of base's copies leaves exactly
+    the guest's granules: intermediate and active commit."""
+    import nbd
+    base = make_image(live.path("base.qcow2"), SIZE)
+    cbt("checkpoint", "create", "-g", "4096", base, "fine")
+    q = live.qsd(base)
+    h = nbd.NBD()
+    h.connect_uri(q.uri)
+    dirty = set()
+
+    def write(off):
+        h.pwrite(b"\x5a" * 4096, off)
+        dirty.add(off // 4096)
+
+    def count():
+        c = live_list(q)["fine"]
+        assert c["usable"], c
+        return c["dirty-bytes"] // 4096
+
+    write(0)
+    for i in (1, 2):
+        cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o%d.qcow2" % i))
+        for k in range(5):
+            write((i * 100 + k * 7) * 65536 + 8192)
+    assert count() == len(dirty)
+    cbt("commit", "--qmp", q.cbt_qmp, "--top", live.path("o1.qcow2"), "vm")
+    assert layers(q) == ["o2.qcow2", "base.qcow2"]
+    assert count() == len(dirty)
+    cbt("commit", "--qmp", q.cbt_qmp, "vm")
+    assert layers(q) == ["base.qcow2"]
+    assert count() == len(dirty)
+    write(3 * 4096)
+    assert count() == len(dirty)
+    h.shutdown()
+    q.quit()
+    assert len(chain_dirty4k(base, "fine")) == len(dirty)
+
+
+def chain_dirty4k(image, name):
+    out = cbt("bitmap", "--dump", "--chain", "--output=json", image, name).out
+    return {s for e in json.loads(out) if e["dirty"]
+            for s in range(e["start"] // 4096, (e["start"] + e["length"]) // 4096)}
