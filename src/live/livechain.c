@@ -214,8 +214,9 @@ struct job {
      * runs while the job is paused or pending, before it is cancelled. */
     int (*at_ready)(struct job *j, struct cbt_error **errp);
     int (*at_pending)(struct job *j, struct cbt_error **errp);
-    void (*undo)(struct job *j);
+    int (*undo)(struct job *j);
     void *opaque;
+    bool undo_failed;            /* some bitmaps may keep extra bits */
 };
 
 static bool id_is(json_t *data, void *opaque)
@@ -284,8 +285,8 @@ static void job_abandon(struct job *j, bool paused)
         (void)qmp_run(j->q, "job-pause", json_pack("{s:s}", "id", j->id),
                       NULL);
     const char *s = wait_status(j, stopped, &info, NULL);
-    if (j->undo && s && strcmp(s, "concluded") != 0)
-        j->undo(j);
+    if (j->undo && s && strcmp(s, "concluded") != 0 && j->undo(j) < 0)
+        j->undo_failed = true;
     if (!s || strcmp(s, "concluded") != 0) {
         (void)qmp_run(j->q, "job-cancel", json_pack("{s:s}", "id", j->id),
                       NULL);
@@ -306,6 +307,13 @@ static char *job_error_text(struct job *j)
                                 op ? op : "");
     json_decref(ev);
     return s;
+}
+
+static const char *as_before(const struct job *j)
+{
+    return j->undo_failed ? " (some bitmaps may hold extra changes: a "
+                            "backup since them copies a little more)"
+                          : ", and so are its bitmaps";
 }
 
 /* Drive the started job to its end: progress, ready, pending, concluded,
@@ -348,8 +356,8 @@ static int job_run(struct job *j, struct cbt_error **errp)
             char *why = job_error_text(j);
             job_abandon(j, true);
             cbt_error_set(errp, EIO, "%s: QEMU's %s job stopped on %s; it "
-                          "was cancelled, the chain and its bitmaps are as "
-                          "before", qmp_name(j->q), j->what, why);
+                          "was cancelled, the chain is as before%s",
+                          qmp_name(j->q), j->what, why, as_before(j));
             free(why);
             return -1;
         }
@@ -357,8 +365,8 @@ static int job_run(struct job *j, struct cbt_error **errp)
         if (!finalized && j->o->cancel && j->o->cancel(j->o->cancel_opaque)) {
             job_abandon(j, false);
             cbt_error_set(errp, ECANCELED, "%s: the %s was cancelled; the "
-                          "chain and its bitmaps are as before",
-                          qmp_name(j->q), j->what);
+                          "chain is as before%s", qmp_name(j->q), j->what,
+                          as_before(j));
             return -1;
         }
         if (strcmp(s, "ready") == 0 && !completed) {
@@ -413,6 +421,7 @@ struct commit {
     bool saved;                  /* the saved copies exist */
     uint64_t aw_gran[8];         /* the activewrite bitmaps' granularities */
     size_t naw;
+    bool aw_added;               /* they exist (from ready on) */
 };
 
 static void aw_name(char *buf, size_t len, uint64_t gran)
@@ -534,7 +543,7 @@ static void commit_drop_temps(struct commit *m, json_t *acts)
         if (m->v[i].at_base)
             json_array_append_new(own, bm_simple("block-dirty-bitmap-remove",
                                                  base, m->v[i].saved));
-    for (size_t g = 0; g < m->naw; g++) {
+    for (size_t g = 0; m->aw_added && g < m->naw; g++) {
         char aw[48];
         aw_name(aw, sizeof(aw), m->aw_gran[g]);
         json_array_append_new(own, bm_simple("block-dirty-bitmap-remove",
@@ -544,8 +553,9 @@ static void commit_drop_temps(struct commit *m, json_t *acts)
         (void)one_transaction(m->c.q, own, NULL);
 }
 
-/* Put base's copies back as they were (the job paused or pending). */
-static void commit_undo(struct job *j)
+/* Put base's copies back as they were (the job paused or pending).  0, or
+ * -1 when they may keep extra bits (a warning says so). */
+static int commit_undo(struct job *j)
 {
     struct commit *m = j->opaque;
     const char *base = m->c.disk.layers[m->b].node;
@@ -568,9 +578,11 @@ static void commit_undo(struct job *j)
                  qmp_name(m->c.q), cbt_error_message(e));
         cbt_error_free(e);
         commit_drop_temps(m, NULL);
+        m->saved = m->aw_added = false;
+        return -1;
     }
-    m->saved = false;
-    m->naw = 0;
+    m->saved = m->aw_added = false;
+    return 0;
 }
 
 /* Ready (active commit): catch what lands in base from now on. */
@@ -585,7 +597,10 @@ static int commit_ready(struct job *j, struct cbt_error **errp)
         json_array_append_new(acts, bm_add(base, aw, m->aw_gran[g], false,
                                            false));
     }
-    return one_transaction(m->c.q, acts, errp);
+    if (one_transaction(m->c.q, acts, errp) < 0)
+        return -1;
+    m->aw_added = m->naw > 0;
+    return 0;
 }
 
 /* Pending: base's copies become the unions, in one transaction. */
@@ -619,8 +634,7 @@ static int commit_pending(struct job *j, struct cbt_error **errp)
     commit_drop_temps(m, acts);
     if (one_transaction(m->c.q, acts, errp) < 0)
         return -1;
-    m->saved = false;
-    m->naw = 0;
+    m->saved = m->aw_added = false;
     return 0;
 }
 

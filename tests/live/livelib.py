@@ -300,11 +300,13 @@ class Qsd(QemuProcess):
     `disk`, writable.  CHAIN lists backing images bottom first, opened as
     nodes base0, base1... (file nodes baseN-file) under `disk`; without it
     QEMU opens the image's backing chain by itself (automatic node names).
+    BLKDEBUG {path: blkdebug options} (inject-error, set-state) puts a
+    blkdebug filter under that layer, for jobs that meet I/O errors.
     Ready when QMP answered and the export serves."""
 
     what = "qemu-storage-daemon"
 
-    def __init__(self, live, image, chain=(), fmt="qcow2"):
+    def __init__(self, live, image, chain=(), fmt="qcow2", blkdebug=None):
         super().__init__(live)
         n = len(live.processes)
         self.qmp_path = live.sock("qsd%d.qmp" % n)
@@ -320,6 +322,13 @@ class Qsd(QemuProcess):
             node = "disk" if i == len(chain) else "base%d" % i
             dev = {"driver": fmt if i == len(chain) else "qcow2", "node-name": node,
                    "file": {"driver": "file", "node-name": node + "-file", "filename": path}}
+            if blkdebug and path in blkdebug:
+                # Fault injection: BLKDEBUG {path: blkdebug options} puts a
+                # blkdebug filter (node NODE-dbg) between that layer and
+                # its file.
+                dev["file"] = dict(blkdebug[path], driver="blkdebug",
+                                   image=dev["file"])
+                dev["file"].setdefault("node-name", node + "-dbg")
             if below:
                 dev["backing"] = below
             argv += ["--blockdev", json.dumps(dev)]

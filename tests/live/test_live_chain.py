@@ -100,9 +100,12 @@ def assert_guest_view(image, w, tmp):
 def image_file(name):
     """An image's file from QEMU's filename (a json: pseudo-filename for a
     node added with options)."""
-    if name.startswith("json:"):
-        return json.loads(name[5:])["file"]["filename"]
-    return name
+    if not name.startswith("json:"):
+        return name
+    d = json.loads(name[5:])
+    while "filename" not in d:
+        d = d.get("file") or d["image"]      # through blkdebug
+    return d["filename"]
 
 
 def layers(q):
@@ -266,3 +269,70 @@ def chain_dirty4k(image, name):
     out = cbt("bitmap", "--dump", "--chain", "--output=json", image, name).out
     return {s for e in json.loads(out) if e["dirty"]
             for s in range(e["start"] // 4096, (e["start"] + e["length"]) // 4096)}
+
+
+def node_bitmaps(q):
+    """{node: {bitmap: (count, recording, persistent)}} of QEMU's named
+    bitmaps, cbt's temporary ones included."""
+    return {n["node-name"]: {b["name"]: (b["count"], b["recording"], b["persistent"])
+                             for b in n.get("dirty-bitmaps", []) if "name" in b}
+            for n in q.qmp("query-named-block-nodes", flat=True)}
+
+
+def cbt_objects(q):
+    found = [j["id"] for j in q.qmp("query-jobs")]
+    for node, bms in node_bitmaps(q).items():
+        found += [b for b in bms if b.startswith("cbt-")]
+    return found
+
+
+@pytest.mark.parametrize("top", ["active", "intermediate"])
+def test_commit_failing_on_io_error_changes_nothing(live, tmp_path, top):
+    """The job's second write into base fails (blkdebug): QEMU stops the
+    job (on-error=stop), cbt puts base's bitmaps back (its first write
+    dirtied them) and cancels it.  The chain, every bitmap and every
+    checkpoint are as before; the next incremental is exact."""
+    gens = {b: 1 for b in range(0, NBLOCKS, 2)}
+    base = make_image(live.path("base.qcow2"), SIZE, gens=gens)
+    cbt("checkpoint", "create", base, "c1")
+    # write_aio: qcow2's data writes.  State 1 -> 2 at the first, errors
+    # from then on: one write lands, the next fails.
+    dbg = {"inject-error": [{"event": "write_aio", "errno": 5, "state": 2,
+                            "iotype": "write", "immediately": True}],
+           "set-state": [{"event": "write_aio", "state": 1, "new_state": 2}]}
+    q = live.qsd(base, blkdebug={base: dbg})
+    w = live.writer(q, seed=9, initial=gens)
+    t = Tracker(w)
+    t.mark("c1")
+    cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o1.qcow2"))
+    w.step(30)
+    args = []
+    if top == "intermediate":
+        cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o2.qcow2"))
+        w.step(10)
+        args = ["--top", live.path("o1.qcow2")]
+    chain, before = layers(q), node_bitmaps(q)
+    w.start()
+    res = cbt("commit", "--qmp", q.cbt_qmp, *args, "vm", check=False)
+    w.pause()
+    assert res.rc != 0 and "I/O error" in res.err and "so are its bitmaps" in res.err, res
+    assert layers(q) == chain
+    after = node_bitmaps(q)
+    # Base's copy got the first write and lost it again; the others only
+    # gained the guest's writes.
+    assert after["disk"]["c1"] == before["disk"]["c1"], res.err
+    assert {n: set(b) for n, b in after.items()} == \
+        {n: set(b) for n, b in before.items()}
+    assert cbt_objects(q) == []
+    assert_live_views(q, t)
+    w.stop()
+    assert_guest_view_live(q, w, tmp_path)
+
+
+def assert_guest_view_live(q, w, tmp):
+    """The guest view through the export: the writer's last generations."""
+    out = os.path.join(str(tmp), "export.raw")
+    qemu_img("convert", "-f", "raw", "-O", "raw", q.uri, out)
+    cut = cut_of(w, View(out, str(tmp), fmt="raw"))
+    assert cut.ok, cut.problems[:5]
+    assert cut.gens == {b: w.gens.get(b, 0) for b in range(w.nblocks)}
