@@ -569,6 +569,14 @@ static int commit_undo(struct job *j)
         json_t *srcs = json_array();
         json_array_append_new(srcs, src(base, p->saved));
         json_array_append_new(acts, bm_merge(base, p->name, srcs));
+        /* The pivot makes base the disk's top: its copy records as the
+         * topmost copy did (as offline; a copy sealed by an offline
+         * snapshot records again). */
+        if (m->active && p->at_base && p->at_base->recording != p->recording)
+            json_array_append_new(
+                acts, bm_simple(p->recording ? "block-dirty-bitmap-enable"
+                                             : "block-dirty-bitmap-disable",
+                                base, p->name));
     }
     commit_drop_temps(m, acts);
     struct cbt_error *e = NULL;
@@ -630,6 +638,14 @@ static int commit_pending(struct job *j, struct cbt_error **errp)
             json_array_append_new(srcs, src(base, aw));
         }
         json_array_append_new(acts, bm_merge(base, p->name, srcs));
+        /* The pivot makes base the disk's top: its copy records as the
+         * topmost copy did (as offline; a copy sealed by an offline
+         * snapshot records again). */
+        if (m->active && p->at_base && p->at_base->recording != p->recording)
+            json_array_append_new(
+                acts, bm_simple(p->recording ? "block-dirty-bitmap-enable"
+                                             : "block-dirty-bitmap-disable",
+                                base, p->name));
     }
     commit_drop_temps(m, acts);
     if (one_transaction(m->c.q, acts, errp) < 0)

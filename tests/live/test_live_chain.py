@@ -336,3 +336,62 @@ def assert_guest_view_live(q, w, tmp):
     cut = cut_of(w, View(out, str(tmp), fmt="raw"))
     assert cut.ok, cut.problems[:5]
     assert cut.gens == {b: w.gens.get(b, 0) for b in range(w.nblocks)}
+
+
+def bitmap_state(image):
+    """{name: (granularity, recording, sha256)} of IMAGE's own bitmaps."""
+    out = {}
+    for b in cbt("bitmap", "--list", "--output=json", image).json():
+        sha = cbt("bitmap", "--sha256", image, b["name"]).out.split()[0]
+        out[b["name"]] = (b["granularity"], b["recording"], sha)
+    return out
+
+
+def test_live_commit_equals_offline_commit(live, tmp_path):
+    """The same commits, live (QEMU's jobs and cbt's bitmap handling) and
+    offline (cbt commit on a copy of the chain), leave the same bitmaps:
+    names, granularities, recording states and bits.  The chain: two live
+    snapshots with a checkpoint between, then an offline one (which stops
+    the copies below it recording)."""
+    base = make_image(live.path("base.qcow2"), SIZE,
+                      gens={b: 1 for b in range(0, NBLOCKS, 3)})
+    cbt("checkpoint", "create", base, "c1")
+    q = live.qsd(base)
+    w = live.writer(q, seed=21, initial={b: 1 for b in range(0, NBLOCKS, 3)})
+    w.step(15)
+    cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o1.qcow2"))
+    w.step(15)
+    cbt("checkpoint", "create", "--qmp", q.cbt_qmp, "vm", "c2")
+    w.step(10)
+    cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o2.qcow2"))
+    w.step(15)
+    w.stop()
+    q.quit()
+    names = [live.path(f + ".qcow2") for f in ("base", "o1", "o2", "o3")]
+    cbt("snapshot", names[2], names[3])
+    q = live.qsd(names[3], chain=names[:3])
+    w = live.writer(q, seed=22, initial=w.gens)
+    w.step(15)
+    w.stop()
+    q.quit()
+    off = tmp_path / "off"
+    off.mkdir()
+    o = [str(off / os.path.basename(n)) for n in names]
+    for a, b in zip(names, o):
+        shutil.copy(a, b)
+
+    # Intermediate: o2 and o1 into base, under o3.
+    q = live.qsd(names[3], chain=names[:3])
+    cbt("commit", "--qmp", q.cbt_qmp, "--top", names[2], "--base", names[0],
+        "vm")
+    q.quit()
+    cbt("commit", "--top", o[2], "--base", o[0], "--active", o[3])
+    assert bitmap_state(names[0]) == bitmap_state(o[0])
+    assert bitmap_state(names[3]) == bitmap_state(o[3])
+    # Active: o3 into base (cbt commit --top without --active: the pivot).
+    q = live.qsd(names[3], chain=names[:1])
+    cbt("commit", "--qmp", q.cbt_qmp, "vm")
+    q.quit()
+    cbt("commit", "--top", o[3], "--base", o[0])
+    assert bitmap_state(names[0]) == bitmap_state(o[0])
+    qemu_img("compare", names[0], o[0])
