@@ -14,7 +14,8 @@ static const char usage[] =
     "                  FILE\n"
     "       cbt commit --top TOP [--base BASE] [--active ACTIVE] [-p] [-q]\n"
     "                  [--skip-broken-bitmaps]\n"
-    "       cbt commit --qmp SOCKET [--top TOP] [--base BASE] [-p] [-q] DISK\n"
+    "       cbt commit --qmp SOCKET [--top TOP] [--base BASE] [-r RATE] [-p]\n"
+    "                  [-q] DISK\n"
     "\n"
     "Write the data of FILE (or TOP) and of every layer below it down to just\n"
     "above BASE into BASE (default: the backing file of FILE or TOP), growing\n"
@@ -64,6 +65,8 @@ static const char usage[] =
     "  --top TOP              the topmost layer to commit (second form)\n"
     "  --active ACTIVE        the active layer of the chain holding TOP\n"
     "  --qmp SOCKET           act on the running QEMU behind SOCKET\n"
+    "  -r RATE                with --qmp: QEMU's job copies at most RATE bytes\n"
+    "                         a second (k, M, G suffixes), as qemu-img commit -r\n"
     "  --skip-broken-bitmaps  leave alone bitmap names with an inconsistent\n"
     "                         copy or a gap, instead of refusing\n"
     "  -p                     show progress (on a terminal)\n"
@@ -106,8 +109,12 @@ static int check_format(const char *file, const char *fmt)
 /* cbt commit --qmp SOCKET [--top T] [--base B] DISK */
 static int live_form(const char *prog, int argc, char **argv,
                      const char *sock, const struct cbt_commit_opts *o,
-                     const char *fmt, bool progress, bool quiet)
+                     const char *fmt, const char *rate, bool progress,
+                     bool quiet)
 {
+    uint64_t speed = 0;
+    if (rate && cli_parse_size_arg(prog, "rate", rate, &speed) < 0)
+        return CLI_EXIT_USAGE;
     if (fmt || o->active || o->drop || o->skip_broken_bitmaps)
         return cli_usage_error(prog, "-f, -d, --active and "
                                "--skip-broken-bitmaps do not go with --qmp");
@@ -122,7 +129,7 @@ static int live_form(const char *prog, int argc, char **argv,
     cli_progress_init_rate(&pr, progress);
     cli_signals_catch();
     struct live_chain_opts lo = {
-        .disk = disk, .top = o->top, .base = o->base,
+        .disk = disk, .top = o->top, .base = o->base, .rate = speed,
         .progress = cli_progress_cb, .progress_opaque = &pr,
         .cancel = cli_cancel_cb,
     };
@@ -156,10 +163,10 @@ int cmd_commit(int argc, char **argv)
     const char *fmt = NULL;
     struct cbt_commit_opts o = { .top = NULL };
     bool quiet = false, progress = false;
-    const char *qmp_sock = NULL;
+    const char *qmp_sock = NULL, *rate = NULL;
     int c;
     optind = 0;
-    while ((c = getopt_long(argc, argv, "hf:b:dpq", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hf:b:dpqr:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             return cli_help(usage);
@@ -178,6 +185,9 @@ int cmd_commit(int argc, char **argv)
         case 'q':
             quiet = true;
             break;
+        case 'r':
+            rate = optarg;
+            break;
         case OPT_TOP:
             o.top = optarg;
             break;
@@ -195,8 +205,10 @@ int cmd_commit(int argc, char **argv)
         }
     }
     if (qmp_sock)
-        return live_form(prog, argc, argv, qmp_sock, &o, fmt, progress,
+        return live_form(prog, argc, argv, qmp_sock, &o, fmt, rate, progress,
                          quiet);
+    if (rate)
+        return cli_usage_error(prog, "-r goes with --qmp (QEMU's job)");
     bool top_form = o.top != NULL;
     if (top_form) {
         if (optind < argc)

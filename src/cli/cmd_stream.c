@@ -9,7 +9,7 @@
 
 static const char usage[] =
     "Usage: cbt stream [-b BASE] [-p] FILE\n"
-    "       cbt stream --qmp SOCKET [-b BASE] [-p] DISK\n"
+    "       cbt stream --qmp SOCKET [-b BASE] [-r RATE] [-p] DISK\n"
     "\n"
     "Copy into FILE the data it reads from the layers of its backing chain\n"
     "above BASE, then make BASE its backing file (by its file name when both\n"
@@ -29,6 +29,8 @@ static const char usage[] =
     "Options:\n"
     "  -b, --base BASE  the layer of FILE's chain to keep as its backing file\n"
     "  --qmp SOCKET     act on the running QEMU behind SOCKET\n"
+    "  -r RATE          with --qmp: QEMU's job copies at most RATE bytes a\n"
+    "                   second (k, M, G suffixes)\n"
     "  -p               show progress (on a terminal)\n"
     "  -h, --help       show this help\n"
     "\n"
@@ -49,11 +51,11 @@ int cmd_stream(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
-    const char *base = NULL, *file, *qmp_sock = NULL;
+    const char *base = NULL, *file, *qmp_sock = NULL, *rate = NULL;
     bool progress = false;
     int c;
     optind = 0;
-    while ((c = getopt_long(argc, argv, "hb:p", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hb:pr:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             return cli_help(usage);
@@ -66,6 +68,9 @@ int cmd_stream(int argc, char **argv)
         case 256:
             qmp_sock = optarg;
             break;
+        case 'r':
+            rate = optarg;
+            break;
         default:
             return cli_bad_option(prog);
         }
@@ -75,6 +80,11 @@ int cmd_stream(int argc, char **argv)
 
     struct cli_progress pr;
     struct cbt_error *err = NULL;
+    if (rate && !qmp_sock)
+        return cli_usage_error(prog, "-r goes with --qmp (QEMU's job)");
+    uint64_t speed = 0;
+    if (rate && cli_parse_size_arg(prog, "rate", rate, &speed) < 0)
+        return CLI_EXIT_USAGE;
     if (qmp_sock) {
         struct qmp *q = qmp_connect(qmp_sock, &err);
         if (!q)
@@ -82,7 +92,7 @@ int cmd_stream(int argc, char **argv)
         cli_progress_init_rate(&pr, progress);
         cli_signals_catch();
         struct live_chain_opts lo = {
-            .disk = file, .base = base,
+            .disk = file, .base = base, .rate = speed,
             .progress = cli_progress_cb, .progress_opaque = &pr,
             .cancel = cli_cancel_cb,
         };

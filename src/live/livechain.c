@@ -297,6 +297,24 @@ static void job_abandon(struct job *j, bool paused)
     (void)qmp_run(j->q, "job-dismiss", json_pack("{s:s}", "id", j->id), NULL);
 }
 
+/* Did the job stop on an I/O error (on-error=stop)?  Its io-status says
+ * so, not "ok"; a job someone paused has "ok". */
+static bool io_failed(struct job *j)
+{
+    json_t *v = qmp_execute(j->q, "query-block-jobs", NULL, NULL);
+    size_t i;
+    json_t *x;
+    bool failed = false;
+    json_array_foreach(v, i, x) {
+        const char *dev = qmp_str(x, "device");
+        const char *io = qmp_str(x, "io-status");
+        if (dev && strcmp(dev, j->id) == 0)
+            failed = !io || strcmp(io, "ok") != 0;
+    }
+    json_decref(v);
+    return failed;
+}
+
 /* The I/O error that stopped a job (BLOCK_JOB_ERROR), for messages. */
 static char *job_error_text(struct job *j)
 {
@@ -350,8 +368,9 @@ static int job_run(struct job *j, struct cbt_error **errp)
                           NULL);
             return errp && *errp ? -1 : 0;
         }
-        if (strcmp(s, "paused") == 0 && !finalized) {
-            /* on-error=stop: an I/O error */
+        if (strcmp(s, "paused") == 0 && !finalized && io_failed(j)) {
+            /* on-error=stop: an I/O error (a job paused by someone else,
+             * a user's job-pause, is waited for) */
             json_decref(info);
             char *why = job_error_text(j);
             job_abandon(j, true);
@@ -721,6 +740,8 @@ int live_commit(struct qmp *q, const struct live_chain_opts *o,
         d->layers[0].node, "top-node",
         d->layers[m.t].node, "base-node", d->layers[m.b].node,
         "auto-finalize", 0, "auto-dismiss", 0, "on-error", "stop");
+    if (o->rate)
+        json_object_set_new(args, "speed", json_integer((json_int_t)o->rate));
     if (qmp_run(q, "block-commit", args, errp) < 0) {
         commit_drop_temps(&m, NULL);
         goto out;
@@ -833,6 +854,8 @@ int live_stream(struct qmp *q, const struct live_chain_opts *o,
     json_t *args = json_pack("{s:s, s:s, s:b, s:b, s:s}", "job-id", j.id,
                              "device", top->node, "auto-finalize", 0,
                              "auto-dismiss", 0, "on-error", "stop");
+    if (o->rate)
+        json_object_set_new(args, "speed", json_integer((json_int_t)o->rate));
     if (s.b < d->nlayers)
         json_object_set_new(args, "base-node",
                             json_string(d->layers[s.b].node));

@@ -17,6 +17,8 @@ struct live_chain_opts {
      * none, the top takes all the data). */
     const char *top;
     const char *base;
+    uint64_t rate;               /* the job's speed limit, bytes per
+                                  * second (QEMU's "speed"); 0: none */
     cbt_progress_fn *progress;   /* the job's progress; NULL: none */
     void *progress_opaque;
     cbt_cancel_fn *cancel;       /* true: cancel the job; NULL: never */

@@ -297,10 +297,10 @@ def test_commit_failing_on_io_error_changes_nothing(live, tmp_path, top):
     cbt("checkpoint", "create", base, "c1")
     # write_aio: qcow2's data writes.  State 1 -> 2 at the first, errors
     # from then on: one write lands, the next fails.
-    dbg = {"inject-error": [{"event": "write_aio", "errno": 5, "state": 2,
+    dbg = {"driver": "blkdebug", "inject-error": [{"event": "write_aio", "errno": 5, "state": 2,
                             "iotype": "write", "immediately": True}],
            "set-state": [{"event": "write_aio", "state": 1, "new_state": 2}]}
-    q = live.qsd(base, blkdebug={base: dbg})
+    q = live.qsd(base, under={base: dbg})
     w = live.writer(q, seed=9, initial=gens)
     t = Tracker(w)
     t.mark("c1")
@@ -395,3 +395,62 @@ def test_live_commit_equals_offline_commit(live, tmp_path):
     cbt("commit", "--top", o[3], "--base", o[0])
     assert bitmap_state(names[0]) == bitmap_state(o[0])
     qemu_img("compare", names[0], o[0])
+
+
+@pytest.mark.parametrize("op", ["commit-active", "commit-intermediate", "stream"])
+def test_ctrl_c_cancels_leaving_everything_as_before(live, tmp_path, op):
+    """SIGINT while QEMU's job runs (slowed by -r, and caught with some
+    progress made: base's copies already dirtied by the
+    commit's first writes): cbt cancels the job, puts base's bitmaps back,
+    dies of the signal; the chain and every bitmap are as before."""
+    gens = {b: 1 for b in range(0, NBLOCKS, 3)}
+    base = make_image(live.path("base.qcow2"), SIZE, gens=gens)
+    cbt("checkpoint", "create", base, "c1")
+    q = live.qsd(base)
+    w = live.writer(q, seed=7, initial=gens)
+    t = Tracker(w)
+    t.mark("c1")
+    w.step(5)
+    bk = live.path("bk")
+    os.mkdir(bk)
+    cbt("backup", "--qmp", q.cbt_qmp, "--full", "--checkpoint", "full", "vm",
+        os.path.join(bk, "full.qcow2"))
+    t.mark("full")
+    for i in (1, 2):
+        cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o%d.qcow2" % i))
+        w.step(60)
+    args = {"commit-active": ["commit"],
+            "commit-intermediate": ["commit", "--top", live.path("o1.qcow2")],
+            "stream": ["stream"]}[op]
+    chain, before = layers(q), node_bitmaps(q)
+    p = subprocess.Popen([CBT] + args[:1] + ["--qmp", q.cbt_qmp, "-p", "-r", "1M"] + args[1:] + ["vm"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        moved = False
+        while time.time() < deadline and p.poll() is None and not moved:
+            moved = any(j["id"].startswith("cbt-") and j["current-progress"] > 0
+                        for j in q.qmp("query-jobs"))
+            time.sleep(0.01)
+        assert moved, "the job made no progress"
+        w.start()
+        w.wait_writes(5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        w.pause()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == -signal.SIGINT, (p.returncode, err)
+    assert "cancelled" in err and "so are its bitmaps" in err, err
+    assert layers(q) == chain
+    after = node_bitmaps(q)
+    # Base's copies as they were (the commit's writes gone from them).
+    assert after["disk"] == before["disk"]
+    assert {n: set(b) for n, b in after.items()} == \
+        {n: set(b) for n, b in before.items()}
+    assert cbt_objects(q) == []
+    assert_live_views(q, t)
+    incremental_restores(live, q, w, t, bk, "inc1")
+    w.stop()
