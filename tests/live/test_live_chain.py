@@ -454,3 +454,32 @@ def test_ctrl_c_cancels_leaving_everything_as_before(live, tmp_path, op):
     assert_live_views(q, t)
     incremental_restores(live, q, w, t, bk, "inc1")
     w.stop()
+
+
+def test_snapshot_refused_changes_nothing(live, tmp_path):
+    """QEMU refuses the snapshot's transaction (another tool's mirror job
+    runs on the disk): no overlay file, no node, the chain and every bitmap
+    as before; then, the job gone, the snapshot works."""
+    q, w, t, bk = start(live, tmp_path)
+    mirror = live.path("mirror.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", mirror, str(SIZE))
+    q.qmp("blockdev-add", {"driver": "qcow2", "node-name": "mir",
+                           "file": {"driver": "file", "filename": mirror}})
+    q.qmp("blockdev-mirror", job_id="other", device="disk", target="mir",
+          sync="full", speed=1)
+    chain, before = layers(q), node_bitmaps(q)
+    ov = live.path("o1.qcow2")
+    res = cbt("snapshot", "--qmp", q.cbt_qmp, "vm", ov, check=False)
+    assert res.rc != 0 and "'transaction' failed" in res.err, res
+    assert not os.path.exists(ov)
+    assert layers(q) == chain
+    assert node_bitmaps(q) == before
+    assert not [n for n in q.qmp("query-named-block-nodes", flat=True)
+                if n["node-name"].startswith("cbt-")]
+    q.qmp("job-cancel", id="other")
+    q.wait_event("BLOCK_JOB_CANCELLED", device="other")
+    cbt("snapshot", "--qmp", q.cbt_qmp, "vm", ov)
+    w.step(10)
+    assert layers(q) == ["o1.qcow2", "base.qcow2"]
+    assert_live_views(q, t)
+    incremental_restores(live, q, w, t, bk, "inc1")
