@@ -418,6 +418,19 @@ static int job_run(struct job *j, struct cbt_error **errp)
     }
 }
 
+/* Delete the overlays cbt snapshot --qmp added that left the chain (layers
+ * from..to-1); QEMU keeps a node added by blockdev-add until it is
+ * deleted.  Other nodes are their owner's. */
+static void drop_own_nodes(struct qmp *q, const struct live_disk *d,
+                           size_t from, size_t to)
+{
+    for (size_t i = from; i < to && i < d->nlayers; i++)
+        if (strncmp(d->layers[i].node, "cbt-ovl-", 8) == 0)
+            (void)qmp_run(q, "blockdev-del",
+                          json_pack("{s:s}", "node-name", d->layers[i].node),
+                          NULL);
+}
+
 /* ---- commit ---- */
 
 /* One bitmap name of top..base. */
@@ -748,6 +761,7 @@ int live_commit(struct qmp *q, const struct live_chain_opts *o,
     }
     if (job_run(&j, errp) < 0)
         goto out;
+    drop_own_nodes(q, d, m.t, m.b);
     /* An active commit made base the disk's top: the checkpoints follow. */
     if (m.active) {
         struct cbt_error *e = NULL;
@@ -861,6 +875,7 @@ int live_stream(struct qmp *q, const struct live_chain_opts *o,
                             json_string(d->layers[s.b].node));
     if (qmp_run(q, "block-stream", args, errp) < 0 || job_run(&j, errp) < 0)
         goto out;
+    drop_own_nodes(q, d, 1, s.b);
     ret = 0;
 out:
     live_cp_close(&s.c);

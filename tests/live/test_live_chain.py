@@ -111,9 +111,12 @@ def image_file(name):
 def layers(q):
     """The disk's chain, top first, as image file names (QEMU's view)."""
     out = []
-    img = q.qmp("query-named-block-nodes", flat=False)
-    exp = q.qmp("query-block-exports")[0]["node-name"]
-    img = next(n for n in img if n["node-name"] == exp)["image"]
+    if hasattr(q, "devices"):           # qemu-system: the device's medium
+        img = q.qmp("query-block")[0]["inserted"]["image"]
+    else:
+        img = q.qmp("query-named-block-nodes", flat=False)
+        exp = q.qmp("query-block-exports")[0]["node-name"]
+        img = next(n for n in img if n["node-name"] == exp)["image"]
     while img:
         out.append(os.path.basename(image_file(img["filename"])))
         img = img.get("backing-image")
@@ -483,3 +486,42 @@ def test_snapshot_refused_changes_nothing(live, tmp_path):
     assert layers(q) == ["o1.qcow2", "base.qcow2"]
     assert_live_views(q, t)
     incremental_restores(live, q, w, t, bk, "inc1")
+
+
+def test_qemu_system_drive(live, tmp_path):
+    """qemu-system with -drive (QEMU names the nodes): snapshots, an
+    intermediate and an active commit and a stream, the guest writing
+    through HMP qemu-io; every checkpoint exact, the overlays cbt added
+    deleted from QEMU once they left the chain."""
+    gens = {b: 1 for b in range(0, NBLOCKS, 4)}
+    base = make_image(live.path("base.qcow2"), SIZE, gens=gens)
+    cbt("checkpoint", "create", base, "c1")
+    vm = live.vm([base], drive=True)
+    w = live.writer(vm, seed=31, initial=gens)
+    t = Tracker(w)
+    t.mark("c1")
+    w.step(8)
+    for i in (1, 2, 3):
+        cbt("snapshot", "--qmp", vm.cbt_qmp, "vda", live.path("o%d.qcow2" % i))
+        w.step(8)
+        if i == 1:
+            cbt("checkpoint", "create", "--qmp", vm.cbt_qmp, "vda", "c2")
+            t.mark("c2")
+    assert layers(vm) == ["o3.qcow2", "o2.qcow2", "o1.qcow2", "base.qcow2"]
+    assert_live_views(vm, t, "vda")
+    cbt("commit", "--qmp", vm.cbt_qmp, "--top", live.path("o1.qcow2"), "vda")
+    w.step(8)
+    assert layers(vm) == ["o3.qcow2", "o2.qcow2", "base.qcow2"]
+    assert_live_views(vm, t, "vda")
+    cbt("stream", "--qmp", vm.cbt_qmp, "-b", live.path("base.qcow2"), "vda")
+    w.step(8)
+    assert layers(vm) == ["o3.qcow2", "base.qcow2"]
+    assert_live_views(vm, t, "vda")
+    cbt("commit", "--qmp", vm.cbt_qmp, "vda")
+    w.step(8)
+    assert layers(vm) == ["base.qcow2"]
+    assert_live_views(vm, t, "vda")
+    assert not [n["node-name"] for n in vm.qmp("query-named-block-nodes", flat=True)
+                if n["node-name"].startswith("cbt-")]
+    vm.quit()
+    assert_offline(base, t, tmp_path)
