@@ -881,3 +881,219 @@ out:
     live_cp_close(&s.c);
     return ret;
 }
+
+/* ---- copy (mirror) ---- */
+
+struct copy {
+    struct live_cp c;
+    char node[NAME_MAX_QEMU + 1];  /* DEST's node */
+    size_t upto;                 /* the layers DEST replaces: 0..upto-1 */
+    uint64_t aw_gran[8];
+    size_t naw;
+    bool aw_added;
+};
+
+static void copy_drop_aw(struct copy *m, json_t *acts)
+{
+    json_t *own = acts ? acts : json_array();
+    for (size_t g = 0; m->aw_added && g < m->naw; g++) {
+        char aw[48];
+        aw_name(aw, sizeof(aw), m->aw_gran[g]);
+        json_array_append_new(own, bm_simple("block-dirty-bitmap-remove",
+                                             m->node, aw));
+    }
+    if (!acts)
+        (void)one_transaction(m->c.q, own, NULL);
+    m->aw_added = false;
+}
+
+static int copy_undo(struct job *j)
+{
+    copy_drop_aw(j->opaque, NULL);
+    return 0;
+}
+
+/* Ready: catch what the mirror writes into DEST from now on (the guest's
+ * writes, which the top's copies hold too). */
+static int copy_ready(struct job *j, struct cbt_error **errp)
+{
+    struct copy *m = j->opaque;
+    json_t *acts = json_array();
+    for (size_t g = 0; g < m->naw; g++) {
+        char aw[48];
+        aw_name(aw, sizeof(aw), m->aw_gran[g]);
+        json_array_append_new(acts, bm_add(m->node, aw, m->aw_gran[g], false,
+                                           false));
+    }
+    if (one_transaction(m->c.q, acts, errp) < 0)
+        return -1;
+    m->aw_added = m->naw > 0;
+    return 0;
+}
+
+/* Pending (the copy done, the disk drained until the pivot): DEST's
+ * bitmaps, each the union of the copies in the layers it replaces. */
+static int copy_pending(struct job *j, struct cbt_error **errp)
+{
+    struct copy *m = j->opaque;
+    const struct live_disk *d = &m->c.disk;
+    const struct live_layer *top = &d->layers[0];
+    json_t *acts = json_array();
+    for (size_t k = 0; k < top->nbitmaps; k++) {
+        const struct live_bitmap *b = &top->bitmaps[k];
+        if (!carried(b) || b->inconsistent)
+            continue;
+        json_array_append_new(acts, bm_add(m->node, b->name, b->granularity,
+                                           true, !b->recording));
+        json_t *srcs = json_array();
+        for (size_t r = 0;
+             r < m->upto && live_layer_bitmap(&d->layers[r], b->name); r++)
+            json_array_append_new(srcs, src(d->layers[r].node, b->name));
+        if (b->recording && m->aw_added) {
+            char aw[48];
+            aw_name(aw, sizeof(aw), b->granularity);
+            json_array_append_new(srcs, src(m->node, aw));
+        }
+        json_array_append_new(acts, bm_merge(m->node, b->name, srcs));
+    }
+    copy_drop_aw(m, acts);
+    return one_transaction(m->c.q, acts, errp);
+}
+
+int live_copy(struct qmp *q, const struct live_chain_opts *o,
+              const char *dest, bool shallow, struct cbt_error **errp)
+{
+    struct copy m;
+    memset(&m, 0, sizeof(m));
+    if (live_cleanup(q, errp) < 0 || live_cp_open(q, o->disk, &m.c, errp) < 0)
+        return -1;
+    const struct live_disk *d = &m.c.disk;
+    const struct live_layer *top = &d->layers[0];
+    int ret = -1;
+    bool created = false, added = false;
+    char fnode[NAME_MAX_QEMU + 8];
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    snprintf(m.node, sizeof(m.node), "cbt-ovl-%llx%05lx",
+             (unsigned long long)ts.tv_sec, (long)(ts.tv_nsec / 10000));
+    snprintf(fnode, sizeof(fnode), "%s-file", m.node);
+    m.upto = shallow ? 1 : d->nlayers;
+    if (no_job(&m.c, errp) < 0)
+        goto out;
+    if (shallow && d->nlayers < 2) {
+        cbt_error_set(errp, EINVAL, "%s: disk '%s' has no backing file: "
+                      "--shallow needs one", qmp_name(q), d->id);
+        cbt_error_set_kind(errp, CBT_ERR_USAGE);
+        goto out;
+    }
+    /* The activewrite bitmaps, one per granularity of the top's recording
+     * bitmaps; copies that would not be whole are refused first. */
+    for (size_t k = 0; k < top->nbitmaps; k++) {
+        const struct live_bitmap *b = &top->bitmaps[k];
+        if (!carried(b))
+            continue;
+        if (b->inconsistent) {
+            cbt_warn("%s: bitmap '%s' is inconsistent; it is not copied",
+                     qmp_name(q), b->name);
+            continue;
+        }
+        bool gap = false;
+        for (size_t r = 1; r < m.upto; r++) {
+            const struct live_bitmap *c =
+                live_layer_bitmap(&d->layers[r], b->name);
+            if (!c) {
+                gap = true;
+                continue;
+            }
+            if (gap || c->inconsistent) {
+                cbt_error_set(errp, EINVAL, "%s: the copy of bitmap '%s' in "
+                              "%s is %s; nothing was done", qmp_name(q),
+                              b->name, d->layers[r].filename,
+                              gap ? "below a layer that lacks it (a gap)"
+                                  : "inconsistent");
+                goto out;
+            }
+        }
+        bool have = !b->recording;
+        for (size_t g = 0; g < m.naw && !have; g++)
+            have = m.aw_gran[g] == b->granularity;
+        if (!have && m.naw < ARRAY_SIZE(m.aw_gran))
+            m.aw_gran[m.naw++] = b->granularity;
+    }
+
+    struct stat st;
+    if (lstat(dest, &st) == 0) {
+        cbt_error_set(errp, EEXIST, "%s: file exists; refusing to overwrite "
+                      "it", dest);
+        goto out;
+    }
+    int fd = open(dest, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        cbt_error_set(errp, errno, "%s: %s", dest, strerror(errno));
+        goto out;
+    }
+    close(fd);
+    created = true;
+    struct cbt_create_opts co = {
+        .format = "qcow2",
+        .size = top->size,
+        .size_given = true,
+    };
+    char *bname = NULL;
+    if (shallow) {
+        bname = ops_backing_name(d->layers[1].filename, dest);
+        if (!bname) {
+            cbt_error_set(errp, errno ? errno : ENOMEM, "%s: cannot name the "
+                          "backing file", dest);
+            goto out;
+        }
+        co.backing_file = bname;
+        co.backing_format = d->layers[1].drv;
+    }
+    int r = cbt_image_create(dest, &co, errp);
+    free(bname);
+    if (r < 0)
+        goto out;
+    json_t *add = json_pack("{s:s, s:s, s:{s:s, s:s, s:s}}", "driver",
+                            "qcow2", "node-name", m.node, "file", "driver",
+                            "file", "node-name", fnode, "filename", dest);
+    json_object_set_new(add, "backing", shallow
+                                            ? json_string(d->layers[1].node)
+                                            : json_null());
+    if (qmp_run(q, "blockdev-add", add, errp) < 0)
+        goto out;
+    added = true;
+
+    struct job j = {.q = q, .o = o, .what = "copy", .opaque = &m,
+                    .at_ready = copy_ready, .at_pending = copy_pending,
+                    .undo = copy_undo};
+    snprintf(j.id, sizeof(j.id), "cbt-%d-copy", (int)getpid());
+    json_t *args = json_pack(
+        "{s:s, s:s, s:s, s:s, s:b, s:b, s:s, s:s}", "job-id", j.id,
+        "device", top->node, "target", m.node, "sync",
+        shallow ? "top" : "full", "auto-finalize", 0, "auto-dismiss", 0,
+        "on-source-error", "stop", "on-target-error", "stop");
+    if (o->rate)
+        json_object_set_new(args, "speed", json_integer((json_int_t)o->rate));
+    if (qmp_run(q, "blockdev-mirror", args, errp) < 0 || job_run(&j, errp) < 0)
+        goto out;
+    added = created = false; /* the disk's now */
+    drop_own_nodes(q, d, 0, m.upto);
+    struct cbt_error *e = NULL;
+    if (live_cp_carry(&m.c, dest, &e) < 0) {
+        cbt_error_set(errp, cbt_error_errno(e), "%s is the disk's top now, "
+                      "but its checkpoints' records could not follow it: %s",
+                      dest, cbt_error_message(e));
+        cbt_error_free(e);
+        goto out;
+    }
+    ret = 0;
+out:
+    if (added)
+        (void)qmp_run(q, "blockdev-del",
+                      json_pack("{s:s}", "node-name", m.node), NULL);
+    if (created)
+        (void)unlink(dest);
+    live_cp_close(&m.c);
+    return ret;
+}

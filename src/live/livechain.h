@@ -58,4 +58,17 @@ int live_commit(struct qmp *q, const struct live_chain_opts *o,
 int live_stream(struct qmp *q, const struct live_chain_opts *o,
                 struct cbt_error **errp);
 
+/*
+ * cbt copy --qmp: blockdev-mirror of the disk into DEST, a new qcow2 file
+ * (with shallow, only the top layer, DEST backed by the top's backing
+ * file; else the whole chain, DEST without one), then the pivot: DEST is
+ * the disk's top.  Each bitmap of the top ends in DEST as the union of
+ * its copies in the layers DEST replaces (created before the pivot, while
+ * the disk is drained; the mirror's own writes add nothing), and the
+ * checkpoints follow into DEST's live journal.  On a job error or a
+ * cancel, DEST is removed and nothing changed.  0, or -1 with *errp.
+ */
+int live_copy(struct qmp *q, const struct live_chain_opts *o,
+              const char *dest, bool shallow, struct cbt_error **errp);
+
 #endif

@@ -525,3 +525,64 @@ def test_qemu_system_drive(live, tmp_path):
                 if n["node-name"].startswith("cbt-")]
     vm.quit()
     assert_offline(base, t, tmp_path)
+
+
+@pytest.mark.parametrize("shallow", [False, True])
+def test_copy_keeps_checkpoints(live, tmp_path, shallow):
+    """cbt copy --qmp (blockdev-mirror, pivot) with the guest writing: the
+    disk moves to DEST, every checkpoint stays exact there, incremental
+    backups continue; the old images are left as they are."""
+    q, w, t, bk = start(live, tmp_path)
+    w.start()
+    for i in (1, 2):
+        cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o%d.qcow2" % i))
+        w.wait_writes(15)
+        if i == 1:
+            checkpoint_here(q, w, t, "c2")
+    dest = live.path("moved.qcow2")
+    cbt("copy", "--qmp", q.cbt_qmp, *(["--shallow"] if shallow else []), "vm", dest)
+    w.wait_writes(10)
+    w.pause()
+    assert layers(q) == (["moved.qcow2", "o1.qcow2", "base.qcow2"] if shallow
+                         else ["moved.qcow2"])
+    assert_live_views(q, t)
+    incremental_restores(live, q, w, t, bk, "inc1")
+    assert cbt_objects(q) == []
+    w.stop()
+    q.quit()
+    assert_offline(dest, t, tmp_path)
+
+
+def test_copy_failing_removes_dest(live, tmp_path):
+    """The mirror's job fails (DEST's folder is full... simulated: the job
+    is cancelled by SIGINT once it moved): DEST is gone, the disk as
+    before."""
+    q, w, t, bk = start(live, tmp_path)
+    cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o1.qcow2"))
+    w.step(60)
+    chain, before = layers(q), node_bitmaps(q)
+    dest = live.path("moved.qcow2")
+    p = subprocess.Popen([CBT, "copy", "--qmp", q.cbt_qmp, "-r", "1M", "vm", dest],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        moved = False
+        while time.time() < deadline and p.poll() is None and not moved:
+            moved = any(j["id"].startswith("cbt-") and j["current-progress"] > 0
+                        for j in q.qmp("query-jobs"))
+            time.sleep(0.01)
+        assert moved, "the job made no progress"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == -signal.SIGINT, (p.returncode, err)
+    assert not os.path.exists(dest)
+    assert layers(q) == chain
+    assert node_bitmaps(q) == before
+    assert cbt_objects(q) == []
+    assert not [n for n in q.qmp("query-named-block-nodes", flat=True)
+                if n["node-name"].startswith("cbt-") and "o1" not in
+                image_file(n.get("file", ""))]
