@@ -102,7 +102,7 @@ int live_snapshot(struct qmp *q, const char *disk, const char *overlay,
                   struct cbt_error **errp)
 {
     struct live_cp c;
-    if (live_cp_open(q, disk, &c, errp) < 0)
+    if (live_cp_open_uncounted(q, disk, &c, errp) < 0)
         return -1;
     const struct live_layer *top = &c.disk.layers[0];
     int ret = -1;
@@ -719,7 +719,8 @@ int live_commit(struct qmp *q, const struct live_chain_opts *o,
 {
     struct commit m;
     memset(&m, 0, sizeof(m));
-    if (live_cleanup(q, errp) < 0 || live_cp_open(q, o->disk, &m.c, errp) < 0)
+    if (live_cleanup(q, errp) < 0 ||
+        live_cp_open_uncounted(q, o->disk, &m.c, errp) < 0)
         return -1;
     int ret = -1;
     const struct live_disk *d = &m.c.disk;
@@ -819,7 +820,8 @@ int live_stream(struct qmp *q, const struct live_chain_opts *o,
 {
     struct stream s;
     memset(&s, 0, sizeof(s));
-    if (live_cleanup(q, errp) < 0 || live_cp_open(q, o->disk, &s.c, errp) < 0)
+    if (live_cleanup(q, errp) < 0 ||
+        live_cp_open_uncounted(q, o->disk, &s.c, errp) < 0)
         return -1;
     int ret = -1;
     const struct live_disk *d = &s.c.disk;
@@ -965,7 +967,8 @@ int live_copy(struct qmp *q, const struct live_chain_opts *o,
 {
     struct copy m;
     memset(&m, 0, sizeof(m));
-    if (live_cleanup(q, errp) < 0 || live_cp_open(q, o->disk, &m.c, errp) < 0)
+    if (live_cleanup(q, errp) < 0 ||
+        live_cp_open_uncounted(q, o->disk, &m.c, errp) < 0)
         return -1;
     const struct live_disk *d = &m.c.disk;
     const struct live_layer *top = &d->layers[0];

@@ -253,6 +253,8 @@ const char *live_cp_health(struct live_cp *c, const char *name,
         *dirty = b0->count;
         return NULL;
     }
+    if (c->uncounted)
+        return NULL;
     if (union_count(c, name, holders, b0->granularity, dirty, errp) < 0)
         return "its size could not be counted";
     return NULL;
@@ -260,11 +262,12 @@ const char *live_cp_health(struct live_cp *c, const char *name,
 
 /* ---- open ---- */
 
-int live_cp_open(struct qmp *q, const char *disk, struct live_cp *c,
-                 struct cbt_error **errp)
+static int cp_open(struct qmp *q, const char *disk, struct live_cp *c,
+                   bool uncounted, struct cbt_error **errp)
 {
     memset(c, 0, sizeof(*c));
     c->q = q;
+    c->uncounted = uncounted;
     /* x-debug-query-block-graph (the disks below filters) and bitmap
      * merges in transactions: QEMU 4.0. */
     if (qmp_need_version(q, 4, 0, "cbt's live mode (block graph queries, "
@@ -310,6 +313,18 @@ int live_cp_open(struct qmp *q, const char *disk, struct live_cp *c,
     if (r < 0)
         live_cp_close(c);
     return r;
+}
+
+int live_cp_open(struct qmp *q, const char *disk, struct live_cp *c,
+                 struct cbt_error **errp)
+{
+    return cp_open(q, disk, c, false, errp);
+}
+
+int live_cp_open_uncounted(struct qmp *q, const char *disk, struct live_cp *c,
+                           struct cbt_error **errp)
+{
+    return cp_open(q, disk, c, true, errp);
 }
 
 void live_cp_close(struct live_cp *c)

@@ -24,11 +24,18 @@ struct live_cp {
     uint64_t next_order;         /* the order the next checkpoint gets */
     struct cbt_checkpoint *v;    /* oldest first, with health */
     size_t n;
+    bool uncounted;              /* live_cp_open_uncounted */
 };
 
 /* Resolve `disk` and load its checkpoints.  0, or -1 with *errp. */
 int live_cp_open(struct qmp *q, const char *disk, struct live_cp *c,
                  struct cbt_error **errp);
+/* The same without the bytes changed since each checkpoint (dirty_bytes
+ * stays 0 for a checkpoint with copies in several layers: counting their
+ * union takes QEMU three commands), for chain operations that only need
+ * to know which checkpoints are usable. */
+int live_cp_open_uncounted(struct qmp *q, const char *disk, struct live_cp *c,
+                           struct cbt_error **errp);
 void live_cp_close(struct live_cp *c);
 /* The checkpoint `name`, or NULL. */
 const struct cbt_checkpoint *live_cp_find(const struct live_cp *c,
