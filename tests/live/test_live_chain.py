@@ -586,3 +586,71 @@ def test_copy_failing_removes_dest(live, tmp_path):
     assert not [n for n in q.qmp("query-named-block-nodes", flat=True)
                 if n["node-name"].startswith("cbt-") and "o1" not in
                 image_file(n.get("file", ""))]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_sequence(live, tmp_path, seed):
+    """A random sequence of snapshot, commit (active and intermediate, any
+    top and base), stream (any base), copy (shallow or full), live
+    checkpoints and live incremental backups, the guest writing during
+    every operation: after each, the chain is the one expected, every
+    checkpoint's view exact; each backup restores to the disk; offline at
+    the end, every checkpoint exact over the final chain."""
+    import random
+    rng = random.Random(int(os.environ.get("CBT_CHAIN_SEED", seed)))
+    q, w, t, bk = start(live, tmp_path)
+    model = ["base.qcow2"]
+    made = 0
+    w.start()
+    for step in range(12):
+        n = len(model)
+        choices = ["snapshot", "checkpoint", "backup"] * (1 if n > 1 else 2)
+        if n >= 2:
+            choices += ["commit", "stream", "copy"]
+        if n >= 3:
+            choices += ["commit-mid", "commit-mid"]
+        op = rng.choice(choices)
+        path = lambda name: live.path(name)  # noqa: E731
+        if op == "snapshot":
+            made += 1
+            name = "s%d.qcow2" % made
+            cbt("snapshot", "--qmp", q.cbt_qmp, "vm", path(name))
+            model.insert(0, name)
+        elif op == "checkpoint":
+            checkpoint_here(q, w, t, "k%d" % step)
+        elif op == "backup":
+            w.pause()
+            incremental_restores(live, q, w, t, bk, "inc%d" % step)
+            w.resume()
+        elif op == "commit":
+            base = rng.randrange(1, n)
+            cbt("commit", "--qmp", q.cbt_qmp, "--base", path(model[base]), "vm")
+            model = model[base:]
+        elif op == "commit-mid":
+            top = rng.randrange(1, n - 1)
+            base = rng.randrange(top + 1, n)
+            cbt("commit", "--qmp", q.cbt_qmp, "--top", path(model[top]),
+                "--base", path(model[base]), "vm")
+            model = model[:top] + model[base:]
+        elif op == "stream":
+            base = rng.randrange(1, n + 1)
+            args = ["-b", path(model[base])] if base < n else []
+            cbt("stream", "--qmp", q.cbt_qmp, *args, "vm")
+            model = model[:1] + model[base:]
+        elif op == "copy":
+            made += 1
+            name = "s%d.qcow2" % made
+            shallow = rng.random() < 0.5
+            cbt("copy", "--qmp", q.cbt_qmp, *(["--shallow"] if shallow else []),
+                "vm", path(name))
+            model = [name] + (model[1:] if shallow else [])
+        w.wait_writes(5)
+        w.pause()
+        assert layers(q) == model, (step, op)
+        assert_live_views(q, t)
+        w.resume()
+    w.pause()
+    incremental_restores(live, q, w, t, bk, "inclast")
+    w.stop()
+    q.quit()
+    assert_offline(live.path(model[0]), t, tmp_path)
