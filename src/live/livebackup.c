@@ -1309,6 +1309,10 @@ int live_leftovers(struct qmp *q, bool remove, struct cbt_error **errp)
                            NULL) == 0) {
             json_decref(qmp_wait_event(q, "BLOCK_JOB_CANCELLED", id_is,
                                        (void *)id, 0, NULL));
+            /* A job made with auto-dismiss off (push backups, the chain
+             * operations) stays concluded until dismissed. */
+            (void)qmp_run(q, "job-dismiss", json_pack("{s:s}", "id", id),
+                          NULL);
         }
         removed++;
     }
@@ -1355,6 +1359,25 @@ int live_leftovers(struct qmp *q, bool remove, struct cbt_error **errp)
                                json_pack("{s:s}", "node-name", node),
                                NULL) == 0)
             removed++;
+    }
+    /* Images a chain operation of a dead cbt added and never linked in
+     * (cbt-ovl-PID-...: livechain.c): QEMU deletes only a node nothing
+     * uses, so the disk's own layers stay.  Their files are left. */
+    json_array_foreach(v, i, x) {
+        const char *node = qmp_str(x, "node-name");
+        unsigned pid;
+        int end = 0;
+        size_t nl = node ? strlen(node) : 0;
+        if (!remove || !node ||
+            sscanf(node, "cbt-ovl-%x-%*x%n", &pid, &end) != 1 ||
+            (size_t)end != nl || (int)pid == (int)getpid() ||
+            journal_pid_is_cbt((int)pid))
+            continue;
+        struct cbt_error *de = NULL;
+        if (qmp_run(q, "blockdev-del", json_pack("{s:s}", "node-name", node),
+                    &de) == 0)
+            removed++;
+        cbt_error_free(de);
     }
     for (size_t k = 0; k < nfiles; k++) {
         if (files[k])

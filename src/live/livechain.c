@@ -96,6 +96,22 @@ static json_t *bm_merge(const char *node, const char *target, json_t *srcs)
                          "bitmaps", srcs));
 }
 
+/*
+ * The node name of an image cbt adds to the chain (a snapshot's overlay, a
+ * copy's destination): "cbt-ovl-PID-TIME", never "cbt-PID-..." (the
+ * overlay outlives this cbt, and the sweep of a dead cbt's objects must
+ * not take the disk's top for one).  The PID lets a later cbt delete the
+ * node of a cbt killed before the node joined the chain (live_leftovers:
+ * QEMU refuses to delete a node in use).
+ */
+static void own_node_name(char *node, size_t len)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    snprintf(node, len, "cbt-ovl-%x-%llx%02lx", (unsigned)getpid(),
+             (unsigned long long)ts.tv_sec, (long)(ts.tv_nsec / 10000000));
+}
+
 /* ---- snapshot ---- */
 
 int live_snapshot(struct qmp *q, const char *disk, const char *overlay,
@@ -108,12 +124,7 @@ int live_snapshot(struct qmp *q, const char *disk, const char *overlay,
     int ret = -1;
     bool created = false, added = false;
     char node[NAME_MAX_QEMU + 1], fnode[NAME_MAX_QEMU + 8];
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    /* Not cbt-PID-...: the overlay outlives this cbt, and the sweep of
-     * leftovers must never take it for one. */
-    snprintf(node, sizeof(node), "cbt-ovl-%llx%05lx",
-             (unsigned long long)ts.tv_sec, (long)(ts.tv_nsec / 10000));
+    own_node_name(node, sizeof(node));
     snprintf(fnode, sizeof(fnode), "%s-file", node);
 
     struct stat st;
@@ -975,10 +986,7 @@ int live_copy(struct qmp *q, const struct live_chain_opts *o,
     int ret = -1;
     bool created = false, added = false;
     char fnode[NAME_MAX_QEMU + 8];
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    snprintf(m.node, sizeof(m.node), "cbt-ovl-%llx%05lx",
-             (unsigned long long)ts.tv_sec, (long)(ts.tv_nsec / 10000));
+    own_node_name(m.node, sizeof(m.node));
     snprintf(fnode, sizeof(fnode), "%s-file", m.node);
     m.upto = shallow ? 1 : d->nlayers;
     if (no_job(&m.c, errp) < 0)
