@@ -710,3 +710,27 @@ def test_killed_cbt_leaves_what_the_next_removes(live, tmp_path, op):
     for name in t.start:
         assert chain_dirty(live.path(chain[0]), name) >= t.since(name)
     qemu_img("check", live.path(chain[0]))
+
+
+def test_qemu_killed_after_snapshot_means_a_full_backup(live, tmp_path):
+    """QEMU SIGKILLed after a live snapshot: the overlay's bitmaps (added
+    live) are gone and the old top's are left in use; reopened, the chain
+    opens, every checkpoint is reported unusable, and --auto takes a full
+    backup that restores the disk (as QEMU left it: writes it had not
+    flushed are lost with it)."""
+    q, w, t, bk = start(live, tmp_path)
+    ov = live.path("o1.qcow2")
+    cbt("snapshot", "--qmp", q.cbt_qmp, "vm", ov)
+    w.step(20)
+    w.stop()
+    q.kill()
+    qemu_img("check", ov)
+    q = live.qsd(ov)
+    cps = live_list(q)
+    assert cps and not any(c["usable"] for c in cps.values()), cps
+    res = cbt("backup", "--qmp", q.cbt_qmp, "--auto", "--since", "full",
+              "vm", os.path.join(bk, "after.qcow2"))
+    assert "full backup instead" in res.out, res
+    out = live.path("restored.qcow2")
+    cbt("restore", os.path.join(bk, "after.qcow2"), out)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", out, q.uri)
