@@ -188,6 +188,9 @@ class Bench:
         self.layer_data = parse_size(os.environ.get("BENCH_LAYER_DATA", "64M"))
         self.checkpoints = int(os.environ.get("BENCH_CHECKPOINTS", "4"))
         self.runs = int(os.environ.get("BENCH_RUNS", "3"))
+        self.ops = os.environ.get("BENCH_OPS", " ".join(OPS)).split()
+        if not self.ops or set(self.ops) - set(OPS):
+            die("BENCH_OPS: some of %s" % " ".join(OPS))
         os.environ["CBT_STATE_DIR"] = os.path.join(self.work, "state")
 
     def note_pid(self, pid):
@@ -201,7 +204,7 @@ class Bench:
             % (human(self.size), human(self.layer_data), self.checkpoints,
                self.runs))
         rows = []
-        for op in OPS:
+        for op in self.ops:
             times = {"cbt": [], "qemu": []}
             for i in range(self.runs):
                 for route in ("cbt", "qemu") if i % 2 == 0 else ("qemu", "cbt"):
@@ -215,7 +218,10 @@ class Bench:
             c, q = statistics.median(times["cbt"]), statistics.median(times["qemu"])
             rows.append((op, c, q))
             log("%-10s cbt %7.1f ms  qemu %7.1f ms  ratio %.2f  cbt - qemu "
-                "%+6.1f ms" % (op, c * 1e3, q * 1e3, c / q, (c - q) * 1e3))
+                "%+6.1f ms  (cbt %s; qemu %s)" % (
+                    op, c * 1e3, q * 1e3, c / q, (c - q) * 1e3,
+                    " ".join("%.0f" % (x * 1e3) for x in times["cbt"]),
+                    " ".join("%.0f" % (x * 1e3) for x in times["qemu"])))
         print("| op | cbt (ms) | plain QMP (ms) | ratio cbt/QMP | cbt - QMP (ms) |")
         print("|---|---:|---:|---:|---:|")
         for op, c, q in rows:

@@ -10,6 +10,7 @@
 #   BENCH_LAYER_DATA   the guest's writes into each of two overlays (64M)
 #   BENCH_CHECKPOINTS  checkpoints on the disk (4)
 #   BENCH_RUNS         runs per operation and route; the median (3)
+#   BENCH_OPS          the operations (snapshot commit commit-mid stream copy)
 #   PYTHON             an interpreter with the libnbd bindings
 #                      (default /usr/bin/python3; package python3-libnbd)
 # The work is done by bench/livechain.py.  This wrapper makes the work
