@@ -2,7 +2,8 @@
  * Chain operations on a running VM's disk with every checkpoint kept
  * exact (livechain.h, docs/live.md "Chain operations").
  *
- * QEMU does the work (blockdev-snapshot, block-commit, block-stream); cbt
+ * QEMU does the work (blockdev-snapshot, block-commit, block-stream,
+ * blockdev-mirror); cbt
  * handles the bitmaps around it as libvirt does (LIVE.md 5.1 (f)-(g)),
  * with one merge rule: a bitmap's copies in the layers that leave the
  * chain are merged into the layer that takes their place, created there
@@ -31,6 +32,11 @@
  * A cbt killed meanwhile leaves the job and the temporary bitmaps named
  * cbt-PID-..., which the next live command removes (the job cancelled):
  * base's copies may then hold extra bits, never fewer.
+ *
+ * A copy (mirror) is the active commit's twin: DEST gets no bitmap until
+ * the job is pending (the disk drained), so the mirror's writes leave
+ * nothing to undo; then each of the top's bitmaps is made there as the
+ * union of the copies in the layers DEST replaces.
  */
 #include <fcntl.h>
 #include <inttypes.h>

@@ -1,5 +1,6 @@
 /* Chain operations on a running VM's disk, checkpoints kept exact
- * (livechain.c): snapshot, commit and stream through QEMU's block jobs. */
+ * (livechain.c): snapshot, commit, stream and copy through QEMU's block
+ * jobs. */
 #ifndef CBT_LIVE_LIVECHAIN_H
 #define CBT_LIVE_LIVECHAIN_H
 
