@@ -435,6 +435,35 @@ static int job_run(struct job *j, struct cbt_error **errp)
     }
 }
 
+/*
+ * The backing file name QEMU writes into the image relinked onto `base`
+ * (block-commit's and block-stream's "backing-file"), as the offline
+ * commands write it: base's file name when both are in one folder, else
+ * its absolute path.  Left to itself QEMU writes base's node filename,
+ * which for a node added with options (a snapshot's overlay) is a json:
+ * pseudo-filename no later open resolves.
+ */
+static int set_backing_name(json_t *args, const struct live_layer *base,
+                            const struct live_layer *image,
+                            struct cbt_error **errp)
+{
+    if (!base->filename || !image->filename) {
+        cbt_error_set(errp, EINVAL, "an image of the chain has no file name "
+                      "(node %s)", base->filename ? image->node : base->node);
+        return -1;
+    }
+    char *name = ops_backing_name(base->filename, image->filename);
+    if (!name) {
+        cbt_error_set(errp, errno ? errno : ENOMEM, "%s: cannot name the "
+                      "backing file: %s", image->filename,
+                      strerror(errno ? errno : ENOMEM));
+        return -1;
+    }
+    json_object_set_new(args, "backing-file", json_string(name));
+    free(name);
+    return 0;
+}
+
 /* Delete the overlays cbt snapshot --qmp added that left the chain (layers
  * from..to-1); QEMU keeps a node added by blockdev-add until it is
  * deleted.  Other nodes are their owner's. */
@@ -773,6 +802,12 @@ int live_commit(struct qmp *q, const struct live_chain_opts *o,
         "auto-finalize", 0, "auto-dismiss", 0, "on-error", "stop");
     if (o->rate)
         json_object_set_new(args, "speed", json_integer((json_int_t)o->rate));
+    if (!m.active && set_backing_name(args, &d->layers[m.b],
+                                      &d->layers[m.t - 1], errp) < 0) {
+        json_decref(args);
+        commit_drop_temps(&m, NULL);
+        goto out;
+    }
     if (qmp_run(q, "block-commit", args, errp) < 0) {
         commit_drop_temps(&m, NULL);
         goto out;
@@ -889,9 +924,14 @@ int live_stream(struct qmp *q, const struct live_chain_opts *o,
                              "auto-dismiss", 0, "on-error", "stop");
     if (o->rate)
         json_object_set_new(args, "speed", json_integer((json_int_t)o->rate));
-    if (s.b < d->nlayers)
+    if (s.b < d->nlayers) {
         json_object_set_new(args, "base-node",
                             json_string(d->layers[s.b].node));
+        if (set_backing_name(args, &d->layers[s.b], top, errp) < 0) {
+            json_decref(args);
+            goto out;
+        }
+    }
     if (qmp_run(q, "block-stream", args, errp) < 0 || job_run(&j, errp) < 0)
         goto out;
     drop_own_nodes(q, d, 1, s.b);

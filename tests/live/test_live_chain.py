@@ -773,3 +773,56 @@ def test_real_guest(live, tmp_path):
     res = qemu_img("compare", "-f", "raw", "-F", "qcow2", model, disk,
                    check=False)
     assert res.rc == 0, res
+
+
+def four_layers(live, tmp_path):
+    """base <- o1 <- o2 <- o3 (live snapshots), a checkpoint made in each
+    layer's time, the guest having written in each."""
+    q, w, t, bk = start(live, tmp_path)
+    for i in (1, 2, 3):
+        cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o%d.qcow2" % i))
+        w.step(12)
+        checkpoint_here(q, w, t, "k%d" % i)
+        w.step(6)
+    return q, w, t, bk
+
+
+CHAIN = ["o3.qcow2", "o2.qcow2", "o1.qcow2", "base.qcow2"]
+
+
+@pytest.mark.parametrize("top,base", [(t, b) for t in range(3) for b in range(t + 1, 4)])
+def test_commit_every_position(live, tmp_path, top, base):
+    """Every (top, base) pair of a 4-layer chain, the guest writing during
+    the job: the chain QEMU shows, every checkpoint exact live and offline,
+    the next incremental exact."""
+    q, w, t, bk = four_layers(live, tmp_path)
+    args = ["--base", live.path(CHAIN[base])]
+    if top:
+        args += ["--top", live.path(CHAIN[top])]
+    w.start()
+    cbt("commit", "--qmp", q.cbt_qmp, *args, "vm")
+    w.wait_writes(5)
+    w.pause()
+    assert layers(q) == CHAIN[:top] + CHAIN[base:]
+    assert_live_views(q, t)
+    incremental_restores(live, q, w, t, bk, "inc1")
+    w.stop()
+    q.quit()
+    assert_offline(live.path((CHAIN[:top] + CHAIN[base:])[0]), t, tmp_path)
+
+
+@pytest.mark.parametrize("base", [1, 2, 3, 4])
+def test_stream_every_position(live, tmp_path, base):
+    """Every base of a 4-layer chain (4: none, all data into the top)."""
+    q, w, t, bk = four_layers(live, tmp_path)
+    args = ["-b", live.path(CHAIN[base])] if base < 4 else []
+    w.start()
+    cbt("stream", "--qmp", q.cbt_qmp, *args, "vm")
+    w.wait_writes(5)
+    w.pause()
+    assert layers(q) == CHAIN[:1] + CHAIN[base:]
+    assert_live_views(q, t)
+    incremental_restores(live, q, w, t, bk, "inc1")
+    w.stop()
+    q.quit()
+    assert_offline(live.path(CHAIN[0]), t, tmp_path)
