@@ -41,6 +41,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <sys/stat.h>
 #include <time.h>
 
@@ -169,11 +170,18 @@ int live_snapshot(struct qmp *q, const char *disk, const char *overlay,
     if (r < 0)
         goto out;
     /* QEMU links it in the transaction (blockdev-snapshot wants an overlay
-     * without a backing node). */
+     * without a backing node); by its absolute path: QEMU's working
+     * folder is not cbt's. */
+    char *abs = realpath(overlay, NULL);
+    if (!abs) {
+        cbt_error_set(errp, errno, "%s: %s", overlay, strerror(errno));
+        goto out;
+    }
     json_t *add = json_pack("{s:s, s:s, s:{s:s, s:s, s:s}, s:n}", "driver",
                             "qcow2", "node-name", node, "file", "driver",
-                            "file", "node-name", fnode, "filename", overlay,
+                            "file", "node-name", fnode, "filename", abs,
                             "backing");
+    free(abs);
     if (qmp_run(q, "blockdev-add", add, errp) < 0)
         goto out;
     added = true;
@@ -1111,9 +1119,15 @@ int live_copy(struct qmp *q, const struct live_chain_opts *o,
     free(bname);
     if (r < 0)
         goto out;
+    char *abs = realpath(dest, NULL); /* QEMU's working folder is not ours */
+    if (!abs) {
+        cbt_error_set(errp, errno, "%s: %s", dest, strerror(errno));
+        goto out;
+    }
     json_t *add = json_pack("{s:s, s:s, s:{s:s, s:s, s:s}}", "driver",
                             "qcow2", "node-name", m.node, "file", "driver",
-                            "file", "node-name", fnode, "filename", dest);
+                            "file", "node-name", fnode, "filename", abs);
+    free(abs);
     json_object_set_new(add, "backing", shallow
                                             ? json_string(d->layers[1].node)
                                             : json_null());

@@ -826,3 +826,25 @@ def test_stream_every_position(live, tmp_path, base):
     w.stop()
     q.quit()
     assert_offline(live.path(CHAIN[0]), t, tmp_path)
+
+
+def test_relative_names_are_cbts_not_qemus(live, tmp_path):
+    """OVERLAY, DEST, --top and --base relative to cbt's working folder,
+    which is not QEMU's."""
+    q, w, t, bk = start(live, tmp_path)
+    here = dict(cwd=live.tmp)
+    cbt("snapshot", "--qmp", q.cbt_qmp, "vm", "o1.qcow2", **here)
+    w.step(5)
+    cbt("snapshot", "--qmp", q.cbt_qmp, "vm", "o2.qcow2", **here)
+    w.step(5)
+    cbt("commit", "--qmp", q.cbt_qmp, "--top", "o1.qcow2", "--base", "base.qcow2",
+        "vm", **here)
+    w.step(5)
+    cbt("copy", "--qmp", q.cbt_qmp, "--shallow", "vm", "moved.qcow2", **here)
+    w.step(5)
+    assert layers(q) == ["moved.qcow2", "base.qcow2"]
+    assert_live_views(q, t)
+    incremental_restores(live, q, w, t, bk, "inc1")
+    w.stop()
+    q.quit()
+    assert_offline(live.path("moved.qcow2"), t, tmp_path)
