@@ -310,7 +310,9 @@ static void job_abandon(struct job *j, bool paused)
         (void)qmp_run(j->q, "job-pause", json_pack("{s:s}", "id", j->id),
                       NULL);
     const char *s = wait_status(j, stopped, &info, NULL);
-    if (j->undo && s && strcmp(s, "concluded") != 0 && j->undo(j) < 0)
+    /* Also when the job ended by itself: the temporary bitmaps go, and a
+     * base already read-only again keeps what the job set (said so). */
+    if (j->undo && j->undo(j) < 0)
         j->undo_failed = true;
     if (!s || strcmp(s, "concluded") != 0) {
         (void)qmp_run(j->q, "job-cancel", json_pack("{s:s}", "id", j->id),
@@ -381,13 +383,17 @@ static int job_run(struct job *j, struct cbt_error **errp)
                            (uint64_t)tot);
         if (strcmp(s, "concluded") == 0) {
             const char *err = qmp_str(info, "error");
+            if ((err || !finalized) && j->undo && j->undo(j) < 0)
+                j->undo_failed = true;
             if (err)
-                cbt_error_set(errp, EIO, "%s: QEMU's %s job failed: %s",
-                              qmp_name(j->q), j->what, err);
+                cbt_error_set(errp, EIO, "%s: QEMU's %s job failed: %s%s",
+                              qmp_name(j->q), j->what, err,
+                              j->undo_failed ? as_before(j) : "");
             else if (!finalized)
                 cbt_error_set(errp, ECANCELED, "%s: QEMU's %s job ended "
-                              "before cbt finished it", qmp_name(j->q),
-                              j->what);
+                              "before cbt finished it (cancelled by someone "
+                              "else?)%s", qmp_name(j->q), j->what,
+                              j->undo_failed ? as_before(j) : "");
             json_decref(info);
             (void)qmp_run(j->q, "job-dismiss", json_pack("{s:s}", "id", j->id),
                           NULL);

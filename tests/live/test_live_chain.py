@@ -848,3 +848,41 @@ def test_relative_names_are_cbts_not_qemus(live, tmp_path):
     w.stop()
     q.quit()
     assert_offline(live.path("moved.qcow2"), t, tmp_path)
+
+
+def test_job_cancelled_by_someone_else(live, tmp_path):
+    """Another QMP client cancels cbt's commit job: cbt says so and fails,
+    leaves no temporary bitmap, the chain as before, no checkpoint lost a
+    write (base's copies may keep the job's bits: more, never fewer)."""
+    q, w, t, bk = start(live, tmp_path)
+    for i in (1, 2):
+        cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o%d.qcow2" % i))
+        w.step(60)
+    chain = layers(q)
+    p = subprocess.Popen([CBT, "commit", "--qmp", q.cbt_qmp, "-r", "1M", "--top",
+                          live.path("o1.qcow2"), "vm"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        job = None
+        while time.time() < deadline and p.poll() is None and not job:
+            job = next((j["id"] for j in q.qmp("query-jobs")
+                        if j["id"].startswith("cbt-") and j["current-progress"] > 0), None)
+            time.sleep(0.01)
+        assert job, "the job made no progress"
+        q.qmp("job-cancel", id=job)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 74 and "Operation canceled" in err, err
+    assert "may hold extra changes" in err, err
+    assert layers(q) == chain
+    assert cbt_objects(q) == [], cbt_objects(q)
+    names = list(t.start)
+    cps = live_list(q)
+    for name in names:
+        assert cps[name]["usable"], cps[name]
+        assert cps[name]["dirty-bytes"] >= len(t.since(name)) * BLOCK
+    incremental_restores(live, q, w, t, bk, "inc1")
