@@ -151,6 +151,9 @@ int live_snapshot(struct qmp *q, const char *disk, const char *overlay,
     }
     close(fd);
     created = true;
+    /* A journal left for this path (a file removed since) is not this new
+     * file's. */
+    live_cp_uncarry(overlay);
     char *bname = ops_backing_name(top->filename, overlay);
     if (!bname) {
         cbt_error_set(errp, errno ? errno : ENOMEM, "%s: cannot name the "
@@ -203,26 +206,26 @@ int live_snapshot(struct qmp *q, const char *disk, const char *overlay,
         json_array_append_new(acts, bm_add(node, b->name, b->granularity,
                                            true, false));
     }
+    /* The checkpoints follow the top: their records go into the overlay's
+     * journal first, so that a cbt killed after the transaction leaves an
+     * overlay that has them (one killed before leaves a file no chain
+     * uses, its journal naming it). */
+    if (live_cp_carry(&c, overlay, true, errp) < 0) {
+        json_decref(acts);
+        goto out;
+    }
     if (one_transaction(q, acts, errp) < 0)
         goto out;
     added = created = false; /* the disk's now */
-    /* The checkpoints follow the top (their records, into the overlay's
-     * journal).  The snapshot stands either way. */
-    struct cbt_error *e = NULL;
-    if (live_cp_carry(&c, overlay, &e) < 0) {
-        cbt_error_set(errp, cbt_error_errno(e), "%s is the disk's top now, "
-                      "but its checkpoints' records could not follow it: %s",
-                      overlay, cbt_error_message(e));
-        cbt_error_free(e);
-        goto out;
-    }
     ret = 0;
 out:
     if (added)
         (void)qmp_run(q, "blockdev-del", json_pack("{s:s}", "node-name", node),
                       NULL);
-    if (created)
+    if (created) {
+        live_cp_uncarry(overlay);
         (void)unlink(overlay);
+    }
     live_cp_close(&c);
     return ret;
 }
@@ -832,7 +835,7 @@ int live_commit(struct qmp *q, const struct live_chain_opts *o,
     /* An active commit made base the disk's top: the checkpoints follow. */
     if (m.active) {
         struct cbt_error *e = NULL;
-        if (live_cp_carry(&m.c, d->layers[m.b].filename, &e) < 0) {
+        if (live_cp_carry(&m.c, d->layers[m.b].filename, false, &e) < 0) {
             cbt_error_set(errp, cbt_error_errno(e), "%s is the disk's top "
                           "now, but its checkpoints' records could not follow "
                           "it: %s", d->layers[m.b].filename,
@@ -959,6 +962,7 @@ out:
 
 struct copy {
     struct live_cp c;
+    const char *dest;
     char node[NAME_MAX_QEMU + 1];  /* DEST's node */
     size_t upto;                 /* the layers DEST replaces: 0..upto-1 */
     uint64_t aw_gran[8];
@@ -1030,6 +1034,12 @@ static int copy_pending(struct job *j, struct cbt_error **errp)
         json_array_append_new(acts, bm_merge(m->node, b->name, srcs));
     }
     copy_drop_aw(m, acts);
+    /* The checkpoints' records into DEST's journal before the pivot: a
+     * cbt killed after it leaves a top that has them. */
+    if (live_cp_carry(&m->c, m->dest, true, errp) < 0) {
+        json_decref(acts);
+        return -1;
+    }
     return one_transaction(m->c.q, acts, errp);
 }
 
@@ -1049,6 +1059,7 @@ int live_copy(struct qmp *q, const struct live_chain_opts *o,
     own_node_name(m.node, sizeof(m.node));
     snprintf(fnode, sizeof(fnode), "%s-file", m.node);
     m.upto = shallow ? 1 : d->nlayers;
+    m.dest = dest;
     if (no_job(&m.c, errp) < 0)
         goto out;
     if (shallow && d->nlayers < 2) {
@@ -1105,6 +1116,7 @@ int live_copy(struct qmp *q, const struct live_chain_opts *o,
     }
     close(fd);
     created = true;
+    live_cp_uncarry(dest); /* a journal left for this path is not DEST's */
     struct cbt_create_opts co = {
         .format = "qcow2",
         .size = top->size,
@@ -1156,21 +1168,15 @@ int live_copy(struct qmp *q, const struct live_chain_opts *o,
         goto out;
     added = created = false; /* the disk's now */
     drop_own_nodes(q, d, 0, m.upto);
-    struct cbt_error *e = NULL;
-    if (live_cp_carry(&m.c, dest, &e) < 0) {
-        cbt_error_set(errp, cbt_error_errno(e), "%s is the disk's top now, "
-                      "but its checkpoints' records could not follow it: %s",
-                      dest, cbt_error_message(e));
-        cbt_error_free(e);
-        goto out;
-    }
     ret = 0;
 out:
     if (added)
         (void)qmp_run(q, "blockdev-del",
                       json_pack("{s:s}", "node-name", m.node), NULL);
-    if (created)
+    if (created) {
+        live_cp_uncarry(dest);
         (void)unlink(dest);
+    }
     live_cp_close(&m.c);
     return ret;
 }

@@ -546,14 +546,15 @@ int live_cp_delete(struct live_cp *c, const char *name, bool *existed,
 
 /* ---- carrying the checkpoints to another layer ---- */
 
-int live_cp_carry(const struct live_cp *c, const char *image,
+int live_cp_carry(const struct live_cp *c, const char *image, bool fresh,
                   struct cbt_error **errp)
 {
     struct ckpt_meta m;
     struct live_cp t;
     memset(&t, 0, sizeof(t));
+    memset(&m, 0, sizeof(m));
     t.q = c->q;
-    if (read_file_meta(image, &m, errp) < 0)
+    if (!fresh && read_file_meta(image, &m, errp) < 0)
         return -1;
     bool own_id = m.n || m.next_order > 1;
     int ret = -1;
@@ -606,6 +607,14 @@ out:
     cbt_checkpoint_free_list(t.v, t.n);
     journal_free(&t.j);
     return ret;
+}
+
+void live_cp_uncarry(const char *image)
+{
+    struct journal j;
+    if (journal_load(image, &j, NULL) == 0)
+        (void)journal_remove(&j, NULL);
+    journal_free(&j);
 }
 
 /* ---- reconcile ---- */

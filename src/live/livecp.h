@@ -90,10 +90,17 @@ int live_cp_resolve_stale(struct live_cp *c, struct cbt_error **errp);
  * checkpoint of c it lacks, a deletion for each it has that c lacks or
  * cannot use, and c's disk id when the image has none.  An unusable
  * checkpoint is not carried (a warning says a backup since it must be a
- * full one), as offline.  0, or -1 with *errp.
+ * full one), as offline.  fresh: `image` is a file cbt just created
+ * (no metadata of its own; QEMU may hold it as a mirror's target, which
+ * no one may read).  0, or -1 with *errp.
  */
-int live_cp_carry(const struct live_cp *c, const char *image,
+int live_cp_carry(const struct live_cp *c, const char *image, bool fresh,
                   struct cbt_error **errp);
+
+/* Remove the live journal of `image`, a new file a failed operation
+ * removes (live_cp_carry wrote it first, so that a kill never leaves the
+ * file in the chain without its checkpoints).  Errors are ignored. */
+void live_cp_uncarry(const char *image);
 
 /* cbt checkpoint create|delete --qmp. */
 int live_cp_create(struct live_cp *c, const char *name, uint64_t granularity,
