@@ -487,11 +487,17 @@ static int set_backing_name(json_t *args, const struct live_layer *base,
 static void drop_own_nodes(struct qmp *q, const struct live_disk *d,
                            size_t from, size_t to)
 {
-    for (size_t i = from; i < to && i < d->nlayers; i++)
-        if (strncmp(d->layers[i].node, "cbt-ovl-", 8) == 0)
-            (void)qmp_run(q, "blockdev-del",
-                          json_pack("{s:s}", "node-name", d->layers[i].node),
-                          NULL);
+    for (size_t i = from; i < to && i < d->nlayers; i++) {
+        if (strncmp(d->layers[i].node, "cbt-ovl-", 8) != 0)
+            continue;
+        (void)qmp_run(q, "blockdev-del",
+                      json_pack("{s:s}", "node-name", d->layers[i].node),
+                      NULL);
+        /* The journal cbt gave it as the disk's top: it is none now, and
+         * records left for its path would be taken for a later file's. */
+        if (d->layers[i].filename)
+            live_cp_uncarry(d->layers[i].filename);
+    }
 }
 
 /* ---- commit ---- */
@@ -831,8 +837,8 @@ int live_commit(struct qmp *q, const struct live_chain_opts *o,
     }
     if (job_run(&j, errp) < 0)
         goto out;
-    drop_own_nodes(q, d, m.t, m.b);
-    /* An active commit made base the disk's top: the checkpoints follow. */
+    /* An active commit made base the disk's top: the checkpoints follow
+     * (from memory), then the dropped layers' nodes and journals go. */
     if (m.active) {
         struct cbt_error *e = NULL;
         if (live_cp_carry(&m.c, d->layers[m.b].filename, false, &e) < 0) {
@@ -844,6 +850,7 @@ int live_commit(struct qmp *q, const struct live_chain_opts *o,
             goto out;
         }
     }
+    drop_own_nodes(q, d, m.t, m.b);
     ret = 0;
 out:
     free(m.v);

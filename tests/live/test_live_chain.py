@@ -159,7 +159,7 @@ def incremental_restores(live, q, w, t, bk, name):
     qemu_img("compare", "-f", "qcow2", "-F", "raw", out, q.uri)
 
 
-def test_snapshot_then_commits_keep_checkpoints(live, tmp_path):
+def test_snapshot_then_commits_keep_checkpoints(live, tmp_path, state_dir):
     """Three live snapshots, an intermediate commit and an active commit,
     the guest writing all along; checkpoints made before and between."""
     q, w, t, bk = start(live, tmp_path)
@@ -194,6 +194,8 @@ def test_snapshot_then_commits_keep_checkpoints(live, tmp_path):
     assert layers(q) == ["base.qcow2"]
     assert_live_views(q, t)
     incremental_restores(live, q, w, t, bk, "inc2")
+    # The overlays' journals went with them: base's alone is left.
+    assert len(os.listdir(os.path.join(state_dir, "live"))) == 1
     w.stop()
     q.quit()
     assert_offline(live.path("base.qcow2"), t, tmp_path)
