@@ -16,7 +16,9 @@ alternate.
   commit     cbt commit --qmp (active: the top into its backing file) vs
              block-commit, BLOCK_JOB_READY, job-complete, BLOCK_JOB_COMPLETED
   commit-mid cbt commit --qmp --top MID (intermediate) vs block-commit
-             top-node MID, BLOCK_JOB_COMPLETED
+             top-node MID, BLOCK_JOB_COMPLETED; and a third route, the same
+             QMP with cbt's bitmap handling (save, PENDING, rebuild,
+             finalize): what that handling costs QEMU
   stream     cbt stream --qmp vs block-stream, BLOCK_JOB_COMPLETED
   copy       cbt copy --qmp vs qemu-img create + blockdev-add +
              blockdev-mirror sync=full, READY, job-complete, COMPLETED
@@ -147,6 +149,43 @@ class State:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def qemu_bitmaps_route(b, s, op):
+    """commit-mid with cbt's bitmap handling done by plain QMP: base's
+    copies saved before the job, auto-finalize off, at PENDING one
+    transaction rebuilding them from the saved copies and the committed
+    layer's, then job-finalize.  What the handling costs QEMU, without
+    cbt's process, lookup and checks."""
+    names = s.names()
+    t0 = time.monotonic()
+    acts = []
+    for n in names:
+        acts += [{"type": "block-dirty-bitmap-add", "data": {
+                     "node": "disk", "name": "save-" + n, "persistent": False,
+                     "disabled": True}},
+                 {"type": "block-dirty-bitmap-merge", "data": {
+                     "node": "disk", "target": "save-" + n, "bitmaps": [n]}}]
+    s.q.cmd("transaction", actions=acts)
+    s.q.cmd("block-commit", job_id="ref", device=s.top, top_node="ovl1",
+            auto_finalize=False, auto_dismiss=False)
+    s.q.wait_event("JOB_STATUS_CHANGE", id="ref", status="pending")
+    acts = []
+    for n in names:
+        acts += [{"type": "block-dirty-bitmap-clear",
+                  "data": {"node": "disk", "name": n}},
+                 {"type": "block-dirty-bitmap-merge", "data": {
+                     "node": "disk", "target": n,
+                     "bitmaps": ["save-" + n, {"node": "ovl1", "name": n}]}},
+                 {"type": "block-dirty-bitmap-remove",
+                  "data": {"node": "disk", "name": "save-" + n}}]
+    s.q.cmd("transaction", actions=acts)
+    s.q.cmd("job-finalize", id="ref")
+    ev = s.q.wait_event("BLOCK_JOB_COMPLETED", device="ref")
+    if "error" in ev.get("data", {}):
+        die("block-commit: %s" % ev["data"]["error"])
+    s.q.cmd("job-dismiss", id="ref")
+    return time.monotonic() - t0
+
+
 def cbt_route(b, s, op):
     argv = {"snapshot": ["snapshot", "--qmp", s.cbt_qmp, "vm",
                          os.path.join(s.dir, "new.qcow2")],
@@ -204,19 +243,29 @@ class Bench:
             % (human(self.size), human(self.layer_data), self.checkpoints,
                self.runs))
         rows = []
+        routes = {"cbt": cbt_route, "qemu": qemu_route,
+                  "qemu+bitmaps": qemu_bitmaps_route}
         for op in self.ops:
-            times = {"cbt": [], "qemu": []}
+            names = ["cbt", "qemu"] + (["qemu+bitmaps"] if op == "commit-mid"
+                                       else [])
+            times = {r: [] for r in names}
             for i in range(self.runs):
-                for route in ("cbt", "qemu") if i % 2 == 0 else ("qemu", "cbt"):
-                    s = State(self, "%s-%s-%d" % (op, route, i),
+                for route in names[i % len(names):] + names[:i % len(names)]:
+                    s = State(self, "%s-%s-%d" % (op, route.replace("+", "-"), i),
                               0 if op == "snapshot" else 2)
                     try:
-                        fn = cbt_route if route == "cbt" else qemu_route
-                        times[route].append(fn(self, s, op))
+                        times[route].append(routes[route](self, s, op))
                     finally:
                         s.end()
             c, q = statistics.median(times["cbt"]), statistics.median(times["qemu"])
             rows.append((op, c, q))
+            if "qemu+bitmaps" in times:
+                qb = statistics.median(times["qemu+bitmaps"])
+                log("%-10s QMP with cbt's bitmap handling %7.1f ms (%s): "
+                    "the handling %+.1f ms, cbt beyond it %+.1f ms" % (
+                        op, qb * 1e3,
+                        " ".join("%.0f" % (x * 1e3) for x in times["qemu+bitmaps"]),
+                        (qb - q) * 1e3, (c - qb) * 1e3))
             log("%-10s cbt %7.1f ms  qemu %7.1f ms  ratio %.2f  cbt - qemu "
                 "%+6.1f ms  (cbt %s; qemu %s)" % (
                     op, c * 1e3, q * 1e3, c / q, (c - q) * 1e3,
