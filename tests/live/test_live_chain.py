@@ -714,7 +714,7 @@ def test_killed_cbt_leaves_what_the_next_removes(live, tmp_path, op):
     qemu_img("check", live.path(chain[0]))
 
 
-def test_qemu_killed_after_snapshot_means_a_full_backup(live, tmp_path):
+def test_qemu_killed_after_snapshot_trusts_no_checkpoint(live, tmp_path):
     """QEMU SIGKILLed after a live snapshot: the overlay's bitmaps (added
     live) are gone and the old top's are left in use; reopened, the chain
     opens, every checkpoint is reported unusable, and --auto takes a backup
