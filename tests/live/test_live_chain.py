@@ -891,3 +891,38 @@ def test_job_cancelled_by_someone_else(live, tmp_path):
         assert cps[name]["usable"], cps[name]
         assert cps[name]["dirty-bytes"] >= len(t.since(name)) * BLOCK
     incremental_restores(live, q, w, t, bk, "inc1")
+
+
+def test_progress_shows_rate_and_time_left(live, tmp_path):
+    """-p on a terminal: QEMU's job progress, with the rate and the time
+    left once a second of the job told them (-r slows it to a few
+    seconds)."""
+    import pty
+    import re
+    q, w, t, bk = start(live, tmp_path)
+    for i in (1, 2):
+        cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o%d.qcow2" % i))
+        w.step(60)
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([CBT, "commit", "--qmp", q.cbt_qmp, "-p", "-r", "2M",
+                              "vm"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        p.wait(timeout=120)
+        p.stdout.close()
+    finally:
+        os.close(master)
+    assert p.returncode == 0, out
+    assert re.search(rb"/100%\)  [0-9.]+ [KMG]?i?B/s, \d+:\d\d left", out), out
+    assert layers(q) == ["o1.qcow2", "base.qcow2"]
+    assert_live_views(q, t)
