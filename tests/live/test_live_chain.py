@@ -961,3 +961,36 @@ def test_live_stream_equals_offline_stream(live, tmp_path):
         cbt("stream", *args_off, o[3])
         assert bitmap_state(names[3]) == bitmap_state(o[3])
         qemu_img("compare", names[3], o[3])
+
+
+def test_live_copy_equals_offline_convert(live, tmp_path):
+    """cbt copy --qmp (full) leaves in DEST the bitmaps cbt convert --bitmaps
+    of a copy of the chain makes offline, and the same data."""
+    base = make_image(live.path("base.qcow2"), SIZE,
+                      gens={b: 1 for b in range(0, NBLOCKS, 3)})
+    cbt("checkpoint", "create", base, "c1")
+    q = live.qsd(base)
+    w = live.writer(q, seed=29, initial={b: 1 for b in range(0, NBLOCKS, 3)})
+    w.step(15)
+    cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o1.qcow2"))
+    w.step(15)
+    cbt("checkpoint", "create", "--qmp", q.cbt_qmp, "vm", "c2")
+    w.step(10)
+    cbt("snapshot", "--qmp", q.cbt_qmp, "vm", live.path("o2.qcow2"))
+    w.step(15)
+    w.stop()
+    q.quit()
+    names = [live.path(f + ".qcow2") for f in ("base", "o1", "o2")]
+    off = tmp_path / "off"
+    off.mkdir()
+    o = [str(off / os.path.basename(n)) for n in names]
+    for a, b in zip(names, o):
+        shutil.copy(a, b)
+    q = live.qsd(names[2], chain=names[:2])
+    dest = live.path("moved.qcow2")
+    cbt("copy", "--qmp", q.cbt_qmp, "vm", dest)
+    q.quit()
+    conv = str(off / "converted.qcow2")
+    cbt("convert", "--bitmaps", "-O", "qcow2", o[2], conv)
+    assert bitmap_state(dest) == bitmap_state(conv)
+    qemu_img("compare", dest, conv)
