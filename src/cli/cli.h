@@ -32,6 +32,7 @@
     X(stream, "Copy backing data into an image and shorten its chain")       \
     X(rebase, "Change the backing file of an image")                          \
     X(convert, "Copy an image or chain to a new image (qcow2 or raw)")       \
+    X(copy, "Move a running VM's disk to a new image (QEMU's mirror)")       \
     X(checkpoint, "Create, list, delete and reconcile checkpoints of a disk") \
     X(backup, "Back up a disk: full, incremental or differential")           \
     X(restore, "Restore a backup (and its chain) to a new image")            \

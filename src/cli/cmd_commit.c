@@ -6,6 +6,7 @@
 
 #include <cbt/ops.h>
 
+#include "../live/livechain.h"
 #include "cli.h"
 
 static const char usage[] =
@@ -13,6 +14,8 @@ static const char usage[] =
     "                  FILE\n"
     "       cbt commit --top TOP [--base BASE] [--active ACTIVE] [-p] [-q]\n"
     "                  [--skip-broken-bitmaps]\n"
+    "       cbt commit --qmp SOCKET [--top TOP] [--base BASE] [-r RATE] [-p]\n"
+    "                  [-q] DISK\n"
     "\n"
     "Write the data of FILE (or TOP) and of every layer below it down to just\n"
     "above BASE into BASE (default: the backing file of FILE or TOP), growing\n"
@@ -40,6 +43,18 @@ static const char usage[] =
     "same directory, otherwise its absolute path; backing format BASE's),\n"
     "so TOP and the layers between leave the chain; no image is emptied.\n"
     "\n"
+    "Third form (a running VM, --qmp SOCKET; docs/live.md): QEMU's\n"
+    "block-commit of DISK's layers TOP (default: the active layer, an active\n"
+    "commit that pivots BASE into its place) down to above BASE (default:\n"
+    "the layer below TOP); TOP and BASE are node names or image files of the\n"
+    "chain.  The bitmaps end as in the offline forms: BASE's copies are\n"
+    "saved before the job (its writes into BASE would dirty them) and, once\n"
+    "the copy is done and before the layers leave the chain, rebuilt as the\n"
+    "unions in one transaction; after an active commit the checkpoints\n"
+    "follow into BASE.  A job error or SIGINT (Ctrl-C) cancels the job and\n"
+    "puts BASE's bitmaps back: the chain and its checkpoints stay as they\n"
+    "were.\n"
+    "\n"
     "Layers are matched by file identity, so any spelling of a path works.\n"
     "A failure leaves every image usable and the guest view unchanged.\n"
     "\n"
@@ -49,6 +64,9 @@ static const char usage[] =
     "  -d                     do not empty FILE afterwards\n"
     "  --top TOP              the topmost layer to commit (second form)\n"
     "  --active ACTIVE        the active layer of the chain holding TOP\n"
+    "  --qmp SOCKET           act on the running QEMU behind SOCKET\n"
+    "  -r RATE                with --qmp: QEMU's job copies at most RATE bytes\n"
+    "                         a second (k, M, G suffixes), as qemu-img commit -r\n"
     "  --skip-broken-bitmaps  leave alone bitmap names with an inconsistent\n"
     "                         copy or a gap, instead of refusing\n"
     "  -p                     show progress (on a terminal)\n"
@@ -64,7 +82,8 @@ static const char usage[] =
     "Examples:\n"
     "  cbt commit disk.2.qcow2\n"
     "  cbt commit -b disk.0.qcow2 -p disk.2.qcow2\n"
-    "  cbt commit --top disk.1.qcow2 --base disk.0.qcow2 --active disk.3.qcow2\n";
+    "  cbt commit --top disk.1.qcow2 --base disk.0.qcow2 --active disk.3.qcow2\n"
+    "  cbt commit --qmp /run/vm1.qmp -p vda\n";
 
 /* -f FMT: the library probes, so check that FMT is what it will find. */
 static int check_format(const char *file, const char *fmt)
@@ -87,9 +106,49 @@ static int check_format(const char *file, const char *fmt)
     return ret;
 }
 
+/* cbt commit --qmp SOCKET [--top T] [--base B] DISK */
+static int live_form(const char *prog, int argc, char **argv,
+                     const char *sock, const struct cbt_commit_opts *o,
+                     const char *fmt, const char *rate, bool progress,
+                     bool quiet)
+{
+    uint64_t speed = 0;
+    if (rate && cli_parse_size_arg(prog, "rate", rate, &speed) < 0)
+        return CLI_EXIT_USAGE;
+    if (fmt || o->active || o->drop || o->skip_broken_bitmaps)
+        return cli_usage_error(prog, "-f, -d, --active and "
+                               "--skip-broken-bitmaps do not go with --qmp");
+    const char *disk;
+    if (cli_take_filename(prog, argc, argv, &disk) < 0)
+        return CLI_EXIT_USAGE;
+    struct cbt_error *err = NULL;
+    struct qmp *q = qmp_connect(sock, &err);
+    if (!q)
+        return cli_lib_error(err);
+    struct cli_progress pr;
+    cli_progress_init_rate(&pr, progress);
+    cli_signals_catch();
+    struct live_chain_opts lo = {
+        .disk = disk, .top = o->top, .base = o->base, .rate = speed,
+        .progress = cli_progress_cb, .progress_opaque = &pr,
+        .cancel = cli_cancel_cb,
+    };
+    int r = live_commit(q, &lo, &err);
+    cli_progress_end(&pr);
+    qmp_close(q);
+    if (r < 0) {
+        r = cli_lib_error(err);
+        cli_signals_reraise();
+        return r;
+    }
+    if (!quiet)
+        printf("Image committed.\n");
+    return 0;
+}
+
 int cmd_commit(int argc, char **argv)
 {
-    enum { OPT_TOP = 256, OPT_ACTIVE, OPT_SKIP_BROKEN };
+    enum { OPT_TOP = 256, OPT_ACTIVE, OPT_SKIP_BROKEN, OPT_QMP };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"format", required_argument, NULL, 'f'},
@@ -97,15 +156,17 @@ int cmd_commit(int argc, char **argv)
         {"top", required_argument, NULL, OPT_TOP},
         {"active", required_argument, NULL, OPT_ACTIVE},
         {"skip-broken-bitmaps", no_argument, NULL, OPT_SKIP_BROKEN},
+        {"qmp", required_argument, NULL, OPT_QMP},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
     const char *fmt = NULL;
     struct cbt_commit_opts o = { .top = NULL };
     bool quiet = false, progress = false;
+    const char *qmp_sock = NULL, *rate = NULL;
     int c;
     optind = 0;
-    while ((c = getopt_long(argc, argv, "hf:b:dpq", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hf:b:dpqr:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             return cli_help(usage);
@@ -124,6 +185,9 @@ int cmd_commit(int argc, char **argv)
         case 'q':
             quiet = true;
             break;
+        case 'r':
+            rate = optarg;
+            break;
         case OPT_TOP:
             o.top = optarg;
             break;
@@ -133,10 +197,18 @@ int cmd_commit(int argc, char **argv)
         case OPT_SKIP_BROKEN:
             o.skip_broken_bitmaps = true;
             break;
+        case OPT_QMP:
+            qmp_sock = optarg;
+            break;
         default:
             return cli_bad_option(prog);
         }
     }
+    if (qmp_sock)
+        return live_form(prog, argc, argv, qmp_sock, &o, fmt, rate, progress,
+                         quiet);
+    if (rate)
+        return cli_usage_error(prog, "-r goes with --qmp (QEMU's job)");
     bool top_form = o.top != NULL;
     if (top_form) {
         if (optind < argc)

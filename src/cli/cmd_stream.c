@@ -4,10 +4,12 @@
 
 #include <cbt/ops.h>
 
+#include "../live/livechain.h"
 #include "cli.h"
 
 static const char usage[] =
     "Usage: cbt stream [-b BASE] [-p] FILE\n"
+    "       cbt stream --qmp SOCKET [-b BASE] [-r RATE] [-p] DISK\n"
     "\n"
     "Copy into FILE the data it reads from the layers of its backing chain\n"
     "above BASE, then make BASE its backing file (by its file name when both\n"
@@ -17,8 +19,18 @@ static const char usage[] =
     "changed, and the layers between are left as they are (they are no\n"
     "longer part of FILE's chain).  This is block-stream (a 'pull'), offline.\n"
     "\n"
+    "On a running VM (--qmp SOCKET; docs/live.md): QEMU's block-stream into\n"
+    "DISK's top layer (DISK: device, export, node or image file; BASE a node\n"
+    "name or image file of its chain).  Before the layers leave the chain,\n"
+    "their copies of each of the top's bitmaps are merged into the top's\n"
+    "(one transaction), so every checkpoint keeps its changes.  A job error\n"
+    "or SIGINT (Ctrl-C) cancels the job: the chain stays as it was.\n"
+    "\n"
     "Options:\n"
     "  -b, --base BASE  the layer of FILE's chain to keep as its backing file\n"
+    "  --qmp SOCKET     act on the running QEMU behind SOCKET\n"
+    "  -r RATE          with --qmp: QEMU's job copies at most RATE bytes a\n"
+    "                   second (k, M, G suffixes)\n"
     "  -p               show progress (on a terminal)\n"
     "  -h, --help       show this help\n"
     "\n"
@@ -27,21 +39,23 @@ static const char usage[] =
     "\n"
     "Examples:\n"
     "  cbt stream disk.2.qcow2\n"
-    "  cbt stream -b disk.0.qcow2 -p disk.2.qcow2\n";
+    "  cbt stream -b disk.0.qcow2 -p disk.2.qcow2\n"
+    "  cbt stream --qmp /run/vm1.qmp -b disk.0.qcow2 vda\n";
 
 int cmd_stream(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"base", required_argument, NULL, 'b'},
+        {"qmp", required_argument, NULL, 256},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
-    const char *base = NULL, *file;
+    const char *base = NULL, *file, *qmp_sock = NULL, *rate = NULL;
     bool progress = false;
     int c;
     optind = 0;
-    while ((c = getopt_long(argc, argv, "hb:p", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hb:pr:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             return cli_help(usage);
@@ -51,6 +65,12 @@ int cmd_stream(int argc, char **argv)
         case 'p':
             progress = true;
             break;
+        case 256:
+            qmp_sock = optarg;
+            break;
+        case 'r':
+            rate = optarg;
+            break;
         default:
             return cli_bad_option(prog);
         }
@@ -59,8 +79,34 @@ int cmd_stream(int argc, char **argv)
         return CLI_EXIT_USAGE;
 
     struct cli_progress pr;
-    cli_progress_init(&pr, progress);
     struct cbt_error *err = NULL;
+    if (rate && !qmp_sock)
+        return cli_usage_error(prog, "-r goes with --qmp (QEMU's job)");
+    uint64_t speed = 0;
+    if (rate && cli_parse_size_arg(prog, "rate", rate, &speed) < 0)
+        return CLI_EXIT_USAGE;
+    if (qmp_sock) {
+        struct qmp *q = qmp_connect(qmp_sock, &err);
+        if (!q)
+            return cli_lib_error(err);
+        cli_progress_init_rate(&pr, progress);
+        cli_signals_catch();
+        struct live_chain_opts lo = {
+            .disk = file, .base = base, .rate = speed,
+            .progress = cli_progress_cb, .progress_opaque = &pr,
+            .cancel = cli_cancel_cb,
+        };
+        int r = live_stream(q, &lo, &err);
+        cli_progress_end(&pr);
+        qmp_close(q);
+        if (r < 0) {
+            r = cli_lib_error(err);
+            cli_signals_reraise();
+            return r;
+        }
+        return 0;
+    }
+    cli_progress_init(&pr, progress);
     int r = cbt_stream(file, base, cli_progress_cb, &pr, &err);
     cli_progress_end(&pr);
     if (r < 0)

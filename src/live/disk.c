@@ -210,6 +210,20 @@ static int fill_layer(const struct graph *g, json_t *node,
     const char *fnode = child_of(g, qmp_str(node, "node-name"), "file");
     json_t *fjson = fnode ? node_by_name(g, fnode) : NULL;
     const char *fname = fjson ? qmp_str(fjson, "file") : NULL;
+    /* A filter between the format node and its file (blkdebug's "image",
+     * a throttle's "file") shows a json: name too: the file is below. */
+    for (int depth = 0; fjson && fname && strncmp(fname, "json:", 5) == 0 &&
+                        depth < 8;
+         depth++) {
+        const char *below = child_of(g, qmp_str(fjson, "node-name"), "image");
+        if (!below)
+            below = child_of(g, qmp_str(fjson, "node-name"), "file");
+        json_t *bj = below ? node_by_name(g, below) : NULL;
+        if (!bj)
+            break;
+        fjson = bj;
+        fname = qmp_str(bj, "file");
+    }
     if (!fname)
         fname = qmp_str(node, "file");
     if (dupstr(&l->file_node, fnode, errp) < 0 ||
@@ -431,6 +445,20 @@ static bool same_file(const char *a, const char *b)
     struct stat sa, sb;
     return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
            sa.st_ino == sb.st_ino;
+}
+
+ssize_t live_find_layer(const struct live_disk *d, const char *name)
+{
+    for (size_t i = 0; i < d->nlayers; i++) {
+        const struct live_layer *l = &d->layers[i];
+        if ((l->node && strcmp(l->node, name) == 0) ||
+            (l->file_node && strcmp(l->file_node, name) == 0))
+            return (ssize_t)i;
+    }
+    for (size_t i = 0; i < d->nlayers; i++)
+        if (same_file(d->layers[i].filename, name))
+            return (ssize_t)i;
+    return -1;
 }
 
 static bool matches(const struct live_disk *d, const char *name)

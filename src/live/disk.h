@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "qmp.h"
 
@@ -69,6 +70,10 @@ void live_disk_clear(struct live_disk *d);
  */
 int live_find_disk(struct qmp *q, const char *name, struct live_disk *d,
                    struct cbt_error **errp);
+
+/* The index in d->layers of the layer `name` names (its node name, its
+ * file node's name, or its image file, by identity), or -1. */
+ssize_t live_find_layer(const struct live_disk *d, const char *name);
 
 /* The bitmap `name` of a layer, or NULL. */
 const struct live_bitmap *live_layer_bitmap(const struct live_layer *l,

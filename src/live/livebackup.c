@@ -1259,6 +1259,27 @@ static bool stale(const char *name)
     return pid && pid != (int)getpid() && !journal_pid_is_cbt(pid);
 }
 
+/* Does node `name` have a parent (a node or a device/export above it) in
+ * x-debug-query-block-graph's answer? */
+static bool has_parent(json_t *graph, const char *name)
+{
+    size_t i;
+    json_t *n, *e;
+    long long id = -1;
+    json_array_foreach(json_object_get(graph, "nodes"), i, n) {
+        const char *nn = qmp_str(n, "name");
+        long long v;
+        if (nn && strcmp(nn, name) == 0 && qmp_int(n, "id", &v))
+            id = v;
+    }
+    json_array_foreach(json_object_get(graph, "edges"), i, e) {
+        long long c;
+        if (qmp_int(e, "child", &c) && c == id)
+            return true;
+    }
+    return id < 0; /* not found: leave it alone */
+}
+
 int live_leftovers(struct qmp *q, bool remove, struct cbt_error **errp)
 {
     int removed = 0;
@@ -1309,6 +1330,10 @@ int live_leftovers(struct qmp *q, bool remove, struct cbt_error **errp)
                            NULL) == 0) {
             json_decref(qmp_wait_event(q, "BLOCK_JOB_CANCELLED", id_is,
                                        (void *)id, 0, NULL));
+            /* A job made with auto-dismiss off (push backups, the chain
+             * operations) stays concluded until dismissed. */
+            (void)qmp_run(q, "job-dismiss", json_pack("{s:s}", "id", id),
+                          NULL);
         }
         removed++;
     }
@@ -1356,6 +1381,33 @@ int live_leftovers(struct qmp *q, bool remove, struct cbt_error **errp)
                                NULL) == 0)
             removed++;
     }
+    /* Images a chain operation of a dead cbt added and never linked in
+     * (cbt-ovl-PID-...: livechain.c), nothing above them in the graph;
+     * the disk's layers have a parent and stay (QEMU would refuse to
+     * delete them anyway).  Their files are left. */
+    json_t *graph = NULL;
+    json_array_foreach(v, i, x) {
+        const char *node = qmp_str(x, "node-name");
+        unsigned pid;
+        int end = 0;
+        size_t nl = node ? strlen(node) : 0;
+        if (!remove || !node ||
+            sscanf(node, "cbt-ovl-%x-%*x%n", &pid, &end) != 1 ||
+            (size_t)end != nl || (int)pid == (int)getpid() ||
+            journal_pid_is_cbt((int)pid))
+            continue;
+        if (!graph &&
+            !(graph = qmp_execute(q, "x-debug-query-block-graph", NULL, NULL)))
+            break;
+        if (has_parent(graph, node))
+            continue;
+        struct cbt_error *de = NULL;
+        if (qmp_run(q, "blockdev-del", json_pack("{s:s}", "node-name", node),
+                    &de) == 0)
+            removed++;
+        cbt_error_free(de);
+    }
+    json_decref(graph);
     for (size_t k = 0; k < nfiles; k++) {
         if (files[k])
             (void)unlink(files[k]);

@@ -253,6 +253,8 @@ const char *live_cp_health(struct live_cp *c, const char *name,
         *dirty = b0->count;
         return NULL;
     }
+    if (c->uncounted)
+        return NULL;
     if (union_count(c, name, holders, b0->granularity, dirty, errp) < 0)
         return "its size could not be counted";
     return NULL;
@@ -260,11 +262,12 @@ const char *live_cp_health(struct live_cp *c, const char *name,
 
 /* ---- open ---- */
 
-int live_cp_open(struct qmp *q, const char *disk, struct live_cp *c,
-                 struct cbt_error **errp)
+static int cp_open(struct qmp *q, const char *disk, struct live_cp *c,
+                   bool uncounted, struct cbt_error **errp)
 {
     memset(c, 0, sizeof(*c));
     c->q = q;
+    c->uncounted = uncounted;
     /* x-debug-query-block-graph (the disks below filters) and bitmap
      * merges in transactions: QEMU 4.0. */
     if (qmp_need_version(q, 4, 0, "cbt's live mode (block graph queries, "
@@ -310,6 +313,18 @@ int live_cp_open(struct qmp *q, const char *disk, struct live_cp *c,
     if (r < 0)
         live_cp_close(c);
     return r;
+}
+
+int live_cp_open(struct qmp *q, const char *disk, struct live_cp *c,
+                 struct cbt_error **errp)
+{
+    return cp_open(q, disk, c, false, errp);
+}
+
+int live_cp_open_uncounted(struct qmp *q, const char *disk, struct live_cp *c,
+                           struct cbt_error **errp)
+{
+    return cp_open(q, disk, c, true, errp);
 }
 
 void live_cp_close(struct live_cp *c)
@@ -527,6 +542,79 @@ int live_cp_delete(struct live_cp *c, const char *name, bool *existed,
         return -1;
     drop(c, name);
     return 0;
+}
+
+/* ---- carrying the checkpoints to another layer ---- */
+
+int live_cp_carry(const struct live_cp *c, const char *image, bool fresh,
+                  struct cbt_error **errp)
+{
+    struct ckpt_meta m;
+    struct live_cp t;
+    memset(&t, 0, sizeof(t));
+    memset(&m, 0, sizeof(m));
+    t.q = c->q;
+    if (!fresh && read_file_meta(image, &m, errp) < 0)
+        return -1;
+    bool own_id = m.n || m.next_order > 1;
+    int ret = -1;
+    if (journal_load(image, &t.j, errp) < 0 || build_view(&t, &m, errp) < 0)
+        goto out;
+    size_t before = t.j.n;
+    /* What the image has that c does not keep. */
+    for (size_t i = 0; i < t.n; i++) {
+        const struct cbt_checkpoint *k = live_cp_find(c, t.v[i].name);
+        if (k && k->usable && k->order == t.v[i].order)
+            continue;
+        struct journal_rec r = {.op = JOURNAL_DELETED,
+                                .name = t.v[i].name};
+        if (journal_add(&t.j, &r, errp) < 0)
+            goto out;
+    }
+    /* What c keeps that the image lacks. */
+    for (size_t i = 0; i < c->n; i++) {
+        const struct cbt_checkpoint *k = &c->v[i];
+        if (!k->usable) {
+            if (!k->sealed)
+                cbt_warn("%s: checkpoint '%s' is not carried to %s (%s): a "
+                         "backup since it must be a full one", qmp_name(c->q),
+                         k->name, image, k->problem ? k->problem : "unusable");
+            continue;
+        }
+        const struct cbt_checkpoint *have = live_cp_find(&t, k->name);
+        if (have && have->order == k->order)
+            continue;
+        struct journal_rec r = {
+            .op = JOURNAL_CREATED,
+            .name = k->name,
+            .order = k->order,
+            .created_sec = k->created_sec,
+            .created_nsec = k->created_nsec,
+            .parent = k->parent,
+            .virtual_size = k->virtual_size,
+            .granularity = k->granularity,
+        };
+        if (journal_add(&t.j, &r, errp) < 0)
+            goto out;
+    }
+    bool id = !own_id && c->disk_id[0] &&
+              strcmp(t.j.disk_id, c->disk_id) != 0;
+    if (id)
+        memcpy(t.j.disk_id, c->disk_id, sizeof(c->disk_id));
+    ret = t.j.n != before || id ? journal_save(&t.j, errp) : 0;
+out:
+    ckpt_meta_free(&m);
+    cbt_checkpoint_free_list(t.v, t.n);
+    journal_free(&t.j);
+    return ret;
+}
+
+void live_cp_uncarry(const char *image)
+{
+    struct journal j;
+    if (journal_load(image, &j, NULL) == 0)
+        (void)journal_remove(&j, NULL);
+    journal_free(&j);
 }
 
 /* ---- reconcile ---- */

@@ -24,11 +24,18 @@ struct live_cp {
     uint64_t next_order;         /* the order the next checkpoint gets */
     struct cbt_checkpoint *v;    /* oldest first, with health */
     size_t n;
+    bool uncounted;              /* live_cp_open_uncounted */
 };
 
 /* Resolve `disk` and load its checkpoints.  0, or -1 with *errp. */
 int live_cp_open(struct qmp *q, const char *disk, struct live_cp *c,
                  struct cbt_error **errp);
+/* The same without the bytes changed since each checkpoint (dirty_bytes
+ * stays 0 for a checkpoint with copies in several layers: counting their
+ * union takes QEMU three commands), for chain operations that only need
+ * to know which checkpoints are usable. */
+int live_cp_open_uncounted(struct qmp *q, const char *disk, struct live_cp *c,
+                           struct cbt_error **errp);
 void live_cp_close(struct live_cp *c);
 /* The checkpoint `name`, or NULL. */
 const struct cbt_checkpoint *live_cp_find(const struct live_cp *c,
@@ -74,6 +81,26 @@ int live_cp_note_pending(struct live_cp *c, const char *name,
 int live_cp_resolve(struct live_cp *c, const char *name,
                     struct cbt_error **errp);
 int live_cp_resolve_stale(struct live_cp *c, struct cbt_error **errp);
+
+/*
+ * Make the checkpoints of `image` (its own metadata as its live journal
+ * changes it) those of c, after a live chain operation made `image` the
+ * layer that holds the disk's checkpoints (a snapshot's overlay, the base
+ * of an active commit): its journal gets a record for each usable
+ * checkpoint of c it lacks, a deletion for each it has that c lacks or
+ * cannot use, and c's disk id when the image has none.  An unusable
+ * checkpoint is not carried (a warning says a backup since it must be a
+ * full one), as offline.  fresh: `image` is a file cbt just created
+ * (no metadata of its own; QEMU may hold it as a mirror's target, which
+ * no one may read).  0, or -1 with *errp.
+ */
+int live_cp_carry(const struct live_cp *c, const char *image, bool fresh,
+                  struct cbt_error **errp);
+
+/* Remove the live journal of `image`, a new file a failed operation
+ * removes (live_cp_carry wrote it first, so that a kill never leaves the
+ * file in the chain without its checkpoints).  Errors are ignored. */
+void live_cp_uncarry(const char *image);
 
 /* cbt checkpoint create|delete --qmp. */
 int live_cp_create(struct live_cp *c, const char *name, uint64_t granularity,

@@ -453,7 +453,17 @@ void qmp_clear_events(struct qmp *q)
 static int greet(struct qmp *q, struct cbt_error **errp)
 {
     long long deadline = now_ms() + QMP_GREETING_TIMEOUT_MS;
-    json_t *g = next_message(q, deadline, "reading QEMU's greeting", errp);
+    json_t *g;
+    /* Events before the greeting: QEMU flushes the events of a previous
+     * client's session (a job that ended as that client left) to the
+     * next one it accepts.  They are no greeting; skip a bounded number. */
+    for (int skipped = 0;; skipped++) {
+        g = next_message(q, deadline, "reading QEMU's greeting", errp);
+        if (!g || skipped >= 256 || !json_object_get(g, "event") ||
+            json_object_get(g, "QMP"))
+            break;
+        json_decref(g);
+    }
     if (!g) {
         if (cbt_error_errno(errp ? *errp : NULL) == ETIMEDOUT && q->len) {
             char ex[80];

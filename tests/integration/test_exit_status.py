@@ -30,7 +30,7 @@ USAGE, CORRUPT, IO, NEED_FULL = 64, 65, 74, 79
 
 COMMANDS = ["create", "info", "check", "map", "compare", "io", "resize",
             "bitmap", "snapshot", "commit", "stream", "rebase", "convert",
-            "checkpoint", "backup", "restore", "verify"]
+            "checkpoint", "backup", "restore", "verify", "copy"]
 
 
 def rc_of(*args, **kw):
@@ -64,7 +64,8 @@ def test_missing_arguments(cmd):
     ["rebase", "-u", "-b", "x", "a", "b"], ["convert", "a", "b", "c"],
     ["checkpoint", "list", "a", "b"], ["backup", "--full", "a", "b", "c"],
     ["restore", "a", "b", "c"], ["verify", "a", "b"], ["create", "a", "1M", "x"],
-    ["bitmap", "--add", "a", "b", "c"],
+    ["bitmap", "--add", "a", "b", "c"], ["copy", "--qmp", "s", "a", "b", "c"],
+    ["snapshot", "--qmp", "s", "a", "b", "c"], ["commit", "--qmp", "s", "a", "b"],
 ])
 def test_extra_argument(argv):
     assert_usage(rc_of(*argv), "cbt " + " ".join(argv))
@@ -92,6 +93,13 @@ def test_extra_argument(argv):
     ["convert", "-n", "-o", "cluster_size=4k", "x", "y"],
     ["commit", "--active", "x"],
     ["rebase", "x"],
+    ["copy", "a", "b"],
+    ["copy", "--qmp", "s", "-r", "fast", "a", "b"],
+    ["commit", "-r", "1M", "x"],
+    ["commit", "--qmp", "s", "-d", "x"],
+    ["commit", "--qmp", "s", "-r", "fast", "x"],
+    ["stream", "-r", "1M", "x"],
+    ["snapshot", "--qmp", "s", "--no-bitmaps", "a", "b"],
 ])
 def test_bad_values_and_combinations(tmp, argv):
     """Refused before any file is touched (none of these files exist)."""

@@ -300,11 +300,15 @@ class Qsd(QemuProcess):
     `disk`, writable.  CHAIN lists backing images bottom first, opened as
     nodes base0, base1... (file nodes baseN-file) under `disk`; without it
     QEMU opens the image's backing chain by itself (automatic node names).
+    UNDER {path: filter options} puts a filter between that layer and its
+    file: blkdebug (inject-error, set-state: jobs that meet I/O errors) or
+    throttle (slow jobs; its throttle-group among OBJECTS, --object
+    arguments).
     Ready when QMP answered and the export serves."""
 
     what = "qemu-storage-daemon"
 
-    def __init__(self, live, image, chain=(), fmt="qcow2"):
+    def __init__(self, live, image, chain=(), fmt="qcow2", under=None, objects=()):
         super().__init__(live)
         n = len(live.processes)
         self.qmp_path = live.sock("qsd%d.qmp" % n)
@@ -315,11 +319,20 @@ class Qsd(QemuProcess):
         self.uri = "nbd+unix:///disk?socket=" + self.nbd_path
         self.image = image
         argv = ["qemu-storage-daemon"]
+        for o in objects:
+            argv += ["--object", o]
         below = None
         for i, path in enumerate(list(chain) + [image]):
             node = "disk" if i == len(chain) else "base%d" % i
             dev = {"driver": fmt if i == len(chain) else "qcow2", "node-name": node,
                    "file": {"driver": "file", "node-name": node + "-file", "filename": path}}
+            if under and path in under:
+                # A filter between that layer and its file (node NODE-flt):
+                # blkdebug (its child is "image"), throttle ("file").
+                flt = dict(under[path])
+                flt["image" if flt["driver"] == "blkdebug" else "file"] = dev["file"]
+                flt.setdefault("node-name", node + "-flt")
+                dev["file"] = flt
             if below:
                 dev["backing"] = below
             argv += ["--blockdev", json.dumps(dev)]

@@ -101,6 +101,19 @@ def test_peers_that_are_not_qemu(tmp_path, case):
     assert "Traceback" not in res.err and len(res.err) < 2000, res
 
 
+def test_events_before_the_greeting(tmp_path):
+    """QEMU may flush a previous client's events to the next one before its
+    greeting: skipped, the greeting still read (its version is seen).  Only
+    events: anything else before the greeting is no QMP server."""
+    ev = b'{"event": "JOB_STATUS_CHANGE", "data": {"id": "j", "status": "null"}}\r\n'
+    res, path = run_against(tmp_path, ev * 3 + greeting(3, 1), ok,
+                            "checkpoint", "list", "vda")
+    assert res.rc != 0 and "QEMU 3.1.0" in res.err, res
+    res, path = run_against(tmp_path, b'{"return": {}}\r\n' + greeting(3, 1),
+                            ok, "checkpoint", "list", "vda")
+    assert res.rc != 0 and "not a QMP server" in res.err, res
+
+
 def test_qemu_too_old(tmp_path):
     res, path = run_against(tmp_path, greeting(3, 1), ok, "checkpoint",
                             "list", "vda")

@@ -118,7 +118,9 @@ static int parse_options(const char *fn, const struct cbt_create_opts *o,
 }
 
 /* Size from the backing file when none was given, and the probed format
- * when none was named. */
+ * when none was named.  Read with a shared open (no lock taken against a
+ * writer), as qemu-img create does: only the header is read, and an
+ * overlay of a running VM's disk is made while QEMU holds it. */
 static int backing_info(const char *fn, const struct cbt_create_opts *o,
                         uint64_t *size, char **fmt, struct cbt_error **errp)
 {
@@ -127,7 +129,10 @@ static int backing_info(const char *fn, const struct cbt_create_opts *o,
         cbt_error_set(errp, ENOMEM, "out of memory");
         return -1;
     }
-    struct cbt_image *b = cbt_image_open(path, o->backing_format, 0, errp);
+    struct cbt_image *b = cbt_image_open(
+        path, o->backing_format,
+        CBT_OPEN_NO_BACKING | CBT_OPEN_FORCE_SHARE | CBT_OPEN_SHARE_QUIET,
+        errp);
     free(path);
     if (!b) {
         cbt_error_prefix(errp, "%s: could not open backing file", fn);
