@@ -267,7 +267,7 @@ static int write_alloc_run(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
         enum qcow2_sc_type t = qcow2_sc_type(s, old, 0, 0);
         bool zero_view = t == QCOW2_SC_ZERO_PLAIN || t == QCOW2_SC_ZERO_ALLOC ||
                          (t == QCOW2_SC_UNALLOC_PLAIN &&
-                          (!s->node->backing || c >= s->node->backing->size));
+                          c >= blk_backing_size(s->node));
         if (zero_view && !qcow2_has_data_file(s) && flen == UINT64_MAX)
             flen = data_file_len(s);
         if (zero_view && hc >= flen && !qcow2_has_data_file(s)) {

@@ -420,10 +420,10 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
     }
     if (r == 0)
         r = qcow2_write_header(s);
-    if (r == 0 && new_size > old_size && node->backing &&
-        node->backing->size > old_size) {
+    uint64_t backing_size = blk_backing_size(node);
+    if (r == 0 && new_size > old_size && backing_size > old_size) {
         /* The grown area must read zero, not the backing file's data. */
-        uint64_t end = MIN(new_size, node->backing->size);
+        uint64_t end = MIN(new_size, backing_size);
         r = qcow2_write_zeroes(node, old_size, end - old_size, 0);
         if (r == 0)
             r = qcow2_flush_metadata(s);
