@@ -14,6 +14,16 @@ extern "C" {
 #endif
 
 /*
+ * Threads: every function here takes the image's lock for what it reads or
+ * changes, so it may be called concurrently with the data path, resize
+ * and the other functions here on the same image (cbt/image.h,
+ * "Threads").  A write is counted in a bitmap before it reaches the
+ * image, so a bitmap read at any moment covers every write completed
+ * before that moment.  cbt_bitmap_extents and cbt_bitmap_sha256 work on
+ * a copy taken at one instant; cbt_bitmap_merge from another image copies
+ * the source under that image's lock, then merges under the target's (not
+ * one instant for both).  Callbacks run without any lock held.
+ *
  * Bitmaps belong to one node (one layer of a chain).  They are loaded when
  * the image is opened; every write, zero-write and discard through the
  * image sets the bits of its recording bitmaps.  Changes made through this
