@@ -16,7 +16,7 @@ export UBSAN_OPTIONS = print_stacktrace=1:halt_on_error=1
 # A data race fails the test (exit 66) at the first report.
 export TSAN_OPTIONS  = halt_on_error=1:second_deadlock_stack=1
 
-.PHONY: all deps build check unit tsan fuzz-smoke pytest demo bench fuzz clean
+.PHONY: all deps build check unit tsan install-check fuzz-smoke pytest demo bench fuzz clean
 
 all: build
 
@@ -45,7 +45,7 @@ $(FUZZ_BUILD)/build.ninja:
 check: deps $(BUILD)/build.ninja $(ASAN_BUILD)/build.ninja $(FUZZ_BUILD)/build.ninja
 	ninja -C $(BUILD)
 	ninja -C $(ASAN_BUILD)
-	$(MAKE) unit tsan fuzz-smoke pytest
+	$(MAKE) unit tsan install-check fuzz-smoke pytest
 
 unit:
 	meson test -C $(ASAN_BUILD) --print-errorlogs --suite unit
@@ -57,6 +57,12 @@ unit:
 tsan: deps $(TSAN_BUILD)/build.ninja
 	ninja -C $(TSAN_BUILD)
 	meson test -C $(TSAN_BUILD) --print-errorlogs --suite threads
+
+# libcbt as an outside program sees it: `meson install --destdir` of
+# $(BUILD) into a temporary folder, examples/backup_example.c built there
+# through pkg-config and run on a sample disk (tests/install/run.sh).
+install-check: build
+	tests/install/run.sh $(BUILD)
 
 fuzz-smoke:
 	ninja -C $(FUZZ_BUILD)

@@ -27,6 +27,8 @@ int cbt_error_errno(const struct cbt_error *err);
  * command turns each kind into its own exit status, docs/cli.md).  Set by
  * the code that knows (a lock conflict, a verification failure); otherwise
  * derived from the errno: ENOSPC, EDQUOT, EFBIG, EROFS are CBT_ERR_IO.
+ * The values are stable (docs/api.md): new kinds are added at the end, and
+ * a kind a program does not know is to be treated as CBT_ERR_OTHER.
  */
 enum cbt_error_kind {
     CBT_ERR_OTHER = 0,
