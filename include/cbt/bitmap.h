@@ -97,6 +97,28 @@ int cbt_bitmap_extents(struct cbt_image *img, const char *name,
                        cbt_extent_fn *fn, void *opaque,
                        struct cbt_error **errp);
 
+/*
+ * Compare bitmap `name` of img with bitmap `other_name` of other_img (NULL:
+ * img itself): visit extents covering [0, virtual size) in order, each of
+ * one kind (adjacent extents differ in kind): dirty in both or in neither
+ * (CBT_DIFF_SAME), only in the first, only in the second.  Dirty ranges
+ * are granule-rounded as cbt_bitmap_extents reports them; the granularities
+ * may differ, the images' virtual sizes may not (EINVAL).  The callback
+ * returns 0 to go on, non-zero to stop: the call then fails (-1 and
+ * *errp).  Returns 0 or -1 with *errp.  Each bitmap is read at one instant
+ * (under its image's lock), the two not at the same one.
+ */
+enum cbt_diff {
+    CBT_DIFF_SAME = 0,
+    CBT_DIFF_ONLY_FIRST = 1,
+    CBT_DIFF_ONLY_SECOND = 2,
+};
+typedef int cbt_diff_fn(void *opaque, uint64_t start, uint64_t length,
+                        enum cbt_diff kind);
+int cbt_bitmap_diff(struct cbt_image *img, const char *name,
+                    struct cbt_image *other_img, const char *other_name,
+                    cbt_diff_fn *fn, void *opaque, struct cbt_error **errp);
+
 /* SHA-256 of the bitmap's qcow2 bit layout: the ceil(ceil(size/gran)/8)
  * bytes of the LSB-first bit stream, unused tail bits zero.  hex: 65
  * bytes. */
