@@ -438,20 +438,34 @@ static int write_check_locked(struct cbt_image *img, uint64_t off,
     return check_range(img, off, len);
 }
 
+/*
+ * The steps before the driver call of a write, zero-write or discard, with
+ * node->lock held: the checks, then dirtying the recording bitmaps unless
+ * BLK_WRITE_NO_DIRTY.  1: call the driver; 0: nothing to do (len 0);
+ * else -errno.
+ */
+static int write_begin_locked(struct blk_node *node, uint64_t off,
+                              uint64_t len, unsigned bflags)
+{
+    int r = write_check_locked(node, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    if (!(bflags & BLK_WRITE_NO_DIRTY) &&
+        (r = blk_mark_dirty(node, off, len)) < 0)
+        return r;
+    return 1;
+}
+
 int blk_pwrite(struct blk_node *node, const void *buf, size_t len,
                uint64_t off, unsigned bflags)
 {
     pthread_mutex_lock(&node->lock);
-    int r = write_check_locked(node, off, len);
-    if (r < 0 || len == 0)
-        goto out;
-    if (!(bflags & BLK_WRITE_NO_DIRTY))
-        r = blk_mark_dirty(node, off, len);
-    if (r == 0)
+    int r = write_begin_locked(node, off, len, bflags);
+    if (r > 0) {
         r = node->drv->write(node, buf, off, len);
-    if (r == 0)
-        note_written(node, len);
-out:
+        if (r == 0)
+            note_written(node, len);
+    }
     pthread_mutex_unlock(&node->lock);
     return r;
 }
@@ -460,14 +474,9 @@ int blk_pwrite_zeroes(struct blk_node *node, uint64_t off, uint64_t len,
                       unsigned zflags, unsigned bflags)
 {
     pthread_mutex_lock(&node->lock);
-    int r = write_check_locked(node, off, len);
-    if (r < 0 || len == 0)
-        goto out;
-    if (!(bflags & BLK_WRITE_NO_DIRTY))
-        r = blk_mark_dirty(node, off, len);
-    if (r == 0)
+    int r = write_begin_locked(node, off, len, bflags);
+    if (r > 0)
         r = node->drv->write_zeroes(node, off, len, zflags);
-out:
     pthread_mutex_unlock(&node->lock);
     return r;
 }
@@ -476,14 +485,9 @@ int blk_discard(struct blk_node *node, uint64_t off, uint64_t len,
                 unsigned bflags)
 {
     pthread_mutex_lock(&node->lock);
-    int r = write_check_locked(node, off, len);
-    if (r < 0 || len == 0)
-        goto out;
-    if (!(bflags & BLK_WRITE_NO_DIRTY))
-        r = blk_mark_dirty(node, off, len);
-    if (r == 0)
+    int r = write_begin_locked(node, off, len, bflags);
+    if (r > 0)
         r = node->drv->discard ? node->drv->discard(node, off, len) : 0;
-out:
     pthread_mutex_unlock(&node->lock);
     return r;
 }

@@ -572,6 +572,11 @@ int qcow2_bitmap_dir_parse(const struct qcow2_state *s, const uint8_t *dir,
                            struct qcow2_bitmap_dirent **out, uint32_t *nout,
                            char *why, size_t why_len);
 void qcow2_bitmap_dir_free(struct qcow2_bitmap_dirent *dir, uint32_t n);
+/* A bitmap table entry against QEMU's check_table_entry: no reserved
+ * bits, and either no offset (the cluster reads as zeroes, or as ones
+ * with bit 0) or a cluster-aligned offset without bit 0.  The one rule
+ * load, salvage and check apply. */
+bool qcow2_bitmap_table_entry_valid(const struct qcow2_state *s, uint64_t e);
 /* Table entries a bitmap of this granularity needs for `size` bytes. */
 uint64_t qcow2_bitmap_table_entries(const struct qcow2_state *s, uint64_t size,
                                     unsigned granularity_bits);
