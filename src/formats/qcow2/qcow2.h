@@ -477,6 +477,11 @@ int qcow2_write(struct blk_node *node, const void *buf, uint64_t off,
 int qcow2_write_zeroes(struct blk_node *node, uint64_t off, uint64_t len,
                        unsigned flags);
 int qcow2_discard(struct blk_node *node, uint64_t off, uint64_t len);
+/* Entries first..end of a (writable, cached) L2 table become 0 and what
+ * they held is freed (not with an external data file, which is not
+ * refcounted); the table is marked dirty.  make_empty and a shrinking
+ * resize.  0 or -errno. */
+int qcow2_l2_clear_from(struct qcow2_state *s, uint8_t *l2, uint64_t first);
 /* The driver's make_empty: every entry of the active L2 tables becomes 0
  * (reads fall through to the backing file), what they held is freed. */
 int qcow2_make_empty(struct blk_node *node);
