@@ -52,11 +52,19 @@ unit:
 
 # The multi-threaded tests (suite "threads": one image read, written,
 # resized and reopened from several threads; the block pipeline) under
-# ThreadSanitizer.  The other unit tests are single-threaded and slow
-# under it.
+# ThreadSanitizer, then the integration tests of the commands that run
+# threads (hash and compression workers, the pipeline's writer, convert's
+# writer) with the TSan-built cbt: a report exits 66 and fails the test.
+# The other unit tests are single-threaded and slow under it.
+TSAN_PYTEST ?= tests/integration/test_backup.py \
+	tests/integration/test_backup_compress.py \
+	tests/integration/test_restore_verify.py \
+	tests/integration/test_convert.py tests/integration/test_commit.py
 tsan: deps $(TSAN_BUILD)/build.ninja
 	ninja -C $(TSAN_BUILD)
 	meson test -C $(TSAN_BUILD) --print-errorlogs --suite threads
+	CBT=$(CURDIR)/$(TSAN_BUILD)/src/cli/cbt $(PYTHON) -m pytest -q \
+	    -p no:cacheprovider $(TSAN_PYTEST)
 
 # libcbt as an outside program sees it: `meson install --destdir` of
 # $(BUILD) into a temporary folder, examples/backup_example.c built there
