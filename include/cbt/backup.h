@@ -1,6 +1,12 @@
 /* Public API for backups: full, incremental, differential; restore; verify
  * (issue 5).  The on-disk layout of a backup (image + manifest + block
- * hashes) is specified in docs/backups.md. */
+ * hashes) is specified in docs/backups.md.
+ *
+ * Threads: as cbt/ops.h: backups, restores and verifications of different
+ * disks and folders may run concurrently; two on one disk or one backup
+ * folder must not (the disk's checkpoints and the folder's files are
+ * read, then written).  The progress and cancel callbacks are called as
+ * cbt/ops.h says. */
 #ifndef CBT_BACKUP_H
 #define CBT_BACKUP_H
 

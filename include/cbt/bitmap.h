@@ -14,6 +14,16 @@ extern "C" {
 #endif
 
 /*
+ * Threads: every function here takes the image's lock for what it reads or
+ * changes, so it may be called concurrently with the data path, resize
+ * and the other functions here on the same image (cbt/image.h,
+ * "Threads").  A write is counted in a bitmap before it reaches the
+ * image, so a bitmap read at any moment covers every write completed
+ * before that moment.  cbt_bitmap_extents and cbt_bitmap_sha256 work on
+ * a copy taken at one instant; cbt_bitmap_merge from another image copies
+ * the source under that image's lock, then merges under the target's (not
+ * one instant for both).  Callbacks run without any lock held.
+ *
  * Bitmaps belong to one node (one layer of a chain).  They are loaded when
  * the image is opened; every write, zero-write and discard through the
  * image sets the bits of its recording bitmaps.  Changes made through this
@@ -86,6 +96,28 @@ typedef int cbt_extent_fn(void *opaque, uint64_t start, uint64_t length,
 int cbt_bitmap_extents(struct cbt_image *img, const char *name,
                        cbt_extent_fn *fn, void *opaque,
                        struct cbt_error **errp);
+
+/*
+ * Compare bitmap `name` of img with bitmap `other_name` of other_img (NULL:
+ * img itself): visit extents covering [0, virtual size) in order, each of
+ * one kind (adjacent extents differ in kind): dirty in both or in neither
+ * (CBT_DIFF_SAME), only in the first, only in the second.  Dirty ranges
+ * are granule-rounded as cbt_bitmap_extents reports them; the granularities
+ * may differ, the images' virtual sizes may not (EINVAL).  The callback
+ * returns 0 to go on, non-zero to stop: the call then fails (-1 and
+ * *errp).  Returns 0 or -1 with *errp.  Each bitmap is read at one instant
+ * (under its image's lock), the two not at the same one.
+ */
+enum cbt_diff {
+    CBT_DIFF_SAME = 0,
+    CBT_DIFF_ONLY_FIRST = 1,
+    CBT_DIFF_ONLY_SECOND = 2,
+};
+typedef int cbt_diff_fn(void *opaque, uint64_t start, uint64_t length,
+                        enum cbt_diff kind);
+int cbt_bitmap_diff(struct cbt_image *img, const char *name,
+                    struct cbt_image *other_img, const char *other_name,
+                    cbt_diff_fn *fn, void *opaque, struct cbt_error **errp);
 
 /* SHA-256 of the bitmap's qcow2 bit layout: the ceil(ceil(size/gran)/8)
  * bytes of the LSB-first bit stream, unused tail bits zero.  hex: 65

@@ -1,4 +1,11 @@
-/* Public API for chain-wide views of persistent bitmaps. */
+/* Public API for chain-wide views of persistent bitmaps.
+ *
+ * Threads: these read each layer through cbt/bitmap.h (a list, a copy of
+ * the bits), one layer at a time, and change nothing, so they may run
+ * concurrently with anything on the chain but cbt_image_close(); a view
+ * taken during writes covers every write completed before the call, and
+ * perhaps some made during it.  The free/clear functions and the name
+ * functions touch only their arguments. */
 #ifndef CBT_CHAIN_H
 #define CBT_CHAIN_H
 

@@ -1,4 +1,12 @@
-/* Public API for checkpoints: named points in time on a disk (issue 5). */
+/* Public API for checkpoints: named points in time on a disk (issue 5).
+ *
+ * Threads: the functions that only read (disk_id, list, get, reconcile
+ * without fix) may run concurrently with anything on the disk but
+ * cbt_image_close().  Those that change it (create, delete, reconcile with
+ * fix) take several steps, each under the layer's lock (bitmaps, the
+ * metadata, one commit): they may run concurrently with the data path,
+ * but not with one another or with bitmap changes (cbt/bitmap.h add,
+ * remove, rename, enable/disable, commit, rollback) on the same disk. */
 #ifndef CBT_CHECKPOINT_H
 #define CBT_CHECKPOINT_H
 

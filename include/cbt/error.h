@@ -7,6 +7,9 @@ extern "C" {
 #endif
 
 /*
+ * Threads: an error belongs to the caller that received it; the functions
+ * here only read or free it, and may be called from any thread.
+ *
  * Control-path functions take a `struct cbt_error **errp`.  On failure they
  * store a newly allocated error there (if errp is non-NULL and *errp is NULL)
  * and return a failure value; the caller frees it with cbt_error_free().
@@ -24,6 +27,8 @@ int cbt_error_errno(const struct cbt_error *err);
  * command turns each kind into its own exit status, docs/cli.md).  Set by
  * the code that knows (a lock conflict, a verification failure); otherwise
  * derived from the errno: ENOSPC, EDQUOT, EFBIG, EROFS are CBT_ERR_IO.
+ * The values are stable (docs/api.md): new kinds are added at the end, and
+ * a kind a program does not know is to be treated as CBT_ERR_OTHER.
  */
 enum cbt_error_kind {
     CBT_ERR_OTHER = 0,
@@ -38,6 +43,19 @@ enum cbt_error_kind cbt_error_kind(const struct cbt_error *err);
  * data path): CBT_ERR_IO for the values above, else CBT_ERR_OTHER. */
 enum cbt_error_kind cbt_errno_kind(int errnum);
 void cbt_error_free(struct cbt_error *err);
+
+/*
+ * Warnings: conditions worth telling the user that do not fail the call
+ * (an image another process is writing, opened with CBT_OPEN_FORCE_SHARE;
+ * a bitmap left out of a snapshot).  By default they are printed to
+ * stderr as "warning: MSG".  A handler receives each message instead
+ * (without "warning: " or a newline; msg is freed after it returns); NULL
+ * restores the default.  For the whole process: it may be installed at
+ * any time, but is best installed once, before opening images, and it is
+ * called from whichever thread warns, possibly several at once.
+ */
+typedef void cbt_warn_fn(const char *msg);
+void cbt_set_warn_handler(cbt_warn_fn *fn);
 
 #ifdef __cplusplus
 }

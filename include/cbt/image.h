@@ -18,6 +18,36 @@ extern "C" {
  */
 struct cbt_image;
 
+/*
+ * Threads.  libcbt needs no initialisation and every function may be
+ * called from any thread.  Functions that take file names (open, create,
+ * check, and the operations of cbt/ops.h, cbt/backup.h) work on images of
+ * their own and may run concurrently on different files.  One open image
+ * (its whole chain) may be shared by threads as follows:
+ *
+ *  - the data path (cbt_image_pread, pwrite, pwrite_zeroes, discard,
+ *    pwrite_compressed, compress_cluster, pwrite_precompressed, flush,
+ *    block_status, block_status_above), the
+ *    queries (cbt_image_size, get_info, filename, format, backing,
+ *    shared_with_writer), cbt_image_resize and cbt/bitmap.h may be called
+ *    concurrently on the same image.  Each call runs under the lock of the
+ *    node it addresses and is atomic with respect to the other calls on
+ *    that node; a read falling through to a backing node takes that
+ *    node's lock for each piece it reads there.  A request checks its
+ *    range against the size at the moment it runs: after a concurrent
+ *    shrink it fails with -EINVAL, and cbt_image_size() may be out of date
+ *    as soon as it returns;
+ *  - cbt_image_close() must be the last call on the chain: no other thread
+ *    may use the image, or any node of its chain, while or after it runs;
+ *  - image locks belong to the process (as QEMU's), so two opens of one
+ *    file in one process do not exclude each other.  Do not write a file
+ *    through two handles, or run two operations that write the same files
+ *    at once: each handle caches metadata of its own.
+ *
+ * Process-wide settings (cbt_set_lock_wait) are read when an open starts:
+ * set them before opening images.
+ */
+
 #define CBT_OPEN_RDWR (1u << 0)       /* open the top layer read-write */
 #define CBT_OPEN_NO_BACKING (1u << 1) /* do not open backing files */
 #define CBT_OPEN_CHECK (1u << 2)      /* open damaged images for check/repair */
@@ -51,12 +81,14 @@ struct cbt_image *cbt_image_open(const char *filename, const char *format,
  * whole process, as the locks are; set it before opening images.
  */
 void cbt_set_lock_wait(int seconds);
-/* Flushes and closes the whole chain; frees img even on failure. */
+/* Flushes and closes the whole chain; frees img even on failure.  The last
+ * call on the chain: not concurrently with any other use of it. */
 int cbt_image_close(struct cbt_image *img, struct cbt_error **errp);
 
 /*
  * Data path.  Return 0 or a negative errno.  Offsets and lengths are in
- * bytes, need no alignment, and must lie within the virtual size.
+ * bytes, need no alignment, and must lie within the virtual size.  All may
+ * be called concurrently on one image (see "Threads" above).
  */
 int cbt_image_pread(struct cbt_image *img, void *buf, size_t len, uint64_t off);
 int cbt_image_pwrite(struct cbt_image *img, const void *buf, size_t len,
@@ -80,8 +112,9 @@ int cbt_image_pwrite_compressed(struct cbt_image *img, const void *buf,
  * write in order.  cbt_image_compress_cluster compresses the one cluster at
  * off (len bytes: the cluster, or the image's short last one) as
  * cbt_image_pwrite_compressed would, into out (cap bytes), writing
- * nothing; it takes no lock and touches no image state (any thread, while
- * img is open).  Returns the compressed length, 0 when the cluster does not
+ * nothing; it holds the image's lock only to check off and len against
+ * the size, and compresses without it, so threads compress at once (any
+ * thread, while img is open).  Returns the compressed length, 0 when the cluster does not
  * shrink (write it normally), or -errno (-ENOTSUP: no compression).
  * cbt_image_pwrite_precompressed stores that cluster (len bytes at off) in
  * its compressed form cbuf (cbuf_len bytes, from
@@ -94,6 +127,8 @@ int cbt_image_pwrite_precompressed(struct cbt_image *img, const void *cbuf,
 /* Durable: returns once everything written before it is on stable storage. */
 int cbt_image_flush(struct cbt_image *img);
 
+/* Queries; concurrently with anything but cbt_image_close().  The size is
+ * the one at the moment of the call (a resize may change it). */
 uint64_t cbt_image_size(const struct cbt_image *img);
 const char *cbt_image_filename(const struct cbt_image *img);
 const char *cbt_image_format(const struct cbt_image *img);
@@ -184,6 +219,8 @@ struct cbt_image_info {
     size_t nb_snapshots;
     struct cbt_snapshot_info *snapshots;
 };
+/* Concurrently with the data path and resize: a consistent picture taken
+ * under the image's lock. */
 int cbt_image_get_info(struct cbt_image *img, struct cbt_image_info *info,
                        struct cbt_error **errp);
 void cbt_image_info_free(struct cbt_image_info *info);
@@ -218,11 +255,14 @@ int cbt_image_check(const char *filename, const char *format, unsigned fix,
                     struct cbt_check_result *res, cbt_report_fn *report,
                     void *opaque, struct cbt_error **errp);
 
-/* Change the virtual size of the top layer (opened read-write). */
+/* Change the virtual size of the top layer (opened read-write).  May run
+ * concurrently with the data path: requests run wholly before or after it
+ * and are checked against the size they run under. */
 int cbt_image_resize(struct cbt_image *img, uint64_t new_size, bool shrink,
                      struct cbt_error **errp);
 
-/* Parse a size with an optional k/M/G/T/P/E suffix (powers of 1024) or b. */
+/* Parse a size with an optional k/M/G/T/P/E suffix (powers of 1024) or b.
+ * Pure: from any thread. */
 int cbt_parse_size(const char *s, uint64_t *out);
 
 #ifdef __cplusplus

@@ -1,4 +1,10 @@
-/* Public API for operations that span several images. */
+/* Public API for operations that span several images.
+ *
+ * Threads: each operation opens the images it works on itself, so
+ * operations on different files may run concurrently from different
+ * threads.  Two operations on the same files must not (image locks belong
+ * to the process and do not exclude them: cbt/image.h, "Threads"), nor may
+ * another thread use a handle it opened on one of those files. */
 #ifndef CBT_OPS_H
 #define CBT_OPS_H
 
@@ -36,7 +42,10 @@ int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
                  struct cbt_error **errp);
 
 /* Progress of a long operation: `done` of `total` units (bytes) so far.
- * Called from the operation's thread; may be NULL. */
+ * Called from the calling thread or from a thread the operation started
+ * (backup, restore and verify report from their writer thread), one call
+ * at a time, never after the operation returned; may be NULL.  To stop the
+ * operation, see cbt_cancel_fn. */
 typedef void cbt_progress_fn(void *opaque, uint64_t done, uint64_t total);
 
 /*

@@ -381,15 +381,17 @@ int cbt_bitmap_add(struct cbt_image *img, const char *name,
 {
     if (!valid_image(img, errp) || !valid_name(img, name, errp))
         return -1;
-    if (granularity == 0) {
-        granularity = default_granularity(img);
-    } else if (granularity < BM_MIN_GRANULARITY || !IS_POW2(granularity)) {
+    if (granularity != 0 &&
+        (granularity < BM_MIN_GRANULARITY || !IS_POW2(granularity))) {
         set_error(errp, img, EINVAL,
                   "Granularity must be power of 2 and at least 512");
         return -1;
     }
     int ret = -1;
     pthread_mutex_lock(&img->lock);
+    if (granularity == 0)
+        granularity = default_granularity(img); /* a reopen sets the
+                                                 * cluster size */
     /* As QEMU 7.2: a duplicate first, then the driver's can-store check
      * (whose refusals name the bitmap and the image). */
     if (list_find(&img->bitmaps, name)) {

@@ -293,14 +293,16 @@ int cbt_image_close(struct cbt_image *img, struct cbt_error **errp)
     int ret = 0;
     while (img) {
         struct blk_node *backing = img->backing;
+        /* Nobody else may use the chain any more (image.h): the lock
+         * only keeps the driver's contract. */
+        pthread_mutex_lock(&img->lock);
         if (img->drv && img->opaque && !img->read_only &&
             img->drv->bitmap_store) {
             /* Closing commits the bitmaps. */
-            pthread_mutex_lock(&img->lock);
             if (img->drv->bitmap_store(img, errp) < 0)
                 ret = -1;
-            pthread_mutex_unlock(&img->lock);
         }
+        pthread_mutex_unlock(&img->lock);
         if (img->drv && img->drv->close && img->opaque) {
             if (img->drv->close(img, errp) < 0)
                 ret = -1;
@@ -311,7 +313,22 @@ int cbt_image_close(struct cbt_image *img, struct cbt_error **errp)
     return ret;
 }
 
-uint64_t cbt_image_size(const struct cbt_image *img) { return img->size; }
+/* Resize and reopen change the size under the node's lock: read it there.
+ * The lock is the node's own, so a const image still takes it. */
+uint64_t cbt_image_size(const struct cbt_image *img)
+{
+    struct blk_node *node = (struct blk_node *)img;
+    pthread_mutex_lock(&node->lock);
+    uint64_t size = node->size;
+    pthread_mutex_unlock(&node->lock);
+    return size;
+}
+
+uint64_t blk_backing_size(struct blk_node *node)
+{
+    return node->backing ? cbt_image_size(node->backing) : 0;
+}
+
 bool cbt_image_shared_with_writer(const struct cbt_image *img)
 {
     return img->shared_with_writer;
@@ -320,8 +337,15 @@ const char *cbt_image_filename(const struct cbt_image *img) { return img->filena
 const char *cbt_image_format(const struct cbt_image *img) { return img->drv->name; }
 struct cbt_image *cbt_image_backing(const struct cbt_image *img) { return img->backing; }
 
-/* ---- the data path ---- */
+/* ---- the data path ----
+ *
+ * The checks of a request (range, read-only) are made under node->lock,
+ * together with the driver call: a resize or a reopen in another thread
+ * changes size and mode under that lock, so a check made before taking it
+ * could pass for a size or mode the request then does not run under.
+ */
 
+/* Caller holds node->lock. */
 static int check_range(const struct blk_node *node, uint64_t off, uint64_t len)
 {
     uint64_t end;
@@ -332,22 +356,29 @@ static int check_range(const struct blk_node *node, uint64_t off, uint64_t len)
 
 int cbt_image_pread(struct cbt_image *img, void *buf, size_t len, uint64_t off)
 {
-    int r = check_range(img, off, len);
-    if (r < 0 || len == 0)
-        return r;
     pthread_mutex_lock(&img->lock);
-    r = img->drv->read(img, buf, off, len);
+    int r = check_range(img, off, len);
+    if (r == 0 && len > 0)
+        r = img->drv->read(img, buf, off, len);
     pthread_mutex_unlock(&img->lock);
     return r;
 }
 
+/* Called with node->lock held; takes the backing node's lock below it (the
+ * top-to-bottom order), and decides how much of the range the backing
+ * node holds under that lock, where its size cannot change. */
 int blk_read_backing(struct blk_node *node, void *buf, uint64_t off, size_t len)
 {
     struct blk_node *b = node->backing;
     size_t n = 0;
-    if (b && off < b->size) {
-        n = (size_t)MIN((uint64_t)len, b->size - off);
-        int r = cbt_image_pread(b, buf, n, off);
+    if (b) {
+        pthread_mutex_lock(&b->lock);
+        int r = 0;
+        if (off < b->size) {
+            n = (size_t)MIN((uint64_t)len, b->size - off);
+            r = b->drv->read(b, buf, off, n);
+        }
+        pthread_mutex_unlock(&b->lock);
         if (r < 0)
             return r;
     }
@@ -385,10 +416,9 @@ static void note_written(struct blk_node *node, uint64_t len)
 
 void blk_start_writeback(struct blk_node *node)
 {
-    if (node->read_only)
-        return;
     pthread_mutex_lock(&node->lock);
-    start_writeback_locked(node);
+    if (!node->read_only)
+        start_writeback_locked(node);
     pthread_mutex_unlock(&node->lock);
 }
 
@@ -399,26 +429,43 @@ void blk_start_writeback_fd(int fd)
     (void)sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE);
 }
 
-static int write_prologue(struct cbt_image *img, uint64_t off, uint64_t len)
+/* Caller holds img->lock. */
+static int write_check_locked(struct cbt_image *img, uint64_t off,
+                              uint64_t len)
 {
     if (img->read_only)
         return -EPERM;
     return check_range(img, off, len);
 }
 
+/*
+ * The steps before the driver call of a write, zero-write or discard, with
+ * node->lock held: the checks, then dirtying the recording bitmaps unless
+ * BLK_WRITE_NO_DIRTY.  1: call the driver; 0: nothing to do (len 0);
+ * else -errno.
+ */
+static int write_begin_locked(struct blk_node *node, uint64_t off,
+                              uint64_t len, unsigned bflags)
+{
+    int r = write_check_locked(node, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    if (!(bflags & BLK_WRITE_NO_DIRTY) &&
+        (r = blk_mark_dirty(node, off, len)) < 0)
+        return r;
+    return 1;
+}
+
 int blk_pwrite(struct blk_node *node, const void *buf, size_t len,
                uint64_t off, unsigned bflags)
 {
-    int r = write_prologue(node, off, len);
-    if (r < 0 || len == 0)
-        return r;
     pthread_mutex_lock(&node->lock);
-    if (!(bflags & BLK_WRITE_NO_DIRTY))
-        r = blk_mark_dirty(node, off, len);
-    if (r == 0)
+    int r = write_begin_locked(node, off, len, bflags);
+    if (r > 0) {
         r = node->drv->write(node, buf, off, len);
-    if (r == 0)
-        note_written(node, len);
+        if (r == 0)
+            note_written(node, len);
+    }
     pthread_mutex_unlock(&node->lock);
     return r;
 }
@@ -426,13 +473,9 @@ int blk_pwrite(struct blk_node *node, const void *buf, size_t len,
 int blk_pwrite_zeroes(struct blk_node *node, uint64_t off, uint64_t len,
                       unsigned zflags, unsigned bflags)
 {
-    int r = write_prologue(node, off, len);
-    if (r < 0 || len == 0)
-        return r;
     pthread_mutex_lock(&node->lock);
-    if (!(bflags & BLK_WRITE_NO_DIRTY))
-        r = blk_mark_dirty(node, off, len);
-    if (r == 0)
+    int r = write_begin_locked(node, off, len, bflags);
+    if (r > 0)
         r = node->drv->write_zeroes(node, off, len, zflags);
     pthread_mutex_unlock(&node->lock);
     return r;
@@ -441,13 +484,9 @@ int blk_pwrite_zeroes(struct blk_node *node, uint64_t off, uint64_t len,
 int blk_discard(struct blk_node *node, uint64_t off, uint64_t len,
                 unsigned bflags)
 {
-    int r = write_prologue(node, off, len);
-    if (r < 0 || len == 0)
-        return r;
     pthread_mutex_lock(&node->lock);
-    if (!(bflags & BLK_WRITE_NO_DIRTY))
-        r = blk_mark_dirty(node, off, len);
-    if (r == 0)
+    int r = write_begin_locked(node, off, len, bflags);
+    if (r > 0)
         r = node->drv->discard ? node->drv->discard(node, off, len) : 0;
     pthread_mutex_unlock(&node->lock);
     return r;
@@ -455,12 +494,10 @@ int blk_discard(struct blk_node *node, uint64_t off, uint64_t len,
 
 int blk_make_empty(struct blk_node *node)
 {
-    if (node->read_only)
-        return -EPERM;
     if (!node->drv->make_empty)
         return -ENOTSUP;
     pthread_mutex_lock(&node->lock);
-    int r = node->drv->make_empty(node);
+    int r = node->read_only ? -EPERM : node->drv->make_empty(node);
     pthread_mutex_unlock(&node->lock);
     return r;
 }
@@ -485,16 +522,18 @@ int cbt_image_discard(struct cbt_image *img, uint64_t off, uint64_t len)
 int cbt_image_pwrite_compressed(struct cbt_image *img, const void *buf,
                                 size_t len, uint64_t off)
 {
-    int r = write_prologue(img, off, len);
+    pthread_mutex_lock(&img->lock);
+    int r = write_check_locked(img, off, len);
     if (r < 0 || len == 0)
-        return r;
+        goto out;
+    r = -ENOTSUP;
     if (!img->drv->write_compressed || img->cluster_size == 0)
-        return -ENOTSUP;
+        goto out;
     uint64_t cs = img->cluster_size;
     /* Whole clusters, the last one possibly cut by the end of the image. */
+    r = -EINVAL;
     if (off % cs || (len % cs && off + len != img->size))
-        return -EINVAL;
-    pthread_mutex_lock(&img->lock);
+        goto out;
     r = blk_mark_dirty(img, off, len);
     for (size_t done = 0; r == 0 && done < len; done += cs) {
         size_t n = (size_t)MIN((uint64_t)(len - done), cs);
@@ -503,6 +542,7 @@ int cbt_image_pwrite_compressed(struct cbt_image *img, const void *buf,
     }
     if (r == 0)
         note_written(img, len);  /* counted uncompressed: kicks sooner */
+out:
     pthread_mutex_unlock(&img->lock);
     return r;
 }
@@ -511,12 +551,18 @@ int64_t cbt_image_compress_cluster(struct cbt_image *img, const void *buf,
                                    size_t len, uint64_t off, void *out,
                                    size_t cap)
 {
-    /* No lock: the driver reads only what is fixed while img is open. */
-    if (!img->drv->compress || img->cluster_size == 0)
+    if (!img->drv->compress)
         return -ENOTSUP;
-    uint64_t cs = img->cluster_size;
-    if (len == 0 || off % cs || off >= img->size || len > cs ||
-        (len < cs && off + len != img->size))
+    /* The lock only for the checks (a resize changes the size); the
+     * compression itself reads only what is fixed while img is open, so
+     * several threads compress at once. */
+    pthread_mutex_lock(&img->lock);
+    uint64_t cs = img->cluster_size, size = img->size;
+    pthread_mutex_unlock(&img->lock);
+    if (cs == 0)
+        return -ENOTSUP;
+    if (len == 0 || off % cs || off >= size || len > cs ||
+        (len < cs && off + len != size))
         return -EINVAL;
     return img->drv->compress(img, buf, len, out, cap);
 }
@@ -524,31 +570,32 @@ int64_t cbt_image_compress_cluster(struct cbt_image *img, const void *buf,
 int cbt_image_pwrite_precompressed(struct cbt_image *img, const void *cbuf,
                                    size_t cbuf_len, size_t len, uint64_t off)
 {
-    int r = write_prologue(img, off, len);
+    pthread_mutex_lock(&img->lock);
+    int r = write_check_locked(img, off, len);
     if (r < 0 || len == 0)
-        return r;
+        goto out;
+    r = -ENOTSUP;
     if (!img->drv->write_compressed || img->cluster_size == 0)
-        return -ENOTSUP;
+        goto out;
     uint64_t cs = img->cluster_size;
+    r = -EINVAL;
     if (off % cs || len > cs || (len < cs && off + len != img->size) ||
         cbuf_len == 0 || cbuf_len >= cs)
-        return -EINVAL;
-    pthread_mutex_lock(&img->lock);
+        goto out;
     r = blk_mark_dirty(img, off, len);
     if (r == 0)
         r = img->drv->write_compressed(img, NULL, off, len, cbuf, cbuf_len);
     if (r == 0)
         note_written(img, len);
+out:
     pthread_mutex_unlock(&img->lock);
     return r;
 }
 
 int cbt_image_flush(struct cbt_image *img)
 {
-    if (img->read_only)
-        return 0;
     pthread_mutex_lock(&img->lock);
-    int r = img->drv->flush(img);
+    int r = img->read_only ? 0 : img->drv->flush(img);
     pthread_mutex_unlock(&img->lock);
     return r;
 }
@@ -559,42 +606,76 @@ int cbt_image_block_status(struct cbt_image *img, uint64_t off, uint64_t len,
     return cbt_image_block_status_above(img, NULL, off, len, ext);
 }
 
+/* Fill ext from a layer's answer that decides the contents (or, with
+ * zero, a range past the end of the layer below). */
+static void status_to_extent(const struct blk_node *node,
+                             const struct blk_status *st, bool zero,
+                             struct cbt_extent *ext)
+{
+    if (!zero) {
+        ext->flags |= CBT_BS_PRESENT;
+        if (st->flags & BLK_STATUS_ZERO)
+            ext->flags |= CBT_BS_ZERO;
+        if (st->flags & BLK_STATUS_DATA)
+            ext->flags |= CBT_BS_DATA;
+        if (st->flags & BLK_STATUS_COMPRESSED)
+            ext->flags |= CBT_BS_COMPRESSED;
+    } else {
+        ext->flags |= CBT_BS_ZERO;
+    }
+    if (st->flags & BLK_STATUS_OFFSET) {
+        ext->flags |= CBT_BS_OFFSET_VALID;
+        ext->offset = st->host_offset;
+        ext->filename = st->host_file ? st->host_file : node->filename;
+    }
+}
+
+/*
+ * Each layer's lock is taken around its own checks and driver call only,
+ * never nested: the top's range check, and each lower layer's "is off past
+ * my end" (a shorter backing file), are made under the lock of the layer
+ * whose size they read.
+ */
 int cbt_image_block_status_above(struct cbt_image *img,
                                  const struct cbt_image *base, uint64_t off,
                                  uint64_t len, struct cbt_extent *ext)
 {
-    int r = check_range(img, off, len);
-    if (r < 0)
-        return r;
-    if (len == 0)
-        return -EINVAL;
     memset(ext, 0, sizeof(*ext));
     ext->start = off;
-    struct blk_node *node = img;
+    struct blk_node *node = img, *above = NULL;
+    struct blk_status above_st = { 0 };
     for (int depth = 0;; depth++) {
         struct blk_status st = { 0 };
+        int r = 0;
+        bool past_end = false;
         pthread_mutex_lock(&node->lock);
-        r = node->drv->block_status(node, off, len, &st);
+        if (depth == 0) {
+            r = check_range(node, off, len);
+            if (r == 0 && len == 0)
+                r = -EINVAL;
+        } else if (off >= node->size) {
+            past_end = true;
+        } else {
+            len = MIN(len, node->size - off);
+        }
+        if (r == 0 && !past_end)
+            r = node->drv->block_status(node, off, len, &st);
         pthread_mutex_unlock(&node->lock);
         if (r < 0)
             return r;
+        if (past_end) {
+            /* Past the end of a shorter backing file: zeroes, reported at
+             * the layer above.  A host offset that layer still reserves
+             * (qcow2 subclusters) is reported, as QEMU does. */
+            status_to_extent(above, &above_st, true, ext);
+            break;
+        }
         if (st.length == 0 || st.length > len)
             return -EIO;
         len = st.length;
         ext->depth = depth;
         if (st.flags & BLK_STATUS_ALLOCATED) {
-            ext->flags |= CBT_BS_PRESENT;
-            if (st.flags & BLK_STATUS_ZERO)
-                ext->flags |= CBT_BS_ZERO;
-            if (st.flags & BLK_STATUS_DATA)
-                ext->flags |= CBT_BS_DATA;
-            if (st.flags & BLK_STATUS_COMPRESSED)
-                ext->flags |= CBT_BS_COMPRESSED;
-            if (st.flags & BLK_STATUS_OFFSET) {
-                ext->flags |= CBT_BS_OFFSET_VALID;
-                ext->offset = st.host_offset;
-                ext->filename = st.host_file ? st.host_file : node->filename;
-            }
+            status_to_extent(node, &st, false, ext);
             break;
         }
         struct blk_node *b = node->backing;
@@ -602,19 +683,13 @@ int cbt_image_block_status_above(struct cbt_image *img,
             /* Not allocated above base: neither present nor zero here. */
             break;
         }
-        if (!b || off >= b->size) {
-            /* No backing file, or past the end of a shorter one: zeroes,
-             * reported at this layer.  A host offset the layer still
-             * reserves (qcow2 subclusters) is reported, as QEMU does. */
-            ext->flags |= CBT_BS_ZERO;
-            if (st.flags & BLK_STATUS_OFFSET) {
-                ext->flags |= CBT_BS_OFFSET_VALID;
-                ext->offset = st.host_offset;
-                ext->filename = st.host_file ? st.host_file : node->filename;
-            }
+        if (!b) {
+            /* No backing file: zeroes, reported at this layer. */
+            status_to_extent(node, &st, true, ext);
             break;
         }
-        len = MIN(len, b->size - off);
+        above = node;
+        above_st = st;
         node = b;
     }
     ext->length = len;
@@ -625,16 +700,23 @@ int cbt_image_block_status_above(struct cbt_image *img,
 
 int blk_reopen_rw(struct blk_node *node, struct cbt_error **errp)
 {
-    if (!node->read_only)
+    /* Mode, flags and lock role change under node->lock (below): read them
+     * there.  filename never changes. */
+    pthread_mutex_lock(&node->lock);
+    bool ro = node->read_only;
+    unsigned oflags = node->flags;
+    enum blk_lock_role role = node->lock_role;
+    pthread_mutex_unlock(&node->lock);
+    if (!ro)
         return 0;
-    if (node->flags & CBT_OPEN_FORCE_SHARE) {
+    if (oflags & CBT_OPEN_FORCE_SHARE) {
         cbt_error_set(errp, EINVAL, "%s: opened with force-share (-U), "
                       "which cannot write", node->filename);
         return -1;
     }
     /* Take the write lock first: a conflict is found before anything
      * changes. */
-    if (blk_lock_change(node->file_lock, node->filename, node->lock_role,
+    if (blk_lock_change(node->file_lock, node->filename, role,
                         BLK_LOCK_WRITE, errp) < 0) {
         cbt_error_prefix(errp, "Could not open '%s' read-write",
                          node->filename);
@@ -645,20 +727,24 @@ int blk_reopen_rw(struct blk_node *node, struct cbt_error **errp)
         cbt_error_set(errp, errno, "Could not open '%s' read-write: %s",
                       node->filename, strerror(errno));
         (void)blk_lock_change(node->file_lock, node->filename, BLK_LOCK_WRITE,
-                              node->lock_role, NULL);
+                              role, NULL);
         return -1;
     }
+    pthread_mutex_lock(&node->lock);
     struct stat a, b;
-    if (fstat(fd, &a) < 0 || fstat(node->fd, &b) < 0 || a.st_dev != b.st_dev ||
-        a.st_ino != b.st_ino) {
+    bool raced = !node->read_only; /* another thread reopened it meanwhile */
+    if (raced || fstat(fd, &a) < 0 || fstat(node->fd, &b) < 0 ||
+        a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+        pthread_mutex_unlock(&node->lock);
         close(fd);
         (void)blk_lock_change(node->file_lock, node->filename, BLK_LOCK_WRITE,
-                              node->lock_role, NULL);
+                              role, NULL);
+        if (raced)
+            return 0;
         cbt_error_set(errp, ESTALE, "%s: the file changed while it was open",
                       node->filename);
         return -1;
     }
-    pthread_mutex_lock(&node->lock);
     /* Drop the read-only driver state (nothing to write back), then load
      * it again through the writable descriptor. */
     if (node->drv->close && node->opaque)
@@ -695,7 +781,7 @@ int blk_reopen_rw(struct blk_node *node, struct cbt_error **errp)
             blk_bitmaps_snapshot(node) < 0)
             node->opaque = NULL; /* unusable; close copes */
         (void)blk_lock_change(node->file_lock, node->filename, BLK_LOCK_WRITE,
-                              node->lock_role, NULL);
+                              role, NULL);
         pthread_mutex_unlock(&node->lock);
         return -1;
     }
@@ -719,17 +805,17 @@ int blk_ext_get(struct blk_node *node, uint32_t type, uint8_t **data,
 int blk_ext_set(struct blk_node *node, uint32_t type, const void *data,
                 size_t len, struct cbt_error **errp)
 {
-    if (node->read_only) {
-        cbt_error_set(errp, EPERM, "%s: image is read-only", node->filename);
-        return -1;
-    }
     if (!node->drv->ext_set) {
         cbt_error_set(errp, ENOTSUP, "%s: format '%s' cannot store cbt "
                       "metadata", node->filename, node->drv->name);
         return -1;
     }
     pthread_mutex_lock(&node->lock);
-    int r = node->drv->ext_set(node, type, data, len, errp);
+    int r = -1;
+    if (node->read_only)
+        cbt_error_set(errp, EPERM, "%s: image is read-only", node->filename);
+    else
+        r = node->drv->ext_set(node, type, data, len, errp);
     pthread_mutex_unlock(&node->lock);
     return r;
 }
@@ -737,10 +823,6 @@ int blk_ext_set(struct blk_node *node, uint32_t type, const void *data,
 int blk_set_backing(struct blk_node *node, const char *name, const char *fmt,
                     struct cbt_error **errp)
 {
-    if (node->read_only) {
-        cbt_error_set(errp, EPERM, "%s: image is read-only", node->filename);
-        return -1;
-    }
     if (!node->drv->change_backing) {
         cbt_error_set(errp, ENOTSUP,
                       "%s: format '%s' cannot store a backing file",
@@ -748,7 +830,11 @@ int blk_set_backing(struct blk_node *node, const char *name, const char *fmt,
         return -1;
     }
     pthread_mutex_lock(&node->lock);
-    int r = node->drv->change_backing(node, name, fmt, errp);
+    int r = -1;
+    if (node->read_only)
+        cbt_error_set(errp, EPERM, "%s: image is read-only", node->filename);
+    else
+        r = node->drv->change_backing(node, name, fmt, errp);
     pthread_mutex_unlock(&node->lock);
     return r;
 }
@@ -771,6 +857,9 @@ int cbt_image_get_info(struct cbt_image *img, struct cbt_image_info *info,
     memset(info, 0, sizeof(*info));
     info->filename = img->filename;
     info->format = img->drv->name;
+    /* Size, descriptor and backing link change under the lock (resize,
+     * reopen, a new backing link). */
+    pthread_mutex_lock(&img->lock);
     info->virtual_size = img->size;
     if (file_allocated_size(img->fd, &info->actual_size) < 0)
         info->actual_size = 0;
@@ -781,14 +870,11 @@ int cbt_image_get_info(struct cbt_image *img, struct cbt_image_info *info,
         if (img->backing_fmt)
             info->backing_format = strdup(img->backing_fmt);
     }
-    if (img->drv->get_info) {
-        pthread_mutex_lock(&img->lock);
-        int r = img->drv->get_info(img, info, errp);
-        pthread_mutex_unlock(&img->lock);
-        if (r < 0) {
-            cbt_image_info_free(info);
-            return -1;
-        }
+    int r = img->drv->get_info ? img->drv->get_info(img, info, errp) : 0;
+    pthread_mutex_unlock(&img->lock);
+    if (r < 0) {
+        cbt_image_info_free(info);
+        return -1;
     }
     return 0;
 }
@@ -841,16 +927,17 @@ int cbt_image_check(const char *filename, const char *format, unsigned fix,
 int cbt_image_resize(struct cbt_image *img, uint64_t new_size, bool shrink,
                      struct cbt_error **errp)
 {
-    if (img->read_only) {
-        cbt_error_set(errp, EPERM, "%s: image is read-only", img->filename);
-        return -1;
-    }
     if (!img->drv->resize) {
         cbt_error_set(errp, ENOTSUP, "%s: format '%s' cannot be resized",
                       img->filename, img->drv->name);
         return -1;
     }
     pthread_mutex_lock(&img->lock);
+    if (img->read_only) {
+        pthread_mutex_unlock(&img->lock);
+        cbt_error_set(errp, EPERM, "%s: image is read-only", img->filename);
+        return -1;
+    }
     uint64_t old_size = img->size;
     int r = blk_bitmaps_resize_check(img, errp);
     if (r == 0)

@@ -268,9 +268,15 @@ const struct blk_driver *blk_find_driver(const char *name);
 /* Probe the format of an open file; NULL when unknown (falls back to raw). */
 const struct blk_driver *blk_probe(int fd);
 /* Read [off, off+len) of the node's backing view: the backing node's data
- * within its size, zeroes past it or without a backing node. */
+ * within its size, zeroes past it or without a backing node.  Called with
+ * node->lock held; takes the backing node's. */
 int blk_read_backing(struct blk_node *node, void *buf, uint64_t off,
                      size_t len);
+/* The virtual size of the node's backing node, 0 without one.  A driver
+ * holding node->lock calls it instead of reading backing->size, which a
+ * reopen of the backing node changes under the backing node's lock (taken
+ * here, below node's: the top-to-bottom order). */
+uint64_t blk_backing_size(struct blk_node *node);
 /* Start writing back fd's dirty pages, not waiting (sync_file_range). */
 void blk_start_writeback_fd(int fd);
 /* The same for what a node has written so far (streaming writeback, in

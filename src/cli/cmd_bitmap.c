@@ -725,144 +725,56 @@ static int view_sha256(struct cbt_image *img, const struct bitmap_args *a)
     return 0;
 }
 
-/*
- * --diff: the dirty ranges of both bitmaps are collected, then one sweep
- * over the disk cuts it into extents of three kinds: dirty only in BITMAP
- * (1), dirty only in OTHER (2), the same in both (0).
- */
-struct range {
-    uint64_t start, end;
-};
-
-struct ranges {
-    struct range *v;
-    size_t n, cap;
-};
-
-static int collect_dirty(void *opaque, uint64_t start, uint64_t length,
-                         bool dirty)
-{
-    struct ranges *r = opaque;
-    if (!dirty)
-        return 0;
-    if (r->n == r->cap) {
-        size_t cap = r->cap ? r->cap * 2 : 64;
-        struct range *v = realloc(r->v, cap * sizeof(*v));
-        if (!v)
-            return -ENOMEM;
-        r->v = v;
-        r->cap = cap;
-    }
-    r->v[r->n++] = (struct range){start, start + length};
-    return 0;
-}
-
-/* Is pos dirty in r, and where does that state end?  *i is a cursor that
- * only moves forward as pos does. */
-static bool state_at(const struct ranges *r, size_t *i, uint64_t pos,
-                     uint64_t size, uint64_t *next)
-{
-    while (*i < r->n && r->v[*i].end <= pos)
-        (*i)++;
-    if (*i < r->n && r->v[*i].start <= pos) {
-        *next = r->v[*i].end;
-        return true;
-    }
-    *next = *i < r->n ? r->v[*i].start : size;
-    return false;
-}
-
+/* --diff: the library cuts the disk into extents of three kinds (dirty
+ * only in BITMAP: 1, only in OTHER: 2, the same in both: 0); we print. */
 struct diff_out {
     const struct bitmap_args *a;
     bool first;
-    uint64_t start, length; /* pending extent, merged with equal ones */
-    int type;
 };
 
-static void diff_flush(struct diff_out *o)
+static int diff_print(void *opaque, uint64_t start, uint64_t length,
+                      enum cbt_diff kind)
 {
-    if (o->length == 0)
-        return;
+    struct diff_out *o = opaque;
     const struct bitmap_args *a = o->a;
+    int type = (int)kind;
     if (a->output == CLI_OUTPUT_HUMAN) {
-        printf("%10" PRIu64 "  %10" PRIu64 "  %3d  ", o->start, o->length,
-               o->type);
-        if (o->type == 0)
+        printf("%10" PRIu64 "  %10" PRIu64 "  %3d  ", start, length, type);
+        if (kind == CBT_DIFF_SAME)
             printf("same\n");
         else
-            printf("only in %s\n", o->type == 1 ? a->bitmap : a->diff_other);
+            printf("only in %s\n",
+                   kind == CBT_DIFF_ONLY_FIRST ? a->bitmap : a->diff_other);
     } else {
         printf("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64
                ", \"dirty\": %s, \"only-in\": %s}",
-               o->first ? "[" : ",\n", o->start, o->length,
-               o->type == 1 ? "true" : "false",
-               o->type == 1   ? "\"bitmap\""
-               : o->type == 2 ? "\"other\""
-                              : "null");
+               o->first ? "[" : ",\n", start, length,
+               kind == CBT_DIFF_ONLY_FIRST ? "true" : "false",
+               kind == CBT_DIFF_ONLY_FIRST    ? "\"bitmap\""
+               : kind == CBT_DIFF_ONLY_SECOND ? "\"other\""
+                                              : "null");
     }
     o->first = false;
-    o->length = 0;
-}
-
-static void diff_emit(struct diff_out *o, uint64_t start, uint64_t length,
-                      int type)
-{
-    if (o->length && o->type == type && o->start + o->length == start) {
-        o->length += length;
-        return;
-    }
-    diff_flush(o);
-    *o = (struct diff_out){o->a, o->first, start, length, type};
-}
-
-static void print_diff(const struct ranges *da, const struct ranges *db,
-                       uint64_t size, const struct bitmap_args *a)
-{
-    struct diff_out o = {.a = a, .first = true};
-    size_t i = 0, j = 0;
-    for (uint64_t pos = 0; pos < size;) {
-        uint64_t next_a, next_b;
-        bool in_a = state_at(da, &i, pos, size, &next_a);
-        bool in_b = state_at(db, &j, pos, size, &next_b);
-        uint64_t next = next_a < next_b ? next_a : next_b;
-        diff_emit(&o, pos, next - pos, in_a == in_b ? 0 : in_a ? 1 : 2);
-        pos = next;
-    }
-    diff_flush(&o);
-    if (a->output == CLI_OUTPUT_JSON)
-        printf("%s]\n", o.first ? "[" : "");
+    return 0;
 }
 
 static int view_diff(struct cbt_image *img, const struct bitmap_args *a)
 {
     struct cbt_image *other_img = img;
     struct cbt_error *err = NULL;
-    struct ranges da = {0}, db = {0};
-    int ret = CLI_EXIT_FAILURE;
     if (a->src_file) {
         other_img = cbt_image_open(a->src_file, a->src_format,
                                    view_flags(a) | CBT_OPEN_NO_BACKING, &err);
         if (!other_img)
             return cli_lib_error(err);
     }
-    uint64_t size = cbt_image_size(img);
-    if (cbt_image_size(other_img) != size) {
-        cli_error("Bitmaps are of different sizes (%s covers %" PRIu64
-                  " bytes, %s covers %" PRIu64 ") and can't be compared",
-                  a->bitmap, size, a->diff_other, cbt_image_size(other_img));
-        goto out;
-    }
-    if (cbt_bitmap_extents(img, a->bitmap, collect_dirty, &da, &err) < 0 ||
-        cbt_bitmap_extents(other_img, a->diff_other, collect_dirty, &db, &err) <
-            0) {
+    struct diff_out o = {.a = a, .first = true};
+    int ret = 0;
+    if (cbt_bitmap_diff(img, a->bitmap, other_img, a->diff_other, diff_print,
+                        &o, &err) < 0)
         ret = cli_lib_error(err);
-        goto out;
-    }
-    print_diff(&da, &db, size, a);
-    ret = 0;
-out:
-    free(da.v);
-    free(db.v);
+    else if (a->output == CLI_OUTPUT_JSON)
+        printf("%s]\n", o.first ? "[" : "");
     if (other_img != img)
         cbt_image_close(other_img, NULL);
     return ret;

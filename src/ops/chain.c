@@ -16,12 +16,14 @@
  * ranges and merged one layer at a time.  A run of one layer streams the
  * top's extents straight through, so it is exactly cbt_bitmap_extents.
  */
+#include <inttypes.h>
 #include <stdio.h>
 
 #include <cbt/bitmap.h>
 #include <cbt/chain.h>
 #include <cbt/image.h>
 
+#include "../util/ranges.h"
 #include "../util/util.h"
 
 /* ---- names ---- */
@@ -355,70 +357,6 @@ nomem:
 
 /* ---- the union ---- */
 
-struct range {
-    uint64_t start, end;
-};
-
-struct ranges {
-    struct range *v;
-    size_t n, cap;
-};
-
-/* Append [start, end), merging with the last range when they touch. */
-static int ranges_push(struct ranges *r, uint64_t start, uint64_t end)
-{
-    if (r->n && r->v[r->n - 1].end >= start) {
-        r->v[r->n - 1].end = MAX(r->v[r->n - 1].end, end);
-        return 0;
-    }
-    if (r->n == r->cap) {
-        size_t cap = r->cap ? r->cap * 2 : 64;
-        struct range *v = realloc(r->v, cap * sizeof(*v));
-        if (!v)
-            return -ENOMEM;
-        r->v = v;
-        r->cap = cap;
-    }
-    r->v[r->n++] = (struct range){start, end};
-    return 0;
-}
-
-/* cbt_bitmap_extents callback: the dirty ranges of one copy, clamped. */
-struct collect {
-    struct ranges r;
-    uint64_t limit; /* the top's virtual size */
-};
-
-static int collect_dirty(void *opaque, uint64_t start, uint64_t length,
-                         bool dirty)
-{
-    struct collect *c = opaque;
-    if (!dirty || start >= c->limit)
-        return 0;
-    return ranges_push(&c->r, start, MIN(start + length, c->limit));
-}
-
-/* *acc = *acc OR *add (both sorted, disjoint). */
-static int ranges_union(struct ranges *acc, const struct ranges *add)
-{
-    struct ranges out = {0};
-    size_t i = 0, j = 0;
-    while (i < acc->n || j < add->n) {
-        const struct range *x;
-        if (j == add->n || (i < acc->n && acc->v[i].start <= add->v[j].start))
-            x = &acc->v[i++];
-        else
-            x = &add->v[j++];
-        if (ranges_push(&out, x->start, x->end) < 0) {
-            free(out.v);
-            return -ENOMEM;
-        }
-    }
-    free(acc->v);
-    *acc = out;
-    return 0;
-}
-
 /* Report a callback that stopped the walk; returns its value. */
 static int stopped(struct cbt_error **errp, const char *top, const char *name,
                    int r)
@@ -441,9 +379,9 @@ static int union_walk(const struct chain *c, const char *name, int run,
     struct ranges acc = {0};
     int ret = -1;
     for (int d = 0; d < run; d++) {
-        struct collect col = {.limit = size};
-        int r = cbt_bitmap_extents(c->v[d].img, name, collect_dirty, &col,
-                                   errp);
+        struct ranges_collect col = {.limit = size};
+        int r = cbt_bitmap_extents(c->v[d].img, name, ranges_collect_dirty,
+                                   &col, errp);
         if (r == 0 && ranges_union(&acc, &col.r) < 0) {
             cbt_error_set(errp, ENOMEM, "%s: out of memory merging bitmap "
                           "'%s'", top, name);
@@ -470,6 +408,86 @@ static int union_walk(const struct chain *c, const char *name, int run,
 out:
     free(acc.v);
     return ret;
+}
+
+/* ---- the difference of two bitmaps ---- */
+
+/* The dirty ranges of one bitmap, below limit. */
+static int collect(struct cbt_image *img, const char *name, uint64_t limit,
+                   struct ranges *out, struct cbt_error **errp)
+{
+    struct ranges_collect col = {.limit = limit};
+    if (cbt_bitmap_extents(img, name, ranges_collect_dirty, &col, errp) < 0) {
+        free(col.r.v);
+        return -1;
+    }
+    *out = col.r;
+    return 0;
+}
+
+/*
+ * Both bitmaps' dirty ranges are gathered (each from a copy taken under
+ * its image's lock), then one sweep over the disk cuts it where either
+ * changes state; runs of one kind are merged before they are reported.
+ */
+int cbt_bitmap_diff(struct cbt_image *img, const char *name,
+                    struct cbt_image *other_img, const char *other_name,
+                    cbt_diff_fn *fn, void *opaque, struct cbt_error **errp)
+{
+    if (!img || !name || !other_name || !fn) {
+        cbt_error_set(errp, EINVAL, "bitmap diff: missing argument");
+        return -1;
+    }
+    if (!other_img)
+        other_img = img;
+    uint64_t size = cbt_image_size(img), osize = cbt_image_size(other_img);
+    if (osize != size) {
+        cbt_error_set(errp, EINVAL, "Bitmaps are of different sizes (%s "
+                      "covers %" PRIu64 " bytes, %s covers %" PRIu64 ") and "
+                      "can't be compared", name, size, other_name, osize);
+        return -1;
+    }
+    struct ranges a = {0}, b = {0};
+    int r = -1;
+    if (collect(img, name, size, &a, errp) < 0 ||
+        collect(other_img, other_name, size, &b, errp) < 0)
+        goto out;
+    size_t i = 0, j = 0;
+    uint64_t run_start = 0, run_len = 0;
+    enum cbt_diff run_kind = CBT_DIFF_SAME;
+    r = 0;
+    for (uint64_t pos = 0; pos < size && r == 0;) {
+        uint64_t next_a, next_b;
+        bool in_a = ranges_state_at(&a, &i, pos, size, &next_a);
+        bool in_b = ranges_state_at(&b, &j, pos, size, &next_b);
+        uint64_t next = MIN(next_a, next_b);
+        enum cbt_diff kind = in_a == in_b ? CBT_DIFF_SAME
+                             : in_a       ? CBT_DIFF_ONLY_FIRST
+                                          : CBT_DIFF_ONLY_SECOND;
+        if (run_len && kind != run_kind) {
+            r = fn(opaque, run_start, run_len, run_kind);
+            run_len = 0;
+        }
+        if (!run_len) {
+            run_start = pos;
+            run_kind = kind;
+        }
+        run_len += next - pos;
+        pos = next;
+    }
+    if (r == 0 && run_len)
+        r = fn(opaque, run_start, run_len, run_kind);
+    if (r) {
+        int e = r < 0 ? -r : EINVAL;
+        cbt_error_set(errp, e, "%s: comparing bitmaps '%s' and '%s' stopped: "
+                      "%s", cbt_image_filename(img), name, other_name,
+                      strerror(e));
+        r = -1;
+    }
+out:
+    free(a.v);
+    free(b.v);
+    return r;
 }
 
 /*

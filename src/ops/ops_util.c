@@ -8,29 +8,13 @@
 
 #include "../block/block.h"
 #include "checkpoint_meta.h"
+#include "manifest.h"
 #include "ops_util.h"
-
-/* The directory part of path ("." when it has none), malloc'd. */
-static char *dir_of(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    if (!slash)
-        return strdup(".");
-    if (slash == path)
-        return strdup("/");
-    size_t n = (size_t)(slash - path);
-    char *d = malloc(n + 1);
-    if (d) {
-        memcpy(d, path, n);
-        d[n] = '\0';
-    }
-    return d;
-}
 
 /* True when the directories holding a and b are the same directory. */
 static bool same_dir(const char *a, const char *b)
 {
-    char *da = dir_of(a), *db = dir_of(b);
+    char *da = bfile_folder_of(a), *db = bfile_folder_of(b);
     bool same = false;
     if (da && db) {
         struct stat sa, sb;

@@ -1,4 +1,5 @@
 /* Error objects for the control path, debug logging and warnings. */
+#include <pthread.h>
 #include <stdio.h>
 
 #include "util.h"
@@ -95,14 +96,20 @@ void cbt_error_prefix(struct cbt_error **errp, const char *fmt, ...)
     free(prefix);
 }
 
+/* Read once, whichever thread asks first. */
+static pthread_once_t debug_once = PTHREAD_ONCE_INIT;
+static bool debug_enabled;
+
+static void read_debug_flag(void)
+{
+    const char *e = getenv("CBT_DEBUG");
+    debug_enabled = e && *e && strcmp(e, "0") != 0;
+}
+
 void cbt_debug(const char *fmt, ...)
 {
-    static int enabled = -1;
-    if (enabled < 0) {
-        const char *e = getenv("CBT_DEBUG");
-        enabled = e && *e && strcmp(e, "0") != 0;
-    }
-    if (!enabled)
+    pthread_once(&debug_once, read_debug_flag);
+    if (!debug_enabled)
         return;
     va_list ap;
     va_start(ap, fmt);
@@ -112,11 +119,12 @@ void cbt_debug(const char *fmt, ...)
     va_end(ap);
 }
 
+/* Atomic: a program may install it while other threads warn. */
 static cbt_warn_fn *warn_handler;
 
 void cbt_set_warn_handler(cbt_warn_fn *fn)
 {
-    warn_handler = fn;
+    __atomic_store_n(&warn_handler, fn, __ATOMIC_RELEASE);
 }
 
 void cbt_warn(const char *fmt, ...)
@@ -127,8 +135,9 @@ void cbt_warn(const char *fmt, ...)
     va_end(ap);
     if (!msg)
         return;
-    if (warn_handler)
-        warn_handler(msg);
+    cbt_warn_fn *handler = __atomic_load_n(&warn_handler, __ATOMIC_ACQUIRE);
+    if (handler)
+        handler(msg);
     else
         fprintf(stderr, "warning: %s\n", msg);
     free(msg);

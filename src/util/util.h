@@ -45,9 +45,7 @@ void cbt_error_prefix(struct cbt_error **errp, const char *fmt, ...)
     PRINTF_FMT(2, 3);
 /* Run-time debug log, enabled by CBT_DEBUG=1 in the environment. */
 void cbt_debug(const char *fmt, ...) PRINTF_FMT(1, 2);
-/* Warning sink; the CLI installs a printer, the default prints to stderr. */
-typedef void cbt_warn_fn(const char *msg);
-void cbt_set_warn_handler(cbt_warn_fn *fn);
+/* A warning, to the handler of cbt_set_warn_handler() (cbt/error.h). */
 void cbt_warn(const char *fmt, ...) PRINTF_FMT(1, 2);
 
 /* ---- checked arithmetic: return true on overflow ---- */

@@ -80,6 +80,65 @@ static uint64_t dirent_size(size_t name_len)
     return ALIGN_UP(QCOW2_BME_FIXED_SIZE + (uint64_t)name_len, 8);
 }
 
+/*
+ * The directory entry codec (FORMATS.md §2.2), the one place that knows
+ * the entry's byte layout: load, check and salvage decode through
+ * dirent_decode, store encodes through dirent_encode.
+ */
+struct dirent_raw {
+    uint64_t table_offset;
+    uint32_t table_size;
+    uint32_t flags;
+    uint8_t type;
+    uint8_t granularity_bits;
+    uint16_t name_size;
+    uint32_t extra_size;
+    const char *name;  /* name_size bytes in the directory (not NUL-ended),
+                        * after the extra data */
+    uint64_t size;     /* bytes the entry takes, padded to 8 */
+};
+
+/* Decode the entry at dir + pos of a directory of `size` bytes: false when
+ * it (its fixed part, extra data or name) runs past the end. */
+static bool dirent_decode(const uint8_t *dir, uint64_t size, uint64_t pos,
+                          struct dirent_raw *r)
+{
+    if (pos > size || size - pos < QCOW2_BME_FIXED_SIZE)
+        return false;
+    const uint8_t *e = dir + pos;
+    *r = (struct dirent_raw){
+        .table_offset = ldbe64(e),
+        .table_size = ldbe32(e + 8),
+        .flags = ldbe32(e + 12),
+        .type = e[16],
+        .granularity_bits = e[17],
+        .name_size = ldbe16(e + 18),
+        .extra_size = ldbe32(e + 20),
+    };
+    r->size = ALIGN_UP(QCOW2_BME_FIXED_SIZE + (uint64_t)r->name_size +
+                       r->extra_size, 8);
+    if (r->size > size - pos)
+        return false;
+    r->name = (const char *)e + QCOW2_BME_FIXED_SIZE + r->extra_size;
+    return true;
+}
+
+/* Encode d at e, which has dirent_size(strlen(d->name)) zeroed bytes (the
+ * padding stays zero); no extra data.  Returns the bytes taken. */
+static uint64_t dirent_encode(uint8_t *e, const struct qcow2_bitmap_dirent *d)
+{
+    size_t len = strlen(d->name);
+    stbe64(e, d->table_offset);
+    stbe32(e + 8, d->table_size);
+    stbe32(e + 12, d->flags);
+    e[16] = QCOW2_BME_TYPE_DIRTY_TRACKING;
+    e[17] = d->granularity_bits;
+    stbe16(e + 18, (uint16_t)len);
+    stbe32(e + 20, 0);
+    memcpy(e + QCOW2_BME_FIXED_SIZE, d->name, len);
+    return dirent_size(len);
+}
+
 static void free_dir(struct qcow2_bitmap_dirent *dir, uint32_t n)
 {
     for (uint32_t i = 0; dir && i < n; i++)
@@ -109,8 +168,7 @@ static uint64_t table_bytes_on_disk(const struct qcow2_state *s,
     return ALIGN_UP((uint64_t)table_size * 8, s->cluster_size);
 }
 
-/* A table entry against QEMU's check_table_entry. */
-static bool table_entry_valid(const struct qcow2_state *s, uint64_t e)
+bool qcow2_bitmap_table_entry_valid(const struct qcow2_state *s, uint64_t e)
 {
     uint64_t off = e & QCOW2_BME_TABLE_OFFSET_MASK;
     if (e & QCOW2_BME_TABLE_RESERVED_MASK)
@@ -142,7 +200,7 @@ static uint64_t *read_table(struct qcow2_state *s, uint64_t offset,
     }
     for (uint32_t i = 0; i < size; i++) {
         t[i] = be64_to_cpu(t[i]);
-        if (!table_entry_valid(s, t[i])) {
+        if (!qcow2_bitmap_table_entry_valid(s, t[i])) {
             *bad = i;
             free(t);
             return NULL;
@@ -292,23 +350,23 @@ static bool name_set_add(struct name_set *ns, const char *name)
 /* Why a directory entry cannot be loaded (its fixed part and name are
  * inside the directory), or NULL: extra data, QEMU's check_dir_entry, and
  * a name that is empty or holds a NUL byte. */
-static const char *entry_problem(const struct qcow2_state *s, const uint8_t *e,
-                                 uint32_t index, char *why, size_t why_len)
+static const char *entry_problem(const struct qcow2_state *s,
+                                 const struct dirent_raw *r, uint32_t index,
+                                 char *why, size_t why_len)
 {
-    uint16_t name_size = ldbe16(e + 18);
-    uint32_t extra = ldbe32(e + 20);
-    const char *name = (const char *)e + QCOW2_BME_FIXED_SIZE + extra;
-    if (extra != 0) {
+    uint16_t name_size = r->name_size;
+    const char *name = r->name;
+    if (r->extra_size != 0) {
         snprintf(why, why_len, "Bitmap extra data is not supported (bitmap "
-                 "%u has extra_data_size %u)", index, extra);
+                 "%u has extra_data_size %u)", index, r->extra_size);
         return why;
     }
     struct qcow2_bitmap_dirent d = {
-        .table_offset = ldbe64(e), .table_size = ldbe32(e + 8),
-        .flags = ldbe32(e + 12), .granularity_bits = e[17],
+        .table_offset = r->table_offset, .table_size = r->table_size,
+        .flags = r->flags, .granularity_bits = r->granularity_bits,
     };
     char field[160];
-    const char *problem = dirent_problem(s, &d, e[16], name_size, field,
+    const char *problem = dirent_problem(s, &d, r->type, name_size, field,
                                          sizeof(field));
     if (problem) {
         snprintf(why, why_len, "Bitmap '%.*s' doesn't satisfy the "
@@ -354,27 +412,26 @@ int qcow2_bitmap_dir_parse(const struct qcow2_state *s, const uint8_t *dir,
     uint32_t n = 0;
     uint64_t pos = 0;
     while (pos < size) {
-        const uint8_t *e = dir + pos;
-        if (size - pos < QCOW2_BME_FIXED_SIZE)
+        struct dirent_raw e;
+        bool whole = dirent_decode(dir, size, pos, &e);
+        if (!whole && size - pos < QCOW2_BME_FIXED_SIZE)
             goto broken;
         if (n == nb) {
             snprintf(why, why_len, "More bitmaps found than specified in "
                      "header extension (%u)", nb);
             goto fail;
         }
-        uint64_t esize = ALIGN_UP(QCOW2_BME_FIXED_SIZE +
-                                  (uint64_t)ldbe16(e + 18) + ldbe32(e + 20), 8);
-        if (esize > size - pos)
+        if (!whole)
             goto broken;
-        if (entry_problem(s, e, n, why, why_len))
+        if (entry_problem(s, &e, n, why, why_len))
             goto fail;
+        uint64_t esize = e.size;
         struct qcow2_bitmap_dirent *d = &v[n];
-        d->table_offset = ldbe64(e);
-        d->table_size = ldbe32(e + 8);
-        d->flags = ldbe32(e + 12);
-        d->granularity_bits = e[17];
-        d->name = strndup((const char *)e + QCOW2_BME_FIXED_SIZE,
-                          ldbe16(e + 18));
+        d->table_offset = e.table_offset;
+        d->table_size = e.table_size;
+        d->flags = e.flags;
+        d->granularity_bits = e.granularity_bits;
+        d->name = strndup(e.name, e.name_size);
         if (!d->name) {
             snprintf(why, why_len, "out of memory");
             r = -ENOMEM;
@@ -1055,6 +1112,128 @@ static int refuse_damaged(struct qcow2_state *s, struct cbt_error **errp)
     return -1;
 }
 
+/* Store step 0: what refuses a store of n bitmaps before anything is
+ * written.  0 or -1 with *errp. */
+static int store_refusals(struct qcow2_state *s, size_t n,
+                          struct cbt_error **errp)
+{
+    if (refuse_damaged(s, errp) < 0)
+        return -1;
+    if (n && s->h.version < 3) {
+        cbt_error_set(errp, ENOTSUP, "%s: Cannot store dirty bitmaps in qcow2 "
+                      "v2 files", fname(s));
+        return -1;
+    }
+    if (n > QCOW2_MAX_BITMAPS) {
+        cbt_error_set(errp, EINVAL, "%s: Too many persistent bitmaps (%zu, at "
+                      "most %d)", fname(s), n, QCOW2_MAX_BITMAPS);
+        return -1;
+    }
+    return 0;
+}
+
+/* Store step 0b: the header must have room for the bitmaps extension (and
+ * whatever else it carries now) before any cluster is written.  buf: one
+ * cluster of scratch. */
+static int header_room(struct qcow2_state *s, size_t n, uint8_t *buf,
+                       struct cbt_error **errp)
+{
+    struct qcow2_bitmaps_ext saved = s->bm_ext;
+    s->bm_ext.present = true;
+    s->bm_ext.len = QCOW2_BITMAPS_EXT_SIZE;
+    s->bm_ext.nb_bitmaps = (uint32_t)n;
+    int hr = qcow2_build_header(s, buf);
+    s->bm_ext = saved;
+    if (hr < 0) {
+        cbt_error_set(errp, -hr, "%s: the image header (one cluster of "
+                      "%" PRIu64 " bytes) has no room for the bitmaps "
+                      "extension", fname(s), (uint64_t)s->cluster_size);
+        return -1;
+    }
+    return 0;
+}
+
+/* The directory entry of a new entry. */
+static struct qcow2_bitmap_dirent dirent_of(const struct new_entry *e)
+{
+    return (struct qcow2_bitmap_dirent){
+        .name = (char *)e->name,
+        .table_offset = e->table_offset,
+        .table_size = e->table_size,
+        .flags = e->flags,
+        .granularity_bits = e->granularity_bits,
+    };
+}
+
+/* Store step 1b: encode the k entries into a new directory of dir_size
+ * bytes in clusters of its own, written (not yet flushed); its offset in
+ * *dir_off.  0, or -1 with *errp and nothing allocated. */
+static int write_dir(struct qcow2_state *s, const struct new_entry *v,
+                     size_t k, uint64_t dir_size, uint64_t *dir_off,
+                     struct cbt_error **errp)
+{
+    const char *fn = fname(s);
+    uint64_t dbytes = ALIGN_UP(dir_size, s->cluster_size);
+    CLEANUP_FREE uint8_t *dir = calloc(1, dbytes);
+    if (!dir) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
+        return -1;
+    }
+    uint64_t pos = 0;
+    for (size_t i = 0; i < k; i++) {
+        struct qcow2_bitmap_dirent d = dirent_of(&v[i]);
+        pos += dirent_encode(dir + pos, &d);
+    }
+    int64_t off = qcow2_alloc_clusters_append(s, dbytes >> s->cluster_bits);
+    int r = off < 0 ? (int)off
+                    : qcow2_pwrite_meta(s, dir, dbytes, (uint64_t)off, 0);
+    s->need_sync = true;
+    if (r < 0) {
+        if (off >= 0)
+            (void)release(s, (uint64_t)off, dbytes);
+        cbt_error_set(errp, -r, "%s: Failed to write the bitmap directory: "
+                      "%s", fn, qcow2_strerror(s, r));
+        return -1;
+    }
+    *dir_off = (uint64_t)off;
+    return 0;
+}
+
+/* Store step 3b: the in-memory copy of the directory now in force (names
+ * copied), or NULL when out of memory. */
+static struct qcow2_bitmap_dirent *dir_of_entries(const struct new_entry *v,
+                                                  size_t k)
+{
+    struct qcow2_bitmap_dirent *nd = calloc(k ? k : 1, sizeof(*nd));
+    for (size_t i = 0; nd && i < k; i++) {
+        nd[i] = dirent_of(&v[i]);
+        nd[i].name = strdup(v[i].name);
+        if (!nd[i].name) {
+            free_dir(nd, (uint32_t)i);
+            nd = NULL;
+        }
+    }
+    return nd;
+}
+
+/* Store step 3c: what each bitmap now uses on disk (a grown table is a
+ * longer copy of the old one; the data clusters stay shared). */
+static void account_disk_bytes(struct qcow2_state *s,
+                               const struct new_entry *v, size_t k)
+{
+    struct blk_node *node = s->node;
+    for (size_t i = 0; i < k; i++) {
+        if (v[i].b)
+            v[i].b->disk_bytes = v[i].disk_bytes;
+        for (size_t j = 0; v[i].grown && j < node->bitmaps.n; j++) {
+            struct blk_bitmap *b = &node->bitmaps.v[j];
+            if (b->persistent && strcmp(b->name, v[i].name) == 0)
+                b->disk_bytes += table_bytes_on_disk(s, v[i].table_size) -
+                                 table_bytes_on_disk(s, v[i].old_table_size);
+        }
+    }
+}
+
 static int store(struct qcow2_state *s, enum store_mode mode,
                  uint64_t grow_size, struct cbt_error **errp)
 {
@@ -1068,18 +1247,8 @@ static int store(struct qcow2_state *s, enum store_mode mode,
     }
     if (n == 0 && s->bm_dir_n == 0)
         return 0;
-    if (refuse_damaged(s, errp) < 0)
+    if (store_refusals(s, n, errp) < 0)
         return -1;
-    if (n && s->h.version < 3) {
-        cbt_error_set(errp, ENOTSUP, "%s: Cannot store dirty bitmaps in qcow2 "
-                      "v2 files", fn);
-        return -1;
-    }
-    if (n > QCOW2_MAX_BITMAPS) {
-        cbt_error_set(errp, EINVAL, "%s: Too many persistent bitmaps (%zu, at "
-                      "most %d)", fn, n, QCOW2_MAX_BITMAPS);
-        return -1;
-    }
     struct new_entry *v = calloc(n ? n : 1, sizeof(*v));
     CLEANUP_FREE uint8_t *buf = malloc(s->cluster_size);
     if (!v || !buf) {
@@ -1087,22 +1256,9 @@ static int store(struct qcow2_state *s, enum store_mode mode,
         cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
         return -1;
     }
-    /* The header must have room for the bitmaps extension (and whatever
-     * else it carries now) before any cluster is written. */
-    if (n) {
-        struct qcow2_bitmaps_ext saved = s->bm_ext;
-        s->bm_ext.present = true;
-        s->bm_ext.len = QCOW2_BITMAPS_EXT_SIZE;
-        s->bm_ext.nb_bitmaps = (uint32_t)n;
-        int hr = qcow2_build_header(s, buf);
-        s->bm_ext = saved;
-        if (hr < 0) {
-            free(v);
-            cbt_error_set(errp, -hr, "%s: the image header (one cluster of "
-                          "%" PRIu64 " bytes) has no room for the bitmaps "
-                          "extension", fn, (uint64_t)s->cluster_size);
-            return -1;
-        }
+    if (n && header_room(s, n, buf, errp) < 0) {
+        free(v);
+        return -1;
     }
 
     /* 1. The entries and the bits, then the directory. */
@@ -1123,40 +1279,8 @@ static int store(struct qcow2_state *s, enum store_mode mode,
         return 0;
     }
     uint64_t dir_off = 0;
-    if (k) {
-        uint64_t dbytes = ALIGN_UP(dir_size, s->cluster_size);
-        CLEANUP_FREE uint8_t *dir = calloc(1, dbytes);
-        if (!dir) {
-            cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
-            goto fail;
-        }
-        uint64_t pos = 0;
-        for (size_t i = 0; i < k; i++) {
-            uint8_t *e = dir + pos;
-            size_t len = strlen(v[i].name);
-            stbe64(e, v[i].table_offset);
-            stbe32(e + 8, v[i].table_size);
-            stbe32(e + 12, v[i].flags);
-            e[16] = QCOW2_BME_TYPE_DIRTY_TRACKING;
-            e[17] = v[i].granularity_bits;
-            stbe16(e + 18, (uint16_t)len);
-            stbe32(e + 20, 0);
-            memcpy(e + QCOW2_BME_FIXED_SIZE, v[i].name, len);
-            pos += dirent_size(len);
-        }
-        int64_t off = qcow2_alloc_clusters_append(s, dbytes >> s->cluster_bits);
-        int r = off < 0 ? (int)off
-                        : qcow2_pwrite_meta(s, dir, dbytes, (uint64_t)off, 0);
-        s->need_sync = true;
-        if (r < 0) {
-            if (off >= 0)
-                (void)release(s, (uint64_t)off, dbytes);
-            cbt_error_set(errp, -r, "%s: Failed to write the bitmap directory: "
-                          "%s", fn, qcow2_strerror(s, r));
-            goto fail;
-        }
-        dir_off = (uint64_t)off;
-    }
+    if (k && write_dir(s, v, k, dir_size, &dir_off, errp) < 0)
+        goto fail;
 
     /* 2. Everything new, and its refcounts, durable before the header.
      * A header change waiting for the next write (cbt's own extensions:
@@ -1206,30 +1330,8 @@ static int store(struct qcow2_state *s, enum store_mode mode,
     bool synced = r == 0;
 
     /* The new directory is in force: remember it. */
-    struct qcow2_bitmap_dirent *nd = calloc(k ? k : 1, sizeof(*nd));
-    for (size_t i = 0; nd && i < k; i++) {
-        nd[i] = (struct qcow2_bitmap_dirent){
-            .name = strdup(v[i].name),
-            .table_offset = v[i].table_offset,
-            .table_size = v[i].table_size,
-            .flags = v[i].flags,
-            .granularity_bits = v[i].granularity_bits,
-        };
-        if (!nd[i].name) {
-            free_dir(nd, (uint32_t)i);
-            nd = NULL;
-        }
-    }
-    for (size_t i = 0; i < k; i++) {
-        if (v[i].b)
-            v[i].b->disk_bytes = v[i].disk_bytes;
-        for (size_t j = 0; v[i].grown && j < node->bitmaps.n; j++) {
-            struct blk_bitmap *b = &node->bitmaps.v[j];
-            if (b->persistent && strcmp(b->name, v[i].name) == 0)
-                b->disk_bytes += table_bytes_on_disk(s, v[i].table_size) -
-                                 table_bytes_on_disk(s, v[i].old_table_size);
-        }
-    }
+    struct qcow2_bitmap_dirent *nd = dir_of_entries(v, k);
+    account_disk_bytes(s, v, k);
 
     /* 4. Free what only the old directory referenced, checked against
      * the metadata of the new state (the map is rebuilt from it). */
@@ -1354,22 +1456,22 @@ int qcow2_bitmaps_meta_data(struct qcow2_state *s)
 
 /* Would this entry load (and pass check's table check)?  Its name is
  * added to `names` when it does and is new. */
-static bool salvageable(struct qcow2_state *s, const uint8_t *e,
+static bool salvageable(struct qcow2_state *s, const struct dirent_raw *e,
                         struct name_set *names, char *name)
 {
     char why[1200];
     if (entry_problem(s, e, 0, why, sizeof(why)))
         return false;
-    uint32_t table_size = ldbe32(e + 8);
-    if (!(ldbe32(e + 12) & QCOW2_BME_FLAG_IN_USE) &&
-        table_size != table_entries(s, s->h.size, e[17]))
+    uint32_t table_size = e->table_size;
+    if (!(e->flags & QCOW2_BME_FLAG_IN_USE) &&
+        table_size != table_entries(s, s->h.size, e->granularity_bits))
         return false;
     uint64_t bad, flen = 0;
     int err;
     (void)file_size(s->node->fd, &flen);
-    if (past_eof(ldbe64(e), (uint64_t)table_size * 8, flen))
+    if (past_eof(e->table_offset, (uint64_t)table_size * 8, flen))
         return false;
-    uint64_t *t = read_table(s, ldbe64(e), table_size, &bad, &err);
+    uint64_t *t = read_table(s, e->table_offset, table_size, &bad, &err);
     bool ok = t != NULL;
     for (uint32_t i = 0; ok && i < table_size; i++) {
         uint64_t off = t[i] & QCOW2_BME_TABLE_OFFSET_MASK;
@@ -1400,28 +1502,30 @@ int qcow2_bitmaps_salvage(struct qcow2_state *s, bool dir_ok, uint32_t *kept,
             goto out;
         }
         r = file_pread_full(s->node->fd, dir, x->dir_size, x->dir_offset);
+        struct dirent_raw e;
         for (uint64_t pos = 0;
-             r == 0 && pos + QCOW2_BME_FIXED_SIZE <= x->dir_size;) {
-            const uint8_t *e = dir + pos;
-            uint16_t ns = ldbe16(e + 18);
-            uint64_t esize = ALIGN_UP(QCOW2_BME_FIXED_SIZE + (uint64_t)ns +
-                                      ldbe32(e + 20), 8);
-            if (esize > x->dir_size - pos)
-                break; /* nothing past a broken entry can be trusted */
+             r == 0 && dirent_decode(dir, x->dir_size, pos, &e);
+             pos += e.size) {
+            /* (Nothing past a broken entry can be trusted.) */
             seen++;
-            char *name = strndup((const char *)e + QCOW2_BME_FIXED_SIZE, ns);
+            char *name = strndup(e.name, e.name_size);
             if (!name) {
                 r = -ENOMEM;
                 break;
             }
-            if (*kept < QCOW2_MAX_BITMAPS && salvageable(s, e, &names, name)) {
+            if (*kept < QCOW2_MAX_BITMAPS &&
+                salvageable(s, &e, &names, name)) {
                 kept_names[(*kept)++] = name;
-                memcpy(out + out_size, e, QCOW2_BME_FIXED_SIZE + ns);
-                out_size += esize;
+                /* Kept entries have no extra data: encoded as they were. */
+                out_size += dirent_encode(out + out_size,
+                    &(struct qcow2_bitmap_dirent){
+                        .name = name, .table_offset = e.table_offset,
+                        .table_size = e.table_size, .flags = e.flags,
+                        .granularity_bits = e.granularity_bits,
+                    });
             } else {
                 free(name);
             }
-            pos += esize;
         }
         if (r < 0)
             goto out;

@@ -48,15 +48,6 @@
  * the file (as QEMU does), but not by more than this or the file's size. */
 #define CHECK_MAX_GROWTH (1ull << 30)
 
-/* Bitmaps extension limits (FORMATS.md §2.1-2.4), shared with bitmap.c. */
-#define BM_EXT_SIZE QCOW2_BITMAPS_EXT_SIZE
-#define BM_MAX_BITMAPS QCOW2_MAX_BITMAPS
-#define BM_MAX_DIR_SIZE QCOW2_MAX_BITMAP_DIR_SIZE
-#define BM_FLAG_IN_USE QCOW2_BME_FLAG_IN_USE
-#define BM_TABLE_RESERVED_MASK QCOW2_BME_TABLE_RESERVED_MASK
-#define BM_TABLE_OFFSET_MASK QCOW2_BME_TABLE_OFFSET_MASK
-#define BM_TABLE_ALL_ONES QCOW2_BME_TABLE_ALL_ONES
-
 #define REFT_RESERVED_MASK 0x1FFull
 /* What a rebuild of the refcount structure replaces: its writes may land
  * on the old one (clusters the references do not reach), nothing else. */
@@ -518,7 +509,7 @@ static struct qcow2_bitmap_dirent *load_bitmap_dir(struct check *c,
 {
     struct qcow2_bitmap_dirent *v = NULL;
     *n = 0;
-    /* dir_size <= BM_MAX_DIR_SIZE, checked */
+    /* dir_size <= QCOW2_MAX_BITMAP_DIR_SIZE, checked */
     CLEANUP_FREE uint8_t *dir = malloc(dir_size ? dir_size : 1);
     if (!dir) {
         snprintf(why, why_len, "out of memory");
@@ -547,7 +538,7 @@ static int check_bitmaps(struct check *c, bool count)
     const struct qcow2_bitmaps_ext *ext = bitmaps_ext(s);
     if (!ext)
         return 0;
-    if (ext->len != BM_EXT_SIZE) {
+    if (ext->len != QCOW2_BITMAPS_EXT_SIZE) {
         if (count) {
             msg(c, "ERROR bitmaps extension has an invalid length (%u)",
                 ext->len);
@@ -560,8 +551,8 @@ static int check_bitmaps(struct check *c, bool count)
     uint32_t reserved = ext->reserved;
     uint64_t dir_size = ext->dir_size;
     uint64_t dir_off = ext->dir_offset;
-    if (nb == 0 || nb > BM_MAX_BITMAPS || reserved != 0 ||
-        dir_size > BM_MAX_DIR_SIZE || !IS_ALIGNED(dir_off, s->cluster_size)) {
+    if (nb == 0 || nb > QCOW2_MAX_BITMAPS || reserved != 0 ||
+        dir_size > QCOW2_MAX_BITMAP_DIR_SIZE || !IS_ALIGNED(dir_off, s->cluster_size)) {
         if (count) {
             msg(c, "ERROR bitmaps extension is invalid: %u bitmaps, directory "
                 "offset 0x%" PRIx64 " size %" PRIu64, nb, dir_off, dir_size);
@@ -608,10 +599,8 @@ static int check_bitmaps(struct check *c, bool count)
             c->bitmaps_broken = true;
         for (uint32_t i = 0; ok && i < d->table_size; i++) {
             uint64_t te = ldbe64(table + 8 * (uint64_t)i);
-            uint64_t off = te & BM_TABLE_OFFSET_MASK;
-            if ((te & BM_TABLE_RESERVED_MASK) ||
-                (off && ((te & BM_TABLE_ALL_ONES) ||
-                         !IS_ALIGNED(off, s->cluster_size))))
+            uint64_t off = te & QCOW2_BME_TABLE_OFFSET_MASK;
+            if (!qcow2_bitmap_table_entry_valid(s, te))
                 ok = false;
             if (off >= c->file_len)
                 c->bitmaps_broken = true;
@@ -620,7 +609,7 @@ static int check_bitmaps(struct check *c, bool count)
          * (QEMU cannot load it otherwise). */
         uint64_t want = qcow2_bitmap_table_entries(s, s->h.size,
                                                    d->granularity_bits);
-        bool sized = (d->flags & BM_FLAG_IN_USE) || d->table_size == want;
+        bool sized = (d->flags & QCOW2_BME_FLAG_IN_USE) || d->table_size == want;
         if (!ok || !sized) {
             /* QEMU stops at the first broken table. */
             if (count && !ok)
@@ -637,7 +626,7 @@ static int check_bitmaps(struct check *c, bool count)
             break;
         }
         for (uint32_t i = 0; count && i < d->table_size && r == 0; i++) {
-            uint64_t off = ldbe64(table + 8 * (uint64_t)i) & BM_TABLE_OFFSET_MASK;
+            uint64_t off = ldbe64(table + 8 * (uint64_t)i) & QCOW2_BME_TABLE_OFFSET_MASK;
             if (off)
                 r = inc_refs(c, off, s->cluster_size);
         }
@@ -661,8 +650,8 @@ static int repair_bitmaps(struct check *c)
     struct qcow2_state *s = c->s;
     const struct qcow2_bitmaps_ext *x = &s->bm_ext;
     /* The count and the reserved field are rewritten from what is kept. */
-    bool dir_ok = x->len == BM_EXT_SIZE &&
-                  x->dir_size > 0 && x->dir_size <= BM_MAX_DIR_SIZE &&
+    bool dir_ok = x->len == QCOW2_BITMAPS_EXT_SIZE &&
+                  x->dir_size > 0 && x->dir_size <= QCOW2_MAX_BITMAP_DIR_SIZE &&
                   IS_ALIGNED(x->dir_offset, s->cluster_size) &&
                   x->dir_offset < c->file_len &&
                   x->dir_size <= c->file_len - x->dir_offset;

@@ -267,7 +267,7 @@ static int write_alloc_run(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
         enum qcow2_sc_type t = qcow2_sc_type(s, old, 0, 0);
         bool zero_view = t == QCOW2_SC_ZERO_PLAIN || t == QCOW2_SC_ZERO_ALLOC ||
                          (t == QCOW2_SC_UNALLOC_PLAIN &&
-                          (!s->node->backing || c >= s->node->backing->size));
+                          c >= blk_backing_size(s->node));
         if (zero_view && !qcow2_has_data_file(s) && flen == UINT64_MAX)
             flen = data_file_len(s);
         if (zero_view && hc >= flen && !qcow2_has_data_file(s)) {
@@ -696,6 +696,21 @@ static bool l2_has_entries(const struct qcow2_state *s, const uint8_t *l2)
     return false;
 }
 
+int qcow2_l2_clear_from(struct qcow2_state *s, uint8_t *l2, uint64_t first)
+{
+    int r = 0;
+    for (uint64_t k = first; k < s->l2_entries && r == 0; k++) {
+        uint64_t e = qcow2_l2_get(s, l2, k);
+        if (e == 0 && qcow2_l2_get_bitmap(s, l2, k) == 0)
+            continue;
+        qcow2_l2_set(s, l2, k, 0, 0);
+        qcow2_cache_mark_dirty(&s->l2_cache, l2);
+        if (!qcow2_has_data_file(s))
+            r = qcow2_free_l2_entry_clusters(s, e);
+    }
+    return r;
+}
+
 int qcow2_make_empty(struct blk_node *node)
 {
     struct qcow2_state *s = qcow2_state(node);
@@ -724,15 +739,7 @@ int qcow2_make_empty(struct blk_node *node)
             if (r < 0)
                 break;
         }
-        for (uint64_t k = 0; k < s->l2_entries && r == 0; k++) {
-            uint64_t e = qcow2_l2_get(s, l2, k);
-            if (e == 0 && qcow2_l2_get_bitmap(s, l2, k) == 0)
-                continue;
-            qcow2_l2_set(s, l2, k, 0, 0);
-            qcow2_cache_mark_dirty(&s->l2_cache, l2);
-            if (!qcow2_has_data_file(s))
-                r = qcow2_free_l2_entry_clusters(s, e);
-        }
+        r = qcow2_l2_clear_from(s, l2, 0);
         qcow2_cache_put(&s->l2_cache, l2);
     }
     /* Tables first, then the frees (qcow2_flush_metadata's order). */

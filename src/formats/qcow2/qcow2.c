@@ -401,15 +401,7 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
             r = qcow2_get_l2(s, from, true, &l2, &idx);
             if (r < 0 || !l2)
                 break;
-            for (uint64_t k = idx; k < s->l2_entries && r == 0; k++) {
-                uint64_t e = qcow2_l2_get(s, l2, k);
-                if (e == 0 && qcow2_l2_get_bitmap(s, l2, k) == 0)
-                    continue;
-                qcow2_l2_set(s, l2, k, 0, 0);
-                qcow2_cache_mark_dirty(&s->l2_cache, l2);
-                if (!qcow2_has_data_file(s))
-                    r = qcow2_free_l2_entry_clusters(s, e);
-            }
+            r = qcow2_l2_clear_from(s, l2, idx);
             qcow2_cache_put(&s->l2_cache, l2);
         }
     }
@@ -420,10 +412,10 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
     }
     if (r == 0)
         r = qcow2_write_header(s);
-    if (r == 0 && new_size > old_size && node->backing &&
-        node->backing->size > old_size) {
+    uint64_t backing_size = blk_backing_size(node);
+    if (r == 0 && new_size > old_size && backing_size > old_size) {
         /* The grown area must read zero, not the backing file's data. */
-        uint64_t end = MIN(new_size, node->backing->size);
+        uint64_t end = MIN(new_size, backing_size);
         r = qcow2_write_zeroes(node, old_size, end - old_size, 0);
         if (r == 0)
             r = qcow2_flush_metadata(s);

@@ -477,6 +477,11 @@ int qcow2_write(struct blk_node *node, const void *buf, uint64_t off,
 int qcow2_write_zeroes(struct blk_node *node, uint64_t off, uint64_t len,
                        unsigned flags);
 int qcow2_discard(struct blk_node *node, uint64_t off, uint64_t len);
+/* Entries first..end of a (writable, cached) L2 table become 0 and what
+ * they held is freed (not with an external data file, which is not
+ * refcounted); the table is marked dirty.  make_empty and a shrinking
+ * resize.  0 or -errno. */
+int qcow2_l2_clear_from(struct qcow2_state *s, uint8_t *l2, uint64_t first);
 /* The driver's make_empty: every entry of the active L2 tables becomes 0
  * (reads fall through to the backing file), what they held is freed. */
 int qcow2_make_empty(struct blk_node *node);
@@ -572,6 +577,11 @@ int qcow2_bitmap_dir_parse(const struct qcow2_state *s, const uint8_t *dir,
                            struct qcow2_bitmap_dirent **out, uint32_t *nout,
                            char *why, size_t why_len);
 void qcow2_bitmap_dir_free(struct qcow2_bitmap_dirent *dir, uint32_t n);
+/* A bitmap table entry against QEMU's check_table_entry: no reserved
+ * bits, and either no offset (the cluster reads as zeroes, or as ones
+ * with bit 0) or a cluster-aligned offset without bit 0.  The one rule
+ * load, salvage and check apply. */
+bool qcow2_bitmap_table_entry_valid(const struct qcow2_state *s, uint64_t e);
 /* Table entries a bitmap of this granularity needs for `size` bytes. */
 uint64_t qcow2_bitmap_table_entries(const struct qcow2_state *s, uint64_t size,
                                     unsigned granularity_bits);
