@@ -65,7 +65,8 @@
 #define NONE UINT64_MAX
 
 struct bm_page {
-    uint64_t count;          /* set bits in w[] */
+    uint32_t count;          /* set bits in w[] (at most PAGE_BITS) */
+    uint32_t refs;           /* bitmaps sharing the page (atomic) */
     uint64_t sum[SUM_WORDS]; /* bit i set iff w[i] != 0 */
     uint64_t w[PAGE_WORDS];  /* bit b of the page is w[b/64] bit b%64 */
 };
@@ -227,8 +228,16 @@ static struct bm_page *page_alloc(uint64_t n)
         pg->w[i] = word_mask(i, 0, n);
         pg->sum[i / 64] |= bit64(i);
     }
-    pg->count = n;
+    pg->count = (uint32_t)n;
+    pg->refs = 1;
     return pg;
+}
+
+/* Drop one reference to an allocated page; the last one frees it. */
+static void page_unref(struct bm_page *pg)
+{
+    if (__atomic_sub_fetch(&pg->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        free(pg);
 }
 
 /* Replace page p by pg (NULL, PAGE_FULL or allocated), freeing the old one
@@ -240,7 +249,7 @@ static void page_store(struct bm_bitmap *bm, uint64_t p, struct bm_page *pg)
     bm->count -= page_count(bm, p, old);
     bm->count += page_count(bm, p, pg);
     if (old && old != PAGE_FULL) {
-        free(old);
+        page_unref(old);
         bm->nalloc--;
     }
     if (pg && pg != PAGE_FULL)
@@ -266,13 +275,26 @@ static void page_settle(struct bm_bitmap *bm, uint64_t p)
 }
 
 /* Page p as an allocated page whose words can be edited (materializing NULL
- * or PAGE_FULL), or NULL if that needs memory we cannot get. */
+ * or PAGE_FULL, or copying a page shared with another bitmap), or NULL if
+ * that needs memory we cannot get. */
 static struct bm_page *page_writable(struct bm_bitmap *bm, uint64_t p)
 {
     struct bm_page *pg = bm->pages[p];
 
-    if (pg && pg != PAGE_FULL)
-        return pg;
+    if (pg && pg != PAGE_FULL) {
+        /* refs == 1: only this bitmap holds it, and callers serialize the
+         * calls on one bitmap, so no copy can start sharing it now. */
+        if (__atomic_load_n(&pg->refs, __ATOMIC_ACQUIRE) == 1)
+            return pg;
+        struct bm_page *n = malloc(sizeof(*n));
+        if (!n)
+            return NULL;
+        memcpy(n, pg, sizeof(*n));
+        n->refs = 1;
+        bm->pages[p] = n; /* same population: count and summary unchanged */
+        page_unref(pg);
+        return n;
+    }
     pg = page_alloc(pg == PAGE_FULL ? page_nbits(bm, p) : 0);
     if (pg)
         page_store(bm, p, pg); /* same population: count unchanged */
@@ -481,13 +503,16 @@ void bm_free(struct bm_bitmap *bm)
     for (uint64_t p = sum_next(&bm->sum, 0); p != NONE;
          p = sum_next(&bm->sum, p + 1)) {
         if (bm->pages[p] != PAGE_FULL)
-            free(bm->pages[p]);
+            page_unref(bm->pages[p]);
     }
     free(bm->pages);
     sum_free(&bm->sum);
     free(bm);
 }
 
+/* The copy shares bm's allocated pages (copy on write: page_writable
+ * copies a shared page before the first change of either bitmap), so a
+ * copy costs the page table and the summary, not the bits. */
 struct bm_bitmap *bm_copy(const struct bm_bitmap *bm)
 {
     struct bm_bitmap *c = bm_alloc(bm->size, bm->gbits, bm->nbits);
@@ -498,18 +523,15 @@ struct bm_bitmap *bm_copy(const struct bm_bitmap *bm)
          p = sum_next(&bm->sum, p + 1)) {
         struct bm_page *pg = bm->pages[p];
         if (pg != PAGE_FULL) {
-            struct bm_page *n = malloc(sizeof(*n));
-            if (!n) {
-                bm_free(c);
-                errno = ENOMEM;
-                return NULL;
-            }
-            memcpy(n, pg, sizeof(*n));
-            pg = n;
+            __atomic_add_fetch(&pg->refs, 1, __ATOMIC_RELAXED);
+            c->nalloc++;
         }
-        page_store(c, p, pg);
+        c->pages[p] = pg;
     }
-    assert(c->count == bm->count);
+    for (unsigned k = 0; k < bm->sum.nlevels; k++)
+        memcpy(c->sum.lv[k], bm->sum.lv[k],
+               MAX(DIV_ROUND_UP(bm->sum.nbits[k], 64), 1) * sizeof(uint64_t));
+    c->count = bm->count;
     return c;
 }
 
@@ -702,6 +724,13 @@ int bm_resize(struct bm_bitmap *bm, uint64_t new_size)
         if (!tail)
             goto nomem;
     }
+    /* The page that keeps some bits of a shrink is edited below: unshare
+     * it now, while failing still leaves the bitmap as it was. */
+    if (nbits < bm->nbits && (nbits & PAGE_MASK) &&
+        bm->pages[nbits >> PAGE_SHIFT] &&
+        bm->pages[nbits >> PAGE_SHIFT] != PAGE_FULL &&
+        !page_writable(bm, nbits >> PAGE_SHIFT))
+        goto nomem;
     if (npages > bm->npages) {
         struct bm_page **np = realloc(bm->pages, npages * sizeof(*np));
         if (!np)

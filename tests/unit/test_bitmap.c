@@ -1276,6 +1276,94 @@ static void test_stream_layout(void **state)
     bm_free(bm);
 }
 
+/*
+ * Copies share their pages until one side changes (copy on write): random
+ * changes to a bitmap and to copies of it, merges and deserializations
+ * (which edit pages in place) and resizes, on both sides, must never show
+ * through to the other.  Several copies stay alive at once, some of copies.
+ */
+static void test_copy_on_write(void **state)
+{
+    (void)state;
+    rng_seed(1414);
+    for (int round = 0; round < 40; round++) {
+        unsigned g = 9 + (unsigned)rnd_below(4);
+        uint64_t size = (1 + rnd_below(5 * 32768)) << g;
+        enum { NB = 4 };
+        struct bm_bitmap *bm[NB] = {NULL};
+        struct model m[NB];
+        bm[0] = bm_new(size, 1ull << g);
+        assert_non_null(bm[0]);
+        model_init(&m[0], size, g);
+        rnd_mutate(bm[0], &m[0], 20);
+        for (int op = 0; op < 60; op++) {
+            int i = (int)rnd_below(NB), j = (int)rnd_below(NB);
+            if (!bm[i])
+                continue;
+            switch (rnd_below(6)) {
+            case 0: /* copy i into slot j */
+                if (i == j)
+                    break;
+                if (bm[j]) {
+                    bm_free(bm[j]);
+                    model_free(&m[j]);
+                }
+                bm[j] = bm_copy(bm[i]);
+                assert_non_null(bm[j]);
+                model_init(&m[j], m[i].size, g);
+                memcpy(m[j].b, m[i].b, m[i].n);
+                break;
+            case 1:
+                rnd_mutate(bm[i], &m[i], 3);
+                break;
+            case 2: { /* deserialize a chunk */
+                uint64_t cb = 512;
+                uint64_t nch = bm_chunk_count(bm[i], cb);
+                if (!nch)
+                    break;
+                uint8_t buf[512];
+                uint64_t ch = rnd_below(nch);
+                rnd_chunk_data(buf, cb);
+                bm_deserialize_chunk(bm[i], ch, cb, buf);
+                model_decode(&m[i], ch, cb, buf);
+                break;
+            }
+            case 3: /* merge j into i */
+                if (bm[j] && j != i && m[j].size == m[i].size) {
+                    assert_int_equal(bm_merge(bm[i], bm[j]), 0);
+                    for (uint64_t k = 0; k < m[i].n; k++)
+                        m[i].b[k] |= m[j].b[k];
+                }
+                break;
+            case 4: { /* shrink or grow a little: edits the last page */
+                uint64_t ns = m[i].size > (1ull << g) && rnd_below(2)
+                                  ? m[i].size - 1 - rnd_below(1ull << g)
+                                  : m[i].size + rnd_below(64ull << g);
+                assert_int_equal(bm_resize(bm[i], ns), 0);
+                model_resize(&m[i], ns);
+                break;
+            }
+            default: /* free */
+                if (i != 0) {
+                    bm_free(bm[i]);
+                    bm[i] = NULL;
+                    model_free(&m[i]);
+                }
+                break;
+            }
+            for (int k = 0; k < NB; k++)
+                if (bm[k])
+                    check_same(bm[k], &m[k]);
+        }
+        for (int k = 0; k < NB; k++) {
+            if (bm[k]) {
+                bm_free(bm[k]);
+                model_free(&m[k]);
+            }
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1289,6 +1377,7 @@ int main(void)
         cmocka_unit_test(test_sparse_64tib),
         cmocka_unit_test(test_random_all_granularities),
         cmocka_unit_test(test_random_huge_sparse),
+        cmocka_unit_test(test_copy_on_write),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
