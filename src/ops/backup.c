@@ -64,6 +64,7 @@
  * and the disk is untouched (it is opened read-write only so the checkpoint
  * can be created; the data path never writes it).
  */
+#include <assert.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -137,19 +138,24 @@ struct bk_job {
     char *parent_path;
     struct manifest pm;
     char parent_manifest_sha[65];
-    struct blockhash ph;      /* the parent's leaves */
+    struct hashes_reader ph;  /* the parent's leaves, paged in */
     uint64_t psize;           /* the parent's virtual size */
     uint64_t min_size;        /* the smallest size since the checkpoint */
     struct range *dirty;      /* what to copy (a full: [0, size)); block-
                                * aligned, sorted, disjoint */
     size_t ndirty, capdirty;
 
-    struct blockhash h;
+    /* the new leaves, written in block order as the drain passes them
+     * (the untouched blocks' from the parent); never whole in memory */
+    struct hashes_writer hw;
+    bool hw_open;
+    uint64_t nblocks;         /* leaves of the new backup */
     struct manifest_extent *ext; /* raw targets: what the file carries */
     size_t next, capext;
     /* the copy (copy_all): the next block to read is fpos, in the range
-     * [fpos, fend), then dirty range number frange */
-    uint64_t fpos, fend;
+     * [fpos, fend), then dirty range number frange; block status said
+     * data up to fknown */
+    uint64_t fpos, fend, fknown;
     size_t frange;
     struct io_fail {
         const char *what;     /* "reading", "writing", "block status" */
@@ -682,14 +688,14 @@ static int plan_parent(struct bk *b, char **why, struct cbt_error **errp)
         oom(errp);
         return -1;
     }
-    if (blockhash_read(phash, pm->virtual_size, &b->ph, &e) < 0) {
+    char root[65];
+    if (hashes_reader_open(&b->ph, phash, DIV_ROUND_UP(pm->virtual_size, B),
+                           root, &e) < 0) {
         b->why_kind = CBT_ERR_CORRUPT;
         ret = impossible(why, "parent backup: %s", cbt_error_message(e));
         cbt_error_free(e);
         return ret;
     }
-    char root[65];
-    blockhash_root(&b->ph, root);
     if (strcmp(root, pm->hash_file_sha256) != 0 ||
         strcmp(root, pm->root) != 0) {
         b->why_kind = CBT_ERR_CORRUPT;
@@ -904,12 +910,26 @@ static int add_stale_zeroes(struct bk *b, uint64_t upto,
             return -1;
         }
         if (zero) {
+            /* The parent's leaves of the run, a window at a time (the
+             * stale zero blocks are below the parent's end: upto is). */
             uint64_t end = pos + run;
             for (uint64_t i = ALIGN_UP(pos, B) / B; (i + 1) * B <= end; i++) {
                 while (j < nd && b->dirty[j].end <= i * B)
                     j++;
-                bool dirty = j < nd && b->dirty[j].start <= i * B;
-                if (dirty || memcmp(b->ph.leaf[i], zd, 32) == 0)
+                if (j < nd && b->dirty[j].start <= i * B) {
+                    i = b->dirty[j].end / B - 1; /* skip the dirty range */
+                    continue;
+                }
+                const uint8_t *leaf;
+                uint64_t nl;
+                r = hashes_reader_window(&b->ph, i, &leaf, &nl);
+                if (r < 0) {
+                    cbt_error_set(errp, -r, "%s: cannot read the parent's "
+                                  "block hashes: %s", b->parent_path,
+                                  strerror(-r));
+                    return -1;
+                }
+                if (memcmp(leaf, zd, 32) == 0)
                     continue;
                 if (push_range(b, i * B, (i + 1) * B) < 0) {
                     oom(errp);
@@ -1072,21 +1092,51 @@ static int add_block(struct bk *b, enum blk_kind k, const uint8_t *buf,
  * hash them; the drain thread writes each chunk, in order.
  */
 
-/* The next block to copy into *off / *len (the ranges of b->dirty in
- * order); false when there is none. */
-static bool next_block(struct bk *b, uint64_t *off, uint64_t *len)
+/* The next piece to copy into *off / *len (the ranges of b->dirty in
+ * order): one block, or a run of more than one whole block that block
+ * status says reads as zeroes (*zero set), which is never read and costs
+ * one segment, however long: an empty 16 TiB disk is one extent, not 2^28
+ * blocks.  1, 0 when there is none, -1 with b->fill_fail. */
+static int next_block(struct bk *b, uint64_t *off, uint64_t *len, bool *zero)
 {
     while (b->fpos >= b->fend) {
         if (b->frange >= b->ndirty)
-            return false;
+            return 0;
         b->fpos = b->dirty[b->frange].start;
         b->fend = b->dirty[b->frange].end;
         b->frange++;
     }
     *off = b->fpos;
     *len = MIN(B, b->fend - b->fpos);
+    *zero = false;
+    /* (Not for a rescan, which compares every block with its parent's.) */
+    if (!b->rescan && b->fpos >= b->fknown && b->fend - b->fpos > B) {
+        /* Status once per extent: a data extent is not asked again. */
+        uint64_t run;
+        bool z;
+        int r = b->src.status(b->src.opaque, b->fpos, b->fend - b->fpos,
+                              &run, &z);
+        if (r < 0) {
+            b->fill_fail = (struct io_fail){"reading block status of",
+                                            b->o->disk, b->fpos, r};
+            return -1;
+        }
+        run = MIN(run, b->fend - b->fpos);
+        if (z && b->fpos + run == b->fend)
+            *len = run;           /* to the range's end (maybe the disk's) */
+        else if (z)
+            *len = MAX(ALIGN_DOWN(run, B), B);
+        *zero = z && *len > B;
+        b->fknown = z ? b->fpos : b->fpos + run;
+    }
     b->fpos += *len;
-    return true;
+    return 1;
+}
+
+/* A segment of more than one block: a zero run from next_block. */
+static bool is_zero_run(const struct bp_seg *g)
+{
+    return g->len > B;
 }
 
 /* Segments [i, j) are adjacent blocks: which of them block status calls
@@ -1137,19 +1187,52 @@ static int read_ranges(struct bk *b, struct bk_read *v, size_t n)
     return -1;
 }
 
+/* A rescan compares every block with the parent's leaf: the fill, the
+ * one thread reading the parent's file, puts it in the segment (g->bad
+ * set: g->digest holds it) for the hash stage.  0, or -1 with
+ * b->fill_fail. */
+static int rescan_leaves(struct bk *b, struct bp_chunk *c)
+{
+    for (size_t k = 0; k < c->n; k++) {
+        struct bp_seg *g = &c->seg[k];
+        uint64_t bi = g->off / B, nl;
+        const uint8_t *leaf;
+        if (bi >= b->ph.n)
+            continue;
+        int r = hashes_reader_window(&b->ph, bi, &leaf, &nl);
+        if (r < 0) {
+            b->fill_fail = (struct io_fail){"reading the parent's block "
+                                            "hashes", b->parent_path,
+                                            g->off, r};
+            return -1;
+        }
+        memcpy(g->digest, leaf, 32);
+        g->bad = 1;
+    }
+    return 0;
+}
+
 static int bk_fill(void *opaque, struct bp_chunk *c)
 {
     struct bk *b = opaque;
     uint64_t off, len;
-    while (c->n < BP_SEGS && next_block(b, &off, &len))
-        c->seg[c->n++] = (struct bp_seg){.off = off, .len = len};
+    bool zero;
+    int got;
+    while (c->n < BP_SEGS && (got = next_block(b, &off, &len, &zero)) > 0)
+        c->seg[c->n++] = (struct bp_seg){.off = off, .len = len,
+                                         .kind = zero ? K_ZERO : K_NONE};
+    if (got < 0 || (b->rescan && rescan_leaves(b, c) < 0))
+        return -1;
     if (c->n == 0)
         return 0;
-    /* Block status per run of adjacent blocks, then one read per run of
-     * adjacent blocks that may hold data. */
+    /* Block status per run of adjacent blocks (zero runs are known), then
+     * one read per run of adjacent blocks that may hold data. */
     for (size_t i = 0, j; i < c->n; i = j) {
-        for (j = i + 1; j < c->n && c->seg[j].off ==
-                                    c->seg[j - 1].off + c->seg[j - 1].len;
+        j = i + 1;
+        if (is_zero_run(&c->seg[i]))
+            continue;
+        for (; j < c->n && !is_zero_run(&c->seg[j]) &&
+               c->seg[j].off == c->seg[j - 1].off + c->seg[j - 1].len;
              j++)
             ;
         if (mark_zero_status(b, c, i, j) < 0)
@@ -1195,15 +1278,17 @@ static int compress_block(struct bk *b, struct bp_seg *g, uint8_t **scratch)
     return 0;
 }
 
-/* Kind and digest of each block (compressed with --compress); only its
- * own leaf is touched. */
+/* Kind and digest of each block, into its own segment (compressed with
+ * --compress). */
 static int bk_hash(void *opaque, struct bp_chunk *c, size_t i, size_t j)
 {
     struct bk *b = opaque;
     uint8_t *cbuf = NULL;
     for (size_t k = i; k < j; k++) {
         struct bp_seg *g = &c->seg[k];
-        uint8_t *leaf = b->h.leaf[g->off / B];
+        uint8_t leaf[32];
+        if (is_zero_run(g))
+            continue; /* K_ZERO; its leaves are the drain's */
         if (!g->data || ops_is_zero(g->data, (size_t)g->len)) {
             blockhash_zero_digest((size_t)g->len, leaf);
             g->kind = K_ZERO;
@@ -1211,13 +1296,13 @@ static int bk_hash(void *opaque, struct bp_chunk *c, size_t i, size_t j)
             blockhash_digest(g->data, (size_t)g->len, leaf);
             g->kind = K_DATA;
         }
-        /* A rescan keeps what differs from the parent.  A digest covers
+        /* A rescan keeps what differs from the parent (its leaf is in
+         * g->digest when g->bad says so: rescan_leaves).  A digest covers
          * the block's length too: a block whose length changed with a
          * resize differs. */
-        uint64_t bi = g->off / B;
-        if (b->rescan && bi < b->ph.n &&
-            memcmp(leaf, b->ph.leaf[bi], 32) == 0)
+        if (b->rescan && g->bad && memcmp(leaf, g->digest, 32) == 0)
             g->kind = K_SAME;
+        memcpy(g->digest, leaf, 32);
         if (b->o->compress && g->kind == K_DATA) {
             int r = compress_block(b, g, &cbuf);
             if (r < 0) {
@@ -1242,21 +1327,58 @@ static int write_compressed(struct bk *b, const struct bp_seg *g)
     return r;
 }
 
-/* Write a chunk.  Only the drain thread touches the pending-write state,
- * the byte counters and the extents list. */
+/* The leaves up to block `upto` (exclusive) that no segment brought: the
+ * parent's, for the blocks an incremental does not copy (every block past
+ * the parent's end is copied: collect_dirty). */
+static int parent_leaves(struct bk *b, uint64_t upto)
+{
+    if (b->hw.n >= upto)
+        return 0;
+    assert(!b->full && upto <= b->ph.n);
+    return hashes_writer_copy(&b->hw, &b->ph, b->hw.n, upto - b->hw.n);
+}
+
+/* The leaves of segment g, in block order after those before it. */
+static int put_leaves(struct bk *b, const struct bp_seg *g)
+{
+    int r = parent_leaves(b, g->off / B);
+    if (r < 0)
+        return r;
+    assert(b->hw.n == g->off / B);
+    if (!is_zero_run(g))
+        return hashes_writer_put(&b->hw, g->digest);
+    uint8_t zd[32];
+    blockhash_zero_digest((size_t)B, zd);
+    r = hashes_writer_repeat(&b->hw, zd, g->len / B);
+    if (r == 0 && g->len % B) {
+        blockhash_zero_digest((size_t)(g->len % B), zd);
+        r = hashes_writer_put(&b->hw, zd);
+    }
+    return r;
+}
+
+/* Write a chunk and its leaves.  Only the drain thread touches the
+ * pending-write state, the byte counters, the extents list and the
+ * hashes writer. */
 static int bk_drain(void *opaque, struct bp_chunk *c)
 {
     struct bk *b = opaque;
     for (size_t k = 0; k < c->n; k++) {
         struct bp_seg *g = &c->seg[k];
+        int r = put_leaves(b, g);
+        if (r < 0) {
+            b->drain_fail = (struct io_fail){"writing", b->target_hashes,
+                                             g->off, r};
+            return -1;
+        }
         b->done += g->len;
         if (g->kind == K_SAME)
             continue;
         if (b->rescan)
             b->res->dirty_bytes += g->len;
-        int r = g->kind == K_CDATA ? write_compressed(b, g)
-                                   : add_block(b, g->kind, g->data, g->off,
-                                               g->len);
+        r = g->kind == K_CDATA ? write_compressed(b, g)
+                               : add_block(b, g->kind, g->data, g->off,
+                                           g->len);
         if (r < 0) {
             b->drain_fail = (struct io_fail){"writing", b->o->target,
                                              g->off, r};
@@ -1305,11 +1427,21 @@ static int copy_all(struct bk *b, struct cbt_error **errp)
         oom(errp);
         return -1;
     }
-    if (!b->full && b->h.n)
-        memcpy(b->h.leaf, b->ph.leaf, (size_t)MIN(b->h.n, b->ph.n) * 32);
+    if (hashes_writer_open(&b->hw, b->target_hashes, errp) < 0)
+        return -1;
+    b->hw_open = true;
     int r = bp_run(&ops, b, 0);
-    if (r == 0)
+    if (r == 0) {
+        /* The untouched blocks after the last copied one. */
+        r = parent_leaves(b, b->nblocks);
+        if (r < 0) {
+            cbt_error_set(errp, -r, "%s: error writing: %s",
+                          b->target_hashes, strerror(-r));
+            return -1;
+        }
+        assert(b->hw.n == b->nblocks);
         return 0;
+    }
     if (r == -ECANCELED)
         return cancel_error(b, errp);
     struct io_fail *f = b->drain_fail.err ? &b->drain_fail : &b->fill_fail;
@@ -1409,7 +1541,7 @@ static void fill_manifest(struct bk *b, struct manifest *m)
     m->extents = b->ext;
     m->nextents = b->next;
     m->block_size = B;
-    m->blocks = b->h.n;
+    m->blocks = b->nblocks;
     m->hash_file = (char *)base_name(b->target_hashes);
     memcpy(m->root, b->res->root_hash, 65);
     memcpy(m->hash_file_sha256, b->res->root_hash, 65);
@@ -1441,7 +1573,7 @@ static int write_target(struct bk *b, struct cbt_error **errp)
     if (bk_cancelled(b))
         return cancel_error(b, errp);
     char sha[65];
-    if (blockhash_write(&b->h, b->target_hashes, sha, errp) < 0)
+    if (hashes_writer_finish(&b->hw, sha, errp) < 0)
         return -1;
     b->made_hashes = true;
     memcpy(b->res->root_hash, sha, 65);
@@ -1544,8 +1676,9 @@ static void free_bk(struct bk *b)
     cbt_checkpoint_clear(&b->since);
     free(b->parent_path);
     manifest_free(&b->pm);
-    blockhash_free(&b->ph);
-    blockhash_free(&b->h);
+    hashes_reader_close(&b->ph);
+    if (b->hw_open)
+        hashes_writer_abort(&b->hw);
     free(b->dirty);
     free(b->ext);
     free(b->target_json);
@@ -1665,10 +1798,7 @@ static int copy(struct bk *b, struct cbt_error **errp)
 {
     if (!b->full && collect_dirty(b, errp) < 0)
         return -1;
-    if (blockhash_init(&b->h, b->size) < 0) {
-        oom(errp);
-        return -1;
-    }
+    b->nblocks = DIV_ROUND_UP(b->size, B);
     if (bk_cancelled(b))
         return cancel_error(b, errp);
     if (create_target(b, errp) < 0 || copy_all(b, errp) < 0)

@@ -29,6 +29,7 @@
  * random names (".tmp-" and six characters), or nothing at all where
  * O_TMPFILE works.
  */
+#include <assert.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -451,4 +452,255 @@ int blockhash_write(const struct blockhash *h, const char *path,
     /* The file is the leaves, so its SHA-256 is the root. */
     blockhash_root(h, file_sha256_hex);
     return bfile_write_new(path, h->leaf, (size_t)h->n * 32, false, errp);
+}
+
+/* ---- block hashes, streamed ----
+ *
+ * A backup's .hashes file holds 32 bytes per 64 KiB block of the whole
+ * disk (8 GiB at 16 TiB), so it is never held in memory: the writer takes
+ * the leaves in block order through a HASHES_BUF buffer into a new file
+ * (the same O_TMPFILE or random-name route as bfile_write_new, linked or
+ * renamed into place by hashes_writer_finish), hashing them as they pass;
+ * the reader pages a parent's leaves in, a window at a time. */
+
+#define HASHES_BUF ((size_t)1 << 20) /* bytes: 32768 leaves */
+
+static int hw_drain(struct hashes_writer *w)
+{
+    if (w->used == 0)
+        return 0;
+    sha256_update(&w->sha, w->buf, w->used);
+    int r = file_pwrite_full(w->fd, w->buf, w->used, w->off);
+    if (r < 0)
+        return r;
+    w->off += w->used;
+    w->used = 0;
+    return 0;
+}
+
+int hashes_writer_open(struct hashes_writer *w, const char *path,
+                       struct cbt_error **errp)
+{
+    CLEANUP_FREE char *dir = bfile_folder_of(path);
+    memset(w, 0, sizeof(*w));
+    w->fd = -1;
+    w->path = strdup(path);
+    w->buf = malloc(HASHES_BUF);
+    if (!dir || !w->path || !w->buf)
+        goto nomem;
+    sha256_init(&w->sha);
+    w->fd = open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
+    if (w->fd >= 0)
+        return 0;
+    if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL) {
+        cbt_error_set(errp, errno, "%s: cannot write it: %s", path,
+                      strerror(errno));
+        goto fail;
+    }
+    /* No O_TMPFILE here: a new file of a random name. */
+    for (int tries = 0; tries < 16 && w->fd < 0; tries++) {
+        free(w->tmpname);
+        w->tmpname = random_name(path);
+        if (!w->tmpname)
+            goto nomem;
+        w->fd = open(w->tmpname, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
+                                     O_CLOEXEC, 0644);
+        if (w->fd < 0 && errno != EEXIST) {
+            cbt_error_set(errp, errno, "%s: cannot write it: %s", path,
+                          strerror(errno));
+            goto fail;
+        }
+    }
+    if (w->fd >= 0)
+        return 0;
+    cbt_error_set(errp, EEXIST, "%s: cannot write it: %s", path,
+                  strerror(EEXIST));
+    goto fail;
+nomem:
+    cbt_error_set(errp, ENOMEM, "%s: out of memory", path);
+fail:
+    free(w->tmpname);
+    w->tmpname = NULL;
+    hashes_writer_abort(w);
+    return -1;
+}
+
+int hashes_writer_put(struct hashes_writer *w, const uint8_t leaf[32])
+{
+    if (w->used == HASHES_BUF) {
+        int r = hw_drain(w);
+        if (r < 0)
+            return r;
+    }
+    memcpy(w->buf + w->used, leaf, 32);
+    w->used += 32;
+    w->n++;
+    return 0;
+}
+
+int hashes_writer_repeat(struct hashes_writer *w, const uint8_t leaf[32],
+                         uint64_t count)
+{
+    while (count > 0) {
+        if (w->used == HASHES_BUF) {
+            int r = hw_drain(w);
+            if (r < 0)
+                return r;
+        }
+        size_t room = (HASHES_BUF - w->used) / 32;
+        size_t k = (size_t)MIN((uint64_t)room, count);
+        for (size_t i = 0; i < k; i++)
+            memcpy(w->buf + w->used + i * 32, leaf, 32);
+        w->used += k * 32;
+        w->n += k;
+        count -= k;
+    }
+    return 0;
+}
+
+int hashes_writer_copy(struct hashes_writer *w, struct hashes_reader *r,
+                       uint64_t first, uint64_t count)
+{
+    while (count > 0) {
+        if (w->used == HASHES_BUF) {
+            int e = hw_drain(w);
+            if (e < 0)
+                return e;
+        }
+        const uint8_t *src;
+        uint64_t avail;
+        int e = hashes_reader_window(r, first, &src, &avail);
+        if (e < 0)
+            return e;
+        size_t k = (size_t)MIN(MIN(avail, count),
+                               (uint64_t)((HASHES_BUF - w->used) / 32));
+        memcpy(w->buf + w->used, src, k * 32);
+        w->used += k * 32;
+        w->n += k;
+        first += k;
+        count -= k;
+    }
+    return 0;
+}
+
+int hashes_writer_finish(struct hashes_writer *w, char hex[65],
+                         struct cbt_error **errp)
+{
+    int r = hw_drain(w);
+    if (r == 0)
+        r = file_flush(w->fd);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: cannot write it: %s", w->path,
+                      strerror(-r));
+        return -1;
+    }
+    uint8_t d[32];
+    sha256_final(&w->sha, d);
+    sha256_hex(d, hex);
+    if (w->tmpname) {
+        r = rename_noreplace(w->tmpname, w->path);
+    } else {
+        char proc[64];
+        snprintf(proc, sizeof(proc), "/proc/self/fd/%d", w->fd);
+        r = linkat(AT_FDCWD, proc, AT_FDCWD, w->path, AT_SYMLINK_FOLLOW) < 0
+                ? -errno : 0;
+    }
+    if (r == -EEXIST) {
+        cbt_error_set(errp, EEXIST, "%s: already exists; a backup file is "
+                      "never overwritten", w->path);
+        return -1;
+    }
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: cannot write it: %s", w->path,
+                      strerror(-r));
+        return -1;
+    }
+    free(w->tmpname); /* the name is the real one now */
+    w->tmpname = NULL;
+    r = bfile_sync_folder_of(w->path);
+    if (r < 0) {
+        unlink(w->path); /* named by us a moment ago */
+        cbt_error_set(errp, -r, "%s: syncing its folder failed: %s", w->path,
+                      strerror(-r));
+        return -1;
+    }
+    return 0;
+}
+
+void hashes_writer_abort(struct hashes_writer *w)
+{
+    if (w->tmpname)
+        unlink(w->tmpname);
+    if (w->fd >= 0)
+        close(w->fd);
+    free(w->tmpname);
+    free(w->path);
+    free(w->buf);
+    memset(w, 0, sizeof(*w));
+    w->fd = -1;
+}
+
+int hashes_reader_open(struct hashes_reader *r, const char *path,
+                       uint64_t blocks, char hex[65], struct cbt_error **errp)
+{
+    memset(r, 0, sizeof(*r));
+    r->fd = hashes_open(path, blocks, errp);
+    if (r->fd < 0)
+        return -1;
+    r->open = true;
+    r->n = blocks;
+    r->buf = malloc(HASHES_BUF);
+    if (!r->buf) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", path);
+        hashes_reader_close(r);
+        return -1;
+    }
+    /* The file's digest, read through the same descriptor the leaves will
+     * be read from. */
+    struct sha256_ctx c;
+    sha256_init(&c);
+    for (uint64_t b = 0; b < blocks;) {
+        const uint8_t *p;
+        uint64_t k;
+        int e = hashes_reader_window(r, b, &p, &k);
+        if (e < 0) {
+            cbt_error_set(errp, -e, "%s: cannot read the block hashes file: "
+                          "%s", path, strerror(-e));
+            hashes_reader_close(r);
+            return -1;
+        }
+        sha256_update(&c, p, (size_t)k * 32);
+        b += k;
+    }
+    uint8_t d[32];
+    sha256_final(&c, d);
+    sha256_hex(d, hex);
+    return 0;
+}
+
+int hashes_reader_window(struct hashes_reader *r, uint64_t first,
+                         const uint8_t **leaves, uint64_t *count)
+{
+    assert(first < r->n);
+    if (first < r->first || first >= r->first + r->count) {
+        uint64_t k = MIN(r->n - first, (uint64_t)(HASHES_BUF / 32));
+        int e = file_pread_exact(r->fd, r->buf, (size_t)k * 32, first * 32);
+        if (e < 0) {
+            r->count = 0;
+            return e;
+        }
+        r->first = first;
+        r->count = k;
+    }
+    *leaves = r->buf + (first - r->first) * 32;
+    *count = r->first + r->count - first;
+    return 0;
+}
+
+void hashes_reader_close(struct hashes_reader *r)
+{
+    if (r->open && r->fd >= 0)
+        close(r->fd);
+    free(r->buf);
+    memset(r, 0, sizeof(*r)); /* not open: closing again does nothing */
 }

@@ -35,6 +35,7 @@ struct bp_seg {
     int kind;            /* the caller's, e.g. set by the hash stage */
     uint64_t bad;        /* the caller's, e.g. a mismatching block + 1 */
     size_t clen;         /* the caller's, e.g. data's length compressed */
+    uint8_t digest[32];  /* the caller's, e.g. the block's hash */
 };
 
 struct bp_chunk {

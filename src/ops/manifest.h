@@ -10,6 +10,8 @@
 #include <cbt/backup.h>
 #include <cbt/error.h>
 
+#include "../util/util.h"
+
 #define MANIFEST_VERSION 1
 #define BLOCKHASH_ALGORITHM "sha256-blocks-v1"
 #define BLOCKHASH_BLOCK 65536u
@@ -150,6 +152,56 @@ int blockhash_read(const char *path, uint64_t size, struct blockhash *h,
  * and give the file's SHA-256. */
 int blockhash_write(const struct blockhash *h, const char *path,
                     char file_sha256[65], struct cbt_error **errp);
+
+/* A parent's leaves, paged in a window at a time (memory: 1 MiB whatever
+ * the disk's size).  Zero-initialized: not open, and close does nothing. */
+struct hashes_reader {
+    int fd;
+    bool open;
+    uint64_t n;                   /* leaves in the file */
+    uint8_t *buf;
+    uint64_t first, count;        /* the leaves in buf */
+};
+/* Open a hashes file of `blocks` leaves (hashes_open's checks) and give
+ * the SHA-256 of its contents, read through the descriptor kept for the
+ * leaves.  0, or -1 with *errp. */
+int hashes_reader_open(struct hashes_reader *r, const char *path,
+                       uint64_t blocks, char hex[65],
+                       struct cbt_error **errp);
+/* Leaves from `first` (< n) on: *leaves points at *count >= 1 of them,
+ * valid until the next call.  0 or -errno. */
+int hashes_reader_window(struct hashes_reader *r, uint64_t first,
+                         const uint8_t **leaves, uint64_t *count);
+void hashes_reader_close(struct hashes_reader *r);
+
+/* A new hashes file written in block order, never held whole in memory:
+ * the same safety as bfile_write_new (a new unnamed or random-named file,
+ * made durable, then given its name, never replacing one). */
+struct hashes_writer {
+    char *path;
+    int fd;
+    char *tmpname;                /* the random name, where no O_TMPFILE */
+    uint8_t *buf;
+    size_t used;                  /* bytes in buf */
+    uint64_t off;                 /* bytes written to fd */
+    uint64_t n;                   /* leaves taken */
+    struct sha256_ctx sha;        /* of the leaves taken */
+};
+int hashes_writer_open(struct hashes_writer *w, const char *path,
+                       struct cbt_error **errp);
+/* Append one leaf, `count` copies of one, or leaves [first, first+count)
+ * of r.  0 or -errno (the writer must then be aborted). */
+int hashes_writer_put(struct hashes_writer *w, const uint8_t leaf[32]);
+int hashes_writer_repeat(struct hashes_writer *w, const uint8_t leaf[32],
+                         uint64_t count);
+int hashes_writer_copy(struct hashes_writer *w, struct hashes_reader *r,
+                       uint64_t first, uint64_t count);
+/* Make it durable, give it its name (refused if the name exists) and the
+ * file's SHA-256 (= the root).  0, or -1 with *errp; abort either way
+ * after (it frees; the file stays only when finish succeeded). */
+int hashes_writer_finish(struct hashes_writer *w, char hex[65],
+                         struct cbt_error **errp);
+void hashes_writer_abort(struct hashes_writer *w);
 /* Write buf as the new file path, complete and durable before its name
  * appears; refused (EEXIST) when path exists unless replace.  Never writes
  * through an existing name or a planted link; leaves no temporary file on
