@@ -583,20 +583,38 @@ static int block_zero(struct bchain *c, uint64_t off, struct run *cur,
     return 0;
 }
 
+/* The layer `depth` below the top of a qcow2 chain (0: the top). */
+static struct cbt_image *layer_at(const struct bchain *c, int depth)
+{
+    struct cbt_image *img = c->top;
+    for (int d = 0; d < depth && img; d++)
+        img = cbt_image_backing(img);
+    return img;
+}
+
+/*
+ * Read [off, off+len) of the view run by run, each from the one layer that
+ * holds it (the run cache says which, from the block status the walk asked
+ * anyway), so a read costs one layer's lookup however deep the chain: read
+ * through the top, every cluster a layer lacks would be looked up again in
+ * each layer below it, 50 lookups a block under 50 incrementals.
+ */
 static int read_view(struct bchain *c, uint8_t *buf, size_t len, uint64_t off,
                      struct run *cur)
 {
-    if (c->qcow2)
-        return cbt_image_pread(c->top, buf, len, off);
     for (uint64_t p = off; p < off + len;) {
         int r = run_cached(c, p, cur);
         if (r < 0)
             return r;
         size_t n = (size_t)(MIN(cur->end, off + len) - p);
-        if (cur->zero || cur->link < 0)
+        struct cbt_image *src = NULL;
+        if (!cur->zero && cur->link >= 0)
+            src = c->qcow2 ? layer_at(c, cur->link) : c->v[cur->link].raw;
+        if (!cur->zero && c->qcow2 && (!src || p >= cbt_image_size(src)))
+            src = c->top; /* cannot happen (status said so); be safe */
+        if (!src)
             memset(buf + (p - off), 0, n);
-        else if ((r = cbt_image_pread(c->v[cur->link].raw, buf + (p - off),
-                                      n, p)) < 0)
+        else if ((r = cbt_image_pread(src, buf + (p - off), n, p)) < 0)
             return r;
         p += n;
     }
