@@ -51,7 +51,7 @@ struct bchain {
     cbt_cancel_fn *cancel;
     void *cancel_opaque;
     struct cbt_image *top; /* qcow2: v[0]'s image with its backing chain */
-    struct blockhash leaves; /* v[0]'s block hashes */
+    struct hashes_reader leaves; /* v[0]'s block hashes, paged in */
     /* The first problem found (then the walk stops), or NULL. */
     char *problem;         /* one line, starting with the file at fault */
     char *bad_file;        /* that file */

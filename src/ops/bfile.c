@@ -655,6 +655,8 @@ int hashes_reader_open(struct hashes_reader *r, const char *path,
         hashes_reader_close(r);
         return -1;
     }
+    if (!hex)
+        return 0;
     /* The file's digest, read through the same descriptor the leaves will
      * be read from. */
     struct sha256_ctx c;

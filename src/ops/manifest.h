@@ -162,9 +162,9 @@ struct hashes_reader {
     uint8_t *buf;
     uint64_t first, count;        /* the leaves in buf */
 };
-/* Open a hashes file of `blocks` leaves (hashes_open's checks) and give
- * the SHA-256 of its contents, read through the descriptor kept for the
- * leaves.  0, or -1 with *errp. */
+/* Open a hashes file of `blocks` leaves (hashes_open's checks) and, when
+ * hex is not NULL, give the SHA-256 of its contents, read through the
+ * descriptor kept for the leaves.  0, or -1 with *errp. */
 int hashes_reader_open(struct hashes_reader *r, const char *path,
                        uint64_t blocks, char hex[65],
                        struct cbt_error **errp);

@@ -467,7 +467,10 @@ int bchain_open(const char *backup, unsigned flags, struct bchain *c,
     if (flags & BCHAIN_CHEAP)
         return 0;
     struct cbt_error *err = NULL;
-    if (blockhash_read(c->v[0].hashes_path, c->size, &c->leaves, &err) < 0)
+    /* Its digest was checked with the link; the leaves are paged in as
+     * the walk goes (8 GiB of them for a 16 TiB disk). */
+    if (hashes_reader_open(&c->leaves, c->v[0].hashes_path,
+                           DIV_ROUND_UP(c->size, BLOCK), NULL, &err) < 0)
         return problem_from(c, errp, c->v[0].hashes_path, err);
     if (c->qcow2 && (r = open_qcow2_view(c, errp)) != 0)
         return r;
@@ -488,7 +491,7 @@ void bchain_close(struct bchain *c)
     free(c->v);
     if (c->top)
         cbt_image_close(c->top, NULL);
-    blockhash_free(&c->leaves);
+    hashes_reader_close(&c->leaves);
     free(c->problem);
     free(c->bad_file);
     memset(c, 0, sizeof(*c));
@@ -684,11 +687,44 @@ struct walk {
     const char *fill_what;
     uint64_t fill_off;
     uint64_t bad;        /* drain: the first bad block */
+    uint8_t zero_leaf[32]; /* the digest of a block of zeroes */
 };
 
 #define WALK_STOP_BAD 1
 #define WALK_STOP_PIECE (-1)
 #define WALK_STOP_IO (-2)
+
+/*
+ * The leaves of a new segment, looked up by the fill thread (the reader is
+ * not shared): a data block's leaf goes into the segment for the hash
+ * stage; a stretch of zeroes is checked here, each leaf against the digest
+ * of zeroes, and its first mismatch marked bad.  0 or -errno.
+ */
+static int seg_leaves(struct walk *w, struct bp_seg *g)
+{
+    uint64_t end = g->off + g->len;
+    for (uint64_t b = g->off; b < end; b += BLOCK) {
+        const uint8_t *leaf;
+        uint64_t nl;
+        int r = hashes_reader_window(&w->c->leaves, b / BLOCK, &leaf, &nl);
+        if (r < 0)
+            return r;
+        if (g->data) {
+            memcpy(g->digest, leaf, 32);
+            return 0;
+        }
+        uint8_t zd[32];
+        if (end - b >= BLOCK)
+            memcpy(zd, w->zero_leaf, 32);
+        else
+            blockhash_zero_digest((size_t)(end - b), zd);
+        if (memcmp(leaf, zd, 32) != 0) {
+            g->bad = b / BLOCK + 1;
+            return 0;
+        }
+    }
+    return 0;
+}
 
 static int walk_fill(void *opaque, struct bp_chunk *ch)
 {
@@ -713,8 +749,16 @@ static int walk_fill(void *opaque, struct bp_chunk *ch)
         uint8_t *data = NULL;
         if (!zero && !(data = bp_take(ch, (size_t)BLOCK)))
             break;
-        ch->seg[ch->n++] = (struct bp_seg){.off = off, .len = end - off,
-                                           .data = data};
+        ch->seg[ch->n] = (struct bp_seg){.off = off, .len = end - off,
+                                         .data = data};
+        r = seg_leaves(w, &ch->seg[ch->n]);
+        if (r < 0) {
+            w->fill_err = r;
+            w->fill_what = "cannot read the block hashes file, for the block";
+            w->fill_off = off;
+            return WALK_STOP_IO;
+        }
+        ch->n++;
         w->off = end;
     }
     if (ch->n == 0)
@@ -743,21 +787,15 @@ static int walk_fill(void *opaque, struct bp_chunk *ch)
 /* Compare each block with its leaf; seg->bad = first bad block + 1. */
 static int walk_hash(void *opaque, struct bp_chunk *ch, size_t i, size_t j)
 {
-    struct walk *w = opaque;
+    (void)opaque;
     for (size_t k = i; k < j; k++) {
         struct bp_seg *g = &ch->seg[k];
-        for (uint64_t b = g->off; b < g->off + g->len; b += BLOCK) {
-            size_t n = (size_t)MIN(BLOCK, g->off + g->len - b);
-            uint8_t d[32];
-            if (g->data)
-                blockhash_digest(g->data + (b - g->off), n, d);
-            else
-                blockhash_zero_digest(n, d);
-            if (memcmp(d, w->c->leaves.leaf[b / BLOCK], 32) != 0) {
-                g->bad = b / BLOCK + 1;
-                break;
-            }
-        }
+        if (!g->data)
+            continue; /* zeroes: checked by seg_leaves */
+        uint8_t d[32];
+        blockhash_digest(g->data, (size_t)g->len, d); /* one block */
+        if (memcmp(d, g->digest, 32) != 0)
+            g->bad = g->off / BLOCK + 1;
     }
     return 0;
 }
@@ -810,6 +848,7 @@ int bchain_walk(struct bchain *c, bchain_piece_fn *piece, void *opaque,
     struct walk w = {.c = c, .piece = piece, .opaque = opaque,
                      .progress = progress, .progress_opaque = progress_opaque,
                      .checked = checked, .errp = errp};
+    blockhash_zero_digest((size_t)BLOCK, w.zero_leaf);
     if (checked)
         *checked = 0;
     if (progress)

@@ -24,7 +24,7 @@ import pytest
 import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "interop"))
-from interop_lib import KiB, MiB, cbt_ok, qemu_img, qemu_io  # noqa: E402
+from interop_lib import KiB, MiB, cbt_ok, cbt_rc, qemu_img, qemu_io  # noqa: E402
 
 GiB = 1 << 30
 B = 64 * KiB
@@ -129,3 +129,46 @@ def test_sparse_disk_hashes(tmp_path, fmt):
     out = str(tmp_path / "restored.qcow2")
     cbt_ok("restore", "-O", "qcow2", inc, out)
     qemu_img("compare", "-q", "-f", "qcow2", "-F", "qcow2", disk, out)
+
+
+def forge_leaf(target, block, leaf):
+    """Replace one leaf and make the manifest vouch for the new file, so
+    that only the walk over the view can find the lie."""
+    with open(target + ".hashes", "r+b") as f:
+        f.seek(block * 32)
+        f.write(leaf)
+        f.seek(0)
+        sha = hashlib.sha256(f.read()).hexdigest()
+    with open(target + ".json") as f:
+        m = json.load(f)
+    m["hash"]["root"] = m["hash"]["file-sha256"] = sha
+    with open(target + ".json", "w") as f:
+        json.dump(m, f)
+
+
+@pytest.mark.parametrize("where", ["hole", "data", "short-tail"])
+def test_sparse_disk_bad_leaf_named(tmp_path, where):
+    """verify and restore name the block whose leaf does not match, in a
+    hole (checked against the digest of zeroes without reading), in data,
+    and in the short last block; restore leaves no output."""
+    disk = str(tmp_path / "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", disk, str(SIZE))
+    qemu_io("-f", "qcow2", disk, "-c", "write -P 0x11 %d 64k" % (2 * GiB))
+    full = str(tmp_path / "full")
+    cbt_ok("backup", "--full", "--no-checkpoint", disk, full)
+    block = {"hole": 20 * GiB // B, "data": 2 * GiB // B,
+             "short-tail": (SIZE - 1) // B}[where]
+    forge_leaf(full, block, hashlib.sha256(b"forged").digest())
+    res = cbt_rc("verify", full)
+    assert res.rc == 65, res
+    assert "block %d)" % block in res.err, res
+    assert "offset %d," % (block * B) in res.err, res
+    if where == "data":
+        assert "does not match its hash" in res.err, res
+    else:
+        assert "reads as zeroes in every backup" in res.err, res
+    out = str(tmp_path / "out.qcow2")
+    res = cbt_rc("restore", full, out)
+    assert res.rc == 65, res
+    assert "block %d)" % block in res.err, res
+    assert not os.path.exists(out) and not os.path.exists(out + ".part")
