@@ -184,6 +184,7 @@ struct hashes_writer {
     uint8_t *buf;
     size_t used;                  /* bytes in buf */
     uint64_t off;                 /* bytes written to fd */
+    uint64_t kicked;              /* bytes whose writeback was started */
     uint64_t n;                   /* leaves taken */
     struct sha256_ctx sha;        /* of the leaves taken */
 };
