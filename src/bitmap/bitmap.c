@@ -35,6 +35,17 @@
  * 8 bytes per page of counts and 8 bytes per page of page table (~1.9%).
  * The page-level summary is O(npages / 64) words, negligible.
  *
+ * Copies share pages (copy on write).  An allocated page carries a
+ * reference count; bm_copy copies the page table and the summary and takes
+ * a reference on each allocated page, and page_writable, the one way to a
+ * page's words for editing, copies a page that another bitmap still holds
+ * before changing it.  The block layer keeps a copy of every bitmap as the
+ * rollback point and hands copies to read-only views, so without sharing
+ * each open of a 16 TiB disk with a 4 KiB-granularity bitmap held 512 MiB
+ * twice.  The counts are atomic because two bitmaps sharing a page may be
+ * used by two threads (each bitmap still serialized by its caller); a
+ * page whose count is 1 belongs to one bitmap, whose caller serializes.
+ *
  * Next-clean scans the page table linearly (skipping PAGE_FULL pages in one
  * step each) and reads words only in partial pages; a clean page ends the
  * scan at once, so the cost is bounded by the dirty run being measured.

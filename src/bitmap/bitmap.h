@@ -37,7 +37,9 @@ struct bm_bitmap;
  * Caller frees with bm_free. */
 struct bm_bitmap *bm_new(uint64_t size, uint64_t granularity);
 void bm_free(struct bm_bitmap *bm); /* NULL is fine */
-/* Independent copy; NULL with errno ENOMEM.  Caller frees. */
+/* Independent copy (it shares pages with bm until either changes them, so
+ * it costs the page table, not the bits); NULL with errno ENOMEM.  Caller
+ * frees. */
 struct bm_bitmap *bm_copy(const struct bm_bitmap *bm);
 
 uint64_t bm_size(const struct bm_bitmap *bm); /* bytes of disk covered */

@@ -27,8 +27,10 @@
  * the driver, which stores every persistent bitmap in one atomic update (for
  * qcow2, one header write); close commits too.  Before the first write
  * after a store the driver's mark_dirty hook marks the recording bitmaps
- * in_use on disk, so that a crash leaves them inconsistent, never stale.  The node keeps a deep copy
- * of the list as of the last commit (or open), `committed`;
+ * in_use on disk, so that a crash leaves them inconsistent, never stale.  The node keeps a copy
+ * of the list as of the last commit (or open), `committed` (bm_copy shares
+ * the bits until either side changes a page: no second copy of a large
+ * bitmap);
  * cbt_bitmap_rollback() makes the live list a copy of it again.  The data
  * path dirties the recording bitmaps of both lists, so rolling back an
  * operation never forgets a guest write: a bitmap that was recording at the
