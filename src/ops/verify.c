@@ -687,8 +687,10 @@ struct walk {
     const char *fill_what;
     uint64_t fill_off;
     uint64_t bad;        /* drain: the first bad block */
-    uint8_t zero_leaf[32]; /* the digest of a block of zeroes */
+    uint8_t *zpat;       /* WALK_ZPAT copies of the zero block's digest */
 };
+
+#define WALK_ZPAT ((size_t)4096)
 
 #define WALK_STOP_BAD 1
 #define WALK_STOP_PIECE (-1)
@@ -702,26 +704,39 @@ struct walk {
  */
 static int seg_leaves(struct walk *w, struct bp_seg *g)
 {
-    uint64_t end = g->off + g->len;
-    for (uint64_t b = g->off; b < end; b += BLOCK) {
-        const uint8_t *leaf;
-        uint64_t nl;
-        int r = hashes_reader_window(&w->c->leaves, b / BLOCK, &leaf, &nl);
+    const uint8_t *leaf;
+    uint64_t nl, first = g->off / BLOCK;
+    if (g->data) {
+        int r = hashes_reader_window(&w->c->leaves, first, &leaf, &nl);
+        if (r == 0)
+            memcpy(g->digest, leaf, 32);
+        return r;
+    }
+    /* Whole blocks of zeroes, a window of leaves at a time against as
+     * many copies of the zero digest; then a short last block. */
+    uint64_t nfull = g->len / BLOCK;
+    for (uint64_t b = first; b < first + nfull;) {
+        int r = hashes_reader_window(&w->c->leaves, b, &leaf, &nl);
         if (r < 0)
             return r;
-        if (g->data) {
-            memcpy(g->digest, leaf, 32);
+        size_t k = (size_t)MIN(MIN(nl, first + nfull - b), WALK_ZPAT);
+        if (memcmp(leaf, w->zpat, k * 32) != 0) {
+            size_t i = 0;
+            while (memcmp(leaf + i * 32, w->zpat, 32) == 0)
+                i++;
+            g->bad = b + i + 1;
             return 0;
         }
+        b += k;
+    }
+    if (g->len % BLOCK) {
         uint8_t zd[32];
-        if (end - b >= BLOCK)
-            memcpy(zd, w->zero_leaf, 32);
-        else
-            blockhash_zero_digest((size_t)(end - b), zd);
-        if (memcmp(leaf, zd, 32) != 0) {
-            g->bad = b / BLOCK + 1;
-            return 0;
-        }
+        int r = hashes_reader_window(&w->c->leaves, first + nfull, &leaf, &nl);
+        if (r < 0)
+            return r;
+        blockhash_zero_digest((size_t)(g->len % BLOCK), zd);
+        if (memcmp(leaf, zd, 32) != 0)
+            g->bad = first + nfull + 1;
     }
     return 0;
 }
@@ -735,6 +750,17 @@ static int walk_fill(void *opaque, struct bp_chunk *ch)
         uint64_t off = w->off, end = MIN(off + BLOCK, c->size);
         int r = block_zero(c, off, &w->cur, &zero);
         while (r == 0 && zero && end < c->size && end - off < ZERO_PIECE) {
+            if (w->cur.zero && end >= w->cur.start && end < w->cur.end) {
+                /* The cached run is zeroes past end: its whole blocks
+                 * at once, not one block_zero each. */
+                uint64_t to = w->cur.end >= c->size
+                                  ? c->size : ALIGN_DOWN(w->cur.end, BLOCK);
+                to = MIN(to, off + ZERO_PIECE);
+                if (to > end) {
+                    end = to;
+                    continue;
+                }
+            }
             r = block_zero(c, end, &w->cur, &next);
             if (r == 0 && !next)
                 break;
@@ -848,12 +874,20 @@ int bchain_walk(struct bchain *c, bchain_piece_fn *piece, void *opaque,
     struct walk w = {.c = c, .piece = piece, .opaque = opaque,
                      .progress = progress, .progress_opaque = progress_opaque,
                      .checked = checked, .errp = errp};
-    blockhash_zero_digest((size_t)BLOCK, w.zero_leaf);
+    w.zpat = malloc(WALK_ZPAT * 32);
+    if (!w.zpat) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", c->v[0].image);
+        return -1;
+    }
+    blockhash_zero_digest((size_t)BLOCK, w.zpat);
+    for (size_t i = 1; i < WALK_ZPAT; i++)
+        memcpy(w.zpat + i * 32, w.zpat, 32);
     if (checked)
         *checked = 0;
     if (progress)
         progress(progress_opaque, 0, c->size);
     int r = bp_run(&ops, &w, 0);
+    free(w.zpat);
     switch (r) {
     case 0:
         return 0;
