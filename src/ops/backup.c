@@ -893,11 +893,21 @@ static void sort_merge(struct bk *b)
  * the tail off without a bit in any bitmap (QEMU's resize semantics).  They
  * are copied too (as zeroes), with a warning.  Cheap: no data is read.
  */
+#define ZPAT_LEAVES ((size_t)4096)
+
 static int add_stale_zeroes(struct bk *b, uint64_t upto,
                             struct cbt_error **errp)
 {
-    uint8_t zd[32];
-    blockhash_zero_digest((size_t)B, zd);
+    /* Copies of the zero block's digest: the parent's leaves are compared
+     * with them a window at a time (an empty 16 TiB disk is 2^28). */
+    CLEANUP_FREE uint8_t *zpat = malloc(ZPAT_LEAVES * 32);
+    if (!zpat) {
+        oom(errp);
+        return -1;
+    }
+    blockhash_zero_digest((size_t)B, zpat);
+    for (size_t k = 1; k < ZPAT_LEAVES; k++)
+        memcpy(zpat + k * 32, zpat, 32);
     size_t nd = b->ndirty, j = 0; /* the sorted ranges from the bitmap */
     uint64_t found = 0;
     for (uint64_t pos = 0; pos < upto;) {
@@ -929,7 +939,17 @@ static int add_stale_zeroes(struct bk *b, uint64_t upto,
                                   strerror(-r));
                     return -1;
                 }
-                if (memcmp(leaf, zd, 32) == 0)
+                /* Leaves up to the run's end or the next dirty range that
+                 * are all the zero digest are passed in one compare. */
+                uint64_t stop = end / B;
+                if (j < nd)
+                    stop = MIN(stop, b->dirty[j].start / B);
+                size_t k = (size_t)MIN(MIN(nl, stop - i), ZPAT_LEAVES);
+                if (k > 1 && memcmp(leaf, zpat, k * 32) == 0) {
+                    i += k - 1;
+                    continue;
+                }
+                if (memcmp(leaf, zpat, 32) == 0)
                     continue;
                 if (push_range(b, i * B, (i + 1) * B) < 0) {
                     oom(errp);
