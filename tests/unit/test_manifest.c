@@ -187,6 +187,87 @@ static void test_root(void **state)
     blockhash_free(&h);
 }
 
+/*
+ * The streamed hashes writer and reader: leaves put one at a time,
+ * repeated across the writer's 1 MiB buffer, and copied from a reader
+ * across its windows give the file blockhash_write writes for the same
+ * leaves, with the same digest; the reader's digest and windows are the
+ * file's; an existing name is never replaced and leaves nothing behind.
+ */
+static void test_hashes_streamed(void **state)
+{
+    (void)state;
+    /* 100,000 leaves: more than three buffers and windows of 32768. */
+    enum { N = 100000 };
+    struct blockhash h;
+    assert_int_equal(blockhash_init(&h, (uint64_t)N * BLOCKHASH_BLOCK), 0);
+    uint8_t zd[32];
+    blockhash_zero_digest(BLOCKHASH_BLOCK, zd);
+    for (uint64_t i = 0; i < N; i++) {
+        if (i >= 1000 && i < 70000)
+            memcpy(h.leaf[i], zd, 32); /* a long repeat */
+        else
+            blockhash_digest(&i, sizeof(i), h.leaf[i]);
+    }
+    char *ref = tpath("ref.hashes"), *src = tpath("src.hashes");
+    char *out = tpath("out.hashes"), want[65], got[65], rd[65];
+    assert_int_equal(blockhash_write(&h, ref, want, NULL), 0);
+    assert_int_equal(blockhash_write(&h, src, want, NULL), 0);
+
+    struct hashes_reader r = {0};
+    assert_int_equal(hashes_reader_open(&r, src, N, rd, NULL), 0);
+    assert_string_equal(rd, want);
+    struct hashes_writer w;
+    assert_int_equal(hashes_writer_open(&w, out, NULL), 0);
+    for (uint64_t i = 0; i < 1000; i++)
+        assert_int_equal(hashes_writer_put(&w, h.leaf[i]), 0);
+    assert_int_equal(hashes_writer_repeat(&w, zd, 69000), 0);
+    /* the rest from the reader, in pieces that straddle its windows */
+    for (uint64_t i = 70000; i < N;) {
+        uint64_t k = MIN((uint64_t)7777, (uint64_t)N - i);
+        assert_int_equal(hashes_writer_copy(&w, &r, i, k), 0);
+        i += k;
+    }
+    assert_int_equal(w.n, N);
+    assert_int_equal(hashes_writer_finish(&w, got, NULL), 0);
+    hashes_writer_abort(&w);
+    assert_string_equal(got, want);
+    char sha[65];
+    assert_int_equal(hashes_sha256(out, N, sha, NULL), 0);
+    assert_string_equal(sha, want);
+
+    /* Windows: any first leaf, at least one leaf, the file's bytes. */
+    for (uint64_t i = 0; i < N; i += 12345) {
+        const uint8_t *lv;
+        uint64_t k;
+        assert_int_equal(hashes_reader_window(&r, i, &lv, &k), 0);
+        assert_true(k >= 1 && i + k <= N);
+        assert_memory_equal(lv, h.leaf[i], 32);
+        assert_memory_equal(lv + (k - 1) * 32, h.leaf[i + k - 1], 32);
+    }
+    hashes_reader_close(&r);
+    hashes_reader_close(&r); /* closing twice does nothing */
+
+    /* Never over an existing file; nothing left behind. */
+    assert_int_equal(hashes_writer_open(&w, out, NULL), 0);
+    assert_int_equal(hashes_writer_put(&w, zd), 0);
+    struct cbt_error *err = NULL;
+    assert_int_equal(hashes_writer_finish(&w, got, &err), -1);
+    assert_int_equal(cbt_error_errno(err), EEXIST);
+    cbt_error_free(err);
+    hashes_writer_abort(&w);
+    assert_int_equal(hashes_sha256(out, N, sha, NULL), 0);
+    assert_string_equal(sha, want);
+
+    blockhash_free(&h);
+    unlink(ref);
+    unlink(src);
+    unlink(out);
+    free(ref);
+    free(src);
+    free(out);
+}
+
 /* ---- manifests ---- */
 
 static const char *ID = "0f0e0d0c-0b0a-4908-8706-050403020100";
@@ -863,6 +944,7 @@ int main(void)
         cmocka_unit_test(test_digests),
         cmocka_unit_test(test_streaming),
         cmocka_unit_test(test_root),
+        cmocka_unit_test(test_hashes_streamed),
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_parse_refusals),
         cmocka_unit_test(test_messages_and_file_types),
