@@ -654,6 +654,14 @@ void hashes_writer_abort(struct hashes_writer *w)
 int hashes_reader_open(struct hashes_reader *r, const char *path,
                        uint64_t blocks, char hex[65], struct cbt_error **errp)
 {
+    return hashes_reader_open_scan(r, path, blocks, hex, NULL, NULL, errp);
+}
+
+int hashes_reader_open_scan(struct hashes_reader *r, const char *path,
+                            uint64_t blocks, char hex[65],
+                            hashes_scan_fn *scan, void *opaque,
+                            struct cbt_error **errp)
+{
     memset(r, 0, sizeof(*r));
     r->fd = hashes_open(path, blocks, errp);
     if (r->fd < 0)
@@ -683,6 +691,11 @@ int hashes_reader_open(struct hashes_reader *r, const char *path,
             return -1;
         }
         sha256_update(&c, p, (size_t)k * 32);
+        if (scan && scan(opaque, b, p, k) < 0) {
+            cbt_error_set(errp, ENOMEM, "%s: out of memory", path);
+            hashes_reader_close(r);
+            return -1;
+        }
         b += k;
     }
     uint8_t d[32];

@@ -168,6 +168,16 @@ struct hashes_reader {
 int hashes_reader_open(struct hashes_reader *r, const char *path,
                        uint64_t blocks, char hex[65],
                        struct cbt_error **errp);
+/* hashes_reader_open that also shows every window of leaves to scan
+ * (leaves [first, first+count)) as it hashes them: one pass over the file
+ * for the digest and whatever the caller gathers.  scan returns 0, or -1
+ * (out of memory) to fail the open. */
+typedef int hashes_scan_fn(void *opaque, uint64_t first,
+                           const uint8_t *leaves, uint64_t count);
+int hashes_reader_open_scan(struct hashes_reader *r, const char *path,
+                            uint64_t blocks, char hex[65],
+                            hashes_scan_fn *scan, void *opaque,
+                            struct cbt_error **errp);
 /* Leaves from `first` (< n) on: *leaves points at *count >= 1 of them,
  * valid until the next call.  0 or -errno. */
 int hashes_reader_window(struct hashes_reader *r, uint64_t first,
