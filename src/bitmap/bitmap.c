@@ -885,6 +885,30 @@ static void page_assign(struct bm_bitmap *bm, uint64_t p, uint64_t lo,
         page_fill(bm, p, lo, hi, ones); /* keeps NULL / PAGE_FULL cheap */
         return;
     }
+    if (!bm->pages[p] && lo == 0 && hi == page_nbits(bm, p)) {
+        /* A whole clean page (loading a bitmap): built in one pass, not a
+         * word_assign per word. */
+        struct bm_page *pg = malloc(sizeof(*pg));
+        if (!pg) {
+            page_store(bm, p, PAGE_FULL); /* out of memory: err dirty */
+            return;
+        }
+        uint32_t count = 0;
+        memset(pg->sum, 0, sizeof(pg->sum));
+        for (uint64_t i = 0; i < PAGE_WORDS; i++) {
+            uint64_t v = 0;
+            if (i * 64 < hi)
+                v = ldle64(src + i * 8) & word_mask(i, 0, hi);
+            pg->w[i] = v;
+            count += pop64(v);
+            if (v)
+                pg->sum[i / 64] |= bit64(i);
+        }
+        pg->count = count;
+        pg->refs = 1;
+        page_store(bm, p, pg); /* neither empty nor full: zeros, ones */
+        return;
+    }
     struct bm_page *pg = page_writable(bm, p);
     if (!pg) {
         page_store(bm, p, PAGE_FULL); /* out of memory: err dirty */
