@@ -19,17 +19,6 @@
 #include "fuzz_common.h"
 #include "ops/checkpoint_meta.h"
 
-int LLVMFuzzerInitialize(int *argc, char ***argv);
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_init();
-    return 0;
-}
-
 static void check_invariants(const struct ckpt_meta *m)
 {
     for (size_t i = 0; i < m->n; i++) {

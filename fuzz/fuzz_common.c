@@ -44,7 +44,10 @@ static void quiet_warning(const char *msg)
     (void)msg;
 }
 
-void fuzz_init(void)
+/* The one LLVMFuzzerInitialize of every target: they all need the scratch
+ * folder and the quiet warning handler, and nothing else before their first
+ * input. */
+static void fuzz_init(void)
 {
     if (scratch_dir[0])
         return;
@@ -62,6 +65,14 @@ void fuzz_init(void)
     const char *verbose = getenv("CBT_FUZZ_VERBOSE");
     if (!verbose || strcmp(verbose, "1") != 0)
         cbt_set_warn_handler(quiet_warning);
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    (void)argc;
+    (void)argv;
+    fuzz_init();
+    return 0;
 }
 
 const char *fuzz_put_file(const char *name, const uint8_t *data, size_t size)

@@ -15,10 +15,15 @@
 /* Most block-status calls per walk (an image may have 2^40 extents). */
 #define FUZZ_MAX_EXTENTS 2048
 
-/* Create the scratch folder (in $CBT_FUZZ_TMPDIR, else /dev/shm, else
- * $TMPDIR, else /tmp) and silence library warnings (set CBT_FUZZ_VERBOSE=1
- * to see them).  Called once, from LLVMFuzzerInitialize. */
-void fuzz_init(void);
+/*
+ * The libFuzzer entry points.  fuzz_common.c defines LLVMFuzzerInitialize
+ * for every target: it creates the scratch folder (in $CBT_FUZZ_TMPDIR, else
+ * /dev/shm, else $TMPDIR, else /tmp) and silences library warnings (set
+ * CBT_FUZZ_VERBOSE=1 to see them).  Each target defines only
+ * LLVMFuzzerTestOneInput.
+ */
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 /*
  * Replace the scratch file `name` (a plain file name) with data[0..size) and

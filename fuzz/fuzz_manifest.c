@@ -14,17 +14,6 @@
 #include "ops/manifest.h"
 #include "util/util.h"
 
-int LLVMFuzzerInitialize(int *argc, char ***argv);
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_init();
-    return 0;
-}
-
 static bool plain(const char *s)
 {
     return s && s[0] && !strchr(s, '/') && strcmp(s, ".") && strcmp(s, "..");

@@ -14,17 +14,6 @@
 #include "fuzz_common.h"
 #include "ops/foldertx.h"
 
-int LLVMFuzzerInitialize(int *argc, char ***argv);
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_init();
-    return 0;
-}
-
 static void plain(const char *s)
 {
     if (!s || !s[0] || strchr(s, '/') || strcmp(s, ".") == 0 ||

@@ -22,19 +22,15 @@
 #define FUZZ_WRITE_MAX 65536
 #define FUZZ_ZERO_MAX (1024 * 1024)
 
-int LLVMFuzzerInitialize(int *argc, char ***argv);
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-static int verify;
-
-int LLVMFuzzerInitialize(int *argc, char ***argv)
+/* CBT_FUZZ_VERIFY=1, read once (LLVMFuzzerInitialize is fuzz_common's). */
+static bool verify_writes(void)
 {
-    (void)argc;
-    (void)argv;
-    fuzz_init();
-    const char *v = getenv("CBT_FUZZ_VERIFY");
-    verify = v && strcmp(v, "1") == 0;
-    return 0;
+    static int verify = -1;
+    if (verify < 0) {
+        const char *v = getenv("CBT_FUZZ_VERIFY");
+        verify = v && strcmp(v, "1") == 0;
+    }
+    return verify;
 }
 
 static uint64_t scale(uint64_t size, unsigned frac16)
@@ -89,7 +85,7 @@ static void run_ops(struct cbt_image *img, const uint8_t *ops, size_t n)
             for (size_t k = 0; k < len; k++)
                 buf[k] = (uint8_t)((k / 64) * (b3 | 1));
             r = cbt_image_pwrite_compressed(img, buf, (size_t)len, off);
-            if (r == 0 && verify) {
+            if (r == 0 && verify_writes()) {
                 r = cbt_image_pread(img, back, (size_t)len, off);
                 if (r == 0 && memcmp(buf, back, (size_t)len) != 0)
                     fuzz_fail("read-back mismatch after compressed write "
@@ -103,7 +99,7 @@ static void run_ops(struct cbt_image *img, const uint8_t *ops, size_t n)
         case 0:
             memset(buf, (int)(b3 | 1), (size_t)len);
             r = cbt_image_pwrite(img, buf, (size_t)len, off);
-            if (r == 0 && verify) {
+            if (r == 0 && verify_writes()) {
                 r = cbt_image_pread(img, back, (size_t)len, off);
                 if (r == 0 && memcmp(buf, back, (size_t)len) != 0)
                     fuzz_fail("read-back mismatch after write at %llu+%llu",

@@ -19,17 +19,6 @@
 #include "fuzz_common.h"
 #include "live/qmp.h"
 
-int LLVMFuzzerInitialize(int *argc, char ***argv);
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_init();
-    return 0;
-}
-
 struct feed {
     int fd;
     const uint8_t *data;
