@@ -500,6 +500,115 @@ static void drop_own_nodes(struct qmp *q, const struct live_disk *d,
     }
 }
 
+/*
+ * Start the job: QEMU's `cmd` with `args` plus what every cbt job has: the
+ * id cbt-PID-WHAT (a later cbt finds a dead one's jobs by it), no
+ * auto-finalize or auto-dismiss (job_run steps them), and the rate.
+ */
+static int job_start(struct job *j, const char *cmd, json_t *args,
+                     struct cbt_error **errp)
+{
+    snprintf(j->id, sizeof(j->id), "cbt-%d-%s", (int)getpid(), j->what);
+    json_object_set_new(args, "job-id", json_string(j->id));
+    json_object_set_new(args, "auto-finalize", json_false());
+    json_object_set_new(args, "auto-dismiss", json_false());
+    if (j->o->rate)
+        json_object_set_new(args, "speed",
+                            json_integer((json_int_t)j->o->rate));
+    return qmp_run(j->q, cmd, args, errp);
+}
+
+/* ---- activewrite bitmaps (active commit, copy) ---- */
+
+/*
+ * The temporary recording bitmaps a job's target gets when the job is
+ * ready, one per granularity of the recording bitmaps it takes over: they
+ * catch the guest writes mirrored into the target in the final phase.
+ */
+struct aw {
+    uint64_t gran[8];
+    size_t n;
+    bool added;                  /* they exist (from ready on) */
+};
+
+static void aw_name(char *buf, size_t len, uint64_t gran)
+{
+    int lg = 0;
+    while ((1ull << lg) < gran)
+        lg++;
+    snprintf(buf, len, "cbt-%d-aw%d", (int)getpid(), lg);
+}
+
+/* Plan one for `gran` (once a granularity); false when it would be a
+ * granularity more than the set holds. */
+static bool aw_want(struct aw *a, uint64_t gran)
+{
+    for (size_t g = 0; g < a->n; g++)
+        if (a->gran[g] == gran)
+            return true;
+    if (a->n == ARRAY_SIZE(a->gran))
+        return false;
+    a->gran[a->n++] = gran;
+    return true;
+}
+
+/* The job is ready: add them on `node`, in one transaction. */
+static int aw_add(struct qmp *q, const char *node, struct aw *a,
+                  struct cbt_error **errp)
+{
+    json_t *acts = json_array();
+    for (size_t g = 0; g < a->n; g++) {
+        char aw[48];
+        aw_name(aw, sizeof(aw), a->gran[g]);
+        json_array_append_new(acts, bm_add(node, aw, a->gran[g], false,
+                                           false));
+    }
+    if (one_transaction(q, acts, errp) < 0)
+        return -1;
+    a->added = a->n > 0;
+    return 0;
+}
+
+/* Their removal from `node` into `acts`, when they were added. */
+static void aw_drop(const struct aw *a, const char *node, json_t *acts)
+{
+    for (size_t g = 0; a->added && g < a->n; g++) {
+        char aw[48];
+        aw_name(aw, sizeof(aw), a->gran[g]);
+        json_array_append_new(acts, bm_simple("block-dirty-bitmap-remove",
+                                              node, aw));
+    }
+}
+
+/*
+ * A bitmap of the top is carried down only when its copies in layers
+ * 1..upto-1 are whole: none below a layer that lacks it (a gap), none
+ * inconsistent (the offline rule; the merge would be wrong).
+ */
+static int copies_whole(struct qmp *q, const struct live_disk *d,
+                        const struct live_bitmap *b, size_t upto,
+                        struct cbt_error **errp)
+{
+    bool gap = false;
+    for (size_t r = 1; r < upto; r++) {
+        const struct live_bitmap *c = live_layer_bitmap(&d->layers[r],
+                                                        b->name);
+        if (!c) {
+            gap = true;
+            continue;
+        }
+        if (gap || c->inconsistent) {
+            cbt_error_set(errp, EINVAL, "%s: the copy of bitmap '%s' in "
+                          "%s is %s; nothing was done", qmp_name(q),
+                          b->name, d->layers[r].filename,
+                          gap ? "below a layer that lacks it (a gap)"
+                              : "inconsistent");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* ---- commit ---- */
 
 /* One bitmap name of top..base. */
@@ -520,18 +629,8 @@ struct commit {
     size_t n;
     bool active;
     bool saved;                  /* the saved copies exist */
-    uint64_t aw_gran[8];         /* the activewrite bitmaps' granularities */
-    size_t naw;
-    bool aw_added;               /* they exist (from ready on) */
+    struct aw aw;
 };
-
-static void aw_name(char *buf, size_t len, uint64_t gran)
-{
-    int lg = 0;
-    while ((1ull << lg) < gran)
-        lg++;
-    snprintf(buf, len, "cbt-%d-aw%d", (int)getpid(), lg);
-}
 
 /* The plan, or a refusal before anything changed. */
 static int commit_plan(struct commit *m, struct cbt_error **errp)
@@ -597,17 +696,11 @@ static int commit_plan(struct commit *m, struct cbt_error **errp)
                               p->at_base->granularity, p->gran);
                 return -1;
             }
-            if (m->active && p->in_top && p->recording) {
-                bool have = false;
-                for (size_t g = 0; g < m->naw && !have; g++)
-                    have = m->aw_gran[g] == p->gran;
-                if (!have && m->naw == ARRAY_SIZE(m->aw_gran)) {
-                    cbt_error_set(errp, ENOTSUP, "%s: too many bitmap "
-                                  "granularities", qmp_name(q));
-                    return -1;
-                }
-                if (!have)
-                    m->aw_gran[m->naw++] = p->gran;
+            if (m->active && p->in_top && p->recording &&
+                !aw_want(&m->aw, p->gran)) {
+                cbt_error_set(errp, ENOTSUP, "%s: too many bitmap "
+                              "granularities", qmp_name(q));
+                return -1;
             }
         }
     }
@@ -644,14 +737,22 @@ static void commit_drop_temps(struct commit *m, json_t *acts)
         if (m->v[i].at_base)
             json_array_append_new(own, bm_simple("block-dirty-bitmap-remove",
                                                  base, m->v[i].saved));
-    for (size_t g = 0; m->aw_added && g < m->naw; g++) {
-        char aw[48];
-        aw_name(aw, sizeof(aw), m->aw_gran[g]);
-        json_array_append_new(own, bm_simple("block-dirty-bitmap-remove",
-                                             base, aw));
-    }
+    aw_drop(&m->aw, base, own);
     if (!acts)
         (void)one_transaction(m->c.q, own, NULL);
+}
+
+/* The pivot makes base the disk's top: its copy records as the topmost
+ * copy did (as offline; a copy sealed by an offline snapshot records
+ * again). */
+static void commit_pivot_recording(const struct commit *m,
+                                   const struct cplan *p, json_t *acts)
+{
+    if (m->active && p->at_base && p->at_base->recording != p->recording)
+        json_array_append_new(
+            acts, bm_simple(p->recording ? "block-dirty-bitmap-enable"
+                                         : "block-dirty-bitmap-disable",
+                            m->c.disk.layers[m->b].node, p->name));
 }
 
 /* Put base's copies back as they were (the job paused or pending).  0, or
@@ -670,14 +771,7 @@ static int commit_undo(struct job *j)
         json_t *srcs = json_array();
         json_array_append_new(srcs, src(base, p->saved));
         json_array_append_new(acts, bm_merge(base, p->name, srcs));
-        /* The pivot makes base the disk's top: its copy records as the
-         * topmost copy did (as offline; a copy sealed by an offline
-         * snapshot records again). */
-        if (m->active && p->at_base && p->at_base->recording != p->recording)
-            json_array_append_new(
-                acts, bm_simple(p->recording ? "block-dirty-bitmap-enable"
-                                             : "block-dirty-bitmap-disable",
-                                base, p->name));
+        commit_pivot_recording(m, p, acts);
     }
     commit_drop_temps(m, acts);
     struct cbt_error *e = NULL;
@@ -687,10 +781,10 @@ static int commit_undo(struct job *j)
                  qmp_name(m->c.q), cbt_error_message(e));
         cbt_error_free(e);
         commit_drop_temps(m, NULL);
-        m->saved = m->aw_added = false;
+        m->saved = m->aw.added = false;
         return -1;
     }
-    m->saved = m->aw_added = false;
+    m->saved = m->aw.added = false;
     return 0;
 }
 
@@ -698,18 +792,7 @@ static int commit_undo(struct job *j)
 static int commit_ready(struct job *j, struct cbt_error **errp)
 {
     struct commit *m = j->opaque;
-    const char *base = m->c.disk.layers[m->b].node;
-    json_t *acts = json_array();
-    for (size_t g = 0; g < m->naw; g++) {
-        char aw[48];
-        aw_name(aw, sizeof(aw), m->aw_gran[g]);
-        json_array_append_new(acts, bm_add(base, aw, m->aw_gran[g], false,
-                                           false));
-    }
-    if (one_transaction(m->c.q, acts, errp) < 0)
-        return -1;
-    m->aw_added = m->naw > 0;
-    return 0;
+    return aw_add(m->c.q, m->c.disk.layers[m->b].node, &m->aw, errp);
 }
 
 /* Pending: base's copies become the unions, in one transaction. */
@@ -739,19 +822,12 @@ static int commit_pending(struct job *j, struct cbt_error **errp)
             json_array_append_new(srcs, src(base, aw));
         }
         json_array_append_new(acts, bm_merge(base, p->name, srcs));
-        /* The pivot makes base the disk's top: its copy records as the
-         * topmost copy did (as offline; a copy sealed by an offline
-         * snapshot records again). */
-        if (m->active && p->at_base && p->at_base->recording != p->recording)
-            json_array_append_new(
-                acts, bm_simple(p->recording ? "block-dirty-bitmap-enable"
-                                             : "block-dirty-bitmap-disable",
-                                base, p->name));
+        commit_pivot_recording(m, p, acts);
     }
     commit_drop_temps(m, acts);
     if (one_transaction(m->c.q, acts, errp) < 0)
         return -1;
-    m->saved = m->aw_added = false;
+    m->saved = m->aw.added = false;
     return 0;
 }
 
@@ -783,18 +859,31 @@ static int no_job(const struct live_cp *c, struct cbt_error **errp)
     return 0;
 }
 
+/* The start of commit, stream and copy: the leftovers of a dead cbt
+ * cleaned, the disk's chain read, and a disk another job holds refused. */
+static int chain_open(struct qmp *q, const struct live_chain_opts *o,
+                      struct live_cp *c, struct cbt_error **errp)
+{
+    if (live_cleanup(q, errp) < 0 ||
+        live_cp_open_uncounted(q, o->disk, c, errp) < 0)
+        return -1;
+    if (no_job(c, errp) < 0) {
+        live_cp_close(c);
+        return -1;
+    }
+    return 0;
+}
+
 int live_commit(struct qmp *q, const struct live_chain_opts *o,
                 struct cbt_error **errp)
 {
     struct commit m;
     memset(&m, 0, sizeof(m));
-    if (live_cleanup(q, errp) < 0 ||
-        live_cp_open_uncounted(q, o->disk, &m.c, errp) < 0)
+    if (chain_open(q, o, &m.c, errp) < 0)
         return -1;
     int ret = -1;
     const struct live_disk *d = &m.c.disk;
-    if (no_job(&m.c, errp) < 0 ||
-        (o->top && find_layer(&m.c, o->top, "top", &m.t, errp) < 0))
+    if (o->top && find_layer(&m.c, o->top, "top", &m.t, errp) < 0)
         goto out;
     if (o->base) {
         if (find_layer(&m.c, o->base, "base", &m.b, errp) < 0)
@@ -817,21 +906,17 @@ int live_commit(struct qmp *q, const struct live_chain_opts *o,
     struct job j = {.q = q, .o = o, .what = "commit", .opaque = &m,
                     .at_ready = commit_ready, .at_pending = commit_pending,
                     .undo = commit_undo};
-    snprintf(j.id, sizeof(j.id), "cbt-%d-commit", (int)getpid());
-    json_t *args = json_pack(
-        "{s:s, s:s, s:s, s:s, s:b, s:b, s:s}", "job-id", j.id, "device",
-        d->layers[0].node, "top-node",
-        d->layers[m.t].node, "base-node", d->layers[m.b].node,
-        "auto-finalize", 0, "auto-dismiss", 0, "on-error", "stop");
-    if (o->rate)
-        json_object_set_new(args, "speed", json_integer((json_int_t)o->rate));
+    json_t *args = json_pack("{s:s, s:s, s:s, s:s}", "device",
+                             d->layers[0].node, "top-node",
+                             d->layers[m.t].node, "base-node",
+                             d->layers[m.b].node, "on-error", "stop");
     if (!m.active && set_backing_name(args, &d->layers[m.b],
                                       &d->layers[m.t - 1], errp) < 0) {
         json_decref(args);
         commit_drop_temps(&m, NULL);
         goto out;
     }
-    if (qmp_run(q, "block-commit", args, errp) < 0) {
+    if (job_start(&j, "block-commit", args, errp) < 0) {
         commit_drop_temps(&m, NULL);
         goto out;
     }
@@ -896,14 +981,12 @@ int live_stream(struct qmp *q, const struct live_chain_opts *o,
 {
     struct stream s;
     memset(&s, 0, sizeof(s));
-    if (live_cleanup(q, errp) < 0 ||
-        live_cp_open_uncounted(q, o->disk, &s.c, errp) < 0)
+    if (chain_open(q, o, &s.c, errp) < 0)
         return -1;
     int ret = -1;
     const struct live_disk *d = &s.c.disk;
     s.b = d->nlayers;
-    if (no_job(&s.c, errp) < 0 ||
-        (o->base && find_layer(&s.c, o->base, "base", &s.b, errp) < 0))
+    if (o->base && find_layer(&s.c, o->base, "base", &s.b, errp) < 0)
         goto out;
     if (s.b == 0) {
         cbt_error_set(errp, EINVAL, "%s: the base must be below the top",
@@ -911,30 +994,12 @@ int live_stream(struct qmp *q, const struct live_chain_opts *o,
         cbt_error_set_kind(errp, CBT_ERR_USAGE);
         goto out;
     }
-    /* The offline rule: a copy in a leaving layer below one that lacks it,
-     * or an inconsistent one, would make the merge wrong. */
+    /* The copies in the leaving layers must be whole. */
     const struct live_layer *top = &d->layers[0];
     for (size_t k = 0; k < top->nbitmaps; k++) {
         const struct live_bitmap *b = &top->bitmaps[k];
-        if (!carried(b))
-            continue;
-        bool gap = false;
-        for (size_t r = 1; r < s.b; r++) {
-            const struct live_bitmap *c = live_layer_bitmap(&d->layers[r],
-                                                            b->name);
-            if (!c) {
-                gap = true;
-                continue;
-            }
-            if (gap || c->inconsistent) {
-                cbt_error_set(errp, EINVAL, "%s: the copy of bitmap '%s' in "
-                              "%s is %s; nothing was done", qmp_name(q),
-                              b->name, d->layers[r].filename,
-                              gap ? "below a layer that lacks it (a gap)"
-                                  : "inconsistent");
-                goto out;
-            }
-        }
+        if (carried(b) && copies_whole(q, d, b, s.b, errp) < 0)
+            goto out;
     }
     if (s.b == 1) {
         ret = 0; /* nothing between: nothing to do */
@@ -942,12 +1007,8 @@ int live_stream(struct qmp *q, const struct live_chain_opts *o,
     }
     struct job j = {.q = q, .o = o, .what = "stream", .opaque = &s,
                     .at_pending = stream_pending};
-    snprintf(j.id, sizeof(j.id), "cbt-%d-stream", (int)getpid());
-    json_t *args = json_pack("{s:s, s:s, s:b, s:b, s:s}", "job-id", j.id,
-                             "device", top->node, "auto-finalize", 0,
-                             "auto-dismiss", 0, "on-error", "stop");
-    if (o->rate)
-        json_object_set_new(args, "speed", json_integer((json_int_t)o->rate));
+    json_t *args = json_pack("{s:s, s:s}", "device", top->node, "on-error",
+                             "stop");
     if (s.b < d->nlayers) {
         json_object_set_new(args, "base-node",
                             json_string(d->layers[s.b].node));
@@ -956,7 +1017,8 @@ int live_stream(struct qmp *q, const struct live_chain_opts *o,
             goto out;
         }
     }
-    if (qmp_run(q, "block-stream", args, errp) < 0 || job_run(&j, errp) < 0)
+    if (job_start(&j, "block-stream", args, errp) < 0 ||
+        job_run(&j, errp) < 0)
         goto out;
     drop_own_nodes(q, d, 1, s.b);
     ret = 0;
@@ -972,23 +1034,16 @@ struct copy {
     const char *dest;
     char node[NAME_MAX_QEMU + 1];  /* DEST's node */
     size_t upto;                 /* the layers DEST replaces: 0..upto-1 */
-    uint64_t aw_gran[8];
-    size_t naw;
-    bool aw_added;
+    struct aw aw;
 };
 
 static void copy_drop_aw(struct copy *m, json_t *acts)
 {
     json_t *own = acts ? acts : json_array();
-    for (size_t g = 0; m->aw_added && g < m->naw; g++) {
-        char aw[48];
-        aw_name(aw, sizeof(aw), m->aw_gran[g]);
-        json_array_append_new(own, bm_simple("block-dirty-bitmap-remove",
-                                             m->node, aw));
-    }
+    aw_drop(&m->aw, m->node, own);
     if (!acts)
         (void)one_transaction(m->c.q, own, NULL);
-    m->aw_added = false;
+    m->aw.added = false;
 }
 
 static int copy_undo(struct job *j)
@@ -1002,17 +1057,7 @@ static int copy_undo(struct job *j)
 static int copy_ready(struct job *j, struct cbt_error **errp)
 {
     struct copy *m = j->opaque;
-    json_t *acts = json_array();
-    for (size_t g = 0; g < m->naw; g++) {
-        char aw[48];
-        aw_name(aw, sizeof(aw), m->aw_gran[g]);
-        json_array_append_new(acts, bm_add(m->node, aw, m->aw_gran[g], false,
-                                           false));
-    }
-    if (one_transaction(m->c.q, acts, errp) < 0)
-        return -1;
-    m->aw_added = m->naw > 0;
-    return 0;
+    return aw_add(m->c.q, m->node, &m->aw, errp);
 }
 
 /* Pending (the copy done, the disk drained until the pivot): DEST's
@@ -1033,7 +1078,7 @@ static int copy_pending(struct job *j, struct cbt_error **errp)
         for (size_t r = 0;
              r < m->upto && live_layer_bitmap(&d->layers[r], b->name); r++)
             json_array_append_new(srcs, src(d->layers[r].node, b->name));
-        if (b->recording && m->aw_added) {
+        if (b->recording && m->aw.added) {
             char aw[48];
             aw_name(aw, sizeof(aw), b->granularity);
             json_array_append_new(srcs, src(m->node, aw));
@@ -1055,8 +1100,7 @@ int live_copy(struct qmp *q, const struct live_chain_opts *o,
 {
     struct copy m;
     memset(&m, 0, sizeof(m));
-    if (live_cleanup(q, errp) < 0 ||
-        live_cp_open_uncounted(q, o->disk, &m.c, errp) < 0)
+    if (chain_open(q, o, &m.c, errp) < 0)
         return -1;
     const struct live_disk *d = &m.c.disk;
     const struct live_layer *top = &d->layers[0];
@@ -1067,8 +1111,6 @@ int live_copy(struct qmp *q, const struct live_chain_opts *o,
     snprintf(fnode, sizeof(fnode), "%s-file", m.node);
     m.upto = shallow ? 1 : d->nlayers;
     m.dest = dest;
-    if (no_job(&m.c, errp) < 0)
-        goto out;
     if (shallow && d->nlayers < 2) {
         cbt_error_set(errp, EINVAL, "%s: disk '%s' has no backing file: "
                       "--shallow needs one", qmp_name(q), d->id);
@@ -1086,28 +1128,10 @@ int live_copy(struct qmp *q, const struct live_chain_opts *o,
                      qmp_name(q), b->name);
             continue;
         }
-        bool gap = false;
-        for (size_t r = 1; r < m.upto; r++) {
-            const struct live_bitmap *c =
-                live_layer_bitmap(&d->layers[r], b->name);
-            if (!c) {
-                gap = true;
-                continue;
-            }
-            if (gap || c->inconsistent) {
-                cbt_error_set(errp, EINVAL, "%s: the copy of bitmap '%s' in "
-                              "%s is %s; nothing was done", qmp_name(q),
-                              b->name, d->layers[r].filename,
-                              gap ? "below a layer that lacks it (a gap)"
-                                  : "inconsistent");
-                goto out;
-            }
-        }
-        bool have = !b->recording;
-        for (size_t g = 0; g < m.naw && !have; g++)
-            have = m.aw_gran[g] == b->granularity;
-        if (!have && m.naw < ARRAY_SIZE(m.aw_gran))
-            m.aw_gran[m.naw++] = b->granularity;
+        if (copies_whole(q, d, b, m.upto, errp) < 0)
+            goto out;
+        if (b->recording)
+            (void)aw_want(&m.aw, b->granularity);
     }
 
     struct stat st;
@@ -1163,15 +1187,12 @@ int live_copy(struct qmp *q, const struct live_chain_opts *o,
     struct job j = {.q = q, .o = o, .what = "copy", .opaque = &m,
                     .at_ready = copy_ready, .at_pending = copy_pending,
                     .undo = copy_undo};
-    snprintf(j.id, sizeof(j.id), "cbt-%d-copy", (int)getpid());
     json_t *args = json_pack(
-        "{s:s, s:s, s:s, s:s, s:b, s:b, s:s, s:s}", "job-id", j.id,
-        "device", top->node, "target", m.node, "sync",
-        shallow ? "top" : "full", "auto-finalize", 0, "auto-dismiss", 0,
-        "on-source-error", "stop", "on-target-error", "stop");
-    if (o->rate)
-        json_object_set_new(args, "speed", json_integer((json_int_t)o->rate));
-    if (qmp_run(q, "blockdev-mirror", args, errp) < 0 || job_run(&j, errp) < 0)
+        "{s:s, s:s, s:s, s:s, s:s}", "device", top->node, "target", m.node,
+        "sync", shallow ? "top" : "full", "on-source-error", "stop",
+        "on-target-error", "stop");
+    if (job_start(&j, "blockdev-mirror", args, errp) < 0 ||
+        job_run(&j, errp) < 0)
         goto out;
     added = created = false; /* the disk's now */
     drop_own_nodes(q, d, 0, m.upto);
