@@ -201,4 +201,34 @@ bool cli_cancel_cb(void *opaque);
  * action); returns otherwise. */
 void cli_signals_reraise(void);
 
+/* live.c: the --qmp form of commit, stream and copy */
+
+struct qmp;
+struct live_chain_opts;
+
+/* The long option --qmp SOCKET's getopt value in those commands. */
+#define CLI_OPT_QMP 0x1000
+
+/* Their options -p, -r RATE and --qmp SOCKET, as given. */
+struct cli_live_args {
+    const char *sock;
+    const char *rate;
+    bool progress;
+};
+/* In the getopt loop: take option c into *a when it is one of those;
+ * false when it is not. */
+bool cli_live_option(int c, struct cli_live_args *a);
+
+/* live_commit, live_stream or live_copy. */
+typedef int cli_live_fn(struct qmp *q, const struct live_chain_opts *o,
+                        struct cbt_error **errp);
+/*
+ * Run `run` on the QEMU behind a->sock with *lo, its rate from -r, its
+ * progress line (-p, with the rate and time left) and the signals
+ * cancelling it; the exit status (an error printed, and a caught signal
+ * re-raised, when it failed).
+ */
+int cli_live_run(const char *prog, const struct cli_live_args *a,
+                 struct live_chain_opts *lo, cli_live_fn *run);
+
 #endif

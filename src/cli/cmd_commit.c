@@ -108,47 +108,25 @@ static int check_format(const char *file, const char *fmt)
 
 /* cbt commit --qmp SOCKET [--top T] [--base B] DISK */
 static int live_form(const char *prog, int argc, char **argv,
-                     const char *sock, const struct cbt_commit_opts *o,
-                     const char *fmt, const char *rate, bool progress,
+                     const struct cli_live_args *la,
+                     const struct cbt_commit_opts *o, const char *fmt,
                      bool quiet)
 {
-    uint64_t speed = 0;
-    if (rate && cli_parse_size_arg(prog, "rate", rate, &speed) < 0)
-        return CLI_EXIT_USAGE;
     if (fmt || o->active || o->drop || o->skip_broken_bitmaps)
         return cli_usage_error(prog, "-f, -d, --active and "
                                "--skip-broken-bitmaps do not go with --qmp");
-    const char *disk;
-    if (cli_take_filename(prog, argc, argv, &disk) < 0)
+    struct live_chain_opts lo = { .top = o->top, .base = o->base };
+    if (cli_take_filename(prog, argc, argv, &lo.disk) < 0)
         return CLI_EXIT_USAGE;
-    struct cbt_error *err = NULL;
-    struct qmp *q = qmp_connect(sock, &err);
-    if (!q)
-        return cli_lib_error(err);
-    struct cli_progress pr;
-    cli_progress_init_rate(&pr, progress);
-    cli_signals_catch();
-    struct live_chain_opts lo = {
-        .disk = disk, .top = o->top, .base = o->base, .rate = speed,
-        .progress = cli_progress_cb, .progress_opaque = &pr,
-        .cancel = cli_cancel_cb,
-    };
-    int r = live_commit(q, &lo, &err);
-    cli_progress_end(&pr);
-    qmp_close(q);
-    if (r < 0) {
-        r = cli_lib_error(err);
-        cli_signals_reraise();
-        return r;
-    }
-    if (!quiet)
+    int r = cli_live_run(prog, la, &lo, live_commit);
+    if (r == 0 && !quiet)
         printf("Image committed.\n");
-    return 0;
+    return r;
 }
 
 int cmd_commit(int argc, char **argv)
 {
-    enum { OPT_TOP = 256, OPT_ACTIVE, OPT_SKIP_BROKEN, OPT_QMP };
+    enum { OPT_TOP = 256, OPT_ACTIVE, OPT_SKIP_BROKEN };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"format", required_argument, NULL, 'f'},
@@ -156,14 +134,14 @@ int cmd_commit(int argc, char **argv)
         {"top", required_argument, NULL, OPT_TOP},
         {"active", required_argument, NULL, OPT_ACTIVE},
         {"skip-broken-bitmaps", no_argument, NULL, OPT_SKIP_BROKEN},
-        {"qmp", required_argument, NULL, OPT_QMP},
+        {"qmp", required_argument, NULL, CLI_OPT_QMP},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
     const char *fmt = NULL;
     struct cbt_commit_opts o = { .top = NULL };
-    bool quiet = false, progress = false;
-    const char *qmp_sock = NULL, *rate = NULL;
+    bool quiet = false;
+    struct cli_live_args la = { .sock = NULL };
     int c;
     optind = 0;
     while ((c = getopt_long(argc, argv, "hf:b:dpqr:", longopts, NULL)) != -1) {
@@ -179,14 +157,8 @@ int cmd_commit(int argc, char **argv)
         case 'd':
             o.drop = true;
             break;
-        case 'p':
-            progress = true;
-            break;
         case 'q':
             quiet = true;
-            break;
-        case 'r':
-            rate = optarg;
             break;
         case OPT_TOP:
             o.top = optarg;
@@ -197,17 +169,14 @@ int cmd_commit(int argc, char **argv)
         case OPT_SKIP_BROKEN:
             o.skip_broken_bitmaps = true;
             break;
-        case OPT_QMP:
-            qmp_sock = optarg;
-            break;
         default:
-            return cli_bad_option(prog);
+            if (!cli_live_option(c, &la))
+                return cli_bad_option(prog);
         }
     }
-    if (qmp_sock)
-        return live_form(prog, argc, argv, qmp_sock, &o, fmt, rate, progress,
-                         quiet);
-    if (rate)
+    if (la.sock)
+        return live_form(prog, argc, argv, &la, &o, fmt, quiet);
+    if (la.rate)
         return cli_usage_error(prog, "-r goes with --qmp (QEMU's job)");
     bool top_form = o.top != NULL;
     if (top_form) {
@@ -233,7 +202,7 @@ int cmd_commit(int argc, char **argv)
         return ret;
 
     struct cli_progress pr;
-    cli_progress_init(&pr, progress);
+    cli_progress_init(&pr, la.progress);
     o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
     cli_signals_catch();

@@ -42,39 +42,31 @@ static const char usage[] =
 
 int cmd_copy(int argc, char **argv)
 {
-    enum { OPT_QMP = 256, OPT_SHALLOW };
+    enum { OPT_SHALLOW = 256 };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
-        {"qmp", required_argument, NULL, OPT_QMP},
+        {"qmp", required_argument, NULL, CLI_OPT_QMP},
         {"shallow", no_argument, NULL, OPT_SHALLOW},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
-    const char *sock = NULL, *rate = NULL;
-    bool shallow = false, progress = false;
+    struct cli_live_args la = { .sock = NULL };
+    struct live_chain_opts lo = { .disk = NULL };
     int c;
     optind = 0;
     while ((c = getopt_long(argc, argv, "hpr:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             return cli_help(usage);
-        case 'p':
-            progress = true;
-            break;
-        case 'r':
-            rate = optarg;
-            break;
-        case OPT_QMP:
-            sock = optarg;
-            break;
         case OPT_SHALLOW:
-            shallow = true;
+            lo.shallow = true;
             break;
         default:
-            return cli_bad_option(prog);
+            if (!cli_live_option(c, &la))
+                return cli_bad_option(prog);
         }
     }
-    if (!sock)
+    if (!la.sock)
         return cli_usage_error(prog, "--qmp SOCKET is required (offline: "
                                "cbt convert --bitmaps)");
     if (argc - optind != 2)
@@ -82,28 +74,7 @@ int cmd_copy(int argc, char **argv)
                                          ? "Expecting DISK and DEST"
                                          : "unexpected argument '%s'",
                                argv[argc - 1]);
-    uint64_t speed = 0;
-    if (rate && cli_parse_size_arg(prog, "rate", rate, &speed) < 0)
-        return CLI_EXIT_USAGE;
-    struct cbt_error *err = NULL;
-    struct qmp *q = qmp_connect(sock, &err);
-    if (!q)
-        return cli_lib_error(err);
-    struct cli_progress pr;
-    cli_progress_init_rate(&pr, progress);
-    cli_signals_catch();
-    struct live_chain_opts lo = {
-        .disk = argv[optind], .rate = speed,
-        .progress = cli_progress_cb, .progress_opaque = &pr,
-        .cancel = cli_cancel_cb,
-    };
-    int r = live_copy(q, &lo, argv[optind + 1], shallow, &err);
-    cli_progress_end(&pr);
-    qmp_close(q);
-    if (r < 0) {
-        r = cli_lib_error(err);
-        cli_signals_reraise();
-        return r;
-    }
-    return 0;
+    lo.disk = argv[optind];
+    lo.dest = argv[optind + 1];
+    return cli_live_run(prog, &la, &lo, live_copy);
 }

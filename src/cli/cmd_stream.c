@@ -47,12 +47,12 @@ int cmd_stream(int argc, char **argv)
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"base", required_argument, NULL, 'b'},
-        {"qmp", required_argument, NULL, 256},
+        {"qmp", required_argument, NULL, CLI_OPT_QMP},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
-    const char *base = NULL, *file, *qmp_sock = NULL, *rate = NULL;
-    bool progress = false;
+    const char *base = NULL, *file;
+    struct cli_live_args la = { .sock = NULL };
     int c;
     optind = 0;
     while ((c = getopt_long(argc, argv, "hb:pr:", longopts, NULL)) != -1) {
@@ -62,51 +62,23 @@ int cmd_stream(int argc, char **argv)
         case 'b':
             base = optarg;
             break;
-        case 'p':
-            progress = true;
-            break;
-        case 256:
-            qmp_sock = optarg;
-            break;
-        case 'r':
-            rate = optarg;
-            break;
         default:
-            return cli_bad_option(prog);
+            if (!cli_live_option(c, &la))
+                return cli_bad_option(prog);
         }
     }
     if (cli_take_filename(prog, argc, argv, &file) < 0)
         return CLI_EXIT_USAGE;
 
+    if (la.sock) {
+        struct live_chain_opts lo = { .disk = file, .base = base };
+        return cli_live_run(prog, &la, &lo, live_stream);
+    }
+    if (la.rate)
+        return cli_usage_error(prog, "-r goes with --qmp (QEMU's job)");
     struct cli_progress pr;
     struct cbt_error *err = NULL;
-    if (rate && !qmp_sock)
-        return cli_usage_error(prog, "-r goes with --qmp (QEMU's job)");
-    uint64_t speed = 0;
-    if (rate && cli_parse_size_arg(prog, "rate", rate, &speed) < 0)
-        return CLI_EXIT_USAGE;
-    if (qmp_sock) {
-        struct qmp *q = qmp_connect(qmp_sock, &err);
-        if (!q)
-            return cli_lib_error(err);
-        cli_progress_init_rate(&pr, progress);
-        cli_signals_catch();
-        struct live_chain_opts lo = {
-            .disk = file, .base = base, .rate = speed,
-            .progress = cli_progress_cb, .progress_opaque = &pr,
-            .cancel = cli_cancel_cb,
-        };
-        int r = live_stream(q, &lo, &err);
-        cli_progress_end(&pr);
-        qmp_close(q);
-        if (r < 0) {
-            r = cli_lib_error(err);
-            cli_signals_reraise();
-            return r;
-        }
-        return 0;
-    }
-    cli_progress_init(&pr, progress);
+    cli_progress_init(&pr, la.progress);
     int r = cbt_stream(file, base, cli_progress_cb, &pr, &err);
     cli_progress_end(&pr);
     if (r < 0)

@@ -1096,8 +1096,10 @@ static int copy_pending(struct job *j, struct cbt_error **errp)
 }
 
 int live_copy(struct qmp *q, const struct live_chain_opts *o,
-              const char *dest, bool shallow, struct cbt_error **errp)
+              struct cbt_error **errp)
 {
+    const char *dest = o->dest;
+    bool shallow = o->shallow;
     struct copy m;
     memset(&m, 0, sizeof(m));
     if (chain_open(q, o, &m.c, errp) < 0)

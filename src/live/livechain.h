@@ -8,7 +8,7 @@
 
 #include "qmp.h"
 
-/* What a live commit or stream works on. */
+/* What a live commit, stream or copy works on. */
 struct live_chain_opts {
     const char *disk;            /* the disk, as live_find_disk names one */
     /* Layers of the disk's chain, each by node name or image file:
@@ -18,6 +18,9 @@ struct live_chain_opts {
      * none, the top takes all the data). */
     const char *top;
     const char *base;
+    /* copy: the new image file, and whether it takes the top layer only. */
+    const char *dest;
+    bool shallow;
     uint64_t rate;               /* the job's speed limit, bytes per
                                   * second (QEMU's "speed"); 0: none */
     cbt_progress_fn *progress;   /* the job's progress; NULL: none */
@@ -60,16 +63,16 @@ int live_stream(struct qmp *q, const struct live_chain_opts *o,
                 struct cbt_error **errp);
 
 /*
- * cbt copy --qmp: blockdev-mirror of the disk into DEST, a new qcow2 file
- * (with shallow, only the top layer, DEST backed by the top's backing
- * file; else the whole chain, DEST without one), then the pivot: DEST is
- * the disk's top.  Each bitmap of the top ends in DEST as the union of
+ * cbt copy --qmp: blockdev-mirror of the disk into DEST (o->dest), a new
+ * qcow2 file (with o->shallow, only the top layer, DEST backed by the
+ * top's backing file; else the whole chain, DEST without one), then the
+ * pivot: DEST is the disk's top.  Each bitmap of the top ends in DEST as the union of
  * its copies in the layers DEST replaces (created before the pivot, while
  * the disk is drained; the mirror's own writes add nothing), and the
  * checkpoints follow into DEST's live journal.  On a job error or a
  * cancel, DEST is removed and nothing changed.  0, or -1 with *errp.
  */
 int live_copy(struct qmp *q, const struct live_chain_opts *o,
-              const char *dest, bool shallow, struct cbt_error **errp);
+              struct cbt_error **errp);
 
 #endif
