@@ -146,23 +146,10 @@ int repo_clean(const char *dir, bool dry_run, struct repo_clean_result *res,
                struct cbt_error **errp)
 {
     memset(res, 0, sizeof(*res));
-    int lock = -1;
-    if (!dry_run) {
-        if ((lock = foldertx_lock(dir, errp)) < 0)
-            return -1;
-        if (foldertx_recover_locked(dir, errp) < 0) {
-            close(lock);
-            return -1;
-        }
-    } else if (foldertx_recover(dir, errp) < 0) {
-        return -1;
-    }
+    int lock;
     struct repo r;
-    if (repo_open(dir, &r, errp) < 0) {
-        if (lock >= 0)
-            close(lock);
+    if (repo_open_to_change(dir, dry_run, &r, &lock, errp) < 0)
         return -1;
-    }
     int ret = -1;
     int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd < 0) {
@@ -213,9 +200,7 @@ oom:
 out:
     if (dfd >= 0)
         close(dfd);
-    repo_close(&r);
-    if (lock >= 0)
-        close(lock);
+    repo_close_unlock(&r, lock);
     if (ret < 0)
         repo_clean_result_free(res);
     return ret;

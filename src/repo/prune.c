@@ -880,23 +880,10 @@ int repo_prune(const char *dir, const struct repo_prune_opts *o,
                struct repo_prune_result *res, struct cbt_error **errp)
 {
     memset(res, 0, sizeof(*res));
-    int lock = -1;
-    if (!o->dry_run) {
-        if ((lock = foldertx_lock(dir, errp)) < 0)
-            return -1;
-        if (foldertx_recover_locked(dir, errp) < 0) {
-            close(lock);
-            return -1;
-        }
-    } else if (foldertx_recover(dir, errp) < 0) {
-        return -1;
-    }
+    int lock;
     struct repo r;
-    if (repo_open(dir, &r, errp) < 0) {
-        if (lock >= 0)
-            close(lock);
+    if (repo_open_to_change(dir, o->dry_run, &r, &lock, errp) < 0)
         return -1;
-    }
     int ret = -1;
     size_t n = r.npoints, nsteps = 0;
     bool *keep = calloc(n + 1, sizeof(bool));
@@ -935,9 +922,7 @@ out:
     free(keep);
     free(steps);
     free(mids);
-    repo_close(&r);
-    if (lock >= 0)
-        close(lock);
+    repo_close_unlock(&r, lock);
     if (ret < 0 && res->steps_done == 0 && !res->v)
         repo_prune_result_free(res);
     return ret;

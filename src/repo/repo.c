@@ -642,6 +642,35 @@ out:
     return ret;
 }
 
+int repo_open_to_change(const char *dir, bool dry_run, struct repo *r,
+                        int *lock, struct cbt_error **errp)
+{
+    *lock = -1;
+    if (!dry_run) {
+        if ((*lock = foldertx_lock(dir, errp)) < 0)
+            return -1;
+        if (foldertx_recover_locked(dir, errp) < 0)
+            goto fail;
+    } else if (foldertx_recover(dir, errp) < 0) {
+        return -1;
+    }
+    if (repo_open(dir, r, errp) < 0)
+        goto fail;
+    return 0;
+fail:
+    if (*lock >= 0)
+        close(*lock);
+    *lock = -1;
+    return -1;
+}
+
+void repo_close_unlock(struct repo *r, int lock)
+{
+    repo_close(r);
+    if (lock >= 0)
+        close(lock);
+}
+
 void repo_close(struct repo *r)
 {
     if (!r)

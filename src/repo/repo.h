@@ -90,6 +90,14 @@ void repo_verified_free(struct repo_verified *v);
  * with *errp (the folder cannot be read). */
 int repo_open(const char *dir, struct repo *r, struct cbt_error **errp);
 void repo_close(struct repo *r);
+/* repo_open for a command that changes the folder (prune, clean): first
+ * the folder's lock (foldertx_lock; not with dry_run, which changes
+ * nothing) and an interrupted prune finished.  *lock is the lock's fd, -1
+ * with dry_run.  0, or -1 with *errp and nothing held. */
+int repo_open_to_change(const char *dir, bool dry_run, struct repo *r,
+                        int *lock, struct cbt_error **errp);
+/* repo_close, then the lock (-1: none) released. */
+void repo_close_unlock(struct repo *r, int lock);
 /* "full", "incremental", "differential". */
 const char *repo_kind_name(const struct repo_point *p);
 const char *repo_leftover_kind_name(enum repo_leftover_kind k);
