@@ -80,6 +80,16 @@ int cli_bad_option(const char *prog);
  * Returns 0 or -1 (message printed). */
 int cli_take_filename(const char *prog, int argc, char **argv,
                       const char **filename);
+/*
+ * For a command with subcommands (cbt repo, cbt checkpoint): look argv[1]
+ * up in names[0..n) into *sub; `list` names them in the messages ("list,
+ * verify, clean or prune").  Then argc/argv drop PROG, so that getopt sees
+ * the subcommand as argv[0].  1 when argv[1] is -h or --help, 0, or -1
+ * after a usage error (missing or unknown subcommand).
+ */
+int cli_subcommand(const char *prog, int *argc, char ***argv,
+                   const char *const *names, size_t n, const char *list,
+                   int *sub);
 /* The "Try 'PROG --help' for more information." line alone. */
 void cli_try_help(const char *prog);
 /* Print "cbt: MESSAGE" for a library error and free it (NULL is tolerated).

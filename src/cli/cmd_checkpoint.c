@@ -97,13 +97,14 @@ static const char usage[] =
 
 enum sub { SUB_CREATE, SUB_LIST, SUB_SHOW, SUB_DELETE, SUB_RECONCILE };
 
-static const struct {
-    const char *name;
-    int nargs; /* DISK [NAME] */
-} subs[] = {
-    [SUB_CREATE] = {"create", 2},   [SUB_LIST] = {"list", 1},
-    [SUB_SHOW] = {"show", 2},       [SUB_DELETE] = {"delete", 2},
-    [SUB_RECONCILE] = {"reconcile", 1},
+static const char *const sub_names[] = {
+    [SUB_CREATE] = "create", [SUB_LIST] = "list", [SUB_SHOW] = "show",
+    [SUB_DELETE] = "delete", [SUB_RECONCILE] = "reconcile",
+};
+/* The arguments each takes: DISK [NAME]. */
+static const int sub_nargs[] = {
+    [SUB_CREATE] = 2, [SUB_LIST] = 1, [SUB_SHOW] = 2, [SUB_DELETE] = 2,
+    [SUB_RECONCILE] = 1,
 };
 
 struct args {
@@ -445,28 +446,13 @@ static int parse_args(int argc, char **argv, struct args *a)
         {"qmp", required_argument, NULL, OPT_QMP},
         {NULL, 0, NULL, 0},
     };
-    if (argc < 2) {
-        cli_usage_error(a->prog, "Expecting a subcommand: create, list, show, "
-                                 "delete or reconcile");
-        return -1;
-    }
-    if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0)
-        return 1;
-    bool found = false;
-    for (size_t i = 0; i < sizeof(subs) / sizeof(subs[0]); i++) {
-        if (strcmp(argv[1], subs[i].name) == 0) {
-            a->sub = (enum sub)i;
-            found = true;
-        }
-    }
-    if (!found) {
-        cli_usage_error(a->prog, "unknown subcommand '%s' (create, list, "
-                                 "show, delete or reconcile)", argv[1]);
-        return -1;
-    }
-    /* getopt sees the subcommand as argv[0]. */
-    argc--;
-    argv++;
+    int sub;
+    int r = cli_subcommand(a->prog, &argc, &argv, sub_names,
+                           ARRAY_SIZE(sub_names),
+                           "create, list, show, delete or reconcile", &sub);
+    if (r != 0)
+        return r;
+    a->sub = (enum sub)sub;
     int c;
     optind = 0;
     while ((c = getopt_long(argc, argv, "hg:U", longopts, NULL)) != -1) {
@@ -501,7 +487,8 @@ static int parse_args(int argc, char **argv, struct args *a)
             return -1;
         }
     }
-    const char *sub = subs[a->sub].name;
+    const char *name = sub_names[a->sub];
+    int nargs = sub_nargs[a->sub];
     if (a->granularity_given && a->sub != SUB_CREATE) {
         cli_usage_error(a->prog, "-g is only supported with create");
         return -1;
@@ -530,18 +517,18 @@ static int parse_args(int argc, char **argv, struct args *a)
         return -1;
     }
     int left = argc - optind;
-    if (left < subs[a->sub].nargs) {
-        cli_usage_error(a->prog, "%s: expecting %s", sub,
-                        subs[a->sub].nargs == 2 ? "DISK and NAME" : "DISK");
+    if (left < nargs) {
+        cli_usage_error(a->prog, "%s: expecting %s", name,
+                        nargs == 2 ? "DISK and NAME" : "DISK");
         return -1;
     }
-    if (left > subs[a->sub].nargs) {
-        cli_usage_error(a->prog, "%s: unexpected argument '%s'", sub,
-                        argv[optind + subs[a->sub].nargs]);
+    if (left > nargs) {
+        cli_usage_error(a->prog, "%s: unexpected argument '%s'", name,
+                        argv[optind + nargs]);
         return -1;
     }
     a->disk = argv[optind];
-    a->name = subs[a->sub].nargs == 2 ? argv[optind + 1] : NULL;
+    a->name = nargs == 2 ? argv[optind + 1] : NULL;
     return 0;
 }
 

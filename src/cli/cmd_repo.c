@@ -626,28 +626,13 @@ static int parse_args(int argc, char **argv, struct args *a)
                                         [SUB_PRUNE] = "prune",
                                         [SUB_VERIFY] = "verify",
                                         [SUB_CLEAN] = "clean"};
-    if (argc < 2) {
-        cli_usage_error(a->prog, "Expecting a subcommand: list, verify, "
-                                 "clean or prune");
-        return -1;
-    }
-    if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0)
-        return 1;
-    bool found = false;
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        if (strcmp(argv[1], names[i]) == 0) {
-            a->sub = (enum sub)i;
-            found = true;
-        }
-    }
-    if (!found) {
-        cli_usage_error(a->prog, "unknown subcommand '%s' (list, verify, "
-                        "clean or prune)",
-                        argv[1]);
-        return -1;
-    }
-    argc--;
-    argv++;
+    int sub;
+    int r = cli_subcommand(a->prog, &argc, &argv, names,
+                           sizeof(names) / sizeof(names[0]),
+                           "list, verify, clean or prune", &sub);
+    if (r != 0)
+        return r;
+    a->sub = (enum sub)sub;
     int c;
     optind = 0;
     while ((c = getopt_long(argc, argv, "hp", longopts, NULL)) != -1) {

@@ -26,6 +26,30 @@ int cli_usage_error(const char *prog, const char *fmt, ...)
     return CLI_EXIT_USAGE;
 }
 
+int cli_subcommand(const char *prog, int *argc, char ***argv,
+                   const char *const *names, size_t n, const char *list,
+                   int *sub)
+{
+    if (*argc < 2) {
+        cli_usage_error(prog, "Expecting a subcommand: %s", list);
+        return -1;
+    }
+    const char *arg = (*argv)[1];
+    if (strcmp(arg, "-h") == 0 || strcmp(arg, "--help") == 0)
+        return 1;
+    size_t i = 0;
+    while (i < n && strcmp(arg, names[i]) != 0)
+        i++;
+    if (i == n) {
+        cli_usage_error(prog, "unknown subcommand '%s' (%s)", arg, list);
+        return -1;
+    }
+    *sub = (int)i;
+    (*argc)--;
+    (*argv)++;
+    return 0;
+}
+
 int cli_bad_option(const char *prog)
 {
     cli_try_help(prog);
