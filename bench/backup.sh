@@ -50,10 +50,9 @@ import time
 SELF = os.path.abspath(sys.argv[1])
 ARGS = sys.argv[2:]
 sys.path.insert(0, os.path.dirname(SELF))
-from benchlib import (MIB, QMP, die, human, log, nbd_extents,  # noqa: E402
-                      parse_size, run, top_layer)
-
-CLUSTER = 65536
+from benchlib import (CLUSTER, MIB, QMP, die, dirty_commands,  # noqa: E402
+                      human, log, make_disk, nbd_extents, parse_size, run,
+                      top_layer)
 
 
 # ---------------------------------------------------------------------------
@@ -219,69 +218,6 @@ def qsd_argv(disk, target, sockpath):
 
 # ---------------------------------------------------------------------------
 # The benchmark.
-
-TEXT = (b"The quick brown fox jumps over the lazy dog. cbt backs up disks. "
-        b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do "
-        b"eiusmod tempor incididunt ut labore et dolore magna aliqua.\n")
-
-
-def make_disk(work, path, size, seed):
-    """A disk with mixed content, per 1 MiB chunk: 50% random data, 15%
-    text, 10% zero bytes written as data, 25% never written."""
-    rng = random.Random(seed)
-    raw = os.path.join(work, "content.raw")
-    kinds = {"random": 0, "text": 0, "zero-data": 0, "unallocated": 0}
-    zero_cmds = []
-    words = TEXT.split(b" ")
-    with open(raw, "wb") as f:
-        f.truncate(size)
-        for off in range(0, size, MIB):
-            r = rng.random()
-            if r < 0.50:
-                kinds["random"] += 1
-                f.seek(off)
-                f.write(rng.randbytes(MIB))
-            elif r < 0.65:
-                kinds["text"] += 1
-                lines = []
-                n = 0
-                while n < MIB:
-                    ln = b" ".join(rng.choice(words)
-                                   for _ in range(12)).strip() + b"\n"
-                    lines.append(ln)
-                    n += len(ln)
-                f.seek(off)
-                f.write(b"".join(lines)[:MIB])
-            elif r < 0.75:
-                kinds["zero-data"] += 1
-                zero_cmds.append("write -q -P 0 %d 1M\n" % off)
-            else:
-                kinds["unallocated"] += 1
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path])
-    os.unlink(raw)
-    with open(os.path.join(work, "zero.cmds"), "w") as f:
-        f.writelines(zero_cmds)
-    with open(os.path.join(work, "zero.cmds")) as f:
-        run(["qemu-io", "-f", "qcow2", path], stdin=f)
-    return kinds
-
-
-def dirty_commands(size, percent, seed):
-    """qemu-io commands dirtying percent% of the 64 KiB clusters at random
-    (seeded) offsets: 90% pattern writes, 10% zero writes."""
-    rng = random.Random(seed)
-    clusters = size // CLUSTER
-    n = max(1, clusters * percent // 100)
-    picked = sorted(rng.sample(range(clusters), n))
-    cmds = []
-    for i, c in enumerate(picked):
-        if rng.random() < 0.1:
-            cmds.append("write -q -z %d 64k\n" % (c * CLUSTER))
-        else:
-            cmds.append("write -q -P 0x%02x %d 64k\n"
-                        % (i % 255 + 1, c * CLUSTER))
-    return cmds, n
-
 
 def apply_dirty(work, disk, size, percent, seed):
     cmds, n = dirty_commands(size, percent, seed)

@@ -27,7 +27,6 @@ PY=${PYTHON:-/usr/bin/python3}
 exec "$PY" - "$0" "$@" <<'PYTHON_EOF'
 import json
 import os
-import random
 import shlex
 import shutil
 import statistics
@@ -39,40 +38,8 @@ import time
 SELF = os.path.abspath(sys.argv[1])
 ARGS = sys.argv[2:]
 sys.path.insert(0, os.path.dirname(SELF))
-from benchlib import MIB, die, human, log, parse_size, run  # noqa: E402
-
-CLUSTER = 65536
-TEXT = (b"The quick brown fox jumps over the lazy dog. cbt backs up disks. "
-        b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do "
-        b"eiusmod tempor incididunt ut labore et dolore magna aliqua.\n")
-
-
-def make_disk(work, path, size, seed):
-    rng = random.Random(seed)
-    raw = os.path.join(work, "content.raw")
-    zero_cmds = []
-    words = TEXT.split(b" ")
-    with open(raw, "wb") as f:
-        f.truncate(size)
-        for off in range(0, size, MIB):
-            r = rng.random()
-            if r < 0.50:
-                f.seek(off)
-                f.write(rng.randbytes(MIB))
-            elif r < 0.65:
-                lines, n = [], 0
-                while n < MIB:
-                    ln = b" ".join(rng.choice(words)
-                                   for _ in range(12)).strip() + b"\n"
-                    lines.append(ln)
-                    n += len(ln)
-                f.seek(off)
-                f.write(b"".join(lines)[:MIB])
-            elif r < 0.75:
-                zero_cmds.append("write -q -P 0 %d 1M\n" % off)
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path])
-    os.unlink(raw)
-    feed(path, zero_cmds, work)
+from benchlib import (CLUSTER, MIB, die, dirty_commands,  # noqa: E402
+                      human, log, make_disk, parse_size, run)
 
 
 def feed(disk, cmds, work):
@@ -86,16 +53,7 @@ def feed(disk, cmds, work):
 def change(work, disk, size, percent, seed):
     """Rewrite percent% of the clusters (seeded): 90% new data, 10%
     zeroes."""
-    rng = random.Random(seed)
-    clusters = size // CLUSTER
-    n = max(1, clusters * percent // 100)
-    cmds = []
-    for i, c in enumerate(sorted(rng.sample(range(clusters), n))):
-        if rng.random() < 0.1:
-            cmds.append("write -q -z %d 64k\n" % (c * CLUSTER))
-        else:
-            cmds.append("write -q -P 0x%02x %d 64k\n" % (i % 255 + 1,
-                                                         c * CLUSTER))
+    cmds, n = dirty_commands(size, percent, seed)
     feed(disk, cmds, work)
     return n
 
