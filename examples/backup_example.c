@@ -69,12 +69,23 @@ static bool cancelled(void *opaque)
     return stop_requested != 0;
 }
 
+/* Warnings (cbt_warn_fn): the calls that take this callback report here
+ * what did not fail them but is worth knowing. */
+static void warned(void *opaque, const char *msg)
+{
+    fprintf(stderr, "\nbackup_example: %s: warning: %s\n",
+            (const char *)opaque, msg);
+}
+
 static int list_checkpoints(const char *disk)
 {
     struct cbt_error *err = NULL;
     /* Read-only: the backup opens the disk itself, for writing, once this
      * handle is closed. */
-    struct cbt_image *img = cbt_image_open(disk, NULL, 0, &err);
+    struct cbt_open_opts oo = CBT_OPEN_OPTS_INIT;
+    oo.warn = warned;
+    oo.warn_opaque = (void *)"open";
+    struct cbt_image *img = cbt_image_open_with(disk, &oo, &err);
     if (!img) {
         fprintf(stderr, "backup_example: %s\n", cbt_error_message(err));
         cbt_error_free(err);
@@ -129,7 +140,11 @@ int main(int argc, char **argv)
     snprintf(target, sizeof(target), "%s/backup-%lld-%09ld.qcow2", dir,
              (long long)now.tv_sec, now.tv_nsec);
 
+    /* Every options struct starts from its _INIT macro, which sets its
+     * struct_size: a newer libcbt knows from it which fields this program
+     * knows of. */
     struct cbt_backup_opts o = {
+        .struct_size = sizeof(struct cbt_backup_opts),
         .disk = disk,
         .target = target,
         .mode = CBT_BACKUP_INCREMENTAL,
@@ -137,6 +152,8 @@ int main(int argc, char **argv)
         .progress = draw,
         .progress_opaque = &bar,
         .cancel = cancelled,
+        .warn = warned,
+        .warn_opaque = (void *)"backup",
     };
     struct cbt_backup_result res;
     struct cbt_error *err = NULL;
@@ -156,7 +173,11 @@ int main(int argc, char **argv)
     cbt_backup_result_free(&res);
 
     struct cbt_verify_result v;
-    if (cbt_verify(target, NULL, NULL, &v, &err) < 0) {
+    struct cbt_verify_opts vo = CBT_VERIFY_OPTS_INIT;
+    vo.backup = target;
+    vo.warn = warned;
+    vo.warn_opaque = (void *)"verify";
+    if (cbt_verify(&vo, &v, &err) < 0) {
         fprintf(stderr, "backup_example: verify: %s\n",
                 cbt_error_message(err));
         cbt_error_free(err);

@@ -39,8 +39,9 @@ static void remove_scratch(void)
         rmdir(scratch_dir);
 }
 
-static void quiet_warning(const char *msg)
+static void quiet_warning(void *opaque, const char *msg)
 {
+    (void)opaque;
     (void)msg;
 }
 
@@ -64,7 +65,7 @@ static void fuzz_init(void)
     atexit(remove_scratch);
     const char *verbose = getenv("CBT_FUZZ_VERBOSE");
     if (!verbose || strcmp(verbose, "1") != 0)
-        cbt_set_warn_handler(quiet_warning);
+        warn_scope_enter(quiet_warning, NULL); /* inputs run on this thread */
 }
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)

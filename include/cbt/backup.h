@@ -68,6 +68,7 @@ const char *cbt_backup_mode_name(enum cbt_backup_mode mode);
  * only when that is impossible too.
  */
 struct cbt_backup_opts {
+    size_t struct_size;           /* sizeof(struct cbt_backup_opts) */
     const char *disk;
     const char *disk_format;      /* NULL: probe */
     const char *target;
@@ -90,7 +91,10 @@ struct cbt_backup_opts {
      * read (opened read-only, sharing reading: any format, a raw disk or a
      * file without write permission), and no incremental can follow it. */
     bool no_checkpoint;
+    cbt_warn_fn *warn;            /* this call's warnings (cbt/error.h) */
+    void *warn_opaque;
 };
+#define CBT_BACKUP_OPTS_INIT { .struct_size = sizeof(struct cbt_backup_opts) }
 struct cbt_backup_result {
     enum cbt_backup_mode mode;    /* what was done (auto_full may change it) */
     char *checkpoint;             /* the checkpoint created */
@@ -122,6 +126,7 @@ void cbt_backup_result_free(struct cbt_backup_result *res);
  * only) so backups of it can go on incrementally.
  */
 struct cbt_restore_opts {
+    size_t struct_size;           /* sizeof(struct cbt_restore_opts) */
     const char *backup;
     const char *out;
     const char *format;           /* "qcow2" (default) or "raw" */
@@ -130,7 +135,11 @@ struct cbt_restore_opts {
     void *progress_opaque;
     cbt_cancel_fn *cancel;        /* stops it before OUT is in place */
     void *cancel_opaque;
+    cbt_warn_fn *warn;            /* this call's warnings (cbt/error.h) */
+    void *warn_opaque;
 };
+#define CBT_RESTORE_OPTS_INIT                                               \
+    { .struct_size = sizeof(struct cbt_restore_opts) }
 int cbt_restore(const struct cbt_restore_opts *opts,
                 struct cbt_error **errp);
 
@@ -165,15 +174,25 @@ struct cbt_verify_result {
     char *bad_file;               /* the backup file at fault, or NULL */
     uint64_t bad_offset, bad_length; /* guest range, when a block is bad */
 };
-int cbt_verify(const char *backup, cbt_progress_fn *progress,
-               void *progress_opaque, struct cbt_verify_result *res,
-               struct cbt_error **errp);
-/* The same with flags: CBT_VERIFY_FORCE_SHARE reads backup images other
- * processes hold for writing (CBT_OPEN_FORCE_SHARE). */
+/* CBT_VERIFY_FORCE_SHARE reads backup images other processes hold for
+ * writing (CBT_OPEN_FORCE_SHARE). */
 #define CBT_VERIFY_FORCE_SHARE (1u << 0)
-int cbt_verify_flags(const char *backup, unsigned flags,
-                     cbt_progress_fn *progress, void *progress_opaque,
-                     struct cbt_verify_result *res, struct cbt_error **errp);
+struct cbt_verify_opts {
+    size_t struct_size;           /* sizeof(struct cbt_verify_opts) */
+    const char *backup;
+    unsigned flags;               /* CBT_VERIFY_* */
+    cbt_progress_fn *progress;
+    void *progress_opaque;
+    /* Stops the check (it writes nothing): the call fails with ECANCELED
+     * and res is empty. */
+    cbt_cancel_fn *cancel;
+    void *cancel_opaque;
+    cbt_warn_fn *warn;            /* this call's warnings (cbt/error.h) */
+    void *warn_opaque;
+};
+#define CBT_VERIFY_OPTS_INIT { .struct_size = sizeof(struct cbt_verify_opts) }
+int cbt_verify(const struct cbt_verify_opts *opts,
+               struct cbt_verify_result *res, struct cbt_error **errp);
 /* Frees the strings and the chain of res. */
 void cbt_verify_result_free(struct cbt_verify_result *res);
 

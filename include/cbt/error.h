@@ -47,15 +47,26 @@ void cbt_error_free(struct cbt_error *err);
 /*
  * Warnings: conditions worth telling the user that do not fail the call
  * (an image another process is writing, opened with CBT_OPEN_FORCE_SHARE;
- * a bitmap left out of a snapshot).  By default they are printed to
- * stderr as "warning: MSG".  A handler receives each message instead
- * (without "warning: " or a newline; msg is freed after it returns); NULL
- * restores the default.  For the whole process: it may be installed at
- * any time, but is best installed once, before opening images, and it is
- * called from whichever thread warns, possibly several at once.
+ * a bitmap left out of a snapshot).  Each goes to the caller it concerns,
+ * never to a process-wide handler:
+ *
+ *  - an operation that takes an options struct (cbt_backup, cbt_restore,
+ *    cbt_verify, cbt_convert, cbt_commit, cbt_stream, cbt_rebase,
+ *    cbt_snapshot, cbt_image_create) calls its
+ *    opts->warn with the warnings of that call, including those about the
+ *    images it opens for itself;
+ *  - an image opened with cbt_image_open_with() keeps its open options'
+ *    warn for everything said about it (or a node of its chain) later:
+ *    by its reads and writes (a corruption found), its bitmaps and
+ *    checkpoints, its close, whichever thread makes the call.
+ *
+ * fn(opaque, msg) gets the message without "warning: " or a newline; msg
+ * is freed after it returns.  It may be called from a thread the library
+ * started, and at once from several threads when several calls or images
+ * share it.  With fn NULL (and from cbt_image_open(), the functions
+ * without options) the warning is printed to stderr as "warning: MSG".
  */
-typedef void cbt_warn_fn(const char *msg);
-void cbt_set_warn_handler(cbt_warn_fn *fn);
+typedef void cbt_warn_fn(void *opaque, const char *msg);
 
 #ifdef __cplusplus
 }

@@ -74,6 +74,19 @@ struct cbt_image;
  */
 struct cbt_image *cbt_image_open(const char *filename, const char *format,
                                  unsigned flags, struct cbt_error **errp);
+/* The same with options: the image's warning callback (cbt/error.h). */
+struct cbt_open_opts {
+    size_t struct_size;          /* sizeof(struct cbt_open_opts) */
+    const char *format;          /* as cbt_image_open's */
+    unsigned flags;              /* CBT_OPEN_* */
+    cbt_warn_fn *warn;           /* warnings about this image, for as long
+                                  * as it is open */
+    void *warn_opaque;
+};
+#define CBT_OPEN_OPTS_INIT { .struct_size = sizeof(struct cbt_open_opts) }
+struct cbt_image *cbt_image_open_with(const char *filename,
+                                      const struct cbt_open_opts *opts,
+                                      struct cbt_error **errp);
 /*
  * How long an open (or a reopen for writing) waits for a file another
  * process holds before it fails with CBT_ERR_IN_USE: 0 (the default) not at
@@ -165,8 +178,10 @@ int cbt_image_block_status_above(struct cbt_image *img,
                                  const struct cbt_image *base, uint64_t off,
                                  uint64_t len, struct cbt_extent *ext);
 
-/* Creation options, as qemu-img create -o. Zero-initialise, then set. */
+/* Creation options, as qemu-img create -o.  Start from
+ * CBT_CREATE_OPTS_INIT (every other field zero: its default), then set. */
 struct cbt_create_opts {
+    size_t struct_size;          /* sizeof(struct cbt_create_opts) */
     const char *format;          /* "qcow2" (default) or "raw" */
     uint64_t size;               /* virtual size in bytes */
     bool size_given;             /* false: take it from the backing file */
@@ -181,7 +196,10 @@ struct cbt_create_opts {
     bool data_file_raw;
     bool lazy_refcounts;
     const char *preallocation;   /* NULL/"off", "metadata", "falloc", "full" */
+    cbt_warn_fn *warn;           /* this call's warnings (cbt/error.h) */
+    void *warn_opaque;
 };
+#define CBT_CREATE_OPTS_INIT { .struct_size = sizeof(struct cbt_create_opts) }
 int cbt_image_create(const char *filename, const struct cbt_create_opts *opts,
                      struct cbt_error **errp);
 

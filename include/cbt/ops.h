@@ -9,6 +9,7 @@
 #define CBT_OPS_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include <cbt/error.h>
@@ -38,7 +39,17 @@ extern "C" {
  * when a later step fails the overlay file is removed and top's bitmaps are
  * as before.  Returns 0, or -1 with *errp naming the file and the problem.
  */
-int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
+struct cbt_snapshot_opts {
+    size_t struct_size;            /* sizeof(struct cbt_snapshot_opts) */
+    const char *top;
+    const char *overlay;
+    bool copy_bitmaps;
+    cbt_warn_fn *warn;              /* this call's warnings (cbt/error.h) */
+    void *warn_opaque;
+};
+#define CBT_SNAPSHOT_OPTS_INIT                                              \
+    { .struct_size = sizeof(struct cbt_snapshot_opts) }
+int cbt_snapshot(const struct cbt_snapshot_opts *opts,
                  struct cbt_error **errp);
 
 /* Progress of a long operation: `done` of `total` units (bytes) so far.
@@ -49,7 +60,8 @@ int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
 typedef void cbt_progress_fn(void *opaque, uint64_t done, uint64_t total);
 
 /*
- * Cancellation of a long operation (backup, restore, convert, commit):
+ * Cancellation of a long operation (backup, restore, verify, convert,
+ * commit, stream):
  * asked between units of work (a chunk of a few MiB), from any of the
  * operation's threads; true stops it.  The operation then fails with
  * ECANCELED through its normal failure path, so it leaves exactly what a
@@ -108,6 +120,7 @@ typedef bool cbt_cancel_fn(void *opaque);
  * after leaves base's recording bitmaps in_use (inconsistent).
  */
 struct cbt_commit_opts {
+    size_t struct_size;            /* sizeof(struct cbt_commit_opts) */
     const char *top;
     const char *base;              /* NULL: top's backing file */
     const char *active;            /* NULL: top is the active layer */
@@ -123,7 +136,10 @@ struct cbt_commit_opts {
     void *progress_opaque;
     cbt_cancel_fn *cancel;         /* stops the data copy; NULL: never */
     void *cancel_opaque;
+    cbt_warn_fn *warn;             /* this call's warnings (cbt/error.h) */
+    void *warn_opaque;
 };
+#define CBT_COMMIT_OPTS_INIT { .struct_size = sizeof(struct cbt_commit_opts) }
 int cbt_commit(const struct cbt_commit_opts *opts, struct cbt_error **errp);
 
 /*
@@ -140,8 +156,22 @@ int cbt_commit(const struct cbt_commit_opts *opts, struct cbt_error **errp);
  * over from a leaving layer holding the disk's, in the relink's header
  * write.
  */
-int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
-               void *progress_opaque, struct cbt_error **errp);
+struct cbt_stream_opts {
+    size_t struct_size;            /* sizeof(struct cbt_stream_opts) */
+    const char *file;
+    const char *base;              /* NULL: all of file's backing chain */
+    cbt_progress_fn *progress;
+    void *progress_opaque;
+    /* Stops the data copy: file keeps what was copied (invisible in the
+     * guest view, which it already decided) and its backing file, bitmaps
+     * and checkpoints as before. */
+    cbt_cancel_fn *cancel;
+    void *cancel_opaque;
+    cbt_warn_fn *warn;             /* this call's warnings (cbt/error.h) */
+    void *warn_opaque;
+};
+#define CBT_STREAM_OPTS_INIT { .struct_size = sizeof(struct cbt_stream_opts) }
+int cbt_stream(const struct cbt_stream_opts *opts, struct cbt_error **errp);
 
 /*
  * Rebase (qemu-img rebase).  backing NULL or "": no backing file.  The name
@@ -155,6 +185,7 @@ int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
  * checkpoint (their seals tell whether the new chain holds their history).
  */
 struct cbt_rebase_opts {
+    size_t struct_size;            /* sizeof(struct cbt_rebase_opts) */
     const char *file;
     const char *file_format;       /* NULL: probe */
     const char *backing;
@@ -162,7 +193,10 @@ struct cbt_rebase_opts {
     bool unsafe;
     cbt_progress_fn *progress;
     void *progress_opaque;
+    cbt_warn_fn *warn;             /* this call's warnings (cbt/error.h) */
+    void *warn_opaque;
 };
+#define CBT_REBASE_OPTS_INIT { .struct_size = sizeof(struct cbt_rebase_opts) }
 int cbt_rebase(const struct cbt_rebase_opts *opts, struct cbt_error **errp);
 
 /*
@@ -192,11 +226,13 @@ int cbt_rebase(const struct cbt_rebase_opts *opts, struct cbt_error **errp);
  * left as the copy left it.
  */
 struct cbt_convert_opts {
+    size_t struct_size;            /* sizeof(struct cbt_convert_opts) */
     const char *src;
     const char *src_format;        /* NULL: probe */
     const char *dst;
-    struct cbt_create_opts create; /* format NULL: qcow2 (no_create:
-                                    * probe); size ignored */
+    /* NULL: all defaults.  format NULL: qcow2 (no_create: probe); size
+     * ignored.  A pointer, so that each struct grows on its own. */
+    const struct cbt_create_opts *create;
     bool compress;
     bool no_create;
     bool bitmaps;
@@ -205,7 +241,11 @@ struct cbt_convert_opts {
     void *progress_opaque;
     cbt_cancel_fn *cancel;         /* stops the copy; NULL: never */
     void *cancel_opaque;
+    cbt_warn_fn *warn;             /* this call's warnings (cbt/error.h) */
+    void *warn_opaque;
 };
+#define CBT_CONVERT_OPTS_INIT                                               \
+    { .struct_size = sizeof(struct cbt_convert_opts) }
 int cbt_convert(const struct cbt_convert_opts *opts, struct cbt_error **errp);
 
 #ifdef __cplusplus

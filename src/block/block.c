@@ -187,6 +187,7 @@ static struct blk_node *open_chain(const char *filename, const char *format,
         return NULL;
     }
     pthread_mutex_init(&node->lock, NULL);
+    node->warner = warn_scope_current();
     node->fd = fd;
     node->file_lock = lock;
     node->lock_role = blk_lock_role_of(flags);
@@ -234,7 +235,8 @@ static struct blk_node *open_chain(const char *filename, const char *format,
     if ((flags & CBT_OPEN_FORCE_SHARE) && blk_lock_writer_present(fd)) {
         node->shared_with_writer = true;
         if (!(flags & CBT_OPEN_SHARE_QUIET))
-            cbt_warn("%s is open for writing in another process (-U): what "
+            warn_to(&node->warner,
+                    "%s is open for writing in another process (-U): what "
                      "cbt reads is the image as that process last wrote it, "
                      "which may be inconsistent, and its bitmaps are in use",
                      filename);
@@ -286,6 +288,19 @@ struct cbt_image *cbt_image_open(const char *filename, const char *format,
 {
     struct chain_seen seen = { .n = 0, .failed = 0 };
     return open_chain(filename, format, flags, &seen, errp);
+}
+
+struct cbt_image *cbt_image_open_with(const char *filename,
+                                      const struct cbt_open_opts *opts,
+                                      struct cbt_error **errp)
+{
+    struct cbt_open_opts o;
+    if (OPTS_COPY(&o, opts, cbt_open_opts, errp) < 0)
+        return NULL;
+    /* Every node of the chain (and what the open itself says: a lock it
+     * waits for) takes the caller's callback. */
+    WARN_SCOPE(o.warn, o.warn_opaque);
+    return cbt_image_open(filename, o.format, o.flags, errp);
 }
 
 int cbt_image_close(struct cbt_image *img, struct cbt_error **errp)
@@ -842,13 +857,17 @@ int blk_set_backing(struct blk_node *node, const char *name, const char *fmt,
 int cbt_image_create(const char *filename, const struct cbt_create_opts *opts,
                      struct cbt_error **errp)
 {
-    const char *fmt = opts->format ? opts->format : "qcow2";
+    struct cbt_create_opts o;
+    if (OPTS_COPY(&o, opts, cbt_create_opts, errp) < 0)
+        return -1;
+    WARN_SCOPE(o.warn, o.warn_opaque);
+    const char *fmt = o.format ? o.format : "qcow2";
     const struct blk_driver *drv = blk_find_driver(fmt);
     if (!drv || !drv->create) {
         cbt_error_set(errp, EINVAL, "Unknown file format '%s'", fmt);
         return -1;
     }
-    return drv->create(filename, opts, errp);
+    return drv->create(filename, &o, errp);
 }
 
 int cbt_image_get_info(struct cbt_image *img, struct cbt_image_info *info,

@@ -220,6 +220,9 @@ struct cbt_image {
     uint64_t size;          /* virtual size, set by the driver's open */
     uint32_t cluster_size;  /* set by the driver's open; 0 if it has none */
     struct blk_node *backing;
+    /* Where warnings about this node go: the callback of the call that
+     * opened it (cbt/error.h), for all its life. */
+    struct cbt_warner warner;
     char *backing_name;     /* backing file name as stored (driver sets) */
     char *backing_fmt;      /* backing format as stored, or NULL */
     /* Dirty bitmaps (guarded by lock): the live list, and a copy of it as

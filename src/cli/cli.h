@@ -176,6 +176,16 @@ int cli_create_opts_apply(const char *prog, const char *format,
                           const struct cli_kvlist *kv,
                           struct cbt_create_opts *o, bool *size_in_opts);
 
+/*
+ * The library's warnings (cbt_warn_fn, cbt/error.h): every options struct
+ * the commands fill and every image they open names this callback, which
+ * prints "warning: MSG" on stderr.
+ */
+void cli_warn(void *opaque, const char *msg);
+/* cbt_image_open with cli_warn as the image's warning callback. */
+struct cbt_image *cli_open(const char *filename, const char *format,
+                           unsigned flags, struct cbt_error **errp);
+
 /* progress.c: a percentage drawn on stderr while a long job runs */
 
 struct cli_progress {

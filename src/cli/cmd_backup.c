@@ -347,7 +347,8 @@ int cmd_backup(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
-    struct cbt_backup_opts o = {0};
+    struct cbt_backup_opts o = CBT_BACKUP_OPTS_INIT;
+    o.warn = cli_warn;
     bool full = false, inc = false, progress = false;
     enum cli_output output = CLI_OUTPUT_HUMAN;
     int c;

@@ -521,12 +521,12 @@ static int do_modify(const struct bitmap_args *a)
     struct cbt_error *err = NULL;
     struct cbt_image *src = NULL;
     if (a->src_file) {
-        src = cbt_image_open(a->src_file, a->src_format, CBT_OPEN_NO_BACKING,
+        src = cli_open(a->src_file, a->src_format, CBT_OPEN_NO_BACKING,
                              &err);
         if (!src)
             return cli_lib_error(err);
     }
-    struct cbt_image *img = cbt_image_open(
+    struct cbt_image *img = cli_open(
         a->filename, a->format, CBT_OPEN_RDWR | CBT_OPEN_NO_BACKING, &err);
     if (!img) {
         int status = cli_lib_error(err);
@@ -763,7 +763,7 @@ static int view_diff(struct cbt_image *img, const struct bitmap_args *a)
     struct cbt_image *other_img = img;
     struct cbt_error *err = NULL;
     if (a->src_file) {
-        other_img = cbt_image_open(a->src_file, a->src_format,
+        other_img = cli_open(a->src_file, a->src_format,
                                    view_flags(a) | CBT_OPEN_NO_BACKING, &err);
         if (!other_img)
             return cli_lib_error(err);
@@ -965,7 +965,7 @@ static int do_chain_view(const struct bitmap_args *a)
 {
     struct cbt_error *err = NULL;
     struct cbt_image *img =
-        cbt_image_open(a->filename, a->format, view_flags(a), &err);
+        cli_open(a->filename, a->format, view_flags(a), &err);
     if (!img)
         return cli_lib_error(err);
     int ret = CLI_EXIT_FAILURE;
@@ -994,7 +994,7 @@ static int do_view(const struct bitmap_args *a)
     if (a->chain)
         return do_chain_view(a);
     struct cbt_error *err = NULL;
-    struct cbt_image *img = cbt_image_open(
+    struct cbt_image *img = cli_open(
         a->filename, a->format, view_flags(a) | CBT_OPEN_NO_BACKING, &err);
     if (!img)
         return cli_lib_error(err);

@@ -280,7 +280,7 @@ static struct cbt_image *open_disk(const struct args *a, bool rw, int *status)
     unsigned flags = rw ? CBT_OPEN_RDWR : 0;
     if (a->force_share)
         flags |= CBT_OPEN_FORCE_SHARE;
-    struct cbt_image *img = cbt_image_open(a->disk, NULL, flags, &err);
+    struct cbt_image *img = cli_open(a->disk, NULL, flags, &err);
     if (!img)
         *status = cli_lib_error(err);
     return img;

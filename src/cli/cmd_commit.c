@@ -89,11 +89,11 @@ static const char usage[] =
 static int check_format(const char *file, const char *fmt)
 {
     struct cbt_error *err = NULL;
-    struct cbt_image *img = cbt_image_open(file, fmt, CBT_OPEN_NO_BACKING, &err);
+    struct cbt_image *img = cli_open(file, fmt, CBT_OPEN_NO_BACKING, &err);
     if (!img)
         return cli_lib_error(err);
     cbt_image_close(img, NULL);
-    img = cbt_image_open(file, NULL, CBT_OPEN_NO_BACKING, &err);
+    img = cli_open(file, NULL, CBT_OPEN_NO_BACKING, &err);
     if (!img)
         return cli_lib_error(err);
     int ret = 0;
@@ -139,7 +139,8 @@ int cmd_commit(int argc, char **argv)
     };
     const char *prog = argv[0];
     const char *fmt = NULL;
-    struct cbt_commit_opts o = { .top = NULL };
+    struct cbt_commit_opts o = CBT_COMMIT_OPTS_INIT;
+    o.warn = cli_warn;
     bool quiet = false;
     struct cli_live_args la = { .sock = NULL };
     int c;

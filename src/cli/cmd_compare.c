@@ -244,7 +244,7 @@ static int compare(struct cmp_job *j, bool progress)
 static int open_side(struct cmp_image *im, bool force_share)
 {
     struct cbt_error *err = NULL;
-    im->img = cbt_image_open(im->name, im->format,
+    im->img = cli_open(im->name, im->format,
                              force_share ? CBT_OPEN_FORCE_SHARE : 0, &err);
     if (!im->img) {
         /* qemu-img's 2, unless the image is held by another process: that

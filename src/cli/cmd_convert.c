@@ -67,6 +67,7 @@ struct convert_req {
     bool quiet;
     struct cli_kvlist kv;
     struct cbt_convert_opts opts;
+    struct cbt_create_opts create; /* opts.create */
 };
 
 /* Returns 1 for -h, 2 after -o help, 0 to go on, -1 after a usage error,
@@ -170,9 +171,9 @@ static int creation_opts(struct convert_req *req)
         if (req->out_fmt && !cli_create_opt_table(req->out_fmt))
             return cli_usage_error(req->prog, "unknown image format '%s' "
                                    "(qcow2 or raw)", req->out_fmt);
-        o->create.format = req->out_fmt;
-        o->create.backing_file = req->backing;
-        o->create.backing_format = req->backing_fmt;
+        req->create.format = req->out_fmt;
+        req->create.backing_file = req->backing;
+        req->create.backing_format = req->backing_fmt;
         return 0;
     }
     const char *fmt = req->out_fmt ? req->out_fmt : "raw";
@@ -188,19 +189,19 @@ static int creation_opts(struct convert_req *req)
         return CLI_EXIT_FAILURE;
     }
     bool size_in_opts;
-    int r = cli_create_opts_apply(req->prog, fmt, &req->kv, &o->create,
+    int r = cli_create_opts_apply(req->prog, fmt, &req->kv, &req->create,
                                   &size_in_opts);
     if (r != 0)
         return r;
     /* As qemu-img: the size is always the source's (size= is overridden). */
-    o->create.size = 0;
-    o->create.size_given = false;
-    o->create.format = fmt;
-    if (o->create.backing_file && !o->create.backing_file[0]) {
+    req->create.size = 0;
+    req->create.size_given = false;
+    req->create.format = fmt;
+    if (req->create.backing_file && !req->create.backing_file[0]) {
         cli_error("%s: Expected backing file name, got empty string", o->dst);
         return CLI_EXIT_USAGE;
     }
-    if (o->create.backing_file && !o->create.backing_format) {
+    if (req->create.backing_file && !req->create.backing_format) {
         cli_error("%s: Use of backing file requires explicit backing format "
                   "(add -F FMT)", o->dst);
         return CLI_EXIT_USAGE;
@@ -210,7 +211,14 @@ static int creation_opts(struct convert_req *req)
 
 int cmd_convert(int argc, char **argv)
 {
-    struct convert_req req = {.prog = argv[0]};
+    struct convert_req req = {
+        .prog = argv[0],
+        .opts = CBT_CONVERT_OPTS_INIT,
+        .create = CBT_CREATE_OPTS_INIT,
+    };
+    req.opts.create = &req.create;
+    req.opts.warn = cli_warn;
+    req.create.warn = cli_warn;
     int r = parse_args(argc, argv, &req);
     int ret;
     if (r == 1) {

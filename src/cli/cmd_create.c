@@ -187,7 +187,7 @@ static int check_backing(struct create_req *req)
         return CLI_EXIT_FAILURE;
     }
     struct cbt_error *err = NULL;
-    struct cbt_image *img = cbt_image_open(path, o->backing_format, 0, &err);
+    struct cbt_image *img = cli_open(path, o->backing_format, 0, &err);
     free(path);
     if (!img) {
         cli_error("%s: Could not open backing image: %s", req->filename,
@@ -288,7 +288,12 @@ static int create(struct create_req *req)
 
 int cmd_create(int argc, char **argv)
 {
-    struct create_req req = {.prog = argv[0], .format = "raw"};
+    struct create_req req = {
+        .prog = argv[0],
+        .format = "raw",
+        .opts = CBT_CREATE_OPTS_INIT,
+    };
+    req.opts.warn = cli_warn;
     int r = parse_args(argc, argv, &req);
     int ret;
     if (r > 0)

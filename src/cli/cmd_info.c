@@ -414,7 +414,7 @@ int cmd_info(int argc, char **argv)
     unsigned flags = a.chain ? 0 : CBT_OPEN_NO_BACKING;
     if (a.force_share)
         flags |= CBT_OPEN_FORCE_SHARE;
-    struct cbt_image *img = cbt_image_open(a.filename, a.format, flags, &err);
+    struct cbt_image *img = cli_open(a.filename, a.format, flags, &err);
     if (!img)
         return cli_lib_error(err);
     int ret = show(img, &a);

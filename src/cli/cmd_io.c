@@ -757,7 +757,7 @@ static int run(struct io_args *a)
     unsigned flags = a->read_only ? 0 : CBT_OPEN_RDWR;
     if (a->force_share)
         flags |= CBT_OPEN_FORCE_SHARE;
-    ctx.img = cbt_image_open(a->filename, a->format, flags, &err);
+    ctx.img = cli_open(a->filename, a->format, flags, &err);
     if (!ctx.img)
         return cli_lib_error(err);
     ctx.size = cbt_image_size(ctx.img);

@@ -217,7 +217,7 @@ int cmd_map(int argc, char **argv)
         return r > 0 ? cli_help(usage) : CLI_EXIT_USAGE;
 
     struct cbt_error *err = NULL;
-    struct cbt_image *img = cbt_image_open(
+    struct cbt_image *img = cli_open(
         a.filename, a.format, a.force_share ? CBT_OPEN_FORCE_SHARE : 0, &err);
     if (!img)
         return cli_lib_error(err);

@@ -46,7 +46,8 @@ int cmd_rebase(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
-    struct cbt_rebase_opts o = { .file = NULL };
+    struct cbt_rebase_opts o = CBT_REBASE_OPTS_INIT;
+    o.warn = cli_warn;
     bool progress = false;
     int c;
     optind = 0;

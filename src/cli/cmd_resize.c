@@ -141,7 +141,7 @@ int cmd_resize(int argc, char **argv)
 
     struct cbt_error *err = NULL;
     struct cbt_image *img =
-        cbt_image_open(a.filename, a.format, CBT_OPEN_RDWR, &err);
+        cli_open(a.filename, a.format, CBT_OPEN_RDWR, &err);
     if (!img)
         return cli_lib_error(err);
     int ret = resize(img, &a);

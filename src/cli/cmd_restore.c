@@ -56,7 +56,8 @@ int cmd_restore(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
-    struct cbt_restore_opts o = {0};
+    struct cbt_restore_opts o = CBT_RESTORE_OPTS_INIT;
+    o.warn = cli_warn;
     bool progress_wanted = false;
     int c;
     optind = 0;

@@ -90,7 +90,12 @@ int cmd_snapshot(int argc, char **argv)
         qmp_close(q);
         return r < 0 ? cli_lib_error(err) : 0;
     }
-    if (cbt_snapshot(argv[optind], argv[optind + 1], copy_bitmaps, &err) < 0)
+    struct cbt_snapshot_opts so = CBT_SNAPSHOT_OPTS_INIT;
+    so.top = argv[optind];
+    so.overlay = argv[optind + 1];
+    so.copy_bitmaps = copy_bitmaps;
+    so.warn = cli_warn;
+    if (cbt_snapshot(&so, &err) < 0)
         return cli_lib_error(err);
     return 0;
 }

@@ -79,7 +79,15 @@ int cmd_stream(int argc, char **argv)
     struct cli_progress pr;
     struct cbt_error *err = NULL;
     cli_progress_init(&pr, la.progress);
-    int r = cbt_stream(file, base, cli_progress_cb, &pr, &err);
+    struct cbt_stream_opts so = CBT_STREAM_OPTS_INIT;
+    so.file = file;
+    so.base = base;
+    so.progress = cli_progress_cb;
+    so.progress_opaque = &pr;
+    cli_signals_catch();
+    so.cancel = cli_cancel_cb;
+    so.warn = cli_warn;
+    int r = cbt_stream(&so, &err);
     cli_progress_end(&pr);
     if (r < 0)
         return cli_lib_error(err);

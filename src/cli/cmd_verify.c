@@ -157,8 +157,15 @@ int cmd_verify(int argc, char **argv)
     cli_progress_init_rate(&progress, progress_wanted);
     struct cbt_verify_result res;
     struct cbt_error *err = NULL;
-    int r = cbt_verify_flags(backup, flags, cli_progress_cb, &progress, &res,
-                             &err);
+    struct cbt_verify_opts vo = CBT_VERIFY_OPTS_INIT;
+    vo.backup = backup;
+    vo.flags = flags;
+    vo.progress = cli_progress_cb;
+    vo.progress_opaque = &progress;
+    cli_signals_catch();
+    vo.cancel = cli_cancel_cb;
+    vo.warn = cli_warn;
+    int r = cbt_verify(&vo, &res, &err);
     cli_progress_end(&progress);
     if (r < 0)
         return cli_lib_error(err);

@@ -196,3 +196,19 @@ int cli_take_filename(const char *prog, int argc, char **argv,
     }
     return 0;
 }
+
+void cli_warn(void *opaque, const char *msg)
+{
+    (void)opaque;
+    fprintf(stderr, "warning: %s\n", msg);
+}
+
+struct cbt_image *cli_open(const char *filename, const char *format,
+                           unsigned flags, struct cbt_error **errp)
+{
+    struct cbt_open_opts o = CBT_OPEN_OPTS_INIT;
+    o.format = format;
+    o.flags = flags;
+    o.warn = cli_warn;
+    return cbt_image_open_with(filename, &o, errp);
+}

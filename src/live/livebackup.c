@@ -536,6 +536,7 @@ static int make_scratch(struct lb *b, struct cbt_error **errp)
     b->made_scratch = true;
     b->scratch_fd = fd;
     struct cbt_create_opts co = {
+        .struct_size = sizeof(struct cbt_create_opts),
         .format = "qcow2",
         .size = b->l.size,
         .size_given = true,

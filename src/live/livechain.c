@@ -162,6 +162,7 @@ int live_snapshot(struct qmp *q, const char *disk, const char *overlay,
         goto out;
     }
     struct cbt_create_opts co = {
+        .struct_size = sizeof(struct cbt_create_opts),
         .format = "qcow2",
         .size = top->size,
         .size_given = true,
@@ -1151,6 +1152,7 @@ int live_copy(struct qmp *q, const struct live_chain_opts *o,
     created = true;
     live_cp_uncarry(dest); /* a journal left for this path is not DEST's */
     struct cbt_create_opts co = {
+        .struct_size = sizeof(struct cbt_create_opts),
         .format = "qcow2",
         .size = top->size,
         .size_given = true,

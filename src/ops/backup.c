@@ -1480,6 +1480,7 @@ static int copy_all(struct bk *b, struct cbt_error **errp)
 static int create_target(struct bk *b, struct cbt_error **errp)
 {
     struct cbt_create_opts co = {
+        .struct_size = sizeof(struct cbt_create_opts),
         .format = b->fmt,
         .size = b->size,
         .size_given = true,
@@ -1833,10 +1834,15 @@ static int copy(struct bk *b, struct cbt_error **errp)
     return finish_target(b, errp);
 }
 
-int cbt_backup(const struct cbt_backup_opts *o, struct cbt_backup_result *res,
-               struct cbt_error **errp)
+int cbt_backup(const struct cbt_backup_opts *opts,
+               struct cbt_backup_result *res, struct cbt_error **errp)
 {
     memset(res, 0, sizeof(*res));
+    struct cbt_backup_opts oc;
+    if (OPTS_COPY(&oc, opts, cbt_backup_opts, errp) < 0)
+        return -1;
+    const struct cbt_backup_opts *o = &oc;
+    WARN_SCOPE(o->warn, o->warn_opaque);
     if (check_opts(o, errp) < 0)
         return -1;
     struct bk b = {.o = o, .res = res, .part_fd = -1,
@@ -2010,6 +2016,7 @@ int bk_job_end(struct bk_job *b, bool ok, struct cbt_error **errp)
 int cbt_backup_live(const struct cbt_backup_opts *o, struct bk_live *l,
                     struct cbt_backup_result *res, struct cbt_error **errp)
 {
+    WARN_SCOPE(o->warn, o->warn_opaque);
     struct bk_job *j = bk_job_plan(o, l, res, errp);
     if (!j)
         return -1;

@@ -32,6 +32,7 @@ struct slot {
 struct pipe {
     const struct bp_ops *ops;
     void *opaque;
+    struct cbt_warner warner; /* the running call's, for its threads */
     pthread_mutex_t m;
     pthread_cond_t cv_free, cv_work, cv_hashed;
     struct slot slot[BP_SLOTS];
@@ -66,6 +67,7 @@ static void set_stop(struct pipe *p, int rc)
 static void *worker(void *arg)
 {
     struct pipe *p = arg;
+    warn_scope_enter(p->warner.fn, p->warner.opaque);
     pthread_mutex_lock(&p->m);
     for (;;) {
         if (p->stop)
@@ -99,6 +101,7 @@ static void *worker(void *arg)
 static void *drainer(void *arg)
 {
     struct pipe *p = arg;
+    warn_scope_enter(p->warner.fn, p->warner.opaque);
     pthread_mutex_lock(&p->m);
     for (uint64_t seq = 0;; seq++) {
         struct slot *s = &p->slot[seq % BP_SLOTS];
@@ -186,6 +189,7 @@ int bp_run(const struct bp_ops *ops, void *opaque, int hash_threads)
     pthread_cond_init(&p->cv_work, NULL);
     pthread_cond_init(&p->cv_hashed, NULL);
 
+    p->warner = warn_scope_current();
     pthread_t w[MAX_WORKERS], d;
     int nw = 0;
     bool have_drainer = pthread_create(&d, NULL, drainer, p) == 0;

@@ -110,8 +110,9 @@ int ckpt_fold_journal(struct cbt_image *top, struct cbt_error **errp)
         struct cbt_error *e = NULL;
         if (journal_stale_pending(&j, i) && ckpt_meta_find_name(&m, name) < 0 &&
             cbt_bitmap_remove(top, name, &e) == 0)
-            cbt_warn("%s: removed bitmap '%s', the new checkpoint of a live "
-                     "backup that was interrupted", fname(top), name);
+            warn_to(&top->warner, "%s: removed bitmap '%s', the new "
+                    "checkpoint of a live backup that was interrupted",
+                    fname(top), name);
         cbt_error_free(e);
     }
     if (ckpt_layer_set(top, &m, 0, errp) < 0)
@@ -568,10 +569,11 @@ int cbt_checkpoint_delete(struct cbt_image *disk, const char *name,
     ssize_t i = ckpt_meta_find_name(&m, name);
     *existed = i >= 0;
     if (i >= 0 && ckpt_find_seal(&m, m.v[i].order, 0))
-        cbt_warn("%s: checkpoint '%s' is sealed history that an overlay "
-                 "continues: the overlay's checkpoint '%s' cannot be used "
-                 "any more (a backup of it since '%s' must be a full one)",
-                 fname(disk), name, name, name);
+        warn_to(&disk->warner,
+                "%s: checkpoint '%s' is sealed history that an overlay "
+                "continues: the overlay's checkpoint '%s' cannot be used "
+                "any more (a backup of it since '%s' must be a full one)",
+                fname(disk), name, name, name);
     if (remove_in_top(disk, names, 1, errp) < 0) {
         undo(disk, &saved);
         goto out;

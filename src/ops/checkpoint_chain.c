@@ -830,9 +830,10 @@ int ckpt_carry_build(const struct ckpt_carry *c, struct cbt_image *target,
         if (s == 0)
             continue;
         if (!(flags & CKPT_QUIET) || history)
-            cbt_warn("checkpoint '%s' is not carried over to '%s': %s; a "
-                     "backup since it must be a full one", r->name,
-                     fname(target), why);
+            warn_to(&target->warner,
+                    "checkpoint '%s' is not carried over to '%s': %s; a "
+                    "backup since it must be a full one", r->name,
+                    fname(target), why);
         ckpt_meta_remove(out, (size_t)ckpt_meta_find_name(out, r->name));
     }
     return 0;

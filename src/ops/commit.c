@@ -682,8 +682,13 @@ static int run_commit(struct commit *c, struct cbt_error **errp)
     return 0;
 }
 
-int cbt_commit(const struct cbt_commit_opts *o, struct cbt_error **errp)
+int cbt_commit(const struct cbt_commit_opts *opts, struct cbt_error **errp)
 {
+    struct cbt_commit_opts oc;
+    if (OPTS_COPY(&oc, opts, cbt_commit_opts, errp) < 0)
+        return -1;
+    const struct cbt_commit_opts *o = &oc;
+    WARN_SCOPE(o->warn, o->warn_opaque);
     if (!o || !o->top || !*o->top || (o->base && !*o->base) ||
         (o->active && !*o->active)) {
         cbt_error_set(errp, EINVAL, "commit: empty file name");

@@ -316,11 +316,13 @@ struct wjob {
     uint64_t off;
     size_t len;
     int r;
+    struct cbt_warner warner; /* the convert's, for this thread */
 };
 
 static void *write_job(void *arg)
 {
     struct wjob *j = arg;
+    warn_scope_enter(j->warner.fn, j->warner.opaque);
     j->r = write_sparse_buf(j->c, j->buf, j->off, j->len);
     return NULL;
 }
@@ -387,7 +389,8 @@ static int copy_plain(struct conv *c, struct cbt_error **errp)
                 uint8_t *t = c->buf;
                 c->buf = c->buf2;
                 c->buf2 = t;
-                job = (struct wjob){c, c->buf2, p, chunk, 0};
+                job = (struct wjob){c, c->buf2, p, chunk, 0,
+                                    warn_scope_current()};
                 if (pthread_create(&wt, NULL, write_job, &job) == 0) {
                     writing = true;
                 } else {
@@ -660,7 +663,7 @@ static int check_not_source(struct conv *c, struct cbt_error **errp)
             return -1;
         }
     }
-    const char *bf = c->o->create.backing_file;
+    const char *bf = c->o->create->backing_file;
     if (bf && !c->o->no_create) {
         char *path = path_resolve_relative(c->o->dst, bf);
         bool same = path && same_file(&st, path);
@@ -694,8 +697,8 @@ static int check_opts(const struct cbt_convert_opts *o, const char *fmt,
                       "format 'raw'", o->dst);
         return -1;
     }
-    if (o->compress && o->create.preallocation &&
-        strcmp(o->create.preallocation, "off") != 0) {
+    if (o->compress && o->create->preallocation &&
+        strcmp(o->create->preallocation, "off") != 0) {
         cbt_error_set(errp, EINVAL, "%s: compression and preallocation are "
                       "not supported at the same time", o->dst);
         return -1;
@@ -705,12 +708,12 @@ static int check_opts(const struct cbt_convert_opts *o, const char *fmt,
                       "bitmaps", o->dst);
         return -1;
     }
-    if (o->bitmaps && o->create.compat == 2) {
+    if (o->bitmaps && o->create->compat == 2) {
         cbt_error_set(errp, ENOTSUP, "%s: compat=0.10 images do not support "
                       "bitmaps", o->dst);
         return -1;
     }
-    if (o->create.backing_file && raw) {
+    if (o->create->backing_file && raw) {
         cbt_error_set(errp, EINVAL, "%s: raw images cannot have a backing "
                       "file", o->dst);
         return -1;
@@ -776,15 +779,25 @@ static int target_geometry(struct conv *c, struct cbt_error **errp)
     return 0;
 }
 
-int cbt_convert(const struct cbt_convert_opts *o, struct cbt_error **errp)
+int cbt_convert(const struct cbt_convert_opts *opts, struct cbt_error **errp)
 {
-    const char *fmt = o->create.format ? o->create.format : "qcow2";
+    struct cbt_convert_opts oc;
+    if (OPTS_COPY(&oc, opts, cbt_convert_opts, errp) < 0)
+        return -1;
+    /* The creation options, read as cbt_image_create reads them. */
+    struct cbt_create_opts cc = CBT_CREATE_OPTS_INIT;
+    if (oc.create && OPTS_COPY(&cc, oc.create, cbt_create_opts, errp) < 0)
+        return -1;
+    oc.create = &cc;
+    const struct cbt_convert_opts *o = &oc;
+    WARN_SCOPE(o->warn, o->warn_opaque);
+    const char *fmt = o->create->format ? o->create->format : "qcow2";
     if (check_opts(o, fmt, errp) < 0)
         return -1;
 
     struct conv c = {
         .o = o,
-        .shallow = o->create.backing_file != NULL,
+        .shallow = o->create->backing_file != NULL,
     };
     int ret = -1;
     bool created = false;
@@ -798,7 +811,7 @@ int cbt_convert(const struct cbt_convert_opts *o, struct cbt_error **errp)
         goto out;
 
     if (!o->no_create) {
-        struct cbt_create_opts co = o->create;
+        struct cbt_create_opts co = *o->create;
         co.format = fmt;
         co.size = c.size;
         co.size_given = true;
@@ -813,7 +826,7 @@ int cbt_convert(const struct cbt_convert_opts *o, struct cbt_error **errp)
         created = true;
         c.zero_init = !c.shallow;
     }
-    c.dst = cbt_image_open(o->dst, o->no_create ? o->create.format : fmt,
+    c.dst = cbt_image_open(o->dst, o->no_create ? o->create->format : fmt,
                            CBT_OPEN_RDWR, errp);
     if (!c.dst)
         goto out;

@@ -184,10 +184,11 @@ int ops_pull_checkpoints(struct cbt_image *file, struct cbt_image *stay,
         return 0;
     }
     if (c->holder_sealed)
-        cbt_warn("%s: its checkpoints are history that an overlay made by "
-                 "'cbt snapshot' continues; the bitmap copies merged into it "
-                 "change that history, so the overlay's checkpoints may need "
-                 "a full backup afterwards", file->filename);
+        warn_to(&file->warner,
+                "%s: its checkpoints are history that an overlay made by an "
+                "external snapshot continues; the bitmap copies merged into "
+                "it change that history, so the overlay's checkpoints may "
+                "need a full backup afterwards", file->filename);
     ckpt_carry_warn(c, file->filename);
     return 0;
 }

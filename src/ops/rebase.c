@@ -217,8 +217,13 @@ static int open_new_backing(struct rebase *rb, const char *path,
     return 0;
 }
 
-int cbt_rebase(const struct cbt_rebase_opts *o, struct cbt_error **errp)
+int cbt_rebase(const struct cbt_rebase_opts *opts, struct cbt_error **errp)
 {
+    struct cbt_rebase_opts oc;
+    if (OPTS_COPY(&oc, opts, cbt_rebase_opts, errp) < 0)
+        return -1;
+    const struct cbt_rebase_opts *o = &oc;
+    WARN_SCOPE(o->warn, o->warn_opaque);
     if (!o || !o->file || !*o->file) {
         cbt_error_set(errp, EINVAL, "rebase: empty file name");
         return -1;

@@ -257,8 +257,13 @@ static int check_opts(const struct cbt_restore_opts *o, const char *fmt,
     return 0;
 }
 
-int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
+int cbt_restore(const struct cbt_restore_opts *opts, struct cbt_error **errp)
 {
+    struct cbt_restore_opts oc;
+    if (OPTS_COPY(&oc, opts, cbt_restore_opts, errp) < 0)
+        return -1;
+    const struct cbt_restore_opts *o = &oc;
+    WARN_SCOPE(o->warn, o->warn_opaque);
     const char *fmt = o->format ? o->format : "qcow2";
     if (check_opts(o, fmt, errp) < 0)
         return -1;
@@ -318,6 +323,7 @@ int cbt_restore(const struct cbt_restore_opts *o, struct cbt_error **errp)
     }
 
     struct cbt_create_opts co = {
+        .struct_size = sizeof(struct cbt_create_opts),
         .format = fmt,
         .size = c.size,
         .size_given = true,

@@ -81,6 +81,7 @@ static int make_overlay(struct cbt_image *top_img, const char *top,
         return -1;
     }
     struct cbt_create_opts o = {
+        .struct_size = sizeof(struct cbt_create_opts),
         .format = "qcow2",
         .size = cbt_image_size(top_img),
         .size_given = true,
@@ -184,9 +185,15 @@ static int disable_top(struct cbt_image *img, const char *top,
     return all_recording(img, list, pick, npick) ? -1 : 1;
 }
 
-int cbt_snapshot(const char *top, const char *overlay, bool copy_bitmaps,
+int cbt_snapshot(const struct cbt_snapshot_opts *opts,
                  struct cbt_error **errp)
 {
+    struct cbt_snapshot_opts o;
+    if (OPTS_COPY(&o, opts, cbt_snapshot_opts, errp) < 0)
+        return -1;
+    WARN_SCOPE(o.warn, o.warn_opaque);
+    const char *top = o.top, *overlay = o.overlay;
+    bool copy_bitmaps = o.copy_bitmaps;
     if (!top || !*top || !overlay || !*overlay) {
         cbt_error_set(errp, EINVAL, "snapshot: empty file name");
         return -1;

@@ -43,9 +43,11 @@
 #define STREAM_CHUNK (2u * 1024 * 1024)
 
 static int stream_data(struct cbt_image *f, struct cbt_image *base,
-                       cbt_progress_fn *progress, void *opaque,
+                       const struct cbt_stream_opts *o,
                        struct cbt_error **errp)
 {
+    cbt_progress_fn *progress = o->progress;
+    void *opaque = o->progress_opaque;
     void *buf = malloc(STREAM_CHUNK);
     if (!buf) {
         cbt_error_set(errp, ENOMEM, "%s: out of memory", f->filename);
@@ -57,6 +59,13 @@ static int stream_data(struct cbt_image *f, struct cbt_image *base,
     if (progress)
         progress(opaque, 0, size);
     while (off < size) {
+        if (ops_cancelled(o->cancel, o->cancel_opaque)) {
+            free(buf);
+            ops_cancel_error(errp, f->filename, "it keeps its backing file; "
+                             "what was copied is what the backing file "
+                             "reads there");
+            return -1;
+        }
         struct cbt_extent e;
         r = cbt_image_block_status_above(f, base, off,
                                          MIN(size - off, STREAM_CHUNK), &e);
@@ -87,9 +96,13 @@ static int stream_data(struct cbt_image *f, struct cbt_image *base,
     return 0;
 }
 
-int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
-               void *progress_opaque, struct cbt_error **errp)
+int cbt_stream(const struct cbt_stream_opts *opts, struct cbt_error **errp)
 {
+    struct cbt_stream_opts o;
+    if (OPTS_COPY(&o, opts, cbt_stream_opts, errp) < 0)
+        return -1;
+    WARN_SCOPE(o.warn, o.warn_opaque);
+    const char *file = o.file, *base = o.base;
     if (!file || !*file || (base && !*base)) {
         cbt_error_set(errp, EINVAL, "stream: empty file name");
         return -1;
@@ -137,7 +150,7 @@ int cbt_stream(const char *file, const char *base, cbt_progress_fn *progress,
     if (ops_pull_bitmaps(f, b, false, errp) < 0 ||
         ops_pull_checkpoints(f, b, &carry, errp) < 0 ||
         blk_reopen_rw(f, errp) < 0 ||
-        stream_data(f, b, progress, progress_opaque, errp) < 0)
+        stream_data(f, b, &o, errp) < 0)
         goto out;
     int r = cbt_image_flush(f);
     if (r < 0) {

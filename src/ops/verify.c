@@ -968,30 +968,35 @@ oom:
     return -1;
 }
 
-int cbt_verify(const char *backup, cbt_progress_fn *progress,
-               void *progress_opaque, struct cbt_verify_result *res,
-               struct cbt_error **errp)
-{
-    return cbt_verify_flags(backup, 0, progress, progress_opaque, res, errp);
-}
-
-int cbt_verify_flags(const char *backup, unsigned flags,
-                     cbt_progress_fn *progress, void *progress_opaque,
-                     struct cbt_verify_result *res, struct cbt_error **errp)
+int cbt_verify(const struct cbt_verify_opts *opts,
+               struct cbt_verify_result *res, struct cbt_error **errp)
 {
     memset(res, 0, sizeof(*res));
+    struct cbt_verify_opts o;
+    if (OPTS_COPY(&o, opts, cbt_verify_opts, errp) < 0)
+        return -1;
+    WARN_SCOPE(o.warn, o.warn_opaque);
+    const char *backup = o.backup;
     if (!backup || !*backup) {
         cbt_error_set(errp, EINVAL, "verify: empty file name");
         return -1;
     }
     struct bchain c;
     int r = bchain_open(backup,
-                        (flags & CBT_VERIFY_FORCE_SHARE) ? BCHAIN_FORCE_SHARE
-                                                         : 0,
+                        (o.flags & CBT_VERIFY_FORCE_SHARE)
+                            ? BCHAIN_FORCE_SHARE
+                            : 0,
                         &c, errp);
-    if (r == 0)
-        r = bchain_walk(&c, NULL, NULL, progress, progress_opaque,
+    if (r == 0) {
+        c.cancel = o.cancel;
+        c.cancel_opaque = o.cancel_opaque;
+        r = bchain_walk(&c, NULL, NULL, o.progress, o.progress_opaque,
                         &res->bytes_checked, errp);
+        if (r == 2) {
+            ops_cancel_error(errp, backup, "nothing was written");
+            r = -1;
+        }
+    }
     if (r >= 0 && list_chain(backup, res) < 0) {
         cbt_error_set(errp, ENOMEM, "%s: out of memory", backup);
         r = -1;

@@ -443,7 +443,9 @@ static int verify_raw(struct ctx *c, size_t i, const char *img,
 {
     struct repo_verdict *v = &c->res->v[i];
     struct cbt_verify_result vr;
-    if (cbt_verify(img, NULL, NULL, &vr, errp) < 0)
+    struct cbt_verify_opts vo = CBT_VERIFY_OPTS_INIT;
+    vo.backup = img;
+    if (cbt_verify(&vo, &vr, errp) < 0)
         return -1;
     int r = 0;
     if (!vr.ok)

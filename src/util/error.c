@@ -119,28 +119,62 @@ void cbt_debug(const char *fmt, ...)
     va_end(ap);
 }
 
-/* Atomic: a program may install it while other threads warn. */
-static cbt_warn_fn *warn_handler;
+/*
+ * The warning callback of the public call running on this thread (set by
+ * its entry point for its duration, and handed to the threads it starts):
+ * how a warning deep inside an operation reaches the caller of that
+ * operation without every layer passing it down.  Nodes keep the one they
+ * were opened under (blk_node.warner) for what is said about them later.
+ */
+static __thread struct cbt_warner scope_warner;
 
-void cbt_set_warn_handler(cbt_warn_fn *fn)
+struct cbt_warner warn_scope_enter(cbt_warn_fn *fn, void *opaque)
 {
-    __atomic_store_n(&warn_handler, fn, __ATOMIC_RELEASE);
+    struct cbt_warner prev = scope_warner;
+    /* NULL keeps the enclosing call's: an operation's own creates and
+     * opens pass none, and their warnings are the operation's. */
+    if (fn)
+        scope_warner = (struct cbt_warner){ fn, opaque };
+    return prev;
+}
+
+void warn_scope_leave(const struct cbt_warner *prev)
+{
+    scope_warner = *prev;
+}
+
+struct cbt_warner warn_scope_current(void)
+{
+    return scope_warner;
+}
+
+static void PRINTF_FMT(2, 0)
+    warn_va(const struct cbt_warner *w, const char *fmt, va_list ap)
+{
+    char *msg = vformat(fmt, ap);
+    if (!msg)
+        return;
+    if (w && w->fn)
+        w->fn(w->opaque, msg);
+    else
+        fprintf(stderr, "warning: %s\n", msg);
+    free(msg);
 }
 
 void cbt_warn(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    char *msg = vformat(fmt, ap);
+    warn_va(&scope_warner, fmt, ap);
     va_end(ap);
-    if (!msg)
-        return;
-    cbt_warn_fn *handler = __atomic_load_n(&warn_handler, __ATOMIC_ACQUIRE);
-    if (handler)
-        handler(msg);
-    else
-        fprintf(stderr, "warning: %s\n", msg);
-    free(msg);
+}
+
+void warn_to(const struct cbt_warner *w, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    warn_va(w, fmt, ap);
+    va_end(ap);
 }
 
 void *cbt_zalloc_aligned(size_t size)

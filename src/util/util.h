@@ -45,8 +45,46 @@ void cbt_error_prefix(struct cbt_error **errp, const char *fmt, ...)
     PRINTF_FMT(2, 3);
 /* Run-time debug log, enabled by CBT_DEBUG=1 in the environment. */
 void cbt_debug(const char *fmt, ...) PRINTF_FMT(1, 2);
-/* A warning, to the handler of cbt_set_warn_handler() (cbt/error.h). */
+/*
+ * Warnings (cbt/error.h): each goes to the callback of the public call it
+ * belongs to.  cbt_warn: to the call running on this thread (its entry
+ * point opened a WARN_SCOPE with the caller's callback); warn_to: to a
+ * given one, a node's (node->warner, the callback it was opened under)
+ * for what concerns that node whichever call or thread meets it.  With no
+ * callback, printed to stderr as "warning: MSG".
+ */
+struct cbt_warner {
+    cbt_warn_fn *fn;
+    void *opaque;
+};
 void cbt_warn(const char *fmt, ...) PRINTF_FMT(1, 2);
+void warn_to(const struct cbt_warner *w, const char *fmt, ...)
+    PRINTF_FMT(2, 3);
+/* Set this thread's callback (fn NULL: keep the one set, the enclosing
+ * call's); returns the one to restore. */
+struct cbt_warner warn_scope_enter(cbt_warn_fn *fn, void *opaque);
+void warn_scope_leave(const struct cbt_warner *prev);
+struct cbt_warner warn_scope_current(void);
+/* Warnings of the rest of the enclosing block go to fn(opaque, msg); the
+ * previous callback is back when the block is left. */
+#define WARN_SCOPE(fn, opaque)                                               \
+    __attribute__((cleanup(warn_scope_leave), unused))                       \
+    const struct cbt_warner warn_scope_prev_ = warn_scope_enter(fn, opaque)
+
+/*
+ * Options structs (include/cbt/: a first `size_t size` member the caller
+ * sets to the sizeof it was built with).  Copies the caller's *in into
+ * *out (out_size bytes, the library's sizeof): the fields its size covers,
+ * zero (the defaults) for the rest.  A size that is no struct's, or a
+ * newer struct setting fields this library does not know, is an EINVAL or
+ * E2BIG error naming `what`.  0, or -1 with *errp.
+ */
+int opts_copy(void *out, size_t out_size, const void *in, const char *what,
+              struct cbt_error **errp);
+/* opts_copy for a struct tag: OPTS_COPY(&local, in, cbt_backup_opts, errp) */
+#define OPTS_COPY(out, in, tag, errp)                                        \
+    opts_copy((struct tag *){ (out) }, sizeof(struct tag), (in),             \
+              "struct " #tag, (errp))
 
 /* ---- checked arithmetic: return true on overflow ---- */
 static inline bool add_overflow_u64(uint64_t a, uint64_t b, uint64_t *r)

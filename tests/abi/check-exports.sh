@@ -27,7 +27,7 @@ if ! cmp -s "$tmp/declared" "$tmp/exported"; then
     diff "$tmp/declared" "$tmp/exported" >&2 || true
     status=1
 fi
-# Every export is versioned (CBT_0, CBT_0.2, ...).
+# Every export is versioned (CBT_1, CBT_1.1, ...).
 if nm -D --defined-only --with-symbol-versions "$so" 2>/dev/null |
         awk '$2 ~ /^[TDBR]$/ {print $3}' | grep -v '@@*CBT_' | grep .; then
     echo "check-exports: the symbols above carry no CBT_ version" >&2

@@ -1,4 +1,5 @@
-"""SIGINT, SIGTERM and SIGHUP during backup, restore, convert and commit
+"""SIGINT, SIGTERM and SIGHUP during backup, restore, convert, commit and
+stream
 (issue 10, section 4; docs/cli.md, "Exit status").
 
 Each command runs with libfault tracing its write calls on the file it
@@ -18,6 +19,8 @@ after the copy.  Whatever the moment, the command must:
       commit:  the chain reads as before, qemu-img check clean, the
                bitmaps (checkpoints) as before; or as after a complete
                commit;
+      stream:  TOP still on its backing file, reading as before; or TOP
+               alone (no backing file), reading the same;
   * leave the disk (and every image) clean for qemu-img check.
 No timing is asserted: the moment only decides which outcome is seen.
 """
@@ -230,6 +233,47 @@ def test_commit(tmp):
         else:
             assert now == bitmaps_after, "%s: bitmaps neither before nor after:\n%s" % (
                 what, now)
+            seen.add("after")
+        assert sorted(os.listdir(work)) == ["disk.qcow2", "top.qcow2"], what
+    assert "before" in seen, seen
+
+
+def backing_of(path):
+    info = json.loads(qemu_img("info", "--output=json", "-U", path).out)
+    return info.get("backing-filename")
+
+
+def test_stream(tmp):
+    """cbt stream TOP: the backing chain's data copied into TOP, then TOP
+    relinked onto nothing."""
+    d = str(tmp)
+    pristine = os.path.join(d, "pristine")
+    os.mkdir(pristine)
+    make_disk(pristine)
+    top = os.path.join(pristine, "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2", top)
+    qemu_io("-f", "qcow2", "-c", "write -P 8 8M 4M", top)
+    ref = os.path.join(d, "ref.raw")
+    qemu_img("convert", "-O", "raw", top, ref)
+    work = os.path.join(d, "work")
+    F.fresh_copy(pristine, work)
+    argv = ["stream", os.path.join(work, "top.qcow2")]
+    total = trace_run(argv, "top.qcow2")
+    seen = set()
+    for i, n in enumerate(moments(total)):
+        sig = SIGNALS[i % len(SIGNALS)]
+        F.fresh_copy(pristine, work)
+        rc, err = signalled_run(argv, "top.qcow2", n, sig)
+        what = "stream, %s at write %d of %d" % (signal.Signals(sig).name, n, total)
+        died_of(rc, sig, err, what)
+        wtop = os.path.join(work, "top.qcow2")
+        check_clean(wtop)
+        same_view(wtop, ref, fb="raw")
+        if backing_of(wtop) == "disk.qcow2":
+            assert "interrupted" in err, (what, err)
+            seen.add("before")
+        else:
+            assert backing_of(wtop) is None, what
             seen.add("after")
         assert sorted(os.listdir(work)) == ["disk.qcow2", "top.qcow2"], what
     assert "before" in seen, seen

@@ -932,14 +932,15 @@ static int teardown(void **state)
     return nftw(tmpdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
 }
 
-static void quiet(const char *msg)
+static void quiet(void *opaque, const char *msg)
 {
+    (void)opaque;
     (void)msg;
 }
 
 int main(void)
 {
-    cbt_set_warn_handler(quiet);
+    warn_scope_enter(quiet, NULL); /* the tests run on this thread */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_digests),
         cmocka_unit_test(test_streaming),

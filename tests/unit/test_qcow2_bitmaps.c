@@ -87,10 +87,12 @@ static void die_err(const char *what, struct cbt_error *err)
 static void create(const char *path, uint64_t size, uint32_t cluster_size,
                    int compat)
 {
-    struct cbt_create_opts o = { .format = "qcow2", .size = size,
-                                 .size_given = true,
-                                 .cluster_size = cluster_size,
-                                 .compat = compat };
+    struct cbt_create_opts o = {.struct_size = sizeof(struct cbt_create_opts),
+                                .format = "qcow2",
+                                .size = size,
+                                .size_given = true,
+                                .cluster_size = cluster_size,
+                                .compat = compat};
     struct cbt_error *err = NULL;
     if (cbt_image_create(path, &o, &err) < 0)
         die_err("create", err);
@@ -476,7 +478,7 @@ static bool same_file(const char *a, const char *b)
 /* ---- warnings ---- */
 
 static char warned[4096];
-static void warn_capture(const char *msg)
+static void warn_capture(void *opaque, const char *msg)
 {
     snprintf(warned, sizeof(warned), "%s", msg);
 }
@@ -499,14 +501,16 @@ static int setup(void **state)
     if (!mkdtemp(tmpdir))
         return -1;
     warned[0] = 0;
-    cbt_set_warn_handler(warn_capture);
+    /* The tests run on this thread: the images they open keep it. */
+    warn_scope_enter(warn_capture, NULL);
     return 0;
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    cbt_set_warn_handler(NULL);
+    const struct cbt_warner none = {NULL, NULL};
+    warn_scope_leave(&none);
     return nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
@@ -1300,8 +1304,10 @@ static void test_api_errors(void **state)
                  "Cannot store dirty bitmaps in qcow2 v2 files", "v2");
     close_img(img);
     const char *raw = path_of("r.raw");
-    struct cbt_create_opts o = { .format = "raw", .size = MiB,
-                                 .size_given = true };
+    struct cbt_create_opts o = {.struct_size = sizeof(struct cbt_create_opts),
+                                .format = "raw",
+                                .size = MiB,
+                                .size_given = true};
     ok(cbt_image_create(raw, &o, &err), err, "create raw");
     img = open_img(raw, CBT_OPEN_RDWR);
     expect_error(cbt_bitmap_add(img, "a", 0, false, &err), &err,

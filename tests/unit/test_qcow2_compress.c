@@ -124,12 +124,19 @@ struct img_opts {
 static void create(const char *path, uint64_t size, const struct img_opts *io)
 {
     struct cbt_create_opts o = {
-        .format = "qcow2", .size = size, .size_given = true,
-        .cluster_size = io->cluster_size, .extended_l2 = io->ext_l2,
+        .struct_size = sizeof(struct cbt_create_opts),
+        .format = "qcow2",
+        .size = size,
+        .size_given = true,
+        .cluster_size = io->cluster_size,
+        .extended_l2 = io->ext_l2,
         .compression_type = io->zstd ? "zstd" : NULL,
-        .refcount_bits = io->refcount_bits, .compat = io->compat,
-        .backing_file = io->backing, .backing_format = io->backing_fmt,
-        .data_file = io->data_file, .data_file_raw = io->data_file_raw,
+        .refcount_bits = io->refcount_bits,
+        .compat = io->compat,
+        .backing_file = io->backing,
+        .backing_format = io->backing_fmt,
+        .data_file = io->data_file,
+        .data_file_raw = io->data_file_raw,
     };
     struct cbt_error *err = NULL;
     if (cbt_image_create(path, &o, &err) < 0)
@@ -489,8 +496,11 @@ static void test_mix(void **state)
     struct img_opts o = c->o;
     if (c->backing) {
         const char *base = path_of("mix_base.raw");
-        struct cbt_create_opts bo = { .format = "raw", .size = size,
-                                      .size_given = true };
+        struct cbt_create_opts bo = {.struct_size =
+                                         sizeof(struct cbt_create_opts),
+                                     .format = "raw",
+                                     .size = size,
+                                     .size_given = true};
         struct cbt_error *err = NULL;
         if (cbt_image_create(base, &bo, &err) < 0)
             fail_msg("create base: %s", cbt_error_message(err));
@@ -742,8 +752,10 @@ static void test_refusals(void **state)
     img = open_img(path_of("ref.qcow2"), 0);
     assert_int_equal(cbt_image_pwrite_compressed(img, buf, 65536, 0), -EPERM);
     close_img(img);
-    struct cbt_create_opts ro = { .format = "raw", .size = 1 * MiB,
-                                  .size_given = true };
+    struct cbt_create_opts ro = {.struct_size = sizeof(struct cbt_create_opts),
+                                 .format = "raw",
+                                 .size = 1 * MiB,
+                                 .size_given = true};
     struct cbt_error *err = NULL;
     assert_int_equal(cbt_image_create(path_of("ref.raw"), &ro, &err), 0);
     img = open_img(path_of("ref.raw"), CBT_OPEN_RDWR);
@@ -804,8 +816,10 @@ static void test_two_steps(void **state)
         close_img(img);
         check_clean(path, "two steps");
     }
-    struct cbt_create_opts ro = { .format = "raw", .size = 1 * MiB,
-                                  .size_given = true };
+    struct cbt_create_opts ro = {.struct_size = sizeof(struct cbt_create_opts),
+                                 .format = "raw",
+                                 .size = 1 * MiB,
+                                 .size_given = true};
     struct cbt_error *err = NULL;
     assert_int_equal(cbt_image_create(path_of("two.raw"), &ro, &err), 0);
     struct cbt_image *img = open_img(path_of("two.raw"), CBT_OPEN_RDWR);

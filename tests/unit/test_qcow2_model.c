@@ -366,8 +366,7 @@ static void create_layer(struct test_state *ts, int i)
 {
     struct layer *l = &ts->layers[i];
     const struct layer_cfg *c = l->cfg;
-    struct cbt_create_opts o;
-    memset(&o, 0, sizeof(o));
+    struct cbt_create_opts o = CBT_CREATE_OPTS_INIT;
     o.format = c->format;
     o.size = c->size;
     o.size_given = c->size != 0;

@@ -78,7 +78,10 @@ static struct cbt_image *make(const struct cfg *c, const char *name)
     char path[128];
     snprintf(path, sizeof(path), "%s/%s.qcow2", dir, name);
     struct cbt_create_opts o = {
-        .format = "qcow2", .size = c->size, .size_given = true,
+        .struct_size = sizeof(struct cbt_create_opts),
+        .format = "qcow2",
+        .size = c->size,
+        .size_given = true,
         .cluster_size = c->cluster_size,
     };
     struct cbt_error *err = NULL;

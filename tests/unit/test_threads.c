@@ -316,7 +316,9 @@ static void make_images(void)
     assert_non_null(mkdtemp(dir));
     snprintf(base_path, sizeof(base_path), "%s/base.qcow2", dir);
     snprintf(top_path, sizeof(top_path), "%s/top.qcow2", dir);
-    struct cbt_create_opts o = { .size = BASE_SIZE, .size_given = true };
+    struct cbt_create_opts o = {.struct_size = sizeof(struct cbt_create_opts),
+                                .size = BASE_SIZE,
+                                .size_given = true};
     assert_int_equal(cbt_image_create(base_path, &o, &err), 0);
     struct cbt_image *b = cbt_image_open(base_path, "qcow2", CBT_OPEN_RDWR,
                                          &err);
@@ -326,7 +328,8 @@ static void make_images(void)
     assert_int_equal(cbt_image_pwrite(b, buf, BASE_SIZE, 0), 0);
     free(buf);
     assert_int_equal(cbt_image_close(b, &err), 0);
-    o = (struct cbt_create_opts){ .size = FIXED, .size_given = true,
+    o = (struct cbt_create_opts){ .struct_size = sizeof(o),
+                                  .size = FIXED, .size_given = true,
                                   .backing_file = "base.qcow2",
                                   .backing_format = "qcow2" };
     assert_int_equal(cbt_image_create(top_path, &o, &err), 0);

@@ -625,16 +625,18 @@ int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp)
     }
     if (!(s->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)) {
         if (s->h.version < 3)
-            cbt_warn("%s: This qcow2 v2 image contains bitmaps, but they may "
-                     "have been modified by a program without persistent "
-                     "bitmap support; so now they must all be considered "
-                     "inconsistent. Some clusters may be leaked, run 'cbt "
-                     "check -r leaks' on the image file to fix.", fn);
+            warn_to(&s->node->warner,
+                    "%s: This qcow2 v2 image contains bitmaps, but they may "
+                    "have been modified by a program without persistent "
+                    "bitmap support; so now they must all be considered "
+                    "inconsistent. Some clusters may be leaked; a check "
+                    "repairing leaks frees them.", fn);
         else
-            cbt_warn("%s: a program lacking bitmap support modified this "
-                     "file, so all bitmaps are now considered inconsistent. "
-                     "Some clusters may be leaked, run 'cbt check -r leaks' "
-                     "on the image file to fix.", fn);
+            warn_to(&s->node->warner,
+                    "%s: a program lacking bitmap support modified this "
+                    "file, so all bitmaps are now considered inconsistent. "
+                    "Some clusters may be leaked; a check repairing leaks "
+                    "frees them.", fn);
         /* Forget the extension; a read-write open rewrites the header
          * without it, as QEMU. */
         s->bm_ext = (struct qcow2_bitmaps_ext){ .present = false };
@@ -1369,9 +1371,10 @@ static int store(struct qcow2_state *s, enum store_mode mode,
     }
     if (fr < 0) {
         /* The new state is in force; a leak is harmless (check -r leaks). */
-        cbt_warn("%s: bitmaps stored, but freeing the old bitmap clusters "
-                 "failed (they are leaked until 'cbt check -r leaks'): %s",
-                 fn, strerror(-fr));
+        warn_to(&s->node->warner,
+                "%s: bitmaps stored, but freeing the old bitmap clusters "
+                "failed (they are leaked until a check repairs leaks): %s",
+                fn, strerror(-fr));
     }
     return 0;
 

@@ -38,7 +38,7 @@
  * -ENOMEM rather than let them through unchecked.
  *
  * The corrupt state.  On a hit the write is not made, the message is
- * reported once (cbt_warn: the data path returns -errno only) and kept in
+ * reported once (warn_to the node's callback: the data path returns -errno only) and kept in
  * s->corrupt_msg for the control path, the corrupt bit (incompatible bit
  * 1) is written into the header's feature field alone (nothing else of
  * the header, whose in-memory state may not be durable yet), and every
@@ -364,10 +364,11 @@ static void PRINTF_FMT(3, 0) vreport(struct qcow2_state *s, bool fatal,
         return;
     s->corruption_reported = true;
     if (fatal)
-        cbt_warn("%s: Marking image as corrupt: %s; further writes are "
-                 "refused", s->node->filename, msg);
+        warn_to(&s->node->warner, "%s: Marking image as corrupt: %s; "
+                "further writes are refused", s->node->filename, msg);
     else
-        cbt_warn("%s: Image is corrupt: %s", s->node->filename, msg);
+        warn_to(&s->node->warner, "%s: Image is corrupt: %s",
+                s->node->filename, msg);
 }
 
 void qcow2_report_corruption(struct qcow2_state *s, const char *fmt, ...)
