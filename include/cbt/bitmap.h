@@ -89,8 +89,10 @@ int cbt_bitmap_rename(struct cbt_image *img, const char *name,
 
 /* Visit the dirty and clean extents covering [0, virtual size) in order;
  * adjacent extents alternate.  The callback returns 0 to go on, or a
- * negative errno to stop (returned).  Granule-rounded, as QEMU's NBD
- * export of qemu:dirty-bitmap:NAME, clamped to the virtual size. */
+ * negative errno to stop: the call then fails with that errno
+ * (cbt_error_errno).  Granule-rounded, as QEMU's NBD export of
+ * qemu:dirty-bitmap:NAME, clamped to the virtual size.  0, or -1 with
+ * *errp. */
 typedef int cbt_extent_fn(void *opaque, uint64_t start, uint64_t length,
                           bool dirty);
 int cbt_bitmap_extents(struct cbt_image *img, const char *name,

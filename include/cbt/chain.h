@@ -145,7 +145,8 @@ void cbt_chain_bitmap_clear(struct cbt_chain_bitmap *b);
  * same extents).  Fails before the first callback, with *errp "TOP:
  * MESSAGE" (EINVAL), when X is invalid over the chain; ENOENT when no layer
  * holds it.  The callback returns 0 to go on or a negative errno to stop:
- * that value is returned (with *errp set); other failures return -1.
+ * the call then fails with that errno (cbt_error_errno).  0, or -1 with
+ * *errp.
  */
 int cbt_chain_bitmap_extents(struct cbt_image *top, const char *name,
                              unsigned flags, cbt_extent_fn *fn, void *opaque,

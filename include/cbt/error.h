@@ -42,6 +42,47 @@ enum cbt_error_kind cbt_error_kind(const struct cbt_error *err);
 /* The kind an errno value stands for on its own (-errno results of the
  * data path): CBT_ERR_IO for the values above, else CBT_ERR_OTHER. */
 enum cbt_error_kind cbt_errno_kind(int errnum);
+/*
+ * What may fix the failure, for callers that advise their users: the
+ * library's messages state what is wrong and name no command; the cbt
+ * command adds the command that does the remedy.  Stable values, as the
+ * kinds; a remedy a program does not know is to be treated as NONE.
+ */
+enum cbt_error_remedy {
+    CBT_REMEDY_NONE = 0,
+    /* The image's metadata is damaged in a way a repair fixes:
+     * cbt_image_check() with CBT_CHECK_FIX_LEAKS | CBT_CHECK_FIX_ERRORS. */
+    CBT_REMEDY_REPAIR,
+    /* The disk's checkpoint metadata cannot be used; rebuilding it from
+     * the bitmaps fixes it: cbt_checkpoint_reconcile() with fix. */
+    CBT_REMEDY_RECONCILE,
+    /* A file is in use (CBT_ERR_IN_USE): wait for its holder
+     * (cbt_set_lock_wait()), or, when the holder is a running VM, go
+     * through it (the live mode). */
+    CBT_REMEDY_WAIT,
+    /* The same, and a read-only open may also read it shared with the
+     * writer (CBT_OPEN_FORCE_SHARE), as the holder last wrote it. */
+    CBT_REMEDY_WAIT_OR_SHARE,
+    /* A bitmap cannot be used; removing it (cbt_bitmap_remove) deletes it
+     * from the image. */
+    CBT_REMEDY_REMOVE_BITMAP,
+    /* The call would lose data it was not asked to lose: cbt_image_resize
+     * shrinks only with its shrink argument. */
+    CBT_REMEDY_SHRINK,
+    /* An incremental or differential backup is impossible: take a full
+     * one (CBT_BACKUP_FULL, or auto_full to fall back to one). */
+    CBT_REMEDY_FULL_BACKUP,
+    /* The same, or a rescan (cbt_backup_opts.rescan) compares the disk
+     * with its last backup instead of reading the lost bitmap. */
+    CBT_REMEDY_FULL_OR_RESCAN,
+    /* A backup's disk and target look swapped (CBT_ERR_USAGE). */
+    CBT_REMEDY_SWAP_DISK_TARGET,
+    /* The disk cannot hold checkpoints: back up a qcow2 copy of it, track
+     * it through a qcow2 image whose raw data file it is (data_file_raw),
+     * or take a copy-only backup (CBT_BACKUP_FULL with no_checkpoint). */
+    CBT_REMEDY_QCOW2_OR_COPY_ONLY,
+};
+enum cbt_error_remedy cbt_error_remedy(const struct cbt_error *err);
 void cbt_error_free(struct cbt_error *err);
 
 /*

@@ -208,9 +208,6 @@ static void PRINTF_FMT(4, 5) set_error(struct cbt_error **errp,
     free(msg);
 }
 
-static const char inconsistent_hint[] =
-    "; try removing it (cbt bitmap --remove) to delete this bitmap from disk";
-
 /* QEMU's bdrv_dirty_bitmap_check. */
 static int check_bitmap(struct cbt_image *img, const struct blk_bitmap *b,
                         unsigned flags, struct cbt_error **errp)
@@ -235,8 +232,8 @@ static int check_bitmap(struct cbt_image *img, const struct blk_bitmap *b,
     }
     if ((flags & CHECK_INCONSISTENT) && b->inconsistent) {
         set_error(errp, img, EINVAL,
-                  "Bitmap '%s' is inconsistent and cannot be used%s", b->name,
-                  inconsistent_hint);
+                  "Bitmap '%s' is inconsistent and cannot be used", b->name);
+        cbt_error_set_remedy(errp, CBT_REMEDY_REMOVE_BITMAP);
         return -1;
     }
     return 0;
@@ -703,7 +700,7 @@ int cbt_bitmap_extents(struct cbt_image *img, const char *name,
         set_error(errp, img, r < 0 ? -r : EINVAL,
                   "listing the extents of bitmap '%s' stopped: %s", name,
                   strerror(r < 0 ? -r : EINVAL));
-        return r < 0 ? r : -EINVAL;
+        return -1;
     }
     return 0;
 }

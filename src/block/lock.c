@@ -243,15 +243,12 @@ static int check_bytes(int fd, const char *filename, unsigned bytes,
                 "Failed to get %s\"%s\" lock\n"
                 "Is another process using the image [%s]?\n"
                 "%s: a running VM (QEMU, qemu-storage-daemon, qemu-nbd) or "
-                "another cbt is using it.  Wait until it is done (cbt --wait); "
-                "a running VM's disk is backed up and checkpointed through "
-                "its QEMU: cbt backup|checkpoint --qmp QMP-SOCKET%s",
-                pass == 0 ? "" : "shared ", perm_names[i], filename, who,
-                role == BLK_LOCK_READ
-                    ? ".  -U (--force-share) reads it anyway, as the holder "
-                      "last wrote it"
-                    : ".");
+                "another cbt is using it.",
+                pass == 0 ? "" : "shared ", perm_names[i], filename, who);
             cbt_error_set_kind(errp, CBT_ERR_IN_USE);
+            cbt_error_set_remedy(errp, role == BLK_LOCK_READ
+                                           ? CBT_REMEDY_WAIT_OR_SHARE
+                                           : CBT_REMEDY_WAIT);
             return -1;
         }
     }

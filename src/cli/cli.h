@@ -92,9 +92,14 @@ int cli_subcommand(const char *prog, int *argc, char ***argv,
                    int *sub);
 /* The "Try 'PROG --help' for more information." line alone. */
 void cli_try_help(const char *prog);
-/* Print "cbt: MESSAGE" for a library error and free it (NULL is tolerated).
- * Returns the error's exit status (cli_exit_status). */
+/* Print "cbt: MESSAGE" for a library error, with the cbt command that is
+ * its remedy (cli_advice), and free it (NULL is tolerated).  Returns the
+ * error's exit status (cli_exit_status). */
 int cli_lib_error(struct cbt_error *err);
+/* The advice the cbt command adds to a library error for its remedy
+ * (cbt_error_remedy: the library names no command), to print right after
+ * the message: "" when it has none. */
+const char *cli_advice(const struct cbt_error *err);
 /* Print "cbt: " + printf-style message on stderr. */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Print a command's help text (stdout) and return 0. */

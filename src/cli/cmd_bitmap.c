@@ -476,8 +476,8 @@ static int action_failed(struct cbt_image *img, struct cbt_image *src,
                          enum action_kind kind, const char *name,
                          struct cbt_error *err)
 {
-    cli_error("Operation %s on bitmap %s failed: %s", action_names[kind], name,
-              reason(err, img, src));
+    cli_error("Operation %s on bitmap %s failed: %s%s", action_names[kind],
+              name, reason(err, img, src), cli_advice(err));
     int status = cli_exit_status(err);
     cbt_error_free(err);
     rollback(img);
@@ -673,7 +673,7 @@ static int view_count(struct cbt_image *img, const struct bitmap_args *a)
     /* Let the library say why the bitmap cannot be read (missing,
      * inconsistent), in its words. */
     int r = cbt_bitmap_extents(img, a->bitmap, stop_at_first, NULL, &err);
-    if (r < 0 && r != -ECANCELED)
+    if (r < 0 && cbt_error_errno(err) != ECANCELED)
         return cli_lib_error(err);
     cbt_error_free(err);
     err = NULL;

@@ -195,7 +195,7 @@ static int run_check(const struct check_args *a, unsigned fix,
         cli_error("This image format does not support checks");
         return EXIT_UNSUPPORTED;
     }
-    cli_error("Check failed: %s", cbt_error_message(err));
+    cli_error("Check failed: %s%s", cbt_error_message(err), cli_advice(err));
     int status = cli_exit_status(err);
     cbt_error_free(err);
     return status;

@@ -190,8 +190,8 @@ static int check_backing(struct create_req *req)
     struct cbt_image *img = cli_open(path, o->backing_format, 0, &err);
     free(path);
     if (!img) {
-        cli_error("%s: Could not open backing image: %s", req->filename,
-                  cbt_error_message(err));
+        cli_error("%s: Could not open backing image: %s%s", req->filename,
+                  cbt_error_message(err), cli_advice(err));
         int status = cli_exit_status(err);
         cbt_error_free(err);
         return status;

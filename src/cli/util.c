@@ -95,9 +95,49 @@ int cli_errno_status(int errnum)
     return kind_status(cbt_errno_kind(errnum));
 }
 
+const char *cli_advice(const struct cbt_error *err)
+{
+    switch (cbt_error_remedy(err)) {
+    case CBT_REMEDY_REPAIR:
+        return " (repair: cbt check -r all)";
+    case CBT_REMEDY_RECONCILE:
+        return " (reconcile: cbt checkpoint reconcile --fix)";
+    case CBT_REMEDY_WAIT:
+        return "  Wait until it is done (cbt --wait); a running VM's disk is "
+               "backed up and checkpointed through its QEMU: cbt "
+               "backup|checkpoint --qmp QMP-SOCKET.";
+    case CBT_REMEDY_WAIT_OR_SHARE:
+        return "  Wait until it is done (cbt --wait); a running VM's disk is "
+               "backed up and checkpointed through its QEMU: cbt "
+               "backup|checkpoint --qmp QMP-SOCKET.  -U (--force-share) reads "
+               "it anyway, as the holder last wrote it";
+    case CBT_REMEDY_REMOVE_BITMAP:
+        return "; try removing it (cbt bitmap --remove) to delete this bitmap "
+               "from disk";
+    case CBT_REMEDY_SHRINK:
+        return " (--shrink)";
+    case CBT_REMEDY_FULL_BACKUP:
+        return " (--full, or --auto to fall back to one)";
+    case CBT_REMEDY_FULL_OR_RESCAN:
+        return " (--full, or --auto to fall back to one, or --rescan to "
+               "compare the disk with its last backup instead)";
+    case CBT_REMEDY_SWAP_DISK_TARGET:
+        return "; the disk comes first: cbt backup ... DISK TARGET";
+    case CBT_REMEDY_QCOW2_OR_COPY_ONLY:
+        return "; back up a qcow2 disk (cbt convert -O qcow2), track it "
+               "through a qcow2 metadata image (docs/cli.md, cbt create, "
+               "data_file_raw), or take a copy-only backup (--full "
+               "--no-checkpoint)";
+    case CBT_REMEDY_NONE:
+        break;
+    }
+    return "";
+}
+
 int cli_lib_error(struct cbt_error *err)
 {
-    cli_error("%s", err ? cbt_error_message(err) : "unknown error");
+    cli_error("%s%s", err ? cbt_error_message(err) : "unknown error",
+              cli_advice(err));
     int status = cli_exit_status(err);
     cbt_error_free(err);
     return status;

@@ -138,8 +138,9 @@ static int raw_resize(struct blk_node *node, uint64_t new_size, bool shrink,
 {
     if (new_size < node->size && !shrink) {
         cbt_error_set(errp, EINVAL,
-                      "%s: use the --shrink option to shrink an image",
-                      node->filename);
+                      "%s: shrinking an image loses the data past its new "
+                      "end and is done only when asked for", node->filename);
+        cbt_error_set_remedy(errp, CBT_REMEDY_SHRINK);
         return -1;
     }
     int r = file_truncate(node->fd, new_size);

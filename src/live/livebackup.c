@@ -880,9 +880,9 @@ static void lb_abort(struct bk_live *l, const char *name_in)
                 json_pack("{s:s, s:s}", "node", b->cp.disk.layers[0].node,
                           "name", name),
                 &e) < 0)
-        cbt_warn("the new checkpoint '%s' could not be removed: %s; 'cbt "
-                 "checkpoint delete --qmp' removes it", name,
-                 cbt_error_message(e));
+        cbt_warn("the new checkpoint '%s' could not be removed: %s; a "
+                 "checkpoint delete through QEMU (the live mode) removes it",
+                 name, cbt_error_message(e));
     cbt_error_free(e);
     e = NULL;
     bool existed;

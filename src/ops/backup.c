@@ -382,15 +382,20 @@ static int check_roles(struct bk *b, struct cbt_error **errp)
         return -1;
     if (!is_backup(disk))
         return 0;
-    if (exists(t))
-        cbt_error_set(errp, EINVAL, "%s: is a backup made by cbt (%s.json is "
-                      "its manifest) and %s exists: the arguments look "
-                      "swapped; the disk comes first: cbt backup ... DISK "
-                      "TARGET", disk, disk, t);
-    else
-        cbt_error_set(errp, EINVAL, "%s: is a backup made by cbt (%s.json is "
+    if (exists(t)) {
+        cbt_error_set(errp, EINVAL,
+                      "%s: is a backup made by cbt (%s.json is "
+                      "its manifest) and %s exists: the disk and the "
+                      "target look swapped",
+                      disk, disk, t);
+        cbt_error_set_remedy(errp, CBT_REMEDY_SWAP_DISK_TARGET);
+    } else {
+        cbt_error_set(errp, EINVAL,
+                      "%s: is a backup made by cbt (%s.json is "
                       "its manifest), not a disk; backing it up would change "
-                      "it (restore it with cbt restore first)", disk, disk);
+                      "it (restore it first)",
+                      disk, disk);
+    }
     return usage_mistake(errp);
 }
 
@@ -439,10 +444,12 @@ static int check_target(struct bk *b, struct cbt_error **errp)
                           b->target_hashes, b->target_json, t,
                           b->target_hashes);
         } else if (looks_like_disk(t)) {
-            cbt_error_set(errp, EEXIST, "%s: exists and is a disk image with "
-                          "checkpoints or bitmaps, not a backup: the "
-                          "arguments look swapped; the disk comes first: cbt "
-                          "backup ... DISK TARGET", t);
+            cbt_error_set(errp, EEXIST,
+                          "%s: exists and is a disk image with "
+                          "checkpoints or bitmaps, not a backup: the disk "
+                          "and the target look swapped",
+                          t);
+            cbt_error_set_remedy(errp, CBT_REMEDY_SWAP_DISK_TARGET);
             return usage_mistake(errp);
         } else {
             cbt_error_set(errp, EEXIST, "%s: already exists and is not a "
@@ -584,18 +591,24 @@ static int choose_name(struct bk *b, struct cbt_error **errp)
 
 /* ---- is an incremental possible? ---- */
 
-/* Set *why to a malloc'd reason and return 1 when the incremental or
- * differential cannot be taken; 0 when it can (parent found and loaded);
- * -1 on a hard error.  plan_incremental returns 2 instead of 1 when the
- * reason is the checkpoint: none, or one that cannot be trusted. */
-static int PRINTF_FMT(2, 3) impossible(char **why, const char *fmt, ...)
+/* The planning functions below return 1 with a malloc'd reason in *why
+ * when the incremental or differential cannot be taken; 0 when it can
+ * (parent found and loaded); -1 with *errp on a hard error.
+ * plan_incremental returns 2 instead of 1 when the reason is the
+ * checkpoint: none, or one that cannot be trusted.  impossible() makes
+ * the reason: 1, or -1 with *errp when there is no memory for it. */
+static int PRINTF_FMT(3, 4)
+    impossible(char **why, struct cbt_error **errp, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
     if (vasprintf(why, fmt, ap) < 0)
         *why = NULL;
     va_end(ap);
-    return *why ? 1 : -1;
+    if (*why)
+        return 1;
+    cbt_error_set(errp, ENOMEM, "out of memory");
+    return -1;
 }
 
 /*
@@ -624,19 +637,22 @@ static int check_parent_chain(struct bk *b, char **why,
     } else if (r < 0) {
         b->why_kind = cbt_error_errno(e) == ENOENT ? CBT_ERR_NEED_FULL
                                                    : CBT_ERR_CORRUPT;
-        ret = impossible(why, "the parent backup cannot be used: %s",
+        ret = impossible(why, errp, "the parent backup cannot be used: %s",
                          cbt_error_message(e));
         cbt_error_free(e);
     } else if (r > 0 && c.missing) {
         b->why_kind = CBT_ERR_NEED_FULL;
-        ret = impossible(why, "the chain of the parent backup %s is "
+        ret = impossible(why, errp,
+                         "the chain of the parent backup %s is "
                          "incomplete: %s; a backup on top of it could not be "
-                         "restored", b->parent_path, c.problem);
+                         "restored",
+                         b->parent_path, c.problem);
     } else if (r > 0) {
         b->why_kind = CBT_ERR_CORRUPT;
-        ret = impossible(why, "the chain of the parent backup %s is damaged: "
-                         "%s (run cbt verify %s)", b->parent_path, c.problem,
-                         b->parent_path);
+        ret = impossible(why, errp,
+                         "the chain of the parent backup %s is damaged: "
+                         "%s (a verification of %s names the damage)",
+                         b->parent_path, c.problem, b->parent_path);
     }
     bchain_close(&c);
     return ret;
@@ -683,27 +699,29 @@ static int plan_parent(struct bk *b, char **why, struct cbt_error **errp)
     const char *disk = o->disk;
     int ret;
     if (!b->disk_id[0])
-        return impossible(why, "%s has no disk id (no checkpoint metadata)",
-                          disk);
+        return impossible(why, errp,
+                          "%s has no disk id (no checkpoint metadata)", disk);
     struct cbt_error *e = NULL;
     if (manifest_find_by_checkpoint(b->dir, b->disk_id, b->since.name,
                                     &b->parent_path, &b->pm,
                                     b->parent_manifest_sha, &e) < 0) {
-        ret = impossible(why, "%s", cbt_error_message(e));
+        ret = impossible(why, errp, "%s", cbt_error_message(e));
         cbt_error_free(e);
         return ret;
     }
     const struct manifest *pm = &b->pm;
     if (pm->checkpoint_order != b->since.order)
-        return impossible(why, "%s: backup %s is of an older checkpoint named "
+        return impossible(why, errp,
+                          "%s: backup %s is of an older checkpoint named "
                           "'%s' (order %" PRIu64 ", the disk's is %" PRIu64 ")",
                           disk, b->parent_path, b->since.name,
                           pm->checkpoint_order, b->since.order);
     bool parent_raw = strcmp(pm->image_format, "raw") == 0;
     if (o->format && strcmp(o->format, pm->image_format) != 0)
-        return impossible(why, "%s: the parent backup %s is %s; the backups "
-                          "of one chain share one format", o->target,
-                          b->parent_path, pm->image_format);
+        return impossible(why, errp,
+                          "%s: the parent backup %s is %s; the backups "
+                          "of one chain share one format",
+                          o->target, b->parent_path, pm->image_format);
     b->fmt = parent_raw ? "raw" : "qcow2";
     if ((ret = check_parent_chain(b, why, errp)) != 0)
         return ret;
@@ -725,16 +743,18 @@ static int plan_parent(struct bk *b, char **why, struct cbt_error **errp)
                                 DIV_ROUND_UP(pm->virtual_size, B), root,
                                 scan_parent_leaf, b, &e) < 0) {
         b->why_kind = CBT_ERR_CORRUPT;
-        ret = impossible(why, "parent backup: %s", cbt_error_message(e));
+        ret = impossible(why, errp, "parent backup: %s", cbt_error_message(e));
         cbt_error_free(e);
         return ret;
     }
     if (strcmp(root, pm->hash_file_sha256) != 0 ||
         strcmp(root, pm->root) != 0) {
         b->why_kind = CBT_ERR_CORRUPT;
-        return impossible(why, "%s: the block hashes do not match the "
-                          "manifest %s.json (damaged? run cbt verify)", phash,
-                          b->parent_path);
+        return impossible(why, errp,
+                          "%s: the block hashes do not match the "
+                          "manifest %s.json (damaged? a verification of the "
+                          "chain tells)",
+                          phash, b->parent_path);
     }
     b->psize = pm->virtual_size;
     return 0;
@@ -754,8 +774,10 @@ static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
     const struct cbt_checkpoint *c = NULL;
     if (o->mode == CBT_BACKUP_INCREMENTAL) {
         if (n == 0)
-            ret = impossible(why, "%s has no checkpoint to start an "
-                             "incremental backup from", disk);
+            ret = impossible(why, errp,
+                             "%s has no checkpoint to start an "
+                             "incremental backup from",
+                             disk);
         else
             c = &list[n - 1];
     } else {
@@ -763,13 +785,16 @@ static int plan_incremental(struct bk *b, char **why, struct cbt_error **errp)
             if (strcmp(list[i].name, o->since) == 0)
                 c = &list[i];
         if (!c)
-            ret = impossible(why, "%s has no checkpoint '%s'", disk, o->since);
+            ret = impossible(why, errp, "%s has no checkpoint '%s'", disk,
+                             o->since);
     }
     char *bitmap_why = NULL;
     if (c && !c->usable) {
-        ret = impossible(why, "%s: checkpoint '%s' cannot be used: %s", disk,
-                         c->name, c->problem ? c->problem : "its bitmap is "
-                         "not valid over the chain");
+        ret = impossible(why, errp, "%s: checkpoint '%s' cannot be used: %s",
+                         disk, c->name,
+                         c->problem ? c->problem
+                                    : "its bitmap is "
+                                      "not valid over the chain");
         /* The bitmap is lost, not the checkpoint's record nor its backup:
          * a rescan needs neither the bitmap nor anything it vouches for. */
         if (ret > 0 && (o->rescan || o->auto_full)) {
@@ -844,11 +869,7 @@ static int img_dirty(void *opaque,
                      void *cbop, struct cbt_error **errp)
 {
     struct bk *b = opaque;
-    int r = cbt_chain_bitmap_extents(b->disk, b->since.name, 0, cb, cbop,
-                                     errp);
-    if (r == -ENOMEM)
-        oom(errp);
-    return r == 0 ? 0 : -1;
+    return cbt_chain_bitmap_extents(b->disk, b->since.name, 0, cb, cbop, errp);
 }
 
 static void use_image_source(struct bk *b)
@@ -1759,24 +1780,27 @@ static int plan(struct bk *b, struct cbt_error **errp)
         if (r < 0)
             return -1;
         if (r > 0 && !o->auto_full && o->rescan) {
-            cbt_error_set(errp, EINVAL, "%s; a rescan compares the disk with "
+            cbt_error_set(errp, EINVAL,
+                          "%s; a rescan compares the disk with "
                           "its previous backup in the target's folder (the "
                           "one of the checkpoint it starts from) and there is "
-                          "none to use: take a full backup (--full, or --auto "
-                          "to fall back to one)", why);
+                          "none to use: take a full backup",
+                          why);
             cbt_error_set_kind(errp, b->why_kind);
+            cbt_error_set_remedy(errp, CBT_REMEDY_FULL_BACKUP);
             free(why);
             return -1;
         }
         if (r > 0 && !o->auto_full) {
-            cbt_error_set(errp, EINVAL, "%s; %s %s backup is impossible: "
-                          "take a full one (--full, or --auto to fall back to "
-                          "one%s)", why,
-                          o->mode == CBT_BACKUP_INCREMENTAL ? "an" : "a",
-                          cbt_backup_mode_name(o->mode),
-                          b->bitmap_lost ? ", or --rescan to compare the "
-                          "disk with its last backup instead" : "");
+            cbt_error_set(errp, EINVAL,
+                          "%s; %s %s backup is impossible: "
+                          "take a full one",
+                          why, o->mode == CBT_BACKUP_INCREMENTAL ? "an" : "a",
+                          cbt_backup_mode_name(o->mode));
             cbt_error_set_kind(errp, b->why_kind);
+            cbt_error_set_remedy(errp, b->bitmap_lost
+                                           ? CBT_REMEDY_FULL_OR_RESCAN
+                                           : CBT_REMEDY_FULL_BACKUP);
             free(why);
             return -1;
         }
@@ -1860,12 +1884,10 @@ int cbt_backup(const struct cbt_backup_opts *opts,
         goto out;
     use_image_source(&b);
     if (!o->no_checkpoint && strcmp(cbt_image_format(b.disk), "qcow2") != 0) {
-        cbt_error_set(errp, ENOTSUP, "%s: a %s disk cannot hold checkpoints; "
-                      "back up a qcow2 disk (cbt convert -O qcow2), track it "
-                      "through a qcow2 metadata image (docs/cli.md, cbt "
-                      "create, data_file_raw), or take a copy-only backup "
-                      "(--full --no-checkpoint)", o->disk,
+        cbt_error_set(errp, ENOTSUP,
+                      "%s: a %s disk cannot hold checkpoints", o->disk,
                       cbt_image_format(b.disk));
+        cbt_error_set_remedy(errp, CBT_REMEDY_QCOW2_OR_COPY_ONLY);
         goto out;
     }
     b.size = cbt_image_size(b.disk);

@@ -364,7 +364,7 @@ static int stopped(struct cbt_error **errp, const char *top, const char *name,
     int e = r < 0 ? -r : EINVAL;
     cbt_error_set(errp, e, "%s: listing the extents of bitmap '%s' stopped: %s",
                   top, name, strerror(e));
-    return r < 0 ? r : -EINVAL;
+    return -1;
 }
 
 /* Visit the union of name's copies at depths 0..run-1 (run >= 1). */

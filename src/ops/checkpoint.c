@@ -850,8 +850,8 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
             "bitmap '%s' has no checkpoint metadata and cannot be adopted: %s",
             b->name, b->valid ? "the top layer lacks it" : b->message);
         char *how = cbt_strdup_printf(
-            "none: left as it is (remove it with 'cbt bitmap --remove' in the "
-            "layers holding it if it is not wanted)");
+            "none: left as it is (removing it from the layers holding it "
+            "drops it, if it is not wanted)");
         if (drift_items_push(&it, CBT_DRIFT_BITMAP_WITHOUT_METADATA, b->name, expl,
                       how, false) < 0)
             goto nomem;

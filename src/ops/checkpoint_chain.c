@@ -82,8 +82,9 @@ int ckpt_layer_raw(struct cbt_image *l, uint8_t **buf, size_t *len,
                       "one checkpoint metadata extension (type 0x%08x); cbt "
                       "writes one, and which copy is current cannot be "
                       "told, so no checkpoint of this disk is used or "
-                      "changed; 'cbt checkpoint reconcile --fix' replaces "
-                      "them with new metadata", fname(l), CKPT_EXT_TYPE);
+                      "changed; a reconcile replaces them with new "
+                      "metadata", fname(l), CKPT_EXT_TYPE);
+        cbt_error_set_remedy(errp, CBT_REMEDY_RECONCILE);
         return -1;
     }
     if (r < 0) {
@@ -197,9 +198,10 @@ int ckpt_layer_load(struct cbt_image *l, struct ckpt_meta *m, bool *present,
         return -1;
     }
     cbt_error_set(errp, EINVAL, "%s: the checkpoint metadata (qcow2 header "
-                  "extension 0x%08x) is corrupt: %s; 'cbt checkpoint "
-                  "reconcile --fix' rebuilds it from the bitmaps",
-                  fname(l), CKPT_EXT_TYPE, why);
+                  "extension 0x%08x) is corrupt: %s; a reconcile "
+                  "rebuilds it from the bitmaps", fname(l), CKPT_EXT_TYPE,
+                  why);
+    cbt_error_set_remedy(errp, CBT_REMEDY_RECONCILE);
     return -1;
 }
 

@@ -419,9 +419,9 @@ static int plan_checkpoints(struct commit *c, struct cbt_error **errp)
             continue;
         }
         cbt_warn("checkpoint '%s' stays with '%s' only: '%s' cannot hold its "
-                 "bitmap (%s); 'cbt commit --top %s --base %s' makes '%s' "
-                 "the disk with it", name, c->carry.holder->filename,
-                 c->base->filename,
+                 "bitmap (%s); a commit of '%s' into '%s' that pivots "
+                 "(takes its place) makes '%s' the disk with it", name,
+                 c->carry.holder->filename, c->base->filename,
                  p && p->broken ? "a copy is broken"
                                 : "a layer between lacks it",
                  c->o->top, c->base->filename, c->base->filename);

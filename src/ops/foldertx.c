@@ -652,8 +652,8 @@ int foldertx_run(const char *dir, const struct foldertx *tx,
     if (replay(dir, tx, progress, progress_opaque, errp) < 0 ||
         end_journal(dir, errp) < 0) {
         cbt_error_prefix(errp, "%s: the prune step is recorded there and is "
-                         "finished when cbt next opens the folder (cbt repo "
-                         "list %s)", jp, dir);
+                         "finished when cbt next opens the folder %s (a "
+                         "listing does)", jp, dir);
         return -1;
     }
     return 0;

@@ -272,7 +272,8 @@ static int check_qcow2_image(struct bchain *c, struct bchain_link *l,
     if (res.corruptions || res.check_errors)
         return problem(c, errp, l->image, "damaged: the consistency check "
                        "found %" PRId64 " corruptions and %" PRId64 " other "
-                       "errors (see cbt check)", res.corruptions,
+                       "errors (a check of the image lists them)",
+                       res.corruptions,
                        res.check_errors);
     return 0;
 }

@@ -179,7 +179,8 @@ static int check_files(struct ctx *c, size_t i, const char *img,
     if (cr.corruptions || cr.check_errors)
         r = add_bad(v, img, false, 0, 0, "%s: damaged: the consistency check "
                     "found %" PRId64 " corruptions and %" PRId64 " other "
-                    "errors (see cbt check)", img, cr.corruptions,
+                    "errors (a check of the image lists them)", img,
+                    cr.corruptions,
                     cr.check_errors);
     else if (stat(img, &st) == 0 &&
              cr.image_end_offset > ALIGN_UP((uint64_t)st.st_size, BLOCK))

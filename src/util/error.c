@@ -23,6 +23,11 @@ enum cbt_error_kind cbt_error_kind(const struct cbt_error *err)
     return cbt_errno_kind(err->errnum);
 }
 
+enum cbt_error_remedy cbt_error_remedy(const struct cbt_error *err)
+{
+    return err ? err->remedy : CBT_REMEDY_NONE;
+}
+
 enum cbt_error_kind cbt_errno_kind(int errnum)
 {
     switch (errnum < 0 ? -errnum : errnum) {
@@ -43,6 +48,13 @@ void cbt_error_set_kind(struct cbt_error **errp, enum cbt_error_kind kind)
         (*errp)->kind = kind;
         (*errp)->kind_set = true;
     }
+}
+
+void cbt_error_set_remedy(struct cbt_error **errp,
+                          enum cbt_error_remedy remedy)
+{
+    if (errp && *errp)
+        (*errp)->remedy = remedy;
 }
 
 void cbt_error_free(struct cbt_error *err)

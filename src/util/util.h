@@ -31,6 +31,7 @@ struct cbt_error {
     int errnum;
     enum cbt_error_kind kind; /* when !kind_set: derived from errnum */
     bool kind_set;
+    enum cbt_error_remedy remedy;
     char *msg;
 };
 /* Store a new error in *errp unless errp is NULL or already holds one. */
@@ -40,6 +41,9 @@ void cbt_error_set(struct cbt_error **errp, int errnum, const char *fmt, ...)
  * CBT_ERR_OTHER, for an errno that would otherwise say CBT_ERR_IO (ENOSPC
  * for a full image header is no host's space error). */
 void cbt_error_set_kind(struct cbt_error **errp, enum cbt_error_kind kind);
+/* Set the remedy of the error already in *errp (no-op without one). */
+void cbt_error_set_remedy(struct cbt_error **errp,
+                          enum cbt_error_remedy remedy);
 /* Prepend "prefix: " to an error already in *errp. */
 void cbt_error_prefix(struct cbt_error **errp, const char *fmt, ...)
     PRINTF_FMT(2, 3);

@@ -555,7 +555,7 @@ def test_commit_b_says_which_form_keeps_them(tmp_path):
     for f in (d0, d1, d2):
         shutil.copy(f, str(saved))
     res = no_crash(cbt("commit", "-b", d0, d2))
-    assert "'c1' stays with" in res.err and "--top" in res.err, res
+    assert "'c1' stays with" in res.err and "pivots" in res.err, res
     assert "c1" not in ck(d0)
     assert ck(d2)["c1"]["usable"]
     r = backup("--incremental", d2, bk / "i.qcow2")

@@ -245,6 +245,8 @@ def assert_refused(res, what, holder):
         what, holder, IN_USE, res)
     assert CONFLICT in res.err and "lock" in res.err, (what, holder, res)
     assert "d.qcow2" in res.err, (what, holder, res)
+    # The command's advice for the error's remedy (the library names none).
+    assert "(cbt --wait)" in res.err, (what, holder, res)
 
 
 # ---- cbt against each holder ----

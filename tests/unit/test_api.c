@@ -13,7 +13,10 @@
  *    callback;
  *  - verify and stream stop when their cancel callback says so, with
  *    ECANCELED, leaving what a failure leaves (nothing written; the file
- *    on its backing file, reading as before).
+ *    on its backing file, reading as before);
+ *  - errors carry a remedy (cbt_error_remedy) where their message, which
+ *    names no command, says something fixes them;
+ *  - a stopped extent walk returns -1 with the callback's errno in *errp.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -64,6 +67,16 @@ static void ok(int r, struct cbt_error *err, const char *what)
 {
     if (r < 0)
         fail_msg("%s: %s", what, cbt_error_message(err));
+}
+
+/* A qcow2 image of size bytes (today's options struct). */
+static void create_qcow2(const char *path, uint64_t size)
+{
+    struct cbt_error *err = NULL;
+    struct cbt_create_opts o = CBT_CREATE_OPTS_INIT;
+    o.size = size;
+    o.size_given = true;
+    ok(cbt_image_create(path, &o, &err), err, "create");
 }
 
 /* ---- options structs of other versions ---- */
@@ -263,10 +276,7 @@ static void hear(void *opaque, const char *msg)
 static void make_stale_bitmaps(const char *path)
 {
     struct cbt_error *err = NULL;
-    struct cbt_create_opts o = CBT_CREATE_OPTS_INIT;
-    o.size = 4 * MiB;
-    o.size_given = true;
-    ok(cbt_image_create(path, &o, &err), err, "create");
+    create_qcow2(path, 4 * MiB);
     struct cbt_image *img = cbt_image_open(path, NULL, CBT_OPEN_RDWR, &err);
     assert_non_null(img);
     ok(cbt_bitmap_add(img, "b0", 0, false, &err), err, "bitmap add");
@@ -434,10 +444,7 @@ static void test_cancel_verify(void **state)
     (void)state;
     struct cbt_error *err = NULL;
     const char *disk = path_of("vdisk.qcow2");
-    struct cbt_create_opts co = CBT_CREATE_OPTS_INIT;
-    co.size = 32 * MiB;
-    co.size_given = true;
-    ok(cbt_image_create(disk, &co, &err), err, "create");
+    create_qcow2(disk, 32 * MiB);
     fill(disk, 0, 24 * MiB, 0x42);
     struct cbt_backup_opts bo = CBT_BACKUP_OPTS_INIT;
     bo.disk = disk;
@@ -523,6 +530,88 @@ static void test_cancel_stream(void **state)
     ok(cbt_image_close(img, &err), err, "close");
 }
 
+/* ---- remedies: the library names no command, the error says what fixes it */
+
+static void test_remedies(void **state)
+{
+    (void)state;
+    struct cbt_error *err = NULL;
+    const char *path = path_of("rem.qcow2");
+    create_qcow2(path, 4 * MiB);
+
+    /* Shrinking unasked. */
+    struct cbt_image *img = cbt_image_open(path, NULL, CBT_OPEN_RDWR, &err);
+    assert_non_null(img);
+    assert_int_equal(cbt_image_resize(img, MiB, false, &err), -1);
+    assert_int_equal(cbt_error_remedy(err), CBT_REMEDY_SHRINK);
+    assert_null(strstr(cbt_error_message(err), "--"));
+    cbt_error_free(err);
+    err = NULL;
+    ok(cbt_image_close(img, &err), err, "close");
+
+    /* Marked corrupt: opening it for writing needs a repair. */
+    FILE *f = fopen(path, "r+b");
+    assert_non_null(f);
+    uint8_t inc[8];
+    assert_int_equal(fseek(f, 72, SEEK_SET), 0); /* incompatible_features */
+    assert_int_equal(fread(inc, 1, 8, f), 8);
+    inc[7] |= 2; /* corrupt */
+    assert_int_equal(fseek(f, 72, SEEK_SET), 0);
+    assert_int_equal(fwrite(inc, 1, 8, f), 8);
+    assert_int_equal(fclose(f), 0);
+    assert_null(cbt_image_open(path, NULL, CBT_OPEN_RDWR, &err));
+    assert_int_equal(cbt_error_kind(err), CBT_ERR_CORRUPT);
+    assert_int_equal(cbt_error_remedy(err), CBT_REMEDY_REPAIR);
+    assert_null(strstr(cbt_error_message(err), "cbt check"));
+    cbt_error_free(err);
+    err = NULL;
+
+    /* An error without one, and none at all. */
+    assert_null(cbt_image_open(path_of("missing.qcow2"), NULL, 0, &err));
+    assert_int_equal(cbt_error_remedy(err), CBT_REMEDY_NONE);
+    cbt_error_free(err);
+    assert_int_equal(cbt_error_remedy(NULL), CBT_REMEDY_NONE);
+}
+
+/* ---- one return convention: 0, or -1 with *errp ---- */
+
+static int stop_extents(void *opaque, uint64_t start, uint64_t length,
+                        bool dirty)
+{
+    (void)start;
+    (void)length;
+    (void)dirty;
+    (*(int *)opaque)++;
+    return -ECANCELED;
+}
+
+static void test_extents_stopped(void **state)
+{
+    (void)state;
+    struct cbt_error *err = NULL;
+    const char *path = path_of("ext.qcow2");
+    create_qcow2(path, 4 * MiB);
+    struct cbt_image *img = cbt_image_open(path, NULL, CBT_OPEN_RDWR, &err);
+    assert_non_null(img);
+    ok(cbt_bitmap_add(img, "e", 0, false, &err), err, "bitmap add");
+    /* The callback's errno is the error's; the result is -1, not it. */
+    int calls = 0;
+    assert_int_equal(cbt_bitmap_extents(img, "e", stop_extents, &calls, &err),
+                     -1);
+    assert_int_equal(calls, 1);
+    assert_int_equal(cbt_error_errno(err), ECANCELED);
+    cbt_error_free(err);
+    err = NULL;
+    assert_int_equal(cbt_chain_bitmap_extents(img, "e", 0, stop_extents,
+                                              &calls, &err),
+                     -1);
+    assert_int_equal(calls, 2);
+    assert_int_equal(cbt_error_errno(err), ECANCELED);
+    cbt_error_free(err);
+    err = NULL;
+    ok(cbt_image_close(img, &err), err, "close");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -532,6 +621,8 @@ int main(void)
         cmocka_unit_test(test_warnings_per_call),
         cmocka_unit_test(test_cancel_verify),
         cmocka_unit_test(test_cancel_stream),
+        cmocka_unit_test(test_remedies),
+        cmocka_unit_test(test_extents_stopped),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -528,8 +528,9 @@ static int load_data(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
         cbt_error_set(errp, EINVAL, "%s: Could not read bitmap '%s' from "
                       "image: its table (offset 0x%" PRIx64 ", %u entries) "
                       "lies past the end of the file (%" PRIu64 " bytes); "
-                      "'cbt check -r all' drops the bitmap", fn,
+                      "a repair drops the bitmap", fn,
                       d->name, d->table_offset, d->table_size, flen);
+        cbt_error_set_remedy(errp, CBT_REMEDY_REPAIR);
         return -1;
     }
     CLEANUP_FREE uint64_t *t = read_table(s, d->table_offset, d->table_size,
@@ -569,9 +570,9 @@ static int load_data(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
         if (past_eof(off, 1, flen)) {
             cbt_error_set(errp, EINVAL, "%s: Could not read bitmap '%s' from "
                           "image: table entry %u points at 0x%" PRIx64 ", past "
-                          "the end of the file (%" PRIu64 " bytes); 'cbt check "
-                          "-r all' drops the bitmap", fn, d->name, i, off,
-                          flen);
+                          "the end of the file (%" PRIu64 " bytes); a repair "
+                          "drops the bitmap", fn, d->name, i, off, flen);
+            cbt_error_set_remedy(errp, CBT_REMEDY_REPAIR);
             return -1;
         }
         int r = file_pread_full(s->node->fd, buf, s->cluster_size, off);

@@ -1320,12 +1320,13 @@ static int refuse_cut_snapshot(struct check *c, struct cbt_check_result *res,
             "metadata in snapshot table entry %u", i);
         res->check_errors++;
         cbt_error_set(errp, EFBIG, "%s: snapshot table entry %u has too much "
-                      "extra data (%u bytes, at most %d); 'cbt check -r all' "
+                      "extra data (%u bytes, at most %d); a repair "
                       "removes what is too much", s->node->filename, i,
                       s->snapshots[i].extra_on_disk, QCOW2_MAX_SNAPSHOT_EXTRA);
         /* QEMU's errno (its "Check failed: File too large"), not a host
          * space error: check's status 1, as qemu-img's */
         cbt_error_set_kind(errp, CBT_ERR_OTHER);
+        cbt_error_set_remedy(errp, CBT_REMEDY_REPAIR);
         return -1;
     }
     return 0;

@@ -115,8 +115,9 @@ static int qcow2_open(struct blk_node *node, int fd, unsigned flags,
         !s->check_mode) {
         cbt_error_set(errp, EROFS,
                       "%s: image is marked corrupt and cannot be opened "
-                      "read-write (repair it with 'cbt check -r all')", fn);
+                      "read-write", fn);
         cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
+        cbt_error_set_remedy(errp, CBT_REMEDY_REPAIR);
         goto fail;
     }
     if (qcow2_load_reftable(s, file_len, errp) < 0 ||
@@ -200,8 +201,9 @@ static int qcow2_close(struct blk_node *node, struct cbt_error **errp)
         /* Nothing more was written (what was, in order, is consistent as
          * far as it goes; the rest is lost, as with a crash). */
         cbt_error_set(errp, EIO, "%s: the image is marked corrupt (%s); "
-                      "changes since were not written; 'cbt check -r all' "
-                      "may repair it", node->filename, s->corrupt_msg);
+                      "changes since were not written", node->filename,
+                      s->corrupt_msg);
+        cbt_error_set_remedy(errp, CBT_REMEDY_REPAIR);
         ret = -1;
     } else if (r < 0) {
         cbt_error_set(errp, -r, "%s: failed to write metadata: %s",
@@ -349,8 +351,9 @@ int qcow2_resize(struct blk_node *node, uint64_t new_size, bool shrink,
     if (new_size < old_size) {
         if (!shrink) {
             cbt_error_set(errp, EINVAL,
-                          "%s: use the --shrink option to shrink the image "
-                          "(data past the new end is lost)", fn);
+                          "%s: shrinking the image loses the data past its "
+                          "new end and is done only when asked for", fn);
+            cbt_error_set_remedy(errp, CBT_REMEDY_SHRINK);
             return -1;
         }
         if (s->nb_snapshots) {

@@ -74,9 +74,10 @@ int qcow2_read_snapshots(struct qcow2_state *s, uint64_t file_len,
             if (!s->check_mode) {
                 cbt_error_set(errp, EINVAL,
                               "%s: snapshot table entry %u has too much extra "
-                              "data (%u bytes, at most %d); 'cbt check -r all' "
-                              "removes what is too much", fn, i, extra,
+                              "data (%u bytes, at most %d); a repair removes "
+                              "what is too much", fn, i, extra,
                               QCOW2_MAX_SNAPSHOT_EXTRA);
+                cbt_error_set_remedy(errp, CBT_REMEDY_REPAIR);
                 return -1;
             }
             sn->extra_size = QCOW2_MAX_SNAPSHOT_EXTRA;
