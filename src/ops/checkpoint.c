@@ -680,91 +680,110 @@ static bool names_has(const struct names *s, const char *name)
     return false;
 }
 
-int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
-                             struct cbt_drift_item **items, size_t *count,
-                             struct cbt_error **errp)
-{
-    *items = NULL;
-    *count = 0;
-    if (fix && need_rw(disk, "repair checkpoints", errp) < 0)
-        return -1;
-    struct drift_items it = { 0 };
-    struct names drop = { 0 }, known = { 0 };
-    struct ckpt_view view = { 0 };
-    struct ckpt_meta m = { 0 };
-    struct ckpt_saved saved = { 0 };
-    struct cbt_chain_bitmap *chain = NULL;
-    size_t nchain = 0;
-    bool changed = false;
-    int ret = -1;
+/* One reconcile: what it found (it), and with fix what it changes. */
+struct reconcile {
+    struct cbt_image *disk;
+    bool fix;
+    struct drift_items it;
+    struct names drop;       /* checkpoints the fix drops */
+    struct names known;      /* every checkpoint the metadata names */
+    struct ckpt_view view;   /* the metadata as found */
+    struct ckpt_meta m;      /* the metadata the fix writes */
+    struct ckpt_saved saved; /* the top's extension before the fix */
+    bool changed;
+};
 
-    /* Two copies of the metadata extension: readers took the first,
-     * writers changed the last, so neither can be trusted.  The fix
-     * replaces them all with one (a failed fix may leave none: then a
-     * full backup is needed, never a wrong incremental). */
+/*
+ * Two copies of the metadata extension: readers took the first, writers
+ * changed the last, so neither can be trusted.  The fix replaces them all
+ * with one (a failed fix may leave none: then a full backup is needed,
+ * never a wrong incremental).  0; 1 when there are two and no fix (the
+ * report ends there); -1 with *errp.
+ */
+static int rc_duplicates(struct reconcile *rc, struct cbt_error **errp)
+{
+    struct cbt_image *disk = rc->disk;
     uint8_t *dbuf = NULL;
     size_t dlen = 0;
     bool dup = disk->drv->ext_get &&
                blk_ext_get(disk, CKPT_EXT_TYPE, &dbuf, &dlen) == -ENOTUNIQ;
     free(dbuf);
-    if (dup) {
-        if (drift_items_push(&it, CBT_DRIFT_METADATA_CORRUPT, "",
-                      cbt_strdup_printf("the image header holds more than "
-                                        "one checkpoint metadata extension: "
-                                        "which is current cannot be told, "
-                                        "so no checkpoint of this disk can "
-                                        "be trusted"),
-                      cbt_strdup_printf("replace them with one, empty (a "
-                                        "new disk id), and adopt the bitmaps "
-                                        "as below"),
-                      fix) < 0)
-            goto nomem;
-        if (!fix)
-            goto done;
-        if (blk_ext_set(disk, CKPT_EXT_TYPE, NULL, 0, errp) < 0)
-            goto out;
-        changed = true;
+    if (!dup)
+        return 0;
+    if (drift_items_push(&rc->it, CBT_DRIFT_METADATA_CORRUPT, "",
+                  cbt_strdup_printf("the image header holds more than "
+                                    "one checkpoint metadata extension: "
+                                    "which is current cannot be told, "
+                                    "so no checkpoint of this disk can "
+                                    "be trusted"),
+                  cbt_strdup_printf("replace them with one, empty (a "
+                                    "new disk id), and adopt the bitmaps "
+                                    "as below"),
+                  rc->fix) < 0) {
+        oom(errp, disk);
+        return -1;
     }
-    if (fix && ckpt_fold_journal(disk, errp) < 0)
-        goto out;
-    if (ckpt_save(disk, &saved, errp) < 0)
-        goto out;
-    if (saved.present) {
+    if (!rc->fix)
+        return 1;
+    if (blk_ext_set(disk, CKPT_EXT_TYPE, NULL, 0, errp) < 0)
+        return -1;
+    rc->changed = true;
+    return 0;
+}
+
+/* The metadata as found (the top's, saved for an undo; or, for an overlay
+ * without its own, its chain's), a corrupt one reported; every name in
+ * rc->known. */
+static int rc_load(struct reconcile *rc, struct cbt_error **errp)
+{
+    struct cbt_image *disk = rc->disk;
+    if (rc->fix && ckpt_fold_journal(disk, errp) < 0)
+        return -1;
+    if (ckpt_save(disk, &rc->saved, errp) < 0)
+        return -1;
+    if (rc->saved.present) {
         char why[256] = "";
-        int r = ckpt_meta_parse(saved.buf, saved.len, &view.m, why,
-                                sizeof(why));
+        int r = ckpt_meta_parse(rc->saved.buf, rc->saved.len, &rc->view.m,
+                                why, sizeof(why));
         if (r == -ENOMEM)
             goto nomem;
-        view.present = r == 0;
-        view.holder = disk;
+        rc->view.present = r == 0;
+        rc->view.holder = disk;
         if (r < 0) {
-            ckpt_meta_free(&view.m);
-            changed = fix;
-            if (drift_items_push(&it, CBT_DRIFT_METADATA_CORRUPT, "",
+            ckpt_meta_free(&rc->view.m);
+            rc->changed = rc->fix;
+            if (drift_items_push(&rc->it, CBT_DRIFT_METADATA_CORRUPT, "",
                           cbt_strdup_printf("the checkpoint metadata is "
                                             "corrupt (%s): no checkpoint of "
                                             "this disk can be trusted", why),
                           cbt_strdup_printf("replace it with empty metadata "
                                             "(a new disk id) and adopt the "
                                             "bitmaps as below"),
-                          fix) < 0)
+                          rc->fix) < 0)
                 goto nomem;
         }
-    } else if (ckpt_view_load(disk, &view, errp) < 0) {
-        /* An overlay without metadata of its own: its chain's. */
-        goto out;
+    } else if (ckpt_view_load(disk, &rc->view, errp) < 0) {
+        return -1;
     }
-    for (size_t i = 0; i < view.m.n; i++)
-        if (names_push(&known, view.m.v[i].name) < 0)
+    for (size_t i = 0; i < rc->view.m.n; i++)
+        if (names_push(&rc->known, rc->view.m.v[i].name) < 0)
             goto nomem;
+    return 0;
+nomem:
+    oom(errp, disk);
+    return -1;
+}
 
-    /* Checkpoints whose bitmap is missing or broken.  Sealed ones are
-     * history an overlay continues: never drift, never dropped here. */
-    for (size_t i = 0; i < view.m.n; i++) {
-        const struct ckpt_rec *rec = &view.m.v[i];
+/* Checkpoints whose bitmap is missing or broken (with fix: to rc->drop).
+ * Sealed ones are history an overlay continues: never drift, never
+ * dropped here. */
+static int rc_judge(struct reconcile *rc, struct cbt_error **errp)
+{
+    for (size_t i = 0; i < rc->view.m.n; i++) {
+        const struct ckpt_rec *rec = &rc->view.m.v[i];
         struct ckpt_verdict v;
-        if (ckpt_judge(disk, &view, rec, &v, errp) < 0)
-            goto out;
+        if (ckpt_judge(rc->disk, &rc->view, rec, &v, errp) < 0)
+            return -1;
         if (v.kind < 0 || v.sealed) {
             ckpt_verdict_clear(&v);
             continue;
@@ -774,116 +793,161 @@ int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
                 ? "drop the checkpoint (and any copies of its bitmap below "
                   "the top)"
                 : "drop the checkpoint and its bitmap in every layer";
-        int r = drift_items_push(&it, (enum cbt_drift)v.kind, rec->name,
+        int r = drift_items_push(&rc->it, (enum cbt_drift)v.kind, rec->name,
                           cbt_strdup_printf("checkpoint '%s': %s", rec->name,
                                             v.problem),
                           cbt_strdup_printf("%s; a backup since it must be a "
                                             "full one", what),
-                          fix);
+                          rc->fix);
         ckpt_verdict_clear(&v);
-        if (r < 0)
-            goto nomem;
-        if (fix) {
-            if (names_push(&drop, rec->name) < 0)
-                goto nomem;
-            changed = true;
+        if (r < 0 || (rc->fix && names_push(&rc->drop, rec->name) < 0)) {
+            oom(errp, rc->disk);
+            return -1;
         }
+        rc->changed |= rc->fix;
     }
-    /* The metadata --fix writes: the disk's own, or its chain's adopted
-     * (which leaves out the broken ones by itself), or new. */
-    if (fix && view.present && view.depth == 0) {
+    return 0;
+}
+
+/* The metadata the fix writes (rc->m): the disk's own without what it
+ * drops, or its chain's adopted (which leaves out the broken ones by
+ * itself), or new. */
+static int rc_plan(struct reconcile *rc, struct cbt_error **errp)
+{
+    struct ckpt_meta *m = &rc->m;
+    const struct ckpt_view *view = &rc->view;
+    if (view->present && view->depth == 0) {
         /* A copy: the view stays as it was, to say which sealed copies
          * below are this disk's (remove_below). */
-        memcpy(m.uuid, view.m.uuid, 16);
-        m.next_order = view.m.next_order;
-        for (size_t i = 0; i < view.m.n; i++)
-            if (ckpt_meta_insert(&m, &view.m.v[i]) < 0)
+        memcpy(m->uuid, view->m.uuid, 16);
+        m->next_order = view->m.next_order;
+        for (size_t i = 0; i < view->m.n; i++)
+            if (ckpt_meta_insert(m, &view->m.v[i]) < 0)
                 goto nomem;
-        for (size_t i = 0; i < view.m.nseals; i++)
-            if (ckpt_seal_add(&m, &view.m.seals[i]) < 0)
+        for (size_t i = 0; i < view->m.nseals; i++)
+            if (ckpt_seal_add(m, &view->m.seals[i]) < 0)
                 goto nomem;
-        for (size_t i = 0; i < drop.n; i++)
-            ckpt_meta_remove(&m, (size_t)ckpt_meta_find_name(&m, drop.v[i]));
-    } else if (fix && view.present) {
-        struct ckpt_carry c;
-        int r = ckpt_carry_prepare(disk, 0, &c, errp);
-        if (r == 0)
-            r = ckpt_carry_build(&c, disk, NULL, CKPT_QUIET, &m, errp);
-        ckpt_carry_free(&c);
-        if (r < 0)
-            goto out;
-    } else if (fix) {
-        if (new_uuid(disk, m.uuid, errp) < 0)
-            goto out;
-        m.next_order = 1;
+        for (size_t i = 0; i < rc->drop.n; i++)
+            ckpt_meta_remove(m,
+                             (size_t)ckpt_meta_find_name(m, rc->drop.v[i]));
+        return 0;
     }
-    /* Bitmaps no checkpoint describes. */
+    if (view->present) {
+        struct ckpt_carry c;
+        int r = ckpt_carry_prepare(rc->disk, 0, &c, errp);
+        if (r == 0)
+            r = ckpt_carry_build(&c, rc->disk, NULL, CKPT_QUIET, m, errp);
+        ckpt_carry_free(&c);
+        return r < 0 ? -1 : 0;
+    }
+    if (new_uuid(rc->disk, m->uuid, errp) < 0)
+        return -1;
+    m->next_order = 1;
+    return 0;
+nomem:
+    oom(errp, rc->disk);
+    return -1;
+}
+
+/* Bitmaps no checkpoint describes: a recording one valid over the chain is
+ * adopted (with fix, into rc->m), the others reported and left alone. */
+static int rc_orphans(struct reconcile *rc, struct cbt_error **errp)
+{
+    struct cbt_image *disk = rc->disk;
+    struct cbt_chain_bitmap *chain = NULL;
+    size_t nchain = 0;
     if (cbt_chain_bitmap_list(disk, 0, &chain, &nchain, errp) < 0)
-        goto out;
+        return -1;
+    int ret = -1;
     for (size_t i = 0; i < nchain; i++) {
         const struct cbt_chain_bitmap *b = &chain[i];
-        if (names_has(&known, b->name))
+        if (names_has(&rc->known, b->name))
             continue;
         bool top = b->nlayers && b->layers[0].present;
-        if (b->valid && top) {
-            char *expl = cbt_strdup_printf(
+        char *expl, *how;
+        bool adopt = b->valid && top;
+        if (adopt) {
+            expl = cbt_strdup_printf(
                 "bitmap '%s' has no checkpoint metadata; it is recording and "
                 "valid over the chain (%s)", b->name, b->message);
-            char *how = cbt_strdup_printf(
+            how = cbt_strdup_printf(
                 "adopt it as checkpoint '%s' (created: now; the changes it "
                 "holds may reach back before that)", b->name);
-            if (drift_items_push(&it, CBT_DRIFT_BITMAP_WITHOUT_METADATA, b->name,
-                          expl, how, fix) < 0)
-                goto nomem;
-            if (fix) {
-                int r = ckpt_meta_append(&m, b->name, cbt_image_size(disk),
-                                         b->granularity);
-                if (r < 0) {
-                    orders_error(errp, disk, b->name, &m, r);
-                    goto out;
-                }
-                changed = true;
+        } else {
+            expl = cbt_strdup_printf(
+                "bitmap '%s' has no checkpoint metadata and cannot be "
+                "adopted: %s",
+                b->name, b->valid ? "the top layer lacks it" : b->message);
+            how = cbt_strdup_printf(
+                "none: left as it is (removing it from the layers holding it "
+                "drops it, if it is not wanted)");
+        }
+        if (drift_items_push(&rc->it, CBT_DRIFT_BITMAP_WITHOUT_METADATA,
+                             b->name, expl, how, adopt && rc->fix) < 0) {
+            oom(errp, disk);
+            goto out;
+        }
+        if (adopt && rc->fix) {
+            int r = ckpt_meta_append(&rc->m, b->name, cbt_image_size(disk),
+                                     b->granularity);
+            if (r < 0) {
+                orders_error(errp, disk, b->name, &rc->m, r);
+                goto out;
             }
-            continue;
+            rc->changed = true;
         }
-        char *expl = cbt_strdup_printf(
-            "bitmap '%s' has no checkpoint metadata and cannot be adopted: %s",
-            b->name, b->valid ? "the top layer lacks it" : b->message);
-        char *how = cbt_strdup_printf(
-            "none: left as it is (removing it from the layers holding it "
-            "drops it, if it is not wanted)");
-        if (drift_items_push(&it, CBT_DRIFT_BITMAP_WITHOUT_METADATA, b->name, expl,
-                      how, false) < 0)
-            goto nomem;
     }
-
-    if (fix && changed) {
-        if (remove_in_top(disk, drop.v, drop.n, errp) < 0 ||
-            ckpt_layer_set(disk, &m, 0, errp) < 0) {
-            undo(disk, &saved);
-            goto out;
-        }
-        if (commit_top(disk, &saved, errp) < 0)
-            goto out;
-        if (remove_below(disk, drop.v, drop.n, &view, errp) < 0)
-            goto out;
-    }
-done:
-    *items = it.v;
-    *count = it.n;
-    it.v = NULL;
-    it.n = 0;
     ret = 0;
-    goto out;
-nomem:
-    oom(errp, disk);
 out:
-    cbt_drift_free_list(it.v, it.n);
     cbt_chain_bitmap_free_list(chain, nchain);
-    names_free(&drop);
-    names_free(&known);
-    ckpt_view_free(&view);
-    ckpt_meta_free(&m);
-    ckpt_saved_free(&saved);
     return ret;
+}
+
+/* The fix written: the dropped checkpoints' bitmaps removed from the top
+ * with the new metadata in one commit of the top, then their copies
+ * below. */
+static int rc_write(struct reconcile *rc, struct cbt_error **errp)
+{
+    struct cbt_image *disk = rc->disk;
+    if (remove_in_top(disk, rc->drop.v, rc->drop.n, errp) < 0 ||
+        ckpt_layer_set(disk, &rc->m, 0, errp) < 0) {
+        undo(disk, &rc->saved);
+        return -1;
+    }
+    if (commit_top(disk, &rc->saved, errp) < 0)
+        return -1;
+    return remove_below(disk, rc->drop.v, rc->drop.n, &rc->view, errp);
+}
+
+/* The steps, in order: duplicate extensions, the metadata as found, the
+ * checkpoints judged, the metadata to write planned, the bitmaps without
+ * a checkpoint, and with fix the write. */
+int cbt_checkpoint_reconcile(struct cbt_image *disk, bool fix,
+                             struct cbt_drift_item **items, size_t *count,
+                             struct cbt_error **errp)
+{
+    *items = NULL;
+    *count = 0;
+    if (fix && need_rw(disk, "repair checkpoints", errp) < 0)
+        return -1;
+    struct reconcile rc = { .disk = disk, .fix = fix };
+    int r = rc_duplicates(&rc, errp);
+    if (r == 0 &&
+        (rc_load(&rc, errp) < 0 || rc_judge(&rc, errp) < 0 ||
+         (fix && rc_plan(&rc, errp) < 0) || rc_orphans(&rc, errp) < 0 ||
+         (fix && rc.changed && rc_write(&rc, errp) < 0)))
+        r = -1;
+    if (r >= 0) {
+        *items = rc.it.v;
+        *count = rc.it.n;
+        rc.it.v = NULL;
+        rc.it.n = 0;
+    }
+    cbt_drift_free_list(rc.it.v, rc.it.n);
+    names_free(&rc.drop);
+    names_free(&rc.known);
+    ckpt_view_free(&rc.view);
+    ckpt_meta_free(&rc.m);
+    ckpt_saved_free(&rc.saved);
+    return r < 0 ? -1 : 0;
 }

@@ -257,6 +257,100 @@ static int check_opts(const struct cbt_restore_opts *o, const char *fmt,
     return 0;
 }
 
+/* OUT.part must be free: only a regular file there can be what a killed
+ * restore (or backup) left, and anything else is not cbt's. */
+static int check_work_file(const char *tmp, const char *out,
+                           struct cbt_error **errp)
+{
+    struct stat st;
+    if (lstat(tmp, &st) == 0 && S_ISREG(st.st_mode)) {
+        cbt_error_set(errp, EEXIST, "%s: exists: the work file of an "
+                      "interrupted cbt restore or backup (cbt writes it and "
+                      "renames it to %s when it is complete); if no cbt is "
+                      "running on it, remove it", tmp, out);
+        return -1;
+    }
+    if (lstat(tmp, &st) == 0) {
+        cbt_error_set(errp, EEXIST, "%s: exists and is not a regular file, "
+                      "so not a work file of cbt; refusing to write there: "
+                      "choose another name for OUT", tmp);
+        return -1;
+    }
+    return 0;
+}
+
+/* A seed checkpoint must be the one the backup created: the backups of the
+ * restored image find their parent by it. */
+static int check_seed(const struct cbt_restore_opts *o,
+                      const struct manifest *m, struct cbt_error **errp)
+{
+    if (!o->seed_checkpoint)
+        return 0;
+    if (!m->checkpoint)
+        cbt_error_set(errp, EINVAL, "%s: --seed-checkpoint: this backup made "
+                      "no checkpoint (a copy-only backup, --no-checkpoint)",
+                      o->backup);
+    else if (strcmp(o->seed_checkpoint, m->checkpoint) != 0)
+        cbt_error_set(errp, EINVAL, "%s: --seed-checkpoint must name the "
+                      "checkpoint this backup created, '%s' (backups of the "
+                      "restored image find their parent by it), not '%s'",
+                      o->backup, m->checkpoint, o->seed_checkpoint);
+    else
+        return 0;
+    cbt_error_set_kind(errp, CBT_ERR_USAGE);
+    return -1;
+}
+
+/* Format OUT.part (created empty by the caller) and write c's guest view
+ * into it, every block checked against the manifests; flushed, seeded and
+ * closed (rs->out NULL again) on success. */
+static int write_work_file(struct restore *rs, struct bchain *c,
+                           const char *fmt, struct cbt_error **errp)
+{
+    const struct cbt_restore_opts *o = rs->o;
+    struct cbt_create_opts co = {
+        .struct_size = sizeof(struct cbt_create_opts),
+        .format = fmt,
+        .size = c->size,
+        .size_given = true,
+    };
+    if (cbt_image_create(rs->tmp, &co, errp) < 0)
+        return -1;
+    rs->out = cbt_image_open(rs->tmp, fmt, CBT_OPEN_RDWR, errp);
+    if (!rs->out)
+        return -1;
+    c->cancel = o->cancel;
+    c->cancel_opaque = o->cancel_opaque;
+    int r = bchain_walk(c, write_piece, rs, o->progress, o->progress_opaque,
+                        NULL, errp);
+    if (r == 1) {
+        cbt_error_set(errp, EINVAL, "%s", c->problem);
+        cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
+    }
+    if (r == 2)
+        ops_cancel_error(errp, o->out, "its work file is removed");
+    if (r != 0)
+        return -1;
+    r = cbt_image_flush(rs->out);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: cannot flush: %s", rs->tmp,
+                      strerror(-r));
+        return -1;
+    }
+    if (o->seed_checkpoint && seed_checkpoint(rs, &c->v[0].m, errp) < 0)
+        return -1;
+    r = cbt_image_close(rs->out, errp);
+    rs->out = NULL;
+    return r;
+}
+
+/*
+ * The steps: the options and OUT.part checked; the backup chain opened
+ * and checked (bchain_open); OUT.part created exclusively, formatted and
+ * written (write_work_file); renamed over OUT while it is still that file,
+ * and the folder synced.  Until the rename a failure or a cancel removes
+ * OUT.part; after it OUT is complete.
+ */
 int cbt_restore(const struct cbt_restore_opts *opts, struct cbt_error **errp)
 {
     struct cbt_restore_opts oc;
@@ -272,21 +366,8 @@ int cbt_restore(const struct cbt_restore_opts *opts, struct cbt_error **errp)
         cbt_error_set(errp, ENOMEM, "%s: out of memory", o->out);
         return -1;
     }
-    /* Only a regular file there can be what a killed restore left. */
-    struct stat st;
-    if (lstat(tmp, &st) == 0 && S_ISREG(st.st_mode)) {
-        cbt_error_set(errp, EEXIST, "%s: exists: the work file of an "
-                      "interrupted cbt restore or backup (cbt writes it and "
-                      "renames it to %s when it is complete); if no cbt is "
-                      "running on it, remove it", tmp, o->out);
+    if (check_work_file(tmp, o->out, errp) < 0)
         return -1;
-    }
-    if (lstat(tmp, &st) == 0) {
-        cbt_error_set(errp, EEXIST, "%s: exists and is not a regular file, "
-                      "so not a work file of cbt; refusing to write there: "
-                      "choose another name for OUT", tmp);
-        return -1;
-    }
 
     struct restore rs = {.o = o, .tmp = tmp};
     struct bchain c;
@@ -298,36 +379,12 @@ int cbt_restore(const struct cbt_restore_opts *opts, struct cbt_error **errp)
         cbt_error_set(errp, EINVAL, "%s", c.problem);
         cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
     }
-    if (r != 0)
+    if (r != 0 || check_seed(o, &c.v[0].m, errp) < 0)
         goto out;
-    const struct manifest *m = &c.v[0].m;
-    if (o->seed_checkpoint && !m->checkpoint) {
-        cbt_error_set(errp, EINVAL, "%s: --seed-checkpoint: this backup made "
-                      "no checkpoint (a copy-only backup, --no-checkpoint)",
-                      o->backup);
-        cbt_error_set_kind(errp, CBT_ERR_USAGE);
-        goto out;
-    }
-    if (o->seed_checkpoint && strcmp(o->seed_checkpoint, m->checkpoint) != 0) {
-        cbt_error_set(errp, EINVAL, "%s: --seed-checkpoint must name the "
-                      "checkpoint this backup created, '%s' (backups of the "
-                      "restored image find their parent by it), not '%s'",
-                      o->backup, m->checkpoint, o->seed_checkpoint);
-        cbt_error_set_kind(errp, CBT_ERR_USAGE);
-        goto out;
-    }
-
     if (ops_cancelled(o->cancel, o->cancel_opaque)) {
         ops_cancel_error(errp, o->out, "nothing was written");
         goto out;
     }
-
-    struct cbt_create_opts co = {
-        .struct_size = sizeof(struct cbt_create_opts),
-        .format = fmt,
-        .size = c.size,
-        .size_given = true,
-    };
     /* OUT.part is ours alone: created exclusively (never through a file
      * or a link already there), then formatted; renamed, and on failure
      * removed, only while it is still that file. */
@@ -335,33 +392,7 @@ int cbt_restore(const struct cbt_restore_opts *opts, struct cbt_error **errp)
     if (tmpfd < 0)
         goto out;
     created = true;
-    if (cbt_image_create(tmp, &co, errp) < 0)
-        goto out;
-    rs.out = cbt_image_open(tmp, fmt, CBT_OPEN_RDWR, errp);
-    if (!rs.out)
-        goto out;
-    c.cancel = o->cancel;
-    c.cancel_opaque = o->cancel_opaque;
-    r = bchain_walk(&c, write_piece, &rs, o->progress, o->progress_opaque,
-                    NULL, errp);
-    if (r == 1) {
-        cbt_error_set(errp, EINVAL, "%s", c.problem);
-        cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
-    }
-    if (r == 2)
-        ops_cancel_error(errp, o->out, "its work file is removed");
-    if (r != 0)
-        goto out;
-    r = cbt_image_flush(rs.out);
-    if (r < 0) {
-        cbt_error_set(errp, -r, "%s: cannot flush: %s", tmp, strerror(-r));
-        goto out;
-    }
-    if (o->seed_checkpoint && seed_checkpoint(&rs, m, errp) < 0)
-        goto out;
-    r = cbt_image_close(rs.out, errp);
-    rs.out = NULL;
-    if (r < 0)
+    if (write_work_file(&rs, &c, fmt, errp) < 0)
         goto out;
     /* The last moment to stop: after the rename OUT is complete. */
     if (ops_cancelled(o->cancel, o->cancel_opaque)) {
