@@ -328,7 +328,7 @@ int blk_ext_get(struct blk_node *node, uint32_t type, uint8_t **data,
 int blk_ext_set(struct blk_node *node, uint32_t type, const void *data,
                 size_t len, struct cbt_error **errp);
 
-/* bitmap.c */
+/* bitmap_registry.c */
 /* Where the data path dirties recording bitmaps: every write, zero-write
  * and discard passes here first, with node->lock held.  Sets every granule
  * overlapping [off, off+len) in each recording bitmap of the node (and of

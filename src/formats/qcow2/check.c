@@ -496,7 +496,7 @@ static void check_snapshot_entries(struct check *c, unsigned fix)
 /* ---- persistent bitmaps ---- */
 
 /*
- * Read and parse the bitmap directory as loading it does (bitmap.c, after
+ * Read and parse the bitmap directory as loading it does (bitmap_ext.c, after
  * QEMU's bitmap_list_load).  Returns the entries (free with
  * qcow2_bitmap_dir_free) or NULL with the reason in why.
  */

@@ -4,7 +4,7 @@
  * lays it out (header, backing format, data file, feature table, bitmaps,
  * preserved extensions, end marker, backing file name), keeping unknown
  * header fields and unknown extensions verbatim.  The bitmaps extension is
- * decoded into s->bm_ext here and checked when the bitmaps load (bitmap.c).
+ * decoded into s->bm_ext here and checked when the bitmaps load (bitmap_ext.c).
  */
 #include <inttypes.h>
 #include <stdio.h>

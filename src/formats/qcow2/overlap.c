@@ -13,7 +13,7 @@
  * structures: besides QEMU's (header, active L1 and L2 tables, refcount
  * table and blocks, snapshot table, snapshot L1 tables, bitmap
  * directory) the bitmap tables and bitmap data clusters, and the clusters
- * a free would give back (refcount.c, bitmap.c).  Snapshots' L2 tables
+ * a free would give back (refcount.c, bitmap_ext.c).  Snapshots' L2 tables
  * are not tracked, as in QEMU's default mode: reading them all would cost
  * a pass over every snapshot.
  *
@@ -163,7 +163,7 @@ static int one_append_off(struct qcow2_state *s, uint64_t off, unsigned kind)
     return off ? one_append(&s->meta, off >> s->cluster_bits, kind) : 0;
 }
 
-/* The bitmap data clusters of the directory in force (bitmap.c walks the
+/* The bitmap data clusters of the directory in force (bitmap_ext.c walks the
  * tables and calls this for each). */
 int qcow2_meta_add_bitmap_data(struct qcow2_state *s, uint64_t off)
 {

@@ -29,7 +29,7 @@
  *    forgotten when its host cluster's refcount drops to 0, so a cluster
  *    reused for other data never receives compressed bytes.
  *
- *  - Persistent bitmaps (bitmap.c) follow the same rule: a store writes
+ *  - Persistent bitmaps (bitmap_ext.c) follow the same rule: a store writes
  *    the new tables, data and directory to fresh clusters, flushes, then
  *    switches with one header write and only then frees the old clusters.
  *    Before the first write after a store the recording bitmaps are marked
@@ -536,7 +536,7 @@ int qcow2_check(struct blk_node *node, unsigned fix,
                 struct cbt_check_result *res, cbt_report_fn *report,
                 void *opaque, struct cbt_error **errp);
 
-/* bitmap.c */
+/* bitmap_ext.c */
 /* Parse the bitmaps extension's directory and load every bitmap into the
  * node (open); an extension without autoclear bit 0 is dropped with a
  * warning.  Images opened for check load nothing.  0 or -1 with *errp. */

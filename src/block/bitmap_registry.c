@@ -8,7 +8,7 @@
  * A node (an open image) owns a list of struct blk_bitmap, in the order of
  * the image's bitmap directory, guarded by node->lock like the rest of the
  * node's metadata.  The format driver fills the list when it opens the image
- * (qcow2: src/formats/qcow2/bitmap.c); after that only this file changes it.
+ * (qcow2: src/formats/qcow2/bitmap_ext.c); after that only this file changes it.
  * A bitmap is in one of these states (DESIGN.md §5):
  *
  *   recording     writes dirty it ('auto' on disk);
