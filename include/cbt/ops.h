@@ -195,6 +195,10 @@ struct cbt_rebase_opts {
     void *progress_opaque;
     cbt_warn_fn *warn;             /* this call's warnings (cbt/error.h) */
     void *warn_opaque;
+    cbt_cancel_fn *cancel;         /* stops the safe mode's copy (ECANCELED:
+                                      the link is unchanged, the file reads
+                                      as before); NULL: never */
+    void *cancel_opaque;
 };
 #define CBT_REBASE_OPTS_INIT { .struct_size = sizeof(struct cbt_rebase_opts) }
 int cbt_rebase(const struct cbt_rebase_opts *opts, struct cbt_error **errp);

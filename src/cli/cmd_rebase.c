@@ -20,6 +20,8 @@ static const char usage[] =
     "shorter than FILE read as zeroes past their end.  Unsafe mode (-u) only\n"
     "rewrites the link, as after renaming or moving a backing file; without\n"
     "-b it removes the link.  FILE's bitmaps are not changed in either mode.\n"
+    "SIGINT (Ctrl-C), SIGTERM or SIGHUP during the copy stops it: FILE keeps\n"
+    "its old backing file and reads as before.\n"
     "\n"
     "Options:\n"
     "  -b BACKING      the new backing file (\"\" for none)\n"
@@ -87,6 +89,8 @@ int cmd_rebase(int argc, char **argv)
     cli_progress_init(&pr, progress);
     o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
+    cli_signals_catch();
+    o.cancel = cli_cancel_cb;
     struct cbt_error *err = NULL;
     int r = cbt_rebase(&o, &err);
     cli_progress_end(&pr);

@@ -129,6 +129,12 @@ static int copy_differences(struct rebase *rb, struct cbt_error **errp)
     if (o->progress)
         o->progress(o->progress_opaque, 0, size);
     while (off < size) {
+        if (ops_cancelled(o->cancel, o->cancel_opaque)) {
+            /* What was copied reads the same through the old link. */
+            ops_cancel_error(errp, f->filename, "it keeps its backing file "
+                             "and reads as before");
+            return -1;
+        }
         uint64_t n = MIN(size - off, (uint64_t)REBASE_CHUNK);
         struct cbt_extent e;
         r = cbt_image_block_status_above(f, f->backing, off, n, &e);

@@ -279,6 +279,43 @@ def test_stream(tmp):
     assert "before" in seen, seen
 
 
+def test_rebase(tmp):
+    """cbt rebase -b "" TOP (safe mode): the backing file's data copied
+    into TOP, then the link removed.  A signal during the copy leaves TOP
+    on its backing file, reading as before."""
+    d = str(tmp)
+    pristine = os.path.join(d, "pristine")
+    os.mkdir(pristine)
+    make_disk(pristine)
+    top = os.path.join(pristine, "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2", top)
+    qemu_io("-f", "qcow2", "-c", "write -P 9 2M 3M", top)
+    ref = os.path.join(d, "ref.raw")
+    qemu_img("convert", "-O", "raw", top, ref)
+    work = os.path.join(d, "work")
+    F.fresh_copy(pristine, work)
+    argv = ["rebase", "-b", "", os.path.join(work, "top.qcow2")]
+    total = trace_run(argv, "top.qcow2")
+    seen = set()
+    for i, n in enumerate(moments(total)):
+        sig = SIGNALS[i % len(SIGNALS)]
+        F.fresh_copy(pristine, work)
+        rc, err = signalled_run(argv, "top.qcow2", n, sig)
+        what = "rebase, %s at write %d of %d" % (signal.Signals(sig).name, n, total)
+        died_of(rc, sig, err, what)
+        wtop = os.path.join(work, "top.qcow2")
+        check_clean(wtop)
+        same_view(wtop, ref, fb="raw")
+        if backing_of(wtop) == "disk.qcow2":
+            assert "interrupted" in err, (what, err)
+            seen.add("before")
+        else:
+            assert backing_of(wtop) is None, what
+            seen.add("after")
+        assert sorted(os.listdir(work)) == ["disk.qcow2", "top.qcow2"], what
+    assert "before" in seen, seen
+
+
 def test_ignored_signal_stays_ignored(tmp):
     """A signal the parent ignores (nohup, a background job) is not caught
     by cbt either: the backup runs to its end and exits 0."""

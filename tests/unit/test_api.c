@@ -11,7 +11,7 @@
  *    own warnings (those of the open, and a corruption found by a write
  *    later) and nothing of the other's; an operation's go to its options'
  *    callback;
- *  - verify and stream stop when their cancel callback says so, with
+ *  - verify, stream and rebase stop when their cancel callback says so, with
  *    ECANCELED, leaving what a failure leaves (nothing written; the file
  *    on its backing file, reading as before);
  *  - errors carry a remedy (cbt_error_remedy) where their message, which
@@ -530,6 +530,59 @@ static void test_cancel_stream(void **state)
     ok(cbt_image_close(img, &err), err, "close");
 }
 
+/* Rebase onto nothing in safe mode copies the backing file's data into
+ * the top; stopped, the top keeps its link and reads as before. */
+static void test_cancel_rebase(void **state)
+{
+    (void)state;
+    struct cbt_error *err = NULL;
+    const char *base = path_of("rbase.qcow2"), *top = path_of("rtop.qcow2");
+    struct cbt_create_opts co = CBT_CREATE_OPTS_INIT;
+    co.size = 16 * MiB;
+    co.size_given = true;
+    ok(cbt_image_create(base, &co, &err), err, "create base");
+    fill(base, 0, 12 * MiB, 0x33);
+    co.backing_file = "rbase.qcow2";
+    co.backing_format = "qcow2";
+    co.size_given = false;
+    ok(cbt_image_create(top, &co, &err), err, "create top");
+    fill(top, 2 * MiB, 1 * MiB, 0x44);
+
+    struct stopper st = { 0, 3 };
+    struct cbt_rebase_opts ro = CBT_REBASE_OPTS_INIT;
+    ro.file = top;
+    ro.backing = "";
+    ro.cancel = stop_cb;
+    ro.cancel_opaque = &st;
+    expect_cancelled(cbt_rebase(&ro, &err), &err);
+    assert_int_equal(st.asked, 3);
+    for (int pass = 0; pass < 2; pass++) {
+        struct cbt_image *img = cbt_image_open(top, NULL, 0, &err);
+        assert_non_null(img);
+        if (pass == 0)
+            assert_non_null(cbt_image_backing(img));
+        else
+            assert_null(cbt_image_backing(img));
+        uint8_t *buf = malloc(16 * MiB);
+        assert_non_null(buf);
+        assert_int_equal(cbt_image_pread(img, buf, 16 * MiB, 0), 0);
+        for (uint64_t i = 0; i < 16 * MiB; i++) {
+            uint8_t want = i >= 2 * MiB && i < 3 * MiB ? 0x44
+                           : i < 12 * MiB              ? 0x33
+                                                       : 0;
+            if (buf[i] != want)
+                fail_msg("pass %d, byte %llu: %#x, expected %#x", pass,
+                         (unsigned long long)i, buf[i], want);
+        }
+        free(buf);
+        ok(cbt_image_close(img, &err), err, "close");
+        /* Not stopped: the data copied, the link gone, the same view. */
+        ro.cancel = NULL;
+        if (pass == 0)
+            ok(cbt_rebase(&ro, &err), err, "rebase");
+    }
+}
+
 /* ---- remedies: the library names no command, the error says what fixes it */
 
 static void test_remedies(void **state)
@@ -621,6 +674,7 @@ int main(void)
         cmocka_unit_test(test_warnings_per_call),
         cmocka_unit_test(test_cancel_verify),
         cmocka_unit_test(test_cancel_stream),
+        cmocka_unit_test(test_cancel_rebase),
         cmocka_unit_test(test_remedies),
         cmocka_unit_test(test_extents_stopped),
     };
