@@ -298,9 +298,11 @@ static bool wait_again(const char *filename, unsigned *waited,
         lock_wait == 0 ||
         (lock_wait > 0 && *waited >= (unsigned)lock_wait * 1000u))
         return false;
-    if (*waited == 0)
-        cbt_warn("%s is in use; waiting for it%s", filename,
-                 lock_wait > 0 ? " (--wait)" : "");
+    if (*waited == 0 && lock_wait > 0)
+        cbt_warn("%s is in use; waiting for it (up to %d s)", filename,
+                 lock_wait);
+    else if (*waited == 0)
+        cbt_warn("%s is in use; waiting for it", filename);
     cbt_error_free(*errp);
     *errp = NULL;
     unsigned step = *waited < 1000 ? 50 : 250;

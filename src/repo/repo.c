@@ -459,7 +459,7 @@ static int find_leftovers(struct repo *r, const struct names *ns,
                               "no manifest)");
         } else if (ends_with(name, ".scratch") && len > 8) {
             rr = add_left(r, name, REPO_LEFT_SCRATCH, true, "the scratch file "
-                          "of an interrupted live backup (cbt backup --qmp)");
+                          "of an interrupted live backup");
         } else if (temp_name(name)) {
             rr = add_left(r, name, REPO_LEFT_TEMP, true, "a file cbt was "
                           "writing (a manifest or block hashes) when it was "
