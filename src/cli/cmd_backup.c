@@ -298,32 +298,41 @@ static int check_nbd_opts(const char *prog, const struct cbt_backup_opts *o,
     return 0;
 }
 
-int cmd_backup(int argc, char **argv)
+/* What the command line asks for, filled in steps by cmd_backup(). */
+struct backup_cli {
+    struct cbt_backup_opts o;
+    struct live_backup_opts lo;  /* --qmp */
+    struct nbd_backup_opts no;   /* --nbd */
+    const char *qmp_sock;
+    const char *nbd_uri;
+    bool all, full, inc, progress;
+    enum cli_output output;
+};
+
+enum {
+    OPT_FULL = 256,
+    OPT_INC,
+    OPT_SINCE,
+    OPT_AUTO,
+    OPT_CKPT,
+    OPT_OUT,
+    OPT_NOCKPT,
+    OPT_QMP,
+    OPT_NBDSOCK,
+    OPT_ALL,
+    OPT_QGA,
+    OPT_PUSH,
+    OPT_NBD,
+    OPT_BITMAP,
+    OPT_DISKID,
+    OPT_RESCAN,
+    OPT_COMPRESS,
+};
+
+/* The options, one at a time.  -1: go on; otherwise the exit status
+ * (--help, or a value that is wrong by itself). */
+static int parse_options(int argc, char **argv, struct backup_cli *a)
 {
-    enum {
-        OPT_FULL = 256,
-        OPT_INC,
-        OPT_SINCE,
-        OPT_AUTO,
-        OPT_CKPT,
-        OPT_OUT,
-        OPT_NOCKPT,
-        OPT_QMP,
-        OPT_NBDSOCK,
-        OPT_ALL,
-        OPT_QGA,
-        OPT_PUSH,
-        OPT_NBD,
-        OPT_BITMAP,
-        OPT_DISKID,
-        OPT_RESCAN,
-        OPT_COMPRESS,
-    };
-    bool all = false;
-    const char *qmp_sock = NULL;
-    struct live_backup_opts lo = {0};
-    const char *nbd_uri = NULL;
-    struct nbd_backup_opts no = {0};
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"full", no_argument, NULL, OPT_FULL},
@@ -347,10 +356,7 @@ int cmd_backup(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
-    struct cbt_backup_opts o = CBT_BACKUP_OPTS_INIT;
-    o.warn = cli_warn;
-    bool full = false, inc = false, progress = false;
-    enum cli_output output = CLI_OUTPUT_HUMAN;
+    struct cbt_backup_opts *o = &a->o;
     int c;
     optind = 0;
     while ((c = getopt_long(argc, argv, "hO:g:f:p", longopts, NULL)) != -1) {
@@ -358,193 +364,242 @@ int cmd_backup(int argc, char **argv)
         case 'h':
             return cli_help(usage);
         case OPT_FULL:
-            full = true;
+            a->full = true;
             break;
         case OPT_INC:
-            inc = true;
+            a->inc = true;
             break;
         case OPT_SINCE:
-            o.since = optarg;
+            o->since = optarg;
             break;
         case OPT_AUTO:
-            o.auto_full = true;
+            o->auto_full = true;
             break;
         case OPT_RESCAN:
-            o.rescan = true;
+            o->rescan = true;
             break;
         case OPT_COMPRESS:
-            o.compress = optarg ? optarg : "zstd";
-            if (strcmp(o.compress, "zstd") != 0 &&
-                strcmp(o.compress, "zlib") != 0)
+            o->compress = optarg ? optarg : "zstd";
+            if (strcmp(o->compress, "zstd") != 0 &&
+                strcmp(o->compress, "zlib") != 0)
                 return cli_usage_error(prog, "unknown compression '%s' "
-                                       "(zstd or zlib)", o.compress);
+                                       "(zstd or zlib)", o->compress);
             break;
         case OPT_CKPT:
-            o.checkpoint = optarg;
+            o->checkpoint = optarg;
             break;
         case OPT_NOCKPT:
-            o.no_checkpoint = true;
+            o->no_checkpoint = true;
             break;
         case OPT_QMP:
-            qmp_sock = optarg;
+            a->qmp_sock = optarg;
             break;
         case OPT_NBDSOCK:
-            lo.nbd_socket = optarg;
+            a->lo.nbd_socket = optarg;
             break;
         case OPT_ALL:
-            all = true;
+            a->all = true;
             break;
         case OPT_QGA:
-            lo.qga = optarg;
+            a->lo.qga = optarg;
             break;
         case OPT_PUSH:
-            lo.push = true;
+            a->lo.push = true;
             break;
         case OPT_NBD:
-            nbd_uri = optarg;
+            a->nbd_uri = optarg;
             break;
         case OPT_BITMAP:
-            no.bitmap = optarg;
+            a->no.bitmap = optarg;
             break;
         case OPT_DISKID:
-            no.disk_id = optarg;
+            a->no.disk_id = optarg;
             break;
         case 'O':
-            o.format = optarg;
+            o->format = optarg;
             break;
         case 'g':
             if (cli_parse_size_arg(prog, "granularity", optarg,
-                                   &o.granularity) < 0)
+                                   &o->granularity) < 0)
                 return CLI_EXIT_USAGE;
             break;
         case 'f':
-            o.disk_format = optarg;
+            o->disk_format = optarg;
             break;
         case 'p':
-            progress = true;
+            a->progress = true;
             break;
         case OPT_OUT:
-            if (cli_parse_output(prog, optarg, &output) < 0)
+            if (cli_parse_output(prog, optarg, &a->output) < 0)
                 return CLI_EXIT_USAGE;
             break;
         default:
             return cli_bad_option(prog);
         }
     }
-    if (full + inc + (o.since != NULL) > 1)
+    return -1;
+}
+
+/* Options that exclude or need each other; sets the backup's mode.
+ * 0, or the usage error's exit status. */
+static int check_combination(const char *prog, struct backup_cli *a)
+{
+    struct cbt_backup_opts *o = &a->o;
+    if (a->full + a->inc + (o->since != NULL) > 1)
         return cli_usage_error(prog, "--full, --incremental and --since "
                                "exclude each other");
-    if (full && o.rescan)
+    if (a->full && o->rescan)
         return cli_usage_error(prog, "--rescan makes an incremental or "
                                "differential backup; it excludes --full");
-    if (!full && !inc && !o.since && !o.auto_full && !o.rescan)
+    if (!a->full && !a->inc && !o->since && !o->auto_full && !o->rescan)
         return cli_usage_error(prog, "say which backup: --full, "
                                "--incremental, --since CHECKPOINT or --auto");
-    if (o.compress && o.format && strcmp(o.format, "raw") == 0)
+    if (o->compress && o->format && strcmp(o->format, "raw") == 0)
         return cli_usage_error(prog, "--compress writes qcow2 compressed "
                                "clusters: not with -O raw");
-    if (o.since && !*o.since)
+    if (o->since && !*o->since)
         return cli_usage_error(prog, "--since needs a checkpoint name");
-    if (o.format && strcmp(o.format, "qcow2") != 0 &&
-        strcmp(o.format, "raw") != 0)
+    if (o->format && strcmp(o->format, "qcow2") != 0 &&
+        strcmp(o->format, "raw") != 0)
         return cli_usage_error(prog, "unknown backup format '%s' (qcow2 or "
-                               "raw)", o.format);
-    o.mode = full ? CBT_BACKUP_FULL
-             : o.since ? CBT_BACKUP_DIFFERENTIAL
-                       : CBT_BACKUP_INCREMENTAL;
-    if (nbd_uri) {
-        int r = check_nbd_opts(prog, &o, inc,
-                               qmp_sock || lo.nbd_socket || all || lo.qga ||
-                                   lo.push,
-                               &no);
+                               "raw)", o->format);
+    o->mode = a->full ? CBT_BACKUP_FULL
+              : o->since ? CBT_BACKUP_DIFFERENTIAL
+                         : CBT_BACKUP_INCREMENTAL;
+    if (a->nbd_uri) {
+        int r = check_nbd_opts(prog, o, a->inc,
+                               a->qmp_sock || a->lo.nbd_socket || a->all ||
+                                   a->lo.qga || a->lo.push,
+                               &a->no);
         if (r)
             return r;
-    } else if (no.bitmap || no.disk_id) {
+    } else if (a->no.bitmap || a->no.disk_id) {
         return cli_usage_error(prog, "--bitmap and --disk-id go with --nbd");
     }
-    if (all && !qmp_sock)
+    if (a->all && !a->qmp_sock)
         return cli_usage_error(prog, "--all-disks goes with --qmp");
-    if ((lo.qga || lo.push) && !qmp_sock)
+    if ((a->lo.qga || a->lo.push) && !a->qmp_sock)
         return cli_usage_error(prog, "--qga and --push go with --qmp");
-    if (lo.push && lo.nbd_socket)
+    if (a->lo.push && a->lo.nbd_socket)
         return cli_usage_error(prog, "--push reads no NBD export: "
                                "--nbd-socket goes without it");
-    if (all) {
+    return 0;
+}
+
+/* DISK and TARGET (TARGET alone with --all-disks or --nbd).  0, or the
+ * usage error's exit status. */
+static int take_arguments(const char *prog, int argc, char **argv,
+                          struct backup_cli *a)
+{
+    struct cbt_backup_opts *o = &a->o;
+    if (a->all) {
         if (argc - optind != 1)
             return cli_usage_error(prog, "with --all-disks: expecting the "
                                    "target folder alone");
-        o.disk = "";
-        o.target = argv[optind];
-    } else if (nbd_uri) {
+        o->disk = "";
+        o->target = argv[optind];
+    } else if (a->nbd_uri) {
         if (argc - optind != 1)
             return cli_usage_error(prog, "with --nbd: expecting TARGET alone "
                                    "(the export is the disk)");
-        o.disk = nbd_uri;
-        o.target = argv[optind];
+        o->disk = a->nbd_uri;
+        o->target = argv[optind];
     } else if (argc - optind < 2) {
         return cli_usage_error(prog, "expecting DISK and TARGET");
     } else if (argc - optind > 2) {
         return cli_usage_error(prog, "unexpected argument '%s'",
                                argv[optind + 2]);
     } else {
-        o.disk = argv[optind];
-        o.target = argv[optind + 1];
+        o->disk = argv[optind];
+        o->target = argv[optind + 1];
     }
-    if (lo.nbd_socket && !qmp_sock)
+    if (a->lo.nbd_socket && !a->qmp_sock)
         return cli_usage_error(prog, "--nbd-socket goes with --qmp");
+    return 0;
+}
 
-    struct cli_progress pr;
-    cli_progress_init_rate(&pr, progress);
-    o.progress = cli_progress_cb;
-    o.progress_opaque = &pr;
-    cli_signals_catch();
-    o.cancel = cli_cancel_cb;
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+static double seconds_since(const struct timespec *t0)
+{
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (double)(t1.tv_sec - t0->tv_sec) +
+           (double)(t1.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+/* --all-disks: one backup a disk, one transaction. */
+static int run_all_disks(struct backup_cli *a, struct cli_progress *pr,
+                         const struct timespec *t0)
+{
+    struct cbt_error *err = NULL;
+    struct qmp *q = qmp_connect(a->qmp_sock, &err);
+    struct live_disk_result *v = NULL;
+    size_t n = 0;
+    int r = q ? live_backup_all(q, &a->o, &a->lo, &v, &n, &err) : -1;
+    qmp_close(q);
+    cli_progress_end(pr);
+    if (r < 0)
+        return cli_lib_error(err);
+    print_all(&a->o, v, n, seconds_since(t0), a->output);
+    live_disk_results_free(v, n);
+    return 0;
+}
+
+/* One disk: through its QEMU (--qmp), from an NBD export (--nbd), or
+ * opened by cbt. */
+static int run_one(struct backup_cli *a, struct cli_progress *pr,
+                   const struct timespec *t0)
+{
     struct cbt_backup_result res;
     struct cbt_error *err = NULL;
     int r;
-    if (all) {
-        struct qmp *q = qmp_connect(qmp_sock, &err);
-        struct live_disk_result *v = NULL;
-        size_t n = 0;
-        r = q ? live_backup_all(q, &o, &lo, &v, &n, &err) : -1;
-        qmp_close(q);
-        cli_progress_end(&pr);
-        if (r < 0)
-            return cli_lib_error(err);
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        print_all(&o, v, n,
-                  (double)(t1.tv_sec - t0.tv_sec) +
-                      (double)(t1.tv_nsec - t0.tv_nsec) / 1e9,
-                  output);
-        live_disk_results_free(v, n);
-        return 0;
-    }
-    if (qmp_sock) {
-        struct qmp *q = qmp_connect(qmp_sock, &err);
-        r = q ? live_backup(q, &o, &lo, &res, &err) : -1;
+    if (a->qmp_sock) {
+        struct qmp *q = qmp_connect(a->qmp_sock, &err);
+        r = q ? live_backup(q, &a->o, &a->lo, &res, &err) : -1;
         if (!q)
             memset(&res, 0, sizeof(res));
         qmp_close(q);
-    } else if (nbd_uri) {
-        r = nbd_backup(&no, &o, &res, &err);
+    } else if (a->nbd_uri) {
+        r = nbd_backup(&a->no, &a->o, &res, &err);
     } else {
-        r = cbt_backup(&o, &res, &err);
+        r = cbt_backup(&a->o, &res, &err);
     }
-    cli_progress_end(&pr);
+    cli_progress_end(pr);
     if (r < 0) {
         cbt_backup_result_free(&res);
         return cli_lib_error(err);
     }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    double secs = (double)(t1.tv_sec - t0.tv_sec) +
-                  (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
-    note_rescan(&o, &res);
-    if (output == CLI_OUTPUT_JSON)
-        print_json(&o, &res, secs);
+    double secs = seconds_since(t0);
+    note_rescan(&a->o, &res);
+    if (a->output == CLI_OUTPUT_JSON)
+        print_json(&a->o, &res, secs);
     else
-        print_human(&o, &res, secs);
+        print_human(&a->o, &res, secs);
     cbt_backup_result_free(&res);
     return 0;
+}
+
+int cmd_backup(int argc, char **argv)
+{
+    const char *prog = argv[0];
+    struct backup_cli a = {
+        .o = CBT_BACKUP_OPTS_INIT,
+        .output = CLI_OUTPUT_HUMAN,
+    };
+    a.o.warn = cli_warn;
+    int r = parse_options(argc, argv, &a);
+    if (r >= 0)
+        return r;
+    if ((r = check_combination(prog, &a)) != 0 ||
+        (r = take_arguments(prog, argc, argv, &a)) != 0)
+        return r;
+
+    struct cli_progress pr;
+    cli_progress_init_rate(&pr, a.progress);
+    a.o.progress = cli_progress_cb;
+    a.o.progress_opaque = &pr;
+    cli_signals_catch();
+    a.o.cancel = cli_cancel_cb;
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    return a.all ? run_all_disks(&a, &pr, &t0) : run_one(&a, &pr, &t0);
 }
