@@ -536,6 +536,24 @@ fail:
     return -1;
 }
 
+int hashes_writer_bytes(struct hashes_writer *w, const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    while (len > 0) {
+        if (w->used == HASHES_BUF) {
+            int r = hw_drain(w);
+            if (r < 0)
+                return r;
+        }
+        size_t k = MIN(len, HASHES_BUF - w->used);
+        memcpy(w->buf + w->used, p, k);
+        w->used += k;
+        p += k;
+        len -= k;
+    }
+    return 0;
+}
+
 int hashes_writer_put(struct hashes_writer *w, const uint8_t leaf[32])
 {
     if (w->used == HASHES_BUF) {

@@ -203,6 +203,9 @@ int hashes_writer_open(struct hashes_writer *w, const char *path,
 /* Append one leaf, `count` copies of one, or leaves [first, first+count)
  * of r.  0 or -errno (the writer must then be aborted). */
 int hashes_writer_put(struct hashes_writer *w, const uint8_t leaf[32]);
+/* Append len bytes as they are (the record files of sha256-tree-v2 use
+ * the same durable writer; n counts leaves only). */
+int hashes_writer_bytes(struct hashes_writer *w, const void *buf, size_t len);
 int hashes_writer_repeat(struct hashes_writer *w, const uint8_t leaf[32],
                          uint64_t count);
 int hashes_writer_copy(struct hashes_writer *w, struct hashes_reader *r,
