@@ -5,8 +5,10 @@
  * input, foldertx_parse returns 0 or an error with a reason, and what it
  * accepts never names a file outside the folder: every name is a plain
  * name (no '/', not . or ..), renames only put NAME.json.prune-new over
- * NAME.json, and the merge format is qcow2 or raw.
+ * NAME.json (or NAME.tree.prune-new over NAME.tree), and the merge format
+ * is qcow2 or raw.
  */
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,7 +42,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             plain(tx.rename_from[i]);
             plain(tx.rename_to[i]);
             size_t n = strlen(tx.rename_to[i]);
-            if (strncmp(tx.rename_from[i], tx.rename_to[i], n) ||
+            bool kind = n > 5 && (!strcmp(tx.rename_to[i] + n - 5, ".json") ||
+                                  !strcmp(tx.rename_to[i] + n - 5, ".tree"));
+            if (!kind || strncmp(tx.rename_from[i], tx.rename_to[i], n) ||
                 strcmp(tx.rename_from[i] + n, FOLDERTX_NEW_SUFFIX))
                 fuzz_fail("accepted the rename %s -> %s", tx.rename_from[i],
                           tx.rename_to[i]);

@@ -83,6 +83,7 @@
 #include "bchain.h"
 #include "checkpoint_meta.h"
 #include "blockpipe.h"
+#include "hashtree.h"
 #include "manifest.h"
 #include "ops_util.h"
 
@@ -139,7 +140,7 @@ struct bk_job {
     char *parent_path;
     struct manifest pm;
     char parent_manifest_sha[65];
-    struct hashes_reader ph;  /* the parent's leaves, paged in */
+    struct leaf_src ph;       /* the parent's leaves (either format) */
     struct bm_bitmap *pdata;  /* one bit a block: the parent's leaf is not
                                * the zero block's digest (found while its
                                * digest is checked; for add_stale_zeroes) */
@@ -149,9 +150,10 @@ struct bk_job {
                                * aligned, sorted, disjoint */
     size_t ndirty, capdirty;
 
-    /* the new leaves, written in block order as the drain passes them
-     * (the untouched blocks' from the parent); never whole in memory */
-    struct hashes_writer hw;
+    /* the new leaves, taken in block order as the drain passes them into
+     * the new record file (sha256-tree-v2: only what differs from the
+     * parent's view is stored); never whole in memory */
+    struct leaf_sink hw;
     bool hw_open;
     uint64_t nblocks;         /* leaves of the new backup */
     struct manifest_extent *ext; /* raw targets: what the file carries */
@@ -179,6 +181,7 @@ struct bk_job {
     char *target_json, *target_hashes, *target_part;
     int part_fd;              /* TARGET.part (later TARGET), open: ours */
     bool made_hashes, renamed, made_json;
+    char tree_sha[65];        /* the record file's SHA-256 */
 };
 
 static void oom(struct cbt_error **errp)
@@ -415,7 +418,8 @@ static int check_target(struct bk *b, struct cbt_error **errp)
     }
     cbt_error_free(e);
     bool has_json = exists(b->target_json);
-    bool our_hashes = !has_json && regular_file(b->target_hashes, 32);
+    bool our_hashes = !has_json && regular_file(b->target_hashes,
+                                                TREE_HEADER + TREE_TRAILER);
     if (exists(b->target_part)) {
         if (!regular_file(b->target_part, 1))
             cbt_error_set(errp, EEXIST, "%s: exists and is not a regular "
@@ -459,8 +463,13 @@ static int check_target(struct bk *b, struct cbt_error **errp)
         }
         return -1;
     }
-    const char *others[] = {b->target_json, b->target_hashes};
-    for (size_t i = 0; i < 2; i++) {
+    CLEANUP_FREE char *v1 = hashes_path_for(t); /* an older cbt's name */
+    const char *others[] = {b->target_json, b->target_hashes, v1};
+    for (size_t i = 0; i < 3; i++) {
+        if (!others[i]) {
+            oom(errp);
+            return -1;
+        }
         if (exists(others[i])) {
             cbt_error_set(errp, EEXIST, "%s: already exists; a backup is "
                           "never overwritten: choose another name", others[i]);
@@ -690,6 +699,79 @@ static int scan_parent_leaf(void *opaque, uint64_t first,
     return 0;
 }
 
+/*
+ * A sha256-tree-v2 parent: the record files of its chain (the parent's,
+ * down to the first v2 backup of the chain), each checked against its
+ * manifest's file-sha256 while it is read (proportional to the chain's
+ * records, not to the disk), and the parent's blocks whose leaf is not
+ * that of zeroes noted in b->pdata from its level-0 records.  The root is
+ * not recomputed here: cbt verify does that.  0, 1 with *why, or -1.
+ */
+static int open_parent_tree(struct bk *b, char **why, struct cbt_error **errp)
+{
+    struct bchain c;
+    struct cbt_error *e = NULL;
+    int ret = 0;
+    int r = bchain_open(b->parent_path, BCHAIN_CHEAP, &c, &e);
+    if (r != 0) {
+        /* check_parent_chain found it sound a moment ago. */
+        b->why_kind = CBT_ERR_CORRUPT;
+        ret = impossible(why, errp, "the parent backup cannot be used: %s",
+                         e ? cbt_error_message(e) : c.problem);
+        cbt_error_free(e);
+        bchain_close(&c);
+        return ret;
+    }
+    size_t n = bchain_tree_links(&c), bad = 0;
+    const char **paths = calloc(n, sizeof(*paths));
+    const char **sha = calloc(n, sizeof(*sha));
+    uint64_t *blocks = calloc(n, sizeof(*blocks));
+    b->pdata = bm_new(b->pm.virtual_size, B);
+    if (!paths || !sha || !blocks || !b->pdata) {
+        oom(errp);
+        ret = -1;
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        paths[i] = c.v[i].hashes_path;
+        sha[i] = c.v[i].m.hash_file_sha256;
+        blocks[i] = c.v[i].m.blocks;
+    }
+    if (leaf_src_open_tree(&b->ph, b->pm.virtual_size, paths, blocks, sha, n,
+                           &bad, &e) < 0) {
+        if (cbt_error_errno(e) == ENOMEM) {
+            *errp = e;
+            ret = -1;
+            goto out;
+        }
+        b->why_kind = CBT_ERR_CORRUPT;
+        ret = impossible(why, errp, "parent backup: %s (damaged? a "
+                         "verification of %s names the damage)",
+                         cbt_error_message(e), b->parent_path);
+        cbt_error_free(e);
+        goto out;
+    }
+    uint64_t from = 0, idx;
+    uint8_t d[32], z[32];
+    while ((r = tree_view_next(&b->ph.view, 0, from, &idx, d, NULL)) > 0) {
+        tree_zero(&b->ph.view.shape, 0, idx, z);
+        if (memcmp(d, z, 32) != 0)
+            bm_set(b->pdata, idx * B, MIN(B, b->pm.virtual_size - idx * B));
+        from = idx + 1;
+    }
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: cannot read it: %s", paths[0],
+                      strerror(-r));
+        ret = -1;
+    }
+out:
+    free(paths);
+    free(sha);
+    free(blocks);
+    bchain_close(&c);
+    return ret;
+}
+
 /* The parent backup of the checkpoint b->since in the folder, its chain
  * checked and its leaves loaded: 0, 1 with *why, or -1 (plan_incremental's
  * convention). */
@@ -728,6 +810,12 @@ static int plan_parent(struct bk *b, char **why, struct cbt_error **errp)
 
     /* The parent's leaves, checked against its manifest before the new
      * backup takes the digests of its unchanged blocks from them. */
+    if (pm->tree) {
+        if ((ret = open_parent_tree(b, why, errp)) != 0)
+            return ret;
+        b->psize = pm->virtual_size;
+        return 0;
+    }
     CLEANUP_FREE char *phash = manifest_sibling(b->parent_path, pm->hash_file);
     if (!phash) {
         oom(errp);
@@ -739,8 +827,9 @@ static int plan_parent(struct bk *b, char **why, struct cbt_error **errp)
         oom(errp);
         return -1;
     }
-    if (hashes_reader_open_scan(&b->ph, phash,
-                                DIV_ROUND_UP(pm->virtual_size, B), root,
+    b->ph.size = pm->virtual_size;
+    b->ph.n = DIV_ROUND_UP(pm->virtual_size, B);
+    if (hashes_reader_open_scan(&b->ph.v1, phash, b->ph.n, root,
                                 scan_parent_leaf, b, &e) < 0) {
         b->why_kind = CBT_ERR_CORRUPT;
         ret = impossible(why, errp, "parent backup: %s", cbt_error_message(e));
@@ -1240,7 +1329,7 @@ static int rescan_leaves(struct bk *b, struct bp_chunk *c)
         const uint8_t *leaf;
         if (bi >= b->ph.n)
             continue;
-        int r = hashes_reader_window(&b->ph, bi, &leaf, &nl);
+        int r = leaf_src_window(&b->ph, bi, &leaf, &nl);
         if (r < 0) {
             b->fill_fail = (struct io_fail){"reading the parent's block "
                                             "hashes", b->parent_path,
@@ -1376,7 +1465,7 @@ static int parent_leaves(struct bk *b, uint64_t upto)
     if (b->hw.n >= upto)
         return 0;
     assert(!b->full && upto <= b->ph.n);
-    return hashes_writer_copy(&b->hw, &b->ph, b->hw.n, upto - b->hw.n);
+    return leaf_sink_same(&b->hw, upto - b->hw.n);
 }
 
 /* The leaves of segment g, in block order after those before it. */
@@ -1387,15 +1476,8 @@ static int put_leaves(struct bk *b, const struct bp_seg *g)
         return r;
     assert(b->hw.n == g->off / B);
     if (!is_zero_run(g))
-        return hashes_writer_put(&b->hw, g->digest);
-    uint8_t zd[32];
-    blockhash_zero_digest((size_t)B, zd);
-    r = hashes_writer_repeat(&b->hw, zd, g->len / B);
-    if (r == 0 && g->len % B) {
-        blockhash_zero_digest((size_t)(g->len % B), zd);
-        r = hashes_writer_put(&b->hw, zd);
-    }
-    return r;
+        return leaf_sink_put(&b->hw, g->digest);
+    return leaf_sink_zeroes(&b->hw, DIV_ROUND_UP(g->len, B));
 }
 
 /* Write a chunk and its leaves.  Only the drain thread touches the
@@ -1468,7 +1550,14 @@ static int copy_all(struct bk *b, struct cbt_error **errp)
         oom(errp);
         return -1;
     }
-    if (hashes_writer_open(&b->hw, b->target_hashes, errp) < 0)
+    /* The record file names the root it was built on. */
+    uint8_t proot[32] = {0};
+    for (int i = 0; !b->full && i < 32; i++) {
+        char two[3] = {b->pm.root[2 * i], b->pm.root[2 * i + 1], 0};
+        proot[i] = (uint8_t)strtoul(two, NULL, 16);
+    }
+    if (leaf_sink_open(&b->hw, b->target_hashes, b->size,
+                       b->full ? NULL : &b->ph, proot, errp) < 0)
         return -1;
     b->hw_open = true;
     int r = bp_run(&ops, b, 0);
@@ -1585,8 +1674,10 @@ static void fill_manifest(struct bk *b, struct manifest *m)
     m->block_size = B;
     m->blocks = b->nblocks;
     m->hash_file = (char *)base_name(b->target_hashes);
+    m->version = MANIFEST_VERSION;
+    m->tree = true;
     memcpy(m->root, b->res->root_hash, 65);
-    memcpy(m->hash_file_sha256, b->res->root_hash, 65);
+    memcpy(m->hash_file_sha256, b->tree_sha, 65);
 }
 
 /* After the checkpoint exists: its real order and time into *m. */
@@ -1614,11 +1705,9 @@ static int write_target(struct bk *b, struct cbt_error **errp)
 {
     if (bk_cancelled(b))
         return cancel_error(b, errp);
-    char sha[65];
-    if (hashes_writer_finish(&b->hw, sha, errp) < 0)
+    if (leaf_sink_finish(&b->hw, b->res->root_hash, b->tree_sha, errp) < 0)
         return -1;
     b->made_hashes = true;
-    memcpy(b->res->root_hash, sha, 65);
     if (bfile_rename_ours(b->part_fd, b->target_part, b->o->target, errp) < 0)
         return -1;
     b->renamed = true;
@@ -1718,10 +1807,10 @@ static void free_bk(struct bk *b)
     cbt_checkpoint_clear(&b->since);
     free(b->parent_path);
     manifest_free(&b->pm);
-    hashes_reader_close(&b->ph);
+    leaf_src_close(&b->ph);
     bm_free(b->pdata);
     if (b->hw_open)
-        hashes_writer_abort(&b->hw);
+        leaf_sink_abort(&b->hw);
     free(b->dirty);
     free(b->ext);
     free(b->target_json);
@@ -1757,7 +1846,7 @@ static int setup(struct bk *b, struct cbt_error **errp)
     b->created = iso_time(t0.tv_sec, (uint32_t)t0.tv_nsec);
     b->dir = bfile_folder_of(o->target);
     b->target_json = manifest_path_for(o->target);
-    b->target_hashes = hashes_path_for(o->target);
+    b->target_hashes = tree_path_for(o->target);
     b->target_part = cbt_strdup_printf("%s.part", o->target);
     if (!b->created || !b->dir || !b->target_json || !b->target_hashes ||
         !b->target_part) {

@@ -15,6 +15,7 @@
 #include <cbt/image.h>
 #include <cbt/ops.h>
 
+#include "hashtree.h"
 #include "manifest.h"
 
 /* One backup of the chain. */
@@ -51,7 +52,7 @@ struct bchain {
     cbt_cancel_fn *cancel;
     void *cancel_opaque;
     struct cbt_image *top; /* qcow2: v[0]'s image with its backing chain */
-    struct hashes_reader leaves; /* v[0]'s block hashes, paged in */
+    struct leaf_src leaves;      /* v[0]'s leaves (hashtree.h) */
     /* The first problem found (then the walk stops), or NULL. */
     char *problem;         /* one line, starting with the file at fault */
     char *bad_file;        /* that file */
@@ -77,6 +78,10 @@ struct bchain {
 int bchain_open(const char *backup, unsigned flags, struct bchain *c,
                 struct cbt_error **errp);
 void bchain_close(struct bchain *c);
+/* How many links from v[0] on make v[0]'s sha256-tree-v2 view: the
+ * leading links whose manifest is v2 (a v2 backup on a v1 parent holds
+ * its whole tree).  0 when v[0] is v1. */
+size_t bchain_tree_links(const struct bchain *c);
 
 /*
  * Called by bchain_walk for each piece of the view, in order, after every

@@ -27,8 +27,10 @@
  *      Writing into P never changes C's view (C's clusters shadow the very
  *      ranges written), so a replay simply writes them again; once the
  *      rename happened P's image name is gone and the step is skipped.
- *   4. each NAME.json.prune-new is renamed over NAME.json (skipped when it
- *      is gone: done before);
+ *   4. each NAME.json.prune-new is renamed over NAME.json, and C's folded
+ *      record file NAME.tree.prune-new over NAME.tree (sha256-tree-v2:
+ *      C's records alone are not its view once P goes) (each skipped when
+ *      it is gone: done before);
  *   5. P's remaining files are removed (manifest first), the folder synced,
  *      the journal removed.
  * Before step 2 nothing a point uses has changed; after it, the replay
@@ -251,13 +253,15 @@ int foldertx_parse(const char *buf, size_t len, const char *what,
             jname(json_array_get(p, 1), what, "rename", &tx->rename_to[i],
                   errp) < 0)
             goto out;
-        /* Only a new manifest over the manifest it replaces. */
+        /* Only a new manifest over the manifest it replaces, or a new
+         * record file (sha256-tree-v2, records folded) over the one it
+         * replaces. */
         const char *f = tx->rename_from[i], *t = tx->rename_to[i];
         size_t tl = strlen(t);
-        if (!ends_with(t, ".json") || strncmp(f, t, tl) != 0 ||
-            strcmp(f + tl, FOLDERTX_NEW_SUFFIX) != 0) {
+        if ((!ends_with(t, ".json") && !ends_with(t, ".tree")) ||
+            strncmp(f, t, tl) != 0 || strcmp(f + tl, FOLDERTX_NEW_SUFFIX) != 0) {
             jbad(errp, what, "rename", "pairs [NAME.json.prune-new, "
-                 "NAME.json]");
+                 "NAME.json] or [NAME.tree.prune-new, NAME.tree]");
             goto out;
         }
     }

@@ -358,6 +358,30 @@ fail:
     return -1;
 }
 
+int tree_file_quick_check(const char *path, uint64_t blocks,
+                          struct cbt_error **errp)
+{
+    uint64_t size;
+    int fd = bfile_open_read(path, "tree record file", &size, errp);
+    if (fd < 0)
+        return -1;
+    uint8_t h[TREE_HEADER];
+    int r = size >= TREE_HEADER ? file_pread_exact(fd, h, TREE_HEADER, 0) : 0;
+    close(fd);
+    if (r < 0) {
+        cbt_error_set(errp, -r, "%s: cannot read the tree record file: %s",
+                      path, strerror(-r));
+        return -1;
+    }
+    struct tree_file_info info;
+    struct tree_check ck = {.what = path, .info = &info};
+    if (size < TREE_HEADER)
+        return corrupt(errp, path, "it is %" PRIu64 " bytes, shorter than a "
+                       "header and a trailer (%u)", size,
+                       TREE_HEADER + TREE_TRAILER);
+    return check_header(&ck, h, size, blocks, errp);
+}
+
 void tree_file_close(struct tree_file *f)
 {
     if (f->fd >= 0)
@@ -951,60 +975,76 @@ err:
 
 /* ---- merging (prune) ---- */
 
-int tree_merge(struct tree_file *parent, struct tree_file *child,
-               uint64_t child_size, const char *out_path,
-               char sha_hex[65], struct cbt_error **errp)
+int tree_merge(struct tree_file **files, size_t n, uint64_t size,
+               bool on_zeroes, const char *out_path, char sha_hex[65],
+               struct cbt_error **errp)
 {
     struct tree_shape s;
-    if (tree_shape_init(&s, child_size) < 0 || s.blocks != child->info.blocks) {
+    if (n == 0 || tree_shape_init(&s, size) < 0 ||
+        s.blocks != files[0]->info.blocks) {
         cbt_error_set(errp, EINVAL, "%s: its size does not match %" PRIu64
-                      " bytes", child->path, child_size);
+                      " bytes", n ? files[0]->path : out_path, size);
         return -1;
     }
     struct tree_writer tw;
-    if (tree_writer_open(&tw, out_path, &s, parent->info.parent_root,
+    if (tree_writer_open(&tw, out_path, &s, files[n - 1]->info.parent_root,
                          errp) < 0)
         return -1;
-    struct tree_cursor pc, cc;
-    int r = 0;
+    struct tree_cursor *cur = calloc(n, sizeof(*cur));
+    int r = cur ? 0 : -ENOMEM;
     for (unsigned k = 0; k <= s.levels && r == 0; k++) {
-        cursor_init(&pc, parent, k);
-        cursor_init(&cc, child, k);
+        for (size_t j = 0; j < n; j++)
+            cursor_init(&cur[j], files[j], k);
         for (;;) {
-            uint64_t pi = 0, ci = 0;
-            const uint8_t *pd = NULL, *cd = NULL;
-            int pe = cursor_peek(&pc, k, &pi, &pd);
-            int ce = cursor_peek(&cc, k, &ci, &cd);
-            if (pe < 0 || ce < 0) {
-                r = pe < 0 ? pe : ce;
-                break;
+            /* The smallest index of any file; the newest file's record
+             * for it; every file moves past it. */
+            int best = -1;
+            uint64_t bi = 0;
+            const uint8_t *bd = NULL;
+            for (size_t j = 0; j < n && r == 0; j++) {
+                uint64_t idx;
+                const uint8_t *d;
+                int e = cursor_peek(&cur[j], k, &idx, &d);
+                if (e < 0)
+                    r = e;
+                else if (e > 0 && idx < s.count[k] &&
+                         (best < 0 || idx < bi)) {
+                    best = (int)j;
+                    bi = idx;
+                    bd = d;
+                }
             }
-            if (pe && pi >= s.count[k])
-                pe = 0; /* outside the child's shape */
-            if (!pe && !ce)
+            if (r < 0 || best < 0)
                 break;
-            if (ce && (!pe || ci <= pi)) {
-                r = tree_writer_record(&tw, k, ci, cd);
-                if (pe && pi == ci)
-                    pc.pos++;
-                cc.pos++;
-            } else {
-                r = tree_writer_record(&tw, k, pi, pd);
-                pc.pos++;
+            uint8_t z[32];
+            tree_zero(&s, k, bi, z);
+            if (!on_zeroes || memcmp(bd, z, 32) != 0)
+                r = tree_writer_record(&tw, k, bi, bd);
+            for (size_t j = 0; j < n && r == 0; j++) {
+                uint64_t idx;
+                const uint8_t *d;
+                int e = cursor_peek(&cur[j], k, &idx, &d);
+                if (e < 0)
+                    r = e;
+                else if (e > 0 && idx == bi)
+                    cur[j].pos++;
             }
             if (r < 0)
                 break;
         }
-        free(pc.buf);
-        free(cc.buf);
+        for (size_t j = 0; j < n; j++) {
+            free(cur[j].buf);
+            cur[j].buf = NULL;
+        }
     }
+    free(cur);
     if (r < 0) {
         cbt_error_set(errp, -r, "%s: cannot merge %s into it: %s", out_path,
-                      parent->path, strerror(-r));
+                      files[n - 1]->path, strerror(-r));
         tree_writer_abort(&tw);
         return -1;
     }
-    r = tree_writer_finish(&tw, child->info.root, sha_hex, errp);
+    r = tree_writer_finish(&tw, files[0]->info.root, sha_hex, errp);
     tree_writer_abort(&tw);
     return r;
 }

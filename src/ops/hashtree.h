@@ -20,8 +20,8 @@
 
 #include "manifest.h"
 
-#define TREE_ALGORITHM "sha256-tree-v2"
-#define TREE_FANOUT 256u
+#define TREE_ALGORITHM TREE_ALGORITHM_NAME
+#define TREE_FANOUT TREE_FANOUT_N
 /* Levels above the leaves: ceil(log256(blocks)) is at most 6 for the
  * largest disk a manifest accepts (2^63 bytes = 2^47 blocks). */
 #define TREE_MAX_LEVELS 6
@@ -204,14 +204,109 @@ int tree_view_check(struct tree_view *v, const uint8_t root[32],
                     struct cbt_error **errp);
 
 /*
- * Fold a point's record file into its child's (prune): the new file at
- * out_path has the child's shape and root, the parent's parent root, and
- * for every node the child's record, else the parent's (dropped where it
- * lies outside the child's shape).  The view through the new file is the
- * child's view.  Proportional to the two files' records.
+ * Fold record files into one (prune): files[0] is the newest (the point
+ * kept), files[n-1] the oldest folded into it.  The new file at out_path
+ * has the newest's shape and root, the oldest's parent root, and for every
+ * node the newest file's record for it (records outside the newest's
+ * shape dropped), so the view through it, over the oldest's parent, is
+ * the newest's view.  on_zeroes: the oldest starts the chain's tree (a
+ * full, or one on a v1 parent): records equal to the all-zeroes subtree's
+ * are dropped too, leaving exactly the nodes that are not zeroes.
+ * Proportional to the files' records.
  */
-int tree_merge(struct tree_file *parent, struct tree_file *child,
-               uint64_t child_size, const char *out_path,
-               char sha256_hex[65], struct cbt_error **errp);
+int tree_merge(struct tree_file **files, size_t n, uint64_t size,
+               bool on_zeroes, const char *out_path, char sha_hex[65],
+               struct cbt_error **errp);
 
+/* ---- one interface for the leaves of either format ---- */
+
+/*
+ * A backup's leaves, read: a sha256-blocks-v1 .hashes file paged in, or
+ * the view of a chain of sha256-tree-v2 record files.  verify, restore,
+ * repo verify and a new backup's parent all read leaves through it, so
+ * the format is chosen once, by the manifest's hash.algorithm.
+ */
+struct leaf_src {
+    bool tree;
+    uint64_t size, n;             /* the view's bytes and leaves */
+    struct hashes_reader v1;
+    struct tree_file *files;      /* newest first, nfiles */
+    struct tree_file **fp;
+    size_t nfiles;
+    struct tree_view view;
+    bool view_open;
+    uint8_t *win;                 /* v2: leaves [wfirst, wfirst + wn) */
+    uint64_t wfirst, wn;
+};
+/* v1: the .hashes file of a view of `size` bytes; hex, when not NULL,
+ * gets the file's SHA-256. */
+int leaf_src_open_v1(struct leaf_src *l, const char *path, uint64_t size,
+                     char hex[65], struct cbt_error **errp);
+/*
+ * v2: the record files of a chain, newest first (paths[0] is the backup's
+ * own; the last is that of the first v2 backup of the chain: a full, or
+ * one on a v1 parent), each checked (tree_file_open) against its
+ * manifest's block count and file-sha256 (sha[i], hex; NULL: not
+ * compared).  On a bad file, *bad (when not NULL) gets its index and the
+ * error (CBT_ERR_CORRUPT) names it.
+ */
+int leaf_src_open_tree(struct leaf_src *l, uint64_t size,
+                       const char *const *paths, const uint64_t *blocks,
+                       const char *const *sha, size_t n, size_t *bad,
+                       struct cbt_error **errp);
+/* Leaves from `first` (< n) on: *leaves points at *count >= 1 of them,
+ * valid until the next call.  0 or -errno. */
+int leaf_src_window(struct leaf_src *l, uint64_t first, const uint8_t **leaves,
+                    uint64_t *count);
+/* The first block in [first, first + count) whose leaf is not the digest
+ * of zeroes (the short last block's own), in *found, or UINT64_MAX: for
+ * v2 in the records of that range, not block by block.  0 or -errno. */
+int leaf_src_nonzero(struct leaf_src *l, uint64_t first, uint64_t count,
+                     uint64_t *found);
+/* v2: tree_view_check of the chain against the backup's root (hex);
+ * v1: nothing to do (the root is the file's SHA-256). */
+int leaf_src_check_root(struct leaf_src *l, const char *root_hex,
+                        struct cbt_error **errp);
+void leaf_src_close(struct leaf_src *l);
+
+/*
+ * A new backup's leaves, written as a sha256-tree-v2 record file: taken in
+ * block order (a data block's leaf, a run of zero blocks, a run of blocks
+ * unchanged since the parent), only what differs from the parent's view
+ * becomes a record.  On a v2 parent the parent's chain is the base and an
+ * unchanged run costs nothing; on a v1 parent (or none) the base is the
+ * all-zeroes tree and the unchanged runs feed the parent's leaves, so that
+ * backup holds the whole tree once.
+ */
+struct leaf_sink {
+    struct tree_shape shape;
+    struct leaf_src *parent;      /* the caller's, or NULL for a full */
+    struct tree_view base;
+    bool base_open;
+    struct tree_builder b;
+    bool b_open;
+    struct tree_writer tw;
+    bool tw_open;
+    uint64_t n;                   /* leaves taken */
+    uint64_t touch[2];            /* resized: edges to recompute, sorted */
+    size_t ntouch, itouch;
+    uint64_t records;
+};
+int leaf_sink_open(struct leaf_sink *s, const char *path, uint64_t size,
+                   struct leaf_src *parent, const uint8_t parent_root[32],
+                   struct cbt_error **errp);
+/* The next leaf; `count` zero blocks (the last of the disk possibly
+ * short); `count` blocks unchanged since the parent.  0 or -errno. */
+int leaf_sink_put(struct leaf_sink *s, const uint8_t leaf[32]);
+int leaf_sink_zeroes(struct leaf_sink *s, uint64_t count);
+int leaf_sink_same(struct leaf_sink *s, uint64_t count);
+/* All leaves taken: the root and the record file's SHA-256 (hex), the file
+ * durable under its name.  Abort after, either way. */
+int leaf_sink_finish(struct leaf_sink *s, char root_hex[65],
+                     char file_sha[65], struct cbt_error **errp);
+void leaf_sink_abort(struct leaf_sink *s);
+/* A record file's size and header are those of a tree of `blocks`
+ * leaves (no record read: for the cheap checks of a chain). */
+int tree_file_quick_check(const char *path, uint64_t blocks,
+                          struct cbt_error **errp);
 #endif

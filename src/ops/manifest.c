@@ -304,18 +304,22 @@ static int parse_header(struct pctx *p, json_t *root, struct manifest *m)
     int w;
     if (get_word(p, root, "format", format_words, "\"cbt-backup\"", &w) < 0)
         return -1;
-    if (!(v = get(p, root, "version", "the integer 1")))
+    if (!(v = get(p, root, "version", "the integer 1 or 2")))
         return -1;
     if (!json_is_integer(v))
-        return bad_type(p, "version", v, "the integer 1");
-    if (json_integer_value(v) != MANIFEST_VERSION) {
+        return bad_type(p, "version", v, "the integer 1 or 2");
+    /* 1: sha256-blocks-v1 hashes; 2: sha256-tree-v2 (a change of meaning
+     * of hash.file, so an older cbt refuses it by its version). */
+    if (json_integer_value(v) != 1 &&
+        json_integer_value(v) != MANIFEST_VERSION) {
         cbt_error_set(p->errp, ENOTSUP,
                       "%s: manifest version %lld is not supported (this cbt "
-                      "reads version %d)",
+                      "reads versions 1 and %d)",
                       p->what, (long long)json_integer_value(v),
                       MANIFEST_VERSION);
         return -1;
     }
+    m->version = (int)json_integer_value(v);
     if (!(v = get(p, root, "complete", "true or false")))
         return -1;
     if (!json_is_boolean(v))
@@ -461,14 +465,23 @@ static int parse_image(struct pctx *p, json_t *root, struct manifest *m)
 
 static int parse_hash(struct pctx *p, json_t *root, struct manifest *m)
 {
-    static const char *const algorithms[] = {BLOCKHASH_ALGORITHM, NULL};
+    static const char *const v1[] = {BLOCKHASH_ALGORITHM, NULL};
+    static const char *const v2[] = {TREE_ALGORITHM_NAME, NULL};
     json_t *o = NULL;
     int w;
+    bool tree = m->version == 2;
     if (get_obj(p, root, "hash", &o) < 0 ||
-        get_word(p, o, "hash.algorithm", algorithms,
-                 "\"" BLOCKHASH_ALGORITHM "\"", &w) < 0 ||
+        get_word(p, o, "hash.algorithm", tree ? v2 : v1,
+                 tree ? "\"" TREE_ALGORITHM_NAME "\" (manifest version 2)"
+                      : "\"" BLOCKHASH_ALGORITHM "\" (manifest version 1)",
+                 &w) < 0 ||
         get_u64(p, o, "hash.block-size", BLOCKHASH_BLOCK, BLOCKHASH_BLOCK,
                 "65536", &m->block_size) < 0)
+        return -1;
+    m->tree = tree;
+    uint64_t fan;
+    if (tree && get_u64(p, o, "hash.fanout", TREE_FANOUT_N, TREE_FANOUT_N,
+                        "256", &fan) < 0)
         return -1;
     uint64_t want = DIV_ROUND_UP(m->virtual_size, (uint64_t)BLOCKHASH_BLOCK);
     char expected[96];
@@ -605,8 +618,11 @@ static json_t *build(const struct manifest *m)
                               (json_int_t)e->length, e->zero ? "zero" : "data");
         ok = t && json_array_append_new(ext, t) == 0;
     }
-    ok = ok && put(hash, "algorithm", json_string(BLOCKHASH_ALGORITHM)) &&
+    ok = ok && put(hash, "algorithm", json_string(m->tree
+                                                   ? TREE_ALGORITHM_NAME
+                                                   : BLOCKHASH_ALGORITHM)) &&
          put(hash, "block-size", jint(m->block_size)) &&
+         (!m->tree || put(hash, "fanout", jint(TREE_FANOUT_N))) &&
          put(hash, "blocks", jint(m->blocks)) &&
          put(hash, "file", json_string(m->hash_file)) &&
          put(hash, "file-sha256", json_string(m->hash_file_sha256)) &&
@@ -614,7 +630,7 @@ static json_t *build(const struct manifest *m)
 
     /* The order of docs/backups.md (jansson keeps insertion order). */
     ok = ok && put(root, "format", json_string("cbt-backup")) &&
-         put(root, "version", json_integer(MANIFEST_VERSION)) &&
+         put(root, "version", json_integer(m->tree ? 2 : 1)) &&
          put(root, "complete", json_boolean(m->complete)) &&
          put(root, "tool", json_string(m->tool)) &&
          put(root, "created", json_string(m->created)) &&
@@ -698,6 +714,11 @@ char *manifest_path_for(const char *image_path)
 char *hashes_path_for(const char *image_path)
 {
     return cbt_strdup_printf("%s.hashes", image_path);
+}
+
+char *tree_path_for(const char *image_path)
+{
+    return cbt_strdup_printf("%s.tree", image_path);
 }
 
 char *manifest_sibling(const char *beside, const char *name)

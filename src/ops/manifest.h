@@ -12,8 +12,12 @@
 
 #include "../util/util.h"
 
-#define MANIFEST_VERSION 1
+/* The newest version read and written; version 1 (sha256-blocks-v1
+ * hashes) is still read. */
+#define MANIFEST_VERSION 2
 #define BLOCKHASH_ALGORITHM "sha256-blocks-v1"
+#define TREE_ALGORITHM_NAME "sha256-tree-v2" /* = TREE_ALGORITHM */
+#define TREE_FANOUT_N 256u                   /* = TREE_FANOUT */
 #define BLOCKHASH_BLOCK 65536u
 
 struct manifest_extent {
@@ -23,6 +27,9 @@ struct manifest_extent {
 
 /* A parsed manifest.  Strings are malloc'd; manifest_free releases them. */
 struct manifest {
+    int version;                  /* 1 or 2 */
+    bool tree;                    /* hash.algorithm sha256-tree-v2
+                                   * (version 2), else sha256-blocks-v1 */
     bool complete;
     char *tool;
     char *created;                /* ISO 8601 UTC */
@@ -78,9 +85,10 @@ void manifest_free(struct manifest *m);
 /* Is s a disk id as manifests hold it (a UUID: 8-4-4-4-12 hex digits)? */
 bool manifest_is_uuid(const char *s);
 
-/* TARGET -> TARGET.json / TARGET.hashes (malloc'd). */
+/* TARGET -> TARGET.json / TARGET.hashes / TARGET.tree (malloc'd). */
 char *manifest_path_for(const char *image_path);
 char *hashes_path_for(const char *image_path);
+char *tree_path_for(const char *image_path);
 /* dir/name for a name relative to the folder of `beside` (malloc'd). */
 char *manifest_sibling(const char *beside, const char *name);
 

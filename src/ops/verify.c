@@ -206,7 +206,7 @@ static int check_hashes(struct bchain *c, struct bchain_link *l,
         cbt_error_set(errp, ENOMEM, "%s: out of memory", l->image);
         return -1;
     }
-    if (strcasecmp(l->m.root, l->m.hash_file_sha256) != 0)
+    if (!l->m.tree && strcasecmp(l->m.root, l->m.hash_file_sha256) != 0)
         return problem(c, errp, l->manifest_path, "root hash %s differs from "
                        "the SHA-256 of its block hashes %s", l->m.root,
                        l->m.hash_file_sha256);
@@ -217,6 +217,13 @@ static int check_hashes(struct bchain *c, struct bchain_link *l,
                        strerror(errno), l->image);
     }
     struct cbt_error *err = NULL;
+    if (l->m.tree) {
+        /* Its header here; its records, their digest and the root when
+         * the view is opened (bchain_open), in one read. */
+        if (tree_file_quick_check(l->hashes_path, l->m.blocks, &err) < 0)
+            return problem_from(c, errp, l->hashes_path, err);
+        return 0;
+    }
     if (c->flags & BCHAIN_CHEAP) {
         int fd = hashes_open(l->hashes_path, l->m.blocks, &err);
         if (fd < 0)
@@ -406,6 +413,49 @@ static int open_qcow2_view(struct bchain *c, struct cbt_error **errp)
     return 0;
 }
 
+size_t bchain_tree_links(const struct bchain *c)
+{
+    size_t n = 0;
+    while (n < c->n && c->v[n].m.tree)
+        n++;
+    return n;
+}
+
+/* v[0]'s sha256-tree-v2 view: each record file of its chain read once,
+ * checked against its manifest's file-sha256, then the records against
+ * v[0]'s root.  0, 1 with the problem, or -1. */
+static int open_tree_view(struct bchain *c, struct cbt_error **errp)
+{
+    size_t n = bchain_tree_links(c), bad = 0;
+    CLEANUP_FREE const char **paths = calloc(n, sizeof(*paths));
+    CLEANUP_FREE const char **sha = calloc(n, sizeof(*sha));
+    CLEANUP_FREE uint64_t *blocks = calloc(n, sizeof(*blocks));
+    if (!paths || !sha || !blocks) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", c->v[0].image);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        paths[i] = c->v[i].hashes_path;
+        sha[i] = c->v[i].m.hash_file_sha256;
+        blocks[i] = c->v[i].m.blocks;
+    }
+    struct cbt_error *err = NULL;
+    if (leaf_src_open_tree(&c->leaves, c->size, paths, blocks, sha, n, &bad,
+                           &err) < 0)
+        return problem_from(c, errp, paths[bad], err);
+    if (leaf_src_check_root(&c->leaves, c->v[0].m.root, &err) < 0) {
+        /* The error names the record file at fault. */
+        const char *msg = cbt_error_message(err);
+        const char *file = paths[0];
+        for (size_t i = 0; i < n; i++)
+            if (strncmp(msg, paths[i], strlen(paths[i])) == 0 &&
+                msg[strlen(paths[i])] == ':')
+                file = paths[i];
+        return problem_from(c, errp, file, err);
+    }
+    return 0;
+}
+
 int bchain_open(const char *backup, unsigned flags, struct bchain *c,
                 struct cbt_error **errp)
 {
@@ -468,11 +518,15 @@ int bchain_open(const char *backup, unsigned flags, struct bchain *c,
     if (flags & BCHAIN_CHEAP)
         return 0;
     struct cbt_error *err = NULL;
-    /* Its digest was checked with the link; the leaves are paged in as
-     * the walk goes (8 GiB of them for a 16 TiB disk). */
-    if (hashes_reader_open(&c->leaves, c->v[0].hashes_path,
-                           DIV_ROUND_UP(c->size, BLOCK), NULL, &err) < 0)
+    if (c->v[0].m.tree) {
+        if ((r = open_tree_view(c, errp)) != 0)
+            return r;
+    } else if (leaf_src_open_v1(&c->leaves, c->v[0].hashes_path, c->size,
+                                NULL, &err) < 0) {
+        /* Its digest was checked with the link; the leaves are paged in
+         * as the walk goes (8 GiB of them for a 16 TiB disk). */
         return problem_from(c, errp, c->v[0].hashes_path, err);
+    }
     if (c->qcow2 && (r = open_qcow2_view(c, errp)) != 0)
         return r;
     return 0;
@@ -492,7 +546,7 @@ void bchain_close(struct bchain *c)
     free(c->v);
     if (c->top)
         cbt_image_close(c->top, NULL);
-    hashes_reader_close(&c->leaves);
+    leaf_src_close(&c->leaves);
     free(c->problem);
     free(c->bad_file);
     memset(c, 0, sizeof(*c));
@@ -708,38 +762,19 @@ static int seg_leaves(struct walk *w, struct bp_seg *g)
     const uint8_t *leaf;
     uint64_t nl, first = g->off / BLOCK;
     if (g->data) {
-        int r = hashes_reader_window(&w->c->leaves, first, &leaf, &nl);
+        int r = leaf_src_window(&w->c->leaves, first, &leaf, &nl);
         if (r == 0)
             memcpy(g->digest, leaf, 32);
         return r;
     }
-    /* Whole blocks of zeroes, a window of leaves at a time against as
-     * many copies of the zero digest; then a short last block. */
-    uint64_t nfull = g->len / BLOCK;
-    for (uint64_t b = first; b < first + nfull;) {
-        int r = hashes_reader_window(&w->c->leaves, b, &leaf, &nl);
-        if (r < 0)
-            return r;
-        size_t k = (size_t)MIN(MIN(nl, first + nfull - b), WALK_ZPAT);
-        if (memcmp(leaf, w->zpat, k * 32) != 0) {
-            size_t i = 0;
-            while (memcmp(leaf + i * 32, w->zpat, 32) == 0)
-                i++;
-            g->bad = b + i + 1;
-            return 0;
-        }
-        b += k;
-    }
-    if (g->len % BLOCK) {
-        uint8_t zd[32];
-        int r = hashes_reader_window(&w->c->leaves, first + nfull, &leaf, &nl);
-        if (r < 0)
-            return r;
-        blockhash_zero_digest((size_t)(g->len % BLOCK), zd);
-        if (memcmp(leaf, zd, 32) != 0)
-            g->bad = first + nfull + 1;
-    }
-    return 0;
+    /* A stretch of zeroes: its first leaf that is not the digest of
+     * zeroes (the short last block's own), if any. */
+    uint64_t bad;
+    int r = leaf_src_nonzero(&w->c->leaves, first, DIV_ROUND_UP(g->len, BLOCK),
+                             &bad);
+    if (r == 0 && bad != UINT64_MAX)
+        g->bad = bad + 1;
+    return r;
 }
 
 static int walk_fill(void *opaque, struct bp_chunk *ch)

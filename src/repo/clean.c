@@ -89,6 +89,8 @@ static const char *must_stay(int dfd, const struct repo_leftover *l)
         /* The image it belongs to, or the work file beside it. */
         if (ends_with(l->file, ".hashes"))
             base = strndup(l->file, strlen(l->file) - 7);
+        else if (ends_with(l->file, ".tree"))
+            base = strndup(l->file, strlen(l->file) - 5);
         else
             base = strdup(l->file);
         if (!base)

@@ -34,6 +34,7 @@
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <time.h>
@@ -45,6 +46,7 @@
 
 #include "../block/block.h"
 #include "../ops/foldertx.h"
+#include "../ops/hashtree.h"
 #include "../ops/ops_util.h"
 #include "../util/util.h"
 #include "repo.h"
@@ -650,6 +652,118 @@ static int check_free(const char *path, struct cbt_error **errp)
     return 0;
 }
 
+/*
+ * The record files of the v2 points among P, mid[] and C that make C's
+ * view (from C down while they are v2), folded into C's record file: the
+ * new one written as NAME.tree.prune-new (durable before its name, like
+ * the new manifests, and like them renamed over NAME.tree by the journal,
+ * removed if the step fails before it), its digest in C's new manifest
+ * (cj).  Proportional to those records, not to the disk.
+ */
+static int fold_records(const struct repo *r, const struct repo_point *p,
+                        const size_t *mid, size_t nmid,
+                        const struct repo_point *c, json_t *cj,
+                        struct foldertx *tx, struct written *w,
+                        struct cbt_error **errp)
+{
+    size_t hl = strlen(c->m.hash_file);
+    if (hl <= 5 || strcmp(c->m.hash_file + hl - 5, ".tree") != 0) {
+        cbt_error_set(errp, EINVAL, "%s.json: its record file '%s' is not "
+                      "named NAME.tree; not merging into it", c->file,
+                      c->m.hash_file);
+        return -1;
+    }
+    CLEANUP_FREE const struct repo_point **order =
+        calloc(nmid + 2, sizeof(*order));
+    CLEANUP_FREE struct tree_file *files = calloc(nmid + 2, sizeof(*files));
+    CLEANUP_FREE struct tree_file **fp = calloc(nmid + 2, sizeof(*fp));
+    size_t n = 0;
+    if (!order || !files || !fp) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
+        return -1;
+    }
+    order[n++] = c;
+    for (size_t k = nmid; k-- > 0 && order[n - 1]->m.tree;)
+        order[n++] = &r->points[mid[k]];
+    if (order[n - 1]->m.tree)
+        order[n++] = p;
+    while (n > 0 && !order[n - 1]->m.tree)
+        n--;
+    size_t opened = 0;
+    int ret = -1;
+    CLEANUP_FREE char *name = cbt_strdup_printf("%s%s", c->m.hash_file,
+                                                FOLDERTX_NEW_SUFFIX);
+    CLEANUP_FREE char *out = name ? cbt_strdup_printf("%s/%s", r->dir, name)
+                                  : NULL;
+    if (!name || !out) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
+        return -1;
+    }
+    for (; opened < n; opened++) {
+        const struct repo_point *x = order[opened];
+        CLEANUP_FREE char *path = cbt_strdup_printf("%s/%s", r->dir,
+                                                    x->m.hash_file);
+        char hex[65];
+        if (!path) {
+            cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
+            goto out;
+        }
+        if (tree_file_open(&files[opened], path, x->m.blocks, hex, errp) < 0)
+            goto out;
+        fp[opened] = &files[opened];
+        if (strcasecmp(hex, x->m.hash_file_sha256) != 0) {
+            opened++;
+            cbt_error_set(errp, EINVAL, "%s: SHA-256 %s differs from %s "
+                          "recorded in its manifest", path, hex,
+                          x->m.hash_file_sha256);
+            cbt_error_set_kind(errp, CBT_ERR_CORRUPT);
+            goto out;
+        }
+    }
+    /* A stale one (a prune killed before its journal) is ours to replace:
+     * the folder is locked and has no journal. */
+    unlink(out);
+    char sha[65];
+    /* The oldest folded starts the chain's tree when its parent is not
+     * v2 (none, or a v1 backup): nothing below the new file then. */
+    const struct repo_point *oldest = order[n - 1];
+    bool on_zeroes = oldest->parent < 0 ||
+                     !r->points[oldest->parent].m.tree;
+    if (tree_merge(fp, n, c->m.virtual_size, on_zeroes, out, sha, errp) < 0)
+        goto out;
+    json_t *hash = json_object_get(cj, "hash");
+    char **nf = realloc(tx->rename_from, (tx->nrename + 1) * sizeof(char *));
+    if (nf)
+        tx->rename_from = nf;
+    char **nt = realloc(tx->rename_to, (tx->nrename + 1) * sizeof(char *));
+    if (nt)
+        tx->rename_to = nt;
+    char **nw = realloc(w->v, (w->n + 1) * sizeof(char *));
+    if (nw)
+        w->v = nw;
+    char *from = strdup(name), *to = strdup(c->m.hash_file);
+    char *wcopy = strdup(name);
+    if (!nf || !nt || !nw || !from || !to || !wcopy ||
+        !json_is_object(hash) ||
+        json_object_set_new(hash, "file-sha256", json_string(sha))) {
+        free(from);
+        free(to);
+        free(wcopy);
+        unlink(out);
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
+        goto out;
+    }
+    tx->rename_from[tx->nrename] = from;
+    tx->rename_to[tx->nrename] = to;
+    tx->nrename++;
+    w->v[w->n++] = wcopy;
+    ret = 0;
+out:
+    for (size_t k = 0; k < opened; k++)
+        tree_file_close(&files[k]);
+    return ret;
+}
+
 /* Merge point pi, and the nmid points mid[] above it (each the only child
  * of the one below), into ci, the only child of the last (indices in r,
  * freshly read). */
@@ -723,6 +837,12 @@ static int do_merge(const struct repo *r, size_t pi, size_t ci,
         else
             json_object_del(cimg, "compression");
     }
+    /* sha256-tree-v2: C's records alone are not its view once the points
+     * below it go; they are folded, newest first, into a new record file
+     * the new manifest names (the old one goes with the transaction). */
+    if (c->m.tree &&
+        fold_records(r, p, mid, nmid, c, cj, &tx, &w, errp) < 0)
+        goto out;
     char sha[65];
     if (!(text = dump_manifest(cj, c->file, sha, errp)) ||
         write_new(r->dir, c->file, text, &tx, &w, errp) < 0 ||

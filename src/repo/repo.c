@@ -36,6 +36,7 @@
 
 #include "../ops/foldertx.h"
 #include "../util/util.h"
+#include "../ops/hashtree.h"
 #include "repo.h"
 
 const char *repo_kind_name(const struct repo_point *p)
@@ -238,6 +239,19 @@ static bool has_sfx(const struct names *ns, const char *base, const char *sfx)
     return n && has(ns, n);
 }
 
+/* The length of a block hashes file's suffix (".hashes": v1, ".tree":
+ * v2), or 0. */
+static size_t hashes_suffix(const char *name)
+{
+    return ends_with(name, ".hashes") ? 7 : ends_with(name, ".tree") ? 5 : 0;
+}
+
+/* Is base.hashes or base.tree in the folder? */
+static bool has_hashes(const struct names *ns, const char *base)
+{
+    return has_sfx(ns, base, ".hashes") || has_sfx(ns, base, ".tree");
+}
+
 static void names_free(struct names *ns)
 {
     for (size_t i = 0; i < ns->n; i++)
@@ -369,7 +383,7 @@ static int read_manifests(struct repo *r, const struct names *ns,
         struct cbt_error *e = NULL;
         if (manifest_read(path, &m, sha, &e) < 0) {
             /* Ours when its image or hashes file is beside it. */
-            bool ours = has(ns, base) || has_sfx(ns, base, ".hashes") ||
+            bool ours = has(ns, base) || has_hashes(ns, base) ||
                         has_sfx(ns, base, ".part");
             int rr = 0;
             if (ours)
@@ -440,8 +454,8 @@ static int find_leftovers(struct repo *r, const struct names *ns,
         if (ends_with(name, ".part") && len > 5) {
             rr = add_left(r, name, REPO_LEFT_PART, true, "the work file of "
                           "an interrupted cbt backup or restore");
-        } else if (ends_with(name, ".hashes") && len > 7) {
-            if (!(base = strndup(name, len - 7)))
+        } else if (hashes_suffix(name) && len > hashes_suffix(name)) {
+            if (!(base = strndup(name, len - hashes_suffix(name))))
                 return -1;
             if (has_sfx(ns, base, ".json"))
                 continue; /* a damaged point's: not a leftover */
@@ -467,14 +481,17 @@ static int find_leftovers(struct repo *r, const struct names *ns,
         } else if (ends_with(name, FOLDERTX_NEW_SUFFIX)) {
             if (pending)
                 continue; /* the journal's: the replay renames it */
-            rr = add_left(r, name, REPO_LEFT_PRUNE_NEW, true, "a manifest a "
+            rr = add_left(r, name, REPO_LEFT_PRUNE_NEW, true, "a %s a "
                           "prune wrote before it was interrupted (before its "
-                          "journal: the prune did not happen)");
+                          "journal: the prune did not happen)",
+                          strstr(name, ".tree" FOLDERTX_NEW_SUFFIX)
+                              ? "record file" : "manifest");
         } else if (!has_sfx(ns, name, ".json") && !ends_with(name, ".json") &&
-                   has_sfx(ns, name, ".hashes")) {
+                   has_hashes(ns, name)) {
             rr = add_left(r, name, REPO_LEFT_NO_MANIFEST, true, "the image of "
                           "a backup interrupted before its manifest was "
-                          "written (%s.hashes beside it, no %s.json)", name,
+                          "written (%s.%s beside it, no %s.json)", name,
+                          has_sfx(ns, name, ".tree") ? "tree" : "hashes",
                           name);
         }
         if (rr < 0)
@@ -522,6 +539,15 @@ static int check_files(const struct repo *r, struct repo_point *p)
     if (lstat(hp, &st) < 0)
         return point_problem(p, "its block hashes %s: %s", p->m.hash_file,
                              strerror(errno));
+    if (p->m.tree) {
+        struct cbt_error *e = NULL;
+        int rr = 0;
+        if (tree_file_quick_check(hp, p->m.blocks, &e) < 0)
+            rr = point_problem(p, "its block hashes %s: %s", p->m.hash_file,
+                               cbt_error_message(e));
+        cbt_error_free(e);
+        return rr;
+    }
     if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != p->m.blocks * 32)
         return point_problem(p, "its block hashes %s are not a file of %"
                              PRIu64 " bytes (32 for each of %" PRIu64

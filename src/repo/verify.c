@@ -45,6 +45,7 @@
 
 #include "../block/block.h"
 #include "../ops/foldertx.h"
+#include "../ops/hashtree.h"
 #include "../util/util.h"
 #include "repo.h"
 
@@ -144,7 +145,9 @@ static int check_files(struct ctx *c, size_t i, const char *img,
     struct cbt_error *e = NULL;
     char hex[65];
     int r = 0;
-    if (strcasecmp(m->root, m->hash_file_sha256) != 0)
+    if (m->tree)
+        ; /* its record files and root: when its leaves are loaded */
+    else if (strcasecmp(m->root, m->hash_file_sha256) != 0)
         r = add_bad(v, hashes, false, 0, 0, "%s: root hash %s differs from "
                     "the SHA-256 of its block hashes %s", hashes, m->root,
                     m->hash_file_sha256);
@@ -329,6 +332,75 @@ static int classify_raw(const struct manifest *m, const struct level *parent,
     return 0;
 }
 
+/*
+ * The point's leaves, whole (as sha256-blocks-v1 always held them): a v1
+ * .hashes file as it is; a v2 point's from the view of its chain's record
+ * files (each checked against its manifest's file-sha256, the records
+ * against the point's root).  0, or -1 with *e naming the file at fault.
+ */
+static int load_leaves(struct ctx *c, size_t i, const char *hashes,
+                       struct blockhash *h, struct cbt_error **e)
+{
+    const struct repo_point *p = &c->r->points[i];
+    uint64_t size = p->m.virtual_size;
+    if (!p->m.tree)
+        return blockhash_read(hashes, size, h, e);
+    size_t n = 0;
+    for (int j = (int)i; j >= 0 && c->r->points[j].m.tree;
+         j = c->r->points[j].parent)
+        n++;
+    char **paths = calloc(n, sizeof(*paths));
+    const char **sha = calloc(n, sizeof(*sha));
+    uint64_t *blocks = calloc(n, sizeof(*blocks));
+    struct leaf_src l;
+    memset(&l, 0, sizeof(l));
+    size_t k = 0, bad;
+    int r = -1;
+    if (!paths || !sha || !blocks)
+        goto oom;
+    for (int j = (int)i; k < n; j = c->r->points[j].parent, k++) {
+        const struct repo_point *q = &c->r->points[j];
+        paths[k] = cbt_strdup_printf("%s/%s", c->r->dir, q->m.hash_file);
+        if (!paths[k])
+            goto oom;
+        sha[k] = q->m.hash_file_sha256;
+        blocks[k] = q->m.blocks;
+    }
+    if (leaf_src_open_tree(&l, size, (const char *const *)paths, blocks, sha,
+                           n, &bad, e) < 0 ||
+        leaf_src_check_root(&l, p->m.root, e) < 0)
+        goto out;
+    if (blockhash_init(h, size) < 0)
+        goto oom;
+    for (uint64_t b = 0; b < h->n;) {
+        const uint8_t *leaf;
+        uint64_t nl;
+        int er = leaf_src_window(&l, b, &leaf, &nl);
+        if (er < 0) {
+            cbt_error_set(e, -er, "%s: cannot read it: %s", hashes,
+                          strerror(-er));
+            goto out;
+        }
+        nl = MIN(nl, h->n - b);
+        memcpy(h->leaf[b], leaf, nl * 32);
+        b += nl;
+    }
+    r = 0;
+    goto out;
+oom:
+    cbt_error_set(e, ENOMEM, "out of memory");
+out:
+    leaf_src_close(&l);
+    for (k = 0; paths && k < n; k++)
+        free(paths[k]);
+    free(paths);
+    free(sha);
+    free(blocks);
+    if (r < 0)
+        blockhash_free(h);
+    return r;
+}
+
 /* The data checks of a qcow2 point. */
 static int check_data(struct ctx *c, size_t i, const char *img,
                       const char *hashes, const struct level *parent,
@@ -340,8 +412,10 @@ static int check_data(struct ctx *c, size_t i, const char *img,
     uint64_t size = p->m.virtual_size;
     lv->size = size;
     lv->file = img;
-    if (blockhash_read(hashes, size, &lv->leaves, &e) < 0)
-        return add_err(v, hashes, e) < 0 ? -1 : 1;
+    if (load_leaves(c, i, hashes, &lv->leaves, &e) < 0)
+        return cbt_error_errno(e) == ENOMEM
+                   ? (*errp = e, -1)
+                   : add_err(v, hashes, e) < 0 ? -1 : 1;
     bool raw = strcmp(p->m.image_format, "raw") == 0;
     struct cbt_image *view = cbt_image_open(img, p->m.image_format,
                                             raw ? CBT_OPEN_NO_BACKING : 0, &e);

@@ -6,6 +6,7 @@ import json
 import os
 
 from conftest import cbt, qemu_img, run
+import treemodel as T
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -54,8 +55,14 @@ class Repo:
         its chain reads as that state through qemu-img itself and passes
         qemu-img check (leaked clusters allowed with leaks_ok: a write
         killed between allocating a cluster and linking it leaks it, as in
-        QEMU)."""
+        QEMU).  A sha256-tree-v2 point's chain of record files defines, node
+        for node, the tree tests/treemodel.py computes from the saved
+        state, and its root is the manifest's (after a prune too)."""
         cbt("verify", self.bk / name)
+        m = self.manifest(name)
+        if m["hash"]["algorithm"] == "sha256-tree-v2":
+            with open(self.states[name], "rb") as f:
+                T.check_backup(str(self.bk / name), f.read(), m["hash"]["root"])
         out = self.tmp / ("restored-" + name + ".qcow2")
         if out.exists():
             out.unlink()

@@ -13,8 +13,11 @@ tools as oracles (issue 5, section 2; docs/backups.md).
         extents (`cbt bitmap --dump --chain` before the backup); blocks
         that now read as zeroes are zero clusters, not data;
       - the manifest: fields, parent link and its manifest's SHA-256, the
-        .hashes file, and the root computed here from the reference with
-        docs/backups.md's recipe;
+        record file (.tree): a full backup's byte for byte the model's
+        (tests/treemodel.py, from docs/backups.md: records exactly for the
+        nodes that are not zeroes), an incremental's exactly the nodes
+        that differ from its parent's view, the chain's view node for
+        node the model's tree of the reference, and the root the model's;
       - the checkpoints: one more each time, since -> new as reported;
   * the same story with raw targets: sparse files (SEEK_DATA finds data
     only inside "data" extents), the extents list exactly the dirty
@@ -33,7 +36,7 @@ tools as oracles (issue 5, section 2; docs/backups.md).
     mode, an existing TARGET (also one left by an interrupted backup), a
     TARGET in the disk's chain, a checkpoint name in use (checkpoint or
     bitmap), an unknown --since, a raw disk, a format other than the
-    parent's, a damaged parent .hashes file, bad options;
+    parent's, a damaged parent record file, bad options;
   * failures after files were written (the manifest cannot be written, the
     target's folder is read-only) remove every file and leave the disk's
     checkpoints as before, also for the disk's first checkpoint;
@@ -55,6 +58,7 @@ import interop_lib as L  # noqa: E402
 from interop_lib import KiB, MiB, cbt, qemu_img, qemu_io, no_crash  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import faultlib as F  # noqa: E402
+import treemodel as T  # noqa: E402
 
 B = 64 * KiB
 SIZE = 8 * MiB
@@ -63,10 +67,8 @@ SIZE = 8 * MiB
 # ---- helpers ----
 
 def root_of(view):
-    """docs/backups.md's recipe."""
-    leaves = b"".join(hashlib.sha256(view[i:i + B]).digest()
-                      for i in range(0, len(view), B))
-    return hashlib.sha256(leaves).hexdigest(), leaves
+    """docs/backups.md's recipe (sha256-tree-v2, tests/treemodel.py)."""
+    return T.root_of_bytes(view).hex(), None
 
 
 def read(path):
@@ -199,9 +201,10 @@ def data_regions(path):
     return out
 
 
-def check_manifest(m, target, kind, since, parent, size, view, ckpt):
-    root, leaves = root_of(view)
-    assert m["format"] == "cbt-backup" and m["version"] == 1
+def check_manifest(m, target, kind, since, parent, size, view, ckpt,
+                   parent_view=None):
+    root, _ = root_of(view)
+    assert m["format"] == "cbt-backup" and m["version"] == 2
     assert m["complete"] is True
     assert m["kind"] == kind
     assert m["since"] == since
@@ -216,12 +219,20 @@ def check_manifest(m, target, kind, since, parent, size, view, ckpt):
         assert m["parent"] == {"file": os.path.basename(parent),
                                "manifest-sha256": sha_file(parent + ".json")}
     h = m["hash"]
-    assert h["algorithm"] == "sha256-blocks-v1" and h["block-size"] == B
+    assert h["algorithm"] == "sha256-tree-v2" and h["block-size"] == B
+    assert h["fanout"] == 256
     assert h["blocks"] == (size + B - 1) // B
-    assert h["file"] == os.path.basename(target) + ".hashes"
-    assert read(target + ".hashes") == leaves
-    assert h["file-sha256"] == sha_file(target + ".hashes")
+    assert h["file"] == os.path.basename(target) + ".tree"
+    assert h["file-sha256"] == sha_file(target + ".tree")
     assert h["root"] == root, "manifest root differs from the reference's"
+    T.check_backup(target, view, h["root"])
+    recs = read(target + ".tree")
+    if parent is None:
+        assert recs == T.record_file(size, T.leaves_of(view))
+    elif parent_view is not None and len(parent_view) == size:
+        # exactly the nodes that differ from the parent's view
+        pnodes, proot = T.tree(size, T.leaves_of(parent_view))
+        assert recs == T.record_file(size, T.leaves_of(view), proot, pnodes)
     assert not any(".tmp" in n or n.endswith(".part")
                    for n in os.listdir(os.path.dirname(target)))
 
@@ -293,7 +304,9 @@ class Story:
         assert res["virtual-size"] == size
         assert res["root"] == root_of(view)[0]
         m = manifest(target)
-        check_manifest(m, target, kind, ck_since, parent, size, view, ckpt)
+        pview = next((v for t, _, v in self.backups if t == parent), None)
+        check_manifest(m, target, kind, ck_since, parent, size, view, ckpt,
+                       pview)
         assert m["bytes"] == {"dirty": res["dirty-bytes"], "copied": res["bytes-copied"],
                               "zeroed": res["bytes-zeroed"],
                               "file": os.path.getsize(target)}
@@ -338,7 +351,7 @@ class Story:
             chain = self.chain_of(target)
             assert raw_view(chain, size) == view
         os.unlink(ref)
-        self.backups.append((target, kind))
+        self.backups.append((target, kind, view))
         return target, res
 
     def chain_of(self, target):
@@ -479,7 +492,7 @@ def test_auto_and_impossible_incrementals(tmp):
 
     # the backup of the newest checkpoint missing from the folder
     newest = r["checkpoint"]
-    for suffix in ("", ".json", ".hashes"):
+    for suffix in ("", ".json", ".tree"):
         os.unlink(t2 + suffix)
     t3 = os.path.join(s.repo, "z.qcow2")
     err = backup_fails("--incremental", s.disk, t3, rc=NEED_FULL)
@@ -536,7 +549,7 @@ def test_refusals_touch_nothing(tmp):
     err = backup_fails("--full", s.disk, t)
     assert "not a backup made by cbt" in err and "remove" not in err
     os.unlink(t)
-    for comp in (".json", ".hashes"):
+    for comp in (".json", ".tree", ".hashes"):
         with open(t + comp, "w") as f:
             f.write("{}")
         err = backup_fails("--full", s.disk, t)
@@ -544,13 +557,13 @@ def test_refusals_touch_nothing(tmp):
         os.unlink(t + comp)
     assert disk_state(s.disk) == state
 
-    # a damaged parent .hashes file: refused, not built upon
-    with open(full + ".hashes", "r+b") as f:
+    # a damaged parent record file: refused, not built upon
+    with open(full + ".tree", "r+b") as f:
         f.seek(100)
         b = f.read(1)
         f.seek(100)
         f.write(bytes([b[0] ^ 1]))
-    refused(["--incremental"], "do not match the manifest", rc=CORRUPT)
+    refused(["--incremental"], "differs from", rc=CORRUPT)
 
     # a raw disk cannot hold checkpoints
     rawdisk = os.path.join(s.tmp, "d.raw")
@@ -589,7 +602,7 @@ def test_failure_after_writing_removes_everything(tmp):
     err = manifest_write_fails("--incremental", s.disk, t2)
     assert "inc.qcow2.json" in err
     assert disk_state(s.disk) == state
-    assert_no_files(s.repo, keep=["full.qcow2", "full.qcow2.json", "full.qcow2.hashes"])
+    assert_no_files(s.repo, keep=["full.qcow2", "full.qcow2.json", "full.qcow2.tree"])
     # then it works, and is complete
     ref = reference(s.disk, os.path.join(s.tmp, "r.raw"))
     r = backup("--incremental", s.disk, t2)

@@ -30,6 +30,7 @@ import interop_lib as L  # noqa: E402
 from interop_lib import KiB, MiB, cbt, qemu_img, no_crash  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import faultlib as F  # noqa: E402
+import treemodel as T  # noqa: E402
 
 B = 64 * KiB
 NBLOCKS = 128
@@ -69,9 +70,8 @@ def make_disk(tmp, seed=1):
 
 
 def root_of(view):
-    leaves = b"".join(hashlib.sha256(view[i:i + B]).digest()
-                      for i in range(0, len(view), B))
-    return hashlib.sha256(leaves).hexdigest()
+    """docs/backups.md's sha256-tree-v2 root (tests/treemodel.py)."""
+    return T.root_of_bytes(view).hex()
 
 
 def check_json(path):
@@ -130,7 +130,7 @@ def test_full_and_incremental_compressed(tmp):
     plain = os.path.join(str(tmp), "plain.qcow2")
     rp = backup("--full", "--no-checkpoint", disk, plain)
     assert rp["root"] == r["root"]
-    with open(full + ".hashes", "rb") as f, open(plain + ".hashes", "rb") as g:
+    with open(full + ".tree", "rb") as f, open(plain + ".tree", "rb") as g:
         assert f.read() == g.read()
     assert "compression" not in manifest(plain)["image"]
     assert os.path.getsize(full) < os.path.getsize(plain)

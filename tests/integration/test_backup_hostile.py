@@ -9,7 +9,7 @@ never hangs on them, never builds on them, never writes outside them.
   * writes outside the folder: symlinks planted at the names cbt used to
     write through (NAME.json.tmp, NAME.hashes.tmp) change nothing, links
     at the names a backup or restore creates (TARGET, TARGET.part, .json,
-    .hashes, OUT.part) are refused, and the files they point to stay
+    .tree, OUT.part) are refused, and the files they point to stay
     untouched.
 """
 import hashlib
@@ -88,7 +88,7 @@ def plant(path, kind, tmp):
 
 # ---- hangs ----
 
-SUFFIXES = {"manifest": ".json", "hashes": ".hashes", "image": ""}
+SUFFIXES = {"manifest": ".json", "hashes": ".tree", "image": ""}
 
 
 @pytest.mark.parametrize("kind", ["fifo", "zero"])
@@ -161,7 +161,7 @@ def test_rotation(tmp, fmt, gone):
     c = Chain(tmp, fmt)
     name = "i1" if gone == "middle" else "f"
     suffixes = {"full-image": [""], "full-manifest": [".json"],
-                "full-hashes": [".hashes"]}.get(gone, ["", ".json", ".hashes"])
+                "full-hashes": [".tree"]}.get(gone, ["", ".json", ".tree"])
     for sfx in suffixes:
         os.unlink(c.path(name, sfx))
     missing = c.path(name, suffixes[0]) if len(suffixes) == 1 else c.path(name)
@@ -222,7 +222,7 @@ HOSTILE = {
         "blocks", m["hash"]["blocks"] + 1)), "i1", "'hash.blocks'"),
     "virtual-size": (lambda c: edit(c, "i1", lambda m: (
         m["image"].__setitem__("virtual-size", 2 * MiB),
-        m["hash"].__setitem__("blocks", 32))), "i1", "32 for each of the 32"),
+        m["hash"].__setitem__("blocks", 32))), "i1", "its manifest says 32"),
     "incomplete": (lambda c: edit(c, "f", lambda m: m.__setitem__(
         "complete", False)), "f", "incomplete"),
     "other-disk": (lambda c: edit(c, "f", lambda m: m["disk"].__setitem__(
@@ -247,14 +247,15 @@ HOSTILE = {
         "f.qcow2", "i2.qcow2"),
     "self-loop": (lambda c: edit(c, "i1", lambda m: m["parent"].__setitem__(
         "file", "i1.qcow2")), "i1", "names the backup itself"),
-    # hashes files truncated or too long
-    "hashes-short": (lambda c: truncate(c.path("f", ".hashes"), -32),
-                     "f.qcow2.hashes", "expected"),
-    "hashes-long": (lambda c: truncate(c.path("i1", ".hashes"), 32),
-                    "i1.qcow2.hashes", "expected"),
-    "hashes-empty": (lambda c: truncate(c.path("f", ".hashes"),
-                                        -os.path.getsize(c.path("f", ".hashes"))),
-                     "f.qcow2.hashes", "expected"),
+    # record files truncated or too long (by whole records, so that only
+    # the trailer shows it)
+    "hashes-short": (lambda c: truncate(c.path("f", ".tree"), -41),
+                     "f.qcow2.tree", "tree record file"),
+    "hashes-long": (lambda c: truncate(c.path("i1", ".tree"), 41),
+                    "i1.qcow2.tree", "tree record file"),
+    "hashes-empty": (lambda c: truncate(c.path("f", ".tree"),
+                                        -os.path.getsize(c.path("f", ".tree"))),
+                     "f.qcow2.tree", "shorter than a header"),
     # images: a backing link to another file, a truncated raw image
     "backing-link": (lambda c: qemu_img("rebase", "-u", "-b", "other.qcow2", "-F",
                                         "qcow2", c.path("i1")), "i1", "backing file"),
@@ -307,14 +308,14 @@ def test_planted_links_are_never_followed(tmp):
     qemu_io("-f", "qcow2", "-c", "write -P 9 1M 64k", c.disk)
     run_ok("backup", "--incremental", c.disk, nxt)
     assert_kept(v)
-    for suffix in ("", ".json", ".hashes"):
+    for suffix in ("", ".json", ".tree"):
         st = os.lstat(nxt + suffix)
         assert not os.path.islink(nxt + suffix) and st.st_mode & 0o170000 == 0o100000
     run_ok("verify", nxt)
     # nothing else appeared: no temporary, no work file
     assert sorted(f for f in c.files() if f.startswith("next")) == \
-        ["next.qcow2", "next.qcow2.hashes", "next.qcow2.hashes.tmp", "next.qcow2.json",
-         "next.qcow2.json.tmp"], c.files()
+        ["next.qcow2", "next.qcow2.hashes.tmp", "next.qcow2.json",
+         "next.qcow2.json.tmp", "next.qcow2.tree"], c.files()
 
 
 @pytest.mark.parametrize("where", ["target", "part", "hashes", "json"])
@@ -324,9 +325,9 @@ def test_links_at_new_names_are_refused(tmp, where):
     c = Chain(tmp)
     v = victims(tmp)
     nxt = c.path("next")
-    link = nxt + {"target": "", "part": ".part", "hashes": ".hashes", "json": ".json"}[where]
+    link = nxt + {"target": "", "part": ".part", "hashes": ".tree", "json": ".json"}[where]
     os.symlink(v["victim-part"], link)
-    dangling = c.path("other") + {"target": "", "part": ".part", "hashes": ".hashes",
+    dangling = c.path("other") + {"target": "", "part": ".part", "hashes": ".tree",
                                   "json": ".json"}[where]
     os.symlink(os.path.join(str(tmp), "nowhere"), dangling)
     before = c.files()

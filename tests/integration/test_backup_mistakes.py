@@ -2,7 +2,7 @@
 swapped arguments, a folder as TARGET, an existing file that is not cbt's.
 cbt says what it sees and never advises removing a file it did not leave
 behind; what it leaves behind (docs/backups.md: TARGET.part, or TARGET
-with TARGET.hashes and no manifest) is named as such.  Nothing is written:
+with TARGET.tree and no manifest) is named as such.  Nothing is written:
 the disk, the backups and the other files stay byte for byte as they were.
 """
 import hashlib
@@ -102,8 +102,8 @@ def test_existing_files_that_are_not_cbts(setup):
     img = os.path.join(bk, "img.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", img, MiB)
     refused(["--full", vm, img], FAILED, ["not a backup made by cbt"], folders=(d, bk))
-    # a hashes file of another size beside it: not what cbt writes
-    with open(img + ".hashes", "wb") as f:
+    # a record file shorter than any cbt writes beside it: not cbt's
+    with open(img + ".tree", "wb") as f:
         f.write(b"x" * 33)
     refused(["--full", vm, img], FAILED, ["not a backup made by cbt"], folders=(d, bk))
     # a link at TARGET.part is no work file of cbt
@@ -117,24 +117,24 @@ def test_leftovers_are_named(setup):
     steps) is recognised and may be removed."""
     d, vm, bk = setup
     t = os.path.join(bk, "b2.qcow2")
-    # killed while writing the image: TARGET.part (+ TARGET.hashes)
+    # killed while writing the image: TARGET.part (+ TARGET.tree)
     with open(t + ".part", "wb") as f:
         f.write(b"partial image")
     refused(["--full", vm, t], FAILED, [t + ".part", "interrupted cbt backup",
                                         "remove it"], must_not=(), folders=(d, bk))
-    with open(t + ".hashes", "wb") as f:
-        f.write(bytes(64))
-    err = refused(["--full", vm, t], FAILED, ["remove it and " + t + ".hashes"],
+    with open(t + ".tree", "wb") as f:
+        f.write(bytes(112))
+    err = refused(["--full", vm, t], FAILED, ["remove it and " + t + ".tree"],
                   must_not=(), folders=(d, bk))
-    # killed after the rename, before the manifest: TARGET + TARGET.hashes
+    # killed after the rename, before the manifest: TARGET + TARGET.tree
     os.rename(t + ".part", t)
     err = refused(["--incremental", vm, t], FAILED,
-                  ["interrupted cbt backup", "remove %s and %s.hashes" % (t, t)],
+                  ["interrupted cbt backup", "remove %s and %s.tree" % (t, t)],
                   must_not=(), folders=(d, bk))
     assert "swapped" not in err
     # once removed, the backup goes on
     os.unlink(t)
-    os.unlink(t + ".hashes")
+    os.unlink(t + ".tree")
     qemu_io("-f", "qcow2", "-c", "write -P 8 1M 64k", vm)
     res = cbt("backup", "--incremental", "--output=json", vm, t)
     assert res.json()["kind"] == "incremental"

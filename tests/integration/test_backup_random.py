@@ -14,7 +14,7 @@ disk is made by another route (`qemu-img convert -O raw TOP ref_K.raw`).
 While building, every backup must succeed and its manifest must say what
 the model says (kind, checkpoint, since, parent, virtual size, hash root
 computed here from the reference with docs/backups.md's recipe, the
-.hashes file), the checkpoints listed must be the model's, and a qcow2
+.tree record file), the checkpoints listed must be the model's, and a qcow2
 incremental or differential target must allocate nothing outside what
 changed since its checkpoint (at the bitmap's and the target's
 granularity; the tail past the smallest size since the checkpoint is
@@ -35,7 +35,7 @@ Then, each in its own test so that one failure does not hide the others:
   * verify catches damage in a random chain: one flipped byte in a random
     backup's data (verify of that backup, and of a later one reading that
     byte through its chain, names the file and the 64 KiB block), a
-    truncated .hashes file and a missing middle backup.
+    truncated .tree record file and a missing middle backup.
 
 Failure messages carry the seed and the story so far; rerun one seed with
 -k SEED_ID.  CBT_TEST_SEED shifts every seed (soak runs).
@@ -54,6 +54,7 @@ for _p in (_TESTS, os.path.join(_TESTS, "interop")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 import chainmodel as M  # noqa: E402
+import treemodel as T  # noqa: E402
 import interop_lib as L  # noqa: E402
 from interop_lib import KiB, MiB, qemu_img  # noqa: E402
 
@@ -74,20 +75,15 @@ MAX_DEPTH = 4           # layers in the disk's chain
 
 
 def block_root(path, size=None, block=BLOCK):
-    """(root hex, leaves bytes) of docs/backups.md's sha256-blocks-v1 over
-    the first SIZE bytes of a raw file (default: all of it)."""
+    """(root hex, view bytes) of docs/backups.md's sha256-tree-v2
+    (tests/treemodel.py) over the first SIZE bytes of a raw file (default:
+    all of it)."""
     if size is None:
         size = os.path.getsize(path)
-    leaves = []
     with open(path, "rb") as f:
-        left = size
-        while left > 0:
-            chunk = f.read(min(block, left))
-            assert len(chunk) == min(block, left), "%s shorter than %d" % (path, size)
-            leaves.append(hashlib.sha256(chunk).digest())
-            left -= len(chunk)
-    leaves = b"".join(leaves)
-    return hashlib.sha256(leaves).hexdigest(), leaves
+        data = f.read(size)
+    assert len(data) == size, "%s shorter than %d" % (path, size)
+    return T.root_of_bytes(data).hex(), data
 
 
 def file_sha256(path):
@@ -435,20 +431,22 @@ class Story:
         assert img["virtual-size"] == b["size"], \
             "manifest virtual-size %d, the disk's is %d\n%s" % (img["virtual-size"],
                                                                b["size"], label)
-        root, leaves = block_root(b["ref"])
+        root, data = block_root(b["ref"])
         h = man["hash"]
-        assert h["algorithm"] == "sha256-blocks-v1" and h["block-size"] == BLOCK, label
+        assert h["algorithm"] == "sha256-tree-v2" and h["block-size"] == BLOCK, label
         assert h["blocks"] == -(-b["size"] // BLOCK), label
         assert h["root"] == root, \
             "manifest root %s, the reference's is %s\n%s" % (h["root"], root, label)
         hashes = os.path.join(self.repo, h["file"])
-        assert h["file"] == b["target"] + ".hashes" and os.path.isfile(hashes), label
+        assert h["file"] == b["target"] + ".tree" and os.path.isfile(hashes), label
         with open(hashes, "rb") as f:
             got = f.read()
-        assert got == leaves, "%s differs from the reference's block digests " \
-            "(first bad block %s)\n%s" % (h["file"], next(
-                (i // 32 for i in range(0, min(len(got), len(leaves)), 32)
-                 if got[i:i + 32] != leaves[i:i + 32]), "past the end"), label)
+        # the chain's view, node for node, is the model's tree of the
+        # reference (tests/treemodel.py)
+        try:
+            T.check_backup(os.path.join(self.repo, b["target"]), data, h["root"])
+        except AssertionError as e:
+            raise AssertionError("%s: %s\n%s" % (h["file"], e, label))
         assert h["file-sha256"] == hashlib.sha256(got).hexdigest(), label
         by = man["bytes"]
         assert by["copied"] + by["zeroed"] <= max(b["size"], 0) + BLOCK, \
@@ -732,10 +730,10 @@ def test_verify_catches_truncation_and_a_missing_middle(work, rid):
         shutil.rmtree(d)
     b = rng.choice(s.backups)
     d = copy_repo(s, "truncated")
-    h = os.path.join(d, b["target"] + ".hashes")
+    h = os.path.join(d, b["target"] + ".tree")
     with open(h, "r+b") as f:
-        f.truncate(max(0, os.path.getsize(h) - 32))
-    what = "%s.hashes cut by one digest; verify %s" % (b["target"], b["target"])
+        f.truncate(max(0, os.path.getsize(h) - 41))
+    what = "%s.tree cut by one record; verify %s" % (b["target"], b["target"])
     res, data = verify_json(os.path.join(d, b["target"]))
     assert res.rc != 0 and data.get("ok") is False, "%s: %r\n%s" % (what, res, s.label(what))
     assert b["target"] in res.out + res.err, "%s: verify does not name it: %r\n%s" % (

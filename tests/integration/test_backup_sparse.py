@@ -1,5 +1,5 @@
 """Backups of large sparse disks (issue 14): unallocated and zero ranges are
-copied per extent, not per block, and the .hashes file must not notice.
+copied per extent, not per block, and the block hashes must not notice.
 
 A 64 GiB disk whose size is not a multiple of the 64 KiB block (the last
 block is 3.5 KiB), with a few writes scattered over it (a block at the
@@ -7,11 +7,14 @@ start, 8 KiB across two blocks in the middle, a zero write; a hole from
 there to the end), is backed up in full, changed (data, a discard over a
 large written range, a write past a long hole, the short last block) and
 backed up incrementally, as qcow2 and as raw.  After each backup:
-  - the .hashes file is byte for byte the model's: SHA-256 of every 64 KiB
-    block of the view (docs/backups.md), computed here from the writes
-    without reading 64 GiB: a block never written is the digest of 64 KiB
-    of zeroes, the short last block the digest of its 3.5 KiB of zeroes;
-  - the manifest's root and file digest are that file's SHA-256;
+  - the record file (.tree, sha256-tree-v2) is the model's
+    (tests/treemodel.py, docs/backups.md), computed here from the writes
+    without reading 64 GiB: the full backup's byte for byte (records for
+    exactly the blocks written and the nodes above them; never-written
+    blocks, the short last block included, and the subtrees of zeroes
+    have none), the incremental's chain node for node;
+  - the manifest's root is the model's and its file digest the file's
+    SHA-256;
   - qemu-img compare finds the backup chain equal to the disk, and
     cbt verify and cbt restore accept it.
 """
@@ -25,6 +28,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "interop"))
 from interop_lib import KiB, MiB, cbt_ok, cbt_rc, qemu_img, qemu_io  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import treemodel as T  # noqa: E402
 
 GiB = 1 << 30
 B = 64 * KiB
@@ -52,13 +57,9 @@ class View:
         self.write(off, bytes(length))
 
     def leaves(self):
-        n = (self.size + B - 1) // B
-        zero = hashlib.sha256(bytes(B)).digest()
-        last = hashlib.sha256(bytes(self.size - (n - 1) * B)).digest()
-        out = bytearray(zero * (n - 1) + last)
-        for i, blk in self.blocks.items():
-            out[i * 32:(i + 1) * 32] = hashlib.sha256(bytes(blk)).digest()
-        return bytes(out)
+        """{block: digest} of the blocks that are not zeroes."""
+        return {i: hashlib.sha256(bytes(blk)).digest()
+                for i, blk in self.blocks.items() if any(blk)}
 
 
 def io(disk, view, cmds):
@@ -76,22 +77,20 @@ def io(disk, view, cmds):
     qemu_io("-f", "qcow2", disk, *args)
 
 
-def check(target, view, disk, fmt):
-    with open(target + ".hashes", "rb") as f:
+def check(target, view, disk, fmt, full=False):
+    with open(target + ".tree", "rb") as f:
         got = f.read()
-    want = view.leaves()
-    assert len(got) == len(want)
-    if got != want:
-        bad = next(i for i in range(0, len(got), 32)
-                   if got[i:i + 32] != want[i:i + 32]) // 32
-        pytest.fail("%s.hashes: block %d (offset %d) differs from the model"
-                    % (target, bad, bad * B))
+    leaves = view.leaves()
+    if full:
+        assert got == T.record_file(view.size, leaves), \
+            "%s.tree differs from the model's" % target
     with open(target + ".json") as f:
         m = json.load(f)
-    sha = hashlib.sha256(got).hexdigest()
-    assert m["hash"]["root"] == sha
-    assert m["hash"]["file-sha256"] == sha
-    assert m["hash"]["blocks"] == len(want) // 32
+    root = T.check_leaves(T.chain_files(target), view.size, leaves,
+                          m["hash"]["root"])
+    assert m["hash"]["root"] == root
+    assert m["hash"]["file-sha256"] == hashlib.sha256(got).hexdigest()
+    assert m["hash"]["blocks"] == (view.size + B - 1) // B
     if fmt == "qcow2":
         qemu_img("compare", "-q", "-f", "qcow2", "-F", "qcow2", disk, target)
     cbt_ok("verify", target)
@@ -113,7 +112,7 @@ def test_sparse_disk_hashes(tmp_path, fmt):
     full = str(repo / "full")
     cbt_ok("backup", "--full", "--checkpoint", "c0", "-O", fmt,
            disk, full)
-    check(full, view, disk, fmt)
+    check(full, view, disk, fmt, full=True)
 
     io(disk, view, [
         ("w", 3 * GiB, 192 * KiB, 0x55),
@@ -132,16 +131,22 @@ def test_sparse_disk_hashes(tmp_path, fmt):
 
 
 def forge_leaf(target, block, leaf):
-    """Replace one leaf and make the manifest vouch for the new file, so
-    that only the walk over the view can find the lie."""
-    with open(target + ".hashes", "r+b") as f:
-        f.seek(block * 32)
-        f.write(leaf)
-        f.seek(0)
-        sha = hashlib.sha256(f.read()).hexdigest()
+    """Replace one leaf of a full backup and rebuild its record file around
+    it (every node above it recomputed by the model), with the manifest
+    vouching for the new file and root, so that only the walk over the
+    view can find the lie."""
     with open(target + ".json") as f:
         m = json.load(f)
-    m["hash"]["root"] = m["hash"]["file-sha256"] = sha
+    with open(target + ".tree", "rb") as f:
+        _, recs, _ = T.parse_records(f.read())
+    leaves = {i: d for k, i, d in recs if k == 0}
+    leaves[block] = leaf
+    size = m["image"]["virtual-size"]
+    buf = T.record_file(size, leaves)
+    with open(target + ".tree", "wb") as f:
+        f.write(buf)
+    m["hash"]["root"] = T.tree(size, leaves)[1].hex()
+    m["hash"]["file-sha256"] = hashlib.sha256(buf).hexdigest()
     with open(target + ".json", "w") as f:
         json.dump(m, f)
 

@@ -6,7 +6,12 @@ files and reads chains differently since then is checked against files it
 did not write.
 
 The expected view is rebuilt here from the writes make.sh did, and the
-leaves and root of every backup from it by docs/backups.md's recipe.
+leaves and root of every backup from it by docs/backups.md's recipe.  The
+first incremental on the old folder writes sha256-tree-v2 (manifest
+version 2) holding its whole tree (byte for byte tests/treemodel.py's
+record file of the view, built on the v1 parent's root); the next one
+continues the chain in v2 with only what changed; both verify and restore
+through the mixed chain.
 """
 import hashlib
 import json
@@ -17,6 +22,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "interop"))
 from interop_lib import KiB, cbt_ok, qemu_img, qemu_io  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import treemodel as T  # noqa: E402
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                     "backup-v1")
@@ -74,8 +81,33 @@ def test_new_incremental_on_old_folder(tmp_path):
     v = bytearray(view(INC))
     v[1536 * KiB:1600 * KiB] = b"\x66" * (64 * KiB)
     v[0:64 * KiB] = bytes(64 * KiB)
-    with open(d / "inc2.qcow2.hashes", "rb") as f:
-        assert f.read() == leaves(bytes(v))
+    with open(d / "inc.qcow2.json") as f:
+        v1root = bytes.fromhex(json.load(f)["hash"]["root"])
+    with open(d / "inc2.qcow2.json") as f:
+        m = json.load(f)
+    assert m["version"] == 2 and m["hash"]["algorithm"] == "sha256-tree-v2"
+    assert m["hash"]["file"] == "inc2.qcow2.tree"
+    with open(d / "inc2.qcow2.tree", "rb") as f:
+        assert f.read() == T.record_file(SIZE, T.leaves_of(bytes(v)), v1root)
+    assert m["hash"]["root"] == T.root_of_bytes(bytes(v)).hex()
     cbt_ok("verify", str(d / "inc2.qcow2"))
     qemu_img("compare", "-q", "-f", "qcow2", "-F", "qcow2", disk,
              str(d / "inc2.qcow2"))
+
+    # the chain goes on in v2: only what changed is recorded
+    qemu_io("-f", "qcow2", disk, "-c", "write -P 0x77 128k 4k")
+    cbt_ok("backup", "--incremental", "--checkpoint", "c3", disk,
+           str(d / "inc3.qcow2"))
+    v2 = bytearray(v)
+    v2[128 * KiB:132 * KiB] = b"\x77" * (4 * KiB)
+    pnodes, proot = T.tree(SIZE, T.leaves_of(bytes(v)))
+    with open(d / "inc3.qcow2.tree", "rb") as f:
+        assert f.read() == T.record_file(SIZE, T.leaves_of(bytes(v2)), proot,
+                                         pnodes)
+    assert len(T.chain_files(str(d / "inc3.qcow2"))) == 2
+    T.check_backup(str(d / "inc3.qcow2"), bytes(v2))
+    cbt_ok("verify", str(d / "inc3.qcow2"))
+    out = str(tmp_path / "restored-inc3.raw")
+    cbt_ok("restore", "-O", "raw", str(d / "inc3.qcow2"), out)
+    with open(out, "rb") as f:
+        assert f.read() == bytes(v2)

@@ -564,7 +564,7 @@ def test_commit_b_says_which_form_keeps_them(tmp_path):
     for f in (d0, d1, d2):
         shutil.copy(os.path.join(str(saved), os.path.basename(f)), f)
     os.unlink(str(bk / "i.qcow2"))
-    for ext in (".json", ".hashes"):
+    for ext in (".json", ".tree"):
         os.unlink(str(bk / "i.qcow2") + ext)
     res = no_crash(cbt("commit", "--top", d2, "--base", d0))
     assert "stays with" not in res.err, res

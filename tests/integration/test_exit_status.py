@@ -184,7 +184,7 @@ def test_corrupt(tmp, what):
         m = [e for e in qemu_img("map", "--output=json", full).json() if e["data"]]
         L.flip_byte(full, m[0]["offset"] + 100, 0x20)
     elif what == "hashes":
-        L.flip_byte(inc + ".hashes", 40, 0x20)
+        L.flip_byte(inc + ".tree", 40, 0x20)
     else:
         L.flip_byte(full + ".json", 20, 0x20)
     res = rc_of("verify", inc)

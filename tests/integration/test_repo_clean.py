@@ -48,8 +48,8 @@ def plant(bk):
     (bk / "d.qcow2.json").write_text('{"format": "cbt-backup", ')
 
 
-POINTS = ["f.qcow2", "f.qcow2.hashes", "f.qcow2.json",
-          "i1.qcow2", "i1.qcow2.hashes", "i1.qcow2.json"]
+POINTS = ["f.qcow2", "f.qcow2.json", "f.qcow2.tree",
+          "i1.qcow2", "i1.qcow2.json", "i1.qcow2.tree"]
 KEPT = POINTS + ["notes.txt", "other.json", "w.scratch", "d.qcow2", "d.qcow2.json",
                  "f.qcow2.json.tmp-zz99zz"]
 

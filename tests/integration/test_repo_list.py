@@ -51,7 +51,7 @@ def test_list_json_describes_every_point(repo):
         assert p["ok"] is True and p["problem"] is None
         # Host bytes of the image, manifest and hashes file.
         want = sum(os.stat(repo.bk / n).st_blocks * 512
-                   for n in (p["file"], p["file"] + ".json", p["file"] + ".hashes"))
+                   for n in (p["file"], p["file"] + ".json", p["file"] + ".tree"))
         assert p["file-bytes"] == want
     assert [p["children"] for p in out["points"]] == [1, 1, 0]
     assert out["points"][1]["data-bytes"] == 1 * MiB
@@ -85,7 +85,7 @@ def test_list_names_what_is_broken_and_why(repo):
 def test_list_missing_parent_and_truncated_hashes(repo):
     os.unlink(repo.bk / "f.qcow2")
     os.unlink(repo.bk / "f.qcow2.json")
-    with open(repo.bk / "i2.qcow2.hashes", "r+b") as f:
+    with open(repo.bk / "i2.qcow2.tree", "r+b") as f:
         f.truncate(100)
     out = repo.list()
     by = {p["file"]: p for p in out["points"]}
@@ -93,9 +93,9 @@ def test_list_missing_parent_and_truncated_hashes(repo):
     assert "its parent f.qcow2 is missing" in by["i1.qcow2"]["problem"]
     assert by["i1.qcow2"]["chain"] is None
     assert "block hashes" in by["i2.qcow2"]["problem"]
-    # f.qcow2.hashes is left alone: hashes without their backup.
+    # f.qcow2.tree is left alone: hashes without their backup.
     left = {l["file"]: l for l in out["leftovers"]}
-    assert left["f.qcow2.hashes"]["kind"] == "orphan-hashes"
+    assert left["f.qcow2.tree"]["kind"] == "orphan-hashes"
 
 
 def test_list_leftovers_and_nothing_else(repo):
@@ -104,6 +104,10 @@ def test_list_leftovers_and_nothing_else(repo):
     (bk / "y.qcow2").write_bytes(b"QFI\xfb")
     (bk / "y.qcow2.hashes").write_bytes(b"\0" * 64)
     (bk / "z.qcow2.hashes").write_bytes(b"\0" * 32)
+    (bk / "v.qcow2.tree").write_bytes(b"\0" * 112)
+    (bk / "u.qcow2").write_bytes(b"QFI\xfb")
+    (bk / "u.qcow2.tree").write_bytes(b"\0" * 112)
+    (bk / "i2.qcow2.tree.prune-new").write_bytes(b"\0" * 112)
     (bk / "s.qcow2.scratch").write_bytes(b"")
     (bk / "i2.qcow2.json.tmp-ab12cd").write_bytes(b"{")
     (bk / "i1.qcow2.json.prune-new").write_bytes(b"{")
@@ -121,6 +125,10 @@ def test_list_leftovers_and_nothing_else(repo):
         "y.qcow2": "no-manifest",
         "y.qcow2.hashes": "no-manifest",
         "z.qcow2.hashes": "orphan-hashes",
+        "v.qcow2.tree": "orphan-hashes",
+        "u.qcow2": "no-manifest",
+        "u.qcow2.tree": "no-manifest",
+        "i2.qcow2.tree.prune-new": "prune-new",
         "s.qcow2.scratch": "scratch",
         "i2.qcow2.json.tmp-ab12cd": "temporary",
         "i1.qcow2.json.prune-new": "prune-new",

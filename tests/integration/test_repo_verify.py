@@ -115,12 +115,12 @@ def test_bad_block_in_an_incremental(repo):
 
 
 def test_damaged_hashes_and_missing_files(repo):
-    with open(repo.bk / "i1.img.hashes", "r+b") as f:
-        f.seek(64)
+    with open(repo.bk / "i1.img.tree", "r+b") as f:
+        f.seek(64 + 20)       # inside the first record's digest
         f.write(b"\xff")
     out, by = verify(repo)
     assert "SHA-256" in by["i1.img"]["problems"][0]["problem"]
-    assert by["i1.img"]["problems"][0]["file"].endswith("i1.img.hashes")
+    assert by["i1.img"]["problems"][0]["file"].endswith("i1.img.tree")
     assert "not checked: its parent i1.img" in by["i2.img"]["problems"][0]["problem"]
     assert by["f.img"]["ok"]
     agrees_with_cbt_verify(repo, by)

@@ -483,8 +483,13 @@ def test_verify_names_flipped_byte_in_every_file(tmp, fmt, maker):
         else:
             at = len(text) // 2
         cases.append((mpath, at, None))
-        # The block hashes.
-        cases.append((path + ".hashes", 32 * 5 + 7, None))
+        # The block hashes: a hand-made v1 .hashes file, or the record file
+        # (sha256-tree-v2) of a backup cbt made.
+        if os.path.exists(path + ".tree"):
+            cases.append((path + ".tree", os.path.getsize(path + ".tree") // 2,
+                          None))
+        else:
+            cases.append((path + ".hashes", 32 * 5 + 7, None))
 
     for path, off, guest in cases:
         flip(path, off)
@@ -528,7 +533,8 @@ def test_verify_missing_middle_backup(tmp, what):
     r = three_chain(tmp, "qcow2")
     mid = r.path("b2.qcow2")
     victim = {"image": mid, "manifest": mid + ".json",
-              "hashes": mid + ".hashes"}[what]
+              "hashes": mid + (".tree" if os.path.exists(mid + ".tree")
+                               else ".hashes")}[what]
     os.unlink(victim)
     top = r.path("b3.qcow2")
     data, res = verify_json(top, check_rc=CORRUPT)

@@ -128,7 +128,7 @@ def test_backup(tmp, mode):
             seen.add("before")
         else:
             b = os.path.join(work, "bk", "b.qcow2")
-            assert files == sorted(before + ["b.qcow2", "b.qcow2.hashes", "b.qcow2.json"]), \
+            assert files == sorted(before + ["b.qcow2", "b.qcow2.json", "b.qcow2.tree"]), \
                 "%s: left %s" % (what, files)
             assert checkpoints(wdisk) == ckpts + ["c2"], what
             cbt("verify", b)

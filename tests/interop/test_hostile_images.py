@@ -197,7 +197,7 @@ def test_two_checkpoint_extensions(tmp):
         assert "more than one checkpoint metadata extension" in res.err, res
         assert L.file_digest(disk) == before, "cbt %s changed the disk" % args[:2]
     assert sorted(os.listdir(os.path.join(d, "bk"))) == \
-        ["full.qcow2", "full.qcow2.hashes", "full.qcow2.json"]
+        ["full.qcow2", "full.qcow2.json", "full.qcow2.tree"]
     res = L.cbt_rc("checkpoint", "reconcile", disk)
     assert "more than one checkpoint metadata extension" in res.out + res.err, res
     assert L.file_digest(disk) == before

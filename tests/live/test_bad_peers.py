@@ -152,8 +152,8 @@ def test_qemu_killed_during_the_backup(live, tmp_path):
     assert p.returncode != 0 and err, (out, err)
     assert b"\x00" not in err, err
     err.decode()  # the message is text (nothing the server sent raw)
-    assert sorted(os.listdir(bk)) == ["full.qcow2", "full.qcow2.hashes",
-                                      "full.qcow2.json"], os.listdir(bk)
+    assert sorted(os.listdir(bk)) == ["full.qcow2", "full.qcow2.json",
+                                      "full.qcow2.tree"], os.listdir(bk)
     # QEMU again: the checkpoint it had is void (its bitmap was in use
     # when QEMU died); --auto rescans the disk against full.qcow2 (whose
     # hashes say what every block held), saying why, and it restores to

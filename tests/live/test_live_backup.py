@@ -134,8 +134,8 @@ def test_failed_backup_leaves_nothing(live, tmp_path):
     assert [c["name"] for c in after["checkpoints"]] == \
         [c["name"] for c in before["checkpoints"]]
     assert cbt_objects(q) == []
-    assert sorted(os.listdir(bk)) == ["full.qcow2", "full.qcow2.hashes",
-                                      "full.qcow2.json", "inc.qcow2.scratch"]
+    assert sorted(os.listdir(bk)) == ["full.qcow2", "full.qcow2.json",
+                                      "full.qcow2.tree", "inc.qcow2.scratch"]
 
 
 def test_killed_cbt_leaves_what_the_next_removes(live, tmp_path):

@@ -336,7 +336,8 @@ static void chain_case(uint64_t size, uint64_t size2, bool keep)
     char *p3 = tpath("f3");
     struct cbt_error *err = NULL;
     char hex[65];
-    assert_int_equal(tree_merge(&f1, &f2, size, p3, hex, &err), 0);
+    struct tree_file *fold[] = {&f2, &f1};
+    assert_int_equal(tree_merge(fold, 2, size, true, p3, hex, &err), 0);
     free(p3);
     open_file(&f3, "f3", size);
     assert_memory_equal(f3.info.root, root2, 32);
@@ -360,6 +361,17 @@ static void chain_case(uint64_t size, uint64_t size2, bool keep)
     open_file(&f4, "f4", size2);
     struct tree_file *c4[] = {&f4, &f2, &f1};
     expect_view(c4, 3, size2, &mc);
+    /* Prune of two points at once, across the resize. */
+    struct tree_file f5;
+    char *p5 = tpath("f5");
+    assert_int_equal(tree_merge(c4, 3, size2, true, p5, hex, &err), 0);
+    free(p5);
+    open_file(&f5, "f5", size2);
+    /* Only the nodes that are not zeroes are left. */
+    assert_int_equal(f5.info.nrec, diff_nodes(NULL, &mc));
+    struct tree_file *c5[] = {&f5};
+    expect_view(c5, 1, size2, &mc);
+    tree_file_close(&f5);
 
     tree_file_close(&f1);
     tree_file_close(&f2);
@@ -372,7 +384,7 @@ static void chain_case(uint64_t size, uint64_t size2, bool keep)
     free(bl);
     free(other);
     free(cl);
-    const char *names[] = {"f1", "f2", "f3", "f4"};
+    const char *names[] = {"f1", "f2", "f3", "f4", "f5"};
     for (size_t j = 0; j < ARRAY_SIZE(names); j++) {
         char *p = tpath(names[j]);
         unlink(p);
