@@ -1,5 +1,6 @@
-/* Backup manifests (TARGET.json) and block hashes (TARGET.hashes):
- * reading, writing and finding them.  Layout: docs/backups.md. */
+/* Backup manifests (TARGET.json) and sha256-blocks-v1 block hashes
+ * (TARGET.hashes; sha256-tree-v2's TARGET.tree is hashtree.h): reading,
+ * writing and finding them.  Layout: docs/backups.md. */
 #ifndef CBT_OPS_MANIFEST_H
 #define CBT_OPS_MANIFEST_H
 
