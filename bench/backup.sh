@@ -418,7 +418,7 @@ def bench(cbt, work, size, size_s, runs, dirty_levels, chain_dirty, seed,
     last = {}
     for i in range(-warmup, runs):
         for name in rotate(list(jobs), i):
-            for p in (out, out + ".json", out + ".hashes"):
+            for p in (out, out + ".json", out + ".tree", out + ".hashes"):
                 if os.path.exists(p):
                     os.unlink(p)
             os.sync()
@@ -480,8 +480,9 @@ def bench(cbt, work, size, size_s, runs, dirty_levels, chain_dirty, seed,
                 os.makedirs(r)
                 copy_file(disk, os.path.join(r, "disk.qcow2"))
                 for f in ("full.qcow2", "full.qcow2.json",
-                          "full.qcow2.hashes"):
-                    os.link(os.path.join(repo, f), os.path.join(r, f))
+                          "full.qcow2.tree", "full.qcow2.hashes"):
+                    if os.path.exists(os.path.join(repo, f)):
+                        os.link(os.path.join(repo, f), os.path.join(r, f))
                 os.sync()
                 record(times, last, name, timed(jobs[name], drop, cwd=r), i)
                 inc = os.path.join(r, "inc.qcow2")
@@ -506,7 +507,7 @@ def bench(cbt, work, size, size_s, runs, dirty_levels, chain_dirty, seed,
         if pct == dirty_levels[0]:
             commands.append(
                 "1. incremental (in a folder holding DISK = a copy of the "
-                "dirty disk and full.qcow2{,.json,.hashes}; c0 = the full "
+                "dirty disk and full.qcow2{,.json,.tree}; c0 = the full "
                 "backup's checkpoint, recording the dirty writes):")
             for k, v in jobs.items():
                 commands.append("     " + rel(v, r).replace(cbt, "cbt")

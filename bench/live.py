@@ -361,8 +361,10 @@ class Bench:
         r = os.path.join(self.work, "run")
         shutil.rmtree(r, ignore_errors=True)
         os.makedirs(r)
-        for f in ("full.qcow2", "full.qcow2.json", "full.qcow2.hashes"):
-            os.link(os.path.join(self.repo, f), os.path.join(r, f))
+        for f in ("full.qcow2", "full.qcow2.json", "full.qcow2.tree",
+                  "full.qcow2.hashes"):
+            if os.path.exists(os.path.join(self.repo, f)):
+                os.link(os.path.join(self.repo, f), os.path.join(r, f))
         return r
 
     # ---- the routes: each returns a dict with t0, t1 (monotonic ns) ----

@@ -72,7 +72,7 @@ def timed(argv):
 
 def remove(*paths):
     for p in paths:
-        for suffix in ("", ".json", ".hashes"):
+        for suffix in ("", ".json", ".tree", ".hashes"):
             if os.path.exists(p + suffix):
                 os.unlink(p + suffix)
 

@@ -16,7 +16,8 @@
 #            blockdev-backup sync=bitmap (bench/backup.sh --qsd-incremental);
 #            verify of the incremental vs qemu-img compare of its chain with
 #            the disk; restore vs qemu-img convert -t writeback of the chain;
-#            with the metadata bytes each backup writes (.hashes + .json);
+#            with the metadata bytes each backup writes (.tree + .json;
+#            .hashes for a cbt before sha256-tree-v2);
 #   chain    a full + BENCH_CHAIN_LEN incrementals (each 100 x 64 KiB
 #            rewritten): cbt restore and cbt verify of the last vs qemu-img
 #            convert -t writeback of the chain.
@@ -274,8 +275,12 @@ def dirty_cmds(seed, count, span, size):
             for i, b in enumerate(sorted(blocks))]
 
 
+META = (".tree", ".hashes", ".json")
+
+
 def meta_bytes(target):
-    return sum(os.path.getsize(target + s) for s in (".hashes", ".json"))
+    return sum(os.path.getsize(target + s) for s in META
+               if os.path.exists(target + s))
 
 
 def part_backup():
@@ -298,7 +303,7 @@ def part_backup():
         full = os.path.join(bk, "full.qcow2")
         def prep_full():
             fresh(disk0, disk)
-            rm(full, full + ".json", full + ".hashes")
+            rm(full, *[full + m for m in META])
         c, cb = cbt_runs(runs, prep_full, lambda x: [
             x, "backup", "--full", "--checkpoint", "c0", disk, full], size=size)
         meta_full = meta_bytes(full)
@@ -319,7 +324,7 @@ def part_backup():
         inc = os.path.join(bk, "inc.qcow2")
         def prep_inc():
             fresh(dirty, disk)
-            rm(inc, inc + ".json", inc + ".hashes")
+            rm(inc, *[inc + m for m in META])
         c, cb = cbt_runs(runs, prep_inc, lambda x: [
             x, "backup", "--incremental", "--checkpoint", "c1", disk, inc], size=size)
         meta_inc = meta_bytes(inc)

@@ -32,6 +32,10 @@ static void check_rules(const struct manifest *m)
         fuzz_fail("accepted blocks %llu for size %llu",
                   (unsigned long long)m->blocks,
                   (unsigned long long)m->virtual_size);
+    /* Version 2 is exactly sha256-tree-v2, version 1 sha256-blocks-v1. */
+    if ((m->version != 1 && m->version != 2) || (m->version == 2) != m->tree)
+        fuzz_fail("accepted version %d with %s hashes", m->version,
+                  m->tree ? "tree" : "v1");
     if (m->has_extents != (strcmp(m->image_format, "raw") == 0))
         fuzz_fail("extents present for the wrong format");
     uint64_t prev = 0;
