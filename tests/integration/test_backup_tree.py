@@ -7,6 +7,8 @@ documented layout with hashlib only.
     each point restored by `cbt restore`, read back as raw by `qemu-img
     convert`, and the model's root of those bytes must be the manifest's;
     the chain's record files must define the model's tree node for node;
+    a record changed with its file vouched for again (file-sha256) is
+    caught by the root check, which names the record file;
   * metadata proportional to the data: on a 1 TiB disk, a full backup of
     a few blocks and then an incremental of 100 MiB (1600 blocks of 64
     KiB spread over 1 GiB) write record files of under 1% of the bytes
@@ -97,6 +99,26 @@ def test_roots_of_restored_points_and_after_prune(tmp_path):
         # a point with no parent holds exactly the nodes that are not zeroes
         assert f.read() == T.record_file(size, T.leaves_of(data))
     cbt_ok("verify", points[2])
+
+    # A record file changed and vouched for again by its manifest
+    # (file-sha256 updated, root not): the records no longer recompute
+    # the root, and verify and restore name the record file.
+    with open(points[2] + ".tree", "rb") as f:
+        buf = bytearray(f.read())
+    _, recs, _ = T.parse_records(bytes(buf))
+    k1 = next(n for n, (k, _, _) in enumerate(recs) if k == 1)
+    buf[64 + 41 * k1 + 20] ^= 1
+    with open(points[2] + ".tree", "wb") as f:
+        f.write(buf)
+    m["hash"]["file-sha256"] = hashlib.sha256(bytes(buf)).hexdigest()
+    with open(points[2] + ".json", "w") as f:
+        json.dump(m, f)
+    for args in (["verify", points[2]],
+                 ["restore", points[2], os.path.join(tmp, "bad.qcow2")]):
+        res = L.cbt_rc(*args)
+        assert res.rc == 65, res
+        assert "p2.qcow2.tree" in res.err and "level 1" in res.err, res
+    assert not os.path.exists(os.path.join(tmp, "bad.qcow2"))
 
 
 def test_metadata_follows_the_data_on_a_1tib_disk(tmp_path):
