@@ -32,7 +32,8 @@ const char *cbt_backup_mode_name(enum cbt_backup_mode mode);
 
 /*
  * cbt backup.  A backup is TARGET (a qcow2 or raw image) with the manifest
- * TARGET.json and the block hashes TARGET.hashes beside it.  The backups of
+ * TARGET.json and the block hashes TARGET.tree beside it (sha256-tree-v2;
+ * older backups' TARGET.hashes are still read).  The backups of
  * one disk live in one folder: an incremental finds its parent there (the
  * backup whose manifest names the disk's id and the checkpoint it starts
  * from).
@@ -60,7 +61,7 @@ const char *cbt_backup_mode_name(enum cbt_backup_mode mode);
  * rescan: the incremental or differential does not use the checkpoint's
  * bitmap (it may be gone or inconsistent: QEMU killed, removed behind
  * cbt's back); the whole disk is read and hashed, and only the blocks
- * whose digest differs from the parent backup's .hashes are written.  It
+ * whose digest differs from the parent backup's leaf are written.  It
  * needs the parent backup (the one of the checkpoint it starts from) and
  * that checkpoint's record on the disk, not its bitmap.  auto_full takes
  * a rescan where the checkpoint's bitmap is unusable but its backup is
