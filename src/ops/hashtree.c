@@ -976,7 +976,8 @@ err:
 /* ---- merging (prune) ---- */
 
 int tree_merge(struct tree_file **files, size_t n, uint64_t size,
-               bool on_zeroes, const char *out_path, char sha_hex[65],
+               bool on_zeroes, const uint8_t parent_root[32],
+               const char *out_path, char sha_hex[65],
                struct cbt_error **errp)
 {
     struct tree_shape s;
@@ -987,8 +988,7 @@ int tree_merge(struct tree_file **files, size_t n, uint64_t size,
         return -1;
     }
     struct tree_writer tw;
-    if (tree_writer_open(&tw, out_path, &s, files[n - 1]->info.parent_root,
-                         errp) < 0)
+    if (tree_writer_open(&tw, out_path, &s, parent_root, errp) < 0)
         return -1;
     struct tree_cursor *cur = calloc(n, sizeof(*cur));
     int r = cur ? 0 : -ENOMEM;

@@ -209,13 +209,15 @@ int tree_view_check(struct tree_view *v, const uint8_t root[32],
  * has the newest's shape and root, the oldest's parent root, and for every
  * node the newest file's record for it (records outside the newest's
  * shape dropped), so the view through it, over the oldest's parent, is
- * the newest's view.  on_zeroes: the oldest starts the chain's tree (a
+ * the newest's view; its header names parent_root (the root of the
+ * backup it now sits on; zeroes: none).  on_zeroes: the oldest starts the chain's tree (a
  * full, or one on a v1 parent): records equal to the all-zeroes subtree's
  * are dropped too, leaving exactly the nodes that are not zeroes.
  * Proportional to the files' records.
  */
 int tree_merge(struct tree_file **files, size_t n, uint64_t size,
-               bool on_zeroes, const char *out_path, char sha_hex[65],
+               bool on_zeroes, const uint8_t parent_root[32],
+               const char *out_path, char sha_hex[65],
                struct cbt_error **errp);
 
 /* ---- one interface for the leaves of either format ---- */

@@ -729,7 +729,15 @@ static int fold_records(const struct repo *r, const struct repo_point *p,
     const struct repo_point *oldest = order[n - 1];
     bool on_zeroes = oldest->parent < 0 ||
                      !r->points[oldest->parent].m.tree;
-    if (tree_merge(fp, n, c->m.virtual_size, on_zeroes, out, sha, errp) < 0)
+    /* The folded file sits on what P sat on. */
+    uint8_t proot[32] = {0};
+    for (int i = 0; p->parent >= 0 && i < 32; i++) {
+        const char *h = r->points[p->parent].m.root;
+        char two[3] = {h[2 * i], h[2 * i + 1], 0};
+        proot[i] = (uint8_t)strtoul(two, NULL, 16);
+    }
+    if (tree_merge(fp, n, c->m.virtual_size, on_zeroes, proot, out, sha,
+                   errp) < 0)
         goto out;
     json_t *hash = json_object_get(cj, "hash");
     char **nf = realloc(tx->rename_from, (tx->nrename + 1) * sizeof(char *));

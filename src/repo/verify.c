@@ -65,7 +65,7 @@ struct ctx {
 
 /* What a verified point passes to its children. */
 struct level {
-    struct blockhash leaves;
+    struct leaf_src leaves;   /* its leaves, paged in (either format) */
     uint64_t size;
     const char *file;     /* its image (path) */
     uint64_t *bad;        /* its bad blocks, increasing */
@@ -76,7 +76,7 @@ struct level {
 
 static void level_free(struct level *l)
 {
-    blockhash_free(&l->leaves);
+    leaf_src_close(&l->leaves);
     free(l->bad);
     free(l->bad_file);
     memset(l, 0, sizeof(*l));
@@ -333,18 +333,19 @@ static int classify_raw(const struct manifest *m, const struct level *parent,
 }
 
 /*
- * The point's leaves, whole (as sha256-blocks-v1 always held them): a v1
- * .hashes file as it is; a v2 point's from the view of its chain's record
- * files (each checked against its manifest's file-sha256, the records
- * against the point's root).  0, or -1 with *e naming the file at fault.
+ * The point's leaves (leaf_src: paged in, never held whole): a v1 .hashes
+ * file (its digest checked by check_files); a v2 point's view of its
+ * chain's record files, each checked against its manifest's file-sha256,
+ * the records against the point's root.  0, or -1 with *e naming the
+ * file at fault.
  */
 static int load_leaves(struct ctx *c, size_t i, const char *hashes,
-                       struct blockhash *h, struct cbt_error **e)
+                       struct leaf_src *l, struct cbt_error **e)
 {
     const struct repo_point *p = &c->r->points[i];
     uint64_t size = p->m.virtual_size;
     if (!p->m.tree)
-        return blockhash_read(hashes, size, h, e);
+        return leaf_src_open_v1(l, hashes, size, NULL, e);
     size_t n = 0;
     for (int j = (int)i; j >= 0 && c->r->points[j].m.tree;
          j = c->r->points[j].parent)
@@ -352,8 +353,6 @@ static int load_leaves(struct ctx *c, size_t i, const char *hashes,
     char **paths = calloc(n, sizeof(*paths));
     const char **sha = calloc(n, sizeof(*sha));
     uint64_t *blocks = calloc(n, sizeof(*blocks));
-    struct leaf_src l;
-    memset(&l, 0, sizeof(l));
     size_t k = 0, bad;
     int r = -1;
     if (!paths || !sha || !blocks)
@@ -366,44 +365,40 @@ static int load_leaves(struct ctx *c, size_t i, const char *hashes,
         sha[k] = q->m.hash_file_sha256;
         blocks[k] = q->m.blocks;
     }
-    if (leaf_src_open_tree(&l, size, (const char *const *)paths, blocks, sha,
-                           n, &bad, e) < 0 ||
-        leaf_src_check_root(&l, p->m.root, e) < 0)
+    if (leaf_src_open_tree(l, size, (const char *const *)paths, blocks, sha,
+                           n, &bad, e) < 0)
         goto out;
-    if (blockhash_init(h, size) < 0)
-        goto oom;
-    for (uint64_t b = 0; b < h->n;) {
-        const uint8_t *leaf;
-        uint64_t nl;
-        int er = leaf_src_window(&l, b, &leaf, &nl);
-        if (er < 0) {
-            cbt_error_set(e, -er, "%s: cannot read it: %s", hashes,
-                          strerror(-er));
-            goto out;
-        }
-        nl = MIN(nl, h->n - b);
-        memcpy(h->leaf[b], leaf, nl * 32);
-        b += nl;
+    if (leaf_src_check_root(l, p->m.root, e) < 0) {
+        leaf_src_close(l);
+        goto out;
     }
     r = 0;
     goto out;
 oom:
     cbt_error_set(e, ENOMEM, "out of memory");
 out:
-    leaf_src_close(&l);
     for (k = 0; paths && k < n; k++)
         free(paths[k]);
     free(paths);
     free(sha);
     free(blocks);
-    if (r < 0)
-        blockhash_free(h);
+    return r;
+}
+
+/* Leaf b of l into out.  0 or -errno. */
+static int leaf_at(struct leaf_src *l, uint64_t b, uint8_t out[32])
+{
+    const uint8_t *leaf;
+    uint64_t nl;
+    int r = leaf_src_window(l, b, &leaf, &nl);
+    if (r == 0)
+        memcpy(out, leaf, 32);
     return r;
 }
 
 /* The data checks of a qcow2 point. */
 static int check_data(struct ctx *c, size_t i, const char *img,
-                      const char *hashes, const struct level *parent,
+                      const char *hashes, struct level *parent,
                       struct level *lv, struct cbt_error **errp)
 {
     const struct repo_point *p = &c->r->points[i];
@@ -427,7 +422,8 @@ static int check_data(struct ctx *c, size_t i, const char *img,
         return add_err(v, img, e) < 0 ? -1 : 1;
     }
     int ret = -1, r = 0;
-    uint64_t n = lv->leaves.n;
+    uint64_t n = DIV_ROUND_UP(size, BLOCK);
+    uint8_t own[32], theirs[32];
     uint8_t *kind = calloc(n + 1, 1);
     if (!kind)
         goto oom;
@@ -448,13 +444,18 @@ static int check_data(struct ctx *c, size_t i, const char *img,
             ssize_t pi = -1;
             if (kind[b] == B_ZERO) {
                 blockhash_zero_digest(len, d);
-                bad = memcmp(d, lv->leaves.leaf[b], 32) != 0;
+                if ((r = leaf_at(&lv->leaves, b, own)) < 0)
+                    goto io;
+                bad = memcmp(d, own, 32) != 0;
                 v->hashed++;
             } else {
                 pi = in_bad(parent, b);
                 inherited = pi >= 0;
-                bad = inherited ||
-                      memcmp(parent->leaves.leaf[b], lv->leaves.leaf[b], 32);
+                if (!inherited &&
+                    ((r = leaf_at(&lv->leaves, b, own)) < 0 ||
+                     (r = leaf_at(&parent->leaves, b, theirs)) < 0))
+                    goto io;
+                bad = inherited || memcmp(theirs, own, 32) != 0;
                 v->shared++;
             }
             const char *hf = raw ? (inherited ? parent->bad_file[pi] : img)
@@ -486,7 +487,9 @@ static int check_data(struct ctx *c, size_t i, const char *img,
             uint8_t d[32];
             blockhash_digest(c->buf + (k - b) * BLOCK, bl, d);
             v->hashed++;
-            if (memcmp(d, lv->leaves.leaf[k], 32) != 0 &&
+            if ((r = leaf_at(&lv->leaves, k, own)) < 0)
+                goto io;
+            if (memcmp(d, own, 32) != 0 &&
                 (mark_bad(lv, k, img) < 0 ||
                  add_bad(v, holder(view, k * BLOCK, bl), true, k * BLOCK, bl,
                          "does not match its recorded hash") < 0))
@@ -537,7 +540,7 @@ static int verify_raw(struct ctx *c, size_t i, const char *img,
     return r;
 }
 
-static int verify_point(struct ctx *c, size_t i, const struct level *parent,
+static int verify_point(struct ctx *c, size_t i, struct level *parent,
                         bool parent_failed, int depth,
                         struct cbt_error **errp)
 {

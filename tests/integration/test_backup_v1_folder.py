@@ -111,3 +111,21 @@ def test_new_incremental_on_old_folder(tmp_path):
     cbt_ok("restore", "-O", "raw", str(d / "inc3.qcow2"), out)
     with open(out, "rb") as f:
         assert f.read() == bytes(v2)
+
+    # The mixed folder as one repository: every point verifies; a prune
+    # that keeps only inc3 folds inc2's records (the whole tree) into it.
+    res = cbt_ok("repo", "verify", "--output=json", str(d))
+    pts = json.loads(res.out)["points"]
+    assert sorted(p["file"] for p in pts if p["ok"]) == \
+        ["full.qcow2", "inc.qcow2", "inc2.qcow2", "inc3.qcow2"], pts
+    cbt_ok("repo", "prune", "--keep-last", "1", "--force", str(d))
+    assert sorted(n for n in os.listdir(d)
+                  if n not in ("disk.qcow2", "make.sh", "cbt-verified.json")) == \
+        ["inc3.qcow2", "inc3.qcow2.json", "inc3.qcow2.tree"]
+    with open(d / "inc3.qcow2.tree", "rb") as f:
+        assert f.read() == T.record_file(SIZE, T.leaves_of(bytes(v2)))
+    cbt_ok("verify", str(d / "inc3.qcow2"))
+    os.unlink(out)
+    cbt_ok("restore", "-O", "raw", str(d / "inc3.qcow2"), out)
+    with open(out, "rb") as f:
+        assert f.read() == bytes(v2)

@@ -337,7 +337,8 @@ static void chain_case(uint64_t size, uint64_t size2, bool keep)
     struct cbt_error *err = NULL;
     char hex[65];
     struct tree_file *fold[] = {&f2, &f1};
-    assert_int_equal(tree_merge(fold, 2, size, true, p3, hex, &err), 0);
+    assert_int_equal(tree_merge(fold, 2, size, true, zeroes, p3, hex, &err),
+                     0);
     free(p3);
     open_file(&f3, "f3", size);
     assert_memory_equal(f3.info.root, root2, 32);
@@ -364,7 +365,8 @@ static void chain_case(uint64_t size, uint64_t size2, bool keep)
     /* Prune of two points at once, across the resize. */
     struct tree_file f5;
     char *p5 = tpath("f5");
-    assert_int_equal(tree_merge(c4, 3, size2, true, p5, hex, &err), 0);
+    assert_int_equal(tree_merge(c4, 3, size2, true, zeroes, p5, hex, &err),
+                     0);
     free(p5);
     open_file(&f5, "f5", size2);
     /* Only the nodes that are not zeroes are left. */
