@@ -121,6 +121,12 @@ int cbt_bitmap_diff(struct cbt_image *img, const char *name,
                     struct cbt_image *other_img, const char *other_name,
                     cbt_diff_fn *fn, void *opaque, struct cbt_error **errp);
 
+/* Dirty bytes of bitmap `name` (whole granules, as cbt_bitmap_info's
+ * count), with the errors of cbt_bitmap_extents (missing, inconsistent).
+ * A bitmap not loaded yet is counted from the image, not loaded. */
+int cbt_bitmap_count(struct cbt_image *img, const char *name, uint64_t *count,
+                     struct cbt_error **errp);
+
 /* SHA-256 of the bitmap's qcow2 bit layout: the ceil(ceil(size/gran)/8)
  * bytes of the LSB-first bit stream, unused tail bits zero.  hex: 65
  * bytes. */

@@ -135,27 +135,46 @@ static struct blk_bitmap *list_find(const struct blk_bitmap_list *l,
     return NULL;
 }
 
-static bool list_mark_dirty(const struct blk_bitmap_list *l, uint64_t off,
-                            uint64_t len)
+/* Dirty [off, off+len) in the recording bitmaps of l.  A recording
+ * bitmap of a writable node is loaded already (struct blk_bitmap, "Lazy
+ * bits"); should one not be, it is loaded here rather than miss the write,
+ * and if that fails the write must not go ahead. */
+static int list_mark_dirty(struct blk_node *node, struct blk_bitmap_list *l,
+                           uint64_t off, uint64_t len, bool *any)
 {
-    bool any = false;
     for (size_t i = 0; i < l->n; i++) {
-        if (l->v[i].recording && l->v[i].bm) {
-            bm_set(l->v[i].bm, off, len);
-            any = true;
+        struct blk_bitmap *b = &l->v[i];
+        if (!b->recording)
+            continue;
+        if (b->on_disk) {
+            struct cbt_error *err = NULL;
+            if (blk_bitmap_load(node, b, &err) < 0) {
+                cbt_debug("%s", cbt_error_message(err));
+                int e = cbt_error_errno(err);
+                cbt_error_free(err);
+                return -(e ? e : EIO);
+            }
+        }
+        if (b->bm) {
+            bm_set(b->bm, off, len);
+            *any = true;
         }
     }
-    return any;
+    return 0;
 }
 
 /* ---- for the data path and the drivers (node->lock held) ---- */
 
 int blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len)
 {
-    bool live = list_mark_dirty(&node->bitmaps, off, len);
-    bool committed = list_mark_dirty(&node->committed, off, len);
-    if (live || committed)
+    bool any = false;
+    int r = list_mark_dirty(node, &node->bitmaps, off, len, &any);
+    if (r == 0)
+        r = list_mark_dirty(node, &node->committed, off, len, &any);
+    if (any)
         node->bitmaps_written = true;
+    if (r < 0)
+        return r;
     if (node->drv->mark_dirty)
         return node->drv->mark_dirty(node, off, len);
     return 0;
@@ -169,6 +188,66 @@ int blk_bitmap_append(struct blk_node *node, const struct blk_bitmap *b)
 struct blk_bitmap *blk_bitmap_find(struct blk_node *node, const char *name)
 {
     return list_find(&node->bitmaps, name);
+}
+
+static int load_chunk(void *opaque, uint64_t chunk, uint64_t chunk_bytes,
+                      const uint8_t *buf, bool ones)
+{
+    struct bm_bitmap *bm = opaque;
+    if (buf)
+        bm_deserialize_chunk(bm, chunk, chunk_bytes, buf);
+    else if (ones)
+        bm_deserialize_fill(bm, chunk, chunk_bytes, true);
+    return 0;
+}
+
+/* A new bitmap holding the bits of on_disk b, read from the image. */
+static struct bm_bitmap *read_bits(struct blk_node *node,
+                                   const struct blk_bitmap *b,
+                                   struct cbt_error **errp)
+{
+    struct bm_bitmap *bm = bm_new(node->size, b->granularity);
+    if (!bm) {
+        cbt_error_set(errp, errno, "%s: cannot create bitmap '%s': %s",
+                      node->filename, b->name, strerror(errno));
+        return NULL;
+    }
+    if (!node->drv->bitmap_read) {
+        cbt_error_set(errp, ENOTSUP, "%s: bitmap '%s': the driver cannot "
+                      "read bitmaps", node->filename, b->name);
+        bm_free(bm);
+        return NULL;
+    }
+    int r = node->drv->bitmap_read(node, b, load_chunk, bm, errp);
+    if (r != 0) {
+        bm_free(bm);
+        return NULL;
+    }
+    return bm;
+}
+
+int blk_bitmap_load(struct blk_node *node, struct blk_bitmap *b,
+                    struct cbt_error **errp)
+{
+    if (!b->on_disk)
+        return 0;
+    struct bm_bitmap *bm = read_bits(node, b, errp);
+    if (!bm)
+        return -1;
+    b->bm = bm;
+    b->on_disk = false;
+    b->disk_key = 0;
+    return 0;
+}
+
+/* Load every on_disk bitmap of l. */
+static int list_load(struct blk_node *node, struct blk_bitmap_list *l,
+                     struct cbt_error **errp)
+{
+    for (size_t i = 0; i < l->n; i++)
+        if (blk_bitmap_load(node, &l->v[i], errp) < 0)
+            return -1;
+    return 0;
 }
 
 int blk_bitmaps_snapshot(struct blk_node *node)
@@ -274,6 +353,123 @@ static size_t index_of(const struct cbt_image *img, const struct blk_bitmap *b)
     return (size_t)(b - img->bitmaps.v);
 }
 
+/* ---- bits on disk (node->lock held) ---- */
+
+/*
+ * Reading an on_disk bitmap out without loading it: the chunks the driver
+ * streams are the bitmap's serialized bit stream, so counting and hashing
+ * need no bitmap in memory, only one chunk at a time (what QEMU's
+ * qemu-nbd -B holds is every bitmap of the image).
+ */
+struct stream_state {
+    uint64_t nbits;       /* bits of the bitmap */
+    uint64_t set;         /* count: set bits seen */
+    struct sha256_ctx *sha; /* sha256: hash the stream too */
+    uint8_t *fill;        /* a chunk of clean or dirty bytes, lazily */
+    int fill_byte;        /* what *fill holds, -1 if nothing */
+};
+
+static int stream_chunk(void *opaque, uint64_t chunk, uint64_t chunk_bytes,
+                        const uint8_t *buf, bool ones)
+{
+    struct stream_state *st = opaque;
+    uint64_t first = chunk * chunk_bytes * 8;
+    if (first >= st->nbits)
+        return 0;
+    uint64_t n = MIN(chunk_bytes * 8, st->nbits - first); /* bits */
+    if (!buf && st->sha) {
+        int want = ones ? 0xff : 0;
+        if (!st->fill) {
+            st->fill = malloc(chunk_bytes);
+            if (!st->fill)
+                return -ENOMEM;
+        }
+        if (st->fill_byte != want) {
+            memset(st->fill, want, chunk_bytes);
+            st->fill_byte = want;
+        }
+        buf = st->fill;
+    }
+    if (!buf) {
+        st->set += ones ? n : 0;
+        return 0;
+    }
+    uint64_t whole = n / 64, set = 0;
+    for (uint64_t w = 0; w < whole; w++) {
+        uint64_t v;
+        memcpy(&v, buf + 8 * w, 8);
+        set += (uint64_t)__builtin_popcountll(v);
+    }
+    /* The bits past the bitmap's end in the last byte are not its own:
+     * neither counted nor hashed (the stream has them zero). */
+    uint8_t last = 0;
+    for (uint64_t i = whole * 64; i < n; i++) {
+        unsigned bit = (buf[i / 8] >> (i % 8)) & 1;
+        set += bit;
+        if (i / 8 == (n - 1) / 8)
+            last |= (uint8_t)(bit << (i % 8));
+    }
+    st->set += set;
+    if (st->sha) {
+        uint64_t bytes = DIV_ROUND_UP(n, 8);
+        if (n % 8) {
+            sha256_update(st->sha, buf, (size_t)(bytes - 1));
+            sha256_update(st->sha, &last, 1);
+        } else {
+            sha256_update(st->sha, buf, (size_t)bytes);
+        }
+    }
+    return 0;
+}
+
+/* Stream on_disk b through st (node->lock held). */
+static int stream_bits(struct blk_node *node, const struct blk_bitmap *b,
+                       struct stream_state *st, struct cbt_error **errp)
+{
+    st->nbits = DIV_ROUND_UP(node->size, b->granularity);
+    st->fill_byte = -1;
+    int r = node->drv->bitmap_read
+                ? node->drv->bitmap_read(node, b, stream_chunk, st, errp)
+                : -ENOTSUP;
+    free(st->fill);
+    st->fill = NULL;
+    if (r > 0 || r < -1) /* from stream_chunk, or no reader */
+        cbt_error_set(errp, r < 0 ? -r : EIO, "%s: cannot read bitmap '%s': "
+                      "%s", node->filename, b->name,
+                      strerror(r < 0 ? -r : EIO));
+    return r ? -1 : 0;
+}
+
+/* Dirty bytes of b (whole granules), on_disk or not (node->lock held). */
+static int bits_count(struct blk_node *node, const struct blk_bitmap *b,
+                      uint64_t *count, struct cbt_error **errp)
+{
+    if (!b->on_disk) {
+        *count = b->bm ? bm_count(b->bm) : 0;
+        return 0;
+    }
+    struct stream_state st = {0};
+    if (stream_bits(node, b, &st, errp) < 0)
+        return -1;
+    *count = st.set << __builtin_ctzll(b->granularity);
+    return 0;
+}
+
+/* A private copy of b's bits: shares pages with a loaded bitmap, is read
+ * from the image for an on_disk one (node->lock held). */
+static struct bm_bitmap *bits_copy(struct blk_node *node,
+                                   const struct blk_bitmap *b,
+                                   struct cbt_error **errp)
+{
+    if (b->on_disk)
+        return read_bits(node, b, errp);
+    struct bm_bitmap *copy = bm_copy(b->bm);
+    if (!copy)
+        set_error(errp, node, ENOMEM, "out of memory copying bitmap '%s'",
+                  b->name);
+    return copy;
+}
+
 /* ---- resize (node->lock held) ---- */
 
 int blk_bitmaps_resize_check(struct blk_node *node, struct cbt_error **errp)
@@ -281,6 +477,11 @@ int blk_bitmaps_resize_check(struct blk_node *node, struct cbt_error **errp)
     for (size_t i = 0; i < node->bitmaps.n; i++)
         if (check_bitmap(node, &node->bitmaps.v[i], CHECK_DEFAULT, errp) < 0)
             return -1;
+    /* A resize rewrites the tables on disk (qcow2 grows them): every bit
+     * must be in memory first, the rollback point's too. */
+    if (list_load(node, &node->bitmaps, errp) < 0 ||
+        list_load(node, &node->committed, errp) < 0)
+        return -1;
     return 0;
 }
 
@@ -330,8 +531,14 @@ int cbt_bitmap_list(struct cbt_image *img, struct cbt_bitmap_info **list,
     size_t n = img->bitmaps.n;
     struct cbt_bitmap_info *v = calloc(n ? n : 1, sizeof(*v));
     size_t i = 0;
+    int cr = 0;
     for (; v && i < n; i++) {
         const struct blk_bitmap *b = &img->bitmaps.v[i];
+        uint64_t dirty = 0;
+        if (bits_count(img, b, &dirty, errp) < 0) {
+            cr = -1;
+            break;
+        }
         v[i] = (struct cbt_bitmap_info){
             .name = strdup(b->name),
             .granularity = b->granularity,
@@ -341,7 +548,7 @@ int cbt_bitmap_list(struct cbt_image *img, struct cbt_bitmap_info **list,
             .auto_flag = b->disk_auto,
             .inconsistent = b->inconsistent,
             .busy = b->busy,
-            .count = b->bm ? bm_count(b->bm) : 0,
+            .count = dirty,
             .disk_bytes = b->disk_bytes,
         };
         if (!v[i].name)
@@ -350,7 +557,8 @@ int cbt_bitmap_list(struct cbt_image *img, struct cbt_bitmap_info **list,
     pthread_mutex_unlock(&img->lock);
     if (!v || i < n) {
         cbt_bitmap_info_free_list(v, n);
-        set_error(errp, img, ENOMEM, "out of memory listing bitmaps");
+        if (cr == 0)
+            set_error(errp, img, ENOMEM, "out of memory listing bitmaps");
         return -1;
     }
     *list = v;
@@ -462,9 +670,25 @@ static int simple_op(struct cbt_image *img, const char *name, enum simple_op op,
         list_remove(&img->bitmaps, index_of(img, b));
         break;
     case OP_CLEAR:
-        bm_clear(b->bm);
+        if (b->on_disk) {
+            /* No need to read bits only to drop them. */
+            struct bm_bitmap *bm = bm_new(img->size, b->granularity);
+            if (!bm) {
+                set_error(errp, img, errno, "cannot clear bitmap '%s': %s",
+                          name, strerror(errno));
+                goto out;
+            }
+            b->bm = bm;
+            b->on_disk = false;
+            b->disk_key = 0;
+        } else {
+            bm_clear(b->bm);
+        }
         break;
     case OP_ENABLE:
+        /* Writes will dirty it: its bits must be in memory. */
+        if (blk_bitmap_load(img, b, errp) < 0)
+            goto out;
         b->recording = true;
         break;
     case OP_DISABLE:
@@ -540,13 +764,11 @@ int cbt_bitmap_merge_flags(struct cbt_image *img, const char *target,
         struct blk_bitmap *s = lookup(src_img, src_name, errp);
         int r = s ? check_bitmap(src_img, s, CHECK_ALLOW_RO, errp) : -1;
         if (r == 0) {
-            src_size = bm_size(s->bm);
-            copy = bm_copy(s->bm);
-            if (!copy) {
-                set_error(errp, src_img, ENOMEM,
-                          "out of memory copying bitmap '%s'", src_name);
+            copy = bits_copy(src_img, s, errp);
+            if (copy)
+                src_size = bm_size(copy);
+            else
                 r = -1;
-            }
         }
         pthread_mutex_unlock(&src_img->lock);
         if (r < 0)
@@ -561,13 +783,16 @@ int cbt_bitmap_merge_flags(struct cbt_image *img, const char *target,
     const struct bm_bitmap *src = copy;
     if (!copy) {
         struct blk_bitmap *s = lookup(img, src_name, errp);
-        if (!s || check_bitmap(img, s, CHECK_ALLOW_RO, errp) < 0)
+        if (!s || check_bitmap(img, s, CHECK_ALLOW_RO, errp) < 0 ||
+            blk_bitmap_load(img, s, errp) < 0)
             goto out;
         src = s->bm;
         src_size = bm_size(s->bm);
     }
     if (src_size != img->size && (flags & CBT_MERGE_RESIZE) &&
         check_bitmap(img, dst, CHECK_DEFAULT, errp) == 0) {
+        if (blk_bitmap_load(img, dst, errp) < 0)
+            goto out;
         /* Another layer of a chain: its dirty bytes (clamped to its own
          * size), cut at the target's end; the target's bits past the
          * source's end are left alone. */
@@ -586,7 +811,8 @@ int cbt_bitmap_merge_flags(struct cbt_image *img, const char *target,
                   ") and can't be merged", img->size, src_size);
         goto out;
     }
-    if (check_bitmap(img, dst, CHECK_DEFAULT, errp) < 0)
+    if (check_bitmap(img, dst, CHECK_DEFAULT, errp) < 0 ||
+        blk_bitmap_load(img, dst, errp) < 0)
         goto out;
     if (src != dst->bm) {
         int r = bm_merge(dst->bm, src);
@@ -665,12 +891,9 @@ int cbt_bitmap_extents(struct cbt_image *img, const char *name,
     struct blk_bitmap *b = lookup(img, name, errp);
     int r = b ? check_bitmap(img, b, CHECK_ALLOW_RO, errp) : -1;
     if (r == 0) {
-        copy = bm_copy(b->bm);
-        if (!copy) {
-            set_error(errp, img, ENOMEM, "out of memory copying bitmap '%s'",
-                      name);
+        copy = bits_copy(img, b, errp);
+        if (!copy)
             r = -1;
-        }
     }
     pthread_mutex_unlock(&img->lock);
     if (r < 0)
@@ -728,12 +951,20 @@ int cbt_bitmap_sha256(struct cbt_image *img, const char *name, char hex[65],
         goto out;
     struct sha256_ctx ctx;
     sha256_init(&ctx);
+    if (b->on_disk) {
+        /* The chunks on disk are the stream hashed: no need to load. */
+        struct stream_state st = {.sha = &ctx};
+        if (stream_bits(img, b, &st, errp) < 0)
+            goto out;
+        goto done;
+    }
     uint64_t total = DIV_ROUND_UP(bm_nbits(b->bm), 8);
     for (uint64_t i = 0; i * chunk < total; i++) {
         uint64_t n = MIN(chunk, total - i * chunk);
         bm_serialize_chunk(b->bm, i, chunk, buf);
         sha256_update(&ctx, buf, (size_t)n);
     }
+done:;
     uint8_t digest[32];
     sha256_final(&ctx, digest);
     sha256_hex(digest, hex);
@@ -741,6 +972,24 @@ int cbt_bitmap_sha256(struct cbt_image *img, const char *name, char hex[65],
 out:
     pthread_mutex_unlock(&img->lock);
     return ret;
+}
+
+int cbt_bitmap_count(struct cbt_image *img, const char *name, uint64_t *count,
+                     struct cbt_error **errp)
+{
+    if (!valid_image(img, errp) || !valid_name(img, name, errp))
+        return -1;
+    if (!count) {
+        set_error(errp, img, EINVAL, "no place given for the count");
+        return -1;
+    }
+    pthread_mutex_lock(&img->lock);
+    struct blk_bitmap *b = lookup(img, name, errp);
+    int r = -1;
+    if (b && check_bitmap(img, b, CHECK_ALLOW_RO, errp) == 0)
+        r = bits_count(img, b, count, errp);
+    pthread_mutex_unlock(&img->lock);
+    return r;
 }
 
 int cbt_bitmap_commit(struct cbt_image *img, struct cbt_error **errp)

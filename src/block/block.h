@@ -82,10 +82,21 @@ struct blk_status {
  * disabled; persistent (stored in the image) or transient; busy (held by a
  * job or an export); inconsistent (found in_use when the image was opened:
  * its contents are unknown, bm is NULL, and only remove is allowed).
+ *
+ * Lazy bits: a persistent bitmap whose bits are still only on disk is
+ * `on_disk` (bm NULL, not inconsistent): the driver checked its table at
+ * open, and bitmap_read streams its bits from disk_key when asked.  Reading
+ * a bitmap out (count, sha256) streams them without loading; anything
+ * that changes or keeps the bits loads them first (blk_bitmap_load).  A
+ * bitmap that writes dirty on a writable node is never on_disk (the driver
+ * loads it at open, enable loads it), so the data path never reads disk.
  */
 struct blk_bitmap {
     char *name;
-    struct bm_bitmap *bm;   /* the bits; NULL when inconsistent */
+    struct bm_bitmap *bm;   /* the bits; NULL when inconsistent or on_disk */
+    bool on_disk;           /* bits not loaded: read them via disk_key */
+    uint64_t disk_key;      /* where the driver finds the bits (qcow2: the
+                             * table offset); only while on_disk */
     uint64_t granularity;   /* bytes per bit */
     bool recording;         /* writes dirty it (qcow2: the 'auto' flag) */
     bool persistent;
@@ -95,6 +106,10 @@ struct blk_bitmap {
     bool busy;
     uint64_t disk_bytes;    /* table and data bytes in the image (driver) */
 };
+
+typedef int blk_bitmap_chunk_fn(void *opaque, uint64_t chunk,
+                                uint64_t chunk_bytes, const uint8_t *buf,
+                                bool ones);
 
 /* The bitmaps of a node, in directory order. */
 struct blk_bitmap_list {
@@ -153,6 +168,15 @@ struct blk_driver {
     int (*bitmap_can_store)(struct blk_node *node, const char *name,
                             uint64_t granularity, struct cbt_error **errp);
     int (*bitmap_store)(struct blk_node *node, struct cbt_error **errp);
+    /* bitmap_read: stream the bits of an on_disk bitmap b (its disk_key)
+     * as chunks of its serialized bit stream (bm_serialize_chunk's layout,
+     * chunk_bytes each), in order, every chunk once: fn gets buf, or NULL
+     * with `ones` for a chunk that is all clean or all dirty.  Bits past
+     * the bitmap's end in buf are undefined.  fn's non-zero return stops
+     * the read and is returned; else 0, or -1 with *errp. */
+    int (*bitmap_read)(struct blk_node *node, const struct blk_bitmap *b,
+                       blk_bitmap_chunk_fn *fn, void *opaque,
+                       struct cbt_error **errp);
 
     int (*get_info)(struct blk_node *node, struct cbt_image_info *info,
                     struct cbt_error **errp);
@@ -339,6 +363,10 @@ int blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len);
  * (on success only).  0 or -ENOMEM.  For drivers loading an image. */
 int blk_bitmap_append(struct blk_node *node, const struct blk_bitmap *b);
 struct blk_bitmap *blk_bitmap_find(struct blk_node *node, const char *name);
+/* Bring an on_disk bitmap's bits into memory (b->bm); a no-op for any
+ * other.  0, or -1 with *errp (b unchanged).  node->lock held, or at open. */
+int blk_bitmap_load(struct blk_node *node, struct blk_bitmap *b,
+                    struct cbt_error **errp);
 /* Make the committed copy equal to the live list (after open, after a
  * commit).  0 or -ENOMEM (the old copy is kept). */
 int blk_bitmaps_snapshot(struct blk_node *node);

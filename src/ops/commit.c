@@ -454,13 +454,18 @@ static int mark_lacking(struct commit *c, struct cbt_error **errp)
             }
             if (e.flags & (CBT_BS_PRESENT | CBT_BS_ZERO)) {
                 pthread_mutex_lock(&c->base->lock);
-                for (size_t k = 0; k < c->nmark; k++) {
+                for (size_t k = 0; k < c->nmark && r == 0; k++) {
                     struct blk_bitmap *b = blk_bitmap_find(c->base,
                                                            c->mark[k]);
-                    if (b && b->bm && !layer_find(&c->layers[i], c->mark[k]))
+                    if (!b || layer_find(&c->layers[i], c->mark[k]))
+                        continue;
+                    r = blk_bitmap_load(c->base, b, errp);
+                    if (r == 0 && b->bm)
                         bm_set(b->bm, off, e.length);
                 }
                 pthread_mutex_unlock(&c->base->lock);
+                if (r < 0)
+                    return -1;
             }
             off += e.length;
         }

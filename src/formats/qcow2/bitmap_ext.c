@@ -516,10 +516,15 @@ static int load_dir(struct qcow2_state *s, uint64_t flen,
     return 0;
 }
 
-/* Read the bits of a bitmap that was not in_use (QEMU's load_bitmap). */
-static int load_data(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
-                     struct bm_bitmap *bm, uint64_t flen, uint64_t *disk_bytes,
-                     struct cbt_error **errp)
+/*
+ * Check the table of a bitmap that was not in_use (the checks of QEMU's
+ * load_bitmap) and count what it holds on disk.  Done at open for every
+ * bitmap, so a damaged table fails the open as it does in QEMU, even when
+ * the bits are only read later (qcow2_bitmap_read).
+ */
+static int check_table(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
+                       uint64_t flen, uint64_t *disk_bytes,
+                       struct cbt_error **errp)
 {
     const char *fn = fname(s);
     uint64_t bad;
@@ -554,19 +559,11 @@ static int load_data(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
                       want);
         return -1;
     }
-    CLEANUP_FREE uint8_t *buf = malloc(s->cluster_size);
-    if (!buf) {
-        cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
-        return -1;
-    }
     uint64_t used = 0;
     for (uint32_t i = 0; i < d->table_size; i++) {
         uint64_t off = t[i] & QCOW2_BME_TABLE_OFFSET_MASK;
-        if (off == 0) {
-            if (t[i] & QCOW2_BME_TABLE_ALL_ONES)
-                bm_deserialize_fill(bm, i, s->cluster_size, true);
+        if (off == 0)
             continue;
-        }
         if (past_eof(off, 1, flen)) {
             cbt_error_set(errp, EINVAL, "%s: Could not read bitmap '%s' from "
                           "image: table entry %u points at 0x%" PRIx64 ", past "
@@ -575,16 +572,78 @@ static int load_data(struct qcow2_state *s, const struct qcow2_bitmap_dirent *d,
             cbt_error_set_remedy(errp, CBT_REMEDY_REPAIR);
             return -1;
         }
-        int r = file_pread_full(s->node->fd, buf, s->cluster_size, off);
-        if (r < 0) {
-            cbt_error_set(errp, -r, "%s: Could not read bitmap '%s' from "
-                          "image: %s", fn, d->name, strerror(-r));
-            return -1;
-        }
-        bm_deserialize_chunk(bm, i, s->cluster_size, buf);
         used += s->cluster_size;
     }
     *disk_bytes = used + table_bytes_on_disk(s, d->table_size);
+    return 0;
+}
+
+/* The directory entry whose table holds the bits of on_disk bitmap b. */
+static const struct qcow2_bitmap_dirent *dirent_of_bits(
+    const struct qcow2_state *s, const struct blk_bitmap *b)
+{
+    unsigned gbits = (unsigned)__builtin_ctzll(b->granularity);
+    for (uint32_t i = 0; i < s->bm_dir_n; i++) {
+        const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
+        if (d->table_offset == b->disk_key && d->granularity_bits == gbits &&
+            !(d->flags & QCOW2_BME_FLAG_IN_USE) &&
+            d->table_size == table_entries(s, s->h.size, gbits))
+            return d;
+    }
+    return NULL;
+}
+
+/* The bits of an on_disk bitmap, a cluster at a time (QEMU's load_bitmap
+ * reads them the same way, at open).  The table was checked at open; it is
+ * read again (8 bytes a cluster of bits) rather than kept. */
+int qcow2_bitmap_read(struct blk_node *node, const struct blk_bitmap *b,
+                      blk_bitmap_chunk_fn *cb, void *opaque,
+                      struct cbt_error **errp)
+{
+    struct qcow2_state *s = qcow2_state(node);
+    const char *fn = fname(s);
+    const struct qcow2_bitmap_dirent *d = dirent_of_bits(s, b);
+    if (!d) {
+        cbt_error_set(errp, EIO, "%s: Could not read bitmap '%s' from image: "
+                      "its table is no longer in the bitmap directory", fn,
+                      b->name);
+        return -1;
+    }
+    uint64_t bad;
+    int err;
+    CLEANUP_FREE uint64_t *t = read_table(s, d->table_offset, d->table_size,
+                                          &bad, &err);
+    if (!t) {
+        if (err == 0)
+            err = -EINVAL;
+        cbt_error_set(errp, -err, "%s: Could not read bitmap_table table "
+                      "from image for bitmap '%s': %s", fn, b->name,
+                      bad == UINT64_MAX ? strerror(-err) : "invalid entry");
+        return -1;
+    }
+    CLEANUP_FREE uint8_t *buf = malloc(s->cluster_size);
+    if (!buf) {
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", fn);
+        return -1;
+    }
+    for (uint32_t i = 0; i < d->table_size; i++) {
+        uint64_t off = t[i] & QCOW2_BME_TABLE_OFFSET_MASK;
+        int r;
+        if (off == 0) {
+            r = cb(opaque, i, s->cluster_size, NULL,
+                   t[i] & QCOW2_BME_TABLE_ALL_ONES);
+        } else {
+            r = file_pread_full(s->node->fd, buf, s->cluster_size, off);
+            if (r < 0) {
+                cbt_error_set(errp, -r, "%s: Could not read bitmap '%s' from "
+                              "image: %s", fn, b->name, strerror(-r));
+                return -1;
+            }
+            r = cb(opaque, i, s->cluster_size, buf, false);
+        }
+        if (r)
+            return r;
+    }
     return 0;
 }
 
@@ -679,16 +738,15 @@ int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp)
                               fn, MAX_LOADED_BITS, d->name);
                 return -1;
             }
-            b.bm = bm_new(s->h.size, b.granularity);
-            if (!b.bm) {
-                cbt_error_set(errp, errno, "%s: cannot create bitmap '%s': %s",
-                              fn, d->name, strerror(errno));
+            if (check_table(s, d, flen, &b.disk_bytes, errp) < 0)
                 return -1;
-            }
-            if (load_data(s, d, b.bm, flen, &b.disk_bytes, errp) < 0) {
-                bm_free(b.bm);
+            /* The bits stay on disk until asked for, except where writes
+             * must dirty them (struct blk_bitmap, "Lazy bits"). */
+            b.on_disk = true;
+            b.disk_key = d->table_offset;
+            b.name = d->name; /* for messages; replaced below */
+            if (rw && b.recording && blk_bitmap_load(node, &b, errp) < 0)
                 return -1;
-            }
         }
         b.name = strdup(d->name);
         if (!b.name || blk_bitmap_append(node, &b) < 0) {
@@ -1076,6 +1134,21 @@ static int build_entries(struct qcow2_state *s, enum store_mode mode,
             ne->table_size = d->table_size;
             ne->granularity_bits = d->granularity_bits;
             ne->flags = d->flags;
+        } else if (b->on_disk) {
+            /* Bits never loaded, so never changed: the entry keeps the
+             * table it has on disk (found by offset: it may be renamed). */
+            const struct qcow2_bitmap_dirent *d = dirent_of_bits(s, b);
+            if (!d) {
+                cbt_error_set(errp, EIO, "%s: bitmap '%s' cannot be stored: "
+                              "its table is no longer in the bitmap "
+                              "directory", fname(s), b->name);
+                *nv = k;
+                return -1;
+            }
+            ne->table_offset = d->table_offset;
+            ne->table_size = d->table_size;
+            ne->granularity_bits = d->granularity_bits;
+            ne->flags = b->recording ? QCOW2_BME_FLAG_AUTO : 0;
         } else {
             ne->granularity_bits = (uint8_t)bm_granularity_bits(b->bm);
             ne->flags = b->recording ? QCOW2_BME_FLAG_AUTO : 0;

@@ -589,6 +589,7 @@ const struct blk_driver blk_qcow2_driver = {
     .mark_dirty = qcow2_bitmaps_mark_dirty,
     .bitmap_can_store = qcow2_bitmap_can_store,
     .bitmap_store = store_cb,
+    .bitmap_read = qcow2_bitmap_read,
     .get_info = qcow2_get_info,
     .check = qcow2_check,
     .resize = resize_cb,

@@ -541,6 +541,10 @@ int qcow2_check(struct blk_node *node, unsigned fix,
  * node (open); an extension without autoclear bit 0 is dropped with a
  * warning.  Images opened for check load nothing.  0 or -1 with *errp. */
 int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp);
+/* driver->bitmap_read (block.h). */
+int qcow2_bitmap_read(struct blk_node *node, const struct blk_bitmap *b,
+                      blk_bitmap_chunk_fn *cb, void *opaque,
+                      struct cbt_error **errp);
 /* Before a resize: every bitmap in_use on disk (their sizes will not
  * match the image until the next store). */
 /* Growing the image to new_size (already in s->h.size, the L1 table
