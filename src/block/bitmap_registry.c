@@ -135,10 +135,9 @@ static struct blk_bitmap *list_find(const struct blk_bitmap_list *l,
     return NULL;
 }
 
-/* Dirty [off, off+len) in the recording bitmaps of l.  A recording
- * bitmap of a writable node is loaded already (struct blk_bitmap, "Lazy
- * bits"); should one not be, it is loaded here rather than miss the write,
- * and if that fails the write must not go ahead. */
+/* Dirty [off, off+len) in the recording bitmaps of l.  The first write
+ * after open loads those still on disk (struct blk_bitmap, "Lazy bits");
+ * if that fails, the write must not go ahead. */
 static int list_mark_dirty(struct blk_node *node, struct blk_bitmap_list *l,
                            uint64_t off, uint64_t len, bool *any)
 {
@@ -157,6 +156,7 @@ static int list_mark_dirty(struct blk_node *node, struct blk_bitmap_list *l,
         }
         if (b->bm) {
             bm_set(b->bm, off, len);
+            blk_bitmap_changed(b);
             *any = true;
         }
     }
@@ -235,8 +235,19 @@ int blk_bitmap_load(struct blk_node *node, struct blk_bitmap *b,
     if (!bm)
         return -1;
     b->bm = bm;
-    b->on_disk = false;
-    b->disk_key = 0;
+    b->on_disk = false; /* disk_key stays: the bits are the image's */
+    /* Its twin in the other list (live or rollback point) has the same
+     * bits: share the pages rather than read them again. */
+    struct blk_bitmap_list *lists[] = {&node->bitmaps, &node->committed};
+    for (size_t l = 0; l < 2; l++) {
+        for (size_t i = 0; i < lists[l]->n; i++) {
+            struct blk_bitmap *t = &lists[l]->v[i];
+            if (t->on_disk && t->disk_key == b->disk_key &&
+                t->granularity == b->granularity &&
+                (t->bm = bm_copy(bm)) != NULL)
+                t->on_disk = false;
+        }
+    }
     return 0;
 }
 
@@ -491,6 +502,7 @@ static void resize_list(struct blk_bitmap_list *l, uint64_t size)
         struct blk_bitmap *b = &l->v[i];
         if (!b->bm || bm_size(b->bm) == size)
             continue;
+        blk_bitmap_changed(b);
         if (bm_resize(b->bm, size) == 0)
             continue;
         /* Out of memory: a wholly dirty bitmap of the new size needs no
@@ -680,10 +692,10 @@ static int simple_op(struct cbt_image *img, const char *name, enum simple_op op,
             }
             b->bm = bm;
             b->on_disk = false;
-            b->disk_key = 0;
         } else {
             bm_clear(b->bm);
         }
+        blk_bitmap_changed(b);
         break;
     case OP_ENABLE:
         /* Writes will dirty it: its bits must be in memory. */
@@ -797,6 +809,7 @@ int cbt_bitmap_merge_flags(struct cbt_image *img, const char *target,
          * size), cut at the target's end; the target's bits past the
          * source's end are left alone. */
         uint64_t o = 0, n;
+        blk_bitmap_changed(dst);
         while (bm_next_dirty_area(src, &o, src_size, &n) && o < img->size) {
             bm_set(dst->bm, o, MIN(n, img->size - o));
             o += n;
@@ -815,6 +828,7 @@ int cbt_bitmap_merge_flags(struct cbt_image *img, const char *target,
         blk_bitmap_load(img, dst, errp) < 0)
         goto out;
     if (src != dst->bm) {
+        blk_bitmap_changed(dst);
         int r = bm_merge(dst->bm, src);
         if (r < 0) {
             set_error(errp, img, -r, "Bitmaps are of different sizes "
@@ -992,6 +1006,27 @@ int cbt_bitmap_count(struct cbt_image *img, const char *name, uint64_t *count,
     return r;
 }
 
+/* A store changed the image but the rollback point could not follow (out
+ * of memory): its disk_keys may name tables the store freed.  Its loaded
+ * bitmaps are to be written afresh by any later store; one never loaded
+ * whose table is gone can no longer be trusted. */
+static void committed_forget_disk(struct blk_node *node)
+{
+    for (size_t i = 0; i < node->committed.n; i++) {
+        struct blk_bitmap *b = &node->committed.v[i];
+        bool kept = false;
+        for (size_t j = 0; b->on_disk && j < node->bitmaps.n; j++)
+            kept |= node->bitmaps.v[j].disk_key == b->disk_key;
+        if (b->on_disk && !kept) {
+            b->on_disk = false;
+            b->inconsistent = true;
+            b->recording = false;
+        }
+        if (!b->on_disk)
+            blk_bitmap_changed(b);
+    }
+}
+
 int cbt_bitmap_commit(struct cbt_image *img, struct cbt_error **errp)
 {
     if (!valid_image(img, errp))
@@ -1011,11 +1046,12 @@ int cbt_bitmap_commit(struct cbt_image *img, struct cbt_error **errp)
     if (img->drv->bitmap_store && img->drv->bitmap_store(img, errp) < 0) {
         /* Failed after the file took the new state: that state is the
          * rollback point now, so a rollback cannot pretend otherwise. */
-        if (img->bitmaps_switched)
-            (void)blk_bitmaps_snapshot(img);
+        if (img->bitmaps_switched && blk_bitmaps_snapshot(img) < 0)
+            committed_forget_disk(img);
         goto out;
     }
     if (blk_bitmaps_snapshot(img) < 0) {
+        committed_forget_disk(img);
         /* Stored, but the rollback point could not move. */
         set_error(errp, img, ENOMEM, "bitmaps stored, but out of memory "
                   "recording the new rollback point");

@@ -87,16 +87,20 @@ struct blk_status {
  * `on_disk` (bm NULL, not inconsistent): the driver checked its table at
  * open, and bitmap_read streams its bits from disk_key when asked.  Reading
  * a bitmap out (count, sha256) streams them without loading; anything
- * that changes or keeps the bits loads them first (blk_bitmap_load).  A
- * bitmap that writes dirty on a writable node is never on_disk (the driver
- * loads it at open, enable loads it), so the data path never reads disk.
+ * that changes or keeps the bits loads them first (blk_bitmap_load).  The
+ * first write loads the recording bitmaps before it goes ahead (and fails
+ * if they cannot be read); enable loads the bitmap it enables.
+ * A loaded bitmap keeps disk_key until its bits change, so a store
+ * rewrites only the bitmaps that changed.
  */
 struct blk_bitmap {
     char *name;
     struct bm_bitmap *bm;   /* the bits; NULL when inconsistent or on_disk */
     bool on_disk;           /* bits not loaded: read them via disk_key */
-    uint64_t disk_key;      /* where the driver finds the bits (qcow2: the
-                             * table offset); only while on_disk */
+    uint64_t disk_key;      /* non-zero: the bits (loaded or not) are those
+                             * the image holds there (qcow2: the table
+                             * offset), so a store may keep that table;
+                             * 0 once they change (blk_bitmap_changed) */
     uint64_t granularity;   /* bytes per bit */
     bool recording;         /* writes dirty it (qcow2: the 'auto' flag) */
     bool persistent;
@@ -363,6 +367,13 @@ int blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len);
  * (on success only).  0 or -ENOMEM.  For drivers loading an image. */
 int blk_bitmap_append(struct blk_node *node, const struct blk_bitmap *b);
 struct blk_bitmap *blk_bitmap_find(struct blk_node *node, const char *name);
+/* The bits of b are about to change (or did): they no longer match the
+ * image's copy.  Every change of a loaded bitmap's bits outside this file
+ * calls it (node->lock held). */
+static inline void blk_bitmap_changed(struct blk_bitmap *b)
+{
+    b->disk_key = 0;
+}
 /* Bring an on_disk bitmap's bits into memory (b->bm); a no-op for any
  * other.  0, or -1 with *errp (b unchanged).  node->lock held, or at open. */
 int blk_bitmap_load(struct blk_node *node, struct blk_bitmap *b,

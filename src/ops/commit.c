@@ -460,8 +460,10 @@ static int mark_lacking(struct commit *c, struct cbt_error **errp)
                     if (!b || layer_find(&c->layers[i], c->mark[k]))
                         continue;
                     r = blk_bitmap_load(c->base, b, errp);
-                    if (r == 0 && b->bm)
+                    if (r == 0 && b->bm) {
                         bm_set(b->bm, off, e.length);
+                        blk_bitmap_changed(b);
+                    }
                 }
                 pthread_mutex_unlock(&c->base->lock);
                 if (r < 0)

@@ -578,7 +578,10 @@ static int check_table(struct qcow2_state *s, const struct qcow2_bitmap_dirent *
     return 0;
 }
 
-/* The directory entry whose table holds the bits of on_disk bitmap b. */
+/* The directory entry whose table holds the bits of b (b->disk_key).  Its
+ * in_use flag may be ours (set before the first write): the table still
+ * holds the bits of the last store, and a bitmap that writes dirty was
+ * loaded before that flag was set. */
 static const struct qcow2_bitmap_dirent *dirent_of_bits(
     const struct qcow2_state *s, const struct blk_bitmap *b)
 {
@@ -586,7 +589,6 @@ static const struct qcow2_bitmap_dirent *dirent_of_bits(
     for (uint32_t i = 0; i < s->bm_dir_n; i++) {
         const struct qcow2_bitmap_dirent *d = &s->bm_dir[i];
         if (d->table_offset == b->disk_key && d->granularity_bits == gbits &&
-            !(d->flags & QCOW2_BME_FLAG_IN_USE) &&
             d->table_size == table_entries(s, s->h.size, gbits))
             return d;
     }
@@ -740,13 +742,10 @@ int qcow2_bitmaps_load(struct qcow2_state *s, bool rw, struct cbt_error **errp)
             }
             if (check_table(s, d, flen, &b.disk_bytes, errp) < 0)
                 return -1;
-            /* The bits stay on disk until asked for, except where writes
-             * must dirty them (struct blk_bitmap, "Lazy bits"). */
+            /* The bits stay on disk until asked for (struct blk_bitmap,
+             * "Lazy bits"); the first write loads the recording ones. */
             b.on_disk = true;
             b.disk_key = d->table_offset;
-            b.name = d->name; /* for messages; replaced below */
-            if (rw && b.recording && blk_bitmap_load(node, &b, errp) < 0)
-                return -1;
         }
         b.name = strdup(d->name);
         if (!b.name || blk_bitmap_append(node, &b) < 0) {
@@ -1134,9 +1133,12 @@ static int build_entries(struct qcow2_state *s, enum store_mode mode,
             ne->table_size = d->table_size;
             ne->granularity_bits = d->granularity_bits;
             ne->flags = d->flags;
-        } else if (b->on_disk) {
-            /* Bits never loaded, so never changed: the entry keeps the
-             * table it has on disk (found by offset: it may be renamed). */
+        } else if (b->disk_key &&
+                   (dirent_of_bits(s, b) || b->on_disk)) {
+            /* Bits unchanged since they were read or stored (never loaded,
+             * or loaded and not changed): the entry keeps the table it has
+             * on disk, found by offset (it may have been renamed).  Only
+             * changed bitmaps are written (QEMU rewrites every one). */
             const struct qcow2_bitmap_dirent *d = dirent_of_bits(s, b);
             if (!d) {
                 cbt_error_set(errp, EIO, "%s: bitmap '%s' cannot be stored: "
@@ -1299,14 +1301,28 @@ static void account_disk_bytes(struct qcow2_state *s,
 {
     struct blk_node *node = s->node;
     for (size_t i = 0; i < k; i++) {
-        if (v[i].b)
+        if (v[i].b) {
             v[i].b->disk_bytes = v[i].disk_bytes;
+            /* Its bits are now those of this table. */
+            if (!v[i].b->inconsistent)
+                v[i].b->disk_key = v[i].table_offset;
+        }
         for (size_t j = 0; v[i].grown && j < node->bitmaps.n; j++) {
             struct blk_bitmap *b = &node->bitmaps.v[j];
             if (b->persistent && strcmp(b->name, v[i].name) == 0)
                 b->disk_bytes += table_bytes_on_disk(s, v[i].table_size) -
                                  table_bytes_on_disk(s, v[i].old_table_size);
         }
+    }
+    /* A grown table replaces the one the bits were read from (the resize
+     * loaded them all first, and changes them next). */
+    for (size_t i = 0; i < k; i++) {
+        for (size_t j = 0; v[i].grown && j < node->bitmaps.n; j++)
+            if (node->bitmaps.v[j].disk_key == v[i].old_table_offset)
+                blk_bitmap_changed(&node->bitmaps.v[j]);
+        for (size_t j = 0; v[i].grown && j < node->committed.n; j++)
+            if (node->committed.v[j].disk_key == v[i].old_table_offset)
+                blk_bitmap_changed(&node->committed.v[j]);
     }
 }
 
