@@ -170,3 +170,26 @@ def test_bitmaps_never_loaded_keep_their_bits(tmp):
     L.assert_bitmaps_agree(img, SIZE, models, "after enable and writes")
     L.qemu_check_clean(img)
     L.cbt_ok("check", img)
+
+
+def test_merge_writes_only_the_target(tmp):
+    """--merge rewrites the target and keeps every other table where it
+    was (the bits of a bitmap that did not change are not written again);
+    QEMU sees the merged bits, and the image checks clean.  A call whose
+    last action fails leaves every table and bit as it was."""
+    img, models = build(str(tmp), ("b1", "b2", "b3"))
+    b1, b2, b3 = models
+    tables = {e["name"]: e["table_offset"] for e in L.bitmap_directory(img)}
+    L.cbt_ok("bitmap", "--merge", "b1", img, "b2")
+    b2.merge_from(b1, SIZE)
+    after = {e["name"]: e["table_offset"] for e in L.bitmap_directory(img)}
+    assert after["b1"] == tables["b1"] and after["b3"] == tables["b3"], (tables, after)
+    assert after["b2"] != tables["b2"], "the merged bitmap was not written: %s" % after
+    L.assert_bitmaps_agree(img, SIZE, models, "after --merge")
+    L.qemu_check_clean(img)
+
+    before = L.file_digest(img)
+    res = L.cbt_rc("bitmap", "--clear", "--rename", "c3", "--merge", "nosuch", img, "b3")
+    assert res.rc != 0 and "nosuch" in res.err, res
+    assert L.file_digest(img) == before, "a failed call changed the image"
+    L.assert_bitmaps_agree(img, SIZE, models, "after a failed call")
