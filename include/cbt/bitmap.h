@@ -24,9 +24,12 @@ extern "C" {
  * the source under that image's lock, then merges under the target's (not
  * one instant for both).  Callbacks run without any lock held.
  *
- * Bitmaps belong to one node (one layer of a chain).  They are loaded when
- * the image is opened; every write, zero-write and discard through the
- * image sets the bits of its recording bitmaps.  Changes made through this
+ * Bitmaps belong to one node (one layer of a chain).  Opening the image
+ * checks every bitmap's metadata; a bitmap's bits are read from the image
+ * when first needed (counts and hashes stream them without keeping them),
+ * so an unreadable cluster of bits is reported by the call that reads it
+ * (a write, when it must dirty that bitmap).  Every write, zero-write and
+ * discard through the image sets the bits of its recording bitmaps.  Changes made through this
  * API live in memory until cbt_bitmap_commit() stores every persistent
  * bitmap of the image at once (one header update: all or nothing), or until
  * cbt_image_close(), which commits.  cbt_bitmap_rollback() forgets the
