@@ -738,6 +738,59 @@ int cbt_bitmap_disable(struct cbt_image *img, const char *name,
     return simple_op(img, name, OP_DISABLE, errp);
 }
 
+/* Chunks of an on_disk source, each ORed into the target through a
+ * scratch bitmap that holds one chunk's bits at a time. */
+struct merge_state {
+    struct bm_bitmap *dst, *scratch;
+};
+
+static int merge_chunk(void *opaque, uint64_t chunk, uint64_t chunk_bytes,
+                       const uint8_t *buf, bool ones)
+{
+    struct merge_state *m = opaque;
+    if (!buf && !ones)
+        return 0;
+    load_chunk(m->scratch, chunk, chunk_bytes, buf, ones);
+    int r = bm_merge(m->dst, m->scratch);
+    bm_clear(m->scratch);
+    return r;
+}
+
+/*
+ * dst |= the bits of on_disk src of the same node, streamed from the image
+ * rather than loaded (node->lock held): the memory a merge takes is the
+ * target's.  On failure dst is as it was: it is restored from a copy
+ * (which shares its pages, so costs only the page table).
+ */
+static int merge_from_disk(struct blk_node *node, const struct blk_bitmap *src,
+                           struct blk_bitmap *dst, struct cbt_error **errp)
+{
+    struct merge_state m = {
+        .dst = dst->bm,
+        .scratch = bm_new(node->size, src->granularity),
+    };
+    struct bm_bitmap *undo = bm_copy(dst->bm);
+    int r = -1;
+    if (!m.scratch || !undo) {
+        set_error(errp, node, ENOMEM, "out of memory merging bitmap '%s'",
+                  src->name);
+    } else {
+        r = node->drv->bitmap_read(node, src, merge_chunk, &m, errp);
+        if (r > 0 || r < -1)
+            set_error(errp, node, r < 0 ? -r : EIO, "cannot merge bitmap "
+                      "'%s': %s", src->name, strerror(r < 0 ? -r : EIO));
+    }
+    if (r == 0) {
+        blk_bitmap_changed(dst);
+        bm_free(undo);
+    } else if (undo) {
+        bm_free(dst->bm);
+        dst->bm = undo;
+    }
+    bm_free(m.scratch);
+    return r ? -1 : 0;
+}
+
 /*
  * QEMU's block-dirty-bitmap-merge with one source: the target must exist,
  * then the source must exist and be usable (not busy, not inconsistent) and
@@ -793,13 +846,12 @@ int cbt_bitmap_merge_flags(struct cbt_image *img, const char *target,
     if (!dst)
         goto out;
     const struct bm_bitmap *src = copy;
+    struct blk_bitmap *src_b = NULL; /* a source on this node */
     if (!copy) {
-        struct blk_bitmap *s = lookup(img, src_name, errp);
-        if (!s || check_bitmap(img, s, CHECK_ALLOW_RO, errp) < 0 ||
-            blk_bitmap_load(img, s, errp) < 0)
+        src_b = lookup(img, src_name, errp);
+        if (!src_b || check_bitmap(img, src_b, CHECK_ALLOW_RO, errp) < 0)
             goto out;
-        src = s->bm;
-        src_size = bm_size(s->bm);
+        src_size = img->size; /* every bitmap of the node covers it */
     }
     if (src_size != img->size && (flags & CBT_MERGE_RESIZE) &&
         check_bitmap(img, dst, CHECK_DEFAULT, errp) == 0) {
@@ -827,6 +879,15 @@ int cbt_bitmap_merge_flags(struct cbt_image *img, const char *target,
     if (check_bitmap(img, dst, CHECK_DEFAULT, errp) < 0 ||
         blk_bitmap_load(img, dst, errp) < 0)
         goto out;
+    if (src_b && src_b->on_disk) {
+        if (merge_from_disk(img, src_b, dst, errp) < 0)
+            goto out;
+        img->bitmaps_changed = true;
+        ret = 0;
+        goto out;
+    }
+    if (src_b)
+        src = src_b->bm;
     if (src != dst->bm) {
         blk_bitmap_changed(dst);
         int r = bm_merge(dst->bm, src);
