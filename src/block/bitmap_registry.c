@@ -451,18 +451,23 @@ static int stream_bits(struct blk_node *node, const struct blk_bitmap *b,
     return r ? -1 : 0;
 }
 
-/* Dirty bytes of b (whole granules), on_disk or not (node->lock held). */
-static int bits_count(struct blk_node *node, const struct blk_bitmap *b,
+/* Dirty bytes of b (whole granules), on_disk or not (node->lock held).
+ * An on_disk bitmap is counted once: listing twice reads it once. */
+static int bits_count(struct blk_node *node, struct blk_bitmap *b,
                       uint64_t *count, struct cbt_error **errp)
 {
     if (!b->on_disk) {
         *count = b->bm ? bm_count(b->bm) : 0;
         return 0;
     }
-    struct stream_state st = {0};
-    if (stream_bits(node, b, &st, errp) < 0)
-        return -1;
-    *count = st.set << __builtin_ctzll(b->granularity);
+    if (!b->counted) {
+        struct stream_state st = {0};
+        if (stream_bits(node, b, &st, errp) < 0)
+            return -1;
+        b->disk_count = st.set << __builtin_ctzll(b->granularity);
+        b->counted = true;
+    }
+    *count = b->disk_count;
     return 0;
 }
 
@@ -545,7 +550,7 @@ int cbt_bitmap_list(struct cbt_image *img, struct cbt_bitmap_info **list,
     size_t i = 0;
     int cr = 0;
     for (; v && i < n; i++) {
-        const struct blk_bitmap *b = &img->bitmaps.v[i];
+        struct blk_bitmap *b = &img->bitmaps.v[i];
         uint64_t dirty = 0;
         if (bits_count(img, b, &dirty, errp) < 0) {
             cr = -1;

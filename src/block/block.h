@@ -101,6 +101,9 @@ struct blk_bitmap {
                              * the image holds there (qcow2: the table
                              * offset), so a store may keep that table;
                              * 0 once they change (blk_bitmap_changed) */
+    bool counted;           /* on_disk: disk_count is known */
+    uint64_t disk_count;    /* on_disk: dirty bytes, counted once (the
+                             * bits cannot change while on disk) */
     uint64_t granularity;   /* bytes per bit */
     bool recording;         /* writes dirty it (qcow2: the 'auto' flag) */
     bool persistent;
