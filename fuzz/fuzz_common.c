@@ -191,6 +191,12 @@ static void walk_bitmaps(struct cbt_image *img)
                       w.next, cbt_image_size(img));
         char hex[65];
         (void)cbt_bitmap_sha256(img, list[i].name, hex, NULL);
+        /* The count streamed from the image (or kept) is the listed one. */
+        uint64_t c;
+        if (cbt_bitmap_count(img, list[i].name, &c, NULL) == 0 &&
+            c != list[i].count)
+            fuzz_fail("bitmap '%s': count %" PRIu64 ", listed %" PRIu64,
+                      list[i].name, c, list[i].count);
     }
     cbt_bitmap_info_free_list(list, n);
 }
