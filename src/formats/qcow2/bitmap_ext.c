@@ -1124,6 +1124,8 @@ static int build_entries(struct qcow2_state *s, enum store_mode mode,
         struct new_entry *ne = &v[k];
         *ne = (struct new_entry){ .name = b->name, .b = b,
                                   .disk_bytes = b->disk_bytes };
+        const struct qcow2_bitmap_dirent *kd =
+            b->disk_key && !b->inconsistent ? dirent_of_bits(s, b) : NULL;
         if (b->inconsistent) {
             /* Kept on disk as it is until removed. */
             const struct qcow2_bitmap_dirent *d = find_dirent(s, b->name);
@@ -1133,13 +1135,12 @@ static int build_entries(struct qcow2_state *s, enum store_mode mode,
             ne->table_size = d->table_size;
             ne->granularity_bits = d->granularity_bits;
             ne->flags = d->flags;
-        } else if (b->disk_key &&
-                   (dirent_of_bits(s, b) || b->on_disk)) {
+        } else if (kd || b->on_disk) {
             /* Bits unchanged since they were read or stored (never loaded,
              * or loaded and not changed): the entry keeps the table it has
              * on disk, found by offset (it may have been renamed).  Only
              * changed bitmaps are written (QEMU rewrites every one). */
-            const struct qcow2_bitmap_dirent *d = dirent_of_bits(s, b);
+            const struct qcow2_bitmap_dirent *d = kd;
             if (!d) {
                 cbt_error_set(errp, EIO, "%s: bitmap '%s' cannot be stored: "
                               "its table is no longer in the bitmap "
