@@ -803,13 +803,32 @@ static int release(struct qcow2_state *s, uint64_t off, uint64_t len)
         r = qcow2_update_refcount(s, off, len, -1);
     if (r < 0)
         return r;
+    /* One punch per run of freed clusters: each call can cost a journal
+     * commit (tens of ms on a busy ext4), and a bitmap's data clusters
+     * were allocated in a row. */
+    uint64_t run = 0, run_len = 0;
     for (uint64_t c = ALIGN_DOWN(off, s->cluster_size); c < off + len;
          c += s->cluster_size) {
         uint64_t rc;
-        if (qcow2_get_refcount(s, c >> s->cluster_bits, &rc) == 0 && rc == 0)
-            (void)file_punch_hole(s->node->fd, c, s->cluster_size);
+        if (qcow2_get_refcount(s, c >> s->cluster_bits, &rc) == 0 && rc == 0) {
+            if (run_len == 0)
+                run = c;
+            run_len += s->cluster_size;
+            continue;
+        }
+        if (run_len)
+            (void)file_punch_hole(s->node->fd, run, run_len);
+        run_len = 0;
     }
+    if (run_len)
+        (void)file_punch_hole(s->node->fd, run, run_len);
     return 0;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
 }
 
 /* Free a table and the data clusters it points at.  A table that cannot
@@ -822,10 +841,22 @@ static int free_table(struct qcow2_state *s, uint64_t table_offset,
     int err;
     uint64_t *t = read_table(s, table_offset, table_size, &bad, &err);
     int r = 0;
-    for (uint32_t i = 0; t && i < table_size && r == 0; i++) {
-        uint64_t off = t[i] & QCOW2_BME_TABLE_OFFSET_MASK;
-        if (off)
-            r = release(s, off, s->cluster_size);
+    /* The data clusters in order of offset, released a run of adjacent
+     * ones at a time (a store allocates them in a row).  A cluster the
+     * table names twice (a corrupt image) is released twice, as before:
+     * the second fails and the rest leaks. */
+    uint32_t n = 0;
+    for (uint32_t i = 0; t && i < table_size; i++)
+        if (t[i] & QCOW2_BME_TABLE_OFFSET_MASK)
+            t[n++] = t[i] & QCOW2_BME_TABLE_OFFSET_MASK;
+    if (t)
+        qsort(t, n, sizeof(*t), cmp_u64);
+    for (uint32_t i = 0; t && i < n && r == 0;) {
+        uint32_t j = i + 1;
+        while (j < n && t[j] == t[j - 1] + s->cluster_size)
+            j++;
+        r = release(s, t[i], (uint64_t)(j - i) * s->cluster_size);
+        i = j;
     }
     free(t);
     if (r == 0)
@@ -848,12 +879,6 @@ static void drop_fresh(struct qcow2_state *s, const uint64_t *tab,
             (void)release(s, v[i].table_offset,
                           (uint64_t)v[i].table_size * 8);
     }
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
 }
 
 /*
