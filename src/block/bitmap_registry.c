@@ -21,6 +21,14 @@
  * A persistent bitmap on a read-only node is "readonly" (QEMU's term): it
  * cannot be removed, cleared, merged into or renamed.
  *
+ * Bits are read from the image lazily (block.h, struct blk_bitmap, "Lazy
+ * bits"): the driver checks every table at open and leaves each bitmap
+ * on_disk; counts and hashes stream it through driver->bitmap_read, a
+ * merge streams a source of the same node into its target, and whatever
+ * changes or keeps bits loads them (blk_bitmap_load, the first write for
+ * the recording ones).  disk_key says a bitmap's bits are still those of
+ * a table in the image, which a store then keeps instead of rewriting.
+ *
  * Commit and rollback
  * -------------------
  * API changes live in memory.  cbt_bitmap_commit() hands the whole list to

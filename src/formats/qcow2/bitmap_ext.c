@@ -1,7 +1,10 @@
 /*
  * qcow2 persistent dirty bitmaps: load the bitmaps extension at open with
- * QEMU's checks, and store every persistent bitmap of the node with QEMU's
- * crash-safe protocol (FORMATS.md §2, byte-compatible with QEMU).
+ * QEMU's checks (directory and every table; the bits are read later, a
+ * cluster at a time, by qcow2_bitmap_read), and store every persistent
+ * bitmap of the node with QEMU's crash-safe protocol (FORMATS.md §2,
+ * byte-compatible with QEMU); a bitmap whose bits did not change keeps
+ * its table and data clusters.
  *
  * On disk
  * -------
