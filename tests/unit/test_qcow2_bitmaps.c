@@ -1669,6 +1669,72 @@ static void test_sha256(void **state)
     close_img(img);
 }
 
+/*
+ * Lazy bits: after a reopen no bitmap is loaded.  A bitmap disabled before
+ * the first write stays on disk while its rollback twin (still recording)
+ * is loaded by the write; views of it, a rollback, a merge streamed from a
+ * bitmap never loaded, a clear without reading, an enable and a commit
+ * must all give the model's bits, on disk too.
+ */
+static void test_lazy_bits(void **state)
+{
+    (void)state;
+    const char *p = path_of("lazy.qcow2");
+    const uint64_t size = 48 * MiB + 4096;
+    create(p, size, 65536, 3);
+    struct cbt_image *img = open_img(p, CBT_OPEN_RDWR);
+    struct cbt_error *err = NULL;
+    struct model r, d, r_old;
+    model_init(&r, size, 65536);
+    model_init(&d, size, 4096);
+    model_init(&r_old, size, 65536);
+    ok(cbt_bitmap_add(img, "r", 65536, false, &err), err, "add r");
+    ok(cbt_bitmap_add(img, "d", 4096, false, &err), err, "add d");
+    write_pattern(img, 3 * MiB + 512, 70000);
+    model_set(&r, 3 * MiB + 512, 70000);
+    model_set(&d, 3 * MiB + 512, 70000);
+    ok(cbt_bitmap_disable(img, "d", &err), err, "disable d");
+    write_pattern(img, size - 100, 100);
+    model_set(&r, size - 100, 100);
+    close_img(img);
+    memcpy(r_old.bit, r.bit, r.n);
+
+    img = open_img(p, CBT_OPEN_RDWR);
+    ok(cbt_bitmap_disable(img, "r", &err), err, "disable r");
+    write_pattern(img, 20 * MiB, 5000); /* the rollback point's r records */
+    expect_model(img, "r", &r_old);
+    expect_model(img, "d", &d);
+    ok(cbt_bitmap_rollback(img, &err), err, "rollback");
+    model_set(&r, 20 * MiB, 5000);
+    expect_model(img, "r", &r);
+    uint64_t c;
+    ok(cbt_bitmap_count(img, "d", &c, &err), err, "count d");
+    assert_int_equal(c, model_count(&d));
+
+    /* d was never loaded: the merge streams it into r. */
+    ok(cbt_bitmap_merge(img, "r", NULL, "d", &err), err, "merge");
+    model_merge(&r, &d);
+    expect_model(img, "r", &r);
+    ok(cbt_bitmap_commit(img, &err), err, "commit");
+    ok(cbt_bitmap_clear(img, "d", &err), err, "clear d");
+    memset(d.bit, 0, d.n);
+    ok(cbt_bitmap_enable(img, "d", &err), err, "enable d");
+    write_pattern(img, 40 * MiB, 4096);
+    model_set(&d, 40 * MiB, 4096);
+    model_set(&r, 40 * MiB, 4096);
+    expect_model(img, "d", &d);
+    close_img(img);
+    check_clean(p);
+
+    img = open_img(p, 0);
+    expect_model(img, "r", &r);
+    expect_model(img, "d", &d);
+    close_img(img);
+    free(r.bit);
+    free(d.bit);
+    free(r_old.bit);
+}
+
 int main(void)
 {
     const char *s = getenv("CBT_TEST_SEED");
@@ -1690,6 +1756,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_commit_atomic, setup, teardown),
         cmocka_unit_test_setup_teardown(test_merge, setup, teardown),
         cmocka_unit_test_setup_teardown(test_resize, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_lazy_bits, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
