@@ -243,77 +243,55 @@ def backing_of(path):
     return info.get("backing-filename")
 
 
+def signalled_unlink(tmp, cmd, pattern):
+    """cbt CMD... TOP, which copies the backing file's data into TOP and
+    then drops TOP's link, signalled at sampled writes: TOP always reads
+    as before, and is either still on its backing file (the command said
+    it was interrupted) or on none."""
+    d = str(tmp)
+    pristine = os.path.join(d, "pristine")
+    os.mkdir(pristine)
+    make_disk(pristine)
+    top = os.path.join(pristine, "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2", top)
+    qemu_io("-f", "qcow2", "-c", pattern, top)
+    ref = os.path.join(d, "ref.raw")
+    qemu_img("convert", "-O", "raw", top, ref)
+    work = os.path.join(d, "work")
+    F.fresh_copy(pristine, work)
+    argv = cmd + [os.path.join(work, "top.qcow2")]
+    total = trace_run(argv, "top.qcow2")
+    seen = set()
+    for i, n in enumerate(moments(total)):
+        sig = SIGNALS[i % len(SIGNALS)]
+        F.fresh_copy(pristine, work)
+        rc, err = signalled_run(argv, "top.qcow2", n, sig)
+        what = "%s, %s at write %d of %d" % (cmd[0], signal.Signals(sig).name,
+                                             n, total)
+        died_of(rc, sig, err, what)
+        wtop = os.path.join(work, "top.qcow2")
+        check_clean(wtop)
+        same_view(wtop, ref, fb="raw")
+        if backing_of(wtop) == "disk.qcow2":
+            assert "interrupted" in err, (what, err)
+            seen.add("before")
+        else:
+            assert backing_of(wtop) is None, what
+            seen.add("after")
+        assert sorted(os.listdir(work)) == ["disk.qcow2", "top.qcow2"], what
+    assert "before" in seen, seen
+
+
 def test_stream(tmp):
     """cbt stream TOP: the backing chain's data copied into TOP, then TOP
     relinked onto nothing."""
-    d = str(tmp)
-    pristine = os.path.join(d, "pristine")
-    os.mkdir(pristine)
-    make_disk(pristine)
-    top = os.path.join(pristine, "top.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2", top)
-    qemu_io("-f", "qcow2", "-c", "write -P 8 8M 4M", top)
-    ref = os.path.join(d, "ref.raw")
-    qemu_img("convert", "-O", "raw", top, ref)
-    work = os.path.join(d, "work")
-    F.fresh_copy(pristine, work)
-    argv = ["stream", os.path.join(work, "top.qcow2")]
-    total = trace_run(argv, "top.qcow2")
-    seen = set()
-    for i, n in enumerate(moments(total)):
-        sig = SIGNALS[i % len(SIGNALS)]
-        F.fresh_copy(pristine, work)
-        rc, err = signalled_run(argv, "top.qcow2", n, sig)
-        what = "stream, %s at write %d of %d" % (signal.Signals(sig).name, n, total)
-        died_of(rc, sig, err, what)
-        wtop = os.path.join(work, "top.qcow2")
-        check_clean(wtop)
-        same_view(wtop, ref, fb="raw")
-        if backing_of(wtop) == "disk.qcow2":
-            assert "interrupted" in err, (what, err)
-            seen.add("before")
-        else:
-            assert backing_of(wtop) is None, what
-            seen.add("after")
-        assert sorted(os.listdir(work)) == ["disk.qcow2", "top.qcow2"], what
-    assert "before" in seen, seen
+    signalled_unlink(tmp, ["stream"], "write -P 8 8M 4M")
 
 
 def test_rebase(tmp):
-    """cbt rebase -b "" TOP (safe mode): the backing file's data copied
-    into TOP, then the link removed.  A signal during the copy leaves TOP
-    on its backing file, reading as before."""
-    d = str(tmp)
-    pristine = os.path.join(d, "pristine")
-    os.mkdir(pristine)
-    make_disk(pristine)
-    top = os.path.join(pristine, "top.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2", top)
-    qemu_io("-f", "qcow2", "-c", "write -P 9 2M 3M", top)
-    ref = os.path.join(d, "ref.raw")
-    qemu_img("convert", "-O", "raw", top, ref)
-    work = os.path.join(d, "work")
-    F.fresh_copy(pristine, work)
-    argv = ["rebase", "-b", "", os.path.join(work, "top.qcow2")]
-    total = trace_run(argv, "top.qcow2")
-    seen = set()
-    for i, n in enumerate(moments(total)):
-        sig = SIGNALS[i % len(SIGNALS)]
-        F.fresh_copy(pristine, work)
-        rc, err = signalled_run(argv, "top.qcow2", n, sig)
-        what = "rebase, %s at write %d of %d" % (signal.Signals(sig).name, n, total)
-        died_of(rc, sig, err, what)
-        wtop = os.path.join(work, "top.qcow2")
-        check_clean(wtop)
-        same_view(wtop, ref, fb="raw")
-        if backing_of(wtop) == "disk.qcow2":
-            assert "interrupted" in err, (what, err)
-            seen.add("before")
-        else:
-            assert backing_of(wtop) is None, what
-            seen.add("after")
-        assert sorted(os.listdir(work)) == ["disk.qcow2", "top.qcow2"], what
-    assert "before" in seen, seen
+    """cbt rebase -b "" TOP (safe mode): the same copy, then the link
+    removed."""
+    signalled_unlink(tmp, ["rebase", "-b", ""], "write -P 9 2M 3M")
 
 
 def test_ignored_signal_stays_ignored(tmp):
