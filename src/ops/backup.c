@@ -1552,10 +1552,8 @@ static int copy_all(struct bk *b, struct cbt_error **errp)
     }
     /* The record file names the root it was built on. */
     uint8_t proot[32] = {0};
-    for (int i = 0; !b->full && i < 32; i++) {
-        char two[3] = {b->pm.root[2 * i], b->pm.root[2 * i + 1], 0};
-        proot[i] = (uint8_t)strtoul(two, NULL, 16);
-    }
+    if (!b->full)
+        (void)sha256_from_hex(b->pm.root, proot); /* checked by the parser */
     if (leaf_sink_open(&b->hw, b->target_hashes, b->size,
                        b->full ? NULL : &b->ph, proot, errp) < 0)
         return -1;

@@ -384,12 +384,6 @@ static int copy_of(struct cbt_image *l, const char *name, struct copy *out,
     return 0;
 }
 
-static int hex_value(char c)
-{
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
-                                                                 : -1;
-}
-
 /* A consistent copy's digest, in binary. */
 static int copy_sha256(struct cbt_image *l, const char *name, uint8_t sha[32],
                        struct cbt_error **errp)
@@ -397,9 +391,7 @@ static int copy_sha256(struct cbt_image *l, const char *name, uint8_t sha[32],
     char hex[65];
     if (cbt_bitmap_sha256(l, name, hex, errp) < 0)
         return -1;
-    for (int i = 0; i < 32; i++)
-        sha[i] = (uint8_t)(hex_value(hex[2 * i]) << 4 |
-                           hex_value(hex[2 * i + 1]));
+    (void)sha256_from_hex(hex, sha); /* 64 digits, as sha256_hex wrote */
     return 0;
 }
 

@@ -731,11 +731,8 @@ static int fold_records(const struct repo *r, const struct repo_point *p,
                      !r->points[oldest->parent].m.tree;
     /* The folded file sits on what P sat on. */
     uint8_t proot[32] = {0};
-    for (int i = 0; p->parent >= 0 && i < 32; i++) {
-        const char *h = r->points[p->parent].m.root;
-        char two[3] = {h[2 * i], h[2 * i + 1], 0};
-        proot[i] = (uint8_t)strtoul(two, NULL, 16);
-    }
+    if (p->parent >= 0) /* checked by the manifest parser */
+        (void)sha256_from_hex(r->points[p->parent].m.root, proot);
     if (tree_merge(fp, n, c->m.virtual_size, on_zeroes, proot, out, sha,
                    errp) < 0)
         goto out;

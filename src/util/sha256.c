@@ -46,6 +46,24 @@ void sha256_hex(const uint8_t digest[32], char hex[65])
     hex[64] = '\0';
 }
 
+int sha256_from_hex(const char *hex, uint8_t digest[32])
+{
+    for (int i = 0; i < 64; i++) {
+        char c = hex[i];
+        int v = c >= '0' && c <= '9'   ? c - '0'
+                : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                       : -1;
+        if (v < 0)
+            return -1;
+        if (i % 2 == 0)
+            digest[i / 2] = (uint8_t)(v << 4);
+        else
+            digest[i / 2] |= (uint8_t)v;
+    }
+    return hex[64] == '\0' ? 0 : -1;
+}
+
 void sha256_digest(const void *data, size_t len, uint8_t digest[32])
 {
     SHA256(data, len, digest);

@@ -141,6 +141,8 @@ void sha256_update(struct sha256_ctx *c, const void *data, size_t len);
 void sha256_final(struct sha256_ctx *c, uint8_t digest[32]);
 /* Lower-case hex of a digest, NUL-terminated. */
 void sha256_hex(const uint8_t digest[32], char hex[65]);
+/* The inverse: exactly 64 hex digits (either case); -1 otherwise. */
+int sha256_from_hex(const char *hex, uint8_t digest[32]);
 /* One-shot SHA-256 of a buffer (backup block hashes). */
 void sha256_digest(const void *data, size_t len, uint8_t digest[32]);
 

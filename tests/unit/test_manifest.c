@@ -11,6 +11,7 @@
  *  - manifest_find_by_checkpoint over a folder with other disks' backups,
  *    incomplete and foreign files, and two claimants.
  */
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <ftw.h>
@@ -64,6 +65,36 @@ static void hex_of(const uint8_t d[32], char hex[65])
 }
 
 /* ---- hashes ---- */
+
+/* sha256_from_hex undoes sha256_hex, takes either case, and refuses
+ * anything but exactly 64 hex digits. */
+static void test_from_hex(void **state)
+{
+    (void)state;
+    uint8_t d[32], back[32];
+    for (int i = 0; i < 32; i++)
+        d[i] = (uint8_t)(i * 37 + 5);
+    char hex[65];
+    sha256_hex(d, hex);
+    assert_int_equal(sha256_from_hex(hex, back), 0);
+    assert_memory_equal(d, back, 32);
+    for (int i = 0; i < 64; i++)
+        hex[i] = (char)toupper((unsigned char)hex[i]);
+    memset(back, 0, sizeof(back));
+    assert_int_equal(sha256_from_hex(hex, back), 0);
+    assert_memory_equal(d, back, 32);
+    char bad[66];
+    memcpy(bad, hex, 65);
+    bad[10] = 'g';
+    assert_int_equal(sha256_from_hex(bad, back), -1);
+    memcpy(bad, hex, 65);
+    bad[63] = '\0';                       /* 63 digits */
+    assert_int_equal(sha256_from_hex(bad, back), -1);
+    memcpy(bad, hex, 64);
+    bad[64] = '0';                        /* 65 digits */
+    bad[65] = '\0';
+    assert_int_equal(sha256_from_hex(bad, back), -1);
+}
 
 static void test_digests(void **state)
 {
@@ -943,6 +974,7 @@ int main(void)
     warn_scope_enter(quiet, NULL); /* the tests run on this thread */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_digests),
+        cmocka_unit_test(test_from_hex),
         cmocka_unit_test(test_streaming),
         cmocka_unit_test(test_root),
         cmocka_unit_test(test_hashes_streamed),
