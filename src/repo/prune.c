@@ -547,47 +547,62 @@ static void written_undo(const char *dir, struct written *w, bool remove)
     memset(w, 0, sizeof(*w));
 }
 
+/* Record in tx the rename of the written file `from` over `to` (names in
+ * the folder), and `from` among the files to remove if the prune fails.
+ * Copies both names.  -1 when out of memory, nothing recorded then. */
+static int add_rename(struct foldertx *tx, struct written *w,
+                      const char *from, const char *to)
+{
+    char **nf = realloc(tx->rename_from, (tx->nrename + 1) * sizeof(char *));
+    if (!nf)
+        return -1;
+    tx->rename_from = nf;
+    char **nt = realloc(tx->rename_to, (tx->nrename + 1) * sizeof(char *));
+    if (!nt)
+        return -1;
+    tx->rename_to = nt;
+    char **nw = realloc(w->v, (w->n + 1) * sizeof(char *));
+    if (!nw)
+        return -1;
+    w->v = nw;
+    char *f = strdup(from), *t = strdup(to), *wf = strdup(from);
+    if (!f || !t || !wf) {
+        free(f);
+        free(t);
+        free(wf);
+        return -1;
+    }
+    tx->rename_from[tx->nrename] = f;
+    tx->rename_to[tx->nrename] = t;
+    tx->nrename++;
+    w->v[w->n++] = wf;
+    return 0;
+}
+
 /* Write NAME.json.prune-new for point `file` with `text`; record it in tx. */
 static int write_new(const char *dir, const char *file, const char *text,
                      struct foldertx *tx, struct written *w,
                      struct cbt_error **errp)
 {
-    char *from = cbt_strdup_printf("%s.json%s", file, FOLDERTX_NEW_SUFFIX);
-    char *to = cbt_strdup_printf("%s.json", file);
-    char **nf = realloc(tx->rename_from, (tx->nrename + 1) * sizeof(char *));
-    if (nf)
-        tx->rename_from = nf;
-    char **nt = realloc(tx->rename_to, (tx->nrename + 1) * sizeof(char *));
-    if (nt)
-        tx->rename_to = nt;
-    char **nw = realloc(w->v, (w->n + 1) * sizeof(char *));
-    if (nw)
-        w->v = nw;
-    char *wcopy = from ? strdup(from) : NULL;
-    if (!from || !to || !nf || !nt || !nw || !wcopy) {
-        free(from);
-        free(to);
-        free(wcopy);
-        cbt_error_set(errp, ENOMEM, "%s: out of memory", dir);
-        return -1;
-    }
-    tx->rename_from[tx->nrename] = from;
-    tx->rename_to[tx->nrename] = to;
-    tx->nrename++;
-    CLEANUP_FREE char *path = cbt_strdup_printf("%s/%s", dir, from);
-    if (!path) {
-        free(wcopy);
+    CLEANUP_FREE char *from = cbt_strdup_printf("%s.json%s", file,
+                                                FOLDERTX_NEW_SUFFIX);
+    CLEANUP_FREE char *to = cbt_strdup_printf("%s.json", file);
+    CLEANUP_FREE char *path = from ? cbt_strdup_printf("%s/%s", dir, from)
+                                   : NULL;
+    if (!to || !path) {
         cbt_error_set(errp, ENOMEM, "%s: out of memory", dir);
         return -1;
     }
     /* A stale one (a prune killed before its journal) is ours to replace:
      * the folder is locked and has no journal. */
     unlink(path);
-    if (bfile_write_new(path, text, strlen(text), false, errp) < 0) {
-        free(wcopy);
+    if (bfile_write_new(path, text, strlen(text), false, errp) < 0)
+        return -1;
+    if (add_rename(tx, w, from, to) < 0) {
+        unlink(path);
+        cbt_error_set(errp, ENOMEM, "%s: out of memory", dir);
         return -1;
     }
-    w->v[w->n++] = wcopy;
     return 0;
 }
 
@@ -737,31 +752,13 @@ static int fold_records(const struct repo *r, const struct repo_point *p,
                    errp) < 0)
         goto out;
     json_t *hash = json_object_get(cj, "hash");
-    char **nf = realloc(tx->rename_from, (tx->nrename + 1) * sizeof(char *));
-    if (nf)
-        tx->rename_from = nf;
-    char **nt = realloc(tx->rename_to, (tx->nrename + 1) * sizeof(char *));
-    if (nt)
-        tx->rename_to = nt;
-    char **nw = realloc(w->v, (w->n + 1) * sizeof(char *));
-    if (nw)
-        w->v = nw;
-    char *from = strdup(name), *to = strdup(c->m.hash_file);
-    char *wcopy = strdup(name);
-    if (!nf || !nt || !nw || !from || !to || !wcopy ||
-        !json_is_object(hash) ||
-        json_object_set_new(hash, "file-sha256", json_string(sha))) {
-        free(from);
-        free(to);
-        free(wcopy);
+    if (!json_is_object(hash) ||
+        json_object_set_new(hash, "file-sha256", json_string(sha)) ||
+        add_rename(tx, w, name, c->m.hash_file) < 0) {
         unlink(out);
         cbt_error_set(errp, ENOMEM, "%s: out of memory", r->dir);
         goto out;
     }
-    tx->rename_from[tx->nrename] = from;
-    tx->rename_to[tx->nrename] = to;
-    tx->nrename++;
-    w->v[w->n++] = wcopy;
     ret = 0;
 out:
     for (size_t k = 0; k < opened; k++)
