@@ -259,6 +259,18 @@ int blk_bitmap_load(struct blk_node *node, struct blk_bitmap *b,
     return 0;
 }
 
+int blk_bitmap_set(struct blk_node *node, struct blk_bitmap *b, uint64_t off,
+                   uint64_t len, struct cbt_error **errp)
+{
+    if (blk_bitmap_load(node, b, errp) < 0)
+        return -1;
+    if (b->bm) {
+        bm_set(b->bm, off, len);
+        blk_bitmap_changed(b);
+    }
+    return 0;
+}
+
 /* Load every on_disk bitmap of l. */
 static int list_load(struct blk_node *node, struct blk_bitmap_list *l,
                      struct cbt_error **errp)

@@ -371,8 +371,8 @@ int blk_mark_dirty(struct blk_node *node, uint64_t off, uint64_t len);
 int blk_bitmap_append(struct blk_node *node, const struct blk_bitmap *b);
 struct blk_bitmap *blk_bitmap_find(struct blk_node *node, const char *name);
 /* The bits of b are about to change (or did): they no longer match the
- * image's copy.  Every change of a loaded bitmap's bits outside this file
- * calls it (node->lock held). */
+ * image's copy.  For the registry and the drivers; other code changes bits
+ * through blk_bitmap_set, which calls it (node->lock held). */
 static inline void blk_bitmap_changed(struct blk_bitmap *b)
 {
     b->disk_key = 0;
@@ -381,6 +381,12 @@ static inline void blk_bitmap_changed(struct blk_bitmap *b)
  * other.  0, or -1 with *errp (b unchanged).  node->lock held, or at open. */
 int blk_bitmap_load(struct blk_node *node, struct blk_bitmap *b,
                     struct cbt_error **errp);
+/* Set [off, off + len) in b, loading its bits first and noting that they
+ * no longer match the image's: how code outside the registry dirties a
+ * bitmap by hand (a commit marking what it copied).  No-op for a bitmap
+ * without bits (inconsistent).  0, or -1 with *errp.  node->lock held. */
+int blk_bitmap_set(struct blk_node *node, struct blk_bitmap *b, uint64_t off,
+                   uint64_t len, struct cbt_error **errp);
 /* Make the committed copy equal to the live list (after open, after a
  * commit).  0 or -ENOMEM (the old copy is kept). */
 int blk_bitmaps_snapshot(struct blk_node *node);

@@ -61,7 +61,6 @@
 #include <cbt/image.h>
 #include <cbt/ops.h>
 
-#include "../bitmap/bitmap.h"
 #include "../block/block.h"
 #include "checkpoint_meta.h"
 #include "ops_util.h"
@@ -459,11 +458,7 @@ static int mark_lacking(struct commit *c, struct cbt_error **errp)
                                                            c->mark[k]);
                     if (!b || layer_find(&c->layers[i], c->mark[k]))
                         continue;
-                    r = blk_bitmap_load(c->base, b, errp);
-                    if (r == 0 && b->bm) {
-                        bm_set(b->bm, off, e.length);
-                        blk_bitmap_changed(b);
-                    }
+                    r = blk_bitmap_set(c->base, b, off, e.length, errp);
                 }
                 pthread_mutex_unlock(&c->base->lock);
                 if (r < 0)
