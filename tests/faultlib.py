@@ -89,6 +89,7 @@ def fault_env(path, op="any", nth=0, sticky=False, err="EIO", count_file=None):
     else:
         env.pop("CBT_FAULT_COUNT_FILE", None)
     env.pop("CBT_FAULT_VERBOSE", None)
+    env.pop("CBT_FAULT_SIGNAL", None)
     return env
 
 
@@ -162,6 +163,25 @@ def run_traced(args, path, n, act, op="any", cwd=None, new_session=False):
                 acted = True
     p.wait()
     return acted, p.returncode, seen, (tail + buf).decode(errors="replace")
+
+
+SIGNAL_RE = re.compile(rb"libfault: call (\d+):.*: signal ")
+
+
+def run_signalled(args, path, n, sig, op="any", cwd=None, timeout=120):
+    """Run cbt ARGS with libfault sending it signal SIG from inside, at
+    the Nth OP call on files matching PATH (CBT_FAULT_SIGNAL), so the
+    signal lands exactly there even when cbt would otherwise finish first.
+    Returns (sent, returncode, stderr without libfault's lines)."""
+    env = fault_env(path, op=op, nth=n)
+    env["CBT_FAULT_SIGNAL"] = str(int(sig))
+    env["CBT_FAULT_VERBOSE"] = "1"
+    proc = subprocess.run([CBT] + [str(a) for a in args], cwd=cwd, timeout=timeout,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    lines = proc.stderr.split(b"\n")
+    sent = any(SIGNAL_RE.match(ln) for ln in lines)
+    rest = b"\n".join(ln for ln in lines if not ln.startswith(b"libfault: "))
+    return sent, proc.returncode, rest.decode(errors="replace")
 
 
 def sample_ns(count, first=FIRST_NS, extra=EXTRA_NS, seed=1):

@@ -22,6 +22,12 @@
  *                         (a full disk, a dead device).
  *   CBT_FAULT_ERRNO       ENOSPC | EIO | EDQUOT | EROFS | a number
  *                         (default EIO).
+ *   CBT_FAULT_SIGNAL      a signal number: at the Nth matching call, send
+ *                         it to the process (kill(getpid(), ...)) and then
+ *                         let the call go through, instead of failing it.
+ *                         The signal lands exactly there, however fast the
+ *                         program runs on (a test that sends it from
+ *                         outside can come too late, after the exit).
  *   CBT_FAULT_COUNT_FILE  at exit, write one line
  *                           "matching=M write=W flush=F injected=I"
  *                         (M = calls that matched CBT_FAULT_OP, counted up
@@ -45,6 +51,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -68,6 +75,7 @@ static struct {
     unsigned long nth;
     bool sticky;
     int err;
+    int signal;
     int verbose;
     const char *count_file;
 } cfg;
@@ -189,6 +197,8 @@ static void setup(void)
     const char *s = getenv("CBT_FAULT_STICKY");
     cfg.sticky = s && strcmp(s, "1") == 0;
     cfg.err = parse_errno(getenv("CBT_FAULT_ERRNO"));
+    const char *sg = getenv("CBT_FAULT_SIGNAL");
+    cfg.signal = sg && *sg ? atoi(sg) : 0;
     const char *v = getenv("CBT_FAULT_VERBOSE");
     cfg.verbose = v && *v ? atoi(v) : 0;
     const char *c = getenv("CBT_FAULT_COUNT_FILE");
@@ -244,13 +254,20 @@ static bool inject(int fd, unsigned op, const char *what, long long off,
         int n = snprintf(m, sizeof(m),
                          "libfault: call %lu: %s(fd %d, offset %lld, length "
                          "%lld)%s%s\n", k, what, fd, off, len,
-                         fail ? ": failed with " : "",
-                         fail ? strerror(cfg.err) : "");
+                         !fail ? "" : cfg.signal ? ": signal " : ": failed with ",
+                         !fail ? "" : cfg.signal ? strsignal(cfg.signal)
+                                                 : strerror(cfg.err));
         if (n > 0) {
             ssize_t ignored = syscall_write(
                 2, m, (size_t)n < sizeof(m) ? (size_t)n : sizeof(m) - 1);
             (void)ignored;
         }
+    }
+    if (fail && cfg.signal) {
+        int e = errno;
+        kill(getpid(), cfg.signal);
+        errno = e;
+        return false;
     }
     if (fail)
         errno = cfg.err;

@@ -100,10 +100,10 @@ def test_clean_keeps_what_is_in_use(repo):
 def test_clean_after_a_killed_backup(repo):
     repo.write("write -P 5 0 16M")
     target = repo.bk / "k.qcow2"
-    acted, rc, seen, err = F.run_traced(
+    sent, rc, err = F.run_signalled(
         ["backup", "--incremental", repo.disk, target], "k.qcow2.part", 3,
-        lambda p: p.send_signal(signal.SIGKILL), op="write")
-    assert acted and rc == -signal.SIGKILL
+        signal.SIGKILL, op="write")
+    assert sent and rc == -signal.SIGKILL, (sent, rc, err)
     assert os.path.exists(repo.bk / "k.qcow2.part")
     # The backup refuses the name until the leftovers go.
     assert cbt("backup", "--incremental", repo.disk, target, check=False).rc != 0

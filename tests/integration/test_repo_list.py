@@ -145,12 +145,12 @@ def test_list_leftovers_and_nothing_else(repo):
 def test_list_a_killed_backup(repo):
     """A backup SIGKILLed while it writes its work file leaves files list
     names as leftovers (the kill lands at the 3rd write to k.qcow2.part:
-    libfault's trace)."""
+    libfault sends it)."""
     repo.write("write -P 5 0 16M")
-    acted, rc, seen, err = F.run_traced(
+    sent, rc, err = F.run_signalled(
         ["backup", "--incremental", repo.disk, repo.bk / "k.qcow2"],
-        "k.qcow2.part", 3, lambda p: p.send_signal(signal.SIGKILL), op="write")
-    assert acted and rc == -signal.SIGKILL, (acted, rc, seen, err)
+        "k.qcow2.part", 3, signal.SIGKILL, op="write")
+    assert sent and rc == -signal.SIGKILL, (sent, rc, err)
     made = {n for n in os.listdir(repo.bk) if n.startswith("k.qcow2")}
     assert made and "k.qcow2.json" not in made
     out = repo.list()

@@ -49,10 +49,9 @@ def trace_run(argv, path, cwd=None):
 
 
 def signalled_run(argv, path, n, sig, cwd=None):
-    """cbt ARGV with PATH's write calls traced; SIG once call N is seen.
-    Returns (returncode, stderr without the trace)."""
-    sent, rc, _, err = F.run_traced(argv, path, n, lambda p: p.send_signal(sig),
-                                    op="write", cwd=cwd)
+    """cbt ARGV, sent SIG from inside at its Nth write call on PATH.
+    Returns (returncode, stderr without libfault's lines)."""
+    sent, rc, err = F.run_signalled(argv, path, n, sig, op="write", cwd=cwd)
     assert sent, "call %d never came: %s" % (n, err)
     assert "Sanitizer" not in err and "runtime error" not in err, err
     return rc, err
