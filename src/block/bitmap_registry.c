@@ -267,6 +267,9 @@ int blk_bitmap_set(struct blk_node *node, struct blk_bitmap *b, uint64_t off,
     if (b->bm) {
         bm_set(b->bm, off, len);
         blk_bitmap_changed(b);
+        /* A change of the live list, like the API's: without it a store
+         * with nothing else changed would skip the image altogether. */
+        node->bitmaps_changed = true;
     }
     return 0;
 }

@@ -383,8 +383,10 @@ int blk_bitmap_load(struct blk_node *node, struct blk_bitmap *b,
                     struct cbt_error **errp);
 /* Set [off, off + len) in b, loading its bits first and noting that they
  * no longer match the image's: how code outside the registry dirties a
- * bitmap by hand (a commit marking what it copied).  No-op for a bitmap
- * without bits (inconsistent).  0, or -1 with *errp.  node->lock held. */
+ * bitmap by hand (a commit marking what it copied); the next
+ * cbt_bitmap_commit stores it, cbt_bitmap_rollback forgets it (the live
+ * list only, as an API change).  No-op for a bitmap without bits
+ * (inconsistent).  0, or -1 with *errp.  node->lock held. */
 int blk_bitmap_set(struct blk_node *node, struct blk_bitmap *b, uint64_t off,
                    uint64_t len, struct cbt_error **errp);
 /* Make the committed copy equal to the live list (after open, after a

@@ -35,7 +35,11 @@ Section 3, folding an overlay back:
   * cbt commit FILE (qemu-img's form): FILE and its base are both usable
     disks afterwards;
   * an overlay without bitmaps (qemu-img create -b), committed: what it
-    brought is set in the base's checkpoint bitmaps;
+    brought is set in the base's checkpoint bitmaps; in qemu-img's form,
+    the pivot, an intermediate commit, -b over two such overlays and over
+    a cbt snapshot, the base's bitmaps equal bit for bit (qemu-nbd -B +
+    nbdinfo --map) its old ones united with each committed layer's copy,
+    or its allocation (qemu-img map) where it has none;
   * qemu-img's form with -b over a layer older than a checkpoint: warned
     about before acting, naming --top, which then works;
   * stream and safe rebase that drop the layer holding the metadata
@@ -532,6 +536,112 @@ def test_commit_overlay_without_bitmaps_marks_the_base(tmp_path):
     assert r["dirty-bytes"] == 2 * MiB + 64 * KiB, r
     assert_restores(str(bk / "i.qcow2"), d)
     check_clean(d, ov)
+
+
+# Chains for test_commit_marks_base_bitmaps_exactly on vm1.qcow2 (the base,
+# holding checkpoints mon and tue): the layers above it, bottom up, each
+# made by qemu-img create -b (no bitmaps) or by cbt snapshot (copies of
+# both, the base's sealed: disabled); the cbt commit; the layers it commits.
+MARK_FORMS = {
+    # The base becomes a disk of its own: its copies record.
+    "qemu-img-form": ((("mid", "qemu"),), ("commit", "{mid}"), ("mid",)),
+    "pivot": ((("mid", "qemu"),), ("commit", "--top", "{mid}"), ("mid",)),
+    # The base stays history top continues: nothing but the mark step
+    # changes its bitmaps.
+    "intermediate": ((("mid", "qemu"), ("top", "qemu")),
+                     ("commit", "--top", "{mid}", "--active", "{top}"), ("mid",)),
+    "b-over-two": ((("mid", "qemu"), ("top", "qemu")),
+                   ("commit", "-b", "{d}", "{top}"), ("mid", "top")),
+    # The holder is mid, above the base: its copies merge into the base's
+    # disabled ones, top's allocation is marked there.
+    "over-snapshot": ((("mid", "cbt"), ("top", "qemu")),
+                      ("commit", "--top", "{top}", "--base", "{d}"), ("mid", "top")),
+}
+MARK_WRITES = {
+    "mid": ("write -P 3 8M 2M", "write -z 1M 64k", "write -P 4 40M 1M"),
+    "top": ("write -P 5 20M 1M", "write -z 30M 128k"),
+}
+
+
+def written(cmds):
+    """[(start, end)] of qemu-io commands 'write [-P N|-z] OFF LEN' in M/k."""
+    unit = {"M": MiB, "k": KiB}
+    out = []
+    for c in cmds:
+        off, length = (int(x[:-1]) * unit[x[-1]] for x in c.split()[-2:])
+        out.append((off, off + length))
+    return sorted(out)
+
+
+def layer_allocation(path):
+    """[(start, end)] allocated in this layer itself (qemu-img map, depth 0:
+    its own data or zero clusters), neighbours joined."""
+    out = []
+    for e in json.loads(qemu_img("map", "--output=json", "-f", "qcow2", path).out):
+        if e["depth"] != 0:
+            continue
+        if out and out[-1][1] == e["start"]:
+            out[-1] = (out[-1][0], e["start"] + e["length"])
+        else:
+            out.append((e["start"], e["start"] + e["length"]))
+    return out
+
+
+@pytest.mark.parametrize("form", sorted(MARK_FORMS))
+def test_commit_marks_base_bitmaps_exactly(tmp_path, form):
+    """The base's checkpoint bitmaps after cbt commit, bit for bit as QEMU
+    reads them (qemu-nbd -B + nbdinfo --map): the base's bitmap before,
+    united with, for each committed layer, its copy when it holds one and
+    else what it allocates (what the test wrote there, which qemu-img map
+    confirms).  In every form but over-snapshot only the mark step changes
+    the bits of the base's bitmaps (only the base holds them, the data
+    copy dirties none), so those fail when the marked bits are not stored;
+    the intermediate form changes nothing else of the base's bitmaps at
+    all (the others enable them), so the store must not skip the image."""
+    d, bk = start(tmp_path, wed=False)
+    backup("--incremental", "--checkpoint", "tue", d, bk / "i0.qcow2")
+    io(d, "write -P 2 48M 1M")                  # since tue, in the base
+    names = ["mon", "tue"]
+    layers, argv, committed = MARK_FORMS[form]
+    paths = {"d": d}
+    below = d
+    for n, made_by in layers:
+        paths[n] = str(tmp_path / (n + ".qcow2"))
+        if made_by == "cbt":
+            no_crash(cbt("snapshot", below, paths[n]))
+        else:
+            qemu_overlay(tmp_path, below, n + ".qcow2")
+        io(paths[n], *MARK_WRITES[n])
+        below = paths[n]
+    base_bitmaps = {b["name"]: b for b in L.qemu_bitmaps(d)}
+    assert sorted(base_bitmaps) == names, base_bitmaps
+    sealed = layers[0][1] == "cbt"
+    assert all(("auto" in b["flags"]) != sealed for b in base_bitmaps.values()), \
+        base_bitmaps
+    gran = {n: b["granularity"] for n, b in base_bitmaps.items()}
+    before = L.qemu_bitmap_extents(d, names)
+    # What each committed layer brings to each name: its copy's bits, or
+    # (it lacks the bitmap) its allocation.
+    brings = {n: 0 for n in names}
+    for layer in committed:
+        held = L.qemu_bitmap_extents(paths[layer],
+                                     [b["name"] for b in L.qemu_bitmaps(paths[layer])])
+        alloc = layer_allocation(paths[layer])
+        if sorted(held) != names:
+            assert not held, held
+            assert alloc == written(MARK_WRITES[layer]), (layer, alloc)
+        for n in names:
+            ext = held.get(n) or [{"start": s, "length": e - s, "dirty": True}
+                                  for s, e in alloc]
+            brings[n] |= L.bits_from_extents(ext, gran[n])
+    no_crash(cbt(*[a.format(**paths) for a in argv]))
+    got = L.qemu_bitmap_extents(d, names)
+    for n in names:
+        bits = L.bits_from_extents(before[n], gran[n])
+        assert brings[n] & ~bits, "%s: the layers add no bit, the test proves nothing" % n
+        want = L.extents_from_bits(bits | brings[n], gran[n], SIZE)
+        L.assert_extents_equal(got[n], want, "%s of %s after %s" % (n, d, form))
+    check_clean(*paths.values())
 
 
 def test_commit_b_says_which_form_keeps_them(tmp_path):
