@@ -35,32 +35,27 @@
 #include <cbt/cbt.h>
 
 #include "formats/qcow2/qcow2.h"
+#include "tmpdir.h"
 
 #define MiB (1024 * 1024)
 
-static char dir[] = "/tmp/cbt-api-XXXXXX";
+static char dir[TMPDIR_PATH_MAX];
 
 static int setup(void **state)
 {
     (void)state;
-    return mkdtemp(dir) ? 0 : -1;
+    return tmpdir_make(dir, "api");
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[64];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return tmpdir_remove(dir);
 }
 
 static const char *path_of(const char *name)
 {
-    static char paths[8][128];
-    static int next;
-    char *p = paths[next++ % 8];
-    snprintf(p, 128, "%s/%s", dir, name);
-    return p;
+    return tmpdir_path(dir, name);
 }
 
 static void ok(int r, struct cbt_error *err, const char *what)

@@ -14,7 +14,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -29,12 +28,13 @@
 
 #include "ops/hashtree.h"
 #include "util/util.h"
+#include "tmpdir.h"
 
-static char tmpdir[256];
+static char tmpdir[TMPDIR_PATH_MAX];
 
 static char *tpath(const char *name)
 {
-    return cbt_strdup_printf("%s/%s", tmpdir, name);
+    return tmpdir_join(tmpdir, name);
 }
 
 static void hex_to(const char *hex, uint8_t out[32])
@@ -546,27 +546,16 @@ static void test_damage(void **state)
     free(good);
 }
 
-static int rm_cb(const char *p, const struct stat *sb, int flag,
-                 struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(p);
-}
-
 static int setup(void **state)
 {
     (void)state;
-    const char *t = getenv("TMPDIR");
-    snprintf(tmpdir, sizeof(tmpdir), "%s/cbt-hashtree-XXXXXX", t ? t : "/tmp");
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return tmpdir_make(tmpdir, "hashtree");
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    return nftw(tmpdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    return tmpdir_remove(tmpdir);
 }
 
 int main(void)

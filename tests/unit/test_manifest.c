@@ -14,7 +14,6 @@
 #include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
-#include <ftw.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -30,12 +29,13 @@
 
 #include "ops/manifest.h"
 #include "util/util.h"
+#include "tmpdir.h"
 
-static char tmpdir[256];
+static char tmpdir[TMPDIR_PATH_MAX];
 
 static char *tpath(const char *name)
 {
-    return cbt_strdup_printf("%s/%s", tmpdir, name);
+    return tmpdir_join(tmpdir, name);
 }
 
 static void put_file(const char *name, const char *text)
@@ -940,27 +940,16 @@ static void test_new_files_are_exclusive(void **state)
     *strrchr(tmpdir, '/') = '\0';
 }
 
-static int rm_cb(const char *p, const struct stat *sb, int flag,
-                 struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(p);
-}
-
 static int setup(void **state)
 {
     (void)state;
-    const char *t = getenv("TMPDIR");
-    snprintf(tmpdir, sizeof(tmpdir), "%s/cbt-manifest-XXXXXX", t ? t : "/tmp");
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return tmpdir_make(tmpdir, "manifest");
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    return nftw(tmpdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    return tmpdir_remove(tmpdir);
 }
 
 static void quiet(void *opaque, const char *msg)

@@ -21,7 +21,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -41,6 +40,7 @@
 #include <cbt/image.h>
 
 #include "util/util.h"
+#include "tmpdir.h"
 
 #define KiB 1024ull
 #define MiB (1024ull * 1024)
@@ -51,7 +51,7 @@
 #define FLAG_IN_USE 1u
 #define FLAG_AUTO 2u
 
-static char tmpdir[256];
+static char tmpdir[TMPDIR_PATH_MAX];
 static uint64_t seed = 1;
 
 /* ---- small helpers ---- */
@@ -72,11 +72,7 @@ static uint64_t rnd(uint64_t n)
 /* A path in the test's folder; the last 16 results stay valid. */
 static char *path_of(const char *name)
 {
-    static char buf[16][512];
-    static int k;
-    char *p = buf[k++ & 15];
-    snprintf(p, 512, "%s/%s", tmpdir, name);
-    return p;
+    return tmpdir_path(tmpdir, name);
 }
 
 static void die_err(const char *what, struct cbt_error *err)
@@ -485,20 +481,10 @@ static void warn_capture(void *opaque, const char *msg)
 
 /* ---- setup ---- */
 
-static int rm_entry(const char *p, const struct stat *sb, int flag,
-                    struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(p);
-}
-
 static int setup(void **state)
 {
     (void)state;
-    snprintf(tmpdir, sizeof(tmpdir), "/tmp/cbt-bm-XXXXXX");
-    if (!mkdtemp(tmpdir))
+    if (tmpdir_make(tmpdir, "bm") < 0)
         return -1;
     warned[0] = 0;
     /* The tests run on this thread: the images they open keep it. */
@@ -511,7 +497,7 @@ static int teardown(void **state)
     (void)state;
     const struct cbt_warner none = {NULL, NULL};
     warn_scope_leave(&none);
-    return nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    return tmpdir_remove(tmpdir);
 }
 
 /* ==== round trips ==== */
@@ -1019,8 +1005,8 @@ static uint64_t add_entry(uint8_t *dir, uint64_t pos, uint64_t table_off,
  * and holds exactly the bitmaps named in `names` (comma-separated). */
 static void repair_keeps(const char *p, const char *names, const char *what)
 {
-    char f[512];
-    snprintf(f, sizeof(f), "%s/fixed.qcow2", tmpdir);
+    /* Not from path_of: the callers' p may be one of its last results. */
+    char *f = tmpdir_join(tmpdir, "fixed.qcow2");
     copy_file(p, f);
     struct cbt_check_result res;
     struct cbt_error *err = NULL;
@@ -1040,6 +1026,7 @@ static void repair_keeps(const char *p, const char *names, const char *what)
                  i ? "," : "", list[i].name);
     cbt_bitmap_info_free_list(list, n);
     close_img(img);
+    free(f);
     if (strcmp(got, names) != 0)
         fail_msg("%s: after check -r all the bitmaps are \"%s\", want \"%s\"",
                  what, got, names);

@@ -22,7 +22,6 @@
  * CBT_TEST_SEED=N picks the random seed.
  */
 #include <errno.h>
-#include <ftw.h>
 #include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -41,11 +40,12 @@
 
 #include "block/block.h"
 #include "formats/qcow2/qcow2.h"
+#include "tmpdir.h"
 
 #define KiB 1024ull
 #define MiB (1024ull * 1024)
 
-static char tmpdir[256];
+static char tmpdir[TMPDIR_PATH_MAX];
 static uint64_t seed = 1;
 
 /* ---- helpers ---- */
@@ -65,11 +65,7 @@ static uint64_t rnd(uint64_t n)
 
 static char *path_of(const char *name)
 {
-    static char buf[16][512];
-    static int k;
-    char *p = buf[k++ & 15];
-    snprintf(p, 512, "%s/%s", tmpdir, name);
-    return p;
+    return tmpdir_path(tmpdir, name);
 }
 
 static void fill_random(uint8_t *p, size_t n)
@@ -831,26 +827,16 @@ static void test_two_steps(void **state)
 
 /* ---- cmocka plumbing ---- */
 
-static int rm_entry(const char *path, const struct stat *sb, int flag,
-                    struct FTW *ftw)
-{
-    (void)sb; (void)flag; (void)ftw;
-    remove(path);
-    return 0;
-}
-
 static int setup(void **state)
 {
     (void)state;
-    const char *t = getenv("TMPDIR");
-    snprintf(tmpdir, sizeof(tmpdir), "%s/cbt-compress-XXXXXX", t ? t : "/tmp");
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return tmpdir_make(tmpdir, "compress");
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    (void)tmpdir_remove(tmpdir);
     return 0;
 }
 

@@ -30,7 +30,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -45,6 +44,8 @@
 #include <cmocka.h>
 
 #include <cbt/image.h>
+
+#include "tmpdir.h"
 
 #define KiB 1024ull
 #define MiB (1024ull * 1024)
@@ -752,14 +753,6 @@ static void check_clean(struct test_state *ts)
 
 /* ---- cmocka plumbing ---- */
 
-static int rm_entry(const char *path, const struct stat *sb, int flag,
-                    struct FTW *ftw)
-{
-    (void)sb; (void)flag; (void)ftw;
-    remove(path);
-    return 0;
-}
-
 static int setup(void **state)
 {
     struct test_state *ts = calloc(1, sizeof(*ts));
@@ -770,9 +763,8 @@ static int setup(void **state)
     uint64_t s = base_seed ^ (0x9e3779b97f4a7c15ull * (idx + 1));
     ts->seed = splitmix64(&s);
     ts->rng = ts->seed;
-    const char *tmpdir = getenv("TMPDIR");
-    ts->dir = xasprintf("%s/cbt-qcow2-model-XXXXXX", tmpdir ? tmpdir : "/tmp");
-    if (!mkdtemp(ts->dir)) {
+    ts->dir = malloc(TMPDIR_PATH_MAX);
+    if (!ts->dir || tmpdir_make(ts->dir, "qcow2-model") < 0) {
         free(ts->dir);
         free(ts);
         return -1;
@@ -794,7 +786,7 @@ static int teardown(void **state)
         free(ts->layers[i].known);
     }
     if (!getenv("CBT_TEST_KEEP"))
-        nftw(ts->dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+        (void)tmpdir_remove(ts->dir);
     else
         print_message("kept %s\n", ts->dir);
     free(ts->dir);

@@ -32,6 +32,7 @@
 #include <cbt/image.h>
 
 #include "formats/qcow2/qcow2.h"
+#include "tmpdir.h"
 
 #define N_OF(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -57,26 +58,25 @@ static const struct cfg cfgs[] = {
     { "c64k", 65536, 256 << 20 },
 };
 
-static char dir[] = "/tmp/cbt-overlap-XXXXXX";
+static char dir[TMPDIR_PATH_MAX];
 
 static int setup(void **state)
 {
     (void)state;
-    return mkdtemp(dir) ? 0 : -1;
+    return tmpdir_make(dir, "overlap");
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[64];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return tmpdir_remove(dir);
 }
 
 static struct cbt_image *make(const struct cfg *c, const char *name)
 {
-    char path[128];
-    snprintf(path, sizeof(path), "%s/%s.qcow2", dir, name);
+    char file[128];
+    snprintf(file, sizeof(file), "%s.qcow2", name);
+    const char *path = tmpdir_path(dir, file);
     struct cbt_create_opts o = {
         .struct_size = sizeof(struct cbt_create_opts),
         .format = "qcow2",

@@ -43,6 +43,7 @@
 #include <cbt/image.h>
 
 #include "block/block.h"
+#include "tmpdir.h"
 
 #define KiB 1024u
 #define MiB (1024u * 1024u)
@@ -54,8 +55,8 @@
 #define NW 3                   /* writer threads */
 #define ITER 400               /* operations per writer */
 
-static char dir[] = "/tmp/cbt-threads-XXXXXX";
-static char base_path[256], top_path[256];
+static char dir[TMPDIR_PATH_MAX];
+static char *base_path, *top_path;
 static struct cbt_image *top;
 static int failures;           /* atomically incremented */
 static int writers_done;       /* atomically incremented */
@@ -313,9 +314,9 @@ static int PRINTF_FMT(1, 2) run(const char *fmt, ...)
 static void make_images(void)
 {
     struct cbt_error *err = NULL;
-    assert_non_null(mkdtemp(dir));
-    snprintf(base_path, sizeof(base_path), "%s/base.qcow2", dir);
-    snprintf(top_path, sizeof(top_path), "%s/top.qcow2", dir);
+    assert_int_equal(tmpdir_make(dir, "threads"), 0);
+    base_path = tmpdir_join(dir, "base.qcow2");
+    top_path = tmpdir_join(dir, "top.qcow2");
     struct cbt_create_opts o = {.struct_size = sizeof(struct cbt_create_opts),
                                 .size = BASE_SIZE,
                                 .size_given = true};
@@ -405,8 +406,7 @@ static void test_threads(void **state)
     check_bitmap_covers(w);
     assert_int_equal(cbt_image_close(top, &err), 0);
 
-    char model_path[300];
-    snprintf(model_path, sizeof(model_path), "%s/model.raw", dir);
+    const char *model_path = tmpdir_path(dir, "model.raw");
     FILE *f = fopen(model_path, "wb");
     assert_non_null(f);
     for (uint64_t k = 0; k < NBLK; k++)
@@ -419,7 +419,9 @@ static void test_threads(void **state)
     for (int t = 0; t < NW; t++)
         free(w[t].model);
     assert_int_equal(__atomic_load_n(&failures, __ATOMIC_SEQ_CST), 0);
-    run("rm -rf '%s'", dir);
+    (void)tmpdir_remove(dir);
+    free(base_path);
+    free(top_path);
 }
 
 int main(void)
