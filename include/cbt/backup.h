@@ -94,6 +94,11 @@ struct cbt_backup_opts {
     bool no_checkpoint;
     cbt_warn_fn *warn;            /* this call's warnings (cbt/error.h) */
     void *warn_opaque;
+    /* Write the target through the host's page cache.  By default its data
+     * goes around it (CBT_OPEN_DIRECT, cbt/image.h) where the file system
+     * allows: a backup then leaves the host's cache to its VMs and costs
+     * less CPU. */
+    bool buffered;
 };
 #define CBT_BACKUP_OPTS_INIT { .struct_size = sizeof(struct cbt_backup_opts) }
 struct cbt_backup_result {
@@ -138,6 +143,7 @@ struct cbt_restore_opts {
     void *cancel_opaque;
     cbt_warn_fn *warn;            /* this call's warnings (cbt/error.h) */
     void *warn_opaque;
+    bool buffered;                /* as cbt_backup_opts' */
 };
 #define CBT_RESTORE_OPTS_INIT                                               \
     { .struct_size = sizeof(struct cbt_restore_opts) }

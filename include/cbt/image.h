@@ -60,6 +60,19 @@ struct cbt_image;
 /* With CBT_OPEN_FORCE_SHARE: no warning when a writer holds the image
  * (the caller knows: the live mode reads what QEMU does not change). */
 #define CBT_OPEN_SHARE_QUIET (1u << 4)
+/*
+ * With CBT_OPEN_RDWR: write data around the host's page cache (O_DIRECT)
+ * where the file system allows, for a bulk writer of a new file (a backup,
+ * a restore): it does not push the host's cached data out, and it costs
+ * the CPU no copy into the cache and no writeback.  Only writes whose
+ * buffer, offset and length suit the file system's direct I/O alignment
+ * go around it (whole blocks from an aligned buffer); metadata and the
+ * rest go through it as without the flag.  A file system without direct
+ * I/O (tmpfs) or one that refuses it later: every write through the cache,
+ * silently.  Durability is unchanged: cbt_image_flush() makes both kinds
+ * stable.  Top layer only.
+ */
+#define CBT_OPEN_DIRECT (1u << 5)
 
 /*
  * format: "qcow2", "raw" or NULL to probe.

@@ -57,6 +57,8 @@ static void node_free(struct blk_node *node)
         return;
     if (node->fd >= 0)
         close(node->fd);
+    if (node->direct_fd >= 0)
+        close(node->direct_fd);
     blk_lock_release(node->file_lock, node->lock_role);
     blk_bitmaps_free(node);
     pthread_mutex_destroy(&node->lock);
@@ -189,6 +191,7 @@ static struct blk_node *open_chain(const char *filename, const char *format,
     pthread_mutex_init(&node->lock, NULL);
     node->warner = warn_scope_current();
     node->fd = fd;
+    node->direct_fd = node->direct_of = -1;
     node->file_lock = lock;
     node->lock_role = blk_lock_role_of(flags);
     node->filename = strdup(filename);
@@ -303,6 +306,8 @@ struct cbt_image *cbt_image_open_with(const char *filename,
     return cbt_image_open(filename, o.format, o.flags, errp);
 }
 
+static int gather_flush_locked(struct blk_node *node);
+
 int cbt_image_close(struct cbt_image *img, struct cbt_error **errp)
 {
     int ret = 0;
@@ -311,6 +316,12 @@ int cbt_image_close(struct cbt_image *img, struct cbt_error **errp)
         /* Nobody else may use the chain any more (image.h): the lock
          * only keeps the driver's contract. */
         pthread_mutex_lock(&img->lock);
+        int r = gather_flush_locked(img);
+        if (r < 0) {
+            cbt_error_set(errp, -r, "%s: cannot write: %s", img->filename,
+                          strerror(-r));
+            ret = -1;
+        }
         if (img->drv && img->opaque && !img->read_only &&
             img->drv->bitmap_store) {
             /* Closing commits the bitmaps. */
@@ -442,6 +453,143 @@ void blk_start_writeback_fd(int fd)
     /* Advisory: an error (e.g. a file system without it) changes nothing,
      * the flush still does the whole work. */
     (void)sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+}
+
+/*
+ * Direct writes (CBT_OPEN_DIRECT).  The O_DIRECT descriptor is a second
+ * open of the very file node->fd has open (through /proc/self/fd, else by
+ * name, checked to be the same file); the image's locks are the process's
+ * (lock.c), so it needs none of its own.  Its alignment comes from statx
+ * (STATX_DIOALIGN, Linux 6.1); where that says nothing, 4 KiB, which every
+ * common file system and device accepts.  Caller holds node->lock.
+ */
+#define DIRECT_ALIGN_DEFAULT 4096u
+
+static int open_same_file_direct(struct blk_node *node)
+{
+    char proc[48];
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", node->fd);
+    int fd = open(proc, O_WRONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) /* no /proc */
+        fd = open(node->filename, O_WRONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    struct stat a, b;
+    if (fstat(fd, &a) < 0 || fstat(node->fd, &b) < 0 ||
+        a.st_dev != b.st_dev || a.st_ino != b.st_ino || !S_ISREG(a.st_mode)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static uint32_t direct_alignment(int fd)
+{
+    uint32_t align = DIRECT_ALIGN_DEFAULT;
+#ifdef STATX_DIOALIGN
+    struct statx stx;
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 &&
+        (stx.stx_mask & STATX_DIOALIGN)) {
+        if (stx.stx_dio_offset_align == 0)
+            return 0; /* the file system says: no direct I/O here */
+        align = MAX(stx.stx_dio_mem_align, stx.stx_dio_offset_align);
+    }
+#endif
+    return align;
+}
+
+/* The O_DIRECT descriptor for node->fd's file, or -1. */
+static int direct_fd_locked(struct blk_node *node)
+{
+    if (!(node->flags & CBT_OPEN_DIRECT) || node->read_only)
+        return -1;
+    if (node->direct_of == node->fd)
+        return node->direct_fd;
+    if (node->direct_fd >= 0)
+        close(node->direct_fd);
+    node->direct_of = node->fd;
+    node->direct_fd = open_same_file_direct(node);
+    if (node->direct_fd < 0)
+        return -1;
+    node->direct_align = direct_alignment(node->direct_fd);
+    if (node->direct_align == 0 || (node->direct_align & (node->direct_align - 1))) {
+        close(node->direct_fd);
+        node->direct_fd = -1;
+    }
+    return node->direct_fd;
+}
+
+/* A direct write of [off, off + len) from buf, or through the cache once
+ * direct I/O is refused. */
+static int direct_write(struct blk_node *node, const void *buf, size_t len,
+                        uint64_t off)
+{
+    if (node->direct_fd >= 0) {
+        int r = file_pwrite_full(node->direct_fd, buf, len, off);
+        if (r != -EINVAL)
+            return r;
+        /* Refused after all (a rule statx did not tell): through the cache
+         * from now on; the same bytes again, so nothing is lost if part of
+         * them went. */
+        close(node->direct_fd);
+        node->direct_fd = -1;
+    }
+    return file_pwrite_full(node->fd, buf, len, off);
+}
+
+/* Issue the held-back write, if any. */
+static int gather_flush_locked(struct blk_node *node)
+{
+    if (node->gather_len == 0)
+        return 0;
+    size_t len = node->gather_len;
+    node->gather_len = 0;
+    return direct_write(node, node->gather_buf, len, node->gather_off);
+}
+
+int blk_data_pwrite(struct blk_node *node, int fd, const void *buf,
+                    size_t len, uint64_t off)
+{
+    int dfd = fd == node->fd ? direct_fd_locked(node) : -1;
+    uint64_t m = dfd >= 0 ? node->direct_align - 1 : 0;
+    bool direct = dfd >= 0 && (((uintptr_t)buf | off | len) & m) == 0;
+    if (direct && node->gathering) {
+        if (node->gather_len && node->gather_buf + node->gather_len == buf &&
+            node->gather_off + node->gather_len == off &&
+            node->gather_len + len <= BLK_GATHER_MAX) {
+            node->gather_len += len;
+            return 0;
+        }
+        int r = gather_flush_locked(node);
+        if (r < 0)
+            return r;
+        node->gather_buf = buf;
+        node->gather_off = off;
+        node->gather_len = len;
+        return 0;
+    }
+    /* In the order the caller wrote them. */
+    int r = gather_flush_locked(node);
+    if (r < 0)
+        return r;
+    return direct ? direct_write(node, buf, len, off)
+                  : file_pwrite_full(fd, buf, len, off);
+}
+
+void blk_gather_begin(struct blk_node *node)
+{
+    pthread_mutex_lock(&node->lock);
+    node->gathering = true;
+    pthread_mutex_unlock(&node->lock);
+}
+
+int blk_gather_end(struct blk_node *node)
+{
+    pthread_mutex_lock(&node->lock);
+    int r = gather_flush_locked(node);
+    node->gathering = false;
+    pthread_mutex_unlock(&node->lock);
+    return r;
 }
 
 /* Caller holds img->lock. */
@@ -610,7 +758,9 @@ out:
 int cbt_image_flush(struct cbt_image *img)
 {
     pthread_mutex_lock(&img->lock);
-    int r = img->read_only ? 0 : img->drv->flush(img);
+    int r = img->read_only ? 0 : gather_flush_locked(img);
+    if (r == 0 && !img->read_only)
+        r = img->drv->flush(img);
     pthread_mutex_unlock(&img->lock);
     return r;
 }

@@ -267,6 +267,19 @@ struct cbt_image {
                              * after the new state reached the file: the
                              * live list is what the disk holds */
     uint64_t unkicked;      /* bytes written since writeback was started */
+    /* CBT_OPEN_DIRECT (guarded by lock): a second descriptor of fd's file
+     * opened with O_DIRECT at the first write that could use it, the fd
+     * it was opened for (a reopen replaces fd), and the alignment of the
+     * buffer, offset and length it takes. */
+    int direct_fd;          /* -1: none (not tried, or not possible) */
+    int direct_of;          /* fd when it was tried; -1 before */
+    uint32_t direct_align;
+    /* Gathering (blk_gather_begin): the direct write held back, to be
+     * issued with the ones that continue it. */
+    bool gathering;
+    const uint8_t *gather_buf;
+    uint64_t gather_off;
+    size_t gather_len;
     /* The image lock (lock.c), held for lock_role; it does not depend on
      * fd, which a reopen replaces. */
     struct blk_lock *file_lock;
@@ -313,6 +326,33 @@ int blk_read_backing(struct blk_node *node, void *buf, uint64_t off,
 uint64_t blk_backing_size(struct blk_node *node);
 /* Start writing back fd's dirty pages, not waiting (sync_file_range). */
 void blk_start_writeback_fd(int fd);
+/*
+ * A driver's data write of len bytes of buf at off into fd, node's own
+ * file or another (an external data file): with CBT_OPEN_DIRECT, into
+ * node's own file, and buf, off and len aligned for direct I/O, around
+ * the page cache; else through it.  A direct write the file system
+ * refuses (EINVAL) is done through the cache, and so is every later one.
+ * 0 or -errno.  node->lock held.
+ */
+int blk_data_pwrite(struct blk_node *node, int fd, const void *buf,
+                    size_t len, uint64_t off);
+/*
+ * Gathering direct writes.  Small direct writes cost a device round trip
+ * each (a 64 KiB one several times its share of a 4 MiB one), and a qcow2
+ * target of scattered blocks gets one per block, though its new clusters
+ * follow one another in the file as the blocks do in the caller's buffer.
+ * Between blk_gather_begin and blk_gather_end, a direct write that
+ * continues the one held back (in the file and in memory) joins it; the
+ * held one is issued when one does not, at BLK_GATHER_MAX bytes, before
+ * any write through the cache, and at blk_gather_end (or a flush, or the
+ * close).  The caller keeps every buffer it wrote from unchanged until
+ * blk_gather_end, writes the node from one thread only meanwhile, and does
+ * not read back what it wrote before then.  blk_gather_end: 0, or the
+ * -errno of a held write (what a write of it returns).  Takes node->lock.
+ */
+#define BLK_GATHER_MAX ((size_t)8 << 20)
+void blk_gather_begin(struct blk_node *node);
+int blk_gather_end(struct blk_node *node);
 /* The same for what a node has written so far (streaming writeback, in
  * block.c, does it every 32 MiB): a job that has written everything and
  * has other work before its flush lets the disk start now.  Takes

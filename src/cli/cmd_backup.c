@@ -129,6 +129,12 @@ static const char usage[] =
     "                  bytes per bit of the new checkpoint's bitmap (a power\n"
     "                  of two from 512 to 2G; default: as cbt checkpoint)\n"
     "  -f FMT          format of DISK (default: probe)\n"
+    "  --buffered      write TARGET through the host's page cache (qemu-img's\n"
+    "                  -t writeback).  By default its data goes around it\n"
+    "                  (O_DIRECT, as -t none) where the file system allows:\n"
+    "                  the backup leaves the cache to the VMs and costs less\n"
+    "                  CPU; on a file system without direct I/O (tmpfs) the\n"
+    "                  cache is used anyway.  Durable either way\n"
     "  -p              show progress on stderr (when it is a terminal)\n"
     "  --output=FMT    human (default) or json\n"
     "  -h, --help      show this help\n"
@@ -328,6 +334,7 @@ enum {
     OPT_DISKID,
     OPT_RESCAN,
     OPT_COMPRESS,
+    OPT_BUFFERED,
 };
 
 /* The options, one at a time.  -1: go on; otherwise the exit status
@@ -354,6 +361,7 @@ static int parse_options(int argc, char **argv, struct backup_cli *a)
         {"disk-id", required_argument, NULL, OPT_DISKID},
         {"rescan", no_argument, NULL, OPT_RESCAN},
         {"compress", optional_argument, NULL, OPT_COMPRESS},
+        {"buffered", no_argument, NULL, OPT_BUFFERED},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
@@ -385,6 +393,9 @@ static int parse_options(int argc, char **argv, struct backup_cli *a)
                 strcmp(o->compress, "zlib") != 0)
                 return cli_usage_error(prog, "unknown compression '%s' "
                                        "(zstd or zlib)", o->compress);
+            break;
+        case OPT_BUFFERED:
+            o->buffered = true;
             break;
         case OPT_CKPT:
             o->checkpoint = optarg;

@@ -9,8 +9,8 @@
 #include "cli.h"
 
 static const char usage[] =
-    "Usage: cbt restore [-O qcow2|raw] [--seed-checkpoint NAME] [-p]\n"
-    "                   BACKUP OUT\n"
+    "Usage: cbt restore [-O qcow2|raw] [--seed-checkpoint NAME] [--buffered]\n"
+    "                   [-p] BACKUP OUT\n"
     "\n"
     "Write the guest view of the disk at the point in time of BACKUP (a\n"
     "backup image made by cbt backup; its manifest BACKUP.json and those of\n"
@@ -32,6 +32,10 @@ static const char usage[] =
     "                  that 'cbt backup --incremental OUT' into the same\n"
     "                  backup folder continues the chain from BACKUP; NAME\n"
     "                  must be BACKUP's checkpoint (cbt verify shows it)\n"
+    "  --buffered      write OUT through the host's page cache (qemu-img's\n"
+    "                  -t writeback); by default its data goes around it\n"
+    "                  (O_DIRECT, -t none) where the file system allows, as\n"
+    "                  cbt backup writes\n"
     "  -p              show progress on stderr (when it is a terminal)\n"
     "  -h, --help      show this help\n"
     "\n"
@@ -49,10 +53,11 @@ static const char usage[] =
 
 int cmd_restore(int argc, char **argv)
 {
-    enum { OPT_SEED = 256 };
+    enum { OPT_SEED = 256, OPT_BUFFERED };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"seed-checkpoint", required_argument, NULL, OPT_SEED},
+        {"buffered", no_argument, NULL, OPT_BUFFERED},
         {NULL, 0, NULL, 0},
     };
     const char *prog = argv[0];
@@ -70,6 +75,9 @@ int cmd_restore(int argc, char **argv)
             break;
         case OPT_SEED:
             o.seed_checkpoint = optarg;
+            break;
+        case OPT_BUFFERED:
+            o.buffered = true;
             break;
         case 'p':
             progress_wanted = true;

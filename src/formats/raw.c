@@ -43,7 +43,7 @@ static int raw_read(struct blk_node *node, void *buf, uint64_t off, size_t len)
 static int raw_write(struct blk_node *node, const void *buf, uint64_t off,
                      size_t len)
 {
-    return file_pwrite_full(node->fd, buf, len, off);
+    return blk_data_pwrite(node, node->fd, buf, len, off);
 }
 
 static int raw_write_zeroes(struct blk_node *node, uint64_t off, uint64_t len,

@@ -1483,9 +1483,10 @@ static int put_leaves(struct bk *b, const struct bp_seg *g)
 /* Write a chunk and its leaves.  Only the drain thread touches the
  * pending-write state, the byte counters, the extents list and the
  * hashes writer. */
-static int bk_drain(void *opaque, struct bp_chunk *c)
+/* One chunk's segments, written in order (zero runs, compressed clusters,
+ * runs of adjacent data blocks). */
+static int drain_segments(struct bk *b, struct bp_chunk *c)
 {
-    struct bk *b = opaque;
     for (size_t k = 0; k < c->n; k++) {
         struct bp_seg *g = &c->seg[k];
         int r = put_leaves(b, g);
@@ -1508,11 +1509,31 @@ static int bk_drain(void *opaque, struct bp_chunk *c)
             return -1;
         }
     }
-    /* The chunk's buffer is reused after this: nothing may stay pending. */
     int r = flush_pending(b);
     if (r < 0) {
         b->drain_fail = (struct io_fail){"writing", b->o->target,
                                          c->seg[0].off, r};
+        return -1;
+    }
+    return 0;
+}
+
+/* The chunk's data blocks lie one after the other in its buffer, and a
+ * new target's clusters for them one after the other in the file: its
+ * direct writes are gathered (blk_gather_begin), a few large ones instead
+ * of one per block. */
+static int bk_drain(void *opaque, struct bp_chunk *c)
+{
+    struct bk *b = opaque;
+    blk_gather_begin(b->dst);
+    int r = drain_segments(b, c);
+    /* The chunk's buffer is reused after this: nothing may stay held. */
+    int e = blk_gather_end(b->dst);
+    if (r < 0)
+        return -1;
+    if (e < 0) {
+        b->drain_fail = (struct io_fail){"writing", b->o->target,
+                                         c->seg[0].off, e};
         return -1;
     }
     progress(b);
@@ -1614,7 +1635,10 @@ static int create_target(struct bk *b, struct cbt_error **errp)
         return -1;
     if (cbt_image_create(b->target_part, &co, errp) < 0)
         return -1;
-    b->dst = cbt_image_open(b->target_part, b->fmt, CBT_OPEN_RDWR, errp);
+    b->dst = cbt_image_open(b->target_part, b->fmt,
+                            CBT_OPEN_RDWR |
+                                (b->o->buffered ? 0 : CBT_OPEN_DIRECT),
+                            errp);
     return b->dst ? 0 : -1;
 }
 

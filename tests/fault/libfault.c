@@ -36,7 +36,8 @@
  *                         2: also every matching call (a trace).
  *
  * Descriptors are followed through open, open64, openat, openat64, creat,
- * creat64, dup, dup2, dup3 and close.  Not followed: fcntl(F_DUPFD), stdio
+ * creat64, dup, dup2, dup3 and close, and through an open of
+ * /proc/self/fd/N for a followed N.  Not followed: fcntl(F_DUPFD), stdio
  * streams, descriptors inherited from the parent.
  *
  * Built without sanitizers; with an ASan-built program set
@@ -310,11 +311,23 @@ static bool wants_mode(int flags)
     return (flags & O_CREAT) != 0;
 }
 
+/* A reopen of a followed descriptor through /proc/self/fd/N (how cbt
+ * opens the O_DIRECT twin of an image it writes) is followed too. */
+static bool reopens_tracked(const char *path)
+{
+    static const char pre[] = "/proc/self/fd/";
+    if (!path || strncmp(path, pre, sizeof(pre) - 1) != 0)
+        return false;
+    char *end;
+    long n = strtol(path + sizeof(pre) - 1, &end, 10);
+    return *end == '\0' && n >= 0 && n < MAX_FDS && is_tracked((int)n);
+}
+
 static int opened(int fd, const char *path)
 {
     if (fd >= 0) {
         int e = errno;
-        track(fd, path_matches(path));
+        track(fd, path_matches(path) || reopens_tracked(path));
         errno = e;
     }
     return fd;

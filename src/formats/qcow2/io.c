@@ -248,8 +248,9 @@ static int write_alloc_run(struct qcow2_state *s, uint8_t *l2, uint64_t idx,
     /* Fully covered clusters are written straight from buf in one go. */
     uint64_t full_lo = ALIGN_UP(off, cs), full_hi = ALIGN_DOWN(end, cs);
     if (full_hi > full_lo) {
-        r = file_pwrite_full(s->data_fd, buf + (full_lo - off), full_hi - full_lo,
-                             (uint64_t)host + (full_lo - guest0));
+        r = blk_data_pwrite(s->node, s->data_fd, buf + (full_lo - off),
+                            full_hi - full_lo,
+                            (uint64_t)host + (full_lo - guest0));
         if (r < 0)
             goto fail;
     }
@@ -344,7 +345,7 @@ static int64_t write_std(struct qcow2_state *s, const uint8_t *buf,
         done = MIN(max, k * cs - in);
         r = qcow2_pre_write_data(s, host + in, done);
         if (r == 0)
-            r = file_pwrite_full(s->data_fd, buf, done, host + in);
+            r = blk_data_pwrite(s->node, s->data_fd, buf, done, host + in);
         s->need_sync = true;
     } else {
         while (k < nclusters && !std_in_place(s, qcow2_l2_get(s, l2, idx + k)))
