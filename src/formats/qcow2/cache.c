@@ -56,12 +56,15 @@ static struct qcow2_cache_entry *set_of(struct qcow2_cache *c, uint64_t offset,
     return &c->entries[(key >> 32) % c->nsets * c->ways];
 }
 
+/* Write e back if dirty.  An L2 table goes after the refcounts and the
+ * data it maps are durable (qcow2_prepare_l2_writeback), unless the
+ * caller did that already for a run of tables (prepared). */
 static int write_entry(struct qcow2_state *s, struct qcow2_cache *c,
-                       struct qcow2_cache_entry *e)
+                       struct qcow2_cache_entry *e, bool prepared)
 {
     if (!e->dirty)
         return 0;
-    if (c->is_l2) {
+    if (c->is_l2 && !prepared) {
         int r = qcow2_prepare_l2_writeback(s);
         if (r < 0)
             return r;
@@ -101,7 +104,7 @@ int qcow2_cache_get(struct qcow2_state *s, struct qcow2_cache *c,
     if (!victim)
         return -EBUSY; /* every way pinned: a bug in the caller */
     if (victim->offset) {
-        int r = write_entry(s, c, victim);
+        int r = write_entry(s, c, victim, false);
         if (r < 0)
             return r;
         victim->offset = 0;
@@ -146,10 +149,18 @@ void qcow2_cache_mark_dirty(struct qcow2_cache *c, uint8_t *table)
 
 int qcow2_cache_write_dirty(struct qcow2_state *s, struct qcow2_cache *c)
 {
+    /* One ordering point for all the L2 tables: nothing they depend on
+     * changes while they are written, and they do not depend on one
+     * another (a sync before each was one fdatasync per dirty table). */
+    if (c->is_l2 && c->ndirty) {
+        int r = qcow2_prepare_l2_writeback(s);
+        if (r < 0)
+            return r;
+    }
     for (size_t i = 0; i < (size_t)c->nsets * c->ways; i++) {
         struct qcow2_cache_entry *e = &c->entries[i];
         if (e->offset && e->dirty) {
-            int r = write_entry(s, c, e);
+            int r = write_entry(s, c, e, true);
             if (r < 0)
                 return r;
         }
