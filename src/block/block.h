@@ -347,7 +347,10 @@ int blk_data_pwrite(struct blk_node *node, int fd, const void *buf,
  * any write through the cache, and at blk_gather_end (or a flush, or the
  * close).  The caller keeps every buffer it wrote from unchanged until
  * blk_gather_end, writes the node from one thread only meanwhile, and does
- * not read back what it wrote before then.  blk_gather_end: 0, or the
+ * not read back what it wrote before then.  A held write may reach the
+ * file after metadata that maps it (a qcow2 L2 table evicted meanwhile),
+ * so gather only into a file that means nothing until its final flush (a
+ * new backup target, renamed into place after it).  blk_gather_end: 0, or the
  * -errno of a held write (what a write of it returns).  Takes node->lock.
  */
 #define BLK_GATHER_MAX ((size_t)8 << 20)
