@@ -247,6 +247,10 @@ struct cbt_convert_opts {
     void *cancel_opaque;
     cbt_warn_fn *warn;             /* this call's warnings (cbt/error.h) */
     void *warn_opaque;
+    /* Write DST's data around the page cache where the file system allows
+     * (CBT_OPEN_DIRECT, cbt/image.h; qemu-img convert -t none).  Default:
+     * through it, as qemu-img's -t writeback. */
+    bool direct;
 };
 #define CBT_CONVERT_OPTS_INIT                                               \
     { .struct_size = sizeof(struct cbt_convert_opts) }

@@ -8,7 +8,7 @@
 #include "cli.h"
 
 static const char usage[] =
-    "Usage: cbt convert [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-c]\n"
+    "Usage: cbt convert [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-c] [-t CACHE]\n"
     "                   [-B BACKING -F BACKING_FMT] [-n] [--bitmaps\n"
     "                   [--skip-broken-bitmaps]] [-p] [-q] SRC DST\n"
     "\n"
@@ -26,6 +26,11 @@ static const char usage[] =
     "  -o OPTIONS      creation options of DST, as 'cbt create -o' (',,' for\n"
     "                  a comma); '-o help' lists them\n"
     "  -c              compress every data cluster of DST (qcow2)\n"
+    "  -t CACHE        how DST is written, as qemu-img's: none (or\n"
+    "                  directsync): its data around the host's page cache\n"
+    "                  (O_DIRECT) where the file system allows; writeback\n"
+    "                  (default, or unsafe, writethrough): through it.  DST\n"
+    "                  is flushed at the end either way\n"
     "  -B BACKING      create DST with the backing file BACKING and copy only\n"
     "                  what SRC's top layer allocates: BACKING must hold the\n"
     "                  same data as SRC's backing chain.  A relative name is\n"
@@ -84,7 +89,7 @@ static int parse_args(int argc, char **argv, struct convert_req *req)
     struct cbt_convert_opts *o = &req->opts;
     int c;
     optind = 0;
-    while ((c = getopt_long(argc, argv, "hf:O:o:cB:F:npq", longopts, NULL)) !=
+    while ((c = getopt_long(argc, argv, "hf:O:o:cB:F:npqt:", longopts, NULL)) !=
            -1) {
         switch (c) {
         case 'h':
@@ -103,6 +108,18 @@ static int parse_args(int argc, char **argv, struct convert_req *req)
             break;
         case 'c':
             o->compress = true;
+            break;
+        case 't':
+            if (strcmp(optarg, "none") == 0 || strcmp(optarg, "directsync") == 0) {
+                o->direct = true;
+            } else if (strcmp(optarg, "writeback") != 0 &&
+                       strcmp(optarg, "unsafe") != 0 &&
+                       strcmp(optarg, "writethrough") != 0) {
+                cli_usage_error(req->prog, "unknown cache mode '%s' (none, "
+                                "directsync, writeback, unsafe or "
+                                "writethrough)", optarg);
+                return -1;
+            }
             break;
         case 'B':
             req->backing = optarg;

@@ -766,8 +766,10 @@ static int target_geometry(struct conv *c, struct cbt_error **errp)
     c->buflen = CONV_CHUNK;
     if (c->o->compress)
         c->buflen = (size_t)MAX((uint64_t)c->buflen, c->cluster);
-    c->buf = malloc(c->buflen);
-    c->buf2 = malloc(c->buflen);
+    /* Page-aligned: with -t none (CBT_OPEN_DIRECT) whole blocks of them
+     * go straight to DST. */
+    c->buf = cbt_zalloc_aligned(c->buflen);
+    c->buf2 = cbt_zalloc_aligned(c->buflen);
     if (!c->buf || !c->buf2) {
         cbt_error_set(errp, ENOMEM, "%s: out of memory", c->o->dst);
         return -1;
@@ -827,7 +829,8 @@ int cbt_convert(const struct cbt_convert_opts *opts, struct cbt_error **errp)
         c.zero_init = !c.shallow;
     }
     c.dst = cbt_image_open(o->dst, o->no_create ? o->create->format : fmt,
-                           CBT_OPEN_RDWR, errp);
+                           CBT_OPEN_RDWR | (o->direct ? CBT_OPEN_DIRECT : 0),
+                           errp);
     if (!c.dst)
         goto out;
     if (o->no_create && check_existing_target(&c, errp) < 0)

@@ -126,7 +126,7 @@ static inline void cleanup_close_fn(int *fd) { if (*fd >= 0) close(*fd); }
 #define CLEANUP_CLOSE __attribute__((cleanup(cleanup_close_fn)))
 
 /* ---- memory ---- */
-/* Aligned, zeroed buffer suitable for O_DIRECT-free host I/O; NULL on ENOMEM. */
+/* A zeroed buffer aligned to 4 KiB (fit for direct I/O); NULL on ENOMEM. */
 void *cbt_zalloc_aligned(size_t size);
 char *cbt_strdup_printf(const char *fmt, ...) PRINTF_FMT(1, 2);
 

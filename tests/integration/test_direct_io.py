@@ -172,3 +172,25 @@ def test_target_flush_syncs_once_for_all_l2_tables(tmp):
     qemu_img("check", "-q", inc)
     qemu_img("compare", "-q", disk, inc)
     cbt("verify", inc)
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback", None])
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_convert_cache_mode(tmp, fmt, cache):
+    """cbt convert -t none writes DST around the cache, as qemu-img's -t
+    none; the default is -t writeback, as qemu-img's."""
+    d = str(tmp)
+    direct = direct_io_works(d)
+    disk = make_disk(d)
+    dst = os.path.join(d, "dst." + fmt)
+    cbt("convert", "-O", fmt, *(["-t", cache] if cache else []), disk, dst)
+    check_cache(dst, 72 * MiB, cache != "none", direct)
+    qemu_img("compare", "-q", "-f", "qcow2", "-F", fmt, disk, dst)
+
+
+def test_convert_unknown_cache_mode(tmp):
+    d = str(tmp)
+    disk = make_disk(d)
+    res = cbt("convert", "-t", "sometimes", disk, os.path.join(d, "x.raw"), check=False)
+    assert res.rc == 64 and "unknown cache mode 'sometimes'" in res.err, res
+    assert not os.path.exists(os.path.join(d, "x.raw"))
