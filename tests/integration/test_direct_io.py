@@ -90,14 +90,19 @@ def check_cache(path, data, buffered, direct):
             path, held, data)
 
 
+def setup_case(tmp):
+    """(folder, does it take direct I/O, a disk with 72 MiB of data, an
+    empty backup folder)"""
+    d = str(tmp)
+    bk = os.path.join(d, "bk")
+    os.mkdir(bk)
+    return d, direct_io_works(d), make_disk(d), bk
+
+
 @pytest.mark.parametrize("buffered", [False, True], ids=["direct", "buffered"])
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 def test_backup_full_and_incremental(tmp, fmt, buffered):
-    d = str(tmp)
-    direct = direct_io_works(d)
-    disk = make_disk(d)
-    bk = os.path.join(d, "bk")
-    os.mkdir(bk)
+    d, direct, disk, bk = setup_case(tmp)
     extra = ["--buffered"] if buffered else []
     full = os.path.join(bk, "f." + fmt)
     cbt("backup", "--full", "-O", fmt, *extra, disk, full)
@@ -117,11 +122,7 @@ def test_backup_full_and_incremental(tmp, fmt, buffered):
 @pytest.mark.parametrize("buffered", [False, True], ids=["direct", "buffered"])
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 def test_restore(tmp, fmt, buffered):
-    d = str(tmp)
-    direct = direct_io_works(d)
-    disk = make_disk(d)
-    bk = os.path.join(d, "bk")
-    os.mkdir(bk)
+    d, direct, disk, bk = setup_case(tmp)
     full = os.path.join(bk, "f.qcow2")
     cbt("backup", "--full", "--buffered", disk, full)
     out = os.path.join(d, "out." + fmt)
