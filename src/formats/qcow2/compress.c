@@ -16,11 +16,62 @@
  * reference, so one shared with an internal snapshot survives; a
  * compressed one drops one reference on each host cluster it touches).
  */
+#include <pthread.h>
 #include <zlib.h>
 #include <zstd.h>
 #include <zstd_errors.h>
 
 #include "qcow2.h"
+
+/*
+ * One zstd context of each kind per thread, kept for the thread's life:
+ * making one per cluster cost a workspace allocation and its set-up for
+ * every 64 KiB (a backup's worker threads compress thousands).  Freed by
+ * the key's destructor when the thread ends; the main thread's at exit
+ * stays reachable through the key (not a leak).
+ */
+static pthread_key_t cctx_key, dctx_key;
+static pthread_once_t zstd_keys_once = PTHREAD_ONCE_INIT;
+static bool zstd_keys_ok;
+
+static void free_cctx(void *p) { ZSTD_freeCCtx(p); }
+static void free_dctx(void *p) { ZSTD_freeDCtx(p); }
+
+static void make_zstd_keys(void)
+{
+    zstd_keys_ok = pthread_key_create(&cctx_key, free_cctx) == 0 &&
+                   pthread_key_create(&dctx_key, free_dctx) == 0;
+}
+
+/* This thread's compression context, or NULL (out of memory). */
+static ZSTD_CCtx *thread_cctx(void)
+{
+    pthread_once(&zstd_keys_once, make_zstd_keys);
+    if (!zstd_keys_ok)
+        return NULL;
+    ZSTD_CCtx *c = pthread_getspecific(cctx_key);
+    if (!c && (c = ZSTD_createCCtx()) && pthread_setspecific(cctx_key, c)) {
+        ZSTD_freeCCtx(c);
+        c = NULL;
+    }
+    return c;
+}
+
+/* This thread's decompression context, reset for a new frame, or NULL. */
+static ZSTD_DCtx *thread_dctx(void)
+{
+    pthread_once(&zstd_keys_once, make_zstd_keys);
+    if (!zstd_keys_ok)
+        return NULL;
+    ZSTD_DCtx *d = pthread_getspecific(dctx_key);
+    if (!d && (d = ZSTD_createDCtx()) && pthread_setspecific(dctx_key, d)) {
+        ZSTD_freeDCtx(d);
+        d = NULL;
+    }
+    if (d && ZSTD_isError(ZSTD_DCtx_reset(d, ZSTD_reset_session_only)))
+        d = NULL;
+    return d;
+}
 
 static int inflate_zlib(const uint8_t *in, size_t in_len, uint8_t *out,
                         size_t out_len)
@@ -45,7 +96,7 @@ static int inflate_zlib(const uint8_t *in, size_t in_len, uint8_t *out,
 static int inflate_zstd(const uint8_t *in, size_t in_len, uint8_t *out,
                         size_t out_len)
 {
-    ZSTD_DCtx *dctx = ZSTD_createDCtx();
+    ZSTD_DCtx *dctx = thread_dctx();
     if (!dctx)
         return -ENOMEM;
     ZSTD_inBuffer ib = { in, in_len, 0 };
@@ -67,7 +118,6 @@ static int inflate_zstd(const uint8_t *in, size_t in_len, uint8_t *out,
             break;
         }
     }
-    ZSTD_freeDCtx(dctx);
     return ret;
 }
 
@@ -120,12 +170,11 @@ static int64_t deflate_zlib(const uint8_t *in, size_t in_len, uint8_t *out,
 static int64_t deflate_zstd(const uint8_t *in, size_t in_len, uint8_t *out,
                             size_t out_cap)
 {
-    ZSTD_CCtx *cctx = ZSTD_createCCtx();
+    ZSTD_CCtx *cctx = thread_cctx();
     if (!cctx)
         return -ENOMEM;
     size_t r = ZSTD_compressCCtx(cctx, out, out_cap, in, in_len,
                                  ZSTD_CLEVEL_DEFAULT);
-    ZSTD_freeCCtx(cctx);
     if (!ZSTD_isError(r))
         return (int64_t)r;
     return ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall ? -ENOSPC
