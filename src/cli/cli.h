@@ -11,6 +11,7 @@
 
 #include <cbt/error.h>
 #include <cbt/image.h>
+#include <cbt/ops.h>
 
 /*
  * The command list: X(name, summary).  main.c turns it into its dispatch
@@ -216,10 +217,11 @@ void cli_progress_end(struct cli_progress *p);
 /* signals.c: SIGINT, SIGTERM, SIGHUP during the long-running commands */
 
 /* From now on those signals are noted instead of killing (those ignored
- * stay ignored); pass cli_cancel_cb as the library's cbt_cancel_fn so that
- * the operation stops and cleans up.  Called by backup, restore, convert
- * and commit just before the operation. */
-void cli_signals_catch(void);
+ * stay ignored); the returned cbt_cancel_fn (cli_cancel_cb), set as the
+ * library's cancel callback, stops the operation so that it cleans up.
+ * Called by every long command just before its operation:
+ *     o.cancel = cli_signals_catch(); */
+cbt_cancel_fn *cli_signals_catch(void);
 /* A cbt_cancel_fn: has one of those signals arrived? */
 bool cli_cancel_cb(void *opaque);
 /* main(), at the end: when a signal was caught, die of it (its default

@@ -609,8 +609,7 @@ int cmd_backup(int argc, char **argv)
     cli_progress_init_rate(&pr, a.progress);
     a.o.progress = cli_progress_cb;
     a.o.progress_opaque = &pr;
-    cli_signals_catch();
-    a.o.cancel = cli_cancel_cb;
+    a.o.cancel = cli_signals_catch();
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     return a.all ? run_all_disks(&a, &pr, &t0) : run_one(&a, &pr, &t0);

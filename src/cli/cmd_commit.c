@@ -206,8 +206,7 @@ int cmd_commit(int argc, char **argv)
     cli_progress_init(&pr, la.progress);
     o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
-    cli_signals_catch();
-    o.cancel = cli_cancel_cb;
+    o.cancel = cli_signals_catch();
     struct cbt_error *err = NULL;
     int r = cbt_commit(&o, &err);
     cli_progress_end(&pr);

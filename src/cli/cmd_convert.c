@@ -251,8 +251,7 @@ int cmd_convert(int argc, char **argv)
         cli_progress_init(&progress, req.progress && !req.quiet);
         req.opts.progress = cli_progress_cb;
         req.opts.progress_opaque = &progress;
-        cli_signals_catch();
-        req.opts.cancel = cli_cancel_cb;
+        req.opts.cancel = cli_signals_catch();
         struct cbt_error *err = NULL;
         r = cbt_convert(&req.opts, &err);
         cli_progress_end(&progress);

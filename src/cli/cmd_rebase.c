@@ -89,8 +89,7 @@ int cmd_rebase(int argc, char **argv)
     cli_progress_init(&pr, progress);
     o.progress = cli_progress_cb;
     o.progress_opaque = &pr;
-    cli_signals_catch();
-    o.cancel = cli_cancel_cb;
+    o.cancel = cli_signals_catch();
     struct cbt_error *err = NULL;
     int r = cbt_rebase(&o, &err);
     cli_progress_end(&pr);

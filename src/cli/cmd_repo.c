@@ -411,8 +411,7 @@ static int do_prune(struct args *a)
     struct cli_progress progress;
     cli_progress_init(&progress, a->progress);
     if (!a->prune.dry_run) {
-        cli_signals_catch();
-        a->prune.cancel = cli_cancel_cb;
+        a->prune.cancel = cli_signals_catch();
         a->prune.progress = cli_progress_cb;
         a->prune.progress_opaque = &progress;
     }

@@ -107,8 +107,7 @@ int cmd_restore(int argc, char **argv)
     cli_progress_init_rate(&progress, progress_wanted);
     o.progress = cli_progress_cb;
     o.progress_opaque = &progress;
-    cli_signals_catch();
-    o.cancel = cli_cancel_cb;
+    o.cancel = cli_signals_catch();
     struct cbt_error *err = NULL;
     int r = cbt_restore(&o, &err);
     cli_progress_end(&progress);

@@ -84,8 +84,7 @@ int cmd_stream(int argc, char **argv)
     so.base = base;
     so.progress = cli_progress_cb;
     so.progress_opaque = &pr;
-    cli_signals_catch();
-    so.cancel = cli_cancel_cb;
+    so.cancel = cli_signals_catch();
     so.warn = cli_warn;
     int r = cbt_stream(&so, &err);
     cli_progress_end(&pr);

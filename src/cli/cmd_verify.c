@@ -162,8 +162,7 @@ int cmd_verify(int argc, char **argv)
     vo.flags = flags;
     vo.progress = cli_progress_cb;
     vo.progress_opaque = &progress;
-    cli_signals_catch();
-    vo.cancel = cli_cancel_cb;
+    vo.cancel = cli_signals_catch();
     vo.warn = cli_warn;
     int r = cbt_verify(&vo, &res, &err);
     cli_progress_end(&progress);

@@ -34,10 +34,9 @@ int cli_live_run(const char *prog, const struct cli_live_args *a,
         return cli_lib_error(err);
     struct cli_progress pr;
     cli_progress_init_rate(&pr, a->progress);
-    cli_signals_catch();
     lo->progress = cli_progress_cb;
     lo->progress_opaque = &pr;
-    lo->cancel = cli_cancel_cb;
+    lo->cancel = cli_signals_catch();
     int r = run(q, lo, &err);
     cli_progress_end(&pr);
     qmp_close(q);

@@ -38,7 +38,7 @@ static void on_signal(int sig)
     errno = saved;
 }
 
-void cli_signals_catch(void)
+cbt_cancel_fn *cli_signals_catch(void)
 {
     struct sigaction sa = {.sa_handler = on_signal, .sa_flags = SA_RESTART};
     sigemptyset(&sa.sa_mask);
@@ -51,6 +51,7 @@ void cli_signals_catch(void)
             continue;
         sigaction(caught_signals[i], &sa, NULL);
     }
+    return cli_cancel_cb;
 }
 
 bool cli_cancel_cb(void *opaque)
