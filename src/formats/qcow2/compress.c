@@ -34,6 +34,8 @@ static pthread_key_t cctx_key, dctx_key;
 static pthread_once_t zstd_keys_once = PTHREAD_ONCE_INIT;
 static bool zstd_keys_ok;
 
+static void *make_cctx(void) { return ZSTD_createCCtx(); }
+static void *make_dctx(void) { return ZSTD_createDCtx(); }
 static void free_cctx(void *p) { ZSTD_freeCCtx(p); }
 static void free_dctx(void *p) { ZSTD_freeDCtx(p); }
 
@@ -43,31 +45,31 @@ static void make_zstd_keys(void)
                    pthread_key_create(&dctx_key, free_dctx) == 0;
 }
 
-/* This thread's compression context, or NULL (out of memory). */
-static ZSTD_CCtx *thread_cctx(void)
+/* This thread's context under key (made by make on first use), or NULL
+ * (out of memory). */
+static void *thread_ctx(pthread_key_t *key, void *(*make)(void),
+                        void (*drop)(void *))
 {
     pthread_once(&zstd_keys_once, make_zstd_keys);
     if (!zstd_keys_ok)
         return NULL;
-    ZSTD_CCtx *c = pthread_getspecific(cctx_key);
-    if (!c && (c = ZSTD_createCCtx()) && pthread_setspecific(cctx_key, c)) {
-        ZSTD_freeCCtx(c);
+    void *c = pthread_getspecific(*key);
+    if (!c && (c = make()) && pthread_setspecific(*key, c)) {
+        drop(c);
         c = NULL;
     }
     return c;
 }
 
-/* This thread's decompression context, reset for a new frame, or NULL. */
+static ZSTD_CCtx *thread_cctx(void)
+{
+    return thread_ctx(&cctx_key, make_cctx, free_cctx);
+}
+
+/* Reset for a new frame. */
 static ZSTD_DCtx *thread_dctx(void)
 {
-    pthread_once(&zstd_keys_once, make_zstd_keys);
-    if (!zstd_keys_ok)
-        return NULL;
-    ZSTD_DCtx *d = pthread_getspecific(dctx_key);
-    if (!d && (d = ZSTD_createDCtx()) && pthread_setspecific(dctx_key, d)) {
-        ZSTD_freeDCtx(d);
-        d = NULL;
-    }
+    ZSTD_DCtx *d = thread_ctx(&dctx_key, make_dctx, free_dctx);
     if (d && ZSTD_isError(ZSTD_DCtx_reset(d, ZSTD_reset_session_only)))
         d = NULL;
     return d;
