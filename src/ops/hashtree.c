@@ -975,6 +975,49 @@ err:
 
 /* ---- merging (prune) ---- */
 
+/*
+ * Level k of the merge: repeatedly the smallest index any file has left,
+ * the newest file's record for it (files[0] first) written unless
+ * on_zeroes drops it for being the all-zero node, and every file moved
+ * past it.  at[j]: cursor j's next index (UINT64_MAX: none), from its one
+ * peek per step.  0 or -errno.
+ */
+static int merge_level(const struct tree_shape *s, unsigned k,
+                       struct tree_cursor *cur, uint64_t *at, size_t n,
+                       bool on_zeroes, struct tree_writer *tw)
+{
+    for (;;) {
+        size_t best = n;
+        uint64_t bi = 0;
+        const uint8_t *bd = NULL;
+        for (size_t j = 0; j < n; j++) {
+            uint64_t idx;
+            const uint8_t *d;
+            int e = cursor_peek(&cur[j], k, &idx, &d);
+            if (e < 0)
+                return e;
+            at[j] = e > 0 ? idx : UINT64_MAX;
+            if (e > 0 && idx < s->count[k] && (best == n || idx < bi)) {
+                best = j;
+                bi = idx;
+                bd = d;
+            }
+        }
+        if (best == n)
+            return 0;
+        uint8_t z[32];
+        tree_zero(s, k, bi, z);
+        if (!on_zeroes || memcmp(bd, z, 32) != 0) {
+            int e = tree_writer_record(tw, k, bi, bd);
+            if (e < 0)
+                return e;
+        }
+        for (size_t j = 0; j < n; j++)
+            if (at[j] == bi)
+                cur[j].pos++;
+    }
+}
+
 int tree_merge(struct tree_file **files, size_t n, uint64_t size,
                bool on_zeroes, const uint8_t parent_root[32],
                const char *out_path, char sha_hex[65],
@@ -991,53 +1034,19 @@ int tree_merge(struct tree_file **files, size_t n, uint64_t size,
     if (tree_writer_open(&tw, out_path, &s, parent_root, errp) < 0)
         return -1;
     struct tree_cursor *cur = calloc(n, sizeof(*cur));
-    int r = cur ? 0 : -ENOMEM;
+    uint64_t *at = calloc(n, sizeof(*at));
+    int r = cur && at ? 0 : -ENOMEM;
     for (unsigned k = 0; k <= s.levels && r == 0; k++) {
         for (size_t j = 0; j < n; j++)
             cursor_init(&cur[j], files[j], k);
-        for (;;) {
-            /* The smallest index of any file; the newest file's record
-             * for it; every file moves past it. */
-            int best = -1;
-            uint64_t bi = 0;
-            const uint8_t *bd = NULL;
-            for (size_t j = 0; j < n && r == 0; j++) {
-                uint64_t idx;
-                const uint8_t *d;
-                int e = cursor_peek(&cur[j], k, &idx, &d);
-                if (e < 0)
-                    r = e;
-                else if (e > 0 && idx < s.count[k] &&
-                         (best < 0 || idx < bi)) {
-                    best = (int)j;
-                    bi = idx;
-                    bd = d;
-                }
-            }
-            if (r < 0 || best < 0)
-                break;
-            uint8_t z[32];
-            tree_zero(&s, k, bi, z);
-            if (!on_zeroes || memcmp(bd, z, 32) != 0)
-                r = tree_writer_record(&tw, k, bi, bd);
-            for (size_t j = 0; j < n && r == 0; j++) {
-                uint64_t idx;
-                const uint8_t *d;
-                int e = cursor_peek(&cur[j], k, &idx, &d);
-                if (e < 0)
-                    r = e;
-                else if (e > 0 && idx == bi)
-                    cur[j].pos++;
-            }
-            if (r < 0)
-                break;
-        }
+        r = merge_level(&s, k, cur, at, n, on_zeroes, &tw);
         for (size_t j = 0; j < n; j++) {
             free(cur[j].buf);
             cur[j].buf = NULL;
         }
     }
     free(cur);
+    free(at);
     if (r < 0) {
         cbt_error_set(errp, -r, "%s: cannot merge %s into it: %s", out_path,
                       files[n - 1]->path, strerror(-r));
