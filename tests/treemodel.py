@@ -90,13 +90,7 @@ def tree(size, leaves):
 
 def root_of_bytes(data):
     """The root of a view given as its bytes."""
-    leaves = {}
-    zb = bytes(BLOCK)
-    for i in range(0, -(-len(data) // BLOCK)):
-        b = data[i * BLOCK:(i + 1) * BLOCK]
-        if b != zb[:len(b)]:
-            leaves[i] = hashlib.sha256(b).digest()
-    return tree(len(data), leaves)[1]
+    return tree(len(data), leaves_of(data))[1]
 
 
 def parse_records(buf):
