@@ -750,6 +750,7 @@ static int lb_expose(struct lb *b, const char *since, struct bk_source *src,
     b->exported = true;
     if (open_export(b, since ? b->tmp_bitmap : NULL, errp) < 0)
         return -1;
+    cbt_debug("live: export %s open", b->export_id);
     if (live_nbd_size(b->nbd) < b->l.size) {
         cbt_error_set(errp, EPROTO, "%s: the export is smaller than the disk",
                       qmp_name(b->q));
@@ -949,6 +950,7 @@ static void lb_release(struct bk_live *l)
         close(b->scratch_fd);
     b->scratch_fd = -1;
     b->exported = b->job_running = b->added_scratch = b->made_scratch = false;
+    cbt_debug("live: view released");
 }
 
 /* ---- the whole operation ---- */

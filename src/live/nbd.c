@@ -580,7 +580,9 @@ static int src_dirty(void *opaque,
      * before is walked again: the same answers, the same bits). */
     s->walked = 0;
     s->zero_from = UINT64_MAX;
-    return status_walk(s, UINT64_MAX, cb, cbop, errp);
+    int r = status_walk(s, UINT64_MAX, cb, cbop, errp);
+    cbt_debug("nbd: block status walked");
+    return r;
 }
 
 static void src_done(void *opaque)

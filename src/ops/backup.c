@@ -1955,11 +1955,16 @@ static int copy(struct bk *b, struct cbt_error **errp)
 {
     if (!b->full && collect_dirty(b, errp) < 0)
         return -1;
+    cbt_debug("backup: %" PRIu64 " bytes to copy", b->total);
     b->nblocks = DIV_ROUND_UP(b->size, B);
     if (bk_cancelled(b))
         return cancel_error(b, errp);
-    if (create_target(b, errp) < 0 || copy_all(b, errp) < 0)
+    if (create_target(b, errp) < 0)
         return -1;
+    cbt_debug("backup: target %s made", b->target_part);
+    if (copy_all(b, errp) < 0)
+        return -1;
+    cbt_debug("backup: copied");
     if (b->src.done) {
         /* Nothing more to read: the source lets go (a live view's QEMU
          * round trips) while the disk takes the target's last data. */
@@ -2153,13 +2158,17 @@ int cbt_backup_live(const struct cbt_backup_opts *o, struct bk_live *l,
     struct bk_job *j = bk_job_plan(o, l, res, errp);
     if (!j)
         return -1;
+    cbt_debug("backup: planned");
     /* The instant of the backup: from here QEMU holds the view and the
      * new checkpoint records every later write. */
     struct bk_source src;
     bool frozen = l->freeze(l, bk_job_since(j), bk_job_checkpoint(j),
                             o->granularity, &src, errp) == 0;
-    bool ok = frozen && bk_job_copy(j, &src, errp) == 0 &&
-              bk_job_finish(j, errp) == 0;
+    cbt_debug("backup: view frozen");
+    bool ok = frozen && bk_job_copy(j, &src, errp) == 0;
+    cbt_debug("backup: target written");
+    ok = ok && bk_job_finish(j, errp) == 0;
+    cbt_debug("backup: checkpoint committed");
     if (frozen) {
         if (!ok)
             l->abort(l, bk_job_checkpoint(j));

@@ -1,6 +1,7 @@
 /* Error objects for the control path, debug logging and warnings. */
 #include <pthread.h>
 #include <stdio.h>
+#include <time.h>
 
 #include "util.h"
 
@@ -112,10 +113,13 @@ void cbt_error_prefix(struct cbt_error **errp, const char *fmt, ...)
 static pthread_once_t debug_once = PTHREAD_ONCE_INIT;
 static bool debug_enabled;
 
+static struct timespec debug_t0;
+
 static void read_debug_flag(void)
 {
     const char *e = getenv("CBT_DEBUG");
     debug_enabled = e && *e && strcmp(e, "0") != 0;
+    clock_gettime(CLOCK_MONOTONIC, &debug_t0);
 }
 
 void cbt_debug(const char *fmt, ...)
@@ -123,9 +127,14 @@ void cbt_debug(const char *fmt, ...)
     pthread_once(&debug_once, read_debug_flag);
     if (!debug_enabled)
         return;
+    /* Milliseconds since the first line: where a run spends its time. */
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double ms = (double)(now.tv_sec - debug_t0.tv_sec) * 1e3 +
+                (double)(now.tv_nsec - debug_t0.tv_nsec) / 1e6;
     va_list ap;
     va_start(ap, fmt);
-    fputs("cbt debug: ", stderr);
+    fprintf(stderr, "cbt debug: %9.3f ms: ", ms);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
