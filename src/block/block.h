@@ -150,9 +150,6 @@ struct blk_driver {
                         unsigned flags);
     int (*discard)(struct blk_node *node, uint64_t off, uint64_t len);
     int (*flush)(struct blk_node *node);
-    /* Optional: start writing back the data written so far, without
-     * waiting (blk_note_written); without it node->fd's pages are. */
-    void (*start_writeback)(struct blk_node *node);
     int (*block_status)(struct blk_node *node, uint64_t off, uint64_t len,
                         struct blk_status *st);
 
@@ -266,7 +263,11 @@ struct cbt_image {
     bool bitmaps_switched;  /* set by a driver's bitmap_store that failed
                              * after the new state reached the file: the
                              * live list is what the disk holds */
-    uint64_t unkicked;      /* bytes written since writeback was started */
+    /* Streaming writeback (block.c, guarded by lock): data bytes written
+     * through the cache into wb_fd since the last start, and their span. */
+    uint64_t wb_bytes;
+    uint64_t wb_lo, wb_hi;
+    int wb_fd;
     /* CBT_OPEN_DIRECT (guarded by lock): a second descriptor of fd's file
      * opened with O_DIRECT at the first write that could use it, the fd
      * it was opened for (a reopen replaces fd), and the alignment of the
@@ -324,8 +325,11 @@ int blk_read_backing(struct blk_node *node, void *buf, uint64_t off,
  * reopen of the backing node changes under the backing node's lock (taken
  * here, below node's: the top-to-bottom order). */
 uint64_t blk_backing_size(struct blk_node *node);
-/* Start writing back fd's dirty pages, not waiting (sync_file_range). */
-void blk_start_writeback_fd(int fd);
+/* A driver's data write of [off, off + len) of fd through the page cache,
+ * done (blk_data_pwrite notes its own): counted for the streaming
+ * writeback (block.c).  node->lock held. */
+void blk_note_cached_write(struct blk_node *node, int fd, uint64_t off,
+                           uint64_t len);
 /*
  * A driver's data write of len bytes of buf at off into fd, node's own
  * file or another (an external data file): with CBT_OPEN_DIRECT, into
@@ -356,10 +360,10 @@ int blk_data_pwrite(struct blk_node *node, int fd, const void *buf,
 #define BLK_GATHER_MAX ((size_t)8 << 20)
 void blk_gather_begin(struct blk_node *node);
 int blk_gather_end(struct blk_node *node);
-/* The same for what a node has written so far (streaming writeback, in
- * block.c, does it every 32 MiB): a job that has written everything and
- * has other work before its flush lets the disk start now.  Takes
- * node->lock. */
+/* Start writing back what a node wrote through the cache since the last
+ * start (streaming writeback, in block.c, does it every 32 MiB): a job
+ * that has written everything and has other work before its flush lets
+ * the disk start now.  Takes node->lock. */
 void blk_start_writeback(struct blk_node *node);
 
 /*

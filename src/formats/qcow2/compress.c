@@ -273,6 +273,8 @@ int qcow2_write_compressed(struct blk_node *node, const void *buf,
     r = qcow2_pre_write_data(s, (uint64_t)host, wlen);
     if (r == 0)
         r = file_pwrite_full(node->fd, out, (size_t)wlen, (uint64_t)host);
+    if (r == 0)
+        blk_note_cached_write(node, node->fd, (uint64_t)host, wlen);
     if (r < 0) {
         /* Nothing points at the bytes: give their references back. */
         (void)qcow2_update_refcount(s, (uint64_t)host, (uint64_t)clen, -1);

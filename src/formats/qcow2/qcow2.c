@@ -538,14 +538,6 @@ static int qcow2_ext_set(struct blk_node *node, uint32_t type,
     return 0;
 }
 
-static void qcow2_start_writeback(struct blk_node *node)
-{
-    struct qcow2_state *s = node->opaque;
-    blk_start_writeback_fd(s->data_fd);
-    if (s->data_fd != node->fd)
-        blk_start_writeback_fd(node->fd);
-}
-
 /* The control callbacks that write, with the corrupt kind on failure. */
 static int store_cb(struct blk_node *node, struct cbt_error **errp)
 {
@@ -584,7 +576,6 @@ const struct blk_driver blk_qcow2_driver = {
     .write_zeroes = qcow2_write_zeroes,
     .discard = qcow2_discard,
     .flush = qcow2_flush,
-    .start_writeback = qcow2_start_writeback,
     .block_status = qcow2_block_status,
     .mark_dirty = qcow2_bitmaps_mark_dirty,
     .bitmap_can_store = qcow2_bitmap_can_store,
