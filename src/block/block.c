@@ -193,7 +193,7 @@ static struct blk_node *open_chain(const char *filename, const char *format,
     node->fd = fd;
     node->direct_fd = node->direct_of = -1;
     node->wb_fd = -1;
-    node->wb_lo = UINT64_MAX;
+    node->wb_lo = UINT64_MAX; /* wb_reset's empty span */
     node->file_lock = lock;
     node->lock_role = blk_lock_role_of(flags);
     node->filename = strdup(filename);
@@ -434,6 +434,13 @@ int blk_read_backing(struct blk_node *node, void *buf, uint64_t off, size_t len)
 #define WRITEBACK_STEP ((uint64_t)32 << 20)
 #define WRITEBACK_DENSITY 4 /* kick when the span <= this x the bytes */
 
+static void wb_reset(struct blk_node *node)
+{
+    node->wb_bytes = 0;
+    node->wb_lo = UINT64_MAX;
+    node->wb_hi = 0;
+}
+
 static void kick_locked(struct blk_node *node, bool dense_only)
 {
     uint64_t span = node->wb_hi - node->wb_lo;
@@ -444,9 +451,7 @@ static void kick_locked(struct blk_node *node, bool dense_only)
         (void)sync_file_range(node->wb_fd, (off_t)node->wb_lo, (off_t)span,
                               SYNC_FILE_RANGE_WRITE);
     }
-    node->wb_bytes = 0;
-    node->wb_lo = UINT64_MAX;
-    node->wb_hi = 0;
+    wb_reset(node);
 }
 
 void blk_note_cached_write(struct blk_node *node, int fd, uint64_t off,
@@ -776,6 +781,8 @@ int cbt_image_flush(struct cbt_image *img)
     int r = img->read_only ? 0 : gather_flush_locked(img);
     if (r == 0 && !img->read_only)
         r = img->drv->flush(img);
+    if (r == 0)
+        wb_reset(img); /* nothing left for a kick */
     pthread_mutex_unlock(&img->lock);
     return r;
 }
