@@ -233,13 +233,9 @@ static size_t nbd_greeters_first(char **socks, size_t n, int ms)
         p[i].events = POLLIN;
         open++;
     }
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int64_t t0 = cbt_mono_ns();
     while (open && !found) {
-        struct timespec t;
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        long left = ms - ((t.tv_sec - t0.tv_sec) * 1000 +
-                          (t.tv_nsec - t0.tv_nsec) / 1000000);
+        long left = ms - (long)((cbt_mono_ns() - t0) / 1000000);
         if (left <= 0 || poll(p, n, (int)left) <= 0)
             break;
         for (size_t i = 0; i < n; i++) {

@@ -46,12 +46,7 @@ struct qmp {
     char last_class[64];
 };
 
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
+static long long now_ms(void) { return cbt_mono_ns() / 1000000; }
 
 static void fail(struct qmp *q, struct cbt_error **errp, int errnum,
                  const char *fmt, ...) PRINTF_FMT(4, 5);

@@ -1,7 +1,6 @@
 /* Error objects for the control path, debug logging and warnings. */
 #include <pthread.h>
 #include <stdio.h>
-#include <time.h>
 
 #include "util.h"
 
@@ -113,13 +112,13 @@ void cbt_error_prefix(struct cbt_error **errp, const char *fmt, ...)
 static pthread_once_t debug_once = PTHREAD_ONCE_INIT;
 static bool debug_enabled;
 
-static struct timespec debug_t0;
+static int64_t debug_t0;
 
 static void read_debug_flag(void)
 {
     const char *e = getenv("CBT_DEBUG");
     debug_enabled = e && *e && strcmp(e, "0") != 0;
-    clock_gettime(CLOCK_MONOTONIC, &debug_t0);
+    debug_t0 = cbt_mono_ns();
 }
 
 void cbt_debug(const char *fmt, ...)
@@ -128,10 +127,7 @@ void cbt_debug(const char *fmt, ...)
     if (!debug_enabled)
         return;
     /* Milliseconds since the first line: where a run spends its time. */
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    double ms = (double)(now.tv_sec - debug_t0.tv_sec) * 1e3 +
-                (double)(now.tv_nsec - debug_t0.tv_nsec) / 1e6;
+    double ms = (double)(cbt_mono_ns() - debug_t0) / 1e6;
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "cbt debug: %9.3f ms: ", ms);

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cbt/error.h>
@@ -124,6 +125,15 @@ static inline void cleanup_free_fn(void *p) { free(*(void **)p); }
 #define CLEANUP_FREE __attribute__((cleanup(cleanup_free_fn)))
 static inline void cleanup_close_fn(int *fd) { if (*fd >= 0) close(*fd); }
 #define CLEANUP_CLOSE __attribute__((cleanup(cleanup_close_fn)))
+
+/* ---- time ---- */
+/* Nanoseconds of CLOCK_MONOTONIC: for deadlines and elapsed times. */
+static inline int64_t cbt_mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 /* ---- memory ---- */
 /* A zeroed buffer aligned to 4 KiB (fit for direct I/O); NULL on ENOMEM. */
