@@ -906,6 +906,10 @@ static void lb_release(struct bk_live *l)
 {
     struct lb *b = lb_of(l);
     struct cbt_error *e = NULL;
+    /* Called again at the end (lb_end): the second time finds nothing. */
+    bool held = b->nbd || b->pushed || b->tmp_on_disk || b->exported ||
+                b->job_running || b->added_scratch || b->made_scratch ||
+                b->scratch_fd >= 0;
     live_nbd_close(b->nbd);
     b->nbd = NULL;
     live_nbd_source_fini(&b->src);
@@ -946,7 +950,8 @@ static void lb_release(struct bk_live *l)
         close(b->scratch_fd);
     b->scratch_fd = -1;
     b->exported = b->job_running = b->added_scratch = b->made_scratch = false;
-    cbt_debug("live: view released");
+    if (held)
+        cbt_debug("live: view released");
 }
 
 /* ---- the whole operation ---- */

@@ -2122,7 +2122,10 @@ int bk_job_copy(struct bk_job *b, const struct bk_source *src,
 {
     b->src = *src;
     b->frozen = true;
-    return copy(b, errp) < 0 || write_target(b, errp) < 0 ? -1 : 0;
+    if (copy(b, errp) < 0 || write_target(b, errp) < 0)
+        return -1;
+    cbt_debug("backup: target written");
+    return 0;
 }
 
 int bk_job_finish(struct bk_job *b, struct cbt_error **errp)
@@ -2130,6 +2133,7 @@ int bk_job_finish(struct bk_job *b, struct cbt_error **errp)
     if (finish_live(b, errp) < 0)
         return -1;
     b->kept = true;
+    cbt_debug("backup: checkpoint committed");
     return 0;
 }
 
@@ -2164,11 +2168,10 @@ int cbt_backup_live(const struct cbt_backup_opts *o, struct bk_live *l,
     struct bk_source src;
     bool frozen = l->freeze(l, bk_job_since(j), bk_job_checkpoint(j),
                             o->granularity, &src, errp) == 0;
-    cbt_debug("backup: view frozen");
-    bool ok = frozen && bk_job_copy(j, &src, errp) == 0;
-    cbt_debug("backup: target written");
-    ok = ok && bk_job_finish(j, errp) == 0;
-    cbt_debug("backup: checkpoint committed");
+    if (frozen)
+        cbt_debug("backup: view frozen");
+    bool ok = frozen && bk_job_copy(j, &src, errp) == 0 &&
+              bk_job_finish(j, errp) == 0;
     if (frozen) {
         if (!ok)
             l->abort(l, bk_job_checkpoint(j));
