@@ -533,12 +533,23 @@ static int direct_fd_locked(struct blk_node *node)
     node->direct_fd = open_same_file_direct(node);
     if (node->direct_fd < 0)
         return -1;
-    node->direct_align = direct_alignment(node->direct_fd);
-    if (node->direct_align == 0 || (node->direct_align & (node->direct_align - 1))) {
+    uint32_t a = node->direct_align = direct_alignment(node->direct_fd);
+    if (a == 0 || (a & (a - 1)) != 0) { /* none, or not a power of two */
         close(node->direct_fd);
         node->direct_fd = -1;
     }
     return node->direct_fd;
+}
+
+/* A write of [off, off + len) of fd through the cache, counted for the
+ * streaming writeback. */
+static int cached_write(struct blk_node *node, int fd, const void *buf,
+                        size_t len, uint64_t off)
+{
+    int r = file_pwrite_full(fd, buf, len, off);
+    if (r == 0)
+        blk_note_cached_write(node, fd, off, len);
+    return r;
 }
 
 /* A direct write of [off, off + len) from buf, or through the cache once
@@ -556,7 +567,7 @@ static int direct_write(struct blk_node *node, const void *buf, size_t len,
         close(node->direct_fd);
         node->direct_fd = -1;
     }
-    return file_pwrite_full(node->fd, buf, len, off);
+    return cached_write(node, node->fd, buf, len, off);
 }
 
 /* Issue the held-back write, if any. */
@@ -594,12 +605,8 @@ int blk_data_pwrite(struct blk_node *node, int fd, const void *buf,
     int r = gather_flush_locked(node);
     if (r < 0)
         return r;
-    if (direct)
-        return direct_write(node, buf, len, off);
-    r = file_pwrite_full(fd, buf, len, off);
-    if (r == 0)
-        blk_note_cached_write(node, fd, off, len);
-    return r;
+    return direct ? direct_write(node, buf, len, off)
+                  : cached_write(node, fd, buf, len, off);
 }
 
 void blk_gather_begin(struct blk_node *node)

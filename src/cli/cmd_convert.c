@@ -110,7 +110,8 @@ static int parse_args(int argc, char **argv, struct convert_req *req)
             o->compress = true;
             break;
         case 't':
-            if (strcmp(optarg, "none") == 0 || strcmp(optarg, "directsync") == 0) {
+            if (strcmp(optarg, "none") == 0 ||
+                strcmp(optarg, "directsync") == 0) {
                 o->direct = true;
             } else if (strcmp(optarg, "writeback") != 0 &&
                        strcmp(optarg, "unsafe") != 0 &&

@@ -316,9 +316,8 @@ static int write_work_file(struct restore *rs, struct bchain *c,
     };
     if (cbt_image_create(rs->tmp, &co, errp) < 0)
         return -1;
-    rs->out = cbt_image_open(rs->tmp, fmt,
-                             CBT_OPEN_RDWR | (o->buffered ? 0 : CBT_OPEN_DIRECT),
-                             errp);
+    unsigned direct = o->buffered ? 0 : CBT_OPEN_DIRECT;
+    rs->out = cbt_image_open(rs->tmp, fmt, CBT_OPEN_RDWR | direct, errp);
     if (!rs->out)
         return -1;
     c->cancel = o->cancel;
