@@ -28,16 +28,19 @@
 #define SIZE ((off_t)1 << 20)
 
 static char dir[TMPDIR_PATH_MAX];
+static uint8_t *buf; /* two blocks, aligned for direct I/O */
 
 static int setup(void **state)
 {
     (void)state;
-    return tmpdir_make(dir, "gather");
+    buf = cbt_zalloc_aligned(2 * BLK);
+    return buf ? tmpdir_make(dir, "gather") : -1;
 }
 
 static int teardown(void **state)
 {
     (void)state;
+    free(buf);
     return tmpdir_remove(dir);
 }
 
@@ -59,8 +62,7 @@ static struct cbt_image *open_gathering(const char *name)
 
 /* Write one block of c at off (an aligned buffer: eligible for direct
  * I/O), and check it is held where direct I/O works. */
-static void write_held(struct cbt_image *img, uint8_t *buf, int c,
-                       uint64_t off)
+static void write_held(struct cbt_image *img, int c, uint64_t off)
 {
     memset(buf, c, BLK);
     assert_int_equal(cbt_image_pwrite(img, buf, BLK, off), 0);
@@ -88,37 +90,29 @@ static void assert_file_bytes(const char *name, uint64_t off, size_t len,
 static void test_close_issues_held_write(void **state)
 {
     (void)state;
-    uint8_t *buf = cbt_zalloc_aligned(BLK);
-    assert_non_null(buf);
     struct cbt_image *img = open_gathering("close.raw");
-    write_held(img, buf, 0x5a, 3 * BLK);
+    write_held(img, 0x5a, 3 * BLK);
     assert_int_equal(cbt_image_close(img, NULL), 0);
     assert_file_bytes("close.raw", 3 * BLK, BLK, 0x5a);
-    free(buf);
 }
 
 static void test_flush_issues_held_write(void **state)
 {
     (void)state;
-    uint8_t *buf = cbt_zalloc_aligned(BLK);
-    assert_non_null(buf);
     struct cbt_image *img = open_gathering("flush.raw");
-    write_held(img, buf, 0x6b, BLK);
+    write_held(img, 0x6b, BLK);
     assert_int_equal(cbt_image_flush(img), 0);
     assert_int_equal(img->gather_len, 0);
     assert_file_bytes("flush.raw", BLK, BLK, 0x6b);
     assert_int_equal(blk_gather_end(img), 0);
     assert_int_equal(cbt_image_close(img, NULL), 0);
-    free(buf);
 }
 
 static void test_cached_write_after_held_one_wins(void **state)
 {
     (void)state;
-    uint8_t *buf = cbt_zalloc_aligned(BLK);
-    assert_non_null(buf);
     struct cbt_image *img = open_gathering("order.raw");
-    write_held(img, buf, 0x11, 0);
+    write_held(img, 0x11, 0);
     /* 100 bytes at 1000: unaligned, so through the cache; the held block
      * under them must go first, or it would overwrite them. */
     uint8_t small[100];
@@ -130,14 +124,11 @@ static void test_cached_write_after_held_one_wins(void **state)
     assert_file_bytes("order.raw", 0, 1000, 0x11);
     assert_file_bytes("order.raw", 1000, sizeof(small), 0x22);
     assert_file_bytes("order.raw", 1100, BLK - 1100, 0x11);
-    free(buf);
 }
 
 static void test_adjacent_writes_join(void **state)
 {
     (void)state;
-    uint8_t *buf = cbt_zalloc_aligned(2 * BLK);
-    assert_non_null(buf);
     struct cbt_image *img = open_gathering("join.raw");
     memset(buf, 0x33, BLK);
     memset(buf + BLK, 0x44, BLK);
@@ -149,7 +140,6 @@ static void test_adjacent_writes_join(void **state)
     assert_int_equal(cbt_image_close(img, NULL), 0);
     assert_file_bytes("join.raw", 4 * BLK, BLK, 0x33);
     assert_file_bytes("join.raw", 5 * BLK, BLK, 0x44);
-    free(buf);
 }
 
 int main(void)
