@@ -141,9 +141,10 @@ struct bk_job {
     struct manifest pm;
     char parent_manifest_sha[65];
     struct leaf_src ph;       /* the parent's leaves (either format) */
-    struct bm_bitmap *pdata;  /* one bit a block: the parent's leaf is not
+    struct bm_bitmap *pdata;  /* v1 parent: one bit a block, its leaf is not
                                * the zero block's digest (found while its
-                               * digest is checked; for add_stale_zeroes) */
+                               * digest is checked; for add_stale_zeroes);
+                               * a v2 parent's records say it themselves */
     uint64_t psize;           /* the parent's virtual size */
     uint64_t min_size;        /* the smallest size since the checkpoint */
     struct range *dirty;      /* what to copy (a full: [0, size)); block-
@@ -703,9 +704,10 @@ static int scan_parent_leaf(void *opaque, uint64_t first,
  * A sha256-tree-v2 parent: the record files of its chain (the parent's,
  * down to the first v2 backup of the chain), each checked against its
  * manifest's file-sha256 while it is read (proportional to the chain's
- * records, not to the disk), and the parent's blocks whose leaf is not
- * that of zeroes noted in b->pdata from its level-0 records.  The root is
- * not recomputed here: cbt verify does that.  0, 1 with *why, or -1.
+ * records, not to the disk).  Which of the parent's blocks are not
+ * zeroes is asked of its level-0 records when needed (parent_data), not
+ * noted for the whole disk beforehand.  The root is not recomputed here:
+ * cbt verify does that.  0, 1 with *why, or -1.
  */
 static int open_parent_tree(struct bk *b, char **why, struct cbt_error **errp)
 {
@@ -726,8 +728,7 @@ static int open_parent_tree(struct bk *b, char **why, struct cbt_error **errp)
     const char **paths = calloc(n, sizeof(*paths));
     const char **sha = calloc(n, sizeof(*sha));
     uint64_t *blocks = calloc(n, sizeof(*blocks));
-    b->pdata = bm_new(b->pm.virtual_size, B);
-    if (!paths || !sha || !blocks || !b->pdata) {
+    if (!paths || !sha || !blocks) {
         oom(errp);
         ret = -1;
         goto out;
@@ -750,19 +751,6 @@ static int open_parent_tree(struct bk *b, char **why, struct cbt_error **errp)
                          cbt_error_message(e), b->parent_path);
         cbt_error_free(e);
         goto out;
-    }
-    uint64_t from = 0, idx;
-    uint8_t d[32], z[32];
-    while ((r = tree_view_next(&b->ph.view, 0, from, &idx, d, NULL)) > 0) {
-        tree_zero(&b->ph.view.shape, 0, idx, z);
-        if (memcmp(d, z, 32) != 0)
-            bm_set(b->pdata, idx * B, MIN(B, b->pm.virtual_size - idx * B));
-        from = idx + 1;
-    }
-    if (r < 0) {
-        cbt_error_set(errp, -r, "%s: cannot read it: %s", paths[0],
-                      strerror(-r));
-        ret = -1;
     }
 out:
     free(paths);
@@ -1029,6 +1017,24 @@ static void sort_merge(struct bk *b)
     b->ndirty = k;
 }
 
+/* The first of the parent's blocks in [*o, end) (whole blocks) whose
+ * leaf is not the zero block's digest: 1 with *o and *n (a run of them),
+ * 0 when there is none, or -errno. */
+static int parent_data(struct bk *b, uint64_t *o, uint64_t end, uint64_t *n)
+{
+    if (b->pdata)
+        return bm_next_dirty_area(b->pdata, o, end, n) ? 1 : 0;
+    uint64_t found;
+    int r = leaf_src_nonzero(&b->ph, *o / B, (end - *o) / B, &found);
+    if (r < 0)
+        return r;
+    if (found == UINT64_MAX)
+        return 0;
+    *o = found * B;
+    *n = B;
+    return 1;
+}
+
 /*
  * Blocks below `upto` that read as zeroes now (block status, metadata only)
  * while the parent's digest says they held something else changed, whether
@@ -1051,10 +1057,10 @@ static int add_stale_zeroes(struct bk *b, uint64_t upto,
             return -1;
         }
         /* The whole blocks of a zero run whose parent leaf is not that of
-         * zeroes (b->pdata; upto is below the parent's end) and that no
+         * zeroes (parent_data; upto is below the parent's end) and that no
          * dirty range holds. */
         uint64_t end = ALIGN_DOWN(pos + run, B), o = ALIGN_UP(pos, B), n;
-        while (zero && o < end && bm_next_dirty_area(b->pdata, &o, end, &n)) {
+        while (zero && o < end && (r = parent_data(b, &o, end, &n)) > 0) {
             for (uint64_t i = o / B; i < (o + n) / B; i++) {
                 while (j < nd && b->dirty[j].end <= i * B)
                     j++;
@@ -1067,6 +1073,11 @@ static int add_stale_zeroes(struct bk *b, uint64_t upto,
                 found++;
             }
             o += n;
+        }
+        if (r < 0) {
+            cbt_error_set(errp, -r, "%s: cannot read the parent's block "
+                          "hashes: %s", b->parent_path, strerror(-r));
+            return -1;
         }
         pos += run;
     }

@@ -646,6 +646,31 @@ def test_output(tmp):
     assert h.out.startswith("Usage: cbt backup")
 
 
+def test_shrink_and_grow_asks_the_whole_parent_chain(tmp):
+    """The parent's data blocks come from every backup of its chain, the
+    newest record first: a tail that held data only since an incremental
+    is found when a shrink and a grow cut it off, and blocks an
+    incremental zeroed are not taken for data."""
+    s = Story(tmp, size=4 * MiB, seed=3)
+    apply_io(s.disk, ["write -P 1 0 1M", "write -P 1 2M 512k"])
+    full, _ = s.take(["--full"], "full")
+    apply_io(s.disk, ["write -P 3 3M 1M", "write -z 2M 512k"])
+    inc, _ = s.take(["--incremental"], "incremental", parent=full)
+    cbt("resize", "--shrink", s.disk, 2 * MiB)
+    cbt("resize", s.disk, 4 * MiB)
+    target = os.path.join(s.repo, "inc2.qcow2")
+    ref = reference(s.disk, os.path.join(s.tmp, "ref.raw"))
+    res = no_crash(cbt("backup", "--incremental", "--output=json", s.disk,
+                       target))
+    # [3M, 4M) from the incremental's records; [2M, 2.5M) zeroed there
+    assert "16 blocks of 64 KiB read as zeroes" in res.err
+    assert res.json()["root"] == root_of(ref)[0]
+    qemu_img("compare", "-q", "-f", "qcow2", "-F", "raw", target,
+             os.path.join(s.tmp, "ref.raw"))
+    assert blocks_of(map_alone(target), lambda e: e["present"], 4 * MiB) \
+        == set(range(48, 64))
+
+
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 def test_shrink_and_grow_between_checkpoints(tmp, fmt):
     """A shrink and a grow with no checkpoint between leave no bit in the
