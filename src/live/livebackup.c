@@ -548,11 +548,18 @@ static int lb_prepare(struct lb *b, struct cbt_error **errp)
     if (make_scratch(b, errp) < 0)
         return -1;
     /* The file node is named too: a later cbt finds the scratch file of
-     * a cbt that died by it (live_cleanup). */
-    json_t *add = json_pack("{s:s, s:s, s:{s:s, s:s, s:s}}", "driver",
-                            "qcow2", "node-name", b->scratch_node, "file",
-                            "driver", "file", "node-name",
-                            b->scratch_file_node, "filename", b->scratch_path);
+     * a cbt that died by it (live_cleanup).  cache.no-flush (its file
+     * node inherits it): what QEMU writes here lives only as long as the
+     * backup, so no flush goes to the disk, neither during the job nor
+     * when the node is deleted (a push's whole dirty set, fdatasync'd
+     * only to be unlinked).  QEMU still writes the qcow2 metadata out to
+     * the file at every flush and at the node's close, which is all that
+     * cbt's reading of a push's file needs. */
+    json_t *add = json_pack("{s:s, s:s, s:{s:b}, s:{s:s, s:s, s:s}}",
+                            "driver", "qcow2", "node-name", b->scratch_node,
+                            "cache", "no-flush", 1, "file", "driver", "file",
+                            "node-name", b->scratch_file_node, "filename",
+                            b->scratch_path);
     /* Pull: the view falls through to the disk where QEMU copied nothing.
      * Push: a plain target QEMU writes the data into. */
     json_object_set_new(add, "backing",

@@ -40,10 +40,12 @@ def cbt_objects(peer):
     return found
 
 
-def backup_while_writing(peer, w, disk, target, *args, writes=30):
+def backup_while_writing(peer, w, disk, target, *args, writes=30,
+                         stopped_at=None):
     """Run cbt backup --qmp; once QEMU holds the point in time (the
-    fleecing job exists), stop cbt, let the writer make WRITES more writes,
-    then let cbt finish.  Returns (t0, t1) around the whole run."""
+    fleecing job exists), stop cbt, let the writer make WRITES more writes
+    (and call STOPPED_AT(), when given), then let cbt finish.  Returns
+    (t0, t1) around the whole run."""
     t0 = now()
     p = subprocess.Popen([CBT, "backup", "--qmp", peer.cbt_qmp] + list(args) +
                          [disk, target], stdout=subprocess.PIPE,
@@ -56,6 +58,8 @@ def backup_while_writing(peer, w, disk, target, *args, writes=30):
                 os.kill(p.pid, signal.SIGSTOP)
                 stopped = True
                 w.wait_writes(writes)
+                if stopped_at:
+                    stopped_at()
                 os.kill(p.pid, signal.SIGCONT)
                 break
             time.sleep(0.001)
@@ -559,6 +563,44 @@ def test_push_full_and_incremental(live, tmp_path):
     cbt("verify", inc)
     assert cbt_objects(q) == []
     assert not [f for f in os.listdir(bk) if f.endswith(".scratch")]
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_scratch_node_never_flushes_to_disk(live, tmp_path, mode):
+    """The scratch node (and its file node) are added with cache.no-flush:
+    what QEMU writes there lives only as long as the backup, so neither
+    the job nor the node's deletion makes the host write it to the disk
+    (a push's whole dirty set would be fdatasync'd only to be unlinked).
+    The backup is exact all the same: QEMU still writes the qcow2
+    metadata out to the file, which a push's reading needs."""
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
+    w = live.writer(q, seed=43).start()
+    w.wait_writes(20)
+    bk = live.path("bk")
+    os.mkdir(bk)
+    full, inc = os.path.join(bk, "full.qcow2"), os.path.join(bk, "inc.qcow2")
+    how = ["--push"] if mode == "push" else []
+    seen = []
+
+    def look():
+        seen.extend((n["node-name"], n["cache"])
+                    for n in q.qmp("query-named-block-nodes")
+                    if n["node-name"].startswith("cbt-") and
+                    "scratch" in n["node-name"])
+
+    tx1 = backup_while_writing(q, w, "vm", full, *how, "--full",
+                               stopped_at=look)
+    cut1 = assert_cut(w, full, tmp_path, tx1)
+    w.wait_writes(20)
+    tx2 = backup_while_writing(q, w, "vm", inc, *how, "--incremental",
+                               stopped_at=look)
+    w.stop()
+    cut2 = assert_cut(w, inc, tmp_path, tx2)
+    assert_incremental(w, cut1, tx1, cut2, tx2, inc)
+    # Each backup: the scratch node and its file node.
+    assert len(seen) == 4, seen
+    assert all(c["no-flush"] for _, c in seen), seen
+    assert cbt_objects(q) == []
 
 
 def test_push_by_itself_when_the_server_is_tcp(live, tmp_path):
