@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import cbt, qemu_check_clean, qemu_img, qemu_io
+from conftest import CBT, cbt, qemu_check_clean, qemu_img, qemu_io
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -334,3 +334,26 @@ def test_check_json_names_format(tmp):
     img = str(tmp / "a.qcow2")
     cbt("create", "-q", "-f", "qcow2", img, "1M")
     assert cbt("check", "--output=json", img).json()["format"] == "qcow2"
+
+
+def test_openssl_configuration_is_never_read(tmp):
+    """cbt hashes with libcrypto's SHA-256 only: OpenSSL's configuration
+    file and providers (about 1 ms of every run, through the one-shot
+    SHA256()) are never loaded.  OPENSSL_CONF names a FIFO nobody writes:
+    opening it would block the run until the timeout."""
+    import subprocess
+    fifo = os.path.join(str(tmp), "openssl.cnf")
+    os.mkfifo(fifo)
+    disk = os.path.join(str(tmp), "d.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", disk, "16M")
+    qemu_io("-c", "write -P 7 0 1M", disk)
+    env = dict(os.environ, OPENSSL_CONF=fifo)
+    for args in (["backup", "--full", disk, os.path.join(str(tmp), "f.qcow2")],
+                 ["checkpoint", "list", disk],
+                 ["verify", os.path.join(str(tmp), "f.qcow2")]):
+        try:
+            p = subprocess.run([CBT] + args, capture_output=True, text=True,
+                               timeout=20, env=env)
+        except subprocess.TimeoutExpired:
+            pytest.fail("cbt %s opened OPENSSL_CONF" % args[0])
+        assert p.returncode == 0, (args, p.stderr)
