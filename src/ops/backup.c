@@ -629,14 +629,14 @@ static int PRINTF_FMT(3, 4)
  * to their parent).  The hashes files' digests are not read here (for a
  * large disk they are gigabytes per backup); the parent's own leaves are,
  * below.  A file gone (old backups rotated away) means a full backup is
- * needed; anything else is damage (run cbt verify).
+ * needed; anything else is damage (run cbt verify).  On 0 the chain stays
+ * open in *c for the leaves (the caller closes it).
  */
-static int check_parent_chain(struct bk *b, char **why,
+static int check_parent_chain(struct bk *b, struct bchain *c, char **why,
                               struct cbt_error **errp)
 {
-    struct bchain c;
     struct cbt_error *e = NULL;
-    int r = bchain_open(b->parent_path, BCHAIN_CHEAP, &c, &e);
+    int r = bchain_open(b->parent_path, BCHAIN_CHEAP, c, &e);
     int ret = 0;
     if (r < 0 && cbt_error_errno(e) == ENOMEM) {
         if (errp && !*errp)
@@ -650,21 +650,22 @@ static int check_parent_chain(struct bk *b, char **why,
         ret = impossible(why, errp, "the parent backup cannot be used: %s",
                          cbt_error_message(e));
         cbt_error_free(e);
-    } else if (r > 0 && c.missing) {
+    } else if (r > 0 && c->missing) {
         b->why_kind = CBT_ERR_NEED_FULL;
         ret = impossible(why, errp,
                          "the chain of the parent backup %s is "
                          "incomplete: %s; a backup on top of it could not be "
                          "restored",
-                         b->parent_path, c.problem);
+                         b->parent_path, c->problem);
     } else if (r > 0) {
         b->why_kind = CBT_ERR_CORRUPT;
         ret = impossible(why, errp,
                          "the chain of the parent backup %s is damaged: "
                          "%s (a verification of %s names the damage)",
-                         b->parent_path, c.problem, b->parent_path);
+                         b->parent_path, c->problem, b->parent_path);
     }
-    bchain_close(&c);
+    if (ret != 0)
+        bchain_close(c);
     return ret;
 }
 
@@ -707,24 +708,15 @@ static int scan_parent_leaf(void *opaque, uint64_t first,
  * records, not to the disk).  Which of the parent's blocks are not
  * zeroes is asked of its level-0 records when needed (parent_data), not
  * noted for the whole disk beforehand.  The root is not recomputed here:
- * cbt verify does that.  0, 1 with *why, or -1.
+ * cbt verify does that.  c: the chain check_parent_chain found sound.
+ * 0, 1 with *why, or -1.
  */
-static int open_parent_tree(struct bk *b, char **why, struct cbt_error **errp)
+static int open_parent_tree(struct bk *b, struct bchain *c, char **why,
+                            struct cbt_error **errp)
 {
-    struct bchain c;
     struct cbt_error *e = NULL;
     int ret = 0;
-    int r = bchain_open(b->parent_path, BCHAIN_CHEAP, &c, &e);
-    if (r != 0) {
-        /* check_parent_chain found it sound a moment ago. */
-        b->why_kind = CBT_ERR_CORRUPT;
-        ret = impossible(why, errp, "the parent backup cannot be used: %s",
-                         e ? cbt_error_message(e) : c.problem);
-        cbt_error_free(e);
-        bchain_close(&c);
-        return ret;
-    }
-    size_t n = bchain_tree_links(&c), bad = 0;
+    size_t n = bchain_tree_links(c), bad = 0;
     const char **paths = calloc(n, sizeof(*paths));
     const char **sha = calloc(n, sizeof(*sha));
     uint64_t *blocks = calloc(n, sizeof(*blocks));
@@ -734,9 +726,9 @@ static int open_parent_tree(struct bk *b, char **why, struct cbt_error **errp)
         goto out;
     }
     for (size_t i = 0; i < n; i++) {
-        paths[i] = c.v[i].hashes_path;
-        sha[i] = c.v[i].m.hash_file_sha256;
-        blocks[i] = c.v[i].m.blocks;
+        paths[i] = c->v[i].hashes_path;
+        sha[i] = c->v[i].m.hash_file_sha256;
+        blocks[i] = c->v[i].m.blocks;
     }
     if (leaf_src_open_tree(&b->ph, b->pm.virtual_size, paths, blocks, sha, n,
                            &bad, &e) < 0) {
@@ -756,7 +748,6 @@ out:
     free(paths);
     free(sha);
     free(blocks);
-    bchain_close(&c);
     return ret;
 }
 
@@ -793,17 +784,21 @@ static int plan_parent(struct bk *b, char **why, struct cbt_error **errp)
                           "of one chain share one format",
                           o->target, b->parent_path, pm->image_format);
     b->fmt = parent_raw ? "raw" : "qcow2";
-    if ((ret = check_parent_chain(b, why, errp)) != 0)
+    struct bchain chain;
+    if ((ret = check_parent_chain(b, &chain, why, errp)) != 0)
         return ret;
 
     /* The parent's leaves, checked against its manifest before the new
      * backup takes the digests of its unchanged blocks from them. */
     if (pm->tree) {
-        if ((ret = open_parent_tree(b, why, errp)) != 0)
+        ret = open_parent_tree(b, &chain, why, errp);
+        bchain_close(&chain);
+        if (ret != 0)
             return ret;
         b->psize = pm->virtual_size;
         return 0;
     }
+    bchain_close(&chain);
     CLEANUP_FREE char *phash = manifest_sibling(b->parent_path, pm->hash_file);
     if (!phash) {
         oom(errp);
