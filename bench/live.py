@@ -286,6 +286,9 @@ class Bench:
         self.rate = int(env.get("BENCH_WRITE_RATE", "200"))
         self.idle = float(env.get("BENCH_IDLE", "2"))
         self.seed = int(env.get("BENCH_SEED", "1"))
+        self.cbt_base = env.get("BENCH_CBT_BASE") or None
+        if self.cbt_base and not os.access(self.cbt_base, os.X_OK):
+            die("BENCH_CBT_BASE: %s is not an executable" % self.cbt_base)
         if self.runs < 1 or self.warmup < 0 or self.rate < 1:
             die("BENCH_RUNS >= 1, BENCH_WARMUP >= 0, BENCH_WRITE_RATE >= 1")
         if sorted(self.levels) != self.levels or not all(
@@ -368,15 +371,16 @@ class Bench:
         return r
 
     # ---- the routes: each returns a dict with t0, t1 (monotonic ns) ----
-    def route_cbt(self, level, push=False):
+    def route_cbt(self, level, push=False, binary=None):
         r = self.fresh_run_dir()
         name = self.new_ckpt()
         target = os.path.join(r, "inc.qcow2")
         how = ["--push"] if push else ["--nbd-socket", self.nbd_path]
-        argv = [self.cbt, "backup", "--qmp", self.cbt_qmp] + how + [
+        argv = [binary or self.cbt, "backup", "--qmp", self.cbt_qmp] + how + [
             "--incremental", "--checkpoint", name, "--output=json", "vm",
             target]
-        self.cbt_argv[push] = argv
+        if not binary:
+            self.cbt_argv[push] = argv
         self.reset(level)
         os.sync()
         qc, cc = cpu_of(self.qsd.pid), children_cpu()
@@ -624,6 +628,9 @@ class Bench:
             "dd": self.route_dd,
             "idle": self.route_idle,
         }
+        if self.cbt_base:
+            routes["cbt-base"] = lambda p: self.route_cbt(
+                p, binary=self.cbt_base)
         results = {}       # (level, route) -> [result]
         for p in self.levels:
             self.dd_prepare(self.set_bytes[p])
@@ -669,6 +676,9 @@ class Bench:
             rows = [(label, med(p, k)) for k, label in refs]
             rows.append(("dd conv=fdatasync of the dirty byte count",
                          med(p, "dd")))
+            if self.cbt_base:
+                rows.append(("cbt at BENCH_CBT_BASE (the same pull)",
+                             med(p, "cbt-base")))
             for j, (label, t) in enumerate(rows):
                 print("| %s | %s | %.3f | %s | %.2f | %s | %.2f |" % (
                     "%d%% (%s)" % (p, human(self.set_bytes[p])) if j == 0
@@ -690,8 +700,9 @@ class Bench:
         print("| dirty | route | wall s | MB/s | bytes | CPU s (own) "
               "| CPU s (qsd) | detail |")
         print("|---|---|---:|---:|---:|---:|---:|---|")
+        base = ("cbt-base",) if self.cbt_base else ()
         for p in self.levels:
-            for name in ("cbt", "cbt-push", "push", "pull16", "pull1"):
+            for name in ("cbt", "cbt-push", "push", "pull16", "pull1") + base:
                 rs = results[(p, name)]
                 w = med(p, name)
                 b = statistics.median(r["bytes"] for r in rs)
@@ -768,11 +779,14 @@ class Bench:
         print("    before every run, untimed: transaction "
               "[block-dirty-bitmap-clear c0, block-dirty-bitmap-merge "
               "bench-setP -> c0]; sync")
+        if self.cbt_base:
+            print("    cbt-base: the cbt line with %s" % self.cbt_base)
         print()
         print("Individual runs (seconds):")
         print()
         for p in self.levels:
-            for name in ("cbt", "cbt-push", "push", "pull16", "pull1", "dd"):
+            for name in ("cbt", "cbt-push", "push", "pull16", "pull1",
+                         "dd") + base:
                 print("  %3d%% %-8s %s" % (p, name, " ".join(
                     "%.3f" % ((r["t1"] - r["t0"]) / 1e9)
                     for r in results[(p, name)])))

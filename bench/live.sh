@@ -20,6 +20,8 @@
 #   BENCH_WRITE_RATE  the guest's 64 KiB writes per second (200)
 #   BENCH_IDLE        seconds of the no-job latency window per round (2)
 #   BENCH_SEED        seed of the content, the dirty set, the guest (1)
+#   BENCH_CBT_BASE    another cbt binary (main before a change, say): one
+#                     more route, its pull incremental, in the same rounds
 #   PYTHON            an interpreter with the libnbd bindings
 #                     (default /usr/bin/python3; package python3-libnbd)
 # The work is done by bench/live.py.  This wrapper (with bench/lib.sh)
