@@ -7,7 +7,9 @@
  * input, the client must return a value or an error with a reason, never
  * crash, hang, read outside its buffers or allocate beyond its limits.
  * Replies are matched by id; the client numbers its commands cbt-1
- * (qmp_capabilities), cbt-2, ... so the seeds carry those ids.
+ * (qmp_capabilities), cbt-2, ... so the seeds carry those ids.  The
+ * fourth command (cbt-5) is live_node_bitmap's query-named-block-nodes,
+ * whose answer it searches for node "disk" and its bitmap "c1".
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -17,6 +19,7 @@
 #include <unistd.h>
 
 #include "fuzz_common.h"
+#include "live/disk.h"
 #include "live/qmp.h"
 
 struct feed {
@@ -73,6 +76,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             cbt_error_free(err);
             err = NULL;
         }
+        struct live_bitmap bm;
+        int found = live_node_bitmap(q, "disk", "c1", &bm, &err);
+        if (found < 0 && !err)
+            fuzz_fail("live_node_bitmap failed without an error");
+        if (found >= 0 && err)
+            fuzz_fail("live_node_bitmap answered with an error set");
+        if (found == 1 && bm.name)
+            fuzz_fail("live_node_bitmap filled the name");
+        cbt_error_free(err);
+        err = NULL;
         json_t *e = qmp_wait_event(q, "BLOCK_JOB_COMPLETED", any, NULL, 50,
                                    &err);
         json_decref(e);

@@ -159,6 +159,22 @@ static int dupstr(char **dst, const char *src, struct cbt_error **errp)
     return 0;
 }
 
+/* A bitmap of query-named-block-nodes' "dirty-bitmaps", but its name. */
+static void parse_bitmap(json_t *b, struct live_bitmap *lb)
+{
+    long long gran, count;
+    if (!qmp_int(b, "granularity", &gran) || gran <= 0)
+        gran = 0;
+    if (!qmp_int(b, "count", &count) || count < 0)
+        count = 0;
+    lb->granularity = (uint64_t)gran;
+    lb->count = (uint64_t)count;
+    lb->recording = qmp_bool(b, "recording", false);
+    lb->persistent = qmp_bool(b, "persistent", false);
+    lb->busy = qmp_bool(b, "busy", false);
+    lb->inconsistent = qmp_bool(b, "inconsistent", false);
+}
+
 static int fill_bitmaps(json_t *node, struct live_layer *l,
                         struct cbt_error **errp)
 {
@@ -174,22 +190,12 @@ static int fill_bitmaps(json_t *node, struct live_layer *l,
     json_t *b;
     json_array_foreach(bms, i, b) {
         const char *name = qmp_str(b, "name");
-        long long gran, count;
         if (!name || !*name)
             continue; /* a job's own bitmap */
-        if (!qmp_int(b, "granularity", &gran) || gran <= 0)
-            gran = 0;
-        if (!qmp_int(b, "count", &count) || count < 0)
-            count = 0;
         struct live_bitmap *lb = &l->bitmaps[l->nbitmaps];
+        parse_bitmap(b, lb);
         if (dupstr(&lb->name, name, errp) < 0)
             return -1;
-        lb->granularity = (uint64_t)gran;
-        lb->count = (uint64_t)count;
-        lb->recording = qmp_bool(b, "recording", false);
-        lb->persistent = qmp_bool(b, "persistent", false);
-        lb->busy = qmp_bool(b, "busy", false);
-        lb->inconsistent = qmp_bool(b, "inconsistent", false);
         l->nbitmaps++;
     }
     return 0;
@@ -541,6 +547,48 @@ int live_find_disk(struct qmp *q, const char *name, struct live_disk *d,
 out:
     live_disks_free(v, n);
     graph_free(&g);
+    return ret;
+}
+
+int live_node_bitmap(struct qmp *q, const char *node, const char *name,
+                     struct live_bitmap *out, struct cbt_error **errp)
+{
+    memset(out, 0, sizeof(*out));
+    json_t *nodes = qmp_execute(q, "query-named-block-nodes",
+                                json_pack("{s:b}", "flat", 1), errp);
+    if (!nodes)
+        return -1;
+    if (!json_is_array(nodes)) {
+        cbt_error_set(errp, EPROTO, "%s: query-named-block-nodes did not "
+                      "return a list", qmp_name(q));
+        json_decref(nodes);
+        return -1;
+    }
+    int ret = -1;
+    size_t i;
+    json_t *n;
+    json_array_foreach(nodes, i, n) {
+        const char *nn = qmp_str(n, "node-name");
+        if (!nn || strcmp(nn, node) != 0)
+            continue;
+        ret = 0;
+        json_t *bms = json_object_get(n, "dirty-bitmaps");
+        size_t j;
+        json_t *b;
+        json_array_foreach(bms, j, b) {
+            const char *bn = qmp_str(b, "name");
+            if (bn && strcmp(bn, name) == 0) {
+                parse_bitmap(b, out);
+                ret = 1;
+                break;
+            }
+        }
+        break;
+    }
+    if (ret < 0)
+        cbt_error_set(errp, ENOENT, "%s: QEMU has no node '%s' any more",
+                      qmp_name(q), node);
+    json_decref(nodes);
     return ret;
 }
 

@@ -79,4 +79,11 @@ ssize_t live_find_layer(const struct live_disk *d, const char *name);
 const struct live_bitmap *live_layer_bitmap(const struct live_layer *l,
                                             const char *name);
 
+/* The bitmap `name` of node `node` as QEMU shows it now, from one
+ * query-named-block-nodes (not the whole disk's discovery): 1 with *out
+ * (its name left NULL), 0 when the node has no such bitmap, -1 with *errp
+ * (the node gone among them). */
+int live_node_bitmap(struct qmp *q, const char *node, const char *name,
+                     struct live_bitmap *out, struct cbt_error **errp);
+
 #endif

@@ -396,13 +396,13 @@ int live_cp_note_created(struct live_cp *c, const char *name, int64_t sec,
                          uint32_t nsec, struct cbt_error **errp)
 {
     /* The granularity QEMU gave the new bitmap. */
-    struct live_disk now;
-    if (live_find_disk(c->q, c->disk.layers[0].node, &now, errp) < 0)
+    struct live_bitmap now;
+    int found = live_node_bitmap(c->q, c->disk.layers[0].node, name, &now,
+                                 errp);
+    if (found < 0)
         return -1;
-    const struct live_bitmap *b = live_layer_bitmap(&now.layers[0], name);
-    uint64_t gran = b ? b->granularity : 0;
-    live_disk_clear(&now);
-    if (!b) {
+    uint64_t gran = now.granularity;
+    if (!found) {
         cbt_error_set(errp, ENOENT, "%s: the new bitmap '%s' is not there",
                       qmp_name(c->q), name);
         return -1;

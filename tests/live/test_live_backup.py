@@ -142,6 +142,47 @@ def test_failed_backup_leaves_nothing(live, tmp_path):
                                       "full.qcow2.tree", "inc.qcow2.scratch"]
 
 
+def test_new_checkpoint_removed_behind_cbt(live, tmp_path):
+    """The new checkpoint's bitmap removed from QEMU while cbt copies: at
+    the commit cbt finds it gone (one query of the disk's node), fails
+    naming it, keeps no backup and no record of it, and the next
+    incremental builds on the checkpoint before it."""
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
+    w = live.writer(q, seed=47).start()
+    bk = live.path("bk")
+    os.mkdir(bk)
+    full = os.path.join(bk, "full.qcow2")
+    tx1 = backup_while_writing(q, w, "vm", full, "--full")
+    cut1 = assert_cut(w, full, tmp_path, tx1)
+    gone = os.path.join(bk, "gone.qcow2")
+    p = subprocess.Popen([CBT, "backup", "--qmp", q.cbt_qmp, "--incremental",
+                          "--checkpoint", "gone", "vm", gone],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None and not any(
+            j["id"].startswith("cbt-") for j in q.qmp("query-jobs")):
+        time.sleep(0.001)
+    os.kill(p.pid, signal.SIGSTOP)
+    q.qmp("block-dirty-bitmap-remove", node="disk", name="gone")
+    os.kill(p.pid, signal.SIGCONT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0, (out, err)
+    assert "the new bitmap 'gone' is not there" in err, err
+    assert not [f for f in os.listdir(bk) if f.startswith("gone.")]
+    assert cbt_objects(q) == []
+    names = [c["name"] for c in cbt("checkpoint", "list", "--qmp", q.cbt_qmp,
+                                    "--output=json", "vm").json()
+             ["checkpoints"]]
+    assert "gone" not in names and len(names) == 1, names
+    w.wait_writes(20)
+    inc = os.path.join(bk, "inc.qcow2")
+    tx2 = backup_while_writing(q, w, "vm", inc, "--incremental")
+    w.stop()
+    cut2 = assert_cut(w, inc, tmp_path, tx2)
+    assert_incremental(w, cut1, tx1, cut2, tx2, inc)
+
+
 def test_killed_cbt_leaves_what_the_next_removes(live, tmp_path):
     q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
     w = live.writer(q, seed=13).start()
