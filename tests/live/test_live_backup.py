@@ -142,27 +142,49 @@ def test_failed_backup_leaves_nothing(live, tmp_path):
                                       "full.qcow2.tree", "inc.qcow2.scratch"]
 
 
+def full_while_writing(live, tmp_path, seed):
+    """qemu-storage-daemon with a writer going, and a full backup taken
+    while it writes: (q, w, bk, full, tx, cut)."""
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
+    w = live.writer(q, seed=seed).start()
+    bk = live.path("bk")
+    os.mkdir(bk)
+    full = os.path.join(bk, "full.qcow2")
+    tx = backup_while_writing(q, w, "vm", full, "--full")
+    return q, w, bk, full, tx, assert_cut(w, full, tmp_path, tx)
+
+
+def incremental_after(q, w, tmp_path, full_cut, inc):
+    """An incremental INC while the writer goes on, then the writer
+    stopped: it must hold exactly what changed after the full's instant
+    (full_cut: (tx, cut) of the full)."""
+    w.wait_writes(20)
+    tx = backup_while_writing(q, w, "vm", inc, "--incremental")
+    w.stop()
+    cut = assert_cut(w, inc, tmp_path, tx)
+    assert_incremental(w, full_cut[1], full_cut[0], cut, tx, inc)
+
+
+def wait_for_job(peer, p=None):
+    """Until QEMU runs a cbt job (the point in time is held), or P ended."""
+    deadline = time.time() + 60
+    while time.time() < deadline and (p is None or p.poll() is None) and \
+            not any(j["id"].startswith("cbt-") for j in peer.qmp("query-jobs")):
+        time.sleep(0.001)
+
+
 def test_new_checkpoint_removed_behind_cbt(live, tmp_path):
     """The new checkpoint's bitmap removed from QEMU while cbt copies: at
     the commit cbt finds it gone (one query of the disk's node), fails
     naming it, keeps no backup and no record of it, and the next
     incremental builds on the checkpoint before it."""
-    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
-    w = live.writer(q, seed=47).start()
-    bk = live.path("bk")
-    os.mkdir(bk)
-    full = os.path.join(bk, "full.qcow2")
-    tx1 = backup_while_writing(q, w, "vm", full, "--full")
-    cut1 = assert_cut(w, full, tmp_path, tx1)
+    q, w, bk, full, tx1, cut1 = full_while_writing(live, tmp_path, 47)
     gone = os.path.join(bk, "gone.qcow2")
     p = subprocess.Popen([CBT, "backup", "--qmp", q.cbt_qmp, "--incremental",
                           "--checkpoint", "gone", "vm", gone],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and p.poll() is None and not any(
-            j["id"].startswith("cbt-") for j in q.qmp("query-jobs")):
-        time.sleep(0.001)
+    wait_for_job(q, p)
     os.kill(p.pid, signal.SIGSTOP)
     q.qmp("block-dirty-bitmap-remove", node="disk", name="gone")
     os.kill(p.pid, signal.SIGCONT)
@@ -175,39 +197,22 @@ def test_new_checkpoint_removed_behind_cbt(live, tmp_path):
                                     "--output=json", "vm").json()
              ["checkpoints"]]
     assert "gone" not in names and len(names) == 1, names
-    w.wait_writes(20)
-    inc = os.path.join(bk, "inc.qcow2")
-    tx2 = backup_while_writing(q, w, "vm", inc, "--incremental")
-    w.stop()
-    cut2 = assert_cut(w, inc, tmp_path, tx2)
-    assert_incremental(w, cut1, tx1, cut2, tx2, inc)
+    incremental_after(q, w, tmp_path, (tx1, cut1),
+                      os.path.join(bk, "inc.qcow2"))
 
 
 def test_killed_cbt_leaves_what_the_next_removes(live, tmp_path):
-    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
-    w = live.writer(q, seed=13).start()
-    bk = live.path("bk")
-    os.mkdir(bk)
-    full = os.path.join(bk, "full.qcow2")
-    tx1 = backup_while_writing(q, w, "vm", full, "--full")
-    cut1 = assert_cut(w, full, tmp_path, tx1)
+    q, w, bk, full, tx1, cut1 = full_while_writing(live, tmp_path, 13)
     # An incremental killed once QEMU holds its point in time.
     p = subprocess.Popen([CBT, "backup", "--qmp", q.cbt_qmp, "--incremental",
                           "vm", os.path.join(bk, "dead.qcow2")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(
-            j["id"].startswith("cbt-") for j in q.qmp("query-jobs")):
-        time.sleep(0.001)
+    wait_for_job(q)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert cbt_objects(q), "the killed cbt left nothing to clean"
-    w.wait_writes(20)
-    inc = os.path.join(bk, "inc1.qcow2")
-    tx2 = backup_while_writing(q, w, "vm", inc, "--incremental")
-    w.stop()
-    cut2 = assert_cut(w, inc, tmp_path, tx2)
-    assert_incremental(w, cut1, tx1, cut2, tx2, inc)
+    incremental_after(q, w, tmp_path, (tx1, cut1),
+                      os.path.join(bk, "inc1.qcow2"))
     assert cbt_objects(q) == []
     assert not os.path.exists(os.path.join(bk, "dead.qcow2.scratch"))
     # The killed backup's new checkpoint went too: QEMU has the full's
