@@ -54,12 +54,14 @@ unit:
 # resized and reopened from several threads; the block pipeline) under
 # ThreadSanitizer, then the integration tests of the commands that run
 # threads (hash and compression workers, the pipeline's writer, convert's
-# writer) with the TSan-built cbt: a report exits 66 and fails the test.
+# writer, a live backup's release of its view) with the TSan-built cbt:
+# a report exits 66 and fails the test.
 # The other unit tests are single-threaded and slow under it.
 TSAN_PYTEST ?= tests/integration/test_backup.py \
 	tests/integration/test_backup_compress.py \
 	tests/integration/test_restore_verify.py \
-	tests/integration/test_convert.py tests/integration/test_commit.py
+	tests/integration/test_convert.py tests/integration/test_commit.py \
+	tests/live/test_live_backup.py
 tsan: deps $(TSAN_BUILD)/build.ninja
 	ninja -C $(TSAN_BUILD)
 	meson test -C $(TSAN_BUILD) --print-errorlogs --suite threads

@@ -117,6 +117,10 @@ struct bk_job {
     bool frozen;              /* live: the view is frozen, the new
                                * checkpoint exists in QEMU */
     bool kept;                /* live: the backup and its record are kept */
+    pthread_t done_thread;    /* live: src.done running beside the target's
+                               * last writes (done_running) */
+    bool done_running;
+    struct cbt_warner done_warner;
     struct cbt_image *dst;
     const char *fmt;          /* target format */
     bool raw;
@@ -1957,6 +1961,34 @@ static int plan(struct bk *b, struct cbt_error **errp)
 }
 
 /* The dirty set (incremental), then the new target written and closed. */
+static void *run_done(void *opaque)
+{
+    struct bk *b = opaque;
+    WARN_SCOPE(b->done_warner.fn, b->done_warner.opaque);
+    b->src.done(b->src.opaque);
+    return NULL;
+}
+
+/* The source lets go (a live view's QEMU round trips) on a thread of its
+ * own while this one flushes the target and writes its records, which
+ * touch nothing of the source's; join_done waits for it before anything
+ * else talks to QEMU.  Inline when no thread can be had. */
+static void start_done(struct bk *b)
+{
+    b->done_warner = warn_scope_current();
+    b->done_running =
+        pthread_create(&b->done_thread, NULL, run_done, b) == 0;
+    if (!b->done_running)
+        b->src.done(b->src.opaque);
+}
+
+static void join_done(struct bk *b)
+{
+    if (b->done_running)
+        pthread_join(b->done_thread, NULL);
+    b->done_running = false;
+}
+
 static int copy(struct bk *b, struct cbt_error **errp)
 {
     if (!b->full && collect_dirty(b, errp) < 0)
@@ -1972,10 +2004,10 @@ static int copy(struct bk *b, struct cbt_error **errp)
         return -1;
     cbt_debug("backup: copied");
     if (b->src.done) {
-        /* Nothing more to read: the source lets go (a live view's QEMU
-         * round trips) while the disk takes the target's last data. */
+        /* Nothing more to read: the source lets go while the disk takes
+         * the target's last data. */
         blk_start_writeback(b->dst);
-        b->src.done(b->src.opaque);
+        start_done(b);
     }
     return finish_target(b, errp);
 }
@@ -2128,10 +2160,11 @@ int bk_job_copy(struct bk_job *b, const struct bk_source *src,
 {
     b->src = *src;
     b->frozen = true;
-    if (copy(b, errp) < 0 || write_target(b, errp) < 0)
-        return -1;
-    cbt_debug("backup: target written");
-    return 0;
+    int r = copy(b, errp) < 0 || write_target(b, errp) < 0 ? -1 : 0;
+    join_done(b);
+    if (r == 0)
+        cbt_debug("backup: target written");
+    return r;
 }
 
 int bk_job_finish(struct bk_job *b, struct cbt_error **errp)

@@ -43,8 +43,10 @@ struct bk_source {
     int (*read_many)(void *opaque, struct bk_read *v, size_t n);
     /* Optional: the copy has read all it needs, the source may let its
      * data go (a live view: its export, job and scratch node in QEMU).
-     * Called at most once, after the last read, while the target's last
-     * data is being written back. */
+     * Called at most once, after the last read, on a thread of its own
+     * while the backup flushes its target and writes its records (which
+     * use nothing of the source's); no other call of the source or of
+     * its bk_live overlaps it. */
     void (*done)(void *opaque);
     /* Call cb for every extent of the disk with whether the checkpoint the
      * backup starts from saw it written (dirty).  0, or -1 with *errp. */
