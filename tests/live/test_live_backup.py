@@ -556,6 +556,35 @@ def test_all_disks_undone_after_the_instant(live):
     assert [c["name"] for c in res.json()["checkpoints"]] == ["c1"]
 
 
+def test_target_that_cannot_be_made(live):
+    """The target file is made while QEMU takes the point in time; when
+    that fails (ENOSPC at its first write), the backup fails with the
+    disk-full status after the instant: the new checkpoint goes, no file
+    of the backup stays, nothing of cbt's stays in QEMU."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    from faultlib import fault_env
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE, gens={3: 1}))
+    bk = live.path("bk")
+    os.mkdir(bk)
+    cbt("backup", "--qmp", q.cbt_qmp, "--full", "--checkpoint", "c1", "vm",
+        os.path.join(bk, "full.qcow2"))
+    before_bm = qemu_bitmaps(q)
+    before_files = sorted(os.listdir(bk))
+    env = fault_env("inc.qcow2.part", op="write", nth=1, sticky=True,
+                    err="ENOSPC")
+    res = subprocess.run([CBT, "backup", "--qmp", q.cbt_qmp, "--incremental",
+                          "--checkpoint", "c2", "vm",
+                          os.path.join(bk, "inc.qcow2")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 74 and "inc.qcow2" in res.stderr, res
+    assert qemu_bitmaps(q) == before_bm, "a new checkpoint stayed"
+    assert sorted(os.listdir(bk)) == before_files
+    assert cbt_objects(q) == []
+    cbt("backup", "--qmp", q.cbt_qmp, "--incremental", "--checkpoint", "c2",
+        "vm", os.path.join(bk, "inc.qcow2"))
+
+
 def test_real_guest(live, tmp_path):
     """A real Linux guest writes realvm's workload (O_DIRECT chunks) while
     cbt takes a full and an incremental backup over QMP; once the guest
