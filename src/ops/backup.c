@@ -121,11 +121,6 @@ struct bk_job {
                                * last writes (done_running) */
     bool done_running;
     struct cbt_warner done_warner;
-    pthread_t target_thread;  /* live: create_target running beside the
-                               * freeze (target_running) */
-    bool target_running, target_started;
-    int target_rc;
-    struct cbt_error *target_err;
     struct cbt_image *dst;
     const char *fmt;          /* target format */
     bool raw;
@@ -1966,29 +1961,6 @@ static int plan(struct bk *b, struct cbt_error **errp)
 }
 
 /* The dirty set (incremental), then the new target written and closed. */
-static void *run_create_target(void *opaque)
-{
-    struct bk *b = opaque;
-    WARN_SCOPE(b->done_warner.fn, b->done_warner.opaque);
-    b->target_rc = create_target(b, &b->target_err);
-    return NULL;
-}
-
-/* The target's result, once its thread is done (0, or -1 with *errp). */
-static int join_target(struct bk *b, struct cbt_error **errp)
-{
-    if (b->target_running)
-        pthread_join(b->target_thread, NULL);
-    b->target_running = false;
-    if (b->target_rc == 0)
-        return 0;
-    if (errp && !*errp) {
-        *errp = b->target_err;
-        b->target_err = NULL;
-    }
-    return -1;
-}
-
 static void *run_done(void *opaque)
 {
     struct bk *b = opaque;
@@ -2025,8 +1997,7 @@ static int copy(struct bk *b, struct cbt_error **errp)
     b->nblocks = DIV_ROUND_UP(b->size, B);
     if (bk_cancelled(b))
         return cancel_error(b, errp);
-    if (b->target_started ? join_target(b, errp) < 0
-                          : create_target(b, errp) < 0)
+    if (create_target(b, errp) < 0)
         return -1;
     cbt_debug("backup: target %s made", b->target_part);
     if (copy_all(b, errp) < 0)
@@ -2184,16 +2155,6 @@ const char *bk_job_since(const struct bk_job *b)
 
 const char *bk_job_checkpoint(const struct bk_job *b) { return b->ckname; }
 
-void bk_job_start_target(struct bk_job *b)
-{
-    b->done_warner = warn_scope_current();
-    b->target_started = true;
-    b->target_running =
-        pthread_create(&b->target_thread, NULL, run_create_target, b) == 0;
-    if (!b->target_running)
-        b->target_rc = create_target(b, &b->target_err);
-}
-
 int bk_job_copy(struct bk_job *b, const struct bk_source *src,
                 struct cbt_error **errp)
 {
@@ -2218,9 +2179,6 @@ int bk_job_finish(struct bk_job *b, struct cbt_error **errp)
 int bk_job_end(struct bk_job *b, bool ok, struct cbt_error **errp)
 {
     int ret = 0;
-    (void)join_target(b, NULL);
-    cbt_error_free(b->target_err);
-    b->target_err = NULL;
     if (b->dst)
         cbt_image_close(b->dst, NULL);
     b->dst = NULL;
@@ -2244,9 +2202,6 @@ int cbt_backup_live(const struct cbt_backup_opts *o, struct bk_live *l,
     if (!j)
         return -1;
     cbt_debug("backup: planned");
-    /* The target file is made while QEMU takes the point in time (the
-     * freeze waits on QMP round trips); copy() waits for it. */
-    bk_job_start_target(j);
     /* The instant of the backup: from here QEMU holds the view and the
      * new checkpoint records every later write. */
     struct bk_source src;

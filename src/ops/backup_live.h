@@ -124,10 +124,6 @@ struct bk_job *bk_job_plan(const struct cbt_backup_opts *o, struct bk_live *l,
                            struct cbt_error **errp);
 const char *bk_job_since(const struct bk_job *j);
 const char *bk_job_checkpoint(const struct bk_job *j);
-/* Make the target file on a thread of its own (it needs nothing of the
- * source), to run beside the freeze; the copy waits for it, bk_job_end
- * too. */
-void bk_job_start_target(struct bk_job *b);
 int bk_job_copy(struct bk_job *j, const struct bk_source *src,
                 struct cbt_error **errp);
 int bk_job_finish(struct bk_job *j, struct cbt_error **errp);

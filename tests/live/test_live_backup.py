@@ -557,10 +557,11 @@ def test_all_disks_undone_after_the_instant(live):
 
 
 def test_target_that_cannot_be_made(live):
-    """The target file is made while QEMU takes the point in time; when
-    that fails (ENOSPC at its first write), the backup fails with the
-    disk-full status after the instant: the new checkpoint goes, no file
-    of the backup stays, nothing of cbt's stays in QEMU."""
+    """The target file cannot be made (ENOSPC at its first write), after
+    QEMU took the point in time: the backup fails with the disk-full
+    status, the new checkpoint goes, no file of the backup stays, nothing
+    of cbt's stays in QEMU, and the same backup runs once the disk has
+    room."""
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
     from faultlib import fault_env
