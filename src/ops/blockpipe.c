@@ -13,6 +13,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "../util/util.h"
@@ -47,6 +48,15 @@ uint8_t *bp_take(struct bp_chunk *c, size_t len)
 {
     if (len > BP_BUF - c->used)
         return NULL;
+    if (c->used + len > c->ready) {
+        size_t to = MIN(BP_BUF, ALIGN_UP(c->used + len, BP_READY_STEP));
+#ifdef MADV_POPULATE_WRITE
+        /* Best effort: where the kernel cannot (before 5.14), the reads
+         * fault the pages in as before. */
+        (void)madvise(c->buf + c->ready, to - c->ready, MADV_POPULATE_WRITE);
+#endif
+        c->ready = to;
+    }
     uint8_t *p = c->buf + c->used;
     c->used += len;
     return p;
@@ -140,8 +150,10 @@ static void filler(struct pipe *p)
             break;
         }
         uint8_t *buf = s->c.buf;
+        size_t ready = s->c.ready; /* the pages stay present */
         memset(&s->c, 0, sizeof(s->c));
         s->c.buf = buf;
+        s->c.ready = ready;
         s->c.seq = seq;
         int rc = p->ops->fill(p->opaque, &s->c);
         pthread_mutex_lock(&p->m);

@@ -33,6 +33,7 @@
 #define BP_SEGS 32                     /* segments per chunk */
 #define BP_BUF ((size_t)2 << 20)       /* buffer bytes per chunk */
 #define BP_SLOTS 4                     /* chunks in flight */
+#define BP_READY_STEP ((size_t)512 << 10) /* pages made present at a time */
 
 struct bp_seg {
     uint64_t off, len;   /* guest range */
@@ -48,6 +49,7 @@ struct bp_chunk {
     struct bp_seg seg[BP_SEGS];
     uint8_t *buf;                 /* BP_BUF bytes, 4 KiB aligned */
     size_t used;                  /* buffer bytes handed out (bp_take) */
+    size_t ready;                 /* buffer bytes whose pages are in */
     uint64_t seq;                 /* 0, 1, 2, ... in fill order */
 };
 
@@ -68,7 +70,10 @@ struct bp_ops {
 };
 
 /* Room for len more bytes in c's buffer, right after the bytes handed out
- * before: a pointer to them, or NULL when the buffer is full. */
+ * before: a pointer to them, or NULL when the buffer is full.  The pages
+ * under them are made present first, BP_READY_STEP at a time, in one call
+ * (MADV_POPULATE_WRITE), not faulted in one by one by the reads that fill
+ * them; a small job populates only what it takes. */
 uint8_t *bp_take(struct bp_chunk *c, size_t len);
 
 /*

@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -259,6 +260,40 @@ static void test_take(void **state)
     assert_int_equal(c.used, BP_BUF);
 }
 
+/* Pages of [p, p + len) the kernel has present (mincore). */
+static size_t present_pages(const uint8_t *p, size_t len)
+{
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE), n = len / pg, got = 0;
+    unsigned char *v = malloc(n);
+    assert_non_null(v);
+    assert_int_equal(mincore((void *)p, len, v), 0);
+    for (size_t i = 0; i < n; i++)
+        got += v[i] & 1;
+    free(v);
+    return got;
+}
+
+/* bp_take makes the pages under what it hands out present, a step at a
+ * time (the reads then fill them without a fault a page): after 64 KiB
+ * the first step is in, after 600 KiB the second. */
+static void test_take_makes_pages_present(void **state)
+{
+    (void)state;
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    uint8_t *buf = mmap(NULL, BP_BUF, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(buf != MAP_FAILED);
+    struct bp_chunk c = {.buf = buf};
+    assert_ptr_equal(bp_take(&c, 65536), buf);
+    assert_int_equal(c.ready, BP_READY_STEP);
+    assert_int_equal(present_pages(buf, BP_READY_STEP), BP_READY_STEP / pg);
+    assert_ptr_equal(bp_take(&c, 600 * 1024 - 65536), buf + 65536);
+    assert_int_equal(c.ready, 2 * BP_READY_STEP);
+    assert_int_equal(present_pages(buf, 2 * BP_READY_STEP),
+                     2 * BP_READY_STEP / pg);
+    munmap(buf, BP_BUF);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -268,6 +303,7 @@ int main(void)
         cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_empty),
         cmocka_unit_test(test_take),
+        cmocka_unit_test(test_take_makes_pages_present),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
