@@ -40,6 +40,17 @@ def cbt_objects(peer):
     return found
 
 
+def wait_for_job(peer, p=None):
+    """Until QEMU runs a cbt job (the point in time is held): True; False
+    when process P ended first, or after a minute."""
+    deadline = time.time() + 60
+    while time.time() < deadline and (p is None or p.poll() is None):
+        if any(j["id"].startswith("cbt-") for j in peer.qmp("query-jobs")):
+            return True
+        time.sleep(0.001)
+    return False
+
+
 def backup_while_writing(peer, w, disk, target, *args, writes=30,
                          stopped_at=None):
     """Run cbt backup --qmp; once QEMU holds the point in time (the
@@ -52,17 +63,13 @@ def backup_while_writing(peer, w, disk, target, *args, writes=30,
                          stderr=subprocess.PIPE, text=True)
     stopped = False
     try:
-        deadline = time.time() + 60
-        while p.poll() is None and time.time() < deadline:
-            if any(j["id"].startswith("cbt-") for j in peer.qmp("query-jobs")):
-                os.kill(p.pid, signal.SIGSTOP)
-                stopped = True
-                w.wait_writes(writes)
-                if stopped_at:
-                    stopped_at()
-                os.kill(p.pid, signal.SIGCONT)
-                break
-            time.sleep(0.001)
+        if wait_for_job(peer, p):
+            os.kill(p.pid, signal.SIGSTOP)
+            stopped = True
+            w.wait_writes(writes)
+            if stopped_at:
+                stopped_at()
+            os.kill(p.pid, signal.SIGCONT)
         out, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
@@ -75,29 +82,60 @@ def backup_while_writing(peer, w, disk, target, *args, writes=30,
     return t0, t1
 
 
-def check_chain(live, w, tmp_path, peer, disk="vm"):
+def qsd_writing(live, seed):
+    """qemu-storage-daemon holding a fresh disk, a writer going on it."""
+    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
+    w = live.writer(q, seed=seed).start()
+    w.wait_writes(20)
+    return q, w
+
+
+def chain_start(live, peer, w, tmp_path, *how, disk="vm", stopped_at=None):
+    """The folder bk and a full backup in it taken while the writer goes
+    on (backup_while_writing, HOW its extra options): (bk, full, (tx,
+    cut))."""
     bk = live.path("bk")
     os.mkdir(bk)
-    full, inc = os.path.join(bk, "full.qcow2"), os.path.join(bk, "inc1.qcow2")
-    tx1 = backup_while_writing(peer, w, disk, full, "--full")
-    cut1 = assert_cut(w, full, tmp_path, tx1)
+    full = os.path.join(bk, "full.qcow2")
+    tx = backup_while_writing(peer, w, disk, full, *how, "--full",
+                              stopped_at=stopped_at)
+    return bk, full, (tx, assert_cut(w, full, tmp_path, tx))
+
+
+def incremental_after(peer, w, tmp_path, full_cut, inc, *how, disk="vm",
+                      stopped_at=None):
+    """An incremental INC while the writer goes on: it must hold exactly
+    what changed after the full's instant (full_cut: the full's (tx,
+    cut)).  Its cut."""
     w.wait_writes(20)
-    tx2 = backup_while_writing(peer, w, disk, inc, "--incremental")
-    cut2 = assert_cut(w, inc, tmp_path, tx2)
-    assert_incremental(w, cut1, tx1, cut2, tx2, inc)
+    tx = backup_while_writing(peer, w, disk, inc, *how, "--incremental",
+                              stopped_at=stopped_at)
+    cut = assert_cut(w, inc, tmp_path, tx)
+    assert_incremental(w, full_cut[1], full_cut[0], cut, tx, inc)
+    return cut
+
+
+def check_chain(live, w, tmp_path, peer, *how, disk="vm", stopped_at=None):
+    """A full and an incremental while the writer goes on, each exact;
+    both verify, the chain restores to the incremental's instant, and
+    nothing of cbt's stays in QEMU or beside the backups."""
+    bk, full, full_cut = chain_start(live, peer, w, tmp_path, *how,
+                                     disk=disk, stopped_at=stopped_at)
+    inc = os.path.join(bk, "inc1.qcow2")
+    cut2 = incremental_after(peer, w, tmp_path, full_cut, inc, *how,
+                             disk=disk, stopped_at=stopped_at)
     for b in (full, inc):
         cbt("verify", b)
     out = live.path("restored.qcow2")
     cbt("restore", inc, out)
     assert cut_of(w, View(out, str(tmp_path))).gens == cut2.gens
     assert cbt_objects(peer) == [], cbt_objects(peer)
+    assert not [f for f in os.listdir(bk) if f.endswith(".scratch")]
     return cut2
 
 
 def test_pull_full_and_incremental_on_qsd(live, tmp_path):
-    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
-    w = live.writer(q, seed=11).start()
-    w.wait_writes(20)
+    q, w = qsd_writing(live, 11)
     check_chain(live, w, tmp_path, q)
     w.stop()
     # The checkpoints of the two backups are in QEMU, recording, and listed.
@@ -142,49 +180,19 @@ def test_failed_backup_leaves_nothing(live, tmp_path):
                                       "full.qcow2.tree", "inc.qcow2.scratch"]
 
 
-def full_while_writing(live, tmp_path, seed):
-    """qemu-storage-daemon with a writer going, and a full backup taken
-    while it writes: (q, w, bk, full, tx, cut)."""
-    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
-    w = live.writer(q, seed=seed).start()
-    bk = live.path("bk")
-    os.mkdir(bk)
-    full = os.path.join(bk, "full.qcow2")
-    tx = backup_while_writing(q, w, "vm", full, "--full")
-    return q, w, bk, full, tx, assert_cut(w, full, tmp_path, tx)
-
-
-def incremental_after(q, w, tmp_path, full_cut, inc):
-    """An incremental INC while the writer goes on, then the writer
-    stopped: it must hold exactly what changed after the full's instant
-    (full_cut: (tx, cut) of the full)."""
-    w.wait_writes(20)
-    tx = backup_while_writing(q, w, "vm", inc, "--incremental")
-    w.stop()
-    cut = assert_cut(w, inc, tmp_path, tx)
-    assert_incremental(w, full_cut[1], full_cut[0], cut, tx, inc)
-
-
-def wait_for_job(peer, p=None):
-    """Until QEMU runs a cbt job (the point in time is held), or P ended."""
-    deadline = time.time() + 60
-    while time.time() < deadline and (p is None or p.poll() is None) and \
-            not any(j["id"].startswith("cbt-") for j in peer.qmp("query-jobs")):
-        time.sleep(0.001)
-
-
 def test_new_checkpoint_removed_behind_cbt(live, tmp_path):
     """The new checkpoint's bitmap removed from QEMU while cbt copies: at
     the commit cbt finds it gone (one query of the disk's node), fails
     naming it, keeps no backup and no record of it, and the next
     incremental builds on the checkpoint before it."""
-    q, w, bk, full, tx1, cut1 = full_while_writing(live, tmp_path, 47)
+    q, w = qsd_writing(live, 47)
+    bk, full, full_cut = chain_start(live, q, w, tmp_path)
     gone = os.path.join(bk, "gone.qcow2")
     p = subprocess.Popen([CBT, "backup", "--qmp", q.cbt_qmp, "--incremental",
                           "--checkpoint", "gone", "vm", gone],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    wait_for_job(q, p)
+    assert wait_for_job(q, p), p.communicate()
     os.kill(p.pid, signal.SIGSTOP)
     q.qmp("block-dirty-bitmap-remove", node="disk", name="gone")
     os.kill(p.pid, signal.SIGCONT)
@@ -197,22 +205,23 @@ def test_new_checkpoint_removed_behind_cbt(live, tmp_path):
                                     "--output=json", "vm").json()
              ["checkpoints"]]
     assert "gone" not in names and len(names) == 1, names
-    incremental_after(q, w, tmp_path, (tx1, cut1),
-                      os.path.join(bk, "inc.qcow2"))
+    incremental_after(q, w, tmp_path, full_cut, os.path.join(bk, "inc.qcow2"))
+    w.stop()
 
 
 def test_killed_cbt_leaves_what_the_next_removes(live, tmp_path):
-    q, w, bk, full, tx1, cut1 = full_while_writing(live, tmp_path, 13)
+    q, w = qsd_writing(live, 13)
+    bk, full, full_cut = chain_start(live, q, w, tmp_path)
     # An incremental killed once QEMU holds its point in time.
     p = subprocess.Popen([CBT, "backup", "--qmp", q.cbt_qmp, "--incremental",
                           "vm", os.path.join(bk, "dead.qcow2")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_job(q)
+    assert wait_for_job(q, p), "the backup ended before QEMU held its instant"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert cbt_objects(q), "the killed cbt left nothing to clean"
-    incremental_after(q, w, tmp_path, (tx1, cut1),
-                      os.path.join(bk, "inc1.qcow2"))
+    incremental_after(q, w, tmp_path, full_cut, os.path.join(bk, "inc1.qcow2"))
+    w.stop()
     assert cbt_objects(q) == []
     assert not os.path.exists(os.path.join(bk, "dead.qcow2.scratch"))
     # The killed backup's new checkpoint went too: QEMU has the full's
@@ -623,22 +632,9 @@ def test_real_guest(live, tmp_path):
 
 
 def test_push_full_and_incremental(live, tmp_path):
-    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
-    w = live.writer(q, seed=41).start()
-    w.wait_writes(20)
-    bk = live.path("bk")
-    os.mkdir(bk)
-    full, inc = os.path.join(bk, "full.qcow2"), os.path.join(bk, "inc.qcow2")
-    tx1 = backup_while_writing(q, w, "vm", full, "--push", "--full")
-    cut1 = assert_cut(w, full, tmp_path, tx1)
-    w.wait_writes(20)
-    tx2 = backup_while_writing(q, w, "vm", inc, "--push", "--incremental")
+    q, w = qsd_writing(live, 41)
+    check_chain(live, w, tmp_path, q, "--push")
     w.stop()
-    cut2 = assert_cut(w, inc, tmp_path, tx2)
-    assert_incremental(w, cut1, tx1, cut2, tx2, inc)
-    cbt("verify", inc)
-    assert cbt_objects(q) == []
-    assert not [f for f in os.listdir(bk) if f.endswith(".scratch")]
 
 
 @pytest.mark.parametrize("mode", ["pull", "push"])
@@ -649,12 +645,7 @@ def test_scratch_node_never_flushes_to_disk(live, tmp_path, mode):
     (a push's whole dirty set would be fdatasync'd only to be unlinked).
     The backup is exact all the same: QEMU still writes the qcow2
     metadata out to the file, which a push's reading needs."""
-    q = live.qsd(make_image(live.path("d.qcow2"), SIZE))
-    w = live.writer(q, seed=43).start()
-    w.wait_writes(20)
-    bk = live.path("bk")
-    os.mkdir(bk)
-    full, inc = os.path.join(bk, "full.qcow2"), os.path.join(bk, "inc.qcow2")
+    q, w = qsd_writing(live, 43)
     how = ["--push"] if mode == "push" else []
     seen = []
 
@@ -664,19 +655,11 @@ def test_scratch_node_never_flushes_to_disk(live, tmp_path, mode):
                     if n["node-name"].startswith("cbt-") and
                     "scratch" in n["node-name"])
 
-    tx1 = backup_while_writing(q, w, "vm", full, *how, "--full",
-                               stopped_at=look)
-    cut1 = assert_cut(w, full, tmp_path, tx1)
-    w.wait_writes(20)
-    tx2 = backup_while_writing(q, w, "vm", inc, *how, "--incremental",
-                               stopped_at=look)
+    check_chain(live, w, tmp_path, q, *how, stopped_at=look)
     w.stop()
-    cut2 = assert_cut(w, inc, tmp_path, tx2)
-    assert_incremental(w, cut1, tx1, cut2, tx2, inc)
     # Each backup: the scratch node and its file node.
     assert len(seen) == 4, seen
     assert all(c["no-flush"] for _, c in seen), seen
-    assert cbt_objects(q) == []
 
 
 def test_push_by_itself_when_the_server_is_tcp(live, tmp_path):
