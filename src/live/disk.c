@@ -70,16 +70,36 @@ static void graph_free(struct graph *g)
     memset(g, 0, sizeof(*g));
 }
 
-static json_t *node_by_name(const struct graph *g, const char *name)
+/* The node named `name` in a query-named-block-nodes answer, or NULL. */
+static json_t *find_node(json_t *nodes, const char *name)
 {
     size_t i;
     json_t *n;
-    json_array_foreach(g->nodes, i, n) {
+    json_array_foreach(nodes, i, n) {
         const char *nn = qmp_str(n, "node-name");
         if (nn && strcmp(nn, name) == 0)
             return n;
     }
     return NULL;
+}
+
+static json_t *node_by_name(const struct graph *g, const char *name)
+{
+    return find_node(g->nodes, name);
+}
+
+/* query-named-block-nodes, flat: the list, or NULL with *errp. */
+static json_t *query_nodes(struct qmp *q, struct cbt_error **errp)
+{
+    json_t *nodes = qmp_execute(q, "query-named-block-nodes",
+                                json_pack("{s:b}", "flat", 1), errp);
+    if (nodes && !json_is_array(nodes)) {
+        cbt_error_set(errp, EPROTO, "%s: query-named-block-nodes did not "
+                      "return a list", qmp_name(q));
+        json_decref(nodes);
+        nodes = NULL;
+    }
+    return nodes;
 }
 
 static const char *child_of(const struct graph *g, const char *parent,
@@ -94,15 +114,9 @@ static const char *child_of(const struct graph *g, const char *parent,
 
 static int load_graph(struct qmp *q, struct graph *g, struct cbt_error **errp)
 {
-    json_t *args = json_pack("{s:b}", "flat", 1);
-    g->nodes = qmp_execute(q, "query-named-block-nodes", args, errp);
+    g->nodes = query_nodes(q, errp);
     if (!g->nodes)
         return -1;
-    if (!json_is_array(g->nodes)) {
-        cbt_error_set(errp, EPROTO, "%s: query-named-block-nodes did not "
-                      "return a list", qmp_name(q));
-        return -1;
-    }
     g->raw = qmp_execute(q, "x-debug-query-block-graph", NULL, errp);
     if (!g->raw)
         return -1;
@@ -554,40 +568,26 @@ int live_node_bitmap(struct qmp *q, const char *node, const char *name,
                      struct live_bitmap *out, struct cbt_error **errp)
 {
     memset(out, 0, sizeof(*out));
-    json_t *nodes = qmp_execute(q, "query-named-block-nodes",
-                                json_pack("{s:b}", "flat", 1), errp);
+    json_t *nodes = query_nodes(q, errp);
     if (!nodes)
         return -1;
-    if (!json_is_array(nodes)) {
-        cbt_error_set(errp, EPROTO, "%s: query-named-block-nodes did not "
-                      "return a list", qmp_name(q));
-        json_decref(nodes);
-        return -1;
-    }
-    int ret = -1;
-    size_t i;
-    json_t *n;
-    json_array_foreach(nodes, i, n) {
-        const char *nn = qmp_str(n, "node-name");
-        if (!nn || strcmp(nn, node) != 0)
-            continue;
-        ret = 0;
-        json_t *bms = json_object_get(n, "dirty-bitmaps");
-        size_t j;
-        json_t *b;
-        json_array_foreach(bms, j, b) {
-            const char *bn = qmp_str(b, "name");
-            if (bn && strcmp(bn, name) == 0) {
-                parse_bitmap(b, out);
-                ret = 1;
-                break;
-            }
-        }
-        break;
-    }
-    if (ret < 0)
+    json_t *n = find_node(nodes, node);
+    int ret = 0;
+    if (!n) {
         cbt_error_set(errp, ENOENT, "%s: QEMU has no node '%s' any more",
                       qmp_name(q), node);
+        ret = -1;
+    }
+    json_t *bms = n ? json_object_get(n, "dirty-bitmaps") : NULL, *b;
+    size_t i;
+    json_array_foreach(bms, i, b) {
+        const char *bn = qmp_str(b, "name");
+        if (bn && strcmp(bn, name) == 0) {
+            parse_bitmap(b, out);
+            ret = 1;
+            break;
+        }
+    }
     json_decref(nodes);
     return ret;
 }

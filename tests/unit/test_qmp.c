@@ -15,6 +15,7 @@
 
 #include <cmocka.h>
 
+#include "live/disk.h"
 #include "live/qmp.h"
 
 #define GREETING                                                              \
@@ -308,6 +309,46 @@ static void test_late_reply_after_timeout(void **state)
     finish(&r);
 }
 
+/* live_node_bitmap: one query-named-block-nodes, then the node's bitmap:
+ * found (1, its fields), not there (0), the node gone (-1 naming it), an
+ * answer that is not a list (-1). */
+static void test_node_bitmap(void **state)
+{
+    (void)state;
+    static const char nodes[] =
+        "{\"return\": [{\"node-name\": \"disk-file\"}, {\"node-name\": "
+        "\"disk\", \"dirty-bitmaps\": [{\"name\": \"c0\", "
+        "\"granularity\": 65536, \"count\": 5}, {\"name\": \"c1\", "
+        "\"granularity\": 131072, \"count\": 7, \"recording\": true, "
+        "\"persistent\": true}]}], \"id\": \"%ID%\"}\r\n";
+    struct run r = {.s = {.pre = GREETING,
+                          .answers = {CAPS_OK, nodes, nodes, nodes,
+                                      "{\"return\": {}, \"id\": \"%ID%\"}"
+                                      "\r\n"}}};
+    start(&r);
+    struct cbt_error *err = NULL;
+    struct qmp *q = qmp_connect_fd(r.client_fd, "test.sock", &err);
+    assert_non_null(q);
+    struct live_bitmap b;
+    assert_int_equal(live_node_bitmap(q, "disk", "c1", &b, &err), 1);
+    assert_null(err);
+    assert_null(b.name);
+    assert_int_equal(b.granularity, 131072);
+    assert_int_equal(b.count, 7);
+    assert_true(b.recording && b.persistent && !b.busy);
+    assert_int_equal(live_node_bitmap(q, "disk", "c9", &b, &err), 0);
+    assert_null(err);
+    assert_int_equal(live_node_bitmap(q, "gone", "c1", &b, &err), -1);
+    assert_non_null(strstr(cbt_error_message(err), "no node 'gone'"));
+    cbt_error_free(err);
+    err = NULL;
+    assert_int_equal(live_node_bitmap(q, "disk", "c1", &b, &err), -1);
+    assert_non_null(strstr(cbt_error_message(err), "did not return a list"));
+    cbt_error_free(err);
+    qmp_close(q);
+    finish(&r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -316,6 +357,7 @@ int main(void)
         cmocka_unit_test(test_bad_peers),
         cmocka_unit_test(test_oversized_message),
         cmocka_unit_test(test_late_reply_after_timeout),
+        cmocka_unit_test(test_node_bitmap),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
