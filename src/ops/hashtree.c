@@ -592,46 +592,39 @@ static int cursor_seek(struct tree_cursor *c, unsigned k, uint64_t want)
         c->pos = c->end;
         return 0;
     }
-    /* Forward from pos while the buffer holds it: within the buffer, and
-     * on into the records after it once when the whole buffer is below
-     * want (a scan in order then reads each record once, not the level's
-     * every 2^n-th one at each buffer's end).  below: every record before
+    /* Forward from pos while the buffer holds it (or pos is just past its
+     * end, where a scan in order leaves it): within the buffer, and on
+     * into the records after it once when everything up to its end is
+     * below want.  A scan then reads each record once, not the level's
+     * every 2^n-th one at each buffer's end.  below: every record before
      * pos is known to be below want. */
     bool below = false;
-    if (c->bn && c->pos < c->end && c->pos == c->bfirst + c->bn) {
-        uint64_t prev;
-        int e = cursor_index_at(c, c->pos - 1, &prev);
-        if (e < 0)
-            return e;
-        if (prev < want) {
-            e = cursor_peek(c, k, &idx, &d);
-            if (e < 0)
-                return e;
-            below = true;
-        }
-    }
-    for (int step = 0; step < 2 && c->pos < c->end && c->pos >= c->bfirst &&
-                       c->pos < c->bfirst + c->bn;
+    for (int step = 0; step < 2 && c->bn && c->pos < c->end &&
+                       c->pos >= c->bfirst && c->pos <= c->bfirst + c->bn;
          step++) {
-        int e = cursor_index_at(c, c->pos, &idx);
+        uint64_t last;
+        int e = cursor_index_at(c, c->bfirst + c->bn - 1, &last);
         if (e < 0)
             return e;
-        if (idx >= want) {
-            uint64_t prev = 0;
-            if (below || c->pos == c->first)
-                return 0;
-            e = cursor_index_at(c, c->pos - 1, &prev);
+        if (c->pos < c->bfirst + c->bn) {
+            e = cursor_index_at(c, c->pos, &idx);
             if (e < 0)
                 return e;
-            if (prev < want)
-                return 0;
-            break; /* want is behind pos */
+            if (idx >= want) {
+                uint64_t prev = 0;
+                if (below || c->pos == c->first)
+                    return 0;
+                e = cursor_index_at(c, c->pos - 1, &prev);
+                if (e < 0)
+                    return e;
+                if (prev < want)
+                    return 0;
+                break; /* want is behind pos */
+            }
         }
-        uint64_t last;
-        e = cursor_index_at(c, c->bfirst + c->bn - 1, &last);
-        if (e < 0)
-            return e;
         if (last >= want) {
+            if (c->pos == c->bfirst + c->bn)
+                break; /* behind pos too */
             for (;;) {
                 e = cursor_peek(c, k, &idx, &d);
                 if (e <= 0)
@@ -641,12 +634,10 @@ static int cursor_seek(struct tree_cursor *c, unsigned k, uint64_t want)
                 c->pos++;
             }
         }
-        /* The whole buffer is below want; the level goes on past it
-         * (want <= the level's last index). */
+        /* Everything up to the buffer's end is below want; the level goes
+         * on past it (want <= the level's last index). */
         c->pos = c->bfirst + c->bn;
         below = true;
-        if (c->pos >= c->end)
-            break;
         e = cursor_peek(c, k, &idx, &d);
         if (e < 0)
             return e;
