@@ -1960,7 +1960,6 @@ static int plan(struct bk *b, struct cbt_error **errp)
     return 0;
 }
 
-/* The dirty set (incremental), then the new target written and closed. */
 static void *run_done(void *opaque)
 {
     struct bk *b = opaque;
@@ -1989,6 +1988,7 @@ static void join_done(struct bk *b)
     b->done_running = false;
 }
 
+/* The dirty set (incremental), then the new target written and closed. */
 static int copy(struct bk *b, struct cbt_error **errp)
 {
     if (!b->full && collect_dirty(b, errp) < 0)
