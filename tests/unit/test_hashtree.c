@@ -566,13 +566,13 @@ static uint64_t read_calls(void)
 }
 
 /* A scan of a level in order (tree_view_next from each index + 1, as
- * backup.c notes the parent's data blocks) reads each of its records
+ * tree_view_check walks a view's leaves) reads each of its records
  * once, a buffer at a time: not a binary search over the file each time
  * a buffer runs out.  And it sees every record, in order. */
 static void test_scan_reads_in_order(void **state)
 {
     (void)state;
-    uint64_t size = 20000ull * 65536; /* 39 buffers of level-0 records */
+    uint64_t size = 20000ull * 65536; /* 40 buffers of level-0 records */
     uint8_t *a = make_leaves(size, 4, 1);
     uint8_t root[32], zeroes[32] = {0};
     write_tree("scan", size, a, NULL, NULL, 0, zeroes, root, NULL);
